@@ -1,0 +1,95 @@
+"""Command line: ``python -m app <command> [KEY=value ...]``.
+
+The Makefile and docker compose only call this. Settings come from KEY=value arguments,
+the environment and .env (in that order of precedence); see ``python -m app --help``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from app.config import Config, parse_cli_overrides
+from app.errors import UserError
+
+log = logging.getLogger("app")
+
+
+def _train(cfg: Config) -> None:
+    from app.train import FineTuner
+
+    FineTuner(cfg).run()
+
+
+def _predict(cfg: Config) -> None:
+    from app.predict import run_predict
+
+    run_predict(cfg.validate())
+
+
+def _make_tiny(cfg: Config) -> None:
+    from app.tiny import FAMILIES, resolve_model
+
+    if cfg.model.model_name not in FAMILIES:
+        raise UserError(f"MODEL_NAME={cfg.model.model_name}: make-tiny-model builds one of "
+                        f"{', '.join(FAMILIES)}; e.g. MODEL_NAME=tiny")
+    log.info("tiny model ready at %s", resolve_model(cfg.model.model_name))
+
+
+def _generate_data(cfg: Config) -> None:
+    from pathlib import Path
+
+    from app.datagen import write_dataset
+
+    out = Path(cfg.data.data_path).parent
+    write_dataset(out, seed=cfg.train.seed)
+
+
+def _show_config(cfg: Config) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(cfg.to_dict(), ensure_ascii=False, indent=2) + "\n")  # cli-output
+
+
+COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
+    "train": (_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR"),
+    "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
+    "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-llama"),
+    "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),
+    "config": (_show_config, "print the resolved settings (after .env, environment and arguments)"),
+}
+
+
+def usage() -> str:
+    cmds = "\n".join(f"  {name:<16} {doc}" for name, (_, doc) in COMMANDS.items())
+    return (f"usage: python -m app <command> [KEY=value ...]\n\ncommands:\n{cmds}\n\n"
+            f"settings (KEY=value > environment > .env > default):\n{Config.help_text()}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(usage())  # cli-output
+        return 0
+    from app.utils import setup_logging
+
+    setup_logging()
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        log.error("unknown command %r; choose one of: %s", cmd, ", ".join(COMMANDS))
+        return 2
+    try:
+        cfg = Config.load(parse_cli_overrides(rest))
+        COMMANDS[cmd][0](cfg)
+    except UserError as e:
+        for line in e.problems:
+            log.error("%s", line)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; the last checkpoint in OUTPUT_DIR/checkpoints is kept and resumes next run")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Trainer callbacks: progress bar, metrics JSONL, best adapter + early stopping, loss plot."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from app.utils import staged_dir
+
+log = logging.getLogger(__name__)
+
+
+class Throughput:
+    """Tokens/s over the whole run, from the Trainer's own non-padding token count."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.eval_time = 0.0  # evaluation is not training throughput
+
+    def tokens_per_s(self, state: Any) -> float:
+        elapsed = time.perf_counter() - self.t0 - self.eval_time
+        return state.num_input_tokens_seen / elapsed if elapsed > 0 else 0.0
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over optimizer steps with loss, tokens/s and ETA."""
+
+    def __init__(self, throughput: Throughput):
+        self.tp, self.bar, self.last_loss, self.eval_start = throughput, None, math.nan, 0.0
+        self.eval_bar: Any = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4f}"
+            self.bar.set_postfix(loss=loss, tok_s=f"{self.tp.tokens_per_s(state):.0f}", refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.last_loss = logs["loss"]
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+        from tqdm.auto import tqdm
+
+        if not self.eval_start:
+            self.eval_start = time.perf_counter()
+            total = len(eval_dataloader) if eval_dataloader is not None else None
+            self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.eval_start:
+            self.tp.eval_time += time.perf_counter() - self.eval_start
+            self.eval_start = 0.0
+            self.eval_bar.close()
+        if metrics and "eval_loss" in metrics and self.bar is not None and not self.bar.disable:
+            self.bar.write(f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar.disable = True
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append every log record (train and eval) as one JSON line, with tokens/s and time."""
+
+    def __init__(self, path: Path, throughput: Throughput):
+        self.path, self.tp = path, throughput
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
+               "tokens_seen": state.num_input_tokens_seen,
+               "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
+               "time_s": round(time.perf_counter() - self.tp.t0, 2)}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class BestAdapter(TrainerCallback):
+    """Keep the adapter with the lowest eval loss in ``best/``; stop after PATIENCE bad evals."""
+
+    def __init__(self, out_dir: Path, patience: int = 0):
+        self.out_dir, self.patience = out_dir, patience
+        self.best, self.best_step, self.bad_evals = math.inf, None, 0
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or not state.is_world_process_zero:
+            return
+        if loss < self.best:
+            self.best, self.best_step, self.bad_evals = loss, state.global_step, 0
+            with staged_dir(self.out_dir) as tmp:
+                model.save_pretrained(tmp)
+        else:
+            self.bad_evals += 1
+            if self.patience and self.bad_evals >= self.patience:
+                log.info("early stopping: eval loss has not improved on %.4f (step %s) for %d evaluations",
+                         self.best, self.best_step, self.bad_evals)
+                control.should_training_stop = True
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> bool:
+    """Loss curve (train + eval) from metrics.jsonl; returns False when there is nothing to plot."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: containers and CI have no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True

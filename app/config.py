@@ -1,0 +1,288 @@
+"""One typed config tree. Every field is a Makefile / .env / CLI variable.
+
+The field name, upper-cased, *is* the variable name (``max_seq_len`` <-> ``MAX_SEQ_LEN``),
+so the Makefile, ``.env.template``, ``--help`` and the saved ``train_config.json`` all
+follow from these dataclasses and cannot drift apart.
+
+Precedence, highest first: CLI ``KEY=value`` > process environment > ``.env`` > default.
+This module imports only the standard library (python-dotenv lazily), so ``make help``
+works before the virtualenv exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.errors import UserError
+
+
+class ConfigError(UserError):
+    """Bad settings: one line per problem, each naming the variable and the fix."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# The default model is a real GLM-family chat model that fits an 8 GB PC in 4-bit/8-bit and
+# that transformers loads natively (no trust_remote_code).
+DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
+
+
+@dataclass
+class ModelArgs:
+    model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny', 'tiny-qwen2', "
+                         "'tiny-llama' build a random 2-layer model under models/ for offline runs")
+    trust_remote_code: bool = _f(False, "Allow the model repo's own Python code (ChatGLM-6B/2/3 need it)")
+    num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
+
+
+@dataclass
+class DataArgs:
+    data_path: str = _f("data/train.jsonl", "Training data: .jsonl/.json/.csv/.txt file, or a hub dataset name")
+    val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
+    data_format: str = _f("auto", "Record format; auto detects it per file",
+                          ("auto", "context_target", "alpaca", "text", "messages", "sharegpt"))
+    max_samples: int = _f(0, "Use at most this many training records, sampled with SEED; 0 = all")
+    val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
+    max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
+    max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
+    lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
+                                     "of the model family")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = _f("models/lora-adapter", "Where the adapter, checkpoints, metrics and plot go")
+    num_epochs: float = _f(3.0, "Passes over the training data")
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
+    batch_size: int = _f(1, "Micro-batch size per step")
+    grad_accum: int = _f(8, "Micro-batches per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM)")
+    learning_rate: float = _f(2e-4, "Peak learning rate")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup",
+                           ("cosine", "linear", "constant_with_warmup"))
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
+    optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
+    eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
+    logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps")
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never")
+    seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
+
+
+@dataclass
+class PredictArgs:
+    adapter_dir: str = _f("", "Adapter to load; empty = the last training's output; 'none' = base model only")
+    prompt: str = _f("", "Prompt for predict-custom")
+    input_file: str = _f("", "File mode: one prompt or record per line (any DATA_FORMAT)")
+    output_file: str = _f("", "File mode output (.jsonl); empty = <INPUT_FILE stem>.pred.jsonl")
+    interactive: bool = _f(False, "Chat in the terminal until an empty line or Ctrl-D")
+    max_new_tokens: int = _f(256, "Tokens to generate per answer")
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    predict: PredictArgs = field(default_factory=PredictArgs)
+    explicit: set[str] = field(default_factory=set, repr=False, compare=False,
+                               metadata={"help": "not a setting: names the user set explicitly"})
+
+    # ---- introspection -------------------------------------------------------------
+    @classmethod
+    def variables(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """VARIABLE -> (section, field) for every setting."""
+        out: dict[str, tuple[str, dataclasses.Field]] = {}
+        for sec in _sections(cls):
+            for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
+                out[f.name.upper()] = (sec.name, f)
+        return out
+
+    def get(self, var: str) -> Any:
+        sec, f = self.variables()[var.upper()]
+        return getattr(getattr(self, sec), f.name)
+
+    def assign(self, var: str, raw: Any) -> None:
+        sec, f = self.variables()[var.upper()]
+        setattr(getattr(self, sec), f.name, _parse(raw, _hint(sec, f.name), var.upper()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {var: self.get(var) for var in self.variables()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8")
+
+    # ---- loading ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
+             dotenv_path: str | Path | None = ".env") -> "Config":
+        """Defaults < .env < environment < overrides. Raises ConfigError listing every problem."""
+        env = dict(os.environ) if env is None else env
+        layers: list[dict[str, Any]] = [_read_dotenv(dotenv_path), env, overrides or {}]
+        cfg, problems, known = cls(), [], cls.variables()
+        cfg.explicit = set()  # variables the user set, in any layer (tiers and predict defer to them)
+        for i, layer in enumerate(layers):
+            for key, raw in layer.items():
+                var = key.upper()
+                if var not in known:
+                    if i == 2:  # only CLI keys must be known; the environment holds plenty else
+                        hint = difflib.get_close_matches(var, known, n=1)
+                        problems.append(f"{key}: unknown setting" +
+                                        (f"; did you mean {hint[0]}?" if hint else "; see `python -m app --help`"))
+                    continue
+                try:
+                    cfg.assign(var, raw)
+                    cfg.explicit.add(var)
+                except ConfigError as e:
+                    problems.extend(e.problems)
+        if problems:  # report range problems of the parsable values too: all at once
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                problems.extend(e.problems)
+            raise ConfigError(problems)
+        return cfg
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Build from plain values (a notebook, or a saved train_config.json)."""
+        return cls.load(overrides={k: v for k, v in values.items()}, env={}, dotenv_path=None)
+
+    # ---- validation ------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Check every value; raise one ConfigError naming *all* bad variables and their fixes."""
+        p: list[str] = []
+        for var, (sec, f) in self.variables().items():
+            choices = f.metadata.get("choices")
+            if choices and self.get(var) not in choices:
+                p.append(f"{var}={self.get(var)!r} is not one of {', '.join(choices)}")
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                p.append(msg)
+
+        d, t, lo, m, pr = self.data, self.train, self.lora, self.model, self.predict
+        need(bool(m.model_name.strip()), "MODEL_NAME is empty; set a hub name, a local dir, or 'tiny'")
+        need(m.num_threads >= 0, f"NUM_THREADS={m.num_threads} must be >= 0 (0 = all cores)")
+        need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
+        need(d.max_samples >= 0, f"MAX_SAMPLES={d.max_samples} must be >= 0 (0 = all)")
+        need(0 <= d.val_size < 1, f"VAL_SIZE={d.val_size} must be in [0, 1), e.g. 0.1")
+        need(d.max_seq_len >= 16, f"MAX_SEQ_LEN={d.max_seq_len} is too short; use at least 16 (e.g. 512)")
+        need(0 <= d.max_bad_ratio <= 1, f"MAX_BAD_RATIO={d.max_bad_ratio} must be in [0, 1]")
+        need(lo.lora_r >= 1, f"LORA_R={lo.lora_r} must be >= 1, e.g. 8")
+        need(lo.lora_alpha >= 1, f"LORA_ALPHA={lo.lora_alpha} must be >= 1, e.g. 2 x LORA_R")
+        need(0 <= lo.lora_dropout < 1, f"LORA_DROPOUT={lo.lora_dropout} must be in [0, 1), e.g. 0.05")
+        need(t.num_epochs > 0 or t.max_steps > 0, f"NUM_EPOCHS={t.num_epochs} must be > 0 (or set MAX_STEPS)")
+        need(t.max_steps >= 0, f"MAX_STEPS={t.max_steps} must be >= 0 (0 = use NUM_EPOCHS)")
+        need(t.batch_size >= 1, f"BATCH_SIZE={t.batch_size} must be >= 1")
+        need(t.grad_accum >= 1, f"GRAD_ACCUM={t.grad_accum} must be >= 1")
+        need(0 < t.learning_rate < 1, f"LEARNING_RATE={t.learning_rate} must be in (0, 1), e.g. 2e-4")
+        need(0 <= t.warmup_ratio < 1, f"WARMUP_RATIO={t.warmup_ratio} must be in [0, 1)")
+        need(t.weight_decay >= 0, f"WEIGHT_DECAY={t.weight_decay} must be >= 0")
+        need(t.max_grad_norm >= 0, f"MAX_GRAD_NORM={t.max_grad_norm} must be >= 0 (0 = no clipping)")
+        for var in ("SAVE_STEPS", "EVAL_STEPS", "LOGGING_STEPS"):
+            need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
+        need(t.early_stopping_patience >= 0, f"EARLY_STOPPING_PATIENCE={t.early_stopping_patience} must be >= 0")
+        need(not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
+             "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0")
+        need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
+        need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
+        if p:
+            raise ConfigError(p)
+        return self
+
+    @classmethod
+    def help_text(cls) -> str:
+        lines = []
+        for sec in _sections(cls):
+            lines.append(f"[{sec.name}]")
+            for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                shown = ",".join(default) if isinstance(default, list) else default
+                choices = f.metadata.get("choices")
+                extra = f" [{'|'.join(choices)}]" if choices else ""
+                lines.append(f"  {f.name.upper():<24} = {shown!s:<22} {f.metadata['help']}{extra}")
+        return "\n".join(lines)
+
+
+def _sections(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "explicit"]
+
+
+def _hint(section: str, name: str) -> Any:
+    sec_cls = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(sec_cls)[name]
+
+
+def _parse(raw: Any, hint: Any, var: str) -> Any:
+    """Convert a string (or an already-typed value) to the field's annotated type."""
+    if isinstance(hint, types.UnionType):  # e.g. int | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return [str(x).strip() for x in items if str(x).strip()]
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).strip().lower()
+            if s in ("1", "true", "yes", "on", "y"):
+                return True
+            if s in ("0", "false", "no", "off", "n", ""):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            return int(str(raw).strip())
+        if hint is float:
+            return float(str(raw).strip())
+        return str(raw)
+    except (ValueError, TypeError):
+        kind = {bool: "true/false", int: "a whole number", float: "a number"}.get(hint, str(hint))
+        raise ConfigError([f"{var}={raw!r} is not {kind}; fix the value in the command, env or .env"]) from None
+
+
+def _read_dotenv(path: str | Path | None) -> dict[str, str]:
+    if not path or not Path(path).is_file():
+        return {}
+    from dotenv import dotenv_values  # lazy: keeps `make help` free of third-party imports
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    """``["MAX_SAMPLES=50", "model_name=tiny"]`` -> dict. Raises ConfigError for stray words."""
+    out, bad = {}, []
+    for a in args:
+        key, sep, value = a.partition("=")
+        if not sep or not key.strip():
+            bad.append(f"{a!r}: expected KEY=value (e.g. MAX_SAMPLES=50)")
+            continue
+        out[key.strip().lstrip("-").replace("-", "_")] = value
+    if bad:
+        raise ConfigError(bad)
+    return out

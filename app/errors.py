@@ -1,0 +1,13 @@
+"""The one exception type the CLI turns into a single clear line and a non-zero exit."""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem the user can fix: the message names the setting and the fix.
+
+    May hold several problems (one per line) so that validation reports all of them at once.
+    """
+
+    def __init__(self, problems: str | list[str]):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))

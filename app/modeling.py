@@ -1,0 +1,127 @@
+"""Load base models and tokenizers (hub name, local dir or tiny) and attach LoRA adapters."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.config import Config
+from app.errors import UserError
+from app.tiny import FAMILIES, resolve_model
+
+log = logging.getLogger(__name__)
+
+# Output heads stay frozen: adapting them costs vocab-sized matrices for little gain.
+_NEVER_TARGET = ("lm_head", "output_layer", "embed_out", "score", "classifier")
+
+
+def _load_error(name: str, err: Exception) -> UserError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if Path(name).exists():
+        return UserError(f"MODEL_NAME={name}: this dir does not hold a loadable model ({first}); "
+                         "it needs config.json, weights and tokenizer files")
+    return UserError(f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
+                     f"({type(err).__name__}: {first}). Offline? Download it once, or point MODEL_NAME at a "
+                     "local model dir, or use MODEL_NAME=tiny for an offline smoke run")
+
+
+def go_offline_if_hub_unreachable(name: str) -> None:
+    """Use only the local HF cache when the hub's host does not even resolve.
+
+    Without this, huggingface_hub retries with back-off for about a minute before the
+    one-line error; with it, a cached model loads at once and a missing one fails at once.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(name).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        import huggingface_hub.constants
+
+        log.info("%s is unreachable: loading %s from the local HF cache only", host, name)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def resolve(cfg: Config) -> str:
+    """The path or hub name to load, building a tiny model on first use."""
+    return resolve_model(cfg.model.model_name)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    go_offline_if_hub_unreachable(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - OSError, HTTP errors, ValueError: all mean "can't load"
+        raise _load_error(name_or_path, e) from None
+    if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """Base causal LM in fp32 on CPU (bf16 on a CUDA GPU that supports it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    go_offline_if_hub_unreachable(name_or_path)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name_or_path, e) from None
+    if cuda:
+        model.to("cuda")
+    return model
+
+
+def detect_lora_targets(model: Any) -> list[str]:
+    """Leaf names of every linear projection inside the transformer blocks.
+
+    Works across families: GLM/Llama/Qwen (q_proj, k_proj, ..., gate_up_proj) and ChatGLM
+    (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) without a per-family table.
+    """
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf in _NEVER_TARGET:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(leaf)
+    if not names:
+        raise UserError("LORA_TARGETS: found no linear layers to adapt in this model; "
+                        "set LORA_TARGETS to its projection names (comma-separated)")
+    return sorted(names)
+
+
+def apply_lora(model: Any, cfg: Config) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.lora_targets or detect_lora_targets(model)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise UserError(f"LORA_TARGETS={','.join(targets)}: no module named {', '.join(missing)} in this model; "
+                        f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))})")
+    lcfg = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    peft_model = get_peft_model(model, lcfg)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%)", cfg.lora.lora_r, ",".join(targets),
+             f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total))
+    return peft_model
+
+
+def is_tiny(name: str) -> bool:
+    return name in FAMILIES

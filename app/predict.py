@@ -1,0 +1,190 @@
+"""Prediction: built-in prompt, PROMPT, a file of prompts/records, or an interactive chat.
+
+The base model comes from the adapter's own train_config.json unless MODEL_NAME was set
+explicitly, so ``make predict`` after ``make train MODEL_NAME=tiny`` needs no repetition.
+Prompts are rendered exactly as in training (app.encode.prompt_text), else the adapter
+would see a format it never learnt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from app.config import Config
+from app.data import detect_format, to_example
+from app.encode import prompt_text
+from app.errors import UserError
+from app.modeling import load_model, load_tokenizer
+from app.tiny import resolve_model
+from app.utils import LAST_RUN_FILE, set_threads
+
+log = logging.getLogger(__name__)
+
+# The classic job, in the exact context format the triplet data uses.
+BUILTIN_PROMPT = ("Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\n"
+                  "Input: 句子中包含了哪些信息，输出json：\n\n"
+                  "《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。\nAnswer: ")
+
+
+def find_adapter(cfg: Config) -> Path | None:
+    """ADAPTER_DIR, else the last training's output, else OUTPUT_DIR; None for 'none'."""
+    choice = cfg.predict.adapter_dir.strip()
+    if choice.lower() == "none":
+        return None
+    if not choice and LAST_RUN_FILE.is_file():
+        choice = LAST_RUN_FILE.read_text().strip()
+    path = Path(choice or cfg.train.output_dir)
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"ADAPTER_DIR={path}: no adapter_config.json there; train first (`make train`), "
+                        "point ADAPTER_DIR at an adapter dir, or use ADAPTER_DIR=none for the base model")
+    return path
+
+
+def base_model_for(cfg: Config, adapter: Path | None) -> str:
+    if "MODEL_NAME" in cfg.explicit or adapter is None:
+        return cfg.model.model_name
+    saved = adapter / "train_config.json"
+    if saved.is_file():
+        return json.loads(saved.read_text(encoding="utf-8")).get("MODEL_NAME", cfg.model.model_name)
+    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+class Predictor:
+    """Base model + optional adapter, ready to answer prompts."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        set_threads(cfg.model.num_threads)
+        self.adapter = find_adapter(cfg)
+        name = base_model_for(cfg, self.adapter)
+        base = resolve_model(name)
+        # The adapter dir carries the tokenizer it was trained with (pad token, template).
+        tok_src = str(self.adapter) if self.adapter and (self.adapter / "tokenizer_config.json").is_file() else base
+        self.tokenizer = load_tokenizer(tok_src, cfg.model.trust_remote_code)
+        model = load_model(base, cfg.model.trust_remote_code)
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(self.adapter))
+        self.model = model.eval()
+        log.info("model %s%s", name, f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
+
+    def generate(self, messages: list[dict[str, str]], stream: bool = False) -> str:
+        import torch
+        from transformers import TextStreamer
+
+        text = prompt_text(self.tokenizer, messages)
+        enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        p = self.cfg.predict
+        sampling = {"do_sample": True, "temperature": p.temperature} if p.temperature > 0 else {"do_sample": False}
+        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        with torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=p.max_new_tokens, streamer=streamer,
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _file_prompts(path: Path, fmt: str) -> Iterator[tuple[int, list[dict[str, str]], str | None]]:
+    """(line, prompt messages, reference answer or None) for each line; plain lines are prompts."""
+    with path.open(encoding="utf-8-sig") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict):
+                yield n, [{"role": "user", "content": line.rstrip("\n")}], None
+                continue
+            kind = detect_format(rec) if fmt == "auto" else fmt
+            if kind is None:
+                raise UserError(f"INPUT_FILE={path}: line {n} has fields {sorted(rec)[:6]} that name no "
+                                "known format; use context/target, instruction/output, messages or plain lines")
+            try:
+                ex = to_example(rec if kind == "text" else _with_dummy_answer(rec, kind), kind, n)
+            except ValueError as e:
+                raise UserError(f"INPUT_FILE={path}: line {n}: {e}") from None
+            if ex.text is not None:
+                yield n, [{"role": "user", "content": ex.text}], None
+            else:
+                ref = ex.answer if ex.answer != "\0" else None
+                yield n, ex.prompt_messages, ref
+
+
+def _with_dummy_answer(rec: dict[str, Any], kind: str) -> dict[str, Any]:
+    # Records in a prediction file may lack the answer; a placeholder lets to_example parse them.
+    if kind == "alpaca" and not str(rec.get("output", "")).strip():
+        return {**rec, "output": "\0"}
+    if kind == "context_target" and not str(rec.get("target", "")).strip():
+        return {**rec, "target": "\0"}
+    turns_key = {"messages": "messages", "sharegpt": "conversations"}.get(kind)
+    if turns_key and isinstance(rec.get(turns_key), list) and rec[turns_key]:
+        last = rec[turns_key][-1]
+        if isinstance(last, dict) and str(last.get("role", last.get("from", ""))).lower() in ("user", "human"):
+            role_key, text_key, role = (("role", "content", "assistant") if kind == "messages"
+                                        else ("from", "value", "gpt"))
+            return {**rec, turns_key: rec[turns_key] + [{role_key: role, text_key: "\0"}]}
+    return rec
+
+
+def predict_file(pred: Predictor, cfg: Config) -> Path:
+    src = Path(cfg.predict.input_file)
+    if not src.is_file():
+        raise UserError(f"INPUT_FILE={src}: no such file")
+    dest = Path(cfg.predict.output_file or src.with_suffix("").as_posix() + ".pred.jsonl")
+    items = list(_file_prompts(src, cfg.data.data_format))  # parse all first: bad input fails before work
+    from tqdm.auto import tqdm
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for line, msgs, ref in tqdm(items, desc="predict", unit="prompt"):
+                row = {"line": line, "prompt": msgs[-1]["content"], "output": pred.generate(msgs)}
+                if ref is not None:
+                    row["reference"] = ref
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, dest)  # only a complete file replaces an earlier one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("wrote %d predictions to %s", len(items), dest)
+    return dest
+
+
+def interactive(pred: Predictor) -> None:
+    history: list[dict[str, str]] = []
+    sys.stderr.write("chat: type a message; an empty line or Ctrl-D quits, /reset clears history\n")
+    while True:
+        try:
+            msg = input("你> ")
+        except EOFError:
+            break
+        if not msg.strip():
+            break
+        if msg.strip() == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": msg})
+        sys.stdout.write("模型> ")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": pred.generate(history, stream=True)})
+
+
+def run_predict(cfg: Config) -> None:
+    pred = Predictor(cfg)
+    if cfg.predict.input_file:
+        predict_file(pred, cfg)
+    elif cfg.predict.interactive:
+        interactive(pred)
+    else:
+        prompt = cfg.predict.prompt or BUILTIN_PROMPT
+        sys.stdout.write(f"prompt: {prompt}\n---\n")
+        sys.stdout.flush()
+        pred.generate([{"role": "user", "content": prompt}], stream=True)
