@@ -51,12 +51,19 @@ def _show_config(cfg: Config) -> None:
     sys.stdout.write(json.dumps(cfg.to_dict(), ensure_ascii=False, indent=2) + "\n")  # cli-output
 
 
+def _env_template(cfg: Config) -> None:
+    from app.config import env_template
+
+    sys.stdout.write(env_template())  # cli-output
+
+
 COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "train": (_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR"),
     "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
     "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-llama"),
     "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),
     "config": (_show_config, "print the resolved settings (after .env, environment and arguments)"),
+    "env-template": (_env_template, "print a .env template with every variable and its default"),
 }
 
 

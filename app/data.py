@@ -108,10 +108,10 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def detect_format(rec: dict[str, Any]) -> str | None:
-    keys = set(rec)
-    if {"context", "target"} <= keys:
+    keys = set(rec)  # answer fields may be absent (prediction inputs); to_example checks them
+    if "context" in keys:
         return "context_target"
-    if "instruction" in keys and "output" in keys:
+    if "instruction" in keys:
         return "alpaca"
     if "messages" in keys:
         return "messages"

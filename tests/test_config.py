@@ -78,3 +78,14 @@ def test_help_lists_every_variable_with_default():
     for var, (_, f) in Config.variables().items():
         assert var in text
     assert "THUDM/glm-edge-1.5b-chat" in text
+
+
+def test_env_template_is_in_sync_with_the_config():
+    from pathlib import Path
+
+    from app.config import env_template
+
+    committed = (Path(__file__).resolve().parents[1] / ".env.template").read_text(encoding="utf-8")
+    assert committed == env_template(), "regenerate: python -m app env-template > .env.template"
+    for var in Config.variables():
+        assert f"# {var}=" in committed

@@ -1,0 +1,78 @@
+"""The command line as a user meets it: bad input gives one clear line and a non-zero exit,
+leaves no output dir behind, and the offline tiny path trains and predicts end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd, timeout=300):
+    # The test must not inherit settings from the shell that runs it (e.g. `make test MODEL_NAME=...`).
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if " ERROR " in line]
+
+
+def test_bad_settings_exit_2_with_every_problem_named(tmp_path):
+    proc = run(["train", "BATCH_SIZE=0", "LORA_R=-1", "NUM_EPOCHS=abc"], tmp_path)
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 3, proc.stderr
+    assert any("BATCH_SIZE=0" in e for e in errors) and any("LORA_R=-1" in e for e in errors)
+    assert any("NUM_EPOCHS='abc'" in e for e in errors)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("content, setting", [
+    (None, "DATA_PATH=missing.jsonl"),
+    ("not json\n{\"context\": \"q\"}\n{\"context\": \"q\", \"target\": \"\"}\n", "no valid records"),
+])
+def test_bad_data_fails_before_anything_is_written(tmp_path, tiny_glm_dir, content, setting):
+    if content is not None:
+        (tmp_path / "missing.jsonl").write_text(content)
+    proc = run(["train", f"MODEL_NAME={tiny_glm_dir}", "DATA_PATH=missing.jsonl", "OUTPUT_DIR=out"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    errors = error_lines(proc)
+    assert len(errors) == 1 and setting in errors[0] and "DATA_PATH" in errors[0], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_model_names_model_name_and_the_fix(tmp_path):
+    proc = run(["train", "MODEL_NAME=nobody/no-such-model-xyz"], tmp_path)
+    assert proc.returncode == 2
+    errors = error_lines(proc)
+    assert len(errors) == 1 and "MODEL_NAME=nobody/no-such-model-xyz" in errors[0] and "MODEL_NAME=tiny" in errors[0]
+
+
+def test_unknown_command_and_help(tmp_path):
+    assert run(["trian"], tmp_path).returncode == 2
+    helped = run(["--help"], tmp_path)
+    assert helped.returncode == 0 and "MAX_SEQ_LEN" in helped.stdout and "predict" in helped.stdout
+
+
+def test_offline_tiny_train_then_predict_end_to_end(tmp_path):
+    """What the README's first command does, minus make: generate data, train tiny, predict."""
+    assert run(["generate-data"], tmp_path).returncode == 0
+    assert (tmp_path / "data" / "train.jsonl").is_file()
+    train = run(["train", "MODEL_NAME=tiny", "MAX_SAMPLES=20", "NUM_EPOCHS=1", "GRAD_ACCUM=2"], tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    out = tmp_path / "models" / "lora-adapter"
+    assert (out / "adapter_model.safetensors").is_file() and (tmp_path / "models" / "tiny-glm").is_dir()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 9  # 18 train samples / 2
+    assert "tok_s=" in train.stderr  # the progress bar shows throughput
+    pred = run(["predict", "PROMPT=你好，抽取三元组", "MAX_NEW_TOKENS=5"], tmp_path)
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    assert "prompt: 你好，抽取三元组" in pred.stdout
+    assert f"adapter {out.resolve()}" in pred.stderr

@@ -1,0 +1,106 @@
+"""Predict in each mode: built-in prompt, PROMPT, file, interactive; adapter really used."""
+import builtins
+import json
+
+import pytest
+import torch
+
+from app import Config, FineTuner, UserError
+from app.datagen import write_dataset
+from app.predict import BUILTIN_PROMPT, Predictor, run_predict
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_glm_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("predict")
+    write_dataset(work, n_train=30, n_dev=5, seed=3)
+    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(work / "train.jsonl"),
+                            "OUTPUT_DIR": str(work / "out"), "MAX_STEPS": 3, "GRAD_ACCUM": 1,
+                            "LEARNING_RATE": 1e-2, "SEED": 0})
+    ft = FineTuner(cfg)
+    ft.run()
+    return ft, work / "out", work
+
+
+def pcfg(adapter_dir, **extra):
+    # MODEL_NAME deliberately not given: the base comes from the adapter's train_config.json.
+    return Config.from_dict({"ADAPTER_DIR": str(adapter_dir), "MAX_NEW_TOKENS": 6, **extra})
+
+
+def test_predictor_uses_the_trained_adapter(adapter, tiny_glm_dir):
+    ft, out, _ = adapter
+    pred = Predictor(pcfg(out))
+    ids = torch.tensor([ft.train_rows[0]["input_ids"]])
+    ft.model.eval()
+    with torch.no_grad():
+        assert torch.equal(pred.model(input_ids=ids).logits, ft.model(input_ids=ids).logits)
+        base = Predictor(pcfg("none", MODEL_NAME=str(tiny_glm_dir)))
+        assert not torch.allclose(base.model(input_ids=ids).logits, pred.model(input_ids=ids).logits, atol=1e-4)
+    # greedy decoding is deterministic and answers with new tokens only
+    msgs = [{"role": "user", "content": "你好"}]
+    assert pred.generate(msgs) == pred.generate(msgs)
+
+
+def test_prompt_and_builtin_prompt_stream_to_stdout(adapter, capsys):
+    _, out, _ = adapter
+    run_predict(pcfg(out, PROMPT="抽取三元组：张三出生于北京。"))
+    shown = capsys.readouterr().out
+    assert "prompt: 抽取三元组：张三出生于北京。" in shown
+    assert len(shown.split("---\n", 1)[1].strip()) > 0  # streamed answer text
+    run_predict(pcfg(out))
+    assert BUILTIN_PROMPT in capsys.readouterr().out
+
+
+def test_file_mode_writes_one_row_per_line(adapter, tmp_path):
+    _, out, work = adapter
+    src = tmp_path / "in.jsonl"
+    records = [json.loads(line) for line in (work / "dev.jsonl").read_text().splitlines()[:2]]
+    src.write_text("\n".join([json.dumps(r, ensure_ascii=False) for r in records]
+                             + ["一句普通的提问", json.dumps({"instruction": "翻译", "input": "hello"}), ""]) + "\n")
+    run_predict(pcfg(out, INPUT_FILE=str(src)))
+    rows = [json.loads(line) for line in (tmp_path / "in.pred.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["reference"] == records[0]["target"] and rows[0]["prompt"] == records[0]["context"]
+    assert rows[2]["prompt"] == "一句普通的提问" and "reference" not in rows[2]
+    assert rows[3]["prompt"] == "翻译\nhello" and "reference" not in rows[3]
+    assert all(isinstance(r["output"], str) for r in rows)
+
+
+def test_file_mode_leaves_no_partial_output_on_failure(adapter, tmp_path, monkeypatch):
+    _, out, _ = adapter
+    src = tmp_path / "in.txt"
+    src.write_text("一\n二\n三\n")
+    calls = []
+
+    def flaky(self, messages, stream=False):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return "ok"
+
+    monkeypatch.setattr(Predictor, "generate", flaky)
+    with pytest.raises(RuntimeError):
+        run_predict(pcfg(out, INPUT_FILE=str(src), OUTPUT_FILE=str(tmp_path / "o.jsonl")))
+    assert list(tmp_path.iterdir()) == [src]  # neither the output nor a temp file is left
+
+
+def test_interactive_mode_keeps_history(adapter, monkeypatch, capsys):
+    _, out, _ = adapter
+    answers = iter(["你好", "再说一次", ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
+    seen = []
+    real = Predictor.generate
+
+    def spy(self, messages, stream=False):
+        seen.append([m["content"] for m in messages])
+        return real(self, messages, stream)
+
+    monkeypatch.setattr(Predictor, "generate", spy)
+    run_predict(pcfg(out, INTERACTIVE=True))
+    assert len(seen) == 2 and seen[1][0] == "你好" and seen[1][-1] == "再说一次" and len(seen[1]) == 3
+    assert capsys.readouterr().out.count("模型> ") == 2
+
+
+def test_missing_adapter_names_the_setting(tmp_path):
+    with pytest.raises(UserError, match="ADAPTER_DIR="):
+        Predictor(pcfg(tmp_path / "nothing-here"))
