@@ -70,7 +70,7 @@ class LoadReport:
 
 # ---- reading ---------------------------------------------------------------------------------
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
+def _iter_raw(path: Path, setting: str) -> Iterator[tuple[int, Any]]:
     """Yield (line_number, record-or-Exception). Line numbers are 1-based as an editor shows them."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -85,26 +85,29 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, Any]]:
         try:
             data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
+            raise UserError(f"{setting}={path}: not valid JSON ({e.msg} at line {e.lineno}); "
                             "a .json file must hold one array of records (use .jsonl for one per line)") from None
         if not isinstance(data, list):
-            raise UserError(f"{path}: a .json file must hold an array of records, found {type(data).__name__}")
+            raise UserError(f"{setting}={path}: a .json file must hold an array of records, "
+                            f"found {type(data).__name__}; use .jsonl for one record per line")
         yield from enumerate(data, 1)
     elif suffix == ".csv":
         with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh)
+            start = 2  # a quoted value may span lines: report the line the record starts on
             for row in reader:
                 if None in row:
-                    yield reader.line_num, ValueError("extra CSV columns")
+                    yield start, ValueError("extra CSV columns")
                 elif any(v for v in row.values()):
-                    yield reader.line_num, {k: v for k, v in row.items() if k}
+                    yield start, {k: v for k, v in row.items() if k}
+                start = reader.line_num + 1
     elif suffix == ".txt":
         with path.open(encoding="utf-8-sig") as fh:
             for n, line in enumerate(fh, 1):
                 if line.strip():
                     yield n, {"text": line.rstrip("\n").replace("\\n", "\n")}
     else:
-        raise UserError(f"DATA_PATH={path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .txt")
+        raise UserError(f"{setting}={path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .txt")
 
 
 def detect_format(rec: dict[str, Any]) -> str | None:
@@ -140,6 +143,8 @@ def _turns(items: Any, role_key: str, text_key: str, roles: dict[str, str] | Non
     for t in items:
         if not isinstance(t, dict) or role_key not in t or text_key not in t:
             raise ValueError(f"turn without '{role_key}'/'{text_key}'")
+        if not isinstance(t[text_key], (str, int, float)):  # e.g. null content of a tool-call turn
+            raise ValueError(f"'{text_key}' is not text")
         role = str(t[role_key]).lower()
         role = roles.get(role, "") if roles else role
         if role not in ("system", "user", "assistant"):
@@ -197,21 +202,12 @@ def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.
     elif p.is_dir():
         raise UserError(f"{setting}={path} is a directory; point it at a data file")
     else:
-        raw = _iter_raw(p)
-    report, examples, first_fmt = LoadReport(str(path), fmt), [], None
-    for line, rec in raw:
-        report.total += 1
-        if fmt == "auto" and first_fmt is None and isinstance(rec, dict):
-            first_fmt = detect_format(rec)
-            if first_fmt is None:
-                raise UserError(f"{setting}={path}: cannot tell the record format from fields "
-                                f"{sorted(rec)[:6]}; use context/target, instruction/output, text, "
-                                "messages or conversations, or set DATA_FORMAT")
-            report.format = first_fmt
-        try:
-            examples.append(to_example(rec, first_fmt or fmt if fmt == "auto" else fmt, line))
-        except ValueError as e:
-            report.bad.append((line, str(e)))
+        raw = _iter_raw(p, setting)
+    try:
+        examples, report = _collect(raw, fmt, str(path), setting)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{setting}={path}: not UTF-8 text (byte {e.start}); save the file as UTF-8 "
+                        "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
     if report.bad:
         log.warning("%s", report.summary())
     if not examples:
@@ -219,6 +215,25 @@ def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.
     if report.total and len(report.bad) / report.total > max_bad_ratio:
         raise UserError(f"{setting}={path}: {len(report.bad)} of {report.total} records are bad "
                         f"(more than MAX_BAD_RATIO={max_bad_ratio}); fix the file or raise MAX_BAD_RATIO")
+    return examples, report
+
+
+def _collect(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str
+             ) -> tuple[list[Example], LoadReport]:
+    report, examples, first_fmt = LoadReport(source, fmt), [], None
+    for line, rec in raw:
+        report.total += 1
+        if fmt == "auto" and first_fmt is None and isinstance(rec, dict):
+            first_fmt = detect_format(rec)
+            if first_fmt is None:
+                raise UserError(f"{setting}={source}: cannot tell the record format from fields "
+                                f"{sorted(rec)[:6]}; use context/target, instruction/output, text, "
+                                "messages or conversations, or set DATA_FORMAT")
+            report.format = first_fmt
+        try:
+            examples.append(to_example(rec, (first_fmt or fmt) if fmt == "auto" else fmt, line))
+        except ValueError as e:
+            report.bad.append((line, str(e)))
     return examples, report
 
 
