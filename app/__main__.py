@@ -21,6 +21,21 @@ def _train(cfg: Config) -> None:
     FineTuner(cfg).run()
 
 
+def _info(cfg: Config) -> None:
+    """Detected resources, tier, every resolved setting and why, predicted peak memory."""
+    from app.tiers import format_info
+    from app.train import FineTuner
+
+    ft = FineTuner(cfg)
+    try:
+        ft.setup().prepare_data()
+    except UserError:
+        if ft.plan is not None:  # show what was detected before the model/data problem
+            sys.stdout.write(format_info(ft.resources, ft.plan, None, cfg.model.model_name) + "\n")  # cli-output
+        raise
+    sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, cfg.model.model_name) + "\n")  # cli-output
+
+
 def _predict(cfg: Config) -> None:
     from app.predict import run_predict
 
@@ -59,6 +74,7 @@ def _env_template(cfg: Config) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "train": (_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR"),
+    "info": (_info, "show detected RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak"),
     "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
     "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-llama"),
     "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),

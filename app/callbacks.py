@@ -76,8 +76,8 @@ class ProgressBar(TrainerCallback):
 class MetricsJsonl(TrainerCallback):
     """Append every log record (train and eval) as one JSON line, with tokens/s and time."""
 
-    def __init__(self, path: Path, throughput: Throughput):
-        self.path, self.tp = path, throughput
+    def __init__(self, path: Path, throughput: Throughput, sampler: Any = None):
+        self.path, self.tp, self.sampler = path, throughput, sampler
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or not state.is_world_process_zero:
@@ -86,6 +86,9 @@ class MetricsJsonl(TrainerCallback):
                "tokens_seen": state.num_input_tokens_seen,
                "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
                "time_s": round(time.perf_counter() - self.tp.t0, 2)}
+        if self.sampler is not None:  # memory now and at its peak so far (RSS / cgroup / CUDA)
+            row.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
+                        if v is not None and k != "samples"})
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 

@@ -66,6 +66,24 @@ class LoraArgs:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
     lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
                                      "of the model family")
+    method: str = _f("lora", "Tuning method: lora, or qlora (LoRA on the 4-bit model)", ("lora", "qlora"))
+
+
+TIER_NAMES = ("auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l")
+
+
+@dataclass
+class ResourceArgs:
+    tier: str = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
+                           "defaults. Variables you set always win over the tier", TIER_NAMES)
+    quant_level: str = _f("auto", "Weight quantization: auto = the tier's choice", ("auto", "none", "8bit", "4bit"))
+    gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory; auto = only "
+                                             "when needed to fit", ("auto", "on", "off"))
+    memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
+    memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
+    memory_guard: str = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
+                                      "(backoff), or checkpoint and stop (stop), or do nothing (off)",
+                           ("backoff", "stop", "off"))
 
 
 @dataclass
@@ -105,6 +123,7 @@ class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
+    resources: ResourceArgs = field(default_factory=ResourceArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     predict: PredictArgs = field(default_factory=PredictArgs)
     explicit: set[str] = field(default_factory=set, repr=False, compare=False,
@@ -207,6 +226,12 @@ class Config:
         need(t.early_stopping_patience >= 0, f"EARLY_STOPPING_PATIENCE={t.early_stopping_patience} must be >= 0")
         need(not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
              "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0")
+        rs = self.resources
+        need(not (lo.method == "qlora" and rs.quant_level in ("none", "8bit")),
+             f"METHOD=qlora means LoRA on a 4-bit model, but QUANT_LEVEL={rs.quant_level}; "
+             "set QUANT_LEVEL=4bit (or auto), or METHOD=lora")
+        need(rs.memory_limit_mb >= 0, f"MEMORY_LIMIT_MB={rs.memory_limit_mb} must be >= 0 (0 = detect)")
+        need(0.1 <= rs.memory_safety <= 1, f"MEMORY_SAFETY={rs.memory_safety} must be in [0.1, 1], e.g. 0.85")
         need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
         need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
         if p:

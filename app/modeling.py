@@ -66,21 +66,28 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """Base causal LM in fp32 on CPU (bf16 on a CUDA GPU that supports it)."""
+def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none") -> Any:
+    """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from app.quantization import bnb_config
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    qcfg = bnb_config(quant, cuda)
+    extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
+    if cuda:
+        extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **extra)
+    except ImportError as e:  # bitsandbytes missing or too old
+        raise UserError(f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
+                        "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None
     except Exception as e:  # noqa: BLE001
         raise _load_error(name_or_path, e) from None
-    if cuda:
-        model.to("cuda")
     return model
 
 

@@ -45,13 +45,19 @@ def find_adapter(cfg: Config) -> Path | None:
     return path
 
 
-def base_model_for(cfg: Config, adapter: Path | None) -> str:
-    if "MODEL_NAME" in cfg.explicit or adapter is None:
-        return cfg.model.model_name
-    saved = adapter / "train_config.json"
-    if saved.is_file():
-        return json.loads(saved.read_text(encoding="utf-8")).get("MODEL_NAME", cfg.model.model_name)
-    return json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
+    """(MODEL_NAME, QUANT_LEVEL): as trained, unless set explicitly now.
+
+    An adapter is most faithful on the base it was trained against, quantization included.
+    """
+    saved: dict = {}
+    if adapter is not None and (adapter / "train_config.json").is_file():
+        saved = json.loads((adapter / "train_config.json").read_text(encoding="utf-8"))
+    elif adapter is not None:
+        saved = {"MODEL_NAME": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
+    name = cfg.model.model_name if "MODEL_NAME" in cfg.explicit else saved.get("MODEL_NAME", cfg.model.model_name)
+    quant = cfg.resources.quant_level if "QUANT_LEVEL" in cfg.explicit else saved.get("QUANT_LEVEL", "none")
+    return name, "none" if quant == "auto" else quant
 
 
 class Predictor:
@@ -61,18 +67,19 @@ class Predictor:
         self.cfg = cfg
         set_threads(cfg.model.num_threads)
         self.adapter = find_adapter(cfg)
-        name = base_model_for(cfg, self.adapter)
+        name, quant = base_model_for(cfg, self.adapter)
         base = resolve_model(name)
         # The adapter dir carries the tokenizer it was trained with (pad token, template).
         tok_src = str(self.adapter) if self.adapter and (self.adapter / "tokenizer_config.json").is_file() else base
         self.tokenizer = load_tokenizer(tok_src, cfg.model.trust_remote_code)
-        model = load_model(base, cfg.model.trust_remote_code)
+        model = load_model(base, cfg.model.trust_remote_code, quant)
         if self.adapter is not None:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(self.adapter))
         self.model = model.eval()
-        log.info("model %s%s", name, f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
+        log.info("model %s%s%s", name, "" if quant == "none" else f" ({quant})",
+                 f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
 
     def generate(self, messages: list[dict[str, str]], stream: bool = False) -> str:
         import torch

@@ -114,8 +114,12 @@ def build_tokenizer(name: str, vocab_size: int = 3000, seed: int = 0):
                                    model_max_length=_DIMS["max_position_embeddings"])
 
 
-def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict | None = None,
+                     vocab_size: int | None = None) -> Path:
     """Write a random-weight 2-layer model + tokenizer of family ``name`` to ``out_dir``.
+
+    ``dims`` / ``vocab_size`` override the tiny sizes (the memory benchmark builds a ~100M model
+    this way; ids past the tokenizer's own vocabulary are simply never produced).
 
     Built in a temp dir next to the target and renamed into place, so an interrupted build
     never leaves a half-written model that a later run would try to load.
@@ -132,8 +136,9 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     ids = lambda toks: [tokenizer.convert_tokens_to_ids(t) for t in toks]  # noqa: E731
     eos_ids = ids((fam.eos, *fam.stop))
     config = getattr(transformers, fam.config_cls)(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids,
-        bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False, **_DIMS)
+        vocab_size=max(len(tokenizer), vocab_size or 0), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
+        **{**_DIMS, **(dims or {})})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,

@@ -42,42 +42,50 @@ class TrainResult:
 
 
 class FineTuner:
-    """setup() -> prepare_data() -> train(). Nothing is written to disk before train()."""
+    """setup() -> prepare_data() -> train(). Nothing is written to disk before train().
+
+    setup: resources, tier, tokenizer and the model's shape (no weights yet);
+    prepare_data: read, sample, tokenise, then fit sequence length / batch to memory;
+    load_model: weights (quantized as planned) + LoRA; train() calls it if you did not.
+    """
 
     def __init__(self, cfg: Config):
         self.cfg = cfg.validate()
         self.model_path = ""
         self.tokenizer: Any = None
         self.model: Any = None
+        self.resources: Any = None
+        self.plan: Any = None
+        self.shape: Any = None
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.data_report: dict[str, Any] = {}
 
     # ---- steps -----------------------------------------------------------------------
     def setup(self) -> "FineTuner":
-        """Threads and seed, tokenizer, base model, LoRA."""
-        return self._setup_tokenizer()._setup_model()
+        from app.estimator import model_shape
+        from app.memory_monitor import detect_resources
+        from app.tiers import apply_tier
 
-    def _setup_tokenizer(self) -> "FineTuner":
-        threads = set_threads(self.cfg.model.num_threads)
+        self.resources = detect_resources(self.cfg.resources.memory_limit_mb)
+        self.plan = apply_tier(self.cfg, self.resources)
+        threads = set_threads(self.cfg.model.num_threads or self.resources.cpus)
         self.model_path = resolve(self.cfg)
-        log.info("loading %s (%d threads)", self.model_path, threads)
+        r = self.resources
+        log.info("RAM %.1f GB (%s), %.1f GB available, %d CPUs%s; tier %s; loading %s (%d threads)",
+                 r.ram_total_mb / 1024, r.limit_source, r.ram_available_mb / 1024, r.cpus,
+                 "".join(f", GPU {g.name} {g.total_mb / 1024:.0f} GB" for g in r.gpus), self.plan.tier,
+                 self.model_path, threads)
         self.tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
-        return self
-
-    def _setup_model(self) -> "FineTuner":
-        from transformers import set_seed
-
-        set_seed(self.cfg.train.seed)  # LoRA init is random: seed right before it
-        model = load_model(self.model_path, self.cfg.model.trust_remote_code)
-        model.config.use_cache = False  # the KV cache only costs memory during training
-        self.model = apply_lora(model, self.cfg)
+        self.shape = model_shape(self.model_path, self.cfg.lora.lora_targets or None, self.cfg.model.trust_remote_code)
         return self
 
     def prepare_data(self) -> "FineTuner":
-        """Read, sample, split and tokenise. Raises UserError before anything is written."""
+        """Read, sample, split and tokenise; fit MAX_SEQ_LEN/batch to memory. Writes nothing."""
         if self.tokenizer is None:
             raise RuntimeError("call setup() before prepare_data()")
+        from app.tiers import fit_memory
+
         d, seed = self.cfg.data, self.cfg.train.seed
         examples, report = read_examples(d.data_path, d.data_format, d.max_bad_ratio, "DATA_PATH")
         train_ex, val_ex = sample_and_split(examples, d.max_samples, d.val_size, seed, bool(d.val_path))
@@ -85,6 +93,13 @@ class FineTuner:
         if d.val_path:
             val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
             reports.append(vreport)
+        lengths = None
+        if "MAX_SEQ_LEN" not in self.cfg.explicit:  # measure whole samples before choosing the cut
+            _, full = encode_all(train_ex, self.tokenizer, self.shape.max_positions)
+            lengths = full.lengths
+        fit_memory(self.cfg, self.resources, self.shape, lengths, self.plan)
+        for w in self.plan.warnings:
+            log.warning("%s", w)
         self.train_rows, tstats = encode_all(train_ex, self.tokenizer, d.max_seq_len)
         self.val_rows, vstats = encode_all(val_ex, self.tokenizer, d.max_seq_len)
         if not self.train_rows:
@@ -95,8 +110,28 @@ class FineTuner:
         log.info("train: %s", tstats.summary(d.max_seq_len))
         if val_ex:
             log.info("validation: %s", vstats.summary(d.max_seq_len))
+        log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in self.plan.decisions.items()))
         self.data_report = {"sources": [r.summary() for r in reports], "train": _stats(tstats),
                             "validation": _stats(vstats)}
+        return self
+
+    def load_model(self) -> "FineTuner":
+        """Weights (quantized as planned) + LoRA, seeded so LoRA's init is reproducible."""
+        from transformers import set_seed
+
+        from app.quantization import describe, prepare_for_training, stored_bytes
+
+        r = self.cfg.resources
+        quant, ckpt = r.quant_level, r.gradient_checkpointing == "on"
+        set_seed(self.cfg.train.seed)
+        model = load_model(self.model_path, self.cfg.model.trust_remote_code, quant)
+        log.info("weights: %s, %.0f MB stored", describe(quant, self.plan.device == "cuda"), stored_bytes(model) / 2**20)
+        model.config.use_cache = False  # the KV cache only costs memory during training
+        model = prepare_for_training(model, quant, ckpt)
+        if ckpt and quant == "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        self.model = apply_lora(model, self.cfg)
         return self
 
     def train(self, callbacks: list[Any] | None = None) -> TrainResult:
@@ -107,49 +142,41 @@ class FineTuner:
         """
         if not self.train_rows:
             raise RuntimeError("call setup() and prepare_data() before train()")
-        from transformers import Trainer
-        from transformers.integrations import TensorBoardCallback
-        from transformers.trainer_callback import ProgressCallback
-        from torch.utils.tensorboard import SummaryWriter
-
-        from app.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput, plot_losses
+        if self.model is None:
+            self.load_model()
+        from app.callbacks import plot_losses
+        from app.guard import MemoryGuard
+        from app.memory_monitor import MemorySampler
 
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.cfg.save(out / "train_config.json")
         write_json(out / "data_report.json", self.data_report)
-        metrics_path = out / "metrics.jsonl"
         ckpt_dir = out / "checkpoints"
-        resume = _latest_checkpoint(ckpt_dir)
-        if not resume:
-            metrics_path.unlink(missing_ok=True)  # a fresh run starts a fresh log
-        tp = Throughput()
-        trainer = Trainer(
-            model=self.model, args=self._training_args(ckpt_dir), train_dataset=self.train_rows,
-            eval_dataset=self.val_rows or None, data_collator=Collator(self.tokenizer.pad_token_id),
-            callbacks=[ProgressBar(tp), MetricsJsonl(metrics_path, tp),
-                       BestAdapter(out / "best", self.cfg.train.early_stopping_patience),
-                       TensorBoardCallback(SummaryWriter(str(out / "runs"))), *(callbacks or [])],
-        )
-        trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
-        if resume:
-            log.info("resuming from %s (delete %s to start over)", resume, ckpt_dir)
+        if not _latest_checkpoint(ckpt_dir):
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        limit = self.resources.gpus[0].total_mb if self.plan.device == "cuda" else self.resources.ram_total_mb
+        guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
         t0 = time.perf_counter()
-        out_state = trainer.train(resume_from_checkpoint=resume)
+        with MemorySampler(on_sample=guard.on_sample) as sampler:
+            trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler, callbacks or [])
         seconds = time.perf_counter() - t0
         eval_loss = self._final_eval_loss(trainer)
 
         with staged_dir(out) as tmp:  # the final adapter appears whole or not at all
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-        plot_losses(metrics_path, out / "loss_curve.png")
+        plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the adapter supersedes them
+        peaks = sampler.peaks()
         result = TrainResult(out, trainer.state.global_step, round(out_state.training_loss, 6),
                              None if eval_loss is None else round(eval_loss, 6),
                              round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1), round(seconds, 2),
-                             round(peak_rss_mb(), 1))
-        write_json(out / "summary.json", {k: str(v) if isinstance(v, Path) else v
-                                          for k, v in result.__dict__.items()})
+                             round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1))
+        write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v
+                                             for k, v in result.__dict__.items()},
+                                          "memory": peaks, "plan": {k: v for k, (v, _) in self.plan.decisions.items()},
+                                          "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
         atomic_write_text(LAST_RUN_FILE, str(out.resolve()) + "\n")
         log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
                  result.steps, seconds, result.train_loss,
@@ -158,10 +185,59 @@ class FineTuner:
         return result
 
     def run(self) -> TrainResult:
-        """Data problems surface before the (slow) model load, and nothing is written before train()."""
-        return self._setup_tokenizer().prepare_data()._setup_model().train()
+        return self.setup().prepare_data().train()
 
     # ---- internals ------------------------------------------------------------------------
+    def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any,
+                            extra: list[Any]) -> tuple[Any, Any]:
+        """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""
+        import torch
+
+        t = self.cfg.train
+        while True:
+            trainer = self._trainer(out, ckpt_dir, guard, sampler, extra)
+            resume = _latest_checkpoint(ckpt_dir)
+            if resume:
+                log.info("resuming from %s (delete %s to start over)", resume, ckpt_dir)
+            try:
+                out_state = trainer.train(resume_from_checkpoint=resume)
+                if not guard.tripped.is_set() or trainer.state.global_step >= trainer.state.max_steps:
+                    return trainer, out_state
+            except torch.OutOfMemoryError:  # CUDA raises instead of being killed: same remedy
+                guard.trip_usage_mb = guard.limit_mb
+            where = _latest_checkpoint(ckpt_dir) or "(none yet)"
+            if guard.mode == "backoff" and t.batch_size > 1:
+                t.batch_size //= 2
+                t.grad_accum *= 2
+                log.warning("memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); "
+                            "resuming from %s", t.batch_size, t.grad_accum, where)
+                self.plan.decisions["BATCH_SIZE"] = (t.batch_size, "memory guard backed off")
+                self.plan.decisions["GRAD_ACCUM"] = (t.grad_accum, "memory guard backed off")
+                guard.reset()
+                continue
+            raise UserError(f"memory: usage reached {guard.trip_usage_mb:,.0f} MB of the {guard.limit_mb:,.0f} MB "
+                            f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
+                            "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume")
+
+    def _trainer(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, extra: list[Any]) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers import Trainer
+        from transformers.integrations import TensorBoardCallback
+        from transformers.trainer_callback import ProgressCallback
+
+        from app.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
+
+        tp = Throughput()
+        trainer = Trainer(
+            model=self.model, args=self._training_args(ckpt_dir), train_dataset=self.train_rows,
+            eval_dataset=self.val_rows or None, data_collator=Collator(self.tokenizer.pad_token_id),
+            callbacks=[ProgressBar(tp), MetricsJsonl(out / "metrics.jsonl", tp, sampler),
+                       BestAdapter(out / "best", self.cfg.train.early_stopping_patience), guard,
+                       TensorBoardCallback(SummaryWriter(str(out / "runs"))), *extra],
+        )
+        trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
+        return trainer
+
     def _final_eval_loss(self, trainer: Any) -> float | None:
         """Eval loss at the last step: reuse the Trainer's if it just evaluated, else evaluate."""
         if not self.val_rows:

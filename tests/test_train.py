@@ -38,7 +38,7 @@ def recipe(model_dir, data_dir, out_dir, **extra):
     values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
               "OUTPUT_DIR": str(out_dir), "MAX_SAMPLES": 40, "MAX_STEPS": 6, "BATCH_SIZE": 2, "GRAD_ACCUM": 2,
               "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0, "LOGGING_STEPS": 1, "EVAL_STEPS": 3, "SAVE_STEPS": 3,
-              "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2}
+              "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2, "QUANT_LEVEL": "none"}
     values.update(extra)
     return Config.from_dict(values)
 

@@ -1,0 +1,126 @@
+"""4-bit / 8-bit quantization with bitsandbytes, on CPU (bitsandbytes >= 0.47) and CUDA.
+
+QUANT_LEVEL=4bit is NF4 with double quantization (QLoRA's recipe); 8bit is LLM.int8().
+Compute runs in bf16 where the CPU (AVX512-BF16 / AMX) or GPU supports it, else fp32 on CPU
+and fp16 on GPU.
+
+One CPU pitfall is handled here: bitsandbytes repacks a 4-bit weight into an inference-only
+layout the first time it sees a no-grad forward in eval mode (an evaluation pass or a
+generate call). Training afterwards then goes through a kernel without autograd: the bias
+add fails with "a view of a leaf Variable…", and bias-free layers silently pass no gradient
+to the layers below. `keep_4bit_trainable` turns that repacking off for training runs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("none", "8bit", "4bit")
+
+
+def bf16_supported(cuda: bool) -> bool:
+    import torch
+
+    if cuda:
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # torch reports the best vector ISA it dispatches to; bf16 matmuls are only fast with
+    # native bf16 instructions (AVX512-BF16 or AMX), else they are emulated and slower than fp32.
+    flags = _cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bnb_config(level: str, cuda: bool) -> Any:
+    """A transformers BitsAndBytesConfig for ``level``, or None for ``none``."""
+    if level == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if level == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if level == "4bit":
+        compute = torch.bfloat16 if bf16_supported(cuda) else (torch.float16 if cuda else torch.float32)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+    raise ValueError(f"QUANT_LEVEL={level!r} is not one of {', '.join(LEVELS)}")
+
+
+def keep_4bit_trainable(model: Any) -> int:
+    """Stop bitsandbytes' CPU inference repacking (see module doc); returns layers changed."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool) -> Any:
+    """peft's k-bit preparation (norms/embeddings in fp32, input grads) plus the CPU fix."""
+    if level == "none":
+        return model
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
+    keep_4bit_trainable(model)
+    return model
+
+
+def stored_bytes(model: Any) -> int:
+    """Bytes of every tensor the model really stores, quantization state included.
+
+    ``get_memory_footprint()`` counts a packed 4-bit weight by its logical shape on some
+    backends; counting storage (once per tensor, tied weights once) is what RSS/VRAM see.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if t is None or not hasattr(t, "untyped_storage"):
+            return
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in seen or t.device.type == "meta":
+            return
+        seen.add(key)
+        total += storage.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            for name in ("absmax", "code"):
+                add(getattr(state, name, None))
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                add(nested.absmax)
+                add(nested.code)
+        add(getattr(p, "SCB", None))  # int8 row scales
+    for b in model.buffers():
+        add(b)
+    return total
+
+
+def describe(level: str, cuda: bool) -> str:
+    if level == "none":
+        return "no quantization"
+    if level == "8bit":
+        return "LLM.int8() 8-bit weights"
+    dtype = "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
+    return f"NF4 4-bit weights, double quant, {dtype} compute"

@@ -1,0 +1,122 @@
+"""Memory benchmark: predicted vs measured peak RSS, tokens/s and loss, per quant level.
+
+Sweep: the tiny GLM and a ~100M-parameter random Qwen2, QUANT_LEVEL none / 8bit / 4bit, two
+batch sizes each. Every point is a fresh `python -m app train` process (a peak RSS is per
+process), on text samples long enough that every batch is exactly BATCH_SIZE x SEQ tokens.
+Writes bench/results/memory.md (table + verdicts) and memory.json. Run: `make bench-memory`.
+
+Targets (issue 3): estimator error within ±20% everywhere; 4-bit peak <= 0.5x the fp32 peak
+at the same batch; 4-bit and 8-bit final loss within 5% of unquantized.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app.datagen import generate_samples
+from app.estimator import estimate, model_shape
+from app.tiny import build_tiny_model, resolve_model
+from app.utils import atomic_write_text, setup_logging
+
+log = logging.getLogger("bench")
+OUT = Path("bench/results")
+QWEN_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, head_dim=64)
+
+
+def bench_data(path: Path, seq: int) -> Path:
+    """Text records of ~3 chars/token x seq x 2, so every sample is cut to exactly SEQ tokens."""
+    pool = [s["context"].replace("Answer:", "") + s["target"] for s in generate_samples(2000, seed=7)]
+    rows, i = [], 0
+    for _ in range(200):
+        text = ""
+        while len(text) < seq * 6:
+            text += pool[i % len(pool)]
+            i += 1
+        rows.append(json.dumps({"text": text}, ensure_ascii=False))
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path
+
+
+def run_point(model: str, quant: str, batch: int, seq: int, steps: int, data: Path) -> dict:
+    out = OUT / "runs" / f"{Path(model).name}-{quant}-b{batch}"
+    args = [f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out}", f"QUANT_LEVEL={quant}",
+            f"BATCH_SIZE={batch}", "GRAD_ACCUM=1", f"MAX_SEQ_LEN={seq}", f"MAX_STEPS={steps}", "VAL_SIZE=0",
+            "SAVE_STEPS=100000", "LOGGING_STEPS=1", "TIER=none", "MEMORY_GUARD=off", "GRADIENT_CHECKPOINTING=off",
+            "LORA_R=8", "WARMUP_RATIO=0", "LEARNING_RATE=1e-3", "SEED=0", "MAX_SAMPLES=200"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "DATA_PATH", "OUTPUT_DIR")}
+    proc = subprocess.run([sys.executable, "-m", "app", "train", *args], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{out.name} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    return {"measured_mb": summary["peak_rss_mb"], "tokens_per_s": summary["tokens_per_s"], "final_loss": losses[-1]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--quick", action="store_true", help="tiny model only")
+    a = ap.parse_args()
+    setup_logging()
+    OUT.mkdir(parents=True, exist_ok=True)
+    models = [resolve_model("tiny")]
+    if not a.quick:
+        big = Path("models/bench-qwen2-100m")
+        if not (big / "config.json").is_file():
+            build_tiny_model("tiny-qwen2", big, dims=QWEN_100M, vocab_size=32000)
+        models.append(str(big))
+    data = bench_data(OUT / "data.jsonl", a.seq)
+    rows = []
+    for model in models:
+        shape = model_shape(model)
+        for batch in [int(b) for b in a.batches.split(",")]:
+            for quant in ("none", "8bit", "4bit"):
+                pred = estimate(shape, quant, 8, batch, a.seq, grad_ckpt=False).total_mb
+                log.info("%s %s batch %d: running", Path(model).name, quant, batch)
+                m = run_point(model, quant, batch, a.seq, a.steps, data)
+                rows.append({"model": Path(model).name, "params_m": round(shape.total_params / 1e6, 1),
+                             "quant": quant, "batch": batch, "seq": a.seq, "predicted_mb": round(pred, 1), **m,
+                             "error_pct": round(100 * (pred - m["measured_mb"]) / m["measured_mb"], 1)})
+                log.info("%s", rows[-1])
+    atomic_write_text(OUT / "memory.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(OUT / "memory.md", report(rows, a))
+    sys.stdout.write(report(rows, a))  # cli-output
+    return 0
+
+
+def report(rows: list[dict], a: argparse.Namespace) -> str:
+    lines = [f"# Memory benchmark ({a.steps} steps, seq {a.seq}, LoRA r=8, CPU)", "",
+             "| model | params | quant | batch | predicted MB | measured MB | error % | tokens/s | final loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params_m']}M | {r['quant']} | {r['batch']} | {r['predicted_mb']:,.0f} | "
+                     f"{r['measured_mb']:,.0f} | {r['error_pct']:+.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['final_loss']:.4f} |")
+    lines += ["", "## Targets", ""]
+    worst = max(abs(r["error_pct"]) for r in rows)
+    lines.append(f"- estimator error within ±20%: worst {worst:.1f}% -> {'PASS' if worst <= 20 else 'FAIL'}")
+    key = {(r["model"], r["batch"], r["quant"]): r for r in rows}
+    for (model, batch, quant), r in key.items():
+        if quant == "none":
+            continue
+        base = key[(model, batch, "none")]
+        dl = abs(r["final_loss"] - base["final_loss"]) / base["final_loss"] * 100
+        lines.append(f"- {model} batch {batch} {quant}: loss {dl:.2f}% from unquantized -> "
+                     f"{'PASS' if dl <= 5 else 'FAIL'}")
+        if quant == "4bit":
+            ratio = r["measured_mb"] / base["measured_mb"]
+            lines.append(f"- {model} batch {batch} 4bit peak = {ratio:.2f}x fp32 peak (target <= 0.5x) -> "
+                         f"{'PASS' if ratio <= 0.5 else 'FAIL'}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

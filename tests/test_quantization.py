@@ -1,0 +1,87 @@
+"""Quantized LoRA gives the right gradients, also after an eval pass and a generate call.
+
+Reference: the same family's model in fp32 whose linear weights are replaced by the
+*dequantized* 4-bit/8-bit weights, with identical LoRA weights. Gradients of every LoRA
+tensor must point the same way (cosine >= 0.99). Without app.quantization's CPU fix the
+4-bit case fails here ("a view of a leaf Variable…" or silently wrong gradients).
+"""
+import pytest
+import torch
+
+from app.modeling import load_model
+from app.quantization import prepare_for_training, stored_bytes
+
+FAMILIES = ["tiny_glm_dir", "tiny_qwen2_dir", "tiny_llama_dir"]
+
+
+def dequantized_weight(module):
+    import bitsandbytes.functional as F
+
+    w = module.weight
+    if hasattr(w, "quant_state") and w.quant_state is not None:  # Linear4bit
+        return F.dequantize_4bit(w.data, w.quant_state).float()
+    return (w.data.float() * w.SCB.float().unsqueeze(1) / 127.0)  # Linear8bitLt: int8 rows x row scale
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:  # B starts at zero, which would leave A without gradient
+            torch.nn.init.normal_(p, std=0.05)
+    return pm
+
+
+def lora_grads(model, ids):
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("level", ["4bit", "8bit"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_lora_gradients_match_dequantized_reference_after_eval(family, level, request):
+    model_dir = request.getfixturevalue(family)
+    quant = prepare_for_training(load_model(str(model_dir), quant=level), level, gradient_checkpointing=False)
+    qtypes = {type(m).__name__ for m in quant.modules()}
+    assert ("Linear4bit" if level == "4bit" else "Linear8bitLt") in qtypes
+
+    ref = load_model(str(model_dir))
+    qmods = dict(quant.named_modules())
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if type(qmods.get(name)).__name__ in ("Linear4bit", "Linear8bitLt"):
+                mod.weight.copy_(dequantized_weight(qmods[name]))
+    quant, ref = lora(quant), lora(ref)
+    ref.load_state_dict({k: v for k, v in quant.state_dict().items() if "lora_" in k}, strict=False)
+
+    ids = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(1))
+    # What training with evaluation does between steps: eval forward, then a generate call.
+    quant.eval()
+    with torch.no_grad():
+        quant(input_ids=ids)
+    with torch.inference_mode():
+        quant.generate(input_ids=ids[:1, :6], max_new_tokens=3, do_sample=False)
+
+    got, want = lora_grads(quant, ids), lora_grads(ref, ids)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        cos = torch.nn.functional.cosine_similarity(got[name].flatten(), want[name].flatten(), dim=0)
+        assert cos >= 0.99, f"{name}: cosine {cos:.4f}"
+
+
+def test_stored_bytes_shrink_with_quantization(tiny_qwen2_dir):
+    full = stored_bytes(load_model(str(tiny_qwen2_dir)))
+    q8 = stored_bytes(load_model(str(tiny_qwen2_dir), quant="8bit"))
+    q4 = stored_bytes(load_model(str(tiny_qwen2_dir), quant="4bit"))
+    # The tiny model is embedding-heavy (vocab 3000 x 64 twice vs. 2 small layers), so only the
+    # layers shrink: check the order and that the linear part really is smaller.
+    assert q4 < q8 < full
+    model = load_model(str(tiny_qwen2_dir))
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    assert full - q4 > linear * 4 * 0.8  # at least ~80% of fp32 linear bytes saved
