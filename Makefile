@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tiny-model train predict predict-custom predict-file chat config test clean distclean
+.PHONY: help setup data tiny-model info train predict predict-custom predict-file chat config test bench-memory clean distclean
 
 help: ## list targets and every variable with its default
 	@echo "usage: make <target> [VAR=value ...]"
@@ -37,6 +37,9 @@ data: data/train.jsonl ## write the synthetic triplet sample data (data/train.js
 tiny-model: setup ## build the random tiny model (MODEL_NAME=tiny|tiny-qwen2|tiny-llama)
 	$(PY) -m app make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
 
+info: setup data ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory
+	$(PY) -m app info
+
 train: setup data ## fine-tune MODEL_NAME on DATA_PATH -> OUTPUT_DIR
 	$(PY) -m app train
 
@@ -59,6 +62,9 @@ config: setup ## print the resolved settings
 
 test: setup ## run the test suite (CPU, tiny models, offline)
 	$(PY) -m pytest -q
+
+bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/results/
+	PYTHONPATH=. $(PY) bench/bench_memory.py
 
 clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
 	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \

@@ -151,7 +151,9 @@ class Config:
         return {var: self.get(var) for var in self.variables()}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n", "utf-8")
+        from app.utils import write_json
+
+        write_json(path, self.to_dict())
 
     # ---- loading ---------------------------------------------------------------------
     @classmethod

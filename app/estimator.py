@@ -14,21 +14,23 @@ from typing import Any
 
 MB = 2**20
 
-# Resident memory of the Python process with torch, transformers, peft, bitsandbytes and the
-# Trainer imported, before a model is loaded (measured: ~470-520 MB on x86-64 Linux).
-RUNTIME_MB = 500.0
+# Resident memory of the Python process with torch, transformers, peft, bitsandbytes, the
+# Trainer, TensorBoard and matplotlib imported, before a model is loaded (x86-64 Linux).
+RUNTIME_MB = 530.0
 # CUDA context + allocator slack, for VRAM predictions.
 CUDA_CONTEXT_MB = 400.0
 # Bytes stored per weight: 8-bit = int8 + row scale; 4-bit NF4 = packed nibble + absmax per 64
 # (double-quantized to 8 bits with a small second-level state).
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-# Saved activations per token per layer, in units of (hidden, intermediate) elements, plus the
-# attention probabilities per (head x seq^2) and the logits' copies per (token x vocab).
-# Calibrated by bench/bench_memory.py (see the report there).
-ACT_HIDDEN = 14.0
-ACT_INTER = 5.0
+# Saved activations per token per layer, in units of (hidden, intermediate) elements: a LoRA'd
+# block keeps ~14 hidden-sized tensors (norm in/out, a dropout copy per LoRA input, q/k/v/attn
+# out, residuals) and ~5 intermediate-sized ones, plus allocator slack. Attention probabilities
+# per (head x seq^2); the logits, their log-softmax and its gradient per (token x vocab).
+# Calibrated on bench/bench_memory.py's sweep (see bench/results/memory.md).
+ACT_HIDDEN = 16.0
+ACT_INTER = 6.0
 ACT_ATTN = 2.0
-ACT_LOGITS = 3.0
+ACT_LOGITS = 5.0
 # AdamW keeps param + grad + 2 moments in fp32 for every trainable parameter.
 OPTIM_BYTES = {"adamw": 16, "sgd": 8, "adafactor": 10}
 
@@ -40,6 +42,8 @@ class ModelShape:
     other_params: int      # embeddings, norms, the output head
     max_linear: int        # largest projection: the transient dequantized copy in backward
     lora_io: int           # sum over LoRA targets of (in + out) features; x rank = LoRA params
+    linear_in: int         # sum of the block projections' input features, per layer
+    ckpt_bytes: int        # bytes per weight in the checkpoint files (fp32 4, bf16/fp16 2)
     layers: int
     hidden: int
     intermediate: int
@@ -67,19 +71,22 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     targets = targets or detect_lora_targets(model)
-    linear = max_linear = lora_io = 0
+    linear = max_linear = lora_io = linear_in = 0
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if isinstance(mod, torch.nn.Linear) and leaf not in _NEVER_TARGET:
             linear += mod.weight.numel()
+            linear_in += mod.in_features
             max_linear = max(max_linear, mod.weight.numel())
             if leaf in targets:
                 lora_io += mod.in_features + mod.out_features
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", None) or config
+    layers = _cfg(text, "num_hidden_layers", "num_layers", "n_layer", default=1)
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     return ModelShape(
         total_params=total, linear_params=linear, other_params=total - linear, max_linear=max_linear,
-        lora_io=lora_io, layers=_cfg(text, "num_hidden_layers", "num_layers", "n_layer"),
+        lora_io=lora_io, linear_in=linear_in // layers, ckpt_bytes=4 if "32" in dtype else 2, layers=layers,
         hidden=_cfg(text, "hidden_size", "n_embd", "d_model"),
         intermediate=_cfg(text, "intermediate_size", "ffn_hidden_size", "n_inner", default=4 * _cfg(text, "hidden_size")),
         vocab=_cfg(text, "vocab_size", "padded_vocab_size"),
@@ -91,6 +98,7 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
 class Estimate:
     runtime_mb: float
     weights_mb: float
+    mapped_mb: float
     trainable_mb: float
     activations_mb: float
     logits_mb: float
@@ -98,7 +106,7 @@ class Estimate:
 
     @property
     def total_mb(self) -> float:
-        return (self.runtime_mb + self.weights_mb + self.trainable_mb + self.activations_mb + self.logits_mb
+        return (self.runtime_mb + self.weights_mb + self.mapped_mb + self.trainable_mb + self.activations_mb + self.logits_mb
                 + self.transient_mb)
 
     def breakdown(self) -> dict[str, float]:
@@ -124,8 +132,15 @@ def estimate(shape: ModelShape, quant: str, lora_r: int, batch: int, seq: int, g
         acts = shape.layers * tokens * shape.hidden + per_layer
     else:
         acts = shape.layers * per_layer
+    if quant == "8bit":  # LLM.int8() keeps an fp16 copy of every projection's input for backward
+        acts += shape.layers * tokens * shape.linear_in * 2 / act_bytes
     logits = ACT_LOGITS * tokens * shape.vocab * 4  # the loss is computed in fp32
-    transient = 2 * shape.max_linear * 4 if quant in QUANT_BYTES else 0
+    quantized = quant in QUANT_BYTES
+    transient = 2 * shape.max_linear * 4 if quantized else 0
+    # The zero-copy loader keeps the checkpoint mapped for the unquantized tensors, so the file
+    # pages the quantizer read stay resident (clean, reclaimable, but counted in RSS).
+    mapped = shape.linear_params * shape.ckpt_bytes if quantized and not cuda else 0
     return Estimate(runtime_mb=CUDA_CONTEXT_MB if cuda else RUNTIME_MB, weights_mb=weights / MB,
+                    mapped_mb=mapped / MB,
                     trainable_mb=trainable * opt / MB, activations_mb=acts * act_bytes / MB,
                     logits_mb=logits / MB, transient_mb=transient / MB)

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MB = 2**20
 _OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes space, tab, newline and backslash as \ooo
-PEAK_KEYS = ("peak_rss_mb", "peak_cgroup_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb")
+PEAK_KEYS = ("peak_rss_mb", "peak_anon_mb", "peak_cgroup_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb")
 
 
 @dataclass
@@ -119,14 +119,17 @@ def cgroup_memory(root: str | Path = "/") -> tuple[int | None, int | None, int |
         value = _int(_read(d / limit_file))
         if value is not None and 0 < value < 2**60 and (limit is None or value < limit):
             limit, limit_dir = value, d
-    keys = ("inactive_file",) if version == 2 else ("total_inactive_file", "inactive_file")
+    # Clean file pages (page cache, mmap'd checkpoints) are reclaimed before any OOM kill.
+    keys = (("inactive_file", "active_file") if version == 2
+            else ("total_inactive_file", "total_active_file") if "total_inactive_file" in (_read(
+                (limit_dir or dirs[0]) / "memory.stat") or "") else ("inactive_file", "active_file"))
     for d in dict.fromkeys([limit_dir, dirs[0]]):  # the limiting cgroup's usage, else our own
         usage = _int(_read(d / usage_file))
         if usage is not None:
             lines = (_read(d / "memory.stat") or "").splitlines()
             stat = dict(ln.split(None, 1) for ln in lines if len(ln.split()) == 2)
-            inactive = next((int(stat[k]) for k in keys if stat.get(k, "").strip().isdigit()), 0)
-            return limit, max(0, usage - inactive), version
+            reclaimable = sum(int(stat[k]) for k in keys if stat.get(k, "").strip().isdigit())
+            return limit, max(0, usage - reclaimable), version
     return limit, None, version
 
 
@@ -144,31 +147,35 @@ def cgroup_cpu_limit(root: str | Path = "/") -> float | None:
     return best
 
 
-def process_tree_rss_mb(pid: int | None = None) -> float:
+def process_tree_rss_mb(pid: int | None = None, anon: bool = False) -> float:
     """RSS of the process and all its descendants (e.g. DataLoader workers), in MB.
-    Shared pages count once per process: a forked tree is overstated a little, the safe side."""
+    Shared pages count once per process: a forked tree is overstated a little, the safe side.
+    ``anon``: leave out file-backed pages (mmap'd checkpoints), which the kernel can reclaim."""
     total = 0
     try:
         parent = psutil.Process(pid)
         for p in [parent, *parent.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):  # a child that exited between listing and reading
-                total += p.memory_info().rss
+                info = p.memory_info()
+                total += info.rss - (getattr(info, "shared", 0) if anon else 0)
     except psutil.Error:  # the process itself is gone
         return 0.0
     return total / MB
 
 
-def _measure(root: str | Path) -> tuple[float, float | None]:
-    """(process tree RSS MB, cgroup usage MB or None when the cgroup has no memory limit)."""
+def _measure(root: str | Path) -> tuple[float, float, float | None]:
+    """(tree RSS MB, tree anonymous MB, cgroup usage net of file pages MB or None without a limit)."""
     limit, usage, _ = cgroup_memory(root)
-    return process_tree_rss_mb(), (usage / MB if limit is not None and usage is not None else None)
+    return (process_tree_rss_mb(), process_tree_rss_mb(anon=True),
+            usage / MB if limit is not None and usage is not None else None)
 
 
 def memory_usage_mb(root: str | Path = "/") -> float:
-    """The figure a guard compares with ``Resources.ram_total_mb``: in a limited cgroup the kernel
-    kills on the cgroup's usage (page cache, other processes), so the larger of it and tree RSS."""
-    rss, cgroup = _measure(root)
-    return max(rss, cgroup) if cgroup is not None else rss
+    """The figure a guard compares with ``Resources.ram_total_mb``: what cannot be reclaimed.
+    In a limited cgroup the kernel kills on the cgroup's usage (other processes too), so the
+    larger of that and the tree's anonymous memory; file-backed pages are reclaimed first."""
+    _, anon, cgroup = _measure(root)
+    return max(anon, cgroup) if cgroup is not None else anon
 
 
 def _torch_cuda(import_it: bool) -> Any | None:
@@ -252,10 +259,10 @@ class MemorySampler:
 
     def current(self) -> dict[str, Any]:
         """Measure now (and fold the reading into the peaks)."""
-        rss, cgroup = _measure(self.root)
+        rss, anon, cgroup = _measure(self.root)
         cuda_alloc, cuda_res = self._cuda()
-        now = {"rss_mb": rss, "cgroup_mb": cgroup, "cuda_allocated_mb": cuda_alloc, "cuda_reserved_mb": cuda_res,
-               "usage_mb": max(rss, cgroup) if cgroup is not None else rss}
+        now = {"rss_mb": rss, "anon_mb": anon, "cgroup_mb": cgroup, "cuda_allocated_mb": cuda_alloc,
+               "cuda_reserved_mb": cuda_res, "usage_mb": max(anon, cgroup) if cgroup is not None else anon}
         with self._lock:
             self._peaks["samples"] += 1
             for key in PEAK_KEYS:

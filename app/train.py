@@ -29,6 +29,9 @@ from app.utils import LAST_RUN_FILE, atomic_write_text, peak_rss_mb, set_threads
 
 log = logging.getLogger(__name__)
 
+# Settings the tier, the memory fit or the guard may change: summary.json records their final values.
+PLANNED = ("QUANT_LEVEL", "MAX_SAMPLES", "MAX_SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING", "LORA_R")
+
 
 @dataclass
 class TrainResult:
@@ -60,6 +63,7 @@ class FineTuner:
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.data_report: dict[str, Any] = {}
+        self.guard: Any = None
 
     # ---- steps -----------------------------------------------------------------------
     def setup(self) -> "FineTuner":
@@ -150,13 +154,14 @@ class FineTuner:
 
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(out / "train_config.json")
         write_json(out / "data_report.json", self.data_report)
         ckpt_dir = out / "checkpoints"
         if not _latest_checkpoint(ckpt_dir):
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
         limit = self.resources.gpus[0].total_mb if self.plan.device == "cuda" else self.resources.ram_total_mb
-        guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
+        guard = self.guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
+        guard.preflight(self.cfg, self._predicted_mb)
+        self.cfg.save(out / "train_config.json")  # as it will run (re-saved at the end after any back-off)
         t0 = time.perf_counter()
         with MemorySampler(on_sample=guard.on_sample) as sampler:
             trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler, callbacks or [])
@@ -175,8 +180,9 @@ class FineTuner:
                              round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1))
         write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v
                                              for k, v in result.__dict__.items()},
-                                          "memory": peaks, "plan": {k: v for k, (v, _) in self.plan.decisions.items()},
+                                          "memory": peaks, "plan": {v: self.cfg.get(v) for v in PLANNED},
                                           "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
+        self.cfg.save(out / "train_config.json")
         atomic_write_text(LAST_RUN_FILE, str(out.resolve()) + "\n")
         log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
                  result.steps, seconds, result.train_loss,
@@ -188,6 +194,14 @@ class FineTuner:
         return self.setup().prepare_data().train()
 
     # ---- internals ------------------------------------------------------------------------
+    def _predicted_mb(self) -> float:
+        from app.estimator import estimate
+
+        c = self.cfg
+        return estimate(self.shape, c.resources.quant_level, c.lora.lora_r, c.train.batch_size, c.data.max_seq_len,
+                        c.resources.gradient_checkpointing == "on", self.plan.device == "cuda",
+                        c.train.optim).total_mb
+
     def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any,
                             extra: list[Any]) -> tuple[Any, Any]:
         """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""

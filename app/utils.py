@@ -45,7 +45,18 @@ def set_threads(n: int) -> int:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
+    """Peak resident memory of this process image, in MB.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a process started by a
+    big parent (a benchmark driver, an IDE) would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

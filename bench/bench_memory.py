@@ -44,7 +44,7 @@ def bench_data(path: Path, seq: int) -> Path:
 
 
 def run_point(model: str, quant: str, batch: int, seq: int, steps: int, data: Path) -> dict:
-    out = OUT / "runs" / f"{Path(model).name}-{quant}-b{batch}"
+    out = OUT / "runs" / f"{Path(model).name}-{quant}-b{batch}-s{seq}"
     args = [f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out}", f"QUANT_LEVEL={quant}",
             f"BATCH_SIZE={batch}", "GRAD_ACCUM=1", f"MAX_SEQ_LEN={seq}", f"MAX_STEPS={steps}", "VAL_SIZE=0",
             "SAVE_STEPS=100000", "LOGGING_STEPS=1", "TIER=none", "MEMORY_GUARD=off", "GRADIENT_CHECKPOINTING=off",
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--tag", default="memory", help="report name: bench/results/<tag>.md")
     a = ap.parse_args()
     setup_logging()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -86,8 +87,8 @@ def main() -> int:
                              "quant": quant, "batch": batch, "seq": a.seq, "predicted_mb": round(pred, 1), **m,
                              "error_pct": round(100 * (pred - m["measured_mb"]) / m["measured_mb"], 1)})
                 log.info("%s", rows[-1])
-    atomic_write_text(OUT / "memory.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write_text(OUT / "memory.md", report(rows, a))
+    atomic_write_text(OUT / f"{a.tag}.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(OUT / f"{a.tag}.md", report(rows, a))
     sys.stdout.write(report(rows, a))  # cli-output
     return 0
 

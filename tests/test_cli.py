@@ -79,3 +79,26 @@ def test_offline_tiny_train_then_predict_end_to_end(tmp_path):
     assert pred.returncode == 0, pred.stderr[-2000:]
     assert "prompt: 你好，抽取三元组" in pred.stdout
     assert f"adapter {out.resolve()}" in pred.stderr
+
+
+def test_info_sees_the_memory_limit_and_picks_the_tier(tmp_path, memory_cgroup):
+    """`make info` inside a 6 GB limit (a real cgroup, as `docker run --memory 6g` makes, where we
+    can create one) reports 6 GB, not the host's RAM, and the 6-12 GB tier."""
+    cgroup = memory_cgroup(6144)
+    args = ["info", "MODEL_NAME=tiny"] + ([] if cgroup else ["MEMORY_LIMIT_MB=6144"])
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env["PYTHONPATH"] = str(REPO)
+    assert run(["generate-data"], tmp_path).returncode == 0
+
+    def enter():
+        if cgroup:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.run([sys.executable, "-m", "app", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=enter)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "RAM total      6.0 GB (" + ("cgroup v" if cgroup else "MEMORY_LIMIT_MB") in out, out
+    assert "tier           cpu-s" in out
+    assert "QUANT_LEVEL            = 4bit" in out and "MAX_SEQ_LEN" in out and "% of the" in out
+    assert "predicted peak RSS:" in out

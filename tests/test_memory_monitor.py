@@ -52,11 +52,11 @@ def v2_own_limit(tmp_path: Path) -> Path:
 
 def test_v2_limit_in_own_cgroup(tmp_path, host):
     root = v2_own_limit(tmp_path)
-    assert mm.cgroup_memory(root) == (6 * GiB, 2 * GiB - 512 * MiB, 2)
+    assert mm.cgroup_memory(root) == (6 * GiB, 2 * GiB - GiB, 2)  # active + inactive file are reclaimable
     assert mm.cgroup_cpu_limit(root) == 1.5
     res = mm.detect_resources(root=root)
     assert (res.ram_total_mb, res.limit_source, res.host_ram_total_mb) == (6144, "cgroup v2", HOST_TOTAL / MiB)
-    assert res.ram_available_mb == 6144 - (2048 - 512)  # inactive file cache is reclaimable
+    assert res.ram_available_mb == 6144 - (2048 - 1024)  # file cache (active + inactive) is reclaimable
     assert (res.cpus, res.cpu_source) == (2, "cgroup quota")  # ceil(1.5)
     assert res.gpus == []
 
@@ -97,7 +97,7 @@ def test_v2_max_everywhere_is_host(tmp_path, host, monkeypatch):
     res = mm.detect_resources(root=root)
     assert (res.ram_total_mb, res.ram_available_mb, res.limit_source) == (HOST_TOTAL / MiB, HOST_AVAIL / MiB, "host")
     assert (res.cpus, res.cpu_source) == (8, "affinity")
-    monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None: 5.0)
+    monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None, anon=False: 5.0)
     assert mm.memory_usage_mb(root) == 5.0  # no limit: the cgroup's 1 GiB is not ours to count
 
 
@@ -206,14 +206,14 @@ def test_memory_limit_override(tmp_path, host):
 
 def test_memory_usage_counts_cgroup_when_limited(tmp_path, monkeypatch):
     root = v2_own_limit(tmp_path)
-    monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None: 5.0)
-    assert mm.memory_usage_mb(root) == 1536  # 2 GiB used - 512 MiB inactive file
-    monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None: 3000.0)
+    monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None, anon=False: 5.0)
+    assert mm.memory_usage_mb(root) == 1024  # 2 GiB used - 1 GiB file cache (active + inactive)
+    monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None, anon=False: 3000.0)
     assert mm.memory_usage_mb(root) == 3000
     sampler = mm.MemorySampler(root=root)
     now = sampler.current()
-    assert (now["cgroup_mb"], now["usage_mb"]) == (1536, 3000)
-    assert sampler.peaks()["peak_cgroup_mb"] == 1536
+    assert (now["cgroup_mb"], now["usage_mb"]) == (1024, 3000)
+    assert sampler.peaks()["peak_cgroup_mb"] == 1024
     assert mm.MemorySampler(root=tmp_path / "nothing").current()["cgroup_mb"] is None
 
 

@@ -1,0 +1,98 @@
+"""Tiers, the memory plan and the estimator: explicit settings always win, the plan fits the budget."""
+import pytest
+
+from app.config import Config
+from app.estimator import estimate, model_shape
+from app.memory_monitor import GPUInfo, Resources
+from app.tiers import apply_tier, fit_memory, seq_from_lengths
+
+GB = 1024
+
+
+def res(ram_gb, avail_gb=None, gpu_gb=None):
+    gpus = [GPUInfo(0, "Fake GPU", gpu_gb * GB, gpu_gb * GB, True)] if gpu_gb else []
+    return Resources(ram_gb * GB, (avail_gb or ram_gb) * GB, 64 * GB, "cgroup v2", 4, "affinity", gpus)
+
+
+def cfg(**values):
+    return Config.from_dict({"MODEL_NAME": "tiny", **values})
+
+
+@pytest.mark.parametrize("ram, tier, quant, samples, batch, accum", [
+    (4, "cpu-xs", "4bit", 30, 1, 32), (8, "cpu-s", "4bit", 200, 1, 16),
+    (16, "cpu-m", "8bit", 800, 2, 8), (32, "cpu-l", "none", 2000, 4, 4)])
+def test_cpu_tiers_follow_the_table(ram, tier, quant, samples, batch, accum):
+    c = cfg()
+    plan = apply_tier(c, res(ram))
+    assert plan.tier == tier and plan.device == "cpu"
+    assert (c.resources.quant_level, c.data.max_samples, c.train.batch_size, c.train.grad_accum) == \
+        (quant, samples, batch, accum)
+
+
+@pytest.mark.parametrize("vram, tier, rank", [(8, "gpu-s", 8), (16, "gpu-m", 16), (80, "gpu-l", 32)])
+def test_gpu_tiers_by_vram_set_the_lora_rank(vram, tier, rank):
+    c = cfg()
+    plan = apply_tier(c, res(16, gpu_gb=vram))
+    assert (plan.tier, plan.device, c.lora.lora_r, c.lora.lora_alpha) == (tier, "cuda", rank, 2 * rank)
+
+
+def test_explicit_settings_win_over_the_tier_and_forced_tier():
+    c = cfg(BATCH_SIZE=3, QUANT_LEVEL="none", TIER="cpu-xs")
+    plan = apply_tier(c, res(64))
+    assert plan.tier == "cpu-xs"
+    assert (c.train.batch_size, c.resources.quant_level) == (3, "none")
+    assert plan.decisions["BATCH_SIZE"] == (3, "set by you")
+    assert c.train.grad_accum == 32 and "TIER=cpu-xs" in plan.decisions["GRAD_ACCUM"][1]
+
+
+def test_qlora_means_4bit_and_tier_none_keeps_defaults():
+    c = cfg(METHOD="qlora")
+    apply_tier(c, res(64))
+    assert c.resources.quant_level == "4bit"
+    plain = cfg(TIER="none")
+    apply_tier(plain, res(4))
+    assert (plain.train.batch_size, plain.train.grad_accum, plain.resources.quant_level) == (1, 8, "none")
+
+
+def test_sequence_length_comes_from_the_data_not_the_table(tiny_glm_dir):
+    lengths = list(range(100, 300))  # p95 = 290 -> rounded up to 304
+    assert seq_from_lengths(lengths, 4096) == 304
+    assert seq_from_lengths(lengths, 256) == 256  # never beyond the model's positions
+    c = cfg()
+    shape = model_shape(str(tiny_glm_dir))
+    plan = fit_memory(c, res(4), shape, lengths, apply_tier(c, res(4)))
+    assert c.data.max_seq_len == 304 and "95%" in plan.decisions["MAX_SEQ_LEN"][1]
+
+
+def test_fit_memory_shrinks_until_the_prediction_fits(tiny_glm_dir):
+    shape = model_shape(str(tiny_glm_dir))
+    c = cfg(TIER="cpu-l", MAX_SEQ_LEN=1024)  # batch 4 x 1024 tokens; explicit seq stays
+    plan = apply_tier(c, res(64))
+    big = estimate(shape, "none", 8, 4, 1024, False).total_mb
+    small_budget_avail = (estimate(shape, "none", 8, 1, 1024, False).total_mb + 5) / 0.85 / GB
+    fit_memory(c, res(64, avail_gb=small_budget_avail), shape, None, plan)
+    assert c.train.batch_size == 1 and c.train.grad_accum == 16  # effective batch 16 kept
+    assert c.data.max_seq_len == 1024 and plan.estimate.total_mb <= plan.budget_mb < big
+    assert not plan.warnings
+
+
+def test_impossible_budget_warns_with_the_fix(tiny_glm_dir):
+    shape = model_shape(str(tiny_glm_dir))
+    c = cfg(MAX_SEQ_LEN=512, BATCH_SIZE=1, QUANT_LEVEL="4bit")
+    plan = apply_tier(c, res(1))
+    fit_memory(c, res(1, avail_gb=0.2), shape, None, plan)
+    assert c.resources.gradient_checkpointing == "on"  # tried what it could
+    assert plan.warnings and "exceeds the budget" in plan.warnings[0] and "MAX_SEQ_LEN" in plan.warnings[0]
+
+
+def test_estimator_orders_and_scales(tiny_qwen2_dir):
+    shape = model_shape(str(tiny_qwen2_dir))
+    assert shape.layers == 2 and shape.hidden == 64 and shape.total_params > shape.linear_params > 0
+    e = {q: estimate(shape, q, 8, 2, 256, False) for q in ("none", "8bit", "4bit")}
+    assert e["4bit"].weights_mb < e["8bit"].weights_mb < e["none"].weights_mb
+    assert estimate(shape, "none", 8, 4, 256, False).activations_mb == pytest.approx(
+        2 * e["none"].activations_mb)
+    assert estimate(shape, "none", 8, 2, 256, True).activations_mb < e["none"].activations_mb
+    assert estimate(shape, "none", 16, 2, 256, False).trainable_mb == pytest.approx(2 * e["none"].trainable_mb)
+    gpu = estimate(shape, "none", 8, 2, 256, False, cuda=True)
+    assert gpu.weights_mb == pytest.approx(e["none"].weights_mb / 2)  # bf16 on GPU
