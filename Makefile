@@ -63,8 +63,8 @@ config: setup ## print the resolved settings
 test: setup ## run the test suite (CPU, tiny models, offline)
 	$(PY) -m pytest -q
 
-bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/results/
-	PYTHONPATH=. $(PY) bench/bench_memory.py
+bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/memory.md
+	$(PY) -m bench.bench_memory
 
 clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
 	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \

@@ -3,7 +3,8 @@
 Sweep: the tiny GLM and a ~100M-parameter random Qwen2, QUANT_LEVEL none / 8bit / 4bit, two
 batch sizes each. Every point is a fresh `python -m app train` process (a peak RSS is per
 process), on text samples long enough that every batch is exactly BATCH_SIZE x SEQ tokens.
-Writes bench/results/memory.md (table + verdicts) and memory.json. Run: `make bench-memory`.
+Run `make bench-memory` (python -m bench.bench_memory). Writes bench/<tag>.md (table and
+verdicts) and bench/<tag>.json; scratch runs go to bench/results/ (ignored by git).
 
 Targets (issue 3): estimator error within ±20% everywhere; 4-bit peak <= 0.5x the fp32 peak
 at the same batch; 4-bit and 8-bit final loss within 5% of unquantized.
@@ -24,7 +25,8 @@ from app.tiny import build_tiny_model, resolve_model
 from app.utils import atomic_write_text, setup_logging
 
 log = logging.getLogger("bench")
-OUT = Path("bench/results")
+REPORTS = Path("bench")
+OUT = REPORTS / "results"
 QWEN_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, head_dim=64)
 
@@ -64,7 +66,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--quick", action="store_true", help="tiny model only")
-    ap.add_argument("--tag", default="memory", help="report name: bench/results/<tag>.md")
+    ap.add_argument("--tag", default="memory", help="report name: bench/<tag>.md")
     a = ap.parse_args()
     setup_logging()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -87,8 +89,8 @@ def main() -> int:
                              "quant": quant, "batch": batch, "seq": a.seq, "predicted_mb": round(pred, 1), **m,
                              "error_pct": round(100 * (pred - m["measured_mb"]) / m["measured_mb"], 1)})
                 log.info("%s", rows[-1])
-    atomic_write_text(OUT / f"{a.tag}.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write_text(OUT / f"{a.tag}.md", report(rows, a))
+    atomic_write_text(REPORTS / f"{a.tag}.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(REPORTS / f"{a.tag}.md", report(rows, a))
     sys.stdout.write(report(rows, a))  # cli-output
     return 0
 
