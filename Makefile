@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tiny-model info train predict predict-custom predict-file chat config test bench-memory clean distclean
+.PHONY: help setup data tiny-model info train predict predict-custom predict-file chat evaluate demo config test bench-memory clean distclean
 
 help: ## list targets and every variable with its default
 	@echo "usage: make <target> [VAR=value ...]"
@@ -57,6 +57,12 @@ predict-file: setup ## predict every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)
 chat: setup ## interactive chat with the last adapter
 	$(PY) -m app predict INTERACTIVE=1 INPUT_FILE=
 
+evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or PREDICTIONS=file.jsonl: score only)
+	$(PY) -m app evaluate
+
+demo: setup ## offline proof of learning: tiny GLM from scratch, held-out F1 curve -> bench/demo.md
+	$(PY) -m app demo
+
 config: setup ## print the resolved settings
 	$(PY) -m app config
 
@@ -68,7 +74,7 @@ bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant 
 
 clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
 	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \
-		data/train.jsonl data/dev.jsonl .pytest_cache
+		models/demo models/demo-glm data/demo data/train.jsonl data/dev.jsonl .pytest_cache
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 distclean: clean ## clean, and remove .venv

@@ -42,6 +42,18 @@ def _predict(cfg: Config) -> None:
     run_predict(cfg.validate())
 
 
+def _evaluate(cfg: Config) -> None:
+    from app.evaluate import run_evaluate
+
+    run_evaluate(cfg.validate())
+
+
+def _demo(cfg: Config) -> None:
+    from app.demo import run_demo
+
+    run_demo(cfg)
+
+
 def _make_tiny(cfg: Config) -> None:
     from app.tiny import FAMILIES, resolve_model
 
@@ -76,6 +88,8 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "train": (_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR"),
     "info": (_info, "show detected RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak"),
     "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
+    "evaluate": (_evaluate, "generate on EVAL_PATH and score triplet P/R/F1 (or --predictions FILE: score only)"),
+    "demo": (_demo, "offline proof of learning: synthetic data, tiny GLM from scratch, held-out F1 curve"),
     "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-llama"),
     "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),
     "config": (_show_config, "print the resolved settings (after .env, environment and arguments)"),

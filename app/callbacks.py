@@ -84,26 +84,32 @@ class MetricsJsonl(TrainerCallback):
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
                "tokens_seen": state.num_input_tokens_seen,
-               "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
-               "time_s": round(time.perf_counter() - self.tp.t0, 2)}
+               "tokens_per_s": round(self.tp.tokens_per_s(state), 1)}
         if self.sampler is not None:  # memory now and at its peak so far (RSS / cgroup / CUDA)
             row.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
                         if v is not None and k != "samples"})
+        self.write(row)
+
+    def write(self, row: dict[str, Any]) -> None:
+        row = {**row, "time_s": round(time.perf_counter() - self.tp.t0, 2)}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
 
 class BestAdapter(TrainerCallback):
-    """Keep the adapter with the lowest eval loss in ``best/``; stop after PATIENCE bad evals."""
+    """Keep the best adapter (lowest eval loss, or highest eval F1) in ``best/``; stop after
+    PATIENCE evaluations without improvement."""
 
-    def __init__(self, out_dir: Path, patience: int = 0):
-        self.out_dir, self.patience = out_dir, patience
+    def __init__(self, out_dir: Path, patience: int = 0, metric: str = "eval_loss"):
+        self.out_dir, self.patience, self.metric = out_dir, patience, metric
+        self.sign = 1 if metric == "eval_loss" else -1  # compare as "lower is better"
         self.best, self.best_step, self.bad_evals = math.inf, None, 0
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None or not state.is_world_process_zero:
+        value = (metrics or {}).get(self.metric)
+        if value is None or not state.is_world_process_zero:
             return
+        loss = self.sign * value
         if loss < self.best:
             self.best, self.best_step, self.bad_evals = loss, state.global_step, 0
             with staged_dir(self.out_dir) as tmp:
@@ -111,8 +117,8 @@ class BestAdapter(TrainerCallback):
         else:
             self.bad_evals += 1
             if self.patience and self.bad_evals >= self.patience:
-                log.info("early stopping: eval loss has not improved on %.4f (step %s) for %d evaluations",
-                         self.best, self.best_step, self.bad_evals)
+                log.info("early stopping: %s has not improved on %.4f (step %s) for %d evaluations",
+                         self.metric, self.sign * self.best, self.best_step, self.bad_evals)
                 control.should_training_stop = True
 
 
@@ -121,6 +127,7 @@ def plot_losses(metrics_path: Path, out_png: Path) -> bool:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    f1 = [(r["step"], r["eval_f1"]) for r in rows if "eval_f1" in r]
     if not train and not evals:
         return False
     import matplotlib
@@ -136,7 +143,13 @@ def plot_losses(metrics_path: Path, out_png: Path) -> bool:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left")
+    if f1:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*f1), "s-", color="tab:green", label="eval F1")
+        ax2.set_ylabel("triplet F1")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

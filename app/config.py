@@ -66,7 +66,8 @@ class LoraArgs:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
     lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
                                      "of the model family")
-    method: str = _f("lora", "Tuning method: lora, or qlora (LoRA on the 4-bit model)", ("lora", "qlora"))
+    method: str = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); full (every weight: "
+                             "small models only)", ("lora", "qlora", "full"))
 
 
 TIER_NAMES = ("auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l")
@@ -119,6 +120,17 @@ class PredictArgs:
 
 
 @dataclass
+class EvalArgs:
+    eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = VAL_PATH, else data/dev.jsonl")
+    eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
+    eval_metric: str = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)",
+                          ("loss", "f1"))
+    eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
+    predictions: str = _f("", "Score this JSONL of {target, output} lines instead of generating (--predictions FILE)")
+    demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes")
+
+
+@dataclass
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -126,6 +138,7 @@ class Config:
     resources: ResourceArgs = field(default_factory=ResourceArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     predict: PredictArgs = field(default_factory=PredictArgs)
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
     explicit: set[str] = field(default_factory=set, repr=False, compare=False,
                                metadata={"help": "not a setting: names the user set explicitly"})
 
@@ -232,6 +245,11 @@ class Config:
         need(not (lo.method == "qlora" and rs.quant_level in ("none", "8bit")),
              f"METHOD=qlora means LoRA on a 4-bit model, but QUANT_LEVEL={rs.quant_level}; "
              "set QUANT_LEVEL=4bit (or auto), or METHOD=lora")
+        need(not (lo.method == "full" and rs.quant_level in ("8bit", "4bit")),
+             f"METHOD=full trains every weight, which cannot be quantized (QUANT_LEVEL={rs.quant_level}); "
+             "set QUANT_LEVEL=none, or METHOD=qlora")
+        need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
+        need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")
         need(rs.memory_limit_mb >= 0, f"MEMORY_LIMIT_MB={rs.memory_limit_mb} must be >= 0 (0 = detect)")
         need(0.1 <= rs.memory_safety <= 1, f"MEMORY_SAFETY={rs.memory_safety} must be in [0.1, 1], e.g. 0.85")
         need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
@@ -322,8 +340,12 @@ def _read_dotenv(path: str | Path | None) -> dict[str, str]:
 def parse_cli_overrides(args: list[str]) -> dict[str, str]:
     """``["MAX_SAMPLES=50", "model_name=tiny"]`` -> dict. Raises ConfigError for stray words."""
     out, bad = {}, []
-    for a in args:
+    args = list(args)
+    while args:
+        a = args.pop(0)
         key, sep, value = a.partition("=")
+        if not sep and a.startswith("--") and args and not args[0].startswith("--"):
+            key, sep, value = a, "=", args.pop(0)  # `--predictions FILE`
         if not sep or not key.strip():
             bad.append(f"{a!r}: expected KEY=value (e.g. MAX_SAMPLES=50)")
             continue

@@ -39,10 +39,15 @@ def find_adapter(cfg: Config) -> Path | None:
     if not choice and LAST_RUN_FILE.is_file():
         choice = LAST_RUN_FILE.read_text().strip()
     path = Path(choice or cfg.train.output_dir)
-    if not (path / "adapter_config.json").is_file():
+    if not (path / "adapter_config.json").is_file() and not is_full_model(path):
         raise UserError(f"ADAPTER_DIR={path}: no adapter_config.json there; train first (`make train`), "
                         "point ADAPTER_DIR at an adapter dir, or use ADAPTER_DIR=none for the base model")
     return path
+
+
+def is_full_model(path: Path) -> bool:
+    """A METHOD=full output: a standalone model, not an adapter."""
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
 def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
@@ -51,6 +56,8 @@ def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
     An adapter is most faithful on the base it was trained against, quantization included.
     """
     saved: dict = {}
+    if adapter is not None and is_full_model(adapter):
+        return str(adapter), "none"  # the trained model itself is the base
     if adapter is not None and (adapter / "train_config.json").is_file():
         saved = json.loads((adapter / "train_config.json").read_text(encoding="utf-8"))
     elif adapter is not None:
@@ -73,7 +80,7 @@ class Predictor:
         tok_src = str(self.adapter) if self.adapter and (self.adapter / "tokenizer_config.json").is_file() else base
         self.tokenizer = load_tokenizer(tok_src, cfg.model.trust_remote_code)
         model = load_model(base, cfg.model.trust_remote_code, quant)
-        if self.adapter is not None:
+        if self.adapter is not None and not is_full_model(self.adapter):
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(self.adapter))

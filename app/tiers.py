@@ -74,7 +74,7 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
     plan.device, gb = memory_gb(res)
     if cfg.resources.tier == "none":
         plan.tier = "none"
-        quant = "4bit" if cfg.lora.method == "qlora" else cfg.resources.quant_level
+        quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, cfg.resources.quant_level)
         plan.decide(cfg, "QUANT_LEVEL", "none" if quant == "auto" else quant, "TIER=none: no quantization")
         return plan
     if cfg.resources.tier != "auto":
@@ -85,9 +85,10 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
         kind = "VRAM" if plan.device == "cuda" else "RAM"
         why = f"{kind} {gb:.1f} GB -> tier {tier.name}"
     plan.tier = tier.name
-    if cfg.lora.method == "qlora":
-        plan.decisions["QUANT_LEVEL"] = ("4bit", "METHOD=qlora")
-        cfg.assign("QUANT_LEVEL", "4bit")
+    if cfg.lora.method in ("qlora", "full"):
+        level = "4bit" if cfg.lora.method == "qlora" else "none"
+        plan.decisions["QUANT_LEVEL"] = (level, f"METHOD={cfg.lora.method}")
+        cfg.assign("QUANT_LEVEL", level)
     elif cfg.resources.quant_level != "auto":
         plan.decisions["QUANT_LEVEL"] = (cfg.resources.quant_level, "set by you")
     else:
@@ -124,8 +125,7 @@ def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int
     t, r = cfg.train, cfg.resources
 
     def predicted() -> Estimate:
-        return estimate(shape, r.quant_level, cfg.lora.lora_r, t.batch_size, cfg.data.max_seq_len,
-                        r.gradient_checkpointing == "on", cuda, t.optim)
+        return predict_peak(cfg, shape, cuda)
 
     if r.gradient_checkpointing == "auto":
         r.gradient_checkpointing = "off"
@@ -137,7 +137,7 @@ def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int
                 plan.decide(cfg, "GRAD_ACCUM", max(1, eff // t.batch_size), "keeps the effective batch")
         elif r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
             plan.decide(cfg, "GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
-        elif r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method != "qlora":
+        elif r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method == "lora":
             plan.decide(cfg, "QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
         elif cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
             plan.decide(cfg, "MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
@@ -152,6 +152,13 @@ def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int
             f"({cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
             "BATCH_SIZE, use QUANT_LEVEL=4bit or GRADIENT_CHECKPOINTING=on; the memory guard will back off")
     return plan
+
+
+def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
+    """The estimator for cfg's current settings (full tuning trains and stores every weight)."""
+    return estimate(shape, cfg.resources.quant_level, cfg.lora.lora_r, cfg.train.batch_size, cfg.data.max_seq_len,
+                    cfg.resources.gradient_checkpointing == "on", cuda, cfg.train.optim,
+                    trainable_params=shape.total_params if cfg.lora.method == "full" else None)
 
 
 def format_info(res: Resources, plan: Plan, shape: ModelShape | None, model_name: str) -> str:

@@ -99,12 +99,17 @@ def _corpus(seed: int) -> list[str]:
 
 def build_tokenizer(name: str, vocab_size: int = 3000, seed: int = 0):
     """Train a byte-level BPE tokenizer (Chinese + English) and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     fam = FAMILIES[name]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Every CJK character is its own pre-token: a name then tokenizes identically in the sentence
+    # and in the JSON answer, so extraction is token copying (BPE over whole runs of Chinese text
+    # merges across word boundaries differently in each context, which a small model cannot learn).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("[\u3400-\u9fff\uf900-\ufaff]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -62,6 +62,7 @@ class FineTuner:
         self.shape: Any = None
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
+        self.val_examples: list[Any] = []
         self.data_report: dict[str, Any] = {}
         self.guard: Any = None
 
@@ -104,6 +105,7 @@ class FineTuner:
         fit_memory(self.cfg, self.resources, self.shape, lengths, self.plan)
         for w in self.plan.warnings:
             log.warning("%s", w)
+        self.val_examples = [e for e in val_ex if e.messages]
         self.train_rows, tstats = encode_all(train_ex, self.tokenizer, d.max_seq_len)
         self.val_rows, vstats = encode_all(val_ex, self.tokenizer, d.max_seq_len)
         if not self.train_rows:
@@ -135,7 +137,12 @@ class FineTuner:
         if ckpt and quant == "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        self.model = apply_lora(model, self.cfg)
+        if self.cfg.lora.method == "full":
+            model.requires_grad_(True)
+            log.info("full fine-tuning: %s trainable parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+            self.model = model
+        else:
+            self.model = apply_lora(model, self.cfg)
         return self
 
     def train(self, callbacks: list[Any] | None = None) -> TrainResult:
@@ -195,12 +202,9 @@ class FineTuner:
 
     # ---- internals ------------------------------------------------------------------------
     def _predicted_mb(self) -> float:
-        from app.estimator import estimate
+        from app.tiers import predict_peak
 
-        c = self.cfg
-        return estimate(self.shape, c.resources.quant_level, c.lora.lora_r, c.train.batch_size, c.data.max_seq_len,
-                        c.resources.gradient_checkpointing == "on", self.plan.device == "cuda",
-                        c.train.optim).total_mb
+        return predict_peak(self.cfg, self.shape, self.plan.device == "cuda").total_mb
 
     def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any,
                             extra: list[Any]) -> tuple[Any, Any]:
@@ -242,11 +246,19 @@ class FineTuner:
         from app.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
 
         tp = Throughput()
+        metrics = MetricsJsonl(out / "metrics.jsonl", tp, sampler)
+        f1: list[Any] = []
+        if self.cfg.evaluation.eval_metric == "f1" and self.val_examples:
+            from app.evaluate import F1Evaluator
+
+            n = self.cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
+            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.train.batch_size * 4, metrics.write)]
         trainer = Trainer(
             model=self.model, args=self._training_args(ckpt_dir), train_dataset=self.train_rows,
             eval_dataset=self.val_rows or None, data_collator=Collator(self.tokenizer.pad_token_id),
-            callbacks=[ProgressBar(tp), MetricsJsonl(out / "metrics.jsonl", tp, sampler),
-                       BestAdapter(out / "best", self.cfg.train.early_stopping_patience), guard,
+            callbacks=[ProgressBar(tp), metrics, *f1,
+                       BestAdapter(out / "best", self.cfg.train.early_stopping_patience,
+                                   "eval_f1" if f1 else "eval_loss"), guard,
                        TensorBoardCallback(SummaryWriter(str(out / "runs"))), *extra],
         )
         trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar

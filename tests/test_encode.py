@@ -267,12 +267,15 @@ def test_exact_fit_is_not_truncated_and_one_more_token_is(qwen2_tok):
 def test_encode_all_counts_and_keeps_order(qwen2_tok):
     exs = [SINGLE_TURN["context_target"], Example(text="x ### Response: y"),
            Example(messages=[U(LONG_CTX), A("short")])]
-    rows, stats = encode_all(exs, qwen2_tok, 128)
-    assert rows == [encode(e, qwen2_tok, 128) for e in exs]
+    full = [len(encode(e, qwen2_tok, 10**6)["input_ids"]) for e in exs]
+    cap = max(full[:2])  # only the long-context example goes over
+    assert full[2] > cap
+    rows, stats = encode_all(exs, qwen2_tok, cap)
+    assert rows == [encode(e, qwen2_tok, cap) for e in exs]
     assert stats.samples == 3 and stats.lengths == [len(r["input_ids"]) for r in rows]
     assert stats.tokens == sum(stats.lengths) and stats.prompt_truncated == 1
-    s = stats.summary(128)
-    assert s.startswith(f"3 samples, {stats.tokens} tokens") and "MAX_SEQ_LEN=128" in s and "1 prompts" in s
+    s = stats.summary(cap)
+    assert s.startswith(f"3 samples, {stats.tokens} tokens") and f"MAX_SEQ_LEN={cap}" in s and "1 prompts" in s
 
 
 # ---- no chat template --------------------------------------------------------------------------

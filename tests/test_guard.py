@@ -63,7 +63,7 @@ def _train_cli(tmp_path, data_dir, out, cgroup, limit_mb, guard):
     env = {k: v for k, v in os.environ.items() if k not in _C.variables()}
     env["PYTHONPATH"] = str(REPO)
     args = ["MODEL_NAME=tiny", f"DATA_PATH={data_dir / 'long.jsonl'}", f"OUTPUT_DIR={out}", "QUANT_LEVEL=none",
-            "TIER=none", "BATCH_SIZE=32", "GRAD_ACCUM=1", "MAX_SEQ_LEN=512", "MAX_STEPS=2", "VAL_SIZE=0",
+            "TIER=none", "BATCH_SIZE=64", "GRAD_ACCUM=1", "MAX_SEQ_LEN=512", "MAX_STEPS=2", "VAL_SIZE=0",
             f"MEMORY_GUARD={guard}"]
     if cgroup is None:
         args.append(f"MEMORY_LIMIT_MB={limit_mb}")
@@ -78,7 +78,7 @@ def _train_cli(tmp_path, data_dir, out, cgroup, limit_mb, guard):
 
 
 def test_naive_config_over_a_real_limit_finishes_instead_of_being_killed(data_dir, tmp_path, memory_cgroup):
-    """BATCH_SIZE=32 x 512 tokens needs ~1.5 GB; the limit is 1.2 GB (a real cgroup where we can)."""
+    """BATCH_SIZE=64 x 512 tokens needs ~1.8 GB; the limit is 1.2 GB (a real cgroup where we can)."""
     from app.datagen import generate_samples
 
     long = [{"text": "".join(s["context"] + s["target"] for s in generate_samples(12, seed=i))} for i in range(64)]
@@ -95,5 +95,5 @@ def test_naive_config_over_a_real_limit_finishes_instead_of_being_killed(data_di
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert "memory guard" in guarded_run.stderr
     plan = summary["plan"]
-    assert plan["BATCH_SIZE"] < 32 and plan["BATCH_SIZE"] * plan["GRAD_ACCUM"] == 32
+    assert plan["BATCH_SIZE"] < 64 and plan["BATCH_SIZE"] * plan["GRAD_ACCUM"] == 64
     assert summary["peak_rss_mb"] < limit

@@ -59,7 +59,7 @@ def test_quantized_lora_gradients_match_dequantized_reference_after_eval(family,
     quant, ref = lora(quant), lora(ref)
     ref.load_state_dict({k: v for k, v in quant.state_dict().items() if "lora_" in k}, strict=False)
 
-    ids = torch.randint(0, 2000, (2, 24), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     # What training with evaluation does between steps: eval forward, then a generate call.
     quant.eval()
     with torch.no_grad():

@@ -1,0 +1,235 @@
+"""Tests for app.scoring: tolerant answer parsing, exact P/R/F1 arithmetic, reports, file input."""
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from app.errors import UserError
+from app.scoring import Triplet, parse_answer, score, score_file, write_reports
+
+REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "duie-mixed"
+KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
+
+
+def trip(s: str, p: str, o: str, st: str = "人物", ot: str = "人物") -> dict[str, str]:
+    return dict(zip(KEYS, (p, ot, st, o, s)))
+
+
+def fenced(triplets: list[dict]) -> str:
+    """Exactly the real dataset's target layout."""
+    return "```json\n" + json.dumps(triplets, ensure_ascii=False) + "\n```"
+
+
+GOLD4 = [trip("花样男子", "编剧", "神尾叶子", "影视作品"),
+         trip("花样男子", "出版社", "集英社", "书籍", "出版社"),
+         trip("古刹钟声", "导演", "朱文顺", "影视作品"),
+         trip("古刹钟声", "主演", "庞学勤", "影视作品")]
+
+
+def prf(report) -> tuple[float, float, float]:
+    return report.triplet_precision, report.triplet_recall, report.triplet_f1
+
+
+# ---- real data -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dev_records() -> list[dict]:
+    path = REAL_DIR / "dev.jsonl"
+    if not path.is_file():
+        pytest.fail(f"real dev set missing: {path} (expected shared/data beside the project)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_gold_against_itself_scores_perfectly(dev_records):
+    # Independent count: triplet targets are fenced, classification targets are bare lists.
+    n_fenced = sum(r["target"].lstrip().startswith("```") for r in dev_records)
+    rep = score((r["target"], r["target"]) for r in dev_records)
+    assert rep.n_samples == len(dev_records) == 122
+    assert rep.n_bad_gold == 0
+    assert rep.n_triplet_samples == n_fenced > 0
+    assert rep.n_classification_samples == 122 - n_fenced > 0
+    assert (rep.triplet_f1, rep.triplet_f1_typed, rep.classification_accuracy, rep.json_valid_rate) == (1, 1, 1, 1)
+    assert rep.fp == rep.fn == 0 and rep.tp == sum(m["support"] for m in rep.per_predicate.values())
+    assert all(m["f1"] == 1.0 for m in rep.per_predicate.values())
+
+
+def test_every_real_model_failure_lowers_the_score(dev_records):
+    # Answering every triplet sample with a label must not score well: guards against a no-op scorer.
+    rep = score((r["target"], '["平板"]') for r in dev_records)
+    assert rep.triplet_f1 == 0.0 and rep.fn > 0
+    assert 0 < rep.classification_accuracy < 1
+
+
+# ---- exact arithmetic on hand-built perturbations -----------------------------------------
+
+def one(pred: list[dict], gold: list[dict] = GOLD4):
+    return score([(fenced(gold), fenced(pred))])
+
+
+def test_drop_one_of_four():
+    rep = one(GOLD4[:3])
+    assert prf(rep) == pytest.approx((1.0, 0.75, 6 / 7))
+    assert [t["object"] for t in rep.rows[0]["missing"]] == ["庞学勤"] and rep.rows[0]["spurious"] == []
+
+
+def test_add_one_spurious():
+    rep = one(GOLD4 + [trip("古刹钟声", "主演", "田烈", "影视作品")])
+    assert prf(rep) == pytest.approx((0.8, 1.0, 8 / 9))
+    assert [t["object"] for t in rep.rows[0]["spurious"]] == ["田烈"]
+    assert rep.per_predicate["主演"] == pytest.approx(
+        {"tp": 1, "fp": 1, "fn": 0, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+
+
+def test_change_one_object():
+    rep = one(GOLD4[:3] + [trip("古刹钟声", "主演", "浦克", "影视作品")])
+    assert prf(rep) == pytest.approx((0.75, 0.75, 0.75))
+    assert (rep.tp, rep.fp, rep.fn) == (3, 1, 1)
+
+
+def test_type_change_only_hurts_typed_f1():
+    rep = one(GOLD4[:3] + [trip("古刹钟声", "主演", "庞学勤", "电影")])
+    assert prf(rep) == (1.0, 1.0, 1.0)
+    assert rep.triplet_f1_typed == pytest.approx(0.75)
+
+
+def test_swapped_subject_and_object_is_wrong():
+    swapped = [trip(t["object"], t["predicate"], t["subject"], t["subject_type"], t["object_type"]) for t in GOLD4]
+    rep = one(swapped[:1] + GOLD4[1:])
+    assert prf(rep) == pytest.approx((0.75, 0.75, 0.75))
+
+
+def test_full_width_and_spaces_still_match():
+    gold = [trip("B站2020", "作者", "ABC 出版", "网站")]
+    pred = [trip("Ｂ站２０２０ ", "作者", "  ＡＢＣ \t 出版", "网站")]
+    assert prf(one(pred, gold)) == (1.0, 1.0, 1.0)
+    assert Triplet("Ｘ１", "p", "a  b").subject == "X1"
+
+
+def test_duplicates_count_once_and_micro_average_across_samples():
+    dup = score([(fenced(GOLD4[:2]), fenced([GOLD4[0], GOLD4[0]])),  # tp 1, fn 1
+                 (fenced(GOLD4[2:]), fenced(GOLD4[2:] + [trip("x", "主演", "y")]))])  # tp 2, fp 1
+    assert (dup.tp, dup.fp, dup.fn) == (3, 1, 1)
+    p, r = Fraction(3, 4), Fraction(3, 4)
+    assert prf(dup) == pytest.approx((float(p), float(r), float(2 * p * r / (p + r))))
+
+
+def test_broken_output_scores_zero_but_labels_are_compared_as_sets():
+    rep = score([(fenced(GOLD4), "我不知道"), ('["平板"]', '```json\n["平板"]\n```'), ('["衣服"]', '["酒店"]'),
+                 ('["书籍"]', fenced(GOLD4))])
+    assert prf(rep) == (0.0, 0.0, 0.0) and rep.fn == 4
+    assert rep.classification_accuracy == pytest.approx(1 / 3)
+    assert rep.json_valid_rate == 0.75
+    assert [r["label_correct"] for r in rep.rows] == [None, True, False, False]
+
+
+def test_labels_compare_as_sets():
+    rep = score([('["水果", "衣服"]', '["衣服", "水果"]'), ('["水果", "衣服"]', '["水果"]'),
+                 ('["水果"]', '["水果", "水果"]'), ('["水果"]', '["水果", "平板"]'), ('["水果"]', '[" 水果 "]')])
+    assert [r["label_correct"] for r in rep.rows] == [True, False, True, False, True]
+
+
+def test_empty_kinds_give_zero_or_none(tmp_path):
+    # Triplet metrics follow the 0/0 -> 0.0 convention; accuracy is None without label samples.
+    only_labels = score([('["平板"]', '["平板"]')])
+    assert prf(only_labels) == (0.0, 0.0, 0.0) and only_labels.triplet_f1_typed == 0.0
+    assert write_reports(only_labels, tmp_path)["per_predicate_f1.png"].stat().st_size > 0  # placeholder chart
+    assert score([(fenced(GOLD4), fenced(GOLD4))]).classification_accuracy is None
+
+
+def test_malformed_gold_is_counted_not_scored():
+    rep = score([("not json at all", fenced(GOLD4)),
+                 ('```json\n[{"predicate": "导演", "obj', fenced(GOLD4)),  # truncated gold
+                 (fenced([{"predicate": "导演"}]), fenced(GOLD4)),  # gold triplet missing keys
+                 (fenced(GOLD4), fenced(GOLD4)),
+                 (None, "x")])
+    assert rep.n_bad_gold == 4 and rep.n_samples == 5 and rep.n_triplet_samples == 1
+    assert prf(rep) == (1.0, 1.0, 1.0)
+    assert [r["bad_gold"] for r in rep.rows] == [True, True, True, False, True]
+
+
+# ---- parser --------------------------------------------------------------------------
+
+ONE = '{"predicate": "导演", "object_type": "人物", "subject_type": "影视作品", "object": "朱文顺", "subject": "古刹钟声"}'
+EXPECTED = Triplet("古刹钟声", "导演", "朱文顺", "影视作品", "人物")
+
+
+@pytest.mark.parametrize("text", [
+    f"```json\n[{ONE}]\n```", f"```\n[{ONE}]\n```", f"[{ONE}]", f"  [{ONE}]\n以上是抽取结果。",
+    f"好的，结果如下：\n```json\n[{ONE}]\n```\n希望有帮助", f"参考[1]：[{ONE}]", f"[\n  {ONE}\n]"])
+def test_parser_finds_the_list(text):
+    p = parse_answer(text)
+    assert (p.kind, p.triplets, p.valid_json, p.recovered) == ("triplets", [EXPECTED], True, False)
+
+
+def test_half_closed_list_recovers_complete_items():
+    p = parse_answer(f'```json\n[{ONE}, {ONE.replace("朱文顺", "王二")}, {{"predicate": "主')
+    assert p.kind == "triplets" and not p.valid_json and p.recovered
+    assert [t.object for t in p.triplets] == ["朱文顺", "王二"]
+    assert parse_answer(f"[{ONE}, ").triplets == [EXPECTED]
+    assert parse_answer(ONE).recovered and parse_answer(ONE).triplets == [EXPECTED]  # a dict with no list
+
+
+def test_labels_empty_list_and_garbage():
+    p = parse_answer('["平板"]')
+    assert (p.kind, p.labels, p.valid_json) == ("labels", ["平板"], True)
+    assert parse_answer('```json\n["水果", "衣服"]\n```').labels == ["水果", "衣服"]
+    empty = parse_answer("[]")
+    assert (empty.kind, empty.triplets, empty.valid_json) == ("triplets", [], True)
+    for junk in ("", "无法回答", "[1, 2", "{not json}", "```json\n```", '["平', "[1, 2]"):
+        j = parse_answer(junk)
+        assert (j.kind, j.valid_json, j.recovered) == ("invalid", False, False), junk
+
+
+def test_missing_keys_non_strings_and_escapes():
+    text = json.dumps([{"predicate": "身高", "subject": "张三", "object": 180, "subject_type": "人物",
+                        "object_type": "Number"},
+                       {"predicate": "导演", "subject": "x"},  # no object: skipped
+                       {"predicate": "作者", "subject": '《"引号"\\书》', "object": "李四\n"}],
+                      ensure_ascii=False)
+    p = parse_answer(text)
+    assert p.valid_json and p.skipped == 1
+    assert p.triplets == [Triplet("张三", "身高", "180", "人物", "Number"), Triplet('《"引号"\\书》', "作者", "李四")]
+    assert parse_answer('[{"subject": "a]", "predicate": "b\\"}", "object": "c"}]').triplets == [
+        Triplet("a]", 'b"}', "c")]
+
+
+# ---- reports and files ---------------------------------------------------------------
+
+def test_write_reports(tmp_path):
+    rep = score([(fenced(GOLD4), fenced(GOLD4[1:] + [trip("a", "主演", "b")])), ('["平板"]', "乱码")])
+    paths = write_reports(rep, tmp_path / "out", title="unit")
+    names = {"report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png"}
+    assert set(paths) == names and all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
+    assert {p.name for p in (tmp_path / "out").iterdir()} == names  # no temp files left behind
+    assert paths["per_predicate_f1.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(paths["report.json"].read_text(encoding="utf-8"))
+    for key in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
+                "json_valid_rate", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold"):
+        assert key in data, key
+    assert "rows" not in data and set(data["per_predicate"]["主演"]) >= {"tp", "fp", "fn", "f1", "support"}
+    assert data["triplet_f1"] == pytest.approx(0.75)
+    rows = [json.loads(line) for line in paths["predictions.jsonl"].read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2 and [r["index"] for r in rows] == [0, 1]
+    assert (len(rows[0]["correct"]), len(rows[0]["missing"]), len(rows[0]["spurious"])) == (3, 1, 1)
+    assert rows[1]["label_correct"] is False and rows[1]["valid_json"] is False
+    md = paths["report.md"].read_text(encoding="utf-8")
+    assert md.startswith("# unit") and md.index("| 主演 | 1 |") < md.index("| 编剧 | 1 |")  # support, then name
+
+
+def test_score_file_and_bad_lines(tmp_path):
+    good = tmp_path / "pred.jsonl"
+    lines = [json.dumps({"target": fenced(GOLD4), "output": fenced(GOLD4[:3])}, ensure_ascii=False), "",
+             json.dumps({"reference": '["平板"]', "output": '["平板"]', "line": 7})]  # predict's file-mode row
+    good.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rep = score_file(good)
+    assert rep.n_samples == 2 and rep.triplet_recall == 0.75 and rep.classification_accuracy == 1.0
+    for bad_line in ("{oops", json.dumps({"target": "[]"}), "[1]", json.dumps({"output": "x"})):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"target": "[]", "output": "[]"}) + "\n\n" + bad_line + "\n", encoding="utf-8")
+        with pytest.raises(UserError, match=r"--predictions .*bad.jsonl: line 3: .*\"target\".*\"output\""):
+            score_file(bad)
+    with pytest.raises(UserError, match="--predictions"):
+        score_file(tmp_path / "missing.jsonl")
