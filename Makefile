@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data tiny-model info train predict predict-custom predict-file chat evaluate demo config test bench-memory clean distclean
+.PHONY: help setup data tiny-model info train predict predict-custom predict-file chat evaluate merge demo config test bench-memory clean distclean
 
 help: ## list targets and every variable with its default
 	@echo "usage: make <target> [VAR=value ...]"
@@ -59,6 +59,9 @@ chat: setup ## interactive chat with the last adapter
 
 evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or PREDICTIONS=file.jsonl: score only)
 	$(PY) -m app evaluate
+
+merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without peft)
+	$(PY) -m app merge
 
 demo: setup ## offline proof of learning: tiny GLM from scratch, held-out F1 curve -> bench/demo.md
 	$(PY) -m app demo

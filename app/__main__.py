@@ -48,6 +48,12 @@ def _evaluate(cfg: Config) -> None:
     run_evaluate(cfg.validate())
 
 
+def _merge(cfg: Config) -> None:
+    from app.merge import run_merge
+
+    run_merge(cfg.validate())
+
+
 def _demo(cfg: Config) -> None:
     from app.demo import run_demo
 
@@ -89,6 +95,7 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "info": (_info, "show detected RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak"),
     "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
     "evaluate": (_evaluate, "generate on EVAL_PATH and score triplet P/R/F1 (or --predictions FILE: score only)"),
+    "merge": (_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR"),
     "demo": (_demo, "offline proof of learning: synthetic data, tiny GLM from scratch, held-out F1 curve"),
     "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-llama"),
     "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),

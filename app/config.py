@@ -117,6 +117,7 @@ class PredictArgs:
     interactive: bool = _f(False, "Chat in the terminal until an empty line or Ctrl-D")
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
+    merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
 
 
 @dataclass

@@ -248,6 +248,8 @@ class FineTuner:
         tp = Throughput()
         metrics = MetricsJsonl(out / "metrics.jsonl", tp, sampler)
         f1: list[Any] = []
+        if self.cfg.evaluation.eval_metric == "f1" and not self.val_examples:
+            log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")
         if self.cfg.evaluation.eval_metric == "f1" and self.val_examples:
             from app.evaluate import F1Evaluator
 

@@ -88,3 +88,21 @@ def test_full_fine_tuning_saves_a_standalone_model_that_predict_loads(tiny_glm_d
 def test_full_with_quantization_is_rejected():
     with pytest.raises(UserError, match="METHOD=full"):
         Config.from_dict({"METHOD": "full", "QUANT_LEVEL": "4bit"}).validate()
+
+
+def test_merge_writes_a_model_that_loads_without_peft(tiny_glm_dir, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from app.merge import run_merge
+
+    with chdir(tmp_path):
+        ft = FineTuner(quick(tiny_glm_dir, data_dir, tmp_path / "out", QUANT_LEVEL="none", LEARNING_RATE=1e-2))
+        ft.run()
+        merged_dir = run_merge(Config.from_dict({"ADAPTER_DIR": str(tmp_path / "out")}))
+    assert merged_dir == tmp_path / "out" / "merged" and not (merged_dir / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert "peft" not in type(merged).__module__
+    ids = torch.tensor([ft.train_rows[0]["input_ids"]])
+    ft.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, ft.model(input_ids=ids).logits, atol=1e-4)

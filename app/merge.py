@@ -1,0 +1,44 @@
+"""`make merge`: fold a LoRA adapter into its base and write a standalone model.
+
+The result (MERGED_DIR, default merged/ inside the adapter dir) loads with plain
+AutoModelForCausalLM, no peft. An adapter trained on a 4-bit/8-bit base is merged onto the
+*unquantized* base: LoRA learnt corrections to the quantized weights, so the merged model
+differs slightly from what was trained; the log says so.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.config import Config
+from app.errors import UserError
+from app.modeling import load_model, load_tokenizer
+from app.predict import base_model_for, find_adapter, is_full_model
+from app.tiny import resolve_model
+from app.utils import staged_dir
+
+log = logging.getLogger(__name__)
+
+
+def run_merge(cfg: Config) -> Path:
+    from peft import PeftModel
+
+    adapter = find_adapter(cfg)
+    if adapter is None or is_full_model(adapter):
+        raise UserError(f"ADAPTER_DIR={adapter}: merge needs a LoRA adapter dir (METHOD=full output is already "
+                        "a standalone model)")
+    name, quant = base_model_for(cfg, adapter)
+    if quant != "none":
+        log.warning("adapter was trained on a %s base; merging onto the unquantized base, so outputs differ "
+                    "slightly from the quantized model it was trained with", quant)
+    base = resolve_model(name)
+    model = PeftModel.from_pretrained(load_model(base, cfg.model.trust_remote_code), str(adapter))
+    merged = model.merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").is_file() else base,
+                               cfg.model.trust_remote_code)
+    out = Path(cfg.predict.merged_dir or adapter / "merged")
+    with staged_dir(out) as tmp:  # a crash mid-write leaves any earlier merge intact
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info("merged %s + %s -> %s (loads with AutoModelForCausalLM, no peft)", name, adapter, out)
+    return out
