@@ -34,7 +34,7 @@ data/train.jsonl: | $(STAMP)
 
 data: data/train.jsonl ## write the synthetic triplet sample data (data/train.jsonl, data/dev.jsonl)
 
-tiny-model: setup ## build the random tiny model (MODEL_NAME=tiny|tiny-qwen2|tiny-llama)
+tiny-model: setup ## build the random tiny model (MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3)
 	$(PY) -m app make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
 
 info: setup data ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory

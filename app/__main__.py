@@ -97,7 +97,7 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "evaluate": (_evaluate, "generate on EVAL_PATH and score triplet P/R/F1 (or --predictions FILE: score only)"),
     "merge": (_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR"),
     "demo": (_demo, "offline proof of learning: synthetic data, tiny GLM from scratch, held-out F1 curve"),
-    "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-llama"),
+    "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3"),
     "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),
     "config": (_show_config, "print the resolved settings (after .env, environment and arguments)"),
     "env-template": (_env_template, "print a .env template with every variable and its default"),

@@ -41,8 +41,9 @@ DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
 
 @dataclass
 class ModelArgs:
-    model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny', 'tiny-qwen2', "
-                         "'tiny-llama' build a random 2-layer model under models/ for offline runs")
+    model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny' (GLM), 'tiny-qwen2', "
+                         "'tiny-qwen3', 'tiny-llama', 'tiny-gemma3' build a random 2-layer model under models/ "
+                         "for offline runs")
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code (ChatGLM-6B/2/3 need it)")
     num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
 

@@ -35,6 +35,13 @@ _LLAMA3_TEMPLATE = (
 )
 
 
+_GEMMA_TEMPLATE = (
+    "<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
 @dataclass(frozen=True)
 class TinyFamily:
     config_cls: str          # transformers config class name
@@ -52,6 +59,10 @@ FAMILIES: dict[str, TinyFamily] = {
                        "<|endoftext|>", "<|endoftext|>", _GLM_TEMPLATE, ("<|user|>", "<|observation|>")),
     "tiny-qwen2": TinyFamily("Qwen2Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
                              "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE, ("<|endoftext|>",)),
+    "tiny-qwen3": TinyFamily("Qwen3Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                             "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE, ("<|endoftext|>",)),
+    "tiny-gemma3": TinyFamily("Gemma3TextConfig", ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+                              "<end_of_turn>", "<pad>", _GEMMA_TEMPLATE, ("<eos>",), bos="<bos>"),
     "tiny-llama": TinyFamily("LlamaConfig", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                                              "<|end_header_id|>", "<|eot_id|>"),
                              "<|eot_id|>", "<|end_of_text|>", _LLAMA3_TEMPLATE, ("<|end_of_text|>",),

@@ -1,0 +1,41 @@
+"""Every tiny family trains, saves, reloads and predicts through the one training path, with
+LoRA targets found automatically and the family's chat template used for prompts and labels."""
+import json
+
+import pytest
+import torch
+
+from app import Config, FineTuner
+from app.predict import Predictor
+from app.tiny import FAMILIES, build_tiny_model
+from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path):
+    model_dir = build_tiny_model(family, tmp_path / family)
+    out = tmp_path / "out"
+    cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
+                            "OUTPUT_DIR": str(out), "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
+                            "MAX_SAMPLES": 20, "TIER": "none", "LEARNING_RATE": 1e-2, "SEED": 0,
+                            "LOGGING_STEPS": 1, "WARMUP_RATIO": 0})
+    with chdir(tmp_path):
+        ft = FineTuner(cfg)
+        result = ft.run()
+    targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
+    assert {"q_proj", "v_proj", "o_proj", "down_proj"} <= targets and "lm_head" not in targets
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert result.steps == 3 and losses[-1] < losses[0]
+    # labels are the answer + the family's end-of-turn token, prompts go through its template
+    row = ft.train_rows[0]
+    answer = ft.tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+    assert answer.endswith(FAMILIES[family].eos)
+    prompt = ft.tokenizer.decode(row["input_ids"][: row["labels"].index(next(x for x in row["labels"] if x != -100))])
+    assert prompt.endswith(ft.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                            add_generation_prompt=True).split("x")[-1])
+    pred = Predictor(Config.from_dict({"ADAPTER_DIR": str(out), "MAX_NEW_TOKENS": 4}))
+    ids = torch.tensor([row["input_ids"]])
+    ft.model.eval()
+    with torch.no_grad():
+        assert torch.equal(pred.model(input_ids=ids).logits, ft.model(input_ids=ids).logits)
+    assert isinstance(pred.generate([{"role": "user", "content": "你好"}]), str)
