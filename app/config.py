@@ -67,8 +67,10 @@ class LoraArgs:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
     lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
                                      "of the model family")
-    method: str = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); full (every weight: "
-                             "small models only)", ("lora", "qlora", "full"))
+    method: str = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
+                             "prefixes); full (every weight: small models only)", ("lora", "qlora", "ptuning", "full"))
+    pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
+    prefix_projection: bool = _f(False, "METHOD=ptuning: reparameterize prefixes through a 2-layer MLP")
 
 
 TIER_NAMES = ("auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l")
@@ -228,6 +230,7 @@ class Config:
         need(d.max_seq_len >= 16, f"MAX_SEQ_LEN={d.max_seq_len} is too short; use at least 16 (e.g. 512)")
         need(0 <= d.max_bad_ratio <= 1, f"MAX_BAD_RATIO={d.max_bad_ratio} must be in [0, 1]")
         need(lo.lora_r >= 1, f"LORA_R={lo.lora_r} must be >= 1, e.g. 8")
+        need(lo.pre_seq_len >= 1, f"PRE_SEQ_LEN={lo.pre_seq_len} must be >= 1, e.g. 128")
         need(lo.lora_alpha >= 1, f"LORA_ALPHA={lo.lora_alpha} must be >= 1, e.g. 2 x LORA_R")
         need(0 <= lo.lora_dropout < 1, f"LORA_DROPOUT={lo.lora_dropout} must be in [0, 1), e.g. 0.05")
         need(t.num_epochs > 0 or t.max_steps > 0, f"NUM_EPOCHS={t.num_epochs} must be > 0 (or set MAX_STEPS)")

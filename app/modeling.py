@@ -130,5 +130,19 @@ def apply_lora(model: Any, cfg: Config) -> Any:
     return peft_model
 
 
+def apply_ptuning(model: Any, cfg: Config) -> Any:
+    """P-Tuning v2: trained key/value prefixes in every layer (peft's prefix tuning)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config.get_text_config(), "hidden_size")
+    pcfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.lora.pre_seq_len,
+                              prefix_projection=cfg.lora.prefix_projection, encoder_hidden_size=hidden)
+    peft_model = get_peft_model(model, pcfg)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("P-Tuning v2, %d prefix tokens%s: %s trainable of %s parameters", cfg.lora.pre_seq_len,
+             " with projection" if cfg.lora.prefix_projection else "", f"{trainable:,}", f"{total:,}")
+    return peft_model
+
+
 def is_tiny(name: str) -> bool:
     return name in FAMILIES

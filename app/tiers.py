@@ -137,7 +137,7 @@ def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int
                 plan.decide(cfg, "GRAD_ACCUM", max(1, eff // t.batch_size), "keeps the effective batch")
         elif r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
             plan.decide(cfg, "GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
-        elif r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method == "lora":
+        elif r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method in ("lora", "ptuning"):
             plan.decide(cfg, "QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
         elif cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
             plan.decide(cfg, "MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
@@ -158,7 +158,17 @@ def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
     """The estimator for cfg's current settings (full tuning trains and stores every weight)."""
     return estimate(shape, cfg.resources.quant_level, cfg.lora.lora_r, cfg.train.batch_size, cfg.data.max_seq_len,
                     cfg.resources.gradient_checkpointing == "on", cuda, cfg.train.optim,
-                    trainable_params=shape.total_params if cfg.lora.method == "full" else None)
+                    trainable_params=_trainable(cfg, shape))
+
+
+def _trainable(cfg: Config, shape: ModelShape) -> int | None:
+    if cfg.lora.method == "full":
+        return shape.total_params
+    if cfg.lora.method == "ptuning":  # a key and a value prefix per layer (+ the optional MLP)
+        prefix = cfg.lora.pre_seq_len * shape.layers * 2 * shape.hidden
+        return prefix + (2 * shape.hidden * shape.hidden + shape.hidden * prefix // cfg.lora.pre_seq_len
+                         if cfg.lora.prefix_projection else 0)
+    return None  # LoRA: rank x targets
 
 
 def format_info(res: Resources, plan: Plan, shape: ModelShape | None, model_name: str) -> str:

@@ -24,7 +24,7 @@ from app.config import Config
 from app.data import read_examples, sample_and_split
 from app.encode import Collator, EncodeStats, encode_all
 from app.errors import UserError
-from app.modeling import apply_lora, load_model, load_tokenizer, resolve
+from app.modeling import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
 from app.utils import LAST_RUN_FILE, atomic_write_text, peak_rss_mb, set_threads, staged_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,8 @@ class FineTuner:
             model.requires_grad_(True)
             log.info("full fine-tuning: %s trainable parameters", f"{sum(p.numel() for p in model.parameters()):,}")
             self.model = model
+        elif self.cfg.lora.method == "ptuning":
+            self.model = apply_ptuning(model, self.cfg)
         else:
             self.model = apply_lora(model, self.cfg)
         return self
