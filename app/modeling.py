@@ -63,7 +63,33 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
         raise _load_error(name_or_path, e) from None
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
+    _patch_legacy_pad(tok)
     return tok
+
+
+def _patch_legacy_pad(tok: Any) -> None:
+    """ChatGLM-6B/2/3's remote tokenizers override ``_pad`` without the ``padding_side`` argument
+    that transformers >= 4.45 passes, so any padded call fails with "_pad() got an unexpected
+    keyword argument 'padding_side'". Their ``_pad`` honours ``self.padding_side``, so dropping
+    the argument (after applying it to that attribute) is exact."""
+    import inspect
+
+    params = inspect.signature(tok._pad).parameters
+    if "padding_side" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    legacy = tok._pad
+
+    def _pad(encoded_inputs: Any, *args: Any, padding_side: str | None = None, **kwargs: Any) -> Any:
+        if padding_side is None:
+            return legacy(encoded_inputs, *args, **kwargs)
+        saved, tok.padding_side = tok.padding_side, padding_side
+        try:
+            return legacy(encoded_inputs, *args, **kwargs)
+        finally:
+            tok.padding_side = saved
+
+    tok._pad = _pad
+    log.info("%s: its remote-code _pad predates padding_side; patched (known ChatGLM issue)", type(tok).__name__)
 
 
 def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none") -> Any:

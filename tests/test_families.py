@@ -39,3 +39,27 @@ def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(pred.model(input_ids=ids).logits, ft.model(input_ids=ids).logits)
     assert isinstance(pred.generate([{"role": "user", "content": "你好"}]), str)
+
+
+def test_chatglm_style_remote_tokenizer_without_padding_side_is_patched(tmp_path):
+    """ChatGLM-6B/2/3's remote code fails on current transformers with "_pad() got an unexpected
+    keyword argument 'padding_side'". A local remote-code tokenizer with the same old `_pad`
+    reproduces it; after load_tokenizer, padded batches work on both sides."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from app.modeling import load_tokenizer
+
+    src = Path(__file__).parent / "fixtures" / "legacy_tokenizer"
+    shutil.copytree(src, tmp_path / "legacy")
+    raw = AutoTokenizer.from_pretrained(tmp_path / "legacy", trust_remote_code=True)
+    with pytest.raises(TypeError, match="padding_side"):
+        raw(["ab", "abcd"], padding=True)
+    tok = load_tokenizer(str(tmp_path / "legacy"), trust_remote_code=True)
+    right = tok(["ab", "abcd"], padding=True)
+    assert right["input_ids"][0][2:] == [tok.pad_token_id] * 2 and right["attention_mask"][0] == [1, 1, 0, 0]
+    tok.padding_side = "left"
+    left = tok(["ab", "abcd"], padding=True)
+    assert left["input_ids"][0][:2] == [tok.pad_token_id] * 2 and left["attention_mask"][0] == [0, 0, 1, 1]
