@@ -15,7 +15,32 @@ log = logging.getLogger(__name__)
 _NEVER_TARGET = ("lm_head", "output_layer", "embed_out", "score", "classifier")
 
 
+# Known breakages of ChatGLM-6B/2/3 remote code on current transformers -> what to do instead.
+_REMOTE_CODE_FAILURES = {
+    "_extract_past_from_model_output": "its generation code predates transformers 4.42",
+    "padding_side": "its tokenizer predates transformers 4.45",
+    "get_max_length": "its KV-cache code predates transformers 4.47",
+    "is_torch_fx_proxy": "it imports helpers removed from transformers",
+    "all_tied_weights_keys": "it predates transformers 5",
+}
+_REMOTE_FIX = ("the model's trust_remote_code implementation does not run on this transformers; use a "
+               "checkpoint transformers loads natively, e.g. MODEL_NAME=THUDM/glm-4-9b-chat-hf or "
+               "THUDM/glm-edge-1.5b-chat (GLM family, no remote code)")
+
+
+def remote_code_error(name: str, err: Exception) -> UserError | None:
+    """One clear line for a known remote-code incompatibility, else None."""
+    text = f"{type(err).__name__}: {err}"
+    for marker, why in _REMOTE_CODE_FAILURES.items():
+        if marker in text:
+            return UserError(f"MODEL_NAME={name}: {why} ({text.splitlines()[0][:160]}); {_REMOTE_FIX}")
+    return None
+
+
 def _load_error(name: str, err: Exception) -> UserError:
+    known = remote_code_error(name, err)
+    if known is not None:
+        return known
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
     if Path(name).exists():
         return UserError(f"MODEL_NAME={name}: this dir does not hold a loadable model ({first}); "
