@@ -19,7 +19,7 @@ from app.config import Config
 from app.data import detect_format, to_example
 from app.encode import prompt_text
 from app.errors import UserError
-from app.modeling import load_model, load_tokenizer
+from app.modeling import load_model, load_tokenizer, remote_code_error
 from app.tiny import resolve_model
 from app.utils import LAST_RUN_FILE, set_threads
 
@@ -97,9 +97,15 @@ class Predictor:
         p = self.cfg.predict
         sampling = {"do_sample": True, "temperature": p.temperature} if p.temperature > 0 else {"do_sample": False}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=p.max_new_tokens, streamer=streamer,
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(**enc, max_new_tokens=p.max_new_tokens, streamer=streamer,
+                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        except (AttributeError, TypeError) as e:  # old remote code (ChatGLM-6B/2/3) on new transformers
+            known = remote_code_error(self.cfg.model.model_name, e) if self.cfg.model.trust_remote_code else None
+            if known is None:
+                raise
+            raise known from None
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
