@@ -103,6 +103,9 @@ class TrainArgs:
     warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
+    precision: str = _f("auto", "Compute precision: auto = bf16 autocast on a GPU that has it, fp32 on CPU; bf16 "
+                                "also autocasts on CPUs with AVX512-BF16/AMX (faster, slightly less exact)",
+                        ("auto", "fp32", "bf16"))
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
     eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
@@ -240,6 +243,9 @@ class Config:
         need(0 < t.learning_rate < 1, f"LEARNING_RATE={t.learning_rate} must be in (0, 1), e.g. 2e-4")
         need(0 <= t.warmup_ratio < 1, f"WARMUP_RATIO={t.warmup_ratio} must be in [0, 1)")
         need(t.weight_decay >= 0, f"WEIGHT_DECAY={t.weight_decay} must be >= 0")
+        need(not (t.precision == "bf16" and self.resources.quant_level in ("8bit", "4bit")),
+             f"PRECISION=bf16 autocast is for unquantized weights; 4-bit already computes in bf16 where supported "
+             f"(QUANT_LEVEL={self.resources.quant_level}); use PRECISION=auto")
         need(t.max_grad_norm >= 0, f"MAX_GRAD_NORM={t.max_grad_norm} must be >= 0 (0 = no clipping)")
         for var in ("SAVE_STEPS", "EVAL_STEPS", "LOGGING_STEPS"):
             need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")

@@ -75,7 +75,9 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
     if cfg.resources.tier == "none":
         plan.tier = "none"
         quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, cfg.resources.quant_level)
-        plan.decide(cfg, "QUANT_LEVEL", "none" if quant == "auto" else quant, "TIER=none: no quantization")
+        level = "none" if quant == "auto" else quant
+        cfg.assign("QUANT_LEVEL", level)  # "auto" resolves even when given explicitly
+        plan.decisions["QUANT_LEVEL"] = (level, "TIER=none" if quant == "auto" else "set by you")
         return plan
     if cfg.resources.tier != "auto":
         tier, why = TIERS[cfg.resources.tier], f"TIER={cfg.resources.tier}"
@@ -91,6 +93,9 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
         cfg.assign("QUANT_LEVEL", level)
     elif cfg.resources.quant_level != "auto":
         plan.decisions["QUANT_LEVEL"] = (cfg.resources.quant_level, "set by you")
+    elif cfg.train.precision == "bf16":  # bf16 autocast runs on unquantized weights
+        cfg.assign("QUANT_LEVEL", "none")
+        plan.decisions["QUANT_LEVEL"] = ("none", "PRECISION=bf16")
     else:
         cfg.assign("QUANT_LEVEL", tier.quant)
         plan.decisions["QUANT_LEVEL"] = (tier.quant, why)

@@ -279,6 +279,15 @@ class FineTuner:
                 break
         return trainer.evaluate()["eval_loss"]
 
+    def _bf16(self, cuda: bool) -> bool:
+        from app.quantization import bf16_supported
+
+        p = self.cfg.train.precision
+        if p == "bf16" and not bf16_supported(cuda):
+            raise UserError("PRECISION=bf16: this " + ("GPU" if cuda else "CPU (no AVX512-BF16/AMX)") +
+                            " has no fast bf16; use PRECISION=auto")
+        return p == "bf16" or (p == "auto" and cuda and bf16_supported(cuda))
+
     def _training_args(self, ckpt_dir: Path) -> Any:
         import torch
         from transformers import TrainingArguments
@@ -295,7 +304,7 @@ class FineTuner:
             eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
             save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
             include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
-            bf16=cuda and torch.cuda.is_bf16_supported(), remove_unused_columns=False,
+            bf16=self._bf16(cuda), remove_unused_columns=False,
             dataloader_num_workers=0, disable_tqdm=False, log_level="error",
         )
 

@@ -138,3 +138,22 @@ def test_early_stopping_stops_when_eval_loss_stalls(tiny_glm_dir, data_dir, tmp_
         result = FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=12, EVAL_STEPS=2,
                                   LEARNING_RATE=1e-12, EARLY_STOPPING_PATIENCE=1)).run()
     assert result.steps == 4  # eval at 2 sets the best, eval at 4 is no better -> stop
+
+
+def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path):
+    from app import UserError
+    from app.quantization import bf16_supported
+
+    cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", PRECISION="bf16", MAX_STEPS=2, QUANT_LEVEL="auto",
+                 TIER="none")
+    with chdir(tmp_path):
+        ft = FineTuner(cfg).setup().prepare_data()
+        if not bf16_supported(cuda=False):
+            with pytest.raises(UserError, match="PRECISION=bf16"):
+                ft.train()
+            return
+        result = ft.train()
+    losses = train_losses(tmp_path / "out")
+    assert result.steps == 2 and all(0 < v < 20 for v in losses.values())
+    assert losses[1] == pytest.approx(GOLDEN_LOSSES[0], rel=0.02)  # close to fp32, not identical
+    assert ft.cfg.resources.quant_level == "none"
