@@ -7,7 +7,7 @@ from typing import Any
 
 from app.config import Config
 from app.errors import UserError
-from app.tiny import FAMILIES, resolve_model
+from app.tiny import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,3 @@ def apply_ptuning(model: Any, cfg: Config) -> Any:
              " with projection" if cfg.lora.prefix_projection else "", f"{trainable:,}", f"{total:,}")
     return peft_model
 
-
-def is_tiny(name: str) -> bool:
-    return name in FAMILIES
