@@ -54,6 +54,12 @@ def _merge(cfg: Config) -> None:
     run_merge(cfg.validate())
 
 
+def _export_onnx(cfg: Config) -> None:
+    from app.export import run_export
+
+    run_export(cfg.validate())
+
+
 def _demo(cfg: Config) -> None:
     from app.demo import run_demo
 
@@ -96,6 +102,7 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
     "evaluate": (_evaluate, "generate on EVAL_PATH and score triplet P/R/F1 (or --predictions FILE: score only)"),
     "merge": (_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR"),
+    "export-onnx": (_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR"),
     "demo": (_demo, "offline proof of learning: synthetic data, tiny GLM from scratch, held-out F1 curve"),
     "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3"),
     "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),

@@ -124,6 +124,8 @@ class PredictArgs:
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
     merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
+    onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
+                           "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
 
 
 @dataclass

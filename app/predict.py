@@ -75,6 +75,13 @@ class Predictor:
         set_threads(cfg.model.num_threads)
         self.adapter = find_adapter(cfg)
         name, quant = base_model_for(cfg, self.adapter)
+        from app.export import OnnxCausalLM, is_onnx_dir
+
+        if is_onnx_dir(name):  # `make export-onnx` output: ONNX Runtime instead of PyTorch
+            self.tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
+            self.model = OnnxCausalLM(name, cfg.model.num_threads)
+            log.info("model %s (ONNX Runtime)", name)
+            return
         base = resolve_model(name)
         # The adapter dir carries the tokenizer it was trained with (pad token, template).
         tok_src = str(self.adapter) if self.adapter and (self.adapter / "tokenizer_config.json").is_file() else base
