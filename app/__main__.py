@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(usage())  # cli-output
         return 0
+    from app.signals import Interrupted, install_cli_handlers
     from app.utils import setup_logging
 
+    install_cli_handlers()  # SIGTERM (docker compose stop) ends any command cleanly, as PID 1 too
     setup_logging()
     cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.problems:
             log.error("%s", line)
         return 2
+    except Interrupted as e:  # a stop signal; train has said where its checkpoint is
+        log.error("%s", e)
+        return e.exit_code
     except KeyboardInterrupt:
         log.error("interrupted; the last checkpoint in OUTPUT_DIR/checkpoints is kept and resumes next run")
         return 130

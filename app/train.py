@@ -65,6 +65,7 @@ class FineTuner:
         self.val_examples: list[Any] = []
         self.data_report: dict[str, Any] = {}
         self.guard: Any = None
+        self.stop: Any = None  # app.signals.StopRequest while train() runs
 
     # ---- steps -----------------------------------------------------------------------
     def setup(self) -> "FineTuner":
@@ -160,6 +161,7 @@ class FineTuner:
         from app.callbacks import plot_losses
         from app.guard import MemoryGuard
         from app.memory_monitor import MemorySampler
+        from app.signals import Interrupted, stop_callback, stop_on_signal
 
         out = Path(self.cfg.train.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +174,14 @@ class FineTuner:
         guard.preflight(self.cfg, self._predicted_mb)
         self.cfg.save(out / "train_config.json")  # as it will run (re-saved at the end after any back-off)
         t0 = time.perf_counter()
-        with MemorySampler(on_sample=guard.on_sample) as sampler:
-            trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler, callbacks or [])
+        # SIGTERM/SIGINT while training: checkpoint at the end of the step, then stop (app/signals.py)
+        with MemorySampler(on_sample=guard.on_sample) as sampler, stop_on_signal() as self.stop:
+            trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler,
+                                                          [*(callbacks or []), stop_callback(self.stop)])
+        if self.stop.requested and trainer.state.global_step < trainer.state.max_steps:
+            raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {trainer.state.global_step} "
+                                                f"of {trainer.state.max_steps}: checkpoint in "
+                                                f"{_latest_checkpoint(ckpt_dir)}; run the same command to resume")
         seconds = time.perf_counter() - t0
         eval_loss = self._final_eval_loss(trainer)
 
@@ -192,7 +200,7 @@ class FineTuner:
                                           "memory": peaks, "plan": {v: self.cfg.get(v) for v in PLANNED},
                                           "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
         self.cfg.save(out / "train_config.json")
-        atomic_write_text(LAST_RUN_FILE, str(out.resolve()) + "\n")
+        atomic_write_text(LAST_RUN_FILE, _portable_path(out) + "\n")
         log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
                  result.steps, seconds, result.train_loss,
                  "" if eval_loss is None else f", eval loss {eval_loss:.4f}", result.tokens_per_s,
@@ -221,7 +229,8 @@ class FineTuner:
                 log.info("resuming from %s (delete %s to start over)", resume, ckpt_dir)
             try:
                 out_state = trainer.train(resume_from_checkpoint=resume)
-                if not guard.tripped.is_set() or trainer.state.global_step >= trainer.state.max_steps:
+                if (self.stop.requested or not guard.tripped.is_set()
+                        or trainer.state.global_step >= trainer.state.max_steps):
                     return trainer, out_state
             except torch.OutOfMemoryError:  # CUDA raises instead of being killed: same remedy
                 guard.trip_usage_mb = guard.limit_mb
@@ -307,6 +316,15 @@ class FineTuner:
             bf16=self._bf16(cuda), remove_unused_columns=False,
             dataloader_num_workers=0, disable_tqdm=False, log_level="error",
         )
+
+
+def _portable_path(path: Path) -> str:
+    """Relative to the working dir when inside it: the same models/ is /app/models in the
+    container and ./models on the host, so train in one runtime and predict in the other."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> str | None:

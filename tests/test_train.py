@@ -89,7 +89,7 @@ def test_output_dir_holds_exactly_the_promised_files(trained):
     assert summary["steps"] == 6 and summary["peak_rss_mb"] > 0
     report = json.loads((out / "data_report.json").read_text())
     assert report["train"]["samples"] == 36 and report["validation"]["samples"] == 4
-    assert (work / "models" / ".last_run").read_text().strip() == str(out.resolve())
+    assert (work / "models" / ".last_run").read_text().strip() == "out"  # relative: same in docker and on the host
 
 
 def test_reloaded_adapter_gives_identical_logits(trained, tiny_glm_dir):

@@ -1,0 +1,116 @@
+"""Stop signals: `docker compose stop` (SIGTERM) or Ctrl-C (SIGINT) during training ends the run
+at a step boundary with a resumable checkpoint and exit status 128 + signal, within seconds;
+the same command then resumes. Outside training, SIGTERM still ends any command cleanly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app.config import Config
+from app.datagen import write_dataset
+from app.signals import Interrupted, StopRequest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}  # not the shell's settings
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _train_args(model_dir, data_dir, out, max_steps):
+    # Enough steps that the run is still going when the signal comes; no periodic checkpoint or
+    # evaluation, so the only checkpoint is the one the signal causes.
+    values = {"MODEL_NAME": model_dir, "DATA_PATH": data_dir / "train.jsonl", "OUTPUT_DIR": out,
+              "MAX_SAMPLES": 40, "MAX_STEPS": max_steps, "BATCH_SIZE": 1, "GRAD_ACCUM": 1, "LOGGING_STEPS": 1,
+              "SAVE_STEPS": 10_000, "EVAL_STEPS": 10_000, "MAX_SEQ_LEN": 128, "NUM_THREADS": 1,
+              "QUANT_LEVEL": "none", "TIER": "none", "SEED": 0}
+    return [sys.executable, "-m", "app", "train", *(f"{k}={v}" for k, v in values.items())]
+
+
+def _wait_for_first_step(proc, metrics, log, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"train exited ({proc.returncode}) before its first step:\n{log.read_text()[-3000:]}")
+        if metrics.is_file() and '"loss"' in metrics.read_text():
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no training step within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, sig):
+    data = tmp_path / "data"
+    write_dataset(data, n_train=60, n_dev=5, seed=1)
+    out, log = tmp_path / "out", tmp_path / "train.log"
+    with log.open("w") as stderr:  # a file, not a pipe: a full pipe would block the progress bar
+        proc = subprocess.Popen(_train_args(tiny_glm_dir, data, out, 5000), cwd=tmp_path, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            _wait_for_first_step(proc, out / "metrics.jsonl", log)
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            rc = proc.wait(timeout=30)
+            seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc == 128 + sig, text[-3000:]
+    assert seconds < 10, f"took {seconds:.1f}s to stop"  # well inside docker's default 10 s grace period
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1, text[-3000:]
+    step = json.loads((ckpts[0] / "trainer_state.json").read_text())["global_step"]
+    assert 1 <= step < 5000 and ckpts[0].name == f"checkpoint-{step}"
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= {p.name for p in ckpts[0].iterdir()}
+    assert f"stopped by {sig.name} at step {step} of 5000" in text and "run the same command to resume" in text
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter from an unfinished run
+    if sig != signal.SIGTERM:
+        return  # the same code path from here on; resuming is checked once
+
+    # The same command, now with an end in sight, resumes from that checkpoint and finishes.
+    done = subprocess.run(_train_args(tiny_glm_dir, data, out, step + 2), cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {ckpts[0]}" in done.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
+    assert not (out / "checkpoints").exists()
+
+
+def test_second_signal_stops_at_once():
+    req = StopRequest()
+    req.handle(signal.SIGTERM, None)
+    assert req.requested and req.name == "SIGTERM"
+    with pytest.raises(Interrupted) as e:
+        req.handle(signal.SIGINT, None)
+    assert e.value.exit_code == 130 and "stopped at once" in str(e.value)
+
+
+def test_sigterm_outside_training_exits_143(tiny_glm_dir, tmp_path):
+    """Any command (here a chat waiting for input) ends on SIGTERM, also as PID 1 in a container,
+    where a signal without a handler would be ignored."""
+    log = tmp_path / "chat.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "predict", "INTERACTIVE=1", "ADAPTER_DIR=none",
+                                 f"MODEL_NAME={tiny_glm_dir}"], cwd=tmp_path, env=_env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while "chat: type a message" not in log.read_text():  # the model is loaded, input() waits
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 143, log.read_text()[-3000:]
+    assert "stopped by SIGTERM" in log.read_text()
