@@ -159,6 +159,11 @@ def source_for(cfg: Config) -> tuple[str, Path]:
         raise UserError(f"ADAPTER_DIR={adapter} is already an ONNX export; predict on it with ADAPTER_DIR={adapter}")
     if is_full_model(adapter):
         return str(adapter), Path(onnx_dir or adapter / "onnx")
+    kind = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "LORA")
+    if kind != "LORA":
+        raise UserError(f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds prefixes at run time and "
+                        "cannot be merged into the weights, so there is no standalone model to export; export a "
+                        "METHOD=lora/qlora/full run, or predict on this adapter with PyTorch")
     merged = Path(cfg.predict.merged_dir or adapter / "merged")
     weights = max((p.stat().st_mtime for p in adapter.glob("adapter_model.*")), default=0.0)
     if not (merged / "config.json").is_file() or (merged / "config.json").stat().st_mtime < weights:

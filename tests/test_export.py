@@ -144,3 +144,10 @@ def test_exporting_an_export_names_the_fix(exported):
     _, onnx_dir, _, _ = exported
     with pytest.raises(UserError, match="already an ONNX export"):
         run_export(Config.from_dict({"ADAPTER_DIR": str(onnx_dir)}))
+
+
+def test_a_ptuning_adapter_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING", "base_model_name_or_path": "x"}')
+    with pytest.raises(UserError, match="METHOD=ptuning.*cannot be merged"):
+        run_export(Config.from_dict({"ADAPTER_DIR": str(tmp_path)}))
+    assert not (tmp_path / "merged").exists()
