@@ -78,6 +78,9 @@ class Predictor:
         from app.export import OnnxCausalLM, is_onnx_dir
 
         if is_onnx_dir(name):  # `make export-onnx` output: ONNX Runtime instead of PyTorch
+            if self.adapter is not None and not is_full_model(self.adapter):
+                log.warning("ADAPTER_DIR=%s is not applied to the ONNX export %s (export a merged adapter instead)",
+                            self.adapter, name)
             self.tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
             self.model = OnnxCausalLM(name, cfg.model.num_threads)
             log.info("model %s (ONNX Runtime)", name)
