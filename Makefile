@@ -4,6 +4,11 @@
 #
 # Command-line variables reach the Python process through the environment (GNU make exports
 # them), so this file defines no defaults of its own: app/config.py is the single source.
+#
+# RUNTIME=docker runs each command in the image (docker-compose.yml, service `app`, built by
+# `make setup`; CUDA=1 uses the CUDA image); RUNTIME=local runs it in .venv. The default is docker
+# when a Docker engine and `docker compose` answer, else local. `make test` always runs the suite
+# here in .venv (`make test-docker` runs it in the image).
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -11,8 +16,55 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
+# ---- runtime: docker or local -------------------------------------------------------------------
+ifeq ($(origin RUNTIME),undefined)
+  # `docker info` fails at once when no engine listens; timeout only guards against a hung one.
+  DOCKER_STATE := $(shell t=$$(command -v timeout >/dev/null && echo 'timeout 10'); \
+	$$t docker info >/dev/null 2>&1 || { echo no-engine; exit; }; \
+	$$t docker compose version >/dev/null 2>&1 || { echo no-compose; exit; }; echo ok)
+  RUNTIME := $(if $(filter ok,$(DOCKER_STATE)),docker,local)
+  RUNTIME_WHY := $(if $(filter ok,$(DOCKER_STATE)),a Docker engine answers,$(if $(filter no-compose,$(DOCKER_STATE)),\
+	a Docker engine answers but `docker compose` is missing,no Docker engine answers)); RUNTIME=docker|local to choose
+else
+  RUNTIME_WHY := RUNTIME=$(RUNTIME) was given
+endif
+ifeq ($(filter $(RUNTIME),docker local),)
+  $(error RUNTIME=$(RUNTIME): use RUNTIME=docker or RUNTIME=local)
+endif
+$(info runtime: $(RUNTIME) ($(RUNTIME_WHY)))
+
+CUDA_ON := $(filter 1 true yes,$(CUDA))
+COMPOSE := docker compose$(if $(CUDA_ON), -f docker-compose.yml -f docker-compose.cuda.yml)
+IMAGE := chatglm-cpu-trainer:$(if $(CUDA_ON),cuda,cpu)
+# Whom files written to data/ and models/ belong to: you (compose runs the container as UID:GID).
+export UID := $(shell id -u)
+export GID := $(shell id -g)
+
+ifeq ($(RUNTIME),docker)
+  # A rebuild keeps the base the image was built from (a mirror, scripts/make-base-image.sh's)
+  # unless one is given here or in .env.
+  BASE_VAR := $(if $(CUDA_ON),CUDA_BASE_IMAGE,BASE_IMAGE)
+  ifeq ($(origin $(BASE_VAR))$(shell grep -s '^$(BASE_VAR)=' .env),undefined)
+    $(BASE_VAR) := $(shell docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.base.name"}}' $(IMAGE) 2>/dev/null)
+    export $(BASE_VAR)
+  endif
+  # Every setting (named in the generated .env.template) given on the command line or in the
+  # environment is copied into the container: `make train MAX_SAMPLES=100` means the same here.
+  SETTINGS := $(shell sed -n 's/^# \([A-Z][A-Z0-9_]*\)=.*/\1/p' .env.template) HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE
+  FORWARD = $(strip $(foreach v,$(SETTINGS),$(if $(filter-out undefined,$(origin $(v))),-e $(v))))
+  PYRUN = $(COMPOSE) run --rm $(FORWARD) --entrypoint python app
+  SETUP := image
+else
+  ifneq ($(MEM_LIMIT)$(CPUS),)
+    $(warning MEM_LIMIT/CPUS are container limits (RUNTIME=docker); here use MEMORY_LIMIT_MB=... and NUM_THREADS=...)
+  endif
+  PYRUN = $(PY)
+  SETUP := $(STAMP)
+endif
+APP = $(PYRUN) -m app
+
 .DEFAULT_GOAL := help
-.PHONY: help setup data tiny-model info train predict predict-custom predict-file chat evaluate merge demo config test bench-memory clean distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge demo config test test-docker bench-memory clean distclean
 
 help: ## list targets and every variable with its default
 	@echo "usage: make <target> [VAR=value ...]"
@@ -27,53 +79,64 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
 
-setup: $(STAMP) ## create .venv with the pinned requirements (CPU torch)
+setup: $(SETUP) ## local: create .venv with the pinned requirements (CPU torch); docker: build the image
 
-data/train.jsonl: | $(STAMP)
-	$(PY) -m app generate-data
+image: docker-engine
+	$(COMPOSE) build setup
+	@echo "image $(IMAGE): $$(( $$(docker image inspect -f '{{.Size}}' $(IMAGE)) / 1000000 )) MB"
+
+docker-engine:
+	@docker info >/dev/null 2>&1 || { echo "RUNTIME=docker: no Docker engine answers (docker info failed); start it (e.g. dockerd &) or use RUNTIME=local" >&2; exit 2; }
+	@docker compose version >/dev/null 2>&1 || { echo "RUNTIME=docker: the docker compose plugin is missing; install it, or use RUNTIME=local" >&2; exit 2; }
+
+data/train.jsonl: | $(SETUP)
+	$(APP) generate-data
 
 data: data/train.jsonl ## write the synthetic triplet sample data (data/train.jsonl, data/dev.jsonl)
 
 tiny-model: setup ## build the random tiny model (MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3)
-	$(PY) -m app make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
+	$(APP) make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
 
 info: setup data ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory
-	$(PY) -m app info
+	$(APP) info
 
 train: setup data ## fine-tune MODEL_NAME on DATA_PATH -> OUTPUT_DIR
-	$(PY) -m app train
+	$(APP) train
 
 predict: setup ## answer the built-in triplet prompt with the last adapter
-	$(PY) -m app predict PROMPT= INPUT_FILE= INTERACTIVE=0
+	$(APP) predict PROMPT= INPUT_FILE= INTERACTIVE=0
 
 predict-custom: setup ## answer PROMPT="..." with the last adapter
 	@[ -n "$$PROMPT" ] || { echo "PROMPT is empty: use make predict-custom PROMPT='你的问题'" >&2; exit 2; }
-	$(PY) -m app predict INPUT_FILE= INTERACTIVE=0
+	$(APP) predict INPUT_FILE= INTERACTIVE=0
 
 predict-file: setup ## predict every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)
 	@[ -n "$$INPUT_FILE" ] || { echo "INPUT_FILE is empty: use make predict-file INPUT_FILE=data/dev.jsonl" >&2; exit 2; }
-	$(PY) -m app predict INTERACTIVE=0
+	$(APP) predict INTERACTIVE=0
 
 chat: setup ## interactive chat with the last adapter
-	$(PY) -m app predict INTERACTIVE=1 INPUT_FILE=
+	$(APP) predict INTERACTIVE=1 INPUT_FILE=
 
 evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or PREDICTIONS=file.jsonl: score only)
-	$(PY) -m app evaluate
+	$(APP) evaluate
 
 merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without peft)
-	$(PY) -m app merge
+	$(APP) merge
 
 demo: setup ## offline proof of learning: tiny GLM from scratch, held-out F1 curve -> bench/demo.md
-	$(PY) -m app demo
+	$(APP) demo
 
 config: setup ## print the resolved settings
-	$(PY) -m app config
+	$(APP) config
 
-test: setup ## run the test suite (CPU, tiny models, offline)
+test: $(STAMP) ## run the test suite here in .venv, whatever RUNTIME is (CPU, tiny models, offline)
 	$(PY) -m pytest -q
 
+test-docker: image ## run the test suite inside the image
+	$(COMPOSE) run --rm test
+
 bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/memory.md
-	$(PY) -m bench.bench_memory
+	$(PYRUN) -m bench.bench_memory
 
 clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
 	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \
