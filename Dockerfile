@@ -43,7 +43,7 @@ LABEL org.opencontainers.image.base.name=${BASE_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/app \
     HF_HOME=/cache/huggingface \
-    MPLCONFIGDIR=/tmp/matplotlib \
+    MPLCONFIGDIR=/opt/matplotlib \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN useradd --uid 1000 --user-group --create-home --home-dir /home/app --shell /bin/sh app \
@@ -51,6 +51,8 @@ RUN useradd --uid 1000 --user-group --create-home --home-dir /home/app --shell /
     && chmod 1777 /home/app /cache/huggingface \
     && chown app:app /app/data /app/models
 COPY --from=deps /opt/venv /opt/venv
+# matplotlib's font cache, built once here instead of on every run (the loss plot needs it)
+RUN mkdir -m 1777 /opt/matplotlib && python -c "import matplotlib.font_manager"
 WORKDIR /app
 COPY pyproject.toml requirements.txt .env.template ./
 COPY bench/ bench/
