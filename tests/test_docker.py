@@ -32,12 +32,12 @@ def test_docker_runtime_forwards_every_setting():
     settings = sorted(Config.variables())
     out = _make_n("train", "RUNTIME=docker", *(f"{v}=x" for v in settings))
     assert out.startswith("runtime: docker (RUNTIME=docker was given)")
-    run = next(line for line in out.splitlines() if line.startswith("docker compose run"))
+    run = next(line for line in out.splitlines() if line.endswith(" -m app train"))  # after any generate-data
+    assert run.startswith("docker compose run --rm ") and run.endswith("--entrypoint python app -m app train")
     forwarded = set(re.findall(r"-e (\w+)", run))
     assert set(settings) <= forwarded, set(settings) - forwarded
-    assert run.endswith("--entrypoint python app -m app train")
     # nothing given, nothing forwarded: the container then sees .env and the defaults
-    quiet = next(line for line in _make_n("train", "RUNTIME=docker").splitlines() if "compose run" in line)
+    quiet = next(line for line in _make_n("train", "RUNTIME=docker").splitlines() if line.endswith(" -m app train"))
     assert " -e " not in quiet
 
 
