@@ -30,12 +30,14 @@ WORK=$(mktemp -d /tmp/ci-docker.XXXXXX)
 chmod 755 "$WORK"  # the non-root user of step 6 reads the tools from here
 DOCKERD_PID=""
 cleanup() {
-    set +e
+    local status=$?
+    set +e  # clean up all that can be, and keep the script's own exit status
     for dir in "$REPO" "$WORK/clone"; do
         [ -f "$dir/docker-compose.yml" ] && (cd "$dir" && docker compose down --volumes --remove-orphans >/dev/null 2>&1)
     done
     [ -n "$DOCKERD_PID" ] && kill "$DOCKERD_PID" 2>/dev/null && wait "$DOCKERD_PID" 2>/dev/null
     rm -rf --one-file-system "$WORK"
+    exit "$status"
 }
 trap cleanup EXIT
 

@@ -35,10 +35,13 @@ fi
 work=$(mktemp -d /tmp/base-rootfs.XXXXXX)
 root=$work/rootfs
 cleanup() {
+    local status=$?
+    set +e  # a failing clean-up step must not replace the script's own exit status
     # debootstrap mounts /proc and /sys inside the target and can leave them behind when it
     # fails: unmount everything under the rootfs first, so rm can never reach the host's files.
-    grep -o " $root[^ ]*" /proc/mounts 2>/dev/null | sort -r | while read -r m; do umount -l "$m" || true; done
+    grep -o " $root[^ ]*" /proc/mounts | sort -r | while read -r m; do umount -l "$m"; done
     rm -rf --one-file-system "$work"
+    exit "$status"
 }
 trap cleanup EXIT
 
