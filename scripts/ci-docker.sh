@@ -73,7 +73,7 @@ compose_bin=$("$WORK/tools/bin/python" -c "import compose, pathlib; print(pathli
 export DOCKER_CONFIG="$WORK/docker-config"
 mkdir -p "$DOCKER_CONFIG/cli-plugins"
 ln -s "$compose_bin" "$DOCKER_CONFIG/cli-plugins/docker-compose"
-chmod -R a+rX "$WORK/tools" "$DOCKER_CONFIG"
+chmod -R a+rX "$WORK/tools"
 docker compose version
 
 # ---- 3. lint + compose spec ---------------------------------------------------------------------
@@ -183,12 +183,13 @@ step "clean clone as uid $NONROOT_UID: make setup && make train && make predict-
 clone="$WORK/clone"
 git clone -q "$REPO" "$clone"
 cp wheels/torch-*.whl "$clone/wheels/"  # as on any PyPI-only machine (see wheels/README.md)
-mkdir -p "$WORK/home"
+mkdir -p "$WORK/home/.docker/cli-plugins"  # its own docker config: root's holds root-only state
+ln -s "$compose_bin" "$WORK/home/.docker/cli-plugins/docker-compose"
 chown -R "$NONROOT_UID:$NONROOT_UID" "$clone" "$WORK/home"
 docker_gid=$(stat -c %g /var/run/docker.sock)
 as_user() {
     (cd "$clone" && setpriv --reuid="$NONROOT_UID" --regid="$NONROOT_UID" --groups="$docker_gid" \
-        env HOME="$WORK/home" DOCKER_CONFIG="$DOCKER_CONFIG" "$@")
+        env HOME="$WORK/home" DOCKER_CONFIG="$WORK/home/.docker" "$@")
 }
 t=$(date +%s)
 as_user make setup || die "make setup (docker) failed"
