@@ -12,25 +12,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from app.quantization import bf16_supported
+
 MB = 2**20
 
 # Resident memory of the Python process with torch, transformers, peft, bitsandbytes, the
 # Trainer, TensorBoard and matplotlib imported, before a model is loaded (x86-64 Linux).
-RUNTIME_MB = 530.0
+RUNTIME_MB = 500.0
 # CUDA context + allocator slack, for VRAM predictions.
 CUDA_CONTEXT_MB = 400.0
 # Bytes stored per weight: 8-bit = int8 + row scale; 4-bit NF4 = packed nibble + absmax per 64
 # (double-quantized to 8 bits with a small second-level state).
 QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 # Saved activations per token per layer, in units of (hidden, intermediate) elements: a LoRA'd
-# block keeps ~14 hidden-sized tensors (norm in/out, a dropout copy per LoRA input, q/k/v/attn
-# out, residuals) and ~5 intermediate-sized ones, plus allocator slack. Attention probabilities
-# per (head x seq^2); the logits, their log-softmax and its gradient per (token x vocab).
-# Calibrated on bench/bench_memory.py's sweep (see bench/results/memory.md).
-ACT_HIDDEN = 16.0
-ACT_INTER = 6.0
+# block keeps ~12 hidden-sized tensors (norm in/out, a dropout copy per LoRA input, q/k/v/attn
+# out, residuals) and ~4 intermediate-sized ones. Attention probabilities per (head x seq^2);
+# the fp32 logits and their gradient per (token x vocab). Fitted by least worst-case error on
+# bench/bench_memory.py's sweep (0.5M-0.9B params, batch 1-4, checkpointing off/on) with
+# memory_monitor.tune_allocator() in effect; bench/memory-validation.md checks unseen shapes.
+ACT_HIDDEN = 12.0
+ACT_INTER = 4.0
 ACT_ATTN = 2.0
-ACT_LOGITS = 5.0
+ACT_LOGITS = 2.0
 # AdamW keeps param + grad + 2 moments in fp32 for every trainable parameter.
 OPTIM_BYTES = {"adamw": 16, "sgd": 8, "adafactor": 10}
 
@@ -43,7 +46,6 @@ class ModelShape:
     max_linear: int        # largest projection: the transient dequantized copy in backward
     lora_io: int           # sum over LoRA targets of (in + out) features; x rank = LoRA params
     linear_in: int         # sum of the block projections' input features, per layer
-    ckpt_bytes: int        # bytes per weight in the checkpoint files (fp32 4, bf16/fp16 2)
     layers: int
     hidden: int
     intermediate: int
@@ -83,10 +85,9 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
     total = sum(p.numel() for p in model.parameters())
     text = getattr(config, "text_config", None) or config
     layers = _cfg(text, "num_hidden_layers", "num_layers", "n_layer", default=1)
-    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
     return ModelShape(
         total_params=total, linear_params=linear, other_params=total - linear, max_linear=max_linear,
-        lora_io=lora_io, linear_in=linear_in // layers, ckpt_bytes=4 if "32" in dtype else 2, layers=layers,
+        lora_io=lora_io, linear_in=linear_in // layers, layers=layers,
         hidden=_cfg(text, "hidden_size", "n_embd", "d_model"),
         intermediate=_cfg(text, "intermediate_size", "ffn_hidden_size", "n_inner", default=4 * _cfg(text, "hidden_size")),
         vocab=_cfg(text, "vocab_size", "padded_vocab_size"),
@@ -98,7 +99,6 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
 class Estimate:
     runtime_mb: float
     weights_mb: float
-    mapped_mb: float
     trainable_mb: float
     activations_mb: float
     logits_mb: float
@@ -106,7 +106,7 @@ class Estimate:
 
     @property
     def total_mb(self) -> float:
-        return (self.runtime_mb + self.weights_mb + self.mapped_mb + self.trainable_mb + self.activations_mb + self.logits_mb
+        return (self.runtime_mb + self.weights_mb + self.trainable_mb + self.activations_mb + self.logits_mb
                 + self.transient_mb)
 
     def breakdown(self) -> dict[str, float]:
@@ -132,15 +132,13 @@ def estimate(shape: ModelShape, quant: str, lora_r: int, batch: int, seq: int, g
         acts = shape.layers * tokens * shape.hidden + per_layer
     else:
         acts = shape.layers * per_layer
-    if quant == "8bit":  # LLM.int8() keeps an fp16 copy of every projection's input for backward
-        acts += shape.layers * tokens * shape.linear_in * 2 / act_bytes
+    # LLM.int8() keeps an fp16 copy of every projection's input for backward; 4-bit layers keep
+    # their input cast to the compute dtype, a copy only when that is bf16 and activations fp32.
+    if quant == "8bit" or (quant == "4bit" and not cuda and bf16_supported(cuda=False)):
+        acts += (1 if grad_ckpt else shape.layers) * tokens * shape.linear_in * 2 / act_bytes
     logits = ACT_LOGITS * tokens * shape.vocab * 4  # the loss is computed in fp32
     quantized = quant in QUANT_BYTES
     transient = 2 * shape.max_linear * 4 if quantized else 0
-    # The zero-copy loader keeps the checkpoint mapped for the unquantized tensors, so the file
-    # pages the quantizer read stay resident (clean, reclaimable, but counted in RSS).
-    mapped = shape.linear_params * shape.ckpt_bytes if quantized and not cuda else 0
     return Estimate(runtime_mb=CUDA_CONTEXT_MB if cuda else RUNTIME_MB, weights_mb=weights / MB,
-                    mapped_mb=mapped / MB,
                     trainable_mb=trainable * opt / MB, activations_mb=acts * act_bytes / MB,
                     logits_mb=logits / MB, transient_mb=transient / MB)

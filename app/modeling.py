@@ -1,6 +1,7 @@
 """Load base models and tokenizers (hub name, local dir or tiny) and attach LoRA adapters."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.quantization import bnb_config
+    from app.quantization import bnb_config, read_without_mmap
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
@@ -131,9 +132,11 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
     if cuda:
         extra["device_map"] = {"": torch.cuda.current_device()}
+    reader = read_without_mmap() if qcfg is not None and not cuda else contextlib.nullcontext()
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code, **extra)
+        with reader:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code, **extra)
     except ImportError as e:  # bitsandbytes missing or too old
         raise UserError(f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
                         "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None

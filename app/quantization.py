@@ -12,8 +12,10 @@ to the layers below. `keep_4bit_trainable` turns that repacking off for training
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,41 @@ def bnb_config(level: str, cuda: bool) -> Any:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
     raise ValueError(f"QUANT_LEVEL={level!r} is not one of {', '.join(LEVELS)}")
+
+
+@contextlib.contextmanager
+def read_without_mmap() -> Iterator[None]:
+    """Make transformers read safetensors with pread instead of mmap while quantizing on CPU.
+
+    transformers maps the checkpoint and quantizes each linear from the mapping. Every page it
+    reads stays mapped (and counted in RSS) until loading ends, and the unquantized tensors
+    (embeddings, norms) keep the whole mapping alive afterwards: a 4-bit model then shows the
+    fp32 checkpoint's size on top of its own. pread copies each tensor into memory we free as
+    soon as it is quantized, so only the quantized weights stay.
+    """
+    import transformers.modeling_utils as mu
+
+    original = getattr(mu, "safe_open", None)
+    if original is None:  # a transformers without this hook: keep its default
+        yield
+        return
+
+    def pread_open(*args: Any, **kwargs: Any) -> Any:
+        kwargs["backend"] = "pread"
+        return original(*args, **kwargs)
+
+    mu.safe_open = pread_open
+    try:
+        yield
+    finally:
+        mu.safe_open = original
+        release_freed_memory()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after the fp32 sources are freed)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def keep_4bit_trainable(model: Any) -> int:

@@ -70,9 +70,10 @@ class FineTuner:
     # ---- steps -----------------------------------------------------------------------
     def setup(self) -> "FineTuner":
         from app.estimator import model_shape
-        from app.memory_monitor import detect_resources
+        from app.memory_monitor import detect_resources, tune_allocator
         from app.tiers import apply_tier
 
+        tune_allocator()
         self.resources = detect_resources(self.cfg.resources.memory_limit_mb)
         self.plan = apply_tier(self.cfg, self.resources)
         threads = set_threads(self.cfg.model.num_threads or self.resources.cpus)

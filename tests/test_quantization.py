@@ -5,6 +5,8 @@ Reference: the same family's model in fp32 whose linear weights are replaced by 
 tensor must point the same way (cosine >= 0.99). Without app.quantization's CPU fix the
 4-bit case fails here ("a view of a leaf Variable…" or silently wrong gradients).
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +87,19 @@ def test_stored_bytes_shrink_with_quantization(tiny_qwen2_dir):
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
     assert full - q4 > linear * 4 * 0.8  # at least ~80% of fp32 linear bytes saved
+
+
+def _mapped(path) -> bool:
+    name = str(Path(path).resolve())
+    with open("/proc/self/maps") as fh:
+        return any(name in line for line in fh)
+
+
+@pytest.mark.parametrize("level", ["4bit", "8bit", "none"])
+def test_quantized_load_leaves_no_checkpoint_mapped(tiny_llama_dir, level):
+    """A quantized model must not keep the fp32 checkpoint's pages resident (they would count in
+    RSS next to the quantized copy); an unquantized one uses the mapping zero-copy, as it should."""
+    ckpt = Path(tiny_llama_dir) / "model.safetensors"
+    model = load_model(str(tiny_llama_dir), quant=level)
+    assert _mapped(ckpt) == (level == "none")
+    del model
