@@ -107,7 +107,7 @@ predict: setup ## answer the built-in triplet prompt with the last adapter
 	$(APP) predict PROMPT= INPUT_FILE= INTERACTIVE=0
 
 predict-custom: setup ## answer PROMPT="..." with the last adapter
-	@[ -n "$$PROMPT" ] || { echo "PROMPT is empty: use make predict-custom PROMPT='你的问题'" >&2; exit 2; }
+	@[[ "$$PROMPT" =~ [^[:space:]] ]] || { echo "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)" >&2; exit 2; }
 	$(APP) predict INPUT_FILE= INTERACTIVE=0
 
 predict-file: setup ## predict every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)

@@ -16,6 +16,14 @@ log = logging.getLogger("app")
 
 
 def _train(cfg: Config) -> None:
+    from app import dist
+    from app.checkpoints import check_output_dir
+
+    if dist.wants_launch(cfg):  # NPROC/NNODES: become torchrun, whose workers run this command again
+        dist.launch(cfg)
+        return
+    check_output_dir(cfg.validate())  # before importing torch: a refused OUTPUT_DIR costs nothing
+    dist.watch_launcher()
     from app.train import FineTuner
 
     FineTuner(cfg).run()

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from app.dist import is_main
 from app.utils import staged_dir
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class Throughput:
 
 
 class ProgressBar(TrainerCallback):
-    """One tqdm bar over optimizer steps with loss, tokens/s and ETA."""
+    """One tqdm bar over optimizer steps with loss, tokens/s and ETA (rank 0 only)."""
 
     def __init__(self, throughput: Throughput):
         self.tp, self.bar, self.last_loss, self.eval_start = throughput, None, math.nan, 0.0
@@ -37,6 +38,8 @@ class ProgressBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         from tqdm.auto import tqdm
 
+        if not state.is_world_process_zero:
+            return
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                         dynamic_ncols=True)
 
@@ -53,6 +56,8 @@ class ProgressBar(TrainerCallback):
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
         from tqdm.auto import tqdm
 
+        if not state.is_world_process_zero:
+            return
         if not self.eval_start:
             self.eval_start = time.perf_counter()
             total = len(eval_dataloader) if eval_dataloader is not None else None
@@ -91,31 +96,49 @@ class MetricsJsonl(TrainerCallback):
         self.write(row)
 
     def write(self, row: dict[str, Any]) -> None:
+        if not is_main():  # one log for the run, written by rank 0
+            return
         row = {**row, "time_s": round(time.perf_counter() - self.tp.t0, 2)}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
 
 class BestAdapter(TrainerCallback):
-    """Keep the best adapter (lowest eval loss, or highest eval F1) in ``best/``; stop after
-    PATIENCE evaluations without improvement."""
+    """Keep the best adapter (lowest eval loss, or highest eval F1) in ``out_dir``; stop after
+    PATIENCE evaluations without improvement.
 
-    def __init__(self, out_dir: Path, patience: int = 0, metric: str = "eval_loss"):
-        self.out_dir, self.patience, self.metric = out_dir, patience, metric
+    Every rank keeps the score (eval metrics are already gathered over ranks, so they agree on
+    when to stop); rank 0 writes. ``resumed``: the evaluations logged before a checkpoint this run
+    resumes from, so the best so far is not forgotten. ``state_dict``: a callable gathering the full
+    weights on every rank (DeepSpeed ZeRO-3 shards them), else None.
+    """
+
+    def __init__(self, out_dir: Path, patience: int = 0, metric: str = "eval_loss",
+                 resumed: list[dict[str, Any]] | None = None, state_dict: Any = None):
+        self.out_dir, self.patience, self.metric, self.state_dict = out_dir, patience, metric, state_dict
         self.sign = 1 if metric == "eval_loss" else -1  # compare as "lower is better"
         self.best, self.best_step, self.bad_evals = math.inf, None, 0
+        for row in resumed or []:
+            if row.get(metric) is not None:
+                self._score(self.sign * row[metric], row.get("step"))
+
+    def _score(self, loss: float, step: Any) -> bool:
+        if loss < self.best:
+            self.best, self.best_step, self.bad_evals = loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
         value = (metrics or {}).get(self.metric)
-        if value is None or not state.is_world_process_zero:
+        if value is None:
             return
-        loss = self.sign * value
-        if loss < self.best:
-            self.best, self.best_step, self.bad_evals = loss, state.global_step, 0
-            with staged_dir(self.out_dir) as tmp:
-                model.save_pretrained(tmp)
+        if self._score(self.sign * value, state.global_step):
+            weights = self.state_dict() if self.state_dict is not None else None  # collective under ZeRO-3
+            if state.is_world_process_zero:
+                with staged_dir(self.out_dir) as tmp:
+                    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
         else:
-            self.bad_evals += 1
             if self.patience and self.bad_evals >= self.patience:
                 log.info("early stopping: %s has not improved on %.4f (step %s) for %d evaluations",
                          self.metric, self.sign * self.best, self.best_step, self.bad_evals)

@@ -37,6 +37,7 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 # The default model is a real GLM-family chat model that fits an 8 GB PC in 4-bit/8-bit and
 # that transformers loads natively (no trust_remote_code).
 DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
+ALL = "all"  # how an optional count (int | None) spells None: MAX_SAMPLES=all
 
 
 @dataclass
@@ -54,7 +55,8 @@ class DataArgs:
     val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
     data_format: str = _f("auto", "Record format; auto detects it per file",
                           ("auto", "context_target", "alpaca", "text", "messages", "sharegpt"))
-    max_samples: int = _f(0, "Use at most this many training records, sampled with SEED; 0 = all")
+    max_samples: int | None = _f(None, "Use at most this many training records, sampled with SEED; all = every "
+                                       "record (also when empty)")
     val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
     max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
     max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
@@ -112,6 +114,23 @@ class TrainArgs:
     logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps")
     early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never")
     seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
+    resume: str = _f("auto", "Continue from a checkpoint (optimizer, scheduler, RNG, data position): auto = the "
+                             "newest complete one in OUTPUT_DIR/checkpoints, if any; or a checkpoint-N dir, or an "
+                             "output dir whose checkpoints/ holds one")
+    overwrite: bool = _f(False, "Train into an OUTPUT_DIR that holds a finished run; the new run replaces it when "
+                                "it finishes (without this, such a run is refused)")
+
+
+@dataclass
+class DistArgs:
+    nproc: int = _f(1, "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
+                       "one GPU each); 1 = a plain single process")
+    nnodes: int = _f(1, "Machines in a multi-node run: start the same command on each, with its own NODE_RANK")
+    node_rank: int = _f(0, "This machine's index in a multi-node run, 0..NNODES-1 (node 0 hosts MASTER_ADDR)")
+    master_addr: str = _f("127.0.0.1", "Address of node 0 that every node can reach (NNODES > 1)")
+    master_port: int = _f(0, "Rendezvous port on node 0; 0 = a free port on one machine, 29500 across machines")
+    ds_config: str = _f("", "DeepSpeed JSON config on CUDA (pip install deepspeed), e.g. configs/ds_zero2.json or "
+                            "configs/ds_zero3.json; empty = plain DDP")
 
 
 @dataclass
@@ -146,6 +165,7 @@ class Config:
     lora: LoraArgs = field(default_factory=LoraArgs)
     resources: ResourceArgs = field(default_factory=ResourceArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    distributed: DistArgs = field(default_factory=DistArgs)
     predict: PredictArgs = field(default_factory=PredictArgs)
     evaluation: EvalArgs = field(default_factory=EvalArgs)
     explicit: set[str] = field(default_factory=set, repr=False, compare=False,
@@ -230,7 +250,8 @@ class Config:
         need(bool(m.model_name.strip()), "MODEL_NAME is empty; set a hub name, a local dir, or 'tiny'")
         need(m.num_threads >= 0, f"NUM_THREADS={m.num_threads} must be >= 0 (0 = all cores)")
         need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
-        need(d.max_samples >= 0, f"MAX_SAMPLES={d.max_samples} must be >= 0 (0 = all)")
+        need(d.max_samples is None or d.max_samples >= 1,
+             f"MAX_SAMPLES={d.max_samples} must be >= 1, or MAX_SAMPLES=all for every record")
         need(0 <= d.val_size < 1, f"VAL_SIZE={d.val_size} must be in [0, 1), e.g. 0.1")
         need(d.max_seq_len >= 16, f"MAX_SEQ_LEN={d.max_seq_len} is too short; use at least 16 (e.g. 512)")
         need(0 <= d.max_bad_ratio <= 1, f"MAX_BAD_RATIO={d.max_bad_ratio} must be in [0, 1]")
@@ -265,6 +286,14 @@ class Config:
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")
         need(rs.memory_limit_mb >= 0, f"MEMORY_LIMIT_MB={rs.memory_limit_mb} must be >= 0 (0 = detect)")
         need(0.1 <= rs.memory_safety <= 1, f"MEMORY_SAFETY={rs.memory_safety} must be in [0.1, 1], e.g. 0.85")
+        ds = self.distributed
+        need(ds.nproc >= 1, f"NPROC={ds.nproc} must be >= 1 (processes on this machine)")
+        need(ds.nnodes >= 1, f"NNODES={ds.nnodes} must be >= 1 (machines)")
+        need(0 <= ds.node_rank < max(ds.nnodes, 1),
+             f"NODE_RANK={ds.node_rank} must be in 0..NNODES-1 (NNODES={ds.nnodes}); node 0 hosts MASTER_ADDR")
+        need(0 <= ds.master_port <= 65535, f"MASTER_PORT={ds.master_port} must be a port in 0..65535 (0 = auto)")
+        need(bool(ds.master_addr.strip()), "MASTER_ADDR is empty; set node 0's address, e.g. 10.0.0.1")
+        need(bool(t.resume.strip()), "RESUME is empty; use RESUME=auto or the path of a checkpoint")
         need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
         need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
         if p:
@@ -319,8 +348,18 @@ def _documented() -> Iterator[tuple[str, str, Any, str, tuple[str, ...] | None]]
     """(section, VARIABLE, default as shown, help, choices) for every setting, in order."""
     for var, (sec, f) in Config.variables().items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        yield sec, var, ",".join(default) if isinstance(default, list) else default, f.metadata["help"], \
+        shown = ",".join(default) if isinstance(default, list) else ALL if default is None else default
+        yield sec, var, shown, f.metadata["help"], \
             f.metadata.get("choices")
+
+
+def show(value: Any) -> str:
+    """A value as it is written on the command line / in .env (the inverse of _parse)."""
+    if value is None:
+        return ALL
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _sections(cls: type) -> list[dataclasses.Field]:
@@ -334,8 +373,11 @@ def _hint(section: str, name: str) -> Any:
 
 def _parse(raw: Any, hint: Any, var: str) -> Any:
     """Convert a string (or an already-typed value) to the field's annotated type."""
-    if isinstance(hint, types.UnionType):  # e.g. int | None
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if isinstance(hint, types.UnionType):  # e.g. int | None, where None is written "all" (or left empty)
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if optional and (raw is None or str(raw).strip().lower() in ("", ALL)):
+        return None
     origin = typing.get_origin(hint)
     try:
         if origin is list:
@@ -359,6 +401,7 @@ def _parse(raw: Any, hint: Any, var: str) -> Any:
         return str(raw)
     except (ValueError, TypeError):
         kind = {bool: "true/false", int: "a whole number", float: "a number"}.get(hint, str(hint))
+        kind += f" or {ALL!r}" if optional else ""
         raise ConfigError([f"{var}={raw!r} is not {kind}; fix the value in the command, env or .env"]) from None
 
 

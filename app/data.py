@@ -59,6 +59,11 @@ class LoadReport:
     def valid(self) -> int:
         return self.total - len(self.bad)
 
+    def first_bad(self, n: int = 3) -> str:
+        """The first bad records as "line 2: bad JSON; line 5: missing field 'target'", for one-line errors."""
+        s = "; ".join(f"line {line}: {why}" for line, why in self.bad[:n])
+        return s + (f"; {len(self.bad) - n} more" if len(self.bad) > n else "")
+
     def summary(self) -> str:
         s = f"{self.source}: {self.valid}/{self.total} valid records ({self.format})"
         if self.bad:
@@ -205,17 +210,33 @@ def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.
         raw = _iter_raw(p, setting)
     try:
         examples, report = _collect(raw, fmt, str(path), setting)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{setting}={path}: not UTF-8 text (byte {e.start}); save the file as UTF-8 "
+    except UnicodeDecodeError:
+        line = _first_undecodable_line(p)
+        raise UserError(f"{setting}={path}: line {line} is not UTF-8 text; save the file as UTF-8 "
                         "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
     if report.bad:
         log.warning("%s", report.summary())
+    if not report.total:
+        raise UserError(f"{setting}={path}: the file holds no records (it is empty); point {setting} at your "
+                        "data, or run `make data` for the sample data")
     if not examples:
         raise UserError(f"{setting}={path}: no valid records ({report.summary()}); fix the file or DATA_FORMAT")
-    if report.total and len(report.bad) / report.total > max_bad_ratio:
-        raise UserError(f"{setting}={path}: {len(report.bad)} of {report.total} records are bad "
-                        f"(more than MAX_BAD_RATIO={max_bad_ratio}); fix the file or raise MAX_BAD_RATIO")
+    if len(report.bad) / report.total > max_bad_ratio:
+        raise UserError(f"{setting}={path}: {len(report.bad)} of {report.total} records are bad, more than "
+                        f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
+                        "MAX_BAD_RATIO")
     return examples, report
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """1-based line of the first bytes that are not UTF-8 (a decoder's offset is per buffer, not per file)."""
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return 1
 
 
 def _collect(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str
@@ -226,7 +247,7 @@ def _collect(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str
         if fmt == "auto" and first_fmt is None and isinstance(rec, dict):
             first_fmt = detect_format(rec)
             if first_fmt is None:
-                raise UserError(f"{setting}={source}: cannot tell the record format from fields "
+                raise UserError(f"{setting}={source}: line {line}: cannot tell the record format from fields "
                                 f"{sorted(rec)[:6]}; use context/target, instruction/output, text, "
                                 "messages or conversations, or set DATA_FORMAT")
             report.format = first_fmt
@@ -254,12 +275,12 @@ def _iter_hub(name: str, setting: str) -> Iterator[tuple[int, Any]]:
         yield i, dict(row)
 
 
-def sample_and_split(examples: list[Example], max_samples: int, val_size: float, seed: int,
+def sample_and_split(examples: list[Example], max_samples: int | None, val_size: float, seed: int,
                      has_val_file: bool) -> tuple[list[Example], list[Example]]:
-    """Reproducibly sample MAX_SAMPLES, then hold out a validation split if no VAL_PATH."""
+    """Reproducibly sample MAX_SAMPLES (None = all), then hold out a validation split if no VAL_PATH."""
     rng = random.Random(seed)
     pool = list(examples)
-    if max_samples and len(pool) > max_samples:
+    if max_samples is not None and len(pool) > max_samples:
         pool = rng.sample(pool, max_samples)
     else:
         rng.shuffle(pool)

@@ -32,7 +32,7 @@ DEFAULTS = {"METHOD": "full", "QUANT_LEVEL": "none", "TIER": "none", "LEARNING_R
             "WARMUP_RATIO": 0.03, "LR_SCHEDULER": "constant_with_warmup", "BATCH_SIZE": 16, "GRAD_ACCUM": 1,
             "NUM_EPOCHS": 50, "EVAL_METRIC": "f1", "EVAL_STEPS": 100, "EVAL_SAMPLES": 64, "SAVE_STEPS": 100,
             "LOGGING_STEPS": 20, "MAX_SEQ_LEN": 384, "LORA_DROPOUT": 0.0, "OUTPUT_DIR": "models/demo",
-            "MODEL_NAME": str(DEMO_DIR)}
+            "MODEL_NAME": str(DEMO_DIR), "OVERWRITE": True}  # `make demo` again: a new demo replaces the last
 
 
 class TimeBudget(TrainerCallback):

@@ -75,8 +75,20 @@ def go_offline_if_hub_unreachable(name: str) -> None:
 
 
 def resolve(cfg: Config) -> str:
-    """The path or hub name to load, building a tiny model on first use."""
-    return resolve_model(cfg.model.model_name)
+    """The path or hub name to load, building a tiny model on first use. A name that can only be
+    a local path (and is not there) fails at once, without asking the hub."""
+    name = cfg.model.model_name
+    if _is_local_path(name) and not Path(name).expanduser().exists():
+        raise UserError(f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
+                        "(config.json, weights, tokenizer), a hub name (owner/name), or tiny")
+    return resolve_model(name)
+
+
+def _is_local_path(name: str) -> bool:
+    """'/x/y', './x', '~/x', 'a/b/c', or 'models/x' when ./models is a local dir: not a hub name."""
+    parts = Path(name).parts
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
@@ -130,7 +142,9 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     qcfg = bnb_config(quant, cuda)
     extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
-    if cuda:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if cuda and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (partitions) the weights itself
         extra["device_map"] = {"": torch.cuda.current_device()}
     reader = read_without_mmap() if qcfg is not None and not cuda else contextlib.nullcontext()
     try:

@@ -208,6 +208,10 @@ def interactive(pred: Predictor) -> None:
 
 
 def run_predict(cfg: Config) -> None:
+    p = cfg.predict
+    if p.prompt and not p.prompt.strip() and not p.input_file and not p.interactive:  # before loading a model
+        raise UserError("PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
+                        "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)")
     pred = Predictor(cfg)
     if cfg.predict.input_file:
         predict_file(pred, cfg)

@@ -13,13 +13,19 @@ Notebook use::
 """
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app import dist
+from app.checkpoints import (CHECKPOINTS, PREFIX, STAGING, check_output_dir, clear_staging, finished_run,
+                             latest_checkpoint, resume_checkpoint, rotate, seal)
 from app.config import Config
 from app.data import read_examples, sample_and_split
 from app.encode import Collator, EncodeStats, encode_all
@@ -66,6 +72,8 @@ class FineTuner:
         self.data_report: dict[str, Any] = {}
         self.guard: Any = None
         self.stop: Any = None  # app.signals.StopRequest while train() runs
+        self.resume_from: Path | None = None  # RESUME's checkpoint (train() finds it)
+        self._ds_args: Any = None  # TrainingArguments made before loading, for DeepSpeed ZeRO-3
 
     # ---- steps -----------------------------------------------------------------------
     def setup(self) -> "FineTuner":
@@ -75,8 +83,19 @@ class FineTuner:
 
         tune_allocator()
         self.resources = detect_resources(self.cfg.resources.memory_limit_mb)
+        procs = dist.local_world_size()
+        if procs > 1 and not self.resources.gpus:  # ranks on one machine share its RAM (each has its own GPU)
+            import dataclasses
+
+            self.resources = dataclasses.replace(self.resources,
+                                                 ram_available_mb=self.resources.ram_available_mb / procs)
         self.plan = apply_tier(self.cfg, self.resources)
-        threads = set_threads(self.cfg.model.num_threads or self.resources.cpus)
+        if self.plan.device == "cuda" and dist.distributed():
+            import torch
+
+            torch.cuda.set_device(dist.local_rank())  # one GPU per local rank; load_model places weights there
+        dist.check_ds_config(self.cfg, cuda=self.plan.device == "cuda")
+        threads = set_threads(self.cfg.model.num_threads or max(1, self.resources.cpus // procs))
         self.model_path = resolve(self.cfg)
         r = self.resources
         log.info("RAM %.1f GB (%s), %.1f GB available, %d CPUs%s; tier %s; loading %s (%d threads)",
@@ -131,6 +150,8 @@ class FineTuner:
 
         r = self.cfg.resources
         quant, ckpt = r.quant_level, r.gradient_checkpointing == "on"
+        if self.cfg.distributed.ds_config:  # ZeRO-3 partitions the weights as they load: its config comes first
+            self._ds_args = self._training_args(Path(self.cfg.train.output_dir) / CHECKPOINTS)
         set_seed(self.cfg.train.seed)
         model = load_model(self.model_path, self.cfg.model.trust_remote_code, quant)
         log.info("weights: %s, %.0f MB stored", describe(quant, self.plan.device == "cuda"), stored_bytes(model) / 2**20)
@@ -153,60 +174,105 @@ class FineTuner:
         """Run the Trainer; write adapter, tokenizer, config, metrics and plot to OUTPUT_DIR.
 
         ``callbacks``: extra transformers TrainerCallbacks (a notebook's own logging, say).
-        A checkpoint left in OUTPUT_DIR/checkpoints by a killed run is resumed automatically.
+        RESUME=auto continues from the newest complete checkpoint in OUTPUT_DIR/checkpoints left by
+        a killed run; RESUME=<path> from that one.
         """
         if not self.train_rows:
             raise RuntimeError("call setup() and prepare_data() before train()")
+        check_output_dir(self.cfg)  # writable, and no finished run replaced unasked: before loading weights
+        self.resume_from = resume_checkpoint(self.cfg)
         if self.model is None:
             self.load_model()
-        from app.callbacks import plot_losses
         from app.guard import MemoryGuard
         from app.memory_monitor import MemorySampler
         from app.signals import Interrupted, stop_callback, stop_on_signal
 
         out = Path(self.cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "data_report.json", self.data_report)
-        ckpt_dir = out / "checkpoints"
-        if not _latest_checkpoint(ckpt_dir):
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
+        ckpt_dir = out / CHECKPOINTS
+        main = dist.is_main()  # only rank 0 writes outputs (a plain single process is rank 0)
+        previous = finished_run(out) if out.is_dir() else None
+        if main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._write_error(e, out, "creating OUTPUT_DIR", previous) from None
+            clear_staging(ckpt_dir)  # debris of a checkpoint that was being written when a run died
+        resume = self.resume_from
+        if main and (resume is None or ckpt_dir.resolve() != resume.resolve().parent):
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
         limit = self.resources.gpus[0].total_mb if self.plan.device == "cuda" else self.resources.ram_total_mb
         guard = self.guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
         guard.preflight(self.cfg, self._predicted_mb)
-        self.cfg.save(out / "train_config.json")  # as it will run (re-saved at the end after any back-off)
         t0 = time.perf_counter()
         # SIGTERM/SIGINT while training: checkpoint at the end of the step, then stop (app/signals.py)
-        with MemorySampler(on_sample=guard.on_sample) as sampler, stop_on_signal() as self.stop:
-            trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler,
-                                                          [*(callbacks or []), stop_callback(self.stop)])
+        try:
+            with MemorySampler(on_sample=guard.on_sample) as sampler, stop_on_signal() as self.stop:
+                trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler, resume,
+                                                              [*(callbacks or []), stop_callback(self.stop)])
+        except OSError as e:
+            if main:
+                clear_staging(ckpt_dir)  # a half-written checkpoint frees its space; it is never resumed anyway
+            raise self._write_error(e, out, "writing a checkpoint or the training logs", previous) from None
         if self.stop.requested and trainer.state.global_step < trainer.state.max_steps:
             raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {trainer.state.global_step} "
                                                 f"of {trainer.state.max_steps}: checkpoint in "
-                                                f"{_latest_checkpoint(ckpt_dir)}; run the same command to resume")
+                                                f"{latest_checkpoint(ckpt_dir)}; run the same command to resume")
         seconds = time.perf_counter() - t0
         eval_loss = self._final_eval_loss(trainer)
-
-        with staged_dir(out) as tmp:  # the final adapter appears whole or not at all
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-        plot_losses(out / "metrics.jsonl", out / "loss_curve.png")
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the adapter supersedes them
+        dist.check_ranks_agree(self.model, trainer.state.global_step, self._zero3())
+        weights = self._full_state_dict(trainer)  # collective under ZeRO-3 (every rank), else None
         peaks = sampler.peaks()
-        result = TrainResult(out, trainer.state.global_step, round(out_state.training_loss, 6),
+        train_loss = out_state.training_loss if resume is None else _mean_logged_loss(out / "metrics.jsonl")
+        result = TrainResult(out, trainer.state.global_step, round(train_loss, 6),
                              None if eval_loss is None else round(eval_loss, 6),
                              round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1), round(seconds, 2),
                              round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1))
+        if main:
+            try:
+                self._publish(out, ckpt_dir, result, peaks, weights)
+            except OSError as e:
+                raise self._write_error(e, out, "saving the final adapter", previous) from None
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the adapter supersedes them
+            log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
+                     result.steps, seconds, result.train_loss,
+                     "" if eval_loss is None else f", eval loss {eval_loss:.4f}", result.tokens_per_s,
+                     result.peak_rss_mb, out)
+        dist.barrier()  # the other ranks return once rank 0's outputs are complete
+        return result
+
+    def _publish(self, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any) -> None:
+        """Rank 0: the finished run's files appear together, each whole (staged, then renamed);
+        summary.json, which marks a finished run, comes last. Until then an earlier run's stay."""
+        from app.callbacks import plot_losses
+
+        with staged_dir(out) as tmp:
+            self.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "data_report.json", self.data_report)
+            self.cfg.save(tmp / "train_config.json")  # as it ran, after any back-off
+            if (out / "metrics.jsonl").is_file():
+                plot_losses(out / "metrics.jsonl", tmp / "loss_curve.png")
+            if (ckpt_dir / "best").is_dir():
+                os.replace(ckpt_dir / "best", tmp / "best")
         write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v
                                              for k, v in result.__dict__.items()},
                                           "memory": peaks, "plan": {v: self.cfg.get(v) for v in PLANNED},
+                                          "world_size": dist.world_size(),
                                           "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
-        self.cfg.save(out / "train_config.json")
         atomic_write_text(LAST_RUN_FILE, _portable_path(out) + "\n")
-        log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
-                 result.steps, seconds, result.train_loss,
-                 "" if eval_loss is None else f", eval loss {eval_loss:.4f}", result.tokens_per_s,
-                 result.peak_rss_mb, out)
-        return result
+
+    def _write_error(self, e: OSError, out: Path, doing: str, previous: str | None) -> BaseException:
+        """A full disk or a read-only/forbidden OUTPUT_DIR while writing: one line, what is kept, what to do."""
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            return e
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "no space left on the device" if full else f"cannot write ({os.strerror(e.errno).lower()})"
+        kept = (f"the previous run's files there ({previous}) are untouched" if previous
+                else "nothing half-written was left")
+        ckpt = latest_checkpoint(out / CHECKPOINTS)
+        again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
+        fix = "free some space or set OUTPUT_DIR on a bigger disk" if full else "fix the permissions or choose another OUTPUT_DIR"
+        return UserError(f"OUTPUT_DIR={out}: {what} while {doing}; {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
 
     def run(self) -> TrainResult:
         return self.setup().prepare_data().train()
@@ -217,25 +283,28 @@ class FineTuner:
 
         return predict_peak(self.cfg, self.shape, self.plan.device == "cuda").total_mb
 
-    def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any,
+    def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, resume: Path | None,
                             extra: list[Any]) -> tuple[Any, Any]:
         """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""
         import torch
 
         t = self.cfg.train
         while True:
-            trainer = self._trainer(out, ckpt_dir, guard, sampler, extra)
-            resume = _latest_checkpoint(ckpt_dir)
+            resumed: list[dict[str, Any]] = []
             if resume:
-                log.info("resuming from %s (delete %s to start over)", resume, ckpt_dir)
+                log.info("resuming from %s (optimizer, scheduler, RNG and data position; delete %s to start "
+                         "over)", resume, ckpt_dir)
+                resumed = self._truncate_metrics(out / "metrics.jsonl", _step(resume))
+            trainer = self._trainer(out, ckpt_dir, guard, sampler, extra, resumed)
             try:
-                out_state = trainer.train(resume_from_checkpoint=resume)
+                out_state = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 if (self.stop.requested or not guard.tripped.is_set()
                         or trainer.state.global_step >= trainer.state.max_steps):
                     return trainer, out_state
             except torch.OutOfMemoryError:  # CUDA raises instead of being killed: same remedy
                 guard.trip_usage_mb = guard.limit_mb
-            where = _latest_checkpoint(ckpt_dir) or "(none yet)"
+            resume = latest_checkpoint(ckpt_dir)
+            where = resume or "(none yet)"
             if guard.mode == "backoff" and t.batch_size > 1:
                 t.batch_size //= 2
                 t.grad_accum *= 2
@@ -249,9 +318,32 @@ class FineTuner:
                             f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
                             "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume")
 
-    def _trainer(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, extra: list[Any]) -> Any:
+    def _truncate_metrics(self, path: Path, step: int) -> list[dict[str, Any]]:
+        """Drop the rows a killed run logged after the checkpoint resumed from (they are logged again),
+        so metrics.jsonl and the loss curve read as one uninterrupted run. Returns the kept rows."""
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if dist.is_main() and len(kept) < len(rows):
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def _zero3(self) -> bool:
+        path = self.cfg.distributed.ds_config
+        if not path:
+            return False
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") == 3
+
+    def _full_state_dict(self, trainer: Any) -> Any:
+        """Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks call this)."""
+        if not self._zero3():
+            return None
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+
+    def _trainer(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, extra: list[Any],
+                 resumed: list[dict[str, Any]] | None = None) -> Any:
         from torch.utils.tensorboard import SummaryWriter
-        from transformers import Trainer
         from transformers.integrations import TensorBoardCallback
         from transformers.trainer_callback import ProgressCallback
 
@@ -267,14 +359,19 @@ class FineTuner:
 
             n = self.cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
             f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.train.batch_size * 4, metrics.write)]
-        trainer = Trainer(
-            model=self.model, args=self._training_args(ckpt_dir), train_dataset=self.train_rows,
+        holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
+        gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
+        board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
+        trainer = _atomic_trainer_class()(
+            model=self.model, args=self._ds_args or self._training_args(ckpt_dir), train_dataset=self.train_rows,
             eval_dataset=self.val_rows or None, data_collator=Collator(self.tokenizer.pad_token_id),
             callbacks=[ProgressBar(tp), metrics, *f1,
-                       BestAdapter(out / "best", self.cfg.train.early_stopping_patience,
-                                   "eval_f1" if f1 else "eval_loss"), guard,
-                       TensorBoardCallback(SummaryWriter(str(out / "runs"))), *extra],
+                       BestAdapter(ckpt_dir / "best", self.cfg.train.early_stopping_patience,
+                                   "eval_f1" if f1 else "eval_loss", resumed, gather), guard,
+                       *board, *extra, dist.rank_sync(guard, self.stop)],
         )
+        holder.append(trainer)
+        self._ds_args = None  # used once: a back-off builds fresh arguments
         trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
         return trainer
 
@@ -316,6 +413,8 @@ class FineTuner:
             include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
             bf16=self._bf16(cuda), remove_unused_columns=False,
             dataloader_num_workers=0, disable_tqdm=False, log_level="error",
+            ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
+            deepspeed=self.cfg.distributed.ds_config or None,
         )
 
 
@@ -328,9 +427,58 @@ def _portable_path(path: Path) -> str:
         return str(path.resolve())
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> str | None:
-    ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+def _mean_logged_loss(path: Path) -> float:
+    """The mean training loss over all steps from metrics.jsonl, each logged loss weighted by the
+    steps it covers: the Trainer's own figure after a resume counts only the resumed part."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    total, last = 0.0, 0
+    for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"]):
+        total, last = total + r["loss"] * (r["step"] - last), r["step"]
+    return total / last if last else 0.0
+
+
+def _step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError):
+        return int(checkpoint.name[len(PREFIX):])
+
+
+def _atomic_trainer_class() -> type:
+    """The HF Trainer, with checkpoints written whole or not at all (app/checkpoints.py): every
+    rank writes into checkpoints/.incomplete/checkpoint-N, then rank 0 seals and renames it."""
+    from transformers import Trainer
+
+    class AtomicCheckpointTrainer(Trainer):
+        _staging = False
+
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # Resumed from a checkpoint at the last step (the final save failed, or a stop came at
+            # the very end): nothing is left to train. The Trainer would still run one more step.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
+        def _get_output_dir(self, trial: Any) -> str:
+            run_dir = super()._get_output_dir(trial)
+            return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX}{self.state.global_step}"
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = False
+            dist.barrier()  # every rank's files (its RNG state at least) are in the staging dir
+            if self.args.should_save:
+                seal(run_dir / STAGING / name, run_dir / name, self.state.global_step)
+                rotate(run_dir, self.args.save_total_limit or 0)
+            dist.barrier()
+
+    return AtomicCheckpointTrainer
 
 
 def _stats(s: EncodeStats) -> dict[str, Any]:

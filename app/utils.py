@@ -20,10 +20,19 @@ LAST_RUN_FILE = Path("models") / ".last_run"
 
 
 def setup_logging(level: str | int = "INFO") -> None:
-    """One concise format for the app; quiet the chattier libraries."""
+    """One concise format for the app; quiet the chattier libraries.
+
+    Under torchrun (NPROC/NNODES) each line names its rank, and ranks other than 0 log only
+    warnings, errors and their own per-rank lines (app.dist): rank 0 speaks for the run.
+    """
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not user news
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[rank {rank}] " if world > 1 else ""
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    if rank:
+        logging.getLogger("app.dist").setLevel(level)
     for noisy in ("transformers", "peft", "bitsandbytes", "datasets", "httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

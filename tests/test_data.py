@@ -473,9 +473,9 @@ def lines(examples):
 
 def test_split_is_reproducible_for_a_seed_and_differs_for_another():
     ex = make_examples(100)
-    a = sample_and_split(ex, 0, 0.1, 42, False)
-    b = sample_and_split(ex, 0, 0.1, 42, False)
-    c = sample_and_split(ex, 0, 0.1, 43, False)
+    a = sample_and_split(ex, None, 0.1, 42, False)
+    b = sample_and_split(ex, None, 0.1, 42, False)
+    c = sample_and_split(ex, None, 0.1, 43, False)
     assert (lines(a[0]), lines(a[1])) == (lines(b[0]), lines(b[1]))
     assert (lines(a[0]), lines(a[1])) != (lines(c[0]), lines(c[1]))
     assert lines(a[0]) != list(range(1, 91))  # shuffled, not the file order
@@ -485,20 +485,20 @@ def test_split_is_reproducible_for_a_seed_and_differs_for_another():
 @pytest.mark.parametrize("seed", [0, 1, 42])
 def test_split_has_no_overlap_and_loses_nothing(seed):
     ex = make_examples(57)
-    train, val = sample_and_split(ex, 0, 0.1, seed, False)
+    train, val = sample_and_split(ex, None, 0.1, seed, False)
     assert not set(lines(train)) & set(lines(val))
     assert sorted(lines(train) + lines(val)) == list(range(1, 58))
     assert len(val) == 6  # round(5.7)
 
 
 @pytest.mark.parametrize("n,max_samples,has_val,val_size,n_train,n_val", [
-    (100, 0, False, 0.1, 90, 10),     # 10 %
-    (5000, 0, False, 0.1, 4800, 200),  # capped at 200
-    (3000, 0, False, 0.5, 2800, 200),
-    (10, 0, False, 0.1, 9, 1),        # at least one
-    (9, 0, False, 0.1, 9, 0),         # too few records to hold any out
-    (100, 0, True, 0.1, 100, 0),      # a VAL_PATH file: no split
-    (100, 0, False, 0.0, 100, 0),     # VAL_SIZE=0: no split
+    (100, None, False, 0.1, 90, 10),  # 10 %
+    (5000, None, False, 0.1, 4800, 200),  # capped at 200
+    (3000, None, False, 0.5, 2800, 200),
+    (10, None, False, 0.1, 9, 1),     # at least one
+    (9, None, False, 0.1, 9, 0),      # too few records to hold any out
+    (100, None, True, 0.1, 100, 0),   # a VAL_PATH file: no split
+    (100, None, False, 0.0, 100, 0),  # VAL_SIZE=0: no split
     (1000, 50, False, 0.1, 45, 5),    # MAX_SAMPLES first, then the split
     (1000, 50, True, 0.1, 50, 0),
     (30, 50, False, 0.1, 27, 3),      # MAX_SAMPLES above the data size: all of it
