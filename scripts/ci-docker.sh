@@ -126,7 +126,8 @@ set -e
 
 step "docker compose run --rm train (tiny, MAX_SAMPLES=20, NUM_EPOCHS=1)"
 t=$(date +%s)
-docker compose run --rm -e MODEL_NAME=tiny -e MAX_SAMPLES=20 -e NUM_EPOCHS=1 train || die "train failed"
+# OVERWRITE=1: this script may run again in the same checkout, where the last run's adapter is kept otherwise
+docker compose run --rm -e MODEL_NAME=tiny -e MAX_SAMPLES=20 -e NUM_EPOCHS=1 -e OVERWRITE=1 train || die "train failed"
 echo "train: $(( $(date +%s) - t ))s"
 adapter=models/lora-adapter/adapter_model.safetensors
 [ -f "$adapter" ] || die "no adapter on the host at $adapter"
