@@ -108,10 +108,12 @@ def main() -> int:
             for quant in ("none", "8bit", "4bit"):
                 est = estimate(shape, quant, 8, batch, a.seq, grad_ckpt=gc == "on")
                 log.info("%s %s batch %d gradient checkpointing %s: running", Path(model).name, quant, batch, gc)
+                load = os.getloadavg()[0]  # tokens/s mean little if other jobs share the cores
                 m = run_point(model, quant, batch, a.seq, steps, gc, data)
                 rows.append({"model": Path(model).name, "params_m": round(shape.total_params / 1e6, 1),
                              "quant": quant, "batch": batch, "seq": a.seq, "grad_ckpt": gc, "steps": steps,
                              "weights_mb": round(est.weights_mb, 1), "predicted_mb": round(est.total_mb, 1), **m,
+                             "load_avg": round(load, 2),
                              "error_pct": round(100 * (est.total_mb - m["measured_mb"]) / m["measured_mb"], 1)})
                 log.info("%s", rows[-1])
     atomic_write_text(REPORTS / f"{a.tag}.json", json.dumps(rows, indent=2) + "\n")
@@ -122,7 +124,10 @@ def main() -> int:
 
 def report(rows: list[dict], a: argparse.Namespace) -> str:
     lines = [f"# Memory benchmark (seq {a.seq}, LoRA r=8, CPU, {os.cpu_count()} cores)", "",
-             "Peak RSS of a fresh `python -m app train` process; anon = its anonymous part (no file pages).", "",
+             "Peak RSS of a fresh `python -m app train` process; anon = its anonymous part (no file pages).",
+             f"Load average before each point: {min(r.get('load_avg', 0) for r in rows):.1f}-"
+             f"{max(r.get('load_avg', 0) for r in rows):.1f} on {os.cpu_count()} cores "
+             "(above the core count, other jobs were sharing them and tokens/s is understated).", "",
              "| model | params | quant | batch | grad ckpt | steps | weights MB | predicted MB | measured MB | "
              "error % | anon MB | tokens/s | final loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
