@@ -64,7 +64,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge demo config test test-docker bench-memory clean distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-docker bench-memory bench-onnx clean distclean
 
 help: ## list targets and every variable with its default
 	@echo "usage: make <target> [VAR=value ...]"
@@ -123,6 +123,9 @@ evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or PREDICTIO
 merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without peft)
 	$(APP) merge
 
+export-onnx: setup ## merged model (merged first if needed) -> ONNX_DIR for ONNX Runtime; predict with ADAPTER_DIR=<it>
+	$(APP) export-onnx
+
 demo: setup ## offline proof of learning: tiny GLM from scratch, held-out F1 curve -> bench/demo.md
 	$(APP) demo
 
@@ -137,6 +140,9 @@ test-docker: image ## run the test suite inside the image
 
 bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/memory.md
 	$(PYRUN) -m bench.bench_memory
+
+bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, on the ~100M random models -> bench/onnx.md
+	$(PYRUN) -m bench.bench_onnx
 
 clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
 	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \
