@@ -144,6 +144,10 @@ bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant 
 bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, on the ~100M random models -> bench/onnx.md
 	$(PYRUN) -m bench.bench_onnx
 
+.PHONY: bench
+bench: setup ## training speed, the tutorial way (padded, fp32) vs `train`, side by side -> bench/results.md
+	$(PYRUN) -m bench.bench_speed
+
 clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
 	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \
 		models/demo models/demo-glm data/demo data/train.jsonl data/dev.jsonl .pytest_cache

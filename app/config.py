@@ -105,9 +105,14 @@ class TrainArgs:
     warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
-    precision: str = _f("auto", "Compute precision: auto = bf16 autocast on a GPU that has it, fp32 on CPU; bf16 "
-                                "also autocasts on CPUs with AVX512-BF16/AMX (faster, slightly less exact)",
-                        ("auto", "fp32", "bf16"))
+    precision: str = _f("auto", "Compute precision: auto = bf16 autocast where the hardware has fast bf16 (a CPU "
+                                "with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; quantized CPU "
+                                "runs stay fp32 around their bf16 layers", ("auto", "fp32", "bf16", "fp16"))
+    packing: str = _f("auto", "Concatenate each micro-batch's samples into rows with no padding; each sample keeps "
+                              "its own positions, attention and label mask. auto = on where the model's code supports "
+                              "it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)", ("auto", "on", "off"))
+    torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
+                                    "only on long runs)")
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
     eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
@@ -142,6 +147,7 @@ class PredictArgs:
     interactive: bool = _f(False, "Chat in the terminal until an empty line or Ctrl-D")
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
+    predict_batch_size: int = _f(8, "File mode: prompts generated together (left-padded, with the KV cache)")
     merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
     onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
                            "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
@@ -296,6 +302,10 @@ class Config:
         need(bool(t.resume.strip()), "RESUME is empty; use RESUME=auto or the path of a checkpoint")
         need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
         need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
+        need(pr.predict_batch_size >= 1, f"PREDICT_BATCH_SIZE={pr.predict_batch_size} must be >= 1")
+        need(not (t.packing == "on" and lo.method == "ptuning"),
+             "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
+             "use PACKING=auto or off")
         if p:
             raise ConfigError(p)
         return self

@@ -154,3 +154,71 @@ class Collator:
             labels[i, :k] = torch.tensor(r["labels"])
             mask[i, :k] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class PackingCollator:
+    """Concatenate a micro-batch's samples into a few rows with no padding between them (PACKING=on).
+
+    The samples of one micro-batch are spread over ``ceil(tokens / row_len)`` rows (longest first
+    into the shortest row, so the rows come out nearly equal and only their tails are padded).
+    ``position_ids`` restart at 0 for every sample and no ``attention_mask`` is passed: from the
+    restarts transformers builds a block-diagonal causal mask (``find_packed_sequence_indices``),
+    so a sample attends only to itself and sees the positions it would see alone. Each sample keeps
+    its own label mask; its first label is cleared so the previous sample's last token is never
+    trained to predict it (unpacked, that label is dropped by the shift anyway). The padded tail
+    of a row is one more "sample" of pad tokens without labels.
+
+    The loss is the same token-weighted mean over the same samples as with ``Collator``: the
+    micro-batch (and so every optimizer step) holds exactly the samples it would hold unpacked.
+    ``label_logits_only`` also asks the model for logits only where a label follows
+    (``logits_to_keep`` as a boolean mask, targets as ``shift_labels``): prompt positions skip
+    the vocabulary projection and its float32 cross-entropy, which change nothing in the loss.
+    ``num_tokens`` (the real tokens, for throughput) is popped before the model sees the batch.
+    """
+
+    def __init__(self, pad_id: int, row_len: int, multiple_of: int = 8, label_logits_only: bool = True):
+        self.pad_id, self.row_len, self.multiple_of = pad_id, row_len, multiple_of
+        self.label_logits_only = label_logits_only
+
+    def rows_for(self, lengths: list[int]) -> list[list[int]]:
+        """Sample indices per row: the fewest rows of at most ``row_len`` tokens, balanced."""
+        cap = max(self.row_len, max(lengths))
+        n = max(1, -(-sum(lengths) // cap))
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        while True:
+            bins: list[list[int]] = [[] for _ in range(n)]
+            sums = [0] * n
+            for i in order:
+                b = min(range(n), key=lambda j: (sums[j], j))
+                bins[b].append(i)
+                sums[b] += lengths[i]
+            if max(sums) <= cap:
+                return [sorted(b) for b in bins if b]
+            n += 1
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        packs = self.rows_for([len(r["input_ids"]) for r in rows])
+        width = max(sum(len(rows[i]["input_ids"]) for i in p) for p in packs)
+        width = -(-width // self.multiple_of) * self.multiple_of
+        ids = torch.full((len(packs), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(packs), width), IGNORE, dtype=torch.long)
+        pos = torch.zeros((len(packs), width), dtype=torch.long)
+        for r, pack in enumerate(packs):
+            at = 0
+            for i in pack:
+                k = len(rows[i]["input_ids"])
+                ids[r, at:at + k] = torch.tensor(rows[i]["input_ids"])
+                labels[r, at + 1:at + k] = torch.tensor(rows[i]["labels"][1:])
+                pos[r, at:at + k] = torch.arange(k)
+                at += k
+            pos[r, at:] = torch.arange(width - at)  # the padded tail: its own label-free "sample"
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos,
+                 "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+        if self.label_logits_only:
+            keep = torch.zeros_like(labels, dtype=torch.bool)
+            keep[:, :-1] = labels[:, 1:] != IGNORE
+            batch["logits_to_keep"] = keep
+            batch["shift_labels"] = labels[:, 1:][keep[:, :-1]]
+        return batch

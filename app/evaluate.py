@@ -31,8 +31,13 @@ def max_new_tokens_for(tokenizer: Any, answers: list[str], cap: int = 1024) -> i
 
 
 def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-                   batch_size: int = 8, progress: bool = True) -> list[str]:
-    """Greedy answers for many prompts, left-padded in batches (decoder-only models pad left)."""
+                   batch_size: int = 8, progress: bool = True, sampling: dict[str, Any] | None = None,
+                   stats: dict[str, int] | None = None) -> list[str]:
+    """Answers for many prompts, left-padded in batches (decoder-only models pad left), KV-cached.
+
+    Greedy unless ``sampling`` (generate's do_sample/temperature) says otherwise; ``stats["new_tokens"]``
+    accumulates the tokens generated (finished rows' padding not counted).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -46,9 +51,12 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
             texts = [prompt_text(tokenizer, c) for c in conversations[i:i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id, **(sampling or {"do_sample": False}))
+            new = out[:, enc["input_ids"].shape[1]:]
+            if stats is not None:
+                stats["new_tokens"] = stats.get("new_tokens", 0) + int((new != tokenizer.pad_token_id).sum())
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         if was_training:

@@ -130,8 +130,12 @@ def _patch_legacy_pad(tok: Any) -> None:
     log.info("%s: its remote-code _pad predates padding_side; patched (known ChatGLM issue)", type(tok).__name__)
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none") -> Any:
-    """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes."""
+def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none", bf16: bool = False) -> Any:
+    """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
+
+    ``bf16`` stores the weights in bf16 on CPU too: for frozen weights under bf16 autocast
+    (app/speed.py ``bf16_frozen_weights``), where fp32 copies would only be cast again.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +143,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if bf16 or (cuda and torch.cuda.is_bf16_supported()) else torch.float32
     qcfg = bnb_config(quant, cuda)
     extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
     from transformers.integrations import is_deepspeed_zero3_enabled

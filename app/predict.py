@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -98,6 +99,10 @@ class Predictor:
         log.info("model %s%s%s", name, "" if quant == "none" else f" ({quant})",
                  f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
 
+    def _sampling(self) -> dict[str, Any]:
+        t = self.cfg.predict.temperature
+        return {"do_sample": True, "temperature": t} if t > 0 else {"do_sample": False}
+
     def generate(self, messages: list[dict[str, str]], stream: bool = False) -> str:
         import torch
         from transformers import TextStreamer
@@ -105,18 +110,49 @@ class Predictor:
         text = prompt_text(self.tokenizer, messages)
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         p = self.cfg.predict
-        sampling = {"do_sample": True, "temperature": p.temperature} if p.temperature > 0 else {"do_sample": False}
         streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model.generate(**enc, max_new_tokens=p.max_new_tokens, streamer=streamer,
-                                          pad_token_id=self.tokenizer.pad_token_id, **sampling)
+                out = self.model.generate(**enc, max_new_tokens=p.max_new_tokens, streamer=streamer, use_cache=True,
+                                          pad_token_id=self.tokenizer.pad_token_id, **self._sampling())
         except (AttributeError, TypeError) as e:  # old remote code (ChatGLM-6B/2/3) on new transformers
             known = remote_code_error(self.cfg.model.model_name, e) if self.cfg.model.trust_remote_code else None
             if known is None:
                 raise
             raise known from None
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        new = out[0, enc["input_ids"].shape[1]:]
+        self._speed(int(new.numel()), time.perf_counter() - t0)
+        return self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def generate_many(self, conversations: list[list[dict[str, str]]], progress: bool = True) -> list[str]:
+        """Answers for many conversations, in their order: PREDICT_BATCH_SIZE prompts of similar length
+        generate together (left-padded, KV-cached), which on a CPU multiplies the tokens per second."""
+        from tqdm.auto import tqdm
+
+        from app.evaluate import generate_batch
+
+        p, tok = self.cfg.predict, self.tokenizer
+        lengths = [len(tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"]) for c in conversations]
+        order = sorted(range(len(conversations)), key=lambda i: (lengths[i], i))  # less left-padding per batch
+        outputs: list[str] = [""] * len(conversations)
+        stats: dict[str, int] = {}
+        t0 = time.perf_counter()
+        with tqdm(total=len(order), desc="predict", unit="prompt", disable=not progress) as bar:
+            for start in range(0, len(order), p.predict_batch_size):
+                batch = order[start:start + p.predict_batch_size]
+                answers = generate_batch(self.model, tok, [conversations[i] for i in batch], p.max_new_tokens,
+                                         len(batch), progress=False, sampling=self._sampling(), stats=stats)
+                for i, answer in zip(batch, answers):
+                    outputs[i] = answer
+                bar.update(len(batch))
+        self._speed(stats.get("new_tokens", 0), time.perf_counter() - t0)
+        return outputs
+
+    def _speed(self, tokens: int, seconds: float) -> None:
+        """Generated tokens per second, to the log (stderr) and ``last_speed``."""
+        self.last_speed = (tokens, seconds)
+        log.info("generated %d tokens in %.1fs: %.1f tokens/s", tokens, seconds, tokens / max(seconds, 1e-9))
 
 
 def _file_prompts(path: Path, fmt: str) -> Iterator[tuple[int, list[dict[str, str]], str | None]]:
@@ -169,14 +205,13 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
         raise UserError(f"INPUT_FILE={src}: no such file")
     dest = Path(cfg.predict.output_file or src.with_suffix("").as_posix() + ".pred.jsonl")
     items = list(_file_prompts(src, cfg.data.data_format))  # parse all first: bad input fails before work
-    from tqdm.auto import tqdm
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line, msgs, ref in tqdm(items, desc="predict", unit="prompt"):
-                row = {"line": line, "prompt": msgs[-1]["content"], "output": pred.generate(msgs)}
+            outputs = pred.generate_many([msgs for _, msgs, _ in items])
+            for (line, msgs, ref), output in zip(items, outputs):
+                row = {"line": line, "prompt": msgs[-1]["content"], "output": output}
                 if ref is not None:
                     row["reference"] = ref
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")

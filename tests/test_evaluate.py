@@ -96,7 +96,9 @@ def test_merge_writes_a_model_that_loads_without_peft(tiny_glm_dir, data_dir, tm
     from app.merge import run_merge
 
     with chdir(tmp_path):
-        ft = FineTuner(quick(tiny_glm_dir, data_dir, tmp_path / "out", QUANT_LEVEL="none", LEARNING_RATE=1e-2))
+        # fp32: ft.model is compared with the fp32 merged model (under bf16 its frozen weights are bf16)
+        ft = FineTuner(quick(tiny_glm_dir, data_dir, tmp_path / "out", QUANT_LEVEL="none", LEARNING_RATE=1e-2,
+                             PRECISION="fp32"))
         ft.run()
         merged_dir = run_merge(Config.from_dict({"ADAPTER_DIR": str(tmp_path / "out")}))
     assert merged_dir == tmp_path / "out" / "merged" and not (merged_dir / "adapter_config.json").exists()

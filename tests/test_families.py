@@ -18,7 +18,10 @@ def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path):
     cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
                             "OUTPUT_DIR": str(out), "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
                             "MAX_SAMPLES": 20, "TIER": "none", "LEARNING_RATE": 1e-2, "SEED": 0,
-                            "LOGGING_STEPS": 1, "WARMUP_RATIO": 0})
+                            "LOGGING_STEPS": 1, "WARMUP_RATIO": 0,
+                            # fp32: the reloaded model (fp32 on CPU) must equal the trained one exactly;
+                            # under bf16 autocast the trained model keeps its frozen weights in bf16
+                            "PRECISION": "fp32"})
     with chdir(tmp_path):
         ft = FineTuner(cfg)
         result = ft.run()

@@ -72,16 +72,36 @@ def test_file_mode_leaves_no_partial_output_on_failure(adapter, tmp_path, monkey
     src.write_text("一\n二\n三\n")
     calls = []
 
-    def flaky(self, messages, stream=False):
+    def flaky(model, tokenizer, conversations, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return "ok"
+        return ["ok"] * len(conversations)
 
-    monkeypatch.setattr(Predictor, "generate", flaky)
+    monkeypatch.setattr("app.evaluate.generate_batch", flaky)
     with pytest.raises(RuntimeError):
-        run_predict(pcfg(out, INPUT_FILE=str(src), OUTPUT_FILE=str(tmp_path / "o.jsonl")))
+        run_predict(pcfg(out, INPUT_FILE=str(src), OUTPUT_FILE=str(tmp_path / "o.jsonl"), PREDICT_BATCH_SIZE=1))
     assert list(tmp_path.iterdir()) == [src]  # neither the output nor a temp file is left
+
+
+def test_file_mode_batches_give_the_one_by_one_answers(adapter, tmp_path, caplog):
+    """Prompts of different lengths, 3 to a batch (left-padded, KV cache): the same greedy answers
+    as one prompt at a time, in the file's order, and the speed is logged."""
+    _, out, work = adapter
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(line + "\n" for line in (work / "dev.jsonl").read_text().splitlines()[:4])
+                   + "短问题\n一个长一些的问题，关于北京和上海之间的距离以及两座城市的历史\n")
+    pred = Predictor(pcfg(out, MAX_NEW_TOKENS=8))
+    from app.predict import _file_prompts
+
+    convs = [msgs for _, msgs, _ in _file_prompts(src, "auto")]
+    one_by_one = [pred.generate(m) for m in convs]
+    caplog.set_level("INFO", logger="app.predict")
+    pred.cfg.predict.predict_batch_size = 3
+    assert pred.generate_many(convs, progress=False) == one_by_one
+    tokens, seconds = pred.last_speed
+    assert 0 < tokens <= 8 * len(convs) and seconds > 0
+    assert "tokens/s" in caplog.text
 
 
 def test_interactive_mode_keeps_history(adapter, monkeypatch, capsys):

@@ -1,0 +1,196 @@
+"""Training speed: packing, precision and torch.compile choices, and the Trainer hooks they need.
+
+- PACKING: a micro-batch's samples are concatenated into rows with restarting ``position_ids``
+  (app.encode.PackingCollator); transformers then builds a block-diagonal causal mask, so the
+  samples do not see each other and the loss is the padded batch's loss without the padding.
+  It relies on the modeling code deriving the mask from position_ids, which the native GLM,
+  Qwen2/3, Llama and Gemma-3 code does (tests/test_speed.py checks each family against
+  unpacked losses and against a contaminated mask) when no 2D attention mask and no past key
+  values are given. P-Tuning's prefixes are past key values and remote code builds its own
+  masks: those train padded.
+- PRECISION=auto: bf16 autocast where the hardware has fast bf16 (a CUDA GPU with it; a CPU with
+  AVX512-BF16 or AMX), fp16 autocast on an older CUDA GPU, fp32 otherwise. On CPU, 4-bit and 8-bit
+  layers choose their own compute dtype, so quantized runs keep fp32 around them.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from app.config import Config
+from app.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# model_type values whose transformers modeling code turns restarting position_ids into a
+# block-diagonal mask (masking_utils.find_packed_sequence_indices), each checked by a test.
+PACKING_FAMILIES = ("glm", "glm4", "qwen2", "qwen3", "llama", "gemma3_text")
+
+
+def packing_choice(cfg: Config, model_type: str | None) -> tuple[bool, str]:
+    """(pack?, why) for this run; PACKING=on where it cannot work is a UserError."""
+    setting = cfg.train.packing
+    if setting == "off":
+        return False, "PACKING=off"
+    blocker = None
+    if cfg.lora.method == "ptuning":
+        blocker = "P-Tuning's prefixes are past key values, which turn the packed-sequence mask off"
+    elif cfg.model.trust_remote_code:
+        blocker = "remote model code (TRUST_REMOTE_CODE) builds its own attention masks"
+    elif model_type not in PACKING_FAMILIES:
+        blocker = f"model type {model_type!r} is not one whose packed-sequence masking is tested " \
+                  f"({', '.join(PACKING_FAMILIES)})"
+    if blocker and setting == "on":
+        raise UserError(f"PACKING=on: {blocker}; use PACKING=auto (pads each micro-batch instead)")
+    if blocker:
+        return False, blocker
+    return True, "PACKING=on" if setting == "on" else "native model code, no prefixes"
+
+
+def resolve_precision(cfg: Config, cuda: bool) -> str:
+    """'fp32', 'bf16' or 'fp16': the Trainer's autocast dtype for this run."""
+    from app.quantization import bf16_supported
+
+    p, quant = cfg.train.precision, cfg.resources.quant_level
+    if p == "bf16" and not bf16_supported(cuda):
+        raise UserError("PRECISION=bf16: this " + ("GPU" if cuda else "CPU (no AVX512-BF16/AMX)") +
+                        " has no fast bf16; use PRECISION=auto")
+    if p == "fp16" and not cuda:
+        raise UserError("PRECISION=fp16 is for CUDA GPUs (fp16 matmuls on a CPU are emulated and slow); "
+                        "use PRECISION=auto")
+    if p != "auto":
+        return p
+    if cuda:
+        return "bf16" if bf16_supported(True) else "fp16"
+    if quant in ("8bit", "4bit"):  # the quantized layers already compute in bf16 where the CPU has it
+        return "fp32"
+    return "bf16" if bf16_supported(False) else "fp32"
+
+
+def bf16_frozen_weights(cfg: Config, precision: str, cuda: bool) -> bool:
+    """Store the frozen base weights in bf16 on a CPU training under bf16 autocast (LoRA, unquantized).
+
+    Autocast would cast every fp32 weight to bf16 in each forward, and keep the residual stream,
+    norms and LoRA dropout in fp32 between the bf16 matmuls: on the bench model that was ~30%
+    of a step in copies and fp32 elementwise work. The weights are frozen, so nothing is lost by
+    storing them in the dtype they are computed in (GPU LoRA recipes do the same); the LoRA
+    weights, their gradients and AdamW's state stay fp32 (peft upcasts adapters).
+    Full tuning keeps fp32 master weights; P-Tuning's fp32 prefixes would meet bf16 keys.
+    """
+    return (not cuda and precision == "bf16" and cfg.lora.method == "lora"
+            and cfg.resources.quant_level == "none")
+
+
+def lora_inputs_stay_bf16(model: Any) -> int:
+    """Under autocast, let LoRA layers pass their bf16 input to lora_A as it is; returns how many.
+
+    peft casts a LoRA layer's input to the adapter's dtype (fp32) before dropout and lora_A, and
+    autocast casts it straight back to bf16 for the matmul: two copies of every LoRA input per
+    forward. Outside autocast (generation in the F1 evaluation, predict) the cast is still
+    needed, so the flag peft reads is true exactly when autocast is off.
+    """
+    import torch
+
+    class CastOutsideAutocast:
+        def __bool__(self) -> bool:
+            return not torch.is_autocast_enabled("cpu")
+
+    flag, n = CastOutsideAutocast(), 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = flag
+            n += 1
+    return n
+
+
+def packing_trainer(base: type) -> type:
+    """``base`` (a transformers Trainer class) taught PackingCollator's extra key.
+
+    ``num_tokens`` carries the real token count of a packed batch (it has no attention_mask to
+    count from, and its padded tails are pad tokens); it is taken out before the model sees the
+    batch. ``use_cache=False`` keeps transformers on the packed-sequence mask in evaluation too.
+    """
+
+    class PackingTrainer(base):  # type: ignore[misc, valid-type]
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            n = inputs.pop("num_tokens", None)
+            if n is None or self.args.include_num_input_tokens_seen == "no":
+                return super()._track_num_input_tokens(inputs)
+            import torch
+
+            n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            inputs.pop("num_tokens", None)
+            if "position_ids" in inputs:
+                inputs["use_cache"] = False
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    PackingTrainer.__name__ = PackingTrainer.__qualname__ = f"Packing{base.__name__}"
+    return PackingTrainer
+
+
+
+def fast_lora_dropout(model: Any) -> int:
+    """Swap PEFT's LoRA input dropout (torch.nn.Dropout) for FastDropout; returns how many.
+
+    The same regularization -- each input element kept with probability 1 - p and scaled by
+    1 / (1 - p) -- drawn from 16-bit random integers (p exact to 1/65536) instead of a float
+    Bernoulli tensor, with a bool mask kept for backward. On a CPU this dropout runs on every
+    LoRA layer's full input (q/k/v/o/gate/up/down: ~10M elements per layer for 1,600 tokens),
+    and torch's version cost a quarter of a training step on the bench model.
+    """
+    import torch
+
+    fast = fast_dropout_class()
+    swapped = 0
+    for module in model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if not isinstance(drops, torch.nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            if type(drop) is torch.nn.Dropout and drop.p > 0:
+                drops[name] = fast(drop.p)
+                swapped += 1
+    return swapped
+
+
+@functools.lru_cache(maxsize=None)
+def fast_dropout_class() -> type:
+    """FastDropout (built on first use: this module imports no torch at import time)."""
+    import torch
+
+    class MaskedScale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, keep: Any, scale: float) -> Any:
+            ctx.save_for_backward(keep)
+            ctx.scale = scale
+            return torch.where(keep, x, 0).mul_(scale)
+
+        @staticmethod
+        def backward(ctx: Any, grad: Any) -> Any:
+            (keep,) = ctx.saved_tensors
+            return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
+
+    class FastDropout(torch.nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+            self.threshold = round(p * 65536) - 32768  # keep where a uniform int16 is >= this
+
+        def forward(self, x: Any) -> Any:
+            if not self.training or self.p == 0:
+                return x
+            # 64 random bits per int64 draw, read as four int16: a quarter of randint's generator
+            # calls (torch's CPU generator is the slow part of dropout)
+            bits = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-2**63, None)
+            keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= self.threshold
+            return MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    return FastDropout
+
