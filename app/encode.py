@@ -160,7 +160,9 @@ class PackingCollator:
     """Concatenate a micro-batch's samples into a few rows with no padding between them (PACKING=on).
 
     The samples of one micro-batch are spread over ``ceil(tokens / row_len)`` rows (longest first
-    into the shortest row, so the rows come out nearly equal and only their tails are padded).
+    into the shortest row, so the rows come out nearly equal and only their tails are padded), or
+    all go into one row when ``row_len`` is 0 (no tails at all; for ``packed_sdpa``, whose cost
+    does not grow with the row).
     ``position_ids`` restart at 0 for every sample and no ``attention_mask`` is passed: from the
     restarts transformers builds a block-diagonal causal mask (``find_packed_sequence_indices``),
     so a sample attends only to itself and sees the positions it would see alone. Each sample keeps
@@ -173,7 +175,9 @@ class PackingCollator:
     ``label_logits_only`` also asks the model for logits only where a label follows
     (``logits_to_keep`` as a boolean mask, targets as ``shift_labels``): prompt positions skip
     the vocabulary projection and its float32 cross-entropy, which change nothing in the loss.
-    ``num_tokens`` (the real tokens, for throughput) is popped before the model sees the batch.
+    ``num_tokens`` (the real tokens, for throughput) is popped before the model sees the batch;
+    ``packed_seq_lens`` (each row's sample lengths, its tail last) travels on to the attention, where
+    ``packed_sdpa`` (app/speed.py) uses it and every other implementation ignores it.
     """
 
     def __init__(self, pad_id: int, row_len: int, multiple_of: int = 8, label_logits_only: bool = True):
@@ -181,7 +185,10 @@ class PackingCollator:
         self.label_logits_only = label_logits_only
 
     def rows_for(self, lengths: list[int]) -> list[list[int]]:
-        """Sample indices per row: the fewest rows of at most ``row_len`` tokens, balanced."""
+        """Sample indices per row: the fewest rows of at most ``row_len`` tokens, balanced
+        (``row_len`` 0: one row, for attention that runs per sample anyway)."""
+        if self.row_len <= 0:
+            return [list(range(len(lengths)))]
         cap = max(self.row_len, max(lengths))
         n = max(1, -(-sum(lengths) // cap))
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -205,16 +212,19 @@ class PackingCollator:
         ids = torch.full((len(packs), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(packs), width), IGNORE, dtype=torch.long)
         pos = torch.zeros((len(packs), width), dtype=torch.long)
+        seq_lens: list[list[int]] = []
         for r, pack in enumerate(packs):
-            at = 0
+            at, seq_lens_r = 0, []
             for i in pack:
                 k = len(rows[i]["input_ids"])
                 ids[r, at:at + k] = torch.tensor(rows[i]["input_ids"])
                 labels[r, at + 1:at + k] = torch.tensor(rows[i]["labels"][1:])
                 pos[r, at:at + k] = torch.arange(k)
                 at += k
+                seq_lens_r.append(k)
             pos[r, at:] = torch.arange(width - at)  # the padded tail: its own label-free "sample"
-        batch = {"input_ids": ids, "labels": labels, "position_ids": pos,
+            seq_lens.append(seq_lens_r + ([width - at] if width > at else []))
+        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "packed_seq_lens": seq_lens,
                  "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
         if self.label_logits_only:
             keep = torch.zeros_like(labels, dtype=torch.bool)

@@ -104,6 +104,55 @@ def lora_inputs_stay_bf16(model: Any) -> int:
     return n
 
 
+PACKED_ATTENTION = "packed_sdpa"
+
+
+def use_packed_attention(model: Any) -> bool:
+    """Switch an SDPA model to ``packed_sdpa``: causal attention inside each packed sample only.
+
+    The block-diagonal mask transformers builds for packed rows makes SDPA compute every
+    query/key pair of the row and mask most of them away (two ~200-token samples in a 512-token
+    row: 4x the causal work), with the mask kernel instead of the causal one. ``packed_sdpa``
+    runs SDPA with ``is_causal=True`` on each sample's own slice, from the lengths PackingCollator
+    sends along (``packed_seq_lens``); without them (unpacked batches, generation, a KV cache, a
+    sample longer than a sliding window) it is plain SDPA with transformers' mask. Returns whether it switched.
+    """
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_forward)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # the fallback's mask, as for sdpa
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return True
+
+
+def packed_sdpa_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                        scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers attention function (see ``use_packed_attention``): [b, s, heads, dim] out."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    lens, window = kwargs.get("packed_seq_lens"), kwargs.get("sliding_window")
+    if lens is None or query.shape[2] != key.shape[2] or (window and max(max(r) for r in lens) > window):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    # unbind/split, not slicing: their backward is one stack/cat, where every slice's backward
+    # would fill a zero tensor of the whole input (that cost more than the masked attention saved)
+    rows = []
+    for row, q, k, v in zip(lens, query.unbind(0), key.unbind(0), value.unbind(0)):
+        parts = [sdpa(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), dropout_p=dropout, scale=scaling,
+                      is_causal=True)
+                 for qs, ks, vs in zip(q.split(row, dim=1), k.split(row, dim=1), v.split(row, dim=1))]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
 def packing_trainer(base: type) -> type:
     """``base`` (a transformers Trainer class) taught PackingCollator's extra key.
 

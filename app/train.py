@@ -31,7 +31,8 @@ from app.data import read_examples, sample_and_split
 from app.encode import Collator, EncodeStats, PackingCollator, encode_all
 from app.errors import UserError
 from app.modeling import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
-from app.speed import bf16_frozen_weights, fast_lora_dropout, lora_inputs_stay_bf16, packing_trainer
+from app.speed import (PACKED_ATTENTION, bf16_frozen_weights, fast_lora_dropout, lora_inputs_stay_bf16, packing_choice,
+                       packing_trainer, use_packed_attention)
 from app.utils import LAST_RUN_FILE, atomic_write_text, peak_rss_mb, set_threads, staged_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,8 @@ class FineTuner:
         model = load_model(self.model_path, self.cfg.model.trust_remote_code, quant, bf16=half)
         log.info("weights: %s, %.0f MB stored", describe(quant, self.plan.device == "cuda"), stored_bytes(model) / 2**20)
         model.config.use_cache = False  # the KV cache only costs memory during training
+        if packing_choice(self.cfg, getattr(model.config, "model_type", None))[0]:
+            use_packed_attention(model)  # per-sample causal attention in packed rows (app/speed.py)
         model = prepare_for_training(model, quant, ckpt)
         if ckpt and quant == "none":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -401,7 +404,9 @@ class FineTuner:
         log.info("packing %s (%s); precision %s", "on" if pack else "off", why,
                  self._precision(self.plan.device == "cuda"))
         if pack:
-            return PackingCollator(self.tokenizer.pad_token_id, self.cfg.data.max_seq_len)
+            # per-sample attention (packed_sdpa) costs the same in one long row: no padded row tails
+            per_sample = getattr(self.model.config, "_attn_implementation", None) == PACKED_ATTENTION
+            return PackingCollator(self.tokenizer.pad_token_id, 0 if per_sample else self.cfg.data.max_seq_len)
         return Collator(self.tokenizer.pad_token_id)
 
     def _precision(self, cuda: bool) -> str:

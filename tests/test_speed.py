@@ -16,7 +16,7 @@ import torch
 
 from app import Config, FineTuner, UserError
 from app.encode import IGNORE, Collator, PackingCollator
-from app.speed import packing_choice, resolve_precision
+from app.speed import packing_choice, resolve_precision, use_packed_attention
 
 
 def rows_of(lengths, vocab, seed=0):
@@ -77,7 +77,7 @@ def extra_families(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", ["glm", "qwen2", "llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_sdpa"])
 def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn, request, extra_families):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -85,7 +85,9 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
     path = extra_families[f"tiny-{family}"] if family in ("qwen3", "gemma3") else \
         request.getfixturevalue({"glm": "tiny_glm_dir", "qwen2": "tiny_qwen2_dir", "llama": "tiny_llama_dir"}[family])
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa" if attn == "packed_sdpa" else attn)
+    if attn == "packed_sdpa":  # what training uses: SDPA per packed sample, from packed_seq_lens
+        assert use_packed_attention(base) and base.config._attn_implementation == "packed_sdpa"
     base.config.use_cache = False  # as in training: a KV cache would turn the packed-sequence mask off
     assert packing_choice(Config.from_dict({"MODEL_NAME": "x"}), base.config.model_type)[0]
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
@@ -95,6 +97,9 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
         packed.pop("num_tokens")
         assert packed["input_ids"].shape[0] < len(rows)  # really several samples per row
         loss = model(**packed).loss.item()
+        if attn == "packed_sdpa":  # the per-sample path really ran: a whole-row causal mask changes nothing
+            whole_row = model(**packed, attention_mask=torch.ones_like(packed["input_ids"])).loss.item()
+            assert whole_row == pytest.approx(loss, rel=1e-5, abs=1e-6)
         total = count = 0
         for r in rows:
             n = sum(lab != IGNORE for lab in r["labels"][1:])
