@@ -114,13 +114,15 @@ class Estimate:
 
 
 def estimate(shape: ModelShape, quant: str, lora_r: int, batch: int, seq: int, grad_ckpt: bool,
-             cuda: bool = False, optim: str = "adamw", trainable_params: int | None = None) -> Estimate:
+             cuda: bool = False, optim: str = "adamw", trainable_params: int | None = None,
+             half_weights: bool = False) -> Estimate:
     """Peak RSS (CPU) or VRAM (CUDA) in MB for one training configuration.
 
     ``trainable_params`` overrides the LoRA count (full fine-tuning, prefix tuning).
+    ``half_weights``: a CPU run whose frozen weights are stored in bf16 (app.speed.bf16_frozen_weights).
     """
-    act_bytes = 2 if cuda else 4  # bf16 autocast on GPU, fp32 on CPU
-    dense_bytes = 2 if cuda else 4
+    act_bytes = 2 if cuda else 4  # bf16 autocast on GPU; on CPU the fitted constants are fp32's
+    dense_bytes = 2 if cuda or half_weights else 4
     qb = QUANT_BYTES.get(quant, dense_bytes)
     weights = shape.linear_params * qb + shape.other_params * dense_bytes
     trainable = trainable_params if trainable_params is not None else lora_r * shape.lora_io

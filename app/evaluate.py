@@ -136,5 +136,6 @@ class F1Evaluator(TrainerCallback):
         state.log_history.append(row)
         if self.write is not None:
             self.write(row)
-        log.info("step %d: eval F1 %.4f (typed %.4f), valid JSON %.0f%% on %d samples", state.global_step,
-                 d["triplet_f1"], d["triplet_f1_typed"], 100 * d["json_valid_rate"], len(self.examples))
+        log.info("step %d: eval F1 %.4f (typed %.4f), valid JSON %.0f%% on %d samples; first answer: %s",
+                 state.global_step, d["triplet_f1"], d["triplet_f1_typed"], 100 * d["json_valid_rate"],
+                 len(self.examples), " ".join(outputs[0].split())[:160] if outputs else "-")

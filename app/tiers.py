@@ -161,9 +161,16 @@ def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int
 
 def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
     """The estimator for cfg's current settings (full tuning trains and stores every weight)."""
+    from app.errors import UserError
+    from app.speed import bf16_frozen_weights, resolve_precision
+
+    try:
+        half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
+    except UserError:  # an impossible PRECISION is reported by training itself
+        half = False
     return estimate(shape, cfg.resources.quant_level, cfg.lora.lora_r, cfg.train.batch_size, cfg.data.max_seq_len,
                     cfg.resources.gradient_checkpointing == "on", cuda, cfg.train.optim,
-                    trainable_params=_trainable(cfg, shape))
+                    trainable_params=_trainable(cfg, shape), half_weights=half)
 
 
 def _trainable(cfg: Config, shape: ModelShape) -> int | None:

@@ -1,0 +1,49 @@
+"""`make demo`'s pipeline carries a learning signal (issue 5), in a test-sized run.
+
+The real demo (bench/demo.md) trains a from-scratch GLM for 15 minutes and scores held-out
+sentences with unseen entities. Here, a 2-layer GLM from the same recipe (app.demo.DEFAULTS:
+METHOD=full, EVAL_METRIC=f1) trains on a handful of demo samples and is scored, through the same
+templates, label masking, batched generation, JSON parsing and triplet scorer, on those samples:
+F1 must climb from nothing to well above it. A break anywhere in that chain (a mask that hides
+the answer, a template mismatch between training and generation, a parser that drops fenced
+JSON) keeps F1 at 0.
+"""
+from __future__ import annotations
+
+import json
+
+from app import Config, FineTuner
+from app.demo import DEFAULTS, write_demo_data
+
+from test_train import chdir
+
+
+def test_demo_recipe_f1_rises_well_above_its_start(tiny_glm_dir, tmp_path):
+    train, _ = write_demo_data(tmp_path / "data", 6, 4, seed=0)
+    settings = {**DEFAULTS, "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(train), "VAL_PATH": str(train),
+                "OUTPUT_DIR": str(tmp_path / "out"), "BATCH_SIZE": 6, "LEARNING_RATE": 1e-2, "NUM_EPOCHS": 1000,
+                "MAX_STEPS": 150, "EVAL_STEPS": 15, "EVAL_SAMPLES": 6, "SAVE_STEPS": 1000, "SEED": 0,
+                "NUM_THREADS": 2, "PRECISION": "fp32"}
+    with chdir(tmp_path):
+        FineTuner(Config.from_dict(settings)).run()
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["eval_f1"] for r in rows if "eval_f1" in r]
+    assert len(curve) == 10
+    assert curve[0] <= 0.2 and max(curve) >= 0.8, curve
+
+
+def test_demo_data_holds_out_unseen_subjects_and_mixes_in_copy_samples(tmp_path):
+    from app.datagen import parse_target
+    from app.demo import COPY_INSTRUCTION, sentence_of
+
+    train, heldout = write_demo_data(tmp_path, 300, 20, seed=1, copy_fraction=0.5)
+    rows = [json.loads(x) for x in train.read_text().splitlines()]
+    held = [json.loads(x) for x in heldout.read_text().splitlines()]
+    copies = [r for r in rows if COPY_INSTRUCTION in r["context"]]
+    extraction = [r for r in rows if COPY_INSTRUCTION not in r["context"]]
+    assert len(extraction) == 300 and len(copies) == 150 and len(held) == 20
+    assert all(r["target"] == sentence_of(r["context"]) and r["target"] in r["context"] for r in copies)
+    sentences = {sentence_of(r["context"]) for r in extraction}
+    assert all(r["target"] in sentences for r in copies)  # copies repeat training sentences only
+    seen = {t[k] for r in extraction for t in parse_target(r["target"]) for k in ("subject", "object")}
+    assert all(t["subject"] not in seen for r in held for t in parse_target(r["target"]))
