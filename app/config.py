@@ -147,7 +147,8 @@ class PredictArgs:
     interactive: bool = _f(False, "Chat in the terminal until an empty line or Ctrl-D")
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
-    predict_batch_size: int = _f(8, "File mode: prompts generated together (left-padded, with the KV cache)")
+    predict_batch_size: int = _f(8, "Prompts generated together in file mode, evaluation and F1 during training "
+                                         "(left-padded, with the KV cache)")
     merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
     onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
                            "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")

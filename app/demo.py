@@ -42,6 +42,7 @@ DEFAULTS = {"METHOD": "full", "QUANT_LEVEL": "none", "TIER": "none", "LEARNING_R
             "WARMUP_RATIO": 0.03, "LR_SCHEDULER": "constant_with_warmup", "BATCH_SIZE": 8, "GRAD_ACCUM": 1,
             "NUM_EPOCHS": 1, "EVAL_METRIC": "f1", "EVAL_STEPS": 200, "EVAL_SAMPLES": 64, "SAVE_STEPS": 200,
             "LOGGING_STEPS": 20, "MAX_SEQ_LEN": 384, "LORA_DROPOUT": 0.0, "PRECISION": "fp32",
+            "PREDICT_BATCH_SIZE": 32,  # F1 evaluations generate 32 prompts at a time
             "OUTPUT_DIR": "models/demo", "MODEL_NAME": str(DEMO_DIR),
             "OVERWRITE": True}  # `make demo` again: a new demo replaces the last
 N_TRAIN = 20000  # fresh extraction samples: more than 15 minutes can use, so none is seen twice

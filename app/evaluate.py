@@ -33,7 +33,8 @@ def max_new_tokens_for(tokenizer: Any, answers: list[str], cap: int = 1024) -> i
 def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
                    batch_size: int = 8, progress: bool = True, sampling: dict[str, Any] | None = None,
                    stats: dict[str, int] | None = None) -> list[str]:
-    """Answers for many prompts, left-padded in batches (decoder-only models pad left), KV-cached.
+    """Answers for many prompts, in their order, KV-cached and left-padded in batches (decoder-only
+    models pad left). Prompts of similar length are batched together, so little is padding.
 
     Greedy unless ``sampling`` (generate's do_sample/temperature) says otherwise; ``stats["new_tokens"]``
     accumulates the tokens generated (finished rows' padding not counted).
@@ -42,21 +43,25 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
     from tqdm.auto import tqdm
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outputs: list[str] = []
+    texts = [prompt_text(tokenizer, c) for c in conversations]
+    order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))  # characters: a token-count proxy
+    outputs: list[str] = [""] * len(texts)
     was_training = model.training
     model.eval()
     try:
-        starts = range(0, len(conversations), batch_size)
+        starts = range(0, len(order), batch_size)
         for i in tqdm(starts, desc="generate", unit="batch", disable=not progress, leave=False):
-            texts = [prompt_text(tokenizer, c) for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            batch = order[i:i + batch_size]
+            enc = tokenizer([texts[j] for j in batch], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
                                      pad_token_id=tokenizer.pad_token_id, **(sampling or {"do_sample": False}))
             new = out[:, enc["input_ids"].shape[1]:]
             if stats is not None:
                 stats["new_tokens"] = stats.get("new_tokens", 0) + int((new != tokenizer.pad_token_id).sum())
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            for j, answer in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                outputs[j] = answer
     finally:
         tokenizer.padding_side = side
         if was_training:
@@ -93,7 +98,7 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         budget = max_new_tokens_for(pred.tokenizer, [e.answer for e in examples])
         log.info("evaluating %d records of %s (max %d new tokens)", len(examples), path, budget)
         outputs = generate_batch(pred.model, pred.tokenizer, [e.prompt_messages for e in examples], budget,
-                                 cfg.train.batch_size * 4)
+                                 cfg.predict.predict_batch_size)
         report = score(zip([e.answer for e in examples], outputs))
         base = pred.adapter if pred.adapter is not None else Path(cfg.train.output_dir)
         out = Path(ev.eval_dir or base / "eval")

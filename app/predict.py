@@ -128,24 +128,12 @@ class Predictor:
     def generate_many(self, conversations: list[list[dict[str, str]]], progress: bool = True) -> list[str]:
         """Answers for many conversations, in their order: PREDICT_BATCH_SIZE prompts of similar length
         generate together (left-padded, KV-cached), which on a CPU multiplies the tokens per second."""
-        from tqdm.auto import tqdm
-
         from app.evaluate import generate_batch
 
-        p, tok = self.cfg.predict, self.tokenizer
-        lengths = [len(tok(prompt_text(tok, c), add_special_tokens=False)["input_ids"]) for c in conversations]
-        order = sorted(range(len(conversations)), key=lambda i: (lengths[i], i))  # less left-padding per batch
-        outputs: list[str] = [""] * len(conversations)
         stats: dict[str, int] = {}
         t0 = time.perf_counter()
-        with tqdm(total=len(order), desc="predict", unit="prompt", disable=not progress) as bar:
-            for start in range(0, len(order), p.predict_batch_size):
-                batch = order[start:start + p.predict_batch_size]
-                answers = generate_batch(self.model, tok, [conversations[i] for i in batch], p.max_new_tokens,
-                                         len(batch), progress=False, sampling=self._sampling(), stats=stats)
-                for i, answer in zip(batch, answers):
-                    outputs[i] = answer
-                bar.update(len(batch))
+        outputs = generate_batch(self.model, self.tokenizer, conversations, self.cfg.predict.max_new_tokens,
+                                 self.cfg.predict.predict_batch_size, progress, self._sampling(), stats)
         self._speed(stats.get("new_tokens", 0), time.perf_counter() - t0)
         return outputs
 

@@ -32,7 +32,7 @@ from app.encode import Collator, EncodeStats, PackingCollator, encode_all
 from app.errors import UserError
 from app.modeling import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
 from app.speed import (PACKED_ATTENTION, bf16_frozen_weights, fast_lora_dropout, lora_inputs_stay_bf16, packing_choice,
-                       packing_trainer, use_packed_attention)
+                       packing_trainer, resolve_precision, use_packed_attention)
 from app.utils import LAST_RUN_FILE, atomic_write_text, peak_rss_mb, set_threads, staged_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ class FineTuner:
             from app.evaluate import F1Evaluator
 
             n = self.cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
-            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.train.batch_size * 4, metrics.write)]
+            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.predict.predict_batch_size, metrics.write)]
         holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
         gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
         board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
@@ -398,8 +398,6 @@ class FineTuner:
 
     def _collator(self) -> Any:
         """Packed rows where the model and method allow it (PACKING, app/speed.py), else padded rows."""
-        from app.speed import packing_choice
-
         pack, why = packing_choice(self.cfg, getattr(getattr(self.model, "config", None), "model_type", None))
         log.info("packing %s (%s); precision %s", "on" if pack else "off", why,
                  self._precision(self.plan.device == "cuda"))
@@ -410,8 +408,6 @@ class FineTuner:
         return Collator(self.tokenizer.pad_token_id)
 
     def _precision(self, cuda: bool) -> str:
-        from app.speed import resolve_precision
-
         return resolve_precision(self.cfg, cuda)
 
     def _training_args(self, ckpt_dir: Path) -> Any:
@@ -419,7 +415,7 @@ class FineTuner:
         from transformers import TrainingArguments
 
         t, cuda = self.cfg.train, torch.cuda.is_available()
-        has_val = bool(self.val_rows)
+        has_val, precision = bool(self.val_rows), self._precision(cuda)
         return TrainingArguments(
             output_dir=str(ckpt_dir), num_train_epochs=t.num_epochs, max_steps=t.max_steps or -1,
             per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
@@ -430,7 +426,7 @@ class FineTuner:
             eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
             save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
             include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
-            bf16=self._precision(cuda) == "bf16", fp16=self._precision(cuda) == "fp16", remove_unused_columns=False,
+            bf16=precision == "bf16", fp16=precision == "fp16", remove_unused_columns=False,
             # batches are collated in the training process: a worker would take a core from the matmuls
             dataloader_num_workers=0, dataloader_pin_memory=cuda, torch_compile=t.torch_compile,
             disable_tqdm=False, log_level="error",

@@ -71,14 +71,17 @@ def test_file_mode_leaves_no_partial_output_on_failure(adapter, tmp_path, monkey
     src = tmp_path / "in.txt"
     src.write_text("一\n二\n三\n")
     calls = []
+    from transformers.generation.utils import GenerationMixin
 
-    def flaky(model, tokenizer, conversations, *args, **kwargs):
+    real = GenerationMixin.generate
+
+    def flaky(self, *args, **kwargs):  # the second batch fails, after the first was generated
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return ["ok"] * len(conversations)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr("app.evaluate.generate_batch", flaky)
+    monkeypatch.setattr(GenerationMixin, "generate", flaky)
     with pytest.raises(RuntimeError):
         run_predict(pcfg(out, INPUT_FILE=str(src), OUTPUT_FILE=str(tmp_path / "o.jsonl"), PREDICT_BATCH_SIZE=1))
     assert list(tmp_path.iterdir()) == [src]  # neither the output nor a temp file is left
