@@ -90,6 +90,10 @@ class ResourceArgs:
     memory_guard: str = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
                                       "(backoff), or checkpoint and stop (stop), or do nothing (off)",
                            ("backoff", "stop", "off"))
+    release_memory: str = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold 256 KB): "
+                                     "RSS stays at what is in use, but page faults cost up to 2x the step time "
+                                     "of a small model; auto = only when the predicted peak is over half the "
+                                     "memory budget, or on CUDA", ("auto", "on", "off"))
 
 
 @dataclass

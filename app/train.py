@@ -80,10 +80,9 @@ class FineTuner:
     # ---- steps -----------------------------------------------------------------------
     def setup(self) -> "FineTuner":
         from app.estimator import model_shape
-        from app.memory_monitor import detect_resources, tune_allocator
+        from app.memory_monitor import detect_resources
         from app.tiers import apply_tier
 
-        tune_allocator()
         self.resources = detect_resources(self.cfg.resources.memory_limit_mb)
         procs = dist.local_world_size()
         if procs > 1 and not self.resources.gpus:  # ranks on one machine share its RAM (each has its own GPU)
@@ -122,10 +121,11 @@ class FineTuner:
             val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
             reports.append(vreport)
         lengths = None
-        if "MAX_SEQ_LEN" not in self.cfg.explicit:  # measure whole samples before choosing the cut
+        if "MAX_SEQ_LEN" not in self.cfg.explicit and self.plan.tier != "none":  # measure whole samples before the cut
             _, full = encode_all(train_ex, self.tokenizer, self.shape.max_positions)
             lengths = full.lengths
         fit_memory(self.cfg, self.resources, self.shape, lengths, self.plan)
+        self._tune_allocator()
         for w in self.plan.warnings:
             log.warning("%s", w)
         self.val_examples = [e for e in val_ex if e.messages]
@@ -143,6 +143,24 @@ class FineTuner:
         self.data_report = {"sources": [r.summary() for r in reports], "train": _stats(tstats),
                             "validation": _stats(vstats)}
         return self
+
+    def _tune_allocator(self) -> None:
+        """RELEASE_MEMORY: freed tensor memory back to the OS at once (app/memory_monitor.py; it costs
+        speed). auto: where the predicted peak makes memory tight, and on CUDA, where it only touches
+        host memory."""
+        from app.memory_monitor import TIGHT_MEMORY, tune_allocator
+        from app.tiers import predict_peak
+
+        cuda, mode = self.plan.device == "cuda", self.cfg.resources.release_memory
+        peak = predict_peak(self.cfg, self.shape, cuda).total_mb
+        if mode == "on" or (mode == "auto" and (cuda or peak > TIGHT_MEMORY * self.plan.budget_mb)):
+            applied = tune_allocator()
+            log.info("allocator: freed tensor memory goes back to the OS at once%s (predicted peak %.0f MB of %.0f MB)",
+                     "" if applied else " (not applied: no glibc, or MALLOC_MMAP_THRESHOLD_ set)", peak,
+                     self.plan.budget_mb)
+        else:
+            log.info("allocator: glibc default (RELEASE_MEMORY=%s; predicted peak %.0f MB of %.0f MB)", mode, peak,
+                     self.plan.budget_mb)
 
     def load_model(self) -> "FineTuner":
         """Weights (quantized as planned) + LoRA, seeded so LoRA's init is reproducible."""

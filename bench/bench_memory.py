@@ -52,7 +52,7 @@ def run_point(model: str, quant: str, batch: int, seq: int, steps: int, gc: str,
     out = OUT / "runs" / f"{Path(model).name}-{quant}-b{batch}-s{seq}-gc{gc}"
     args = [f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out}", f"QUANT_LEVEL={quant}",
             f"BATCH_SIZE={batch}", "GRAD_ACCUM=1", f"MAX_SEQ_LEN={seq}", f"MAX_STEPS={steps}", "VAL_SIZE=0",
-            "SAVE_STEPS=100000", "LOGGING_STEPS=1", "TIER=none", "MEMORY_GUARD=off", f"GRADIENT_CHECKPOINTING={gc}",
+            "SAVE_STEPS=100000", "LOGGING_STEPS=1", "TIER=none", "MEMORY_GUARD=off", "RELEASE_MEMORY=on", f"GRADIENT_CHECKPOINTING={gc}",
             "LORA_R=8", "WARMUP_RATIO=0", "LEARNING_RATE=1e-3", "SEED=0", "MAX_SAMPLES=200"]
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "DATA_PATH", "OUTPUT_DIR")}
     shutil.rmtree(out, ignore_errors=True)  # a resumed run would not show the load peak

@@ -47,3 +47,18 @@ def test_demo_data_holds_out_unseen_subjects_and_mixes_in_copy_samples(tmp_path)
     assert all(r["target"] in sentences for r in copies)  # copies repeat training sentences only
     seen = {t[k] for r in extraction for t in parse_target(r["target"]) for k in ("subject", "object")}
     assert all(t["subject"] not in seen for r in held for t in parse_target(r["target"]))
+
+
+def test_demo_model_is_rebuilt_when_its_dimensions_change(tmp_path, monkeypatch):
+    import app.demo as demo
+
+    monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo-glm")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+    monkeypatch.setattr(demo, "DEMO_DIMS", small)
+    first = json.loads((demo.demo_model(0) / "config.json").read_text())
+    assert first["num_hidden_layers"] == 1
+    demo.demo_model(0)  # same dimensions: kept as it is
+    assert json.loads((tmp_path / "demo-glm" / "config.json").read_text()) == first
+    monkeypatch.setattr(demo, "DEMO_DIMS", {**small, "num_hidden_layers": 2})
+    assert json.loads((demo.demo_model(0) / "config.json").read_text())["num_hidden_layers"] == 2

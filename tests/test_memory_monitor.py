@@ -285,3 +285,24 @@ def test_tune_allocator_returns_freed_tensor_memory():
         retained[tuned] = int(out.stdout.split()[-1])
     assert retained["0"] > 200, retained  # the problem is real: 320 MB freed but still resident
     assert retained["1"] < 20, retained
+
+
+@pytest.mark.parametrize("mode, peak_mb, device, applied", [
+    ("auto", 400, "cpu", False),   # plenty of memory: glibc's faster default
+    ("auto", 600, "cpu", True),    # over half the budget: RSS must follow what is in use
+    ("auto", 100, "cuda", True),   # on CUDA it only touches host memory
+    ("on", 100, "cpu", True), ("off", 900, "cpu", False), ("off", 900, "cuda", False)])
+def test_release_memory_tunes_the_allocator_where_memory_is_tight(monkeypatch, mode, peak_mb, device, applied):
+    from types import SimpleNamespace
+
+    import app.memory_monitor as mm
+    import app.tiers as tiers
+    from app import Config, FineTuner
+
+    calls: list[int] = []
+    monkeypatch.setattr(mm, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(tiers, "predict_peak", lambda cfg, shape, cuda: SimpleNamespace(total_mb=peak_mb))
+    ft = FineTuner(Config.from_dict({"RELEASE_MEMORY": mode}))
+    ft.plan = SimpleNamespace(device=device, budget_mb=1000.0)
+    ft._tune_allocator()
+    assert bool(calls) == applied
