@@ -62,3 +62,14 @@ def test_demo_model_is_rebuilt_when_its_dimensions_change(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "demo-glm" / "config.json").read_text()) == first
     monkeypatch.setattr(demo, "DEMO_DIMS", {**small, "num_hidden_layers": 2})
     assert json.loads((demo.demo_model(0) / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_demo_target_needs_f1_0_9_within_15_minutes():
+    from app.demo import reached_target
+
+    rising = [(400.0, 1000, 0.5), (890.0, 2000, 0.93)]
+    late = [(400.0, 1000, 0.5), (1200.0, 3000, 0.95)]
+    assert reached_target(rising, {"triplet_f1": 0.85}, 15)      # on the curve within 900 s
+    assert reached_target(late[:1], {"triplet_f1": 0.91}, 15)    # final score, 15-minute budget
+    assert not reached_target(late, {"triplet_f1": 0.95}, 25)    # only after 15 minutes
+    assert not reached_target(rising[:1], {"triplet_f1": 0.2}, 15)
