@@ -57,6 +57,19 @@ def tune_allocator() -> bool:
         return False
 
 
+def release_memory(mode: str, cuda: bool, peak_mb: float, budget_mb: float) -> bool:
+    """RELEASE_MEMORY: tune_allocator() when ``on``, or when ``auto`` and the predicted peak is over
+    TIGHT_MEMORY of the budget (or on CUDA, where it only touches host memory). True when applied."""
+    if not (mode == "on" or (mode == "auto" and (cuda or peak_mb > TIGHT_MEMORY * budget_mb))):
+        log.info("allocator: glibc default (RELEASE_MEMORY=%s; predicted peak %.0f MB of %.0f MB)", mode, peak_mb,
+                 budget_mb)
+        return False
+    applied = tune_allocator()
+    log.info("allocator: freed tensor memory goes back to the OS at once%s (predicted peak %.0f MB of %.0f MB)",
+             "" if applied else " (not applied: no glibc, or MALLOC_MMAP_THRESHOLD_ set)", peak_mb, budget_mb)
+    return applied
+
+
 @dataclass
 class GPUInfo:
     index: int

@@ -145,22 +145,13 @@ class FineTuner:
         return self
 
     def _tune_allocator(self) -> None:
-        """RELEASE_MEMORY: freed tensor memory back to the OS at once (app/memory_monitor.py; it costs
-        speed). auto: where the predicted peak makes memory tight, and on CUDA, where it only touches
-        host memory."""
-        from app.memory_monitor import TIGHT_MEMORY, tune_allocator
+        """RELEASE_MEMORY, decided from the predicted peak (app/memory_monitor.release_memory)."""
+        from app.memory_monitor import release_memory
         from app.tiers import predict_peak
 
-        cuda, mode = self.plan.device == "cuda", self.cfg.resources.release_memory
-        peak = predict_peak(self.cfg, self.shape, cuda).total_mb
-        if mode == "on" or (mode == "auto" and (cuda or peak > TIGHT_MEMORY * self.plan.budget_mb)):
-            applied = tune_allocator()
-            log.info("allocator: freed tensor memory goes back to the OS at once%s (predicted peak %.0f MB of %.0f MB)",
-                     "" if applied else " (not applied: no glibc, or MALLOC_MMAP_THRESHOLD_ set)", peak,
-                     self.plan.budget_mb)
-        else:
-            log.info("allocator: glibc default (RELEASE_MEMORY=%s; predicted peak %.0f MB of %.0f MB)", mode, peak,
-                     self.plan.budget_mb)
+        cuda = self.plan.device == "cuda"
+        release_memory(self.cfg.resources.release_memory, cuda, predict_peak(self.cfg, self.shape, cuda).total_mb,
+                       self.plan.budget_mb)
 
     def load_model(self) -> "FineTuner":
         """Weights (quantized as planned) + LoRA, seeded so LoRA's init is reproducible."""
