@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.errors import UserError
-from app.scoring import Triplet, parse_answer, score, score_file, write_reports
+from app.scoring import Triplet, normalize, parse_answer, score, score_file, write_reports
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "duie-mixed"
 KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
@@ -106,6 +106,52 @@ def test_full_width_and_spaces_still_match():
     pred = [trip("Ｂ站２０２０ ", "作者", "  ＡＢＣ \t 出版", "网站")]
     assert prf(one(pred, gold)) == (1.0, 1.0, 1.0)
     assert Triplet("Ｘ１", "p", "a  b").subject == "X1"
+
+
+# What normalize() claims to fold: NFKC turns the full-width ASCII block (U+FF01-U+FF5E) and the
+# ideographic space into their half-width forms; whitespace is stripped and collapsed. Letter case is
+# kept (matching is exact after that, as the README says), and CJK punctuation with no half-width
+# form (、。《》) stays as it is.
+FOLDS = [("（１９９８）", "(1998)"), ("甲，乙", "甲,乙"), ("比分：２：１", "比分:2:1"), ("ＡＢＣ ｘｙｚ", "ABC xyz"),
+         ("！？；［］｛｝＂＇", "!?;[]{}\"'"), ("＋－＊／＝＜＞％＆＃＠", "+-*/=<>%&#@"), ("张\u3000三", "张 三"),
+         (" a \t\n b\u3000", "a b"), ("Ｎｕｍｂｅｒ", "Number")]
+
+
+@pytest.mark.parametrize("variant, canonical", FOLDS)
+def test_normalize_folds_full_width_and_whitespace(variant, canonical):
+    assert normalize(variant) == canonical
+
+
+def test_normalize_keeps_case_and_cjk_punctuation():
+    assert (normalize("number"), normalize("Ｎumber"), normalize("ｎｕｍｂｅｒ")) == ("number", "Number", "number")
+    assert normalize("《书》、。") == "《书》、。"
+
+
+FIELDS = ("subject", "predicate", "object", "subject_type", "object_type")
+CANON = {"subject": "花样男子(1998)", "predicate": "出版社:ABC", "object": "集英社,东京",
+         "subject_type": "Text", "object_type": "Number"}
+VARIANT = {"subject": " 花样男子（１９９８） ", "predicate": "出版社：ＡＢＣ\u3000", "object": "\t集英社，东京  ",
+           "subject_type": "\u3000Ｔｅｘｔ", "object_type": "Ｎｕｍｂｅｒ \n"}
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_every_field_is_normalized_before_matching(field):
+    # Only one field carries the full-width / whitespace variant; the match must still be exact and typed.
+    rep = score([(fenced([CANON]), fenced([{**CANON, field: VARIANT[field]}]))])
+    assert prf(rep) == (1.0, 1.0, 1.0) and rep.triplet_f1_typed == 1.0
+    assert rep.rows[0]["parsed"] == [CANON]  # reported in the normalized form
+    assert list(rep.per_predicate) == ["出版社:ABC"]
+    # and the normalization is what makes it match: a real difference in that field still counts
+    other = score([(fenced([CANON]), fenced([{**CANON, field: CANON[field] + "x"}]))])
+    assert other.triplet_f1_typed == 0.0
+
+
+@pytest.mark.parametrize("field", FIELDS)
+def test_case_still_matters_in_every_field(field):
+    # Exact matching after NFKC: a different letter case is a different string (even full-width).
+    lower = score([(fenced([CANON]), fenced([{**CANON, field: VARIANT[field].lower()}]))])
+    changed = field in ("predicate", "subject_type", "object_type")  # the fields with letters in them
+    assert lower.triplet_f1_typed == (0.0 if changed else 1.0)
 
 
 def test_duplicates_count_once_and_micro_average_across_samples():

@@ -29,6 +29,26 @@ def test_cpu_tiers_follow_the_table(ram, tier, quant, samples, batch, accum):
         (quant, samples, batch, accum)
 
 
+# Each bound on both sides: 1 MB below it is the smaller tier, exactly at it is the next one
+# (the table's bounds are exclusive upper bounds: ``gb < bound``).
+JUST_BELOW = 1 / GB  # 1 MB in GB
+
+
+@pytest.mark.parametrize("ram, tier", [
+    (6 - JUST_BELOW, "cpu-xs"), (6, "cpu-s"), (12 - JUST_BELOW, "cpu-s"), (12, "cpu-m"),
+    (24 - JUST_BELOW, "cpu-m"), (24, "cpu-l")])
+def test_cpu_tier_bounds_are_6_12_24_gb_of_ram_exclusive(ram, tier):
+    plan = apply_tier(cfg(), res(ram))
+    assert (plan.tier, plan.device) == (tier, "cpu")
+
+
+@pytest.mark.parametrize("vram, tier", [
+    (12 - JUST_BELOW, "gpu-s"), (12, "gpu-m"), (24 - JUST_BELOW, "gpu-m"), (24, "gpu-l")])
+def test_gpu_tier_bounds_are_12_24_gb_of_vram_exclusive(vram, tier):
+    plan = apply_tier(cfg(), res(64, gpu_gb=vram))  # RAM plays no part once there is a GPU
+    assert (plan.tier, plan.device) == (tier, "cuda")
+
+
 @pytest.mark.parametrize("vram, tier, rank", [(8, "gpu-s", 8), (16, "gpu-m", 16), (80, "gpu-l", 32)])
 def test_gpu_tiers_by_vram_set_the_lora_rank(vram, tier, rank):
     c = cfg()
