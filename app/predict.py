@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from app.chat import chat
 from app.config import Config
 from app.data import detect_format, to_example
 from app.encode import prompt_text
@@ -211,25 +212,6 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
     return dest
 
 
-def interactive(pred: Predictor) -> None:
-    history: list[dict[str, str]] = []
-    sys.stderr.write("chat: type a message; an empty line or Ctrl-D quits, /reset clears history\n")
-    while True:
-        try:
-            msg = input("你> ")
-        except EOFError:
-            break
-        if not msg.strip():
-            break
-        if msg.strip() == "/reset":
-            history = []
-            continue
-        history.append({"role": "user", "content": msg})
-        sys.stdout.write("模型> ")
-        sys.stdout.flush()
-        history.append({"role": "assistant", "content": pred.generate(history, stream=True)})
-
-
 def run_predict(cfg: Config) -> None:
     p = cfg.predict
     if p.prompt and not p.prompt.strip() and not p.input_file and not p.interactive:  # before loading a model
@@ -239,7 +221,7 @@ def run_predict(cfg: Config) -> None:
     if cfg.predict.input_file:
         predict_file(pred, cfg)
     elif cfg.predict.interactive:
-        interactive(pred)
+        chat(pred)
     else:
         prompt = cfg.predict.prompt or BUILTIN_PROMPT
         sys.stdout.write(f"prompt: {prompt}\n---\n")
