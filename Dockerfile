@@ -50,8 +50,16 @@ RUN useradd --uid 1000 --user-group --create-home --home-dir /home/app --shell /
     && mkdir -p /cache/huggingface /app/data /app/models \
     && chmod 1777 /home/app /cache/huggingface \
     && chown app:app /app/data /app/models
+# A CJK font, so the Chinese labels in the plots (per_predicate_f1.png) are not empty boxes:
+# fonts-wqy-microhei is the smallest one Debian and Ubuntu ship (5 MB, no dependencies). Installed
+# before matplotlib's font cache is built below, so the cache lists it. Not version-pinned: the
+# base image's apt snapshot decides.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fonts-wqy-microhei \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=deps /opt/venv /opt/venv
-# matplotlib's font cache, built once here instead of on every run (the loss plot needs it)
+# matplotlib's font cache, built once here instead of on every run (the plots need it)
 RUN mkdir -m 1777 /opt/matplotlib && python -c "import matplotlib.font_manager"
 WORKDIR /app
 COPY pyproject.toml requirements.txt .env.template ./

@@ -6,12 +6,15 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from app.dist import is_main
 from app.utils import staged_dir
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -145,24 +148,34 @@ class BestAdapter(TrainerCallback):
                 control.should_training_stop = True
 
 
-def plot_losses(metrics_path: Path, out_png: Path) -> bool:
-    """Loss curve (train + eval) from metrics.jsonl; returns False when there is nothing to plot."""
+MARKERS_BELOW = 30  # train-loss points: a shorter run (the quick start logs 3) marks each point
+
+
+def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
+    """Loss curve (train + eval, eval F1 on a second axis) from metrics.jsonl, as a matplotlib
+    Figure not yet drawn or saved; None when there is nothing to plot. Build and save it inside
+    ``app.plots.text_context(title)``, as :func:`plot_losses` does, so a Chinese title renders."""
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     f1 = [(r["step"], r["eval_f1"]) for r in rows if "eval_f1" in r]
     if not train and not evals:
-        return False
-    import matplotlib
+        return None
+    from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")  # headless: containers and CI have no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        # A lone point is an invisible line without a marker, and markers show how few points a
+        # short run has; a long run stays a plain line, where markers would only blur the curve.
+        ax.plot(*zip(*train), marker="o" if len(train) < MARKERS_BELOW else None, markersize=4,
+                label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals), "o-", label="eval loss")  # evaluations are few: always marked
+    # Steps are whole: no 1.25, 1.5 ticks; min_n_ticks=1, else one step (range 0.95-1.05) gets fractions.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -174,6 +187,18 @@ def plot_losses(metrics_path: Path, out_png: Path) -> bool:
         ax2.set_ylim(0, 1)
         ax2.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> bool:
+    """Write loss_figure(metrics_path) to ``out_png``; returns False when there is nothing to plot."""
+    from app.plots import text_context
+
+    # Titled with the run (OUTPUT_DIR's name, perhaps Chinese): a shared PNG says whose curve it is.
+    title = metrics_path.resolve().parent.name
+    with text_context(title):  # the title is its only text that can be Chinese
+        fig = loss_figure(metrics_path, title)
+        if fig is None:
+            return False
+        fig.savefig(out_png, dpi=100)
     return True

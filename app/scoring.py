@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import unicodedata
-import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +27,6 @@ log = logging.getLogger(__name__)
 SPO_KEYS = ("subject", "predicate", "object")
 TYPE_KEYS = ("subject_type", "object_type")
 MAX_LIST_STARTS = 64  # bound the '[' positions tried, so a pathological output can't go quadratic
-CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
-             "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "AR PL UMing CN")
 _decoder = json.JSONDecoder()
 _LIST_OPEN = re.compile(r'\[\s*[{"]')  # a list whose first item is a dict or a string
 
@@ -298,26 +295,24 @@ def _markdown(report: Report, title: str) -> str:
 
 def _chart(report: Report, title: str) -> bytes:
     """PNG bytes of a horizontal per-predicate F1 bar chart."""
-    import matplotlib
-    from matplotlib import font_manager
     from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
 
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    cjk = [name for name in CJK_FONTS if name in installed]
+    from app.plots import text_context
+
     # barh draws bottom-up: reversed, the most frequent predicate is on top, as in report.md.
     items = _by_support(report)[::-1]
-    rc = {"font.sans-serif": cjk + list(matplotlib.rcParams["font.sans-serif"])} if cjk else {}
-    with matplotlib.rc_context(rc), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # missing-glyph warnings when no CJK font is installed
+    labels = [f"{k} (n={m['support']})" for k, m in items]
+    title = title or "Per-predicate F1"
+    with text_context(title, *labels):  # predicates are Chinese: a CJK font, or one warning with the fix
         fig = Figure(figsize=(7, 1.2 + 0.28 * max(len(items), 1)))
         ax = fig.subplots()
         if items:
-            ax.barh([f"{k} (n={m['support']})" for k, m in items], [m["f1"] for _, m in items])
+            ax.barh(labels, [m["f1"] for _, m in items])
         else:
             ax.text(0.5, 0.5, "no triplet samples", ha="center", va="center", transform=ax.transAxes)
         ax.set_xlim(0, 1)
         ax.set_xlabel("F1")
-        ax.set_title(title or "Per-predicate F1")
+        ax.set_title(title)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
