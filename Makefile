@@ -15,6 +15,8 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# help, clean and remove-run run here (not in a container), on the stdlib-only part of app/.
+HOSTPY = $$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) )
 
 # ---- runtime: docker or local -------------------------------------------------------------------
 ifeq ($(origin RUNTIME),undefined)
@@ -51,7 +53,8 @@ ifeq ($(RUNTIME),docker)
   # Every setting (named in the generated .env.template) given on the command line or in the
   # environment is copied into the container: `make train MAX_SAMPLES=100` means the same here.
   SETTINGS := $(shell sed -n 's/^# \([A-Z][A-Z0-9_]*\)=.*/\1/p' .env.template) HF_TOKEN HF_ENDPOINT HF_HUB_OFFLINE
-  FORWARD = $(strip $(foreach v,$(SETTINGS),$(if $(filter-out undefined,$(origin $(v))),-e $(v))))
+  # MAKEFLAGS too: it lists the command line's assignments, which the app checks for misspelt names.
+  FORWARD = $(strip $(foreach v,$(SETTINGS),$(if $(filter-out undefined,$(origin $(v))),-e $(v))) -e MAKEFLAGS)
   PYRUN = $(COMPOSE) run --rm $(FORWARD) --entrypoint python app
   SETUP := image
 else
@@ -64,22 +67,20 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-docker bench-memory bench-onnx clean distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-onnx clean remove-run distclean
 
 help: ## list targets and every variable with its default
 	@echo "usage: make <target> [VAR=value ...]"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
 	@echo
-	@$$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) ) -m app --help | sed -n '/^settings/,$$p'
+	@$(HOSTPY) -m app --help | sed -n '/^settings/,$$p'
 
-$(STAMP): requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+$(STAMP): requirements.txt scripts/setup-venv.sh
+	scripts/setup-venv.sh $(VENV) $(PYTHON)
 	@touch $@
 
-setup: $(SETUP) ## local: create .venv with the pinned requirements (CPU torch); docker: build the image
+setup: $(SETUP) ## local: .venv with the pinned requirements (CPU torch unless an NVIDIA GPU answers; TORCH_INDEX_URL); docker: the image
 
 image: docker-engine
 	$(COMPOSE) build setup
@@ -89,18 +90,16 @@ docker-engine:
 	@docker info >/dev/null 2>&1 || { echo "RUNTIME=docker: no Docker engine answers (docker info failed); start it (e.g. dockerd &) or use RUNTIME=local" >&2; exit 2; }
 	@docker compose version >/dev/null 2>&1 || { echo "RUNTIME=docker: the docker compose plugin is missing; install it, or use RUNTIME=local" >&2; exit 2; }
 
-data/train.jsonl: | $(SETUP)
+data: setup ## write the synthetic sample data to DATA_PATH + dev.jsonl beside it (never over your files)
 	$(APP) generate-data
-
-data: data/train.jsonl ## write the synthetic triplet sample data (data/train.jsonl, data/dev.jsonl)
 
 tiny-model: setup ## build the random tiny model (MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3)
 	$(APP) make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
 
-info: setup data ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory
+info: setup ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory
 	$(APP) info
 
-train: setup data ## fine-tune MODEL_NAME on DATA_PATH -> OUTPUT_DIR
+train: setup ## fine-tune MODEL_NAME on DATA_PATH -> OUTPUT_DIR (sample data first if DATA_PATH is unset and missing)
 	$(APP) train
 
 predict: setup ## answer the built-in triplet prompt with the last adapter
@@ -132,8 +131,11 @@ demo: setup ## offline proof of learning: tiny GLM from scratch, held-out F1 cur
 config: setup ## print the resolved settings
 	$(APP) config
 
-test: $(STAMP) ## run the test suite here in .venv, whatever RUNTIME is (CPU, tiny models, offline)
+test: $(STAMP) ## run the whole test suite here in .venv, whatever RUNTIME is (CPU, tiny models, offline)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the edit loop: the suite without the tests marked slow (under a minute)
+	$(PY) -m pytest -q -m "not slow"
 
 test-docker: image ## run the test suite inside the image
 	$(COMPOSE) run --rm test
@@ -148,10 +150,11 @@ bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, on the ~100M 
 bench: setup ## training speed, the tutorial way (padded, fp32) vs `train`, side by side -> bench/results.md
 	$(PYRUN) -m bench.bench_speed
 
-clean: ## remove outputs, tiny models, generated data and caches (keeps .venv)
-	rm -rf models/lora-adapter models/tiny-glm models/tiny-qwen2 models/tiny-llama models/.last_run \
-		models/demo models/demo-glm data/demo data/train.jsonl data/dev.jsonl .pytest_cache
-	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
+clean: ## remove what the tool made and can remake: tiny models, unchanged sample data, caches (never your data or runs)
+	@$(HOSTPY) -m app clean
 
-distclean: clean ## clean, and remove .venv
+remove-run: ## delete one trained run, named: make remove-run OUTPUT_DIR=models/tiny-lora
+	@$(HOSTPY) -m app remove-run
+
+distclean: clean ## clean, and remove .venv (your data and trained runs stay)
 	rm -rf $(VENV)

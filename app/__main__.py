@@ -17,12 +17,14 @@ log = logging.getLogger("app")
 
 def _train(cfg: Config) -> None:
     from app import dist
-    from app.checkpoints import check_output_dir
+    from app.preflight import preflight
+    from app.workspace import ensure_default_data
 
+    preflight(cfg, "train")  # before importing torch: every cheap problem at once, in well under a second
+    ensure_default_data(cfg)  # the quick start: sample data, only at the default DATA_PATH and only if missing
     if dist.wants_launch(cfg):  # NPROC/NNODES: become torchrun, whose workers run this command again
         dist.launch(cfg)
         return
-    check_output_dir(cfg.validate())  # before importing torch: a refused OUTPUT_DIR costs nothing
     dist.watch_launcher()
     from app.train import FineTuner
 
@@ -30,30 +32,54 @@ def _train(cfg: Config) -> None:
 
 
 def _info(cfg: Config) -> None:
-    """Detected resources, tier, every resolved setting and why, predicted peak memory."""
-    from app.tiers import format_info
+    """Detected resources, tier, every resolved setting and why, predicted peak memory.
+
+    Offline with a hub model that is not downloaded yet, it still shows all of that except the
+    model's shape and the estimate, with the download command, and succeeds: it is the first
+    thing a user runs."""
+    from app.errors import ModelUnavailable
+    from app.preflight import default_data_missing, preflight
+    from app.tiers import fit_memory, format_info
     from app.train import FineTuner
 
-    ft = FineTuner(cfg)
+    preflight(cfg, "info")
+    ft, name = FineTuner(cfg), cfg.model.model_name
     try:
-        ft.setup().prepare_data()
+        ft.setup()
+    except ModelUnavailable as e:
+        sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n\n"  # cli-output
+                         f"model: {name} is not downloaded here and the hub is out of reach, so its shape, "
+                         "MAX_SEQ_LEN and the memory estimate are unknown until it is. Download it with:\n"
+                         f"  {e.command}\n")
+        return
     except UserError:
-        if ft.plan is not None:  # show what was detected before the model/data problem
-            sys.stdout.write(format_info(ft.resources, ft.plan, None, cfg.model.model_name) + "\n")  # cli-output
+        if ft.plan is not None:  # show what was detected before the model problem
+            sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n")  # cli-output
         raise
-    sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, cfg.model.model_name) + "\n")  # cli-output
+    if default_data_missing(cfg):  # nothing to measure yet: the tier's lengths, and say why
+        fit_memory(ft.cfg, ft.resources, ft.shape, None, ft.plan)
+        ft.plan.warnings.append(f"DATA_PATH={cfg.data.data_path} does not exist yet: `make train` writes the "
+                                "synthetic sample data there first; MAX_SEQ_LEN above is the tier's, not your data's")
+    else:
+        ft.prepare_data()
+    sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, name) + "\n")  # cli-output
 
 
 def _predict(cfg: Config) -> None:
     from app.predict import run_predict
+    from app.preflight import preflight
 
-    run_predict(cfg.validate())
+    preflight(cfg, "predict")
+    run_predict(cfg)
 
 
 def _evaluate(cfg: Config) -> None:
+    from app.preflight import preflight
+
+    preflight(cfg, "evaluate")
     from app.evaluate import run_evaluate
 
-    run_evaluate(cfg.validate())
+    run_evaluate(cfg)
 
 
 def _merge(cfg: Config) -> None:
@@ -84,12 +110,21 @@ def _make_tiny(cfg: Config) -> None:
 
 
 def _generate_data(cfg: Config) -> None:
-    from pathlib import Path
+    from app.workspace import write_sample_data
 
-    from app.datagen import write_dataset
+    write_sample_data(cfg.validate().data.data_path, seed=cfg.train.seed, replace=cfg.data.replace_data)
 
-    out = Path(cfg.data.data_path).parent
-    write_dataset(out, seed=cfg.train.seed)
+
+def _clean(cfg: Config) -> None:
+    from app.workspace import clean
+
+    clean()
+
+
+def _remove_run(cfg: Config) -> None:
+    from app.workspace import remove_run
+
+    remove_run(cfg.validate())
 
 
 def _show_config(cfg: Config) -> None:
@@ -113,7 +148,11 @@ COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
     "export-onnx": (_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR"),
     "demo": (_demo, "offline proof of learning: synthetic data, tiny GLM from scratch, held-out F1 curve"),
     "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3"),
-    "generate-data": (_generate_data, "write synthetic triplet train/dev .jsonl next to DATA_PATH"),
+    "generate-data": (_generate_data, "write the synthetic triplet sample data to DATA_PATH and dev.jsonl beside it "
+                                      "(never over a file of yours; REPLACE_DATA=1 to overwrite)"),
+    "clean": (_clean, "remove what the tool made and can remake (tiny models, unchanged sample data, caches); "
+                      "never your data or a trained run"),
+    "remove-run": (_remove_run, "delete the trained run OUTPUT_DIR=<dir> (and nothing else)"),
     "config": (_show_config, "print the resolved settings (after .env, environment and arguments)"),
     "env-template": (_env_template, "print a .env template with every variable and its default"),
 }

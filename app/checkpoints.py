@@ -129,30 +129,37 @@ def finished_run(out: Path) -> str | None:
 
 
 def check_output_dir(cfg: Config) -> None:
+    """Raise the first output_dir_problems() line (training re-checks just before it writes)."""
+    problems = output_dir_problems(cfg)
+    if problems:
+        raise UserError(problems[0])
+
+
+def output_dir_problems(cfg: Config) -> list[str]:
     """Before anything is loaded or written: OUTPUT_DIR is writable, and a finished run there is
-    replaced only when asked (OVERWRITE=1, or RESUME=<a checkpoint>)."""
+    replaced only when asked (OVERWRITE=1, or RESUME=<a checkpoint>). At most one line."""
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"OUTPUT_DIR={out} is a file; point OUTPUT_DIR at a directory")
+        return [f"OUTPUT_DIR={out} is a file; point OUTPUT_DIR at a directory"]
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"OUTPUT_DIR={out}: {probe} is a file, not a directory; choose another OUTPUT_DIR")
+        return [f"OUTPUT_DIR={out}: {probe} is a file, not a directory; choose another OUTPUT_DIR"]
     for d in (probe, out / CHECKPOINTS):
         if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
-            raise UserError(f"OUTPUT_DIR={out}: cannot write to {d} (permission denied or a read-only file "
-                            "system); choose a writable OUTPUT_DIR, or fix its permissions")
+            return [f"OUTPUT_DIR={out}: cannot write to {d} (permission denied or a read-only file "
+                    "system); choose a writable OUTPUT_DIR, or fix its permissions"]
     done = finished_run(out) if out.is_dir() else None
     if done is None or latest_checkpoint(out / CHECKPOINTS) is not None:
-        return  # nothing finished there, or an unfinished run in progress (resumed)
+        return []  # nothing finished there, or an unfinished run in progress (resumed)
     if cfg.train.overwrite or cfg.train.resume != "auto":
-        return
+        return []
     if "RESUME" in cfg.explicit:
-        raise UserError(f"RESUME=auto: OUTPUT_DIR={out} holds a finished run ({done}) and no checkpoint to "
-                        "continue from; set OVERWRITE=1 to train again, or RESUME=<a checkpoint-N dir>")
-    raise UserError(f"OUTPUT_DIR={out} already holds a finished run ({done}); set OVERWRITE=1 to train again "
-                    "and replace it when the new run finishes, or choose another OUTPUT_DIR")
+        return [f"RESUME=auto: OUTPUT_DIR={out} holds a finished run ({done}) and no checkpoint to "
+                "continue from; set OVERWRITE=1 to train again, or RESUME=<a checkpoint-N dir>"]
+    return [f"OUTPUT_DIR={out} already holds a finished run ({done}); set OVERWRITE=1 to train again "
+            "and replace it when the new run finishes, or choose another OUTPUT_DIR"]
 
 
 def resume_checkpoint(cfg: Config) -> Path | None:

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 # that transformers loads natively (no trust_remote_code).
 DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
 ALL = "all"  # how an optional count (int | None) spells None: MAX_SAMPLES=all
+# The settings TIER=auto decides when you leave them unset (app/tiers.py sets them; a test keeps this
+# list equal to its tables). Their defaults below are what TIER=none runs with.
+TIERED = ("QUANT_LEVEL", "MAX_SAMPLES", "BATCH_SIZE", "GRAD_ACCUM", "LORA_R", "MAX_SEQ_LEN", "GRADIENT_CHECKPOINTING")
 
 
 @dataclass
@@ -56,10 +60,13 @@ class DataArgs:
     data_format: str = _f("auto", "Record format; auto detects it per file",
                           ("auto", "context_target", "alpaca", "text", "messages", "sharegpt"))
     max_samples: int | None = _f(None, "Use at most this many training records, sampled with SEED; all = every "
-                                       "record (also when empty)")
+                                       "record (also when empty); records a tier leaves out are named in a warning")
     val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
     max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
     max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
+    replace_data: bool = _f(False, "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
+                                   "with sample data (without it, only missing files, or sample data this tool wrote "
+                                   "and nobody changed, are written)")
 
 
 @dataclass
@@ -98,7 +105,9 @@ class ResourceArgs:
 
 @dataclass
 class TrainArgs:
-    output_dir: str = _f("models/lora-adapter", "Where the adapter, checkpoints, metrics and plot go")
+    output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go; empty = models/<last part of "
+                             "MODEL_NAME>-<METHOD> (e.g. models/tiny-lora), so runs of different models or methods "
+                             "never collide")
     num_epochs: float = _f(3.0, "Passes over the training data")
     max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
     batch_size: int = _f(1, "Micro-batch size per step")
@@ -148,7 +157,7 @@ class PredictArgs:
     prompt: str = _f("", "Prompt for predict-custom")
     input_file: str = _f("", "File mode: one prompt or record per line (any DATA_FORMAT)")
     output_file: str = _f("", "File mode output (.jsonl); empty = <INPUT_FILE stem>.pred.jsonl")
-    interactive: bool = _f(False, "Chat in the terminal until an empty line or Ctrl-D")
+    interactive: bool = _f(False, "Chat in the terminal until /exit or Ctrl-D")
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
     predict_batch_size: int = _f(8, "Prompts generated together in file mode, evaluation and F1 during training "
@@ -212,25 +221,34 @@ class Config:
     @classmethod
     def load(cls, overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
              dotenv_path: str | Path | None = ".env") -> "Config":
-        """Defaults < .env < environment < overrides. Raises ConfigError listing every problem."""
+        """Defaults < .env < environment < overrides. Raises ConfigError listing every problem.
+
+        Every key must name a setting, however it was given: a ``KEY=value`` argument, a line of
+        ``.env``, or an assignment on the ``make`` command line (make passes those through the
+        environment, where a misspelt name would otherwise vanish among the shell's variables; make
+        lists them in MAKEFLAGS). ``.env`` and make may also hold the names docker compose, the
+        Makefile and the ML libraries read (OTHER_VARIABLES, OTHER_PREFIXES).
+        """
         env = dict(os.environ) if env is None else env
-        layers: list[dict[str, Any]] = [_read_dotenv(dotenv_path), env, overrides or {}]
-        cfg, problems, known = cls(), [], cls.variables()
+        dotenv = _read_dotenv(dotenv_path)
+        layers: list[dict[str, Any]] = [dotenv, env, overrides or {}]
+        cfg, known = cls(), cls.variables()
+        problems = [p for p in (_unknown(k, f"in {dotenv_path}") for k in dotenv) if p]
+        problems += [p for p in (_unknown(k, "on the make command line") for k in make_overrides(env)) if p]
+        problems += [p for p in (_unknown(k, None) for k in layers[2]) if p]
         cfg.explicit = set()  # variables the user set, in any layer (tiers and predict defer to them)
-        for i, layer in enumerate(layers):
+        for layer in layers:
             for key, raw in layer.items():
                 var = key.upper()
                 if var not in known:
-                    if i == 2:  # only CLI keys must be known; the environment holds plenty else
-                        hint = difflib.get_close_matches(var, known, n=1)
-                        problems.append(f"{key}: unknown setting" +
-                                        (f"; did you mean {hint[0]}?" if hint else "; see `python -m app --help`"))
-                    continue
+                    continue  # reported above where it matters; the environment holds plenty else
                 try:
                     cfg.assign(var, raw)
                     cfg.explicit.add(var)
                 except ConfigError as e:
                     problems.extend(e.problems)
+        if not cfg.train.output_dir.strip():  # derived once, here, and saved with the run
+            cfg.train.output_dir = default_output_dir(cfg.model.model_name, cfg.lora.method)
         if problems:  # report range problems of the parsable values too: all at once
             try:
                 cfg.validate()
@@ -323,7 +341,9 @@ class Config:
                 lines.append(f"[{sec}]")
                 section = sec
             extra = f" [{'|'.join(choices)}]" if choices else ""
-            lines.append(f"  {var:<24} = {shown!s:<22} {help_}{extra}")
+            tiered = " (unset, TIER=auto decides it from RAM/VRAM: `make info` shows the value)" \
+                if var in TIERED else ""
+            lines.append(f"  {var:<24} = {shown!s:<22} {help_}{extra}{tiered}")
         return "\n".join(lines)
 
 def env_template() -> str:
@@ -426,6 +446,66 @@ def _read_dotenv(path: str | Path | None) -> dict[str, str]:
     from dotenv import dotenv_values  # lazy: keeps `make help` free of third-party imports
 
     return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+# Names that .env and the make command line may hold besides the settings: docker compose
+# (docker-compose*.yml) and the Makefile read these, and libraries read the prefixed ones.
+OTHER_VARIABLES = frozenset({
+    "RUNTIME", "CUDA", "VENV", "PYTHON", "TORCH_INDEX_URL", "UID", "GID", "MEM_LIMIT", "CPUS", "ENV_FILE",
+    "BASE_IMAGE", "CUDA_BASE_IMAGE", "CUDA_TORCH_INDEX_URL", "GPU_COUNT", "STOP_GRACE_PERIOD", "SHARED_DIR",
+    "REQUIRE_REAL_DATA", "PYTEST_ARGS",
+})
+OTHER_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "PYTORCH_", "CUDA_", "NCCL_",
+                  "OMP_", "MKL_", "KMP_", "BNB_", "ACCELERATE_", "DS_", "COMPOSE_", "DOCKER_", "PIP_")
+
+
+def _unknown(key: str, where: str | None) -> str | None:
+    """The problem line for a key that names no setting, else None. ``where`` None: a
+    ``python -m app KEY=value`` argument, which must be a setting; else .env or make, which may
+    also carry compose/Makefile/library names (unless the name is one typo away from a setting)."""
+    var = key.strip().upper()
+    known = Config.variables()
+    if var in known:
+        return None
+    near = [v for v in known if _edits(var, v) <= 2]
+    if where is not None and not near and (var in OTHER_VARIABLES or var.startswith(OTHER_PREFIXES)):
+        return None
+    hint = near[:1] or difflib.get_close_matches(var, known, n=1)
+    return (f"{key}{f' ({where})' if where else ''}: unknown setting; " +
+            (f"did you mean {hint[0]}?" if hint else "see `python -m app --help` (make help) for the settings"))
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (short strings): how many typos apart two names are."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def make_overrides(env: dict[str, str]) -> list[str]:
+    """Names assigned on the make command line (``make train MAX_SAMPLE=10``): GNU make lists them
+    in MAKEFLAGS after `` -- ``, space-separated, with spaces inside values escaped as ``\\ ``."""
+    flags = env.get("MAKEFLAGS", "")
+    _, sep, assigns = flags.partition(" -- ")
+    if not sep and flags.startswith("-- "):
+        assigns = flags[3:]
+    names = []
+    for word in re.split(r"(?<!\\) ", assigns):
+        name, eq, _ = word.partition("=")
+        name = name.rstrip(":+?!")
+        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            names.append(name)
+    return names
+
+
+def default_output_dir(model_name: str, method: str) -> str:
+    """models/<last part of MODEL_NAME>-<METHOD>: the quick start's tiny run and a real run get
+    their own dirs, so neither refuses the other as a finished run."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name.strip().rstrip("/\\") or "model").name).strip("-.")
+    return f"models/{slug or 'model'}-{method}"
 
 
 def parse_cli_overrides(args: list[str]) -> dict[str, str]:

@@ -11,6 +11,7 @@ more than MAX_BAD_RATIO bad ones, stops the run with one line before anything is
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import random
@@ -195,8 +196,12 @@ def to_example(rec: Any, fmt: str, line: int = 0) -> Example:
 
 
 def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.0,
-                  setting: str = "DATA_PATH") -> tuple[list[Example], LoadReport]:
-    """Read a file (or hub dataset) into Examples, skipping and counting bad records."""
+                  setting: str = "DATA_PATH", limit: int | None = None,
+                  warn: bool = True) -> tuple[list[Example], LoadReport]:
+    """Read a file (or hub dataset) into Examples, skipping and counting bad records.
+
+    ``limit``: read only the first records (a quick look: the bad-record ratio is then not judged,
+    since it is a property of the whole file). ``warn``: log the skipped records."""
     p = Path(path)
     if not p.exists():
         if _HUB_NAME.match(str(path)) and p.suffix.lower() not in (".jsonl", ".json", ".csv", ".txt"):
@@ -208,20 +213,22 @@ def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.
         raise UserError(f"{setting}={path} is a directory; point it at a data file")
     else:
         raw = _iter_raw(p, setting)
+    if limit is not None:
+        raw = itertools.islice(raw, limit)
     try:
         examples, report = _collect(raw, fmt, str(path), setting)
     except UnicodeDecodeError:
         line = _first_undecodable_line(p)
         raise UserError(f"{setting}={path}: line {line} is not UTF-8 text; save the file as UTF-8 "
                         "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
-    if report.bad:
+    if report.bad and warn:
         log.warning("%s", report.summary())
     if not report.total:
         raise UserError(f"{setting}={path}: the file holds no records (it is empty); point {setting} at your "
                         "data, or run `make data` for the sample data")
     if not examples:
         raise UserError(f"{setting}={path}: no valid records ({report.summary()}); fix the file or DATA_FORMAT")
-    if len(report.bad) / report.total > max_bad_ratio:
+    if limit is None and len(report.bad) / report.total > max_bad_ratio:
         raise UserError(f"{setting}={path}: {len(report.bad)} of {report.total} records are bad, more than "
                         f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
                         "MAX_BAD_RATIO")

@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 from app.config import Config
 from app.datagen import build_context, generate_samples, parse_target
 from app.utils import atomic_write_text
+from app.workspace import record_generated, refuse_unless_generated
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,12 @@ def write_demo_data(out: Path, n_train: int, n_heldout: int, seed: int, copy_fra
                "target": sentence_of(s["context"])} for s in rng.sample(train, int(copy_fraction * len(train)))]
     train = train + copies
     rng.shuffle(train)
-    for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+    files = (("train.jsonl", train), ("heldout.jsonl", heldout))
+    for name, _ in files:  # all checked before any is written
+        refuse_unless_generated(out / name, "make demo")
+    for name, rows in files:
         atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        record_generated(out / name)
     log.info("demo data: %d train (%d of them copy samples), %d held-out samples with unseen subjects -> %s",
              len(train), len(copies), len(heldout), out)
     return out / "train.jsonl", out / "heldout.jsonl"

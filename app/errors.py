@@ -11,3 +11,14 @@ class UserError(Exception):
     def __init__(self, problems: str | list[str]):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class ModelUnavailable(UserError):
+    """MODEL_NAME is a hub name that is neither cached nor reachable (offline, or a typo).
+
+    ``make info`` still shows resources, tier and settings for it; everything that needs the
+    weights stops with the one line, which holds the download command."""
+
+    def __init__(self, problem: str, name: str, command: str):
+        super().__init__(problem)
+        self.name, self.command = name, command

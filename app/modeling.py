@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
-from app.errors import UserError
+from app.errors import ModelUnavailable, UserError
 from app.tiny import resolve_model
 
 log = logging.getLogger(__name__)
@@ -46,9 +46,20 @@ def _load_error(name: str, err: Exception) -> UserError:
     if Path(name).exists():
         return UserError(f"MODEL_NAME={name}: this dir does not hold a loadable model ({first}); "
                          "it needs config.json, weights and tokenizer files")
-    return UserError(f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
-                     f"({type(err).__name__}: {first}). Offline? Download it once, or point MODEL_NAME at a "
-                     "local model dir, or use MODEL_NAME=tiny for an offline smoke run")
+    command, local = download_command(name)
+    return ModelUnavailable(f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
+                            f"({type(err).__name__}: {first}). Offline? Download it once where the hub is "
+                            f"reachable: `{command}`, then MODEL_NAME={local}; or use MODEL_NAME=tiny for an "
+                            "offline smoke run", name, command)
+
+
+def download_command(name: str) -> tuple[str, str]:
+    """(the shell command that downloads hub model ``name`` into models/, the MODEL_NAME to use then).
+
+    Into models/ rather than the HF cache: models/ is mounted in the container too, so the same
+    download serves both runtimes. ``hf`` is huggingface_hub's CLI, installed in .venv."""
+    local = f"models/{Path(name.rstrip('/')).name}"
+    return f".venv/bin/hf download {name} --local-dir {local}", local
 
 
 def go_offline_if_hub_unreachable(name: str) -> None:
@@ -78,10 +89,18 @@ def resolve(cfg: Config) -> str:
     """The path or hub name to load, building a tiny model on first use. A name that can only be
     a local path (and is not there) fails at once, without asking the hub."""
     name = cfg.model.model_name
-    if _is_local_path(name) and not Path(name).expanduser().exists():
-        raise UserError(f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
-                        "(config.json, weights, tokenizer), a hub name (owner/name), or tiny")
+    problem = local_model_problem(name)
+    if problem:
+        raise UserError(problem)
     return resolve_model(name)
+
+
+def local_model_problem(name: str) -> str | None:
+    """The one-line problem when MODEL_NAME can only be a local path and is not there (no hub asked)."""
+    if _is_local_path(name) and not Path(name).expanduser().exists():
+        return (f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
+                "(config.json, weights, tokenizer), a hub name (owner/name), or tiny")
+    return None
 
 
 def _is_local_path(name: str) -> bool:

@@ -72,6 +72,7 @@ class FineTuner:
         self.val_rows: list[dict] = []
         self.val_examples: list[Any] = []
         self.data_report: dict[str, Any] = {}
+        self.records: dict[str, Any] = {}  # how many of the data's records the run uses, and why
         self.guard: Any = None
         self.stop: Any = None  # app.signals.StopRequest while train() runs
         self.resume_from: Path | None = None  # RESUME's checkpoint (train() finds it)
@@ -116,6 +117,7 @@ class FineTuner:
         d, seed = self.cfg.data, self.cfg.train.seed
         examples, report = read_examples(d.data_path, d.data_format, d.max_bad_ratio, "DATA_PATH")
         train_ex, val_ex = sample_and_split(examples, d.max_samples, d.val_size, seed, bool(d.val_path))
+        self.records = self._records_used(len(examples), len(train_ex), len(val_ex))
         reports = [report]
         if d.val_path:
             val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
@@ -140,9 +142,29 @@ class FineTuner:
         if val_ex:
             log.info("validation: %s", vstats.summary(d.max_seq_len))
         log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in self.plan.decisions.items()))
-        self.data_report = {"sources": [r.summary() for r in reports], "train": _stats(tstats),
-                            "validation": _stats(vstats)}
+        self.data_report = {"sources": [r.summary() for r in reports], "records": self.records,
+                            "train": _stats(tstats), "validation": _stats(vstats)}
         return self
+
+    def _records_used(self, valid: int, n_train: int, n_val: int) -> dict[str, Any]:
+        """How many of the file's valid records this run uses. When the tier (not the user) set a
+        MAX_SAMPLES that leaves records out, that is a WARNING, now and in summary.json: the user
+        asked to train on a file, and gets part of it."""
+        d = self.cfg.data
+        used = min(valid, d.max_samples) if d.max_samples is not None else valid
+        why = "set by you" if "MAX_SAMPLES" in self.cfg.explicit else \
+            self.plan.decisions.get("MAX_SAMPLES", (None, "default"))[1]
+        records = {"valid": valid, "used": used, "train": n_train, "validation": n_val, "left_out": valid - used,
+                   "max_samples": d.max_samples, "why": why}
+        if used < valid:
+            held = "" if d.val_path else f", {n_val} of them held out for validation"
+            note = (f"DATA_PATH={d.data_path}: using {used:,} of its {valid:,} valid records (MAX_SAMPLES={used}: "
+                    f"{why}){held}; {valid - used:,} records are left out")
+            if "MAX_SAMPLES" in self.cfg.explicit:
+                log.info("%s", note)
+            else:
+                self.plan.warnings.append(f"{note}. Set MAX_SAMPLES=all to train on every record")
+        return records
 
     def _tune_allocator(self) -> None:
         """RELEASE_MEMORY, decided from the predicted peak (app/memory_monitor.release_memory)."""
@@ -256,6 +278,10 @@ class FineTuner:
                      result.steps, seconds, result.train_loss,
                      "" if eval_loss is None else f", eval loss {eval_loss:.4f}", result.tokens_per_s,
                      result.peak_rss_mb, out)
+            if self.records.get("left_out") and "MAX_SAMPLES" not in self.cfg.explicit:  # said at the start too
+                log.warning("trained on %d of the %d valid records (MAX_SAMPLES=%s: %s); MAX_SAMPLES=all uses "
+                            "every record", self.records["used"], self.records["valid"], self.records["max_samples"],
+                            self.records["why"])
         dist.barrier()  # the other ranks return once rank 0's outputs are complete
         return result
 
@@ -276,6 +302,7 @@ class FineTuner:
         write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v
                                              for k, v in result.__dict__.items()},
                                           "memory": peaks, "plan": {v: self.cfg.get(v) for v in PLANNED},
+                                          "records": self.records, "warnings": list(self.plan.warnings),
                                           "world_size": dist.world_size(),
                                           "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
         atomic_write_text(LAST_RUN_FILE, _portable_path(out) + "\n")

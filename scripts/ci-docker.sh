@@ -134,7 +134,7 @@ t=$(date +%s)
 # OVERWRITE=1: this script may run again in the same checkout, where the last run's adapter is kept otherwise
 docker compose run --rm -e MODEL_NAME=tiny -e MAX_SAMPLES=20 -e NUM_EPOCHS=1 -e OVERWRITE=1 train || die "train failed"
 echo "train: $(( $(date +%s) - t ))s"
-adapter=models/lora-adapter/adapter_model.safetensors
+adapter=models/tiny-lora/adapter_model.safetensors
 [ -f "$adapter" ] || die "no adapter on the host at $adapter"
 owner=$(stat -c %u:%g "$adapter")
 [ "$owner" = "$(id -u):$(id -g)" ] || die "$adapter is owned by $owner, not the invoking user $(id -u):$(id -g)"
@@ -203,7 +203,7 @@ as_user make train MODEL_NAME=tiny MAX_SAMPLES=20 || die "make train (docker) fa
 as_user make predict-custom MODEL_NAME=tiny PROMPT="《星河往事》是由林远执导的电视剧。" MAX_NEW_TOKENS=16 \
     || die "make predict-custom (docker) failed"
 echo "make setup + train + predict-custom: $(( $(date +%s) - t ))s"
-owner=$(stat -c %u "$clone/models/lora-adapter/adapter_model.safetensors")
+owner=$(stat -c %u "$clone/models/tiny-lora/adapter_model.safetensors")
 [ "$owner" = "$NONROOT_UID" ] || die "make train wrote the adapter as uid $owner, not the invoking uid $NONROOT_UID"
 echo "adapter owned by uid $owner"
 

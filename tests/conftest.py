@@ -5,10 +5,73 @@ on the repo's own ``models/`` directory.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The real DuIE data beside the project (CI has it; a user's clone usually does not).
+REAL_DATA_DIR = REPO.parent / "shared" / "data" / "duie-mixed"
+_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wheels"}
+
+
+# ---- the checkout stays as it was -------------------------------------------------------------------
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """relative path -> (size, mtime) of every file under the checkout but the venv, git and caches."""
+    out: dict[str, tuple[int, int]] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+_EDITED_FILES = {"Makefile", "README.md", "CONTRIBUTING.md", "Dockerfile", "Dockerfile.cuda", "docker-compose.yml",
+                 "docker-compose.cuda.yml", "pyproject.toml", "requirements.txt", ".env.template", ".gitignore",
+                 ".dockerignore"}
+
+
+def _source(path: str) -> bool:
+    """Code and docs a person edits (perhaps while the suite runs), not what a command writes."""
+    top = path.split(os.sep, 1)[0]
+    return path.endswith(".py") or path in _EDITED_FILES or top in ("app", "tests", "scripts", "configs", ".ci", "docs")
+
+
+@pytest.fixture(autouse=True)
+def _checkout_untouched(request):
+    """Fail any test that writes into the checkout (models/.last_run, data/, a tiny model...): the
+    suite must leave `git status` and the user's last run as they were. Edited source files are
+    not counted (someone may be editing while the suite runs); new, deleted or changed others are."""
+    before = _tree(REPO)
+    yield
+    after = _tree(REPO)
+    changed = sorted(p for p in set(before) ^ set(after) | {p for p in set(before) & set(after) if before[p] != after[p]}
+                     if not _source(p))
+    if changed:
+        pytest.fail(f"{request.node.nodeid} wrote into the checkout: {', '.join(changed[:8])}; write under "
+                    "tmp_path (monkeypatch.chdir(tmp_path)) instead", pytrace=False)
+
+
+# ---- the real data ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """../shared/data/duie-mixed, or a skip naming it; with REQUIRE_REAL_DATA=1 (CI) a failure instead."""
+    if (REAL_DATA_DIR / "train.jsonl").is_file() and (REAL_DATA_DIR / "dev.jsonl").is_file():
+        return REAL_DATA_DIR
+    why = (f"the real DuIE data is not beside this checkout ({REAL_DATA_DIR}/train.jsonl and dev.jsonl; "
+           "CI provides it)")
+    if os.environ.get("REQUIRE_REAL_DATA", "0") not in ("", "0"):
+        pytest.fail(f"REQUIRE_REAL_DATA=1: {why}", pytrace=False)
+    pytest.skip(why)
 
 
 def _build(tmp_path_factory, name):

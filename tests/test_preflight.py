@@ -1,0 +1,185 @@
+"""Nothing silent, nothing late (issue 14, items 4, 6, 7 and 10): a misspelt variable is an error
+however it was given; every problem that needs no model is reported together before torch is
+imported; the quick start and a real run get their own OUTPUT_DIR; `info` works offline."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import TIERED, Config, ConfigError, default_output_dir, make_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables() and k != "MAKEFLAGS"}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def _app(args, cwd, **extra):
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=_env(**extra), capture_output=True,
+                          text=True, timeout=600)
+
+
+def _errors(proc):
+    return [line.split(" ERROR app: ", 1)[1] for line in proc.stderr.splitlines() if " ERROR app: " in line]
+
+
+# ---- item 4: a misspelt name is an error, however it was given ------------------------------------------
+
+def test_make_command_line_names_are_checked():
+    assert make_overrides({"MAKEFLAGS": r"s -- PROMPT=a\ b=c\ 中文 MAX_SAMPLE=10"}) == ["PROMPT", "MAX_SAMPLE"]
+    assert make_overrides({"MAKEFLAGS": " -j2 --jobserver-auth=3,4 -- X:=1"}) == ["X"]
+    assert make_overrides({"MAKEFLAGS": ""}) == [] and make_overrides({}) == []
+    with pytest.raises(ConfigError) as err:
+        Config.load(env={"MAKEFLAGS": " -- MAX_SAMPLE=10 RUNTIME=local HF_TOKEN=x OMP_NUM_THREADS=2 "
+                                      "TORCH_COMPIL=1", "MAX_SAMPLE": "10"}, dotenv_path=None)
+    assert err.value.problems == [
+        "MAX_SAMPLE (on the make command line): unknown setting; did you mean MAX_SAMPLES?",
+        "TORCH_COMPIL (on the make command line): unknown setting; did you mean TORCH_COMPILE?"]
+
+
+def test_unknown_keys_in_dotenv_are_errors_but_compose_and_library_names_are_not(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MAX_SAMPLE=10\nLORA_R=4\nUID=1000\nMEM_LIMIT=6g\nHF_ENDPOINT=https://hf-mirror.com\n"
+                      "CUDA_VISIBLE_DEVICES=0\nBATCHSIZE=2\n")
+    with pytest.raises(ConfigError) as err:
+        Config.load(env={}, dotenv_path=dotenv)
+    assert len(err.value.problems) == 2, err.value.problems
+    assert f"MAX_SAMPLE (in {dotenv}): unknown setting; did you mean MAX_SAMPLES?" in err.value.problems
+    assert any(p.startswith("BATCHSIZE") and "BATCH_SIZE" in p for p in err.value.problems)
+    dotenv.write_text("LORA_R=4\nUID=1000\nHF_ENDPOINT=x\n")
+    assert Config.load(env={}, dotenv_path=dotenv).lora.lora_r == 4
+
+
+def test_make_train_with_a_misspelt_variable_fails_before_anything_runs(tmp_path):
+    """The issue's reproduction, through make itself: MAX_SAMPLE=10 used to train on every record."""
+    proc = subprocess.run(["make", "-o", ".venv/.installed", "-C", str(REPO), "train", "MAX_SAMPLE=10",
+                           "RUNTIME=local", f"OUTPUT_DIR={tmp_path}/out", "DATA_PATH=/nonexistent/x.jsonl"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "MAX_SAMPLE (on the make command line): unknown setting; did you mean MAX_SAMPLES?" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---- item 6: every cheap problem at once, before torch ----------------------------------------------------
+
+@pytest.fixture
+def no_torch(tmp_path):
+    """A PYTHONPATH entry whose `torch` stops the process: a command that imports it before its
+    pre-flight is over prints that instead of the problems."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
+    return str(tmp_path / "stub")
+
+
+def _finished_run(out: Path) -> None:
+    out.mkdir(parents=True)
+    (out / "adapter_model.safetensors").write_bytes(b"x")
+    (out / "summary.json").write_text(json.dumps({"steps": 7}))
+
+
+def test_train_reports_every_cheap_problem_together_without_importing_torch(tmp_path, no_torch):
+    _finished_run(tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "app", "train", "DATA_PATH=nope.jsonl", "OUTPUT_DIR=out",
+                           "MODEL_NAME=./no-model", "BATCH_SIZE=0", "VAL_PATH=val.csv"], cwd=tmp_path,
+                          env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "torch was imported" not in proc.stderr and "Traceback" not in proc.stderr
+    errors = _errors(proc)
+    assert [e.split(":")[0].split(" ")[0].split("=")[0] for e in errors] == [
+        "BATCH_SIZE", "DATA_PATH", "VAL_PATH", "MODEL_NAME", "OUTPUT_DIR"], errors
+    assert "DATA_PATH=nope.jsonl: no such file" in errors[1] and "already holds a finished run" in errors[4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stub"]  # nothing written
+
+
+def test_bad_records_are_found_before_torch_too(tmp_path, no_torch):
+    (tmp_path / "bad.jsonl").write_text("not json\n{\"context\": \"q\"}\n{\"context\": \"q\", \"target\": \"a\"}\n")
+    proc = subprocess.run([sys.executable, "-m", "app", "train", "DATA_PATH=bad.jsonl", "MODEL_NAME=tiny"],
+                          cwd=tmp_path, env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "torch was imported" not in proc.stderr, proc.stderr
+    assert _errors(proc) == ["DATA_PATH=bad.jsonl: 2 of 3 records are bad, more than MAX_BAD_RATIO=0.2 "
+                             "(line 1: bad JSON; line 2: missing field 'target'); fix those lines or raise "
+                             "MAX_BAD_RATIO"]
+
+
+def test_large_files_get_a_quick_look_only(tmp_path, monkeypatch):
+    """Over QUICK_LOOK_MB only the first records are read before training (the bad ratio is a
+    property of the whole file, judged when training reads it): a bad first record still shows."""
+    import app.preflight as pf
+
+    monkeypatch.setattr(pf, "QUICK_LOOK_MB", 0)
+    monkeypatch.setattr(pf, "QUICK_LOOK_RECORDS", 2)
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"context": "q", "target": "a"}\n' * 2 + "bad\n" * 5)  # 5 of 7 bad: past the first two
+    cfg = Config.load(overrides={"DATA_PATH": str(path), "MODEL_NAME": "tiny"}, env={}, dotenv_path=None)
+    assert pf._data_problems(cfg, "train") == []
+    path.write_text('{"prompt": "q"}\n' + '{"context": "q", "target": "a"}\n' * 5)
+    assert "cannot tell the record format" in pf._data_problems(cfg, "train")[0]
+
+
+# ---- item 7: the quick start and the real run do not collide ---------------------------------------------
+
+def test_default_output_dir_is_per_model_and_method():
+    tiny = Config.load(overrides={"MODEL_NAME": "tiny"}, env={}, dotenv_path=None)
+    real = Config.load(env={}, dotenv_path=None)
+    assert tiny.train.output_dir == "models/tiny-lora"
+    assert real.train.output_dir == "models/glm-edge-1.5b-chat-lora"
+    assert Config.load(overrides={"MODEL_NAME": "tiny", "METHOD": "full"}, env={},
+                       dotenv_path=None).train.output_dir == "models/tiny-full"
+    assert default_output_dir("/home/me/my models/Qwen2.5-0.5B/", "qlora") == "models/Qwen2.5-0.5B-qlora"
+    given = Config.load(overrides={"MODEL_NAME": "tiny", "OUTPUT_DIR": "runs/a"}, env={}, dotenv_path=None)
+    assert given.train.output_dir == "runs/a" and "OUTPUT_DIR" in given.explicit
+    assert "OUTPUT_DIR" not in tiny.explicit  # derived, not the user's
+
+
+def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch):
+    """After the README's tiny run, the next (real) `make train` is not refused as a finished run."""
+    _finished_run(tmp_path / "models" / "tiny-lora")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"context": "q", "target": "a"}\n')
+    proc = subprocess.run([sys.executable, "-c", "from app.config import Config; from app.preflight import "
+                           "preflight; preflight(Config.load(), 'train'); print('ok')"], cwd=tmp_path,
+                          env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# ---- item 5 (help) and item 10: info offline ---------------------------------------------------------------
+
+def test_help_says_the_tier_decides_the_tiered_defaults():
+    from app.config import _tier_settings
+
+    assert set(TIERED) == set(_tier_settings())
+    text = Config.help_text()
+    for var in TIERED:
+        line = next(x for x in text.splitlines() if x.strip().startswith(var + " "))
+        assert "TIER=auto decides it" in line, line
+
+
+def test_info_offline_shows_everything_but_the_shape_and_the_download_command(tmp_path):
+    proc = _app(["info", "MODEL_NAME=nobody/not-downloaded-model", "MEMORY_LIMIT_MB=8192"], tmp_path,
+                HF_HUB_OFFLINE="1")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "RAM total" in out and re.search(r"tier +cpu-s", out) and "MAX_SAMPLES" in out
+    assert "hf download nobody/not-downloaded-model --local-dir models/not-downloaded-model" in out
+    assert "shape" in out and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()  # info writes nothing, not even the sample data
+
+
+def test_offline_training_error_gives_the_download_command(tmp_path):
+    proc = _app(["train", "MODEL_NAME=nobody/not-downloaded-model"], tmp_path, HF_HUB_OFFLINE="1")
+    assert proc.returncode == 2
+    (line,) = _errors(proc)
+    assert "MODEL_NAME=nobody/not-downloaded-model: not found locally" in line
+    assert "`.venv/bin/hf download nobody/not-downloaded-model --local-dir models/not-downloaded-model`" in line
+    assert "huggingface-cli" not in (REPO / "README.md").read_text(encoding="utf-8")

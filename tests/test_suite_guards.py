@@ -1,0 +1,55 @@
+"""The suite's own promises (issue 14, items 3 and 9), checked on a copy of tests/conftest.py in a
+throw-away project: a test that writes into the checkout fails, and the real-data tests skip with
+a reason where ../shared is absent, unless REQUIRE_REAL_DATA=1 (CI) turns the skip into a failure."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+INNER_TESTS = '''
+from pathlib import Path
+
+def test_writes_the_last_run_file():
+    root = Path(__file__).resolve().parents[1]
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / ".last_run").write_text("/tmp/pytest-of-x/out\\n")
+
+def test_writes_only_under_tmp(tmp_path):
+    (tmp_path / "x").write_text("fine")
+
+def test_reads_the_real_data(real_data_dir):
+    assert (real_data_dir / "train.jsonl").is_file()
+'''
+
+
+def _inner(tmp_path, **env_extra):
+    project = tmp_path / "project"
+    (project / "tests").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "conftest.py", project / "tests" / "conftest.py")
+    (project / "tests" / "test_inner.py").write_text(INNER_TESTS)
+    env = {**os.environ, **env_extra}
+    env.pop("REQUIRE_REAL_DATA", None) if "REQUIRE_REAL_DATA" not in env_extra else None
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
+                           str(project / "tests")], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=120)
+    return proc.stdout
+
+
+def test_a_test_that_writes_into_the_checkout_fails_and_is_named(tmp_path):
+    out = _inner(tmp_path)
+    assert "test_inner.py::test_writes_the_last_run_file wrote into the checkout: models/.last_run" in out, out
+    assert "1 skipped, 1 error" in out, out  # the guard's failure is a teardown error: the run is red
+
+
+def test_real_data_tests_skip_with_the_reason_or_fail_under_require_real_data(tmp_path):
+    skipped = _inner(tmp_path / "a")
+    assert "SKIPPED" in skipped and "the real DuIE data is not beside this checkout" in skipped, skipped
+    failed = _inner(tmp_path / "b", REQUIRE_REAL_DATA="1")
+    assert "2 errors" in failed and "skipped" not in failed and "REQUIRE_REAL_DATA=1: the real DuIE data" in failed, failed
+
+
+def test_ci_requires_the_real_data():
+    assert "REQUIRE_REAL_DATA=1" in (REPO / ".ci" / "run").read_text()
