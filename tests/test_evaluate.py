@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.evaluate import run_evaluate
+from app.evaluate import max_new_tokens_for, run_evaluate
 from app.predict import Predictor
+from app.scoring import score
+from test_predict import greedy_reference
 from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,16 +31,67 @@ def quick(model_dir, data_dir, out, **extra):
 def test_evaluate_writes_every_report(tiny_glm_dir, data_dir, tmp_path):
     with chdir(tmp_path):
         out = FineTuner(quick(tiny_glm_dir, data_dir, tmp_path / "out")).run().output_dir
-        metrics = run_evaluate(Config.from_dict({"ADAPTER_DIR": str(out), "EVAL_PATH": str(data_dir / "dev.jsonl"),
-                                                 "EVAL_SAMPLES": 6}))
+        ecfg = Config.from_dict({"ADAPTER_DIR": str(out), "EVAL_PATH": str(data_dir / "dev.jsonl"), "EVAL_SAMPLES": 6})
+        metrics = run_evaluate(ecfg)
     files = {p.name for p in (out / "eval").iterdir()}
     assert files == {"report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png"}
     report = json.loads((out / "eval" / "report.json").read_text())
     assert REPORT_KEYS <= report.keys() and report["n_samples"] == 6 == metrics["n_samples"]
     rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all({"gold", "output", "correct", "missing", "spurious"} <= r.keys() for r in rows)
+    # Each output is the adapter's own greedy answer to that record's prompt (an independent argmax
+    # loop, same token budget), and the report scores exactly those answers against their gold.
+    records = [json.loads(line) for line in (data_dir / "dev.jsonl").read_text().splitlines()[:6]]
+    pred = Predictor(ecfg)
+    budget = max_new_tokens_for(pred.tokenizer, [r["target"] for r in records])
+    expected = [greedy_reference(pred.model, pred.tokenizer, [{"role": "user", "content": r["context"]}], budget)
+                for r in records]
+    assert all(e.strip() for e in expected) and len(set(expected)) == 6  # not empty, not constant
+    assert [(r["gold"], r["output"]) for r in rows] == [(r["target"], e) for r, e in zip(records, expected)]
+    independent = score(zip([r["target"] for r in records], expected)).to_dict()
+    assert {k: report[k] for k in REPORT_KEYS} == {k: independent[k] for k in REPORT_KEYS}
     # a random tiny model finds nothing: every gold triplet is missing
     assert report["triplet_recall"] == 0.0 and sum(len(r["missing"]) for r in rows) > 0
+
+
+def test_evaluate_scores_each_answer_against_its_own_record(tiny_glm_dir, tmp_path, monkeypatch):
+    """A generator that is right on some records and wrong on others gives exactly the P/R/F1 and
+    accuracy worked out by hand: the answers are paired with their own gold, prompts carry no answer."""
+    def trip(s, p, o):
+        return {"predicate": p, "object_type": "人物", "subject_type": "影视作品", "object": o, "subject": s}
+
+    def fenced(ts):
+        return "```json\n" + json.dumps(ts, ensure_ascii=False) + "\n```"
+
+    a, b, c, d, e = (trip("星河", "导演", "林远"), trip("星河", "主演", "陈雨"), trip("长夜", "导演", "周景"),
+                     trip("长夜", "主演", "吴桐"), trip("远方", "编剧", "沈博"))
+    cases = [("句子一", fenced([a, b]), fenced([a, b])),  # tp 2
+             ("句子二", fenced([c, d]), fenced([c, trip("长夜", "主演", "错人")])),  # tp 1, fp 1, fn 1
+             ("句子三", fenced([e]), ""),  # fn 1, not valid JSON
+             ("句子四", '["平板"]', '["平板"]'),  # label right
+             ("句子五", '["水果"]', '["衣服"]')]  # label wrong
+    src = tmp_path / "eval.jsonl"
+    src.write_text("".join(json.dumps({"context": q, "target": t}, ensure_ascii=False) + "\n" for q, t, _ in cases))
+    answer_to = {q: out for q, _, out in cases}
+    prompts = []
+
+    def fake_generate_batch(model, tokenizer, conversations, max_new_tokens, *args, **kwargs):
+        prompts.extend(conv[-1]["content"] for conv in conversations)
+        assert all(conv[-1]["role"] == "user" for conv in conversations)  # the gold answer is not in the prompt
+        return [answer_to[conv[-1]["content"]] for conv in conversations]
+
+    monkeypatch.setattr("app.evaluate.generate_batch", fake_generate_batch)
+    d = run_evaluate(Config.from_dict({"ADAPTER_DIR": "none", "MODEL_NAME": str(tiny_glm_dir), "EVAL_PATH": str(src),
+                                       "EVAL_DIR": str(tmp_path / "eval")}))
+    assert sorted(prompts) == sorted(answer_to)
+    p, r = 3 / 4, 3 / 5
+    assert (d["tp"], d["fp"], d["fn"]) == (3, 1, 2)
+    assert (d["triplet_precision"], d["triplet_recall"], d["triplet_f1"]) == pytest.approx((p, r, 2 * p * r / (p + r)))
+    assert d["classification_accuracy"] == 0.5 and d["json_valid_rate"] == pytest.approx(0.8)
+    assert d["n_samples"] == 5 and d["n_triplet_samples"] == 3 and d["n_classification_samples"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["gold"], r["output"]) for r in rows] == [(t, out) for _, t, out in cases]
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["triplet_f1"] == pytest.approx(d["triplet_f1"])
 
 
 def test_score_only_mode_from_the_command_line(tmp_path):

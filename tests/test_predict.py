@@ -7,7 +7,25 @@ import torch
 
 from app import Config, FineTuner, UserError
 from app.datagen import write_dataset
+from app.encode import prompt_text
 from app.predict import BUILTIN_PROMPT, Predictor, run_predict
+
+
+def greedy_reference(model, tokenizer, messages, max_new_tokens):
+    """The greedy answer computed independently of generate(): the prompt rendered as in training,
+    then one full forward pass per token (no KV cache, no padding), argmax, stop at an EOS token."""
+    ids = tokenizer(prompt_text(tokenizer, messages), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +54,31 @@ def test_predictor_uses_the_trained_adapter(adapter, tiny_glm_dir):
         assert torch.equal(pred.model(input_ids=ids).logits, ft.model(input_ids=ids).logits)
         base = Predictor(pcfg("none", MODEL_NAME=str(tiny_glm_dir)))
         assert not torch.allclose(base.model(input_ids=ids).logits, pred.model(input_ids=ids).logits, atol=1e-4)
-    # greedy decoding is deterministic and answers with new tokens only
-    msgs = [{"role": "user", "content": "你好"}]
-    assert pred.generate(msgs) == pred.generate(msgs)
+    # generate() is the greedy decode of the prompt, new tokens only: the same text as an independent
+    # argmax loop (an empty, constant or prompt-echoing generator gives something else)
+    answers = {}
+    for prompt in ("你好", "抽取三元组：张三出生于北京。"):
+        msgs = [{"role": "user", "content": prompt}]
+        answers[prompt] = greedy_reference(pred.model, pred.tokenizer, msgs, 6)
+        assert answers[prompt].strip() and pred.generate(msgs) == answers[prompt]
+        assert pred.generate(msgs) == answers[prompt]  # deterministic
+    assert len(set(answers.values())) == 2  # the answer depends on the prompt
 
 
 def test_prompt_and_builtin_prompt_stream_to_stdout(adapter, capsys):
     _, out, _ = adapter
-    run_predict(pcfg(out, PROMPT="抽取三元组：张三出生于北京。"))
-    shown = capsys.readouterr().out
-    assert "prompt: 抽取三元组：张三出生于北京。" in shown
-    assert len(shown.split("---\n", 1)[1].strip()) > 0  # streamed answer text
-    run_predict(pcfg(out))
-    assert BUILTIN_PROMPT in capsys.readouterr().out
+    pred = Predictor(pcfg(out))
+    streamed = {}
+    for prompt, cfg in (("抽取三元组：张三出生于北京。", pcfg(out, PROMPT="抽取三元组：张三出生于北京。")),
+                        (BUILTIN_PROMPT, pcfg(out))):
+        run_predict(cfg)
+        shown = capsys.readouterr().out
+        assert shown.startswith(f"prompt: {prompt}\n---\n")
+        streamed[prompt] = shown.split("---\n", 1)[1]
+        # the streamed text is the greedy answer to that prompt, then a newline
+        expected = greedy_reference(pred.model, pred.tokenizer, [{"role": "user", "content": prompt}], 6)
+        assert expected.strip() and streamed[prompt] == expected + "\n"
+    assert len(set(streamed.values())) == 2
 
 
 def test_file_mode_writes_one_row_per_line(adapter, tmp_path):
@@ -63,7 +93,12 @@ def test_file_mode_writes_one_row_per_line(adapter, tmp_path):
     assert rows[0]["reference"] == records[0]["target"] and rows[0]["prompt"] == records[0]["context"]
     assert rows[2]["prompt"] == "一句普通的提问" and "reference" not in rows[2]
     assert rows[3]["prompt"] == "翻译\nhello" and "reference" not in rows[3]
-    assert all(isinstance(r["output"], str) for r in rows)
+    # each row's output is the greedy answer to that row's own prompt (not a neighbour's, not empty)
+    pred = Predictor(pcfg(out))
+    convs = [[{"role": "user", "content": p}] for p in [r["context"] for r in records] + ["一句普通的提问", "翻译\nhello"]]
+    expected = [greedy_reference(pred.model, pred.tokenizer, m, 6) for m in convs]
+    assert all(e.strip() for e in expected) and len(set(expected)) == 4
+    assert [r["output"] for r in rows] == expected
 
 
 def test_file_mode_leaves_no_partial_output_on_failure(adapter, tmp_path, monkeypatch):
