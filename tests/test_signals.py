@@ -1,6 +1,10 @@
 """Stop signals: `docker compose stop` (SIGTERM) or Ctrl-C (SIGINT) during training ends the run
-at a step boundary with a resumable checkpoint and exit status 128 + signal, within seconds;
-the same command then resumes. Outside training, SIGTERM still ends any command cleanly."""
+at the end of the optimizer step it is in (not at the end of training or of an epoch, which is what
+keeps it inside docker's 10 s grace period), with a resumable checkpoint and exit status 128 + signal;
+the same command then resumes. Outside training, SIGTERM still ends any command cleanly.
+
+No assertion here is on wall-clock time (a loaded machine makes any threshold flaky): what is
+checked is the step the run stopped at. Timeouts are hang guards only."""
 import json
 import os
 import signal
@@ -16,6 +20,7 @@ from app.datagen import write_dataset
 from app.signals import Interrupted, StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
+HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts
 
 
 def _env():
@@ -34,7 +39,13 @@ def _train_args(model_dir, data_dir, out, max_steps):
     return [sys.executable, "-m", "app", "train", *(f"{k}={v}" for k, v in values.items())]
 
 
-def _wait_for_first_step(proc, metrics, log, timeout=180):
+def _logged_steps(metrics):
+    """The step of every complete line of metrics.jsonl (a line still being written is left out)."""
+    text = metrics.read_text() if metrics.is_file() else ""
+    return [json.loads(line)["step"] for line in text.split("\n")[:-1] if line.strip()]
+
+
+def _wait_for_first_step(proc, metrics, log, timeout=HANG_GUARD_S):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -56,20 +67,28 @@ def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, 
                                 stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         try:
             _wait_for_first_step(proc, out / "metrics.jsonl", log)
-            t0 = time.monotonic()
-            proc.send_signal(sig)
-            rc = proc.wait(timeout=30)
-            seconds = time.monotonic() - t0
+            # Freeze the run, note the last step it logged, signal it and let it go on. The signal is
+            # handled in the step after that one, or (if the freeze fell between a step's end and its
+            # log line: the Trainer logs after on_step_end) in the step after that.
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                logged = _logged_steps(out / "metrics.jsonl")
+                proc.send_signal(sig)  # pending until the process runs again
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            rc = proc.wait(timeout=HANG_GUARD_S)
         finally:
             if proc.poll() is None:
                 proc.kill()
     text = log.read_text()
     assert rc == 128 + sig, text[-3000:]
-    assert seconds < 10, f"took {seconds:.1f}s to stop"  # well inside docker's default 10 s grace period
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert len(ckpts) == 1, text[-3000:]
     step = json.loads((ckpts[0] / "trainer_state.json").read_text())["global_step"]
     assert 1 <= step < 5000 and ckpts[0].name == f"checkpoint-{step}"
+    # It stopped at the end of the step it was in: checkpointed right there, and ran no step after it.
+    assert logged and step in (logged[-1] + 1, logged[-1] + 2), (logged[-1], step)
+    assert max(_logged_steps(out / "metrics.jsonl")) == step
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= {p.name for p in ckpts[0].iterdir()}
     assert f"stopped by {sig.name} at step {step} of 5000" in text and "run the same command to resume" in text
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from an unfinished run
@@ -78,7 +97,7 @@ def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, 
 
     # The same command, now with an end in sight, resumes from that checkpoint and finishes.
     done = subprocess.run(_train_args(tiny_glm_dir, data, out, step + 2), cwd=tmp_path, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {ckpts[0]}" in done.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
@@ -103,12 +122,12 @@ def test_sigterm_outside_training_exits_143(tiny_glm_dir, tmp_path):
                                  f"MODEL_NAME={tiny_glm_dir}"], cwd=tmp_path, env=_env(),
                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + HANG_GUARD_S
             while "chat: type a message" not in log.read_text():  # the model is loaded, input() waits
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=30)
+            rc = proc.wait(timeout=HANG_GUARD_S)
         finally:
             if proc.poll() is None:
                 proc.kill()
