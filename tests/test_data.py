@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import time
+import socket
 from pathlib import Path
 
 import pytest
@@ -428,13 +428,35 @@ def hub_state(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
 
 
+class _AskedAgain(BaseException):  # not an Exception: no retry loop or `except Exception` swallows it
+    pass
+
+
 def test_unknown_hub_dataset_is_a_user_error_naming_data_path(hub_state, tmp_path, monkeypatch):
-    """No network here: it must fail fast with one line, not retry for a minute."""
+    """Without network it must fail fast with one line, not retry with back-off for a minute.
+
+    Counted, not timed: the hub's host does not resolve (as in an offline container, on any machine),
+    and after that one failed lookup nothing may ask for it again; retrying would look it up again
+    (huggingface_hub's back-off makes ~9 lookups in ~25 s), which fails the test at the second lookup."""
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.chdir(tmp_path)  # so the name can't resolve to a local path
-    t0 = time.monotonic()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online by configuration: only the missing network stops it
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        if len(lookups) > 1:
+            raise _AskedAgain(f"{host} looked up again after it did not resolve: {lookups}")
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
     with pytest.raises(UserError) as ei:
         read_examples("nobody/no-such-dataset-xyz")
-    assert time.monotonic() - t0 < 30
+    assert len(lookups) == 1  # the one reachability probe, then the local cache only
     msg = str(ei.value)
     assert "DATA_PATH=nobody/no-such-dataset-xyz" in msg and "\n" not in msg
 
