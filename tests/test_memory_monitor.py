@@ -234,13 +234,28 @@ def test_process_tree_rss_counts_children():
 
 def test_sampler_sees_peak():
     seen: list[float] = []
+    deadline = time.monotonic() + 120  # only a hang guard: nothing here is asserted about time
+
+    def wait_for_samples(n):
+        # Waited for, not slept for: on a loaded machine the sampler thread may get its turns late.
+        wanted = len(seen) + n
+        while len(seen) < wanted:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the sampler stopped reporting: {len(seen)} samples in 120 s")
+            time.sleep(0.01)
+
     baseline = mm.process_tree_rss_mb()
     with mm.MemorySampler(interval=0.05, on_sample=seen.append) as sampler:
+        wait_for_samples(1)  # a reading from before the blob
         blob = b"\x01" * (200 * MiB)  # written, so the pages are resident
-        time.sleep(0.6)
-        del blob
+        # 3 samples while it lives: the first may have been measured before it existed, the others not
+        wait_for_samples(3)
+        del blob  # 200 MB is mmap-backed: freeing it returns the pages at once
+        wait_for_samples(3)  # readings from after it is gone
+        after = sampler.current()["rss_mb"]
     peaks = sampler.peaks()
     assert peaks["peak_rss_mb"] >= baseline + 150
+    assert after <= peaks["peak_rss_mb"] - 150  # the peak is the highest reading, not the first or the last
     assert peaks["samples"] >= 3 and len(seen) >= 3 and all(isinstance(x, float) for x in seen)
     assert set(peaks) == {*mm.PEAK_KEYS, "samples"}
     sampler.reset_peaks()
