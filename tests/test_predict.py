@@ -144,7 +144,7 @@ def test_file_mode_batches_give_the_one_by_one_answers(adapter, tmp_path, caplog
 
 def test_interactive_mode_keeps_history(adapter, monkeypatch, capsys):
     _, out, _ = adapter
-    answers = iter(["你好", "再说一次", ""])
+    answers = iter(["你好", "再说一次", "/exit"])  # an empty line re-prompts since the chat rework
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
     seen = []
     real = Predictor.generate
