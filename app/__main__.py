@@ -50,7 +50,7 @@ def _info(cfg: Config) -> None:
         sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n\n"  # cli-output
                          f"model: {name} is not downloaded here and the hub is out of reach, so its shape, "
                          "MAX_SEQ_LEN and the memory estimate are unknown until it is. Download it with:\n"
-                         f"  {e.command}\n")
+                         f"  {e.command}\nthen use MODEL_NAME={e.command.rsplit(' ', 1)[-1]}\n")
         return
     except UserError:
         if ft.plan is not None:  # show what was detected before the model problem

@@ -17,6 +17,45 @@ REAL_DATA_DIR = REPO.parent / "shared" / "data" / "duie-mixed"
 _SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wheels"}
 
 
+# ---- `make test-fast`: the suite without these (each takes seconds to minutes on 2 cores) -------------
+# One list rather than a decorator per test, so the edit loop's budget is visible in one place; an
+# entry that matches no test is an error (a renamed test must not silently turn fast).
+SLOW = (
+    "tests/test_demo.py::test_demo_recipe_f1_rises_well_above_its_start",
+    "tests/test_evaluate.py",
+    "tests/test_export.py",
+    "tests/test_families.py",
+    "tests/test_guard.py::test_naive_config_over_a_real_limit_finishes_instead_of_being_killed",
+    "tests/test_guard.py::test_backoff_resumes_with_half_batch_and_the_same_losses",
+    "tests/test_cli.py::test_offline_tiny_train_then_predict_end_to_end",
+    "tests/test_cli.py::test_info_sees_the_memory_limit_and_picks_the_tier",
+    "tests/test_distributed.py::test_two_nodes_on_loopback",
+    "tests/test_distributed.py::test_two_processes_train_as_one_job",
+    "tests/test_signals.py",
+    "tests/test_predict.py",
+    "tests/test_train.py::test_kill_9_then_resume_equals_an_uninterrupted_run",
+    "tests/test_workspace.py::test_train_on_a_user_file_never_changes_it_or_writes_beside_it",
+    "tests/test_records_used.py",
+    "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
+    "tests/test_preflight.py::test_offline_training_error_gives_the_download_command",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    used = set()
+    for item in items:
+        for prefix in SLOW:
+            if item.nodeid == prefix or item.nodeid.startswith(prefix + "::") or \
+                    item.nodeid.startswith(prefix + "["):
+                item.add_marker(pytest.mark.slow)
+                used.add(prefix)
+    files = {item.nodeid.split("::", 1)[0] for item in items}
+    stale = [p for p in SLOW if p not in used and p.split("::", 1)[0] in files and "::" in p and
+             not config.getoption("keyword") and not config.getoption("markexpr")]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {', '.join(stale)}")
+
+
 # ---- the checkout stays as it was -------------------------------------------------------------------
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -45,11 +84,7 @@ def _source(path: str) -> bool:
     return path.endswith(".py") or path in _EDITED_FILES or top in ("app", "tests", "scripts", "configs", ".ci", "docs")
 
 
-@pytest.fixture(autouse=True)
-def _checkout_untouched(request):
-    """Fail any test that writes into the checkout (models/.last_run, data/, a tiny model...): the
-    suite must leave `git status` and the user's last run as they were. Edited source files are
-    not counted (someone may be editing while the suite runs); new, deleted or changed others are."""
+def _guard(request):
     before = _tree(REPO)
     yield
     after = _tree(REPO)
@@ -58,6 +93,21 @@ def _checkout_untouched(request):
     if changed:
         pytest.fail(f"{request.node.nodeid} wrote into the checkout: {', '.join(changed[:8])}; write under "
                     "tmp_path (monkeypatch.chdir(tmp_path)) instead", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _checkout_untouched(request):
+    """Fail any test that writes into the checkout (models/.last_run, data/, a tiny model...): the
+    suite must leave `git status` and the user's last run as they were. Edited source files are
+    not counted (someone may be editing while the suite runs); new, deleted or changed others are."""
+    yield from _guard(request)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _checkout_untouched_by_module_fixtures(request):
+    """The same around each test file: its module-scoped fixtures (a trained run shared by its
+    tests) are set up before any per-test guard starts looking."""
+    yield from _guard(request)
 
 
 # ---- the real data ------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_offline_tiny_train_then_predict_end_to_end(tmp_path):
     assert (tmp_path / "data" / "train.jsonl").is_file()
     train = run(["train", "MODEL_NAME=tiny", "MAX_SAMPLES=20", "NUM_EPOCHS=1", "GRAD_ACCUM=2"], tmp_path)
     assert train.returncode == 0, train.stderr[-2000:]
-    out = tmp_path / "models" / "lora-adapter"
+    out = tmp_path / "models" / "tiny-lora"  # OUTPUT_DIR's default: one dir per model and method
     assert (out / "adapter_model.safetensors").is_file() and (tmp_path / "models" / "tiny-glm").is_dir()
     summary = json.loads((out / "summary.json").read_text())
     # 18 train samples; the tier picks the micro-batch (machine-dependent), GRAD_ACCUM=2 is ours
@@ -78,7 +78,7 @@ def test_offline_tiny_train_then_predict_end_to_end(tmp_path):
     pred = run(["predict", "PROMPT=你好，抽取三元组", "MAX_NEW_TOKENS=5"], tmp_path)
     assert pred.returncode == 0, pred.stderr[-2000:]
     assert "prompt: 你好，抽取三元组" in pred.stdout
-    assert "adapter models/lora-adapter" in pred.stderr  # from models/.last_run, relative to the working dir
+    assert "adapter models/tiny-lora" in pred.stderr  # from models/.last_run, relative to the working dir
 
 
 def test_info_sees_the_memory_limit_and_picks_the_tier(tmp_path, memory_cgroup):

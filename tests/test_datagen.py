@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from app import datagen
 from app.datagen import PREDICATES, generate_samples, parse_target, write_dataset
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "duie-mixed"
 PREFIX = "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\nInput: "
 KEYS = ["predicate", "object_type", "subject_type", "object", "subject"]
 
@@ -62,9 +60,8 @@ def test_exact_format(samples):
         check_spo_record(rec)
 
 
-def test_real_dataset_passes_same_checker():
-    path = REAL_DIR / "train.jsonl"
-    assert path.is_file(), f"real DuIE reference data missing: expected {path} (../shared beside the repo)"
+def test_real_dataset_passes_same_checker(real_data_dir):
+    path = real_data_dir / "train.jsonl"
     checked, real_types = 0, {}
     with path.open(encoding="utf-8") as fh:
         for line in fh:

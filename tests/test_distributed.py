@@ -160,9 +160,10 @@ def test_shipped_deepspeed_configs_fill_from_the_trainer(name, stage):
 
 
 def test_ds_config_on_cpu_is_one_clear_line(tmp_path):
+    write_dataset(tmp_path, n_train=10, n_dev=1, seed=1)  # valid data: the DS_CONFIG line is the only problem
     proc = subprocess.run([sys.executable, "-m", "app", "train", "NPROC=2", f"DS_CONFIG={REPO / 'configs/ds_zero2.json'}",
-                           "DATA_PATH=missing.jsonl"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=120)
+                           "DATA_PATH=train.jsonl", "MODEL_NAME=tiny"], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=120)
     errors = [x for x in proc.stderr.splitlines() if " ERROR " in x]
     if torch.cuda.is_available():
         pytest.skip("CUDA machine: DS_CONFIG is allowed here")

@@ -36,7 +36,9 @@ def adapter(tiny_glm_dir, tmp_path_factory):
                             "OUTPUT_DIR": str(work / "out"), "MAX_STEPS": 3, "GRAD_ACCUM": 1,
                             "LEARNING_RATE": 1e-2, "SEED": 0})
     ft = FineTuner(cfg)
-    ft.run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)  # models/.last_run goes there, not into the checkout
+        ft.run()
     return ft, work / "out", work
 
 

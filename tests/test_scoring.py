@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import json
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
 from app.errors import UserError
 from app.scoring import Triplet, normalize, parse_answer, score, score_file, write_reports
 
-REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "duie-mixed"
 KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
 
 
@@ -36,10 +34,8 @@ def prf(report) -> tuple[float, float, float]:
 # ---- real data -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def dev_records() -> list[dict]:
-    path = REAL_DIR / "dev.jsonl"
-    if not path.is_file():
-        pytest.fail(f"real dev set missing: {path} (expected shared/data beside the project)")
+def dev_records(real_data_dir) -> list[dict]:
+    path = real_data_dir / "dev.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

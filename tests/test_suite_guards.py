@@ -12,10 +12,21 @@ REPO = Path(__file__).resolve().parents[1]
 INNER_TESTS = '''
 from pathlib import Path
 
+import pytest
+
 def test_writes_the_last_run_file():
     root = Path(__file__).resolve().parents[1]
     (root / "models").mkdir(exist_ok=True)
     (root / "models" / ".last_run").write_text("/tmp/pytest-of-x/out\\n")
+
+@pytest.fixture(scope="module")
+def shared_run():
+    root = Path(__file__).resolve().parents[1]
+    (root / "models").mkdir(exist_ok=True)
+    (root / "models" / "shared-run.txt").write_text("a module fixture's output")
+
+def test_uses_a_module_fixture(shared_run):
+    pass
 
 def test_writes_only_under_tmp(tmp_path):
     (tmp_path / "x").write_text("fine")
@@ -41,14 +52,16 @@ def _inner(tmp_path, **env_extra):
 def test_a_test_that_writes_into_the_checkout_fails_and_is_named(tmp_path):
     out = _inner(tmp_path)
     assert "test_inner.py::test_writes_the_last_run_file wrote into the checkout: models/.last_run" in out, out
-    assert "1 skipped, 1 error" in out, out  # the guard's failure is a teardown error: the run is red
+    module_line = next(x for x in out.splitlines() if x.startswith("tests/test_inner.py wrote into the checkout"))
+    assert "models/shared-run.txt" in module_line, out  # a module fixture's write, seen by the file's guard
+    assert "1 skipped, 2 errors" in out, out  # the guard's failures are teardown errors: the run is red
 
 
 def test_real_data_tests_skip_with_the_reason_or_fail_under_require_real_data(tmp_path):
     skipped = _inner(tmp_path / "a")
     assert "SKIPPED" in skipped and "the real DuIE data is not beside this checkout" in skipped, skipped
     failed = _inner(tmp_path / "b", REQUIRE_REAL_DATA="1")
-    assert "2 errors" in failed and "skipped" not in failed and "REQUIRE_REAL_DATA=1: the real DuIE data" in failed, failed
+    assert "3 errors" in failed and "skipped" not in failed and "REQUIRE_REAL_DATA=1: the real DuIE data" in failed, failed
 
 
 def test_ci_requires_the_real_data():
