@@ -112,7 +112,7 @@ def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = Fa
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[split]))
         record_generated(path)
         written.append(path)
-    if written:
+    if written and not only_missing:  # the automatic case says it itself, as a warning
         log.info("wrote the synthetic triplet sample data (seed %d): %s", seed,
                  ", ".join(f"{p} ({len(rows[s])} records)" for s, p in paths.items() if p in written))
     return written
@@ -125,9 +125,9 @@ def ensure_default_data(cfg: Config) -> None:
     path = Path(cfg.data.data_path)
     if "DATA_PATH" in cfg.explicit or cfg.data.data_path != default or path.exists():
         return
-    write_sample_data(path, seed=cfg.train.seed, only_missing=True)
-    log.warning("DATA_PATH=%s did not exist: wrote the synthetic sample data there (%d records; not real "
-                "data). Point DATA_PATH at your own file to train on it", path, SAMPLE_TRAIN)
+    written = write_sample_data(path, seed=cfg.train.seed, only_missing=True)
+    log.warning("DATA_PATH=%s did not exist: wrote the synthetic sample data (%s; not real data). Point "
+                "DATA_PATH at your own file to train on it", path, " and ".join(str(p) for p in written))
 
 
 # ---- clean and remove-run -------------------------------------------------------------------------
