@@ -134,7 +134,7 @@ def _show_config(cfg: Config) -> None:
 
 
 def _env_template(cfg: Config) -> None:
-    from app.config import env_template
+    from app.tiers import env_template
 
     sys.stdout.write(env_template())  # cli-output
 

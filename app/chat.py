@@ -14,12 +14,21 @@ from __future__ import annotations
 import logging
 import sys
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 from app.encode import prompt_text
 
-if TYPE_CHECKING:
-    from app.predict import Predictor
+
+class Answerer(Protocol):
+    """What the chat needs of app.predict.Predictor (a Protocol, so this module, which predict
+    calls, does not import predict back)."""
+
+    cfg: Any
+    model: Any
+    tokenizer: Any
+
+    def generate(self, messages: list[dict[str, str]], stream: bool = False) -> str: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +51,7 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-def context_size(pred: Predictor) -> int | None:
+def context_size(pred: Answerer) -> int | None:
     """Tokens the model can attend to: the smaller of its config's position limit and the
     tokenizer's model_max_length (when that is a real number); None when neither is known."""
     config = getattr(pred.model, "config", None)
@@ -60,13 +69,13 @@ def context_size(pred: Predictor) -> int | None:
     return min(sizes) if sizes else None
 
 
-def prompt_tokens(pred: Predictor, messages: list[Message]) -> int:
+def prompt_tokens(pred: Answerer, messages: list[Message]) -> int:
     """Length of the prompt exactly as Predictor.generate renders and tokenizes it."""
     text = prompt_text(pred.tokenizer, messages)
     return len(pred.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def fit(pred: Predictor, history: list[Message], message: Message, context: int | None
+def fit(pred: Answerer, history: list[Message], message: Message, context: int | None
         ) -> tuple[list[Message], int] | None:
     """(messages to send, user/assistant pairs dropped from the front) so that the prompt plus
     MAX_NEW_TOKENS fits ``context``; None when even ``message`` alone does not fit."""
@@ -103,7 +112,7 @@ def quiet_info() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def chat(pred: Predictor, read: Callable[[str], str] | None = None) -> None:
+def chat(pred: Answerer, read: Callable[[str], str] | None = None) -> None:
     """Talk to ``pred`` until /exit, /quit or end of input. ``read`` is input() by default,
     looked up at call time so a patched builtins.input drives the loop too."""
     read = read or input

@@ -92,15 +92,12 @@ def barrier() -> None:
 # ---- the launcher ---------------------------------------------------------------------------------
 
 def launch(cfg: Config) -> None:
-    """Run torchrun in this process: NPROC workers here, as node NODE_RANK of NNODES."""
-    from app.checkpoints import check_output_dir, resume_checkpoint
+    """Run torchrun in this process: NPROC workers here, as node NODE_RANK of NNODES.
 
+    The caller (``python -m app train``) has run the pre-flight (app/preflight.py: settings, data,
+    OUTPUT_DIR, RESUME) once, before any worker starts; what needs torch is checked here."""
     d = cfg.distributed
-    cfg.validate()
-    check_output_dir(cfg)  # the cheap checks, once, before any worker starts
-    resume_checkpoint(cfg)
     check_ds_config(cfg, cuda=None)
-    _check_data(cfg)
 
     import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -158,18 +155,6 @@ def _worker_failure(cfg: Config, err: Any) -> BaseException:
     return UserError(f"NPROC={cfg.distributed.nproc}: rank {first} {why(codes[first])}"
                      + (f"; ranks {', '.join(map(str, codes))} failed" if len(codes) > 1 else "")
                      + "; the last complete checkpoint, if any, resumes with the same command")
-
-
-def _check_data(cfg: Config) -> None:
-    """Read local data files once here: a bad file is one line, not one per worker."""
-    from pathlib import Path
-
-    from app.data import read_examples
-
-    d = cfg.data
-    for setting, path in (("DATA_PATH", d.data_path), ("VAL_PATH", d.val_path)):
-        if path and (Path(path).exists() or Path(path).suffix):  # a hub dataset is left to the workers
-            read_examples(path, d.data_format, d.max_bad_ratio, setting)
 
 
 def check_ds_config(cfg: Config, cuda: bool | None) -> None:

@@ -156,7 +156,7 @@ def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch):
 # ---- item 5 (help) and item 10: info offline ---------------------------------------------------------------
 
 def test_help_says_the_tier_decides_the_tiered_defaults():
-    from app.config import _tier_settings
+    from app.tiers import _tier_settings
 
     assert set(TIERED) == set(_tier_settings())
     text = Config.help_text()
