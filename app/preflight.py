@@ -93,6 +93,13 @@ def _inference_problems(cfg: Config) -> list[str]:
         if path and not Path(path).is_file():
             what = "a directory" if Path(path).is_dir() else "no such file"
             problems.append(f"{setting}={path}: {what}; point {setting} at a file")
+    if p.input_file and p.output_file:  # file mode replaces OUTPUT_FILE whole: never with the input itself
+        inputs = {Path(x).resolve(): var for var, x in (("INPUT_FILE", p.input_file), ("DATA_PATH", cfg.data.data_path),
+                                                        ("VAL_PATH", cfg.data.val_path), ("EVAL_PATH", e.eval_path)) if x}
+        clash = inputs.get(Path(p.output_file).resolve())
+        if clash:
+            problems.append(f"OUTPUT_FILE={p.output_file} is your {clash}; predictions would replace it: choose "
+                            "another OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl")
     adapter = p.adapter_dir.strip()
     if adapter and adapter.lower() != "none" and not Path(adapter).is_dir():
         problems.append(f"ADAPTER_DIR={adapter}: no such directory; train first (`make train`), point ADAPTER_DIR "

@@ -183,3 +183,14 @@ def test_offline_training_error_gives_the_download_command(tmp_path):
     assert "MODEL_NAME=nobody/not-downloaded-model: not found locally" in line
     assert "`.venv/bin/hf download nobody/not-downloaded-model --local-dir models/not-downloaded-model`" in line
     assert "huggingface-cli" not in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_predict_file_never_writes_its_output_over_an_input(tmp_path):
+    (tmp_path / "x.jsonl").write_text('{"context": "q", "target": "a"}\n')
+    before = (tmp_path / "x.jsonl").read_bytes()
+    proc = _app(["predict", "INPUT_FILE=x.jsonl", "OUTPUT_FILE=./x.jsonl", "ADAPTER_DIR=none", "MODEL_NAME=tiny"],
+                tmp_path)
+    assert proc.returncode == 2
+    assert _errors(proc) == ["OUTPUT_FILE=./x.jsonl is your INPUT_FILE; predictions would replace it: choose another "
+                             "OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl"]
+    assert (tmp_path / "x.jsonl").read_bytes() == before
