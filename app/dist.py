@@ -71,6 +71,15 @@ def distributed() -> bool:
     return world_size() > 1
 
 
+def owns_run_lock(cfg: Config) -> bool:
+    """Whether this process holds OUTPUT_DIR's lock (app/runlock.py) for the whole job: a plain
+    run, our launcher on node 0 (its workers run under it), or rank 0 of a torchrun the user
+    started (no launcher of ours above it)."""
+    if not in_worker():
+        return cfg.distributed.node_rank == 0
+    return _LAUNCHER_PID not in os.environ and rank() == 0
+
+
 def wants_launch(cfg: Config) -> bool:
     d = cfg.distributed
     return (d.nproc > 1 or d.nnodes > 1) and not in_worker()

@@ -52,11 +52,12 @@ class Plan:
     decisions: dict[str, tuple[Any, str]] = field(default_factory=dict)
     estimate: Estimate | None = None
     warnings: list[str] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)  # settings fixed before planning, and why (a resume)
 
     def decide(self, cfg: Config, var: str, value: Any, why: str) -> None:
         """Set ``var`` unless the user did; record the value and the reason either way."""
         if var in cfg.explicit:
-            self.decisions[var] = (cfg.get(var), "set by you")
+            self.decisions[var] = (cfg.get(var), self.held.get(var, "set by you"))
         else:
             cfg.assign(var, value)
             self.decisions[var] = (value, why)
@@ -77,7 +78,8 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
         quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, cfg.resources.quant_level)
         level = "none" if quant == "auto" else quant
         cfg.assign("QUANT_LEVEL", level)  # "auto" resolves even when given explicitly
-        plan.decisions["QUANT_LEVEL"] = (level, "TIER=none" if quant == "auto" else "set by you")
+        plan.decisions["QUANT_LEVEL"] = (level, "TIER=none" if quant == "auto"
+                                         else plan.held.get("QUANT_LEVEL", "set by you"))
         return plan
     if cfg.resources.tier != "auto":
         tier, why = TIERS[cfg.resources.tier], f"TIER={cfg.resources.tier}"
@@ -92,7 +94,7 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
         plan.decisions["QUANT_LEVEL"] = (level, f"METHOD={cfg.lora.method}")
         cfg.assign("QUANT_LEVEL", level)
     elif cfg.resources.quant_level != "auto":
-        plan.decisions["QUANT_LEVEL"] = (cfg.resources.quant_level, "set by you")
+        plan.decisions["QUANT_LEVEL"] = (cfg.resources.quant_level, plan.held.get("QUANT_LEVEL", "set by you"))
     elif cfg.train.precision == "bf16":  # bf16 autocast runs on unquantized weights
         cfg.assign("QUANT_LEVEL", "none")
         plan.decisions["QUANT_LEVEL"] = ("none", "PRECISION=bf16")

@@ -19,17 +19,19 @@ import logging
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from app import dist
+from app import dist, runlock
 from app.checkpoints import (CHECKPOINTS, PREFIX, STAGING, check_output_dir, clear_staging, finished_run,
-                             latest_checkpoint, resume_checkpoint, rotate, seal)
+                             latest_checkpoint, rotate, seal)
 from app.config import Config
 from app.data import read_examples, sample_and_split
 from app.encode import Collator, EncodeStats, PackingCollator, encode_all
 from app.errors import UserError
+from app.resume import SETTINGS_FILE, data_fingerprints, decide, snapshot
 from app.modeling import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
 from app.speed import (PACKED_ATTENTION, bf16_frozen_weights, fast_lora_dropout, lora_inputs_stay_bf16, packing_choice,
                        packing_trainer, resolve_precision, use_packed_attention)
@@ -75,7 +77,9 @@ class FineTuner:
         self.records: dict[str, Any] = {}  # how many of the data's records the run uses, and why
         self.guard: Any = None
         self.stop: Any = None  # app.signals.StopRequest while train() runs
-        self.resume_from: Path | None = None  # RESUME's checkpoint (train() finds it)
+        self.resume_from: Path | None = None  # RESUME's checkpoint, checked against these settings (setup)
+        self._discard = False  # OVERWRITE=1 over an unfinished run of other settings: its checkpoints go
+        self._data_fp: dict[str, Any] = {}  # the data's fingerprints at the start, recorded in each checkpoint
         self._ds_args: Any = None  # TrainingArguments made before loading, for DeepSpeed ZeRO-3
 
     # ---- steps -----------------------------------------------------------------------
@@ -91,7 +95,7 @@ class FineTuner:
 
             self.resources = dataclasses.replace(self.resources,
                                                  ram_available_mb=self.resources.ram_available_mb / procs)
-        self.plan = apply_tier(self.cfg, self.resources)
+        self.plan = apply_tier(self.cfg, self.resources, self._resume_plan())
         if self.plan.device == "cuda" and dist.distributed():
             import torch
 
@@ -107,6 +111,28 @@ class FineTuner:
         self.tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
         self.shape = model_shape(self.model_path, self.cfg.lora.lora_targets or None, self.cfg.model.trust_remote_code)
         return self
+
+    def _resume_plan(self) -> Any:
+        """The checkpoint this run continues (RESUME), checked against these settings (app/resume.py);
+        the settings the tier chose for it are kept. Returns the Plan the tier builds on."""
+        from app.tiers import Plan
+
+        plan, (rc, discard) = Plan(), decide(self.cfg)
+        self.resume_from, self._discard = None, discard
+        if rc is None:
+            return plan
+        if discard:
+            log.warning("OVERWRITE=1: the unfinished run in %s (%s, step %d) cannot continue as asked (%s); "
+                        "training anew, and its checkpoints are removed when training starts",
+                        self.cfg.train.output_dir, rc.checkpoint.name, rc.step, "; ".join(rc.differences))
+            return plan
+        rc.log()
+        for var, value in rc.kept.items():  # planned once, when the run started: not again
+            self.cfg.assign(var, value)
+            self.cfg.explicit.add(var)
+            plan.held[var] = f"kept from {rc.checkpoint.name} (resumed)"
+        self.resume_from = rc.checkpoint
+        return plan
 
     def prepare_data(self) -> "FineTuner":
         """Read, sample, split and tokenise; fit MAX_SEQ_LEN/batch to memory. Writes nothing."""
@@ -214,19 +240,24 @@ class FineTuner:
 
         ``callbacks``: extra transformers TrainerCallbacks (a notebook's own logging, say).
         RESUME=auto continues from the newest complete checkpoint in OUTPUT_DIR/checkpoints left by
-        a killed run; RESUME=<path> from that one.
+        a killed run; RESUME=<path> from that one (setup() checked it matches these settings).
+        OUTPUT_DIR is locked meanwhile (app/runlock.py): a second run into it is refused.
         """
         if not self.train_rows:
             raise RuntimeError("call setup() and prepare_data() before train()")
+        out = Path(self.cfg.train.output_dir)
+        with runlock.hold(out, "train", doing="a second run", alternative=True) if dist.owns_run_lock(self.cfg) else nullcontext():
+            return self._train(out, callbacks)
+
+    def _train(self, out: Path, callbacks: list[Any] | None) -> TrainResult:
         check_output_dir(self.cfg)  # writable, and no finished run replaced unasked: before loading weights
-        self.resume_from = resume_checkpoint(self.cfg)
+        self._data_fp = data_fingerprints(self.cfg)
         if self.model is None:
             self.load_model()
         from app.guard import MemoryGuard
         from app.memory_monitor import MemorySampler
         from app.signals import Interrupted, stop_callback, stop_on_signal
 
-        out = Path(self.cfg.train.output_dir)
         ckpt_dir = out / CHECKPOINTS
         main = dist.is_main()  # only rank 0 writes outputs (a plain single process is rank 0)
         previous = finished_run(out) if out.is_dir() else None
@@ -236,6 +267,9 @@ class FineTuner:
             except OSError as e:
                 raise self._write_error(e, out, "creating OUTPUT_DIR", previous) from None
             clear_staging(ckpt_dir)  # debris of a checkpoint that was being written when a run died
+            if self._discard and ckpt_dir.is_dir():  # OVERWRITE=1 asked for a new run in its place
+                shutil.rmtree(ckpt_dir)
+                log.info("removed the unfinished run's checkpoints in %s (OVERWRITE=1)", ckpt_dir)
         resume = self.resume_from
         if main and (resume is None or ckpt_dir.resolve() != resume.resolve().parent):
             (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
@@ -408,7 +442,8 @@ class FineTuner:
         holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
         gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
         board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
-        trainer = packing_trainer(_atomic_trainer_class())(
+        settings = lambda: snapshot(self.cfg, dist.world_size(), self._data_fp)  # noqa: E731
+        trainer = packing_trainer(_atomic_trainer_class(settings))(
             model=self.model, args=self._ds_args or self._training_args(ckpt_dir), train_dataset=self.train_rows,
             eval_dataset=self.val_rows or None, data_collator=self._collator(),
             callbacks=[ProgressBar(tp), metrics, *f1,
@@ -497,15 +532,23 @@ def _step(checkpoint: Path) -> int:
         return int(checkpoint.name[len(PREFIX):])
 
 
-def _atomic_trainer_class() -> type:
+def _atomic_trainer_class(settings: Callable[[], dict[str, Any]]) -> type:
     """The HF Trainer, with checkpoints written whole or not at all (app/checkpoints.py): every
-    rank writes into checkpoints/.incomplete/checkpoint-N, then rank 0 seals and renames it."""
+    rank writes into checkpoints/.incomplete/checkpoint-N, then rank 0 adds ``settings()`` (what
+    the run trains with, app/resume.py), seals and renames it."""
     from transformers import Trainer
 
     class AtomicCheckpointTrainer(Trainer):
         _staging = False
 
         def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # A resumed state carries the checkpoint's logging/eval/save intervals, and the Trainer
+            # would keep them: the SAVE_STEPS, EVAL_STEPS, LOGGING_STEPS asked for now apply instead.
+            self.state.compute_steps(self.args, self.state.max_steps)
+            if 0 < self.state.max_steps < self.state.global_step:  # app/resume.py refuses this before loading
+                raise UserError(f"resumed at step {self.state.global_step}, but NUM_EPOCHS/MAX_STEPS now give "
+                                f"{self.state.max_steps} steps: nothing is left to train. Raise them to continue "
+                                "the run, or set OVERWRITE=1 (or another OUTPUT_DIR) to train anew")
             # Resumed from a checkpoint at the last step (the final save failed, or a stop came at
             # the very end): nothing is left to train. The Trainer would still run one more step.
             if 0 < self.state.max_steps <= self.state.global_step:
@@ -527,6 +570,7 @@ def _atomic_trainer_class() -> type:
                 self._staging = False
             dist.barrier()  # every rank's files (its RNG state at least) are in the staging dir
             if self.args.should_save:
+                write_json(run_dir / STAGING / name / SETTINGS_FILE, settings())
                 seal(run_dir / STAGING / name, run_dir / name, self.state.global_step)
                 rotate(run_dir, self.args.save_total_limit or 0)
             dist.barrier()

@@ -165,7 +165,16 @@ def _pycaches(root: Path) -> list[Path]:
 
 
 def clean(root: Path = Path(".")) -> list[Path]:
-    """Remove what clean_plan lists; log each path and each note. Returns the removed paths."""
+    """Remove what clean_plan lists; log each path and each note. Returns the removed paths.
+    Refused while a command is writing a run under models/: it may be reading a tiny model."""
+    from app.runlock import busy_line, holder
+
+    models = root / "models"
+    for run in sorted(p for p in models.iterdir() if p.is_dir()) if models.is_dir() else []:
+        who = holder(run)
+        if who is not None:
+            raise UserError(busy_line("OUTPUT_DIR", run, who, "make clean (it removes the tiny models and sample "
+                                                            "data such a run may be reading)"))
     remove, kept = clean_plan(root)
     for path in remove:
         if path.name != "__pycache__":  # dozens of them: counted below, not listed
@@ -197,8 +206,11 @@ def remove_run(cfg: Config) -> Path:
     if not any((out / m).exists() for m in RUN_MARKS):
         raise UserError(f"OUTPUT_DIR={out} does not look like a trained run (no {', '.join(RUN_MARKS)}); "
                         "nothing removed. Delete it yourself if you mean it")
-    files = [p for p in out.rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    log.warning("removing the trained run %s (%d files, %.1f MB)", out, len(files), size / 2**20)
-    shutil.rmtree(out)
+    from app.runlock import hold
+
+    with hold(out, "remove-run", doing="removing it"):  # never from under a run still writing there
+        files = [p for p in out.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        log.warning("removing the trained run %s (%d files, %.1f MB)", out, len(files), size / 2**20)
+        shutil.rmtree(out)
     return out
