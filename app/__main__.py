@@ -83,15 +83,21 @@ def _evaluate(cfg: Config) -> None:
 
 
 def _merge(cfg: Config) -> None:
+    from app.preflight import preflight
+
+    preflight(cfg, "merge")
     from app.merge import run_merge
 
-    run_merge(cfg.validate())
+    run_merge(cfg)
 
 
 def _export_onnx(cfg: Config) -> None:
+    from app.preflight import preflight
+
+    preflight(cfg, "export-onnx")
     from app.export import run_export
 
-    run_export(cfg.validate())
+    run_export(cfg)
 
 
 def _demo(cfg: Config) -> None:

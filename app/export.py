@@ -21,24 +21,17 @@ their window). An export is checked against PyTorch before the command returns.
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from app.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, dir_problems, is_onnx_dir, load_failure, read_json
 from app.config import Config
 from app.errors import UserError
 
 log = logging.getLogger(__name__)
-
-ONNX_FILE = "model.onnx"
-META_FILE = "onnx_export.json"
-
-
-def is_onnx_dir(path: str | Path) -> bool:
-    return (Path(path) / ONNX_FILE).is_file() and (Path(path) / META_FILE).is_file()
 
 
 def _decoder_wrapper(model: Any, num_layers: int) -> Any:
@@ -71,7 +64,7 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from app.modeling import _load_error, load_tokenizer
-    from app.utils import peak_rss_mb, staged_dir, write_json
+    from app.utils import peak_rss_mb, replace_dir, write_json
 
     tokenizer = load_tokenizer(str(src), trust_remote_code)
     try:  # fp32 on the CPU whatever the machine: the export is for CPU inference
@@ -113,12 +106,13 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
                                     input_names=names_in, output_names=names_out, dynamo=True, verbose=False)
     log.debug("torch.onnx: %s", chatter.getvalue())
     out = Path(out)
-    with staged_dir(out) as tmp:
+    with replace_dir(out) as tmp:  # whole: a kill leaves the previous export (or none), never a mix
         program.save(str(tmp / ONNX_FILE), external_data=True)  # weights in model.onnx.data: no 2 GB limit
         model.config.save_pretrained(tmp)
         (model.generation_config or GenerationConfig()).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_json(tmp / META_FILE, {
+        files = {f: (tmp / f).stat().st_size for f in (ONNX_FILE, ONNX_DATA) if (tmp / f).is_file()}
+        write_json(tmp / META_FILE, {"files": files,  # sizes: a truncated copy is found without loading it
             "source": str(src), "architecture": type(model).__name__, "num_layers": n,
             "past_shape": [list(k.shape[1:2]) + list(k.shape[3:]) for k, _ in past],  # [kv_heads, head_dim]
             "dtype": "float32", "inputs": names_in, "outputs": names_out,
@@ -151,8 +145,8 @@ def verify(model: Any, onnx_dir: str | Path, tol: float = 1e-3) -> float:
 def source_for(cfg: Config) -> tuple[str, Path]:
     """(standalone model to export, ONNX dir): the merged adapter (merging first when needed),
     a METHOD=full output, or with ADAPTER_DIR=none the base MODEL_NAME."""
+    from app.artifacts import find_adapter, is_full_model
     from app.merge import run_merge
-    from app.predict import find_adapter, is_full_model
     from app.tiny import resolve_model
 
     adapter = find_adapter(cfg)
@@ -164,14 +158,18 @@ def source_for(cfg: Config) -> tuple[str, Path]:
         raise UserError(f"ADAPTER_DIR={adapter} is already an ONNX export; predict on it with ADAPTER_DIR={adapter}")
     if is_full_model(adapter):
         return str(adapter), Path(onnx_dir or adapter / "onnx")
-    kind = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get("peft_type", "LORA")
+    kind = read_json(adapter / "adapter_config.json", f"ADAPTER_DIR={adapter}").get("peft_type", "LORA")
     if kind != "LORA":
         raise UserError(f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds prefixes at run time and "
                         "cannot be merged into the weights, so there is no standalone model to export; export a "
                         "METHOD=lora/qlora/full run, or predict on this adapter with PyTorch")
     merged = Path(cfg.predict.merged_dir or adapter / "merged")
     weights = max((p.stat().st_mtime for p in adapter.glob("adapter_model.*")), default=0.0)
-    if not (merged / "config.json").is_file() or (merged / "config.json").stat().st_mtime < weights:
+    # MERGED_DIR is swapped in whole (app.utils.replace_dir), so a present one is a finished merge; the
+    # integrity check still refuses one that was damaged since (or half-written by an older version).
+    current = ((merged / "config.json").is_file() and (merged / "config.json").stat().st_mtime >= weights
+               and not dir_problems(merged, f"MERGED_DIR={merged}"))
+    if not current:
         log.info("no up-to-date merged model in %s: merging %s first", merged, adapter)
         merged = run_merge(cfg)
     return str(merged), Path(onnx_dir or merged / "onnx")
@@ -189,22 +187,26 @@ class OnnxCausalLM:
 
     training = False
 
-    def __init__(self, path: str | Path, num_threads: int = 0):
+    def __init__(self, path: str | Path, num_threads: int = 0, setting: str = "ADAPTER_DIR"):
         import onnxruntime
         import torch
 
         from app.utils import usable_cpus
 
         self.path = Path(path)
-        self.meta = json.loads((self.path / META_FILE).read_text(encoding="utf-8"))
+        label = f"{setting}={self.path}"  # ``setting``: what the user set to name this export, for errors
+        self.meta = read_json(self.path / META_FILE, label)
         opts = onnxruntime.SessionOptions()
         opts.intra_op_num_threads = num_threads or usable_cpus()
         opts.log_severity_level = 3  # errors only
-        self.session = onnxruntime.InferenceSession(str(self.path / ONNX_FILE), opts,
-                                                    providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path / ONNX_FILE), opts,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT's own error types; a damaged file is the usual cause
+            raise load_failure(self.path, label, e, any_error=True) from None
         self.past_names = [n for n in self.meta["inputs"] if n.startswith("past_key_values.")]
         gen_file = self.path / "generation_config.json"
-        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        gen = read_json(gen_file, label) if gen_file.is_file() else {}
         eos = gen.get("eos_token_id")
         self.eos_token_id: list[int] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.pad_token_id: int | None = gen.get("pad_token_id")

@@ -38,13 +38,20 @@ def remote_code_error(name: str, err: Exception) -> UserError | None:
     return None
 
 
-def _load_error(name: str, err: Exception) -> UserError:
+def _load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserError:
+    """One line for a failed load of ``name`` (named by ``setting`` in the message)."""
+    from app.artifacts import load_failure
+
     known = remote_code_error(name, err)
     if known is not None:
         return known
     first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if Path(name).is_dir():  # a damaged file there, named, with the fix for where the dir came from
+        known = load_failure(Path(name), f"{setting}={name}", err)
+        if known is not None:
+            return known
     if Path(name).exists():
-        return UserError(f"MODEL_NAME={name}: this dir does not hold a loadable model ({first}); "
+        return UserError(f"{setting}={name}: this dir does not hold a loadable model ({first}); "
                          "it needs config.json, weights and tokenizer files")
     command, local = download_command(name)
     return ModelUnavailable(f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
@@ -110,14 +117,15 @@ def _is_local_path(name: str) -> bool:
             or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
+    """``setting``: what the user set to name this dir (ADAPTER_DIR for a run's own tokenizer), for errors."""
     from transformers import AutoTokenizer
 
     go_offline_if_hub_unreachable(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - OSError, HTTP errors, ValueError: all mean "can't load"
-        raise _load_error(name_or_path, e) from None
+        raise _load_error(name_or_path, e, setting) from None
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     _patch_legacy_pad(tok)
@@ -149,11 +157,13 @@ def _patch_legacy_pad(tok: Any) -> None:
     log.info("%s: its remote-code _pad predates padding_side; patched (known ChatGLM issue)", type(tok).__name__)
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none", bf16: bool = False) -> Any:
+def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none", bf16: bool = False,
+               setting: str = "MODEL_NAME") -> Any:
     """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
 
     ``bf16`` stores the weights in bf16 on CPU too: for frozen weights under bf16 autocast
     (app/speed.py ``bf16_frozen_weights``), where fp32 copies would only be cast again.
+    ``setting`` names the dir in errors (ADAPTER_DIR when it is a trained full model).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -178,7 +188,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
         raise UserError(f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
                         "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None
     except Exception as e:  # noqa: BLE001
-        raise _load_error(name_or_path, e) from None
+        raise _load_error(name_or_path, e, setting) from None
     return model
 
 

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+# find_adapter, is_full_model, base_model_for live in app.artifacts (the pre-flight needs them without torch);
+# importable from here as before.
+from app.artifacts import base_model_for, find_adapter, is_full_model, load_failure, onnx_is_stale
 from app.chat import chat
 from app.config import Config
 from app.data import detect_format, to_example
@@ -23,7 +26,7 @@ from app.encode import prompt_text
 from app.errors import UserError
 from app.modeling import load_model, load_tokenizer, remote_code_error
 from app.tiny import resolve_model
-from app.utils import LAST_RUN_FILE, set_threads
+from app.utils import set_threads
 
 log = logging.getLogger(__name__)
 
@@ -31,42 +34,6 @@ log = logging.getLogger(__name__)
 BUILTIN_PROMPT = ("Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\n"
                   "Input: 句子中包含了哪些信息，输出json：\n\n"
                   "《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。\nAnswer: ")
-
-
-def find_adapter(cfg: Config) -> Path | None:
-    """ADAPTER_DIR, else the last training's output, else OUTPUT_DIR; None for 'none'."""
-    choice = cfg.predict.adapter_dir.strip()
-    if choice.lower() == "none":
-        return None
-    if not choice and LAST_RUN_FILE.is_file():
-        choice = LAST_RUN_FILE.read_text().strip()
-    path = Path(choice or cfg.train.output_dir)
-    if not (path / "adapter_config.json").is_file() and not is_full_model(path):
-        raise UserError(f"ADAPTER_DIR={path}: no adapter_config.json there; train first (`make train`), "
-                        "point ADAPTER_DIR at an adapter dir, or use ADAPTER_DIR=none for the base model")
-    return path
-
-
-def is_full_model(path: Path) -> bool:
-    """A METHOD=full output: a standalone model, not an adapter."""
-    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
-
-
-def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
-    """(MODEL_NAME, QUANT_LEVEL): as trained, unless set explicitly now.
-
-    An adapter is most faithful on the base it was trained against, quantization included.
-    """
-    saved: dict = {}
-    if adapter is not None and is_full_model(adapter):
-        return str(adapter), "none"  # the trained model itself is the base
-    if adapter is not None and (adapter / "train_config.json").is_file():
-        saved = json.loads((adapter / "train_config.json").read_text(encoding="utf-8"))
-    elif adapter is not None:
-        saved = {"MODEL_NAME": json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]}
-    name = cfg.model.model_name if "MODEL_NAME" in cfg.explicit else saved.get("MODEL_NAME", cfg.model.model_name)
-    quant = cfg.resources.quant_level if "QUANT_LEVEL" in cfg.explicit else saved.get("QUANT_LEVEL", "none")
-    return name, "none" if quant == "auto" else quant
 
 
 class Predictor:
@@ -79,23 +46,28 @@ class Predictor:
         name, quant = base_model_for(cfg, self.adapter)
         from app.export import OnnxCausalLM, is_onnx_dir
 
+        # Which setting names the dir a load reads, for the one line a damaged file gives.
+        setting = "ADAPTER_DIR" if self.adapter is not None and is_full_model(self.adapter) else "MODEL_NAME"
         if is_onnx_dir(name):  # `make export-onnx` output: ONNX Runtime instead of PyTorch
             if self.adapter is not None and not is_full_model(self.adapter):
                 log.warning("ADAPTER_DIR=%s is not applied to the ONNX export %s (export a merged adapter instead)",
                             self.adapter, name)
-            self.tokenizer = load_tokenizer(name, cfg.model.trust_remote_code)
-            self.model = OnnxCausalLM(name, cfg.model.num_threads)
+            stale = onnx_is_stale(Path(name))
+            if stale is not None:
+                log.warning("%s was exported before %s was last written (merged again?): it is the older model; "
+                            "`make export-onnx ADAPTER_DIR=%s` brings it up to date", name, stale, stale)
+            self.tokenizer = load_tokenizer(name, cfg.model.trust_remote_code, setting=setting)
+            self.model = OnnxCausalLM(name, cfg.model.num_threads, setting=setting)
             log.info("model %s (ONNX Runtime)", name)
             return
         base = resolve_model(name)
         # The adapter dir carries the tokenizer it was trained with (pad token, template).
-        tok_src = str(self.adapter) if self.adapter and (self.adapter / "tokenizer_config.json").is_file() else base
-        self.tokenizer = load_tokenizer(tok_src, cfg.model.trust_remote_code)
-        model = load_model(base, cfg.model.trust_remote_code, quant)
+        own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
+        self.tokenizer = load_tokenizer(str(self.adapter) if own_tok else base, cfg.model.trust_remote_code,
+                                        setting="ADAPTER_DIR" if own_tok else setting)
+        model = load_model(base, cfg.model.trust_remote_code, quant, setting=setting)
         if self.adapter is not None and not is_full_model(self.adapter):
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(self.adapter))
+            model = load_adapter(model, self.adapter)
         self.model = model.eval()
         log.info("model %s%s%s", name, "" if quant == "none" else f" ({quant})",
                  f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
@@ -142,6 +114,19 @@ class Predictor:
         """Generated tokens per second, to the log (stderr) and ``last_speed``."""
         self.last_speed = (tokens, seconds)
         log.info("generated %d tokens in %.1fs: %.1f tokens/s", tokens, seconds, tokens / max(seconds, 1e-9))
+
+
+def load_adapter(model: Any, adapter: Path) -> Any:
+    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.artifacts.load_failure)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
+        known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
+        if known is None:
+            raise
+        raise known from None
 
 
 def _file_prompts(path: Path, fmt: str) -> Iterator[tuple[int, list[dict[str, str]], str | None]]:

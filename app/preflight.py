@@ -9,11 +9,16 @@ all of their findings come back at once, one line each:
   whole when training reads it);
 - MODEL_NAME when it can only be a local path;
 - for train: OUTPUT_DIR (writable, no finished run replaced unasked) and RESUME;
-- for predict / evaluate: INPUT_FILE, EVAL_PATH, PREDICTIONS and a named ADAPTER_DIR.
-Standard library only (app.data, app.checkpoints and app.modeling's path check import no torch).
+- for predict / evaluate: INPUT_FILE, EVAL_PATH, PREDICTIONS;
+- for predict / evaluate / merge / export-onnx: the adapter (or model, or ONNX export) they will load
+  and its base model: there, and no damaged file in them (app.artifacts; MODEL_NAME's dir for train
+  and info too).
+Standard library only (app.data, app.checkpoints, app.artifacts and app.modeling's path check import
+no torch).
 """
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 from app.config import Config, ConfigError
@@ -37,6 +42,8 @@ def preflight(cfg: Config, command: str) -> None:
         problems += _train_problems(cfg)
     if command in ("predict", "evaluate"):
         problems += _inference_problems(cfg)
+    if command in ("predict", "evaluate", "merge", "export-onnx"):
+        problems += _run_problems(cfg, command)
     if problems:
         raise UserError(_unique(problems))
 
@@ -67,10 +74,9 @@ def _data_problems(cfg: Config, command: str) -> list[str]:
 
 
 def _model_problems(cfg: Config) -> list[str]:
-    from app.modeling import local_model_problem
+    from app.artifacts import model_problems
 
-    problem = local_model_problem(cfg.model.model_name)
-    return [problem] if problem else []
+    return model_problems(cfg.model.model_name)
 
 
 def _train_problems(cfg: Config) -> list[str]:
@@ -100,11 +106,47 @@ def _inference_problems(cfg: Config) -> list[str]:
         if clash:
             problems.append(f"OUTPUT_FILE={p.output_file} is your {clash}; predictions would replace it: choose "
                             "another OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl")
-    adapter = p.adapter_dir.strip()
-    if adapter and adapter.lower() != "none" and not Path(adapter).is_dir():
-        problems.append(f"ADAPTER_DIR={adapter}: no such directory; train first (`make train`), point ADAPTER_DIR "
-                        "at a run's OUTPUT_DIR, or use ADAPTER_DIR=none for the base model")
     return problems
+
+
+def _run_problems(cfg: Config, command: str) -> list[str]:
+    """The dirs the command will load (adapter, merged or full model, ONNX export, and the base model):
+    there, and no damaged file in them; one line per dir."""
+    from app.artifacts import base_model_for, dir_problems, find_adapter, is_full_model, model_problems
+
+    if command == "evaluate" and cfg.evaluation.predictions:
+        return []  # scoring a predictions file loads no model
+    named = cfg.predict.adapter_dir.strip()
+    if named and named.lower() != "none" and not Path(named).is_dir():
+        return [_missing_adapter_line(Path(named))]
+    try:
+        adapter = find_adapter(cfg)
+    except UserError as e:
+        return e.problems
+    if adapter is None:
+        return model_problems(cfg.model.model_name)
+    found = dir_problems(adapter, f"ADAPTER_DIR={adapter}")
+    if is_full_model(adapter):
+        return found  # the model itself: no separate base
+    try:
+        name, _ = base_model_for(cfg, adapter)
+    except UserError as e:  # its train_config.json / adapter_config.json is damaged: already in ``found``
+        return found or e.problems
+    named_in = "train_config.json" if (adapter / "train_config.json").is_file() else "adapter_config.json"
+    where = "" if "MODEL_NAME" in cfg.explicit else f" (the base model named in {adapter / named_in})"
+    return found + model_problems(name, f"MODEL_NAME={name}{where}")
+
+
+def _missing_adapter_line(path: Path) -> str:
+    # A merge or export killed between its two renames (no atomic exchange on this filesystem) leaves
+    # the previous copy beside the target; the next merge/export into it puts it back (app.utils).
+    aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")) if path.name else []
+    if aside:
+        return (f"ADAPTER_DIR={path}: no such directory: a merge or export into it was killed while replacing "
+                f"it, and the previous copy is {aside[0]}; run the same `make merge` / `make export-onnx` again "
+                "(it puts the previous copy back first), or point ADAPTER_DIR elsewhere")
+    return (f"ADAPTER_DIR={path}: no such directory; train first (`make train`), point ADAPTER_DIR "
+            "at a run's OUTPUT_DIR, or use ADAPTER_DIR=none for the base model")
 
 
 def _unique(lines: list[str]) -> list[str]:

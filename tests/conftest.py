@@ -24,6 +24,8 @@ SLOW = (
     "tests/test_demo.py::test_demo_recipe_f1_rises_well_above_its_start",
     "tests/test_evaluate.py",
     "tests/test_export.py",
+    "tests/test_faults.py::test_kill_9_of_merge_leaves_the_previous_merge_or_none",
+    "tests/test_faults.py::test_kill_9_of_export_leaves_the_previous_export_or_none",
     "tests/test_families.py",
     "tests/test_guard.py::test_naive_config_over_a_real_limit_finishes_instead_of_being_killed",
     "tests/test_guard.py::test_backoff_resumes_with_half_batch_and_the_same_losses",
@@ -193,3 +195,34 @@ def memory_cgroup():
             path.rmdir()
         except OSError:
             pass
+
+
+# ---- the command line, in this process -----------------------------------------------------------------
+
+@pytest.fixture
+def cli(monkeypatch, tmp_path, caplog, capsys):
+    """main(argv) in this process, in tmp_path, with none of the shell's settings; returns
+    (exit status, the ERROR lines, stderr). The same code path as `python -m app ...` without paying
+    for a fresh torch import per call."""
+    import logging
+
+    import app.signals
+    import app.utils
+    from app.__main__ import main
+    from app.config import Config
+
+    monkeypatch.setattr(app.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
+    monkeypatch.setattr(app.signals, "install_cli_handlers", lambda: None)  # keep pytest's SIGTERM
+    for var in Config.variables():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            code = main(list(argv))
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert all(r.exc_info is None for r in errors)  # a message, not a logged traceback
+        return code, [r.getMessage() for r in errors], capsys.readouterr().err
+
+    return run

@@ -1,0 +1,370 @@
+"""Faults a real user meets (issue 15): each ends with a non-zero exit and ONE line that names the file
+and the fix, no traceback, and everything else left as it was; a killed merge or export never leaves a
+half-written dir that a later command loads."""
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import Config, FineTuner, UserError
+from app.datagen import write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under ``root``: a changed, added or removed one shows."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_glm_dir, tmp_path_factory):
+    """A finished 2-step LoRA run on the tiny GLM, and the data it was trained on: (run dir, data dir).
+    Tests copy it before changing anything."""
+    work = tmp_path_factory.mktemp("faults")
+    write_dataset(work / "data", n_train=16, n_dev=4, seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)  # models/.last_run goes there, not into the checkout
+        FineTuner(Config.from_dict({
+            "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(work / "data" / "train.jsonl"),
+            "OUTPUT_DIR": str(work / "run"), "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none",
+            "SEED": 0, "VAL_SIZE": 0, "MAX_SAMPLES": 8, "LEARNING_RATE": 1e-2, "QUANT_LEVEL": "none"})).run()
+    return work / "run", work / "data"
+
+
+# ---- damaged files ------------------------------------------------------------------------------------
+
+def _truncate(path: Path) -> str:
+    size = path.stat().st_size
+    with path.open("r+b") as fh:
+        fh.truncate(size // 2)
+    return f"{path.name} is damaged (truncated: {size // 2:,} of {size:,} bytes)"
+
+
+def _break_json(path: Path) -> str:
+    path.write_text(path.read_text(encoding="utf-8")[:-20], encoding="utf-8")  # cut short, as by a full disk
+    return f"{path.name} is damaged (not valid JSON: "
+
+
+RUN_FIX = "restore it from a copy, or train again into that OUTPUT_DIR with OVERWRITE=1"
+DAMAGE = {"truncated adapter_model.safetensors": ("adapter_model.safetensors", _truncate),
+          "broken adapter_config.json": ("adapter_config.json", _break_json)}
+COMMANDS = {"predict": ["predict", "PROMPT=hi"], "chat": ["predict", "INTERACTIVE=1"],
+            "predict-file": ["predict", "INPUT_FILE=data/dev.jsonl"],
+            "evaluate": ["evaluate", "EVAL_PATH=data/dev.jsonl"], "merge": ["merge"], "export-onnx": ["export-onnx"]}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_adapter_is_one_line_in_every_command_that_reads_it(cli, tmp_path, lora_run, damage, command):
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    shutil.copytree(lora_run[1], tmp_path / "data")
+    name, spoil = DAMAGE[damage]
+    said = spoil(run / name)
+    before = snapshot(tmp_path)
+    code, errors, stderr = cli(*COMMANDS[command], f"ADAPTER_DIR={run}", "MAX_NEW_TOKENS=2")
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"ADAPTER_DIR={run}: {said}") and errors[0].endswith(RUN_FIX), errors[0]
+    assert "Traceback" not in stderr
+    assert snapshot(tmp_path) == before  # no merged/ or onnx/ begun, the run untouched
+
+
+def test_damage_is_found_before_torch_is_imported(tmp_path, lora_run):
+    """The checks are the pre-flight's: with a `torch` that stops the process, the line still comes."""
+    stub = tmp_path / "stub" / "torch"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    said = _truncate(run / "adapter_model.safetensors")
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env["PYTHONPATH"] = f"{stub.parent}{os.pathsep}{REPO}"
+    for command in ("predict", "merge", "export-onnx"):
+        proc = subprocess.run([sys.executable, "-m", "app", command, f"ADAPTER_DIR={run}"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        errors = [line.split(" ERROR app: ", 1)[1] for line in proc.stderr.splitlines() if " ERROR app: " in line]
+        assert proc.returncode == 2 and errors == [f"ADAPTER_DIR={run}: {said}; {RUN_FIX}"], proc.stderr
+
+
+def test_a_damaged_local_model_is_one_line_for_train_info_and_predict(cli, tmp_path, tiny_glm_dir, lora_run):
+    model = shutil.copytree(tiny_glm_dir, tmp_path / "glm")
+    shutil.copytree(lora_run[1], tmp_path / "data")
+    _truncate(model / "tokenizer.json")  # an interrupted copy
+    said = "tokenizer.json is damaged (not valid JSON: "
+    fix = (f"copy the model again, or delete the damaged file and download it again: `.venv/bin/hf download "
+           f"<owner>/glm --local-dir {model}` (fetches only what is missing)")
+    before = snapshot(tmp_path)
+    for argv in (["train", "DATA_PATH=data/train.jsonl", "OUTPUT_DIR=out"], ["info", "DATA_PATH=data/train.jsonl"],
+                 ["predict", "ADAPTER_DIR=none", "PROMPT=hi"]):
+        code, errors, stderr = cli(*argv, f"MODEL_NAME={model}")
+        assert code == 2 and len(errors) == 1, (argv, errors)
+        assert errors[0].startswith(f"MODEL_NAME={model}: {said}") and errors[0].endswith(fix), errors[0]
+        assert "Traceback" not in stderr
+        assert snapshot(tmp_path) == before
+
+
+def test_an_adapters_damaged_base_is_named_as_its_base(cli, tmp_path, tiny_glm_dir, lora_run):
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    models = tmp_path / "models"
+    base = shutil.copytree(tiny_glm_dir, models / "tiny-glm")  # MODEL_NAME=tiny's dir: rebuilt when removed
+    config = (run / "train_config.json").read_text(encoding="utf-8")
+    (run / "train_config.json").write_text(config.replace(str(tiny_glm_dir), "tiny"), encoding="utf-8")
+    said = _truncate(base / "model.safetensors")
+    before = snapshot(tmp_path)
+    code, errors, _ = cli("predict", f"ADAPTER_DIR={run}", "PROMPT=hi")
+    assert code == 2 and errors == [
+        f"MODEL_NAME=tiny (the base model named in {run}/train_config.json): {said}; delete models/tiny-glm "
+        "(`make clean` removes the tiny models); the next command rebuilds it"]
+    assert snapshot(tmp_path) == before
+
+
+def test_a_damaged_onnx_export_names_the_export_command(cli, tmp_path):
+    """A copy of an export cut short: the sizes recorded at export time show it before ONNX Runtime runs."""
+    merged, onnx = tmp_path / "run" / "merged", tmp_path / "run" / "merged" / "onnx"
+    onnx.mkdir(parents=True)
+    (tmp_path / "run" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (merged / "config.json").write_text("{}")
+    (onnx / "config.json").write_text("{}")
+    (onnx / "model.onnx").write_bytes(b"\0" * 100)
+    (onnx / "model.onnx.data").write_bytes(b"\0" * 600)
+    (onnx / "onnx_export.json").write_text(
+        f'{{"source": "{merged}", "architecture": "GlmForCausalLM", "inputs": [], "past_shape": [], '
+        '"files": {"model.onnx": 100, "model.onnx.data": 1000}}')
+    before = snapshot(tmp_path)
+    code, errors, _ = cli("predict", f"ADAPTER_DIR={onnx}", "PROMPT=hi")
+    assert code == 2 and errors == [f"ADAPTER_DIR={onnx}: model.onnx.data is damaged (truncated: 600 of 1,000 "
+                                    f"bytes); export it again: `make export-onnx ADAPTER_DIR={merged}`"]
+    assert snapshot(tmp_path) == before
+
+
+def test_the_loaders_backstop_names_the_file(tmp_path, lora_run, monkeypatch):
+    """Past the pre-flight (the library API, or damage the checks cannot see) the loads still end in one
+    line: the checks run again on failure, and an error typical of a damaged file names the dir and file."""
+    import app.artifacts
+    from app.export import OnnxCausalLM
+    from app.modeling import load_tokenizer
+    from app.predict import Predictor
+
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    said = _truncate(run / "adapter_model.safetensors")
+    with pytest.raises(UserError) as err:
+        Predictor(Config.from_dict({"ADAPTER_DIR": str(run)}))
+    assert err.value.problems == [f"ADAPTER_DIR={run}: {said}; {RUN_FIX}"]
+    # a header the checks pass but the library refuses (here: the checks switched off)
+    (run / "adapter_model.safetensors").write_bytes(b"\x02\0\0\0\0\0\0\0{]")
+    monkeypatch.setattr(app.artifacts, "dir_problems", lambda path, label: [])
+    with pytest.raises(UserError) as err:
+        Predictor(Config.from_dict({"ADAPTER_DIR": str(run)}))
+    (line,) = err.value.problems
+    assert line.startswith(f"ADAPTER_DIR={run}: adapter_model.safetensors cannot be loaded (SafetensorError: ")
+    assert line.endswith(RUN_FIX)
+    monkeypatch.undo()
+    said = _break_json(run / "tokenizer.json")
+    with pytest.raises(UserError) as err:
+        load_tokenizer(str(run), setting="ADAPTER_DIR")
+    (line,) = err.value.problems  # every damaged file of the dir, in one line
+    assert line.startswith(f"ADAPTER_DIR={run}: adapter_model.safetensors is damaged") and f", {said}" in line
+    onnx = tmp_path / "onnx"
+    onnx.mkdir()
+    (onnx / "model.onnx").write_bytes(b"not a protobuf")
+    (onnx / "onnx_export.json").write_text('{"architecture": "x", "inputs": [], "past_shape": []}')
+    with pytest.raises(UserError) as err:
+        OnnxCausalLM(onnx)
+    (line,) = err.value.problems
+    assert line.startswith(f"ADAPTER_DIR={onnx}: model.onnx cannot be loaded (") and "export it again" in line
+
+
+def test_safetensors_header_check_reads_the_header_only(tmp_path):
+    """A whole file passes; every way of cutting or padding it is named; the weights are never read."""
+    import torch
+    from safetensors.torch import save_file
+
+    from app.artifacts import safetensors_problem
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 5), "b": torch.ones(7, dtype=torch.bfloat16)}, str(path))
+    whole = path.read_bytes()
+    assert safetensors_problem(path) is None
+    n = int.from_bytes(whole[:8], "little")
+    for data, why in ((whole[:5], "truncated: 5 bytes, not even a header"),
+                      (whole[:8 + n - 1], f"shorter than its {n:,}-byte header"),
+                      (whole[:-1], f"truncated: {len(whole) - 1:,} of {len(whole):,} bytes"),
+                      (whole + b"\0", f"1 byte longer than it should be ({len(whole):,})"),
+                      (b"\xff" * 8 + whole[8:], "invalid header length"),
+                      (whole[:8] + b"x" + whole[9:], "its header is not valid JSON")):
+        path.write_bytes(data)
+        assert why in (safetensors_problem(path) or ""), (why, safetensors_problem(path))
+
+
+def test_a_sharded_model_is_checked_shard_by_shard(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from app.artifacts import model_problems
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "glm"}')
+    save_file({"a": torch.zeros(4)}, str(model / "model-00001-of-00002.safetensors"))
+    (model / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    (line,) = model_problems(str(model))
+    assert line.startswith(f"MODEL_NAME={model}: model-00002-of-00002.safetensors is missing (named in "
+                           "model.safetensors.index.json); copy the model again")
+    save_file({"b": torch.zeros(4)}, str(model / "model-00002-of-00002.safetensors"))
+    assert model_problems(str(model)) == []
+
+
+# ---- kill -9 of merge / export -------------------------------------------------------------------------
+
+# `python -m app <command>`, SIGKILLed by itself (kill -9: no handler, no cleanup) at KILL_AT:
+# mid-write (the merge's weights are written, its tokenizer not; the export's files are written, not yet
+# verified or published), or inside the swap (after the atomic exchange; or, where that is unavailable,
+# between renaming the old dir aside and the new one in).
+KILL_9 = """
+import os, signal, sys
+import app.utils
+at = os.environ["KILL_AT"]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if at == "merge-write":
+    import transformers
+    transformers.PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: die()
+elif at == "export-write":
+    import app.export
+    app.export.verify = lambda model, d, tol=1e-3: die()
+elif at == "after-exchange":
+    exchange = app.utils._exchange
+    def dying(a, b):
+        assert exchange(a, b)
+        die()
+    app.utils._exchange = dying
+elif at == "between-renames":
+    app.utils._exchange = lambda a, b: False
+    rename = os.rename
+    def dying(src, dst):
+        if ".partial-" in os.path.basename(src):
+            die()
+        return rename(src, dst)
+    os.rename = dying
+from app.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _killed(at, *argv, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env.update(PYTHONPATH=str(REPO), KILL_AT=at)
+    proc = subprocess.run([sys.executable, "-c", KILL_9, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def _debris(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_run, caplog):
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    merged = run / "merged"
+    # the first merge, killed mid-write: no MERGED_DIR at all, so nothing half-written is loaded
+    _killed("merge-write", "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    assert not merged.exists() and _debris(run)
+    code, errors, _ = cli("predict", f"ADAPTER_DIR={merged}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"ADAPTER_DIR={merged}: no such directory")
+    assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0  # cleans up and merges
+    assert not _debris(run) and (merged / "tokenizer.json").is_file()
+    (merged / "onnx").mkdir()  # an export made from it (kept across merges, see app.utils.replace_dir)
+    (merged / "onnx" / "model.onnx").write_bytes(b"export")
+    first = snapshot(merged)
+
+    # a re-merge killed mid-write, or in the swap before the old dir is gone: the previous merge, byte for byte
+    for at in ("merge-write", "between-renames"):
+        _killed(at, "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
+        if at == "between-renames":  # the old dir is aside and nothing is in place: refused, then put back
+            assert not merged.exists()
+            code, errors, _ = cli("predict", f"ADAPTER_DIR={merged}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
+            assert code == 2 and len(errors) == 1 and "the previous copy is" in errors[0], errors
+            assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0
+            assert f"restored {merged} from .merged.old-" in caplog.text
+        else:
+            assert snapshot(merged) == first and _debris(run)
+            code, errors, _ = cli("predict", f"ADAPTER_DIR={merged}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
+            assert code == 0, errors  # the complete previous merge loads
+            assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0
+        assert not _debris(run) and (merged / "onnx" / "model.onnx").read_bytes() == b"export"
+        assert snapshot(merged) != first  # a new merge (new files), the export carried across
+        first = snapshot(merged)
+
+    # killed right after the atomic exchange: the new merge is in place, whole; the old one is debris, and
+    # the export it held (not yet carried across) is carried by the next merge's clean-up
+    _killed("after-exchange", "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    assert _debris(run) and snapshot(merged) != first and not (merged / "onnx").exists()
+    from app.artifacts import dir_problems
+
+    assert dir_problems(merged, "MERGED_DIR") == [] and (merged / "tokenizer.json").is_file()
+    assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0 and not _debris(run)
+    assert (merged / "onnx" / "model.onnx").read_bytes() == b"export"
+
+
+def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora_run):
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    onnx = run / "merged" / "onnx"
+    assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0
+    _killed("export-write", "export-onnx", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    assert not onnx.exists() and _debris(run / "merged")
+    code, errors, _ = cli("predict", f"ADAPTER_DIR={onnx}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"ADAPTER_DIR={onnx}: no such directory")
+    assert cli("export-onnx", f"ADAPTER_DIR={run}")[0] == 0
+    assert not _debris(run / "merged")
+    first = snapshot(onnx)
+    _killed("export-write", "export-onnx", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    assert snapshot(onnx) == first and _debris(run / "merged")
+    code, errors, stderr = cli("predict", f"ADAPTER_DIR={onnx}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
+    assert code == 0, errors
+    assert cli("export-onnx", f"ADAPTER_DIR={run}")[0] == 0 and not _debris(run / "merged")
+    assert snapshot(onnx) != first
+
+
+def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatch, caplog):
+    """The swap itself, without a model: exchange and fallback give the same result; a kill's leftovers
+    (a dead writer's) are removed, a live writer's are not, and an old copy with nothing in place returns."""
+    import app.utils
+    from app.utils import replace_dir
+
+    target, umask = tmp_path / "out", os.umask(0)
+    os.umask(umask)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    for exchange in (True, False):
+        if not exchange:
+            monkeypatch.setattr(app.utils, "_exchange", lambda a, b: False)
+        shutil.rmtree(target, ignore_errors=True)
+        for version in ("one", "two"):
+            with replace_dir(target, kept_note="stale") as tmp:
+                os.close(os.open(tmp / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors makes it
+                (tmp / "weights").write_text(version)
+            assert (target / "weights").read_text() == version and not _debris(tmp_path)
+            assert (target / "weights").stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file
+            (target / "sub").mkdir(exist_ok=True)
+        assert (target / "sub").is_dir()  # carried across the second swap
+    with pytest.raises(RuntimeError), replace_dir(target) as tmp:
+        (tmp / "weights").write_text("three")
+        raise RuntimeError("failed half way")
+    assert (target / "weights").read_text() == "two" and not _debris(tmp_path)
+    (tmp_path / f".out.partial-{dead}").mkdir()
+    (tmp_path / f".out.partial-{os.getppid()}").mkdir()  # a live process: perhaps writing it now
+    os.rename(target, tmp_path / f".out.old-{dead}")
+    with caplog.at_level("INFO"), replace_dir(target) as tmp:
+        assert (target / "weights").read_text() == "two"  # put back before anything else
+        (tmp / "weights").write_text("four")
+    assert "restored" in caplog.text and (target / "weights").read_text() == "four"
+    assert _debris(tmp_path) == [f".out.partial-{os.getppid()}"]
+    (tmp_path / "link").symlink_to(target)  # MERGED_DIR a link to another disk: the link stays one
+    with replace_dir(tmp_path / "link") as tmp:
+        (tmp / "weights").write_text("five")
+    assert (tmp_path / "link").is_symlink() and (target / "weights").read_text() == "five"
