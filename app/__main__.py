@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from typing import Callable, ContextManager
 
 from app.config import Config, parse_cli_overrides
 from app.errors import UserError
@@ -16,19 +16,24 @@ log = logging.getLogger("app")
 
 
 def _train(cfg: Config) -> None:
-    from app import dist
+    from contextlib import nullcontext
+
+    from app import dist, runlock
     from app.preflight import preflight
     from app.workspace import ensure_default_data
 
     preflight(cfg, "train")  # before importing torch: every cheap problem at once, in well under a second
     ensure_default_data(cfg)  # the quick start: sample data, only at the default DATA_PATH and only if missing
-    if dist.wants_launch(cfg):  # NPROC/NNODES: become torchrun, whose workers run this command again
-        dist.launch(cfg)
-        return
-    dist.watch_launcher()
-    from app.train import FineTuner
+    # One run per OUTPUT_DIR, from before its checkpoints are read until its outputs are published.
+    lock = runlock.hold(cfg.train.output_dir, "train", doing="training there too", alternative=True)
+    with lock if dist.owns_run_lock(cfg) else nullcontext():
+        if dist.wants_launch(cfg):  # NPROC/NNODES: become torchrun, whose workers run this command again
+            dist.launch(cfg)
+            return
+        dist.watch_launcher()
+        from app.train import FineTuner
 
-    FineTuner(cfg).run()
+        FineTuner(cfg).run()
 
 
 def _info(cfg: Config) -> None:
@@ -88,7 +93,8 @@ def _merge(cfg: Config) -> None:
     preflight(cfg, "merge")
     from app.merge import run_merge
 
-    run_merge(cfg)
+    with _run_lock(cfg, "merge"):
+        run_merge(cfg)
 
 
 def _export_onnx(cfg: Config) -> None:
@@ -97,7 +103,22 @@ def _export_onnx(cfg: Config) -> None:
     preflight(cfg, "export-onnx")
     from app.export import run_export
 
-    run_export(cfg)
+    with _run_lock(cfg, "export-onnx"):
+        run_export(cfg)
+
+
+def _run_lock(cfg: Config, command: str) -> ContextManager[None]:
+    """merge and export-onnx write into the run they read (merged/ and onnx/ inside it): never while
+    it is still training, and never two at once (app/runlock.py)."""
+    from contextlib import nullcontext
+
+    from app.predict import find_adapter
+    from app.runlock import hold
+
+    adapter = find_adapter(cfg)
+    if adapter is None:  # ADAPTER_DIR=none: the base model, exported under models/onnx/
+        return nullcontext()
+    return hold(adapter, command, setting="ADAPTER_DIR", doing=command, optional=True)
 
 
 def _demo(cfg: Config) -> None:

@@ -8,7 +8,8 @@ all of their findings come back at once, one line each:
   bad ones (a file over QUICK_LOOK_MB is judged on its first QUICK_LOOK_RECORDS records here, and
   whole when training reads it);
 - MODEL_NAME when it can only be a local path;
-- for train: OUTPUT_DIR (writable, no finished run replaced unasked) and RESUME;
+- for train: OUTPUT_DIR (not in use by another run, writable, no finished run replaced unasked) and
+  RESUME (a checkpoint of the same settings, with steps left: app/resume.py);
 - for predict / evaluate: INPUT_FILE, EVAL_PATH, PREDICTIONS;
 - for predict / evaluate / merge / export-onnx: the adapter (or model, or ONNX export) they will load
   and its base model: there, and no damaged file in them (app.artifacts; MODEL_NAME's dir for train
@@ -80,13 +81,20 @@ def _model_problems(cfg: Config) -> list[str]:
 
 
 def _train_problems(cfg: Config) -> list[str]:
-    from app.checkpoints import output_dir_problems, resume_checkpoint
+    from app import dist, resume, runlock
+    from app.checkpoints import output_dir_problems
 
-    problems = output_dir_problems(cfg)
-    try:
-        resume_checkpoint(cfg)
-    except UserError as e:
-        problems += e.problems
+    # (our torchrun workers run under their launcher's lock: for them it is not someone else's)
+    who = runlock.holder(cfg.train.output_dir) if dist.owns_run_lock(cfg) else None
+    if who is not None:  # another run is writing there: whatever else is in OUTPUT_DIR may change under us
+        problems = [runlock.busy_line("OUTPUT_DIR", cfg.train.output_dir, who, "training there too",
+                                      alternative=True)]
+    else:
+        problems = output_dir_problems(cfg)
+        try:
+            resume.decide(cfg)  # RESUME names a checkpoint this run can continue (same settings, steps left)
+        except UserError as e:
+            problems += e.problems
     ds = cfg.distributed.ds_config
     if ds and not Path(ds).is_file():
         problems.append(f"DS_CONFIG={ds}: no such file; use configs/ds_zero2.json or configs/ds_zero3.json")

@@ -71,7 +71,8 @@ def busy_line(setting: str, run_dir: str | Path, who: dict[str, Any], doing: str
     since = ""
     if isinstance(who.get("started"), (int, float)):
         mins = max(0, int(time.time() - who["started"]) // 60)
-        since = f", started {time.strftime('%H:%M:%S', time.localtime(who['started']))} ({mins} min ago)"
+        ago = "under a minute ago" if mins < 1 else f"{mins} min ago"
+        since = f", started {time.strftime('%H:%M:%S', time.localtime(who['started']))}, {ago}"
     stop = f"stop it (kill -TERM {pid}: training checkpoints first)" if pid else "stop it"
     other = f", or choose another {setting}" if alternative else ""
     return (f"{setting}={run_dir} is in use: `{cmd}` ({where}{since}) is writing there; {doing} would collide "

@@ -246,7 +246,8 @@ class FineTuner:
         if not self.train_rows:
             raise RuntimeError("call setup() and prepare_data() before train()")
         out = Path(self.cfg.train.output_dir)
-        with runlock.hold(out, "train", doing="a second run", alternative=True) if dist.owns_run_lock(self.cfg) else nullcontext():
+        lock = runlock.hold(out, "train", doing="training there too", alternative=True)
+        with lock if dist.owns_run_lock(self.cfg) else nullcontext():
             return self._train(out, callbacks)
 
     def _train(self, out: Path, callbacks: list[Any] | None) -> TrainResult:

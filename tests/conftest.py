@@ -38,6 +38,8 @@ SLOW = (
     "tests/test_train.py::test_kill_9_then_resume_equals_an_uninterrupted_run",
     "tests/test_workspace.py::test_train_on_a_user_file_never_changes_it_or_writes_beside_it",
     "tests/test_records_used.py",
+    "tests/test_faults.py::test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes",
+    "tests/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
     "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
     "tests/test_preflight.py::test_offline_training_error_gives_the_download_command",
 )
@@ -226,3 +228,20 @@ def cli(monkeypatch, tmp_path, caplog, capsys):
         return code, [r.getMessage() for r in errors], capsys.readouterr().err
 
     return run
+
+
+# ---- "byte-for-byte as it was" ----------------------------------------------------------------------------
+
+def _snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, int]]:
+    """relative path -> (sha256, mtime_ns) of every file under ``root`` but those under ``skip``:
+    a changed, added or removed file shows."""
+    import hashlib
+
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+
+
+@pytest.fixture
+def snapshot():
+    """snapshot(dir, skip=()) -> every file's hash and mtime, to compare before and after a command."""
+    return _snapshot

@@ -8,9 +8,7 @@ disk is simulated by making the save raise ENOSPC. tests/test_cli.py and tests/t
 more file-level cases (missing file, unsupported suffix, .json that is not an array, ...).
 """
 import errno
-import hashlib
 import json
-import logging
 import os
 import stat
 import subprocess
@@ -34,37 +32,6 @@ def previous_run(out: Path) -> None:
                  "best/adapter_model.safetensors"):
         (out / name).write_text(f"earlier run: {name}\n")
     (out / "summary.json").write_text(json.dumps({"steps": 7}))
-
-
-def snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) of every file; a changed, added or removed file shows."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
-
-
-@pytest.fixture
-def cli(monkeypatch, tmp_path, caplog, capsys):
-    """main(argv) in this process, in tmp_path, with none of the shell's settings; returns
-    (exit status, the ERROR lines, stderr)."""
-    import app.signals
-    import app.utils
-    from app.__main__ import main
-
-    monkeypatch.setattr(app.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
-    monkeypatch.setattr(app.signals, "install_cli_handlers", lambda: None)  # keep pytest's SIGTERM
-    for var in _C.variables():
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-
-    def run(*argv):
-        caplog.clear()
-        with caplog.at_level(logging.INFO):
-            code = main(list(argv))
-        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-        assert all(r.exc_info is None for r in errors)  # a message, not a logged traceback
-        return code, [r.getMessage() for r in errors], capsys.readouterr().err
-
-    return run
 
 
 def _write(name, content):
@@ -113,7 +80,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_dir, case):
+def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_dir, case, snapshot):
     make, extra, expected = CASES[case]
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     data = make(tmp_path) if make else "data/train.jsonl"
@@ -131,7 +98,7 @@ def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_finished_run_is_not_replaced_unasked(cli, tmp_path, tiny_glm_dir):
+def test_finished_run_is_not_replaced_unasked(cli, tmp_path, tiny_glm_dir, snapshot):
     """`make train ...` run twice: the second says so in one line instead of training over it."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     previous_run(tmp_path / "out")
@@ -173,7 +140,7 @@ def _without_root_override() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
-def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path):
+def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot):
     """A real process. Root may write anywhere, so as root the child runs without that capability."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     locked = tmp_path / "locked"
@@ -222,7 +189,7 @@ def _cfg(model, data, out, **extra):
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "final adapter"])
-def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, tmp_path, monkeypatch, where):
+def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, tmp_path, monkeypatch, where, snapshot):
     """The disk fills while a checkpoint (step 4) or the final adapter is written: one line saying so
     and what is kept; the earlier finished run's files are untouched; freeing space and running the
     same command resumes and finishes."""

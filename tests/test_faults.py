@@ -1,26 +1,32 @@
-"""Faults a real user meets (issue 15): each ends with a non-zero exit and ONE line that names the file
-and the fix, no traceback, and everything else left as it was; a killed merge or export never leaves a
-half-written dir that a later command loads."""
-import hashlib
+"""Faults a real user meets (issue 15), the companion of the bad-input matrix (test_bad_input.py).
+Each case ends with a non-zero exit and ONE line that names the file or setting and the fix, no
+traceback, and every earlier output left byte-for-byte as it was:
+- damaged files in a run, a merge, an ONNX export or a local model, in every command that reads them;
+- kill -9 of merge / export-onnx: no half-written dir is ever loaded;
+- a second run (or merge, export, remove-run, clean) while a run writes its OUTPUT_DIR;
+- a resume that asks for other settings, or for fewer steps than the checkpoint has;
+- a stop signal while the data loads.
+"""
+import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from app import Config, FineTuner, UserError
+from app.checkpoints import CHECKPOINTS, MARKER
 from app.datagen import write_dataset
+from app.resume import SETTINGS_FILE
+from app.runlock import LOCK_FILE, hold, holder
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def snapshot(root: Path) -> dict[str, tuple[str, int]]:
-    """relative path -> (sha256, mtime_ns) of every file under ``root``: a changed, added or removed one shows."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,8 @@ COMMANDS = {"predict": ["predict", "PROMPT=hi"], "chat": ["predict", "INTERACTIV
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_adapter_is_one_line_in_every_command_that_reads_it(cli, tmp_path, lora_run, damage, command):
+def test_a_damaged_adapter_is_one_line_in_every_command_that_reads_it(cli, tmp_path, lora_run, damage, command,
+                                                                      snapshot):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     shutil.copytree(lora_run[1], tmp_path / "data")
     name, spoil = DAMAGE[damage]
@@ -91,7 +98,7 @@ def test_damage_is_found_before_torch_is_imported(tmp_path, lora_run):
         assert proc.returncode == 2 and errors == [f"ADAPTER_DIR={run}: {said}; {RUN_FIX}"], proc.stderr
 
 
-def test_a_damaged_local_model_is_one_line_for_train_info_and_predict(cli, tmp_path, tiny_glm_dir, lora_run):
+def test_a_damaged_local_model_is_one_line_for_train_info_and_predict(cli, tmp_path, tiny_glm_dir, lora_run, snapshot):
     model = shutil.copytree(tiny_glm_dir, tmp_path / "glm")
     shutil.copytree(lora_run[1], tmp_path / "data")
     _truncate(model / "tokenizer.json")  # an interrupted copy
@@ -108,7 +115,7 @@ def test_a_damaged_local_model_is_one_line_for_train_info_and_predict(cli, tmp_p
         assert snapshot(tmp_path) == before
 
 
-def test_an_adapters_damaged_base_is_named_as_its_base(cli, tmp_path, tiny_glm_dir, lora_run):
+def test_an_adapters_damaged_base_is_named_as_its_base(cli, tmp_path, tiny_glm_dir, lora_run, snapshot):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     models = tmp_path / "models"
     base = shutil.copytree(tiny_glm_dir, models / "tiny-glm")  # MODEL_NAME=tiny's dir: rebuilt when removed
@@ -123,7 +130,7 @@ def test_an_adapters_damaged_base_is_named_as_its_base(cli, tmp_path, tiny_glm_d
     assert snapshot(tmp_path) == before
 
 
-def test_a_damaged_onnx_export_names_the_export_command(cli, tmp_path):
+def test_a_damaged_onnx_export_names_the_export_command(cli, tmp_path, snapshot):
     """A copy of an export cut short: the sizes recorded at export time show it before ONNX Runtime runs."""
     merged, onnx = tmp_path / "run" / "merged", tmp_path / "run" / "merged" / "onnx"
     onnx.mkdir(parents=True)
@@ -268,7 +275,7 @@ def _debris(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
 
 
-def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_run, caplog):
+def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_run, caplog, snapshot):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     merged = run / "merged"
     # the first merge, killed mid-write: no MERGED_DIR at all, so nothing half-written is loaded
@@ -311,7 +318,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
     assert (merged / "onnx" / "model.onnx").read_bytes() == b"export"
 
 
-def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora_run):
+def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora_run, snapshot):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     onnx = run / "merged" / "onnx"
     assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0
@@ -368,3 +375,268 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
     with replace_dir(tmp_path / "link") as tmp:
         (tmp / "weights").write_text("five")
     assert (tmp_path / "link").is_symlink() and (target / "weights").read_text() == "five"
+
+
+# ---- one run per OUTPUT_DIR; resume only what matches; a stop while the data loads -------------------
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}  # not the shell's settings
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def settings(model_dir, data, out, **extra) -> dict:
+    """A small run with a checkpoint every 2 steps; MAX_SEQ_LEN is left to the tier (measured on the data)."""
+    values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out), "MAX_SAMPLES": 40,
+              "MAX_STEPS": 8, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "SAVE_STEPS": 2, "EVAL_STEPS": 100,
+              "LOGGING_STEPS": 1, "NUM_THREADS": 1, "QUANT_LEVEL": "none", "SEED": 0, "PRECISION": "fp32"}
+    values.update(extra)
+    return values
+
+
+def argv(values: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+# ---- a killed run, to resume ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def killed(tiny_glm_dir, tmp_path_factory):
+    """(settings, run dir) of a run that died after step 3 (checkpoint-2 sealed): an exception from a
+    callback ends it as abruptly as a kill would, in this process."""
+    from transformers import TrainerCallback
+
+    class Die(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise RuntimeError("killed")
+
+    work = tmp_path_factory.mktemp("killed")
+    write_dataset(work / "data", n_train=80, n_dev=10, seed=1)
+    values = settings(tiny_glm_dir, "data/train.jsonl", "out")  # relative: the copies below are the same run
+    with contextlib.chdir(work):
+        ft = FineTuner(Config.from_dict(values)).setup().prepare_data()
+        with pytest.raises(RuntimeError, match="killed"):
+            ft.train(callbacks=[Die()])
+    assert (work / "out" / CHECKPOINTS / "checkpoint-2" / SETTINGS_FILE).is_file()
+    return values, work
+
+
+@pytest.fixture
+def run(killed, tmp_path, cli):
+    """A copy of the killed run (and its data) in tmp_path, the working dir: (settings, its OUTPUT_DIR)."""
+    values, work = killed
+    shutil.copytree(work, tmp_path, dirs_exist_ok=True)
+    return values, Path("out")
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"LORA_R": 16}, "LORA_R 8 -> 16"),
+    ({"METHOD": "ptuning"}, "METHOD lora -> ptuning"),
+    ({"MODEL_NAME": "tiny-qwen2"}, "MODEL_NAME "),
+    ({"DATA_PATH": "other"}, "DATA_PATH "),
+    ({"MAX_SAMPLES": 30}, "MAX_SAMPLES 40 -> 30"),
+    ({"SEED": 1}, "SEED 0 -> 1"),
+    ({"MAX_SEQ_LEN": 40}, "MAX_SEQ_LEN "),
+    ({"LEARNING_RATE": 0.1}, "LEARNING_RATE 0.0002 -> 0.1"),
+    ({"BATCH_SIZE": 4}, "samples per step (BATCH_SIZE x GRAD_ACCUM x processes) 2x1x1=2 -> 4x1x1=4"),
+    ({"MAX_STEPS": 1}, "MAX_STEPS=1 is below its step 2"),
+    ({"EDIT_DATA": True}, "changed since"),
+], ids=lambda x: next(iter(x)) if isinstance(x, dict) else None)
+def test_resume_with_other_settings_is_refused_in_one_line(run, cli, tiny_qwen2_dir, change, said, snapshot):
+    values, out = run
+    change = dict(change)
+    if change.pop("EDIT_DATA", False):  # the same path, other contents
+        data = Path(values["DATA_PATH"])
+        data.write_text(data.read_text(encoding="utf-8").replace("的", "之"), encoding="utf-8")
+    if change.get("MODEL_NAME") == "tiny-qwen2":
+        change["MODEL_NAME"] = str(tiny_qwen2_dir)
+    if change.get("DATA_PATH") == "other":
+        other = Path("other.jsonl")
+        shutil.copy(values["DATA_PATH"], other)
+        change["DATA_PATH"] = str(other)
+    before = snapshot(out)
+    code, errors, _ = cli("train", *argv({**values, **change}))
+    assert code == 2 and len(errors) == 1, errors
+    line = errors[0]
+    head = f"OUTPUT_DIR={out} holds an unfinished run (checkpoint-2, step 2) that cannot continue as asked: "
+    assert line.startswith(head), line
+    what = line[len(head):line.index(". To continue it")]
+    assert said in what and "; " not in what, what  # that difference, and no other
+    assert "OVERWRITE=1" in line and "another OUTPUT_DIR" in line
+    assert snapshot(out) == before  # metrics.jsonl and the checkpoint included
+    # The notebook path (no pre-flight) refuses with the same line, before any weights load.
+    with pytest.raises(UserError) as e:
+        FineTuner(Config.from_dict({**values, **change})).setup()
+    assert str(e.value) == line
+
+
+def test_resume_with_allowed_changes_continues_and_says_so(run, cli, caplog):
+    values, out = run
+    code, errors, _ = cli("train", *argv({**values, "MAX_STEPS": 6, "SAVE_STEPS": 3, "LOGGING_STEPS": 2,
+                                          "NUM_THREADS": 2, "EVAL_STEPS": 50}))
+    assert code == 0, errors
+    assert "resuming with changed settings: NUM_THREADS 1 -> 2, MAX_STEPS 8 -> 6, SAVE_STEPS 2 -> 3, " \
+           "EVAL_STEPS 100 -> 50, LOGGING_STEPS 1 -> 2" in caplog.text
+    assert "resuming with the checkpoint's MAX_SEQ_LEN=" in caplog.text  # the tier's choice then, not again
+    assert f"resuming from {out / CHECKPOINTS / 'checkpoint-2'}" in caplog.text
+    assert steps_logged(out) == [1, 2, 4, 6]  # steps 1-2 from the killed run, then every 2nd: no gap, no repeat
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_overwrite_over_a_run_of_other_settings_trains_anew(run, cli, caplog):
+    values, out = run
+    code, errors, _ = cli("train", *argv({**values, "LORA_R": 4, "MAX_STEPS": 3, "OVERWRITE": 1}))
+    assert code == 0, errors
+    assert "OVERWRITE=1: the unfinished run in" in caplog.text and "(LORA_R 8 -> 4)" in caplog.text
+    assert steps_logged(out) == [1, 2, 3]
+    assert json.loads((out / "train_config.json").read_text())["LORA_R"] == 4
+
+
+def test_a_checkpoint_without_settings_resumes_with_a_warning(run, cli, caplog):
+    """An older version's checkpoint cannot be compared: said, and resumed as before."""
+    values, out = run
+    ckpt = out / CHECKPOINTS / "checkpoint-2"
+    (ckpt / SETTINGS_FILE).unlink()
+    marker = json.loads((ckpt / MARKER).read_text())
+    del marker["files"][SETTINGS_FILE]
+    (ckpt / MARKER).write_text(json.dumps(marker))
+    code, errors, _ = cli("train", *argv({**values, "MAX_STEPS": 4}))
+    assert code == 0, errors
+    assert f"{ckpt} has no {SETTINGS_FILE} (written by an older version)" in caplog.text
+
+
+def test_a_damaged_settings_file_is_named(run, cli, snapshot):
+    values, out = run
+    path = out / CHECKPOINTS / "checkpoint-2" / SETTINGS_FILE
+    path.write_bytes(b"\0" * path.stat().st_size)  # same size: the checkpoint still looks complete
+    before = snapshot(out)
+    code, errors, _ = cli("train", *argv(values))
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"{path} is damaged"), errors
+    assert snapshot(out) == before
+
+
+def test_fewer_epochs_than_the_checkpoint_is_refused(tmp_path):
+    """NUM_EPOCHS (MAX_STEPS=0) whose step count falls below the checkpoint's step: refused too."""
+    from app.resume import check
+
+    ckpt = tmp_path / "checkpoint-30"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 30, "max_steps": 60, "num_train_epochs": 2}))
+    cfg = Config.from_dict({"NUM_EPOCHS": 1, "OUTPUT_DIR": str(tmp_path)})
+    (ckpt / SETTINGS_FILE).write_text(json.dumps({"settings": {"NUM_EPOCHS": 2.0}, "world_size": 1, "data": {}}))
+    rc = check(cfg, ckpt)
+    assert rc.differences == []  # exactly its step: nothing below it
+    cfg = Config.from_dict({"NUM_EPOCHS": 0.5, "OUTPUT_DIR": str(tmp_path)})
+    assert check(cfg, ckpt).differences == ["NUM_EPOCHS=0.5 gives 15 steps, below its step 30"]
+    cfg = Config.from_dict({"NUM_EPOCHS": 3, "OUTPUT_DIR": str(tmp_path)})
+    rc = check(cfg, ckpt)
+    assert rc.differences == [] and rc.changes == ["NUM_EPOCHS 2.0 -> 3.0"]
+
+
+# ---- one run per OUTPUT_DIR -------------------------------------------------------------------------
+
+HOLD = "import sys; from app.runlock import hold; h = hold(sys.argv[1], 'train'); h.__enter__(); " \
+       "print('held', flush=True); sys.stdin.read()"
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    """The kernel drops a flock with its process: kill -9 never leaves OUTPUT_DIR locked."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], env=_env(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        who = holder(tmp_path / "out")
+        assert who["pid"] == proc.pid and who["command"] == "train"
+        with pytest.raises(UserError, match=rf"OUTPUT_DIR={tmp_path / 'out'} is in use: `train` \(pid {proc.pid}"):
+            with hold(tmp_path / "out", "train"):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    assert holder(tmp_path / "out") is None
+    with hold(tmp_path / "out", "train"):
+        assert (tmp_path / "out" / LOCK_FILE).is_file()
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(tiny_glm_dir, tmp_path, cli, snapshot):
+    """Run A trains again into a finished run's dir (OVERWRITE=1), paused with SIGSTOP while we look
+    so its files hold still. A second `train` into its OUTPUT_DIR, `merge` and `export-onnx` of the
+    run, `remove-run` of it and `make clean` are each refused in one line naming A's pid; A's files,
+    metrics.jsonl and checkpoints included, are byte-for-byte as they were; then A finishes with
+    every step logged once."""
+    write_dataset(tmp_path / "data", n_train=80, n_dev=10, seed=1)
+    out = tmp_path / "models" / "a"
+    values = settings(tiny_glm_dir, tmp_path / "data" / "train.jsonl", out, MAX_STEPS=2, MAX_SEQ_LEN=64)
+    FineTuner(Config.from_dict(values)).run()  # the finished run A replaces
+    values.update(MAX_STEPS=30, OVERWRITE=1)
+    log = tmp_path / "a.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "train", *argv(values)], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not (out / CHECKPOINTS / "checkpoint-4").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # a write in flight lands before the snapshot
+        before = snapshot(out)
+        for command, extra in (("train", {}), ("train", {"LORA_R": 16}), ("remove-run", {})):
+            code, errors, _ = cli(command, *argv({**values, **extra}))
+            assert code == 2 and len(errors) == 1, errors
+            assert errors[0].startswith(f"OUTPUT_DIR={out} is in use: `train` (pid {proc.pid}, started "), errors
+        for command in ("merge", "export-onnx"):
+            code, errors, _ = cli(command, f"ADAPTER_DIR={out}")
+            assert code == 2 and len(errors) == 1, errors
+            assert errors[0].startswith(f"ADAPTER_DIR={out} is in use: `train` (pid {proc.pid}, started "), errors
+        code, errors, _ = cli("clean")
+        assert code == 2 and len(errors) == 1 and f"`train` (pid {proc.pid}" in errors[0], errors
+        # The notebook path (no pre-flight): refused when it comes to write, before touching anything.
+        with pytest.raises(UserError, match=f"is in use: `train` \\(pid {proc.pid}"):
+            FineTuner(Config.from_dict(values)).run()
+        assert snapshot(out) == before
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=HANG_GUARD_S) == 0, log.read_text()[-3000:]
+    assert steps_logged(out) == list(range(1, 31))
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+
+
+# ---- a stop signal while the data loads ----------------------------------------------------------
+
+def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_dir, tmp_path, snapshot):
+    """SIGTERM (docker compose stop) while 20,000 records are being tokenized: exit 143 with one
+    line, no traceback, and the finished run already in OUTPUT_DIR byte-for-byte as it was."""
+    write_dataset(tmp_path / "data", n_train=80, n_dev=10, seed=1)
+    lines = (tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    (tmp_path / "big.jsonl").write_text("".join(lines * 250), encoding="utf-8")
+    out = tmp_path / "out"
+    values = settings(tiny_glm_dir, tmp_path / "data" / "train.jsonl", out, MAX_STEPS=2, MAX_SEQ_LEN=64)
+    with contextlib.chdir(tmp_path):
+        FineTuner(Config.from_dict(values)).run()  # the earlier, finished run
+    before = snapshot(out)
+    values.update(DATA_PATH=tmp_path / "big.jsonl", MAX_SAMPLES=19_000, OVERWRITE=1)
+    log = tmp_path / "train.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "train", *argv(values)], cwd=tmp_path, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + HANG_GUARD_S
+        while "using 19,000 of its 20,000 valid records" not in log.read_text():  # read; now tokenizing
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=HANG_GUARD_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 143, text[-3000:]
+    assert "Traceback" not in text and [x for x in text.splitlines() if " ERROR " in x][-1].endswith(
+        "stopped by SIGTERM"), text[-3000:]
+    assert snapshot(out) == before and not (out / LOCK_FILE).exists()
