@@ -13,6 +13,8 @@ or download). ``load_failure`` is the backstop where the libraries load: a file 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,12 @@ def model_problems(name: str, label: str | None = None) -> list[str]:
 
 def dir_problems(path: Path, label: str) -> list[str]:
     """[one line] naming every damaged or missing file of the model/adapter/ONNX dir ``path``; [] if intact."""
+    unreadable = [p for p in sorted(path.iterdir()) if p.is_file() and not os.access(p, os.R_OK)]
+    if unreadable:  # not damage: deleting or re-downloading would be the wrong advice
+        st = unreadable[0].stat()
+        return [f"{label}: cannot read {', '.join(p.name for p in unreadable)} (permission denied: owned by uid "
+                f"{st.st_uid}, mode {stat.filemode(st.st_mode)}; written by another user, e.g. a container run as "
+                f"another uid); make them readable, e.g. sudo chown -R $(id -u):$(id -g) {path}"]
     if (path / META_FILE).exists() or (path / ONNX_FILE).exists():
         found = _onnx_files(path)
     elif (path / "adapter_config.json").exists():

@@ -167,7 +167,8 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict |
         if out.exists():  # another process won the race; keep its copy
             shutil.rmtree(tmp)
         else:
-            publish(tmp)
+            for item in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600: a container of another uid could not read it
+                publish(item)
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -245,3 +245,21 @@ def _snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, in
 def snapshot():
     """snapshot(dir, skip=()) -> every file's hash and mtime, to compare before and after a command."""
     return _snapshot
+
+
+def _without_root_override() -> None:
+    """In the child, before exec: root keeps its uid but loses CAP_DAC_OVERRIDE (and READ_SEARCH),
+    the capability that lets it read and write whatever the modes forbid."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; prctl(PR_CAPBSET_DROP) = 24
+        if libc.prctl(24, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.fixture
+def as_a_user():
+    """preexec_fn for a child process that file modes bind as they bind a user: when the suite runs as
+    root, the child drops root's override of them; otherwise nothing (None)."""
+    return _without_root_override if os.geteuid() == 0 else None

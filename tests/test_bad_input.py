@@ -129,18 +129,7 @@ def test_empty_prompt_for_predict_custom_is_one_line(tmp_path):
             "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)"]
 
 
-def _without_root_override() -> None:
-    """In the child, before exec: root keeps its uid but loses CAP_DAC_OVERRIDE (and READ_SEARCH),
-    the capability that lets it write into a directory whose mode forbids it."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; prctl(PR_CAPBSET_DROP) = 24
-        if libc.prctl(24, cap, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-
-def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot):
+def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot, as_a_user):
     """A real process. Root may write anywhere, so as root the child runs without that capability."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     locked = tmp_path / "locked"
@@ -157,7 +146,7 @@ def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snaps
             try:
                 proc = subprocess.run([sys.executable, "-m", "app", "train", "MODEL_NAME=tiny", f"OUTPUT_DIR={out}",
                                        "OVERWRITE=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                      timeout=120, preexec_fn=_without_root_override if os.geteuid() == 0 else None)
+                                      timeout=120, preexec_fn=as_a_user)
             except subprocess.SubprocessError as e:  # a container without CAP_SETPCAP cannot drop capabilities
                 pytest.skip(f"cannot run a child without root's write override here: {e}")
             results.append((proc.returncode, [x for x in proc.stderr.splitlines() if " ERROR " in x], proc.stderr))

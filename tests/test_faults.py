@@ -149,6 +149,29 @@ def test_a_damaged_onnx_export_names_the_export_command(cli, tmp_path, snapshot)
     assert snapshot(tmp_path) == before
 
 
+def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_run, as_a_user, snapshot):
+    """Files another user wrote (a container run as another uid): the line says so and how to fix
+    the permissions; "damaged, delete it" would be the wrong advice."""
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    weights = run / "adapter_model.safetensors"
+    if os.geteuid() == 0:
+        os.chown(weights, 65534, 65534)  # nobody's, private to nobody
+        os.chmod(weights, 0o600)
+    else:
+        os.chmod(weights, 0o000)
+    before = snapshot(run)
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "app", "predict", "PROMPT=hi", f"ADAPTER_DIR={run}"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=as_a_user)
+    errors = [x for x in proc.stderr.splitlines() if " ERROR " in x]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].split(" ERROR app: ")[1].startswith(
+        f"ADAPTER_DIR={run}: cannot read adapter_model.safetensors (permission denied: owned by uid "), errors
+    assert "chown" in errors[0] and "damaged" not in errors[0]
+    assert snapshot(run) == before
+
+
 def test_the_loaders_backstop_names_the_file(tmp_path, lora_run, monkeypatch):
     """Past the pre-flight (the library API, or damage the checks cannot see) the loads still end in one
     line: the checks run again on failure, and an error typical of a damaged file names the dir and file."""
