@@ -134,9 +134,11 @@ class TrainArgs:
     seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
     resume: str = _f("auto", "Continue from a checkpoint (optimizer, scheduler, RNG, data position): auto = the "
                              "newest complete one in OUTPUT_DIR/checkpoints, if any; or a checkpoint-N dir, or an "
-                             "output dir whose checkpoints/ holds one")
+                             "output dir whose checkpoints/ holds one. Only with the model, data and optimizer "
+                             "settings it was trained with (a difference is refused, listed)")
     overwrite: bool = _f(False, "Train into an OUTPUT_DIR that holds a finished run; the new run replaces it when "
-                                "it finishes (without this, such a run is refused)")
+                                "it finishes (without this, such a run is refused). Over an unfinished run of other "
+                                "settings: train anew, removing its checkpoints")
 
 
 @dataclass
