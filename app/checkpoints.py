@@ -21,6 +21,7 @@ from pathlib import Path
 
 from app.config import Config
 from app.errors import UserError
+from app.utils import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +79,15 @@ def seal(staged: Path, final: Path, step: int) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, staged / MARKER)
-    _fsync_dir(staged)
+    fsync_dir(staged)
     if final.exists():  # the same step saved twice (a resumed run re-saving): the new one wins
         shutil.rmtree(final)
     os.replace(staged, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     try:
         staged.parent.rmdir()  # the staging dir, now empty
     except OSError:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def rotate(ckpt_dir: Path, keep: int) -> None:

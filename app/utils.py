@@ -188,7 +188,7 @@ def _alive(pid: int) -> bool:
 def _swap_in(new: Path, target: Path, kept_note: str) -> None:
     if not target.exists():
         os.rename(new, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return
     old = new  # after the exchange ``new`` names the previous content
     if not _exchange(new, target):
@@ -199,7 +199,7 @@ def _swap_in(new: Path, target: Path, kept_note: str) -> None:
         except BaseException:
             os.rename(old, target)
             raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     _carry_subdirs(old, target, kept_note)
     if old != new:
         shutil.rmtree(old, ignore_errors=True)
@@ -243,10 +243,10 @@ def _settle_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(folder))
+        fsync_dir(Path(folder))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

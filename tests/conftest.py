@@ -263,3 +263,69 @@ def as_a_user():
     """preexec_fn for a child process that file modes bind as they bind a user: when the suite runs as
     root, the child drops root's override of them; otherwise nothing (None)."""
     return _without_root_override if os.geteuid() == 0 else None
+
+
+# ---- `python -m app ...` as a real process -------------------------------------------------------------
+
+HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts
+
+
+def app_env() -> dict[str, str]:
+    """The environment for a child `python -m app`: this checkout importable, none of the shell's settings."""
+    from app.config import Config
+
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """app_env() for a test's own subprocess calls."""
+    return app_env()
+
+
+class AppProcess:
+    """`python -m app <argv>` started in ``cwd``, its stderr in ``log``."""
+
+    def __init__(self, argv: list[str], cwd: Path, log: Path, **popen):
+        import subprocess
+        import sys
+
+        self.log = log
+        with log.open("w") as stderr:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app", *map(str, argv)], cwd=cwd, env=app_env(),
+                                         stdout=subprocess.DEVNULL, stderr=stderr, **popen)
+        self.pid = self.proc.pid
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, ready) -> None:
+        """Poll until ``ready()``; fail (with the log's tail) if the process ends first, or after HANG_GUARD_S."""
+        import time
+
+        deadline = time.monotonic() + HANG_GUARD_S
+        while not ready():
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) too early:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"still waiting after {HANG_GUARD_S}s:\n{self.text()[-3000:]}"
+            time.sleep(0.02)
+
+    def wait(self) -> int:
+        return self.proc.wait(timeout=HANG_GUARD_S)
+
+
+@pytest.fixture
+def app_process(tmp_path):
+    """start(argv, cwd=tmp_path, log=None, **popen) -> AppProcess; whatever is still running at the end is killed."""
+    started: list[AppProcess] = []
+
+    def start(argv, cwd=None, log=None, **popen) -> AppProcess:
+        started.append(AppProcess(argv, cwd or tmp_path, log or tmp_path / f"app-{len(started)}.log", **popen))
+        return started[-1]
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()

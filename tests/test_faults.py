@@ -26,7 +26,6 @@ from app.resume import SETTINGS_FILE
 from app.runlock import LOCK_FILE, hold, holder
 
 REPO = Path(__file__).resolve().parents[1]
-HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +148,7 @@ def test_a_damaged_onnx_export_names_the_export_command(cli, tmp_path, snapshot)
     assert snapshot(tmp_path) == before
 
 
-def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_run, as_a_user, snapshot):
+def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_run, as_a_user, snapshot, child_env):
     """Files another user wrote (a container run as another uid): the line says so and how to fix
     the permissions; "damaged, delete it" would be the wrong advice."""
     run = shutil.copytree(lora_run[0], tmp_path / "run")
@@ -160,10 +159,8 @@ def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_ru
     else:
         os.chmod(weights, 0o000)
     before = snapshot(run)
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
-    env["PYTHONPATH"] = str(REPO)
     proc = subprocess.run([sys.executable, "-m", "app", "predict", "PROMPT=hi", f"ADAPTER_DIR={run}"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, preexec_fn=as_a_user)
+                          env=child_env, capture_output=True, text=True, timeout=300, preexec_fn=as_a_user)
     errors = [x for x in proc.stderr.splitlines() if " ERROR " in x]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert errors[0].split(" ERROR app: ")[1].startswith(
@@ -402,12 +399,6 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
 
 # ---- one run per OUTPUT_DIR; resume only what matches; a stop while the data loads -------------------
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}  # not the shell's settings
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
 def settings(model_dir, data, out, **extra) -> dict:
     """A small run with a checkpoint every 2 steps; MAX_SEQ_LEN is left to the tier (measured on the data)."""
     values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out), "MAX_SAMPLES": 40,
@@ -567,10 +558,10 @@ HOLD = "import sys; from app.runlock import hold; h = hold(sys.argv[1], 'train')
        "print('held', flush=True); sys.stdin.read()"
 
 
-def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path, child_env):
     """The kernel drops a flock with its process: kill -9 never leaves OUTPUT_DIR locked."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], env=_env(), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], env=child_env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
         who = holder(tmp_path / "out")
@@ -586,7 +577,8 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
         assert (tmp_path / "out" / LOCK_FILE).is_file()
 
 
-def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(tiny_glm_dir, tmp_path, cli, snapshot):
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(tiny_glm_dir, tmp_path, cli, snapshot,
+                                                                               app_process):
     """Run A trains again into a finished run's dir (OVERWRITE=1), paused with SIGSTOP while we look
     so its files hold still. A second `train` into its OUTPUT_DIR, `merge` and `export-onnx` of the
     run, `remove-run` of it and `make clean` are each refused in one line naming A's pid; A's files,
@@ -597,16 +589,10 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(t
     values = settings(tiny_glm_dir, tmp_path / "data" / "train.jsonl", out, MAX_STEPS=2, MAX_SEQ_LEN=64)
     FineTuner(Config.from_dict(values)).run()  # the finished run A replaces
     values.update(MAX_STEPS=30, OVERWRITE=1)
-    log = tmp_path / "a.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "train", *argv(values)], cwd=tmp_path, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+    proc = app_process(["train", *argv(values)])
     try:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not (out / CHECKPOINTS / "checkpoint-4").is_dir():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGSTOP)
+        proc.wait_for(lambda: (out / CHECKPOINTS / "checkpoint-4").is_dir())
+        proc.proc.send_signal(signal.SIGSTOP)
         time.sleep(0.5)  # a write in flight lands before the snapshot
         before = snapshot(out)
         for command, extra in (("train", {}), ("train", {"LORA_R": 16}), ("remove-run", {})):
@@ -624,15 +610,15 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(t
             FineTuner(Config.from_dict(values)).run()
         assert snapshot(out) == before
     finally:
-        proc.send_signal(signal.SIGCONT)
-    assert proc.wait(timeout=HANG_GUARD_S) == 0, log.read_text()[-3000:]
+        proc.proc.send_signal(signal.SIGCONT)
+    assert proc.wait() == 0, proc.text()[-3000:]
     assert steps_logged(out) == list(range(1, 31))
     assert json.loads((out / "summary.json").read_text())["steps"] == 30
 
 
 # ---- a stop signal while the data loads ----------------------------------------------------------
 
-def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_dir, tmp_path, snapshot):
+def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_dir, tmp_path, snapshot, app_process):
     """SIGTERM (docker compose stop) while 20,000 records are being tokenized: exit 143 with one
     line, no traceback, and the finished run already in OUTPUT_DIR byte-for-byte as it was."""
     write_dataset(tmp_path / "data", n_train=80, n_dev=10, seed=1)
@@ -644,22 +630,10 @@ def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_
         FineTuner(Config.from_dict(values)).run()  # the earlier, finished run
     before = snapshot(out)
     values.update(DATA_PATH=tmp_path / "big.jsonl", MAX_SAMPLES=19_000, OVERWRITE=1)
-    log = tmp_path / "train.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "train", *argv(values)], cwd=tmp_path, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-    try:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while "using 19,000 of its 20,000 valid records" not in log.read_text():  # read; now tokenizing
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(timeout=HANG_GUARD_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert rc == 143, text[-3000:]
-    assert "Traceback" not in text and [x for x in text.splitlines() if " ERROR " in x][-1].endswith(
-        "stopped by SIGTERM"), text[-3000:]
+    proc = app_process(["train", *argv(values)])
+    proc.wait_for(lambda: "using 19,000 of its 20,000 valid records" in proc.text())  # read; now tokenizing
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 143, proc.text()[-3000:]
+    errors = [x for x in proc.text().splitlines() if " ERROR " in x]
+    assert "Traceback" not in proc.text() and errors[-1].endswith("stopped by SIGTERM"), proc.text()[-3000:]
     assert snapshot(out) == before and not (out / LOCK_FILE).exists()

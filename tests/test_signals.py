@@ -113,23 +113,12 @@ def test_second_signal_stops_at_once():
     assert e.value.exit_code == 130 and "stopped at once" in str(e.value)
 
 
-def test_sigterm_outside_training_exits_143(tiny_glm_dir, tmp_path):
+def test_sigterm_outside_training_exits_143(tiny_glm_dir, app_process):
     """Any command (here a chat waiting for input) ends on SIGTERM, also as PID 1 in a container,
     where a signal without a handler would be ignored."""
-    log = tmp_path / "chat.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "predict", "INTERACTIVE=1", "ADAPTER_DIR=none",
-                                 f"MODEL_NAME={tiny_glm_dir}"], cwd=tmp_path, env=_env(),
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        try:
-            deadline = time.monotonic() + HANG_GUARD_S
-            while "chat: type a message" not in log.read_text():  # the model is loaded, input() waits
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(timeout=HANG_GUARD_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    assert rc == 143, log.read_text()[-3000:]
-    assert "stopped by SIGTERM" in log.read_text()
+    proc = app_process(["predict", "INTERACTIVE=1", "ADAPTER_DIR=none", f"MODEL_NAME={tiny_glm_dir}"],
+                       stdin=subprocess.PIPE, text=True)
+    proc.wait_for(lambda: "chat: type a message" in proc.text())  # the model is loaded, input() waits
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 143, proc.text()[-3000:]
+    assert "stopped by SIGTERM" in proc.text()
