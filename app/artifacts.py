@@ -88,7 +88,6 @@ def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
 def model_problems(name: str, label: str | None = None) -> list[str]:
     """MODEL_NAME ``name``: a local path that is not there, or a local dir (tiny once built) with damaged
     files. A hub name is left to the load, which may fetch it."""
-    from app.modeling import local_model_problem
     from app.tiny import FAMILIES, tiny_dir
 
     missing = local_model_problem(name)
@@ -96,6 +95,21 @@ def model_problems(name: str, label: str | None = None) -> list[str]:
         return [missing]
     path = tiny_dir(name) if name in FAMILIES else Path(name).expanduser()
     return dir_problems(path, label or f"MODEL_NAME={name}") if path.is_dir() else []
+
+
+def local_model_problem(name: str) -> str | None:
+    """The one-line problem when MODEL_NAME can only be a local path and is not there (no hub asked)."""
+    if _is_local_path(name) and not Path(name).expanduser().exists():
+        return (f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
+                "(config.json, weights, tokenizer), a hub name (owner/name), or tiny")
+    return None
+
+
+def _is_local_path(name: str) -> bool:
+    """'/x/y', './x', '~/x', 'a/b/c', or 'models/x' when ./models is a local dir: not a hub name."""
+    parts = Path(name).parts
+    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 # ---- is it intact -------------------------------------------------------------------------------------

@@ -16,8 +16,7 @@ from pathlib import Path
 from app.config import Config
 from app.errors import UserError
 from app.artifacts import base_model_for, find_adapter, is_full_model
-from app.modeling import load_model, load_tokenizer
-from app.predict import load_adapter
+from app.modeling import load_adapter, load_model, load_tokenizer
 from app.tiny import resolve_model
 from app.utils import replace_dir
 

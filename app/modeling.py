@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from app.artifacts import load_failure, local_model_problem
 from app.config import Config
 from app.errors import ModelUnavailable, UserError
 from app.tiny import resolve_model
@@ -40,8 +41,6 @@ def remote_code_error(name: str, err: Exception) -> UserError | None:
 
 def _load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserError:
     """One line for a failed load of ``name`` (named by ``setting`` in the message)."""
-    from app.artifacts import load_failure
-
     known = remote_code_error(name, err)
     if known is not None:
         return known
@@ -100,21 +99,6 @@ def resolve(cfg: Config) -> str:
     if problem:
         raise UserError(problem)
     return resolve_model(name)
-
-
-def local_model_problem(name: str) -> str | None:
-    """The one-line problem when MODEL_NAME can only be a local path and is not there (no hub asked)."""
-    if _is_local_path(name) and not Path(name).expanduser().exists():
-        return (f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
-                "(config.json, weights, tokenizer), a hub name (owner/name), or tiny")
-    return None
-
-
-def _is_local_path(name: str) -> bool:
-    """'/x/y', './x', '~/x', 'a/b/c', or 'models/x' when ./models is a local dir: not a hub name."""
-    parts = Path(name).parts
-    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or len(parts) > 2
-            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
@@ -190,6 +174,19 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     except Exception as e:  # noqa: BLE001
         raise _load_error(name_or_path, e, setting) from None
     return model
+
+
+def load_adapter(model: Any, adapter: Path) -> Any:
+    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.artifacts.load_failure)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
+        known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
+        if known is None:
+            raise
+        raise known from None
 
 
 def detect_lora_targets(model: Any) -> list[str]:

@@ -18,13 +18,13 @@ from typing import Any, Iterator
 
 # find_adapter, is_full_model, base_model_for live in app.artifacts (the pre-flight needs them without torch);
 # importable from here as before.
-from app.artifacts import base_model_for, find_adapter, is_full_model, load_failure, onnx_is_stale
+from app.artifacts import base_model_for, find_adapter, is_full_model, onnx_is_stale
 from app.chat import chat
 from app.config import Config
 from app.data import detect_format, to_example
 from app.encode import prompt_text
 from app.errors import UserError
-from app.modeling import load_model, load_tokenizer, remote_code_error
+from app.modeling import load_adapter, load_model, load_tokenizer, remote_code_error
 from app.tiny import resolve_model
 from app.utils import set_threads
 
@@ -114,19 +114,6 @@ class Predictor:
         """Generated tokens per second, to the log (stderr) and ``last_speed``."""
         self.last_speed = (tokens, seconds)
         log.info("generated %d tokens in %.1fs: %.1f tokens/s", tokens, seconds, tokens / max(seconds, 1e-9))
-
-
-def load_adapter(model: Any, adapter: Path) -> Any:
-    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.artifacts.load_failure)."""
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter))
-    except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
-        known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
-        if known is None:
-            raise
-        raise known from None
 
 
 def _file_prompts(path: Path, fmt: str) -> Iterator[tuple[int, list[dict[str, str]], str | None]]:

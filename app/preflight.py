@@ -14,7 +14,7 @@ all of their findings come back at once, one line each:
 - for predict / evaluate / merge / export-onnx: the adapter (or model, or ONNX export) they will load
   and its base model: there, and no damaged file in them (app.artifacts; MODEL_NAME's dir for train
   and info too).
-Standard library only (app.data, app.checkpoints, app.artifacts and app.modeling's path check import
+Standard library only (app.data, app.checkpoints, app.artifacts, app.resume and app.runlock import
 no torch).
 """
 from __future__ import annotations
