@@ -1,9 +1,9 @@
 # ChatGLM-CPU-Trainer. Every target only calls `python -m app <command>`; every setting is a
-# variable of app/config.py, given here as `make train MAX_SAMPLES=50`, in the environment or in
+# variable of app/config/settings.py, given here as `make train MAX_SAMPLES=50`, in the environment or in
 # .env (precedence: command line > environment > .env > default). `make help` lists them all.
 #
 # Command-line variables reach the Python process through the environment (GNU make exports
-# them), so this file defines no defaults of its own: app/config.py is the single source.
+# them), so this file defines no defaults of its own: app/config/settings.py is the single source.
 #
 # RUNTIME=docker runs each command in the image (docker-compose.yml, service `app`, built by
 # `make setup`; CUDA=1 uses the CUDA image); RUNTIME=local runs it in .venv. The default is docker

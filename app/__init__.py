@@ -14,18 +14,18 @@ from __future__ import annotations
 from typing import Any
 
 from app.config import Config, ConfigError
-from app.errors import UserError
+from app.core.errors import UserError
 
 __all__ = ["Config", "ConfigError", "UserError", "FineTuner", "Predictor"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "FineTuner":
-        from app.train import FineTuner
+        from app.training.train import FineTuner
 
         return FineTuner
     if name == "Predictor":
-        from app.predict import Predictor
+        from app.inference.predict import Predictor
 
         return Predictor
     raise AttributeError(name)

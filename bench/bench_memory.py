@@ -20,10 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.datagen import generate_samples
-from app.estimator import estimate, model_shape
-from app.tiny import build_tiny_model, resolve_model
-from app.utils import atomic_write_text, setup_logging
+from app.core.utils import atomic_write_text, setup_logging
+from app.data.synthetic import generate_samples
+from app.models.tiny import build_tiny_model, resolve_model
+from app.plan.estimator import estimate, model_shape
 
 log = logging.getLogger("bench")
 REPORTS = Path("bench")

@@ -1,10 +1,10 @@
 """ONNX Runtime vs PyTorch generation speed on the ~100M random models.
 
 For a ~100M-parameter random Qwen2 (the memory benchmark's model) and a GLM of the same shape:
-export to ONNX with `app.export` (bench/results/onnx/, ignored by git), then generate the same
+export to ONNX with `app.inference.export` (bench/results/onnx/, ignored by git), then generate the same
 NEW greedy tokens (stop tokens off, so every run makes exactly NEW) from the chat-templated
 built-in triplet prompt, batch 1, KV cache on both sides, same thread count: PyTorch
-``model.generate`` vs ``app.export.OnnxCausalLM.generate``. One warm-up run each is dropped, then
+``model.generate`` vs ``app.inference.export.OnnxCausalLM.generate``. One warm-up run each is dropped, then
 REPEATS runs alternate between the engines so that a disturbance hits both. Reported: median
 end-to-end tokens/s (with min-max), time to first token (prefill), decode tokens/s after it,
 whether both produced the same tokens, and the machine with its load average during the runs.
@@ -13,7 +13,6 @@ Run `make bench-onnx` (python -m bench.bench_onnx); writes bench/onnx.md and ben
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -22,8 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from app.tiny import build_tiny_model
-from app.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.models.tiny import build_tiny_model
 from bench.bench_memory import QWEN_100M
 
 log = logging.getLogger("bench")
@@ -73,9 +72,9 @@ def bench_model(label: str, family: str, path: Path, new: int, repeats: int, thr
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from app.encode import prompt_text
-    from app.export import OnnxCausalLM, export_model, is_onnx_dir
-    from app.predict import BUILTIN_PROMPT
+    from app.data.encode import prompt_text
+    from app.inference.export import OnnxCausalLM, export_model, is_onnx_dir
+    from app.inference.predict import BUILTIN_PROMPT
 
     if not (path / "config.json").is_file():
         build_tiny_model(family, path, dims=QWEN_100M, vocab_size=32000)
@@ -136,7 +135,7 @@ def report(results: list[dict[str, Any]], env: dict[str, Any], repeats: int) -> 
              f"`make bench-onnx` ({env['date']}). Machine: {env['cpu']}, {env['usable_cpus']} usable cores, "
              f"{env['threads']} threads for both engines; torch {env['torch']}, transformers "
              f"{env['transformers']}, onnxruntime {env['onnxruntime']}, Python {env['python']}.", "",
-             "Random-weight models (fp32) exported by `app/export.py` (`torch.onnx.export(dynamo=True)`, one "
+             "Random-weight models (fp32) exported by `app/inference/export.py` (`torch.onnx.export(dynamo=True)`, one "
              "decoder graph with KV-cache inputs/outputs). Batch 1, greedy, KV cache on both sides, stop tokens "
              f"off; median of {repeats} runs after a warm-up, alternating engines (min-max in brackets). "
              "tokens/s = new tokens / wall time of the whole generate call, prefill included.", "",

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> tuple[s
 
 
 def app_env() -> dict[str, str]:
-    """The environment without any setting of app/config.py: only the command line decides."""
+    """The environment without any setting of app/config/settings.py: only the command line decides."""
     from app.config import Config
 
     return {k: v for k, v in os.environ.items() if k not in Config.variables()}
@@ -301,7 +301,7 @@ def machine(threads: int) -> dict[str, Any]:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
-    from app.quantization import bf16_supported
+    from app.models.quantization import bf16_supported
 
     return {"cpu": cpu, "cores": usable_cpus(), "threads": threads, "bf16_cpu": bf16_supported(False),
             "torch": torch.__version__, "python": platform.python_version()}

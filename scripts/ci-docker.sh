@@ -117,7 +117,7 @@ echo "image size: $((size / 1000000)) MB"
 [ "$(docker image inspect -f '{{.Config.User}}' chatglm-cpu-trainer:cpu)" != "" ] || die "image runs as root"
 step "CJK font in the CPU image (Chinese labels in per_predicate_f1.png)"
 cjk=$(docker run --rm --entrypoint python chatglm-cpu-trainer:cpu -c \
-    "from app.plots import cjk_family; print(cjk_family() or '')") || die "the CJK font check could not run"
+    "from app.core.plots import cjk_family; print(cjk_family() or '')") || die "the CJK font check could not run"
 [ -n "$cjk" ] || die "no CJK font in the image: plot labels would be boxes (Dockerfile: fonts-wqy-microhei)"
 echo "CJK font: $cjk"
 

@@ -1,6 +1,6 @@
 """Shared fixtures: the three tiny model families, built once per session in a temp dir.
 
-Built with ``app.tiny.build_tiny_model`` (seeded, ~2 s each) so tests never touch or depend
+Built with ``app.models.tiny.build_tiny_model`` (seeded, ~2 s each) so tests never touch or depend
 on the repo's own ``models/`` directory.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def real_data_dir() -> Path:
 
 
 def _build(tmp_path_factory, name):
-    from app.tiny import build_tiny_model
+    from app.models.tiny import build_tiny_model
 
     return build_tiny_model(name, tmp_path_factory.mktemp("tiny-models") / name)
 
@@ -208,13 +208,13 @@ def cli(monkeypatch, tmp_path, caplog, capsys):
     for a fresh torch import per call."""
     import logging
 
-    import app.signals
-    import app.utils
+    import app.training.signals
+    import app.core.utils
     from app.__main__ import main
     from app.config import Config
 
-    monkeypatch.setattr(app.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
-    monkeypatch.setattr(app.signals, "install_cli_handlers", lambda: None)  # keep pytest's SIGTERM
+    monkeypatch.setattr(app.core.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
+    monkeypatch.setattr(app.training.signals, "install_cli_handlers", lambda: None)  # keep pytest's SIGTERM
     for var in Config.variables():
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)

@@ -19,7 +19,7 @@ import pytest
 
 from app import Config, FineTuner, UserError
 from app.config import Config as _C
-from app.datagen import write_dataset
+from app.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,7 +184,7 @@ def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, t
     same command resumes and finishes."""
     import peft.peft_model
 
-    from app.checkpoints import STAGING
+    from app.training.checkpoints import STAGING
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"

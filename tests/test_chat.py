@@ -10,8 +10,8 @@ import time
 import pytest
 
 from app import Config
-from app.encode import prompt_text
-from app.predict import Predictor, run_predict
+from app.data.encode import prompt_text
+from app.inference.predict import Predictor, run_predict
 
 NEW = 8  # MAX_NEW_TOKENS in these tests: short answers keep them fast
 
@@ -126,7 +126,7 @@ def test_no_info_log_lines_between_turns_but_warnings_show(chat, caplog, monkeyp
     real = Predictor.generate
 
     def warn_then_answer(self, messages, stream=False):
-        logging.getLogger("app.predict").warning("a warning still reaches the user")
+        logging.getLogger("app.inference.predict").warning("a warning still reaches the user")
         return real(self, messages, stream)
 
     monkeypatch.setattr(Predictor, "generate", warn_then_answer)

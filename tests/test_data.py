@@ -1,4 +1,4 @@
-"""Tests for app.data: every file type x record format, bad records, file-level errors,
+"""Tests for app.data.records: every file type x record format, bad records, file-level errors,
 the real DuIE data, and the sampling / validation split."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.data import Example, LoadReport, detect_format, read_examples, sample_and_split, to_example
-from app.errors import UserError
+from app.core.errors import UserError
+from app.data.records import Example, LoadReport, detect_format, read_examples, sample_and_split, to_example
 
 
 S = lambda c: {"role": "system", "content": c}  # noqa: E731

@@ -1,4 +1,4 @@
-"""Tests for app.datagen: determinism, exact record format, schema coverage, file output."""
+"""Tests for app.data.synthetic: determinism, exact record format, schema coverage, file output."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from app import datagen
-from app.datagen import PREDICATES, generate_samples, parse_target, write_dataset
+from app.data import synthetic as datagen
+from app.data.synthetic import PREDICATES, generate_samples, parse_target, write_dataset
 
 PREFIX = "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\nInput: "
 KEYS = ["predicate", "object_type", "subject_type", "object", "subject"]
@@ -126,7 +126,7 @@ def test_parse_target_rejects_unfenced():
 
 def test_write_dataset(tmp_path, caplog):
     out = tmp_path / "nested" / "syn"
-    with caplog.at_level("INFO", logger="app.datagen"):
+    with caplog.at_level("INFO", logger="app.data.synthetic"):
         paths = write_dataset(out, n_train=60, n_dev=15, seed=3)
     assert set(paths) == {"train", "dev"}
     assert paths["train"] == out / "train.jsonl" and paths["dev"] == out / "dev.jsonl"
@@ -156,7 +156,7 @@ def test_write_dataset_failure_leaves_old_file(tmp_path, monkeypatch):
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("app.utils.os.replace", boom)
+    monkeypatch.setattr("app.core.utils.os.replace", boom)
     with pytest.raises(OSError):
         write_dataset(tmp_path, n_train=9, n_dev=2, seed=1)
     assert paths["train"].read_bytes() == before

@@ -1,7 +1,7 @@
 """`make demo`'s pipeline carries a learning signal (issue 5), in a test-sized run.
 
 The real demo (bench/demo.md) trains a from-scratch GLM for 15 minutes and scores held-out
-sentences with unseen entities. Here, a 2-layer GLM from the same recipe (app.demo.DEFAULTS:
+sentences with unseen entities. Here, a 2-layer GLM from the same recipe (app.cli.demo.DEFAULTS:
 METHOD=full, EVAL_METRIC=f1) trains on a handful of demo samples and is scored, through the same
 templates, label masking, batched generation, JSON parsing and triplet scorer, on those samples:
 F1 must climb from nothing to well above it. A break anywhere in that chain (a mask that hides
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from app import Config, FineTuner
-from app.demo import DEFAULTS, write_demo_data
+from app.cli.demo import DEFAULTS, write_demo_data
 
 from test_train import chdir
 
@@ -33,8 +33,8 @@ def test_demo_recipe_f1_rises_well_above_its_start(tiny_glm_dir, tmp_path):
 
 
 def test_demo_data_holds_out_unseen_subjects_and_mixes_in_copy_samples(tmp_path):
-    from app.datagen import parse_target
-    from app.demo import COPY_INSTRUCTION, sentence_of
+    from app.cli.demo import COPY_INSTRUCTION, sentence_of
+    from app.data.synthetic import parse_target
 
     train, heldout = write_demo_data(tmp_path, 300, 20, seed=1, copy_fraction=0.5)
     rows = [json.loads(x) for x in train.read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_demo_data_holds_out_unseen_subjects_and_mixes_in_copy_samples(tmp_path)
 
 
 def test_demo_model_is_rebuilt_when_its_dimensions_change(tmp_path, monkeypatch):
-    import app.demo as demo
+    import app.cli.demo as demo
 
     monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo-glm")
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -65,7 +65,7 @@ def test_demo_model_is_rebuilt_when_its_dimensions_change(tmp_path, monkeypatch)
 
 
 def test_demo_target_needs_f1_0_9_within_15_minutes():
-    from app.demo import reached_target
+    from app.cli.demo import reached_target
 
     rising = [(400.0, 1000, 0.5), (890.0, 2000, 0.93)]
     late = [(400.0, 1000, 0.5), (1200.0, 3000, 0.95)]

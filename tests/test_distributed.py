@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from app import Config, FineTuner
 from app.config import Config as _C
-from app.datagen import write_dataset
+from app.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-DIGEST = re.compile(r"\[rank (\d)\] INFO app\.dist: rank \1/2 .*trainable parameters sha256 ([0-9a-f]{64})")
+DIGEST = re.compile(r"\[rank (\d)\] INFO app\.training\.dist: rank \1/2 .*trainable parameters sha256 ([0-9a-f]{64})")
 # The golden recipe's data and schedule at global batch 4, without dropout (its masks differ per
 # process), no evaluation and no periodic checkpoint: short and exactly comparable.
 SETTINGS = {"MAX_SAMPLES": 40, "MAX_STEPS": 4, "GRAD_ACCUM": 2, "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0,
@@ -84,7 +84,7 @@ def test_two_processes_train_as_one_job(tiny_glm_dir, data, single, tmp_path):
     assert "torchrun: 2 processes (gloo" in log
     # Both ranks really ran: each announced itself with the gloo backend and logged its digest.
     for r in (0, 1):
-        assert f"[rank {r}] INFO app.dist: rank {r}/2 (node 0, local rank {r}" in log and "training with gloo" in log
+        assert f"[rank {r}] INFO app.training.dist: rank {r}/2 (node 0, local rank {r}" in log and "training with gloo" in log
     digests = dict(DIGEST.findall(log))
     assert set(digests) == {"0", "1"}, log[-4000:]
     assert digests["0"] == digests["1"]  # the same trained parameters on both ranks

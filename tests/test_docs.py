@@ -1,5 +1,5 @@
 """The documentation stays short, current and navigable: the README fits in 12 KB, the generated
-reference pages equal what app/reference.py writes from the code today, every setting and every
+reference pages equal what app/cli/reference.py writes from the code today, every setting and every
 make target is documented in exactly one of them, and every relative link and #anchor in the
 README, CONTRIBUTING.md and docs/ resolves, as a hosting service renders them."""
 import re
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not (REPO / "README.md").is_file():  # inside the image: the docs stay out of its build context
     pytest.skip("the README and docs/ are not here", allow_module_level=True)
 
-from app import reference  # noqa: E402  (after the skip: the image has no Makefile to read either)
+from app.cli import reference  # noqa: E402  (after the skip: the image has no Makefile to read either)
 from app.config import Config  # noqa: E402
 
 README_LIMIT = 12 * 1024
@@ -37,7 +37,7 @@ def test_generated_page_is_current(rel):
     committed = path.read_text(encoding="utf-8") if path.is_file() else None
     assert committed == _generated()[rel], (
         f"{rel} is {'missing' if committed is None else 'stale'}: it is generated from the config dataclasses "
-        f"and the Makefile. Regenerate it with `{reference.REGENERATE}` (or: .venv/bin/python -c \"from app.reference "
+        f"and the Makefile. Regenerate it with `{reference.REGENERATE}` (or: .venv/bin/python -c \"from app.cli.reference "
         f"import {reference.PAGES[rel]}; print({reference.PAGES[rel]}(), end='')\" > {rel}) and commit it")
 
 

@@ -1,4 +1,4 @@
-"""Tests for app.encode on the three tiny families: loss masking, multi-turn, {text} markers,
+"""Tests for app.data.encode on the three tiny families: loss masking, multi-turn, {text} markers,
 truncation, tokenizers without a chat template, and the collator.
 
 Expectations are built independently: the chat prompts are written out by hand per family
@@ -10,14 +10,14 @@ import copy
 
 import pytest
 
-from app.data import Example
-from app.encode import IGNORE, Collator, EncodeStats, encode, encode_all, prompt_text, segments
+from app.data.encode import IGNORE, Collator, EncodeStats, encode, encode_all, prompt_text, segments
+from app.data.records import Example
 
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 
-# Each family's chat format, written out by hand (not read from app.tiny): a turn, the text
+# Each family's chat format, written out by hand (not read from app.models.tiny): a turn, the text
 # that opens the conversation, the generation prompt, and the token that ends an answer.
 FAMILIES = {
     "glm": dict(fixture="glm_tok", bos="[gMASK]<sop>", turn="<|{role}|>\n{content}",

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.evaluate import max_new_tokens_for, run_evaluate
-from app.predict import Predictor
-from app.scoring import score
+from app.evaluation.evaluate import run_evaluate
+from app.evaluation.scoring import score
+from app.inference.generate import max_new_tokens_for
+from app.inference.predict import Predictor
 from test_predict import greedy_reference
 from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
@@ -80,7 +81,7 @@ def test_evaluate_scores_each_answer_against_its_own_record(tiny_glm_dir, tmp_pa
         assert all(conv[-1]["role"] == "user" for conv in conversations)  # the gold answer is not in the prompt
         return [answer_to[conv[-1]["content"]] for conv in conversations]
 
-    monkeypatch.setattr("app.evaluate.generate_batch", fake_generate_batch)
+    monkeypatch.setattr("app.evaluation.evaluate.generate_batch", fake_generate_batch)
     d = run_evaluate(Config.from_dict({"ADAPTER_DIR": "none", "MODEL_NAME": str(tiny_glm_dir), "EVAL_PATH": str(src),
                                        "EVAL_DIR": str(tmp_path / "eval")}))
     assert sorted(prompts) == sorted(answer_to)
@@ -146,7 +147,7 @@ def test_full_with_quantization_is_rejected():
 def test_merge_writes_a_model_that_loads_without_peft(tiny_glm_dir, data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from app.merge import run_merge
+    from app.inference.merge import run_merge
 
     with chdir(tmp_path):
         # fp32: ft.model is compared with the fp32 merged model (under bf16 its frozen weights are bf16)

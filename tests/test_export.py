@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.encode import prompt_text
-from app.export import OnnxCausalLM, is_onnx_dir, run_export
+from app.data.encode import prompt_text
+from app.inference.export import OnnxCausalLM, is_onnx_dir, run_export
 from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_sampling_and_streaming(exported):
 
 
 def test_predict_runs_on_the_export_from_the_command_line(exported, tmp_path):
-    from app.predict import Predictor
+    from app.inference.predict import Predictor
 
     _, onnx_dir, _, _ = exported
     env = {k: v for k, v in os.environ.items() if k not in Config.variables()}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from app import Config, FineTuner
-from app.predict import Predictor
-from app.tiny import FAMILIES, build_tiny_model
+from app.inference.predict import Predictor
+from app.models.tiny import FAMILIES, build_tiny_model
 from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
 
@@ -53,7 +53,7 @@ def test_chatglm_style_remote_tokenizer_without_padding_side_is_patched(tmp_path
 
     from transformers import AutoTokenizer
 
-    from app.modeling import load_tokenizer
+    from app.models.loading import load_tokenizer
 
     src = Path(__file__).parent / "fixtures" / "legacy_tokenizer"
     shutil.copytree(src, tmp_path / "legacy")
@@ -69,7 +69,7 @@ def test_chatglm_style_remote_tokenizer_without_padding_side_is_patched(tmp_path
 
 
 def test_known_remote_code_breakage_names_the_fix():
-    from app.modeling import _load_error
+    from app.models.loading import _load_error
 
     err = AttributeError("'ChatGLMForConditionalGeneration' object has no attribute '_extract_past_from_model_output'")
     msg = str(_load_error("THUDM/chatglm2-6b", err))

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from app import Config, FineTuner, UserError
-from app.checkpoints import CHECKPOINTS, MARKER
-from app.datagen import write_dataset
-from app.resume import SETTINGS_FILE
-from app.runlock import LOCK_FILE, hold, holder
+from app.data.synthetic import write_dataset
+from app.training.checkpoints import CHECKPOINTS, MARKER
+from app.training.resume import SETTINGS_FILE
+from app.training.runlock import LOCK_FILE, hold, holder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,10 +172,10 @@ def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_ru
 def test_the_loaders_backstop_names_the_file(tmp_path, lora_run, monkeypatch):
     """Past the pre-flight (the library API, or damage the checks cannot see) the loads still end in one
     line: the checks run again on failure, and an error typical of a damaged file names the dir and file."""
-    import app.artifacts
-    from app.export import OnnxCausalLM
-    from app.modeling import load_tokenizer
-    from app.predict import Predictor
+    import app.models.artifacts
+    from app.inference.export import OnnxCausalLM
+    from app.inference.predict import Predictor
+    from app.models.loading import load_tokenizer
 
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     said = _truncate(run / "adapter_model.safetensors")
@@ -184,7 +184,7 @@ def test_the_loaders_backstop_names_the_file(tmp_path, lora_run, monkeypatch):
     assert err.value.problems == [f"ADAPTER_DIR={run}: {said}; {RUN_FIX}"]
     # a header the checks pass but the library refuses (here: the checks switched off)
     (run / "adapter_model.safetensors").write_bytes(b"\x02\0\0\0\0\0\0\0{]")
-    monkeypatch.setattr(app.artifacts, "dir_problems", lambda path, label: [])
+    monkeypatch.setattr(app.models.artifacts, "dir_problems", lambda path, label: [])
     with pytest.raises(UserError) as err:
         Predictor(Config.from_dict({"ADAPTER_DIR": str(run)}))
     (line,) = err.value.problems
@@ -211,7 +211,7 @@ def test_safetensors_header_check_reads_the_header_only(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from app.artifacts import safetensors_problem
+    from app.models.artifacts import safetensors_problem
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(3, 5), "b": torch.ones(7, dtype=torch.bfloat16)}, str(path))
@@ -232,7 +232,7 @@ def test_a_sharded_model_is_checked_shard_by_shard(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from app.artifacts import model_problems
+    from app.models.artifacts import model_problems
 
     model = tmp_path / "m"
     model.mkdir()
@@ -255,23 +255,23 @@ def test_a_sharded_model_is_checked_shard_by_shard(tmp_path):
 # between renaming the old dir aside and the new one in).
 KILL_9 = """
 import os, signal, sys
-import app.utils
+import app.core.utils
 at = os.environ["KILL_AT"]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if at == "merge-write":
     import transformers
     transformers.PreTrainedTokenizerBase.save_pretrained = lambda *a, **k: die()
 elif at == "export-write":
-    import app.export
-    app.export.verify = lambda model, d, tol=1e-3: die()
+    import app.inference.export
+    app.inference.export.verify = lambda model, d, tol=1e-3: die()
 elif at == "after-exchange":
-    exchange = app.utils._exchange
+    exchange = app.core.utils._exchange
     def dying(a, b):
         assert exchange(a, b)
         die()
-    app.utils._exchange = dying
+    app.core.utils._exchange = dying
 elif at == "between-renames":
-    app.utils._exchange = lambda a, b: False
+    app.core.utils._exchange = lambda a, b: False
     rename = os.rename
     def dying(src, dst):
         if ".partial-" in os.path.basename(src):
@@ -305,7 +305,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"ADAPTER_DIR={merged}: no such directory")
     assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0  # cleans up and merges
     assert not _debris(run) and (merged / "tokenizer.json").is_file()
-    (merged / "onnx").mkdir()  # an export made from it (kept across merges, see app.utils.replace_dir)
+    (merged / "onnx").mkdir()  # an export made from it (kept across merges, see app.core.utils.replace_dir)
     (merged / "onnx" / "model.onnx").write_bytes(b"export")
     first = snapshot(merged)
 
@@ -331,7 +331,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
     # the export it held (not yet carried across) is carried by the next merge's clean-up
     _killed("after-exchange", "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
     assert _debris(run) and snapshot(merged) != first and not (merged / "onnx").exists()
-    from app.artifacts import dir_problems
+    from app.models.artifacts import dir_problems
 
     assert dir_problems(merged, "MERGED_DIR") == [] and (merged / "tokenizer.json").is_file()
     assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0 and not _debris(run)
@@ -360,8 +360,8 @@ def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora
 def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatch, caplog):
     """The swap itself, without a model: exchange and fallback give the same result; a kill's leftovers
     (a dead writer's) are removed, a live writer's are not, and an old copy with nothing in place returns."""
-    import app.utils
-    from app.utils import replace_dir
+    import app.core.utils
+    from app.core.utils import replace_dir
 
     target, umask = tmp_path / "out", os.umask(0)
     os.umask(umask)
@@ -369,7 +369,7 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
                           text=True).stdout.strip()
     for exchange in (True, False):
         if not exchange:
-            monkeypatch.setattr(app.utils, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(app.core.utils, "_exchange", lambda a, b: False)
         shutil.rmtree(target, ignore_errors=True)
         for version in ("one", "two"):
             with replace_dir(target, kept_note="stale") as tmp:
@@ -536,7 +536,7 @@ def test_a_damaged_settings_file_is_named(run, cli, snapshot):
 
 def test_fewer_epochs_than_the_checkpoint_is_refused(tmp_path):
     """NUM_EPOCHS (MAX_STEPS=0) whose step count falls below the checkpoint's step: refused too."""
-    from app.resume import check
+    from app.training.resume import check
 
     ckpt = tmp_path / "checkpoint-30"
     ckpt.mkdir()
@@ -554,7 +554,7 @@ def test_fewer_epochs_than_the_checkpoint_is_refused(tmp_path):
 
 # ---- one run per OUTPUT_DIR -------------------------------------------------------------------------
 
-HOLD = "import sys; from app.runlock import hold; h = hold(sys.argv[1], 'train'); h.__enter__(); " \
+HOLD = "import sys; from app.training.runlock import hold; h = hold(sys.argv[1], 'train'); h.__enter__(); " \
        "print('held', flush=True); sys.stdin.read()"
 
 

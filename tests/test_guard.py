@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from app import Config, FineTuner, UserError
+from app import FineTuner, UserError
 from app.config import Config as _C
 from test_train import chdir, data_dir, recipe, train_losses  # noqa: F401  (shared recipe and fixture)
 
@@ -79,7 +79,7 @@ def _train_cli(tmp_path, data_dir, out, cgroup, limit_mb, guard):
 
 def test_naive_config_over_a_real_limit_finishes_instead_of_being_killed(data_dir, tmp_path, memory_cgroup):
     """BATCH_SIZE=64 x 512 tokens needs ~1.8 GB; the limit is 1.2 GB (a real cgroup where we can)."""
-    from app.datagen import generate_samples
+    from app.data.synthetic import generate_samples
 
     long = [{"text": "".join(s["context"] + s["target"] for s in generate_samples(12, seed=i))} for i in range(64)]
     (data_dir / "long.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in long) + "\n")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import app.memory_monitor as mm
+import app.plan.resources as mm
 
 GiB, MiB = 2**30, 2**20
 HOST_TOTAL, HOST_AVAIL = 64 * GiB, 40 * GiB
@@ -272,7 +272,7 @@ def test_real_machine_is_sane():
 
 ALLOC_PROBE = """
 import sys, torch
-from app.memory_monitor import tune_allocator
+from app.plan.resources import tune_allocator
 def anon():
     for line in open('/proc/self/status'):
         if line.startswith('RssAnon'):
@@ -310,8 +310,8 @@ def test_tune_allocator_returns_freed_tensor_memory():
 def test_release_memory_tunes_the_allocator_where_memory_is_tight(monkeypatch, mode, peak_mb, device, applied):
     from types import SimpleNamespace
 
-    import app.memory_monitor as mm
-    import app.tiers as tiers
+    import app.plan.resources as mm
+    import app.plan.tiers as tiers
     from app import Config, FineTuner
 
     calls: list[int] = []

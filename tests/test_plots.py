@@ -9,8 +9,8 @@ import warnings
 
 import pytest
 
-from app import plots
-from app.scoring import score, write_reports
+from app.core import plots
+from app.evaluation.scoring import score, write_reports
 
 PREDICATES = ("主演", "导演", "出生地")
 
@@ -58,7 +58,7 @@ def test_no_cjk_font_warns_once_with_the_fix(fonts, tmp_path, caplog):
         warnings.simplefilter("always")
         for n in range(2):  # two reports in one process: one WARNING, not one per plot or per glyph
             write_reports(report_of(*PREDICATES), tmp_path / str(n), title="评测")
-    said = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "app.plots"]
+    said = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "app.core.plots"]
     assert len(said) == 1, [r.getMessage() for r in said]
     msg = said[0].getMessage()
     assert "empty boxes" in msg and "apt-get install fonts-" in msg and "font cache" in msg
@@ -120,7 +120,7 @@ def visible_xticks(ax) -> list[float]:
     [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
 ], ids=["1-step", "3-step"])
 def test_short_run_loss_curve_marks_points_on_whole_steps(tmp_path, rows):
-    from app.callbacks import loss_figure
+    from app.training.callbacks import loss_figure
 
     fig = loss_figure(metrics(tmp_path, rows))
     fig.canvas.draw()
@@ -132,7 +132,7 @@ def test_short_run_loss_curve_marks_points_on_whole_steps(tmp_path, rows):
 
 
 def test_long_run_loss_curve_is_a_plain_line_on_whole_steps(tmp_path):
-    from app.callbacks import MARKERS_BELOW, loss_figure
+    from app.training.callbacks import MARKERS_BELOW, loss_figure
 
     fig = loss_figure(metrics(tmp_path, [{"step": s, "loss": 1 / s} for s in range(1, MARKERS_BELOW + 1)]))
     fig.canvas.draw()
@@ -144,13 +144,13 @@ def test_long_run_loss_curve_is_a_plain_line_on_whole_steps(tmp_path):
 def test_loss_curve_of_a_chinese_run_goes_through_the_font_chooser(fonts, tmp_path, caplog):
     """plot_losses titles the curve with the run (OUTPUT_DIR's name), which may be Chinese: it uses
     the same font logic as the F1 chart, so a missing CJK font is said, once, here too."""
-    from app.callbacks import plot_losses
+    from app.training.callbacks import plot_losses
 
     fonts()
     run = tmp_path / "关系抽取"
     run.mkdir()
     assert plot_losses(metrics(run, [{"step": 1, "loss": 2.3}]), run / "loss_curve.png")
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r.name for r in caplog.records if r.levelno == logging.WARNING] == ["app.plots"]
+    assert [r.name for r in caplog.records if r.levelno == logging.WARNING] == ["app.core.plots"]
     assert not plot_losses(metrics(run, [{"step": 1, "learning_rate": 1e-4}]), run / "none.png")
     assert not (run / "none.png").exists()

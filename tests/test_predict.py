@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.datagen import write_dataset
-from app.encode import prompt_text
-from app.predict import BUILTIN_PROMPT, Predictor, run_predict
+from app.data.encode import prompt_text
+from app.data.synthetic import write_dataset
+from app.inference.predict import BUILTIN_PROMPT, Predictor, run_predict
 
 
 def greedy_reference(model, tokenizer, messages, max_new_tokens):
@@ -132,11 +132,11 @@ def test_file_mode_batches_give_the_one_by_one_answers(adapter, tmp_path, caplog
     src.write_text("".join(line + "\n" for line in (work / "dev.jsonl").read_text().splitlines()[:4])
                    + "短问题\n一个长一些的问题，关于北京和上海之间的距离以及两座城市的历史\n")
     pred = Predictor(pcfg(out, MAX_NEW_TOKENS=8))
-    from app.predict import _file_prompts
+    from app.inference.predict import _file_prompts
 
     convs = [msgs for _, msgs, _ in _file_prompts(src, "auto")]
     one_by_one = [pred.generate(m) for m in convs]
-    caplog.set_level("INFO", logger="app.predict")
+    caplog.set_level("INFO", logger="app.inference.predict")
     pred.cfg.predict.predict_batch_size = 3
     assert pred.generate_many(convs, progress=False) == one_by_one
     tokens, seconds = pred.last_speed

@@ -115,7 +115,7 @@ def test_bad_records_are_found_before_torch_too(tmp_path, no_torch):
 def test_large_files_get_a_quick_look_only(tmp_path, monkeypatch):
     """Over QUICK_LOOK_MB only the first records are read before training (the bad ratio is a
     property of the whole file, judged when training reads it): a bad first record still shows."""
-    import app.preflight as pf
+    import app.cli.preflight as pf
 
     monkeypatch.setattr(pf, "QUICK_LOOK_MB", 0)
     monkeypatch.setattr(pf, "QUICK_LOOK_RECORDS", 2)
@@ -147,7 +147,7 @@ def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch):
     _finished_run(tmp_path / "models" / "tiny-lora")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"context": "q", "target": "a"}\n')
-    proc = subprocess.run([sys.executable, "-c", "from app.config import Config; from app.preflight import "
+    proc = subprocess.run([sys.executable, "-c", "from app.config import Config; from app.cli.preflight import "
                            "preflight; preflight(Config.load(), 'train'); print('ok')"], cwd=tmp_path,
                           env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
@@ -156,7 +156,7 @@ def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch):
 # ---- item 5 (help) and item 10: info offline ---------------------------------------------------------------
 
 def test_help_says_the_tier_decides_the_tiered_defaults():
-    from app.tiers import _tier_settings
+    from app.plan.tiers import _tier_settings
 
     assert set(TIERED) == set(_tier_settings())
     text = Config.help_text()

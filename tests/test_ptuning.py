@@ -6,7 +6,7 @@ import copy
 import torch
 
 from app import Config, FineTuner
-from app.predict import Predictor
+from app.inference.predict import Predictor
 from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
 

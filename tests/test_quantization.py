@@ -2,7 +2,7 @@
 
 Reference: the same family's model in fp32 whose linear weights are replaced by the
 *dequantized* 4-bit/8-bit weights, with identical LoRA weights. Gradients of every LoRA
-tensor must point the same way (cosine >= 0.99). Without app.quantization's CPU fix the
+tensor must point the same way (cosine >= 0.99). Without app.models.quantization's CPU fix the
 4-bit case fails here ("a view of a leaf Variable…" or silently wrong gradients).
 """
 from pathlib import Path
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.modeling import load_model
-from app.quantization import prepare_for_training, stored_bytes
+from app.models.loading import load_model
+from app.models.quantization import prepare_for_training, stored_bytes
 
 FAMILIES = ["tiny_glm_dir", "tiny_qwen2_dir", "tiny_llama_dir"]
 

@@ -5,8 +5,8 @@ import json
 import logging
 
 from app.config import Config
-from app.datagen import write_dataset
-from app.train import FineTuner
+from app.data.synthetic import write_dataset
+from app.training.train import FineTuner
 
 
 def _cfg(tiny_glm_dir, data, **extra):

@@ -1,4 +1,4 @@
-"""Tests for app.scoring: tolerant answer parsing, exact P/R/F1 arithmetic, reports, file input."""
+"""Tests for app.evaluation.scoring: tolerant answer parsing, exact P/R/F1 arithmetic, reports, file input."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ from fractions import Fraction
 
 import pytest
 
-from app.errors import UserError
-from app.scoring import Triplet, normalize, parse_answer, score, score_file, write_reports
+from app.core.errors import UserError
+from app.evaluation.scoring import Triplet, normalize, parse_answer, score, score_file, write_reports
 
 KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from app.config import Config
-from app.datagen import write_dataset
-from app.signals import Interrupted, StopRequest
+from app.data.synthetic import write_dataset
+from app.training.signals import Interrupted, StopRequest
 
 REPO = Path(__file__).resolve().parents[1]
 HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.encode import IGNORE, Collator, PackingCollator
-from app.speed import packing_choice, resolve_precision, use_packed_attention
+from app.data.encode import IGNORE, Collator, PackingCollator
+from app.plan.precision import packing_choice, resolve_precision
+from app.training.kernels import use_packed_attention
 
 
 def rows_of(lengths, vocab, seed=0):
@@ -70,7 +70,7 @@ def test_packing_balances_rows(lengths, row_len, rows):
 
 @pytest.fixture(scope="module")
 def extra_families(tmp_path_factory):
-    from app.tiny import build_tiny_model
+    from app.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("speed-models")
     return {name: build_tiny_model(name, root / name) for name in ("tiny-qwen3", "tiny-gemma3")}
@@ -120,7 +120,7 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
 def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path):
     """LORA_DROPOUT=0 (dropout masks follow the tensor shape): the same losses, eval losses and
     real-token counts step by step, packed and padded."""
-    from app.datagen import write_dataset
+    from app.data.synthetic import write_dataset
 
     write_dataset(tmp_path / "data", n_train=40, n_dev=4, seed=1)
     runs = {}
@@ -160,7 +160,7 @@ def test_packing_choice():
 
 
 def test_precision_choice(monkeypatch):
-    import app.quantization as q
+    import app.models.quantization as q
 
     cfg = lambda **kw: Config.from_dict({"MODEL_NAME": "x", **kw})  # noqa: E731
     for fast in (True, False):
@@ -179,7 +179,7 @@ def test_fast_lora_dropout_is_dropout():
     """Kept with probability 1 - p, scaled by 1 / (1 - p), the same mask in backward, identity in eval."""
     from peft import LoraConfig, get_peft_model
 
-    from app.speed import fast_dropout_class, fast_lora_dropout
+    from app.training.kernels import fast_dropout_class, fast_lora_dropout
 
     torch.manual_seed(0)
     drop = fast_dropout_class()(0.05).train()

@@ -2,9 +2,9 @@
 import pytest
 
 from app.config import Config
-from app.estimator import estimate, model_shape
-from app.memory_monitor import GPUInfo, Resources
-from app.tiers import apply_tier, fit_memory, seq_from_lengths
+from app.plan.estimator import estimate, model_shape
+from app.plan.resources import GPUInfo, Resources
+from app.plan.tiers import apply_tier, fit_memory, seq_from_lengths
 
 GB = 1024
 

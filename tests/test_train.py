@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from app import Config, FineTuner
-from app.datagen import write_dataset
+from app.data.synthetic import write_dataset
 
 # Per-step training loss of the recipe below (torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2;
 # tiny tokenizer with one pre-token per CJK character).
@@ -25,7 +25,7 @@ from app.datagen import write_dataset
 # and say why in the commit.
 # Packed batches (PACKING=auto) since issue 7: the same samples per step and the same loss, but LoRA
 # dropout draws its masks over the packed tensor's shape (one row per micro-batch) and from int64 random bits
-# (app/speed.py FastDropout), so steps 2+ moved by < 6e-3; with LORA_DROPOUT=0 packed and padded
+# (app/training/kernels.py FastDropout), so steps 2+ moved by < 6e-3; with LORA_DROPOUT=0 packed and padded
 # runs agree to 1e-6 (tests/test_speed.py).
 GOLDEN_LOSSES = [7.56893, 7.42266, 7.28699, 7.24677, 7.20127, 7.17122]
 EXPECTED_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "best", "chat_template.jinja",
@@ -160,11 +160,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
                                                         caplog):
     """kill -9 mid-run (checkpoint-3 complete, checkpoint-6 half-written), then the same command:
     the final adapter and the whole loss curve equal the uninterrupted run's within 1e-5."""
-    import app.signals
-    import app.utils
+    import app.training.signals
+    import app.core.utils
     from app.__main__ import main
-    from app.checkpoints import MARKER, STAGING
     from app.config import show
+    from app.training.checkpoints import MARKER, STAGING
 
     env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
@@ -184,8 +184,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1] == 6
 
     # The same command again, here in this process (main() is what `python -m app` runs).
-    monkeypatch.setattr(app.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
-    monkeypatch.setattr(app.signals, "install_cli_handlers", lambda: None)
+    monkeypatch.setattr(app.core.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
+    monkeypatch.setattr(app.training.signals, "install_cli_handlers", lambda: None)
     for var in Config.variables():
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -218,7 +218,7 @@ def test_early_stopping_stops_when_eval_loss_stalls(tiny_glm_dir, data_dir, tmp_
 
 def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path):
     from app import UserError
-    from app.quantization import bf16_supported
+    from app.models.quantization import bf16_supported
 
     # EVAL_METRIC=f1: generation runs outside autocast, where LoRA layers must cast their input again
     cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", PRECISION="bf16", MAX_STEPS=2, QUANT_LEVEL="auto",

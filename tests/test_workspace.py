@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from app.cli.workspace import MANIFEST, clean, clean_plan, ensure_default_data, remove_run, write_sample_data
 from app.config import Config
-from app.errors import UserError
-from app.workspace import (MANIFEST, clean, clean_plan, ensure_default_data, remove_run, write_sample_data)
+from app.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

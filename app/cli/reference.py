@@ -1,0 +1,153 @@
+"""The generated reference pages: docs/configuration.md (every setting) and docs/commands.md
+(every make target), so that, like ``.env.template``, they follow the code and cannot drift.
+
+The settings come from the config dataclasses (``Config.variables()``: help, choices, default,
+``TIERED``); the targets from the Makefile's ``target: ... ## help`` comments, the same lines
+``make help`` prints. tests/test_docs.py compares the committed pages with what this writes.
+Regenerate both with ``.venv/bin/python -m app.reference``.
+
+Standard library and app.config only: it must run wherever ``make help`` does.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from app.config import OTHER_PREFIXES, OTHER_VARIABLES, TIERED, Config, documented, show
+
+REPO = Path(__file__).resolve().parents[2]
+MAKEFILE = REPO / "Makefile"
+PAGES = {"docs/configuration.md": "configuration_page", "docs/commands.md": "commands_page"}
+REGENERATE = ".venv/bin/python -m app docs"
+_GENERATED = f"<!-- Generated from the code by app/cli/reference.py; do not edit. Regenerate: {REGENERATE} -->"
+
+# A line under each section's heading (the names `make help` prints as [model], [data], ...),
+# because some hold more than their name says (METHOD is under lora, ONNX_DIR under predict).
+SECTION_TITLES = {
+    "model": "The base model ([models and methods](training.md#methods-and-model-families)).",
+    "data": "Training data ([data](data.md)).",
+    "lora": "The tuning method, LoRA and P-Tuning ([methods](training.md#methods-and-model-families)).",
+    "resources": "Memory, quantization and tiers ([memory and tiers](memory-and-tiers.md)).",
+    "train": "The training run, checkpoints and resume ([training](training.md)).",
+    "distributed": "Several processes and machines ([distributed](distributed.md)).",
+    "predict": "Predict, chat, merge and ONNX export ([inference](inference.md)).",
+    "evaluation": "Evaluation and the demo ([evaluation](evaluation.md)).",
+}
+
+
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell: '|' ends a cell (escaped everywhere, as GFM allows), and
+    '<word ...>' reads as an HTML tag that GitHub hides, '*' as emphasis: those are escaped only
+    outside `code spans`, where a backslash would show."""
+    parts = str(text).split("`")
+    for i in range(0, len(parts), 2):  # even parts are outside code spans
+        parts[i] = parts[i].replace("\\", "\\\\").replace("<", "\\<").replace("*", "\\*")
+    return "`".join(parts).replace("|", "\\|")
+
+
+def _default(value: str) -> str:
+    return _cell(f"`{value}`") if value != "" else "*empty*"
+
+
+def configuration_page() -> str:
+    """docs/configuration.md: one table per config section, every variable once."""
+    variables = Config.variables()
+    sections = list(dict.fromkeys(sec for sec, _ in variables.values()))
+    lines = [
+        "# Configuration reference", "", _GENERATED, "",
+        "Every setting is a variable, given on the command line (`make train LORA_R=16`, or "
+        "`python -m app train LORA_R=16`), in the environment, or as a line `LORA_R=16` in `.env` "
+        "(start from [`.env.template`](../.env.template), generated from the same code). Precedence: command line "
+        "> environment > `.env` > default. Every value is checked before any work starts, and all problems are "
+        "reported at once, one line each naming the variable and the fix.",
+        "",
+        "A name that is not a setting is an error however it was given: `make train MAX_SAMPLE=10` (make passes "
+        "it through the environment, where it would otherwise be lost) and a `MAX_SAMPLE=` line in `.env` both "
+        "stop with `unknown setting; did you mean MAX_SAMPLES?`. `.env` and the make command line may also carry "
+        "what docker compose, the Makefile and the ML libraries read: "
+        + ", ".join(f"`{v}`" for v in sorted(OTHER_VARIABLES)) + ", and names starting with "
+        + ", ".join(f"`{p}`" for p in OTHER_PREFIXES)
+        + " (the compose ones are in [Docker](docker.md#compose-variables)).",
+        "",
+        "**tier** marks the settings `TIER=auto` decides from your RAM/VRAM when you leave them unset; the "
+        "default shown is what `TIER=none` runs with, and a value you set always wins. `make info` shows each "
+        "value and why ([tiers](memory-and-tiers.md#tiers)).",
+        "",
+        "Sections: " + " · ".join(f"[{sec}](#{sec})" for sec in sections) + ".",
+    ]
+    section = None
+    for sec, var, shown, help_, choices in documented():
+        if sec != section:
+            lines += ["", f"## {sec}", "", SECTION_TITLES.get(sec, ""), "",
+                      "| variable | default | choices | tier | meaning |", "|---|---|---|---|---|"]
+            section = sec
+        _, f = variables[var]
+        if choices:
+            allowed = ", ".join(f"`{c}`" for c in choices)
+        elif f.type in (bool, "bool"):  # annotations are strings under `from __future__ import annotations`
+            allowed = "`true`, `false`"
+        else:
+            allowed = ""
+        lines.append(f"| `{var}` | {_default(show(shown))} | {allowed} | {'tier' if var in TIERED else ''} "
+                     f"| {_cell(help_)} |")
+    return "\n".join(lines) + "\n"
+
+
+def make_targets(makefile: Path = MAKEFILE) -> list[tuple[str, str, str]]:
+    """(target, help, what it runs) for each ``target: ... ## help`` line of the Makefile, in order:
+    the lines `make help` lists (its grep: ``^[a-z-]+:.*## ``)."""
+    text = makefile.read_text(encoding="utf-8")
+    listed = re.findall(r"^([a-z-]+):.*## (.*)$", text, flags=re.M)
+    names = {name for name, _ in listed}
+    out = []
+    for name, help_ in listed:
+        head = re.search(rf"^{re.escape(name)}:([^#\n]*)##.*\n((?:\t.*\n)*)", text, flags=re.M)
+        prereqs, recipe = (head.group(1).split(), head.group(2).splitlines()) if head else ([], [])
+        runs = [f"make {p}" for p in prereqs if p in names and p != "setup"]
+        runs += [c for c in (_command(line) for line in recipe) if c]
+        out.append((name, help_.strip(), "; ".join(f"`{r}`" for r in runs)))
+    return out
+
+
+# The Makefile's own variables, as a reader would type the command (RUNTIME=local spelling).
+_MAKE_VARS = {"$(APP)": "python -m app", "$(PYRUN)": "python", "$(HOSTPY)": "python", "$(PY)": "python",
+              "$(COMPOSE)": "docker compose", "$(VENV)": ".venv"}
+
+
+def _command(line: str) -> str:
+    """A recipe line as the command it runs; '' for echo lines and argument guards."""
+    line = line.strip().lstrip("@")
+    if not line or line.startswith(("echo", "[", "grep")):
+        return ""
+    line = line.split(" | ")[0]  # `--help | sed ...`: the command, not its formatting
+    for var, value in _MAKE_VARS.items():
+        line = line.replace(var, value)
+    return line.replace("$$", "$").strip()
+
+
+def commands_page(makefile: Path = MAKEFILE) -> str:
+    """docs/commands.md: every target `make help` lists, with its help and what it runs."""
+    lines = [
+        "# Commands", "", _GENERATED, "",
+        "Every target only calls `python -m app <command>` (or pytest, or a benchmark module); `make help` "
+        "prints this list and every setting. With `RUNTIME=docker` (the default where a Docker engine answers) "
+        "the same command runs in the image instead of `.venv` ([Docker](docker.md)); the first line of "
+        "every `make` says which runtime and why. Targets that need the environment build it first "
+        "(`make setup`). Settings are given as `make <target> VAR=value` ([configuration](configuration.md)); "
+        "`python -m app --help` lists the commands of `python -m app` itself.",
+        "",
+        "| make target | what it does | runs |", "|---|---|---|",
+    ]
+    for name, help_, runs in make_targets(makefile):
+        lines.append(f"| `make {name}` | {_cell(help_)} | {_cell(runs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_pages() -> None:
+    """`python -m app docs`: write the generated pages into the checkout (docs/), naming each."""
+    for rel, func in PAGES.items():
+        path = REPO / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(globals()[func](), encoding="utf-8")
+        sys.stdout.write(f"wrote {rel}\n")  # cli-output

@@ -1,0 +1,216 @@
+"""What the tool writes into the project's data/ and models/ dirs, and what it may remove.
+
+A user's data and trained runs live in the same dirs as the tool's own regenerable files, so
+nothing here removes or replaces a file on a guess:
+- sample data is written only where no file is (or where the same tool wrote it and nobody changed
+  it since), and every file written is recorded with its SHA-256 in ``.generated.json`` beside it;
+- ``clean`` removes only what the tool made and can make again: the tiny models, sample data whose
+  hash still matches the record, caches. It names what it keeps and why;
+- a trained run goes only with ``remove-run OUTPUT_DIR=<that dir>``, the one command that names it.
+Standard library only: ``make clean`` works without the virtualenv.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from app.config import Config
+from app.core.errors import UserError
+from app.core.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".generated.json"  # in each dir that holds sample data: {file name: sha256} of what the tool wrote
+SAMPLE_TRAIN, SAMPLE_DEV = 400, 50
+# Regenerable models the tool builds under models/ (app.models.tiny.tiny_dir names; demo-glm is make demo's
+# random-init base). Listed, not globbed, so a user's models/tiny-whatever is never taken for one.
+TINY_MODELS = ("tiny-glm", "tiny-qwen2", "tiny-qwen3", "tiny-llama", "tiny-gemma3", "demo-glm")
+CACHES = (".pytest_cache",)
+# What makes a dir a trained run (remove-run refuses anything else).
+RUN_MARKS = ("train_config.json", "summary.json", "checkpoints", "adapter_config.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    try:
+        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def record_generated(path: Path) -> None:
+    """Note in the manifest beside ``path`` that the tool wrote it, with its hash (clean checks it)."""
+    record = _manifest(path.parent)
+    record[path.name] = _sha256(path)
+    _write_manifest(path.parent, record)
+
+
+def _write_manifest(folder: Path, record: dict[str, str]) -> None:
+    if record:
+        atomic_write_text(folder / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
+    else:
+        (folder / MANIFEST).unlink(missing_ok=True)
+
+
+def is_unchanged_sample(path: Path) -> bool:
+    """True when ``path`` is a file this tool wrote as sample data and nobody changed since."""
+    recorded = _manifest(path.parent).get(path.name)
+    return recorded is not None and path.is_file() and _sha256(path) == recorded
+
+
+def refuse_unless_generated(path: Path, command: str) -> None:
+    """Before ``command`` rewrites one of its own generated files: refuse if a user's file is there."""
+    if path.exists() and not is_unchanged_sample(path):
+        raise UserError(f"{command} writes {path}, but a file that this tool did not write (or that was changed "
+                        "since) is there; move it elsewhere, then run the command again")
+
+
+def sample_paths(train_path: str | Path) -> dict[str, Path]:
+    """Sample data goes to DATA_PATH itself and dev.jsonl beside it (what EVAL_PATH defaults to)."""
+    train = Path(train_path)
+    return {"train": train, "dev": train.with_name("dev.jsonl" if train.name != "dev.jsonl" else "dev-sample.jsonl")}
+
+
+def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = False,
+                      only_missing: bool = False) -> list[Path]:
+    """Write the synthetic triplet data; return the files written.
+
+    A file that exists is kept unless it is unchanged sample data (then it is rewritten) or
+    ``replace`` (REPLACE_DATA=1, the user's explicit ask). ``only_missing`` (the automatic case in
+    ``train``) writes the missing files and keeps the rest; otherwise an existing file is refused,
+    with one line, before anything is written.
+    """
+    from app.data.synthetic import generate_samples
+
+    paths = sample_paths(train_path)
+    keep = {k: p for k, p in paths.items() if p.exists() and not replace and not is_unchanged_sample(p)}
+    if keep and not only_missing:
+        names = " and ".join(str(p) for p in keep.values())
+        verb = "exists and is" if len(keep) == 1 else "exist and are"
+        raise UserError(f"DATA_PATH={train_path}: {names} {verb} not sample data this tool wrote; generate-data "
+                        "never replaces such a file: use another DATA_PATH (e.g. DATA_PATH=data/sample/train.jsonl), "
+                        "or REPLACE_DATA=1 to overwrite it")
+    samples = generate_samples(SAMPLE_TRAIN + SAMPLE_DEV, seed=seed)  # one call: train and dev never share one
+    rows = {"train": samples[:SAMPLE_TRAIN], "dev": samples[SAMPLE_TRAIN:]}
+    written = []
+    for split, path in paths.items():
+        if split in keep:
+            log.info("kept %s (exists, not written by this tool)", path)
+            continue
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[split]))
+        record_generated(path)
+        written.append(path)
+    if written and not only_missing:  # the automatic case says it itself, as a warning
+        log.info("wrote the synthetic triplet sample data (seed %d): %s", seed,
+                 ", ".join(f"{p} ({len(rows[s])} records)" for s, p in paths.items() if p in written))
+    return written
+
+
+def ensure_default_data(cfg: Config) -> None:
+    """``train`` with DATA_PATH left at its default and no file there: write the sample data, and say
+    so. Any DATA_PATH the user named is only ever read."""
+    default = Config().data.data_path
+    path = Path(cfg.data.data_path)
+    if "DATA_PATH" in cfg.explicit or cfg.data.data_path != default or path.exists():
+        return
+    written = write_sample_data(path, seed=cfg.train.seed, only_missing=True)
+    log.warning("DATA_PATH=%s did not exist: wrote the synthetic sample data (%s; not real data). Point "
+                "DATA_PATH at your own file to train on it", path, " and ".join(str(p) for p in written))
+
+
+# ---- clean and remove-run -------------------------------------------------------------------------
+
+def clean_plan(root: Path = Path(".")) -> tuple[list[Path], list[str]]:
+    """(paths to remove, notes on what is kept and why) for ``make clean``."""
+    remove: list[Path] = [root / "models" / name for name in TINY_MODELS if (root / "models" / name).exists()]
+    remove += [root / c for c in CACHES if (root / c).exists()]
+    remove += _pycaches(root)
+    kept: list[str] = []
+    for manifest in sorted(root.glob("data/**/" + MANIFEST)):
+        folder = manifest.parent
+        for name in sorted(_manifest(folder)):
+            path = folder / name
+            if not path.exists():
+                continue
+            if is_unchanged_sample(path):
+                remove.append(path)
+            else:
+                kept.append(f"kept {path}: changed since the tool wrote it (your data now)")
+    runs = [p for p in sorted((root / "models").iterdir()) if p.is_dir() and p not in remove
+            and any((p / m).exists() for m in RUN_MARKS)] if (root / "models").is_dir() else []
+    if runs:
+        kept.append("kept trained runs: " + ", ".join(str(r) for r in runs) +
+                    " (remove one with `make remove-run OUTPUT_DIR=<dir>`)")
+    return remove, kept
+
+
+def _pycaches(root: Path) -> list[Path]:
+    found = []
+    for folder, dirs, _ in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".venv", ".git"))]  # the venv's own caches stay
+        found += [Path(folder) / d for d in dirs if d == "__pycache__"]
+    return sorted(found)
+
+
+def clean(root: Path = Path(".")) -> list[Path]:
+    """Remove what clean_plan lists; log each path and each note. Returns the removed paths.
+    Refused while a command is writing a run under models/: it may be reading a tiny model."""
+    from app.training.runlock import busy_line, holder
+
+    models = root / "models"
+    for run in sorted(p for p in models.iterdir() if p.is_dir()) if models.is_dir() else []:
+        who = holder(run)
+        if who is not None:
+            raise UserError(busy_line("OUTPUT_DIR", run, who, "make clean (it removes the tiny models and sample "
+                                                            "data such a run may be reading)"))
+    remove, kept = clean_plan(root)
+    for path in remove:
+        if path.name != "__pycache__":  # dozens of them: counted below, not listed
+            log.info("removing %s", path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    for folder in {p.parent for p in remove if p.parent.joinpath(MANIFEST).is_file()}:
+        _write_manifest(folder, {k: v for k, v in _manifest(folder).items() if (folder / k).exists()})
+    for note in kept:
+        log.info("%s", note)
+    caches = sum(p.name == "__pycache__" for p in remove)
+    if caches:
+        log.info("removed %d __pycache__ dirs", caches)
+    if not remove:
+        log.info("nothing to clean")
+    return remove
+
+
+def remove_run(cfg: Config) -> Path:
+    """Delete the trained run the user named with OUTPUT_DIR=<dir>, and nothing else."""
+    if "OUTPUT_DIR" not in cfg.explicit:
+        raise UserError("OUTPUT_DIR is not set: remove-run deletes exactly the run you name, e.g. "
+                        "make remove-run OUTPUT_DIR=models/tiny-lora")
+    out = Path(cfg.train.output_dir)
+    if not out.is_dir():
+        raise UserError(f"OUTPUT_DIR={out}: no such directory; nothing removed")
+    if not any((out / m).exists() for m in RUN_MARKS):
+        raise UserError(f"OUTPUT_DIR={out} does not look like a trained run (no {', '.join(RUN_MARKS)}); "
+                        "nothing removed. Delete it yourself if you mean it")
+    from app.training.runlock import hold
+
+    with hold(out, "remove-run", doing="removing it"):  # never from under a run still writing there
+        files = [p for p in out.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        log.warning("removing the trained run %s (%d files, %.1f MB)", out, len(files), size / 2**20)
+        shutil.rmtree(out)
+    return out

@@ -1,0 +1,494 @@
+"""One typed config tree. Every field is a Makefile / .env / CLI variable.
+
+The field name, upper-cased, *is* the variable name (``max_seq_len`` <-> ``MAX_SEQ_LEN``),
+so the Makefile, ``.env.template``, ``--help`` and the saved ``train_config.json`` all
+follow from these dataclasses and cannot drift apart.
+
+Precedence, highest first: CLI ``KEY=value`` > process environment > ``.env`` > default.
+This module imports only the standard library (python-dotenv lazily), so ``make help``
+works before the virtualenv exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from app.core.errors import UserError
+
+
+class ConfigError(UserError):
+    """Bad settings: one line per problem, each naming the variable and the fix."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# The default model is a real GLM-family chat model that fits an 8 GB PC in 4-bit/8-bit and
+# that transformers loads natively (no trust_remote_code).
+DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
+ALL = "all"  # how an optional count (int | None) spells None: MAX_SAMPLES=all
+# The settings TIER=auto decides when you leave them unset (app/plan/tiers.py sets them; a test keeps this
+# list equal to its tables). Their defaults below are what TIER=none runs with.
+TIERED = ("QUANT_LEVEL", "MAX_SAMPLES", "BATCH_SIZE", "GRAD_ACCUM", "LORA_R", "MAX_SEQ_LEN", "GRADIENT_CHECKPOINTING")
+
+
+@dataclass
+class ModelArgs:
+    model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny' (GLM), 'tiny-qwen2', "
+                         "'tiny-qwen3', 'tiny-llama', 'tiny-gemma3' build a random 2-layer model under models/ "
+                         "for offline runs")
+    trust_remote_code: bool = _f(False, "Allow the model repo's own Python code (ChatGLM-6B/2/3 need it)")
+    num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
+
+
+@dataclass
+class DataArgs:
+    data_path: str = _f("data/train.jsonl", "Training data: .jsonl/.json/.csv/.txt file, or a hub dataset name")
+    val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
+    data_format: str = _f("auto", "Record format; auto detects it per file",
+                          ("auto", "context_target", "alpaca", "text", "messages", "sharegpt"))
+    max_samples: int | None = _f(None, "Use at most this many training records, sampled with SEED; all = every "
+                                       "record (also when empty); records a tier leaves out are named in a warning")
+    val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
+    max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
+    max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
+    replace_data: bool = _f(False, "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
+                                   "with sample data (without it, only missing files, or sample data this tool wrote "
+                                   "and nobody changed, are written)")
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
+    lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
+                                     "of the model family")
+    method: str = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
+                             "prefixes); full (every weight: small models only)", ("lora", "qlora", "ptuning", "full"))
+    pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
+    prefix_projection: bool = _f(False, "METHOD=ptuning: reparameterize prefixes through a 2-layer MLP")
+
+
+TIER_NAMES = ("auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l")
+
+
+@dataclass
+class ResourceArgs:
+    tier: str = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
+                           "defaults. Variables you set always win over the tier", TIER_NAMES)
+    quant_level: str = _f("auto", "Weight quantization: auto = the tier's choice", ("auto", "none", "8bit", "4bit"))
+    gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory; auto = only "
+                                             "when needed to fit", ("auto", "on", "off"))
+    memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
+    memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
+    memory_guard: str = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
+                                      "(backoff), or checkpoint and stop (stop), or do nothing (off)",
+                           ("backoff", "stop", "off"))
+    release_memory: str = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold 256 KB): "
+                                     "RSS stays at what is in use, but page faults cost up to 2x the step time "
+                                     "of a small model; auto = only when the predicted peak is over half the "
+                                     "memory budget, or on CUDA", ("auto", "on", "off"))
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go; empty = models/<last part of "
+                             "MODEL_NAME>-<METHOD> (e.g. models/tiny-lora), so runs of different models or methods "
+                             "never collide")
+    num_epochs: float = _f(3.0, "Passes over the training data")
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
+    batch_size: int = _f(1, "Micro-batch size per step")
+    grad_accum: int = _f(8, "Micro-batches per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM)")
+    learning_rate: float = _f(2e-4, "Peak learning rate")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup",
+                           ("cosine", "linear", "constant_with_warmup"))
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
+    precision: str = _f("auto", "Compute precision: auto = bf16 autocast where the hardware has fast bf16 (a CPU "
+                                "with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; quantized CPU "
+                                "runs stay fp32 around their bf16 layers", ("auto", "fp32", "bf16", "fp16"))
+    packing: str = _f("auto", "Concatenate each micro-batch's samples into rows with no padding; each sample keeps "
+                              "its own positions, attention and label mask. auto = on where the model's code supports "
+                              "it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)", ("auto", "on", "off"))
+    torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
+                                    "only on long runs)")
+    optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
+    eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
+    logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps")
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never")
+    seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
+    resume: str = _f("auto", "Continue from a checkpoint (optimizer, scheduler, RNG, data position): auto = the "
+                             "newest complete one in OUTPUT_DIR/checkpoints, if any; or a checkpoint-N dir, or an "
+                             "output dir whose checkpoints/ holds one. Only with the model, data and optimizer "
+                             "settings it was trained with (a difference is refused, listed)")
+    overwrite: bool = _f(False, "Train into an OUTPUT_DIR that holds a finished run; the new run replaces it when "
+                                "it finishes (without this, such a run is refused). Over an unfinished run of other "
+                                "settings: train anew, removing its checkpoints")
+
+
+@dataclass
+class DistArgs:
+    nproc: int = _f(1, "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
+                       "one GPU each); 1 = a plain single process")
+    nnodes: int = _f(1, "Machines in a multi-node run: start the same command on each, with its own NODE_RANK")
+    node_rank: int = _f(0, "This machine's index in a multi-node run, 0..NNODES-1 (node 0 hosts MASTER_ADDR)")
+    master_addr: str = _f("127.0.0.1", "Address of node 0 that every node can reach (NNODES > 1)")
+    master_port: int = _f(0, "Rendezvous port on node 0; 0 = a free port on one machine, 29500 across machines")
+    ds_config: str = _f("", "DeepSpeed JSON config on CUDA (pip install deepspeed), e.g. configs/ds_zero2.json or "
+                            "configs/ds_zero3.json; empty = plain DDP")
+
+
+@dataclass
+class PredictArgs:
+    adapter_dir: str = _f("", "Adapter to load; empty = the last training's output; 'none' = base model only")
+    prompt: str = _f("", "Prompt for predict-custom")
+    input_file: str = _f("", "File mode: one prompt or record per line (any DATA_FORMAT)")
+    output_file: str = _f("", "File mode output (.jsonl); empty = <INPUT_FILE stem>.pred.jsonl")
+    interactive: bool = _f(False, "Chat in the terminal until /exit or Ctrl-D")
+    max_new_tokens: int = _f(256, "Tokens to generate per answer")
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
+    predict_batch_size: int = _f(8, "Prompts generated together in file mode, evaluation and F1 during training "
+                                         "(left-padded, with the KV cache)")
+    merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
+    onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
+                           "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
+
+
+@dataclass
+class EvalArgs:
+    eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = VAL_PATH, else data/dev.jsonl")
+    eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
+    eval_metric: str = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)",
+                          ("loss", "f1"))
+    eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
+    predictions: str = _f("", "Score this JSONL of {target, output} lines instead of generating (--predictions FILE)")
+    demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes")
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    lora: LoraArgs = field(default_factory=LoraArgs)
+    resources: ResourceArgs = field(default_factory=ResourceArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    distributed: DistArgs = field(default_factory=DistArgs)
+    predict: PredictArgs = field(default_factory=PredictArgs)
+    evaluation: EvalArgs = field(default_factory=EvalArgs)
+    explicit: set[str] = field(default_factory=set, repr=False, compare=False,
+                               metadata={"help": "not a setting: names the user set explicitly"})
+
+    # ---- introspection -------------------------------------------------------------
+    @classmethod
+    def variables(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+        """VARIABLE -> (section, field) for every setting."""
+        out: dict[str, tuple[str, dataclasses.Field]] = {}
+        for sec in _sections(cls):
+            for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
+                out[f.name.upper()] = (sec.name, f)
+        return out
+
+    def get(self, var: str) -> Any:
+        sec, f = self.variables()[var.upper()]
+        return getattr(getattr(self, sec), f.name)
+
+    def assign(self, var: str, raw: Any) -> None:
+        sec, f = self.variables()[var.upper()]
+        setattr(getattr(self, sec), f.name, _parse(raw, _hint(sec, f.name), var.upper()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {var: self.get(var) for var in self.variables()}
+
+    def save(self, path: str | Path) -> None:
+        from app.core.utils import write_json
+
+        write_json(path, self.to_dict())
+
+    # ---- loading ---------------------------------------------------------------------
+    @classmethod
+    def load(cls, overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
+             dotenv_path: str | Path | None = ".env") -> "Config":
+        """Defaults < .env < environment < overrides. Raises ConfigError listing every problem.
+
+        Every key must name a setting, however it was given: a ``KEY=value`` argument, a line of
+        ``.env``, or an assignment on the ``make`` command line (make passes those through the
+        environment, where a misspelt name would otherwise vanish among the shell's variables; make
+        lists them in MAKEFLAGS). ``.env`` and make may also hold the names docker compose, the
+        Makefile and the ML libraries read (OTHER_VARIABLES, OTHER_PREFIXES).
+        """
+        env = dict(os.environ) if env is None else env
+        dotenv = _read_dotenv(dotenv_path)
+        layers: list[dict[str, Any]] = [dotenv, env, overrides or {}]
+        cfg, known = cls(), cls.variables()
+        problems = [p for p in (_unknown(k, f"in {dotenv_path}") for k in dotenv) if p]
+        problems += [p for p in (_unknown(k, "on the make command line") for k in make_overrides(env)) if p]
+        problems += [p for p in (_unknown(k, None) for k in layers[2]) if p]
+        cfg.explicit = set()  # variables the user set, in any layer (tiers and predict defer to them)
+        for layer in layers:
+            for key, raw in layer.items():
+                var = key.upper()
+                if var not in known:
+                    continue  # reported above where it matters; the environment holds plenty else
+                try:
+                    cfg.assign(var, raw)
+                    cfg.explicit.add(var)
+                except ConfigError as e:
+                    problems.extend(e.problems)
+        if not cfg.train.output_dir.strip():  # derived once, here, and saved with the run
+            cfg.train.output_dir = default_output_dir(cfg.model.model_name, cfg.lora.method)
+        if problems:  # report range problems of the parsable values too: all at once
+            try:
+                cfg.validate()
+            except ConfigError as e:
+                problems.extend(e.problems)
+            raise ConfigError(problems)
+        return cfg
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Build from plain values (a notebook, or a saved train_config.json)."""
+        return cls.load(overrides={k: v for k, v in values.items()}, env={}, dotenv_path=None)
+
+    # ---- validation ------------------------------------------------------------------
+    def validate(self) -> "Config":
+        """Check every value; raise one ConfigError naming *all* bad variables and their fixes."""
+        p: list[str] = []
+        for var, (sec, f) in self.variables().items():
+            choices = f.metadata.get("choices")
+            if choices and self.get(var) not in choices:
+                p.append(f"{var}={self.get(var)!r} is not one of {', '.join(choices)}")
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                p.append(msg)
+
+        d, t, lo, m, pr = self.data, self.train, self.lora, self.model, self.predict
+        need(bool(m.model_name.strip()), "MODEL_NAME is empty; set a hub name, a local dir, or 'tiny'")
+        need(m.num_threads >= 0, f"NUM_THREADS={m.num_threads} must be >= 0 (0 = all cores)")
+        need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
+        need(d.max_samples is None or d.max_samples >= 1,
+             f"MAX_SAMPLES={d.max_samples} must be >= 1, or MAX_SAMPLES=all for every record")
+        need(0 <= d.val_size < 1, f"VAL_SIZE={d.val_size} must be in [0, 1), e.g. 0.1")
+        need(d.max_seq_len >= 16, f"MAX_SEQ_LEN={d.max_seq_len} is too short; use at least 16 (e.g. 512)")
+        need(0 <= d.max_bad_ratio <= 1, f"MAX_BAD_RATIO={d.max_bad_ratio} must be in [0, 1]")
+        need(lo.lora_r >= 1, f"LORA_R={lo.lora_r} must be >= 1, e.g. 8")
+        need(lo.pre_seq_len >= 1, f"PRE_SEQ_LEN={lo.pre_seq_len} must be >= 1, e.g. 128")
+        need(lo.lora_alpha >= 1, f"LORA_ALPHA={lo.lora_alpha} must be >= 1, e.g. 2 x LORA_R")
+        need(0 <= lo.lora_dropout < 1, f"LORA_DROPOUT={lo.lora_dropout} must be in [0, 1), e.g. 0.05")
+        need(t.num_epochs > 0 or t.max_steps > 0, f"NUM_EPOCHS={t.num_epochs} must be > 0 (or set MAX_STEPS)")
+        need(t.max_steps >= 0, f"MAX_STEPS={t.max_steps} must be >= 0 (0 = use NUM_EPOCHS)")
+        need(t.batch_size >= 1, f"BATCH_SIZE={t.batch_size} must be >= 1")
+        need(t.grad_accum >= 1, f"GRAD_ACCUM={t.grad_accum} must be >= 1")
+        need(0 < t.learning_rate < 1, f"LEARNING_RATE={t.learning_rate} must be in (0, 1), e.g. 2e-4")
+        need(0 <= t.warmup_ratio < 1, f"WARMUP_RATIO={t.warmup_ratio} must be in [0, 1)")
+        need(t.weight_decay >= 0, f"WEIGHT_DECAY={t.weight_decay} must be >= 0")
+        need(not (t.precision == "bf16" and self.resources.quant_level in ("8bit", "4bit")),
+             f"PRECISION=bf16 autocast is for unquantized weights; 4-bit already computes in bf16 where supported "
+             f"(QUANT_LEVEL={self.resources.quant_level}); use PRECISION=auto")
+        need(t.max_grad_norm >= 0, f"MAX_GRAD_NORM={t.max_grad_norm} must be >= 0 (0 = no clipping)")
+        for var in ("SAVE_STEPS", "EVAL_STEPS", "LOGGING_STEPS"):
+            need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
+        need(t.early_stopping_patience >= 0, f"EARLY_STOPPING_PATIENCE={t.early_stopping_patience} must be >= 0")
+        need(not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
+             "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0")
+        rs = self.resources
+        need(not (lo.method == "qlora" and rs.quant_level in ("none", "8bit")),
+             f"METHOD=qlora means LoRA on a 4-bit model, but QUANT_LEVEL={rs.quant_level}; "
+             "set QUANT_LEVEL=4bit (or auto), or METHOD=lora")
+        need(not (lo.method == "full" and rs.quant_level in ("8bit", "4bit")),
+             f"METHOD=full trains every weight, which cannot be quantized (QUANT_LEVEL={rs.quant_level}); "
+             "set QUANT_LEVEL=none, or METHOD=qlora")
+        need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
+        need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")
+        need(rs.memory_limit_mb >= 0, f"MEMORY_LIMIT_MB={rs.memory_limit_mb} must be >= 0 (0 = detect)")
+        need(0.1 <= rs.memory_safety <= 1, f"MEMORY_SAFETY={rs.memory_safety} must be in [0.1, 1], e.g. 0.85")
+        ds = self.distributed
+        need(ds.nproc >= 1, f"NPROC={ds.nproc} must be >= 1 (processes on this machine)")
+        need(ds.nnodes >= 1, f"NNODES={ds.nnodes} must be >= 1 (machines)")
+        need(0 <= ds.node_rank < max(ds.nnodes, 1),
+             f"NODE_RANK={ds.node_rank} must be in 0..NNODES-1 (NNODES={ds.nnodes}); node 0 hosts MASTER_ADDR")
+        need(0 <= ds.master_port <= 65535, f"MASTER_PORT={ds.master_port} must be a port in 0..65535 (0 = auto)")
+        need(bool(ds.master_addr.strip()), "MASTER_ADDR is empty; set node 0's address, e.g. 10.0.0.1")
+        need(bool(t.resume.strip()), "RESUME is empty; use RESUME=auto or the path of a checkpoint")
+        need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
+        need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
+        need(pr.predict_batch_size >= 1, f"PREDICT_BATCH_SIZE={pr.predict_batch_size} must be >= 1")
+        need(not (t.packing == "on" and lo.method == "ptuning"),
+             "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
+             "use PACKING=auto or off")
+        if p:
+            raise ConfigError(p)
+        return self
+
+    @classmethod
+    def help_text(cls) -> str:
+        lines, section = [], None
+        for sec, var, shown, help_, choices in documented():
+            if sec != section:
+                lines.append(f"[{sec}]")
+                section = sec
+            extra = f" [{'|'.join(choices)}]" if choices else ""
+            tiered = " (unset, TIER=auto decides it from RAM/VRAM: `make info` shows the value)" \
+                if var in TIERED else ""
+            lines.append(f"  {var:<24} = {shown!s:<22} {help_}{extra}{tiered}")
+        return "\n".join(lines)
+
+def documented() -> Iterator[tuple[str, str, Any, str, tuple[str, ...] | None]]:
+    """(section, VARIABLE, default as shown, help, choices) for every setting, in order."""
+    for var, (sec, f) in Config.variables().items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        shown = ",".join(default) if isinstance(default, list) else ALL if default is None else default
+        yield sec, var, shown, f.metadata["help"], \
+            f.metadata.get("choices")
+
+
+def show(value: Any) -> str:
+    """A value as it is written on the command line / in .env (the inverse of _parse)."""
+    if value is None:
+        return ALL
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _sections(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "explicit"]
+
+
+def _hint(section: str, name: str) -> Any:
+    sec_cls = typing.get_type_hints(Config)[section]
+    return typing.get_type_hints(sec_cls)[name]
+
+
+def _parse(raw: Any, hint: Any, var: str) -> Any:
+    """Convert a string (or an already-typed value) to the field's annotated type."""
+    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
+    if isinstance(hint, types.UnionType):  # e.g. int | None, where None is written "all" (or left empty)
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if optional and (raw is None or str(raw).strip().lower() in ("", ALL)):
+        return None
+    origin = typing.get_origin(hint)
+    try:
+        if origin is list:
+            items = raw if isinstance(raw, list) else str(raw).split(",")
+            return [str(x).strip() for x in items if str(x).strip()]
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).strip().lower()
+            if s in ("1", "true", "yes", "on", "y"):
+                return True
+            if s in ("0", "false", "no", "off", "n", ""):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(raw, float) and raw.is_integer():
+                return int(raw)
+            return int(str(raw).strip())
+        if hint is float:
+            return float(str(raw).strip())
+        return str(raw)
+    except (ValueError, TypeError):
+        kind = {bool: "true/false", int: "a whole number", float: "a number"}.get(hint, str(hint))
+        kind += f" or {ALL!r}" if optional else ""
+        raise ConfigError([f"{var}={raw!r} is not {kind}; fix the value in the command, env or .env"]) from None
+
+
+def _read_dotenv(path: str | Path | None) -> dict[str, str]:
+    if not path or not Path(path).is_file():
+        return {}
+    from dotenv import dotenv_values  # lazy: keeps `make help` free of third-party imports
+
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+# Names that .env and the make command line may hold besides the settings: docker compose
+# (docker-compose*.yml) and the Makefile read these, and libraries read the prefixed ones.
+OTHER_VARIABLES = frozenset({
+    "RUNTIME", "CUDA", "VENV", "PYTHON", "TORCH_INDEX_URL", "UID", "GID", "MEM_LIMIT", "CPUS", "ENV_FILE",
+    "BASE_IMAGE", "CUDA_BASE_IMAGE", "CUDA_TORCH_INDEX_URL", "GPU_COUNT", "STOP_GRACE_PERIOD", "SHARED_DIR",
+    "REQUIRE_REAL_DATA", "PYTEST_ARGS",
+})
+OTHER_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "PYTORCH_", "CUDA_", "NCCL_",
+                  "OMP_", "MKL_", "KMP_", "BNB_", "ACCELERATE_", "DS_", "COMPOSE_", "DOCKER_", "PIP_")
+
+
+def _unknown(key: str, where: str | None) -> str | None:
+    """The problem line for a key that names no setting, else None. ``where`` None: a
+    ``python -m app KEY=value`` argument, which must be a setting; else .env or make, which may
+    also carry compose/Makefile/library names (unless the name is one typo away from a setting)."""
+    var = key.strip().upper()
+    known = Config.variables()
+    if var in known:
+        return None
+    near = [v for v in known if _edits(var, v) <= 2]
+    if where is not None and not near and (var in OTHER_VARIABLES or var.startswith(OTHER_PREFIXES)):
+        return None
+    hint = near[:1] or difflib.get_close_matches(var, known, n=1)
+    return (f"{key}{f' ({where})' if where else ''}: unknown setting; " +
+            (f"did you mean {hint[0]}?" if hint else "see `python -m app --help` (make help) for the settings"))
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance (short strings): how many typos apart two names are."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def make_overrides(env: dict[str, str]) -> list[str]:
+    """Names assigned on the make command line (``make train MAX_SAMPLE=10``): GNU make lists them
+    in MAKEFLAGS after `` -- ``, space-separated, with spaces inside values escaped as ``\\ ``."""
+    flags = env.get("MAKEFLAGS", "")
+    _, sep, assigns = flags.partition(" -- ")
+    if not sep and flags.startswith("-- "):
+        assigns = flags[3:]
+    names = []
+    for word in re.split(r"(?<!\\) ", assigns):
+        name, eq, _ = word.partition("=")
+        name = name.rstrip(":+?!")
+        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            names.append(name)
+    return names
+
+
+def default_output_dir(model_name: str, method: str) -> str:
+    """models/<last part of MODEL_NAME>-<METHOD>: the quick start's tiny run and a real run get
+    their own dirs, so neither refuses the other as a finished run."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name.strip().rstrip("/\\") or "model").name).strip("-.")
+    return f"models/{slug or 'model'}-{method}"
+
+
+def parse_cli_overrides(args: list[str]) -> dict[str, str]:
+    """``["MAX_SAMPLES=50", "model_name=tiny"]`` -> dict. Raises ConfigError for stray words."""
+    out, bad = {}, []
+    args = list(args)
+    while args:
+        a = args.pop(0)
+        key, sep, value = a.partition("=")
+        if not sep and a.startswith("--") and args and not args[0].startswith("--"):
+            key, sep, value = a, "=", args.pop(0)  # `--predictions FILE`
+        if not sep or not key.strip():
+            bad.append(f"{a!r}: expected KEY=value (e.g. MAX_SAMPLES=50)")
+            continue
+        out[key.strip().lstrip("-").replace("-", "_")] = value
+    if bad:
+        raise ConfigError(bad)
+    return out

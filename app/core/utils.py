@@ -1,0 +1,259 @@
+"""Small shared helpers: logging, threads, seeding, atomic file and directory writes, peak memory."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import glob
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+log = logging.getLogger("app")
+
+# Where `train` records its output dir, so `predict` finds the last adapter by default.
+LAST_RUN_FILE = Path("models") / ".last_run"
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """One concise format for the app; quiet the chattier libraries.
+
+    Under torchrun (NPROC/NNODES) each line names its rank, and ranks other than 0 log only
+    warnings, errors and their own per-rank lines (app.training.dist): rank 0 speaks for the run.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not user news
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[rank {rank}] " if world > 1 else ""
+    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    if rank:
+        logging.getLogger("app.training.dist").setLevel(level)
+    for noisy in ("transformers", "peft", "bitsandbytes", "datasets", "httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on (affinity-aware; cgroup quotas are issue 3's monitor)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n: int) -> int:
+    import torch
+
+    n = n or usable_cpus()
+    torch.set_num_threads(n)
+    return n
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image, in MB.
+
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a process started by a
+    big parent (a benchmark driver, an IDE) would report the parent's peak as its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write via a temp file + rename, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        publish(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish(path: str | Path) -> None:
+    """Give a temp file or dir normal permissions (mkstemp makes them private to the owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def staged_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temp dir; on success move each file into ``target`` (atomic per file).
+
+    Used for the final adapter: a crash mid-save leaves the previous files intact.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging.", dir=target))
+    try:
+        yield tmp
+        for item in tmp.iterdir():
+            publish(item)
+            dest = target / item.name
+            if dest.is_dir() and item.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- a whole directory replaced in one step (MERGED_DIR, ONNX_DIR) ---------------------------------------
+# staged_dir above moves files one by one: right for OUTPUT_DIR, which also holds the run's checkpoints,
+# metrics and perhaps merged/ (no whole-dir swap possible), but a kill -9 between two moves there would
+# leave a mix. A merge or an export is one self-contained result, so it is written whole beside the
+# target and swapped in by rename: a reader sees the previous dir or the new one, never a mix.
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@contextmanager
+def replace_dir(target: str | Path, kept_note: str = "") -> Iterator[Path]:
+    """Yield an empty dir beside ``target`` (``.<name>.partial-<pid>``); on success it replaces ``target``
+    whole: fsynced, then swapped in atomically (Linux renameat2 RENAME_EXCHANGE), else by renaming the
+    old one aside (``.<name>.old-<pid>``) and the new one in. Leftovers of a killed earlier attempt are
+    cleaned first, and an old copy left aside with nothing in its place is put back (and subdirectories
+    a killed swap had not yet carried across, see below, are carried from the leftovers).
+
+    Subdirectories of the old target that the new result lacks are moved across, with ``kept_note``
+    in the log: ONNX_DIR defaults to merged/onnx, and a re-merge deleting an export the user made
+    (minutes of work, perhaps served elsewhere) would surprise more than keeping it; predict warns
+    that such an export is older than its model (app.models.artifacts.onnx_is_stale), and export-onnx
+    always exports anew."""
+    target = Path(target)
+    if target.is_symlink():  # e.g. merged/ -> a bigger disk: replace what it points at, keep the link
+        target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_dir_debris(target)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _settle_tree(tmp)
+        _swap_in(tmp, target, kept_note)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the old copy after an exchange, or a failed new one
+
+
+def clean_dir_debris(target: str | Path) -> None:
+    """Remove what killed replace_dir runs left beside ``target``; put an old copy back if it is missing."""
+    target = Path(target)
+    for kind in ("old", "partial"):  # old first: a target restored from it makes the partials plain debris
+        for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue  # another merge/export writing now
+            if kind == "old" and not target.exists():
+                os.rename(path, target)
+                log.warning("restored %s from %s: an earlier write of it was killed while swapping the new "
+                            "copy in", target, path.name)
+                continue
+            if target.is_dir():  # a swap killed before it carried the old dir's subdirectories across
+                _carry_subdirs(path, target, "recovered from an interrupted earlier write of it")
+            log.info("removing %s, left by an interrupted write of %s", path, target)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _swap_in(new: Path, target: Path, kept_note: str) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        fsync_dir(target.parent)
+        return
+    old = new  # after the exchange ``new`` names the previous content
+    if not _exchange(new, target):
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.rename(target, old)
+        try:
+            os.rename(new, target)  # a kill between the two renames: clean_dir_debris puts ``old`` back
+        except BaseException:
+            os.rename(old, target)
+            raise
+    fsync_dir(target.parent)
+    _carry_subdirs(old, target, kept_note)
+    if old != new:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _carry_subdirs(old: Path, target: Path, note: str) -> None:
+    """Move the subdirectories of ``old`` that ``target`` lacks into it (a merge writes none of its own,
+    so these are what the user put there, e.g. merged/onnx); hidden ones are debris, left to go."""
+    for sub in sorted(p for p in old.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (target / sub.name).exists():
+            os.rename(sub, target / sub.name)
+            log.warning("%s was kept from the replaced %s%s", target / sub.name, target, f": {note}" if note else "")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the OS or filesystem cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not Linux, or a libc older than glibc 2.28
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or filesystem lacks the flag
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _settle_tree(root: Path) -> None:
+    """Normal permissions for everything under ``root`` (some writers, safetensors among them, make files
+    private to the owner), and all of it on disk before the swap makes it visible: a power cut after the
+    rename must not publish empty files."""
+    for folder, _, files in os.walk(root):
+        publish(folder)
+        for name in files:
+            path = os.path.join(folder, name)
+            publish(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(folder))
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)

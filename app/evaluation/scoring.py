@@ -1,0 +1,339 @@
+"""Score model answers against gold targets: SPO triplet P/R/F1 and label accuracy.
+
+Gold and model outputs share one format (a fenced or bare JSON list of triplet dicts, or
+a JSON list of one class label), so both go through the same tolerant parser.  Model
+output is often imperfect — prose around the JSON, a list cut off by ``max_new_tokens``,
+full-width characters — and the parser salvages what it can instead of scoring zero.
+Gold that cannot be read is counted (``n_bad_gold``) and left out, never a crash.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import unicodedata
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from app.core.errors import UserError
+from app.core.utils import atomic_write_text, write_json
+
+log = logging.getLogger(__name__)
+
+SPO_KEYS = ("subject", "predicate", "object")
+TYPE_KEYS = ("subject_type", "object_type")
+MAX_LIST_STARTS = 64  # bound the '[' positions tried, so a pathological output can't go quadratic
+_decoder = json.JSONDecoder()
+_LIST_OPEN = re.compile(r'\[\s*[{"]')  # a list whose first item is a dict or a string
+
+
+def normalize(value: Any) -> str:
+    """NFKC (full-width → half-width), strip, collapse inner whitespace; non-strings via str()."""
+    return " ".join(unicodedata.normalize("NFKC", str(value)).split())
+
+
+@dataclass(frozen=True)
+class Triplet:
+    subject: str
+    predicate: str
+    object: str
+    subject_type: str = ""
+    object_type: str = ""
+
+    def __post_init__(self) -> None:
+        # Normalize on construction, so equal-looking triplets always compare equal.
+        for name in ("subject", "predicate", "object", "subject_type", "object_type"):
+            object.__setattr__(self, name, normalize(getattr(self, name)))
+
+    @property
+    def spo(self) -> tuple[str, str, str]:
+        return self.subject, self.predicate, self.object
+
+    @property
+    def typed(self) -> tuple[str, str, str, str, str]:
+        return self.spo + (self.subject_type, self.object_type)
+
+
+@dataclass
+class Parsed:
+    kind: str  # "triplets" | "labels" | "invalid"
+    triplets: list[Triplet] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    valid_json: bool = False  # a complete JSON list was found
+    recovered: bool = False  # items were salvaged from broken / truncated JSON
+    skipped: int = 0  # list items that could not be used (missing keys, nested lists, ...)
+
+    def items(self) -> list[Any]:
+        return [asdict(t) for t in self.triplets] if self.kind == "triplets" else list(self.labels)
+
+
+def _complete_list(text: str) -> list | None:
+    """First complete JSON list of dicts/strings in text (skips e.g. a '[1]' footnote before it)."""
+    start, tries = text.find("["), 0
+    while start != -1 and tries < MAX_LIST_STARTS:
+        tries += 1
+        try:
+            value, _ = _decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            value = None
+        if isinstance(value, list) and all(isinstance(v, (dict, str)) for v in value):
+            return value
+        start = text.find("[", start + 1)
+    return None
+
+
+def _salvage(text: str) -> list:
+    """Complete items of a list the model never closed (or dicts with no list around them)."""
+    m = _LIST_OPEN.search(text)
+    pos = m.end() - 1 if m else text.find("{")  # no list bracket at all: maybe bare dicts
+    if pos == -1:
+        return []
+    items: list = []
+    while pos < len(text):
+        while pos < len(text) and (text[pos].isspace() or text[pos] == ","):
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            value, pos = _decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break  # the cut-off item: everything before it is kept
+        items.append(value)
+    return items
+
+
+def _triplet(item: dict) -> Triplet | None:
+    # subject/predicate/object are required; types are optional so an answer without them
+    # still earns untyped credit (it just never matches typed).
+    if any(item.get(k) is None for k in SPO_KEYS):
+        return None
+    return Triplet(*(item[k] for k in SPO_KEYS), *(item.get(k) if item.get(k) is not None else "" for k in TYPE_KEYS))
+
+
+def parse_answer(text: str) -> Parsed:
+    """Parse a gold target or model answer into triplets or labels; never raises."""
+    text = text if isinstance(text, str) else str(text)
+    items = _complete_list(text)
+    valid = items is not None
+    if items is None:
+        items = _salvage(text)
+        if not items:
+            return Parsed("invalid")
+    # Any dict means the answer is meant as triplets; stray strings in it are noise (skipped).
+    if not items or any(isinstance(i, dict) for i in items):
+        triplets = [t for t in (_triplet(i) for i in items if isinstance(i, dict)) if t is not None]
+        return Parsed("triplets", triplets, valid_json=valid, recovered=not valid, skipped=len(items) - len(triplets))
+    # Only lists of dicts/strings are accepted or salvaged, so at least the first item is a label.
+    labels = [normalize(i) for i in items if isinstance(i, (str, int, float, bool))]
+    return Parsed("labels", labels=labels, valid_json=valid, recovered=not valid, skipped=len(items) - len(labels))
+
+
+def _prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+@dataclass
+class Report:
+    n_samples: int = 0
+    n_triplet_samples: int = 0
+    n_classification_samples: int = 0
+    n_bad_gold: int = 0
+    n_valid_json: int = 0
+    n_recovered: int = 0
+    n_invalid_output: int = 0
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tp_typed: int = 0
+    fp_typed: int = 0
+    fn_typed: int = 0
+    n_label_correct: int = 0
+    per_predicate: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def _triplet_prf(self, typed: bool) -> tuple[float, float, float]:
+        # No triplet samples gives 0.0 (0/0 convention), so callers can always format it as a number.
+        return _prf(self.tp_typed, self.fp_typed, self.fn_typed) if typed else _prf(self.tp, self.fp, self.fn)
+
+    triplet_precision = property(lambda self: self._triplet_prf(False)[0])
+    triplet_recall = property(lambda self: self._triplet_prf(False)[1])
+    triplet_f1 = property(lambda self: self._triplet_prf(False)[2])
+    triplet_precision_typed = property(lambda self: self._triplet_prf(True)[0])
+    triplet_recall_typed = property(lambda self: self._triplet_prf(True)[1])
+    triplet_f1_typed = property(lambda self: self._triplet_prf(True)[2])
+
+    @property
+    def classification_accuracy(self) -> float | None:
+        n = self.n_classification_samples
+        return self.n_label_correct / n if n else None
+
+    @property
+    def json_valid_rate(self) -> float:
+        return self.n_valid_json / self.n_samples if self.n_samples else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """All metrics and counts, per_predicate included, rows excluded."""
+        out = {k: getattr(self, k) for k in (
+            "triplet_precision", "triplet_recall", "triplet_f1", "triplet_precision_typed",
+            "triplet_recall_typed", "triplet_f1_typed", "classification_accuracy", "json_valid_rate")}
+        out.update({k: v for k, v in asdict(self).items() if k != "rows"})
+        return out
+
+
+def score(pairs: Iterable[tuple[str, str]]) -> Report:
+    """Score (gold_text, output_text) pairs; triplet matching is exact on normalized strings."""
+    rep = Report()
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "fn": 0})
+    for index, (gold_text, output_text) in enumerate(pairs):
+        gold, pred = parse_answer(gold_text), parse_answer(output_text)
+        rep.n_samples += 1
+        rep.n_valid_json += pred.valid_json
+        rep.n_recovered += pred.recovered
+        rep.n_invalid_output += pred.kind == "invalid"
+        row: dict[str, Any] = {"index": index, "gold": gold_text, "output": output_text, "kind": pred.kind,
+                               "parsed": pred.items(), "correct": [], "missing": [], "spurious": [],
+                               "label_correct": None, "valid_json": pred.valid_json, "bad_gold": False}
+        rep.rows.append(row)
+        # Gold that is truncated or has unusable items would mis-score good answers: exclude it.
+        if gold.kind == "invalid" or not gold.valid_json or gold.skipped:
+            rep.n_bad_gold += 1
+            row["bad_gold"] = True
+            log.debug("sample %d: unreadable gold target %r", index, str(gold_text)[:80])
+            continue
+        if gold.kind == "labels":
+            rep.n_classification_samples += 1
+            ok = pred.kind == "labels" and set(pred.labels) == set(gold.labels)
+            rep.n_label_correct += ok
+            row["label_correct"] = ok
+            continue
+        rep.n_triplet_samples += 1
+        # Keyed sets: duplicates count once; the first triplet per key is the one reported.
+        g = {t.spo: t for t in reversed(gold.triplets)}
+        p = {t.spo: t for t in reversed(pred.triplets)} if pred.kind == "triplets" else {}
+        gt = {t.typed for t in gold.triplets}
+        pt = {t.typed for t in pred.triplets} if pred.kind == "triplets" else set()
+        rep.tp_typed += len(gt & pt)
+        rep.fp_typed += len(pt - gt)
+        rep.fn_typed += len(gt - pt)
+        for kind, keys in (("tp", p.keys() & g.keys()), ("fp", p.keys() - g.keys()), ("fn", g.keys() - p.keys())):
+            for key in keys:
+                counts[key[1]][kind] += 1  # key[1] is the predicate
+        row["correct"] = [asdict(p[k]) for k in p if k in g]
+        row["spurious"] = [asdict(p[k]) for k in p if k not in g]
+        row["missing"] = [asdict(g[k]) for k in g if k not in p]
+        rep.tp += len(row["correct"])
+        rep.fp += len(row["spurious"])
+        rep.fn += len(row["missing"])
+    for pred_name, c in sorted(counts.items()):
+        prec, rec, f1 = _prf(c["tp"], c["fp"], c["fn"])
+        rep.per_predicate[pred_name] = {**c, "precision": prec, "recall": rec, "f1": f1,
+                                        "support": c["tp"] + c["fn"]}
+    if rep.n_bad_gold:
+        log.warning("%d of %d gold targets could not be parsed; they are excluded from scoring",
+                    rep.n_bad_gold, rep.n_samples)
+    return rep
+
+
+def score_file(path: str | Path) -> Report:
+    """Score a JSONL of {"target" (or "reference"): gold, "output": model text} lines."""
+    path = Path(path)
+    expected = 'expected one JSON object per line with "target" (or "reference") and "output" strings'
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except OSError as e:
+        raise UserError(f"--predictions {path}: cannot read file ({e.strerror or e})") from None
+    pairs: list[tuple[str, str]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--predictions {path}: line {n}: not valid JSON ({e.msg}); {expected}") from None
+        gold = rec.get("target", rec.get("reference")) if isinstance(rec, dict) else None
+        out = rec.get("output") if isinstance(rec, dict) else None
+        if not isinstance(gold, str) or not isinstance(out, str):
+            have = sorted(rec)[:6] if isinstance(rec, dict) else type(rec).__name__
+            raise UserError(f"--predictions {path}: line {n}: has {have}; {expected}")
+        pairs.append((gold, out))
+    if not pairs:
+        raise UserError(f"--predictions {path}: no records; {expected}")
+    return score(pairs)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _by_support(report: Report) -> list[tuple[str, dict]]:
+    return sorted(report.per_predicate.items(), key=lambda kv: (-kv[1]["support"], kv[0]))
+
+
+def _markdown(report: Report, title: str) -> str:
+    d = report.to_dict()
+    lines = [f"# {title or 'Evaluation report'}", "", "| metric | value |", "| --- | --- |"]
+    for k in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
+              "json_valid_rate", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold",
+              "n_recovered", "n_invalid_output"):
+        lines.append(f"| {k} | {_fmt(d[k])} |")
+    lines += ["", "## Per predicate (sorted by support)", "",
+              "| predicate | support | tp | fp | fn | precision | recall | f1 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in _by_support(report):
+        lines.append(f"| {name} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | "
+                     f"{_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} |")
+    if not report.per_predicate:
+        lines.append("| (no triplets) | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(report: Report, title: str) -> bytes:
+    """PNG bytes of a horizontal per-predicate F1 bar chart."""
+    from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
+
+    from app.core.plots import text_context
+
+    # barh draws bottom-up: reversed, the most frequent predicate is on top, as in report.md.
+    items = _by_support(report)[::-1]
+    labels = [f"{k} (n={m['support']})" for k, m in items]
+    title = title or "Per-predicate F1"
+    with text_context(title, *labels):  # predicates are Chinese: a CJK font, or one warning with the fix
+        fig = Figure(figsize=(7, 1.2 + 0.28 * max(len(items), 1)))
+        ax = fig.subplots()
+        if items:
+            ax.barh(labels, [m["f1"] for _, m in items])
+        else:
+            ax.text(0.5, 0.5, "no triplet samples", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("F1")
+        ax.set_title(title)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_reports(report: Report, out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """Write report.json, report.md, predictions.jsonl and per_predicate_f1.png; return {file name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png")}
+    write_json(paths["report.json"], report.to_dict())
+    atomic_write_text(paths["report.md"], _markdown(report, title))
+    atomic_write_text(paths["predictions.jsonl"],
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rows))
+    try:
+        png = _chart(report, title)  # rendered first: a failure leaves no partial file behind
+        tmp = out / ".per_predicate_f1.png.tmp"
+        tmp.write_bytes(png)
+        os.replace(tmp, paths["per_predicate_f1.png"])
+    except ImportError:  # matplotlib is optional for scoring; the numbers are all in the text files
+        log.warning("matplotlib is not installed; skipping %s", paths.pop("per_predicate_f1.png"))
+    log.info("wrote %s to %s", ", ".join(paths), out)  # the caller logs the headline metrics
+    return paths

@@ -1,0 +1,1 @@
+"""Layer 5: using a model: batched generation, predict, chat, merge, ONNX export."""

@@ -1,0 +1,47 @@
+"""`make merge`: fold a LoRA adapter into its base and write a standalone model.
+
+The result (MERGED_DIR, default merged/ inside the adapter dir) loads with plain
+AutoModelForCausalLM, no peft. An adapter trained on a 4-bit/8-bit base is merged onto the
+*unquantized* base: LoRA learnt corrections to the quantized weights, so the merged model
+differs slightly from what was trained; the log says so.
+
+MERGED_DIR is replaced whole (app.core.utils.replace_dir): a merge killed at any moment leaves the previous
+merge, or none, never a mix of the two that predict or export-onnx would load.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.config import Config
+from app.core.errors import UserError
+from app.core.utils import replace_dir
+from app.models.artifacts import base_model_for, find_adapter, is_full_model
+from app.models.loading import load_adapter, load_model, load_tokenizer
+from app.models.tiny import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def run_merge(cfg: Config) -> Path:
+    adapter = find_adapter(cfg)
+    if adapter is None or is_full_model(adapter):
+        raise UserError(f"ADAPTER_DIR={adapter}: merge needs a LoRA adapter dir (METHOD=full output is already "
+                        "a standalone model)")
+    name, quant = base_model_for(cfg, adapter)
+    if quant != "none":
+        log.warning("adapter was trained on a %s base; merging onto the unquantized base, so outputs differ "
+                    "slightly from the quantized model it was trained with", quant)
+    base = resolve_model(name)
+    model = load_adapter(load_model(base, cfg.model.trust_remote_code), adapter)
+    merged = model.merge_and_unload()
+    own_tok = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(adapter) if own_tok else base, cfg.model.trust_remote_code,
+                               setting="ADAPTER_DIR" if own_tok else "MODEL_NAME")
+    out = Path(cfg.predict.merged_dir or adapter / "merged")
+    with replace_dir(out, kept_note="it was made from the previous merge (an ONNX export? `make export-onnx` "
+                                    "exports this merge)") as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    log.info("merged %s + %s -> %s (loads with AutoModelForCausalLM, no peft)", name, adapter, out)
+    return out

@@ -1,0 +1,221 @@
+"""Load base models and tokenizers (hub name, local dir or tiny) and attach LoRA adapters."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from app.config import Config
+from app.core.errors import ModelUnavailable, UserError
+from app.core.hub import go_offline_if_hub_unreachable
+from app.models.artifacts import load_failure, local_model_problem
+from app.models.tiny import resolve_model
+
+log = logging.getLogger(__name__)
+
+# Output heads stay frozen: adapting them costs vocab-sized matrices for little gain.
+_NEVER_TARGET = ("lm_head", "output_layer", "embed_out", "score", "classifier")
+
+
+# Known breakages of ChatGLM-6B/2/3 remote code on current transformers -> what to do instead.
+_REMOTE_CODE_FAILURES = {
+    "_extract_past_from_model_output": "its generation code predates transformers 4.42",
+    "padding_side": "its tokenizer predates transformers 4.45",
+    "get_max_length": "its KV-cache code predates transformers 4.47",
+    "is_torch_fx_proxy": "it imports helpers removed from transformers",
+    "all_tied_weights_keys": "it predates transformers 5",
+}
+_REMOTE_FIX = ("the model's trust_remote_code implementation does not run on this transformers; use a "
+               "checkpoint transformers loads natively, e.g. MODEL_NAME=THUDM/glm-4-9b-chat-hf or "
+               "THUDM/glm-edge-1.5b-chat (GLM family, no remote code)")
+
+
+def remote_code_error(name: str, err: Exception) -> UserError | None:
+    """One clear line for a known remote-code incompatibility, else None."""
+    text = f"{type(err).__name__}: {err}"
+    for marker, why in _REMOTE_CODE_FAILURES.items():
+        if marker in text:
+            return UserError(f"MODEL_NAME={name}: {why} ({text.splitlines()[0][:160]}); {_REMOTE_FIX}")
+    return None
+
+
+def _load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserError:
+    """One line for a failed load of ``name`` (named by ``setting`` in the message)."""
+    known = remote_code_error(name, err)
+    if known is not None:
+        return known
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if Path(name).is_dir():  # a damaged file there, named, with the fix for where the dir came from
+        known = load_failure(Path(name), f"{setting}={name}", err)
+        if known is not None:
+            return known
+    if Path(name).exists():
+        return UserError(f"{setting}={name}: this dir does not hold a loadable model ({first}); "
+                         "it needs config.json, weights and tokenizer files")
+    command, local = download_command(name)
+    return ModelUnavailable(f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
+                            f"({type(err).__name__}: {first}). Offline? Download it once where the hub is "
+                            f"reachable: `{command}`, then MODEL_NAME={local}; or use MODEL_NAME=tiny for an "
+                            "offline smoke run", name, command)
+
+
+def download_command(name: str) -> tuple[str, str]:
+    """(the shell command that downloads hub model ``name`` into models/, the MODEL_NAME to use then).
+
+    Into models/ rather than the HF cache: models/ is mounted in the container too, so the same
+    download serves both runtimes. ``hf`` is huggingface_hub's CLI, installed in .venv."""
+    local = f"models/{Path(name.rstrip('/')).name}"
+    return f".venv/bin/hf download {name} --local-dir {local}", local
+
+
+def resolve(cfg: Config) -> str:
+    """The path or hub name to load, building a tiny model on first use. A name that can only be
+    a local path (and is not there) fails at once, without asking the hub."""
+    name = cfg.model.model_name
+    problem = local_model_problem(name)
+    if problem:
+        raise UserError(problem)
+    return resolve_model(name)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
+    """``setting``: what the user set to name this dir (ADAPTER_DIR for a run's own tokenizer), for errors."""
+    from transformers import AutoTokenizer
+
+    go_offline_if_hub_unreachable(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - OSError, HTTP errors, ValueError: all mean "can't load"
+        raise _load_error(name_or_path, e, setting) from None
+    if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    _patch_legacy_pad(tok)
+    return tok
+
+
+def _patch_legacy_pad(tok: Any) -> None:
+    """ChatGLM-6B/2/3's remote tokenizers override ``_pad`` without the ``padding_side`` argument
+    that transformers >= 4.45 passes, so any padded call fails with "_pad() got an unexpected
+    keyword argument 'padding_side'". Their ``_pad`` honours ``self.padding_side``, so dropping
+    the argument (after applying it to that attribute) is exact."""
+    import inspect
+
+    params = inspect.signature(tok._pad).parameters
+    if "padding_side" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    legacy = tok._pad
+
+    def _pad(encoded_inputs: Any, *args: Any, padding_side: str | None = None, **kwargs: Any) -> Any:
+        if padding_side is None:
+            return legacy(encoded_inputs, *args, **kwargs)
+        saved, tok.padding_side = tok.padding_side, padding_side
+        try:
+            return legacy(encoded_inputs, *args, **kwargs)
+        finally:
+            tok.padding_side = saved
+
+    tok._pad = _pad
+    log.info("%s: its remote-code _pad predates padding_side; patched (known ChatGLM issue)", type(tok).__name__)
+
+
+def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none", bf16: bool = False,
+               setting: str = "MODEL_NAME") -> Any:
+    """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
+
+    ``bf16`` stores the weights in bf16 on CPU too: for frozen weights under bf16 autocast
+    (app/plan/precision.py ``bf16_frozen_weights``), where fp32 copies would only be cast again.
+    ``setting`` names the dir in errors (ADAPTER_DIR when it is a trained full model).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from app.models.quantization import bnb_config, read_without_mmap
+
+    go_offline_if_hub_unreachable(name_or_path)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if bf16 or (cuda and torch.cuda.is_bf16_supported()) else torch.float32
+    qcfg = bnb_config(quant, cuda)
+    extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if cuda and not is_deepspeed_zero3_enabled():  # ZeRO-3 places (partitions) the weights itself
+        extra["device_map"] = {"": torch.cuda.current_device()}
+    reader = read_without_mmap() if qcfg is not None and not cuda else contextlib.nullcontext()
+    try:
+        with reader:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code, **extra)
+    except ImportError as e:  # bitsandbytes missing or too old
+        raise UserError(f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
+                        "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None
+    except Exception as e:  # noqa: BLE001
+        raise _load_error(name_or_path, e, setting) from None
+    return model
+
+
+def load_adapter(model: Any, adapter: Path) -> Any:
+    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.models.artifacts.load_failure)."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
+        known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
+        if known is None:
+            raise
+        raise known from None
+
+
+def detect_lora_targets(model: Any) -> list[str]:
+    """Leaf names of every linear projection inside the transformer blocks.
+
+    Works across families: GLM/Llama/Qwen (q_proj, k_proj, ..., gate_up_proj) and ChatGLM
+    (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) without a per-family table.
+    """
+    import torch
+
+    names = set()
+    for full, module in model.named_modules():
+        leaf = full.rsplit(".", 1)[-1]
+        if leaf in _NEVER_TARGET:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(leaf)
+    if not names:
+        raise UserError("LORA_TARGETS: found no linear layers to adapt in this model; "
+                        "set LORA_TARGETS to its projection names (comma-separated)")
+    return sorted(names)
+
+
+def apply_lora(model: Any, cfg: Config) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.lora_targets or detect_lora_targets(model)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise UserError(f"LORA_TARGETS={','.join(targets)}: no module named {', '.join(missing)} in this model; "
+                        f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))})")
+    lcfg = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    peft_model = get_peft_model(model, lcfg)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%)", cfg.lora.lora_r, ",".join(targets),
+             f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total))
+    return peft_model
+
+
+def apply_ptuning(model: Any, cfg: Config) -> Any:
+    """P-Tuning v2: trained key/value prefixes in every layer (peft's prefix tuning)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config.get_text_config(), "hidden_size")
+    pcfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.lora.pre_seq_len,
+                              prefix_projection=cfg.lora.prefix_projection, encoder_hidden_size=hidden)
+    peft_model = get_peft_model(model, pcfg)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("P-Tuning v2, %d prefix tokens%s: %s trainable of %s parameters", cfg.lora.pre_seq_len,
+             " with projection" if cfg.lora.prefix_projection else "", f"{trainable:,}", f"{total:,}")
+    return peft_model
+

@@ -1,0 +1,79 @@
+"""Speed policy, decided before anything loads: packing and the compute precision.
+
+- PACKING: a micro-batch's samples are concatenated into rows with restarting ``position_ids``
+  (app.data.encode.PackingCollator); transformers then builds a block-diagonal causal mask, so the
+  samples do not see each other and the loss is the padded batch's loss without the padding.
+  It relies on the modeling code deriving the mask from position_ids, which the native GLM,
+  Qwen2/3, Llama and Gemma-3 code does (tests/test_speed.py checks each family against
+  unpacked losses and against a contaminated mask) when no 2D attention mask and no past key
+  values are given. P-Tuning's prefixes are past key values and remote code builds its own
+  masks: those train padded.
+- PRECISION=auto: bf16 autocast where the hardware has fast bf16 (a CUDA GPU with it; a CPU with
+  AVX512-BF16 or AMX), fp16 autocast on an older CUDA GPU, fp32 otherwise. On CPU, 4-bit and 8-bit
+  layers choose their own compute dtype, so quantized runs keep fp32 around them.
+
+The Trainer hooks these choices need are in app.training.kernels.
+"""
+from __future__ import annotations
+
+from app.config import Config
+from app.core.errors import UserError
+
+
+# model_type values whose transformers modeling code turns restarting position_ids into a
+# block-diagonal mask (masking_utils.find_packed_sequence_indices), each checked by a test.
+PACKING_FAMILIES = ("glm", "glm4", "qwen2", "qwen3", "llama", "gemma3_text")
+
+
+def packing_choice(cfg: Config, model_type: str | None) -> tuple[bool, str]:
+    """(pack?, why) for this run; PACKING=on where it cannot work is a UserError."""
+    setting = cfg.train.packing
+    if setting == "off":
+        return False, "PACKING=off"
+    blocker = None
+    if cfg.lora.method == "ptuning":
+        blocker = "P-Tuning's prefixes are past key values, which turn the packed-sequence mask off"
+    elif cfg.model.trust_remote_code:
+        blocker = "remote model code (TRUST_REMOTE_CODE) builds its own attention masks"
+    elif model_type not in PACKING_FAMILIES:
+        blocker = f"model type {model_type!r} is not one whose packed-sequence masking is tested " \
+                  f"({', '.join(PACKING_FAMILIES)})"
+    if blocker and setting == "on":
+        raise UserError(f"PACKING=on: {blocker}; use PACKING=auto (pads each micro-batch instead)")
+    if blocker:
+        return False, blocker
+    return True, "PACKING=on" if setting == "on" else "native model code, no prefixes"
+
+
+def resolve_precision(cfg: Config, cuda: bool) -> str:
+    """'fp32', 'bf16' or 'fp16': the Trainer's autocast dtype for this run."""
+    from app.models.quantization import bf16_supported
+
+    p, quant = cfg.train.precision, cfg.resources.quant_level
+    if p == "bf16" and not bf16_supported(cuda):
+        raise UserError("PRECISION=bf16: this " + ("GPU" if cuda else "CPU (no AVX512-BF16/AMX)") +
+                        " has no fast bf16; use PRECISION=auto")
+    if p == "fp16" and not cuda:
+        raise UserError("PRECISION=fp16 is for CUDA GPUs (fp16 matmuls on a CPU are emulated and slow); "
+                        "use PRECISION=auto")
+    if p != "auto":
+        return p
+    if cuda:
+        return "bf16" if bf16_supported(True) else "fp16"
+    if quant in ("8bit", "4bit"):  # the quantized layers already compute in bf16 where the CPU has it
+        return "fp32"
+    return "bf16" if bf16_supported(False) else "fp32"
+
+
+def bf16_frozen_weights(cfg: Config, precision: str, cuda: bool) -> bool:
+    """Store the frozen base weights in bf16 on a CPU training under bf16 autocast (LoRA, unquantized).
+
+    Autocast would cast every fp32 weight to bf16 in each forward, and keep the residual stream,
+    norms and LoRA dropout in fp32 between the bf16 matmuls: on the bench model that was ~30%
+    of a step in copies and fp32 elementwise work. The weights are frozen, so nothing is lost by
+    storing them in the dtype they are computed in (GPU LoRA recipes do the same); the LoRA
+    weights, their gradients and AdamW's state stay fp32 (peft upcasts adapters).
+    Full tuning keeps fp32 master weights; P-Tuning's fp32 prefixes would meet bf16 keys.
+    """
+    return (not cuda and precision == "bf16" and cfg.lora.method == "lora"
+            and cfg.resources.quant_level == "none")

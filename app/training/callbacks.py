@@ -1,0 +1,204 @@
+"""Trainer callbacks: progress bar, metrics JSONL, best adapter + early stopping, loss plot."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+from app.core.utils import staged_dir
+from app.training.dist import is_main
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+
+class Throughput:
+    """Tokens/s over the whole run, from the Trainer's own non-padding token count."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.eval_time = 0.0  # evaluation is not training throughput
+
+    def tokens_per_s(self, state: Any) -> float:
+        elapsed = time.perf_counter() - self.t0 - self.eval_time
+        return state.num_input_tokens_seen / elapsed if elapsed > 0 else 0.0
+
+
+class ProgressBar(TrainerCallback):
+    """One tqdm bar over optimizer steps with loss, tokens/s and ETA (rank 0 only)."""
+
+    def __init__(self, throughput: Throughput):
+        self.tp, self.bar, self.last_loss, self.eval_start = throughput, None, math.nan, 0.0
+        self.eval_bar: Any = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        if not state.is_world_process_zero:
+            return
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4f}"
+            self.bar.set_postfix(loss=loss, tok_s=f"{self.tp.tokens_per_s(state):.0f}", refresh=False)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.last_loss = logs["loss"]
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+        from tqdm.auto import tqdm
+
+        if not state.is_world_process_zero:
+            return
+        if not self.eval_start:
+            self.eval_start = time.perf_counter()
+            total = len(eval_dataloader) if eval_dataloader is not None else None
+            self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        if self.eval_start:
+            self.tp.eval_time += time.perf_counter() - self.eval_start
+            self.eval_start = 0.0
+            self.eval_bar.close()
+        if metrics and "eval_loss" in metrics and self.bar is not None and not self.bar.disable:
+            self.bar.write(f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar.disable = True
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append every log record (train and eval) as one JSON line, with tokens/s and time."""
+
+    def __init__(self, path: Path, throughput: Throughput, sampler: Any = None):
+        self.path, self.tp, self.sampler = path, throughput, sampler
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not state.is_world_process_zero:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
+               "tokens_seen": state.num_input_tokens_seen,
+               "tokens_per_s": round(self.tp.tokens_per_s(state), 1)}
+        if self.sampler is not None:  # memory now and at its peak so far (RSS / cgroup / CUDA)
+            row.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
+                        if v is not None and k != "samples"})
+        self.write(row)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not is_main():  # one log for the run, written by rank 0
+            return
+        row = {**row, "time_s": round(time.perf_counter() - self.tp.t0, 2)}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class BestAdapter(TrainerCallback):
+    """Keep the best adapter (lowest eval loss, or highest eval F1) in ``out_dir``; stop after
+    PATIENCE evaluations without improvement.
+
+    Every rank keeps the score (eval metrics are already gathered over ranks, so they agree on
+    when to stop); rank 0 writes. ``resumed``: the evaluations logged before a checkpoint this run
+    resumes from, so the best so far is not forgotten. ``state_dict``: a callable gathering the full
+    weights on every rank (DeepSpeed ZeRO-3 shards them), else None.
+    """
+
+    def __init__(self, out_dir: Path, patience: int = 0, metric: str = "eval_loss",
+                 resumed: list[dict[str, Any]] | None = None, state_dict: Any = None):
+        self.out_dir, self.patience, self.metric, self.state_dict = out_dir, patience, metric, state_dict
+        self.sign = 1 if metric == "eval_loss" else -1  # compare as "lower is better"
+        self.best, self.best_step, self.bad_evals = math.inf, None, 0
+        for row in resumed or []:
+            if row.get(metric) is not None:
+                self._score(self.sign * row[metric], row.get("step"))
+
+    def _score(self, loss: float, step: Any) -> bool:
+        if loss < self.best:
+            self.best, self.best_step, self.bad_evals = loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+        value = (metrics or {}).get(self.metric)
+        if value is None:
+            return
+        if self._score(self.sign * value, state.global_step):
+            weights = self.state_dict() if self.state_dict is not None else None  # collective under ZeRO-3
+            if state.is_world_process_zero:
+                with staged_dir(self.out_dir) as tmp:
+                    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        else:
+            if self.patience and self.bad_evals >= self.patience:
+                log.info("early stopping: %s has not improved on %.4f (step %s) for %d evaluations",
+                         self.metric, self.sign * self.best, self.best_step, self.bad_evals)
+                control.should_training_stop = True
+
+
+MARKERS_BELOW = 30  # train-loss points: a shorter run (the quick start logs 3) marks each point
+
+
+def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
+    """Loss curve (train + eval, eval F1 on a second axis) from metrics.jsonl, as a matplotlib
+    Figure not yet drawn or saved; None when there is nothing to plot. Build and save it inside
+    ``app.core.plots.text_context(title)``, as :func:`plot_losses` does, so a Chinese title renders."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    f1 = [(r["step"], r["eval_f1"]) for r in rows if "eval_f1" in r]
+    if not train and not evals:
+        return None
+    from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    if train:
+        # A lone point is an invisible line without a marker, and markers show how few points a
+        # short run has; a long run stays a plain line, where markers would only blur the curve.
+        ax.plot(*zip(*train), marker="o" if len(train) < MARKERS_BELOW else None, markersize=4,
+                label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")  # evaluations are few: always marked
+    # Steps are whole: no 1.25, 1.5 ticks; min_n_ticks=1, else one step (range 0.95-1.05) gets fractions.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    if f1:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*f1), "s-", color="tab:green", label="eval F1")
+        ax2.set_ylabel("triplet F1")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> bool:
+    """Write loss_figure(metrics_path) to ``out_png``; returns False when there is nothing to plot."""
+    from app.core.plots import text_context
+
+    # Titled with the run (OUTPUT_DIR's name, perhaps Chinese): a shared PNG says whose curve it is.
+    title = metrics_path.resolve().parent.name
+    with text_context(title):  # the title is its only text that can be Chinese
+        fig = loss_figure(metrics_path, title)
+        if fig is None:
+            return False
+        fig.savefig(out_png, dpi=100)
+    return True

@@ -1,0 +1,587 @@
+"""Training: one path for every method, driven by the HF Trainer.
+
+Why the HF Trainer and not a hand-written loop: it already does gradient accumulation with
+correct token-weighted loss, warmup + schedules, clipping, checkpoint/resume with optimizer
+and RNG state, and torch.distributed / DeepSpeed launch, all of which later issues rely on.
+What it lacks for this tool lives in app/training/callbacks.py.
+
+Notebook use::
+
+    from app import Config, FineTuner
+    ft = FineTuner(Config.from_dict({"MODEL_NAME": "tiny", "MAX_SAMPLES": 50}))
+    ft.setup(); ft.prepare_data(); result = ft.train()
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from app.config import Config
+from app.core.errors import UserError
+from app.core.utils import LAST_RUN_FILE, atomic_write_text, peak_rss_mb, set_threads, staged_dir, write_json
+from app.data.encode import Collator, EncodeStats, PackingCollator, encode_all
+from app.data.records import read_examples, sample_and_split
+from app.models.loading import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
+from app.plan.precision import bf16_frozen_weights, packing_choice, resolve_precision
+from app.training import dist, runlock
+from app.training.checkpoints import (CHECKPOINTS, PREFIX, STAGING, check_output_dir, clear_staging, finished_run,
+                                      latest_checkpoint, rotate, seal)
+from app.training.kernels import (PACKED_ATTENTION, fast_lora_dropout, lora_inputs_stay_bf16, packing_trainer,
+                                  use_packed_attention)
+from app.training.resume import SETTINGS_FILE, data_fingerprints, decide, snapshot
+
+log = logging.getLogger(__name__)
+
+# Settings the tier, the memory fit or the guard may change: summary.json records their final values.
+PLANNED = ("QUANT_LEVEL", "MAX_SAMPLES", "MAX_SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING", "LORA_R")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+    seconds: float
+    peak_rss_mb: float
+
+
+class FineTuner:
+    """setup() -> prepare_data() -> train(). Nothing is written to disk before train().
+
+    setup: resources, tier, tokenizer and the model's shape (no weights yet);
+    prepare_data: read, sample, tokenise, then fit sequence length / batch to memory;
+    load_model: weights (quantized as planned) + LoRA; train() calls it if you did not.
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.validate()
+        self.model_path = ""
+        self.tokenizer: Any = None
+        self.model: Any = None
+        self.resources: Any = None
+        self.plan: Any = None
+        self.shape: Any = None
+        self.train_rows: list[dict] = []
+        self.val_rows: list[dict] = []
+        self.val_examples: list[Any] = []
+        self.data_report: dict[str, Any] = {}
+        self.records: dict[str, Any] = {}  # how many of the data's records the run uses, and why
+        self.guard: Any = None
+        self.stop: Any = None  # app.training.signals.StopRequest while train() runs
+        self.resume_from: Path | None = None  # RESUME's checkpoint, checked against these settings (setup)
+        self._discard = False  # OVERWRITE=1 over an unfinished run of other settings: its checkpoints go
+        self._data_fp: dict[str, Any] = {}  # the data's fingerprints at the start, recorded in each checkpoint
+        self._ds_args: Any = None  # TrainingArguments made before loading, for DeepSpeed ZeRO-3
+
+    # ---- steps -----------------------------------------------------------------------
+    def setup(self) -> "FineTuner":
+        from app.plan.estimator import model_shape
+        from app.plan.resources import detect_resources
+        from app.plan.tiers import apply_tier
+
+        self.resources = detect_resources(self.cfg.resources.memory_limit_mb)
+        procs = dist.local_world_size()
+        if procs > 1 and not self.resources.gpus:  # ranks on one machine share its RAM (each has its own GPU)
+            import dataclasses
+
+            self.resources = dataclasses.replace(self.resources,
+                                                 ram_available_mb=self.resources.ram_available_mb / procs)
+        self.plan = apply_tier(self.cfg, self.resources, self._resume_plan())
+        if self.plan.device == "cuda" and dist.distributed():
+            import torch
+
+            torch.cuda.set_device(dist.local_rank())  # one GPU per local rank; load_model places weights there
+        dist.check_ds_config(self.cfg, cuda=self.plan.device == "cuda")
+        threads = set_threads(self.cfg.model.num_threads or max(1, self.resources.cpus // procs))
+        self.model_path = resolve(self.cfg)
+        r = self.resources
+        log.info("RAM %.1f GB (%s), %.1f GB available, %d CPUs%s; tier %s; loading %s (%d threads)",
+                 r.ram_total_mb / 1024, r.limit_source, r.ram_available_mb / 1024, r.cpus,
+                 "".join(f", GPU {g.name} {g.total_mb / 1024:.0f} GB" for g in r.gpus), self.plan.tier,
+                 self.model_path, threads)
+        self.tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
+        self.shape = model_shape(self.model_path, self.cfg.lora.lora_targets or None, self.cfg.model.trust_remote_code)
+        return self
+
+    def _resume_plan(self) -> Any:
+        """The checkpoint this run continues (RESUME), checked against these settings (app/training/resume.py);
+        the settings the tier chose for it are kept. Returns the Plan the tier builds on."""
+        from app.plan.tiers import Plan
+
+        plan, (rc, discard) = Plan(), decide(self.cfg)
+        self.resume_from, self._discard = None, discard
+        if rc is None:
+            return plan
+        if discard:
+            log.warning("OVERWRITE=1: the unfinished run in %s (%s, step %d) cannot continue as asked (%s); "
+                        "training anew, and its checkpoints are removed when training starts",
+                        self.cfg.train.output_dir, rc.checkpoint.name, rc.step, "; ".join(rc.differences))
+            return plan
+        rc.log()
+        for var, value in rc.kept.items():  # planned once, when the run started: not again
+            self.cfg.assign(var, value)
+            self.cfg.explicit.add(var)
+            plan.held[var] = f"kept from {rc.checkpoint.name} (resumed)"
+        self.resume_from = rc.checkpoint
+        return plan
+
+    def prepare_data(self) -> "FineTuner":
+        """Read, sample, split and tokenise; fit MAX_SEQ_LEN/batch to memory. Writes nothing."""
+        if self.tokenizer is None:
+            raise RuntimeError("call setup() before prepare_data()")
+        from app.plan.tiers import fit_memory
+
+        d, seed = self.cfg.data, self.cfg.train.seed
+        examples, report = read_examples(d.data_path, d.data_format, d.max_bad_ratio, "DATA_PATH")
+        train_ex, val_ex = sample_and_split(examples, d.max_samples, d.val_size, seed, bool(d.val_path))
+        self.records = self._records_used(len(examples), len(train_ex), len(val_ex))
+        reports = [report]
+        if d.val_path:
+            val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
+            reports.append(vreport)
+        lengths = None
+        if "MAX_SEQ_LEN" not in self.cfg.explicit and self.plan.tier != "none":  # measure whole samples before the cut
+            _, full = encode_all(train_ex, self.tokenizer, self.shape.max_positions)
+            lengths = full.lengths
+        fit_memory(self.cfg, self.resources, self.shape, lengths, self.plan)
+        self._tune_allocator()
+        for w in self.plan.warnings:
+            log.warning("%s", w)
+        self.val_examples = [e for e in val_ex if e.messages]
+        self.train_rows, tstats = encode_all(train_ex, self.tokenizer, d.max_seq_len)
+        self.val_rows, vstats = encode_all(val_ex, self.tokenizer, d.max_seq_len)
+        if not self.train_rows:
+            raise UserError(f"DATA_PATH={d.data_path}: no sample keeps any answer token within "
+                            f"MAX_SEQ_LEN={d.max_seq_len}; raise MAX_SEQ_LEN")
+        for r in reports:
+            log.info("%s", r.summary())
+        log.info("train: %s", tstats.summary(d.max_seq_len))
+        if val_ex:
+            log.info("validation: %s", vstats.summary(d.max_seq_len))
+        log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in self.plan.decisions.items()))
+        self.data_report = {"sources": [r.summary() for r in reports], "records": self.records,
+                            "train": _stats(tstats), "validation": _stats(vstats)}
+        return self
+
+    def _records_used(self, valid: int, n_train: int, n_val: int) -> dict[str, Any]:
+        """How many of the file's valid records this run uses. When the tier (not the user) set a
+        MAX_SAMPLES that leaves records out, that is a WARNING, now and in summary.json: the user
+        asked to train on a file, and gets part of it."""
+        d = self.cfg.data
+        used = min(valid, d.max_samples) if d.max_samples is not None else valid
+        why = "set by you" if "MAX_SAMPLES" in self.cfg.explicit else \
+            self.plan.decisions.get("MAX_SAMPLES", (None, "default"))[1]
+        records = {"valid": valid, "used": used, "train": n_train, "validation": n_val, "left_out": valid - used,
+                   "max_samples": d.max_samples, "why": why}
+        if used < valid:
+            held = "" if d.val_path else f", {n_val} of them held out for validation"
+            note = (f"DATA_PATH={d.data_path}: using {used:,} of its {valid:,} valid records (MAX_SAMPLES={used}: "
+                    f"{why}){held}; {valid - used:,} records are left out")
+            if "MAX_SAMPLES" in self.cfg.explicit:
+                log.info("%s", note)
+            else:
+                self.plan.warnings.append(f"{note}. Set MAX_SAMPLES=all to train on every record")
+        return records
+
+    def _tune_allocator(self) -> None:
+        """RELEASE_MEMORY, decided from the predicted peak (app/memory_monitor.release_memory)."""
+        from app.plan.resources import release_memory
+        from app.plan.tiers import predict_peak
+
+        cuda = self.plan.device == "cuda"
+        release_memory(self.cfg.resources.release_memory, cuda, predict_peak(self.cfg, self.shape, cuda).total_mb,
+                       self.plan.budget_mb)
+
+    def load_model(self) -> "FineTuner":
+        """Weights (quantized as planned) + LoRA, seeded so LoRA's init is reproducible."""
+        from transformers import set_seed
+
+        from app.models.quantization import describe, prepare_for_training, stored_bytes
+
+        r = self.cfg.resources
+        quant, ckpt = r.quant_level, r.gradient_checkpointing == "on"
+        if self.cfg.distributed.ds_config:  # ZeRO-3 partitions the weights as they load: its config comes first
+            self._ds_args = self._training_args(Path(self.cfg.train.output_dir) / CHECKPOINTS)
+        set_seed(self.cfg.train.seed)
+        half = bf16_frozen_weights(self.cfg, self._precision(self.plan.device == "cuda"), self.plan.device == "cuda")
+        model = load_model(self.model_path, self.cfg.model.trust_remote_code, quant, bf16=half)
+        log.info("weights: %s, %.0f MB stored", describe(quant, self.plan.device == "cuda"), stored_bytes(model) / 2**20)
+        model.config.use_cache = False  # the KV cache only costs memory during training
+        if packing_choice(self.cfg, getattr(model.config, "model_type", None))[0]:
+            use_packed_attention(model)  # per-sample causal attention in packed rows (app/training/kernels.py)
+        model = prepare_for_training(model, quant, ckpt)
+        if ckpt and quant == "none":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if self.cfg.lora.method == "full":
+            model.requires_grad_(True)
+            log.info("full fine-tuning: %s trainable parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+            self.model = model
+        elif self.cfg.lora.method == "ptuning":
+            self.model = apply_ptuning(model, self.cfg)
+        else:
+            self.model = apply_lora(model, self.cfg)
+            fast_lora_dropout(self.model)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
+            if half:
+                lora_inputs_stay_bf16(self.model)
+        return self
+
+    def train(self, callbacks: list[Any] | None = None) -> TrainResult:
+        """Run the Trainer; write adapter, tokenizer, config, metrics and plot to OUTPUT_DIR.
+
+        ``callbacks``: extra transformers TrainerCallbacks (a notebook's own logging, say).
+        RESUME=auto continues from the newest complete checkpoint in OUTPUT_DIR/checkpoints left by
+        a killed run; RESUME=<path> from that one (setup() checked it matches these settings).
+        OUTPUT_DIR is locked meanwhile (app/training/runlock.py): a second run into it is refused.
+        """
+        if not self.train_rows:
+            raise RuntimeError("call setup() and prepare_data() before train()")
+        out = Path(self.cfg.train.output_dir)
+        lock = runlock.hold(out, "train", doing="training there too", alternative=True)
+        with lock if dist.owns_run_lock(self.cfg) else nullcontext():
+            return self._train(out, callbacks)
+
+    def _train(self, out: Path, callbacks: list[Any] | None) -> TrainResult:
+        check_output_dir(self.cfg)  # writable, and no finished run replaced unasked: before loading weights
+        self._data_fp = data_fingerprints(self.cfg)
+        if self.model is None:
+            self.load_model()
+        from app.plan.resources import MemorySampler
+        from app.training.guard import MemoryGuard
+        from app.training.signals import Interrupted, stop_callback, stop_on_signal
+
+        ckpt_dir = out / CHECKPOINTS
+        main = dist.is_main()  # only rank 0 writes outputs (a plain single process is rank 0)
+        previous = finished_run(out) if out.is_dir() else None
+        if main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise self._write_error(e, out, "creating OUTPUT_DIR", previous) from None
+            clear_staging(ckpt_dir)  # debris of a checkpoint that was being written when a run died
+            if self._discard and ckpt_dir.is_dir():  # OVERWRITE=1 asked for a new run in its place
+                shutil.rmtree(ckpt_dir)
+                log.info("removed the unfinished run's checkpoints in %s (OVERWRITE=1)", ckpt_dir)
+        resume = self.resume_from
+        if main and (resume is None or ckpt_dir.resolve() != resume.resolve().parent):
+            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
+        limit = self.resources.gpus[0].total_mb if self.plan.device == "cuda" else self.resources.ram_total_mb
+        guard = self.guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
+        guard.preflight(self.cfg, self._predicted_mb)
+        t0 = time.perf_counter()
+        # SIGTERM/SIGINT while training: checkpoint at the end of the step, then stop (app/training/signals.py)
+        try:
+            with MemorySampler(on_sample=guard.on_sample) as sampler, stop_on_signal() as self.stop:
+                trainer, out_state = self._train_with_backoff(out, ckpt_dir, guard, sampler, resume,
+                                                              [*(callbacks or []), stop_callback(self.stop)])
+        except OSError as e:
+            if main:
+                clear_staging(ckpt_dir)  # a half-written checkpoint frees its space; it is never resumed anyway
+            raise self._write_error(e, out, "writing a checkpoint or the training logs", previous) from None
+        if self.stop.requested and trainer.state.global_step < trainer.state.max_steps:
+            raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {trainer.state.global_step} "
+                                                f"of {trainer.state.max_steps}: checkpoint in "
+                                                f"{latest_checkpoint(ckpt_dir)}; run the same command to resume")
+        seconds = time.perf_counter() - t0
+        eval_loss = self._final_eval_loss(trainer)
+        # accelerate wrapped forward() in the autocast of PRECISION; the trained model is handed back plain
+        self.model = trainer.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        dist.check_ranks_agree(self.model, trainer.state.global_step, self._zero3())
+        weights = self._full_state_dict(trainer)  # collective under ZeRO-3 (every rank), else None
+        peaks = sampler.peaks()
+        train_loss = out_state.training_loss if resume is None else _mean_logged_loss(out / "metrics.jsonl")
+        result = TrainResult(out, trainer.state.global_step, round(train_loss, 6),
+                             None if eval_loss is None else round(eval_loss, 6),
+                             round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1), round(seconds, 2),
+                             round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1))
+        if main:
+            try:
+                self._publish(out, ckpt_dir, result, peaks, weights)
+            except OSError as e:
+                raise self._write_error(e, out, "saving the final adapter", previous) from None
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the adapter supersedes them
+            log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
+                     result.steps, seconds, result.train_loss,
+                     "" if eval_loss is None else f", eval loss {eval_loss:.4f}", result.tokens_per_s,
+                     result.peak_rss_mb, out)
+            if self.records.get("left_out") and "MAX_SAMPLES" not in self.cfg.explicit:  # said at the start too
+                log.warning("trained on %d of the %d valid records (MAX_SAMPLES=%s: %s); MAX_SAMPLES=all uses "
+                            "every record", self.records["used"], self.records["valid"], self.records["max_samples"],
+                            self.records["why"])
+        dist.barrier()  # the other ranks return once rank 0's outputs are complete
+        return result
+
+    def _publish(self, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any) -> None:
+        """Rank 0: the finished run's files appear together, each whole (staged, then renamed);
+        summary.json, which marks a finished run, comes last. Until then an earlier run's stay."""
+        from app.training.callbacks import plot_losses
+
+        with staged_dir(out) as tmp:
+            self.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+            self.tokenizer.save_pretrained(tmp)
+            write_json(tmp / "data_report.json", self.data_report)
+            self.cfg.save(tmp / "train_config.json")  # as it ran, after any back-off
+            if (out / "metrics.jsonl").is_file():
+                plot_losses(out / "metrics.jsonl", tmp / "loss_curve.png")
+            if (ckpt_dir / "best").is_dir():
+                os.replace(ckpt_dir / "best", tmp / "best")
+        write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v
+                                             for k, v in result.__dict__.items()},
+                                          "memory": peaks, "plan": {v: self.cfg.get(v) for v in PLANNED},
+                                          "records": self.records, "warnings": list(self.plan.warnings),
+                                          "world_size": dist.world_size(),
+                                          "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
+        atomic_write_text(LAST_RUN_FILE, _portable_path(out) + "\n")
+
+    def _write_error(self, e: OSError, out: Path, doing: str, previous: str | None) -> BaseException:
+        """A full disk or a read-only/forbidden OUTPUT_DIR while writing: one line, what is kept, what to do."""
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            return e
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        what = "no space left on the device" if full else f"cannot write ({os.strerror(e.errno).lower()})"
+        kept = (f"the previous run's files there ({previous}) are untouched" if previous
+                else "nothing half-written was left")
+        ckpt = latest_checkpoint(out / CHECKPOINTS)
+        again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
+        fix = "free some space or set OUTPUT_DIR on a bigger disk" if full else "fix the permissions or choose another OUTPUT_DIR"
+        return UserError(f"OUTPUT_DIR={out}: {what} while {doing}; {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
+
+    def run(self) -> TrainResult:
+        return self.setup().prepare_data().train()
+
+    # ---- internals ------------------------------------------------------------------------
+    def _predicted_mb(self) -> float:
+        from app.plan.tiers import predict_peak
+
+        return predict_peak(self.cfg, self.shape, self.plan.device == "cuda").total_mb
+
+    def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, resume: Path | None,
+                            extra: list[Any]) -> tuple[Any, Any]:
+        """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""
+        import torch
+
+        t = self.cfg.train
+        while True:
+            resumed: list[dict[str, Any]] = []
+            if resume:
+                log.info("resuming from %s (optimizer, scheduler, RNG and data position; delete %s to start "
+                         "over)", resume, ckpt_dir)
+                resumed = self._truncate_metrics(out / "metrics.jsonl", _step(resume))
+            trainer = self._trainer(out, ckpt_dir, guard, sampler, extra, resumed)
+            try:
+                out_state = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                if (self.stop.requested or not guard.tripped.is_set()
+                        or trainer.state.global_step >= trainer.state.max_steps):
+                    return trainer, out_state
+            except torch.OutOfMemoryError:  # CUDA raises instead of being killed: same remedy
+                guard.trip_usage_mb = guard.limit_mb
+            resume = latest_checkpoint(ckpt_dir)
+            where = resume or "(none yet)"
+            if guard.mode == "backoff" and t.batch_size > 1:
+                t.batch_size //= 2
+                t.grad_accum *= 2
+                log.warning("memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); "
+                            "resuming from %s", t.batch_size, t.grad_accum, where)
+                self.plan.decisions["BATCH_SIZE"] = (t.batch_size, "memory guard backed off")
+                self.plan.decisions["GRAD_ACCUM"] = (t.grad_accum, "memory guard backed off")
+                guard.reset()
+                continue
+            raise UserError(f"memory: usage reached {guard.trip_usage_mb:,.0f} MB of the {guard.limit_mb:,.0f} MB "
+                            f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
+                            "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume")
+
+    def _truncate_metrics(self, path: Path, step: int) -> list[dict[str, Any]]:
+        """Drop the rows a killed run logged after the checkpoint resumed from (they are logged again),
+        so metrics.jsonl and the loss curve read as one uninterrupted run. Returns the kept rows."""
+        if not path.is_file():
+            return []
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if dist.is_main() and len(kept) < len(rows):
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def _zero3(self) -> bool:
+        path = self.cfg.distributed.ds_config
+        if not path:
+            return False
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") == 3
+
+    def _full_state_dict(self, trainer: Any) -> Any:
+        """Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks call this)."""
+        if not self._zero3():
+            return None
+        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+
+    def _trainer(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, extra: list[Any],
+                 resumed: list[dict[str, Any]] | None = None) -> Any:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+        from transformers.trainer_callback import ProgressCallback
+
+        from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
+
+        tp = Throughput()
+        metrics = MetricsJsonl(out / "metrics.jsonl", tp, sampler)
+        f1: list[Any] = []
+        if self.cfg.evaluation.eval_metric == "f1" and not self.val_examples:
+            log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")
+        if self.cfg.evaluation.eval_metric == "f1" and self.val_examples:
+            from app.evaluation.evaluate import F1Evaluator
+
+            n = self.cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
+            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.predict.predict_batch_size, metrics.write)]
+        holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
+        gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
+        board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
+        settings = lambda: snapshot(self.cfg, dist.world_size(), self._data_fp)  # noqa: E731
+        trainer = packing_trainer(_atomic_trainer_class(settings))(
+            model=self.model, args=self._ds_args or self._training_args(ckpt_dir), train_dataset=self.train_rows,
+            eval_dataset=self.val_rows or None, data_collator=self._collator(),
+            callbacks=[ProgressBar(tp), metrics, *f1,
+                       BestAdapter(ckpt_dir / "best", self.cfg.train.early_stopping_patience,
+                                   "eval_f1" if f1 else "eval_loss", resumed, gather), guard,
+                       *board, *extra, dist.rank_sync(guard, self.stop)],
+        )
+        holder.append(trainer)
+        self._ds_args = None  # used once: a back-off builds fresh arguments
+        trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
+        return trainer
+
+    def _final_eval_loss(self, trainer: Any) -> float | None:
+        """Eval loss at the last step: reuse the Trainer's if it just evaluated, else evaluate."""
+        if not self.val_rows:
+            return None
+        for row in reversed(trainer.state.log_history):
+            if "eval_loss" in row:
+                if row.get("step") == trainer.state.global_step:
+                    return row["eval_loss"]
+                break
+        return trainer.evaluate()["eval_loss"]
+
+    def _collator(self) -> Any:
+        """Packed rows where the model and method allow it (PACKING, app/plan/precision.py), else padded rows."""
+        pack, why = packing_choice(self.cfg, getattr(getattr(self.model, "config", None), "model_type", None))
+        log.info("packing %s (%s); precision %s", "on" if pack else "off", why,
+                 self._precision(self.plan.device == "cuda"))
+        if pack:
+            # per-sample attention (packed_sdpa) costs the same in one long row: no padded row tails
+            per_sample = getattr(self.model.config, "_attn_implementation", None) == PACKED_ATTENTION
+            return PackingCollator(self.tokenizer.pad_token_id, 0 if per_sample else self.cfg.data.max_seq_len)
+        return Collator(self.tokenizer.pad_token_id)
+
+    def _precision(self, cuda: bool) -> str:
+        return resolve_precision(self.cfg, cuda)
+
+    def _training_args(self, ckpt_dir: Path) -> Any:
+        import torch
+        from transformers import TrainingArguments
+
+        t, cuda = self.cfg.train, torch.cuda.is_available()
+        has_val, precision = bool(self.val_rows), self._precision(cuda)
+        return TrainingArguments(
+            output_dir=str(ckpt_dir), num_train_epochs=t.num_epochs, max_steps=t.max_steps or -1,
+            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm or None, optim=t.optim, seed=t.seed, data_seed=t.seed,
+            logging_steps=t.logging_steps, logging_first_step=True,
+            eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
+            save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+            include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
+            bf16=precision == "bf16", fp16=precision == "fp16", remove_unused_columns=False,
+            # batches are collated in the training process: a worker would take a core from the matmuls
+            dataloader_num_workers=0, dataloader_pin_memory=cuda, torch_compile=t.torch_compile,
+            disable_tqdm=False, log_level="error",
+            ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
+            deepspeed=self.cfg.distributed.ds_config or None,
+        )
+
+
+def _portable_path(path: Path) -> str:
+    """Relative to the working dir when inside it: the same models/ is /app/models in the
+    container and ./models on the host, so train in one runtime and predict in the other."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _mean_logged_loss(path: Path) -> float:
+    """The mean training loss over all steps from metrics.jsonl, each logged loss weighted by the
+    steps it covers: the Trainer's own figure after a resume counts only the resumed part."""
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    total, last = 0.0, 0
+    for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"]):
+        total, last = total + r["loss"] * (r["step"] - last), r["step"]
+    return total / last if last else 0.0
+
+
+def _step(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError):
+        return int(checkpoint.name[len(PREFIX):])
+
+
+def _atomic_trainer_class(settings: Callable[[], dict[str, Any]]) -> type:
+    """The HF Trainer, with checkpoints written whole or not at all (app/training/checkpoints.py): every
+    rank writes into checkpoints/.incomplete/checkpoint-N, then rank 0 adds ``settings()`` (what
+    the run trains with, app/training/resume.py), seals and renames it."""
+    from transformers import Trainer
+
+    class AtomicCheckpointTrainer(Trainer):
+        _staging = False
+
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # A resumed state carries the checkpoint's logging/eval/save intervals, and the Trainer
+            # would keep them: the SAVE_STEPS, EVAL_STEPS, LOGGING_STEPS asked for now apply instead.
+            self.state.compute_steps(self.args, self.state.max_steps)
+            if 0 < self.state.max_steps < self.state.global_step:  # app/training/resume.py refuses this before loading
+                raise UserError(f"resumed at step {self.state.global_step}, but NUM_EPOCHS/MAX_STEPS now give "
+                                f"{self.state.max_steps} steps: nothing is left to train. Raise them to continue "
+                                "the run, or set OVERWRITE=1 (or another OUTPUT_DIR) to train anew")
+            # Resumed from a checkpoint at the last step (the final save failed, or a stop came at
+            # the very end): nothing is left to train. The Trainer would still run one more step.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
+
+        def _get_output_dir(self, trial: Any) -> str:
+            run_dir = super()._get_output_dir(trial)
+            return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            run_dir = Path(super()._get_output_dir(trial))
+            name = f"{PREFIX}{self.state.global_step}"
+            self._staging = True
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = False
+            dist.barrier()  # every rank's files (its RNG state at least) are in the staging dir
+            if self.args.should_save:
+                write_json(run_dir / STAGING / name / SETTINGS_FILE, settings())
+                seal(run_dir / STAGING / name, run_dir / name, self.state.global_step)
+                rotate(run_dir, self.args.save_total_limit or 0)
+            dist.barrier()
+
+    return AtomicCheckpointTrainer
+
+
+def _stats(s: EncodeStats) -> dict[str, Any]:
+    lengths = sorted(s.lengths)
+    return {"samples": s.samples, "tokens": s.tokens, "prompt_truncated": s.prompt_truncated,
+            "answer_truncated": s.answer_truncated,
+            "median_len": lengths[len(lengths) // 2] if lengths else 0, "max_len": lengths[-1] if lengths else 0}
