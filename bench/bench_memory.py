@@ -24,6 +24,7 @@ from app.core.utils import atomic_write_text, setup_logging
 from app.data.synthetic import generate_samples
 from app.models.tiny import build_tiny_model, resolve_model
 from app.plan.estimator import estimate, model_shape
+from app.training.callbacks import read_metrics
 
 log = logging.getLogger("bench")
 REPORTS = Path("bench")
@@ -60,7 +61,7 @@ def run_point(model: str, quant: str, batch: int, seq: int, steps: int, gc: str,
     if proc.returncode != 0:
         raise RuntimeError(f"{out.name} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     return {"measured_mb": summary["peak_rss_mb"], "anon_mb": round(summary["memory"]["peak_anon_mb"] or 0, 1),
             "tokens_per_s": summary["tokens_per_s"], "final_loss": losses[-1]}
 

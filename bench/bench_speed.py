@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.training.callbacks import read_metrics
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def project_train(a: argparse.Namespace, data: Path, extra: list[str] | None = N
     proc, wall, load = run(cmd, f"{tag}: python -m app train", app_env())
     summary = json.loads((out / "summary.json").read_text())
     report = json.loads((out / "data_report.json").read_text())
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     line = next((x for x in proc.stderr.splitlines() if "packing" in x and "precision" in x), "")
     return {"seconds": summary["seconds"], "useful_tokens": report["train"]["tokens"], "steps": summary["steps"],

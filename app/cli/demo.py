@@ -145,8 +145,10 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     prep_s, train_s = t1 - t0, time.perf_counter() - t1
     final = run_evaluate(Config.from_dict({**cfg.to_dict(), "ADAPTER_DIR": str(result.output_dir),
                                            "EVAL_PATH": str(heldout), "EVAL_SAMPLES": 0}))
-    curve = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["time_s"], r["step"], r["eval_f1"]) for r in curve if "eval_f1" in r]
+    from app.training.callbacks import read_metrics
+
+    curve = [(r["time_s"], r["step"], r["eval_f1"]) for r in read_metrics(result.output_dir / "metrics.jsonl")
+             if "eval_f1" in r]
     lines = [f"# Demo: tiny GLM from scratch on synthetic triplets ({os.cpu_count()} CPUs)", "",
              f"Model {DEMO_DIMS}, METHOD=full, {cfg.train.batch_size} samples per step (packed, PRECISION="
              f"{cfg.train.precision}), LR {cfg.train.learning_rate:g}, budget {minutes:g} min of training including "

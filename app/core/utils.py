@@ -28,7 +28,10 @@ def setup_logging(level: str | int = "INFO") -> None:
     Under torchrun (NPROC/NNODES) each line names its rank, and ranks other than 0 log only
     warnings, errors and their own per-rank lines (app.training.dist): rank 0 speaks for the run.
     """
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes, not user news
+    # Only known library chatter, by its message: a blanket FutureWarning filter would also hide the
+    # deprecation that announces a change in the Trainer methods app.training.trainer overrides.
+    # peft still calls transformers 5's renamed `is_gradient_checkpointing` once per training run.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     tag = f"[rank {rank}] " if world > 1 else ""
     logging.basicConfig(level=level if rank == 0 else logging.WARNING,

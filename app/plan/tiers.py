@@ -63,6 +63,13 @@ class Plan:
             self.decisions[var] = (value, why)
 
 
+def halve_batch(batch: int, accum: int) -> tuple[int, int]:
+    """Half the micro-batch (BATCH_SIZE), and the GRAD_ACCUM that keeps the effective batch: the one
+    back-off the tier fit, the guard's pre-flight and its runtime back-off all use."""
+    half = max(1, batch // 2)
+    return half, max(1, batch * accum // half)
+
+
 def memory_gb(res: Resources) -> tuple[str, float]:
     if res.gpus:
         return "cuda", res.gpus[0].total_mb / 1024
@@ -138,10 +145,10 @@ def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int
         r.gradient_checkpointing = "off"
     while predicted().total_mb > plan.budget_mb and plan.tier != "none":
         if t.batch_size > 1 and "BATCH_SIZE" not in cfg.explicit:
-            eff = t.batch_size * t.grad_accum
-            plan.decide(cfg, "BATCH_SIZE", t.batch_size // 2, "halved to fit memory")
+            batch, accum = halve_batch(t.batch_size, t.grad_accum)
+            plan.decide(cfg, "BATCH_SIZE", batch, "halved to fit memory")
             if "GRAD_ACCUM" not in cfg.explicit:
-                plan.decide(cfg, "GRAD_ACCUM", max(1, eff // t.batch_size), "keeps the effective batch")
+                plan.decide(cfg, "GRAD_ACCUM", accum, "keeps the effective batch")
         elif r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
             plan.decide(cfg, "GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
         elif r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method in ("lora", "ptuning"):

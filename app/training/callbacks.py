@@ -148,6 +148,22 @@ class BestAdapter(TrainerCallback):
                 control.should_training_stop = True
 
 
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl (MetricsJsonl writes them), in order; [] when there is no
+    file. A line a kill cut short is left out: it is logged again when the run resumes."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # blank, or cut short
+    return rows
+
+
 MARKERS_BELOW = 30  # train-loss points: a shorter run (the quick start logs 3) marks each point
 
 
@@ -155,7 +171,7 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
     """Loss curve (train + eval, eval F1 on a second axis) from metrics.jsonl, as a matplotlib
     Figure not yet drawn or saved; None when there is nothing to plot. Build and save it inside
     ``app.core.plots.text_context(title)``, as :func:`plot_losses` does, so a Chinese title renders."""
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     f1 = [(r["step"], r["eval_f1"]) for r in rows if "eval_f1" in r]

@@ -166,15 +166,14 @@ def _worker_failure(cfg: Config, err: Any) -> BaseException:
                      + "; the last complete checkpoint, if any, resumes with the same command")
 
 
-def check_ds_config(cfg: Config, cuda: bool | None) -> None:
-    """DS_CONFIG: a readable JSON object; on a machine without CUDA or deepspeed, one line saying so."""
-    import importlib.util
+def zero_stage(cfg: Config) -> int | None:
+    """DS_CONFIG's ZeRO stage (0-3), None without DS_CONFIG; a file that holds none is a UserError."""
     import json
     from pathlib import Path
 
     path = cfg.distributed.ds_config
     if not path:
-        return
+        return None
     try:
         conf = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -184,6 +183,17 @@ def check_ds_config(cfg: Config, cuda: bool | None) -> None:
     stage = conf.get("zero_optimization", {}).get("stage") if isinstance(conf, dict) else None
     if stage not in (0, 1, 2, 3):
         raise UserError(f"DS_CONFIG={path}: no zero_optimization.stage (0-3); start from configs/ds_zero2.json")
+    return stage
+
+
+def check_ds_config(cfg: Config, cuda: bool | None) -> None:
+    """DS_CONFIG: a readable JSON object; on a machine without CUDA or deepspeed, one line saying so."""
+    import importlib.util
+
+    path = cfg.distributed.ds_config
+    if not path:
+        return
+    zero_stage(cfg)
     if cuda is None:
         import torch
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from app.plan.tiers import halve_batch
+
 log = logging.getLogger(__name__)
 
 WARN = 0.80  # checkpoint early: the step that crosses HIGH may already be too late to save
@@ -64,8 +66,7 @@ class MemoryGuard(TrainerCallback):
         if self.mode != "backoff" or not self.limit_mb:
             return
         while t.batch_size > 1 and predict() > HIGH * self.limit_mb:
-            t.batch_size //= 2
-            t.grad_accum *= 2
+            t.batch_size, t.grad_accum = halve_batch(t.batch_size, t.grad_accum)
             log.warning("memory guard: predicted peak exceeds %.0f%% of the %.0f MB limit; BATCH_SIZE -> %d, "
                         "GRAD_ACCUM -> %d (same effective batch)", HIGH * 100, self.limit_mb, t.batch_size,
                         t.grad_accum)

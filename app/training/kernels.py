@@ -1,6 +1,6 @@
 """Training kernels behind the speed choices (app.plan.precision decides them): per-sample
-attention in packed rows, the packing-aware Trainer, a cheaper LoRA dropout, and bf16 LoRA inputs
-under autocast."""
+attention in packed rows, a cheaper LoRA dropout, and bf16 LoRA inputs under autocast (the
+packing-aware Trainer methods are in app.training.trainer)."""
 from __future__ import annotations
 
 import functools
@@ -76,35 +76,6 @@ def packed_sdpa_forward(module: Any, query: Any, key: Any, value: Any, attention
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
-
-
-def packing_trainer(base: type) -> type:
-    """``base`` (a transformers Trainer class) taught PackingCollator's extra key.
-
-    ``num_tokens`` carries the real token count of a packed batch (it has no attention_mask to
-    count from, and its padded tails are pad tokens); it is taken out before the model sees the
-    batch. ``use_cache=False`` keeps transformers on the packed-sequence mask in evaluation too.
-    """
-
-    class PackingTrainer(base):  # type: ignore[misc, valid-type]
-        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-            n = inputs.pop("num_tokens", None)
-            if n is None or self.args.include_num_input_tokens_seen == "no":
-                return super()._track_num_input_tokens(inputs)
-            import torch
-
-            n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
-            self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
-
-        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            inputs.pop("num_tokens", None)
-            if "position_ids" in inputs:
-                inputs["use_cache"] = False
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    PackingTrainer.__name__ = PackingTrainer.__qualname__ = f"Packing{base.__name__}"
-    return PackingTrainer
-
 
 
 def fast_lora_dropout(model: Any) -> int:

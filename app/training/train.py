@@ -22,7 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from app.config import Config
 from app.core.errors import UserError
@@ -31,12 +31,13 @@ from app.data.encode import Collator, EncodeStats, PackingCollator, encode_all
 from app.data.records import read_examples, sample_and_split
 from app.models.loading import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
 from app.plan.precision import bf16_frozen_weights, packing_choice, resolve_precision
+from app.plan.tiers import halve_batch
 from app.training import dist, runlock
-from app.training.checkpoints import (CHECKPOINTS, PREFIX, STAGING, check_output_dir, clear_staging, finished_run,
-                                      latest_checkpoint, rotate, seal)
-from app.training.kernels import (PACKED_ATTENTION, fast_lora_dropout, lora_inputs_stay_bf16, packing_trainer,
-                                  use_packed_attention)
-from app.training.resume import SETTINGS_FILE, data_fingerprints, decide, snapshot
+from app.training.callbacks import read_metrics
+from app.training.checkpoints import (CHECKPOINTS, PREFIX, check_output_dir, clear_staging, finished_run,
+                                      latest_checkpoint)
+from app.training.kernels import PACKED_ATTENTION, fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
+from app.training.resume import data_fingerprints, decide, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -388,8 +389,7 @@ class FineTuner:
             resume = latest_checkpoint(ckpt_dir)
             where = resume or "(none yet)"
             if guard.mode == "backoff" and t.batch_size > 1:
-                t.batch_size //= 2
-                t.grad_accum *= 2
+                t.batch_size, t.grad_accum = halve_batch(t.batch_size, t.grad_accum)
                 log.warning("memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); "
                             "resuming from %s", t.batch_size, t.grad_accum, where)
                 self.plan.decisions["BATCH_SIZE"] = (t.batch_size, "memory guard backed off")
@@ -403,19 +403,14 @@ class FineTuner:
     def _truncate_metrics(self, path: Path, step: int) -> list[dict[str, Any]]:
         """Drop the rows a killed run logged after the checkpoint resumed from (they are logged again),
         so metrics.jsonl and the loss curve read as one uninterrupted run. Returns the kept rows."""
-        if not path.is_file():
-            return []
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = read_metrics(path)
         kept = [r for r in rows if r.get("step", 0) <= step]
         if dist.is_main() and len(kept) < len(rows):
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def _zero3(self) -> bool:
-        path = self.cfg.distributed.ds_config
-        if not path:
-            return False
-        return json.loads(Path(path).read_text(encoding="utf-8")).get("zero_optimization", {}).get("stage") == 3
+        return dist.zero_stage(self.cfg) == 3
 
     def _full_state_dict(self, trainer: Any) -> Any:
         """Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks call this)."""
@@ -430,6 +425,7 @@ class FineTuner:
         from transformers.trainer_callback import ProgressCallback
 
         from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
+        from app.training.trainer import RunTrainer
 
         tp = Throughput()
         metrics = MetricsJsonl(out / "metrics.jsonl", tp, sampler)
@@ -444,10 +440,10 @@ class FineTuner:
         holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
         gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
         board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
-        settings = lambda: snapshot(self.cfg, dist.world_size(), self._data_fp)  # noqa: E731
-        trainer = packing_trainer(_atomic_trainer_class(settings))(
+        trainer = RunTrainer(
             model=self.model, args=self._ds_args or self._training_args(ckpt_dir), train_dataset=self.train_rows,
             eval_dataset=self.val_rows or None, data_collator=self._collator(),
+            run_settings=lambda: snapshot(self.cfg, dist.world_size(), self._data_fp),
             callbacks=[ProgressBar(tp), metrics, *f1,
                        BestAdapter(ckpt_dir / "best", self.cfg.train.early_stopping_patience,
                                    "eval_f1" if f1 else "eval_loss", resumed, gather), guard,
@@ -520,7 +516,7 @@ def _portable_path(path: Path) -> str:
 def _mean_logged_loss(path: Path) -> float:
     """The mean training loss over all steps from metrics.jsonl, each logged loss weighted by the
     steps it covers: the Trainer's own figure after a resume counts only the resumed part."""
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    rows = read_metrics(path)
     total, last = 0.0, 0
     for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"]):
         total, last = total + r["loss"] * (r["step"] - last), r["step"]
@@ -532,52 +528,6 @@ def _step(checkpoint: Path) -> int:
         return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
     except (OSError, ValueError, KeyError):
         return int(checkpoint.name[len(PREFIX):])
-
-
-def _atomic_trainer_class(settings: Callable[[], dict[str, Any]]) -> type:
-    """The HF Trainer, with checkpoints written whole or not at all (app/training/checkpoints.py): every
-    rank writes into checkpoints/.incomplete/checkpoint-N, then rank 0 adds ``settings()`` (what
-    the run trains with, app/training/resume.py), seals and renames it."""
-    from transformers import Trainer
-
-    class AtomicCheckpointTrainer(Trainer):
-        _staging = False
-
-        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
-            # A resumed state carries the checkpoint's logging/eval/save intervals, and the Trainer
-            # would keep them: the SAVE_STEPS, EVAL_STEPS, LOGGING_STEPS asked for now apply instead.
-            self.state.compute_steps(self.args, self.state.max_steps)
-            if 0 < self.state.max_steps < self.state.global_step:  # app/training/resume.py refuses this before loading
-                raise UserError(f"resumed at step {self.state.global_step}, but NUM_EPOCHS/MAX_STEPS now give "
-                                f"{self.state.max_steps} steps: nothing is left to train. Raise them to continue "
-                                "the run, or set OVERWRITE=1 (or another OUTPUT_DIR) to train anew")
-            # Resumed from a checkpoint at the last step (the final save failed, or a stop came at
-            # the very end): nothing is left to train. The Trainer would still run one more step.
-            if 0 < self.state.max_steps <= self.state.global_step:
-                self.control.should_training_stop = True
-                return None
-            return super()._run_epoch(*args, **kwargs)
-
-        def _get_output_dir(self, trial: Any) -> str:
-            run_dir = super()._get_output_dir(trial)
-            return os.path.join(run_dir, STAGING) if self._staging else run_dir
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            run_dir = Path(super()._get_output_dir(trial))
-            name = f"{PREFIX}{self.state.global_step}"
-            self._staging = True
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self._staging = False
-            dist.barrier()  # every rank's files (its RNG state at least) are in the staging dir
-            if self.args.should_save:
-                write_json(run_dir / STAGING / name / SETTINGS_FILE, settings())
-                seal(run_dir / STAGING / name, run_dir / name, self.state.global_step)
-                rotate(run_dir, self.args.save_total_limit or 0)
-            dist.barrier()
-
-    return AtomicCheckpointTrainer
 
 
 def _stats(s: EncodeStats) -> dict[str, Any]:

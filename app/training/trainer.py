@@ -1,0 +1,103 @@
+"""The HF Trainer with every override this tool needs, in one class.
+
+Why subclass and not callbacks: these change how the Trainer saves, resumes and counts, which no
+callback hook reaches. Each override is of a private method, so ``OVERRIDES`` records the
+signature each was written against (transformers 5.23) and tests/test_trainer_contract.py fails,
+naming the method, when a transformers upgrade renames or reshapes one, instead of the override
+silently no longer being called.
+
+- Checkpoints whole or not at all (app.training.checkpoints): every rank writes into
+  ``checkpoints/.incomplete/checkpoint-N``; rank 0 adds the run's settings (app.training.resume),
+  seals and renames it.
+- Resume: the intervals asked for now apply (the Trainer keeps the checkpoint's), a step count
+  below the checkpoint's is refused, and a checkpoint at the last step trains nothing more.
+- Packing (app.data.encode.PackingCollator): a packed batch's real token count, and no KV cache
+  so the packed-sequence mask holds in evaluation too.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import Trainer
+
+from app.core.errors import UserError
+from app.core.utils import write_json
+from app.training import dist
+from app.training.checkpoints import PREFIX, STAGING, rotate, seal
+from app.training.resume import SETTINGS_FILE
+
+# method -> the parameters of transformers.Trainer's own method that the override was written for
+OVERRIDES = {
+    "_run_epoch": ("self", "model", "epoch", "train_dataloader", "steps_in_epoch", "num_update_steps_per_epoch",
+                   "trial", "ignore_keys_for_eval", "start_time", "resume_from_checkpoint", "epochs_trained",
+                   "steps_trained_in_current_epoch"),
+    "_get_output_dir": ("self", "trial"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_track_num_input_tokens": ("self", "inputs"),
+    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+}
+
+
+class RunTrainer(Trainer):
+    """``run_settings()``: what a checkpoint records of the run (app.training.resume.snapshot)."""
+
+    def __init__(self, *args: Any, run_settings: Callable[[], dict[str, Any]], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._run_settings = run_settings
+        self._staging = False
+
+    # ---- resume -----------------------------------------------------------------------------------
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # A resumed state carries the checkpoint's logging/eval/save intervals, and the Trainer
+        # would keep them: the SAVE_STEPS, EVAL_STEPS, LOGGING_STEPS asked for now apply instead.
+        self.state.compute_steps(self.args, self.state.max_steps)
+        if 0 < self.state.max_steps < self.state.global_step:  # app.training.resume refuses this before loading
+            raise UserError(f"resumed at step {self.state.global_step}, but NUM_EPOCHS/MAX_STEPS now give "
+                            f"{self.state.max_steps} steps: nothing is left to train. Raise them to continue "
+                            "the run, or set OVERWRITE=1 (or another OUTPUT_DIR) to train anew")
+        # Resumed from a checkpoint at the last step (the final save failed, or a stop came at
+        # the very end): nothing is left to train. The Trainer would still run one more step.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    # ---- checkpoints, whole or absent ---------------------------------------------------------------
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING) if self._staging else run_dir
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX}{self.state.global_step}"
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        dist.barrier()  # every rank's files (its RNG state at least) are in the staging dir
+        if self.args.should_save:
+            write_json(run_dir / STAGING / name / SETTINGS_FILE, self._run_settings())
+            seal(run_dir / STAGING / name, run_dir / name, self.state.global_step)
+            rotate(run_dir, self.args.save_total_limit or 0)
+        dist.barrier()
+
+    # ---- packed batches ---------------------------------------------------------------------------
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        # ``num_tokens`` carries a packed batch's real token count (it has no attention_mask to
+        # count from, and its padded tails are pad tokens); taken out before the model sees it.
+        n = inputs.pop("num_tokens", None)
+        if n is None or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        import torch
+
+        n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        inputs.pop("num_tokens", None)
+        if "position_ids" in inputs:  # packed: keep transformers on the packed-sequence mask
+            inputs["use_cache"] = False
+        return super().compute_loss(model, inputs, *args, **kwargs)
