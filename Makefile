@@ -1,6 +1,7 @@
 # ChatGLM-CPU-Trainer. Every target only calls `python -m app <command>`; every setting is a
 # variable of app/config/settings.py, given here as `make train MAX_SAMPLES=50`, in the environment or in
 # .env (precedence: command line > environment > .env > default). `make help` lists them all.
+# Each command owns its mode and its checks (`python -m app <command> --help`): no logic here.
 #
 # Command-line variables reach the Python process through the environment (GNU make exports
 # them), so this file defines no defaults of its own: app/config/settings.py is the single source.
@@ -69,18 +70,8 @@ APP = $(PYRUN) -m app
 .DEFAULT_GOAL := help
 .PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-onnx clean remove-run distclean
 
-help: ## list targets and every variable with its default
-	@echo "usage: make <target> [VAR=value ...]"
-	@echo
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-16s %s\n", $$1, $$2}'
-	@echo
-	@$(HOSTPY) -m app --help | sed -n '/^settings/,$$p'
-
-$(STAMP): requirements.txt scripts/setup-venv.sh
-	scripts/setup-venv.sh $(VENV) $(PYTHON)
-	@touch $@
-
-setup: $(SETUP) ## local: .venv with the pinned requirements (CPU torch unless an NVIDIA GPU answers; TORCH_INDEX_URL); docker: the image
+##@ use: set up, train, and use what was trained
+setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
 
 image: docker-engine
 	$(COMPOSE) build setup
@@ -90,48 +81,64 @@ docker-engine:
 	@docker info >/dev/null 2>&1 || { echo "RUNTIME=docker: no Docker engine answers (docker info failed); start it (e.g. dockerd &) or use RUNTIME=local" >&2; exit 2; }
 	@docker compose version >/dev/null 2>&1 || { echo "RUNTIME=docker: the docker compose plugin is missing; install it, or use RUNTIME=local" >&2; exit 2; }
 
-data: setup ## write the synthetic sample data to DATA_PATH + dev.jsonl beside it (never over your files)
+$(STAMP): requirements.txt scripts/setup-venv.sh
+	scripts/setup-venv.sh $(VENV) $(PYTHON)
+	@touch $@
+
+data: setup ## synthetic sample data -> DATA_PATH and dev.jsonl beside it (never over your files)
 	$(APP) generate-data
 
-tiny-model: setup ## build the random tiny model (MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3)
-	$(APP) make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
-
-info: setup ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory
-	$(APP) info
-
-train: setup ## fine-tune MODEL_NAME on DATA_PATH -> OUTPUT_DIR (sample data first if DATA_PATH is unset and missing)
+train: setup ## fine-tune MODEL_NAME on DATA_PATH -> OUTPUT_DIR (none at the default: sample data)
 	$(APP) train
 
 predict: setup ## answer the built-in triplet prompt with the last adapter
-	$(APP) predict PROMPT= INPUT_FILE= INTERACTIVE=0
+	$(APP) predict
 
 predict-custom: setup ## answer PROMPT="..." with the last adapter
-	@[[ "$$PROMPT" =~ [^[:space:]] ]] || { echo "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)" >&2; exit 2; }
-	$(APP) predict INPUT_FILE= INTERACTIVE=0
+	$(APP) predict-custom
 
 predict-file: setup ## predict every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)
-	@[ -n "$$INPUT_FILE" ] || { echo "INPUT_FILE is empty: use make predict-file INPUT_FILE=data/dev.jsonl" >&2; exit 2; }
-	$(APP) predict INTERACTIVE=0
+	$(APP) predict-file
 
 chat: setup ## interactive chat with the last adapter
-	$(APP) predict INTERACTIVE=1 INPUT_FILE=
+	$(APP) chat
 
-evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or PREDICTIONS=file.jsonl: score only)
+evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or score PREDICTIONS=file.jsonl)
 	$(APP) evaluate
 
 merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without peft)
 	$(APP) merge
 
-export-onnx: setup ## merged model (merged first if needed) -> ONNX_DIR for ONNX Runtime; predict with ADAPTER_DIR=<it>
+export-onnx: setup ## merged model (merged first if needed) as ONNX -> ONNX_DIR, usable as ADAPTER_DIR
 	$(APP) export-onnx
 
-demo: setup ## offline proof of learning: tiny GLM from scratch, held-out F1 curve -> bench/demo.md
-	$(APP) demo
+remove-run: ## delete one trained run, named: make remove-run OUTPUT_DIR=models/tiny-lora
+	@$(HOSTPY) -m app remove-run
+
+clean: ## delete tiny models, unchanged sample data and caches (never your data or runs)
+	@$(HOSTPY) -m app clean
+
+##@ inspect: what this machine can do, what a run would use, whether it learns
+help: ## these targets by group, and every setting with its default
+	@echo "usage: make <target> [VAR=value ...]    (python -m app <command> --help: one command)"
+	@awk '/^##@ /{printf "\n%s\n", substr($$0, 5)} /^[a-z-]+:.*## /{printf "  %-15s %s\n", substr($$0, 1, index($$0, ":") - 1), substr($$0, index($$0, "## ") + 3)}' $(MAKEFILE_LIST)
+	@echo
+	@$(HOSTPY) -m app --help | sed -n '/^settings/,$$p'
+
+info: setup ## detected RAM/CPUs/GPUs, the tier, every resolved setting, predicted peak memory
+	$(APP) info
 
 config: setup ## print the resolved settings
 	$(APP) config
 
-test: $(STAMP) ## run the whole test suite here in .venv, whatever RUNTIME is (CPU, tiny models, offline)
+demo: setup ## offline proof of learning: a tiny GLM from scratch, held-out F1 -> bench/demo.md
+	$(APP) demo
+
+##@ develop: tests, benchmarks, tiny models
+tiny-model: setup ## a random tiny model: MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3
+	$(APP) make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
+
+test: $(STAMP) ## the whole suite here in .venv, whatever RUNTIME is (CPU, tiny models, offline)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP) ## the edit loop: the suite without the tests marked slow (under a minute)
@@ -140,21 +147,15 @@ test-fast: $(STAMP) ## the edit loop: the suite without the tests marked slow (u
 test-docker: image ## run the test suite inside the image
 	$(COMPOSE) run --rm test
 
+.PHONY: bench
+bench: setup ## training speed: the tutorial way (padded, fp32) vs `train` -> bench/results.md
+	$(PYRUN) -m bench.bench_speed
+
 bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/memory.md
 	$(PYRUN) -m bench.bench_memory
 
-bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, on the ~100M random models -> bench/onnx.md
+bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, ~100M random models -> bench/onnx.md
 	$(PYRUN) -m bench.bench_onnx
-
-.PHONY: bench
-bench: setup ## training speed, the tutorial way (padded, fp32) vs `train`, side by side -> bench/results.md
-	$(PYRUN) -m bench.bench_speed
-
-clean: ## remove what the tool made and can remake: tiny models, unchanged sample data, caches (never your data or runs)
-	@$(HOSTPY) -m app clean
-
-remove-run: ## delete one trained run, named: make remove-run OUTPUT_DIR=models/tiny-lora
-	@$(HOSTPY) -m app remove-run
 
 distclean: clean ## clean, and remove .venv (your data and trained runs stay)
 	rm -rf $(VENV)

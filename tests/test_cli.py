@@ -59,7 +59,9 @@ def test_missing_model_names_model_name_and_the_fix(tmp_path):
 def test_unknown_command_and_help(tmp_path):
     assert run(["trian"], tmp_path).returncode == 2
     helped = run(["--help"], tmp_path)
-    assert helped.returncode == 0 and "MAX_SEQ_LEN" in helped.stdout and "predict" in helped.stdout
+    assert helped.returncode == 0 and "MAX_SEQ_LEN" in helped.stdout and "predict-custom" in helped.stdout
+    one = run(["train", "--help"], tmp_path)  # a real process: no torch, no logging, no settings check
+    assert one.returncode == 0 and one.stdout.startswith("usage: python -m app train") and not one.stderr
 
 
 def test_offline_tiny_train_then_predict_end_to_end(tmp_path):
@@ -75,7 +77,7 @@ def test_offline_tiny_train_then_predict_end_to_end(tmp_path):
     assert summary["plan"]["GRAD_ACCUM"] == 2 and summary["plan"]["MAX_SAMPLES"] == 20
     assert summary["steps"] == -(-18 // (summary["plan"]["BATCH_SIZE"] * 2))
     assert "tok_s=" in train.stderr  # the progress bar shows throughput
-    pred = run(["predict", "PROMPT=你好，抽取三元组", "MAX_NEW_TOKENS=5"], tmp_path)
+    pred = run(["predict-custom", "PROMPT=你好，抽取三元组", "MAX_NEW_TOKENS=5"], tmp_path)
     assert pred.returncode == 0, pred.stderr[-2000:]
     assert "prompt: 你好，抽取三元组" in pred.stdout
     assert "adapter models/tiny-lora" in pred.stderr  # from models/.last_run, relative to the working dir

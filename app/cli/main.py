@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, NamedTuple
 
 from app.config import Config, parse_cli_overrides
 from app.core.errors import UserError
@@ -70,12 +70,38 @@ def _info(cfg: Config) -> None:
     sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, name) + "\n")  # cli-output
 
 
-def _predict(cfg: Config) -> None:
-    from app.cli.preflight import preflight
-    from app.inference.predict import run_predict
+# The prediction commands, one per mode. Each sets its own mode, so a PROMPT, INPUT_FILE or INTERACTIVE
+# left in .env or the environment for one never changes another: `make predict` answers the built-in
+# prompt with a PROMPT in .env, `make chat` chats with an INPUT_FILE there.
+_MODES: dict[str, dict[str, object]] = {
+    "predict": {"prompt": "", "input_file": "", "interactive": False},
+    "predict-custom": {"input_file": "", "interactive": False},
+    "predict-file": {"interactive": False},
+    "chat": {"input_file": "", "interactive": True},
+}
 
-    preflight(cfg, "predict")
-    run_predict(cfg)
+
+def _answer(command: str) -> Callable[[Config], None]:
+    def run(cfg: Config) -> None:
+        from app.cli.preflight import preflight
+        from app.inference.predict import run_predict
+
+        for name, value in _MODES[command].items():
+            setattr(cfg.predict, name, value)
+        preflight(cfg, command)  # with the one setting this mode needs (PROMPT, INPUT_FILE), before torch
+        run_predict(cfg)
+    return run
+
+
+def _predict_mode(cfg: Config, given: set[str]) -> str:
+    """`predict` with PROMPT=, INPUT_FILE= or INTERACTIVE=1 on its own command line: the older spelling of
+    predict-custom, predict-file and chat, kept for scripts (only arguments count, never .env)."""
+    p = cfg.predict
+    if "INPUT_FILE" in given and p.input_file:
+        return "predict-file"
+    if "INTERACTIVE" in given and p.interactive:
+        return "chat"
+    return "predict-custom" if "PROMPT" in given and p.prompt else "predict"
 
 
 def _evaluate(cfg: Config) -> None:
@@ -172,49 +198,96 @@ def _env_template(cfg: Config) -> None:
     sys.stdout.write(env_template())  # cli-output
 
 
-COMMANDS: dict[str, tuple[Callable[[Config], None], str]] = {
-    "train": (_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR"),
-    "info": (_info, "show detected RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak"),
-    "predict": (_predict, "answer PROMPT (or the built-in prompt), INPUT_FILE, or INTERACTIVE=1"),
-    "evaluate": (_evaluate, "generate on EVAL_PATH and score triplet P/R/F1 (or --predictions FILE: score only)"),
-    "merge": (_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR"),
-    "export-onnx": (_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR"),
-    "demo": (_demo, "offline proof of learning: synthetic data, tiny GLM from scratch, held-out F1 curve"),
-    "make-tiny-model": (_make_tiny, "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3"),
-    "generate-data": (_generate_data, "write the synthetic triplet sample data to DATA_PATH and dev.jsonl beside it "
-                                      "(never over a file of yours; REPLACE_DATA=1 to overwrite)"),
-    "clean": (_clean, "remove what the tool made and can remake (tiny models, unchanged sample data, caches); "
-                      "never your data or a trained run"),
-    "remove-run": (_remove_run, "delete the trained run OUTPUT_DIR=<dir> (and nothing else)"),
-    "config": (_show_config, "print the resolved settings (after .env, environment and arguments)"),
-    "env-template": (_env_template, "print a .env template with every variable and its default"),
-    "docs": (_docs, "regenerate docs/configuration.md and docs/commands.md from the code (developers)"),
+class Command(NamedTuple):
+    run: Callable[[Config], None]
+    summary: str
+    reads: tuple[str, ...] = ()  # the settings it reads: names, or [section]s of `python -m app --help`
+    doc: str = ""  # more for its --help (else run's docstring)
+
+
+# The settings that pick and load a model (an adapter, its base), and that shape its answers.
+_LOAD = ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "ADAPTER_DIR", "OUTPUT_DIR")
+_ANSWER = _LOAD + ("MAX_NEW_TOKENS", "TEMPERATURE")
+_PLAN = ("model", "data", "lora", "resources", "train", "distributed")
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR",
+                     _PLAN + ("EVAL_METRIC", "EVAL_SAMPLES", "MAX_NEW_TOKENS", "PREDICT_BATCH_SIZE")),
+    "info": Command(_info, "show RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak",
+                    _PLAN),
+    "predict": Command(_answer("predict"), "answer the built-in triplet prompt with the last adapter", _ANSWER,
+                       "Streams the answer to the built-in prompt (a sentence about a TV series) to stdout, from the "
+                       "last trained adapter (ADAPTER_DIR) on the base model it was trained on."),
+    "predict-custom": Command(_answer("predict-custom"), "answer PROMPT with the last adapter", _ANSWER + ("PROMPT",),
+                              "Streams the answer to PROMPT to stdout. PROMPT must not be empty or blank "
+                              "(`predict` answers the built-in prompt)."),
+    "predict-file": Command(_answer("predict-file"), "answer every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)",
+                            _ANSWER + ("INPUT_FILE", "OUTPUT_FILE", "DATA_FORMAT", "PREDICT_BATCH_SIZE"),
+                            "Each non-empty line of INPUT_FILE (required) is a prompt or a record in any DATA_FORMAT; "
+                            "one JSON line per answer, with the reference answer when the record has one."),
+    "chat": Command(_answer("chat"), "interactive multi-turn chat in the terminal with the last adapter", _ANSWER,
+                    "/help lists the chat's commands, /reset clears the history, /exit or Ctrl-D ends it."),
+    "evaluate": Command(_evaluate, "generate on EVAL_PATH, score triplet P/R/F1 (or --predictions FILE: score only)",
+                        _ANSWER + ("DATA_FORMAT", "MAX_BAD_RATIO", "VAL_PATH", "PREDICT_BATCH_SIZE", "evaluation")),
+    "merge": Command(_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR",
+                     _LOAD + ("MERGED_DIR",)),
+    "export-onnx": Command(_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",
+                           _LOAD + ("MERGED_DIR", "ONNX_DIR")),
+    "demo": Command(_demo, "offline proof of learning: tiny GLM from scratch on synthetic data, held-out F1",
+                    ("DEMO_MINUTES", "SEED", "BATCH_SIZE", "LEARNING_RATE", "PRECISION", "NUM_THREADS")),
+    "make-tiny-model": Command(_make_tiny, "build the random tiny model "
+                                           "MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3",
+                               ("MODEL_NAME",)),
+    "generate-data": Command(_generate_data, "write the synthetic triplet sample data to DATA_PATH and dev.jsonl "
+                                             "beside it (never over a file of yours; REPLACE_DATA=1 to overwrite)",
+                             ("DATA_PATH", "SEED", "REPLACE_DATA")),
+    "clean": Command(_clean, "remove what the tool made and can remake (tiny models, unchanged sample data, caches); "
+                             "never your data or a trained run"),
+    "remove-run": Command(_remove_run, "delete the trained run OUTPUT_DIR=<dir> (and nothing else)", ("OUTPUT_DIR",)),
+    "config": Command(_show_config, "print the resolved settings (after .env, environment and arguments)",
+                      _PLAN + ("predict", "evaluation")),
+    "env-template": Command(_env_template, "print a .env template with every variable and its default"),
+    "docs": Command(_docs, "regenerate docs/configuration.md and docs/commands.md from the code (developers)"),
 }
 
 
 def usage() -> str:
-    cmds = "\n".join(f"  {name:<16} {doc}" for name, (_, doc) in COMMANDS.items())
-    return (f"usage: python -m app <command> [KEY=value ...]\n\ncommands:\n{cmds}\n\n"
-            f"settings (KEY=value > environment > .env > default):\n{Config.help_text()}\n")
+    from app.cli.reference import usage_text
+
+    return usage_text(COMMANDS)
+
+
+def _command_help(name: str) -> str:
+    from app.cli.reference import command_help
+
+    c = COMMANDS[name]
+    return command_help(name, c.summary, c.doc or c.run.__doc__ or "", c.reads)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(usage())  # cli-output
+        wanted = argv[1] if len(argv) > 1 and argv[0] == "help" else ""
+        sys.stdout.write(_command_help(wanted) if wanted in COMMANDS else usage())  # cli-output
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in COMMANDS and ("-h" in rest or "--help" in rest):
+        sys.stdout.write(_command_help(cmd))  # cli-output
         return 0
     from app.core.utils import setup_logging
     from app.training.signals import Interrupted, install_cli_handlers
 
     install_cli_handlers()  # SIGTERM (docker compose stop) ends any command cleanly, as PID 1 too
     setup_logging()
-    cmd, rest = argv[0], argv[1:]
     if cmd not in COMMANDS:
         log.error("unknown command %r; choose one of: %s", cmd, ", ".join(COMMANDS))
         return 2
     try:
-        cfg = Config.load(parse_cli_overrides(rest))
-        COMMANDS[cmd][0](cfg)
+        overrides = parse_cli_overrides(rest)
+        cfg = Config.load(overrides)
+        if cmd == "predict":
+            cmd = _predict_mode(cfg, {k.upper() for k in overrides})
+        COMMANDS[cmd].run(cfg)
     except UserError as e:
         for line in e.problems:
             log.error("%s", line)

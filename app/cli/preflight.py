@@ -10,8 +10,9 @@ all of their findings come back at once, one line each:
 - MODEL_NAME when it can only be a local path;
 - for train: OUTPUT_DIR (not in use by another run, writable, no finished run replaced unasked) and
   RESUME (a checkpoint of the same settings, with steps left: app/training/resume.py);
-- for predict / evaluate: INPUT_FILE, EVAL_PATH, PREDICTIONS;
-- for predict / evaluate / merge / export-onnx: the adapter (or model, or ONNX export) they will load
+- for predict-custom / predict-file: PROMPT / INPUT_FILE, the one setting each needs;
+- for the prediction commands and evaluate: INPUT_FILE, EVAL_PATH, PREDICTIONS;
+- for those and merge / export-onnx: the adapter (or model, or ONNX export) they will load
   and its base model: there, and no damaged file in them (app.models.artifacts; MODEL_NAME's dir for train
   and info too).
 Standard library only (app.data.records, app.models.artifacts, app.training.checkpoints, .resume and
@@ -27,6 +28,7 @@ from app.core.errors import UserError
 
 QUICK_LOOK_MB = 32  # files up to this size are read whole (the DuIE set, 0.5 MB, takes ~10 ms)
 QUICK_LOOK_RECORDS = 2000
+PREDICT = ("predict", "predict-custom", "predict-file", "chat")  # the prediction commands, one per mode
 
 
 def preflight(cfg: Config, command: str) -> None:
@@ -41,9 +43,10 @@ def preflight(cfg: Config, command: str) -> None:
         problems += _model_problems(cfg)
     if command == "train":
         problems += _train_problems(cfg)
-    if command in ("predict", "evaluate"):
+    problems += _mode_problems(cfg, command)
+    if command in PREDICT + ("evaluate",):
         problems += _inference_problems(cfg)
-    if command in ("predict", "evaluate", "merge", "export-onnx"):
+    if command in PREDICT + ("evaluate", "merge", "export-onnx"):
         problems += _run_problems(cfg, command)
     if problems:
         raise UserError(_unique(problems))
@@ -99,6 +102,20 @@ def _train_problems(cfg: Config) -> list[str]:
     if ds and not Path(ds).is_file():
         problems.append(f"DS_CONFIG={ds}: no such file; use configs/ds_zero2.json or configs/ds_zero3.json")
     return problems
+
+
+def _mode_problems(cfg: Config, command: str) -> list[str]:
+    """The setting a prediction command cannot do without (make strips `PROMPT=   ` to empty)."""
+    prompt = cfg.predict.prompt
+    if command == "predict-custom" and not prompt:
+        return ["PROMPT is empty: use make predict-custom PROMPT='你的问题' "
+                "(make predict answers the built-in prompt)"]
+    if command == "predict-custom" and not prompt.strip():
+        return ["PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
+                "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)"]
+    if command == "predict-file" and not cfg.predict.input_file:
+        return ["INPUT_FILE is empty: use make predict-file INPUT_FILE=data/dev.jsonl"]
+    return []
 
 
 def _inference_problems(cfg: Config) -> list[str]:

@@ -1,10 +1,11 @@
-"""The generated reference pages: docs/configuration.md (every setting) and docs/commands.md
-(every make target), so that, like ``.env.template``, they follow the code and cannot drift.
+"""The reference texts, generated so that, like ``.env.template``, they follow the code and cannot
+drift: docs/configuration.md (every setting), docs/commands.md (every make target) and the help of
+``python -m app`` (``--help``, and ``<command> --help``: one command and the settings it reads).
 
 The settings come from the config dataclasses (``Config.variables()``: help, choices, default,
-``TIERED``); the targets from the Makefile's ``target: ... ## help`` comments, the same lines
-``make help`` prints. tests/test_docs.py compares the committed pages with what this writes.
-Regenerate both with ``.venv/bin/python -m app.reference``.
+``TIERED``); the targets from the Makefile's ``target: ... ## help`` comments under its ``##@ group``
+lines, the same lines ``make help`` prints. tests/test_docs.py compares the committed pages with what
+this writes. Regenerate both with ``.venv/bin/python -m app docs``.
 
 Standard library and app.config only: it must run wherever ``make help`` does.
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import re
 import sys
+import textwrap
 from pathlib import Path
+from typing import Any, Mapping
 
 from app.config import OTHER_PREFIXES, OTHER_VARIABLES, TIERED, Config, documented, show
 
@@ -94,19 +97,22 @@ def configuration_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_targets(makefile: Path = MAKEFILE) -> list[tuple[str, str, str]]:
-    """(target, help, what it runs) for each ``target: ... ## help`` line of the Makefile, in order:
-    the lines `make help` lists (its grep: ``^[a-z-]+:.*## ``)."""
+def make_targets(makefile: Path = MAKEFILE) -> list[tuple[str, str, str, str]]:
+    """(group, target, help, what it runs) for each ``target: ... ## help`` line of the Makefile, in
+    order: the lines `make help` lists (its awk: ``^##@ `` starts a group, ``^[a-z-]+:.*## `` a target)."""
     text = makefile.read_text(encoding="utf-8")
-    listed = re.findall(r"^([a-z-]+):.*## (.*)$", text, flags=re.M)
-    names = {name for name, _ in listed}
-    out = []
-    for name, help_ in listed:
+    listed = re.findall(r"^(?:##@ (.*)|([a-z-]+):.*## (.*))$", text, flags=re.M)
+    names = {name for _, name, _ in listed if name}
+    out, group = [], ""
+    for heading, name, help_ in listed:
+        if heading:
+            group = heading.strip()
+            continue
         head = re.search(rf"^{re.escape(name)}:([^#\n]*)##.*\n((?:\t.*\n)*)", text, flags=re.M)
         prereqs, recipe = (head.group(1).split(), head.group(2).splitlines()) if head else ([], [])
         runs = [f"make {p}" for p in prereqs if p in names and p != "setup"]
         runs += [c for c in (_command(line) for line in recipe) if c]
-        out.append((name, help_.strip(), "; ".join(f"`{r}`" for r in runs)))
+        out.append((group, name, help_.strip(), "; ".join(f"`{r}`" for r in runs)))
     return out
 
 
@@ -118,7 +124,7 @@ _MAKE_VARS = {"$(APP)": "python -m app", "$(PYRUN)": "python", "$(HOSTPY)": "pyt
 def _command(line: str) -> str:
     """A recipe line as the command it runs; '' for echo lines and argument guards."""
     line = line.strip().lstrip("@")
-    if not line or line.startswith(("echo", "[", "grep")):
+    if not line or line.startswith(("echo", "[", "grep", "awk")):
         return ""
     line = line.split(" | ")[0]  # `--help | sed ...`: the command, not its formatting
     for var, value in _MAKE_VARS.items():
@@ -135,13 +141,61 @@ def commands_page(makefile: Path = MAKEFILE) -> str:
         "the same command runs in the image instead of `.venv` ([Docker](docker.md)); the first line of "
         "every `make` says which runtime and why. Targets that need the environment build it first "
         "(`make setup`). Settings are given as `make <target> VAR=value` ([configuration](configuration.md)); "
-        "`python -m app --help` lists the commands of `python -m app` itself.",
-        "",
-        "| make target | what it does | runs |", "|---|---|---|",
+        "`python -m app --help` lists the commands of `python -m app` itself, and `python -m app <command> --help` "
+        "what one of them does and the settings it reads.",
     ]
-    for name, help_, runs in make_targets(makefile):
+    group = None
+    for grp, name, help_, runs in make_targets(makefile):
+        if grp != group:  # `make help`'s groups, each its own table
+            lines += ["", f"## {grp.split(':')[0].strip()}", "", _cell(grp.partition(":")[2].strip()), "",
+                      "| make target | what it does | runs |", "|---|---|---|"]
+            group = grp
         lines.append(f"| `make {name}` | {_cell(help_)} | {_cell(runs)} |")
     return "\n".join(lines) + "\n"
+
+
+# ---- `python -m app --help` and `python -m app <command> --help` ---------------------------------------
+
+WIDTH = 100  # `make help` and every --help fit a terminal this wide
+_LEAD = "settings (KEY=value > environment > .env > default):"
+
+
+def _wrap(line: str, indent: int) -> list[str]:
+    """One help line cut to WIDTH columns, its continuation lines indented by ``indent``."""
+    if len(line) <= WIDTH:
+        return [line]
+    return textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_long_words=False,
+                         break_on_hyphens=False) or [line]
+
+
+def settings_text(reads: tuple[str, ...] | None = None) -> str:
+    """Config.help_text() under its [section] headings, cut to WIDTH: every setting, or those named in
+    ``reads`` (a VARIABLE, or a section's name for all of it)."""
+    out, section = [], ""
+    for line in Config.help_text().splitlines():
+        if line.startswith("["):
+            section = line
+        elif reads is None or line.split()[0] in reads or section.strip("[]") in reads:
+            out += [] if section in out else [section]
+            out += _wrap(line, 29)  # under the default ("  NAME<24> = "): room for the longest [choices]
+    return "\n".join(out)
+
+
+def usage_text(commands: Mapping[str, Any]) -> str:
+    """`python -m app --help`: the commands (each with a .summary) and every setting."""
+    cmds = "\n".join(x for name, c in commands.items() for x in _wrap(f"  {name:<16} {c.summary}", 19))
+    return (f"usage: python -m app <command> [KEY=value ...]\n       python -m app <command> --help\n\n"
+            f"commands:\n{cmds}\n\n{_LEAD}\n{settings_text()}\n")
+
+
+def command_help(name: str, summary: str, doc: str, reads: tuple[str, ...]) -> str:
+    """`python -m app <command> --help`: its command line, what it does, the settings it reads."""
+    paragraphs = [summary] + [" ".join(p.split()) for p in textwrap.dedent(doc).strip().split("\n\n") if p.strip()]
+    text = f"usage: python -m app {name} [KEY=value ...]\n\n" + "\n\n".join(
+        "\n".join(_wrap(p, 0)) for p in paragraphs) + "\n"
+    if reads:
+        text += f"\n{_LEAD.replace('settings', 'settings it reads')}\n{settings_text(reads)}\n"
+    return text + "\nevery command and setting: python -m app --help\n"
 
 
 def write_pages() -> None:

@@ -185,10 +185,8 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
 
 
 def run_predict(cfg: Config) -> None:
-    p = cfg.predict
-    if p.prompt and not p.prompt.strip() and not p.input_file and not p.interactive:  # before loading a model
-        raise UserError("PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
-                        "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)")
+    """INPUT_FILE, else INTERACTIVE, else PROMPT or the built-in one: python -m app's commands each set
+    these for their mode (app/cli/main.py), and the pre-flight checked the one each needs."""
     pred = Predictor(cfg)
     if cfg.predict.input_file:
         predict_file(pred, cfg)
