@@ -112,7 +112,7 @@ class ResumeCheck:
 
 def check(cfg: Config, checkpoint: Path) -> ResumeCheck:
     """Compare ``cfg`` with what ``checkpoint`` was trained with (see the module docstring)."""
-    rc = ResumeCheck(checkpoint, _step(checkpoint))
+    rc = ResumeCheck(checkpoint, checkpoint_step(checkpoint))
     saved = _saved(checkpoint)
     if saved is None:
         rc.known = False
@@ -203,7 +203,8 @@ def _state(checkpoint: Path) -> dict[str, Any]:
         return {}
 
 
-def _step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step a checkpoint was saved at (its trainer_state.json, else its name)."""
     step = _state(checkpoint).get("global_step")
     if isinstance(step, int):
         return step

@@ -13,48 +13,29 @@ Notebook use::
 """
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.config import Config
 from app.core.errors import UserError
-from app.core.utils import LAST_RUN_FILE, atomic_write_text, peak_rss_mb, set_threads, staged_dir, write_json
-from app.data.encode import Collator, EncodeStats, PackingCollator, encode_all
+from app.core.utils import peak_rss_mb, set_threads
+from app.data.encode import Collator, PackingCollator, encode_all
 from app.data.records import read_examples, sample_and_split
 from app.models.loading import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
 from app.plan.precision import bf16_frozen_weights, packing_choice, resolve_precision
 from app.plan.tiers import halve_batch
 from app.training import dist, runlock
-from app.training.callbacks import read_metrics
-from app.training.checkpoints import (CHECKPOINTS, PREFIX, check_output_dir, clear_staging, finished_run,
-                                      latest_checkpoint)
+from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
 from app.training.kernels import PACKED_ATTENTION, fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
-from app.training.resume import data_fingerprints, decide, snapshot
+from app.training.outputs import (METRICS, TrainResult, encode_stats, mean_logged_loss, publish, truncate_metrics,
+                                  write_error)
+from app.training.resume import checkpoint_step, data_fingerprints, decide, snapshot
 
 log = logging.getLogger(__name__)
-
-# Settings the tier, the memory fit or the guard may change: summary.json records their final values.
-PLANNED = ("QUANT_LEVEL", "MAX_SAMPLES", "MAX_SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING", "LORA_R")
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    steps: int
-    train_loss: float
-    eval_loss: float | None
-    tokens_per_s: float
-    seconds: float
-    peak_rss_mb: float
-
 
 class FineTuner:
     """setup() -> prepare_data() -> train(). Nothing is written to disk before train().
@@ -171,7 +152,7 @@ class FineTuner:
             log.info("validation: %s", vstats.summary(d.max_seq_len))
         log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in self.plan.decisions.items()))
         self.data_report = {"sources": [r.summary() for r in reports], "records": self.records,
-                            "train": _stats(tstats), "validation": _stats(vstats)}
+                            "train": encode_stats(tstats), "validation": encode_stats(vstats)}
         return self
 
     def _records_used(self, valid: int, n_train: int, n_val: int) -> dict[str, Any]:
@@ -216,7 +197,8 @@ class FineTuner:
         set_seed(self.cfg.train.seed)
         half = bf16_frozen_weights(self.cfg, self._precision(self.plan.device == "cuda"), self.plan.device == "cuda")
         model = load_model(self.model_path, self.cfg.model.trust_remote_code, quant, bf16=half)
-        log.info("weights: %s, %.0f MB stored", describe(quant, self.plan.device == "cuda"), stored_bytes(model) / 2**20)
+        log.info("weights: %s, %.0f MB stored", describe(quant, self.plan.device == "cuda"),
+                 stored_bytes(model) / 2**20)
         model.config.use_cache = False  # the KV cache only costs memory during training
         if packing_choice(self.cfg, getattr(model.config, "model_type", None))[0]:
             use_packed_attention(model)  # per-sample causal attention in packed rows (app/training/kernels.py)
@@ -268,14 +250,14 @@ class FineTuner:
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise self._write_error(e, out, "creating OUTPUT_DIR", previous) from None
+                raise write_error(e, out, "creating OUTPUT_DIR", previous) from None
             clear_staging(ckpt_dir)  # debris of a checkpoint that was being written when a run died
             if self._discard and ckpt_dir.is_dir():  # OVERWRITE=1 asked for a new run in its place
                 shutil.rmtree(ckpt_dir)
                 log.info("removed the unfinished run's checkpoints in %s (OVERWRITE=1)", ckpt_dir)
         resume = self.resume_from
         if main and (resume is None or ckpt_dir.resolve() != resume.resolve().parent):
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
+            (out / METRICS).unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
         limit = self.resources.gpus[0].total_mb if self.plan.device == "cuda" else self.resources.ram_total_mb
         guard = self.guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
         guard.preflight(self.cfg, self._predicted_mb)
@@ -288,7 +270,7 @@ class FineTuner:
         except OSError as e:
             if main:
                 clear_staging(ckpt_dir)  # a half-written checkpoint frees its space; it is never resumed anyway
-            raise self._write_error(e, out, "writing a checkpoint or the training logs", previous) from None
+            raise write_error(e, out, "writing a checkpoint or the training logs", previous) from None
         if self.stop.requested and trainer.state.global_step < trainer.state.max_steps:
             raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {trainer.state.global_step} "
                                                 f"of {trainer.state.max_steps}: checkpoint in "
@@ -300,16 +282,16 @@ class FineTuner:
         dist.check_ranks_agree(self.model, trainer.state.global_step, self._zero3())
         weights = self._full_state_dict(trainer)  # collective under ZeRO-3 (every rank), else None
         peaks = sampler.peaks()
-        train_loss = out_state.training_loss if resume is None else _mean_logged_loss(out / "metrics.jsonl")
+        train_loss = out_state.training_loss if resume is None else mean_logged_loss(out / METRICS)
         result = TrainResult(out, trainer.state.global_step, round(train_loss, 6),
                              None if eval_loss is None else round(eval_loss, 6),
                              round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1), round(seconds, 2),
                              round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1))
         if main:
             try:
-                self._publish(out, ckpt_dir, result, peaks, weights)
+                publish(self, out, ckpt_dir, result, peaks, weights)
             except OSError as e:
-                raise self._write_error(e, out, "saving the final adapter", previous) from None
+                raise write_error(e, out, "saving the final adapter", previous) from None
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # finished: the adapter supersedes them
             log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
                      result.steps, seconds, result.train_loss,
@@ -321,41 +303,6 @@ class FineTuner:
                             self.records["why"])
         dist.barrier()  # the other ranks return once rank 0's outputs are complete
         return result
-
-    def _publish(self, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any) -> None:
-        """Rank 0: the finished run's files appear together, each whole (staged, then renamed);
-        summary.json, which marks a finished run, comes last. Until then an earlier run's stay."""
-        from app.training.callbacks import plot_losses
-
-        with staged_dir(out) as tmp:
-            self.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
-            self.tokenizer.save_pretrained(tmp)
-            write_json(tmp / "data_report.json", self.data_report)
-            self.cfg.save(tmp / "train_config.json")  # as it ran, after any back-off
-            if (out / "metrics.jsonl").is_file():
-                plot_losses(out / "metrics.jsonl", tmp / "loss_curve.png")
-            if (ckpt_dir / "best").is_dir():
-                os.replace(ckpt_dir / "best", tmp / "best")
-        write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v
-                                             for k, v in result.__dict__.items()},
-                                          "memory": peaks, "plan": {v: self.cfg.get(v) for v in PLANNED},
-                                          "records": self.records, "warnings": list(self.plan.warnings),
-                                          "world_size": dist.world_size(),
-                                          "predicted_peak_mb": self.plan.estimate and round(self.plan.estimate.total_mb, 1)})
-        atomic_write_text(LAST_RUN_FILE, _portable_path(out) + "\n")
-
-    def _write_error(self, e: OSError, out: Path, doing: str, previous: str | None) -> BaseException:
-        """A full disk or a read-only/forbidden OUTPUT_DIR while writing: one line, what is kept, what to do."""
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-            return e
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        what = "no space left on the device" if full else f"cannot write ({os.strerror(e.errno).lower()})"
-        kept = (f"the previous run's files there ({previous}) are untouched" if previous
-                else "nothing half-written was left")
-        ckpt = latest_checkpoint(out / CHECKPOINTS)
-        again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
-        fix = "free some space or set OUTPUT_DIR on a bigger disk" if full else "fix the permissions or choose another OUTPUT_DIR"
-        return UserError(f"OUTPUT_DIR={out}: {what} while {doing}; {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
 
     def run(self) -> TrainResult:
         return self.setup().prepare_data().train()
@@ -377,7 +324,7 @@ class FineTuner:
             if resume:
                 log.info("resuming from %s (optimizer, scheduler, RNG and data position; delete %s to start "
                          "over)", resume, ckpt_dir)
-                resumed = self._truncate_metrics(out / "metrics.jsonl", _step(resume))
+                resumed = truncate_metrics(out / METRICS, checkpoint_step(resume))
             trainer = self._trainer(out, ckpt_dir, guard, sampler, extra, resumed)
             try:
                 out_state = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -400,15 +347,6 @@ class FineTuner:
                             f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
                             "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume")
 
-    def _truncate_metrics(self, path: Path, step: int) -> list[dict[str, Any]]:
-        """Drop the rows a killed run logged after the checkpoint resumed from (they are logged again),
-        so metrics.jsonl and the loss curve read as one uninterrupted run. Returns the kept rows."""
-        rows = read_metrics(path)
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        if dist.is_main() and len(kept) < len(rows):
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-        return kept
-
     def _zero3(self) -> bool:
         return dist.zero_stage(self.cfg) == 3
 
@@ -428,7 +366,7 @@ class FineTuner:
         from app.training.trainer import RunTrainer
 
         tp = Throughput()
-        metrics = MetricsJsonl(out / "metrics.jsonl", tp, sampler)
+        metrics = MetricsJsonl(out / METRICS, tp, sampler)
         f1: list[Any] = []
         if self.cfg.evaluation.eval_metric == "f1" and not self.val_examples:
             log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")
@@ -436,7 +374,8 @@ class FineTuner:
             from app.evaluation.evaluate import F1Evaluator
 
             n = self.cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
-            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.predict.predict_batch_size, metrics.write)]
+            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.predict.predict_batch_size,
+                              metrics.write)]
         holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
         gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
         board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
@@ -502,36 +441,3 @@ class FineTuner:
             ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
             deepspeed=self.cfg.distributed.ds_config or None,
         )
-
-
-def _portable_path(path: Path) -> str:
-    """Relative to the working dir when inside it: the same models/ is /app/models in the
-    container and ./models on the host, so train in one runtime and predict in the other."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
-def _mean_logged_loss(path: Path) -> float:
-    """The mean training loss over all steps from metrics.jsonl, each logged loss weighted by the
-    steps it covers: the Trainer's own figure after a resume counts only the resumed part."""
-    rows = read_metrics(path)
-    total, last = 0.0, 0
-    for r in sorted((r for r in rows if "loss" in r), key=lambda r: r["step"]):
-        total, last = total + r["loss"] * (r["step"] - last), r["step"]
-    return total / last if last else 0.0
-
-
-def _step(checkpoint: Path) -> int:
-    try:
-        return int(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
-    except (OSError, ValueError, KeyError):
-        return int(checkpoint.name[len(PREFIX):])
-
-
-def _stats(s: EncodeStats) -> dict[str, Any]:
-    lengths = sorted(s.lengths)
-    return {"samples": s.samples, "tokens": s.tokens, "prompt_truncated": s.prompt_truncated,
-            "answer_truncated": s.answer_truncated,
-            "median_len": lengths[len(lengths) // 2] if lengths else 0, "max_len": lengths[-1] if lengths else 0}

@@ -1,0 +1,109 @@
+"""What a training run leaves in OUTPUT_DIR, and how a failed write reads.
+
+The finished run's files appear together, each whole (staged, then renamed), summary.json last:
+it marks a finished run. metrics.jsonl is the live log; after a resume it is cut back to the
+checkpoint's step so it reads as one uninterrupted run. Rank 0 writes.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.core.errors import UserError
+from app.core.utils import LAST_RUN_FILE, atomic_write_text, staged_dir, write_json
+from app.data.encode import EncodeStats
+from app.training import dist
+from app.training.callbacks import plot_losses, read_metrics
+from app.training.checkpoints import CHECKPOINTS, latest_checkpoint
+
+METRICS = "metrics.jsonl"
+# Settings the tier, the memory fit or the guard may change: summary.json records their final values.
+PLANNED = ("QUANT_LEVEL", "MAX_SAMPLES", "MAX_SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING", "LORA_R")
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    tokens_per_s: float
+    seconds: float
+    peak_rss_mb: float
+
+
+def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any) -> None:
+    """The finished run of FineTuner ``ft`` into ``out``: adapter (``weights``: ZeRO-3's gathered
+    state dict, else None), tokenizer, data report, config as it ran, loss plot and best/, then
+    summary.json and models/.last_run. Until then an earlier run's files stay."""
+    with staged_dir(out) as tmp:
+        ft.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        ft.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "data_report.json", ft.data_report)
+        ft.cfg.save(tmp / "train_config.json")  # as it ran, after any back-off
+        if (out / METRICS).is_file():
+            plot_losses(out / METRICS, tmp / "loss_curve.png")
+        if (ckpt_dir / "best").is_dir():
+            os.replace(ckpt_dir / "best", tmp / "best")
+    estimate = ft.plan.estimate
+    write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
+                                      "memory": peaks, "plan": {v: ft.cfg.get(v) for v in PLANNED},
+                                      "records": ft.records, "warnings": list(ft.plan.warnings),
+                                      "world_size": dist.world_size(),
+                                      "predicted_peak_mb": estimate and round(estimate.total_mb, 1)})
+    atomic_write_text(LAST_RUN_FILE, portable_path(out) + "\n")
+
+
+def write_error(e: OSError, out: Path, doing: str, previous: str | None) -> BaseException:
+    """A full disk or a read-only/forbidden OUTPUT_DIR while writing: one line, what is kept, what to do."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+        return e
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    what = "no space left on the device" if full else f"cannot write ({os.strerror(e.errno).lower()})"
+    kept = (f"the previous run's files there ({previous}) are untouched" if previous
+            else "nothing half-written was left")
+    ckpt = latest_checkpoint(out / CHECKPOINTS)
+    again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
+    fix = ("free some space or set OUTPUT_DIR on a bigger disk" if full
+           else "fix the permissions or choose another OUTPUT_DIR")
+    return UserError(f"OUTPUT_DIR={out}: {what} while {doing}; {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
+
+
+def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the rows a killed run logged after the checkpoint resumed from (they are logged again),
+    so metrics.jsonl and the loss curve read as one uninterrupted run. Returns the kept rows."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if dist.is_main() and len(kept) < len(rows):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def mean_logged_loss(path: Path) -> float:
+    """The mean training loss over all steps from metrics.jsonl, each logged loss weighted by the
+    steps it covers: the Trainer's own figure after a resume counts only the resumed part."""
+    total, last = 0.0, 0
+    for r in sorted((r for r in read_metrics(path) if "loss" in r), key=lambda r: r["step"]):
+        total, last = total + r["loss"] * (r["step"] - last), r["step"]
+    return total / last if last else 0.0
+
+
+def portable_path(path: Path) -> str:
+    """Relative to the working dir when inside it: the same models/ is /app/models in the
+    container and ./models on the host, so train in one runtime and predict in the other."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def encode_stats(s: EncodeStats) -> dict[str, Any]:
+    """data_report.json's figures for one split."""
+    lengths = sorted(s.lengths)
+    return {"samples": s.samples, "tokens": s.tokens, "prompt_truncated": s.prompt_truncated,
+            "answer_truncated": s.answer_truncated,
+            "median_len": lengths[len(lengths) // 2] if lengths else 0, "max_len": lengths[-1] if lengths else 0}
