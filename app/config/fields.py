@@ -1,0 +1,166 @@
+"""The settings themselves: one dataclass per section, one typed field per variable, each with
+its default, help text and allowed values. The field name, upper-cased, *is* the variable name
+(``max_seq_len`` <-> ``MAX_SEQ_LEN``); app.config.settings builds the tree and loads it.
+Standard library only."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.errors import UserError
+
+
+class ConfigError(UserError):
+    """Bad settings: one line per problem, each naming the variable and the fix."""
+
+
+def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# The default model is a real GLM-family chat model that fits an 8 GB PC in 4-bit/8-bit and
+# that transformers loads natively (no trust_remote_code).
+DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
+ALL = "all"  # how an optional count (int | None) spells None: MAX_SAMPLES=all
+# The settings TIER=auto decides when you leave them unset (app/plan/tiers.py sets them; a test keeps this
+# list equal to its tables). Their defaults below are what TIER=none runs with.
+TIERED = ("QUANT_LEVEL", "MAX_SAMPLES", "BATCH_SIZE", "GRAD_ACCUM", "LORA_R", "MAX_SEQ_LEN", "GRADIENT_CHECKPOINTING")
+
+
+@dataclass
+class ModelArgs:
+    model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny' (GLM), 'tiny-qwen2', "
+                         "'tiny-qwen3', 'tiny-llama', 'tiny-gemma3' build a random 2-layer model under models/ "
+                         "for offline runs")
+    trust_remote_code: bool = _f(False, "Allow the model repo's own Python code (ChatGLM-6B/2/3 need it)")
+    num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
+
+
+@dataclass
+class DataArgs:
+    data_path: str = _f("data/train.jsonl", "Training data: .jsonl/.json/.csv/.txt file, or a hub dataset name")
+    val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
+    data_format: str = _f("auto", "Record format; auto detects it per file",
+                          ("auto", "context_target", "alpaca", "text", "messages", "sharegpt"))
+    max_samples: int | None = _f(None, "Use at most this many training records, sampled with SEED; all = every "
+                                       "record (also when empty); records a tier leaves out are named in a warning")
+    val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
+    max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
+    max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
+    replace_data: bool = _f(False, "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
+                                   "with sample data (without it, only missing files, or sample data this tool wrote "
+                                   "and nobody changed, are written)")
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = _f(8, "LoRA rank")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
+    lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
+                                     "of the model family")
+    method: str = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
+                             "prefixes); full (every weight: small models only)", ("lora", "qlora", "ptuning", "full"))
+    pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
+    prefix_projection: bool = _f(False, "METHOD=ptuning: reparameterize prefixes through a 2-layer MLP")
+
+
+TIER_NAMES = ("auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l")
+
+
+@dataclass
+class ResourceArgs:
+    tier: str = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
+                           "defaults. Variables you set always win over the tier", TIER_NAMES)
+    quant_level: str = _f("auto", "Weight quantization: auto = the tier's choice", ("auto", "none", "8bit", "4bit"))
+    gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory; auto = only "
+                                             "when needed to fit", ("auto", "on", "off"))
+    memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
+    memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
+    memory_guard: str = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
+                                      "(backoff), or checkpoint and stop (stop), or do nothing (off)",
+                           ("backoff", "stop", "off"))
+    release_memory: str = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold 256 KB): "
+                                     "RSS stays at what is in use, but page faults cost up to 2x the step time "
+                                     "of a small model; auto = only when the predicted peak is over half the "
+                                     "memory budget, or on CUDA", ("auto", "on", "off"))
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go; empty = models/<last part of "
+                             "MODEL_NAME>-<METHOD> (e.g. models/tiny-lora), so runs of different models or methods "
+                             "never collide")
+    num_epochs: float = _f(3.0, "Passes over the training data")
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
+    batch_size: int = _f(1, "Micro-batch size per step")
+    grad_accum: int = _f(8, "Micro-batches per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM)")
+    learning_rate: float = _f(2e-4, "Peak learning rate")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup",
+                           ("cosine", "linear", "constant_with_warmup"))
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
+    precision: str = _f("auto", "Compute precision: auto = bf16 autocast where the hardware has fast bf16 (a CPU "
+                                "with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; quantized CPU "
+                                "runs stay fp32 around their bf16 layers", ("auto", "fp32", "bf16", "fp16"))
+    packing: str = _f("auto", "Concatenate each micro-batch's samples into rows with no padding; each sample keeps "
+                              "its own positions, attention and label mask. auto = on where the model's code supports "
+                              "it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)", ("auto", "on", "off"))
+    torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
+                                    "only on long runs)")
+    optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
+    eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
+    logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps")
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never")
+    seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
+    resume: str = _f("auto", "Continue from a checkpoint (optimizer, scheduler, RNG, data position): auto = the "
+                             "newest complete one in OUTPUT_DIR/checkpoints, if any; or a checkpoint-N dir, or an "
+                             "output dir whose checkpoints/ holds one. Only with the model, data and optimizer "
+                             "settings it was trained with (a difference is refused, listed)")
+    overwrite: bool = _f(False, "Train into an OUTPUT_DIR that holds a finished run; the new run replaces it when "
+                                "it finishes (without this, such a run is refused). Over an unfinished run of other "
+                                "settings: train anew, removing its checkpoints")
+
+
+@dataclass
+class DistArgs:
+    nproc: int = _f(1, "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
+                       "one GPU each); 1 = a plain single process")
+    nnodes: int = _f(1, "Machines in a multi-node run: start the same command on each, with its own NODE_RANK")
+    node_rank: int = _f(0, "This machine's index in a multi-node run, 0..NNODES-1 (node 0 hosts MASTER_ADDR)")
+    master_addr: str = _f("127.0.0.1", "Address of node 0 that every node can reach (NNODES > 1)")
+    master_port: int = _f(0, "Rendezvous port on node 0; 0 = a free port on one machine, 29500 across machines")
+    ds_config: str = _f("", "DeepSpeed JSON config on CUDA (pip install deepspeed), e.g. configs/ds_zero2.json or "
+                            "configs/ds_zero3.json; empty = plain DDP")
+
+
+@dataclass
+class PredictArgs:
+    adapter_dir: str = _f("", "Adapter to load; empty = the last training's output; 'none' = base model only")
+    prompt: str = _f("", "Prompt for predict-custom")
+    input_file: str = _f("", "File mode: one prompt or record per line (any DATA_FORMAT)")
+    output_file: str = _f("", "File mode output (.jsonl); empty = <INPUT_FILE stem>.pred.jsonl")
+    interactive: bool = _f(False, "Chat in the terminal until /exit or Ctrl-D")
+    max_new_tokens: int = _f(256, "Tokens to generate per answer")
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
+    predict_batch_size: int = _f(8, "Prompts generated together in file mode, evaluation and F1 during training "
+                                         "(left-padded, with the KV cache)")
+    merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
+    onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
+                           "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
+
+
+@dataclass
+class EvalArgs:
+    eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = VAL_PATH, else data/dev.jsonl")
+    eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
+    eval_metric: str = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)",
+                          ("loss", "f1"))
+    eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
+    predictions: str = _f("", "Score this JSONL of {target, output} lines instead of generating (--predictions FILE)")
+    demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes")
