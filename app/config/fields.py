@@ -142,10 +142,10 @@ class DistArgs:
 @dataclass
 class PredictArgs:
     adapter_dir: str = _f("", "Adapter to load; empty = the last training's output; 'none' = base model only")
-    prompt: str = _f("", "Prompt for predict-custom")
-    input_file: str = _f("", "File mode: one prompt or record per line (any DATA_FORMAT)")
+    prompt: str = _f("", "predict-custom: the prompt to answer (must not be blank)")
+    input_file: str = _f("", "predict-file: one prompt or record per line (any DATA_FORMAT)")
     output_file: str = _f("", "File mode output (.jsonl); empty = <INPUT_FILE stem>.pred.jsonl")
-    interactive: bool = _f(False, "Chat in the terminal until /exit or Ctrl-D")
+    interactive: bool = _f(False, "predict INTERACTIVE=1 chats in the terminal until /exit or Ctrl-D (as `chat` does)")
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
     predict_batch_size: int = _f(8, "Prompts generated together in file mode, evaluation and F1 during training "
