@@ -183,6 +183,7 @@ def _remove_run(cfg: Config) -> None:
 def _show_config(cfg: Config) -> None:
     import json
 
+    cfg.validate()  # a value no command would accept is not shown as if it were a setting
     sys.stdout.write(json.dumps(cfg.to_dict(), ensure_ascii=False, indent=2) + "\n")  # cli-output
 
 

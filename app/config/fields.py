@@ -5,7 +5,7 @@ Standard library only."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from app.core.errors import UserError
 
@@ -14,8 +14,9 @@ class ConfigError(UserError):
     """Bad settings: one line per problem, each naming the variable and the fix."""
 
 
-def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
+def _f(default: Any, help: str) -> Any:
+    """A setting's default and help; its allowed values, if any, are those of its Literal type."""
+    meta = {"help": help}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -28,6 +29,19 @@ ALL = "all"  # how an optional count (int | None) spells None: MAX_SAMPLES=all
 # The settings TIER=auto decides when you leave them unset (app/plan/tiers.py sets them; a test keeps this
 # list equal to its tables). Their defaults below are what TIER=none runs with.
 TIERED = ("QUANT_LEVEL", "MAX_SAMPLES", "BATCH_SIZE", "GRAD_ACCUM", "LORA_R", "MAX_SEQ_LEN", "GRADIENT_CHECKPOINTING")
+
+
+# The settings that take one of a few words: their allowed values are these types' (validation,
+# --help, .env.template and docs/configuration.md read them from the annotation).
+DataFormat = Literal["auto", "context_target", "alpaca", "text", "messages", "sharegpt"]
+Method = Literal["lora", "qlora", "ptuning", "full"]
+TierName = Literal["auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l"]
+QuantLevel = Literal["auto", "none", "8bit", "4bit"]
+AutoOnOff = Literal["auto", "on", "off"]
+MemoryGuard = Literal["backoff", "stop", "off"]
+Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+EvalMetric = Literal["loss", "f1"]
 
 
 @dataclass
@@ -43,8 +57,7 @@ class ModelArgs:
 class DataArgs:
     data_path: str = _f("data/train.jsonl", "Training data: .jsonl/.json/.csv/.txt file, or a hub dataset name")
     val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
-    data_format: str = _f("auto", "Record format; auto detects it per file",
-                          ("auto", "context_target", "alpaca", "text", "messages", "sharegpt"))
+    data_format: DataFormat = _f("auto", "Record format; auto detects it per file")
     max_samples: int | None = _f(None, "Use at most this many training records, sampled with SEED; all = every "
                                        "record (also when empty); records a tier leaves out are named in a warning")
     val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
@@ -62,31 +75,29 @@ class LoraArgs:
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
     lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
                                      "of the model family")
-    method: str = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
-                             "prefixes); full (every weight: small models only)", ("lora", "qlora", "ptuning", "full"))
+    method: Method = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
+                                "prefixes); full (every weight: small models only)")
     pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
     prefix_projection: bool = _f(False, "METHOD=ptuning: reparameterize prefixes through a 2-layer MLP")
 
 
-TIER_NAMES = ("auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l")
 
 
 @dataclass
 class ResourceArgs:
-    tier: str = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
-                           "defaults. Variables you set always win over the tier", TIER_NAMES)
-    quant_level: str = _f("auto", "Weight quantization: auto = the tier's choice", ("auto", "none", "8bit", "4bit"))
-    gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory; auto = only "
-                                             "when needed to fit", ("auto", "on", "off"))
+    tier: TierName = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
+                                "defaults. Variables you set always win over the tier")
+    quant_level: QuantLevel = _f("auto", "Weight quantization: auto = the tier's choice")
+    gradient_checkpointing: AutoOnOff = _f("auto", "Recompute activations in backward to save memory; auto = only "
+                                                   "when needed to fit")
     memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
     memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
-    memory_guard: str = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
-                                      "(backoff), or checkpoint and stop (stop), or do nothing (off)",
-                           ("backoff", "stop", "off"))
-    release_memory: str = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold 256 KB): "
-                                     "RSS stays at what is in use, but page faults cost up to 2x the step time "
-                                     "of a small model; auto = only when the predicted peak is over half the "
-                                     "memory budget, or on CUDA", ("auto", "on", "off"))
+    memory_guard: MemoryGuard = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
+                                              "(backoff), or checkpoint and stop (stop), or do nothing (off)")
+    release_memory: AutoOnOff = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold "
+                                           "256 KB): RSS stays at what is in use, but page faults cost up to 2x the "
+                                           "step time of a small model; auto = only when the predicted peak is over "
+                                           "half the memory budget, or on CUDA")
 
 
 @dataclass
@@ -99,17 +110,16 @@ class TrainArgs:
     batch_size: int = _f(1, "Micro-batch size per step")
     grad_accum: int = _f(8, "Micro-batches per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM)")
     learning_rate: float = _f(2e-4, "Peak learning rate")
-    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warmup",
-                           ("cosine", "linear", "constant_with_warmup"))
+    lr_scheduler: Scheduler = _f("cosine", "Learning-rate schedule after warmup")
     warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
-    precision: str = _f("auto", "Compute precision: auto = bf16 autocast where the hardware has fast bf16 (a CPU "
-                                "with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; quantized CPU "
-                                "runs stay fp32 around their bf16 layers", ("auto", "fp32", "bf16", "fp16"))
-    packing: str = _f("auto", "Concatenate each micro-batch's samples into rows with no padding; each sample keeps "
-                              "its own positions, attention and label mask. auto = on where the model's code supports "
-                              "it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)", ("auto", "on", "off"))
+    precision: Precision = _f("auto", "Compute precision: auto = bf16 autocast where the hardware has fast bf16 "
+                                      "(a CPU with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; "
+                                      "quantized CPU runs stay fp32 around their bf16 layers")
+    packing: AutoOnOff = _f("auto", "Concatenate each micro-batch's samples into rows with no padding; each sample "
+                                    "keeps its own positions, attention and label mask. auto = on where the model's "
+                                    "code supports it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)")
     torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
                                     "only on long runs)")
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
@@ -159,8 +169,7 @@ class PredictArgs:
 class EvalArgs:
     eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = VAL_PATH, else data/dev.jsonl")
     eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
-    eval_metric: str = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)",
-                          ("loss", "f1"))
+    eval_metric: EvalMetric = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)")
     eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
     predictions: str = _f("", "Score this JSONL of {target, output} lines instead of generating (--predictions FILE)")
     demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes")

@@ -113,10 +113,10 @@ class Config:
     def validate(self) -> "Config":
         """Check every value; raise one ConfigError naming *all* bad variables and their fixes."""
         p: list[str] = []
-        for var, (sec, f) in self.variables().items():
-            choices = f.metadata.get("choices")
-            if choices and self.get(var) not in choices:
-                p.append(f"{var}={self.get(var)!r} is not one of {', '.join(choices)}")
+        for var in self.variables():
+            allowed = choices(var)
+            if allowed and self.get(var) not in allowed:
+                p.append(f"{var}={self.get(var)!r} is not one of {', '.join(allowed)}")
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -193,13 +193,20 @@ class Config:
             lines.append(f"  {var:<24} = {shown!s:<22} {help_}{extra}{tiered}")
         return "\n".join(lines)
 
+
+def choices(var: str) -> tuple[str, ...] | None:
+    """The allowed values of a setting whose type is a Literal (app.config.fields), else None."""
+    sec, f = Config.variables()[var]
+    hint = _hint(sec, f.name)
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+
+
 def documented() -> Iterator[tuple[str, str, Any, str, tuple[str, ...] | None]]:
     """(section, VARIABLE, default as shown, help, choices) for every setting, in order."""
     for var, (sec, f) in Config.variables().items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         shown = ",".join(default) if isinstance(default, list) else ALL if default is None else default
-        yield sec, var, shown, f.metadata["help"], \
-            f.metadata.get("choices")
+        yield sec, var, shown, f.metadata["help"], choices(var)
 
 
 def show(value: Any) -> str:
