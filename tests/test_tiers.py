@@ -25,8 +25,10 @@ def test_cpu_tiers_follow_the_table(ram, tier, quant, samples, batch, accum):
     c = cfg()
     plan = apply_tier(c, res(ram))
     assert plan.tier == tier and plan.device == "cpu"
-    assert (c.resources.quant_level, c.data.max_samples, c.train.batch_size, c.train.grad_accum) == \
+    p = plan.cfg
+    assert (p.resources.quant_level, p.data.max_samples, p.train.batch_size, p.train.grad_accum) == \
         (quant, samples, batch, accum)
+    assert c == cfg()  # the user's settings are never changed: the plan holds its own
 
 
 # Each bound on both sides: 1 MB below it is the smaller tier, exactly at it is the next one
@@ -53,24 +55,21 @@ def test_gpu_tier_bounds_are_12_24_gb_of_vram_exclusive(vram, tier):
 def test_gpu_tiers_by_vram_set_the_lora_rank(vram, tier, rank):
     c = cfg()
     plan = apply_tier(c, res(16, gpu_gb=vram))
-    assert (plan.tier, plan.device, c.lora.lora_r, c.lora.lora_alpha) == (tier, "cuda", rank, 2 * rank)
+    assert (plan.tier, plan.device, plan.cfg.lora.lora_r, plan.cfg.lora.lora_alpha) == (tier, "cuda", rank, 2 * rank)
 
 
 def test_explicit_settings_win_over_the_tier_and_forced_tier():
     c = cfg(BATCH_SIZE=3, QUANT_LEVEL="none", TIER="cpu-xs")
     plan = apply_tier(c, res(64))
     assert plan.tier == "cpu-xs"
-    assert (c.train.batch_size, c.resources.quant_level) == (3, "none")
+    assert (plan.cfg.train.batch_size, plan.cfg.resources.quant_level) == (3, "none")
     assert plan.decisions["BATCH_SIZE"] == (3, "set by you")
-    assert c.train.grad_accum == 32 and "TIER=cpu-xs" in plan.decisions["GRAD_ACCUM"][1]
+    assert plan.cfg.train.grad_accum == 32 and "TIER=cpu-xs" in plan.decisions["GRAD_ACCUM"][1]
 
 
 def test_qlora_means_4bit_and_tier_none_keeps_defaults():
-    c = cfg(METHOD="qlora")
-    apply_tier(c, res(64))
-    assert c.resources.quant_level == "4bit"
-    plain = cfg(TIER="none")
-    apply_tier(plain, res(4))
+    assert apply_tier(cfg(METHOD="qlora"), res(64)).cfg.resources.quant_level == "4bit"
+    plain = apply_tier(cfg(TIER="none"), res(4)).cfg
     assert (plain.train.batch_size, plain.train.grad_accum, plain.resources.quant_level) == (1, 8, "none")
 
 
@@ -80,8 +79,8 @@ def test_sequence_length_comes_from_the_data_not_the_table(tiny_glm_dir):
     assert seq_from_lengths(lengths, 256) == 256  # never beyond the model's positions
     c = cfg()
     shape = model_shape(str(tiny_glm_dir))
-    plan = fit_memory(c, res(4), shape, lengths, apply_tier(c, res(4)))
-    assert c.data.max_seq_len == 304 and "95%" in plan.decisions["MAX_SEQ_LEN"][1]
+    plan = fit_memory(apply_tier(c, res(4)), res(4), shape, lengths)
+    assert plan.cfg.data.max_seq_len == 304 and "95%" in plan.decisions["MAX_SEQ_LEN"][1]
 
 
 def test_fit_memory_shrinks_until_the_prediction_fits(tiny_glm_dir):
@@ -90,9 +89,10 @@ def test_fit_memory_shrinks_until_the_prediction_fits(tiny_glm_dir):
     plan = apply_tier(c, res(64))
     big = estimate(shape, "none", 8, 4, 1024, False).total_mb
     small_budget_avail = (estimate(shape, "none", 8, 1, 1024, False).total_mb + 5) / 0.85 / GB
-    fit_memory(c, res(64, avail_gb=small_budget_avail), shape, None, plan)
-    assert c.train.batch_size == 1 and c.train.grad_accum == 16  # effective batch 16 kept
-    assert c.data.max_seq_len == 1024 and plan.estimate.total_mb <= plan.budget_mb < big
+    fit_memory(plan, res(64, avail_gb=small_budget_avail), shape, None)
+    p = plan.cfg
+    assert p.train.batch_size == 1 and p.train.grad_accum == 16  # effective batch 16 kept
+    assert p.data.max_seq_len == 1024 and plan.estimate.total_mb <= plan.budget_mb < big
     assert not plan.warnings
 
 
@@ -100,8 +100,8 @@ def test_impossible_budget_warns_with_the_fix(tiny_glm_dir):
     shape = model_shape(str(tiny_glm_dir))
     c = cfg(MAX_SEQ_LEN=512, BATCH_SIZE=1, QUANT_LEVEL="4bit")
     plan = apply_tier(c, res(1))
-    fit_memory(c, res(1, avail_gb=0.2), shape, None, plan)
-    assert c.resources.gradient_checkpointing == "on"  # tried what it could
+    fit_memory(plan, res(1, avail_gb=0.2), shape, None)
+    assert plan.cfg.resources.gradient_checkpointing == "on"  # tried what it could
     assert plan.warnings and "exceeds the budget" in plan.warnings[0] and "MAX_SEQ_LEN" in plan.warnings[0]
 
 
@@ -116,3 +116,23 @@ def test_estimator_orders_and_scales(tiny_qwen2_dir):
     assert estimate(shape, "none", 16, 2, 256, False).trainable_mb == pytest.approx(2 * e["none"].trainable_mb)
     gpu = estimate(shape, "none", 8, 2, 256, False, cuda=True)
     assert gpu.weights_mb == pytest.approx(e["none"].weights_mb / 2)  # bf16 on GPU
+
+
+def test_planning_never_changes_the_users_config(tiny_glm_dir, tmp_path):
+    """A Config is frozen: the tier, the data's lengths and the memory fit make new ones (FineTuner.cfg,
+    plan.cfg), so a notebook that reuses its Config for a second run starts from what it set, not from
+    the first run's plan (GRADIENT_CHECKPOINTING=auto used to come back as 'off')."""
+    import dataclasses
+
+    from app import FineTuner
+    from app.data.synthetic import write_dataset
+
+    write_dataset(tmp_path, n_train=20, n_dev=2, seed=1)
+    user = cfg(MODEL_NAME=str(tiny_glm_dir), DATA_PATH=str(tmp_path / "train.jsonl"), OUTPUT_DIR=str(tmp_path / "o"))
+    before = user.to_dict()
+    ft = FineTuner(user).setup().prepare_data()
+    assert user.to_dict() == before and user.resources.gradient_checkpointing == "auto"
+    assert ft.cfg is ft.plan.cfg and ft.cfg.resources.gradient_checkpointing in ("on", "off")
+    assert ft.cfg.data.max_seq_len != before["MAX_SEQ_LEN"] and "95%" in ft.plan.decisions["MAX_SEQ_LEN"][1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        user.train.batch_size = 2  # type: ignore[misc]

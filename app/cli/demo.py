@@ -134,10 +134,9 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     n_train = int(TRAIN_PER_MINUTE * minutes)
     train_path, heldout = write_demo_data(DATA_DIR, n_train, N_HELDOUT, cfg.train.seed, COPY_FRACTION)
     demo_model(cfg.train.seed)
-    for var, value in {**DEFAULTS, "DATA_PATH": str(train_path), "VAL_PATH": str(heldout)}.items():
-        if var not in cfg.explicit:
-            cfg.assign(var, value)
-    ft = FineTuner(cfg.validate())
+    recipe = {**DEFAULTS, "DATA_PATH": str(train_path), "VAL_PATH": str(heldout)}
+    cfg = cfg.replace({var: value for var, value in recipe.items() if var not in cfg.explicit})
+    ft = FineTuner(cfg)
     t0 = time.perf_counter()
     ft.setup().prepare_data()
     t1 = time.perf_counter()

@@ -62,7 +62,7 @@ def _info(cfg: Config) -> None:
             sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n")  # cli-output
         raise
     if default_data_missing(cfg):  # nothing to measure yet: the tier's lengths, and say why
-        fit_memory(ft.cfg, ft.resources, ft.shape, None, ft.plan)
+        fit_memory(ft.plan, ft.resources, ft.shape, None)
         ft.plan.warnings.append(f"DATA_PATH={cfg.data.data_path} does not exist yet: `make train` writes the "
                                 "synthetic sample data there first; MAX_SEQ_LEN above is the tier's, not your data's")
     else:
@@ -73,6 +73,9 @@ def _info(cfg: Config) -> None:
 # The prediction commands, one per mode. Each sets its own mode, so a PROMPT, INPUT_FILE or INTERACTIVE
 # left in .env or the environment for one never changes another: `make predict` answers the built-in
 # prompt with a PROMPT in .env, `make chat` chats with an INPUT_FILE there.
+# The commands whose pre-flight (app.cli.preflight) validates the settings.
+PREFLIGHTED = frozenset({"train", "info", "predict", "predict-custom", "predict-file", "chat", "evaluate", "merge",
+                         "export-onnx"})
 _MODES: dict[str, dict[str, object]] = {
     "predict": {"prompt": "", "input_file": "", "interactive": False},
     "predict-custom": {"input_file": "", "interactive": False},
@@ -86,8 +89,7 @@ def _answer(command: str) -> Callable[[Config], None]:
         from app.cli.preflight import preflight
         from app.inference.predict import run_predict
 
-        for name, value in _MODES[command].items():
-            setattr(cfg.predict, name, value)
+        cfg = cfg.replace({name.upper(): value for name, value in _MODES[command].items()})
         preflight(cfg, command)  # with the one setting this mode needs (PROMPT, INPUT_FILE), before torch
         run_predict(cfg)
     return run
@@ -165,7 +167,7 @@ def _make_tiny(cfg: Config) -> None:
 def _generate_data(cfg: Config) -> None:
     from app.cli.workspace import write_sample_data
 
-    write_sample_data(cfg.validate().data.data_path, seed=cfg.train.seed, replace=cfg.data.replace_data)
+    write_sample_data(cfg.data.data_path, seed=cfg.train.seed, replace=cfg.data.replace_data)
 
 
 def _clean(cfg: Config) -> None:
@@ -177,13 +179,12 @@ def _clean(cfg: Config) -> None:
 def _remove_run(cfg: Config) -> None:
     from app.cli.workspace import remove_run
 
-    remove_run(cfg.validate())
+    remove_run(cfg)
 
 
 def _show_config(cfg: Config) -> None:
     import json
 
-    cfg.validate()  # a value no command would accept is not shown as if it were a setting
     sys.stdout.write(json.dumps(cfg.to_dict(), ensure_ascii=False, indent=2) + "\n")  # cli-output
 
 
@@ -285,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         overrides = parse_cli_overrides(rest)
-        cfg = Config.load(overrides)
+        # validated once: by the pre-flight where a command has one (with the data's and the model's
+        # problems, all at once), else here
+        cfg = Config.load(overrides, validate=cmd not in PREFLIGHTED)
         if cmd == "predict":
             cmd = _predict_mode(cfg, {k.upper() for k in overrides})
         COMMANDS[cmd].run(cfg)

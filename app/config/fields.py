@@ -1,5 +1,5 @@
-"""The settings themselves: one dataclass per section, one typed field per variable, each with
-its default, help text and allowed values. The field name, upper-cased, *is* the variable name
+"""The settings themselves: one frozen dataclass per section, one typed field per variable, each
+with its default, help text and allowed values. The field name, upper-cased, *is* the variable name
 (``max_seq_len`` <-> ``MAX_SEQ_LEN``); app.config.settings builds the tree and loads it.
 Standard library only."""
 from __future__ import annotations
@@ -44,7 +44,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalMetric = Literal["loss", "f1"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArgs:
     model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny' (GLM), 'tiny-qwen2', "
                          "'tiny-qwen3', 'tiny-llama', 'tiny-gemma3' build a random 2-layer model under models/ "
@@ -53,7 +53,7 @@ class ModelArgs:
     num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataArgs:
     data_path: str = _f("data/train.jsonl", "Training data: .jsonl/.json/.csv/.txt file, or a hub dataset name")
     val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
@@ -68,7 +68,7 @@ class DataArgs:
                                    "and nobody changed, are written)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraArgs:
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
@@ -83,7 +83,7 @@ class LoraArgs:
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResourceArgs:
     tier: TierName = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
                                 "defaults. Variables you set always win over the tier")
@@ -100,7 +100,7 @@ class ResourceArgs:
                                            "half the memory budget, or on CUDA")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainArgs:
     output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go; empty = models/<last part of "
                              "MODEL_NAME>-<METHOD> (e.g. models/tiny-lora), so runs of different models or methods "
@@ -137,7 +137,7 @@ class TrainArgs:
                                 "settings: train anew, removing its checkpoints")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistArgs:
     nproc: int = _f(1, "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
                        "one GPU each); 1 = a plain single process")
@@ -149,7 +149,7 @@ class DistArgs:
                             "configs/ds_zero3.json; empty = plain DDP")
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictArgs:
     adapter_dir: str = _f("", "Adapter to load; empty = the last training's output; 'none' = base model only")
     prompt: str = _f("", "predict-custom: the prompt to answer (must not be blank)")
@@ -165,7 +165,7 @@ class PredictArgs:
                            "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalArgs:
     eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = VAL_PATH, else data/dev.jsonl")
     eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")

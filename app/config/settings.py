@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from app.config.fields import (ALL, TIERED, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs, ModelArgs, PredictArgs,
                                ResourceArgs, TrainArgs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
@@ -35,26 +36,29 @@ class Config:
     distributed: DistArgs = field(default_factory=DistArgs)
     predict: PredictArgs = field(default_factory=PredictArgs)
     evaluation: EvalArgs = field(default_factory=EvalArgs)
-    explicit: set[str] = field(default_factory=set, repr=False, compare=False,
+    explicit: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
                                metadata={"help": "not a setting: names the user set explicitly"})
 
     # ---- introspection -------------------------------------------------------------
     @classmethod
     def variables(cls) -> dict[str, tuple[str, dataclasses.Field]]:
-        """VARIABLE -> (section, field) for every setting."""
-        out: dict[str, tuple[str, dataclasses.Field]] = {}
-        for sec in _sections(cls):
-            for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
-                out[f.name.upper()] = (sec.name, f)
-        return out
+        """VARIABLE -> (section, field) for every setting (the same dict each call: do not change it)."""
+        return _variables()
 
     def get(self, var: str) -> Any:
         sec, f = self.variables()[var.upper()]
         return getattr(getattr(self, sec), f.name)
 
-    def assign(self, var: str, raw: Any) -> None:
-        sec, f = self.variables()[var.upper()]
-        setattr(getattr(self, sec), f.name, _parse(raw, _hint(sec, f.name), var.upper()))
+    def replace(self, values: dict[str, Any], explicit: Iterable[str] = ()) -> "Config":
+        """A new Config with these VARIABLE values (parsed as from the command line; a bad one is a
+        ConfigError), and ``explicit`` added to the names treated as set by the user. A Config is
+        never changed: the tier, the memory fit, the guard and a resume each make a new one."""
+        known, by_sec = self.variables(), {}  # type: ignore[var-annotated]
+        for var, raw in values.items():
+            sec, f = known[var.upper()]
+            by_sec.setdefault(sec, {})[f.name] = _parse(raw, _hint(sec, f.name), var.upper())
+        sections = {sec: dataclasses.replace(getattr(self, sec), **vals) for sec, vals in by_sec.items()}
+        return dataclasses.replace(self, **sections, explicit=self.explicit | frozenset(v.upper() for v in explicit))
 
     def to_dict(self) -> dict[str, Any]:
         return {var: self.get(var) for var in self.variables()}
@@ -67,8 +71,12 @@ class Config:
     # ---- loading ---------------------------------------------------------------------
     @classmethod
     def load(cls, overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
-             dotenv_path: str | Path | None = ".env") -> "Config":
+             dotenv_path: str | Path | None = ".env", validate: bool = True) -> "Config":
         """Defaults < .env < environment < overrides. Raises ConfigError listing every problem.
+
+        ``validate=False``: unknown names and unparsable values still raise, but the range checks
+        are left to the caller: the CLI's pre-flight, which reports them together with the data's
+        and the model's problems (app.cli.preflight). Either way a Config is validated once.
 
         Every key must name a setting, however it was given: a ``KEY=value`` argument, a line of
         ``.env``, or an assignment on the ``make`` command line (make passes those through the
@@ -79,28 +87,30 @@ class Config:
         env = dict(os.environ) if env is None else env
         dotenv = _read_dotenv(dotenv_path)
         layers: list[dict[str, Any]] = [dotenv, env, overrides or {}]
-        cfg, known = cls(), cls.variables()
+        known = cls.variables()
         problems = [p for p in (_unknown(k, f"in {dotenv_path}") for k in dotenv) if p]
         problems += [p for p in (_unknown(k, "on the make command line") for k in make_overrides(env)) if p]
         problems += [p for p in (_unknown(k, None) for k in layers[2]) if p]
-        cfg.explicit = set()  # variables the user set, in any layer (tiers and predict defer to them)
+        values: dict[str, Any] = {}  # the variables the user set, in any layer (tiers and predict defer to them)
         for layer in layers:
             for key, raw in layer.items():
                 var = key.upper()
                 if var not in known:
                     continue  # reported above where it matters; the environment holds plenty else
+                sec, f = known[var]
                 try:
-                    cfg.assign(var, raw)
-                    cfg.explicit.add(var)
+                    values[var] = _parse(raw, _hint(sec, f.name), var)
                 except ConfigError as e:
                     problems.extend(e.problems)
+        cfg = cls().replace(values, explicit=values)
         if not cfg.train.output_dir.strip():  # derived once, here, and saved with the run
-            cfg.train.output_dir = default_output_dir(cfg.model.model_name, cfg.lora.method)
-        if problems:  # report range problems of the parsable values too: all at once
+            cfg = cfg.replace({"OUTPUT_DIR": default_output_dir(cfg.model.model_name, cfg.lora.method)})
+        if problems or validate:  # range problems of the parsable values too: all at once
             try:
                 cfg.validate()
             except ConfigError as e:
                 problems.extend(e.problems)
+        if problems:
             raise ConfigError(problems)
         return cfg
 
@@ -222,6 +232,16 @@ def _sections(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name != "explicit"]
 
 
+@functools.cache
+def _variables() -> dict[str, tuple[str, dataclasses.Field]]:
+    out: dict[str, tuple[str, dataclasses.Field]] = {}
+    for sec in _sections(Config):
+        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
+            out[f.name.upper()] = (sec.name, f)
+    return out
+
+
+@functools.cache
 def _hint(section: str, name: str) -> Any:
     sec_cls = typing.get_type_hints(Config)[section]
     return typing.get_type_hints(sec_cls)[name]

@@ -53,14 +53,20 @@ class Plan:
     estimate: Estimate | None = None
     warnings: list[str] = field(default_factory=list)
     held: dict[str, str] = field(default_factory=dict)  # settings fixed before planning, and why (a resume)
+    cfg: Config = field(default_factory=Config)  # the settings as planned: the user's, with each decision
 
-    def decide(self, cfg: Config, var: str, value: Any, why: str) -> None:
+    def decide(self, var: str, value: Any, why: str) -> None:
         """Set ``var`` unless the user did; record the value and the reason either way."""
-        if var in cfg.explicit:
-            self.decisions[var] = (cfg.get(var), self.held.get(var, "set by you"))
+        if var in self.cfg.explicit:
+            self.decisions[var] = (self.cfg.get(var), self.held.get(var, "set by you"))
         else:
-            cfg.assign(var, value)
-            self.decisions[var] = (value, why)
+            self.set(var, value, why)
+
+    def set(self, var: str, value: Any, why: str) -> None:
+        """``var`` is ``value``, whoever set it (QUANT_LEVEL=auto resolves even when given): a new
+        planned Config, the user's is never changed."""
+        self.cfg = self.cfg.replace({var: value})
+        self.decisions[var] = (self.cfg.get(var), why)
 
 
 def halve_batch(batch: int, accum: int) -> tuple[int, int]:
@@ -77,16 +83,16 @@ def memory_gb(res: Resources) -> tuple[str, float]:
 
 
 def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
-    """Step 1: tier defaults for quant, samples, batch, accumulation (and GPU LoRA rank)."""
+    """Step 1: tier defaults for quant, samples, batch, accumulation (and GPU LoRA rank), planned
+    on ``cfg`` (which stays as it is): the result is ``plan.cfg``."""
     plan = plan or Plan()
+    plan.cfg = cfg
     plan.device, gb = memory_gb(res)
     if cfg.resources.tier == "none":
         plan.tier = "none"
         quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, cfg.resources.quant_level)
-        level = "none" if quant == "auto" else quant
-        cfg.assign("QUANT_LEVEL", level)  # "auto" resolves even when given explicitly
-        plan.decisions["QUANT_LEVEL"] = (level, "TIER=none" if quant == "auto"
-                                         else plan.held.get("QUANT_LEVEL", "set by you"))
+        level = "none" if quant == "auto" else quant  # "auto" resolves even when given explicitly
+        plan.set("QUANT_LEVEL", level, "TIER=none" if quant == "auto" else plan.held.get("QUANT_LEVEL", "set by you"))
         return plan
     if cfg.resources.tier != "auto":
         tier, why = TIERS[cfg.resources.tier], f"TIER={cfg.resources.tier}"
@@ -97,26 +103,21 @@ def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
         why = f"{kind} {gb:.1f} GB -> tier {tier.name}"
     plan.tier = tier.name
     if cfg.lora.method in ("qlora", "full"):
-        level = "4bit" if cfg.lora.method == "qlora" else "none"
-        plan.decisions["QUANT_LEVEL"] = (level, f"METHOD={cfg.lora.method}")
-        cfg.assign("QUANT_LEVEL", level)
+        plan.set("QUANT_LEVEL", "4bit" if cfg.lora.method == "qlora" else "none", f"METHOD={cfg.lora.method}")
     elif cfg.resources.quant_level != "auto":
         plan.decisions["QUANT_LEVEL"] = (cfg.resources.quant_level, plan.held.get("QUANT_LEVEL", "set by you"))
     elif cfg.train.precision == "bf16":  # bf16 autocast runs on unquantized weights
-        cfg.assign("QUANT_LEVEL", "none")
-        plan.decisions["QUANT_LEVEL"] = ("none", "PRECISION=bf16")
+        plan.set("QUANT_LEVEL", "none", "PRECISION=bf16")
     else:
-        cfg.assign("QUANT_LEVEL", tier.quant)
-        plan.decisions["QUANT_LEVEL"] = (tier.quant, why)
-    plan.decide(cfg, "MAX_SAMPLES", tier.samples, why)
-    plan.decide(cfg, "BATCH_SIZE", tier.batch, why)
-    plan.decide(cfg, "GRAD_ACCUM", tier.grad_accum, why)
+        plan.set("QUANT_LEVEL", tier.quant, why)
+    plan.decide("MAX_SAMPLES", tier.samples, why)
+    plan.decide("BATCH_SIZE", tier.batch, why)
+    plan.decide("GRAD_ACCUM", tier.grad_accum, why)
     if tier.lora_r:
-        plan.decide(cfg, "LORA_R", tier.lora_r, why)
-        plan.decide(cfg, "LORA_ALPHA", 2 * tier.lora_r, "2 x LORA_R")
-    if "MAX_SEQ_LEN" not in cfg.explicit:
-        cfg.assign("MAX_SEQ_LEN", tier.seq)  # replaced by the data's lengths in fit_memory
-        plan.decisions["MAX_SEQ_LEN"] = (tier.seq, f"{why} (no data measured)")
+        plan.decide("LORA_R", tier.lora_r, why)
+        plan.decide("LORA_ALPHA", 2 * tier.lora_r, "2 x LORA_R")
+    if "MAX_SEQ_LEN" not in cfg.explicit:  # replaced by the data's lengths in fit_memory
+        plan.set("MAX_SEQ_LEN", tier.seq, f"{why} (no data measured)")
     return plan
 
 
@@ -126,44 +127,46 @@ def seq_from_lengths(lengths: list[int], max_positions: int) -> int:
     return max(16, min(max_positions, -(-q // 16) * 16))
 
 
-def fit_memory(cfg: Config, res: Resources, shape: ModelShape, lengths: list[int] | None,
-               plan: Plan) -> Plan:
-    """Step 2: sequence length from the data, then shrink until the predicted peak fits."""
+def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int] | None) -> Plan:
+    """Step 2, on ``plan.cfg``: sequence length from the data, then shrink until the predicted peak fits."""
     cuda = plan.device == "cuda"
     available = res.gpus[0].free_mb if cuda else res.ram_available_mb
-    plan.budget_mb = available * cfg.resources.memory_safety
+    plan.budget_mb = available * plan.cfg.resources.memory_safety
     if lengths and plan.tier != "none":
         seq = seq_from_lengths(lengths, shape.max_positions)
-        plan.decide(cfg, "MAX_SEQ_LEN", seq, f"{int(SEQ_QUANTILE * 100)}% of the {len(lengths)} samples "
-                                             f"fit whole (longest {max(lengths)} tokens)")
-    t, r = cfg.train, cfg.resources
+        plan.decide("MAX_SEQ_LEN", seq, f"{int(SEQ_QUANTILE * 100)}% of the {len(lengths)} samples "
+                                        f"fit whole (longest {max(lengths)} tokens)")
 
     def predicted() -> Estimate:
-        return predict_peak(cfg, shape, cuda)
+        return predict_peak(plan.cfg, shape, cuda)
 
-    if r.gradient_checkpointing == "auto":
-        r.gradient_checkpointing = "off"
+    if plan.cfg.resources.gradient_checkpointing == "auto":  # on only if needed, below
+        plan.cfg = plan.cfg.replace({"GRADIENT_CHECKPOINTING": "off"})
     while predicted().total_mb > plan.budget_mb and plan.tier != "none":
+        cfg = plan.cfg
+        t, r = cfg.train, cfg.resources
         if t.batch_size > 1 and "BATCH_SIZE" not in cfg.explicit:
             batch, accum = halve_batch(t.batch_size, t.grad_accum)
-            plan.decide(cfg, "BATCH_SIZE", batch, "halved to fit memory")
+            plan.decide("BATCH_SIZE", batch, "halved to fit memory")
             if "GRAD_ACCUM" not in cfg.explicit:
-                plan.decide(cfg, "GRAD_ACCUM", accum, "keeps the effective batch")
+                plan.decide("GRAD_ACCUM", accum, "keeps the effective batch")
         elif r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
-            plan.decide(cfg, "GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
-        elif r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method in ("lora", "ptuning"):
-            plan.decide(cfg, "QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
+            plan.decide("GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
+        elif (r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit
+              and cfg.lora.method in ("lora", "ptuning")):
+            plan.decide("QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
         elif cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
-            plan.decide(cfg, "MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
+            plan.decide("MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
                         "shortened to fit memory (longer samples lose part of the prompt)")
         else:
             break
-    plan.decisions.setdefault("GRADIENT_CHECKPOINTING", (r.gradient_checkpointing, "not needed to fit"))
+    plan.decisions.setdefault("GRADIENT_CHECKPOINTING",
+                              (plan.cfg.resources.gradient_checkpointing, "not needed to fit"))
     plan.estimate = predicted()
     if plan.estimate.total_mb > plan.budget_mb:
         plan.warnings.append(
             f"predicted peak {plan.estimate.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
-            f"({cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
+            f"({plan.cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
             "BATCH_SIZE, use QUANT_LEVEL=4bit or GRADIENT_CHECKPOINTING=on; the memory guard will back off")
     return plan
 

@@ -55,24 +55,25 @@ class MemoryGuard(TrainerCallback):
             control.should_save = True
             log.info("memory above %.0f%% of the limit: extra checkpoint at step %d", WARN * 100, state.global_step)
 
-    def preflight(self, cfg: Any, predict: Any) -> None:
+    def preflight(self, cfg: Any, predict: Any) -> Any:
         """Back off before the first step when the estimator already predicts > HIGH of the limit.
 
         A sampler cannot stop a single allocation (e.g. the logits) that jumps past the limit,
         so a configuration predicted not to fit is shrunk up front, as the runtime guard would.
-        ``predict()`` returns the predicted peak MB for cfg's current batch.
+        ``predict(cfg)`` returns the predicted peak MB of a Config; returns the Config to train
+        with (a new one when it backed off).
         """
-        t = cfg.train
         if self.mode != "backoff" or not self.limit_mb:
-            return
-        while t.batch_size > 1 and predict() > HIGH * self.limit_mb:
-            t.batch_size, t.grad_accum = halve_batch(t.batch_size, t.grad_accum)
+            return cfg
+        while cfg.train.batch_size > 1 and predict(cfg) > HIGH * self.limit_mb:
+            batch, accum = halve_batch(cfg.train.batch_size, cfg.train.grad_accum)
+            cfg = cfg.replace({"BATCH_SIZE": batch, "GRAD_ACCUM": accum})
             log.warning("memory guard: predicted peak exceeds %.0f%% of the %.0f MB limit; BATCH_SIZE -> %d, "
-                        "GRAD_ACCUM -> %d (same effective batch)", HIGH * 100, self.limit_mb, t.batch_size,
-                        t.grad_accum)
-        if predict() > HIGH * self.limit_mb:
+                        "GRAD_ACCUM -> %d (same effective batch)", HIGH * 100, self.limit_mb, batch, accum)
+        if predict(cfg) > HIGH * self.limit_mb:
             log.warning("memory guard: predicted peak %.0f MB is near the %.0f MB limit even at BATCH_SIZE=1; "
-                        "lower MAX_SEQ_LEN or use QUANT_LEVEL=4bit", predict(), self.limit_mb)
+                        "lower MAX_SEQ_LEN or use QUANT_LEVEL=4bit", predict(cfg), self.limit_mb)
+        return cfg
 
     def reset(self) -> None:
         self.tripped.clear()

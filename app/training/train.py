@@ -46,7 +46,7 @@ class FineTuner:
     """
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg.validate()
+        self.cfg = cfg  # frozen: each planning step below makes a new one (self.plan.cfg)
         self.model_path = ""
         self.tokenizer: Any = None
         self.model: Any = None
@@ -79,6 +79,7 @@ class FineTuner:
             self.resources = dataclasses.replace(self.resources,
                                                  ram_available_mb=self.resources.ram_available_mb / procs)
         self.plan = apply_tier(self.cfg, self.resources, self._resume_plan())
+        self.cfg = self.plan.cfg  # the user's settings with the tier's decisions
         if self.plan.device == "cuda" and dist.distributed():
             import torch
 
@@ -110,10 +111,8 @@ class FineTuner:
                         self.cfg.train.output_dir, rc.checkpoint.name, rc.step, "; ".join(rc.differences))
             return plan
         rc.log()
-        for var, value in rc.kept.items():  # planned once, when the run started: not again
-            self.cfg.assign(var, value)
-            self.cfg.explicit.add(var)
-            plan.held[var] = f"kept from {rc.checkpoint.name} (resumed)"
+        self.cfg = self.cfg.replace(rc.kept, explicit=rc.kept)  # planned once, when the run started: not again
+        plan.held.update({var: f"kept from {rc.checkpoint.name} (resumed)" for var in rc.kept})
         self.resume_from = rc.checkpoint
         return plan
 
@@ -135,7 +134,8 @@ class FineTuner:
         if "MAX_SEQ_LEN" not in self.cfg.explicit and self.plan.tier != "none":  # measure whole samples before the cut
             _, full = encode_all(train_ex, self.tokenizer, self.shape.max_positions)
             lengths = full.lengths
-        fit_memory(self.cfg, self.resources, self.shape, lengths, self.plan)
+        self.cfg = fit_memory(self.plan, self.resources, self.shape, lengths).cfg
+        d = self.cfg.data
         self._tune_allocator()
         for w in self.plan.warnings:
             log.warning("%s", w)
@@ -260,7 +260,7 @@ class FineTuner:
             (out / METRICS).unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
         limit = self.resources.gpus[0].total_mb if self.plan.device == "cuda" else self.resources.ram_total_mb
         guard = self.guard = MemoryGuard(limit, self.cfg.resources.memory_guard)
-        guard.preflight(self.cfg, self._predicted_mb)
+        self.cfg = self.plan.cfg = guard.preflight(self.cfg, self._predicted_mb)
         t0 = time.perf_counter()
         # SIGTERM/SIGINT while training: checkpoint at the end of the step, then stop (app/training/signals.py)
         try:
@@ -308,17 +308,16 @@ class FineTuner:
         return self.setup().prepare_data().train()
 
     # ---- internals ------------------------------------------------------------------------
-    def _predicted_mb(self) -> float:
+    def _predicted_mb(self, cfg: Config) -> float:
         from app.plan.tiers import predict_peak
 
-        return predict_peak(self.cfg, self.shape, self.plan.device == "cuda").total_mb
+        return predict_peak(cfg, self.shape, self.plan.device == "cuda").total_mb
 
     def _train_with_backoff(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, resume: Path | None,
                             extra: list[Any]) -> tuple[Any, Any]:
         """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""
         import torch
 
-        t = self.cfg.train
         while True:
             resumed: list[dict[str, Any]] = []
             if resume:
@@ -335,12 +334,13 @@ class FineTuner:
                 guard.trip_usage_mb = guard.limit_mb
             resume = latest_checkpoint(ckpt_dir)
             where = resume or "(none yet)"
-            if guard.mode == "backoff" and t.batch_size > 1:
-                t.batch_size, t.grad_accum = halve_batch(t.batch_size, t.grad_accum)
+            if guard.mode == "backoff" and self.cfg.train.batch_size > 1:
+                batch, accum = halve_batch(self.cfg.train.batch_size, self.cfg.train.grad_accum)
                 log.warning("memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); "
-                            "resuming from %s", t.batch_size, t.grad_accum, where)
-                self.plan.decisions["BATCH_SIZE"] = (t.batch_size, "memory guard backed off")
-                self.plan.decisions["GRAD_ACCUM"] = (t.grad_accum, "memory guard backed off")
+                            "resuming from %s", batch, accum, where)
+                self.plan.set("BATCH_SIZE", batch, "memory guard backed off")
+                self.plan.set("GRAD_ACCUM", accum, "memory guard backed off")
+                self.cfg = self.plan.cfg  # the next Trainer and the checkpoints' settings use the new batch
                 guard.reset()
                 continue
             raise UserError(f"memory: usage reached {guard.trip_usage_mb:,.0f} MB of the {guard.limit_mb:,.0f} MB "
