@@ -4,7 +4,10 @@ packing-aware Trainer methods are in app.training.trainer)."""
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def lora_inputs_stay_bf16(model: Any) -> int:
@@ -139,3 +142,16 @@ def fast_dropout_class() -> type:
 
     return FastDropout
 
+
+def collator(cfg: Any, model: Any, tokenizer: Any, precision: str) -> Any:
+    """Packed rows where the model and method allow it (PACKING, app.plan.precision), else padded rows."""
+    from app.data.encode import Collator, PackingCollator
+    from app.plan.precision import packing_choice
+
+    pack, why = packing_choice(cfg, getattr(getattr(model, "config", None), "model_type", None))
+    log.info("packing %s (%s); precision %s", "on" if pack else "off", why, precision)
+    if pack:
+        # per-sample attention (packed_sdpa) costs the same in one long row: no padded row tails
+        per_sample = getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION
+        return PackingCollator(tokenizer.pad_token_id, 0 if per_sample else cfg.data.max_seq_len)
+    return Collator(tokenizer.pad_token_id)

@@ -23,14 +23,14 @@ from typing import Any
 from app.config import Config
 from app.core.errors import UserError
 from app.core.utils import peak_rss_mb, set_threads
-from app.data.encode import Collator, PackingCollator, encode_all
+from app.data.encode import encode_all
 from app.data.records import read_examples, sample_and_split
 from app.models.loading import apply_lora, apply_ptuning, load_model, load_tokenizer, resolve
 from app.plan.precision import bf16_frozen_weights, packing_choice, resolve_precision
 from app.plan.tiers import halve_batch
 from app.training import dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
-from app.training.kernels import PACKED_ATTENTION, fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
+from app.training.kernels import collator, fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
 from app.training.outputs import (METRICS, TrainResult, encode_stats, mean_logged_loss, publish, truncate_metrics,
                                   write_error)
 from app.training.resume import checkpoint_step, data_fingerprints, decide, snapshot
@@ -392,52 +392,21 @@ class FineTuner:
         self._ds_args = None  # used once: a back-off builds fresh arguments
         trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
         return trainer
-
     def _final_eval_loss(self, trainer: Any) -> float | None:
-        """Eval loss at the last step: reuse the Trainer's if it just evaluated, else evaluate."""
-        if not self.val_rows:
-            return None
-        for row in reversed(trainer.state.log_history):
-            if "eval_loss" in row:
-                if row.get("step") == trainer.state.global_step:
-                    return row["eval_loss"]
-                break
-        return trainer.evaluate()["eval_loss"]
+        from app.training.trainer import final_eval_loss
+
+        return final_eval_loss(trainer) if self.val_rows else None
 
     def _collator(self) -> Any:
-        """Packed rows where the model and method allow it (PACKING, app/plan/precision.py), else padded rows."""
-        pack, why = packing_choice(self.cfg, getattr(getattr(self.model, "config", None), "model_type", None))
-        log.info("packing %s (%s); precision %s", "on" if pack else "off", why,
-                 self._precision(self.plan.device == "cuda"))
-        if pack:
-            # per-sample attention (packed_sdpa) costs the same in one long row: no padded row tails
-            per_sample = getattr(self.model.config, "_attn_implementation", None) == PACKED_ATTENTION
-            return PackingCollator(self.tokenizer.pad_token_id, 0 if per_sample else self.cfg.data.max_seq_len)
-        return Collator(self.tokenizer.pad_token_id)
+        return collator(self.cfg, self.model, self.tokenizer, self._precision(self.plan.device == "cuda"))
 
     def _precision(self, cuda: bool) -> str:
         return resolve_precision(self.cfg, cuda)
 
     def _training_args(self, ckpt_dir: Path) -> Any:
         import torch
-        from transformers import TrainingArguments
 
-        t, cuda = self.cfg.train, torch.cuda.is_available()
-        has_val, precision = bool(self.val_rows), self._precision(cuda)
-        return TrainingArguments(
-            output_dir=str(ckpt_dir), num_train_epochs=t.num_epochs, max_steps=t.max_steps or -1,
-            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm or None, optim=t.optim, seed=t.seed, data_seed=t.seed,
-            logging_steps=t.logging_steps, logging_first_step=True,
-            eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
-            save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-            include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
-            bf16=precision == "bf16", fp16=precision == "fp16", remove_unused_columns=False,
-            # batches are collated in the training process: a worker would take a core from the matmuls
-            dataloader_num_workers=0, dataloader_pin_memory=cuda, torch_compile=t.torch_compile,
-            disable_tqdm=False, log_level="error",
-            ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
-            deepspeed=self.cfg.distributed.ds_config or None,
-        )
+        from app.training.trainer import training_args
+
+        cuda = torch.cuda.is_available()
+        return training_args(self.cfg, ckpt_dir, bool(self.val_rows), self._precision(cuda), cuda)

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from app.core.errors import UserError
 from app.core.utils import write_json
@@ -101,3 +101,35 @@ class RunTrainer(Trainer):
         if "position_ids" in inputs:  # packed: keep transformers on the packed-sequence mask
             inputs["use_cache"] = False
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda: bool) -> TrainingArguments:
+    """The Trainer's arguments for this run's (planned) settings; checkpoints go to ``ckpt_dir``."""
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(ckpt_dir), num_train_epochs=t.num_epochs, max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm or None, optim=t.optim, seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
+        include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
+        bf16=precision == "bf16", fp16=precision == "fp16", remove_unused_columns=False,
+        # batches are collated in the training process: a worker would take a core from the matmuls
+        dataloader_num_workers=0, dataloader_pin_memory=cuda, torch_compile=t.torch_compile,
+        disable_tqdm=False, log_level="error",
+        ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
+        deepspeed=cfg.distributed.ds_config or None,
+    )
+
+
+def final_eval_loss(trainer: Trainer) -> float:
+    """Eval loss at the last step: the Trainer's own if it just evaluated, else a fresh evaluation."""
+    for row in reversed(trainer.state.log_history):
+        if "eval_loss" in row:
+            if row.get("step") == trainer.state.global_step:
+                return row["eval_loss"]
+            break
+    return trainer.evaluate()["eval_loss"]
