@@ -1,7 +1,18 @@
-"""Shared fixtures: the three tiny model families, built once per session in a temp dir.
+"""Shared fixtures, the only place test files share code (no test file imports another:
+tests/test_suite_guards.py checks it).
 
-Built with ``app.models.tiny.build_tiny_model`` (seeded, ~2 s each) so tests never touch or depend
-on the repo's own ``models/`` directory.
+- the three tiny model families (and their tokenizers), built once per session in a temp dir with
+  ``app.models.tiny.build_tiny_model`` (seeded, ~2 s each), so tests never touch or depend on the
+  repo's own ``models/`` directory; the real DuIE data, or a skip;
+- the checkout stays as it was (autouse guards) and the `make test-fast` SLOW list;
+- the command line: ``cli`` (main() in this process, with none of the shell's settings, in tmp_path),
+  ``child_env`` / ``run_app`` / ``app_process`` (`python -m app` as a real process), ``as_a_user``,
+  ``snapshot`` (file hashes, to compare before and after);
+- training runs: ``make_data`` and ``data_dir`` (synthetic data), ``recipe`` (the golden-loss recipe),
+  ``read_metrics`` and ``train_losses`` (what a run logged), ``greedy_reference`` (an independent decode).
+
+Everything that imports ``app`` does so inside the fixture: tests/test_suite_guards.py runs a copy of
+this file in a throw-away project.
 """
 from __future__ import annotations
 
@@ -270,19 +281,37 @@ def as_a_user():
 HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts
 
 
-def app_env() -> dict[str, str]:
-    """The environment for a child `python -m app`: this checkout importable, none of the shell's settings."""
+def app_env(**extra: str) -> dict[str, str]:
+    """The environment for a child `python -m app`: this checkout importable, none of the shell's settings
+    (no setting's variable, no MAKEFLAGS: under `make test` its command-line variables would reach the
+    child as settings), then ``extra`` set on top."""
     from app.config import Config
 
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    env = {k: v for k, v in os.environ.items() if k not in Config.variables() and k != "MAKEFLAGS"}
     env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
     return env
 
 
 @pytest.fixture
 def child_env() -> dict[str, str]:
-    """app_env() for a test's own subprocess calls."""
+    """app_env() for a test's own subprocess calls (a fresh dict: a test may change it)."""
     return app_env()
+
+
+@pytest.fixture
+def run_app(tmp_path):
+    """run(argv, cwd=tmp_path, timeout=600, preexec_fn=None, **env) -> the CompletedProcess of
+    `python -m app <argv>` run to its end in app_env(**env), stdout and stderr captured as text.
+    The timeout is a hang guard only."""
+    import subprocess
+    import sys
+
+    def run(argv, cwd=None, timeout=600, preexec_fn=None, **env) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app", *map(str, argv)], cwd=cwd or tmp_path, env=app_env(**env),
+                              capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+
+    return run
 
 
 class AppProcess:
@@ -329,3 +358,99 @@ def app_process(tmp_path):
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+# ---- training runs: data, the golden recipe, what a run logged -------------------------------------------
+
+@pytest.fixture(scope="session")
+def make_data(tmp_path_factory):
+    """make(n_train=80, n_dev=10, seed=1) -> a fresh temp dir holding synthetic train.jsonl and dev.jsonl
+    (app.data.synthetic.write_dataset). Session-scoped, so module-scoped fixtures can use it too."""
+    def make(n_train: int = 80, n_dev: int = 10, seed: int = 1) -> Path:
+        from app.data.synthetic import write_dataset
+
+        d = tmp_path_factory.mktemp("data")
+        write_dataset(d, n_train=n_train, n_dev=n_dev, seed=seed)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def data_dir(make_data):
+    """The golden recipe's data: 80 train and 10 dev records (seed 1), one copy per test file (a test
+    may add a file beside them)."""
+    return make_data(n_train=80, n_dev=10, seed=1)
+
+
+def _recipe(model_dir, data_dir, out_dir, **extra):
+    from app.config import Config
+
+    values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
+              "OUTPUT_DIR": str(out_dir), "MAX_SAMPLES": 40, "MAX_STEPS": 6, "BATCH_SIZE": 2, "GRAD_ACCUM": 2,
+              "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0, "LOGGING_STEPS": 1, "EVAL_STEPS": 3, "SAVE_STEPS": 3,
+              "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2, "QUANT_LEVEL": "none",
+              "PRECISION": "fp32"}  # machine-independent goldens (auto is bf16 on CPUs that have it)
+    values.update(extra)
+    return Config.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def recipe():
+    """recipe(model_dir, data_dir, out_dir, **extra) -> Config: the golden-loss recipe (6 steps of
+    2 x 2 on 40 samples of data_dir, fp32, seed 0) whose per-step losses tests/test_train.py pins in
+    GOLDEN_LOSSES; ``extra`` settings replace its own."""
+    return _recipe
+
+
+def _read_metrics(run) -> list[dict]:
+    from app.training.callbacks import read_metrics
+
+    path = Path(run)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()  # no file: an error here, not []
+    rows = read_metrics(path)
+    assert len(rows) == len(lines), f"{path}: {len(lines) - len(rows)} of {len(lines)} lines are not JSON rows"
+    return rows
+
+
+@pytest.fixture(scope="session")
+def read_metrics():
+    """read_metrics(run dir or metrics.jsonl) -> every logged row, in order: the app's own reader
+    (app.training.callbacks.read_metrics), but strict, as a finished run's log must be: a missing file
+    or a line that is not a JSON row fails instead of being left out."""
+    return _read_metrics
+
+
+@pytest.fixture(scope="session")
+def train_losses():
+    """train_losses(run dir) -> {step: training loss} from its metrics.jsonl (eval rows left out)."""
+    return lambda out_dir: {r["step"]: r["loss"] for r in _read_metrics(out_dir) if "loss" in r}
+
+
+def _greedy_reference(model, tokenizer, messages, max_new_tokens):
+    import torch
+
+    from app.data.encode import prompt_text
+
+    ids = tokenizer(prompt_text(tokenizer, messages), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="session")
+def greedy_reference():
+    """greedy_reference(model, tokenizer, messages, max_new_tokens) -> the greedy answer computed
+    independently of generate(): the prompt rendered as in training, then one full forward pass per
+    token (no KV cache, no padding), argmax, stop at an EOS token."""
+    return _greedy_reference

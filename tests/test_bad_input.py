@@ -12,13 +12,11 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from app import Config, FineTuner, UserError
-from app.config import Config as _C
 from app.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,36 +115,32 @@ def test_blank_prompt_is_one_line(cli, tmp_path, tiny_glm_dir):
     assert code == 2 and len(errors) == 1 and errors[0].startswith("PROMPT is blank") and "PROMPT=" in errors[0]
 
 
-def test_empty_prompt_for_predict_custom_is_one_line(tmp_path):
+def test_empty_prompt_for_predict_custom_is_one_line(child_env):
     """`make predict-custom PROMPT=` (empty: `make predict` is the built-in prompt). SETUP= skips the
     venv prerequisite so the test never installs anything."""
-    env = {k: v for k, v in os.environ.items() if k not in _C.variables()}
     for prompt in ("", "   "):
         proc = subprocess.run(["make", "-s", "-C", str(REPO), "predict-custom", f"PROMPT={prompt}", "RUNTIME=local",
-                               "SETUP="], env=env, capture_output=True, text=True, timeout=60)
+                               "SETUP="], env=child_env, capture_output=True, text=True, timeout=60)
         ours = [x for x in proc.stderr.splitlines() if not x.startswith("make")]
         assert proc.returncode == 2 and ours == [
             "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)"]
 
 
-def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot, as_a_user):
+def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot, as_a_user, run_app):
     """A real process. Root may write anywhere, so as root the child runs without that capability."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     locked = tmp_path / "locked"
     previous_run(locked / "out")
     read_only = stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
     before = snapshot(locked / "out")
-    env = {k: v for k, v in os.environ.items() if k not in _C.variables()}
-    env["PYTHONPATH"] = str(REPO)
     results = []
     try:
         for d in (locked / "out", locked):
             os.chmod(d, read_only)
         for out in ("locked/out", "locked/new/out"):  # an existing dir, and one that would have to be created
             try:
-                proc = subprocess.run([sys.executable, "-m", "app", "train", "MODEL_NAME=tiny", f"OUTPUT_DIR={out}",
-                                       "OVERWRITE=1"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                      timeout=120, preexec_fn=as_a_user)
+                proc = run_app(["train", "MODEL_NAME=tiny", f"OUTPUT_DIR={out}", "OVERWRITE=1"], timeout=120,
+                               preexec_fn=as_a_user)
             except subprocess.SubprocessError as e:  # a container without CAP_SETPCAP cannot drop capabilities
                 pytest.skip(f"cannot run a child without root's write override here: {e}")
             results.append((proc.returncode, [x for x in proc.stderr.splitlines() if " ERROR " in x], proc.stderr))
@@ -164,10 +158,9 @@ def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snaps
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_dataset(d, n_train=40, n_dev=4, seed=1)
-    return d
+def small_data_dir(make_data):
+    """40 train and 4 dev records: enough for _cfg's 20 samples (not the golden recipe's data_dir)."""
+    return make_data(n_train=40, n_dev=4, seed=1)
 
 
 def _cfg(model, data, out, **extra):
@@ -178,7 +171,8 @@ def _cfg(model, data, out, **extra):
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "final adapter"])
-def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, tmp_path, monkeypatch, where, snapshot):
+def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, small_data_dir, tmp_path, monkeypatch, where,
+                                                       snapshot):
     """The disk fills while a checkpoint (step 4) or the final adapter is written: one line saying so
     and what is kept; the earlier finished run's files are untouched; freeing space and running the
     same command resumes and finishes."""
@@ -188,7 +182,7 @@ def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, t
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    FineTuner(_cfg(tiny_glm_dir, data_dir, out, MAX_STEPS=2)).run()  # the earlier, finished run
+    FineTuner(_cfg(tiny_glm_dir, small_data_dir, out, MAX_STEPS=2)).run()  # the earlier, finished run
     live = ("metrics.jsonl", "runs", "checkpoints")  # the new run's own live logs and checkpoints
     before = snapshot(out, skip=live)
     real_save = peft.peft_model.safe_save_file
@@ -202,7 +196,7 @@ def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, t
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
     with pytest.raises(UserError) as err:
-        FineTuner(_cfg(tiny_glm_dir, data_dir, out, OVERWRITE=True)).run()
+        FineTuner(_cfg(tiny_glm_dir, small_data_dir, out, OVERWRITE=True)).run()
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"OUTPUT_DIR={out}: no space left on the device while ")
     assert "the previous run's files there (2 steps) are untouched" in msg
@@ -211,5 +205,5 @@ def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, data_dir, t
     assert not (out / "checkpoints" / STAGING).exists() and not list(out.glob(".staging.*"))  # no debris
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", real_save)  # space freed: the same command
-    result = FineTuner(_cfg(tiny_glm_dir, data_dir, out, OVERWRITE=True)).run()
+    result = FineTuner(_cfg(tiny_glm_dir, small_data_dir, out, OVERWRITE=True)).run()
     assert result.steps == 4 and json.loads((out / "summary.json").read_text())["steps"] == 4

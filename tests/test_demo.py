@@ -15,19 +15,16 @@ import json
 from app import Config, FineTuner
 from app.cli.demo import DEFAULTS, write_demo_data
 
-from test_train import chdir
 
-
-def test_demo_recipe_f1_rises_well_above_its_start(tiny_glm_dir, tmp_path):
+def test_demo_recipe_f1_rises_well_above_its_start(tiny_glm_dir, tmp_path, monkeypatch, read_metrics):
     train, _ = write_demo_data(tmp_path / "data", 6, 4, seed=0)
     settings = {**DEFAULTS, "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(train), "VAL_PATH": str(train),
                 "OUTPUT_DIR": str(tmp_path / "out"), "BATCH_SIZE": 6, "LEARNING_RATE": 1e-2, "NUM_EPOCHS": 1000,
                 "MAX_STEPS": 150, "EVAL_STEPS": 15, "EVAL_SAMPLES": 6, "SAVE_STEPS": 1000, "SEED": 0,
                 "NUM_THREADS": 2, "PRECISION": "fp32"}
-    with chdir(tmp_path):
-        FineTuner(Config.from_dict(settings)).run()
-    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    curve = [r["eval_f1"] for r in rows if "eval_f1" in r]
+    monkeypatch.chdir(tmp_path)
+    FineTuner(Config.from_dict(settings)).run()
+    curve = [r["eval_f1"] for r in read_metrics(tmp_path / "out") if "eval_f1" in r]
     assert len(curve) == 10
     assert curve[0] <= 0.2 and max(curve) >= 0.8, curve
 

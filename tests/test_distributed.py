@@ -7,7 +7,6 @@ global batch. Two launchers with NNODES=2 on loopback form one job. The DeepSpee
 ships are checked against transformers' own "auto" filling (deepspeed itself needs CUDA).
 """
 import json
-import os
 import re
 import socket
 import subprocess
@@ -19,7 +18,6 @@ import torch
 from safetensors.torch import load_file
 
 from app import Config, FineTuner
-from app.config import Config as _C
 from app.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,26 +31,14 @@ SETTINGS = {"MAX_SAMPLES": 40, "MAX_STEPS": 4, "GRAD_ACCUM": 2, "LEARNING_RATE":
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_dataset(d, n_train=80, n_dev=10, seed=1)
-    return d / "train.jsonl"
-
-
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in _C.variables()}
-    env["PYTHONPATH"] = str(REPO)
-    return env
+def data(data_dir):
+    """The golden recipe's training file."""
+    return data_dir / "train.jsonl"
 
 
 def _args(model, data, out, **extra):
     values = {"MODEL_NAME": model, "DATA_PATH": data, "OUTPUT_DIR": out, **SETTINGS, **extra}
     return [sys.executable, "-m", "app", "train", *(f"{k}={v}" for k, v in values.items())]
-
-
-def _losses(out):
-    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 def _free_port():
@@ -65,19 +51,19 @@ def _free_port():
 def single(tiny_glm_dir, data, tmp_path_factory):
     """The reference: one process, BATCH_SIZE=2 x GRAD_ACCUM=2 = global batch 4."""
     out = tmp_path_factory.mktemp("single") / "out"
-    cwd = os.getcwd()
-    os.chdir(out.parent)
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(out.parent)  # models/.last_run goes there, not into the checkout
         FineTuner(Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out),
                                     **SETTINGS, "BATCH_SIZE": 2})).run()
-    finally:
-        os.chdir(cwd)
     return out
 
 
-def test_two_processes_train_as_one_job(tiny_glm_dir, data, single, tmp_path):
+def test_two_processes_train_as_one_job(tiny_glm_dir, data, single, tmp_path, child_env, read_metrics):
+    def _losses(run):  # every logged training loss, in file order (a duplicate row would show)
+        return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
     out = tmp_path / "out"
-    proc = subprocess.run(_args(tiny_glm_dir, data, out, NPROC=2, BATCH_SIZE=1), cwd=tmp_path, env=_env(),
+    proc = subprocess.run(_args(tiny_glm_dir, data, out, NPROC=2, BATCH_SIZE=1), cwd=tmp_path, env=child_env,
                           capture_output=True, text=True, timeout=300)
     log = proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -101,7 +87,7 @@ def test_two_processes_train_as_one_job(tiny_glm_dir, data, single, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-def test_two_nodes_on_loopback(tiny_glm_dir, data, tmp_path):
+def test_two_nodes_on_loopback(tiny_glm_dir, data, tmp_path, child_env):
     """Two launchers, as on two machines: NNODES=2, NODE_RANK 0 and 1, MASTER_ADDR/PORT of node 0."""
     port = _free_port()
     common = dict(NNODES=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, BATCH_SIZE=1, MAX_STEPS=2)
@@ -110,7 +96,7 @@ def test_two_nodes_on_loopback(tiny_glm_dir, data, tmp_path):
     for n in (0, 1):
         with logs[n].open("w") as fh:
             procs.append(subprocess.Popen(_args(tiny_glm_dir, data, tmp_path / "out", NODE_RANK=n, **common),
-                                          cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=fh))
+                                          cwd=tmp_path, env=child_env, stdout=subprocess.DEVNULL, stderr=fh))
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -159,11 +145,10 @@ def test_shipped_deepspeed_configs_fill_from_the_trainer(name, stage):
     assert ds.is_zero3() == (stage == 3)
 
 
-def test_ds_config_on_cpu_is_one_clear_line(tmp_path):
+def test_ds_config_on_cpu_is_one_clear_line(tmp_path, run_app):
     write_dataset(tmp_path, n_train=10, n_dev=1, seed=1)  # valid data: the DS_CONFIG line is the only problem
-    proc = subprocess.run([sys.executable, "-m", "app", "train", "NPROC=2", f"DS_CONFIG={REPO / 'configs/ds_zero2.json'}",
-                           "DATA_PATH=train.jsonl", "MODEL_NAME=tiny"], cwd=tmp_path, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    proc = run_app(["train", "NPROC=2", f"DS_CONFIG={REPO / 'configs/ds_zero2.json'}", "DATA_PATH=train.jsonl",
+                    "MODEL_NAME=tiny"], timeout=120)
     errors = [x for x in proc.stderr.splitlines() if " ERROR " in x]
     if torch.cuda.is_available():
         pytest.skip("CUDA machine: DS_CONFIG is allowed here")

@@ -1,11 +1,6 @@
 """ONNX export: a trained tiny GLM and Qwen2 adapter is merged and exported; ONNX Runtime must give
 PyTorch's logits (prompt and a KV-cached decode step) and PyTorch's greedy tokens, batched and
 streamed, and `predict` must run on the export from the command line."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -13,9 +8,7 @@ import torch
 from app import Config, FineTuner, UserError
 from app.data.encode import prompt_text
 from app.inference.export import OnnxCausalLM, is_onnx_dir, run_export
-from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["《星河往事》是由林远执导的电视剧。",
            "Extract every triplet: The quick brown fox jumps over the lazy dog."]
 
@@ -27,7 +20,8 @@ def exported(request, data_dir, tmp_path_factory):
 
     base = request.getfixturevalue("tiny_glm_dir" if request.param == "tiny" else "tiny_qwen2_dir")
     work = tmp_path_factory.mktemp(f"export-{request.param}")
-    with chdir(work):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)  # models/.last_run goes there, not into the checkout
         FineTuner(Config.from_dict({
             "MODEL_NAME": str(base), "DATA_PATH": str(data_dir / "train.jsonl"), "OUTPUT_DIR": str(work / "out"),
             "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none", "SEED": 0, "VAL_SIZE": 0,
@@ -123,15 +117,11 @@ def test_sampling_and_streaming(exported):
     assert "".join(seen) == tok.decode(out[0, one["input_ids"].shape[1]:])
 
 
-def test_predict_runs_on_the_export_from_the_command_line(exported, tmp_path):
+def test_predict_runs_on_the_export_from_the_command_line(exported, run_app):
     from app.inference.predict import Predictor
 
     _, onnx_dir, _, _ = exported
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
-    env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([sys.executable, "-m", "app", "predict", f"ADAPTER_DIR={onnx_dir}",
-                           f"PROMPT={PROMPTS[0]}", "MAX_NEW_TOKENS=10"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_app(["predict", f"ADAPTER_DIR={onnx_dir}", f"PROMPT={PROMPTS[0]}", "MAX_NEW_TOKENS=10"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "ONNX Runtime" in proc.stderr
     answer = proc.stdout.split("---\n", 1)[1].strip()

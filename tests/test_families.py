@@ -8,11 +8,10 @@ import torch
 from app import Config, FineTuner
 from app.inference.predict import Predictor
 from app.models.tiny import FAMILIES, build_tiny_model
-from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path):
+def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path, monkeypatch, read_metrics):
     model_dir = build_tiny_model(family, tmp_path / family)
     out = tmp_path / "out"
     cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
@@ -22,12 +21,12 @@ def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path):
                             # fp32: the reloaded model (fp32 on CPU) must equal the trained one exactly;
                             # under bf16 autocast the trained model keeps its frozen weights in bf16
                             "PRECISION": "fp32"})
-    with chdir(tmp_path):
-        ft = FineTuner(cfg)
-        result = ft.run()
+    monkeypatch.chdir(tmp_path)
+    ft = FineTuner(cfg)
+    result = ft.run()
     targets = set(json.loads((out / "adapter_config.json").read_text())["target_modules"])
     assert {"q_proj", "v_proj", "o_proj", "down_proj"} <= targets and "lm_head" not in targets
-    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert result.steps == 3 and losses[-1] < losses[0]
     # labels are the answer + the family's end-of-turn token, prompts go through its template
     row = ft.train_rows[0]

@@ -7,7 +7,6 @@ traceback, and every earlier output left byte-for-byte as it was:
 - a resume that asks for other settings, or for fewer steps than the checkpoint has;
 - a stop signal while the data loads.
 """
-import contextlib
 import json
 import os
 import shutil
@@ -24,8 +23,6 @@ from app.data.synthetic import write_dataset
 from app.training.checkpoints import CHECKPOINTS, MARKER
 from app.training.resume import SETTINGS_FILE
 from app.training.runlock import LOCK_FILE, hold, holder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +78,14 @@ def test_a_damaged_adapter_is_one_line_in_every_command_that_reads_it(cli, tmp_p
     assert snapshot(tmp_path) == before  # no merged/ or onnx/ begun, the run untouched
 
 
-def test_damage_is_found_before_torch_is_imported(tmp_path, lora_run):
+def test_damage_is_found_before_torch_is_imported(tmp_path, lora_run, child_env):
     """The checks are the pre-flight's: with a `torch` that stops the process, the line still comes."""
     stub = tmp_path / "stub" / "torch"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     said = _truncate(run / "adapter_model.safetensors")
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
-    env["PYTHONPATH"] = f"{stub.parent}{os.pathsep}{REPO}"
+    env = {**child_env, "PYTHONPATH": f"{stub.parent}{os.pathsep}{child_env['PYTHONPATH']}"}
     for command in ("predict", "merge", "export-onnx"):
         proc = subprocess.run([sys.executable, "-m", "app", command, f"ADAPTER_DIR={run}"], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -283,23 +279,26 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _killed(at, *argv, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
-    env.update(PYTHONPATH=str(REPO), KILL_AT=at)
-    proc = subprocess.run([sys.executable, "-c", KILL_9, *argv], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+@pytest.fixture
+def kill_9_at(child_env, tmp_path):
+    """kill_9_at(at, *argv): `python -m app <argv>` in tmp_path, SIGKILLed by itself at ``at`` (KILL_9)."""
+    def run(at, *argv):
+        proc = subprocess.run([sys.executable, "-c", KILL_9, *argv], cwd=tmp_path, env={**child_env, "KILL_AT": at},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+    return run
 
 
 def _debris(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name)
 
 
-def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_run, caplog, snapshot):
+def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_run, caplog, snapshot, kill_9_at):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     merged = run / "merged"
     # the first merge, killed mid-write: no MERGED_DIR at all, so nothing half-written is loaded
-    _killed("merge-write", "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    kill_9_at("merge-write", "merge", f"ADAPTER_DIR={run}")
     assert not merged.exists() and _debris(run)
     code, errors, _ = cli("predict", f"ADAPTER_DIR={merged}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"ADAPTER_DIR={merged}: no such directory")
@@ -311,7 +310,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
 
     # a re-merge killed mid-write, or in the swap before the old dir is gone: the previous merge, byte for byte
     for at in ("merge-write", "between-renames"):
-        _killed(at, "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
+        kill_9_at(at, "merge", f"ADAPTER_DIR={run}")
         if at == "between-renames":  # the old dir is aside and nothing is in place: refused, then put back
             assert not merged.exists()
             code, errors, _ = cli("predict", f"ADAPTER_DIR={merged}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
@@ -329,7 +328,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
 
     # killed right after the atomic exchange: the new merge is in place, whole; the old one is debris, and
     # the export it held (not yet carried across) is carried by the next merge's clean-up
-    _killed("after-exchange", "merge", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    kill_9_at("after-exchange", "merge", f"ADAPTER_DIR={run}")
     assert _debris(run) and snapshot(merged) != first and not (merged / "onnx").exists()
     from app.models.artifacts import dir_problems
 
@@ -338,18 +337,18 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
     assert (merged / "onnx" / "model.onnx").read_bytes() == b"export"
 
 
-def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora_run, snapshot):
+def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora_run, snapshot, kill_9_at):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     onnx = run / "merged" / "onnx"
     assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0
-    _killed("export-write", "export-onnx", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    kill_9_at("export-write", "export-onnx", f"ADAPTER_DIR={run}")
     assert not onnx.exists() and _debris(run / "merged")
     code, errors, _ = cli("predict", f"ADAPTER_DIR={onnx}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"ADAPTER_DIR={onnx}: no such directory")
     assert cli("export-onnx", f"ADAPTER_DIR={run}")[0] == 0
     assert not _debris(run / "merged")
     first = snapshot(onnx)
-    _killed("export-write", "export-onnx", f"ADAPTER_DIR={run}", cwd=tmp_path)
+    kill_9_at("export-write", "export-onnx", f"ADAPTER_DIR={run}")
     assert snapshot(onnx) == first and _debris(run / "merged")
     code, errors, stderr = cli("predict", f"ADAPTER_DIR={onnx}", "PROMPT=hi", "MAX_NEW_TOKENS=2")
     assert code == 0, errors
@@ -412,8 +411,10 @@ def argv(values: dict) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def steps_logged(out: Path) -> list[int]:
-    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+@pytest.fixture
+def steps_logged(read_metrics):
+    """steps_logged(run dir) -> the step of every training-loss row of its metrics.jsonl, in order."""
+    return lambda out: [r["step"] for r in read_metrics(out) if "loss" in r]
 
 
 # ---- a killed run, to resume ------------------------------------------------------------------------
@@ -432,7 +433,8 @@ def killed(tiny_glm_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("killed")
     write_dataset(work / "data", n_train=80, n_dev=10, seed=1)
     values = settings(tiny_glm_dir, "data/train.jsonl", "out")  # relative: the copies below are the same run
-    with contextlib.chdir(work):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
         ft = FineTuner(Config.from_dict(values)).setup().prepare_data()
         with pytest.raises(RuntimeError, match="killed"):
             ft.train(callbacks=[Die()])
@@ -489,7 +491,7 @@ def test_resume_with_other_settings_is_refused_in_one_line(run, cli, tiny_qwen2_
     assert str(e.value) == line
 
 
-def test_resume_with_allowed_changes_continues_and_says_so(run, cli, caplog):
+def test_resume_with_allowed_changes_continues_and_says_so(run, cli, caplog, steps_logged):
     values, out = run
     code, errors, _ = cli("train", *argv({**values, "MAX_STEPS": 6, "SAVE_STEPS": 3, "LOGGING_STEPS": 2,
                                           "NUM_THREADS": 2, "EVAL_STEPS": 50}))
@@ -502,7 +504,7 @@ def test_resume_with_allowed_changes_continues_and_says_so(run, cli, caplog):
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
 
 
-def test_overwrite_over_a_run_of_other_settings_trains_anew(run, cli, caplog):
+def test_overwrite_over_a_run_of_other_settings_trains_anew(run, cli, caplog, steps_logged):
     values, out = run
     code, errors, _ = cli("train", *argv({**values, "LORA_R": 4, "MAX_STEPS": 3, "OVERWRITE": 1}))
     assert code == 0, errors
@@ -578,7 +580,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, child_env):
 
 
 def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(tiny_glm_dir, tmp_path, cli, snapshot,
-                                                                               app_process):
+                                                                               app_process, steps_logged):
     """Run A trains again into a finished run's dir (OVERWRITE=1), paused with SIGSTOP while we look
     so its files hold still. A second `train` into its OUTPUT_DIR, `merge` and `export-onnx` of the
     run, `remove-run` of it and `make clean` are each refused in one line naming A's pid; A's files,
@@ -618,7 +620,8 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(t
 
 # ---- a stop signal while the data loads ----------------------------------------------------------
 
-def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_dir, tmp_path, snapshot, app_process):
+def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_dir, tmp_path, monkeypatch, snapshot,
+                                                                       app_process):
     """SIGTERM (docker compose stop) while 20,000 records are being tokenized: exit 143 with one
     line, no traceback, and the finished run already in OUTPUT_DIR byte-for-byte as it was."""
     write_dataset(tmp_path / "data", n_train=80, n_dev=10, seed=1)
@@ -626,8 +629,8 @@ def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_
     (tmp_path / "big.jsonl").write_text("".join(lines * 250), encoding="utf-8")
     out = tmp_path / "out"
     values = settings(tiny_glm_dir, tmp_path / "data" / "train.jsonl", out, MAX_STEPS=2, MAX_SEQ_LEN=64)
-    with contextlib.chdir(tmp_path):
-        FineTuner(Config.from_dict(values)).run()  # the earlier, finished run
+    monkeypatch.chdir(tmp_path)
+    FineTuner(Config.from_dict(values)).run()  # the earlier, finished run
     before = snapshot(out)
     values.update(DATA_PATH=tmp_path / "big.jsonl", MAX_SAMPLES=19_000, OVERWRITE=1)
     proc = app_process(["train", *argv(values)])

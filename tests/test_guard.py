@@ -1,18 +1,11 @@
 """The memory guard: checkpoint, then back off (same effective batch) or stop; never an OOM kill."""
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
 from app import FineTuner, UserError
-from app.config import Config as _C
-from test_train import chdir, data_dir, recipe, train_losses  # noqa: F401  (shared recipe and fixture)
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class TripAt(TrainerCallback):
@@ -27,17 +20,22 @@ class TripAt(TrainerCallback):
             self.ft.guard.on_sample(self.ft.guard.limit_mb)
 
 
-def guarded(tiny_glm_dir, data_dir, out, **extra):
-    # A generous injected limit: only TripAt's reading can trip the guard.
-    return recipe(tiny_glm_dir, data_dir, out, BATCH_SIZE=4, GRAD_ACCUM=1, MAX_STEPS=4, SAVE_STEPS=100,
-                  EVAL_STEPS=100, TIER="none", MEMORY_LIMIT_MB=10**6, **extra)
+@pytest.fixture
+def guarded(tiny_glm_dir, data_dir, recipe):
+    """guarded(out, **extra) -> the golden recipe at batch 4 x 1 for 4 steps, with the guard on."""
+    def make(out, **extra):
+        # A generous injected limit: only TripAt's reading can trip the guard.
+        return recipe(tiny_glm_dir, data_dir, out, BATCH_SIZE=4, GRAD_ACCUM=1, MAX_STEPS=4, SAVE_STEPS=100,
+                      EVAL_STEPS=100, TIER="none", MEMORY_LIMIT_MB=10**6, **extra)
+
+    return make
 
 
-def test_backoff_resumes_with_half_batch_and_the_same_losses(tiny_glm_dir, data_dir, tmp_path, caplog):
-    with chdir(tmp_path):
-        plain = FineTuner(guarded(tiny_glm_dir, data_dir, tmp_path / "plain")).run()
-        ft = FineTuner(guarded(tiny_glm_dir, data_dir, tmp_path / "guarded")).setup().prepare_data()
-        result = ft.train(callbacks=[TripAt(ft, 2)])
+def test_backoff_resumes_with_half_batch_and_the_same_losses(guarded, tmp_path, monkeypatch, caplog, train_losses):
+    monkeypatch.chdir(tmp_path)
+    plain = FineTuner(guarded(tmp_path / "plain")).run()
+    ft = FineTuner(guarded(tmp_path / "guarded")).setup().prepare_data()
+    result = ft.train(callbacks=[TripAt(ft, 2)])
     assert plain.steps == result.steps == 4
     summary = json.loads((tmp_path / "guarded" / "summary.json").read_text())
     assert (summary["plan"]["BATCH_SIZE"], summary["plan"]["GRAD_ACCUM"]) == (2, 2)  # effective batch 4 kept
@@ -47,21 +45,19 @@ def test_backoff_resumes_with_half_batch_and_the_same_losses(tiny_glm_dir, data_
     assert [b[s] for s in range(1, 5)] == pytest.approx([a[s] for s in range(1, 5)], rel=1e-4)
 
 
-def test_stop_mode_ends_with_a_checkpoint_and_one_clear_error(tiny_glm_dir, data_dir, tmp_path):
-    with chdir(tmp_path):
-        ft = FineTuner(guarded(tiny_glm_dir, data_dir, tmp_path / "out", MEMORY_GUARD="stop"))
-        ft.setup().prepare_data()
-        with pytest.raises(UserError) as err:
-            ft.train(callbacks=[TripAt(ft, 1)])
+def test_stop_mode_ends_with_a_checkpoint_and_one_clear_error(guarded, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ft = FineTuner(guarded(tmp_path / "out", MEMORY_GUARD="stop"))
+    ft.setup().prepare_data()
+    with pytest.raises(UserError) as err:
+        ft.train(callbacks=[TripAt(ft, 1)])
     msg = str(err.value)
     assert msg.startswith("memory:") and "checkpoint-2" in msg and "MAX_SEQ_LEN" in msg and "\n" not in msg
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
-def _train_cli(tmp_path, data_dir, out, cgroup, limit_mb, guard):
-    env = {k: v for k, v in os.environ.items() if k not in _C.variables()}
-    env["PYTHONPATH"] = str(REPO)
+def _train_cli(run_app, data_dir, out, cgroup, limit_mb, guard):
     args = ["MODEL_NAME=tiny", f"DATA_PATH={data_dir / 'long.jsonl'}", f"OUTPUT_DIR={out}", "QUANT_LEVEL=none",
             "TIER=none", "BATCH_SIZE=64", "GRAD_ACCUM=1", "MAX_SEQ_LEN=512", "MAX_STEPS=2", "VAL_SIZE=0",
             f"MEMORY_GUARD={guard}"]
@@ -73,11 +69,10 @@ def _train_cli(tmp_path, data_dir, out, cgroup, limit_mb, guard):
         if procs is not None:
             procs.write_text(str(os.getpid()))
 
-    return subprocess.run([sys.executable, "-m", "app", "train", *args], cwd=tmp_path, env=env, text=True,
-                          capture_output=True, preexec_fn=enter, timeout=600)
+    return run_app(["train", *args], preexec_fn=enter, timeout=600)
 
 
-def test_naive_config_over_a_real_limit_finishes_instead_of_being_killed(data_dir, tmp_path, memory_cgroup):
+def test_naive_config_over_a_real_limit_finishes_instead_of_being_killed(data_dir, tmp_path, memory_cgroup, run_app):
     """BATCH_SIZE=64 x 512 tokens needs ~1.8 GB; the limit is 1.2 GB (a real cgroup where we can)."""
     from app.data.synthetic import generate_samples
 
@@ -85,8 +80,8 @@ def test_naive_config_over_a_real_limit_finishes_instead_of_being_killed(data_di
     (data_dir / "long.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in long) + "\n")
     limit = 1200
     cgroup = memory_cgroup(limit)
-    naive = _train_cli(tmp_path, data_dir, tmp_path / "naive", cgroup, limit, "off")
-    guarded_run = _train_cli(tmp_path, data_dir, tmp_path / "out", cgroup, limit, "backoff")
+    naive = _train_cli(run_app, data_dir, tmp_path / "naive", cgroup, limit, "off")
+    guarded_run = _train_cli(run_app, data_dir, tmp_path / "out", cgroup, limit, "backoff")
     if cgroup is not None:  # the kernel really kills the unguarded run
         assert naive.returncode in (-9, 137), naive.stderr[-1500:]
     else:  # with an injected limit nothing kills it, but it does go over

@@ -6,26 +6,8 @@ import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.data.encode import prompt_text
 from app.data.synthetic import write_dataset
 from app.inference.predict import BUILTIN_PROMPT, Predictor, run_predict
-
-
-def greedy_reference(model, tokenizer, messages, max_new_tokens):
-    """The greedy answer computed independently of generate(): the prompt rendered as in training,
-    then one full forward pass per token (no KV cache, no padding), argmax, stop at an EOS token."""
-    ids = tokenizer(prompt_text(tokenizer, messages), return_tensors="pt", add_special_tokens=False)["input_ids"]
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    new = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            token = int(model(input_ids=ids).logits[0, -1].argmax())
-            new.append(token)
-            if token in eos:
-                break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return tokenizer.decode(new, skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +29,7 @@ def pcfg(adapter_dir, **extra):
     return Config.from_dict({"ADAPTER_DIR": str(adapter_dir), "MAX_NEW_TOKENS": 6, **extra})
 
 
-def test_predictor_uses_the_trained_adapter(adapter, tiny_glm_dir):
+def test_predictor_uses_the_trained_adapter(adapter, tiny_glm_dir, greedy_reference):
     ft, out, _ = adapter
     pred = Predictor(pcfg(out))
     ids = torch.tensor([ft.train_rows[0]["input_ids"]])
@@ -67,7 +49,7 @@ def test_predictor_uses_the_trained_adapter(adapter, tiny_glm_dir):
     assert len(set(answers.values())) == 2  # the answer depends on the prompt
 
 
-def test_prompt_and_builtin_prompt_stream_to_stdout(adapter, capsys):
+def test_prompt_and_builtin_prompt_stream_to_stdout(adapter, capsys, greedy_reference):
     _, out, _ = adapter
     pred = Predictor(pcfg(out))
     streamed = {}
@@ -83,7 +65,7 @@ def test_prompt_and_builtin_prompt_stream_to_stdout(adapter, capsys):
     assert len(set(streamed.values())) == 2
 
 
-def test_file_mode_writes_one_row_per_line(adapter, tmp_path):
+def test_file_mode_writes_one_row_per_line(adapter, tmp_path, greedy_reference):
     _, out, work = adapter
     src = tmp_path / "in.jsonl"
     records = [json.loads(line) for line in (work / "dev.jsonl").read_text().splitlines()[:2]]

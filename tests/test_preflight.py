@@ -15,18 +15,6 @@ from app.config import TIERED, Config, ConfigError, default_output_dir, make_ove
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables() and k != "MAKEFLAGS"}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
-
-
-def _app(args, cwd, **extra):
-    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=_env(**extra), capture_output=True,
-                          text=True, timeout=600)
-
-
 def _errors(proc):
     return [line.split(" ERROR app: ", 1)[1] for line in proc.stderr.splitlines() if " ERROR app: " in line]
 
@@ -58,11 +46,11 @@ def test_unknown_keys_in_dotenv_are_errors_but_compose_and_library_names_are_not
     assert Config.load(env={}, dotenv_path=dotenv).lora.lora_r == 4
 
 
-def test_make_train_with_a_misspelt_variable_fails_before_anything_runs(tmp_path):
+def test_make_train_with_a_misspelt_variable_fails_before_anything_runs(tmp_path, child_env):
     """The issue's reproduction, through make itself: MAX_SAMPLE=10 used to train on every record."""
     proc = subprocess.run(["make", "-o", ".venv/.installed", "-C", str(REPO), "train", "MAX_SAMPLE=10",
                            "RUNTIME=local", f"OUTPUT_DIR={tmp_path}/out", "DATA_PATH=/nonexistent/x.jsonl"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=child_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "MAX_SAMPLE (on the make command line): unknown setting; did you mean MAX_SAMPLES?" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -86,12 +74,10 @@ def _finished_run(out: Path) -> None:
     (out / "summary.json").write_text(json.dumps({"steps": 7}))
 
 
-def test_train_reports_every_cheap_problem_together_without_importing_torch(tmp_path, no_torch):
+def test_train_reports_every_cheap_problem_together_without_importing_torch(tmp_path, no_torch, run_app):
     _finished_run(tmp_path / "out")
-    proc = subprocess.run([sys.executable, "-m", "app", "train", "DATA_PATH=nope.jsonl", "OUTPUT_DIR=out",
-                           "MODEL_NAME=./no-model", "BATCH_SIZE=0", "VAL_PATH=val.csv"], cwd=tmp_path,
-                          env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True, text=True,
-                          timeout=120)
+    proc = run_app(["train", "DATA_PATH=nope.jsonl", "OUTPUT_DIR=out", "MODEL_NAME=./no-model", "BATCH_SIZE=0",
+                    "VAL_PATH=val.csv"], timeout=120, PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}")
     assert proc.returncode == 2, proc.stderr
     assert "torch was imported" not in proc.stderr and "Traceback" not in proc.stderr
     errors = _errors(proc)
@@ -101,11 +87,10 @@ def test_train_reports_every_cheap_problem_together_without_importing_torch(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "stub"]  # nothing written
 
 
-def test_bad_records_are_found_before_torch_too(tmp_path, no_torch):
+def test_bad_records_are_found_before_torch_too(tmp_path, no_torch, run_app):
     (tmp_path / "bad.jsonl").write_text("not json\n{\"context\": \"q\"}\n{\"context\": \"q\", \"target\": \"a\"}\n")
-    proc = subprocess.run([sys.executable, "-m", "app", "train", "DATA_PATH=bad.jsonl", "MODEL_NAME=tiny"],
-                          cwd=tmp_path, env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True,
-                          text=True, timeout=120)
+    proc = run_app(["train", "DATA_PATH=bad.jsonl", "MODEL_NAME=tiny"], timeout=120,
+                   PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}")
     assert proc.returncode == 2 and "torch was imported" not in proc.stderr, proc.stderr
     assert _errors(proc) == ["DATA_PATH=bad.jsonl: 2 of 3 records are bad, more than MAX_BAD_RATIO=0.2 "
                              "(line 1: bad JSON; line 2: missing field 'target'); fix those lines or raise "
@@ -142,14 +127,15 @@ def test_default_output_dir_is_per_model_and_method():
     assert "OUTPUT_DIR" not in tiny.explicit  # derived, not the user's
 
 
-def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch):
+def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch, child_env):
     """After the README's tiny run, the next (real) `make train` is not refused as a finished run."""
     _finished_run(tmp_path / "models" / "tiny-lora")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.jsonl").write_text('{"context": "q", "target": "a"}\n')
     proc = subprocess.run([sys.executable, "-c", "from app.config import Config; from app.cli.preflight import "
                            "preflight; preflight(Config.load(), 'train'); print('ok')"], cwd=tmp_path,
-                          env=_env(PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}"), capture_output=True, text=True)
+                          env={**child_env, "PYTHONPATH": f"{no_torch}{os.pathsep}{REPO}"}, capture_output=True,
+                          text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -165,9 +151,8 @@ def test_help_says_the_tier_decides_the_tiered_defaults():
         assert "TIER=auto decides it" in line, line
 
 
-def test_info_offline_shows_everything_but_the_shape_and_the_download_command(tmp_path):
-    proc = _app(["info", "MODEL_NAME=nobody/not-downloaded-model", "MEMORY_LIMIT_MB=8192"], tmp_path,
-                HF_HUB_OFFLINE="1")
+def test_info_offline_shows_everything_but_the_shape_and_the_download_command(tmp_path, run_app):
+    proc = run_app(["info", "MODEL_NAME=nobody/not-downloaded-model", "MEMORY_LIMIT_MB=8192"], HF_HUB_OFFLINE="1")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "RAM total" in out and re.search(r"tier +cpu-s", out) and "MAX_SAMPLES" in out
@@ -176,8 +161,8 @@ def test_info_offline_shows_everything_but_the_shape_and_the_download_command(tm
     assert not (tmp_path / "data").exists()  # info writes nothing, not even the sample data
 
 
-def test_offline_training_error_gives_the_download_command(tmp_path):
-    proc = _app(["train", "MODEL_NAME=nobody/not-downloaded-model"], tmp_path, HF_HUB_OFFLINE="1")
+def test_offline_training_error_gives_the_download_command(run_app):
+    proc = run_app(["train", "MODEL_NAME=nobody/not-downloaded-model"], HF_HUB_OFFLINE="1")
     assert proc.returncode == 2
     (line,) = _errors(proc)
     assert "MODEL_NAME=nobody/not-downloaded-model: not found locally" in line
@@ -185,11 +170,10 @@ def test_offline_training_error_gives_the_download_command(tmp_path):
     assert "huggingface-cli" not in (REPO / "README.md").read_text(encoding="utf-8")
 
 
-def test_predict_file_never_writes_its_output_over_an_input(tmp_path):
+def test_predict_file_never_writes_its_output_over_an_input(tmp_path, run_app):
     (tmp_path / "x.jsonl").write_text('{"context": "q", "target": "a"}\n')
     before = (tmp_path / "x.jsonl").read_bytes()
-    proc = _app(["predict", "INPUT_FILE=x.jsonl", "OUTPUT_FILE=./x.jsonl", "ADAPTER_DIR=none", "MODEL_NAME=tiny"],
-                tmp_path)
+    proc = run_app(["predict", "INPUT_FILE=x.jsonl", "OUTPUT_FILE=./x.jsonl", "ADAPTER_DIR=none", "MODEL_NAME=tiny"])
     assert proc.returncode == 2
     assert _errors(proc) == ["OUTPUT_FILE=./x.jsonl is your INPUT_FILE; predictions would replace it: choose another "
                              "OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl"]

@@ -7,17 +7,16 @@ import torch
 
 from app import Config, FineTuner
 from app.inference.predict import Predictor
-from test_train import chdir, data_dir  # noqa: F401  (shared fixture)
 
 
-def test_ptuning_prefix_is_used_in_logits_and_cached_generation(tiny_glm_dir, data_dir, tmp_path):
+def test_ptuning_prefix_is_used_in_logits_and_cached_generation(tiny_glm_dir, data_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
                             "OUTPUT_DIR": str(out), "METHOD": "ptuning", "PRE_SEQ_LEN": 8, "MAX_STEPS": 4,
                             "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "MAX_SAMPLES": 20, "TIER": "none",
                             "LEARNING_RATE": 5e-2, "SEED": 0})
-    with chdir(tmp_path):
-        FineTuner(cfg).run()
+    monkeypatch.chdir(tmp_path)
+    FineTuner(cfg).run()
     assert (out / "adapter_config.json").is_file()
     pred = Predictor(Config.from_dict({"ADAPTER_DIR": str(out), "MAX_NEW_TOKENS": 6}))
     base = Predictor(Config.from_dict({"ADAPTER_DIR": "none", "MODEL_NAME": str(tiny_glm_dir), "MAX_NEW_TOKENS": 6}))

@@ -7,9 +7,6 @@ gives the same losses and token counts. Nothing here times anything: bench/bench
 """
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 
@@ -117,12 +114,13 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
 
 # ---- training: packed == padded ----------------------------------------------------------------
 
-def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path):
+def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypatch, read_metrics):
     """LORA_DROPOUT=0 (dropout masks follow the tensor shape): the same losses, eval losses and
     real-token counts step by step, packed and padded."""
     from app.data.synthetic import write_dataset
 
     write_dataset(tmp_path / "data", n_train=40, n_dev=4, seed=1)
+    monkeypatch.chdir(tmp_path)
     runs = {}
     for packing in ("on", "off"):
         out = tmp_path / packing
@@ -131,13 +129,8 @@ def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path):
                                 "GRAD_ACCUM": 2, "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0, "LOGGING_STEPS": 1,
                                 "EVAL_STEPS": 4, "SAVE_STEPS": 100, "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2,
                                 "QUANT_LEVEL": "none", "PRECISION": "fp32", "LORA_DROPOUT": 0, "PACKING": packing})
-        cwd = os.getcwd()
-        os.chdir(tmp_path)
-        try:
-            FineTuner(cfg).run()
-        finally:
-            os.chdir(cwd)
-        runs[packing] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        FineTuner(cfg).run()
+        runs[packing] = read_metrics(out)
     for key in ("loss", "eval_loss", "tokens_seen"):
         got = [r[key] for r in runs["on"] if key in r]
         want = [r[key] for r in runs["off"] if key in r]

@@ -1,6 +1,8 @@
 """The suite's own promises (issue 14, items 3 and 9), checked on a copy of tests/conftest.py in a
 throw-away project: a test that writes into the checkout fails, and the real-data tests skip with
-a reason where ../shared is absent, unless REQUIRE_REAL_DATA=1 (CI) turns the skip into a failure."""
+a reason where ../shared is absent, unless REQUIRE_REAL_DATA=1 (CI) turns the skip into a failure.
+And (issue 16) no test file imports another test file or conftest: shared fixtures live in conftest.py."""
+import ast
 import os
 import shutil
 import subprocess
@@ -66,3 +68,33 @@ def test_real_data_tests_skip_with_the_reason_or_fail_under_require_real_data(tm
 
 def test_ci_requires_the_real_data():
     assert "REQUIRE_REAL_DATA=1" in (REPO / ".ci" / "run").read_text()
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Every module an import statement names, relative ones as ``.name`` (``from . import x`` as ``.x``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = "." * node.level + (node.module or "")
+            names.add(base)
+            names.update(f"{base}.{alias.name}" if node.module else base + alias.name for alias in node.names)
+    return names
+
+
+def test_no_test_file_imports_another_test_file():
+    """Fixtures and helpers shared between files live in tests/conftest.py, not in one test file the
+    others import from (`from test_train import chdir, data_dir  # noqa`): no file depends on another's
+    internals, and a fixture is found by name without an import a linter calls unused."""
+    tests = REPO / "tests"
+    own = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for name in sorted(_imported_modules(ast.parse(path.read_text(encoding="utf-8"), str(path)))):
+            if any(part in own for part in name.lstrip(".").split(".")):
+                offenders.append(f"{path.name} imports {name}")
+    assert offenders == [], "move what they share into tests/conftest.py (a fixture): " + "; ".join(offenders)
+    # the check itself sees the old pattern
+    assert _imported_modules(ast.parse("from test_train import chdir, data_dir")) >= {"test_train"}
+    assert _imported_modules(ast.parse("from . import test_train")) >= {".test_train"}

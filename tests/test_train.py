@@ -9,18 +9,15 @@ import os
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from app import Config, FineTuner
-from app.data.synthetic import write_dataset
+from app import FineTuner
 
-# Per-step training loss of the recipe below (torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2;
-# tiny tokenizer with one pre-token per CJK character).
+# Per-step training loss of the recipe (the `recipe` fixture in tests/conftest.py, on its `data_dir`)
+# (torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2; tiny tokenizer with one pre-token per CJK character).
 # If a deliberate change alters them, re-derive with `pytest tests/test_train.py -k golden -s`
 # and say why in the commit.
 # Packed batches (PACKING=auto) since issue 7: the same samples per step and the same loss, but LoRA
@@ -33,48 +30,18 @@ EXPECTED_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors
                   "tokenizer.json", "tokenizer_config.json", "train_config.json"}
 
 
-@contextmanager
-def chdir(path):
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def recipe(model_dir, data_dir, out_dir, **extra):
-    values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-              "OUTPUT_DIR": str(out_dir), "MAX_SAMPLES": 40, "MAX_STEPS": 6, "BATCH_SIZE": 2, "GRAD_ACCUM": 2,
-              "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0, "LOGGING_STEPS": 1, "EVAL_STEPS": 3, "SAVE_STEPS": 3,
-              "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2, "QUANT_LEVEL": "none",
-              "PRECISION": "fp32"}  # machine-independent goldens (auto is bf16 on CPUs that have it)
-    values.update(extra)
-    return Config.from_dict(values)
-
-
-def train_losses(out_dir):
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    write_dataset(d, n_train=80, n_dev=10, seed=1)
-    return d
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_glm_dir, data_dir, tmp_path_factory):
+def trained(tiny_glm_dir, data_dir, tmp_path_factory, recipe):
+    """(FineTuner, result, work dir) of the golden recipe's run, shared by this file's tests."""
     work = tmp_path_factory.mktemp("run")
-    with chdir(work):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)  # models/.last_run goes there, not into the checkout
         ft = FineTuner(recipe(tiny_glm_dir, data_dir, work / "out"))
         result = ft.run()
     return ft, result, work
 
 
-def test_golden_losses_and_loss_falls(trained):
+def test_golden_losses_and_loss_falls(trained, train_losses):
     _, result, work = trained
     losses = train_losses(work / "out")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -118,7 +85,8 @@ def test_reloaded_adapter_gives_identical_logits(trained, tiny_glm_dir):
     assert not torch.allclose(got, base, atol=1e-4)  # the adapter really changes the model
 
 
-def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, tmp_path):
+def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, tmp_path, monkeypatch, recipe,
+                                               train_losses):
     """Crash after the step-3 checkpoint; the rerun resumes there and reproduces steps 4-6."""
     from transformers import TrainerCallback
 
@@ -128,12 +96,12 @@ def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, 
                 raise KeyboardInterrupt
 
     out = tmp_path / "out"
-    with chdir(tmp_path):
-        with pytest.raises(KeyboardInterrupt):
-            FineTuner(recipe(tiny_glm_dir, data_dir, out)).setup().prepare_data().train(callbacks=[Crash()])
-        assert (out / "checkpoints" / "checkpoint-3").is_dir()
-        assert not (out / "adapter_model.safetensors").exists()  # no half-finished final adapter
-        FineTuner(recipe(tiny_glm_dir, data_dir, out)).run()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        FineTuner(recipe(tiny_glm_dir, data_dir, out)).setup().prepare_data().train(callbacks=[Crash()])
+    assert (out / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (out / "adapter_model.safetensors").exists()  # no half-finished final adapter
+    FineTuner(recipe(tiny_glm_dir, data_dir, out)).run()
     resumed, reference = train_losses(out), train_losses(trained[2] / "out")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in range(1, 7)] == pytest.approx([reference[s] for s in range(1, 7)], rel=1e-5)
@@ -156,22 +124,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, trained, tmp_path, monkeypatch,
-                                                        caplog):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, trained, tmp_path, caplog, cli,
+                                                        child_env, recipe, read_metrics):
     """kill -9 mid-run (checkpoint-3 complete, checkpoint-6 half-written), then the same command:
     the final adapter and the whole loss curve equal the uninterrupted run's within 1e-5."""
-    import app.training.signals
-    import app.core.utils
-    from app.__main__ import main
     from app.config import show
     from app.training.checkpoints import MARKER, STAGING
 
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables()}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     out = tmp_path / "out"
     cfg = recipe(tiny_glm_dir, data_dir, out)
     args = [f"{var}={show(cfg.get(var))}" for var in sorted(cfg.explicit)]  # the recipe, as a command line
-    killed = subprocess.run([sys.executable, "-c", KILL_9_WHILE_SAVING, "train", *args], cwd=tmp_path, env=env,
+    killed = subprocess.run([sys.executable, "-c", KILL_9_WHILE_SAVING, "train", *args], cwd=tmp_path, env=child_env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = out / "checkpoints"
@@ -181,21 +144,16 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
     assert not (ckpts / "checkpoint-6").exists()  # never visible under its real name
     # Were a writer less careful and the half-written dir appeared under its real name, it is still skipped.
     os.replace(half, ckpts / "checkpoint-6")
-    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1] == 6
+    assert [r["step"] for r in read_metrics(out)][-1] == 6
 
-    # The same command again, here in this process (main() is what `python -m app` runs).
-    monkeypatch.setattr(app.core.utils, "setup_logging", lambda *a, **k: None)  # keep pytest's log capture
-    monkeypatch.setattr(app.training.signals, "install_cli_handlers", lambda: None)
-    for var in Config.variables():
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
-    with caplog.at_level("INFO"):
-        assert main(["train", *args]) == 0
+    # The same command again, here in this process (the `cli` fixture: main(), what `python -m app` runs).
+    code, _, stderr = cli("train", *args)
+    assert code == 0, stderr[-3000:]
     assert f"ignoring {ckpts / 'checkpoint-6'}: incomplete" in caplog.text
     assert f"resuming from {ckpts / 'checkpoint-3'}" in caplog.text
 
     def curve(d):  # every logged row: train loss and eval loss per step, in order
-        rows = [json.loads(x) for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(d)
         return [(r["step"], "loss" if "loss" in r else "eval_loss", r.get("loss", r.get("eval_loss"))) for r in rows
                 if "loss" in r or "eval_loss" in r]
 
@@ -207,29 +165,30 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
     assert not ckpts.exists()
 
 
-def test_early_stopping_stops_when_eval_loss_stalls(tiny_glm_dir, data_dir, tmp_path):
+def test_early_stopping_stops_when_eval_loss_stalls(tiny_glm_dir, data_dir, tmp_path, monkeypatch, recipe):
     # A learning rate this small cannot beat the first evaluation by much; tiny noise decides,
     # so use patience 1 with a zero learning rate: eval loss is then exactly flat.
-    with chdir(tmp_path):
-        result = FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=12, EVAL_STEPS=2,
-                                  LEARNING_RATE=1e-12, EARLY_STOPPING_PATIENCE=1)).run()
+    monkeypatch.chdir(tmp_path)
+    result = FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=12, EVAL_STEPS=2,
+                              LEARNING_RATE=1e-12, EARLY_STOPPING_PATIENCE=1)).run()
     assert result.steps == 4  # eval at 2 sets the best, eval at 4 is no better -> stop
 
 
-def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path):
+def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path, monkeypatch, recipe, train_losses,
+                                               read_metrics):
     from app import UserError
     from app.models.quantization import bf16_supported
 
     # EVAL_METRIC=f1: generation runs outside autocast, where LoRA layers must cast their input again
     cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", PRECISION="bf16", MAX_STEPS=2, QUANT_LEVEL="auto",
                  TIER="none", EVAL_METRIC="f1", EVAL_STEPS=2, EVAL_SAMPLES=2)
-    with chdir(tmp_path):
-        ft = FineTuner(cfg).setup().prepare_data()
-        if not bf16_supported(cuda=False):
-            with pytest.raises(UserError, match="PRECISION=bf16"):
-                ft.train()
-            return
-        result = ft.train()
+    monkeypatch.chdir(tmp_path)
+    ft = FineTuner(cfg).setup().prepare_data()
+    if not bf16_supported(cuda=False):
+        with pytest.raises(UserError, match="PRECISION=bf16"):
+            ft.train()
+        return
+    result = ft.train()
     losses = train_losses(tmp_path / "out")
     assert result.steps == 2 and all(0 < v < 20 for v in losses.values())
     assert losses[1] == pytest.approx(GOLDEN_LOSSES[0], rel=0.02)  # close to fp32, not identical
@@ -238,5 +197,4 @@ def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path)
     frozen = {p.dtype for p in ft.model.parameters() if not p.requires_grad}
     trained = {p.dtype for p in ft.model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
-    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_f1" in r for r in rows)
+    assert any("eval_f1" in r for r in read_metrics(tmp_path / "out"))

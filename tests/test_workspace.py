@@ -3,9 +3,7 @@ replaces your file, clean removes only what the tool made and can remake, and a 
 only when you name it (issue 14, items 1 and 2)."""
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +13,6 @@ from app.config import Config
 from app.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(args, cwd, **env_extra):
-    env = {k: v for k, v in os.environ.items() if k not in Config.variables() and k != "MAKEFLAGS"}
-    env.update(PYTHONPATH=str(REPO), **env_extra)
-    return subprocess.run([sys.executable, "-m", "app", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -36,12 +27,12 @@ def _user_file(path: Path, n: int = 30) -> Path:
     return path
 
 
-def test_train_on_a_user_file_never_changes_it_or_writes_beside_it(tmp_path, tiny_glm_dir):
+def test_train_on_a_user_file_never_changes_it_or_writes_beside_it(tmp_path, tiny_glm_dir, run_app):
     """The issue's reproduction: `make train DATA_PATH=mine/train.jsonl` in a checkout with no data/."""
     mine = _user_file(tmp_path / "mine" / "train.jsonl")
     before = _digest(tmp_path / "mine")
-    proc = _run(["train", "DATA_PATH=mine/train.jsonl", f"MODEL_NAME={tiny_glm_dir}", "MAX_STEPS=1", "TIER=none",
-                 "OUTPUT_DIR=out", "SAVE_STEPS=100", "EVAL_STEPS=100", "MAX_NEW_TOKENS=4"], tmp_path)
+    proc = run_app(["train", "DATA_PATH=mine/train.jsonl", f"MODEL_NAME={tiny_glm_dir}", "MAX_STEPS=1", "TIER=none",
+                    "OUTPUT_DIR=out", "SAVE_STEPS=100", "EVAL_STEPS=100", "MAX_NEW_TOKENS=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _digest(tmp_path / "mine") == before  # same bytes, and no dev.jsonl or manifest appeared
     assert not (tmp_path / "data").exists()  # no sample data anywhere else either
@@ -71,23 +62,23 @@ def test_default_data_path_given_explicitly_is_only_read(tmp_path, monkeypatch):
     assert not (tmp_path / "data").exists()
 
 
-def test_missing_user_data_path_is_an_error_not_sample_data(tmp_path):
-    proc = _run(["train", "DATA_PATH=mine/train.jsonl", "MODEL_NAME=tiny"], tmp_path)
+def test_missing_user_data_path_is_an_error_not_sample_data(tmp_path, run_app):
+    proc = run_app(["train", "DATA_PATH=mine/train.jsonl", "MODEL_NAME=tiny"])
     assert proc.returncode == 2
     assert "DATA_PATH=mine/train.jsonl: no such file" in proc.stderr
     assert not (tmp_path / "mine").exists() and not (tmp_path / "data").exists()
 
 
-def test_generate_data_refuses_to_replace_a_user_file(tmp_path):
+def test_generate_data_refuses_to_replace_a_user_file(tmp_path, run_app):
     mine = _user_file(tmp_path / "mine" / "train.jsonl")
     before = _digest(tmp_path / "mine")
-    proc = _run(["generate-data", "DATA_PATH=mine/train.jsonl"], tmp_path)
+    proc = run_app(["generate-data", "DATA_PATH=mine/train.jsonl"])
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "mine/train.jsonl" in errors[0] and "REPLACE_DATA=1" in errors[0], proc.stderr
     assert _digest(tmp_path / "mine") == before  # not even dev.jsonl was written
     # asked explicitly: replaced
-    assert _run(["generate-data", "DATA_PATH=mine/train.jsonl", "REPLACE_DATA=1"], tmp_path).returncode == 0
+    assert run_app(["generate-data", "DATA_PATH=mine/train.jsonl", "REPLACE_DATA=1"]).returncode == 0
     assert len(mine.read_text(encoding="utf-8").splitlines()) == 400
 
 
@@ -139,7 +130,7 @@ def test_clean_removes_only_what_the_tool_made(tmp_path, monkeypatch):
     assert json.loads(Path("data/other", MANIFEST).read_text()).keys() == {"train.jsonl"}
 
 
-def test_make_clean_is_the_same_python_clean(tmp_path):
+def test_make_clean_is_the_same_python_clean(tmp_path, run_app):
     """`make clean` calls `python -m app clean` (no rm -rf of fixed paths in the Makefile)."""
     text = (REPO / "Makefile").read_text(encoding="utf-8")
     recipe = text.split("\nclean:", 1)[1].split("\n\n", 1)[0]
@@ -150,7 +141,7 @@ def test_make_clean_is_the_same_python_clean(tmp_path):
     (tmp_path / "data").mkdir()
     _user_file(tmp_path / "data" / "train.jsonl")  # no manifest: the user's, whatever its name
     before = _digest(tmp_path)
-    assert _run(["clean"], tmp_path).returncode == 0
+    assert run_app(["clean"]).returncode == 0
     assert _digest(tmp_path) == before
 
 
