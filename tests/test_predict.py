@@ -119,7 +119,7 @@ def test_file_mode_batches_give_the_one_by_one_answers(adapter, tmp_path, caplog
     convs = [msgs for _, msgs, _ in _file_prompts(src, "auto")]
     one_by_one = [pred.generate(m) for m in convs]
     caplog.set_level("INFO", logger="app.inference.predict")
-    pred.cfg.predict.predict_batch_size = 3
+    pred.cfg = pred.cfg.replace({"PREDICT_BATCH_SIZE": 3})  # batches of 3, the last one short
     assert pred.generate_many(convs, progress=False) == one_by_one
     tokens, seconds = pred.last_speed
     assert 0 < tokens <= 8 * len(convs) and seconds > 0
