@@ -115,17 +115,6 @@ def test_blank_prompt_is_one_line(cli, tmp_path, tiny_glm_dir):
     assert code == 2 and len(errors) == 1 and errors[0].startswith("PROMPT is blank") and "PROMPT=" in errors[0]
 
 
-def test_empty_prompt_for_predict_custom_is_one_line(child_env):
-    """`make predict-custom PROMPT=` (empty: `make predict` is the built-in prompt). SETUP= skips the
-    venv prerequisite so the test never installs anything."""
-    for prompt in ("", "   "):
-        proc = subprocess.run(["make", "-s", "-C", str(REPO), "predict-custom", f"PROMPT={prompt}", "RUNTIME=local",
-                               "SETUP="], env=child_env, capture_output=True, text=True, timeout=60)
-        ours = [x for x in proc.stderr.splitlines() if not x.startswith("make")]
-        assert proc.returncode == 2 and ours == [
-            "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)"]
-
-
 def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot, as_a_user, run_app):
     """A real process. Root may write anywhere, so as root the child runs without that capability."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
