@@ -2,12 +2,8 @@
 leaves no output dir behind, and the offline tiny path trains and predicts end to end."""
 import json
 import os
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def error_lines(proc):
     return [line for line in proc.stderr.splitlines() if " ERROR " in line]
