@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+
 def error_lines(proc):
     return [line for line in proc.stderr.splitlines() if " ERROR " in line]
 
