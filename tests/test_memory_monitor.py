@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import app.plan.resources as mm
+import app.training.sampler as sampling
 
 GiB, MiB = 2**30, 2**20
 HOST_TOTAL, HOST_AVAIL = 64 * GiB, 40 * GiB
@@ -211,11 +212,11 @@ def test_memory_usage_counts_cgroup_when_limited(tmp_path, monkeypatch):
     assert mm.memory_usage_mb(root) == 1024  # 2 GiB used - 1 GiB file cache (active + inactive)
     monkeypatch.setattr(mm, "process_tree_rss_mb", lambda pid=None, anon=False: 3000.0)
     assert mm.memory_usage_mb(root) == 3000
-    sampler = mm.MemorySampler(root=root)
+    sampler = sampling.MemorySampler(root=root)
     now = sampler.current()
     assert (now["cgroup_mb"], now["usage_mb"]) == (1024, 3000)
     assert sampler.peaks()["peak_cgroup_mb"] == 1024
-    assert mm.MemorySampler(root=tmp_path / "nothing").current()["cgroup_mb"] is None
+    assert sampling.MemorySampler(root=tmp_path / "nothing").current()["cgroup_mb"] is None
 
 
 def test_process_tree_rss_counts_children():
@@ -245,7 +246,7 @@ def test_sampler_sees_peak():
             time.sleep(0.01)
 
     baseline = mm.process_tree_rss_mb()
-    with mm.MemorySampler(interval=0.05, on_sample=seen.append) as sampler:
+    with sampling.MemorySampler(interval=0.05, on_sample=seen.append) as sampler:
         wait_for_samples(1)  # a reading from before the blob
         blob = b"\x01" * (200 * MiB)  # written, so the pages are resident
         # 3 samples while it lives: the first may have been measured before it existed, the others not
@@ -257,7 +258,7 @@ def test_sampler_sees_peak():
     assert peaks["peak_rss_mb"] >= baseline + 150
     assert after <= peaks["peak_rss_mb"] - 150  # the peak is the highest reading, not the first or the last
     assert peaks["samples"] >= 3 and len(seen) >= 3 and all(isinstance(x, float) for x in seen)
-    assert set(peaks) == {*mm.PEAK_KEYS, "samples"}
+    assert set(peaks) == {*sampling.PEAK_KEYS, "samples"}
     sampler.reset_peaks()
     assert sampler.peaks()["samples"] == 0 and sampler.peaks()["peak_rss_mb"] == 0.0
 

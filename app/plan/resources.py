@@ -1,4 +1,5 @@
-"""What this process may really use (RAM, CPUs, GPUs) and a background sampler of what it does use.
+"""What this process may really use (RAM, CPUs, GPUs), and what it uses now (the training run's
+background sampler, app.training.sampler, reads it from here).
 
 Why not just ``psutil.virtual_memory()``: inside ``docker run --memory 6g`` it reports the host's
 RAM, and a run sized for the host gets OOM-killed by the container's cgroup. So limits come from
@@ -16,10 +17,9 @@ import math
 import posixpath
 import re
 import sys
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 MB = 2**20
 _OCTAL = re.compile(r"\\([0-7]{3})")  # mountinfo escapes space, tab, newline and backslash as \ooo
-PEAK_KEYS = ("peak_rss_mb", "peak_anon_mb", "peak_cgroup_mb", "peak_cuda_allocated_mb", "peak_cuda_reserved_mb")
 
 
 # glibc serves allocations below a sliding threshold (it grows to 32 MB once such a block is
@@ -201,7 +200,7 @@ def process_tree_rss_mb(pid: int | None = None, anon: bool = False) -> float:
     return total / MB
 
 
-def _measure(root: str | Path) -> tuple[float, float, float | None]:
+def measure(root: str | Path) -> tuple[float, float, float | None]:
     """(tree RSS MB, tree anonymous MB, cgroup usage net of file pages MB or None without a limit)."""
     limit, usage, _ = cgroup_memory(root)
     return (process_tree_rss_mb(), process_tree_rss_mb(anon=True),
@@ -212,11 +211,11 @@ def memory_usage_mb(root: str | Path = "/") -> float:
     """The figure a guard compares with ``Resources.ram_total_mb``: what cannot be reclaimed.
     In a limited cgroup the kernel kills on the cgroup's usage (other processes too), so the
     larger of that and the tree's anonymous memory; file-backed pages are reclaimed first."""
-    _, anon, cgroup = _measure(root)
+    _, anon, cgroup = measure(root)
     return max(anon, cgroup) if cgroup is not None else anon
 
 
-def _torch_cuda(import_it: bool) -> Any | None:
+def torch_cuda(import_it: bool) -> Any | None:
     """torch if it sees CUDA, else None; imports it only if asked and installed."""
     if "torch" not in sys.modules and not (import_it and importlib.util.find_spec("torch")):
         return None
@@ -229,7 +228,7 @@ def _torch_cuda(import_it: bool) -> Any | None:
 
 
 def _gpus() -> list[GPUInfo]:
-    torch = _torch_cuda(import_it=True)
+    torch = torch_cuda(import_it=True)
     gpus: list[GPUInfo] = []
     for i in range(torch.cuda.device_count() if torch is not None else 0):
         try:
@@ -260,86 +259,3 @@ def detect_resources(memory_limit_mb: float = 0, root: str | Path = "/") -> Reso
     res = Resources(total, min(available, total), host_total, source, cpus, cpu_source, _gpus())
     log.debug("%s", res)
     return res
-
-
-class MemorySampler:
-    """Daemon thread sampling every ``interval`` s: process-tree RSS, cgroup usage, CUDA allocated/
-    reserved; keeps peaks. ``on_sample(usage_mb)`` gets each ``memory_usage_mb()`` figure (for a guard).
-    Not ``ru_maxrss``: that misses children and page cache, and can't be reset between phases."""
-
-    def __init__(self, interval: float = 0.25, root: str | Path = "/",
-                 on_sample: Callable[[float], None] | None = None):
-        self.interval, self.root, self.on_sample = interval, root, on_sample
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._thread: threading.Thread | None = None
-        self._torch: Any = None  # None: not looked for yet; False: no CUDA
-        self.reset_peaks()
-
-    def reset_peaks(self) -> None:
-        with self._lock:
-            self._peaks: dict[str, Any] = dict.fromkeys(PEAK_KEYS[1:]) | {"peak_rss_mb": 0.0, "samples": 0}
-
-    def _cuda(self) -> tuple[float | None, float | None]:
-        # Never import torch here: that would add ~1 s and ~200 MB to the very figures being measured.
-        # A process using CUDA has imported torch already, so picking it up from sys.modules suffices.
-        if self._torch is None and "torch" in sys.modules:
-            self._torch = _torch_cuda(import_it=False) or False
-        cuda = self._torch.cuda if self._torch else None
-        if cuda is None:
-            return None, None
-        try:
-            if not cuda.is_initialized():  # holds nothing on the GPU yet; querying would create a context
-                return 0.0, 0.0
-            n = cuda.device_count()
-            return sum(map(cuda.memory_allocated, range(n))) / MB, sum(map(cuda.memory_reserved, range(n))) / MB
-        except Exception:  # e.g. CUDA torn down at exit: RAM figures still count
-            return None, None
-
-    def current(self) -> dict[str, Any]:
-        """Measure now (and fold the reading into the peaks)."""
-        rss, anon, cgroup = _measure(self.root)
-        cuda_alloc, cuda_res = self._cuda()
-        now = {"rss_mb": rss, "anon_mb": anon, "cgroup_mb": cgroup, "cuda_allocated_mb": cuda_alloc,
-               "cuda_reserved_mb": cuda_res, "usage_mb": max(anon, cgroup) if cgroup is not None else anon}
-        with self._lock:
-            self._peaks["samples"] += 1
-            for key in PEAK_KEYS:
-                if (value := now[key[len("peak_"):]]) is not None:
-                    self._peaks[key] = max(self._peaks[key] or 0.0, value)
-        return now
-
-    def peaks(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(self._peaks)
-
-    def _run(self) -> None:
-        while True:  # sample at once, then every interval until stop()
-            try:
-                usage = self.current()["usage_mb"]
-                if self.on_sample is not None:
-                    self.on_sample(usage)
-            except Exception:  # one bad reading or callback must not end the monitoring
-                log.warning("memory sample failed", exc_info=True)
-            if self._stop.wait(self.interval):
-                return
-
-    def start(self) -> "MemorySampler":
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
-            self._thread.start()
-        return self
-
-    def stop(self) -> dict[str, Any]:
-        """Stop the thread; returns the peaks."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():  # on_sample may stop us
-            self._thread.join(timeout=max(1.0, 4 * self.interval))
-            self._thread = None
-        return self.peaks()
-
-    def __enter__(self) -> "MemorySampler":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -239,7 +239,7 @@ class FineTuner:
         self._data_fp = data_fingerprints(self.cfg)
         if self.model is None:
             self.load_model()
-        from app.plan.resources import MemorySampler
+        from app.training.sampler import MemorySampler
         from app.training.guard import MemoryGuard
         from app.training.signals import Interrupted, stop_callback, stop_on_signal
 
