@@ -10,7 +10,8 @@ import warnings
 import pytest
 
 from app.core import plots
-from app.evaluation.scoring import score, write_reports
+from app.evaluation.reports import write_reports
+from app.evaluation.scoring import score
 
 PREDICATES = ("主演", "导演", "出生地")
 

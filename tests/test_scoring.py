@@ -7,7 +7,8 @@ from fractions import Fraction
 import pytest
 
 from app.core.errors import UserError
-from app.evaluation.scoring import Triplet, normalize, parse_answer, score, score_file, write_reports
+from app.evaluation.reports import write_reports
+from app.evaluation.scoring import Triplet, normalize, parse_answer, score, score_file
 
 KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
 

@@ -35,7 +35,8 @@ def eval_examples(cfg: Config) -> tuple[Path, list[Example]]:
 
 
 def run_evaluate(cfg: Config) -> dict[str, Any]:
-    from app.evaluation.scoring import score, score_file, write_reports
+    from app.evaluation.reports import write_reports
+    from app.evaluation.scoring import score, score_file
     from app.inference.predict import Predictor
 
     ev = cfg.evaluation

@@ -1,0 +1,87 @@
+"""An evaluation's reports: report.json, report.md (a table per predicate), predictions.jsonl
+(gold vs output per record) and per_predicate_f1.png, each written whole (temp file + rename)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from app.core.utils import atomic_write_text, write_json
+from app.evaluation.scoring import Report
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _by_support(report: Report) -> list[tuple[str, dict]]:
+    return sorted(report.per_predicate.items(), key=lambda kv: (-kv[1]["support"], kv[0]))
+
+
+def _markdown(report: Report, title: str) -> str:
+    d = report.to_dict()
+    lines = [f"# {title or 'Evaluation report'}", "", "| metric | value |", "| --- | --- |"]
+    for k in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
+              "json_valid_rate", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold",
+              "n_recovered", "n_invalid_output"):
+        lines.append(f"| {k} | {_fmt(d[k])} |")
+    lines += ["", "## Per predicate (sorted by support)", "",
+              "| predicate | support | tp | fp | fn | precision | recall | f1 |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in _by_support(report):
+        lines.append(f"| {name} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | "
+                     f"{_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} |")
+    if not report.per_predicate:
+        lines.append("| (no triplets) | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _chart(report: Report, title: str) -> bytes:
+    """PNG bytes of a horizontal per-predicate F1 bar chart."""
+    from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
+
+    from app.core.plots import text_context
+
+    # barh draws bottom-up: reversed, the most frequent predicate is on top, as in report.md.
+    items = _by_support(report)[::-1]
+    labels = [f"{k} (n={m['support']})" for k, m in items]
+    title = title or "Per-predicate F1"
+    with text_context(title, *labels):  # predicates are Chinese: a CJK font, or one warning with the fix
+        fig = Figure(figsize=(7, 1.2 + 0.28 * max(len(items), 1)))
+        ax = fig.subplots()
+        if items:
+            ax.barh(labels, [m["f1"] for _, m in items])
+        else:
+            ax.text(0.5, 0.5, "no triplet samples", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("F1")
+        ax.set_title(title)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def write_reports(report: Report, out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """Write report.json, report.md, predictions.jsonl and per_predicate_f1.png; return {file name: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png")}
+    write_json(paths["report.json"], report.to_dict())
+    atomic_write_text(paths["report.md"], _markdown(report, title))
+    atomic_write_text(paths["predictions.jsonl"],
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rows))
+    try:
+        png = _chart(report, title)  # rendered first: a failure leaves no partial file behind
+        tmp = out / ".per_predicate_f1.png.tmp"
+        tmp.write_bytes(png)
+        os.replace(tmp, paths["per_predicate_f1.png"])
+    except ImportError:  # matplotlib is optional for scoring; the numbers are all in the text files
+        log.warning("matplotlib is not installed; skipping %s", paths.pop("per_predicate_f1.png"))
+    log.info("wrote %s to %s", ", ".join(paths), out)  # the caller logs the headline metrics
+    return paths
