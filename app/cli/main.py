@@ -28,7 +28,9 @@ def _train(cfg: Config) -> None:
     lock = runlock.hold(cfg.train.output_dir, "train", doing="training there too", alternative=True)
     with lock if dist.owns_run_lock(cfg) else nullcontext():
         if dist.wants_launch(cfg):  # NPROC/NNODES: become torchrun, whose workers run this command again
-            dist.launch(cfg)
+            from app.training.launcher import launch
+
+            launch(cfg)
             return
         dist.watch_launcher()
         from app.training.train import FineTuner
