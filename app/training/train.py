@@ -33,7 +33,7 @@ from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_stagin
 from app.training.kernels import collator, fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
 from app.training.outputs import (METRICS, TrainResult, encode_stats, mean_logged_loss, publish, truncate_metrics,
                                   write_error)
-from app.training.resume import checkpoint_step, data_fingerprints, decide, snapshot
+from app.training.resume import checkpoint_step, data_fingerprints, decide
 
 log = logging.getLogger(__name__)
 
@@ -351,47 +351,19 @@ class FineTuner:
         return dist.zero_stage(self.cfg) == 3
 
     def _full_state_dict(self, trainer: Any) -> Any:
-        """Under ZeRO-3 every rank holds a shard: gather the full weights (all ranks call this)."""
-        if not self._zero3():
-            return None
-        return trainer.accelerator.get_state_dict(trainer.deepspeed)
+        from app.training.trainer import full_state_dict
+
+        return full_state_dict(trainer, self._zero3())
 
     def _trainer(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, extra: list[Any],
                  resumed: list[dict[str, Any]] | None = None) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-        from transformers.trainer_callback import ProgressCallback
+        from app.training.trainer import build_trainer
 
-        from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
-        from app.training.trainer import RunTrainer
-
-        tp = Throughput()
-        metrics = MetricsJsonl(out / METRICS, tp, sampler)
-        f1: list[Any] = []
-        if self.cfg.evaluation.eval_metric == "f1" and not self.val_examples:
-            log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")
-        if self.cfg.evaluation.eval_metric == "f1" and self.val_examples:
-            from app.evaluation.evaluate import F1Evaluator
-
-            n = self.cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
-            f1 = [F1Evaluator(self.tokenizer, self.val_examples[:n], self.cfg.predict.predict_batch_size,
-                              metrics.write)]
-        holder: list[Any] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
-        gather = (lambda: self._full_state_dict(holder[0])) if self._zero3() else None
-        board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
-        trainer = RunTrainer(
-            model=self.model, args=self._ds_args or self._training_args(ckpt_dir), train_dataset=self.train_rows,
-            eval_dataset=self.val_rows or None, data_collator=self._collator(),
-            run_settings=lambda: snapshot(self.cfg, dist.world_size(), self._data_fp),
-            callbacks=[ProgressBar(tp), metrics, *f1,
-                       BestAdapter(ckpt_dir / "best", self.cfg.train.early_stopping_patience,
-                                   "eval_f1" if f1 else "eval_loss", resumed, gather), guard,
-                       *board, *extra, dist.rank_sync(guard, self.stop)],
-        )
-        holder.append(trainer)
+        trainer = build_trainer(self, out, ckpt_dir, self._ds_args or self._training_args(ckpt_dir), guard,
+                                [*extra, dist.rank_sync(guard, self.stop)], sampler, resumed)
         self._ds_args = None  # used once: a back-off builds fresh arguments
-        trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
         return trainer
+
     def _final_eval_loss(self, trainer: Any) -> float | None:
         from app.training.trainer import final_eval_loss
 

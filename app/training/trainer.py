@@ -16,6 +16,7 @@ silently no longer being called.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,8 @@ from app.core.utils import write_json
 from app.training import dist
 from app.training.checkpoints import PREFIX, STAGING, rotate, seal
 from app.training.resume import SETTINGS_FILE
+
+log = logging.getLogger(__name__)
 
 # method -> the parameters of transformers.Trainer's own method that the override was written for
 OVERRIDES = {
@@ -133,3 +136,49 @@ def final_eval_loss(trainer: Trainer) -> float:
                 return row["eval_loss"]
             break
     return trainer.evaluate()["eval_loss"]
+
+
+def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, guard: Any, tail: list[Any],
+                  sampler: Any, resumed: list[dict[str, Any]] | None) -> RunTrainer:
+    """The RunTrainer for FineTuner ``ft`` (model, rows, planned settings), with the tool's callbacks in
+    this order: the progress bar, metrics.jsonl, F1 on generated answers (EVAL_METRIC=f1), the best
+    adapter and early stopping, the memory ``guard``, TensorBoard on rank 0, then ``tail`` (the
+    caller's callbacks and the ranks' agreement, last)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
+    from app.training.outputs import METRICS
+    from app.training.resume import snapshot
+
+    cfg = ft.cfg
+    tp = Throughput()
+    metrics = MetricsJsonl(out / METRICS, tp, sampler)
+    f1: list[Any] = []
+    if cfg.evaluation.eval_metric == "f1" and not ft.val_examples:
+        log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")
+    if cfg.evaluation.eval_metric == "f1" and ft.val_examples:
+        from app.evaluation.evaluate import F1Evaluator
+
+        n = cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
+        f1 = [F1Evaluator(ft.tokenizer, ft.val_examples[:n], cfg.predict.predict_batch_size, metrics.write)]
+    holder: list[RunTrainer] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
+    zero3 = dist.zero_stage(cfg) == 3
+    gather = (lambda: full_state_dict(holder[0], zero3)) if zero3 else None
+    board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
+    trainer = RunTrainer(
+        model=ft.model, args=args, train_dataset=ft.train_rows, eval_dataset=ft.val_rows or None,
+        data_collator=ft._collator(), run_settings=lambda: snapshot(ft.cfg, dist.world_size(), ft._data_fp),
+        callbacks=[ProgressBar(tp), metrics, *f1,
+                   BestAdapter(ckpt_dir / "best", cfg.train.early_stopping_patience, "eval_f1" if f1 else "eval_loss",
+                               resumed, gather), guard, *board, *tail],
+    )
+    holder.append(trainer)
+    trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar
+    return trainer
+
+
+def full_state_dict(trainer: Trainer, zero3: bool) -> Any:
+    """Under ZeRO-3 every rank holds a shard: the full weights, gathered (every rank calls this); else None."""
+    return trainer.accelerator.get_state_dict(trainer.deepspeed) if zero3 else None
