@@ -356,6 +356,24 @@ def test_kill_9_of_export_leaves_the_previous_export_or_none(cli, tmp_path, lora
     assert snapshot(onnx) != first
 
 
+@pytest.mark.parametrize("setting, where", [("MERGED_DIR", "mine"), ("MERGED_DIR", "run"), ("ONNX_DIR", "mine")])
+def test_a_merged_or_onnx_dir_that_is_yours_is_never_replaced(cli, tmp_path, lora_run, snapshot, setting, where):
+    """MERGED_DIR / ONNX_DIR are replaced whole; pointed at a directory the tool did not write (your own
+    folder, or the adapter run itself) that would delete its files. Refused in one line, untouched."""
+    run = shutil.copytree(lora_run[0], tmp_path / "run")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own file\n")
+    target = mine if where == "mine" else run
+    before = snapshot(tmp_path)
+    extra = [f"MERGED_DIR={tmp_path / 'merged'}"] if setting == "ONNX_DIR" else []
+    code, errors, _ = cli("merge" if setting == "MERGED_DIR" else "export-onnx", f"ADAPTER_DIR={run}",
+                          f"{setting}={target}", *extra)
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"{setting}={target} holds files this tool did not write"), errors[0]
+    assert snapshot(tmp_path) == before  # refused before anything was merged or exported
+
+
 def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatch, caplog):
     """The swap itself, without a model: exchange and fallback give the same result; a kill's leftovers
     (a dead writer's) are removed, a live writer's are not, and an old copy with nothing in place returns."""
@@ -371,27 +389,27 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
             monkeypatch.setattr(app.core.utils, "_exchange", lambda a, b: False)
         shutil.rmtree(target, ignore_errors=True)
         for version in ("one", "two"):
-            with replace_dir(target, kept_note="stale") as tmp:
+            with replace_dir(target, "weights", "MERGED_DIR", kept_note="stale") as tmp:
                 os.close(os.open(tmp / "weights", os.O_CREAT | os.O_WRONLY, 0o600))  # as safetensors makes it
                 (tmp / "weights").write_text(version)
             assert (target / "weights").read_text() == version and not _debris(tmp_path)
             assert (target / "weights").stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file
             (target / "sub").mkdir(exist_ok=True)
         assert (target / "sub").is_dir()  # carried across the second swap
-    with pytest.raises(RuntimeError), replace_dir(target) as tmp:
+    with pytest.raises(RuntimeError), replace_dir(target, "weights", "MERGED_DIR") as tmp:
         (tmp / "weights").write_text("three")
         raise RuntimeError("failed half way")
     assert (target / "weights").read_text() == "two" and not _debris(tmp_path)
     (tmp_path / f".out.partial-{dead}").mkdir()
     (tmp_path / f".out.partial-{os.getppid()}").mkdir()  # a live process: perhaps writing it now
     os.rename(target, tmp_path / f".out.old-{dead}")
-    with caplog.at_level("INFO"), replace_dir(target) as tmp:
+    with caplog.at_level("INFO"), replace_dir(target, "weights", "MERGED_DIR") as tmp:
         assert (target / "weights").read_text() == "two"  # put back before anything else
         (tmp / "weights").write_text("four")
     assert "restored" in caplog.text and (target / "weights").read_text() == "four"
     assert _debris(tmp_path) == [f".out.partial-{os.getppid()}"]
     (tmp_path / "link").symlink_to(target)  # MERGED_DIR a link to another disk: the link stays one
-    with replace_dir(tmp_path / "link") as tmp:
+    with replace_dir(tmp_path / "link", "weights", "MERGED_DIR") as tmp:
         (tmp / "weights").write_text("five")
     assert (tmp_path / "link").is_symlink() and (target / "weights").read_text() == "five"
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from app.core.errors import UserError
+
 log = logging.getLogger("app")
 
 # Where `train` records its output dir, so `predict` finds the last adapter by default.
@@ -130,8 +132,21 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
+def replace_problem(target: str | Path, marker: str, setting: str) -> str | None:
+    """Why ``target`` may not be replaced whole, or None: it is absent, empty, or a result this tool
+    wrote (``marker`` in it). Anything else is someone's folder (or a trained run), never deleted."""
+    target = Path(target).resolve() if Path(target).is_symlink() else Path(target)
+    if not target.exists() or (target.is_dir() and (target / marker).is_file()):
+        return None
+    if target.is_dir() and not any(target.iterdir()):
+        return None
+    what = "is a file" if not target.is_dir() else f"holds files this tool did not write (no {marker} in it)"
+    return (f"{setting}={target} {what}; it would be replaced whole. Choose another {setting} (an empty or "
+            "new directory), or move those files away yourself")
+
+
 @contextmanager
-def replace_dir(target: str | Path, kept_note: str = "") -> Iterator[Path]:
+def replace_dir(target: str | Path, marker: str, setting: str, kept_note: str = "") -> Iterator[Path]:
     """Yield an empty dir beside ``target`` (``.<name>.partial-<pid>``); on success it replaces ``target``
     whole: fsynced, then swapped in atomically (Linux renameat2 RENAME_EXCHANGE), else by renaming the
     old one aside (``.<name>.old-<pid>``) and the new one in. Leftovers of a killed earlier attempt are
@@ -142,17 +157,26 @@ def replace_dir(target: str | Path, kept_note: str = "") -> Iterator[Path]:
     in the log: ONNX_DIR defaults to merged/onnx, and a re-merge deleting an export the user made
     (minutes of work, perhaps served elsewhere) would surprise more than keeping it; predict warns
     that such an export is older than its model (app.models.artifacts.onnx_is_stale), and export-onnx
-    always exports anew."""
+    always exports anew.
+
+    Only a result of the same kind is replaced: ``marker`` (a file the result holds) must be in an
+    existing non-empty ``target``, else a one-line UserError naming ``setting`` (replace_problem).
+    The caller writes ``marker`` into the yielded dir."""
     target = Path(target)
     if target.is_symlink():  # e.g. merged/ -> a bigger disk: replace what it points at, keep the link
         target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_dir_debris(target)
+    problem = replace_problem(target, marker, setting)
+    if problem:
+        raise UserError(problem)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        if not (tmp / marker).is_file():
+            raise RuntimeError(f"replace_dir: the new {target.name} has no {marker}")  # a caller's bug
         _settle_tree(tmp)
         _swap_in(tmp, target, kept_note)
     finally:

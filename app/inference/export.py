@@ -64,6 +64,8 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from app.core.utils import peak_rss_mb, replace_dir, write_json
+
+    _check_replaceable(out)  # before the minutes an export takes
     from app.models.loading import _load_error, load_tokenizer
 
     tokenizer = load_tokenizer(str(src), trust_remote_code)
@@ -106,7 +108,7 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
                                     input_names=names_in, output_names=names_out, dynamo=True, verbose=False)
     log.debug("torch.onnx: %s", chatter.getvalue())
     out = Path(out)
-    with replace_dir(out) as tmp:  # whole: a kill leaves the previous export (or none), never a mix
+    with replace_dir(out, META_FILE, "ONNX_DIR") as tmp:  # whole: a kill leaves the previous export or none
         program.save(str(tmp / ONNX_FILE), external_data=True)  # weights in model.onnx.data: no 2 GB limit
         model.config.save_pretrained(tmp)
         (model.generation_config or GenerationConfig()).save_pretrained(tmp)
@@ -176,8 +178,18 @@ def source_for(cfg: Config) -> tuple[str, Path]:
 
 
 def run_export(cfg: Config) -> Path:
+    if cfg.predict.onnx_dir:  # a folder of yours is refused before anything is merged or exported
+        _check_replaceable(cfg.predict.onnx_dir)
     src, out = source_for(cfg)
     return export_model(src, out, cfg.model.trust_remote_code)
+
+
+def _check_replaceable(out: str | Path) -> None:
+    from app.core.utils import replace_problem
+
+    problem = replace_problem(out, META_FILE, "ONNX_DIR")
+    if problem:
+        raise UserError(problem)
 
 
 class OnnxCausalLM:

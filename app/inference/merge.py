@@ -15,12 +15,14 @@ from pathlib import Path
 
 from app.config import Config
 from app.core.errors import UserError
-from app.core.utils import replace_dir
+from app.core.utils import replace_dir, replace_problem, write_json
 from app.models.artifacts import base_model_for, find_adapter, is_full_model
 from app.models.loading import load_adapter, load_model, load_tokenizer
 from app.models.tiny import resolve_model
 
 log = logging.getLogger(__name__)
+
+MERGE_FILE = "merge_info.json"  # what was merged; marks a dir this tool may replace with a new merge
 
 
 def run_merge(cfg: Config) -> Path:
@@ -28,6 +30,10 @@ def run_merge(cfg: Config) -> Path:
     if adapter is None or is_full_model(adapter):
         raise UserError(f"ADAPTER_DIR={adapter}: merge needs a LoRA adapter dir (METHOD=full output is already "
                         "a standalone model)")
+    out = Path(cfg.predict.merged_dir or adapter / "merged")
+    problem = replace_problem(out, MERGE_FILE, "MERGED_DIR")  # before minutes of loading and merging
+    if problem:
+        raise UserError(problem)
     name, quant = base_model_for(cfg, adapter)
     if quant != "none":
         log.warning("adapter was trained on a %s base; merging onto the unquantized base, so outputs differ "
@@ -38,10 +44,10 @@ def run_merge(cfg: Config) -> Path:
     own_tok = (adapter / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(adapter) if own_tok else base, cfg.model.trust_remote_code,
                                setting="ADAPTER_DIR" if own_tok else "MODEL_NAME")
-    out = Path(cfg.predict.merged_dir or adapter / "merged")
-    with replace_dir(out, kept_note="it was made from the previous merge (an ONNX export? `make export-onnx` "
-                                    "exports this merge)") as tmp:
+    stale = "it was made from the previous merge (an ONNX export? `make export-onnx` exports this merge)"
+    with replace_dir(out, MERGE_FILE, "MERGED_DIR", kept_note=stale) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_json(tmp / MERGE_FILE, {"adapter": str(adapter), "base": name, "base_quantization": quant})
     log.info("merged %s + %s -> %s (loads with AutoModelForCausalLM, no peft)", name, adapter, out)
     return out

@@ -1,4 +1,4 @@
-"""One writer per run directory: an OS lock on ``<dir>/.lock``.
+"""One writer per run directory: an OS lock on ``<dir>/.trainer-run.lock``.
 
 Two `make train` into the same OUTPUT_DIR (two terminals, or `docker compose up` beside a host
 run) used to "resume" each other's checkpoints, cut each other's metrics.jsonl and publish into
@@ -34,7 +34,7 @@ from app.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
+LOCK_FILE = ".trainer-run.lock"  # a name no user file has: the holder deletes it when done
 _held: dict[Path, int] = {}  # dir -> fd: this process's locks (re-entrant: the CLI's, then FineTuner.train's)
 
 
