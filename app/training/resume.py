@@ -20,6 +20,7 @@ pre-flight runs this before torch is imported).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,12 +55,19 @@ def fingerprint(path: str) -> dict[str, Any] | None:
     p = Path(path)
     if not path or not p.is_file():
         return None
-    size, h = p.stat().st_size, hashlib.sha256()
-    with open(p, "rb") as fh:
+    st = p.stat()
+    return dict(_fingerprint(str(p.resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, Any], ...]:
+    """Read once per file version: the pre-flight, setup() and the checkpoints' settings all ask."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
         for at in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
             fh.seek(at)
             h.update(fh.read(_SAMPLE))
-    return {"size": size, "sha256": h.hexdigest()}
+    return (("size", size), ("sha256", h.hexdigest()))
 
 
 def run_vars() -> list[str]:
