@@ -136,7 +136,7 @@ demo: setup ## offline proof of learning: a tiny GLM from scratch, held-out F1 -
 
 ##@ develop: tests, benchmarks, tiny models
 tiny-model: setup ## a random tiny model: MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3
-	$(APP) make-tiny-model MODEL_NAME=$${MODEL_NAME:-tiny}
+	$(APP) make-tiny-model
 
 test: $(STAMP) ## the whole suite here in .venv, whatever RUNTIME is (CPU, tiny models, offline)
 	$(PY) -m pytest -q

@@ -227,6 +227,7 @@ def test_makefile_has_no_mode_logic():
     recipes = "\n".join(x for x in text.splitlines() if x.startswith("\t"))
     assert not re.search(r"PROMPT|INTERACTIVE|INPUT_FILE=", recipes), "mode variables in a Makefile recipe"
     assert not re.search(r"\[\[|\[ -[nz]", recipes), "a shell check in a Makefile recipe"
+    assert not re.search(r"\$\$\{\w+:-", recipes), "a shell default for a setting in a Makefile recipe"
     for command in PREDICTION_COMMANDS:
         assert re.search(rf"^{command}: .*\n\t\$\(APP\) {command}\n", text, flags=re.M), command
 
@@ -239,6 +240,22 @@ def test_compose_prediction_services_only_call_their_command():
         assert svc["command"] == [command] and "entrypoint" not in svc, command  # the image's: python -m app
         assert command in cuda, command
     assert "PROMPT" not in (REPO / "docker-compose.yml").read_text(encoding="utf-8").split("services:", 1)[1]
+    # every app service runs one `python -m app` command: no shell in between deciding modes or defaults
+    for name, svc in compose.items():
+        if name not in ("test", "app"):
+            assert "entrypoint" not in svc and len(svc["command"]) == 1 and svc["command"][0] in COMMANDS, name
+
+
+def test_make_tiny_model_defaults_in_python(run_app, tmp_path):
+    """`make tiny-model` calls `python -m app make-tiny-model` with no arguments: the default (tiny) is Python's;
+    a MODEL_NAME that is no tiny family is one line."""
+    bad = run_app(["make-tiny-model", "MODEL_NAME=Qwen/Qwen2-0.5B"])
+    assert bad.returncode == 2 and bad.stderr.strip().endswith(
+        "MODEL_NAME=Qwen/Qwen2-0.5B: make-tiny-model builds one of tiny, tiny-qwen2, tiny-qwen3, tiny-gemma3, "
+        "tiny-llama; e.g. MODEL_NAME=tiny"), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "models").exists()
+    done = run_app(["make-tiny-model"])
+    assert done.returncode == 0 and (tmp_path / "models" / "tiny-glm" / "config.json").is_file(), done.stderr
 
 
 def test_commands_page_follows_the_groups():

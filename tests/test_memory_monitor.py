@@ -312,13 +312,13 @@ def test_release_memory_tunes_the_allocator_where_memory_is_tight(monkeypatch, m
     from types import SimpleNamespace
 
     import app.plan.resources as mm
-    import app.plan.tiers as tiers
-    from app import Config, FineTuner
+    import app.training.prepare as prepare
+    from app import Config
+    from app.plan.tiers import Plan
 
     calls: list[int] = []
     monkeypatch.setattr(mm, "tune_allocator", lambda: calls.append(1) or True)
-    monkeypatch.setattr(tiers, "predict_peak", lambda cfg, shape, cuda: SimpleNamespace(total_mb=peak_mb))
-    ft = FineTuner(Config.from_dict({"RELEASE_MEMORY": mode}))
-    ft.plan = SimpleNamespace(device=device, budget_mb=1000.0)
-    ft._tune_allocator()
+    monkeypatch.setattr(prepare, "predict_peak", lambda cfg, shape, cuda: SimpleNamespace(total_mb=peak_mb))
+    prepare.release_if_tight(Plan(device=device, budget_mb=1000.0, cfg=Config.from_dict({"RELEASE_MEMORY": mode})),
+                             None)
     assert bool(calls) == applied

@@ -89,7 +89,7 @@ def test_fit_memory_shrinks_until_the_prediction_fits(tiny_glm_dir):
     plan = apply_tier(c, res(64))
     big = estimate(shape, "none", 8, 4, 1024, False).total_mb
     small_budget_avail = (estimate(shape, "none", 8, 1, 1024, False).total_mb + 5) / 0.85 / GB
-    fit_memory(plan, res(64, avail_gb=small_budget_avail), shape, None)
+    plan = fit_memory(plan, res(64, avail_gb=small_budget_avail), shape, None)
     p = plan.cfg
     assert p.train.batch_size == 1 and p.train.grad_accum == 16  # effective batch 16 kept
     assert p.data.max_seq_len == 1024 and plan.estimate.total_mb <= plan.budget_mb < big
@@ -99,8 +99,7 @@ def test_fit_memory_shrinks_until_the_prediction_fits(tiny_glm_dir):
 def test_impossible_budget_warns_with_the_fix(tiny_glm_dir):
     shape = model_shape(str(tiny_glm_dir))
     c = cfg(MAX_SEQ_LEN=512, BATCH_SIZE=1, QUANT_LEVEL="4bit")
-    plan = apply_tier(c, res(1))
-    fit_memory(plan, res(1, avail_gb=0.2), shape, None)
+    plan = fit_memory(apply_tier(c, res(1)), res(1, avail_gb=0.2), shape, None)
     assert plan.cfg.resources.gradient_checkpointing == "on"  # tried what it could
     assert plan.warnings and "exceeds the budget" in plan.warnings[0] and "MAX_SEQ_LEN" in plan.warnings[0]
 
@@ -136,3 +135,12 @@ def test_planning_never_changes_the_users_config(tiny_glm_dir, tmp_path):
     assert ft.cfg.data.max_seq_len != before["MAX_SEQ_LEN"] and "95%" in ft.plan.decisions["MAX_SEQ_LEN"][1]
     with pytest.raises(dataclasses.FrozenInstanceError):
         user.train.batch_size = 2  # type: ignore[misc]
+    # the Plan too: each step returns a new one, the one before stays as it was
+    first = ft.plan
+    later = first.set("BATCH_SIZE", 7, "test").warn("w")
+    assert later.cfg.train.batch_size == 7 and later.warnings[-1] == "w" and later.decisions["BATCH_SIZE"][1] == "test"
+    assert first.cfg.train.batch_size != 7 and "w" not in first.warnings and first.decisions.get("BATCH_SIZE") != (7, "test")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.tier = "cpu-xs"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        first.decisions["BATCH_SIZE"] = (1, "x")  # type: ignore[index]

@@ -39,37 +39,9 @@ def _train(cfg: Config) -> None:
 
 
 def _info(cfg: Config) -> None:
-    """Detected resources, tier, every resolved setting and why, predicted peak memory.
+    from app.cli.info import run_info
 
-    Offline with a hub model that is not downloaded yet, it still shows all of that except the
-    model's shape and the estimate, with the download command, and succeeds: it is the first
-    thing a user runs."""
-    from app.cli.preflight import default_data_missing, preflight
-    from app.core.errors import ModelUnavailable
-    from app.plan.tiers import fit_memory, format_info
-    from app.training.train import FineTuner
-
-    preflight(cfg, "info")
-    ft, name = FineTuner(cfg), cfg.model.model_name
-    try:
-        ft.setup()
-    except ModelUnavailable as e:
-        sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n\n"  # cli-output
-                         f"model: {name} is not downloaded here and the hub is out of reach, so its shape, "
-                         "MAX_SEQ_LEN and the memory estimate are unknown until it is. Download it with:\n"
-                         f"  {e.command}\nthen use MODEL_NAME={e.command.rsplit(' ', 1)[-1]}\n")
-        return
-    except UserError:
-        if ft.plan is not None:  # show what was detected before the model problem
-            sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n")  # cli-output
-        raise
-    if default_data_missing(cfg):  # nothing to measure yet: the tier's lengths, and say why
-        fit_memory(ft.plan, ft.resources, ft.shape, None)
-        ft.plan.warnings.append(f"DATA_PATH={cfg.data.data_path} does not exist yet: `make train` writes the "
-                                "synthetic sample data there first; MAX_SEQ_LEN above is the tier's, not your data's")
-    else:
-        ft.prepare_data()
-    sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, name) + "\n")  # cli-output
+    run_info(cfg)
 
 
 # The prediction commands, one per mode. Each sets its own mode, so a PROMPT, INPUT_FILE or INTERACTIVE
@@ -158,12 +130,14 @@ def _demo(cfg: Config) -> None:
 
 
 def _make_tiny(cfg: Config) -> None:
+    """MODEL_NAME's tiny model, or the GLM one (tiny) when MODEL_NAME was not set."""
     from app.models.tiny import FAMILIES, resolve_model
 
-    if cfg.model.model_name not in FAMILIES:
-        raise UserError(f"MODEL_NAME={cfg.model.model_name}: make-tiny-model builds one of "
-                        f"{', '.join(FAMILIES)}; e.g. MODEL_NAME=tiny")
-    log.info("tiny model ready at %s", resolve_model(cfg.model.model_name))
+    name = cfg.model.model_name if "MODEL_NAME" in cfg.explicit else "tiny"
+    if name not in FAMILIES:
+        raise UserError(f"MODEL_NAME={name}: make-tiny-model builds one of {', '.join(FAMILIES)}; "
+                        "e.g. MODEL_NAME=tiny")
+    log.info("tiny model ready at %s", resolve_model(name))
 
 
 def _generate_data(cfg: Config) -> None:

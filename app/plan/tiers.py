@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 from app.config import Config, documented
@@ -44,29 +46,36 @@ _ESCALATE = {"none": "8bit", "8bit": "4bit"}
 SEQ_QUANTILE = 0.95  # keep 95% of samples whole; the rest lose part of the prompt, never the answer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """What this run uses and why: the user's Config with each decision applied, never changed in
+    place. Each step (tier, memory fit, guard, back-off) returns a new Plan (``dataclasses.replace``)."""
     tier: str = "none"
     device: str = "cpu"
     budget_mb: float = 0.0
-    decisions: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    decisions: Mapping[str, tuple[Any, str]] = field(default_factory=lambda: MappingProxyType({}))
     estimate: Estimate | None = None
-    warnings: list[str] = field(default_factory=list)
-    held: dict[str, str] = field(default_factory=dict)  # settings fixed before planning, and why (a resume)
+    warnings: tuple[str, ...] = ()
+    held: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # fixed before planning, and why
     cfg: Config = field(default_factory=Config)  # the settings as planned: the user's, with each decision
 
-    def decide(self, var: str, value: Any, why: str) -> None:
-        """Set ``var`` unless the user did; record the value and the reason either way."""
+    def decide(self, var: str, value: Any, why: str) -> "Plan":
+        """``var`` = ``value`` unless the user set it; the value and the reason are recorded either way."""
         if var in self.cfg.explicit:
-            self.decisions[var] = (self.cfg.get(var), self.held.get(var, "set by you"))
-        else:
-            self.set(var, value, why)
+            return self.record(var, self.cfg.get(var), self.held.get(var, "set by you"))
+        return self.set(var, value, why)
 
-    def set(self, var: str, value: Any, why: str) -> None:
-        """``var`` is ``value``, whoever set it (QUANT_LEVEL=auto resolves even when given): a new
-        planned Config, the user's is never changed."""
-        self.cfg = self.cfg.replace({var: value})
-        self.decisions[var] = (self.cfg.get(var), why)
+    def set(self, var: str, value: Any, why: str) -> "Plan":
+        """``var`` is ``value``, whoever set it (QUANT_LEVEL=auto resolves even when given)."""
+        cfg = self.cfg.replace({var: value})
+        return replace(self, cfg=cfg).record(var, cfg.get(var), why)
+
+    def record(self, var: str, value: Any, why: str) -> "Plan":
+        """Note a setting's value and reason without changing it."""
+        return replace(self, decisions=MappingProxyType({**self.decisions, var: (value, why)}))
+
+    def warn(self, text: str) -> "Plan":
+        return replace(self, warnings=(*self.warnings, text))
 
 
 def halve_batch(batch: int, accum: int) -> tuple[int, int]:
@@ -82,42 +91,38 @@ def memory_gb(res: Resources) -> tuple[str, float]:
     return "cpu", res.ram_total_mb / 1024
 
 
-def apply_tier(cfg: Config, res: Resources, plan: Plan | None = None) -> Plan:
+def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = None) -> Plan:
     """Step 1: tier defaults for quant, samples, batch, accumulation (and GPU LoRA rank), planned
-    on ``cfg`` (which stays as it is): the result is ``plan.cfg``."""
-    plan = plan or Plan()
-    plan.cfg = cfg
-    plan.device, gb = memory_gb(res)
-    if cfg.resources.tier == "none":
-        plan.tier = "none"
-        quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, cfg.resources.quant_level)
+    on ``cfg`` (which stays as it is): the result is the Plan's cfg. ``held``: settings fixed
+    before planning (a resumed run's), with the reason shown for them."""
+    device, gb = memory_gb(res)
+    plan = Plan(device=device, cfg=cfg, held=MappingProxyType(dict(held or {})))
+    r = cfg.resources
+    if r.tier == "none":
+        quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, r.quant_level)
         level = "none" if quant == "auto" else quant  # "auto" resolves even when given explicitly
-        plan.set("QUANT_LEVEL", level, "TIER=none" if quant == "auto" else plan.held.get("QUANT_LEVEL", "set by you"))
-        return plan
-    if cfg.resources.tier != "auto":
-        tier, why = TIERS[cfg.resources.tier], f"TIER={cfg.resources.tier}"
+        return plan.set("QUANT_LEVEL", level, "TIER=none" if quant == "auto" else plan.held.get("QUANT_LEVEL", "set by you"))
+    if r.tier != "auto":
+        tier, why = TIERS[r.tier], f"TIER={r.tier}"
     else:
-        table = GPU_TIERS if plan.device == "cuda" else CPU_TIERS
+        table = GPU_TIERS if device == "cuda" else CPU_TIERS
         tier = next(t for bound, t in table if gb < bound)
-        kind = "VRAM" if plan.device == "cuda" else "RAM"
-        why = f"{kind} {gb:.1f} GB -> tier {tier.name}"
-    plan.tier = tier.name
+        why = f"{'VRAM' if device == 'cuda' else 'RAM'} {gb:.1f} GB -> tier {tier.name}"
+    plan = replace(plan, tier=tier.name)
     if cfg.lora.method in ("qlora", "full"):
-        plan.set("QUANT_LEVEL", "4bit" if cfg.lora.method == "qlora" else "none", f"METHOD={cfg.lora.method}")
-    elif cfg.resources.quant_level != "auto":
-        plan.decisions["QUANT_LEVEL"] = (cfg.resources.quant_level, plan.held.get("QUANT_LEVEL", "set by you"))
+        plan = plan.set("QUANT_LEVEL", "4bit" if cfg.lora.method == "qlora" else "none", f"METHOD={cfg.lora.method}")
+    elif r.quant_level != "auto":
+        plan = plan.record("QUANT_LEVEL", r.quant_level, plan.held.get("QUANT_LEVEL", "set by you"))
     elif cfg.train.precision == "bf16":  # bf16 autocast runs on unquantized weights
-        plan.set("QUANT_LEVEL", "none", "PRECISION=bf16")
+        plan = plan.set("QUANT_LEVEL", "none", "PRECISION=bf16")
     else:
-        plan.set("QUANT_LEVEL", tier.quant, why)
-    plan.decide("MAX_SAMPLES", tier.samples, why)
-    plan.decide("BATCH_SIZE", tier.batch, why)
-    plan.decide("GRAD_ACCUM", tier.grad_accum, why)
+        plan = plan.set("QUANT_LEVEL", tier.quant, why)
+    plan = plan.decide("MAX_SAMPLES", tier.samples, why).decide("BATCH_SIZE", tier.batch, why) \
+               .decide("GRAD_ACCUM", tier.grad_accum, why)
     if tier.lora_r:
-        plan.decide("LORA_R", tier.lora_r, why)
-        plan.decide("LORA_ALPHA", 2 * tier.lora_r, "2 x LORA_R")
+        plan = plan.decide("LORA_R", tier.lora_r, why).decide("LORA_ALPHA", 2 * tier.lora_r, "2 x LORA_R")
     if "MAX_SEQ_LEN" not in cfg.explicit:  # replaced by the data's lengths in fit_memory
-        plan.set("MAX_SEQ_LEN", tier.seq, f"{why} (no data measured)")
+        plan = plan.set("MAX_SEQ_LEN", tier.seq, f"{why} (no data measured)")
     return plan
 
 
@@ -128,47 +133,48 @@ def seq_from_lengths(lengths: list[int], max_positions: int) -> int:
 
 
 def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int] | None) -> Plan:
-    """Step 2, on ``plan.cfg``: sequence length from the data, then shrink until the predicted peak fits."""
+    """Step 2: sequence length from the data, then shrink until the predicted peak fits."""
     cuda = plan.device == "cuda"
     available = res.gpus[0].free_mb if cuda else res.ram_available_mb
-    plan.budget_mb = available * plan.cfg.resources.memory_safety
+    plan = replace(plan, budget_mb=available * plan.cfg.resources.memory_safety)
     if lengths and plan.tier != "none":
-        seq = seq_from_lengths(lengths, shape.max_positions)
-        plan.decide("MAX_SEQ_LEN", seq, f"{int(SEQ_QUANTILE * 100)}% of the {len(lengths)} samples "
-                                        f"fit whole (longest {max(lengths)} tokens)")
-
-    def predicted() -> Estimate:
-        return predict_peak(plan.cfg, shape, cuda)
-
+        plan = plan.decide("MAX_SEQ_LEN", seq_from_lengths(lengths, shape.max_positions),
+                           f"{int(SEQ_QUANTILE * 100)}% of the {len(lengths)} samples fit whole "
+                           f"(longest {max(lengths)} tokens)")
     if plan.cfg.resources.gradient_checkpointing == "auto":  # on only if needed, below
-        plan.cfg = plan.cfg.replace({"GRADIENT_CHECKPOINTING": "off"})
-    while predicted().total_mb > plan.budget_mb and plan.tier != "none":
-        cfg = plan.cfg
-        t, r = cfg.train, cfg.resources
-        if t.batch_size > 1 and "BATCH_SIZE" not in cfg.explicit:
-            batch, accum = halve_batch(t.batch_size, t.grad_accum)
-            plan.decide("BATCH_SIZE", batch, "halved to fit memory")
-            if "GRAD_ACCUM" not in cfg.explicit:
-                plan.decide("GRAD_ACCUM", accum, "keeps the effective batch")
-        elif r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
-            plan.decide("GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
-        elif (r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit
-              and cfg.lora.method in ("lora", "ptuning")):
-            plan.decide("QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
-        elif cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
-            plan.decide("MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
-                        "shortened to fit memory (longer samples lose part of the prompt)")
-        else:
+        plan = replace(plan, cfg=plan.cfg.replace({"GRADIENT_CHECKPOINTING": "off"}))
+    while plan.tier != "none" and predict_peak(plan.cfg, shape, cuda).total_mb > plan.budget_mb:
+        shrunk = _shrink(plan)
+        if shrunk is None:
             break
-    plan.decisions.setdefault("GRADIENT_CHECKPOINTING",
-                              (plan.cfg.resources.gradient_checkpointing, "not needed to fit"))
-    plan.estimate = predicted()
+        plan = shrunk
+    if "GRADIENT_CHECKPOINTING" not in plan.decisions:
+        plan = plan.record("GRADIENT_CHECKPOINTING", plan.cfg.resources.gradient_checkpointing, "not needed to fit")
+    plan = replace(plan, estimate=predict_peak(plan.cfg, shape, cuda))
     if plan.estimate.total_mb > plan.budget_mb:
-        plan.warnings.append(
+        plan = plan.warn(
             f"predicted peak {plan.estimate.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
             f"({plan.cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
             "BATCH_SIZE, use QUANT_LEVEL=4bit or GRADIENT_CHECKPOINTING=on; the memory guard will back off")
     return plan
+
+
+def _shrink(plan: Plan) -> Plan | None:
+    """The next step down in memory among the settings the user left to the plan; None when none is left."""
+    cfg = plan.cfg
+    t, r = cfg.train, cfg.resources
+    if t.batch_size > 1 and "BATCH_SIZE" not in cfg.explicit:
+        batch, accum = halve_batch(t.batch_size, t.grad_accum)
+        plan = plan.decide("BATCH_SIZE", batch, "halved to fit memory")
+        return plan if "GRAD_ACCUM" in cfg.explicit else plan.decide("GRAD_ACCUM", accum, "keeps the effective batch")
+    if r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
+        return plan.decide("GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
+    if r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method in ("lora", "ptuning"):
+        return plan.decide("QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
+    if cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
+        return plan.decide("MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
+                           "shortened to fit memory (longer samples lose part of the prompt)")
+    return None
 
 
 def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from app.plan.tiers import halve_batch
+from app.config import Config
+from app.plan.tiers import Plan, halve_batch
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +56,26 @@ class MemoryGuard(TrainerCallback):
             control.should_save = True
             log.info("memory above %.0f%% of the limit: extra checkpoint at step %d", WARN * 100, state.global_step)
 
-    def preflight(self, cfg: Any, predict: Any) -> Any:
+    def preflight(self, plan: Plan, predict: Callable[[Config], float]) -> Plan:
         """Back off before the first step when the estimator already predicts > HIGH of the limit.
 
         A sampler cannot stop a single allocation (e.g. the logits) that jumps past the limit,
         so a configuration predicted not to fit is shrunk up front, as the runtime guard would.
-        ``predict(cfg)`` returns the predicted peak MB of a Config; returns the Config to train
-        with (a new one when it backed off).
+        ``predict(cfg)`` returns the predicted peak MB of a Config; returns the Plan to train with
+        (a new one when it backed off).
         """
         if self.mode != "backoff" or not self.limit_mb:
-            return cfg
-        while cfg.train.batch_size > 1 and predict(cfg) > HIGH * self.limit_mb:
-            batch, accum = halve_batch(cfg.train.batch_size, cfg.train.grad_accum)
-            cfg = cfg.replace({"BATCH_SIZE": batch, "GRAD_ACCUM": accum})
+            return plan
+        why = f"memory guard: predicted peak over {HIGH:.0%} of the {self.limit_mb:,.0f} MB limit"
+        while plan.cfg.train.batch_size > 1 and predict(plan.cfg) > HIGH * self.limit_mb:
+            batch, accum = halve_batch(plan.cfg.train.batch_size, plan.cfg.train.grad_accum)
+            plan = plan.set("BATCH_SIZE", batch, why).set("GRAD_ACCUM", accum, "keeps the effective batch")
             log.warning("memory guard: predicted peak exceeds %.0f%% of the %.0f MB limit; BATCH_SIZE -> %d, "
                         "GRAD_ACCUM -> %d (same effective batch)", HIGH * 100, self.limit_mb, batch, accum)
-        if predict(cfg) > HIGH * self.limit_mb:
+        if predict(plan.cfg) > HIGH * self.limit_mb:
             log.warning("memory guard: predicted peak %.0f MB is near the %.0f MB limit even at BATCH_SIZE=1; "
-                        "lower MAX_SEQ_LEN or use QUANT_LEVEL=4bit", predict(cfg), self.limit_mb)
-        return cfg
+                        "lower MAX_SEQ_LEN or use QUANT_LEVEL=4bit", predict(plan.cfg), self.limit_mb)
+        return plan
 
     def reset(self) -> None:
         self.tripped.clear()

@@ -148,7 +148,9 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import ProgressCallback
 
+    from app.plan.precision import resolve_precision
     from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
+    from app.training.kernels import collator
     from app.training.outputs import METRICS
     from app.training.resume import snapshot
 
@@ -169,7 +171,8 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
     board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
     trainer = RunTrainer(
         model=ft.model, args=args, train_dataset=ft.train_rows, eval_dataset=ft.val_rows or None,
-        data_collator=ft._collator(), run_settings=lambda: snapshot(ft.cfg, dist.world_size(), ft._data_fp),
+        data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")),
+        run_settings=lambda: snapshot(ft.cfg, dist.world_size(), ft._data_fp),
         callbacks=[ProgressBar(tp), metrics, *f1,
                    BestAdapter(ckpt_dir / "best", cfg.train.early_stopping_patience, "eval_f1" if f1 else "eval_loss",
                                resumed, gather), guard, *board, *tail],

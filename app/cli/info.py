@@ -1,0 +1,43 @@
+"""`make info`: what this machine has, the tier, every resolved setting and why, the predicted peak.
+
+It runs the training run's own planning steps (setup, then the data's lengths and the memory
+fit) and stops before loading weights, so what it prints is what `make train` would use.
+"""
+from __future__ import annotations
+
+import sys
+
+from app.cli.preflight import default_data_missing, preflight
+from app.config import Config
+from app.core.errors import ModelUnavailable, UserError
+from app.plan.tiers import fit_memory, format_info
+from app.training.train import FineTuner
+
+
+def run_info(cfg: Config) -> None:
+    """Detected resources, tier, every resolved setting and why, predicted peak memory.
+
+    Offline with a hub model that is not downloaded yet, it still shows all of that except the
+    model's shape and the estimate, with the download command, and succeeds: it is the first
+    thing a user runs."""
+    preflight(cfg, "info")
+    ft, name = FineTuner(cfg), cfg.model.model_name
+    try:
+        ft.setup()
+    except ModelUnavailable as e:
+        sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n\n"  # cli-output
+                         f"model: {name} is not downloaded here and the hub is out of reach, so its shape, "
+                         "MAX_SEQ_LEN and the memory estimate are unknown until it is. Download it with:\n"
+                         f"  {e.command}\nthen use MODEL_NAME={e.command.rsplit(' ', 1)[-1]}\n")
+        return
+    except UserError:
+        if ft.plan is not None:  # show what was detected before the model problem
+            sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n")  # cli-output
+        raise
+    if default_data_missing(cfg):  # nothing to measure yet: the tier's lengths, and say why
+        ft.plan = fit_memory(ft.plan, ft.resources, ft.shape, None).warn(
+            f"DATA_PATH={cfg.data.data_path} does not exist yet: `make train` writes the synthetic sample data "
+            "there first; MAX_SEQ_LEN above is the tier's, not your data's")
+    else:
+        ft.prepare_data()
+    sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, name) + "\n")  # cli-output

@@ -1,0 +1,91 @@
+"""A run's data: read, sample, split, measure, fit the plan to memory, tokenise. Writes nothing.
+
+The order matters: MAX_SEQ_LEN comes from the whole samples' token lengths (measured before any
+cut), and the memory fit needs that length before batch and checkpointing can be chosen; only
+then are the rows encoded at the planned length.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.errors import UserError
+from app.data.encode import encode_all
+from app.data.records import read_examples, sample_and_split
+from app.plan.estimator import ModelShape
+from app.plan.resources import Resources, release_memory
+from app.plan.tiers import Plan, fit_memory, predict_peak
+from app.training.outputs import encode_stats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    plan: Plan  # the plan with MAX_SEQ_LEN and the memory fit decided
+    train_rows: list[dict] = field(default_factory=list)
+    val_rows: list[dict] = field(default_factory=list)
+    val_examples: list[Any] = field(default_factory=list)  # with messages: what F1 evaluation generates from
+    report: dict[str, Any] = field(default_factory=dict)  # data_report.json
+    records: dict[str, Any] = field(default_factory=dict)  # how many of the file's records the run uses, and why
+
+
+def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape) -> PreparedData:
+    d, seed = plan.cfg.data, plan.cfg.train.seed
+    examples, report = read_examples(d.data_path, d.data_format, d.max_bad_ratio, "DATA_PATH")
+    train_ex, val_ex = sample_and_split(examples, d.max_samples, d.val_size, seed, bool(d.val_path))
+    plan, records = records_used(plan, len(examples), len(train_ex), len(val_ex))
+    reports = [report]
+    if d.val_path:
+        val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
+        reports.append(vreport)
+    lengths = None
+    if "MAX_SEQ_LEN" not in plan.cfg.explicit and plan.tier != "none":  # measure whole samples before the cut
+        lengths = encode_all(train_ex, tokenizer, shape.max_positions)[1].lengths
+    plan = fit_memory(plan, res, shape, lengths)
+    d = plan.cfg.data
+    release_if_tight(plan, shape)
+    for w in plan.warnings:
+        log.warning("%s", w)
+    train_rows, tstats = encode_all(train_ex, tokenizer, d.max_seq_len)
+    val_rows, vstats = encode_all(val_ex, tokenizer, d.max_seq_len)
+    if not train_rows:
+        raise UserError(f"DATA_PATH={d.data_path}: no sample keeps any answer token within "
+                        f"MAX_SEQ_LEN={d.max_seq_len}; raise MAX_SEQ_LEN")
+    for r in reports:
+        log.info("%s", r.summary())
+    log.info("train: %s", tstats.summary(d.max_seq_len))
+    if val_ex:
+        log.info("validation: %s", vstats.summary(d.max_seq_len))
+    log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in plan.decisions.items()))
+    return PreparedData(plan, train_rows, val_rows, [e for e in val_ex if e.messages],
+                        {"sources": [r.summary() for r in reports], "records": records,
+                         "train": encode_stats(tstats), "validation": encode_stats(vstats)}, records)
+
+
+def release_if_tight(plan: Plan, shape: ModelShape) -> None:
+    """RELEASE_MEMORY, decided from the predicted peak (app/plan/resources.py release_memory)."""
+    cuda = plan.device == "cuda"
+    release_memory(plan.cfg.resources.release_memory, cuda, predict_peak(plan.cfg, shape, cuda).total_mb,
+                   plan.budget_mb)
+
+
+def records_used(plan: Plan, valid: int, n_train: int, n_val: int) -> tuple[Plan, dict[str, Any]]:
+    """How many of the file's valid records this run uses. When the tier (not the user) set a
+    MAX_SAMPLES that leaves records out, that is a WARNING, now and in summary.json: the user
+    asked to train on a file, and gets part of it."""
+    d, explicit = plan.cfg.data, "MAX_SAMPLES" in plan.cfg.explicit
+    used = min(valid, d.max_samples) if d.max_samples is not None else valid
+    why = "set by you" if explicit else plan.decisions.get("MAX_SAMPLES", (None, "default"))[1]
+    records = {"valid": valid, "used": used, "train": n_train, "validation": n_val, "left_out": valid - used,
+               "max_samples": d.max_samples, "why": why}
+    if used < valid:
+        held = "" if d.val_path else f", {n_val} of them held out for validation"
+        note = (f"DATA_PATH={d.data_path}: using {used:,} of its {valid:,} valid records (MAX_SAMPLES={used}: "
+                f"{why}){held}; {valid - used:,} records are left out")
+        if explicit:
+            log.info("%s", note)
+        else:
+            plan = plan.warn(f"{note}. Set MAX_SAMPLES=all to train on every record")
+    return plan, records

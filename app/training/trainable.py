@@ -1,0 +1,45 @@
+"""The model as training wants it: weights loaded (quantized as planned), the packed-attention and
+checkpointing hooks in place, then the method's trainable part (every weight, a P-Tuning prefix,
+or LoRA). One path; METHOD picks the branch at the end."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from app.config import Config
+from app.models.loading import apply_lora, apply_ptuning, load_model
+from app.plan.precision import bf16_frozen_weights, packing_choice, resolve_precision
+from app.training.kernels import fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
+
+log = logging.getLogger(__name__)
+
+
+def trainable_model(cfg: Config, model_path: str, cuda: bool) -> Any:
+    """Weights + the method's trainable part, seeded so LoRA's init is reproducible."""
+    from transformers import set_seed
+
+    from app.models.quantization import describe, prepare_for_training, stored_bytes
+
+    quant, ckpt = cfg.resources.quant_level, cfg.resources.gradient_checkpointing == "on"
+    set_seed(cfg.train.seed)
+    half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
+    model = load_model(model_path, cfg.model.trust_remote_code, quant, bf16=half)
+    log.info("weights: %s, %.0f MB stored", describe(quant, cuda), stored_bytes(model) / 2**20)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    if packing_choice(cfg, getattr(model.config, "model_type", None))[0]:
+        use_packed_attention(model)  # per-sample causal attention in packed rows (app/training/kernels.py)
+    model = prepare_for_training(model, quant, ckpt)
+    if ckpt and quant == "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.lora.method == "full":
+        model.requires_grad_(True)
+        log.info("full fine-tuning: %s trainable parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+        return model
+    if cfg.lora.method == "ptuning":
+        return apply_ptuning(model, cfg)
+    model = apply_lora(model, cfg)
+    fast_lora_dropout(model)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
+    if half:
+        lora_inputs_stay_bf16(model)
+    return model
