@@ -4,7 +4,7 @@ For a ~100M-parameter random Qwen2 (the memory benchmark's model) and a GLM of t
 export to ONNX with `app.inference.export` (bench/results/onnx/, ignored by git), then generate the same
 NEW greedy tokens (stop tokens off, so every run makes exactly NEW) from the chat-templated
 built-in triplet prompt, batch 1, KV cache on both sides, same thread count: PyTorch
-``model.generate`` vs ``app.inference.export.OnnxCausalLM.generate``. One warm-up run each is dropped, then
+``model.generate`` vs ``app.inference.onnx_model.OnnxCausalLM.generate``. One warm-up run each is dropped, then
 REPEATS runs alternate between the engines so that a disturbance hits both. Reported: median
 end-to-end tokens/s (with min-max), time to first token (prefill), decode tokens/s after it,
 whether both produced the same tokens, and the machine with its load average during the runs.
@@ -73,8 +73,10 @@ def bench_model(label: str, family: str, path: Path, new: int, repeats: int, thr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from app.data.encode import prompt_text
-    from app.inference.export import OnnxCausalLM, export_model, is_onnx_dir
+    from app.inference.export import export_model
+    from app.inference.onnx_model import OnnxCausalLM
     from app.inference.predict import BUILTIN_PROMPT
+    from app.models.artifacts import is_onnx_dir
 
     if not (path / "config.json").is_file():
         build_tiny_model(family, path, dims=QWEN_100M, vocab_size=32000)

@@ -7,7 +7,9 @@ import torch
 
 from app import Config, FineTuner, UserError
 from app.data.encode import prompt_text
-from app.inference.export import OnnxCausalLM, is_onnx_dir, run_export
+from app.inference.export import run_export
+from app.inference.onnx_model import OnnxCausalLM
+from app.models.artifacts import is_onnx_dir
 
 PROMPTS = ["《星河往事》是由林远执导的电视剧。",
            "Extract every triplet: The quick brown fox jumps over the lazy dog."]

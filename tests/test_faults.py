@@ -168,8 +168,8 @@ def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_ru
 def test_the_loaders_backstop_names_the_file(tmp_path, lora_run, monkeypatch):
     """Past the pre-flight (the library API, or damage the checks cannot see) the loads still end in one
     line: the checks run again on failure, and an error typical of a damaged file names the dir and file."""
-    import app.models.artifacts
-    from app.inference.export import OnnxCausalLM
+    import app.models.integrity
+    from app.inference.onnx_model import OnnxCausalLM
     from app.inference.predict import Predictor
     from app.models.loading import load_tokenizer
 
@@ -180,7 +180,7 @@ def test_the_loaders_backstop_names_the_file(tmp_path, lora_run, monkeypatch):
     assert err.value.problems == [f"ADAPTER_DIR={run}: {said}; {RUN_FIX}"]
     # a header the checks pass but the library refuses (here: the checks switched off)
     (run / "adapter_model.safetensors").write_bytes(b"\x02\0\0\0\0\0\0\0{]")
-    monkeypatch.setattr(app.models.artifacts, "dir_problems", lambda path, label: [])
+    monkeypatch.setattr(app.models.integrity, "dir_problems", lambda path, label: [])
     with pytest.raises(UserError) as err:
         Predictor(Config.from_dict({"ADAPTER_DIR": str(run)}))
     (line,) = err.value.problems
@@ -207,7 +207,7 @@ def test_safetensors_header_check_reads_the_header_only(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from app.models.artifacts import safetensors_problem
+    from app.models.integrity import safetensors_problem
 
     path = tmp_path / "w.safetensors"
     save_file({"a": torch.zeros(3, 5), "b": torch.ones(7, dtype=torch.bfloat16)}, str(path))
@@ -228,7 +228,7 @@ def test_a_sharded_model_is_checked_shard_by_shard(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from app.models.artifacts import model_problems
+    from app.models.integrity import model_problems
 
     model = tmp_path / "m"
     model.mkdir()
@@ -330,7 +330,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
     # the export it held (not yet carried across) is carried by the next merge's clean-up
     kill_9_at("after-exchange", "merge", f"ADAPTER_DIR={run}")
     assert _debris(run) and snapshot(merged) != first and not (merged / "onnx").exists()
-    from app.models.artifacts import dir_problems
+    from app.models.integrity import dir_problems
 
     assert dir_problems(merged, "MERGED_DIR") == [] and (merged / "tokenizer.json").is_file()
     assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0 and not _debris(run)

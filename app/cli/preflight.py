@@ -13,10 +13,10 @@ all of their findings come back at once, one line each:
 - for predict-custom / predict-file: PROMPT / INPUT_FILE, the one setting each needs;
 - for the prediction commands and evaluate: INPUT_FILE, EVAL_PATH, PREDICTIONS;
 - for those and merge / export-onnx: the adapter (or model, or ONNX export) they will load
-  and its base model: there, and no damaged file in them (app.models.artifacts; MODEL_NAME's dir for train
-  and info too).
-Standard library only (app.data.records, app.models.artifacts, app.training.checkpoints, .resume and
-.runlock import no torch).
+  and its base model: there, and no damaged file in them (app.models.artifacts finds them,
+  app.models.integrity checks them; MODEL_NAME's dir for train and info too).
+Standard library only (app.data.records, app.models.artifacts and .integrity, app.training.checkpoints,
+.resume and .runlock import no torch).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _data_problems(cfg: Config, command: str) -> list[str]:
 
 
 def _model_problems(cfg: Config) -> list[str]:
-    from app.models.artifacts import model_problems
+    from app.models.integrity import model_problems
 
     return model_problems(cfg.model.model_name)
 
@@ -137,7 +137,8 @@ def _inference_problems(cfg: Config) -> list[str]:
 def _run_problems(cfg: Config, command: str) -> list[str]:
     """The dirs the command will load (adapter, merged or full model, ONNX export, and the base model):
     there, and no damaged file in them; one line per dir."""
-    from app.models.artifacts import base_model_for, dir_problems, find_adapter, is_full_model, model_problems
+    from app.models.artifacts import base_model_for, find_adapter, is_full_model
+    from app.models.integrity import dir_problems, model_problems
 
     if command == "evaluate" and cfg.evaluation.predictions:
         return []  # scoring a predictions file loads no model

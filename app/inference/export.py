@@ -7,7 +7,8 @@ optimum 1.27, the last with the exporter built in, requires ``transformers<4.54`
 Transformers-5 support is an open request (huggingface/optimum-onnx#114; PR #140 was closed
 unmerged). Downgrading transformers for the whole project is not an option, so the export uses
 torch's own exporter (``torch.onnx.export(dynamo=True)``) on a small wrapper, and the few lines
-of generation that optimum's ORTModelForCausalLM would provide live in ``OnnxCausalLM`` below.
+of generation that optimum's ORTModelForCausalLM would provide live in ``OnnxCausalLM``
+(app/inference/onnx_model.py).
 
 The graph follows optimum's decoder-with-past naming, so other ONNX tooling recognises it:
 inputs ``input_ids``, ``attention_mask`` [batch, past + seq], ``position_ids``,
@@ -24,12 +25,13 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from app.config import Config
 from app.core.errors import UserError
-from app.models.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, dir_problems, is_onnx_dir, load_failure, read_json
+from app.inference.onnx_model import OnnxCausalLM
+from app.models.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, is_onnx_dir, read_json
+from app.models.integrity import dir_problems
 
 log = logging.getLogger(__name__)
 
@@ -190,125 +192,3 @@ def _check_replaceable(out: str | Path) -> None:
     problem = replace_problem(out, META_FILE, "ONNX_DIR")
     if problem:
         raise UserError(problem)
-
-
-class OnnxCausalLM:
-    """An exported model in ONNX Runtime, with the part of transformers' model API that app uses:
-    ``generate`` (greedy or sampled, batched with left padding, stop tokens, a streamer),
-    ``model(input_ids).logits``, ``.device``, ``.eval()``. Predict and evaluate run on it unchanged."""
-
-    training = False
-
-    def __init__(self, path: str | Path, num_threads: int = 0, setting: str = "ADAPTER_DIR"):
-        import onnxruntime
-        import torch
-
-        from app.core.utils import usable_cpus
-
-        self.path = Path(path)
-        label = f"{setting}={self.path}"  # ``setting``: what the user set to name this export, for errors
-        self.meta = read_json(self.path / META_FILE, label)
-        opts = onnxruntime.SessionOptions()
-        opts.intra_op_num_threads = num_threads or usable_cpus()
-        opts.log_severity_level = 3  # errors only
-        try:
-            self.session = onnxruntime.InferenceSession(str(self.path / ONNX_FILE), opts,
-                                                        providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - ORT's own error types; a damaged file is the usual cause
-            raise load_failure(self.path, label, e, any_error=True) from None
-        self.past_names = [n for n in self.meta["inputs"] if n.startswith("past_key_values.")]
-        gen_file = self.path / "generation_config.json"
-        gen = read_json(gen_file, label) if gen_file.is_file() else {}
-        eos = gen.get("eos_token_id")
-        self.eos_token_id: list[int] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.pad_token_id: int | None = gen.get("pad_token_id")
-        self.top_k, self.top_p = gen.get("top_k"), gen.get("top_p")
-        self.device = torch.device("cpu")
-        self.config = SimpleNamespace(model_type=self.meta["architecture"], onnx=True)
-
-    def eval(self) -> "OnnxCausalLM":
-        return self
-
-    def train(self, mode: bool = True) -> "OnnxCausalLM":
-        return self
-
-    def forward(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
-                past: list[Any] | None = None, keep_all: bool = False) -> tuple[Any, list[Any]]:
-        """One graph run on numpy int64 arrays -> (logits, presents). ``past=None``: a fresh prompt."""
-        import numpy as np
-
-        ids = np.asarray(input_ids, dtype=np.int64)
-        b, s = ids.shape
-        if past is None:
-            past = [np.zeros([b, h, 0, d], np.float32) for h, d in self.meta["past_shape"] for _ in range(2)]
-        total = s + past[0].shape[2]
-        mask = np.ones((b, total), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        if position_ids is None:
-            position_ids = np.where(mask == 0, 1, mask.cumsum(-1) - 1)[:, -s:]
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int64),
-                "logits_to_keep": np.arange(s, dtype=np.int64) if keep_all else np.array([s - 1], np.int64),
-                **dict(zip(self.past_names, past))}
-        logits, *presents = self.session.run(None, feed)
-        return logits, presents
-
-    def __call__(self, input_ids: Any, attention_mask: Any = None, **_: Any) -> SimpleNamespace:
-        import torch
-
-        mask = None if attention_mask is None else attention_mask.cpu().numpy()
-        logits, _ = self.forward(input_ids.cpu().numpy(), mask, keep_all=True)
-        return SimpleNamespace(logits=torch.from_numpy(logits))
-
-    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, pad_token_id: int | None = None,
-                 eos_token_id: int | list[int] | None = None, streamer: Any = None, use_cache: bool = True,
-                 ) -> Any:
-        """Like transformers' generate: prompt + new tokens; finished rows are padded with pad_token_id."""
-        import numpy as np
-        import torch
-
-        ids = input_ids.cpu().numpy().astype(np.int64)
-        mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy().astype(np.int64)
-        eos = self.eos_token_id if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) \
-            else list(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else self.pad_token_id if self.pad_token_id is not None \
-            else (eos[0] if eos else 0)
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        position_ids = np.where(mask == 0, 1, mask.cumsum(-1) - 1)
-        running = np.ones(len(ids), bool)
-        new: list[Any] = []
-        step_ids, past = ids, None
-        for _ in range(max_new_tokens):
-            logits, past = self.forward(step_ids, mask, position_ids, past)
-            nxt = self._pick(logits[:, -1], do_sample, temperature)
-            nxt = np.where(running, nxt, pad)
-            new.append(nxt)
-            if streamer is not None:
-                streamer.put(torch.from_numpy(nxt))
-            running &= ~np.isin(nxt, eos)
-            if not running.any():
-                break
-            step_ids = nxt[:, None]
-            mask = np.concatenate([mask, np.ones((len(ids), 1), np.int64)], axis=1)
-            position_ids = position_ids[:, -1:] + 1
-        if streamer is not None:
-            streamer.end()
-        return torch.from_numpy(np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids)
-
-    def _pick(self, logits: Any, do_sample: bool, temperature: float) -> Any:
-        """Next token ids from last-position logits: argmax, or transformers' temperature/top-k/top-p sampling."""
-        import torch
-
-        if not do_sample:
-            return logits.argmax(-1)
-        scores = torch.from_numpy(logits).float() / max(temperature, 1e-5)
-        if self.top_k:
-            kth = torch.topk(scores, min(self.top_k, scores.shape[-1])).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.top_p
-            drop[..., -1:] = False
-            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return torch.multinomial(scores.softmax(-1), 1)[:, 0].numpy()
-

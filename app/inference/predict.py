@@ -24,7 +24,7 @@ from app.core.utils import set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example
 from app.inference.chat import chat
-from app.models.artifacts import base_model_for, find_adapter, is_full_model, onnx_is_stale
+from app.models.artifacts import base_model_for, find_adapter, is_full_model, is_onnx_dir, onnx_is_stale
 from app.models.loading import load_adapter, load_model, load_tokenizer, remote_code_error
 from app.models.tiny import resolve_model
 
@@ -44,7 +44,7 @@ class Predictor:
         set_threads(cfg.model.num_threads)
         self.adapter = find_adapter(cfg)
         name, quant = base_model_for(cfg, self.adapter)
-        from app.inference.export import OnnxCausalLM, is_onnx_dir
+        from app.inference.onnx_model import OnnxCausalLM
 
         # Which setting names the dir a load reads, for the one line a damaged file gives.
         setting = "ADAPTER_DIR" if self.adapter is not None and is_full_model(self.adapter) else "MODEL_NAME"

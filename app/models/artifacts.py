@@ -1,21 +1,11 @@
-"""What a command reads from disk (a model, an adapter, an ONNX export) and whether it is intact. No torch.
+"""Which directory a command reads (an adapter, a full model or merge, an ONNX export, the base model)
+and where it came from, so that a damaged one gets the right fix (``fix_for``). No torch.
 
-A truncated adapter_model.safetensors or a half-written JSON file otherwise ends in a library
-traceback (``SafetensorError: invalid header length``, ``JSONDecodeError``) that names neither the
-file nor what to do. These checks are cheap enough for the pre-flight: every JSON file a load will
-read is parsed, and of a ``*.safetensors`` file only the header is read (8-byte length, JSON, then
-the size the header promises is compared with the file's), never the weights, which are GBs for a
-6B model. Each damaged directory gives ONE line: its setting, the damaged files and the fix, which
-depends on where the directory came from (a training run, a merge, an export, a tiny model, a copy
-or download). ``load_failure`` is the backstop where the libraries load: a file the checks pass
-(right size, bad bytes) may still fail there, and then the user gets a line too, not a traceback.
+Whether the files in such a directory are whole is app.models.integrity, which builds on this.
 """
 from __future__ import annotations
 
 import json
-import os
-import stat
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +14,6 @@ from app.core.errors import UserError
 from app.core.utils import LAST_RUN_FILE
 
 ONNX_FILE, ONNX_DATA, META_FILE = "model.onnx", "model.onnx.data", "onnx_export.json"
-TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
-_HEADER_LIMIT = 100_000_000  # what the safetensors library itself accepts
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
-# Exceptions a damaged file raises inside the loaders (by name: their modules need torch or are optional).
-_DAMAGE_ERRORS = {"SafetensorError", "JSONDecodeError", "UnicodeDecodeError", "UnpicklingError", "EOFError",
-                  "InvalidProtobuf", "InvalidGraph", "DecodeError"}
 
 
 # ---- which directory a command reads ---------------------------------------------------------------
@@ -60,10 +43,10 @@ def is_onnx_dir(path: str | Path) -> bool:
 
 def read_json(path: Path, label: str) -> Any:
     """The parsed JSON object, or the one-line UserError that says the file is damaged and what to do."""
-    data, why = _json(path)
+    data, why = parse_json(path)
     why = why or (None if isinstance(data, dict) else "not a JSON object")
     if why:
-        raise UserError(_line(label, [_is(path.name, why)], fix_for(path.parent)))
+        raise UserError(problem_line(label, [file_problem(path.name, why)], fix_for(path.parent)))
     return data
 
 
@@ -85,18 +68,6 @@ def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
     return name, "none" if quant == "auto" else quant
 
 
-def model_problems(name: str, label: str | None = None) -> list[str]:
-    """MODEL_NAME ``name``: a local path that is not there, or a local dir (tiny once built) with damaged
-    files. A hub name is left to the load, which may fetch it."""
-    from app.models.tiny import FAMILIES, tiny_dir
-
-    missing = local_model_problem(name)
-    if missing:
-        return [missing]
-    path = tiny_dir(name) if name in FAMILIES else Path(name).expanduser()
-    return dir_problems(path, label or f"MODEL_NAME={name}") if path.is_dir() else []
-
-
 def local_model_problem(name: str) -> str | None:
     """The one-line problem when MODEL_NAME can only be a local path and is not there (no hub asked)."""
     if _is_local_path(name) and not Path(name).expanduser().exists():
@@ -112,92 +83,9 @@ def _is_local_path(name: str) -> bool:
             or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
 
-# ---- is it intact -------------------------------------------------------------------------------------
+# ---- reading a file, and what to do when it is damaged -----------------------------------------------
 
-def dir_problems(path: Path, label: str) -> list[str]:
-    """[one line] naming every damaged or missing file of the model/adapter/ONNX dir ``path``; [] if intact."""
-    unreadable = [p for p in sorted(path.iterdir()) if p.is_file() and not os.access(p, os.R_OK)]
-    if unreadable:  # not damage: deleting or re-downloading would be the wrong advice
-        st = unreadable[0].stat()
-        return [f"{label}: cannot read {', '.join(p.name for p in unreadable)} (permission denied: owned by uid "
-                f"{st.st_uid}, mode {stat.filemode(st.st_mode)}; written by another user, e.g. a container run as "
-                f"another uid); make them readable, e.g. sudo chown -R $(id -u):$(id -g) {path}"]
-    if (path / META_FILE).exists() or (path / ONNX_FILE).exists():
-        found = _onnx_files(path)
-    elif (path / "adapter_config.json").exists():
-        found = _adapter_files(path)
-    else:
-        found = _model_files(path)
-    return [_line(label, found, fix_for(path))] if found else []
-
-
-def _adapter_files(path: Path) -> list[str]:
-    found = _json_files(path, [("adapter_config.json", "peft_type"), ("train_config.json", "")])
-    weights = path / "adapter_model.safetensors"
-    if weights.exists():
-        found += _safetensors_files([weights])
-    elif not (path / "adapter_model.bin").exists():
-        found.append(f"{weights.name} is missing")
-    if (path / "tokenizer_config.json").exists():  # predict and merge then load the tokenizer from here
-        found += _json_files(path, [(name, None) for name in TOKENIZER_JSON])
-    return found
-
-
-def _model_files(path: Path) -> list[str]:
-    if not (path / "config.json").exists():
-        return ["config.json is missing"]
-    found = _json_files(path, [("config.json", "")] + [(n, None) for n in ("generation_config.json", *TOKENIZER_JSON)])
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        data, why = _json(index)
-        if why:
-            return found + [f"{index.name} is damaged ({why})"]
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict):
-            return found + [f"{index.name} is damaged (no weight_map in it)"]
-        shards = sorted({str(s) for s in weight_map.values()})
-        found += [f"{s} is missing (named in {index.name})" for s in shards if not (path / s).exists()]
-        found += _safetensors_files([path / s for s in shards if (path / s).exists()])
-    elif (path / "model.safetensors").exists():
-        found += _safetensors_files([path / "model.safetensors"])
-    elif not any(path.glob("*.bin")) and not any(path.glob("*.pt")):
-        found.append("model.safetensors is missing (no weights at all)")
-    return found
-
-
-def _onnx_files(path: Path) -> list[str]:
-    meta, why = _json(path / META_FILE)
-    found = [_is(META_FILE, why)] if why else []
-    if not why and not (isinstance(meta, dict) and {"inputs", "past_shape", "architecture"} <= set(meta)):
-        found.append(f"{META_FILE} is damaged (not the export's description)")
-    sizes = meta.get("files") if isinstance(meta, dict) else None  # recorded by exports since issue 15
-    sizes = sizes if isinstance(sizes, dict) else {}
-    for name in (ONNX_FILE, *([ONNX_DATA] if ONNX_DATA in sizes else [])):
-        if not (path / name).is_file():
-            found.append(f"{name} is missing")
-        elif name in sizes and (path / name).stat().st_size != sizes[name]:
-            found.append(f"{name} is damaged ({_size_why((path / name).stat().st_size, sizes[name])})")
-    return found + _json_files(path, [("config.json", ""), *[(n, None) for n in ("generation_config.json",
-                                                                                   *TOKENIZER_JSON)]])
-
-
-def _json_files(path: Path, names: list[tuple[str, str | None]]) -> list[str]:
-    """Each present file of ``names`` must parse; key '' = must be an object, 'x' = an object with x."""
-    found = []
-    for name, need in names:
-        if not (path / name).exists():
-            continue
-        data, why = _json(path / name)
-        if not why and need is not None and not isinstance(data, dict):
-            why = "not a JSON object"
-        elif not why and need and need not in data:
-            why = f"no {need} in it"
-        if why:
-            found.append(f"{name} is damaged ({why})")
-    return found
-
-
-def _json(path: Path) -> tuple[Any, str | None]:
+def parse_json(path: Path) -> tuple[Any, str | None]:
     """(parsed data, None) or (None, why it is damaged)."""
     try:  # parsed whole: the largest tokenizer.json files (~20 MB) take ~0.2 s
         data = path.read_bytes()
@@ -212,62 +100,11 @@ def _json(path: Path) -> tuple[Any, str | None]:
         return None, f"cannot be read: {e.strerror}"
 
 
-def _safetensors_files(paths: list[Path]) -> list[str]:
-    return [f"{p.name} is damaged ({why})" for p in paths for why in [safetensors_problem(p)] if why]
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why ``path`` is not a whole safetensors file, from its header alone; None when it is."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return f"truncated: {size:,} bytes, not even a header"
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_LIMIT:
-                return f"invalid header length {n:,}"
-            if 8 + n > size:
-                return f"truncated: {size:,} bytes, shorter than its {n:,}-byte header"
-            header = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
-        return "its header is not valid JSON"
-    except OSError as e:
-        return f"cannot be read: {e.strerror}"
-    if not isinstance(header, dict):
-        return "its header is not a JSON object"
-    end = 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin, stop = (int(x) for x in t["data_offsets"])
-            count = 1
-            for d in t["shape"]:
-                count *= int(d)
-        except (TypeError, KeyError, ValueError):
-            return f"its header entry for {name} is malformed"
-        width = _DTYPE_BYTES.get(t.get("dtype"))
-        if stop < begin or (width is not None and stop - begin != count * width):
-            return f"its header entry for {name} does not match its shape"
-        end = max(end, stop)
-    return None if size == 8 + n + end else _size_why(size, 8 + n + end)
-
-
-def _size_why(size: int, expected: int) -> str:
-    if size < expected:
-        return f"truncated: {size:,} of {expected:,} bytes"
-    extra = size - expected
-    return f"{extra:,} byte{'s' * (extra != 1)} longer than it should be ({expected:,})"
-
-
-# ---- the one line and its fix -------------------------------------------------------------------------
-
-def _is(name: str, why: str) -> str:
+def file_problem(name: str, why: str) -> str:
     return f"{name} is missing" if why == "missing" else f"{name} is damaged ({why})"
 
 
-def _line(label: str, found: list[str], fix: str) -> str:
+def problem_line(label: str, found: list[str], fix: str) -> str:
     return f"{label}: {', '.join(found)}; {fix}"
 
 
@@ -277,7 +114,7 @@ def fix_for(path: Path) -> str:
 
     path = Path(path)
     if (path / META_FILE).exists() or (path / ONNX_FILE).exists():
-        meta, _ = _json(path / META_FILE)
+        meta, _ = parse_json(path / META_FILE)
         src = Path(meta["source"]) if isinstance(meta, dict) and meta.get("source") else None
         if src is None:
             return f"export it again: `make export-onnx ADAPTER_DIR=<the merged model> ONNX_DIR={path}`"
@@ -295,25 +132,9 @@ def fix_for(path: Path) -> str:
             f"<owner>/{path.name} --local-dir {path}` (fetches only what is missing)")
 
 
-def load_failure(path: Path, label: str, err: BaseException, any_error: bool = False) -> UserError | None:
-    """The backstop for a load that failed on ``path``: the checks' line, or for an error that a damaged
-    file raises (any error with ``any_error``), a line naming the dir, and the file where only one can be
-    meant; else None (not a damaged file: the caller re-raises)."""
-    found = dir_problems(path, label)
-    if found:
-        return UserError(found)
-    name, first = type(err).__name__, (str(err).strip().splitlines() or [""])[0][:160]
-    if not any_error and name not in _DAMAGE_ERRORS and "deserializ" not in first:
-        return None
-    files = [ONNX_FILE] if (path / ONNX_FILE).exists() else sorted(p.name for p in path.glob("*.safetensors"))
-    one = len(files) == 1 and name != "JSONDecodeError"  # a JSON error: which of the JSON files is unknown
-    what = f"{files[0]} cannot be loaded" if one else "a file cannot be loaded"
-    return UserError(_line(label, [f"{what} ({name}: {first})"], fix_for(path)))
-
-
 def onnx_is_stale(path: Path) -> Path | None:
     """The model an ONNX export came from, when that model was written after the export (a re-merge)."""
-    meta, _ = _json(Path(path) / META_FILE)
+    meta, _ = parse_json(Path(path) / META_FILE)
     src = Path(meta["source"]) / "config.json" if isinstance(meta, dict) and meta.get("source") else None
     try:
         newer = src is not None and src.stat().st_mtime > (Path(path) / META_FILE).stat().st_mtime

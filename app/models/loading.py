@@ -9,7 +9,8 @@ from typing import Any
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
 from app.core.hub import go_offline_if_hub_unreachable
-from app.models.artifacts import load_failure, local_model_problem
+from app.models.artifacts import local_model_problem
+from app.models.integrity import load_failure
 from app.models.tiny import resolve_model
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
 
 
 def load_adapter(model: Any, adapter: Path) -> Any:
-    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.models.artifacts.load_failure)."""
+    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.models.integrity.load_failure)."""
     from peft import PeftModel
 
     try:
