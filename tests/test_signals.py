@@ -8,16 +8,11 @@ checked is the step the run stopped at. Timeouts are hang guards only."""
 import json
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
-from app.data.synthetic import write_dataset
 from app.training.callbacks import read_metrics
 from app.training.signals import Interrupted, StopRequest
-
-HANG_GUARD_S = 300  # only so a broken run cannot hang the suite; never what a test asserts
 
 
 def _train_args(model_dir, data_dir, out, max_steps):
@@ -27,7 +22,7 @@ def _train_args(model_dir, data_dir, out, max_steps):
               "MAX_SAMPLES": 40, "MAX_STEPS": max_steps, "BATCH_SIZE": 1, "GRAD_ACCUM": 1, "LOGGING_STEPS": 1,
               "SAVE_STEPS": 10_000, "EVAL_STEPS": 10_000, "MAX_SEQ_LEN": 128, "NUM_THREADS": 1,
               "QUANT_LEVEL": "none", "TIER": "none", "SEED": 0}
-    return [sys.executable, "-m", "app", "train", *(f"{k}={v}" for k, v in values.items())]
+    return ["train", *(f"{k}={v}" for k, v in values.items())]
 
 
 def _logged_steps(metrics):
@@ -36,42 +31,25 @@ def _logged_steps(metrics):
     return [r["step"] for r in read_metrics(metrics)]
 
 
-def _wait_for_first_step(proc, metrics, log, timeout=HANG_GUARD_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"train exited ({proc.returncode}) before its first step:\n{log.read_text()[-3000:]}")
-        if metrics.is_file() and '"loss"' in metrics.read_text():
-            return
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no training step within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, sig, child_env):
-    data = tmp_path / "data"
-    write_dataset(data, n_train=60, n_dev=5, seed=1)
-    out, log = tmp_path / "out", tmp_path / "train.log"
-    with log.open("w") as stderr:  # a file, not a pipe: a full pipe would block the progress bar
-        proc = subprocess.Popen(_train_args(tiny_glm_dir, data, out, 5000), cwd=tmp_path, env=child_env,
-                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        try:
-            _wait_for_first_step(proc, out / "metrics.jsonl", log)
-            # Freeze the run, note the last step it logged, signal it and let it go on. The signal is
-            # handled in the step after that one, or (if the freeze fell between a step's end and its
-            # log line: the Trainer logs after on_step_end) in the step after that.
-            proc.send_signal(signal.SIGSTOP)
-            try:
-                logged = _logged_steps(out / "metrics.jsonl")
-                proc.send_signal(sig)  # pending until the process runs again
-            finally:
-                proc.send_signal(signal.SIGCONT)
-            rc = proc.wait(timeout=HANG_GUARD_S)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = log.read_text()
+def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, sig, make_data, app_process,
+                                                         run_app):
+    data = make_data(n_train=60, n_dev=5, seed=1)
+    out, metrics = tmp_path / "out", tmp_path / "out" / "metrics.jsonl"
+    # app_process sends stderr to a file (proc.text()): a pipe, once full, would block the progress bar
+    proc = app_process(_train_args(tiny_glm_dir, data, out, 5000))
+    proc.wait_for(lambda: metrics.is_file() and '"loss"' in metrics.read_text())  # its first step
+    # Freeze the run, note the last step it logged, signal it and let it go on. The signal is
+    # handled in the step after that one, or (if the freeze fell between a step's end and its
+    # log line: the Trainer logs after on_step_end) in the step after that.
+    proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        logged = _logged_steps(metrics)
+        proc.proc.send_signal(sig)  # pending until the process runs again
+    finally:
+        proc.proc.send_signal(signal.SIGCONT)
+    rc = proc.wait()
+    text = proc.text()
     assert rc == 128 + sig, text[-3000:]
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
     assert len(ckpts) == 1, text[-3000:]
@@ -79,7 +57,7 @@ def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, 
     assert 1 <= step < 5000 and ckpts[0].name == f"checkpoint-{step}"
     # It stopped at the end of the step it was in: checkpointed right there, and ran no step after it.
     assert logged and step in (logged[-1] + 1, logged[-1] + 2), (logged[-1], step)
-    assert max(_logged_steps(out / "metrics.jsonl")) == step
+    assert max(_logged_steps(metrics)) == step
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt"} <= {p.name for p in ckpts[0].iterdir()}
     assert f"stopped by {sig.name} at step {step} of 5000" in text and "run the same command to resume" in text
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from an unfinished run
@@ -87,8 +65,7 @@ def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, 
         return  # the same code path from here on; resuming is checked once
 
     # The same command, now with an end in sight, resumes from that checkpoint and finishes.
-    done = subprocess.run(_train_args(tiny_glm_dir, data, out, step + 2), cwd=tmp_path, env=child_env,
-                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    done = run_app(_train_args(tiny_glm_dir, data, out, step + 2))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {ckpts[0]}" in done.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == step + 2
