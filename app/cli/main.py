@@ -114,7 +114,7 @@ def _run_lock(cfg: Config, command: str) -> ContextManager[None]:
     it is still training, and never two at once (app/training/runlock.py)."""
     from contextlib import nullcontext
 
-    from app.inference.predict import find_adapter
+    from app.models.artifacts import find_adapter
     from app.training.runlock import hold
 
     adapter = find_adapter(cfg)

@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-# find_adapter, is_full_model, base_model_for live in app.models.artifacts (the pre-flight needs them without torch);
-# importable from here as before.
 from app.config import Config
 from app.core.errors import UserError
 from app.core.utils import set_threads
