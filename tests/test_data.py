@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.core.errors import UserError
-from app.data.records import Example, LoadReport, detect_format, read_examples, sample_and_split, to_example
+from app.data.records import Example, LoadReport, detect_format, read_examples, to_example
 
 
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
@@ -300,7 +300,9 @@ def test_bad_first_line_does_not_break_format_detection(tmp_path):
 def test_summary_without_bad_records_lists_no_lines():
     r = LoadReport("x.jsonl", "text", total=5)
     assert r.summary() == "x.jsonl: 5/5 valid records (text)"
-    r = LoadReport("x.jsonl", "text", total=12, bad=[(i, "bad JSON") for i in range(1, 11)])
+    r = LoadReport("x.jsonl", "text", total=12)
+    for i in range(1, 11):
+        r.skip(i, "bad JSON")
     s = r.summary()
     assert "2/12" in s and "10 bad JSON" in s and "lines 1, 2, 3, 4, 5, 6, 7, 8…" in s and ", 9" not in s
 
@@ -353,8 +355,9 @@ def test_missing_relative_data_file_is_not_mistaken_for_a_hub_dataset(tmp_path, 
     assert "hub" not in str(ei.value)
 
 
-def test_directory_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="DATA_PATH"):
+def test_directory_without_data_shards_is_a_user_error(tmp_path):
+    (tmp_path / "notes.md").write_text("x")
+    with pytest.raises(UserError, match=r"DATA_PATH=.* is a directory with no \.jsonl/\.json/\.parquet/\.csv files"):
         read_examples(tmp_path)
 
 
@@ -478,61 +481,3 @@ def test_real_duie_data_reads_completely(real_dir, name, n):
     assert examples[0].messages == [U(first["context"]), A(first["target"])]
     assert all(len(e.messages) == 2 and e.prompt_messages[0]["content"].endswith("\nAnswer: ") and e.answer.strip()
                for e in examples)
-
-
-# ---- sample_and_split ------------------------------------------------------------------------
-
-def make_examples(n: int) -> list[Example]:
-    return [Example(messages=[U(f"q{i}"), A(f"a{i}")], line=i + 1) for i in range(n)]
-
-
-def lines(examples):
-    return [e.line for e in examples]
-
-
-def test_split_is_reproducible_for_a_seed_and_differs_for_another():
-    ex = make_examples(100)
-    a = sample_and_split(ex, None, 0.1, 42, False)
-    b = sample_and_split(ex, None, 0.1, 42, False)
-    c = sample_and_split(ex, None, 0.1, 43, False)
-    assert (lines(a[0]), lines(a[1])) == (lines(b[0]), lines(b[1]))
-    assert (lines(a[0]), lines(a[1])) != (lines(c[0]), lines(c[1]))
-    assert lines(a[0]) != list(range(1, 91))  # shuffled, not the file order
-    assert lines(ex) == list(range(1, 101))  # the input list is not reordered in place
-
-
-@pytest.mark.parametrize("seed", [0, 1, 42])
-def test_split_has_no_overlap_and_loses_nothing(seed):
-    ex = make_examples(57)
-    train, val = sample_and_split(ex, None, 0.1, seed, False)
-    assert not set(lines(train)) & set(lines(val))
-    assert sorted(lines(train) + lines(val)) == list(range(1, 58))
-    assert len(val) == 6  # round(5.7)
-
-
-@pytest.mark.parametrize("n,max_samples,has_val,val_size,n_train,n_val", [
-    (100, None, False, 0.1, 90, 10),  # 10 %
-    (5000, None, False, 0.1, 4800, 200),  # capped at 200
-    (3000, None, False, 0.5, 2800, 200),
-    (10, None, False, 0.1, 9, 1),     # at least one
-    (9, None, False, 0.1, 9, 0),      # too few records to hold any out
-    (100, None, True, 0.1, 100, 0),   # a VAL_PATH file: no split
-    (100, None, False, 0.0, 100, 0),  # VAL_SIZE=0: no split
-    (1000, 50, False, 0.1, 45, 5),    # MAX_SAMPLES first, then the split
-    (1000, 50, True, 0.1, 50, 0),
-    (30, 50, False, 0.1, 27, 3),      # MAX_SAMPLES above the data size: all of it
-    (1000, 9, False, 0.1, 9, 0),
-])
-def test_split_sizes(n, max_samples, has_val, val_size, n_train, n_val):
-    train, val = sample_and_split(make_examples(n), max_samples, val_size, 7, has_val)
-    assert (len(train), len(val)) == (n_train, n_val)
-    assert not set(lines(train)) & set(lines(val))
-    assert len(set(lines(train))) == len(train)
-
-
-def test_max_samples_sample_is_reproducible_and_seed_dependent():
-    ex = make_examples(1000)
-    a = sample_and_split(ex, 50, 0.1, 1, True)[0]
-    assert lines(a) == lines(sample_and_split(ex, 50, 0.1, 1, True)[0])
-    assert set(lines(a)) != set(lines(sample_and_split(ex, 50, 0.1, 2, True)[0]))
-    assert set(lines(a)) <= set(range(1, 1001)) and len(set(lines(a))) == 50

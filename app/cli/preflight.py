@@ -60,6 +60,7 @@ def default_data_missing(cfg: Config) -> bool:
 
 def _data_problems(cfg: Config, command: str) -> list[str]:
     from app.data.records import read_examples
+    from app.data.sources import dataset_files
 
     d, problems = cfg.data, []
     for setting, path in (("DATA_PATH", d.data_path), ("VAL_PATH", d.val_path)):
@@ -68,6 +69,12 @@ def _data_problems(cfg: Config, command: str) -> list[str]:
         p = Path(path)
         if not p.exists() and not p.suffix:
             continue  # a hub dataset name: loading it needs the network, left to training
+        if p.is_dir():  # a dataset directory: its shards are there and of one kind; `datasets` reads them
+            try:
+                dataset_files(p, setting)
+            except UserError as e:
+                problems += e.problems
+            continue
         quick = p.is_file() and p.stat().st_size > QUICK_LOOK_MB * 2**20
         try:
             read_examples(path, d.data_format, d.max_bad_ratio, setting,

@@ -1,7 +1,7 @@
 """Read training data in any of the usual shapes and normalise it to chat messages.
 
-Files: .jsonl, .json (an array), .csv (header row), .txt (one sample per line), or a hub
-dataset name. Records: ``{context, target}`` (the triplet tutorials), alpaca
+Files: .jsonl, .json (an array), .csv (header row), .txt (one sample per line), a dataset
+directory of shards, or a hub dataset name (app/data/sources.py reads them, one pass). Records: ``{context, target}`` (the triplet tutorials), alpaca
 ``{instruction, input, output}``, ``{text}``, chat ``{messages}`` and sharegpt
 ``{conversations}``. The format is detected per file from the first readable record.
 
@@ -10,25 +10,24 @@ more than MAX_BAD_RATIO bad ones, stops the run with one line before anything is
 """
 from __future__ import annotations
 
-import csv
+import heapq
 import itertools
-import json
 import logging
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from app.core.errors import UserError
+from app.data.sources import is_dataset, iter_source
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("context_target", "alpaca", "text", "messages", "sharegpt")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "bot": "assistant", "model": "assistant"}
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+BAD_KEPT = 1000  # bad records remembered by line: a 20 GB file's may be millions; all are counted
 
 
 @dataclass
@@ -54,67 +53,34 @@ class LoadReport:
     source: str
     format: str
     total: int = 0
-    bad: list[tuple[int, str]] = field(default_factory=list)
+    bad: list[tuple[int, str]] = field(default_factory=list)  # (line, why): the first BAD_KEPT
+    bad_count: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+    def skip(self, line: int, why: str) -> None:
+        self.bad_count += 1
+        self.reasons[why] += 1
+        if len(self.bad) < BAD_KEPT:
+            self.bad.append((line, why))
 
     @property
     def valid(self) -> int:
-        return self.total - len(self.bad)
+        return self.total - self.bad_count
 
     def first_bad(self, n: int = 3) -> str:
         """The first bad records as "line 2: bad JSON; line 5: missing field 'target'", for one-line errors."""
         s = "; ".join(f"line {line}: {why}" for line, why in self.bad[:n])
-        return s + (f"; {len(self.bad) - n} more" if len(self.bad) > n else "")
+        return s + (f"; {self.bad_count - n} more" if self.bad_count > n else "")
 
     def summary(self) -> str:
         s = f"{self.source}: {self.valid}/{self.total} valid records ({self.format})"
-        if self.bad:
-            reasons = Counter(r for _, r in self.bad)
-            s += "; skipped " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
-            s += " (lines " + ", ".join(str(n) for n, _ in self.bad[:8]) + ("…" if len(self.bad) > 8 else "") + ")"
+        if self.bad_count:
+            s += "; skipped " + ", ".join(f"{n} {r}" for r, n in self.reasons.most_common())
+            s += " (lines " + ", ".join(str(n) for n, _ in self.bad[:8]) + ("…" if self.bad_count > 8 else "") + ")"
         return s
 
 
 # ---- reading ---------------------------------------------------------------------------------
-
-def _iter_raw(path: Path, setting: str) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, record-or-Exception). Line numbers are 1-based as an editor shows them."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield n, json.loads(line)
-                    except json.JSONDecodeError:
-                        yield n, ValueError("bad JSON")
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{setting}={path}: not valid JSON ({e.msg} at line {e.lineno}); "
-                            "a .json file must hold one array of records (use .jsonl for one per line)") from None
-        if not isinstance(data, list):
-            raise UserError(f"{setting}={path}: a .json file must hold an array of records, "
-                            f"found {type(data).__name__}; use .jsonl for one record per line")
-        yield from enumerate(data, 1)
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            start = 2  # a quoted value may span lines: report the line the record starts on
-            for row in reader:
-                if None in row:
-                    yield start, ValueError("extra CSV columns")
-                elif any(v for v in row.values()):
-                    yield start, {k: v for k, v in row.items() if k}
-                start = reader.line_num + 1
-    elif suffix == ".txt":
-        with path.open(encoding="utf-8-sig") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    yield n, {"text": line.rstrip("\n").replace("\\n", "\n")}
-    else:
-        raise UserError(f"{setting}={path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv or .txt")
-
 
 def detect_format(rec: dict[str, Any]) -> str | None:
     keys = set(rec)  # answer fields may be absent (prediction inputs); to_example checks them
@@ -198,57 +164,52 @@ def to_example(rec: Any, fmt: str, line: int = 0) -> Example:
 def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.0,
                   setting: str = "DATA_PATH", limit: int | None = None,
                   warn: bool = True) -> tuple[list[Example], LoadReport]:
-    """Read a file (or hub dataset) into Examples, skipping and counting bad records.
+    """Every valid record of a file (or dataset), in file order, skipping and counting bad ones.
 
     ``limit``: read only the first records (a quick look: the bad-record ratio is then not judged,
     since it is a property of the whole file). ``warn``: log the skipped records."""
-    p = Path(path)
-    if not p.exists():
-        if _HUB_NAME.match(str(path)) and p.suffix.lower() not in (".jsonl", ".json", ".csv", ".txt"):
-            raw: Iterator[tuple[int, Any]] = _iter_hub(str(path), setting)
-        else:
-            raise UserError(f"{setting}={path}: no such file; run `make data` for the sample data "
-                            "or point it at your .jsonl/.json/.csv/.txt file")
-    elif p.is_dir():
-        raise UserError(f"{setting}={path} is a directory; point it at a data file")
-    else:
-        raw = _iter_raw(p, setting)
-    if limit is not None:
-        raw = itertools.islice(raw, limit)
-    try:
-        examples, report = _collect(raw, fmt, str(path), setting)
-    except UnicodeDecodeError:
-        line = _first_undecodable_line(p)
-        raise UserError(f"{setting}={path}: line {line} is not UTF-8 text; save the file as UTF-8 "
-                        "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
-    if report.bad and warn:
-        log.warning("%s", report.summary())
-    if not report.total:
-        raise UserError(f"{setting}={path}: the file holds no records (it is empty); point {setting} at your "
-                        "data, or run `make data` for the sample data")
-    if not examples:
-        raise UserError(f"{setting}={path}: no valid records ({report.summary()}); fix the file or DATA_FORMAT")
-    if limit is None and len(report.bad) / report.total > max_bad_ratio:
-        raise UserError(f"{setting}={path}: {len(report.bad)} of {report.total} records are bad, more than "
-                        f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
-                        "MAX_BAD_RATIO")
+    raw = iter_source(path, setting)
+    examples: list[Example] = []
+    report = _scan(raw if limit is None else itertools.islice(raw, limit), fmt, str(path), setting, examples.append)
+    _judge(report, setting, max_bad_ratio if limit is None else None, warn)
     return examples, report
 
 
-def _first_undecodable_line(path: Path) -> int:
-    """1-based line of the first bytes that are not UTF-8 (a decoder's offset is per buffer, not per file)."""
-    with path.open("rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return n
-    return 1
+def sample_examples(path: str | Path, k: int | None, seed: int, fmt: str = "auto", max_bad_ratio: float = 1.0,
+                    setting: str = "DATA_PATH") -> tuple[list[Example], LoadReport]:
+    """MAX_SAMPLES=``k`` of the valid records (None: all), uniformly at random and reproducibly for ``seed``, in
+    a random order: one pass, in memory for ``k`` records whatever the file's size.
+
+    Each valid record gets a random key, drawn in file order; the ``k`` smallest keys are kept (a bounded
+    heap) and returned by key. A dataset directory or hub dataset is read through a shuffle buffer up to
+    ``k`` records instead (`datasets` streaming), so a 0.5M-row dataset is not read whole for 1000."""
+    rng, heap = random.Random(seed), []  # heap: (-key, n, example), the largest kept key on top
+
+    def keep(ex: Example) -> None:
+        item = (-rng.random(), len(heap), ex)
+        if k is None or len(heap) < k:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:  # a smaller key than the largest kept one
+            heapq.heapreplace(heap, item)
+
+    raw = iter_source(path, setting, *((seed, k) if k is not None and is_dataset(path) else (None, None)))
+    report = _scan(raw, fmt, str(path), setting, keep)
+    _judge(report, setting, max_bad_ratio, True)
+    return [ex for *_, ex in sorted(heap, reverse=True)], report
 
 
-def _collect(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str
-             ) -> tuple[list[Example], LoadReport]:
-    report, examples, first_fmt = LoadReport(source, fmt), [], None
+def split(pool: list[Example], val_size: float, has_val_file: bool) -> tuple[list[Example], list[Example]]:
+    """Hold out a validation split (VAL_SIZE of the pool, at most 200) unless VAL_PATH gives one: the pool's
+    first records, which sample_examples left in a random order."""
+    if has_val_file or val_size <= 0 or len(pool) < 10:
+        return pool, []
+    n_val = min(200, max(1, round(len(pool) * val_size)))
+    return pool[n_val:], pool[:n_val]
+
+
+def _scan(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str,
+          keep: Callable[[Example], None]) -> LoadReport:
+    report, first_fmt = LoadReport(source, fmt), None
     for line, rec in raw:
         report.total += 1
         if fmt == "auto" and first_fmt is None and isinstance(rec, dict):
@@ -259,39 +220,23 @@ def _collect(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str
                                 "messages or conversations, or set DATA_FORMAT")
             report.format = first_fmt
         try:
-            examples.append(to_example(rec, (first_fmt or fmt) if fmt == "auto" else fmt, line))
+            keep(to_example(rec, (first_fmt or fmt) if fmt == "auto" else fmt, line))
         except ValueError as e:
-            report.bad.append((line, str(e)))
-    return examples, report
+            report.skip(line, str(e))
+    return report
 
 
-def _iter_hub(name: str, setting: str) -> Iterator[tuple[int, Any]]:
-    """A hub dataset's train split (HF_ENDPOINT / HF cache respected by `datasets`)."""
-    from app.core.hub import go_offline_if_hub_unreachable
-
-    go_offline_if_hub_unreachable(name)
-    try:
-        from datasets import load_dataset
-
-        ds = load_dataset(name, split="train")
-    except Exception as e:  # offline, unknown name, gated...: one line, not a traceback
-        raise UserError(f"{setting}={name}: could not load this hub dataset ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the name and network, "
-                        "or download it and point DATA_PATH at the file") from None
-    for i, row in enumerate(ds, 1):
-        yield i, dict(row)
-
-
-def sample_and_split(examples: list[Example], max_samples: int | None, val_size: float, seed: int,
-                     has_val_file: bool) -> tuple[list[Example], list[Example]]:
-    """Reproducibly sample MAX_SAMPLES (None = all), then hold out a validation split if no VAL_PATH."""
-    rng = random.Random(seed)
-    pool = list(examples)
-    if max_samples is not None and len(pool) > max_samples:
-        pool = rng.sample(pool, max_samples)
-    else:
-        rng.shuffle(pool)
-    if has_val_file or val_size <= 0 or len(pool) < 10:
-        return pool, []
-    n_val = min(200, max(1, round(len(pool) * val_size)))
-    return pool[n_val:], pool[:n_val]
+def _judge(report: LoadReport, setting: str, max_bad_ratio: float | None, warn: bool) -> None:
+    """One line for a file with no records, none valid, or (``max_bad_ratio``) too many bad ones."""
+    path = report.source
+    if report.bad_count and warn:
+        log.warning("%s", report.summary())
+    if not report.total:
+        raise UserError(f"{setting}={path}: the file holds no records (it is empty); point {setting} at your "
+                        "data, or run `make data` for the sample data")
+    if not report.valid:
+        raise UserError(f"{setting}={path}: no valid records ({report.summary()}); fix the file or DATA_FORMAT")
+    if max_bad_ratio is not None and report.bad_count / report.total > max_bad_ratio:
+        raise UserError(f"{setting}={path}: {report.bad_count} of {report.total} records are bad, more than "
+                        f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
+                        "MAX_BAD_RATIO")

@@ -12,7 +12,7 @@ from typing import Any
 
 from app.core.errors import UserError
 from app.data.encode import encode_all
-from app.data.records import read_examples, sample_and_split
+from app.data.records import read_examples, sample_examples, split
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources, release_memory
 from app.plan.tiers import Plan, fit_memory, predict_peak
@@ -33,9 +33,9 @@ class PreparedData:
 
 def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape) -> PreparedData:
     d, seed = plan.cfg.data, plan.cfg.train.seed
-    examples, report = read_examples(d.data_path, d.data_format, d.max_bad_ratio, "DATA_PATH")
-    train_ex, val_ex = sample_and_split(examples, d.max_samples, d.val_size, seed, bool(d.val_path))
-    plan, records = records_used(plan, len(examples), len(train_ex), len(val_ex))
+    pool, report = sample_examples(d.data_path, d.max_samples, seed, d.data_format, d.max_bad_ratio, "DATA_PATH")
+    train_ex, val_ex = split(pool, d.val_size, bool(d.val_path))
+    plan, records = records_used(plan, report.valid, len(train_ex), len(val_ex))
     reports = [report]
     if d.val_path:
         val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
