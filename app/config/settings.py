@@ -135,6 +135,7 @@ class Config:
         need(bool(m.model_name.strip()), "MODEL_NAME is empty; set a hub name, a local dir, or 'tiny'")
         need(m.num_threads >= 0, f"NUM_THREADS={m.num_threads} must be >= 0 (0 = all cores)")
         need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
+        need(d.num_proc >= 0, f"NUM_PROC={d.num_proc} must be >= 0 (0 = one worker per CPU)")
         need(d.max_samples is None or d.max_samples >= 1,
              f"MAX_SAMPLES={d.max_samples} must be >= 1, or MAX_SAMPLES=all for every record")
         need(0 <= d.val_size < 1, f"VAL_SIZE={d.val_size} must be in [0, 1), e.g. 0.1")

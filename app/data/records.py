@@ -171,7 +171,7 @@ def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.
     raw = iter_source(path, setting)
     examples: list[Example] = []
     report = _scan(raw if limit is None else itertools.islice(raw, limit), fmt, str(path), setting, examples.append)
-    _judge(report, setting, max_bad_ratio if limit is None else None, warn)
+    judge(report, setting, max_bad_ratio if limit is None else None, warn)
     return examples, report
 
 
@@ -194,7 +194,7 @@ def sample_examples(path: str | Path, k: int | None, seed: int, fmt: str = "auto
 
     raw = iter_source(path, setting, *((seed, k) if k is not None and is_dataset(path) else (None, None)))
     report = _scan(raw, fmt, str(path), setting, keep)
-    _judge(report, setting, max_bad_ratio, True)
+    judge(report, setting, max_bad_ratio, True)
     return [ex for *_, ex in sorted(heap, reverse=True)], report
 
 
@@ -226,7 +226,7 @@ def _scan(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str,
     return report
 
 
-def _judge(report: LoadReport, setting: str, max_bad_ratio: float | None, warn: bool) -> None:
+def judge(report: LoadReport, setting: str, max_bad_ratio: float | None, warn: bool) -> None:
     """One line for a file with no records, none valid, or (``max_bad_ratio``) too many bad ones."""
     path = report.source
     if report.bad_count and warn:

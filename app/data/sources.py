@@ -9,6 +9,8 @@ files big enough to take a while.
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import io
 import json
 import re
@@ -24,6 +26,7 @@ PROGRESS_MB = 64  # smaller files read in a blink: no bar
 JSON_ARRAY_MAX_MB = 512  # a .json array is parsed whole; beyond this, ask for JSONL
 _BOM = b"\xef\xbb\xbf"
 _TICK = 4096  # records between progress updates
+_SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of a data file
 
 
 def iter_source(path: str | Path, setting: str, shuffle_seed: int | None = None,
@@ -61,31 +64,41 @@ def _iter_file(p: Path, setting: str) -> Iterator[tuple[int, Any]]:
             elif suffix == ".csv":
                 yield from _csv(p, bar)
             else:
-                yield from _lines(p, suffix, bar, setting)
+                for n, rec, _ in _lines(p, suffix, bar, setting):
+                    yield n, rec
         except UnicodeDecodeError:  # .jsonl/.txt name their line themselves
             raise UserError(f"{setting}={p}: line {_first_undecodable_line(p)} is not UTF-8 text; save the file "
                             "as UTF-8 (Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
 
 
-def _lines(p: Path, suffix: str, bar: "_Progress", setting: str) -> Iterator[tuple[int, Any]]:
-    jsonl = suffix == ".jsonl"
+def iter_lines(path: str | Path, setting: str, progress: bool = True) -> Iterator[tuple[int, Any, int]]:
+    """(line, record-or-Exception, byte offset of the line) of a .jsonl/.txt file: what the token cache
+    records, so it can read a record again without a pass."""
+    p = Path(path)
+    with _Progress(p, p.stat().st_size if progress else 0) as bar:
+        yield from _lines(p, p.suffix.lower(), bar, setting)
+
+
+def _lines(p: Path, suffix: str, bar: "_Progress", setting: str) -> Iterator[tuple[int, Any, int]]:
+    jsonl, at = suffix == ".jsonl", 0
     with p.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
+            start, at = at, at + len(raw)
             if n == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
             if not n % _TICK:
-                bar.update(fh.tell(), n)
+                bar.update(at, n)
             if not raw.strip():
                 continue
             try:
                 if jsonl:
                     try:
-                        yield n, json.loads(raw)
+                        yield n, json.loads(raw), start
                     except json.JSONDecodeError:
                         raw.decode("utf-8")  # bytes that are not UTF-8 are the file's problem, not this record's
-                        yield n, ValueError("bad JSON")
+                        yield n, ValueError("bad JSON"), start
                 else:
-                    yield n, {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}
+                    yield n, {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}, start
             except UnicodeDecodeError:
                 raise UserError(f"{setting}={p}: line {n} is not UTF-8 text; save the file as UTF-8 "
                                 "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
@@ -205,3 +218,25 @@ class _Progress:
             if exc[0] is None:
                 self.bar.update(self.size - self.bar.n)
             self.bar.close()
+
+
+def fingerprint(path: str) -> dict[str, Any] | None:
+    """Size and a hash of three 1 MB samples: a changed file is told apart in milliseconds, even
+    at 20 GB (a same-size edit outside the samples is not; the path and size catch most). None
+    for a hub dataset name."""
+    p = Path(path)
+    if not path or not p.is_file():
+        return None
+    st = p.stat()
+    return dict(_fingerprint(str(p.resolve()), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, Any], ...]:
+    """Read once per file version: the pre-flight, setup() and the checkpoints' settings all ask."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for at in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+            fh.seek(at)
+            h.update(fh.read(_SAMPLE))
+    return (("size", size), ("sha256", h.hexdigest()))

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import UserError
-from app.data.encode import encode_all
-from app.data.records import read_examples, sample_examples, split
+from app.data.cache import CachedRows, open_or_build, uses_cache
+from app.data.encode import EncodeStats, encode_all
+from app.data.records import judge, read_examples, sample_examples, split
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources, release_memory
 from app.plan.tiers import Plan, fit_memory, predict_peak
@@ -33,35 +34,63 @@ class PreparedData:
 
 def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape) -> PreparedData:
     d, seed = plan.cfg.data, plan.cfg.train.seed
-    pool, report = sample_examples(d.data_path, d.max_samples, seed, d.data_format, d.max_bad_ratio, "DATA_PATH")
-    train_ex, val_ex = split(pool, d.val_size, bool(d.val_path))
-    plan, records = records_used(plan, report.valid, len(train_ex), len(val_ex))
-    reports = [report]
+    data = _Cached(d, seed, tokenizer) if uses_cache(d.data_path, d.max_samples) else _Sampled(d, seed)
+    plan, records = records_used(plan, data.report.valid, data.n_train, data.n_val)
+    reports = [data.report]
     if d.val_path:
         val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
+        data.val_ex = val_ex
         reports.append(vreport)
     lengths = None
     if "MAX_SEQ_LEN" not in plan.cfg.explicit and plan.tier != "none":  # measure whole samples before the cut
-        lengths = encode_all(train_ex, tokenizer, shape.max_positions)[1].lengths
+        lengths = data.train(tokenizer, shape.max_positions)[1].lengths
     plan = fit_memory(plan, res, shape, lengths)
     d = plan.cfg.data
     release_if_tight(plan, shape)
     for w in plan.warnings:
         log.warning("%s", w)
-    train_rows, tstats = encode_all(train_ex, tokenizer, d.max_seq_len)
-    val_rows, vstats = encode_all(val_ex, tokenizer, d.max_seq_len)
+    train_rows, tstats = data.train(tokenizer, d.max_seq_len)
+    val_rows, vstats = encode_all(data.val_ex, tokenizer, d.max_seq_len)
     if not train_rows:
         raise UserError(f"DATA_PATH={d.data_path}: no sample keeps any answer token within "
                         f"MAX_SEQ_LEN={d.max_seq_len}; raise MAX_SEQ_LEN")
     for r in reports:
         log.info("%s", r.summary())
     log.info("train: %s", tstats.summary(d.max_seq_len))
-    if val_ex:
+    if data.val_ex:
         log.info("validation: %s", vstats.summary(d.max_seq_len))
     log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in plan.decisions.items()))
-    return PreparedData(plan, train_rows, val_rows, [e for e in val_ex if e.messages],
+    return PreparedData(plan, train_rows, val_rows, [e for e in data.val_ex if e.messages],
                         {"sources": [r.summary() for r in reports], "records": records,
                          "train": encode_stats(tstats), "validation": encode_stats(vstats)}, records)
+
+
+class _Sampled:
+    """MAX_SAMPLES records sampled in one pass (app/data/records.py), encoded in memory."""
+
+    def __init__(self, d: Any, seed: int):
+        pool, self.report = sample_examples(d.data_path, d.max_samples, seed, d.data_format, d.max_bad_ratio,
+                                            "DATA_PATH")
+        self.train_ex, self.val_ex = split(pool, d.val_size, bool(d.val_path))
+        self.n_train, self.n_val = len(self.train_ex), len(self.val_ex)
+
+    def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
+        return encode_all(self.train_ex, tokenizer, max_seq_len)
+
+
+class _Cached:
+    """MAX_SAMPLES=all of a .jsonl/.txt file: rows from the token cache (app/data/cache.py), read on demand."""
+
+    def __init__(self, d: Any, seed: int, tokenizer: Any):
+        self.cache = open_or_build(d.data_path, d.data_format, tokenizer, d.cache_dir, d.num_proc)
+        self.report = self.cache.report()
+        judge(self.report, "DATA_PATH", d.max_bad_ratio, True)
+        self.train_idx, val_idx = self.cache.split(seed, d.val_size, bool(d.val_path))
+        self.val_ex = [self.cache.example(d.data_path, int(i)) for i in val_idx]
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_ex)
+
+    def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
+        return CachedRows(self.cache, self.train_idx, max_seq_len), self.cache.stats(self.train_idx, max_seq_len)
 
 
 def release_if_tight(plan: Plan, shape: ModelShape) -> None:

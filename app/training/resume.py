@@ -20,8 +20,6 @@ pre-flight runs this before torch is imported).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +29,7 @@ from typing import Any
 
 from app.config import TIERED, Config, show
 from app.core.errors import UserError
+from app.data.sources import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +43,7 @@ KEPT = TIERED + ("LORA_ALPHA",)  # the GPU tiers set LORA_ALPHA = 2 x LORA_R
 # Not about what is trained: where it goes, how it is launched, what inference does afterwards.
 _SECTIONS = ("model", "data", "lora", "resources", "train", "distributed")
 _IGNORED = {"OUTPUT_DIR", "RESUME", "OVERWRITE", "REPLACE_DATA", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "TRUST_REMOTE_CODE"}
-_SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of a data file
-
-
-def fingerprint(path: str) -> dict[str, Any] | None:
-    """Size and a hash of three 1 MB samples: a changed file is told apart in milliseconds, even
-    at 20 GB (a same-size edit outside the samples is not; the path and size catch most). None
-    for a hub dataset name."""
-    p = Path(path)
-    if not path or not p.is_file():
-        return None
-    st = p.stat()
-    return dict(_fingerprint(str(p.resolve()), st.st_size, st.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=16)
-def _fingerprint(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, Any], ...]:
-    """Read once per file version: the pre-flight, setup() and the checkpoints' settings all ask."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for at in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
-            fh.seek(at)
-            h.update(fh.read(_SAMPLE))
-    return (("size", size), ("sha256", h.hexdigest()))
+            "MASTER_PORT", "TRUST_REMOTE_CODE", "CACHE_DIR", "NUM_PROC"}
 
 
 def run_vars() -> list[str]:

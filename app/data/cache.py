@@ -1,0 +1,157 @@
+"""The token cache: a MAX_SAMPLES=all run's .jsonl/.txt data, tokenized once into memory-mapped files.
+
+Why: tokenizing is ~1-3 MB/s per core, so a 20 GB file takes hours, and its rows as Python lists
+take several times its size in RAM. Built once (NUM_PROC worker processes), a second run on the
+same data starts in seconds, and training reads rows from the page cache: RSS stays flat as the
+file grows.
+
+One folder per data file version and tokenizer, under CACHE_DIR/tokens/<key>: the key is the
+file's fingerprint (size, a hash of its start, middle and end, and mtime), the tokenizer's
+vocabulary and chat template, DATA_FORMAT and this layout's version. Rows are stored whole;
+MAX_SEQ_LEN's truncation (app/data/encode.py) and the validation split (by SEED) are applied on
+read, so changing either never rebuilds. Files: ids (int32 tokens), mask (uint8: 1 = trained on),
+offsets (int64, one per row + 1), plen (int32: where the last answer starts), starts (int64: the
+record's byte offset, to read a validation record again), meta.json last. A build writes into a
+temporary folder and renames it whole: a killed build leaves nothing that is later trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.data.cache_build import DTYPES, FILES, VERSION, build
+from app.data.encode import IGNORE, EncodeStats, _truncate
+from app.data.records import LoadReport, to_example
+from app.data.sources import fingerprint
+
+log = logging.getLogger(__name__)
+
+CACHED_SUFFIXES = (".jsonl", ".txt")
+
+
+def uses_cache(data_path: str, max_samples: int | None) -> bool:
+    """MAX_SAMPLES=all on a .jsonl/.txt file: the sizes that outgrow memory come in these formats."""
+    return max_samples is None and Path(data_path).suffix.lower() in CACHED_SUFFIXES and Path(data_path).is_file()
+
+
+def cache_key(data_path: str, fmt: str, tokenizer: Any) -> str:
+    fp = fingerprint(data_path) or {}
+    st = Path(data_path).stat()
+    ident = {"version": VERSION, "data": [str(Path(data_path).resolve()), fp, st.st_mtime_ns], "format": fmt,
+             "tokenizer": tokenizer_identity(tokenizer)}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A hash of what decides the tokens: the vocabulary and merges, the special tokens, the chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id,
+                         type(tokenizer).__name__]).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class TokenCache:
+    path: Path
+    meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        self.arrays = {f: np.memmap(self.path / f, dtype=DTYPES[f], mode="r") if (self.path / f).stat().st_size
+                       else np.zeros(0, dtype=DTYPES[f]) for f in FILES}
+        self.lengths = np.diff(self.arrays["offsets"])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int, max_seq_len: int) -> dict[str, list[int]]:
+        a, b = int(self.arrays["offsets"][i]), int(self.arrays["offsets"][i + 1])
+        ids = self.arrays["ids"][a:b].tolist()
+        labels = [t if m else IGNORE for t, m in zip(ids, self.arrays["mask"][a:b].tolist())]
+        if len(ids) > max_seq_len:
+            ids, labels, _ = _truncate(ids, labels, max_seq_len)
+        return {"input_ids": ids, "labels": labels}
+
+    def report(self) -> LoadReport:
+        r = self.meta["report"]
+        report = LoadReport(r["source"], r["format"], r["total"], [tuple(b) for b in r["bad"]], r["bad_count"])
+        report.reasons.update(r["reasons"])
+        return report
+
+    def split(self, seed: int, val_size: float, has_val_file: bool) -> tuple[Any, Any]:
+        """(train row indices, validation row indices): VAL_SIZE of the rows (at most 200) by SEED's keys,
+        as app/data/records.split holds them out; none with a VAL_PATH or under 10 rows."""
+        import numpy as np
+
+        n = len(self)
+        if has_val_file or val_size <= 0 or n < 10:
+            return np.arange(n), np.zeros(0, dtype=np.int64)
+        n_val = min(200, max(1, round(n * val_size)))
+        keys = np.random.default_rng(seed).random(n)
+        val = np.argpartition(keys, n_val - 1)[:n_val]
+        val = val[np.argsort(keys[val], kind="stable")]
+        train = np.ones(n, dtype=bool)
+        train[val] = False
+        return np.flatnonzero(train), val
+
+    def stats(self, rows: Any, max_seq_len: int) -> EncodeStats:
+        """What encode_all would report for these rows at MAX_SEQ_LEN, from the stored lengths (no tokens read);
+        ``lengths`` is a sample of at most 20k rows, for MAX_SEQ_LEN=auto."""
+        import numpy as np
+
+        lengths, plen = self.lengths[rows], self.arrays["plen"][rows]
+        over = lengths > max_seq_len
+        answer_cut = over & ((lengths - plen) + np.minimum(plen, 16) > max_seq_len)
+        pick = rows if len(rows) <= 20_000 else np.random.default_rng(0).choice(rows, 20_000, replace=False)
+        return EncodeStats(int(len(rows)), int(np.minimum(lengths, max_seq_len).sum()),
+                           int((over & ~answer_cut).sum()), int(answer_cut.sum()),
+                           self.lengths[pick].tolist())
+
+    def example(self, data_path: str, i: int) -> Any:
+        """Row ``i``'s record, read again from the data file at its byte offset (validation needs the messages)."""
+        with open(data_path, "rb") as fh:
+            fh.seek(int(self.arrays["starts"][i]))
+            raw = fh.readline().removeprefix(b"\xef\xbb\xbf")
+        rec = json.loads(raw) if data_path.lower().endswith(".jsonl") else \
+            {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}
+        return to_example(rec, self.meta["report"]["format"], 0)
+
+
+def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_proc: int,
+                  setting: str = "DATA_PATH") -> TokenCache:
+    """The cache for this file and tokenizer: found (a hit, logged) or built now."""
+    key = cache_key(data_path, fmt, tokenizer)
+    final = Path(cache_dir) / "tokens" / key
+    if (final / "meta.json").is_file():
+        cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
+        log.info("token cache hit: %s (%s rows, %s tokens) for %s", final, f"{len(cache):,}",
+                 f"{len(cache.arrays['ids']):,}", data_path)
+        return cache
+    build(data_path, fmt, tokenizer, final, num_proc, setting)
+    cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
+    log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}", f"{cache.meta['tokens']:,}")
+    return cache
+
+
+class CachedRows:
+    """Training rows read from the cache on demand (a torch map-style dataset): ``rows`` are row indices,
+    each truncated to ``max_seq_len`` as encode() would."""
+
+    def __init__(self, cache: TokenCache, rows: Any, max_seq_len: int):
+        self.cache, self.rows, self.max_seq_len = cache, rows, max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        if not -len(self.rows) <= i < len(self.rows):
+            raise IndexError(i)
+        return self.cache.row(int(self.rows[i]), self.max_seq_len)

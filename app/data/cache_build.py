@@ -1,0 +1,169 @@
+"""Building the token cache (app/data/cache.py): the file read once, in order, its records encoded whole by
+NUM_PROC worker processes, the rows appended to flat files in a temporary folder that is renamed into place
+only when complete."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from app.core.errors import UserError
+from app.data.encode import IGNORE, encode
+from app.data.records import LoadReport, detect_format, to_example
+from app.data.sources import iter_lines
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+FILES = ("ids", "mask", "offsets", "plen", "starts")
+DTYPES = {"ids": "int32", "mask": "uint8", "offsets": "int64", "plen": "int32", "starts": "int64"}
+_CHUNK = 512  # records per worker task
+_PARALLEL_MB = 16  # smaller files are encoded in-process: starting workers would cost more
+_STORED = 4 + 1  # bytes per token on disk (ids + mask)
+
+
+def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, setting: str) -> None:
+    """Tokenize ``data_path`` into the cache folder ``final``: staged, then renamed whole."""
+    import numpy as np
+
+    size = Path(data_path).stat().st_size
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(data_path, fmt, tokenizer, final.parent, size)
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a killed build's debris: never read
+    tmp.mkdir()
+    report = LoadReport(data_path, fmt)
+    out = {f: (tmp / f).open("wb") for f in FILES}
+    offset = 0
+    out["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
+    try:
+        for starts, rows in _encoded(data_path, fmt, tokenizer, num_proc, report, setting, size):
+            for start, (ids, mask, plen) in zip(starts, rows):
+                offset += len(ids)
+                out["ids"].write(np.asarray(ids, dtype=np.int32).tobytes())
+                out["mask"].write(np.asarray(mask, dtype=np.uint8).tobytes())
+                out["offsets"].write(np.int64(offset).tobytes())
+                out["plen"].write(np.int32(plen).tobytes())
+                out["starts"].write(np.int64(start).tobytes())
+    except BaseException:
+        for fh in out.values():
+            fh.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for fh in out.values():
+        fh.flush()
+        os.fsync(fh.fileno())
+        fh.close()
+    meta = {"version": VERSION, "data_path": data_path, "tokens": offset,
+            "report": {"source": data_path, "format": report.format, "total": report.total,
+                       "bad": report.bad, "bad_count": report.bad_count, "reasons": dict(report.reasons)}}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a parallel build of the same data finished first
+
+
+def _encoded(data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: LoadReport, setting: str,
+             size: int) -> Iterator[tuple[list[int], list[tuple[list[int], list[bool], int]]]]:
+    """(byte offsets, encoded rows) in chunks, in file order; bad records counted in ``report``. With workers,
+    at most a few chunks per worker are in flight: the file is never read ahead of the encoding."""
+    chunks = _chunks(data_path, fmt, report, setting)
+    procs = num_proc or os.cpu_count() or 1
+    if procs <= 1 or size < _PARALLEL_MB * 2**20:
+        for starts, examples in chunks:
+            yield _keep(starts, _encode_chunk(tokenizer, examples))
+        return
+    import multiprocessing as mp
+    import threading
+
+    in_flight = threading.Semaphore(4 * procs)
+
+    def tasks() -> Iterator[tuple[list[int], list[Any]]]:
+        for chunk in chunks:
+            in_flight.acquire()  # released as each result is taken below
+            yield chunk
+
+    log.info("tokenizing %s with %d worker processes (NUM_PROC)", data_path, procs)
+    with mp.get_context("spawn").Pool(procs, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        for starts, rows in pool.imap(_encode_in_worker, tasks(), chunksize=1):
+            in_flight.release()
+            yield _keep(starts, rows)
+
+
+def _keep(starts: list[int], rows: list[Any]) -> tuple[list[int], list[Any]]:
+    """Rows with an answer token (encode_all drops the rest the same way)."""
+    kept = [(s, r) for s, r in zip(starts, rows) if any(r[1])]
+    return [s for s, _ in kept], [r for _, r in kept]
+
+
+def _chunks(data_path: str, fmt: str, report: LoadReport, setting: str,
+            progress: bool = True) -> Iterator[tuple[list[int], list[Any]]]:
+    first_fmt = None if fmt == "auto" else fmt
+    starts: list[int] = []
+    examples: list[Any] = []
+    for line, rec, start in iter_lines(data_path, setting, progress):
+        report.total += 1
+        if first_fmt is None and isinstance(rec, dict):
+            first_fmt = detect_format(rec)
+            if first_fmt is None:
+                raise UserError(f"{setting}={data_path}: line {line}: cannot tell the record format from fields "
+                                f"{sorted(rec)[:6]}; use context/target, instruction/output, text, messages or "
+                                "conversations, or set DATA_FORMAT")
+            report.format = first_fmt
+        try:
+            examples.append(to_example(rec, first_fmt or fmt, line))
+        except ValueError as e:
+            report.skip(line, str(e))
+            continue
+        starts.append(start)
+        if len(examples) == _CHUNK:
+            yield starts, examples
+            starts, examples = [], []
+    if examples:
+        yield starts, examples
+
+
+_WORKER_TOKENIZER: Any = None
+
+
+def _init_worker(tokenizer: Any) -> None:
+    global _WORKER_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(chunk: tuple[list[int], list[Any]]) -> tuple[list[int], list[Any]]:
+    return chunk[0], _encode_chunk(_WORKER_TOKENIZER, chunk[1])
+
+
+def _encode_chunk(tokenizer: Any, examples: list[Any]) -> list[tuple[list[int], list[bool], int]]:
+    rows = []
+    for ex in examples:
+        row = encode(ex, tokenizer, 1 << 62)  # whole: MAX_SEQ_LEN cuts on read
+        labels = row["labels"]
+        plen = max((i for i, lab in enumerate(labels) if lab == IGNORE), default=-1) + 1
+        rows.append((row["input_ids"], [lab != IGNORE for lab in labels], plen))
+    return rows
+
+
+def _check_disk(data_path: str, fmt: str, tokenizer: Any, where: Path, size: int) -> None:
+    """The cache's expected size, from the first records' tokens per byte, against free disk: one line if short."""
+    first = next(_chunks(data_path, fmt, LoadReport(data_path, fmt), "DATA_PATH", progress=False), None)
+    if first is None or len(first[0]) < 2:
+        return
+    starts, examples = first
+    n = min(len(starts) - 1, 200)
+    per_byte = sum(len(ids) for ids, _, _ in _encode_chunk(tokenizer, examples[:n])) / max(1, starts[n] - starts[0])
+    expected = size * per_byte * _STORED + size / max(1, starts[n] - starts[0]) * n * 24  # + per-row arrays
+    free = shutil.disk_usage(where).free
+    if expected * 1.1 > free:
+        raise UserError(f"CACHE_DIR={where.parent}: the token cache of DATA_PATH={data_path} needs about "
+                        f"{expected / 2**30:.1f} GB and {free / 2**30:.1f} GB are free there; free disk space, point "
+                        "CACHE_DIR at a larger disk, or set MAX_SAMPLES to train on a sample")
