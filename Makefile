@@ -68,7 +68,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-onnx clean remove-run distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-onnx clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -153,6 +153,9 @@ bench: setup ## training speed: the tutorial way (padded, fp32) vs `train` -> be
 
 bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/memory.md
 	$(PYRUN) -m bench.bench_memory
+
+bench-data: setup ## read, sample and cache 1-16 GB JSONL: time, MB/s, peak RSS -> bench/data.md
+	$(PYRUN) -m bench.bench_data
 
 bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, ~100M random models -> bench/onnx.md
 	$(PYRUN) -m bench.bench_onnx

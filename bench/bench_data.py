@@ -1,0 +1,230 @@
+"""Data benchmark: reading, sampling and caching DuIE-shaped JSONL of 1 to 16 GB (issue 17).
+
+For each size, each a fresh `python -m app train MAX_STEPS=1` process (peak RSS is per process,
+read with wait4), on the tiny GLM:
+- MAX_SAMPLES=1000: wall time and peak RSS (the one-pass sampler);
+- MAX_SAMPLES=all (sizes up to --all-max-gb): the token cache's build time, MB/s and peak RSS, then
+  the same command again: the time to its first step on a cache hit.
+Plus the sampler alone (`sample_examples` in a process of its own), for the pass's MB/s, and the
+reader this issue replaced (read every record, then random.sample), at 1 GB only, as the baseline.
+
+Run `make bench-data` (python -m bench.bench_data [--sizes 1,4,16] [--all-max-gb 1]). Writes
+bench/data.md and bench/data.json; the generated files go to bench/results/data/ (ignored by git)
+and are kept for the next run. Free disk is checked before each is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app.core.utils import atomic_write_text, setup_logging
+from app.data.synthetic import generate_samples
+
+log = logging.getLogger("bench")
+REPORTS = Path("bench")
+OUT = REPORTS / "results" / "data"
+GB = 2**30
+BASELINE_COMMIT = "867566c"  # the last commit with the old reader (app/data/records.py)
+
+SAMPLER = r"""
+import sys, time
+from app.data.records import sample_examples
+t = time.perf_counter()
+pool, report = sample_examples(sys.argv[1], 1000, seed=0)
+print("RESULT", time.perf_counter() - t, report.valid)
+"""
+OLD_READER = r"""
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("old_records", sys.argv[2])
+old = importlib.util.module_from_spec(spec); spec.loader.exec_module(old)
+t = time.perf_counter()
+examples, report = old.read_examples(sys.argv[1])
+old.sample_and_split(examples, 1000, 0.1, 0, False)
+print("RESULT", time.perf_counter() - t, report.valid)
+"""
+
+
+def make_file(path: Path, gb: float) -> Path:
+    """DuIE-shaped records (the synthetic triplet sentences in the DuIE instruction format), each with a
+    running number so no two lines are the same; written once, checked against free disk first."""
+    target = int(gb * GB)
+    if path.is_file() and path.stat().st_size >= target:
+        return path
+    free = shutil.disk_usage(path.parent).free
+    if free < target * 1.05 + 2 * GB:
+        raise SystemExit(f"bench-data: {path} needs {target / GB:.1f} GB and {free / GB:.1f} GB are free; "
+                         "use --sizes with smaller files")
+    pool = generate_samples(5000, seed=11)
+    tmp = path.with_suffix(".partial")
+    written, i = 0, 0
+    with tmp.open("w", encoding="utf-8") as fh:
+        while written < target:
+            block = []
+            for _ in range(10_000):
+                s = pool[i % len(pool)]
+                block.append(json.dumps({"context": s["context"].replace("\nAnswer: ", f"（{i}）\nAnswer: "),
+                                         "target": s["target"]}, ensure_ascii=False) + "\n")
+                i += 1
+            text = "".join(block)
+            fh.write(text)
+            written += len(text.encode())
+    os.replace(tmp, path)
+    return path
+
+
+def measured(argv: list[str]) -> tuple[float, float, str]:
+    """Like run(), but the peak RSS of this child alone (wait4 on it, not the max over all children)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks = []
+    while True:
+        b = proc.stdout.read(65536)
+        if not b:
+            break
+        chunks.append(b)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(map(str, argv[:5]))} failed ({proc.returncode}):\n{text[-3000:]}")
+    return time.perf_counter() - t, usage.ru_maxrss / 1024, text
+
+
+def train(data: Path, samples: str, out: Path, cache: Path) -> tuple[float, float, str]:
+    shutil.rmtree(out, ignore_errors=True)
+    return measured([sys.executable, "-m", "app", "train", "MODEL_NAME=tiny", f"DATA_PATH={data}",
+                     f"OUTPUT_DIR={out}", f"MAX_SAMPLES={samples}", "MAX_STEPS=1", "TIER=none", "QUANT_LEVEL=none",
+                     "MAX_SEQ_LEN=256", "BATCH_SIZE=1", "GRAD_ACCUM=1", "SAVE_STEPS=100000", "EVAL_STEPS=100000",
+                     f"CACHE_DIR={cache}", "VAL_SIZE=0"])
+
+
+def result(text: str) -> tuple[float, float]:
+    m = re.search(r"^RESULT (\S+) (\S+)$", text, flags=re.M)
+    if not m:
+        raise RuntimeError(f"no RESULT line in:\n{text[-2000:]}")
+    return float(m.group(1)), float(m.group(2))
+
+
+def build_seconds(log_text: str) -> float | None:
+    """From the log: the first line's time to the 'token cache built' line's."""
+    stamps = re.findall(r"^(\d\d):(\d\d):(\d\d) ", log_text, flags=re.M)
+    built = re.search(r"^(\d\d):(\d\d):(\d\d) INFO app\.data\.cache: token cache built", log_text, flags=re.M)
+    if not stamps or not built:
+        return None
+    sec = lambda h, m, s: int(h) * 3600 + int(m) * 60 + int(s)  # noqa: E731
+    return sec(*built.groups()) - sec(*stamps[0])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,4,16", help="file sizes in GB")
+    ap.add_argument("--all-sizes", default="0.25,1", help="sizes (GB) that also run MAX_SAMPLES=all (the cache)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the old reader at 1 GB")
+    a = ap.parse_args()
+    setup_logging()
+    OUT.mkdir(parents=True, exist_ok=True)
+    sizes = sorted({float(s) for s in a.sizes.split(",")} | {float(s) for s in a.all_sizes.split(",")})
+    all_sizes = {float(s) for s in a.all_sizes.split(",")}
+    rows = []
+    small = make_file(OUT / "small.jsonl", 0.001)
+    base_s, base_mb, _ = train(small, "1000", OUT / "run", OUT / "cache-small")  # the model's own RSS
+    for gb in sizes:
+        data = make_file(OUT / f"duie-{gb:g}gb.jsonl", gb)
+        size_mb = data.stat().st_size / 2**20
+        row = {"gb": gb, "size_mb": round(size_mb), "load_avg": round(os.getloadavg()[0], 2)}
+        seconds, rss, text = measured([sys.executable, "-c", SAMPLER, str(data)])
+        pass_s, valid = result(text)
+        row.update(sampler_s=round(pass_s, 1), sampler_mb_s=round(size_mb / pass_s, 1), sampler_rss_mb=round(rss),
+                   records=int(valid))
+        seconds, rss, _ = train(data, "1000", OUT / "run", OUT / "cache")
+        row.update(sample_train_s=round(seconds, 1), sample_train_rss_mb=round(rss))
+        if gb in all_sizes:
+            cache = OUT / f"cache-{gb:g}"
+            shutil.rmtree(cache, ignore_errors=True)
+            seconds, rss, text = train(data, "all", OUT / "run", cache)
+            built = build_seconds(text)
+            row.update(all_first_s=round(seconds, 1), all_rss_mb=round(rss), cache_build_s=built,
+                       cache_mb_s=round(size_mb / built, 2) if built else None,
+                       cache_gb=round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / GB, 2))
+            seconds, rss, text = train(data, "all", OUT / "run", cache)
+            assert "token cache hit" in text, text[-2000:]
+            row.update(hit_s=round(seconds, 1), hit_rss_mb=round(rss))
+        if gb == 1 and not a.no_baseline:
+            old = OUT / "old_records.py"
+            old.write_text(subprocess.run(["git", "show", f"{BASELINE_COMMIT}:app/data/records.py"], check=True,
+                                          capture_output=True, text=True).stdout)
+            seconds, rss, text = measured([sys.executable, "-c", OLD_READER, str(data), str(old)])
+            row.update(old_s=round(result(text)[0], 1), old_rss_mb=round(rss))
+        rows.append(row)
+        log.info("%s", row)
+    summary = {"model_rss_mb": round(base_mb), "model_s": round(base_s, 1), "cpus": os.cpu_count(), "rows": rows}
+    atomic_write_text(REPORTS / "data.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(REPORTS / "data.md", report(summary))
+    sys.stdout.write(report(summary))  # cli-output
+    return 0
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(r: dict) -> str:
+    rows = r["rows"]
+    lines = [f"# Data benchmark: DuIE-shaped JSONL, {r['cpus']} cores, tiny GLM", "",
+             "Each cell is a fresh process; peak RSS is that process's (wait4). `train` runs MAX_STEPS=1, so its "
+             "time is the time to the first step plus one step. The same command on a 1 MB file: "
+             f"{r['model_s']} s and {r['model_rss_mb']} MB peak RSS (the model's and runtime's own).", "",
+             "| file | records | sampler pass | sampler MB/s | sampler peak RSS | train MAX_SAMPLES=1000 | its peak RSS |",
+             "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        lines.append(f"| {x['gb']:g} GB | {x['records']:,} | {x['sampler_s']} s | {x['sampler_mb_s']} | "
+                     f"{x['sampler_rss_mb']} MB | {x['sample_train_s']} s | {x['sample_train_rss_mb']} MB |")
+    cached = [x for x in rows if "cache_build_s" in x]
+    if cached:
+        lines += ["", "MAX_SAMPLES=all: the first run builds the token cache (NUM_PROC = one worker per core), the "
+                  "second finds it.", "",
+                  "| file | first run | cache build | build MB/s | cache size | first run peak RSS | "
+                  "second run (hit) | its peak RSS |", "|---|---|---|---|---|---|---|---|"]
+        for x in cached:
+            lines.append(f"| {x['gb']:g} GB | {x['all_first_s']} s | {x['cache_build_s']} s | {x['cache_mb_s']} | "
+                         f"{x['cache_gb']} GB | {x['all_rss_mb']} MB | {x['hit_s']} s | {x['hit_rss_mb']} MB |")
+    base = [x for x in rows if "old_s" in x]
+    if base:
+        b = base[0]
+        lines += ["", f"Baseline, the reader before this issue at {b['gb']:g} GB (every record as Python objects, then "
+                  f"random.sample): {b['old_s']} s and {b['old_rss_mb']:,} MB peak RSS, against the one-pass sampler's "
+                  f"{b['sampler_s']} s and {b['sampler_rss_mb']} MB."]
+    lines += ["", "## Targets", ""]
+    rss = [x["sample_train_rss_mb"] for x in rows if x["gb"] >= 1]
+    if len(rss) > 1:
+        spread = (max(rss) - min(rss)) / min(rss)
+        lines.append(f"- peak RSS (MAX_SAMPLES=1000) independent of file size, within 10% from "
+                     f"{min(x['gb'] for x in rows if x['gb'] >= 1):g} to {max(x['gb'] for x in rows):g} GB: "
+                     f"{min(rss)}-{max(rss)} MB, {spread:.1%} -> {verdict(spread <= 0.10)}")
+    above = max(x["sample_train_rss_mb"] for x in rows) - r["model_rss_mb"]
+    lines.append(f"- under 1 GB above the model's own: at most {above:+,} MB -> {verdict(above < 1024)}")
+    all_rss = [x["all_rss_mb"] for x in cached] + [x["hit_rss_mb"] for x in cached]
+    if all_rss:
+        above_all = max(all_rss) - r["model_rss_mb"]
+        lines.append(f"- MAX_SAMPLES=all, under 1 GB above the model's own: at most {above_all:+,} MB -> "
+                     f"{verdict(above_all < 1024)}")
+    worst = min(x["sampler_mb_s"] for x in rows)
+    lines.append(f"- a streaming pass at >= 100 MB/s per core (one process): slowest {worst} MB/s -> "
+                 f"{verdict(worst >= 100)}")
+    if cached:
+        slow = max(x["hit_s"] for x in cached)
+        lines.append(f"- cache hit to first step < 10 s: at most {slow} s (the whole process: Python, torch, the "
+                     f"model, one step) -> {verdict(slow < 10)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
