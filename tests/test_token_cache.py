@@ -148,3 +148,18 @@ def test_training_on_all_records_uses_the_cache(tiny_glm_dir, data, tmp_path, mo
     assert sorted(map(str, [*[ft.train_rows[i] for i in range(len(ft.train_rows))], *ft.val_rows])) == \
         sorted(map(str, everything))
     assert encode(read_examples(data)[0][0], ft.tokenizer, 64) == ft.train_rows.cache.row(0, 64)
+
+
+def test_info_builds_no_cache_and_says_what_building_it_costs(tiny_glm_dir, data, tmp_path, run_app):
+    args = ["info", f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={data}", "TIER=cpu-l", "MAX_SAMPLES=all",
+            f"CACHE_DIR={tmp_path / 'c'}", "NUM_PROC=2"]
+    before = run_app(args)
+    assert before.returncode == 0, before.stderr
+    assert f"DATA_PATH={data}: MAX_SAMPLES=all first tokenizes its 120 records into the token cache under " \
+           f"CACHE_DIR={tmp_path / 'c'} (not built yet" in before.stdout and "NUM_PROC=2" in before.stdout
+    assert not (tmp_path / "c").exists()  # info writes nothing
+    from transformers import AutoTokenizer
+
+    open_or_build(str(data), "auto", AutoTokenizer.from_pretrained(tiny_glm_dir), str(tmp_path / "c"), 1)
+    after = run_app(args)
+    assert after.returncode == 0 and "first tokenizes" not in after.stdout, after.stderr

@@ -39,5 +39,5 @@ def run_info(cfg: Config) -> None:
             f"DATA_PATH={cfg.data.data_path} does not exist yet: `make train` writes the synthetic sample data "
             "there first; MAX_SEQ_LEN above is the tier's, not your data's")
     else:
-        ft.prepare_data()
+        ft.prepare_data(build_cache=False)  # info writes nothing: a missing token cache is estimated
     sys.stdout.write(format_info(ft.resources, ft.plan, ft.shape, name) + "\n")  # cli-output

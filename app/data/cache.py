@@ -125,16 +125,23 @@ class TokenCache:
         return to_example(rec, self.meta["report"]["format"], 0)
 
 
+def find_cache(data_path: str, fmt: str, tokenizer: Any, cache_dir: str) -> TokenCache | None:
+    """The complete cache of this file version and tokenizer, or None."""
+    final = Path(cache_dir) / "tokens" / cache_key(data_path, fmt, tokenizer)
+    if not (final / "meta.json").is_file():
+        return None
+    return TokenCache(final, json.loads((final / "meta.json").read_text()))
+
+
 def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_proc: int,
                   setting: str = "DATA_PATH") -> TokenCache:
     """The cache for this file and tokenizer: found (a hit, logged) or built now."""
-    key = cache_key(data_path, fmt, tokenizer)
-    final = Path(cache_dir) / "tokens" / key
-    if (final / "meta.json").is_file():
-        cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
-        log.info("token cache hit: %s (%s rows, %s tokens) for %s", final, f"{len(cache):,}",
+    cache = find_cache(data_path, fmt, tokenizer, cache_dir)
+    if cache is not None:
+        log.info("token cache hit: %s (%s rows, %s tokens) for %s", cache.path, f"{len(cache):,}",
                  f"{len(cache.arrays['ids']):,}", data_path)
         return cache
+    final = Path(cache_dir) / "tokens" / cache_key(data_path, fmt, tokenizer)
     build(data_path, fmt, tokenizer, final, num_proc, setting)
     cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
     log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}", f"{cache.meta['tokens']:,}")

@@ -88,20 +88,34 @@ def _lines(p: Path, suffix: str, bar: "_Progress", setting: str) -> Iterator[tup
                 raw = raw[len(_BOM):]
             if not n % _TICK:
                 bar.update(at, n)
-            if not raw.strip():
+            if raw.isspace():
                 continue
             try:
                 if jsonl:
-                    try:
-                        yield n, json.loads(raw), start
-                    except json.JSONDecodeError:
-                        raw.decode("utf-8")  # bytes that are not UTF-8 are the file's problem, not this record's
-                        yield n, ValueError("bad JSON"), start
+                    yield n, _json_line(raw.decode("utf-8")), start
                 else:
                     yield n, {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}, start
             except UnicodeDecodeError:
                 raise UserError(f"{setting}={p}: line {n} is not UTF-8 text; save the file as UTF-8 "
                                 "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
+
+
+_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends in, without its checks per call
+
+
+def _json_line(text: str) -> Any:
+    """One JSONL record, or ValueError("bad JSON"). The fast path parses a line that starts with its value
+    and ends right after it (all but hand-edited files); anything else goes through json.loads."""
+    try:
+        value, end = _scan_json(text, 0)
+        if end == len(text) or text[end:].isspace():
+            return value
+    except (StopIteration, json.JSONDecodeError):
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return ValueError("bad JSON")
 
 
 def _json_array(p: Path, size: int, setting: str) -> Iterator[tuple[int, Any]]:

@@ -7,11 +7,12 @@ then are the rows encoded at the planned length.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import UserError
-from app.data.cache import CachedRows, open_or_build, uses_cache
+from app.data.cache import CachedRows, find_cache, open_or_build, uses_cache
 from app.data.encode import EncodeStats, encode_all
 from app.data.records import judge, read_examples, sample_examples, split
 from app.plan.estimator import ModelShape
@@ -32,10 +33,17 @@ class PreparedData:
     records: dict[str, Any] = field(default_factory=dict)  # how many of the file's records the run uses, and why
 
 
-def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape) -> PreparedData:
+def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
+                 build_cache: bool = True) -> PreparedData:
+    """``build_cache``: False for `make info`, which writes nothing: without a token cache yet, the plan is made
+    from a sample of the file and a warning says what building the cache will cost."""
     d, seed = plan.cfg.data, plan.cfg.train.seed
-    data = _Cached(d, seed, tokenizer) if uses_cache(d.data_path, d.max_samples) else _Sampled(d, seed)
+    data: Any = _Sampled(d, seed) if not uses_cache(d.data_path, d.max_samples) else \
+        _Cached(d, seed, tokenizer) if build_cache or find_cache(d.data_path, d.data_format, tokenizer, d.cache_dir) \
+        else _Preview(d, seed, tokenizer)
     plan, records = records_used(plan, data.report.valid, data.n_train, data.n_val)
+    if isinstance(data, _Preview):
+        plan = plan.warn(data.note)
     reports = [data.report]
     if d.val_path:
         val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
@@ -91,6 +99,32 @@ class _Cached:
 
     def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
         return CachedRows(self.cache, self.train_idx, max_seq_len), self.cache.stats(self.train_idx, max_seq_len)
+
+
+class _Preview(_Sampled):
+    """`make info` before the token cache exists: the counts of one pass, lengths from a sample of PREVIEW records,
+    and what the cache will cost to build (tokens per second measured on the sample)."""
+
+    PREVIEW = 2000
+
+    def __init__(self, d: Any, seed: int, tokenizer: Any):
+        import time
+
+        pool, self.report = sample_examples(d.data_path, self.PREVIEW, seed, d.data_format, d.max_bad_ratio,
+                                            "DATA_PATH")
+        self.train_ex, self.val_ex = split(pool, d.val_size, bool(d.val_path))
+        self.n_val = min(200, max(1, round(self.report.valid * d.val_size))) \
+            if not d.val_path and d.val_size > 0 and self.report.valid >= 10 else 0
+        self.n_train = self.report.valid - self.n_val
+        t = time.perf_counter()
+        encode_all(pool[:200], tokenizer, 1 << 62)
+        per_record = (time.perf_counter() - t) / max(1, min(200, len(pool)))
+        procs = d.num_proc or os.cpu_count() or 1
+        minutes = per_record * self.report.valid / procs / 60
+        self.note = (f"DATA_PATH={d.data_path}: MAX_SAMPLES=all first tokenizes its {self.report.valid:,} records into "
+                     f"the token cache under CACHE_DIR={d.cache_dir} (not built yet: this plan uses {len(pool):,} "
+                     f"of them); at the rate measured here with NUM_PROC={procs} that takes about {minutes:,.0f} "
+                     "min, once. Set MAX_SAMPLES to train on a sample instead")
 
 
 def release_if_tight(plan: Plan, shape: ModelShape) -> None:

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 class FineTuner:
-    """setup() -> prepare_data() -> train(). Nothing is written to disk before train().
+    """setup() -> prepare_data() -> train(). Nothing is written to OUTPUT_DIR before train() (prepare_data()
+    builds the token cache of a MAX_SAMPLES=all run under CACHE_DIR, unless told not to).
 
     setup: resources, the resume check, the tier's plan, tokenizer and the model's shape (no weights yet);
     prepare_data: read, sample, tokenise, then fit sequence length / batch to memory (app/training/prepare.py);
@@ -120,11 +121,11 @@ class FineTuner:
         held = {var: f"kept from {rc.checkpoint.name} (resumed)" for var in rc.kept}
         return cfg.replace(rc.kept, explicit=rc.kept), held  # planned once, when the run started: not again
 
-    def prepare_data(self) -> "FineTuner":
+    def prepare_data(self, build_cache: bool = True) -> "FineTuner":
         """Read, sample, split and tokenise; fit MAX_SEQ_LEN/batch to memory. Writes nothing."""
         if self.plan is None or self.tokenizer is None:
             raise RuntimeError("call setup() before prepare_data()")
-        self.data = prepare_data(self.plan, self.resources, self.tokenizer, self.shape)
+        self.data = prepare_data(self.plan, self.resources, self.tokenizer, self.shape, build_cache)
         self.plan = self.data.plan
         return self
 
