@@ -41,7 +41,7 @@ def test_rows_and_stats_are_encodes_at_any_max_seq_len(data, tmp_path, glm_tok, 
     expected, stats = encode_all(examples, glm_tok, max_seq_len)
     rows = CachedRows(cache, range(len(cache)), max_seq_len)
     assert len(rows) == len(expected) == 120 and [rows[i] for i in range(len(rows))] == expected
-    got = cache.stats(list(range(len(cache))), max_seq_len)
+    got = cache.stats(max_seq_len)
     assert (got.samples, got.tokens, got.prompt_truncated, got.answer_truncated) == \
         (stats.samples, stats.tokens, stats.prompt_truncated, stats.answer_truncated)
     assert max_seq_len > 1000 or stats.prompt_truncated > 0  # the cut is exercised
@@ -60,6 +60,23 @@ def test_validation_split_and_its_records(data, tmp_path, glm_tok):
     assert [cache.example(str(data), int(i)).messages for i in val] == [examples[int(i)].messages for i in val]
     assert len(cache.split(seed=3, val_size=0.1, has_val_file=True)[1]) == 0
     assert (len(train), len(val)) == tuple(map(len, split(examples, 0.1, False)))  # the in-memory sizes
+    # the training rows' stats leave the validation rows out, as encode_all over the training records would
+    kept = [examples[i] for i in sorted(set(range(120)) - set(map(int, val)))]
+    want = encode_all(kept, glm_tok, 64)[1]
+    got = cache.stats(64, val)
+    assert (got.samples, got.tokens, got.prompt_truncated, got.answer_truncated) == \
+        (want.samples, want.tokens, want.prompt_truncated, want.answer_truncated)
+    assert sorted(got.lengths) == sorted(encode_all(kept, glm_tok, 1 << 30)[1].lengths)
+
+
+@pytest.mark.parametrize("n, skip", [(10, []), (10, [0]), (10, [9]), (10, [0, 1, 2]), (50, [3, 4, 17, 30, 49])])
+def test_training_rows_are_every_row_but_the_validation_ones(n, skip):
+    from app.data.cache import TrainRows
+
+    rows = TrainRows(n, skip)
+    assert [rows[i] for i in range(len(rows))] == [i for i in range(n) if i not in skip]
+    with pytest.raises(IndexError):
+        rows[len(rows)]
 
 
 def test_second_open_is_a_hit_and_a_changed_file_or_tokenizer_rebuilds(data, tmp_path, glm_tok, qwen2_tok,

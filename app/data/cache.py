@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from app.data.cache_build import DTYPES, FILES, VERSION, build
 from app.data.encode import IGNORE, EncodeStats, _truncate
@@ -31,6 +31,7 @@ from app.data.sources import fingerprint
 log = logging.getLogger(__name__)
 
 CACHED_SUFFIXES = (".jsonl", ".txt")
+CHUNK = 1 << 20  # rows per step over the per-row arrays
 
 
 def uses_cache(data_path: str, max_samples: int | None) -> bool:
@@ -67,10 +68,17 @@ class TokenCache:
 
         self.arrays = {f: np.memmap(self.path / f, dtype=DTYPES[f], mode="r") if (self.path / f).stat().st_size
                        else np.zeros(0, dtype=DTYPES[f]) for f in FILES}
-        self.lengths = np.diff(self.arrays["offsets"])
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.arrays["offsets"]) - 1
+
+    def _chunks(self) -> Iterator[tuple[int, Any, Any]]:
+        """(first row, lengths, answer starts) of CHUNK rows at a time: per-row arrays are never whole in RAM."""
+        import numpy as np
+
+        for start in range(0, len(self), CHUNK):
+            stop = min(len(self), start + CHUNK)
+            yield start, np.diff(self.arrays["offsets"][start:stop + 1]), self.arrays["plen"][start:stop]
 
     def row(self, i: int, max_seq_len: int) -> dict[str, list[int]]:
         a, b = int(self.arrays["offsets"][i]), int(self.arrays["offsets"][i + 1])
@@ -86,34 +94,46 @@ class TokenCache:
         report.reasons.update(r["reasons"])
         return report
 
-    def split(self, seed: int, val_size: float, has_val_file: bool) -> tuple[Any, Any]:
-        """(train row indices, validation row indices): VAL_SIZE of the rows (at most 200) by SEED's keys,
-        as app/data/records.split holds them out; none with a VAL_PATH or under 10 rows."""
+    def split(self, seed: int, val_size: float, has_val_file: bool) -> tuple["TrainRows", Any]:
+        """(training rows, validation row indices): VAL_SIZE of the rows (at most 200), those with the smallest of
+        SEED's random keys, as app/data/records.split holds them out; none with a VAL_PATH or under 10 rows.
+        The keys are drawn a chunk at a time, keeping only the smallest: memory does not grow with the rows."""
         import numpy as np
 
         n = len(self)
         if has_val_file or val_size <= 0 or n < 10:
-            return np.arange(n), np.zeros(0, dtype=np.int64)
+            return TrainRows(n, np.zeros(0, dtype=np.int64)), np.zeros(0, dtype=np.int64)
         n_val = min(200, max(1, round(n * val_size)))
-        keys = np.random.default_rng(seed).random(n)
-        val = np.argpartition(keys, n_val - 1)[:n_val]
-        val = val[np.argsort(keys[val], kind="stable")]
-        train = np.ones(n, dtype=bool)
-        train[val] = False
-        return np.flatnonzero(train), val
+        rng, keys, rows = np.random.default_rng(seed), np.zeros(0), np.zeros(0, dtype=np.int64)
+        for start in range(0, n, CHUNK):
+            k = rng.random(min(CHUNK, n - start))
+            keys = np.concatenate([keys, k])
+            rows = np.concatenate([rows, np.arange(start, start + len(k))])
+            if len(keys) > n_val:
+                keep = np.argpartition(keys, n_val - 1)[:n_val]
+                keys, rows = keys[keep], rows[keep]
+        val = rows[np.argsort(keys, kind="stable")]
+        return TrainRows(n, np.sort(val)), val
 
-    def stats(self, rows: Any, max_seq_len: int) -> EncodeStats:
-        """What encode_all would report for these rows at MAX_SEQ_LEN, from the stored lengths (no tokens read);
-        ``lengths`` is a sample of at most 20k rows, for MAX_SEQ_LEN=auto."""
+    def stats(self, max_seq_len: int, exclude: Any = ()) -> EncodeStats:
+        """What encode_all would report for every row but ``exclude`` (the validation rows) at MAX_SEQ_LEN, from
+        the stored lengths, no tokens read; ``lengths`` is a sample of 20k rows at most, for MAX_SEQ_LEN=auto."""
         import numpy as np
 
-        lengths, plen = self.lengths[rows], self.arrays["plen"][rows]
-        over = lengths > max_seq_len
-        answer_cut = over & ((lengths - plen) + np.minimum(plen, 16) > max_seq_len)
-        pick = rows if len(rows) <= 20_000 else np.random.default_rng(0).choice(rows, 20_000, replace=False)
-        return EncodeStats(int(len(rows)), int(np.minimum(lengths, max_seq_len).sum()),
-                           int((over & ~answer_cut).sum()), int(answer_cut.sum()),
-                           self.lengths[pick].tolist())
+        def counts(lengths: Any, plen: Any) -> np.ndarray:
+            over = lengths > max_seq_len
+            cut = over & ((lengths - plen) + np.minimum(plen, 16) > max_seq_len)
+            return np.array([len(lengths), np.minimum(lengths, max_seq_len).sum(), (over & ~cut).sum(), cut.sum()])
+
+        total = sum((counts(lengths, plen) for _, lengths, plen in self._chunks()), np.zeros(4, dtype=np.int64))
+        skip = np.sort(np.asarray(exclude, dtype=np.int64))
+        offsets = self.arrays["offsets"]
+        if len(skip):  # the validation rows' share, taken back out
+            total -= counts(offsets[skip + 1] - offsets[skip], self.arrays["plen"][skip])
+        rows = TrainRows(len(self), skip)
+        pick = range(len(rows)) if len(rows) <= 20_000 else np.random.default_rng(0).integers(0, len(rows), 20_000)
+        sample = [int(offsets[rows[i] + 1] - offsets[rows[i]]) for i in pick]
+        return EncodeStats(*map(int, total), sample)
 
     def example(self, data_path: str, i: int) -> Any:
         """Row ``i``'s record, read again from the data file at its byte offset (validation needs the messages)."""
@@ -146,6 +166,26 @@ def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_
     cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
     log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}", f"{cache.meta['tokens']:,}")
     return cache
+
+
+class TrainRows:
+    """Row indices 0..n-1 without the sorted validation rows ``skip`` (a few hundred at most), computed per index
+    instead of stored: a 20 GB file's 30M rows would otherwise be a 240 MB index."""
+
+    def __init__(self, n: int, skip: Any):
+        import numpy as np
+
+        self.n, self.before = n, np.asarray(skip, dtype=np.int64) - np.arange(len(skip))  # training rows before each
+
+    def __len__(self) -> int:
+        return self.n - len(self.before)
+
+    def __getitem__(self, i: int) -> int:
+        import numpy as np
+
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i + int(np.searchsorted(self.before, i, side="right"))
 
 
 class CachedRows:

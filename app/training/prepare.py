@@ -93,12 +93,12 @@ class _Cached:
         self.cache = open_or_build(d.data_path, d.data_format, tokenizer, d.cache_dir, d.num_proc)
         self.report = self.cache.report()
         judge(self.report, "DATA_PATH", d.max_bad_ratio, True)
-        self.train_idx, val_idx = self.cache.split(seed, d.val_size, bool(d.val_path))
-        self.val_ex = [self.cache.example(d.data_path, int(i)) for i in val_idx]
+        self.train_idx, self.val_idx = self.cache.split(seed, d.val_size, bool(d.val_path))
+        self.val_ex = [self.cache.example(d.data_path, int(i)) for i in self.val_idx]
         self.n_train, self.n_val = len(self.train_idx), len(self.val_ex)
 
     def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
-        return CachedRows(self.cache, self.train_idx, max_seq_len), self.cache.stats(self.train_idx, max_seq_len)
+        return CachedRows(self.cache, self.train_idx, max_seq_len), self.cache.stats(max_seq_len, self.val_idx)
 
 
 class _Preview(_Sampled):

@@ -5,11 +5,7 @@ correct token-weighted loss, warmup + schedules, clipping, checkpoint/resume wit
 and RNG state, and torch.distributed / DeepSpeed launch, all of which later issues rely on.
 What it lacks for this tool lives in app/training/callbacks.py.
 
-Notebook use::
-
-    from app import Config, FineTuner
-    ft = FineTuner(Config.from_dict({"MODEL_NAME": "tiny", "MAX_SAMPLES": 50}))
-    ft.setup(); ft.prepare_data(); result = ft.train()
+Notebook use: ``FineTuner(Config.from_dict({"MODEL_NAME": "tiny", "MAX_SAMPLES": 50})).run()``.
 """
 from __future__ import annotations
 
@@ -257,6 +253,8 @@ class FineTuner:
         """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""
         import torch
 
+        from app.training.trainer import build_trainer
+
         guard, resume = self.guard, self.resume_from
         while True:
             resumed: list[dict[str, Any]] = []
@@ -264,7 +262,9 @@ class FineTuner:
                 log.info("resuming from %s (optimizer, scheduler, RNG and data position; delete %s to start "
                          "over)", resume, ckpt_dir)
                 resumed = truncate_metrics(out / METRICS, checkpoint_step(resume))
-            trainer = self._trainer(out, ckpt_dir, guard, sampler, extra, resumed)
+            trainer = build_trainer(self, out, ckpt_dir, self._ds_args or self._training_args(ckpt_dir), guard,
+                                    [*extra, dist.rank_sync(guard, self.stop)], sampler, resumed)
+            self._ds_args = None  # used once: a back-off builds fresh arguments
             try:
                 out_state = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 if (self.stop.requested or not guard.tripped.is_set()
@@ -286,15 +286,6 @@ class FineTuner:
             raise UserError(f"memory: usage reached {guard.trip_usage_mb:,.0f} MB of the {guard.limit_mb:,.0f} MB "
                             f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
                             "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume")
-
-    def _trainer(self, out: Path, ckpt_dir: Path, guard: Any, sampler: Any, extra: list[Any],
-                 resumed: list[dict[str, Any]] | None = None) -> Any:
-        from app.training.trainer import build_trainer
-
-        trainer = build_trainer(self, out, ckpt_dir, self._ds_args or self._training_args(ckpt_dir), guard,
-                                [*extra, dist.rank_sync(guard, self.stop)], sampler, resumed)
-        self._ds_args = None  # used once: a back-off builds fresh arguments
-        return trainer
 
     def _training_args(self, ckpt_dir: Path) -> Any:
         import torch
