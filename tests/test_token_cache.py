@@ -180,3 +180,38 @@ def test_info_builds_no_cache_and_says_what_building_it_costs(tiny_glm_dir, data
     open_or_build(str(data), "auto", AutoTokenizer.from_pretrained(tiny_glm_dir), str(tmp_path / "c"), 1)
     after = run_app(args)
     assert after.returncode == 0 and "first tokenizes" not in after.stdout, after.stderr
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 257, 5000])
+def test_lazy_shuffle_is_a_permutation_per_epoch_and_seed(n):
+    from app.training.trainer import LazyShuffle
+
+    s = LazyShuffle(n, seed=0)
+    first = list(s)
+    assert sorted(first) == list(range(n)) and len(s) == n and list(s) == first  # reproducible
+    s.set_epoch(1)
+    second = list(s)
+    assert sorted(second) == list(range(n))
+    if n >= 10:
+        assert second != first and first != list(range(n)) and list(LazyShuffle(n, seed=1)) != first
+
+
+def test_training_from_the_cache_shuffles_lazily(tiny_glm_dir, data, tmp_path, monkeypatch):
+    """The Trainer's RandomSampler would list a permutation of every row as Python ints (~1 GB at 30M rows)."""
+    from transformers import TrainerCallback
+
+    from app import Config, FineTuner
+    from app.training.trainer import LazyShuffle
+
+    seen = []
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kw):
+            seen.append(train_dataloader.batch_sampler.sampler)
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data), "TIER": "none",
+                            "MAX_SEQ_LEN": 64, "OUTPUT_DIR": "o", "QUANT_LEVEL": "none", "MAX_STEPS": 2,
+                            "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_STEPS": 1000, "SAVE_STEPS": 1000})
+    result = FineTuner(cfg).setup().prepare_data().train(callbacks=[Spy()])
+    assert result.steps == 2 and len(seen) == 1 and isinstance(seen[0], LazyShuffle), seen

@@ -1,9 +1,9 @@
-"""The token cache: a MAX_SAMPLES=all run's .jsonl/.txt data, tokenized once into memory-mapped files.
+"""The token cache: a MAX_SAMPLES=all run's .jsonl/.txt data, tokenized once into flat files.
 
 Why: tokenizing is ~1-3 MB/s per core, so a 20 GB file takes hours, and its rows as Python lists
 take several times its size in RAM. Built once (NUM_PROC worker processes), a second run on the
-same data starts in seconds, and training reads rows from the page cache: RSS stays flat as the
-file grows.
+same data starts in seconds, and training reads rows with pread (into the page cache, not this
+process's memory): RSS stays flat as the file grows.
 
 One folder per data file version and tokenizer, under CACHE_DIR/tokens/<key>: the key is the
 file's fingerprint (size, a hash of its start, middle and end, and mtime), the tokenizer's
@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,7 +32,7 @@ from app.data.sources import fingerprint
 log = logging.getLogger(__name__)
 
 CACHED_SUFFIXES = (".jsonl", ".txt")
-CHUNK = 1 << 20  # rows per step over the per-row arrays
+CHUNK = 1 << 18  # rows per step over the per-row arrays (~10 MB of transient arrays)
 
 
 def uses_cache(data_path: str, max_samples: int | None) -> bool:
@@ -64,10 +65,7 @@ class TokenCache:
     meta: dict[str, Any]
 
     def __post_init__(self) -> None:
-        import numpy as np
-
-        self.arrays = {f: np.memmap(self.path / f, dtype=DTYPES[f], mode="r") if (self.path / f).stat().st_size
-                       else np.zeros(0, dtype=DTYPES[f]) for f in FILES}
+        self.arrays = {f: Flat(self.path / f, DTYPES[f]) for f in FILES}
 
     def __len__(self) -> int:
         return len(self.arrays["offsets"]) - 1
@@ -166,6 +164,47 @@ def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_
     cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
     log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}", f"{cache.meta['tokens']:,}")
     return cache
+
+
+class Flat:
+    """One flat array file, read with pread. Its pages go to the page cache and never count as this process's RSS:
+    a memmap's touched pages do, so a long run over a large cache would look to the memory guard like a leak of
+    the cache's size."""
+
+    def __init__(self, path: Path, dtype: str):
+        import numpy as np
+
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY)
+        self.n = os.fstat(self.fd).st_size // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: Any) -> Any:
+        import numpy as np
+
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.n)
+            size = self.dtype.itemsize
+            return np.frombuffer(os.pread(self.fd, max(0, stop - start) * size, start * size), self.dtype)
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.n if key < 0 else 0)
+            if not 0 <= i < self.n:
+                raise IndexError(key)
+            return self[i:i + 1][0]
+        return np.array([self[int(k)] for k in np.asarray(key).ravel()], dtype=self.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker or another rank opens its own descriptor
+        return {"path": self.path, "dtype": str(self.dtype)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["dtype"])
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class TrainRows:
