@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from app.core.errors import UserError
 from app.data.encode import IGNORE, encode
-from app.data.records import LoadReport, detect_format, to_example
+from app.data.records import LoadReport, examples_of
 from app.data.sources import iter_lines
 
 log = logging.getLogger(__name__)
@@ -105,23 +105,10 @@ def _keep(starts: list[int], rows: list[Any]) -> tuple[list[int], list[Any]]:
 
 def _chunks(data_path: str, fmt: str, report: LoadReport, setting: str,
             progress: bool = True) -> Iterator[tuple[list[int], list[Any]]]:
-    first_fmt = None if fmt == "auto" else fmt
     starts: list[int] = []
     examples: list[Any] = []
-    for line, rec, start in iter_lines(data_path, setting, progress):
-        report.total += 1
-        if first_fmt is None and isinstance(rec, dict):
-            first_fmt = detect_format(rec)
-            if first_fmt is None:
-                raise UserError(f"{setting}={data_path}: line {line}: cannot tell the record format from fields "
-                                f"{sorted(rec)[:6]}; use context/target, instruction/output, text, messages or "
-                                "conversations, or set DATA_FORMAT")
-            report.format = first_fmt
-        try:
-            examples.append(to_example(rec, first_fmt or fmt, line))
-        except ValueError as e:
-            report.skip(line, str(e))
-            continue
+    for ex, (start,) in examples_of(iter_lines(data_path, setting, progress), fmt, data_path, setting, report):
+        examples.append(ex)
         starts.append(start)
         if len(examples) == _CHUNK:
             yield starts, examples

@@ -211,10 +211,20 @@ def split(pool: list[Example], val_size: float, has_val_file: bool) -> tuple[lis
 
 def _scan(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str,
           keep: Callable[[Example], None]) -> LoadReport:
-    report, first_fmt = LoadReport(source, fmt), None
-    for line, rec in raw:
+    report = LoadReport(source, fmt)
+    for ex, _ in examples_of(raw, fmt, source, setting, report):
+        keep(ex)
+    return report
+
+
+def examples_of(raw: Iterator[tuple[Any, ...]], fmt: str, source: str, setting: str,
+                report: LoadReport) -> Iterator[tuple[Example, tuple[Any, ...]]]:
+    """Each valid record of ``raw`` ((line, record, *extra) tuples) as (Example, extra), the format detected from
+    the first record when ``fmt`` is auto; bad records are counted in ``report``."""
+    first_fmt = None if fmt == "auto" else fmt
+    for line, rec, *extra in raw:
         report.total += 1
-        if fmt == "auto" and first_fmt is None and isinstance(rec, dict):
+        if first_fmt is None and isinstance(rec, dict):
             first_fmt = detect_format(rec)
             if first_fmt is None:
                 raise UserError(f"{setting}={source}: line {line}: cannot tell the record format from fields "
@@ -222,10 +232,9 @@ def _scan(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str,
                                 "messages or conversations, or set DATA_FORMAT")
             report.format = first_fmt
         try:
-            keep(to_example(rec, (first_fmt or fmt) if fmt == "auto" else fmt, line))
+            yield to_example(rec, first_fmt or fmt, line), tuple(extra)
         except ValueError as e:
             report.skip(line, str(e))
-    return report
 
 
 def judge(report: LoadReport, setting: str, max_bad_ratio: float | None, warn: bool) -> None:
