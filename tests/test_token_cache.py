@@ -124,6 +124,25 @@ def test_a_killed_build_is_never_trusted_and_the_next_run_rebuilds(tmp_path, tin
     assert len(cache) == 3000 and not list((root / "tokens").glob(".*.partial-*"))  # debris removed
 
 
+def test_a_second_run_waits_for_a_build_in_progress_and_leaves_it_alone(tmp_path, tiny_glm_dir, glm_tok,
+                                                                         child_env, caplog):
+    """Two runs on the same data (two OUTPUT_DIRs, host and container): the second must not take the first's
+    temporary folder for a killed build's and delete it under it."""
+    data = write_jsonl(tmp_path / "big.jsonl", 3000)
+    root = tmp_path / "c"
+    first = subprocess.Popen([sys.executable, "-c", BUILD, str(tiny_glm_dir), str(data), str(root)],
+                             env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a hang guard only
+    while not list((root / "tokens").glob(".*.partial-*/ids")):
+        assert first.poll() is None and time.monotonic() < deadline, "the first build ended before the second began"
+        time.sleep(0.01)
+    with caplog.at_level(logging.INFO, logger="app.data.cache"):
+        second = open_or_build(str(data), "auto", glm_tok, str(root), 1)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    assert "waiting for another process that is building the token cache" in caplog.text
+    assert "token cache hit" in caplog.text and len(second) == 3000
+
+
 def test_parallel_workers_build_the_same_cache(tmp_path, glm_tok, monkeypatch):
     data = write_jsonl(tmp_path / "train.jsonl", 2000, long_every=5)
     monkeypatch.setattr(cache_build, "_PARALLEL_MB", 0)

@@ -169,3 +169,14 @@ def test_make_train_and_compose_write_no_sample_data_themselves():
         assert f"-m app {target}" in proc.stdout and "generate-data" not in proc.stdout, proc.stdout
     compose = (REPO / "docker-compose.yml").read_text(encoding="utf-8")
     assert "generate-data" not in compose
+
+
+def test_clean_removes_the_token_cache_and_nothing_else_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cache = Path("models/.cache/tokens/0123456789abcdef01234567")
+    cache.mkdir(parents=True)
+    (cache / "ids").write_bytes(b"\0" * 8)
+    note = Path("models/.cache/notes.txt")  # not the tool's
+    note.write_text("mine", encoding="utf-8")
+    clean(Path("."))
+    assert not Path("models/.cache/tokens").exists() and note.read_text(encoding="utf-8") == "mine"

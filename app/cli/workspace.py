@@ -29,7 +29,7 @@ SAMPLE_TRAIN, SAMPLE_DEV = 400, 50
 # Regenerable models the tool builds under models/ (app.models.tiny.tiny_dir names; demo-glm is make demo's
 # random-init base). Listed, not globbed, so a user's models/tiny-whatever is never taken for one.
 TINY_MODELS = ("tiny-glm", "tiny-qwen2", "tiny-qwen3", "tiny-llama", "tiny-gemma3", "demo-glm")
-CACHES = (".pytest_cache", "models/.cache")
+CACHES = (".pytest_cache", "models/.cache/tokens")  # the token cache at its default CACHE_DIR
 # What makes a dir a trained run (remove-run refuses anything else).
 RUN_MARKS = ("train_config.json", "summary.json", "checkpoints", "adapter_config.json")
 

@@ -64,7 +64,7 @@ class DataArgs:
     max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
     max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
     cache_dir: str = _f("models/.cache", "Token cache of MAX_SAMPLES=all .jsonl/.txt data, built once per file "
-                                         "version and tokenizer (`make clean` removes models/.cache)")
+                                         "version and tokenizer (`make clean` removes models/.cache/tokens)")
     num_proc: int = _f(0, "Worker processes that build the token cache; 0 = one per CPU")
     replace_data: bool = _f(False, "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
                                    "with sample data (without it, only missing files, or sample data this tool wrote "

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -143,27 +144,67 @@ class TokenCache:
         return to_example(rec, self.meta["report"]["format"], 0)
 
 
-def find_cache(data_path: str, fmt: str, tokenizer: Any, cache_dir: str) -> TokenCache | None:
-    """The complete cache of this file version and tokenizer, or None."""
-    final = Path(cache_dir) / "tokens" / cache_key(data_path, fmt, tokenizer)
+def cache_path(data_path: str, fmt: str, tokenizer: Any, cache_dir: str) -> Path:
+    """Where this file version's cache for this tokenizer lives (the key hashes the tokenizer: ask once)."""
+    return Path(cache_dir) / "tokens" / cache_key(data_path, fmt, tokenizer)
+
+
+def find_cache(final: Path) -> TokenCache | None:
+    """The complete cache at ``final``, or None."""
     if not (final / "meta.json").is_file():
         return None
     return TokenCache(final, json.loads((final / "meta.json").read_text()))
 
 
 def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_proc: int,
-                  setting: str = "DATA_PATH") -> TokenCache:
-    """The cache for this file and tokenizer: found (a hit, logged) or built now."""
-    cache = find_cache(data_path, fmt, tokenizer, cache_dir)
-    if cache is not None:
-        log.info("token cache hit: %s (%s rows, %s tokens) for %s", cache.path, f"{len(cache):,}",
-                 f"{len(cache.arrays['ids']):,}", data_path)
-        return cache
-    final = Path(cache_dir) / "tokens" / cache_key(data_path, fmt, tokenizer)
-    build(data_path, fmt, tokenizer, final, num_proc, setting)
-    cache = TokenCache(final, json.loads((final / "meta.json").read_text()))
-    log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}", f"{cache.meta['tokens']:,}")
+                  setting: str = "DATA_PATH", final: Path | None = None) -> TokenCache:
+    """The cache for this file and tokenizer: found (a hit, logged) or built now. A build holds a lock on its key,
+    so a second run on the same data (another OUTPUT_DIR, or a container) waits for it instead of clearing its
+    temporary folder as a dead build's, and then finds the cache."""
+    final = final or cache_path(data_path, fmt, tokenizer, cache_dir)
+    cache = find_cache(final)
+    if cache is None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with _key_lock(final):
+            cache = find_cache(final)  # built while this run waited
+            if cache is None:
+                build(data_path, fmt, tokenizer, final, num_proc, setting)
+                cache = find_cache(final)
+                assert cache is not None
+                log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}",
+                         f"{cache.meta['tokens']:,}")
+                return cache
+    log.info("token cache hit: %s (%s rows, %s tokens) for %s", cache.path, f"{len(cache):,}",
+             f"{len(cache.arrays['ids']):,}", data_path)
     return cache
+
+
+@contextmanager
+def _key_lock(final: Path) -> Iterator[None]:
+    """An flock on tokens/.<key>.lock, which its holder deletes before releasing it (nothing is left behind); so
+    a waiter that wakes on a deleted file opens the path again."""
+    import fcntl
+
+    path = final.parent / f".{final.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is building the token cache %s", final)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder deleted it before letting go: lock the path's current file
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 class Flat:

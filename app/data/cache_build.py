@@ -26,11 +26,11 @@ _STORED = 4 + 1  # bytes per token on disk (ids + mask)
 
 
 def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, setting: str) -> None:
-    """Tokenize ``data_path`` into the cache folder ``final``: staged, then renamed whole."""
+    """Tokenize ``data_path`` into the cache folder ``final``: staged, then renamed whole. The caller holds the
+    key's lock, so any temporary folder of this key is a killed build's."""
     import numpy as np
 
     size = Path(data_path).stat().st_size
-    final.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(data_path, fmt, tokenizer, final.parent, size)
     tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
     for stale in final.parent.glob(f".{final.name}.partial-*"):
@@ -61,13 +61,8 @@ def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, 
     meta = {"version": VERSION, "data_path": data_path, "tokens": offset,
             "report": {"source": data_path, "format": report.format, "total": report.total,
                        "bad": report.bad, "bad_count": report.bad_count, "reasons": dict(report.reasons)}}
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # a parallel build of the same data finished first
+    (tmp / "meta.json").write_text(json.dumps(meta))  # last: a folder with it is complete
+    os.replace(tmp, final)
 
 
 def _encoded(data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: LoadReport, setting: str,

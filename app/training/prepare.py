@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.errors import UserError
-from app.data.cache import CachedRows, find_cache, open_or_build, uses_cache
+from app.data.cache import CachedRows, cache_path, find_cache, open_or_build, uses_cache
 from app.data.encode import EncodeStats, encode_all
 from app.data.records import judge, read_examples, sample_examples, split
 from app.plan.estimator import ModelShape
@@ -38,9 +38,12 @@ def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
     """``build_cache``: False for `make info`, which writes nothing: without a token cache yet, the plan is made
     from a sample of the file and a warning says what building the cache will cost."""
     d, seed = plan.cfg.data, plan.cfg.train.seed
-    data: Any = _Sampled(d, seed) if not uses_cache(d.data_path, d.max_samples) else \
-        _Cached(d, seed, tokenizer) if build_cache or find_cache(d.data_path, d.data_format, tokenizer, d.cache_dir) \
-        else _Preview(d, seed, tokenizer)
+    if uses_cache(d.data_path, d.max_samples):
+        final = cache_path(d.data_path, d.data_format, tokenizer, d.cache_dir)
+        data: Any = _Cached(d, seed, tokenizer, final) if build_cache or find_cache(final) else \
+            _Preview(d, seed, tokenizer)
+    else:
+        data = _Sampled(d, seed)
     plan, records = records_used(plan, data.report.valid, data.n_train, data.n_val)
     if isinstance(data, _Preview):
         plan = plan.warn(data.note)
@@ -89,8 +92,8 @@ class _Sampled:
 class _Cached:
     """MAX_SAMPLES=all of a .jsonl/.txt file: rows from the token cache (app/data/cache.py), read on demand."""
 
-    def __init__(self, d: Any, seed: int, tokenizer: Any):
-        self.cache = open_or_build(d.data_path, d.data_format, tokenizer, d.cache_dir, d.num_proc)
+    def __init__(self, d: Any, seed: int, tokenizer: Any, final: Any):
+        self.cache = open_or_build(d.data_path, d.data_format, tokenizer, d.cache_dir, d.num_proc, final=final)
         self.report = self.cache.report()
         judge(self.report, "DATA_PATH", d.max_bad_ratio, True)
         self.train_idx, self.val_idx = self.cache.split(seed, d.val_size, bool(d.val_path))

@@ -93,6 +93,8 @@ class RunTrainer(Trainer):
     # ---- the token cache's rows, any number of them -----------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        # Only the cache's rows: a MAX_SAMPLES sample is in memory anyway, and RandomSampler's order is what its
+        # golden losses and resumes were recorded with.
         if isinstance(dataset, CachedRows):
             return LazyShuffle(len(dataset), self.args.seed)
         return super()._get_train_sampler(train_dataset)
