@@ -68,7 +68,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-onnx clean remove-run distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-scale bench-onnx clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -156,6 +156,9 @@ bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant 
 
 bench-data: setup ## read, sample and cache 1-16 GB JSONL: time, MB/s, peak RSS -> bench/data.md
 	$(PYRUN) -m bench.bench_data
+
+bench-scale: setup ## QLoRA on random 6B/9B GLMs in 8/16 GB memory cgroups (root; ~30 GB disk, ~40 min) -> bench/scale.md
+	$(PYRUN) -m bench.bench_scale
 
 bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, ~100M random models -> bench/onnx.md
 	$(PYRUN) -m bench.bench_onnx

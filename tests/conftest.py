@@ -17,7 +17,6 @@ this file in a throw-away project.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import pytest
@@ -183,31 +182,22 @@ def llama_tok(tiny_llama_dir):
 
 @pytest.fixture
 def memory_cgroup():
-    """make(limit_mb) -> a real child memory cgroup (v1 or v2) with that limit, or None where this
-    process may not create one (not root, no writable cgroupfs); tests then inject MEMORY_LIMIT_MB.
-    A child process joins it by writing its pid to <dir>/cgroup.procs. Removed afterwards."""
+    """make(limit_mb) -> the path of a real child memory cgroup (v1 or v2, app.core.cgroups) with that
+    limit, or None where this process may not create one (not root, no writable cgroupfs); tests then
+    inject MEMORY_LIMIT_MB. A child process joins it by writing its pid to <dir>/cgroup.procs. Removed afterwards."""
+    from app.core import cgroups
+
     made = []
 
     def make(limit_mb):
-        try:
-            lines = Path("/proc/self/cgroup").read_text().splitlines()
-            v1 = next((ln.split(":", 2)[2] for ln in lines if ":memory:" in ln), None)
-            base = Path("/sys/fs/cgroup/memory") if v1 is not None else Path("/sys/fs/cgroup")
-            rel = v1 if v1 is not None else next(ln.split(":", 2)[2] for ln in lines if ln.startswith("0::"))
-            path = base / rel.lstrip("/") / f"cpu-trainer-test-{uuid.uuid4().hex[:8]}"
-            path.mkdir()
-            made.append(path)
-            (path / ("memory.limit_in_bytes" if v1 is not None else "memory.max")).write_text(str(limit_mb * 2**20))
-            return path
-        except (OSError, StopIteration):
-            return None
+        cg = cgroups.create(limit_mb, prefix="cpu-trainer-test")
+        if cg is not None:
+            made.append(cg)
+        return cg and cg.path
 
     yield make
-    for path in made:
-        try:
-            path.rmdir()
-        except OSError:
-            pass
+    for cg in made:
+        cg.remove()
 
 
 # ---- the command line, in this process -----------------------------------------------------------------

@@ -103,3 +103,44 @@ def test_quantized_load_leaves_no_checkpoint_mapped(tiny_llama_dir, level):
     model = load_model(str(tiny_llama_dir), quant=level)
     assert _mapped(ckpt) == (level == "none")
     del model
+
+
+@pytest.mark.parametrize("level", ["4bit", "8bit"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_half_embeddings_stay_bf16_and_train_like_the_fp32_reference(family, level, request):
+    """The 6B-in-8-GB lever (bench/scale.md): a CPU k-bit model loaded in bf16 keeps its embeddings and
+    head in bf16 (peft would upcast them: 2 GB at ChatGLM3-6B's vocabulary), the norms still go to fp32,
+    nothing keeps an fp32 copy, and the LoRA gradients and loss are the fp32-embedding model's."""
+    model_dir = request.getfixturevalue(family)
+    half = prepare_for_training(load_model(str(model_dir), quant=level, bf16=True), level,
+                                gradient_checkpointing=True, half_embeddings=True)
+    upcast = prepare_for_training(load_model(str(model_dir), quant=level, bf16=True), level, gradient_checkpointing=True)
+    emb, head = half.get_input_embeddings().weight, half.get_output_embeddings().weight
+    assert emb.dtype == head.dtype == torch.bfloat16
+    assert upcast.get_input_embeddings().weight.dtype == torch.float32  # what peft alone does
+    norms = [p for n, p in half.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    saved = (emb.numel() + head.numel()) * 2  # bytes: bf16 instead of fp32
+    assert stored_bytes(upcast) - stored_bytes(half) == saved
+
+    ref = load_model(str(model_dir))  # fp32 everywhere, with the quantized model's exact values
+    qmods = dict(half.named_modules())
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if type(qmods.get(name)).__name__ in ("Linear4bit", "Linear8bitLt"):
+                mod.weight.copy_(dequantized_weight(qmods[name]))
+                if mod.bias is not None:
+                    mod.bias.copy_(qmods[name].bias.float())
+        ref.get_input_embeddings().weight.copy_(emb.float())
+        ref.get_output_embeddings().weight.copy_(head.float())
+    half, ref = lora(half), lora(ref)
+    ref.load_state_dict({k: v for k, v in half.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    got, want = lora_grads(half, ids), lora_grads(ref, ids)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name in want:
+        cos = torch.nn.functional.cosine_similarity(got[name].flatten(), want[name].flatten(), dim=0)
+        assert cos >= 0.99, f"{name}: cosine {cos:.4f}"
+    with torch.no_grad():
+        a, b = half(input_ids=ids, labels=ids).loss.item(), ref(input_ids=ids, labels=ids).loss.item()
+    assert abs(a - b) / b < 0.01, (a, b)

@@ -105,17 +105,49 @@ def keep_4bit_trainable(model: Any) -> int:
     return n
 
 
-def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool) -> Any:
-    """peft's k-bit preparation (norms/embeddings in fp32, input grads) plus the CPU fix."""
+def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool, half_embeddings: bool = False) -> Any:
+    """peft's k-bit preparation (norms/embeddings in fp32, input grads) plus the CPU fix.
+
+    ``half_embeddings`` (app.plan.precision.bf16_frozen_weights): the model was loaded in bf16, and
+    the input embeddings and output head stay bf16 instead of peft's fp32 (2-5 GB at a 65k-150k
+    vocabulary). Everything else peft would upcast still is; the embeddings' output is cast to fp32
+    so the residual stream is what it was, and the head takes its input in bf16 (the loss upcasts
+    the logits, as it does for any half-precision head).
+    """
     if level == "none":
         return model
     from peft import prepare_model_for_kbit_training
 
+    held = _hold_embeddings_half(model) if half_embeddings else []
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
+    for param, half in held:  # back to the bf16 storage peft's upcast replaced, without a second copy
+        param.data = half
     keep_4bit_trainable(model)
     return model
+
+
+def _hold_embeddings_half(model: Any) -> list[tuple[Any, Any]]:
+    """Stash the bf16 embedding/head tensors behind 0-element stand-ins while peft upcasts the rest
+    (an upcast then a downcast would briefly need their fp32 size, which is the peak being avoided),
+    and add the dtype casts at their boundaries. Returns (parameter, its bf16 data) to put back."""
+    import torch
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    held, seen = [], set()
+    for module in (emb, head):
+        w = getattr(module, "weight", None)
+        if w is None or w.dtype != torch.bfloat16 or id(w) in seen:
+            continue
+        seen.add(id(w))
+        held.append((w, w.data))
+        w.data = torch.empty(0, dtype=torch.float32)
+    if emb is not None:
+        emb.register_forward_hook(lambda _m, _i, out: out.float())
+    if head is not None:
+        head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+    return held
 
 
 def stored_bytes(model: Any) -> int:

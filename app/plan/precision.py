@@ -66,14 +66,25 @@ def resolve_precision(cfg: Config, cuda: bool) -> str:
 
 
 def bf16_frozen_weights(cfg: Config, precision: str, cuda: bool) -> bool:
-    """Store the frozen base weights in bf16 on a CPU training under bf16 autocast (LoRA, unquantized).
+    """Store the frozen dense weights in bf16 on a CPU with fast bf16 (AVX512-BF16 / AMX).
 
-    Autocast would cast every fp32 weight to bf16 in each forward, and keep the residual stream,
-    norms and LoRA dropout in fp32 between the bf16 matmuls: on the bench model that was ~30%
-    of a step in copies and fp32 elementwise work. The weights are frozen, so nothing is lost by
-    storing them in the dtype they are computed in (GPU LoRA recipes do the same); the LoRA
-    weights, their gradients and AdamW's state stay fp32 (peft upcasts adapters).
-    Full tuning keeps fp32 master weights; P-Tuning's fp32 prefixes would meet bf16 keys.
+    - LoRA, unquantized, under bf16 autocast: autocast would cast every fp32 weight to bf16 in each
+      forward, and keep the residual stream, norms and LoRA dropout in fp32 between the bf16 matmuls:
+      on the bench model that was ~30% of a step in copies and fp32 elementwise work.
+    - 4-bit or 8-bit: the weights left unquantized are the embeddings and the output head, which at a
+      65k-150k vocabulary are 0.5-1.2B parameters: 2-5 GB in fp32, a third of a 6B QLoRA run's peak
+      in 8 GB (bench/scale.md). They stay bf16 (the dtype the 4-bit layers compute in), the norms go
+      to fp32 as peft does, and the residual stream stays fp32 (app.models.quantization.prepare_for_training).
+      LLaMA-Factory leaves them in the load dtype too; peft's own preparation upcasts them.
+    The weights are frozen, so nothing is lost by storing them in the dtype they are computed in
+    (GPU recipes do the same); LoRA weights, their gradients and AdamW's state stay fp32.
+    Full tuning keeps fp32 master weights; P-Tuning's fp32 prefixes would meet bf16 keys unquantized.
     """
-    return (not cuda and precision == "bf16" and cfg.lora.method == "lora"
-            and cfg.resources.quant_level == "none")
+    from app.models.quantization import bf16_supported
+
+    quant = cfg.resources.quant_level
+    if cuda or cfg.lora.method == "full":
+        return False
+    if quant in ("4bit", "8bit"):
+        return bf16_supported(cuda=False)
+    return precision == "bf16" and cfg.lora.method == "lora" and quant == "none"

@@ -28,7 +28,7 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> Any:
     model.config.use_cache = False  # the KV cache only costs memory during training
     if packing_choice(cfg, getattr(model.config, "model_type", None))[0]:
         use_packed_attention(model)  # per-sample causal attention in packed rows (app/training/kernels.py)
-    model = prepare_for_training(model, quant, ckpt)
+    model = prepare_for_training(model, quant, ckpt, half_embeddings=half)
     if ckpt and quant == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -1,0 +1,98 @@
+"""bench/scale.md from bench/scale.json: the table, the targets judged, and what fits where."""
+from __future__ import annotations
+
+import os
+import re
+
+MEMORY_TOLERANCE = 0.15  # the estimator's predicted peak vs the measured one
+TIME_TOLERANCE = 0.30    # the time model's predicted step vs the measured one
+
+
+def _clock_s(text: str) -> float:
+    """tqdm's '04:10' or '1:02:03' in seconds."""
+    parts = [int(p) for p in text.split(":")]
+    return float(sum(p * 60**i for i, p in enumerate(reversed(parts))))
+
+
+def eta_after_first_step(log: str) -> tuple[float, float] | None:
+    """(elapsed, the bar's ETA) at the train bar's step 1 of N, from the train log."""
+    hits = re.findall(r"train:\s+\d+%\S*\s+1/(\d+) \[([\d:]+)<([\d:]+)", log)
+    if not hits:
+        return None
+    _, elapsed, eta = hits[-1]
+    return _clock_s(elapsed), _clock_s(eta)
+
+
+def _pct(pred: float | None, meas: float | None) -> float | None:
+    return None if not pred or not meas else 100 * (pred - meas) / meas
+
+
+def _fmt(v: float | None, spec: str = ",.0f", suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v:{spec}}{suffix}"
+
+
+def derived(r: dict) -> dict:
+    """The numbers the table and the verdicts read, from one case's raw record."""
+    s = r.get("summary") or {}
+    steps = s.get("steps") or 0
+    step_s = s["seconds"] / steps if steps else None
+    plan = s.get("plan") or {}
+    return {"step_s": step_s, "plan": plan, "peak": s.get("peak_rss_mb"), "pred": s.get("predicted_peak_mb"),
+            "pred_step": s.get("predicted_step_s"), "tokens_s": s.get("tokens_per_s"),
+            "mem_err": _pct(s.get("predicted_peak_mb"), s.get("peak_rss_mb")),
+            "time_err": _pct(s.get("predicted_step_s"), step_s),
+            "killed": r["train"]["oom_kills"] + (r.get("predict") or {}).get("oom_kills", 0),
+            "predicted_ok": (r.get("predict") or {}).get("rc") == 0 and bool(r.get("generated"))}
+
+
+def report(rows: list[dict], shapes: dict) -> str:
+    lines = [f"# Scale benchmark: 6B and 9B GLM, (Q)LoRA in real memory cgroups ({os.cpu_count()} cores, no GPU)", "",
+             "`make bench-scale` (python -m bench.bench_scale). Random models in ChatGLM3-6B's shape (hidden 4096, "
+             "28 layers, ffn 13696, 2 KV groups, vocab 65,024) and GLM-4-9B's (40 layers, vocab 151,552), built layer "
+             "by layer into bf16 safetensors shards. Each case is `python -m app train` inside a new memory cgroup "
+             "(cgroup v1 here) of the stated size, as `docker run --memory` makes: the tool detects the limit and the "
+             "tier picks quantization, samples, batch, MAX_SEQ_LEN and checkpointing. Beyond the tier: MAX_STEPS=3, "
+             "GRAD_ACCUM=1 (so 3 optimizer steps are 3 micro-batches; LoRA's accumulation adds no memory, and the "
+             "tier's 8-16 would make them hours here), VAL_SIZE=0. Data: DuIE triplets (../shared/data/duie-mixed). "
+             "Then `predict-custom` reloads the adapter in a fresh cgroup of the same size and answers a prompt.", "",
+             "| case | quant | cgroup | plan: seq / batch / ckpt | predicted peak MB | measured peak RSS MB | error | "
+             "cgroup peak MB | OOM kills | load s | s/step | tokens/s | predicted s/step | error | predict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, p = derived(r), derived(r)["plan"]
+        plan = f"{p.get('MAX_SEQ_LEN', '?')} / {p.get('BATCH_SIZE', '?')} / {p.get('GRADIENT_CHECKPOINTING', '?')}"
+        if r["train"]["rc"] != 0:
+            plan = f"train exit {r['train']['rc']}"
+        lines.append(
+            f"| {r['case']} | {p.get('QUANT_LEVEL', r['method'])} | {r['limit_mb']:,} MB | {plan} | {_fmt(d['pred'])} | "
+            f"{_fmt(d['peak'])} | {_fmt(d['mem_err'], '+.1f', '%')} | {_fmt(r['train'].get('cgroup_peak_mb'))} | "
+            f"{d['killed']} | {_fmt(r.get('load_s'))} | {_fmt(d['step_s'], ',.1f')} | {_fmt(d['tokens_s'], ',.1f')} | "
+            f"{_fmt(d['pred_step'], ',.1f')} | {_fmt(d['time_err'], '+.0f', '%')} | "
+            f"{'exit 0, answered' if d['predicted_ok'] else 'FAILED'} |")
+    lines += ["", "## Targets", ""]
+    for r in rows:
+        d = derived(r)
+        c = r["case"]
+        if r["train"]["rc"] != 0:
+            lines.append(f"- {c}: training exited {r['train']['rc']} -> FAIL")
+        lines.append(f"- {c}: never killed by the kernel ({d['killed']} OOM kills in training and prediction) -> "
+                     f"{'PASS' if d['killed'] == 0 and r['train']['rc'] == 0 else 'FAIL'}")
+        if d["mem_err"] is not None:
+            ok = abs(d["mem_err"]) <= MEMORY_TOLERANCE * 100
+            lines.append(f"- {c}: estimator {d['pred']:,.0f} MB vs measured {d['peak']:,.0f} MB ({d['mem_err']:+.1f}%, "
+                         f"target ±{MEMORY_TOLERANCE:.0%}) -> {'PASS' if ok else 'FAIL'}")
+        if d["time_err"] is not None:
+            ok = abs(d["time_err"]) <= TIME_TOLERANCE * 100
+            lines.append(f"- {c}: time model {d['pred_step']:,.1f} s/step vs measured {d['step_s']:,.1f} "
+                         f"({d['time_err']:+.0f}%, target ±{TIME_TOLERANCE:.0%}) -> {'PASS' if ok else 'FAIL'}")
+        eta = r.get("eta_step1")
+        if eta and d["step_s"]:
+            elapsed, left = eta
+            actual = (r["summary"]["seconds"] - elapsed)
+            err = _pct(left, actual)
+            lines.append(f"- {c}: progress bar after step 1 said {left:.0f} s left; it took {actual:.0f} s "
+                         f"({_fmt(err, '+.0f', '%')}) -> {'PASS' if err is not None and abs(err) <= 30 else 'FAIL'}")
+        lines.append(f"- {c}: the adapter reloads and predicts in {r['limit_mb']:,} MB -> "
+                     f"{'PASS' if d['predicted_ok'] else 'FAIL'}" +
+                     (f" ({r['generated']}, random weights)" if r.get("generated") else ""))
+    return "\n".join(lines) + "\n"
