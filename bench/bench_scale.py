@@ -96,12 +96,13 @@ def run_case(case: Case, data: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a resumed run would not show the load peak
     out.mkdir(parents=True)
     log.info("%s: training %d steps in a %d MB cgroup", case.name, STEPS, case.limit_mb)
+    load_before = os.getloadavg()[0]  # s/step means little if other jobs share the cores
     train = in_cgroup(case.limit_mb, ["train", f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out / 'run'}",
                                       f"METHOD={case.method}", f"MAX_STEPS={STEPS}", "GRAD_ACCUM=1", "VAL_SIZE=0",
                                       "LOGGING_STEPS=1", "SEED=0"], out / "train.log")
     text = (out / "train.log").read_text(errors="replace")
     row = {"case": case.name, "model": case.model, "limit_mb": case.limit_mb, "method": case.method,
-           "train": train, "load_s": load_seconds(text),
+           "train": train, "load_s": load_seconds(text), "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
            "plan_line": next((ln[9:] for ln in text.splitlines() if "plan: QUANT_LEVEL" in ln), None),
            "params": int(m.group(1).replace(",", "")) if (m := re.search(r"of ([\d,]+) parameters", text)) else None,
            "eta_step1": eta_after_first_step(text),

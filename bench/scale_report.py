@@ -16,7 +16,7 @@ def _clock_s(text: str) -> float:
 
 def eta_after_first_step(log: str) -> tuple[float, float] | None:
     """(elapsed, the bar's ETA) at the train bar's step 1 of N, from the train log."""
-    hits = re.findall(r"train:\s+\d+%\S*\s+1/(\d+) \[([\d:]+)<([\d:]+)", log)
+    hits = re.findall(r"train:\s+\d+%\|[^|]*\|\s+1/(\d+) \[([\d:]+)<([\d:]+)", log)
     if not hits:
         return None
     _, elapsed, eta = hits[-1]
@@ -45,6 +45,29 @@ def derived(r: dict) -> dict:
             "predicted_ok": (r.get("predict") or {}).get("rc") == 0 and bool(r.get("generated"))}
 
 
+def levers(rows: list[dict]) -> list[str]:
+    """The 'before' row (the same case at the commit before a lever) against the case itself."""
+    out = []
+    for ref in (r for r in rows if r.get("reference")):
+        case = next((r for r in rows if r["case"] == ref["case"].removesuffix("-before")), None)
+        if not case or not case.get("summary"):
+            continue
+        b, a = derived(ref), derived(case)
+        out += ["", "## Levers", "",
+                f"- **bf16 embeddings and head**, the one lever used. `{ref['case']}` is {ref['reference']}. "
+                f"Peak RSS {b['peak']:,.0f} → {a['peak']:,.0f} MB ({a['peak'] - b['peak']:+,.0f}); predicted "
+                f"{b['pred']:,.0f} → {a['pred']:,.0f} MB. Before, the run at the data's length was not killed in the "
+                "8,000 MB cgroup, but its prediction was over the tool's safety budget (85% of what is available, "
+                "~6,540 MB), so the plan cut MAX_SEQ_LEN to 64 and 98 of 180 answers with it; after, it keeps 336. "
+                f"Load {_fmt(ref.get('load_s'))} → {_fmt(case.get('load_s'))} s (no fp32 conversion), "
+                f"{_fmt(b['step_s'], ',.1f')} → {_fmt(a['step_s'], ',.1f')} s/step.",
+                "- Not needed at these sizes: a chunked loss (a 336-token micro-batch's logits are 44 MB in bf16, 87 MB in the loss's fp32 copy), "
+                "shard-by-shard loading (transformers already loads and quantizes one tensor at a time, read with "
+                "pread: app/models/quantization.py read_without_mmap), CPU offload of activations (checkpointing "
+                "leaves ~170 MB of them)."]
+    return out
+
+
 def report(rows: list[dict], shapes: dict) -> str:
     lines = [f"# Scale benchmark: 6B and 9B GLM, (Q)LoRA in real memory cgroups ({os.cpu_count()} cores, no GPU)", "",
              "`make bench-scale` (python -m bench.bench_scale). Random models in ChatGLM3-6B's shape (hidden 4096, "
@@ -54,7 +77,13 @@ def report(rows: list[dict], shapes: dict) -> str:
              "tier picks quantization, samples, batch, MAX_SEQ_LEN and checkpointing. Beyond the tier: MAX_STEPS=3, "
              "GRAD_ACCUM=1 (so 3 optimizer steps are 3 micro-batches; LoRA's accumulation adds no memory, and the "
              "tier's 8-16 would make them hours here), VAL_SIZE=0. Data: DuIE triplets (../shared/data/duie-mixed). "
-             "Then `predict-custom` reloads the adapter in a fresh cgroup of the same size and answers a prompt.", "",
+             "Then `predict-custom` reloads the adapter in a fresh cgroup of the same size and answers a prompt. "
+             "Measured peak RSS is the train process's high-water mark (VmHWM); the cgroup's peak also counts "
+             "the page cache of the shards read, which the kernel reclaims before it would kill.", "",
+             *([("Load average on the cores before / after each training: " + ", ".join(
+                 f"{r['case']} {r['load_avg'][0]:.1f} / {r['load_avg'][1]:.1f}" for r in rows if r.get("load_avg"))
+                + " (above the core count, other jobs shared them and s/step is overstated)."), ""]
+               if any(r.get("load_avg") for r in rows) else []),
              "| case | quant | cgroup | plan: seq / batch / ckpt | predicted peak MB | measured peak RSS MB | error | "
              "cgroup peak MB | OOM kills | load s | s/step | tokens/s | predicted s/step | error | predict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -68,9 +97,12 @@ def report(rows: list[dict], shapes: dict) -> str:
             f"{_fmt(d['peak'])} | {_fmt(d['mem_err'], '+.1f', '%')} | {_fmt(r['train'].get('cgroup_peak_mb'))} | "
             f"{d['killed']} | {_fmt(r.get('load_s'))} | {_fmt(d['step_s'], ',.1f')} | {_fmt(d['tokens_s'], ',.1f')} | "
             f"{_fmt(d['pred_step'], ',.1f')} | {_fmt(d['time_err'], '+.0f', '%')} | "
-            f"{'exit 0, answered' if d['predicted_ok'] else 'FAILED'} |")
+            f"{'not run' if r.get('reference') else 'exit 0, answered' if d['predicted_ok'] else 'FAILED'} |")
+    lines += levers(rows)
     lines += ["", "## Targets", ""]
     for r in rows:
+        if r.get("reference"):
+            continue
         d = derived(r)
         c = r["case"]
         if r["train"]["rc"] != 0:
