@@ -25,6 +25,7 @@ from app.plan.precision import resolve_precision
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources
 from app.plan.tiers import Plan, apply_tier, halve_batch
+from app.plan.timing import StepTime, add_to_summary, expected_time
 from app.training import dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
 from app.training.outputs import METRICS, TrainResult, mean_logged_loss, publish, truncate_metrics, write_error
@@ -60,6 +61,7 @@ class FineTuner:
         self._discard = False  # OVERWRITE=1 over an unfinished run of other settings: its checkpoints go
         self._data_fp: dict[str, Any] = {}  # the data's fingerprints at the start, recorded in each checkpoint
         self._ds_args: Any = None  # TrainingArguments made before loading, for DeepSpeed ZeRO-3
+        self.timing: StepTime | None = None  # the expected time per step and run, logged when train() starts
 
     @property
     def cfg(self) -> Config:
@@ -151,6 +153,9 @@ class FineTuner:
         """The run, step by step. Only rank 0 writes outputs (a plain single process is rank 0)."""
         check_output_dir(self.cfg)  # writable, and no finished run replaced unasked: before loading weights
         self._data_fp = data_fingerprints(self.cfg)
+        self.timing = expected_time(self.cfg, self.shape, self.model_path, self.train_rows, self.plan.device == "cuda",
+                                    dist.world_size())
+        log.info("%s", self.timing.line())
         if self.model is None:
             self.load_model()
         previous = finished_run(out) if out.is_dir() else None  # named in a failed write's line
@@ -233,6 +238,8 @@ class FineTuner:
                  previous: Path | None) -> None:
         try:
             publish(self, out, out / CHECKPOINTS, result, peaks, weights)
+            add_to_summary(out / "summary.json", self.timing, result,
+                           checkpoint_step(self.resume_from) if self.resume_from else 0)
         except OSError as e:
             raise write_error(e, out, "saving the final adapter", previous) from None
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # finished: the adapter supersedes them

@@ -1,0 +1,214 @@
+"""Predict how long training takes, before any weight is loaded: per optimizer step and for the run.
+
+A FLOPs model of one micro-batch (``micro_batch_flops``: the blocks' projections, attention, the LM head,
+LoRA; backward and gradient checkpointing from the method), each kind divided by the rate this machine
+showed a moment before in the run's own compute setting (app/plan/probes.py: a 4-bit / 8-bit layer's
+dequantization included), plus one block's elementwise work per token and layer (norms, activation,
+residual adds, dropout) and the optimizer's step, both measured too. An estimate of the training loop
+only: loading, the token cache, evaluation and checkpoint saves come on top.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from app.config import Config
+from app.plan.estimator import ModelShape
+from app.plan.precision import bf16_frozen_weights, resolve_precision
+from app.plan.probes import probe_attention, probe_glue, probe_linear, probe_lora, probe_optimizer
+
+LENGTH_SAMPLE = 2000  # rows read for the lengths of a micro-batch
+
+
+@dataclass(frozen=True)
+class Flops:
+    """One micro-batch's forward FLOPs by kind; backward and the checkpointing recompute follow from the method."""
+    linear: float       # the blocks' projections: 2 x linear_params x tokens
+    attention: float    # scores and weighted values: 4 x layers x batch x seq^2 x hidden
+    head: float         # the LM head: 2 x hidden x vocab x (tokens whose logits are computed)
+    adapter: float      # LoRA's A and B: 2 x r x lora_io x tokens (its time is probe_lora's, not its FLOPs')
+    full: bool          # METHOD=full: weight gradients for the projections and the head too
+    checkpointing: bool  # the blocks' forward runs again in backward
+
+    @property
+    def forward(self) -> float:
+        return self.linear + self.attention + self.head + self.adapter
+
+    @property
+    def backward(self) -> float:
+        """Input gradients (1x a matmul's forward, 2x for attention's two products) and the trainable weights'
+        gradients (1x more): frozen projections need only the former, LoRA's and full tuning's both."""
+        weights = 2 if self.full else 1
+        return weights * (self.linear + self.head) + 2 * self.attention + 2 * self.adapter
+
+    @property
+    def recompute(self) -> float:
+        return self.forward - self.head if self.checkpointing else 0.0
+
+    def by_kind(self) -> dict[str, float]:
+        """Forward + backward + recompute FLOPs of each kind (each runs at its own measured rate)."""
+        w, c = (2 if self.full else 1), (1 if self.checkpointing else 0)
+        return {"linear": self.linear * (1 + w + c), "attention": self.attention * (3 + c),
+                "head": self.head * (1 + w), "adapter": self.adapter * (3 + c)}
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute
+
+
+def micro_batch_flops(shape: ModelShape, batch: int, seq: float, method: str = "lora", grad_ckpt: bool = False,
+                      lora_r: int = 0, head_share: float = 1.0) -> Flops:
+    """``seq``: tokens per sample; ``head_share``: the share of tokens whose logits are computed."""
+    tokens = batch * seq
+    adapter = 2 * lora_r * shape.lora_io * tokens if method in ("lora", "qlora") else 0.0
+    return Flops(linear=2 * shape.linear_params * tokens, attention=4 * shape.layers * batch * seq**2 * shape.hidden,
+                 head=2 * shape.hidden * shape.vocab * tokens * head_share, adapter=adapter,
+                 full=method == "full", checkpointing=grad_ckpt)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """The estimate: seconds per micro-batch, per optimizer step (x GRAD_ACCUM, plus the optimizer) and for the
+    run's ``steps``; ``gflops``: the projection probe's rate, in ``setting`` (compute dtype and quant level)."""
+    micro_batch_s: float
+    step_s: float
+    total_s: float
+    steps: int
+    gflops: float
+    setting: str
+
+    def line(self) -> str:
+        return (f"expected ~{duration(self.step_s)} per optimizer step, ~{duration(self.total_s)} for {self.steps} "
+                f"steps (FLOPs model, probe {self.gflops:,.0f} GFLOP/s {self.setting})")
+
+    def summary(self, steps_run: int, seconds: float) -> dict[str, Any]:
+        """summary.json's fields: the prediction next to the measured seconds per optimizer step."""
+        return {"predicted_step_s": round(self.step_s, 3), "predicted_total_s": round(self.total_s, 3),
+                "predicted_steps": self.steps, "probe_gflops": round(self.gflops, 1),
+                "measured_step_s": round(seconds / steps_run, 3) if steps_run > 0 else None}
+
+
+def duration(seconds: float) -> str:
+    """'0.42 s', '12 s', '2.1 min', '35 min', '3.5 h', '2.0 days'."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 1.5 * size:
+            value = seconds / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:,.0f} {unit}"
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def optimizer_steps(cfg: Config, train_samples: int, world_size: int = 1) -> tuple[int, int]:
+    """(optimizer steps, micro-batches per rank) as the HF Trainer counts them: MAX_STEPS, else NUM_EPOCHS over
+    ceil(samples / (BATCH_SIZE x ranks)) micro-batches, GRAD_ACCUM of them (the last of an epoch fewer) a step."""
+    t = cfg.train
+    per_epoch = max(1, math.ceil(math.ceil(train_samples / world_size) / t.batch_size))
+    steps_per_epoch = max(1, math.ceil(per_epoch / t.grad_accum))
+    if t.max_steps > 0:
+        return t.max_steps, t.max_steps * t.grad_accum
+    steps = math.ceil(t.num_epochs * steps_per_epoch)
+    return steps, min(steps * t.grad_accum, math.ceil(t.num_epochs * per_epoch))
+
+
+def trainable_params(cfg: Config, shape: ModelShape) -> int:
+    m = cfg.lora
+    if m.method == "full":
+        return shape.total_params
+    if m.method == "ptuning":  # a key and a value prefix per layer (the optional projection left out)
+        return m.pre_seq_len * shape.layers * 2 * shape.hidden
+    return m.lora_r * shape.lora_io
+
+
+def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: float | None = None,
+                      head_share: float = 1.0, cuda: bool = False, world_size: int = 1) -> StepTime:
+    """The estimate for cfg's planned settings on ``train_samples`` training rows. ``seq``: tokens per sample
+    in a micro-batch (the mean when packed, the longest of a micro-batch when padded; MAX_SEQ_LEN if None);
+    ``head_share``: the share of tokens whose logits are computed (packed rows skip prompt positions)."""
+    from app.core.errors import UserError
+
+    t, r, method = cfg.train, cfg.resources, cfg.lora.method
+    try:
+        precision = resolve_precision(cfg, cuda)
+    except UserError:  # an impossible PRECISION is reported by training itself
+        precision = "fp32"
+    quant = r.quant_level if r.quant_level in ("4bit", "8bit") else "none"
+    seq = float(min(seq or cfg.data.max_seq_len, cfg.data.max_seq_len))
+    tokens = max(1, round(t.batch_size * seq))
+    flops = micro_batch_flops(shape, t.batch_size, seq, method, r.gradient_checkpointing == "on", cfg.lora.lora_r,
+                              head_share)
+    full, half = method == "full", bf16_frozen_weights(cfg, precision, cuda)  # half: dense frozen weights in bf16
+    rate = probe_linear(quant, precision, shape.hidden, shape.intermediate, tokens, full, half, cuda)
+    dense = rate if quant == "none" else probe_linear("none", precision, shape.hidden, shape.vocab, tokens, full,
+                                                      half, cuda)  # a quantized run's head
+    attn = probe_attention(precision, max(8, shape.hidden // max(1, shape.heads)), seq, cuda)
+    # per token: a block's elementwise work (a bf16 residual stream only where every dense weight is bf16), and
+    # LoRA's adapter paths per unit of their targets' in + out features
+    glue = probe_glue(shape.hidden, shape.intermediate, tokens, half and quant == "none", cuda) * tokens
+    lora = probe_lora(precision, shape.hidden, cfg.lora.lora_r, tokens, cuda) * tokens * shape.lora_io \
+        if method in ("lora", "qlora") else 0.0
+    work, recompute = flops.by_kind(), 4 / 3 if flops.checkpointing else 1  # a recompute: the forward's third
+    micro = (work["linear"] / rate + work["head"] / dense + work["attention"] / attn
+             + (glue * shape.layers + lora) * recompute)
+    optim = trainable_params(cfg, shape) * probe_optimizer(trainable_params(cfg, shape), cuda)
+    steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
+    setting = _setting(quant, precision, cuda)
+    return StepTime(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, steps, rate / 1e9,
+                    setting)
+
+
+def _setting(quant: str, precision: str, cuda: bool) -> str:
+    if quant == "4bit":  # the 4-bit layers compute in their own dtype
+        from app.models.quantization import bf16_supported
+
+        precision = "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
+    return precision if quant == "none" else f"{precision} {quant}"
+
+
+def batch_shape(rows: Sequence[dict], batch: int, packed: bool) -> tuple[float | None, float]:
+    """(tokens per sample in a micro-batch, share of tokens whose logits are computed), from up to
+    LENGTH_SAMPLE of the training rows: packed rows cost their mean length and compute logits only where a
+    label follows; padded rows cost the longest of ``batch`` random rows, every position's logits."""
+    step = max(1, len(rows) // LENGTH_SAMPLE)
+    sample = [rows[i] for i in range(0, len(rows), step)]
+    lengths = sorted(len(r["input_ids"]) for r in sample)
+    if not lengths:
+        return None, 1.0
+    if packed:
+        labelled = sum(sum(1 for x in r["labels"] if x != -100) for r in sample)
+        return sum(lengths) / len(lengths), min(1.0, max(labelled, 1) / sum(lengths))
+    m = len(lengths)  # E[max of `batch` draws] = sum of l_(i) x P(the max is the i-th smallest)
+    return sum(n * (((i + 1) / m) ** batch - (i / m) ** batch) for i, n in enumerate(lengths)), 1.0
+
+
+def expected_time(cfg: Config, shape: ModelShape, model_path: str, rows: Sequence[dict] | None, cuda: bool = False,
+                  world_size: int = 1, train_samples: int | None = None) -> StepTime:
+    """predict_step_time for a planned run, its lengths from the training ``rows`` (None: no data yet, every
+    sample MAX_SEQ_LEN long), packed or padded as training will batch them; ``train_samples`` (default: as many
+    as the rows) counts the steps."""
+    from transformers import AutoConfig
+
+    from app.core.errors import UserError
+    from app.plan.precision import packing_choice
+
+    seq, head_share = None, 1.0
+    if rows:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            packed = packing_choice(cfg, getattr(config, "model_type", None))[0]
+        except UserError:  # PACKING=on where it cannot work: training says so
+            packed = False
+        seq, head_share = batch_shape(rows, cfg.train.batch_size, packed)
+    n = train_samples if train_samples is not None else len(rows or ())
+    return predict_step_time(cfg, shape, n, seq, head_share, cuda, world_size)
+
+
+def add_to_summary(path: Path, predicted: StepTime | None, result: Any, start_step: int | None = None) -> None:
+    """Put the prediction and the measured seconds per optimizer step (``result``: a TrainResult's seconds over
+    the steps it ran since ``start_step``, a resumed run's checkpoint) into a finished run's summary.json."""
+    from app.core.utils import write_json
+
+    if predicted is not None and path.is_file():
+        fields = predicted.summary(result.steps - (start_step or 0), result.seconds)
+        write_json(path, {**json.loads(path.read_text(encoding="utf-8")), **fields})
