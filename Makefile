@@ -157,7 +157,7 @@ bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant 
 bench-data: setup ## read, sample and cache 1-16 GB JSONL: time, MB/s, peak RSS -> bench/data.md
 	$(PYRUN) -m bench.bench_data
 
-bench-scale: setup ## QLoRA on random 6B/9B GLMs in 8/16 GB memory cgroups (root; ~30 GB disk, ~40 min) -> bench/scale.md
+bench-scale: setup ## (Q)LoRA on random 6B/9B GLMs in 8/16 GB cgroups (root) -> bench/scale.md
 	$(PYRUN) -m bench.bench_scale
 
 bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, ~100M random models -> bench/onnx.md

@@ -24,6 +24,7 @@ from app.data.records import detect_format, to_example
 from app.inference.chat import chat
 from app.models.artifacts import base_model_for, find_adapter, is_full_model, is_onnx_dir, onnx_is_stale
 from app.models.loading import load_adapter, load_model, load_tokenizer, remote_code_error
+from app.models.quantization import half_embeddings_on_cpu, serve_half_embeddings
 from app.models.tiny import resolve_model
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,12 @@ class Predictor:
         own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
         self.tokenizer = load_tokenizer(str(self.adapter) if own_tok else base, cfg.model.trust_remote_code,
                                         setting="ADAPTER_DIR" if own_tok else setting)
-        model = load_model(base, cfg.model.trust_remote_code, quant, setting=setting)
+        import torch
+
+        half = half_embeddings_on_cpu(quant, torch.cuda.is_available())  # as training loaded it (app/models/quantization.py)
+        model = load_model(base, cfg.model.trust_remote_code, quant, bf16=half, setting=setting)
+        if half:
+            serve_half_embeddings(model)
         if self.adapter is not None and not is_full_model(self.adapter):
             model = load_adapter(model, self.adapter)
         self.model = model.eval()

@@ -122,10 +122,34 @@ def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool, h
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
-    for param, half in held:  # back to the bf16 storage peft's upcast replaced, without a second copy
-        param.data = half
+    _restore(held)
     keep_4bit_trainable(model)
     return model
+
+
+def half_embeddings_on_cpu(level: str, cuda: bool) -> bool:
+    """Whether a k-bit model keeps its embeddings and head in bf16 (see prepare_for_training): on a
+    CPU with fast bf16. Training and serving both ask here, so an adapter is served on the model it
+    was trained on."""
+    return level in ("4bit", "8bit") and not cuda and bf16_supported(cuda=False)
+
+
+def serve_half_embeddings(model: Any) -> Any:
+    """For inference, the dtypes training gave a model loaded in bf16 with ``half_embeddings``:
+    embeddings and head bf16, every other unquantized tensor (norms, biases) fp32 as peft makes them."""
+    import torch
+
+    held = _hold_embeddings_half(model)
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+    _restore(held)
+    return model
+
+
+def _restore(held: list[tuple[Any, Any]]) -> None:
+    for param, half in held:  # back to the bf16 storage, without a second copy
+        param.data = half
 
 
 def _hold_embeddings_half(model: Any) -> list[tuple[Any, Any]]:

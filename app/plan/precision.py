@@ -80,11 +80,11 @@ def bf16_frozen_weights(cfg: Config, precision: str, cuda: bool) -> bool:
     (GPU recipes do the same); LoRA weights, their gradients and AdamW's state stay fp32.
     Full tuning keeps fp32 master weights; P-Tuning's fp32 prefixes would meet bf16 keys unquantized.
     """
-    from app.models.quantization import bf16_supported
+    from app.models.quantization import half_embeddings_on_cpu
 
     quant = cfg.resources.quant_level
     if cuda or cfg.lora.method == "full":
         return False
     if quant in ("4bit", "8bit"):
-        return bf16_supported(cuda=False)
+        return half_embeddings_on_cpu(quant, cuda)
     return precision == "bf16" and cfg.lora.method == "lora" and quant == "none"
