@@ -111,7 +111,7 @@ def run_case(case: Case, data: Path) -> dict:
     if train["rc"] == 0 and summary_path.is_file():
         s = json.loads(summary_path.read_text())
         row |= {"summary": {k: s.get(k) for k in ("steps", "seconds", "tokens_per_s", "peak_rss_mb", "predicted_peak_mb",
-                                                     "predicted_step_s", "plan", "memory")}}
+                                                     "predicted_step_s", "predicted_tokens_per_step", "plan", "memory")}}
         prompt = json.loads(data.open(encoding="utf-8").readline())["context"]
         log.info("%s: reloading the adapter to predict", case.name)
         row["predict"] = in_cgroup(case.limit_mb, ["predict-custom", f"MODEL_NAME={model}", f"ADAPTER_DIR={out / 'run'}",

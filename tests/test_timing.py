@@ -108,6 +108,7 @@ def test_the_estimate_adds_up_and_reads_as_one_line(shape):
     fields = t.summary(steps_run=3, seconds=6.0)
     assert fields["measured_step_s"] == 2.0 and fields["predicted_step_s"] == round(t.step_s, 3)
     assert fields["predicted_steps"] == 3
+    assert t.tokens_per_step == 2 * 96 * 4 and fields["predicted_tokens_per_step"] == 768  # batch x seq x accum
     longer = timing.predict_step_time(cfg.replace({"GRAD_ACCUM": 8}), shape, train_samples=100, seq=96)
     assert longer.micro_batch_s == pytest.approx(t.micro_batch_s)  # same probes (cached), twice the micro-batches
     assert timing.predict_step_time(cfg.replace({"QUANT_LEVEL": "4bit"}), shape, 100).setting.endswith(" 4bit")

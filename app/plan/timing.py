@@ -9,10 +9,8 @@ only: loading, the token cache, evaluation and checkpoint saves come on top.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from app.config import Config
@@ -79,6 +77,7 @@ class StepTime:
     steps: int
     gflops: float
     setting: str
+    tokens_per_step: float = 0.0  # the tokens an optimizer step was assumed to see (the data's mean when packed)
 
     def line(self) -> str:
         return (f"expected ~{duration(self.step_s)} per optimizer step, ~{duration(self.total_s)} for {self.steps} "
@@ -88,6 +87,7 @@ class StepTime:
         """summary.json's fields: the prediction next to the measured seconds per optimizer step."""
         return {"predicted_step_s": round(self.step_s, 3), "predicted_total_s": round(self.total_s, 3),
                 "predicted_steps": self.steps, "probe_gflops": round(self.gflops, 1),
+                "predicted_tokens_per_step": round(self.tokens_per_step, 1),
                 "measured_step_s": round(seconds / steps_run, 3) if steps_run > 0 else None}
 
 
@@ -155,7 +155,7 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
     steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
     setting = _setting(quant, precision, cuda)
     return StepTime(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, steps, rate / 1e9,
-                    setting)
+                    setting, t.batch_size * seq * t.grad_accum)
 
 
 def _setting(quant: str, precision: str, cuda: bool) -> str:
@@ -202,13 +202,3 @@ def expected_time(cfg: Config, shape: ModelShape, model_path: str, rows: Sequenc
         seq, head_share = batch_shape(rows, cfg.train.batch_size, packed)
     n = train_samples if train_samples is not None else len(rows or ())
     return predict_step_time(cfg, shape, n, seq, head_share, cuda, world_size)
-
-
-def add_to_summary(path: Path, predicted: StepTime | None, result: Any, start_step: int | None = None) -> None:
-    """Put the prediction and the measured seconds per optimizer step (``result``: a TrainResult's seconds over
-    the steps it ran since ``start_step``, a resumed run's checkpoint) into a finished run's summary.json."""
-    from app.core.utils import write_json
-
-    if predicted is not None and path.is_file():
-        fields = predicted.summary(result.steps - (start_step or 0), result.seconds)
-        write_json(path, {**json.loads(path.read_text(encoding="utf-8")), **fields})

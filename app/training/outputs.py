@@ -36,10 +36,12 @@ class TrainResult:
     peak_rss_mb: float
 
 
-def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any) -> None:
+def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any,
+            timing: dict[str, Any]) -> None:
     """The finished run of FineTuner ``ft`` into ``out``: adapter (``weights``: ZeRO-3's gathered
     state dict, else None), tokenizer, data report, config as it ran, loss plot and best/, then
-    summary.json and models/.last_run. Until then an earlier run's files stay."""
+    summary.json (with ``timing``: the predicted and measured step time) and models/.last_run.
+    Until then an earlier run's files stay."""
     with staged_dir(out) as tmp:
         ft.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
         ft.tokenizer.save_pretrained(tmp)
@@ -54,7 +56,7 @@ def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict
                                       "memory": peaks, "plan": {v: ft.cfg.get(v) for v in PLANNED},
                                       "records": ft.records, "warnings": list(ft.plan.warnings),
                                       "world_size": dist.world_size(),
-                                      "predicted_peak_mb": estimate and round(estimate.total_mb, 1)})
+                                      "predicted_peak_mb": estimate and round(estimate.total_mb, 1), **timing})
     atomic_write_text(LAST_RUN_FILE, portable_path(out) + "\n")
 
 

@@ -3,9 +3,8 @@
 Why the HF Trainer and not a hand-written loop: it already does gradient accumulation with
 correct token-weighted loss, warmup + schedules, clipping, checkpoint/resume with optimizer
 and RNG state, and torch.distributed / DeepSpeed launch, all of which later issues rely on.
-What it lacks for this tool lives in app/training/callbacks.py.
-
-Notebook use: ``FineTuner(Config.from_dict({"MODEL_NAME": "tiny", "MAX_SAMPLES": 50})).run()``.
+What it lacks for this tool lives in app/training/callbacks.py. Notebook use:
+``FineTuner(Config.from_dict({"MODEL_NAME": "tiny", "MAX_SAMPLES": 50})).run()``.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from app.plan.precision import resolve_precision
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources
 from app.plan.tiers import Plan, apply_tier, halve_batch
-from app.plan.timing import StepTime, add_to_summary, expected_time
+from app.plan.timing import StepTime, expected_time
 from app.training import dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
 from app.training.outputs import METRICS, TrainResult, mean_logged_loss, publish, truncate_metrics, write_error
@@ -101,9 +100,8 @@ class FineTuner:
         return self
 
     def _resume_check(self) -> tuple[Config, dict[str, str]]:
-        """The checkpoint this run continues (RESUME), checked against these settings (app/training/resume.py).
-        Returns the Config the tier plans on (a resumed run keeps the settings the tier chose for it) and the
-        settings so held, with why."""
+        """The checkpoint this run continues (RESUME), checked against these settings (app/training/resume.py);
+        returns the Config the tier plans on (a resumed run keeps its tier's settings) and those held, with why."""
         cfg = self.given
         rc, self._discard = decide(cfg)
         self.resume_from = None
@@ -237,9 +235,8 @@ class FineTuner:
     def _publish(self, out: Path, result: TrainResult, peaks: dict[str, Any], weights: Any,
                  previous: Path | None) -> None:
         try:
-            publish(self, out, out / CHECKPOINTS, result, peaks, weights)
-            add_to_summary(out / "summary.json", self.timing, result,
-                           checkpoint_step(self.resume_from) if self.resume_from else 0)
+            ran = result.steps - (checkpoint_step(self.resume_from) if self.resume_from else 0)  # since the resume
+            publish(self, out, out / CHECKPOINTS, result, peaks, weights, self.timing.summary(ran, result.seconds))
         except OSError as e:
             raise write_error(e, out, "saving the final adapter", previous) from None
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # finished: the adapter supersedes them
