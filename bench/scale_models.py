@@ -13,10 +13,9 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from app.core.utils import publish
+from app.core.utils import built_whole
 
 log = logging.getLogger("bench")
 
@@ -63,8 +62,7 @@ def build_random_glm(name: str, models_dir: Path = Path("models"), seed: int = 0
                          f"{free / 2**30:.1f} GB free; free some space or run with --models chatglm3-6b")
     log.info("building %s: %.2fB parameters, %.1f GB of bf16 shards in %s", name, need / 2 / 1e9, need / 2**30, out)
     gen = torch.Generator().manual_seed(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=models_dir))
-    try:
+    with built_whole(out) as tmp:
         weight_map, shard, shard_bytes, files = {}, {}, 0, []
 
         def flush() -> None:
@@ -97,10 +95,4 @@ def build_random_glm(name: str, models_dir: Path = Path("models"), seed: int = 0
         for f in tiny.iterdir():  # tokenizer, chat template and generation config of the tiny GLM
             if f.is_file() and not f.name.startswith(("model", "config")):
                 shutil.copy2(f, tmp / f.name)
-        for item in [tmp, *tmp.iterdir()]:
-            publish(item)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -104,6 +104,28 @@ def publish(path: str | Path) -> None:
 
 
 @contextmanager
+def built_whole(out: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``out``; on success it becomes ``out`` by one rename (readable by all,
+    as a container of another uid needs), on failure it is removed: an interrupted build never
+    leaves a half-written dir that a later run would trust. Where ``out`` appeared meanwhile
+    (another process built it), that copy is kept."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(tmp)
+            return
+        for item in [tmp, *tmp.rglob("*")]:  # safetensors and mkdtemp write 0600/0700
+            publish(item)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def staged_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temp dir; on success move each file into ``target`` (atomic per file).
 

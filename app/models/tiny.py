@@ -10,13 +10,10 @@ they are rebuilt under ``models/`` on first use.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.utils import publish
+from app.core.utils import built_whole
 
 log = logging.getLogger(__name__)
 
@@ -159,18 +156,7 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict |
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
                                                bos_token_id=tokenizer.bos_token_id)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with built_whole(out) as tmp:  # another process may win the race: its copy is kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():  # another process won the race; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            for item in [tmp, *tmp.rglob("*")]:  # safetensors writes 0600: a container of another uid could not read it
-                publish(item)
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
