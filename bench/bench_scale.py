@@ -29,7 +29,7 @@ from pathlib import Path
 
 from app.core import cgroups
 from app.core.utils import atomic_write_text, setup_logging
-from bench.scale_models import SHAPES, build_random_glm
+from bench.scale_models import build_random_glm
 from bench.scale_report import eta_after_first_step, report
 
 log = logging.getLogger("bench")
@@ -41,7 +41,7 @@ STEPS = 3
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str        # a key of SHAPES
+    model: str        # a key of bench.scale_models.SHAPES
     limit_mb: int
     method: str       # qlora = 4-bit; lora lets the tier pick the quant level
 
@@ -147,7 +147,7 @@ def main() -> int:
             atomic_write_text(results_path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     order = [c.name for c in CASES]
     rows.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
-    text = report(rows, {k: v for k, v in SHAPES.items()})
+    text = report(rows)
     atomic_write_text(Path("bench/scale.md"), text)
     sys.stdout.write(text)  # cli-output
     return 0

@@ -74,7 +74,7 @@ def levers(rows: list[dict]) -> list[str]:
     return out
 
 
-def report(rows: list[dict], shapes: dict) -> str:
+def report(rows: list[dict]) -> str:
     lines = [f"# Scale benchmark: 6B and 9B GLM, (Q)LoRA in real memory cgroups ({os.cpu_count()} cores, no GPU)", "",
              "`make bench-scale` (python -m bench.bench_scale). Random models in ChatGLM3-6B's shape (hidden 4096, "
              "28 layers, ffn 13696, 2 KV groups, vocab 65,024) and GLM-4-9B's (40 layers, vocab 151,552), built layer "
@@ -94,7 +94,8 @@ def report(rows: list[dict], shapes: dict) -> str:
              "cgroup peak MB | OOM kills | load s | s/step | tokens/s | predicted s/step | error | predict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        d, p = derived(r), derived(r)["plan"]
+        d = derived(r)
+        p = d["plan"]
         plan = f"{p.get('MAX_SEQ_LEN', '?')} / {p.get('BATCH_SIZE', '?')} / {p.get('GRADIENT_CHECKPOINTING', '?')}"
         if r["train"]["rc"] != 0:
             plan = f"train exit {r['train']['rc']}"

@@ -44,6 +44,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def compute_dtype(cuda: bool) -> str:
+    """What 4-bit layers compute in: bf16 where the hardware is fast at it, else fp16 on GPU, fp32 on CPU."""
+    return "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
+
+
 def bnb_config(level: str, cuda: bool) -> Any:
     """A transformers BitsAndBytesConfig for ``level``, or None for ``none``."""
     if level == "none":
@@ -54,7 +59,7 @@ def bnb_config(level: str, cuda: bool) -> Any:
     if level == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if level == "4bit":
-        compute = torch.bfloat16 if bf16_supported(cuda) else (torch.float16 if cuda else torch.float32)
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_dtype(cuda)]
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
     raise ValueError(f"QUANT_LEVEL={level!r} is not one of {', '.join(LEVELS)}")
@@ -215,5 +220,4 @@ def describe(level: str, cuda: bool) -> str:
         return "no quantization"
     if level == "8bit":
         return "LLM.int8() 8-bit weights"
-    dtype = "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
-    return f"NF4 4-bit weights, double quant, {dtype} compute"
+    return f"NF4 4-bit weights, double quant, {compute_dtype(cuda)} compute"

@@ -160,9 +160,9 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
 
 def _setting(quant: str, precision: str, cuda: bool) -> str:
     if quant == "4bit":  # the 4-bit layers compute in their own dtype
-        from app.models.quantization import bf16_supported
+        from app.models.quantization import compute_dtype
 
-        precision = "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
+        precision = compute_dtype(cuda)
     return precision if quant == "none" else f"{precision} {quant}"
 
 
