@@ -131,11 +131,11 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.models.quantization import bnb_config, read_without_mmap
+    from app.models.quantization import bnb_config, load_dtype, read_without_mmap
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if bf16 or (cuda and torch.cuda.is_bf16_supported()) else torch.float32
+    dtype = load_dtype(bf16, cuda)
     qcfg = bnb_config(quant, cuda)
     extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
     from transformers.integrations import is_deepspeed_zero3_enabled

@@ -49,6 +49,14 @@ def compute_dtype(cuda: bool) -> str:
     return "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
 
 
+def load_dtype(bf16: bool, cuda: bool) -> Any:
+    """The dtype weights load in (and a 4/8-bit layer is quantized from, which sets the dtype it dequantizes
+    to): bf16 when asked (app/plan/precision.py bf16_frozen_weights) or on a CUDA GPU that has it, else fp32."""
+    import torch
+
+    return torch.bfloat16 if bf16 or (cuda and torch.cuda.is_bf16_supported()) else torch.float32
+
+
 def bnb_config(level: str, cuda: bool) -> Any:
     """A transformers BitsAndBytesConfig for ``level``, or None for ``none``."""
     if level == "none":

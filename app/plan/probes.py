@@ -12,11 +12,13 @@ import math
 import time
 from typing import Any, Callable
 
-# A probe projection holds at most this many weights (the model's in/out ratio kept): a dense matmul's rate
-# hardly depends on the size, but a 4-bit / 8-bit layer dequantizes every weight in each pass, which runs
-# from cache for a small layer and from memory for a model's (a 4M-weight 4-bit probe ran 1.9x the rate
-# of a 56M one here, a 16M one 1.4x).
-PROBE_WEIGHTS = {"none": 4 * 2**20, "8bit": 16 * 2**20, "4bit": 16 * 2**20}
+# A probe projection holds at most this many weights (the model's in/out ratio kept). A dense matmul's rate
+# hardly depends on the size, but a 4-bit / 8-bit layer writes out every weight dequantized in each pass,
+# and a small layer's buffer stays in cache where a model's does not: with glibc's default allocator reusing
+# it, a 16M-weight 4-bit probe ran at 600 GFLOP/s here, a 4096 x 13696 one (56M, ChatGLM3-6B's MLP) at 354
+# as its layers do in the model. So a quantized probe runs at the model's size up to a 70B's MLP's quarter
+# (about 1.5 s more than a 16M one, mostly quantizing it).
+PROBE_WEIGHTS = {"none": 4 * 2**20, "8bit": 64 * 2**20, "4bit": 64 * 2**20}
 PROBE_TOKENS = 512  # ... and sees at most this many tokens; attention and the elementwise work at most this length
 PROBE_HEADS = 8
 PROBE_REPEATS = 3  # best of, after a warm-up
@@ -54,7 +56,8 @@ def probe_linear(quant: str, precision: str, n_in: int, n_out: int, tokens: int,
                  half_weights: bool = False, cuda: bool = False) -> float:
     """FLOP/s of one projection's forward + backward (input gradient, and the weight's if ``trainable``)
     in the run's setting: a bitsandbytes 4-bit / 8-bit layer (dequantization included), else a torch
-    weight in fp32, or bf16/fp16 autocast (``half_weights``: stored in bf16). Dims capped (PROBE_*)."""
+    weight in fp32, or bf16/fp16 autocast (``half_weights``: the weights load in bf16, quantized or not). Dims
+    capped (PROBE_*)."""
     scale = min(1.0, math.sqrt(PROBE_WEIGHTS[quant] / max(1, n_in * n_out)))
     n_in, n_out = (max(16, int(n * scale) // 16 * 16) for n in (n_in, n_out))
     tokens = max(1, min(tokens, PROBE_TOKENS))
@@ -65,7 +68,7 @@ def probe_linear(quant: str, precision: str, n_in: int, n_out: int, tokens: int,
         half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         w = torch.empty(n_out, n_in).uniform_(-0.05, 0.05)
         if quant in ("4bit", "8bit"):
-            layer, dtype = _quantized(quant, w, cuda), torch.float32
+            layer, dtype = _quantized(quant, w, half_weights, cuda), torch.float32
         else:  # bf16 weights outside autocast (a quantized run's head) take bf16 inputs
             w = w.to(device, torch.bfloat16 if half_weights else torch.float32).requires_grad_(trainable)
             layer, dtype = (lambda x: torch.nn.functional.linear(x, w)), torch.float32 if half else w.dtype
@@ -85,13 +88,16 @@ def probe_linear(quant: str, precision: str, n_in: int, n_out: int, tokens: int,
     return _run_probe(key, cuda, body)
 
 
-def _quantized(quant: str, w: Any, cuda: bool) -> Any:
-    """A frozen bitsandbytes layer holding ``w``, set up as app.models.quantization loads the model's."""
+def _quantized(quant: str, w: Any, half_weights: bool, cuda: bool) -> Any:
+    """A frozen bitsandbytes layer holding ``w``, set up as app.models.quantization loads the model's: quantized
+    from the dtype the model loads in, which is what it dequantizes to in every pass (quantized from fp32, a
+    bf16 run's 4-bit layer probed at 225 GFLOP/s against 360 for the same layer from bf16)."""
     import bitsandbytes as bnb
 
-    from app.models.quantization import bnb_config, keep_4bit_trainable
+    from app.models.quantization import bnb_config, keep_4bit_trainable, load_dtype
 
     q, device = bnb_config(quant, cuda), "cuda" if cuda else "cpu"
+    w = w.to(load_dtype(half_weights, cuda))
     n_out, n_in = w.shape
     if quant == "8bit":
         layer = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False, threshold=q.llm_int8_threshold)
