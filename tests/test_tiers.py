@@ -99,9 +99,30 @@ def test_fit_memory_shrinks_until_the_prediction_fits(tiny_glm_dir):
 def test_impossible_budget_warns_with_the_fix(tiny_glm_dir):
     shape = model_shape(str(tiny_glm_dir))
     c = cfg(MAX_SEQ_LEN=512, BATCH_SIZE=1, QUANT_LEVEL="4bit")
-    plan = fit_memory(apply_tier(c, res(1)), res(1, avail_gb=0.2), shape, None)
+    fixed = estimate(shape, "4bit", 8, 1, 512, True)
+    fixed = fixed.runtime_mb + fixed.weights_mb + fixed.trainable_mb  # fits; the activations and logits do not
+    plan = fit_memory(apply_tier(c, res(1)), res(1, avail_gb=(fixed + 2) / GB), shape, None)
     assert plan.cfg.resources.gradient_checkpointing == "on"  # tried what it could
     assert plan.warnings and "exceeds the budget" in plan.warnings[0] and "MAX_SEQ_LEN" in plan.warnings[0]
+
+
+@pytest.mark.parametrize("guard", ["backoff", "stop", "off"])
+def test_weights_that_cannot_fit_stop_before_loading_in_one_line(tiny_glm_dir, guard):
+    # nothing the plan shrinks makes the weights smaller: loading would be killed (9B 4-bit in 8 GB)
+    from app.core.errors import UserError
+
+    shape = model_shape(str(tiny_glm_dir))
+    c = cfg(QUANT_LEVEL="4bit", MEMORY_GUARD=guard)
+    e = estimate(shape, "4bit", 8, 1, 64, True)
+    short = res(1, avail_gb=(e.runtime_mb + e.weights_mb + e.trainable_mb - 2) / GB)
+    if guard == "off":  # the user's say-so: load anyway, with the budget warning
+        assert "exceeds the budget" in fit_memory(apply_tier(c, short), short, shape, None).warnings[0]
+        return
+    with pytest.raises(UserError) as err:
+        fit_memory(apply_tier(c, short), short, shape, None)
+    line = str(err.value)
+    assert "\n" not in line and "MODEL_NAME=tiny" in line and "QUANT_LEVEL=4bit" in line
+    assert "MEMORY_GUARD=off" in line and "cgroup v2" in line
 
 
 def test_estimator_orders_and_scales(tiny_qwen2_dir):

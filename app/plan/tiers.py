@@ -151,12 +151,32 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
     if "GRADIENT_CHECKPOINTING" not in plan.decisions:
         plan = plan.record("GRADIENT_CHECKPOINTING", plan.cfg.resources.gradient_checkpointing, "not needed to fit")
     plan = replace(plan, estimate=predict_peak(plan.cfg, shape, cuda))
+    _refuse_unloadable(plan, res, available)
     if plan.estimate.total_mb > plan.budget_mb:
         plan = plan.warn(
             f"predicted peak {plan.estimate.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
             f"({plan.cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
             "BATCH_SIZE, use QUANT_LEVEL=4bit or GRADIENT_CHECKPOINTING=on; the memory guard will back off")
     return plan
+
+
+def _refuse_unloadable(plan: Plan, res: Resources, available: float) -> None:
+    """One line and no load when the part of the peak nothing can shrink (the runtime, the weights, the
+    trainable weights and their optimizer state) is over all the memory there is: loading would only be
+    killed minutes later (a 9B 4-bit model in 8 GB). MEMORY_GUARD=off loads anyway; ZeRO places weights itself."""
+    from app.core.errors import UserError
+
+    cfg, e = plan.cfg, plan.estimate
+    fixed = e.runtime_mb + e.weights_mb + e.trainable_mb
+    if fixed <= available or cfg.resources.memory_guard == "off" or cfg.distributed.ds_config:
+        return
+    quant = cfg.resources.quant_level
+    where = "free on the GPU" if plan.device == "cuda" else f"available ({res.limit_source})"
+    smaller = " or QUANT_LEVEL=4bit" if quant != "4bit" else ""
+    raise UserError(f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, the "
+                    f"trainable part and the runtime alone are predicted at {fixed:,.0f} MB, and {available:,.0f} MB "
+                    f"is {where}, so loading would be killed; use a smaller model{smaller}, more memory, or "
+                    "MEMORY_GUARD=off to load anyway")
 
 
 def _shrink(plan: Plan) -> Plan | None:
