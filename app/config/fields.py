@@ -96,7 +96,8 @@ class ResourceArgs:
     memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
     memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
     memory_guard: MemoryGuard = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
-                                              "(backoff), or checkpoint and stop (stop), or do nothing (off)")
+                                              "(backoff), or checkpoint and stop (stop), or do nothing (off: also "
+                                              "loads a model whose weights are predicted not to fit)")
     release_memory: AutoOnOff = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold "
                                            "256 KB): RSS stays at what is in use, but page faults cost up to 2x the "
                                            "step time of a small model; auto = only when the predicted peak is over "

@@ -173,10 +173,10 @@ def _refuse_unloadable(plan: Plan, res: Resources, available: float) -> None:
     quant = cfg.resources.quant_level
     where = "free on the GPU" if plan.device == "cuda" else f"available ({res.limit_source})"
     smaller = " or QUANT_LEVEL=4bit" if quant != "4bit" else ""
-    raise UserError(f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, the "
-                    f"trainable part and the runtime alone are predicted at {fixed:,.0f} MB, and {available:,.0f} MB "
-                    f"is {where}, so loading would be killed; use a smaller model{smaller}, more memory, or "
-                    "MEMORY_GUARD=off to load anyway")
+    raise UserError(f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, "
+                    f"the trainable part and the runtime alone are predicted at {fixed:,.0f} MB, and "
+                    f"{available:,.0f} MB is {where}, so loading would be killed; use a smaller model{smaller}, "
+                    "more memory, or MEMORY_GUARD=off to load anyway")
 
 
 def _shrink(plan: Plan) -> Plan | None:
