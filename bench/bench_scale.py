@@ -112,6 +112,7 @@ def run_case(case: Case, data: Path) -> dict:
         s = json.loads(summary_path.read_text())
         row |= {"summary": {k: s.get(k) for k in ("steps", "seconds", "tokens_per_s", "peak_rss_mb", "predicted_peak_mb",
                                                      "predicted_step_s", "predicted_tokens_per_step", "plan", "memory")}}
+        row["retime"] = retime(row, model)
         prompt = json.loads(data.open(encoding="utf-8").readline())["context"]
         log.info("%s: reloading the adapter to predict", case.name)
         row["predict"] = in_cgroup(case.limit_mb, ["predict-custom", f"MODEL_NAME={model}", f"ADAPTER_DIR={out / 'run'}",
@@ -125,11 +126,28 @@ def run_case(case: Case, data: Path) -> dict:
     return row
 
 
+def retime(row: dict, model: Path) -> dict | None:
+    """The time model at the tokens the run's steps had (bench/scale_retime.py), in the run's allocator setting."""
+    s, run = row["summary"], OUT / row["case"] / "run"
+    if not (s.get("steps") and s.get("tokens_per_s") and (run / "summary.json").is_file()):
+        return None
+    tokens = s["tokens_per_s"] * s["seconds"] / s["steps"]
+    released = "goes back to the OS at once" in (OUT / row["case"] / "train.log").read_text(errors="replace")
+    proc = subprocess.run([sys.executable, "-m", "bench.scale_retime", str(run), str(model), str(tokens)] +
+                          (["released"] if released else []), capture_output=True, text=True)
+    if proc.returncode != 0:
+        log.warning("%s: retiming failed: %s", row["case"], proc.stderr[-500:])
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"released": released}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: " +
                     ", ".join(c.name for c in CASES))
     ap.add_argument("--report-only", action="store_true", help="rewrite bench/scale.md from bench/scale.json")
+    ap.add_argument("--retime", action="store_true", help="with --report-only: evaluate the time model again at "
+                    "the tokens each kept run had (bench/results/scale/<case>/run)")
     a = ap.parse_args()
     setup_logging()
     results_path = Path("bench/scale.json")
@@ -145,6 +163,11 @@ def main() -> int:
             row = run_case(case, data)
             rows = [r for r in rows if r["case"] != case.name] + [row]
             atomic_write_text(results_path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
+    if a.report_only and a.retime:
+        for row in rows:
+            if row.get("summary") and not row.get("reference"):
+                row["retime"] = retime(row, Path("models") / f"bench-{row['model']}")
+        atomic_write_text(results_path, json.dumps(rows, indent=2, ensure_ascii=False) + "\n")
     order = [c.name for c in CASES]
     rows.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
     text = report(rows)

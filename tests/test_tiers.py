@@ -100,7 +100,7 @@ def test_impossible_budget_warns_with_the_fix(tiny_glm_dir):
     shape = model_shape(str(tiny_glm_dir))
     c = cfg(MAX_SEQ_LEN=512, BATCH_SIZE=1, QUANT_LEVEL="4bit")
     fixed = estimate(shape, "4bit", 8, 1, 512, True)
-    fixed = fixed.runtime_mb + fixed.weights_mb + fixed.trainable_mb  # fits; the activations and logits do not
+    fixed = fixed.total_mb - fixed.activations_mb - fixed.logits_mb  # fits; the activations and logits do not
     plan = fit_memory(apply_tier(c, res(1)), res(1, avail_gb=(fixed + 2) / GB), shape, None)
     assert plan.cfg.resources.gradient_checkpointing == "on"  # tried what it could
     assert plan.warnings and "exceeds the budget" in plan.warnings[0] and "MAX_SEQ_LEN" in plan.warnings[0]
@@ -114,7 +114,7 @@ def test_weights_that_cannot_fit_stop_before_loading_in_one_line(tiny_glm_dir, g
     shape = model_shape(str(tiny_glm_dir))
     c = cfg(QUANT_LEVEL="4bit", MEMORY_GUARD=guard)
     e = estimate(shape, "4bit", 8, 1, 64, True)
-    short = res(1, avail_gb=(e.runtime_mb + e.weights_mb + e.trainable_mb - 2) / GB)
+    short = res(1, avail_gb=(e.total_mb - e.activations_mb - e.logits_mb - 2) / GB)
     if guard == "off":  # the user's say-so: load anyway, with the budget warning
         assert "exceeds the budget" in fit_memory(apply_tier(c, short), short, shape, None).warnings[0]
         return

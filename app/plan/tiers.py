@@ -162,19 +162,20 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
 
 def _refuse_unloadable(plan: Plan, res: Resources, available: float) -> None:
     """One line and no load when the part of the peak nothing can shrink (the runtime, the weights, the
-    trainable weights and their optimizer state) is over all the memory there is: loading would only be
-    killed minutes later (a 9B 4-bit model in 8 GB). MEMORY_GUARD=off loads anyway; ZeRO places weights itself."""
+    trainable weights and their optimizer state, a quantized layer's dequantized copies) is over all the memory
+    there is: loading would only be killed minutes later (a 9B 4-bit model in 8 GB: 8,101 of its 8,246 MB at
+    MAX_SEQ_LEN 64, 7,693 MB available). MEMORY_GUARD=off loads anyway; ZeRO places the weights itself."""
     from app.core.errors import UserError
 
     cfg, e = plan.cfg, plan.estimate
-    fixed = e.runtime_mb + e.weights_mb + e.trainable_mb
+    fixed = e.runtime_mb + e.weights_mb + e.trainable_mb + e.transient_mb
     if fixed <= available or cfg.resources.memory_guard == "off" or cfg.distributed.ds_config:
         return
     quant = cfg.resources.quant_level
     where = "free on the GPU" if plan.device == "cuda" else f"available ({res.limit_source})"
     smaller = " or QUANT_LEVEL=4bit" if quant != "4bit" else ""
     raise UserError(f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, "
-                    f"the trainable part and the runtime alone are predicted at {fixed:,.0f} MB, and "
+                    f"the trainable part and the runtime alone are predicted at {fixed:,.0f} MB at any length, and "
                     f"{available:,.0f} MB is {where}, so loading would be killed; use a smaller model{smaller}, "
                     "more memory, or MEMORY_GUARD=off to load anyway")
 

@@ -78,6 +78,7 @@ class StepTime:
     gflops: float
     setting: str
     tokens_per_step: float = 0.0  # the tokens an optimizer step was assumed to see (the data's mean when packed)
+    head_share: float = 1.0  # the share of them whose logits were assumed computed
 
     def line(self) -> str:
         return (f"expected ~{duration(self.step_s)} per optimizer step, ~{duration(self.total_s)} for {self.steps} "
@@ -88,6 +89,7 @@ class StepTime:
         return {"predicted_step_s": round(self.step_s, 3), "predicted_total_s": round(self.total_s, 3),
                 "predicted_steps": self.steps, "probe_gflops": round(self.gflops, 1),
                 "predicted_tokens_per_step": round(self.tokens_per_step, 1),
+                "predicted_head_share": round(self.head_share, 4),
                 "measured_step_s": round(seconds / steps_run, 3) if steps_run > 0 else None}
 
 
@@ -155,7 +157,7 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
     steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
     setting = _setting(quant, precision, cuda)
     return StepTime(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, steps, rate / 1e9,
-                    setting, t.batch_size * seq * t.grad_accum)
+                    setting, t.batch_size * seq * t.grad_accum, head_share)
 
 
 def _setting(quant: str, precision: str, cuda: bool) -> str:
