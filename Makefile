@@ -57,6 +57,9 @@ ifeq ($(RUNTIME),docker)
   # MAKEFLAGS too: it lists the command line's assignments, which the app checks for misspelt names.
   FORWARD = $(strip $(foreach v,$(SETTINGS),$(if $(filter-out undefined,$(origin $(v))),-e $(v))) -e MAKEFLAGS)
   PYRUN = $(COMPOSE) run --rm $(FORWARD) --entrypoint python app
+  # serve listens on 0.0.0.0:8000 inside; compose publishes it on the host's 127.0.0.1:SERVE_PORT
+  SERVE_FORWARD = $(strip $(foreach v,$(filter-out SERVE_HOST SERVE_PORT,$(SETTINGS)),$(if $(filter-out \
+	undefined,$(origin $(v))),-e $(v))) -e MAKEFLAGS)
   SETUP := image
 else
   ifneq ($(MEM_LIMIT)$(CPUS),)
@@ -68,7 +71,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-scale bench-onnx clean remove-run distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -105,6 +108,13 @@ chat: setup ## interactive chat with the last adapter
 
 evaluate: setup ## triplet P/R/F1 of the last adapter on EVAL_PATH (or score PREDICTIONS=file.jsonl)
 	$(APP) evaluate
+
+serve: setup ## adapters under models/ as an OpenAI-compatible API on 127.0.0.1:SERVE_PORT
+ifeq ($(RUNTIME),docker)
+	$(COMPOSE) run --rm --service-ports $(SERVE_FORWARD) serve
+else
+	$(APP) serve
+endif
 
 merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without peft)
 	$(APP) merge
@@ -159,6 +169,9 @@ bench-data: setup ## read, sample and cache 1-16 GB JSONL: time, MB/s, peak RSS 
 
 bench-scale: setup ## (Q)LoRA on random 6B/9B GLMs in 8/16 GB cgroups (root) -> bench/scale.md
 	$(PYRUN) -m bench.bench_scale
+
+bench-serve: setup ## serve at 1/4/16 clients, batched vs one at a time, ~100M model -> bench/serve.md
+	$(PYRUN) -m bench.bench_serve
 
 bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, ~100M random models -> bench/onnx.md
 	$(PYRUN) -m bench.bench_onnx

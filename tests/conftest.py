@@ -334,13 +334,11 @@ class AppProcess:
         return self.proc.wait(timeout=HANG_GUARD_S)
 
 
-@pytest.fixture
-def app_process(tmp_path):
-    """start(argv, cwd=tmp_path, log=None, **popen) -> AppProcess; whatever is still running at the end is killed."""
+def _processes(default_dir: Path):
     started: list[AppProcess] = []
 
     def start(argv, cwd=None, log=None, **popen) -> AppProcess:
-        started.append(AppProcess(argv, cwd or tmp_path, log or tmp_path / f"app-{len(started)}.log", **popen))
+        started.append(AppProcess(argv, cwd or default_dir, log or default_dir / f"app-{len(started)}.log", **popen))
         return started[-1]
 
     yield start
@@ -348,6 +346,18 @@ def app_process(tmp_path):
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+
+
+@pytest.fixture
+def app_process(tmp_path):
+    """start(argv, cwd=tmp_path, log=None, **popen) -> AppProcess; whatever is still running at the end is killed."""
+    yield from _processes(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_app_process(tmp_path_factory):
+    """app_process for a test file's shared process (a server): killed when the file's tests are done."""
+    yield from _processes(tmp_path_factory.mktemp("processes"))
 
 
 # ---- training runs: data, the golden recipe, what a run logged -------------------------------------------

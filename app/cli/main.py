@@ -183,6 +183,15 @@ class Command(NamedTuple):
     doc: str = ""  # more for its --help (else run's docstring)
 
 
+def _serve(cfg: Config) -> None:
+    """Loads the base model once (MODEL_NAME, else the one the adapters were trained on, at their QUANT_LEVEL)
+    and every adapter of ADAPTERS, then answers OpenAI-style requests on SERVE_HOST:SERVE_PORT until stopped.
+    The request's `model` picks the adapter; GET /v1/models lists them."""
+    from app.serve.server import run_serve
+
+    run_serve(cfg)
+
+
 # The settings that pick and load a model (an adapter, its base), and that shape its answers.
 _LOAD = ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "ADAPTER_DIR", "OUTPUT_DIR")
 _ANSWER = _LOAD + ("MAX_NEW_TOKENS", "TEMPERATURE")
@@ -207,6 +216,9 @@ COMMANDS: dict[str, Command] = {
                     "/help lists the chat's commands, /reset clears the history, /exit or Ctrl-D ends it."),
     "evaluate": Command(_evaluate, "generate on EVAL_PATH, score triplet P/R/F1 (or --predictions FILE: score only)",
                         _ANSWER + ("DATA_FORMAT", "MAX_BAD_RATIO", "VAL_PATH", "PREDICT_BATCH_SIZE", "evaluation")),
+    "serve": Command(_serve, "serve the base and its adapters over an OpenAI-compatible API on SERVE_PORT",
+                     ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "MAX_NEW_TOKENS", "TEMPERATURE",
+                      "serve")),
     "merge": Command(_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR",
                      _LOAD + ("MERGED_DIR",)),
     "export-onnx": Command(_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",

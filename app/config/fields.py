@@ -177,3 +177,20 @@ class EvalArgs:
     eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
     predictions: str = _f("", "Score this JSONL of {target, output} lines instead of generating (--predictions FILE)")
     demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes")
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    serve_host: str = _f("127.0.0.1", "make serve: the address the API listens on; 127.0.0.1 = this machine only, "
+                                      "0.0.0.0 = every interface (the container sets it behind a loopback port)")
+    serve_port: int = _f(8000, "make serve: the API's port")
+    adapters: str = _f("", "make serve: the adapters to serve, comma-separated dirs or name=dir; empty = every "
+                           "trained run under models/; none = the base model only")
+    api_key: str = _f("", "make serve: when set, every /v1 request needs 'Authorization: Bearer <API_KEY>'")
+    serve_max_queue: int = _f(32, "make serve: requests waiting beyond this many are answered 429 (busy)")
+    serve_batch_size: int = _f(8, "make serve: requests for the same adapter generated together")
+    serve_batch_wait_ms: int = _f(20, "make serve: how long the first request waits for others to batch with")
+    serve_max_prompt_tokens: int = _f(2048, "make serve: a longer prompt is answered 400")
+    serve_max_tokens: int = _f(1024, "make serve: the most max_tokens a request may ask for (400 above it); a "
+                                     "request without max_tokens gets MAX_NEW_TOKENS")
+    serve_max_body_kb: int = _f(256, "make serve: a larger request body is answered 400")

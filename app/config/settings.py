@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from app.config.fields import (ALL, TIERED, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs, ModelArgs, PredictArgs,
-                               ResourceArgs, TrainArgs)
+                               ResourceArgs, ServeArgs, TrainArgs)
 from app.config.sources import read_dotenv, unknown_problem, default_output_dir, make_overrides
 
 
@@ -35,6 +35,7 @@ class Config:
     distributed: DistArgs = field(default_factory=DistArgs)
     predict: PredictArgs = field(default_factory=PredictArgs)
     evaluation: EvalArgs = field(default_factory=EvalArgs)
+    serve: ServeArgs = field(default_factory=ServeArgs)
     explicit: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
                                metadata={"help": "not a setting: names the user set explicitly"})
 
@@ -186,6 +187,13 @@ class Config:
         need(not (t.packing == "on" and lo.method == "ptuning"),
              "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
              "use PACKING=auto or off")
+        sv = self.serve
+        need(bool(sv.serve_host.strip()), "SERVE_HOST is empty; use 127.0.0.1 (this machine) or 0.0.0.0")
+        need(1 <= sv.serve_port <= 65535, f"SERVE_PORT={sv.serve_port} must be a port in 1..65535, e.g. 8000")
+        for var in ("SERVE_MAX_QUEUE", "SERVE_BATCH_SIZE", "SERVE_MAX_PROMPT_TOKENS", "SERVE_MAX_TOKENS",
+                    "SERVE_MAX_BODY_KB"):
+            need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
+        need(sv.serve_batch_wait_ms >= 0, f"SERVE_BATCH_WAIT_MS={sv.serve_batch_wait_ms} must be >= 0 (0 = no wait)")
         if p:
             raise ConfigError(p)
         return self

@@ -35,6 +35,16 @@ BUILTIN_PROMPT = ("Instruction: 你现在是一个很厉害的阅读理解器，
                   "《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。\nAnswer: ")
 
 
+def load_base(name_or_path: str, quant: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
+    """The base model for answering, in the dtypes training gave it: a CPU k-bit model keeps its embeddings
+    and head in bf16 as training did (app/models/quantization.py), so an adapter sees the same logits."""
+    import torch
+
+    half = half_embeddings_on_cpu(quant, torch.cuda.is_available())
+    model = load_model(name_or_path, trust_remote_code, quant, bf16=half, setting=setting)
+    return serve_half_embeddings(model) if half else model
+
+
 class Predictor:
     """Base model + optional adapter, ready to answer prompts."""
 
@@ -64,12 +74,7 @@ class Predictor:
         own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
         self.tokenizer = load_tokenizer(str(self.adapter) if own_tok else base, cfg.model.trust_remote_code,
                                         setting="ADAPTER_DIR" if own_tok else setting)
-        import torch
-
-        half = half_embeddings_on_cpu(quant, torch.cuda.is_available())  # as training loaded it (app/models/quantization.py)
-        model = load_model(base, cfg.model.trust_remote_code, quant, bf16=half, setting=setting)
-        if half:
-            serve_half_embeddings(model)
+        model = load_base(base, quant, cfg.model.trust_remote_code, setting)
         if self.adapter is not None and not is_full_model(self.adapter):
             model = load_adapter(model, self.adapter)
         self.model = model.eval()

@@ -155,12 +155,16 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     return model
 
 
-def load_adapter(model: Any, adapter: Path) -> Any:
-    """PeftModel.from_pretrained, with a damaged adapter file as one line (app.models.integrity.load_failure)."""
+def load_adapter(model: Any, adapter: Path, name: str = "default") -> Any:
+    """PeftModel.from_pretrained, or one more adapter ``name`` on a PeftModel (`serve`), with a damaged
+    adapter file as one line (app.models.integrity.load_failure)."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter))
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter), adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
     except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
         known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
         if known is None:

@@ -1,0 +1,215 @@
+"""The OpenAI-compatible HTTP API of `serve` (FastAPI; streaming as server-sent events, sse-starlette).
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions, and vLLM's
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter. The request's ``model`` picks the adapter (the
+base's id: no adapter). Every error is OpenAI's shape, {"error": {message, type, param, code}}.
+
+Limits, each a setting: API_KEY (401 without the bearer token), SERVE_MAX_BODY_KB, SERVE_MAX_PROMPT_TOKENS,
+SERVE_MAX_TOKENS (400), SERVE_MAX_QUEUE (429). A client that goes away cancels its generation.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request  # FastAPI resolves the handlers' annotations here
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from app.config import Config
+from app.serve.engine import Engine, Job, QueueFull
+from app.serve.requests import ApiError, Generation, parse_generation, parse_json
+
+
+def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
+    sv = cfg.serve
+    app = FastAPI(title="ChatGLM-CPU-Trainer", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    async def authorized(request: Request) -> None:  # every /v1 route (a dependency: streams stay unwrapped)
+        given = request.headers.get("authorization", "")
+        if sv.api_key and not hmac.compare_digest(given.encode(), f"Bearer {sv.api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: 'Authorization: Bearer <API_KEY>'",
+                           code="invalid_api_key", kind="authentication_error")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        raw, cap = bytearray(), sv.serve_max_body_kb * 1024
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > cap:
+                raise ApiError(400, f"the request body is over {sv.serve_max_body_kb} KB (SERVE_MAX_BODY_KB)")
+        return parse_json(bytes(raw))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "waiting": engine.waiting(), "models": len(models.names())}
+
+    @v1.get("/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": models.listing()}
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _complete(request, parse_generation(await body_of(request), True, cfg), True)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Any:
+        return await _complete(request, parse_generation(await body_of(request), False, cfg), False)
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Any:
+        from app.core.errors import UserError
+        from app.serve.adapters import inside, read_adapter
+
+        body = await body_of(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
+            raise ApiError(400, "lora_name and lora_path are required strings", "lora_name")
+        where = inside(models.root, path)
+        if where is None:
+            raise ApiError(400, f"lora_path must be a dir inside {models.root}/ (no '..', no symlink out of it)",
+                           "lora_path")
+        try:
+            await run_in_threadpool(models.load, read_adapter(name, where))
+        except UserError as e:
+            raise ApiError(400, str(e), "lora_path") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Any:
+        name = (await body_of(request)).get("lora_name")
+        if not isinstance(name, str) or name not in models.adapters:
+            raise ApiError(404, f"no adapter named {name!r} is loaded", "lora_name", "model_not_found")
+        await run_in_threadpool(models.unload, name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def _complete(request: Request, gen: Generation, chat: bool) -> Any:
+        job, events = _submit(gen)
+        reply = _Reply(gen, chat, job)
+        if gen.stream:
+            return EventSourceResponse(reply.chunks(events), ping=15)
+        try:
+            text, reason, used = await _collect(request, events)
+        finally:
+            job.cancelled.set()  # a no-op once done; stops the generation if the client left (or on error)
+        return reply.whole(text, reason, used)
+
+    def _submit(gen: Generation) -> tuple[Job, asyncio.Queue]:
+        adapter = None if gen.model == models.base_id else gen.model
+        if adapter is not None and adapter not in models.adapters:
+            raise ApiError(404, f"The model `{gen.model}` does not exist; GET /v1/models lists the served ones",
+                           "model", "model_not_found")
+        tokenizer = models.tokenizer_for(adapter)
+        if gen.messages is not None:
+            from app.data.encode import prompt_text
+
+            ids = tokenizer(prompt_text(tokenizer, gen.messages), add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(gen.prompt)["input_ids"]
+        limit = min(sv.serve_max_prompt_tokens, _context(models.model) - gen.max_tokens)
+        if len(ids) > limit:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; at most {limit} are accepted with max_tokens="
+                           f"{gen.max_tokens} (SERVE_MAX_PROMPT_TOKENS, the model's context)",
+                           "messages" if gen.messages is not None else "prompt", "context_length_exceeded")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(adapter, list(ids), gen.max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  gen.temperature, gen.top_p, gen.stop, gen.seed)
+        try:
+            engine.submit(job)
+        except QueueFull:
+            raise ApiError(429, f"the server is busy: {sv.serve_max_queue} requests are waiting (SERVE_MAX_QUEUE); "
+                           "retry shortly", code="rate_limit_exceeded", kind="rate_limit_error") from None
+        return job, events
+
+    async def _collect(request: Request, events: asyncio.Queue) -> tuple[str, str, int]:
+        text: list[str] = []
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client closed the request") from None
+                continue
+            if event[0] == "delta":
+                text.append(event[1])
+            elif event[0] == "done":
+                return "".join(text), event[1], event[2]
+            else:
+                raise ApiError(500, event[1], kind="server_error")
+
+    app.include_router(v1)
+    return app
+
+
+def _context(model: Any) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "seq_length", 0) or 10**9)
+
+
+class _Reply:
+    """OpenAI's response objects for one request: whole, or as chunks of a stream."""
+
+    def __init__(self, gen: Generation, chat: bool, job: Job):
+        self.gen, self.chat, self.job = gen, chat, job
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.kind = "chat.completion" if chat else "text_completion"
+
+    def _usage(self, used: int) -> dict[str, int]:
+        prompt = len(self.job.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": used, "total_tokens": prompt + used}
+
+    def _object(self, choices: list[dict], kind: str, usage: dict | None = None) -> dict[str, Any]:
+        out = {"id": self.id, "object": kind, "created": self.created, "model": self.gen.model, "choices": choices}
+        return {**out, "usage": usage} if usage is not None else out
+
+    def whole(self, text: str, reason: str, used: int) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if self.chat else \
+            {"index": 0, "text": text, "logprobs": None}
+        return self._object([{**choice, "finish_reason": reason}], self.kind, self._usage(used))
+
+    def _chunk(self, delta: str | None, reason: str | None = None, first: bool = False) -> str:
+        if self.chat:
+            body = {"role": "assistant", "content": delta or ""} if first else ({"content": delta} if delta else {})
+            choice = {"index": 0, "delta": body, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return json.dumps(self._object([choice], kind), ensure_ascii=False)
+
+    async def chunks(self, events: asyncio.Queue) -> AsyncIterator[dict[str, str]]:
+        """The stream; sse-starlette closes this generator when the client goes away, which cancels the job."""
+        try:
+            if self.chat:
+                yield {"data": self._chunk(None, first=True)}
+            while True:
+                event = await events.get()
+                if event[0] == "delta":
+                    yield {"data": self._chunk(event[1])}
+                    continue
+                if event[0] == "error":
+                    yield {"data": json.dumps(ApiError(500, event[1], kind="server_error").body())}
+                    break
+                yield {"data": self._chunk(None, event[1])}
+                if self.gen.include_usage:
+                    kind = "chat.completion.chunk" if self.chat else "text_completion"
+                    yield {"data": json.dumps(self._object([], kind, self._usage(event[2])))}
+                break
+            yield {"data": "[DONE]"}
+        finally:
+            self.job.cancelled.set()

@@ -1,0 +1,42 @@
+"""`python -m app serve`: load the base and its adapters once, then answer HTTP until stopped."""
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+from app.config import Config
+from app.core.utils import set_threads
+
+log = logging.getLogger(__name__)
+
+
+def run_serve(cfg: Config) -> None:
+    import uvicorn
+
+    from app.serve.api import create_app
+    from app.serve.engine import Engine
+    from app.serve.models import ServedModels
+
+    sv = cfg.serve
+    set_threads(cfg.model.num_threads)
+    models = ServedModels(cfg)
+    engine = Engine(models, sv.serve_max_queue, sv.serve_batch_size, sv.serve_batch_wait_ms / 1000)
+    if not _loopback(sv.serve_host) and not sv.api_key:
+        log.warning("SERVE_HOST=%s answers every client that reaches port %d, and API_KEY is not set: set API_KEY, "
+                    "or SERVE_HOST=127.0.0.1 for this machine only", sv.serve_host, sv.serve_port)
+    log.info("serve: %s on http://%s:%d/v1 (%s)", ", ".join(models.names()), sv.serve_host, sv.serve_port,
+             "API key required" if sv.api_key else "no API key")
+    try:
+        uvicorn.run(create_app(models, engine, cfg), host=sv.serve_host, port=sv.serve_port, log_level="warning",
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,207 @@
+"""`serve`: the real server on a loopback port, a tiny GLM with two trained LoRA adapters, talked to with
+the official openai client and with raw HTTP."""
+import json
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from app import Config, FineTuner
+from app.data.synthetic import write_dataset
+from app.inference.predict import Predictor
+
+PROMPTS = ["抽取三元组：张三出生于北京。", "你好"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def work(tiny_glm_dir, tmp_path_factory):
+    """A working dir whose models/ holds two adapters trained apart (data seed, learning rate, steps)."""
+    work = tmp_path_factory.mktemp("serve")
+    for name, seed, lr, steps in (("a", 3, 1e-2, 3), ("b", 5, 5e-2, 6)):
+        data = work / f"data-{name}"
+        write_dataset(data, n_train=30, n_dev=5, seed=seed)
+        cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data / "train.jsonl"),
+                                "OUTPUT_DIR": str(work / "models" / name), "MAX_STEPS": steps, "GRAD_ACCUM": 1,
+                                "LEARNING_RATE": lr, "SEED": 0, "QUANT_LEVEL": "none", "VAL_SIZE": 0})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(work)  # models/.last_run goes there, not into the checkout
+            FineTuner(cfg).run()
+    return work
+
+
+class Server:
+    def __init__(self, app_process, work: Path, **settings):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [f"SERVE_PORT={self.port}", "NUM_THREADS=2", *(f"{k}={v}" for k, v in settings.items())]
+        self.proc = app_process(["serve", *args], cwd=work, log=work / f"serve-{self.port}.log")
+        self.proc.wait_for(self._up)
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self, key: str = "none"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body, headers=None, **kw) -> httpx.Response:
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json",
+                                                                      **(headers or {})}, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(work, module_app_process):
+    return Server(module_app_process, work, ADAPTERS="a=models/a,b=models/b", SERVE_MAX_PROMPT_TOKENS=200)
+
+
+def _chat(server, model, prompt, **kw):
+    r = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=8, temperature=0, **kw)
+    return r
+
+
+def test_models_lists_the_base_and_each_adapter_with_the_base_as_parent(server, tiny_glm_dir):
+    models = {m.id: m for m in server.client().models.list().data}
+    base = str(tiny_glm_dir)
+    assert set(models) == {base, "a", "b"}
+    assert models["a"].parent == models["b"].parent == base and models[base].parent is None
+
+
+def test_greedy_answers_equal_predict_custom_and_differ_by_adapter(server, work, tiny_glm_dir):
+    answers = {}
+    for model, adapter in (("a", work / "models" / "a"), ("b", work / "models" / "b"), (str(tiny_glm_dir), "none")):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(work)
+            pred = Predictor(Config.from_dict({"ADAPTER_DIR": str(adapter), "MAX_NEW_TOKENS": 8,
+                                               "MODEL_NAME": str(tiny_glm_dir)}))
+        answers[model] = []
+        for prompt in PROMPTS:
+            r = _chat(server, model, prompt)
+            expected = pred.generate([{"role": "user", "content": prompt}])
+            assert r.choices[0].message.content == expected, (model, prompt)
+            assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 1
+            answers[model].append(expected)
+    a, b, base = (tuple(v) for v in answers.values())
+    assert len({a, b, base}) == 3, answers  # each adapter answers as itself, the base as neither
+
+
+def test_a_stream_uses_its_adapter_and_ends_with_done(server):
+    for model in ("a", "b"):
+        whole = _chat(server, model, PROMPTS[0]).choices[0].message.content
+        chunks = list(_chat(server, model, PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == whole
+        assert chunks[-1].usage.completion_tokens >= 1 and chunks[-2].choices[0].finish_reason in ("stop", "length")
+    raw = server.post("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 4, "stream": True})
+    events = [ln[len("data: "):] for ln in raw.text.splitlines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk"
+
+
+def test_completions_answer_raw_prompts(server):
+    r = server.client().completions.create(model="a", prompt="Answer: ", max_tokens=5, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason in ("stop", "length")
+    again = server.client().completions.create(model="a", prompt="Answer: ", max_tokens=5, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+
+
+def test_adapters_load_and_unload_without_a_restart(server, work):
+    ids = lambda: {m.id for m in server.client().models.list().data}  # noqa: E731
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": "models/a"})
+    assert r.status_code == 200, r.text
+    assert "a2" in ids()
+    assert _chat(server, "a2", PROMPTS[0]).choices[0].message.content == \
+        _chat(server, "a", PROMPTS[0]).choices[0].message.content  # the same weights under a new name
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "a2"}).status_code == 200
+    assert "a2" not in ids()
+    assert server.post("/v1/unload_lora_adapter", {"lora_name": "a2"}).status_code == 404
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    ({"model": "a"}, 400, "messages"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({"model": "a", "messages": [{"role": "user", "content": "长" * 400}]}, 400, "messages"),
+    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
+])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
+    r = server.post("/v1/chat/completions", body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["param"] == param
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_adapter_paths_must_stay_inside_models(server, work, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (work / "models" / "escape").symlink_to(outside)
+    try:
+        for path in ("../../etc", "/etc", "models/escape", "models/../data-a"):
+            r = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
+    finally:
+        (work / "models" / "escape").unlink()
+    assert "x" not in {m.id for m in server.client().models.list().data}
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
+    body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 1000,
+            "temperature": 1.0, "stream": True, "stop": ["\x00never"]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            chunk = json.loads(line[len("data: "):]) if line.startswith("data: {") else {}
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                break  # text arrived: leave mid-stream
+    deadline = time.monotonic() + 60
+    while not (m := re.search(r"request cancelled after (\d+) tokens", server.proc.text())):
+        assert time.monotonic() < deadline, server.proc.text()[-2000:]
+        time.sleep(0.1)
+    assert int(m.group(1)) < 1000  # stopped, not run to max_tokens
+    assert _chat(server, "a", "hi").choices[0].finish_reason in ("stop", "length")
+
+
+def test_auth_when_an_api_key_is_set(work, app_process):
+    server = Server(app_process, work, ADAPTERS="a=models/a", API_KEY="s3cret")
+    from openai import AuthenticationError
+
+    with pytest.raises(AuthenticationError):
+        server.client("wrong").models.list()
+    assert httpx.get(server.url + "/v1/models").status_code == 401  # no key at all
+    assert [m.id for m in server.client("s3cret").models.list().data][-1] == "a"
+    assert httpx.get(server.url + "/health").status_code == 200  # the health check needs no key
+
+
+def test_a_full_queue_answers_429_and_every_request_ends(work, app_process):
+    server = Server(app_process, work, ADAPTERS="a=models/a", SERVE_MAX_QUEUE=8, SERVE_BATCH_SIZE=4)
+    statuses: list[int] = []
+    body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 16}
+
+    def one():
+        statuses.append(server.post("/v1/chat/completions", body).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(statuses) == 64 and set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0 and statuses.count(200) >= 8
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "waiting": 0, "models": 2}
