@@ -151,6 +151,8 @@ def report(rows: list[dict], env: dict) -> str:
         lines.append(f"- two adapters interleaved, 16 clients: {mixed['tokens_per_s']} tokens/s "
                      f"({mixed['tokens_per_s'] / batched['tokens_per_s']:.2f}x one adapter's): a batch is one "
                      "adapter, so the two take turns")
+    lines += ["", "A batch runs to its end before the next starts (no continuous batching): a request that arrives "
+              "while one generates waits for it, which is the batched server's time to first token above."]
     return "\n".join(lines) + "\n"
 
 
@@ -161,6 +163,7 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     a = ap.parse_args()
     setup_logging()
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # not a line per request
     ensure_model(MODEL, QWEN_100M)
     for name, seed in ADAPTERS.items():
         make_adapter(name, seed)

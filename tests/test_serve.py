@@ -205,3 +205,15 @@ def test_a_full_queue_answers_429_and_every_request_ends(work, app_process):
     assert len(statuses) == 64 and set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) > 0 and statuses.count(200) >= 8
     assert httpx.get(server.url + "/health").json() == {"status": "ok", "waiting": 0, "models": 2}
+
+
+def test_bench_serve_judges_the_batching_target_honestly():
+    from bench.bench_serve import report
+
+    def row(server, tps):
+        return {"server": server, "adapters": "a", "concurrency": 16, "requests": 48, "tokens": 3072, "wall_s": 1,
+                "tokens_per_s": tps, "p50_s": 1, "p95_s": 1, "ttft_p50_s": 0.1}
+
+    env = {"cpus": 2, "load_before": 0.5, "requests": 3, "max_tokens": 64}
+    assert "3.50x (target >= 3x) -> PASS" in report([row("one at a time", 10), row("batched", 35)], env)
+    assert "2.90x (target >= 3x) -> FAIL" in report([row("one at a time", 10), row("batched", 29)], env)
