@@ -6,7 +6,8 @@
 #   3. hadolint on both Dockerfiles (errors fail); `docker compose config -q`, CPU and CUDA files
 #   4. the air-gapped base image (scripts/make-base-image.sh; no registry is reachable here) and
 #      the torch CPU wheel in wheels/ (only PyPI is); the CPU image built once, size checked
-#   5. `docker compose run --rm train` (tiny, 20 samples, 1 epoch), predict-custom, info under
+#   5. `docker compose run --rm train` (tiny, 20 samples, 1 epoch), predict-custom, serve (healthy,
+#      loopback-only port, answers with the adapter), info under
 #      MEM_LIMIT/CPUS; the adapter is on the host, owned by the invoking user; info reports the
 #      limit; `docker compose stop` ends a running train with a checkpoint (SIGTERM)
 #   6. the issue's "done when", as a non-root user in a clean clone: make setup && make train &&
@@ -148,6 +149,31 @@ echo "$out"
 echo "predict-custom: $(( $(date +%s) - t ))s"
 grep -q "prompt: 《星河往事》" <<<"$out" || die "predict-custom did not answer the prompt"
 if docker compose run --rm predict-custom >/dev/null 2>&1; then die "predict-custom without PROMPT should fail"; fi
+
+step "docker compose up -d serve: healthy, on the host's 127.0.0.1 only, answering with the trained adapter"
+port=18931
+SERVE_PORT=$port docker compose up -d --no-deps serve
+cid=$(docker compose ps -q serve)
+for _ in $(seq 120); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
+    sleep 2
+done
+health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
+[ "$health" = healthy ] || { docker compose logs serve | tail -30; die "serve is $health, not healthy"; }
+published=$(docker compose port serve 8000)
+[ "$published" = "127.0.0.1:$port" ] || die "serve is published on $published, not 127.0.0.1:$port only"
+python3 - "$port" <<'PY' || { docker compose logs serve | tail -30; die "serve did not answer"; }
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}/v1"
+models = [m["id"] for m in json.load(urllib.request.urlopen(base + "/models"))["data"]]
+assert "tiny-lora" in models, models
+body = json.dumps({"model": "tiny-lora", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 8}).encode()
+req = urllib.request.Request(base + "/chat/completions", body, {"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(req))
+assert answer["object"] == "chat.completion" and answer["usage"]["completion_tokens"] >= 1, answer
+print("serve:", models, repr(answer["choices"][0]["message"]["content"]))
+PY
+docker compose stop serve && docker compose rm -f serve >/dev/null
 
 step "docker compose run --rm info with MEM_LIMIT=3g CPUS=1"
 info=$(MEM_LIMIT=3g CPUS=1 docker compose run --rm -e MODEL_NAME=tiny info) || die "info failed"

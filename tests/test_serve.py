@@ -162,6 +162,37 @@ def test_adapter_paths_must_stay_inside_models(server, work, tmp_path):
     assert "x" not in {m.id for m in server.client().models.list().data}
 
 
+def test_p_tuning_adapters_are_refused_in_one_line(server, work, tiny_glm_dir):
+    prefix = work / "models" / "prefix"
+    prefix.mkdir(exist_ok=True)
+    (prefix / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    (prefix / "train_config.json").write_text(json.dumps({"METHOD": "ptuning", "MODEL_NAME": str(tiny_glm_dir)}))
+    r = server.post("/v1/load_lora_adapter", {"lora_name": "prefix", "lora_path": "models/prefix"})
+    assert r.status_code == 400 and "P-Tuning" in r.json()["error"]["message"]
+    assert "predict-custom ADAPTER_DIR=" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+
+
+def test_a_body_over_the_cap_is_refused(server):
+    big = {"model": "a", "messages": [{"role": "user", "content": "x" * 300 * 1024}]}  # SERVE_MAX_BODY_KB=256
+    r = server.post("/v1/chat/completions", big)
+    assert r.status_code == 400 and "SERVE_MAX_BODY_KB" in r.json()["error"]["message"]
+
+
+def test_concurrent_requests_for_two_adapters_each_get_their_own_answer(server):
+    expected = {m: _chat(server, m, PROMPTS[0]).choices[0].message.content for m in ("a", "b")}
+    got: list[tuple[str, str]] = []
+
+    def one(model):
+        got.append((model, _chat(server, model, PROMPTS[0]).choices[0].message.content))
+
+    threads = [threading.Thread(target=one, args=("ab"[i % 2],)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(got) == 8 and all(answer == expected[model] for model, answer in got), (expected, got)
+
+
 def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
     body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 1000,
             "temperature": 1.0, "stream": True, "stop": ["\x00never"]}
