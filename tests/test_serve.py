@@ -248,3 +248,15 @@ def test_bench_serve_judges_the_batching_target_honestly():
     env = {"cpus": 2, "load_before": 0.5, "requests": 3, "max_tokens": 64}
     assert "3.50x (target >= 3x) -> PASS" in report([row("one at a time", 10), row("batched", 35)], env)
     assert "2.90x (target >= 3x) -> FAIL" in report([row("one at a time", 10), row("batched", 29)], env)
+
+
+def test_a_taken_port_is_one_line_before_any_loading(run_app, tiny_glm_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_app(["serve", f"MODEL_NAME={tiny_glm_dir}", "ADAPTERS=none", f"SERVE_PORT={port}"], timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and f"SERVE_PORT={port}" in errors[0] and "another SERVE_PORT" in errors[0]
+    assert "serve: base" not in r.stderr  # refused before the model was loaded

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 
 from app.config import Config
 from app.core.utils import set_threads
@@ -18,6 +19,7 @@ def run_serve(cfg: Config) -> None:
     from app.serve.models import ServedModels
 
     sv = cfg.serve
+    _can_listen(sv.serve_host, sv.serve_port)  # before minutes of loading, not after
     set_threads(cfg.model.num_threads)
     models = ServedModels(cfg)
     engine = Engine(models, sv.serve_max_queue, sv.serve_batch_size, sv.serve_batch_wait_ms / 1000)
@@ -31,6 +33,21 @@ def run_serve(cfg: Config) -> None:
                     timeout_graceful_shutdown=5)
     finally:
         engine.stop()
+
+
+def _can_listen(host: str, port: int) -> None:
+    """A one-line UserError when SERVE_HOST:SERVE_PORT cannot be listened on (taken, or no such address)."""
+    from app.core.errors import UserError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: only a listener blocks it
+            s.bind((host, port))
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise UserError(f"SERVE_PORT={port}: cannot listen on {host}:{port} ({why}); another server may hold "
+                        "it: stop it or choose another SERVE_PORT (and check SERVE_HOST)") from None
 
 
 def _loopback(host: str) -> bool:
