@@ -51,10 +51,10 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-def context_size(pred: Answerer) -> int | None:
+def context_size(model: Any, tokenizer: Any) -> int | None:
     """Tokens the model can attend to: the smaller of its config's position limit and the
     tokenizer's model_max_length (when that is a real number); None when neither is known."""
-    config = getattr(pred.model, "config", None)
+    config = getattr(model, "config", None)
     sizes = []
     # max_position_embeddings for most families; ChatGLM2/3 remote code says seq_length,
     # ChatGLM-6B max_sequence_length, GPT-2-like models n_positions.
@@ -63,7 +63,7 @@ def context_size(pred: Answerer) -> int | None:
         if isinstance(value, int) and value > 0:
             sizes.append(value)
             break
-    value = getattr(pred.tokenizer, "model_max_length", None)
+    value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < _NO_LIMIT:
         sizes.append(value)
     return min(sizes) if sizes else None
@@ -116,7 +116,7 @@ def chat(pred: Answerer, read: Callable[[str], str] | None = None) -> None:
     """Talk to ``pred`` until /exit, /quit or end of input. ``read`` is input() by default,
     looked up at call time so a patched builtins.input drives the loop too."""
     read = read or input
-    context = context_size(pred)
+    context = context_size(pred.model, pred.tokenizer)
     max_new = pred.cfg.predict.max_new_tokens
     history: list[Message] = []
     _say(BANNER)

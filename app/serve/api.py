@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from app.config import Config
+from app.inference.chat import context_size
 from app.serve.engine import Engine, Job, QueueFull
 from app.serve.requests import ApiError, Generation, parse_generation, parse_json
 
@@ -110,7 +111,7 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
         return reply.whole(text, reason, used)
 
     def _submit(gen: Generation) -> tuple[Job, asyncio.Queue]:
-        adapter = None if gen.model == models.base_id else gen.model
+        adapter = None if gen.model == models.base_name else gen.model
         if adapter is not None and adapter not in models.adapters:
             raise ApiError(404, f"The model `{gen.model}` does not exist; GET /v1/models lists the served ones",
                            "model", "model_not_found")
@@ -121,7 +122,8 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
             ids = tokenizer(prompt_text(tokenizer, gen.messages), add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(gen.prompt)["input_ids"]
-        limit = min(sv.serve_max_prompt_tokens, _context(models.model) - gen.max_tokens)
+        context = context_size(models.model, tokenizer) or 10**9  # the chat's own reading of the limit
+        limit = min(sv.serve_max_prompt_tokens, context - gen.max_tokens)
         if len(ids) > limit:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; at most {limit} are accepted with max_tokens="
                            f"{gen.max_tokens} (SERVE_MAX_PROMPT_TOKENS, the model's context)",
@@ -156,11 +158,6 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
     return app
 
 
-def _context(model: Any) -> int:
-    config = getattr(model, "config", None)
-    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "seq_length", 0) or 10**9)
-
-
 class _Reply:
     """OpenAI's response objects for one request: whole, or as chunks of a stream."""
 
@@ -169,6 +166,7 @@ class _Reply:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.kind = "chat.completion" if chat else "text_completion"
+        self.chunk_kind = "chat.completion.chunk" if chat else "text_completion"
 
     def _usage(self, used: int) -> dict[str, int]:
         prompt = len(self.job.prompt_ids)
@@ -189,8 +187,7 @@ class _Reply:
             choice = {"index": 0, "delta": body, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return json.dumps(self._object([choice], kind), ensure_ascii=False)
+        return json.dumps(self._object([choice], self.chunk_kind), ensure_ascii=False)
 
     async def chunks(self, events: asyncio.Queue) -> AsyncIterator[dict[str, str]]:
         """The stream; sse-starlette closes this generator when the client goes away, which cancels the job."""
@@ -207,8 +204,7 @@ class _Reply:
                     break
                 yield {"data": self._chunk(None, event[1])}
                 if self.gen.include_usage:
-                    kind = "chat.completion.chunk" if self.chat else "text_completion"
-                    yield {"data": json.dumps(self._object([], kind, self._usage(event[2])))}
+                    yield {"data": json.dumps(self._object([], self.chunk_kind, self._usage(event[2])))}
                 break
             yield {"data": "[DONE]"}
         finally:

@@ -50,18 +50,14 @@ class ServedModels:
             except UserError as e:
                 log.warning("serve: not serving %s: %s", adapter.path, e)
 
-    @property
-    def base_id(self) -> str:
-        return self.base_name
-
     def names(self) -> list[str]:
-        return [self.base_id, *self.adapters]
+        return [self.base_name, *self.adapters]
 
     def load(self, adapter: Adapter) -> None:
         """Add ``adapter`` under its name (UserError, one line, when it cannot be served on this base)."""
         from app.models.loading import load_adapter, load_tokenizer
 
-        if adapter.name in self.adapters or adapter.name == self.base_id:
+        if adapter.name in self.adapters or adapter.name == self.base_name:
             raise UserError(f"an adapter named {adapter.name!r} is already served; unload it first")
         if adapter.method == "ptuning":
             raise UserError(f"{adapter.path} is a P-Tuning prefix, which cannot share the base with LoRA adapters; "
@@ -105,5 +101,5 @@ class ServedModels:
     def listing(self) -> list[dict[str, Any]]:
         """GET /v1/models' data: the base, then each adapter with ``parent`` = the base (vLLM's convention)."""
         card = {"object": "model", "created": self.created, "owned_by": "chatglm-cpu-trainer"}
-        return [{"id": self.base_id, **card, "root": self.base_name, "parent": None}] + \
-               [{"id": a.name, **card, "root": str(a.path), "parent": self.base_id} for a in self.adapters.values()]
+        return [{"id": self.base_name, **card, "root": self.base_name, "parent": None}] + \
+               [{"id": a.name, **card, "root": str(a.path), "parent": self.base_name} for a in self.adapters.values()]
