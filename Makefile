@@ -60,6 +60,9 @@ ifeq ($(RUNTIME),docker)
   # serve listens on 0.0.0.0:8000 inside; compose publishes it on the host's 127.0.0.1:SERVE_PORT
   SERVE_FORWARD = $(strip $(foreach v,$(filter-out SERVE_HOST SERVE_PORT,$(SETTINGS)),$(if $(filter-out \
 	undefined,$(origin $(v))),-e $(v))) -e MAKEFLAGS)
+  # webui listens on 0.0.0.0:7860 inside (so it needs WEBUI_AUTH); compose publishes it on 127.0.0.1:WEBUI_PORT
+  WEBUI_FORWARD = $(strip $(foreach v,$(filter-out WEBUI_HOST WEBUI_PORT,$(SETTINGS)),$(if $(filter-out \
+	undefined,$(origin $(v))),-e $(v))) -e MAKEFLAGS)
   SETUP := image
 else
   ifneq ($(MEM_LIMIT)$(CPUS),)
@@ -71,7 +74,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx clean remove-run distclean
+.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -114,6 +117,13 @@ ifeq ($(RUNTIME),docker)
 	$(COMPOSE) run --rm --service-ports $(SERVE_FORWARD) serve
 else
 	$(APP) serve
+endif
+
+webui: setup ## the web UI (train, watch, chat, evaluate, export) on http://127.0.0.1:WEBUI_PORT
+ifeq ($(RUNTIME),docker)
+	$(COMPOSE) run --rm --service-ports $(WEBUI_FORWARD) webui
+else
+	$(APP) webui
 endif
 
 merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without peft)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 APP = Path(__file__).resolve().parents[1] / "app"
 # bottom -> top; a package may import its own modules and any package before it
-LAYERS = ["core", "config", "data", "models", "plan", "inference", "evaluation", "training", "serve", "cli"]
+LAYERS = ["core", "config", "data", "models", "plan", "inference", "evaluation", "training", "serve", "cli", "webui"]
 
 
 def _imports() -> dict[str, set[str]]:

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from app.training.callbacks import read_metrics
+from app.training.metrics_file import read_metrics
 from app.training.signals import Interrupted, StopRequest
 
 

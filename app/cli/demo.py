@@ -144,7 +144,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     prep_s, train_s = t1 - t0, time.perf_counter() - t1
     final = run_evaluate(Config.from_dict({**cfg.to_dict(), "ADAPTER_DIR": str(result.output_dir),
                                            "EVAL_PATH": str(heldout), "EVAL_SAMPLES": 0}))
-    from app.training.callbacks import read_metrics
+    from app.training.metrics_file import read_metrics
 
     curve = [(r["time_s"], r["step"], r["eval_f1"]) for r in read_metrics(result.output_dir / "metrics.jsonl")
              if "eval_f1" in r]

@@ -241,36 +241,37 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def usage() -> str:
+def usage(commands: dict[str, Command] = COMMANDS) -> str:
     from app.cli.reference import usage_text
 
-    return usage_text(COMMANDS)
+    return usage_text(commands)
 
 
-def _command_help(name: str) -> str:
+def _command_help(name: str, commands: dict[str, Command]) -> str:
     from app.cli.reference import command_help
 
-    c = COMMANDS[name]
+    c = commands[name]
     return command_help(name, c.summary, c.doc or c.run.__doc__ or "", c.reads)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands: dict[str, Command] = COMMANDS) -> int:
+    """Run one command of ``commands``: these, plus what the layers above add (app/__main__.py: the web UI)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         wanted = argv[1] if len(argv) > 1 and argv[0] == "help" else ""
-        sys.stdout.write(_command_help(wanted) if wanted in COMMANDS else usage())  # cli-output
+        sys.stdout.write(_command_help(wanted, commands) if wanted in commands else usage(commands))  # cli-output
         return 0
     cmd, rest = argv[0], argv[1:]
-    if cmd in COMMANDS and ("-h" in rest or "--help" in rest):
-        sys.stdout.write(_command_help(cmd))  # cli-output
+    if cmd in commands and ("-h" in rest or "--help" in rest):
+        sys.stdout.write(_command_help(cmd, commands))  # cli-output
         return 0
     from app.core.utils import setup_logging
     from app.training.signals import Interrupted, install_cli_handlers
 
     install_cli_handlers()  # SIGTERM (docker compose stop) ends any command cleanly, as PID 1 too
     setup_logging()
-    if cmd not in COMMANDS:
-        log.error("unknown command %r; choose one of: %s", cmd, ", ".join(COMMANDS))
+    if cmd not in commands:
+        log.error("unknown command %r; choose one of: %s", cmd, ", ".join(commands))
         return 2
     try:
         overrides = parse_cli_overrides(rest)
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = Config.load(overrides, validate=cmd not in PREFLIGHTED)
         if cmd == "predict":
             cmd = _predict_mode(cfg, {k.upper() for k in overrides})
-        COMMANDS[cmd].run(cfg)
+        commands[cmd].run(cfg)
     except UserError as e:
         for line in e.problems:
             log.error("%s", line)

@@ -36,6 +36,8 @@ SECTION_TITLES = {
     "distributed": "Several processes and machines ([distributed](distributed.md)).",
     "predict": "Predict, chat, merge and ONNX export ([inference](inference.md)).",
     "evaluation": "Evaluation and the demo ([evaluation](evaluation.md)).",
+    "serve": "The OpenAI-compatible API ([serving](serving.md)).",
+    "webui": "The web UI ([web UI](webui.md)).",
 }
 
 

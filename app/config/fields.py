@@ -194,3 +194,14 @@ class ServeArgs:
     serve_max_tokens: int = _f(1024, "make serve: the most max_tokens a request may ask for (400 above it); a "
                                      "request without max_tokens gets MAX_NEW_TOKENS")
     serve_max_body_kb: int = _f(256, "make serve: a larger request body is answered 400")
+
+
+@dataclass(frozen=True)
+class WebuiArgs:
+    webui_host: str = _f("127.0.0.1", "make webui: the address the web UI listens on; 127.0.0.1 = this machine only; "
+                                      "any other address needs WEBUI_AUTH")
+    webui_port: int = _f(7860, "make webui: the web UI's port")
+    webui_auth: str = _f("", "make webui: user:password that the browser must give (required unless WEBUI_HOST is a "
+                             "loopback address)")
+    webui_max_upload_mb: int = _f(512, "make webui: the largest data file an upload may be (a bigger one: copy it "
+                                       "into data/ and pick it)")

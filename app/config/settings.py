@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from app.config.fields import (ALL, TIERED, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs, ModelArgs, PredictArgs,
-                               ResourceArgs, ServeArgs, TrainArgs)
+                               ResourceArgs, ServeArgs, TrainArgs, WebuiArgs)
 from app.config.sources import read_dotenv, unknown_problem, default_output_dir, make_overrides
 
 
@@ -36,6 +36,7 @@ class Config:
     predict: PredictArgs = field(default_factory=PredictArgs)
     evaluation: EvalArgs = field(default_factory=EvalArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)
+    webui: WebuiArgs = field(default_factory=WebuiArgs)
     explicit: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
                                metadata={"help": "not a setting: names the user set explicitly"})
 
@@ -194,6 +195,12 @@ class Config:
                     "SERVE_MAX_BODY_KB"):
             need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
         need(sv.serve_batch_wait_ms >= 0, f"SERVE_BATCH_WAIT_MS={sv.serve_batch_wait_ms} must be >= 0 (0 = no wait)")
+        ui = self.webui
+        need(bool(ui.webui_host.strip()), "WEBUI_HOST is empty; use 127.0.0.1 (this machine only)")
+        need(1 <= ui.webui_port <= 65535, f"WEBUI_PORT={ui.webui_port} must be a port in 1..65535, e.g. 7860")
+        need(not ui.webui_auth or ui.webui_auth.count(":") >= 1 and all(ui.webui_auth.split(":", 1)),
+             "WEBUI_AUTH must be user:password (both non-empty)")
+        need(ui.webui_max_upload_mb >= 1, f"WEBUI_MAX_UPLOAD_MB={ui.webui_max_upload_mb} must be >= 1")
         if p:
             raise ConfigError(p)
         return self

@@ -19,11 +19,11 @@ def run_serve(cfg: Config) -> None:
     from app.serve.models import ServedModels
 
     sv = cfg.serve
-    _can_listen(sv.serve_host, sv.serve_port)  # before minutes of loading, not after
+    can_listen(sv.serve_host, sv.serve_port)  # before minutes of loading, not after
     set_threads(cfg.model.num_threads)
     models = ServedModels(cfg)
     engine = Engine(models, sv.serve_max_queue, sv.serve_batch_size, sv.serve_batch_wait_ms / 1000)
-    if not _loopback(sv.serve_host) and not sv.api_key:
+    if not loopback(sv.serve_host) and not sv.api_key:
         log.warning("SERVE_HOST=%s answers every client that reaches port %d, and API_KEY is not set: set API_KEY, "
                     "or SERVE_HOST=127.0.0.1 for this machine only", sv.serve_host, sv.serve_port)
     log.info("serve: %s on http://%s:%d/v1 (%s)", ", ".join(models.names()), sv.serve_host, sv.serve_port,
@@ -35,8 +35,8 @@ def run_serve(cfg: Config) -> None:
         engine.stop()
 
 
-def _can_listen(host: str, port: int) -> None:
-    """A one-line UserError when SERVE_HOST:SERVE_PORT cannot be listened on (taken, or no such address)."""
+def can_listen(host: str, port: int, setting: str = "SERVE") -> None:
+    """A one-line UserError when <setting>_HOST:<setting>_PORT cannot be listened on (taken, or no such address)."""
     from app.core.errors import UserError
 
     try:
@@ -46,11 +46,11 @@ def _can_listen(host: str, port: int) -> None:
             s.bind((host, port))
     except OSError as e:
         why = e.strerror or str(e)
-        raise UserError(f"SERVE_PORT={port}: cannot listen on {host}:{port} ({why}); another server may hold "
-                        "it: stop it or choose another SERVE_PORT (and check SERVE_HOST)") from None
+        raise UserError(f"{setting}_PORT={port}: cannot listen on {host}:{port} ({why}); another server may hold "
+                        f"it: stop it or choose another {setting}_PORT (and check {setting}_HOST)") from None
 
 
-def _loopback(host: str) -> bool:
+def loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

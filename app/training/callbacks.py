@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from app.core.utils import staged_dir
 from app.training.dist import is_main
+from app.training.metrics_file import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -84,15 +85,18 @@ class ProgressBar(TrainerCallback):
 class MetricsJsonl(TrainerCallback):
     """Append every log record (train and eval) as one JSON line, with tokens/s and time."""
 
-    def __init__(self, path: Path, throughput: Throughput, sampler: Any = None):
-        self.path, self.tp, self.sampler = path, throughput, sampler
+    def __init__(self, path: Path, throughput: Throughput, sampler: Any = None, budget_mb: float = 0.0):
+        self.path, self.tp, self.sampler, self.budget_mb = path, throughput, sampler, budget_mb
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or not state.is_world_process_zero:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
                "tokens_seen": state.num_input_tokens_seen,
-               "tokens_per_s": round(self.tp.tokens_per_s(state), 1)}
+               "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
+               "max_steps": state.max_steps}  # with time_s, a watcher's progress and ETA (the web UI)
+        if self.budget_mb:
+            row["budget_mb"] = round(self.budget_mb, 1)  # the plan's memory budget, beside the RSS below
         if self.sampler is not None:  # memory now and at its peak so far (RSS / cgroup / CUDA)
             row.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
                         if v is not None and k != "samples"})
@@ -146,22 +150,6 @@ class BestAdapter(TrainerCallback):
                 log.info("early stopping: %s has not improved on %.4f (step %s) for %d evaluations",
                          self.metric, self.sign * self.best, self.best_step, self.bad_evals)
                 control.should_training_stop = True
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl (MetricsJsonl writes them), in order; [] when there is no
-    file. A line a kill cut short is left out: it is logged again when the run resumes."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # blank, or cut short
-    return rows
 
 
 MARKERS_BELOW = 30  # train-loss points: a shorter run (the quick start logs 3) marks each point

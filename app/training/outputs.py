@@ -17,7 +17,8 @@ from app.core.errors import UserError
 from app.core.utils import LAST_RUN_FILE, atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
 from app.training import dist
-from app.training.callbacks import plot_losses, read_metrics
+from app.training.callbacks import plot_losses
+from app.training.metrics_file import read_metrics
 from app.training.checkpoints import CHECKPOINTS, latest_checkpoint
 
 METRICS = "metrics.jsonl"

@@ -201,7 +201,7 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
 
     cfg = ft.cfg
     tp = Throughput()
-    metrics = MetricsJsonl(out / METRICS, tp, sampler)
+    metrics = MetricsJsonl(out / METRICS, tp, sampler, ft.plan.budget_mb)
     f1: list[Any] = []
     if cfg.evaluation.eval_metric == "f1" and not ft.val_examples:
         log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")

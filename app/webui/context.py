@@ -1,0 +1,28 @@
+"""What every tab shares: the settings the UI started with (defaults < .env < environment), the jobs it runs,
+the chat backend, and how a refusal is shown: the command line's own one-line messages, one per line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.config import Config
+from app.core.errors import UserError
+from app.webui.chat import ChatBackend
+from app.webui.jobs import Jobs
+
+
+@dataclass
+class Context:
+    cfg: Config
+    jobs: Jobs = field(default_factory=Jobs)
+    last_train: dict[str, dict[str, str]] = field(default_factory=dict)  # run dir -> the overrides it started with
+    backend: ChatBackend | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = ChatBackend(self.jobs)
+
+
+def problems_of(e: BaseException) -> str:
+    """A UserError's lines (each names the setting and the fix), as the CLI logs them."""
+    return "\n".join(e.problems) if isinstance(e, UserError) else str(e)
+

@@ -1,0 +1,114 @@
+"""The commands the UI runs: each a real `python -m app <command> KEY=value ...` process, the same line the UI
+shows for pasting, started in its own session. So a crash or restart of the UI never kills a training run,
+Stop is the SIGTERM a terminal's `kill` sends (training checkpoints, then exits), and what a job prints goes
+to a log under models/.webui/logs/ that the UI tails.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from app.webui.forms import argv, command_line
+from app.webui.paths import MODELS, project
+
+log = logging.getLogger(__name__)
+
+LOGS = Path(MODELS) / ".webui" / "logs"
+
+
+@dataclass
+class Job:
+    command: str
+    line: str  # as shown to the user
+    log: Path
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.time)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        # tqdm redraws its bar with \r: keep each line's last drawing
+        return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+
+    def errors(self) -> list[str]:
+        """The job's ERROR lines without the log prefix: the command line's one-line messages."""
+        out = []
+        for line in self.tail(200).splitlines():
+            _, sep, msg = line.partition(" ERROR ")
+            if sep:
+                out.append(msg.split(": ", 1)[-1] if msg.startswith("app") else msg)
+        return out
+
+    def stop(self) -> bool:
+        """SIGTERM, as `kill` or `docker compose stop` sends: training checkpoints, then exits."""
+        if not self.running():
+            return False
+        os.kill(self.proc.pid, signal.SIGTERM)
+        return True
+
+    def status(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return f"running: pid {self.proc.pid}, {time.time() - self.started:,.0f} s"
+        return "finished" if code == 0 else f"ended with exit code {code}"
+
+
+class Jobs:
+    """The jobs this UI started, by a key (the run dir, or a tab's name); one running job per key."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, Job] = {}
+
+    def get(self, key: str) -> Job | None:
+        return self.by_key.get(key)
+
+    def start(self, key: str, command: str, overrides: dict[str, str]) -> Job:
+        running = self.get(key)
+        if running is not None and running.running():
+            raise RuntimeError(f"{key}: {running.command} is still running (pid {running.proc.pid})")
+        logs = project() / LOGS
+        logs.mkdir(parents=True, exist_ok=True)
+        path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}-{len(self.by_key)}.log"
+        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}  # the UI's own make line is not the job's
+        env["PYTHONUNBUFFERED"] = "1"  # the log tail is live
+        with path.open("w", encoding="utf-8") as out:
+            proc = subprocess.Popen(argv(command, overrides), cwd=project(), env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        job = Job(command, command_line(command, overrides), path, proc)
+        self.by_key[key] = job
+        log.info("started %s (pid %d), log %s", job.line, proc.pid, path)
+        return job
+
+    def wait(self, key: str, timeout: float | None = None) -> int | None:
+        job = self.get(key)
+        if job is None:
+            return None
+        try:
+            return job.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop_all(self) -> None:
+        """At the UI's exit: jobs that only serve the UI (the chat backend) end; training runs are left alone."""
+        for key, job in self.by_key.items():
+            if job.command == "serve" and job.running():
+                job.stop()
+
+
+def follow(job: Job, every_s: float = 1.0) -> Iterator[str]:
+    """The job's log tail, again every ``every_s`` while it runs, and once more when it has ended."""
+    while job.running():
+        yield job.tail()
+        time.sleep(every_s)
+    yield job.tail()

@@ -1,0 +1,129 @@
+"""What the UI shows of a run dir: its state (training, stopped with a checkpoint, finished), its progress and
+its curves, read from the files training writes (metrics.jsonl, summary.json, train_config.json, checkpoints/,
+the run lock). A run started from a terminal is watched the same way as one the UI started.
+Standard library and pandas (which Gradio's plots take); no torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.cli.workspace import RUN_MARKS, TINY_MODELS
+from app.training import runlock
+from app.training.checkpoints import CHECKPOINTS, latest_checkpoint, step_of
+from app.training.metrics_file import read_metrics
+from app.webui.paths import MODELS, project
+
+
+def run_dirs() -> list[str]:
+    """Every run under models/ (a dir with a run's marks, or a checkpoint), newest first, as models/<name>."""
+    root = project() / MODELS
+    found = [p for p in root.iterdir() if p.is_dir() and p.name not in TINY_MODELS and not p.name.startswith(".")
+             and any((p / mark).exists() for mark in RUN_MARKS)] if root.is_dir() else []
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    return [str(p.relative_to(project())) for p in found]
+
+
+def adapters() -> list[str]:
+    """The finished runs that hold an adapter (what chat, evaluate and export load)."""
+    return [d for d in run_dirs() if (project() / d / "adapter_config.json").is_file()]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class RunState:
+    run: str
+    state: str  # training | stopped | finished | new
+    line: str  # one line for people
+    step: int = 0
+    max_steps: int = 0
+
+    @property
+    def resumable(self) -> bool:
+        return self.state == "stopped"
+
+
+def state(run: str) -> RunState:
+    out = project() / run
+    who = runlock.holder(out)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r or "eval_loss" in r]
+    step = rows[-1]["step"] if rows else 0
+    total = next((r["max_steps"] for r in reversed(rows) if r.get("max_steps")), 0)
+    if who is not None and who.get("command") == "train":
+        return RunState(run, "training", f"training: pid {who.get('pid')}, step {step} of {total or '?'}", step, total)
+    ckpt = latest_checkpoint(out / CHECKPOINTS)
+    summary = _json(out / "summary.json")
+    if summary and ckpt is None:
+        return RunState(run, "finished", f"finished: {summary.get('steps')} steps", summary.get("steps") or 0,
+                        summary.get("steps") or 0)
+    if ckpt is not None:
+        n = step_of(ckpt)
+        return RunState(run, "stopped", f"stopped at step {step}: checkpoint {ckpt.relative_to(project())} "
+                                        f"(step {n}); Resume continues from it", n, total)
+    return RunState(run, "new", "no checkpoint yet" if rows else "not started")
+
+
+def progress(run: str) -> str:
+    """Progress, tokens/s, ETA and memory against the plan's budget, from the last logged row."""
+    rows = read_metrics(project() / run / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    if not train:
+        return "no step logged yet"
+    last = train[-1]
+    step, total, t = last["step"], last.get("max_steps") or 0, last.get("time_s") or 0.0
+    parts = [f"step {step}/{total or '?'}"]
+    if total and step:
+        parts.append(f"{100 * step / total:.0f}%")
+        parts.append(f"ETA {max(0.0, t / step * (total - step)):,.0f} s")
+    parts.append(f"{last.get('tokens_per_s', 0):,.0f} tokens/s")
+    parts.append(f"loss {last['loss']:.4f}")
+    rss, budget = last.get("rss_mb"), last.get("budget_mb")
+    if rss:
+        parts.append(f"RSS {rss:,.0f} MB" + (f" of a {budget:,.0f} MB budget" if budget else ""))
+    return " · ".join(parts)
+
+
+def curves(runs: list[str]) -> Any:
+    """A long table (step, value, series) of train loss, eval loss and eval F1 for the plots: one run, or two to
+    compare (then each series is prefixed with the run's name)."""
+    import pandas as pd
+
+    points = []
+    for run in runs:
+        prefix = f"{Path(run).name} " if len(runs) > 1 else ""
+        for r in read_metrics(project() / run / "metrics.jsonl"):
+            for key, label in (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_f1", "eval F1")):
+                if isinstance(r.get(key), (int, float)):
+                    points.append({"step": r["step"], "value": r[key], "series": prefix + label})
+    return pd.DataFrame(points, columns=["step", "value", "series"])
+
+
+SUMMARY_COLUMNS = ["run", "state", "method", "model", "data", "steps", "train loss", "eval loss", "seconds",
+                   "peak RSS MB"]
+
+
+def summary_rows() -> list[list[Any]]:
+    """One row per run for the Runs table."""
+    rows = []
+    for run in run_dirs():
+        out = project() / run
+        s, c = _json(out / "summary.json"), _json(out / "train_config.json")
+        rows.append([run, state(run).state, c.get("METHOD", ""), c.get("MODEL_NAME", ""), c.get("DATA_PATH", ""),
+                     s.get("steps", ""), s.get("train_loss", ""), s.get("eval_loss", ""), s.get("seconds", ""),
+                     s.get("peak_rss_mb", "")])
+    return rows
+
+
+def summary_text(run: str) -> str:
+    """A finished run's summary.json, pretty (or why there is none)."""
+    s = _json(project() / run / "summary.json")
+    return json.dumps(s, ensure_ascii=False, indent=1) if s else f"{run}: {state(run).line}"

@@ -1,0 +1,34 @@
+"""The Runs tab: every run under models/ with its summary (steps, losses, time, peak memory, method, data),
+one run's curves and summary, and two runs' curves on one plot to compare."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from app.webui import runs
+from app.webui.context import Context
+from app.webui.forms import named
+
+
+def build(ctx: Context) -> None:
+    refresh = gr.Button("Refresh", elem_id="runs-refresh")
+    table = gr.Dataframe(value=runs.summary_rows(), headers=runs.SUMMARY_COLUMNS, interactive=False,
+                         elem_id="runs-table", wrap=True)
+    with gr.Row():
+        first = gr.Dropdown(runs.run_dirs(), label="Run", value=None, elem_id="runs-first")
+        second = gr.Dropdown(runs.run_dirs(), label="Compare with", value=None, elem_id="runs-second")
+    curve = gr.LinePlot(x="step", y="value", color="series", label="Curves", elem_id="runs-curve", height=320)
+    summary = gr.Code(label="summary.json", language="json", elem_id="runs-summary")
+
+    def show(a: str | None, b: str | None) -> tuple[Any, str]:
+        chosen = [r for r in (a, b) if r]
+        return runs.curves(list(dict.fromkeys(chosen))), runs.summary_text(a) if a else ""
+
+    def reload() -> tuple[Any, Any, Any]:
+        names = runs.run_dirs()
+        return runs.summary_rows(), gr.update(choices=names), gr.update(choices=names)
+
+    refresh.click(reload, None, [table, first, second], api_name="runs")
+    first.change(named(show, ["run", "compare_with"]), [first, second], [curve, summary], api_name="run_curves")
+    second.change(show, [first, second], [curve, summary], api_visibility="private")

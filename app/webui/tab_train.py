@@ -1,0 +1,157 @@
+"""The Train tab: the settings (generated), the data file (upload into data/ or pick, with its format, record
+count and bad lines), Plan (what `make info` prints), Start / Stop / Resume, and the run watched live.
+
+Start checks what the command line checks, in this process and before anything is written (the path guard,
+then the CLI's own pre-flight: settings, data, model, OUTPUT_DIR busy or finished, RESUME), and shows its
+one-line messages; then it runs the very command it shows, as its own process.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from typing import Any
+
+import gradio as gr
+
+from app.cli.preflight import preflight
+from app.config import Config
+from app.core.errors import UserError
+from app.training import runlock
+from app.webui import runs
+from app.webui.context import Context, problems_of
+from app.webui.forms import Form, argv, command_line, named
+from app.webui.paths import DATA_TYPES, data_files, inspect_data, path_problem, path_problems, save_upload
+
+PLAN_TIMEOUT_S = 600
+
+
+def checked(form: Form, values: tuple[Any, ...]) -> tuple[dict[str, str], Config]:
+    """The form's overrides and the Config they give, checked as `make train` checks them; UserError if not."""
+    overrides = form.overrides(list(values))
+    bad = path_problems(overrides)
+    if bad:
+        raise UserError(bad)
+    cfg = Config.load(overrides, validate=False)
+    preflight(cfg, "train")
+    return overrides, cfg
+
+
+def build(ctx: Context) -> None:
+    data_picker = lambda: gr.Dropdown(data_files(), value=ctx.cfg.data.data_path, label="DATA_PATH",  # noqa: E731
+                                      allow_custom_value=True, elem_id="train-DATA_PATH",
+                                      info=Config.variables()["DATA_PATH"][1].metadata["help"])
+    with gr.Row():
+        with gr.Column(scale=3):
+            form = Form("train", ctx.cfg, {"DATA_PATH": data_picker})
+        with gr.Column(scale=2):
+            upload = gr.File(label=f"Upload a data file into data/ ({', '.join(DATA_TYPES)})",
+                             file_types=list(DATA_TYPES), elem_id="train-upload")
+            data_info = gr.Textbox(label="Data file", interactive=False, lines=2, elem_id="train-data-info")
+            with gr.Row():
+                plan_btn = gr.Button("Plan", elem_id="train-plan")
+                start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume_btn = gr.Button("Resume", elem_id="train-resume")
+            message = gr.Textbox(label="Message", interactive=False, elem_id="train-message")
+            command = gr.Textbox(label="Command line (paste into a terminal in the project dir)", interactive=False,
+                                 buttons=["copy"], elem_id="train-command")
+    plan_out = gr.Textbox(label="Plan (make info)", lines=12, max_lines=40, interactive=False, elem_id="train-plan-out")
+    watched = gr.Dropdown(runs.run_dirs(), label="Watch run", allow_custom_value=True, elem_id="train-watch",
+                          value=None, info="a run started here or from a terminal")
+    status = gr.Textbox(label="Run", interactive=False, elem_id="train-status")
+    progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
+    curve = gr.LinePlot(x="step", y="value", color="series", label="Loss", elem_id="train-curve", height=300)
+    log_tail = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, autoscroll=True, elem_id="train-log")
+    fields = form.components()
+
+    def on_upload(path: str | None) -> tuple[Any, str]:
+        if not path:
+            return gr.update(), ""
+        try:
+            summary = save_upload(path, ctx.cfg)
+        except UserError as e:
+            return gr.update(), problems_of(e)
+        return gr.update(choices=data_files(), value=summary.path), summary.line()
+
+    def on_data(path: str) -> str:
+        if not path:
+            return ""
+        bad = path_problem("DATA_PATH", path)
+        if bad:
+            return problems_of(UserError(bad))
+        try:
+            return inspect_data(path).line()
+        except UserError as e:
+            return problems_of(e)
+
+    def plan(*values: Any) -> tuple[str, str, str]:
+        try:
+            overrides = form.overrides(list(values))
+            if bad := path_problems(overrides):
+                raise UserError(bad)
+        except UserError as e:
+            return problems_of(e), "", ""
+        done = subprocess.run(argv("info", overrides), cwd=os.getcwd(), capture_output=True, text=True,
+                              timeout=PLAN_TIMEOUT_S, env={k: v for k, v in os.environ.items() if k != "MAKEFLAGS"})
+        line = command_line("info", overrides)
+        if done.returncode:
+            errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1] for ln in done.stderr.splitlines() if " ERROR " in ln]
+            return "\n".join(errors) or done.stderr[-2000:], line, done.stdout
+        return "", line, done.stdout
+
+    def start(*values: Any) -> tuple[str, str, Any]:
+        try:
+            overrides, cfg = checked(form, values)
+            job = ctx.jobs.start(cfg.train.output_dir, "train", overrides)
+        except (UserError, RuntimeError) as e:
+            return problems_of(e), gr.update(), gr.update()
+        ctx.last_train[cfg.train.output_dir] = overrides
+        return "", job.line, gr.update(choices=runs.run_dirs() + [cfg.train.output_dir], value=cfg.train.output_dir)
+
+    def stop(run: str | None) -> str:
+        if not run:
+            return "pick the run to stop under Watch run"
+        job = ctx.jobs.get(run)
+        if job is not None and job.stop():
+            return f"sent SIGTERM to pid {job.proc.pid}: it saves a checkpoint, then stops (Resume continues it)"
+        who = runlock.holder(run)
+        if who and who.get("command") == "train" and who.get("host") == socket.gethostname() and who.get("pid"):
+            os.kill(int(who["pid"]), signal.SIGTERM)  # started from a terminal: the same signal `kill` sends
+            return f"sent SIGTERM to pid {who['pid']}: it saves a checkpoint, then stops (Resume continues it)"
+        return f"{run}: {runs.state(run).line}; nothing to stop"
+
+    def resume(run: str | None, *values: Any) -> tuple[str, str]:
+        if not run or not runs.state(run).resumable:
+            return f"{run or 'no run'}: {runs.state(run).line if run else 'pick it under Watch run'}; " \
+                   "nothing to resume", gr.update()
+        overrides = ctx.last_train.get(run) or {**form.overrides(list(values)), "OUTPUT_DIR": run}
+        try:
+            cfg = Config.load(overrides, validate=False)
+            preflight(cfg, "train")
+            job = ctx.jobs.start(run, "train", overrides)
+        except (UserError, RuntimeError) as e:
+            return problems_of(e), gr.update()
+        return "", job.line
+
+    def watch(run: str | None) -> tuple[str, str, Any, str]:
+        if not run:
+            return "", "", runs.curves([]), ""
+        job = ctx.jobs.get(run)
+        tail = job.tail() if job is not None else ""
+        line = runs.state(run).line
+        if job is not None and not job.running() and job.proc.returncode:
+            line += f" ({job.command} {job.status()})"
+        return line, runs.progress(run), runs.curves([run]), tail
+
+    upload.upload(named(on_upload, ["file"]), upload, [form.fields["DATA_PATH"], data_info], api_name="upload")
+    form.fields["DATA_PATH"].change(named(on_data, ["data_path"]), form.fields["DATA_PATH"], data_info,
+                                    api_name="inspect_data")
+    plan_btn.click(named(plan, [], form), fields, [message, command, plan_out], api_name="plan")
+    start_btn.click(named(start, [], form), fields, [message, command, watched], api_name="start")
+    stop_btn.click(named(stop, ["run"]), watched, message, api_name="stop")
+    resume_btn.click(named(resume, ["run"], form), [watched, *fields], [message, command], api_name="resume")
+    watch_outputs = [status, progress, curve, log_tail]
+    watched.change(named(watch, ["run"]), watched, watch_outputs, api_name="watch")
+    gr.Timer(2.0).tick(watch, watched, watch_outputs, show_progress="hidden", api_visibility="private")
