@@ -7,7 +7,8 @@
 #   4. the air-gapped base image (scripts/make-base-image.sh; no registry is reachable here) and
 #      the torch CPU wheel in wheels/ (only PyPI is); the CPU image built once, size checked
 #   5. `docker compose run --rm train` (tiny, 20 samples, 1 epoch), predict-custom, serve (healthy,
-#      loopback-only port, answers with the adapter), info under
+#      loopback-only port, answers with the adapter), webui (healthy, loopback-only port, its API
+#      behind the WEBUI_AUTH login; refuses to start without WEBUI_AUTH), info under
 #      MEM_LIMIT/CPUS; the adapter is on the host, owned by the invoking user; info reports the
 #      limit; `docker compose stop` ends a running train with a checkpoint (SIGTERM)
 #   6. the issue's "done when", as a non-root user in a clean clone: make setup && make train &&
@@ -174,6 +175,51 @@ assert answer["object"] == "chat.completion" and answer["usage"]["completion_tok
 print("serve:", models, repr(answer["choices"][0]["message"]["content"]))
 PY
 docker compose stop serve && docker compose rm -f serve >/dev/null
+
+step "docker compose up -d webui: healthy, on the host's 127.0.0.1 only, its API behind the login; refused without WEBUI_AUTH"
+port=18932
+WEBUI_AUTH=ci:secret-pass WEBUI_PORT=$port docker compose up -d --no-deps webui
+cid=$(docker compose ps -q webui)
+for _ in $(seq 120); do
+    [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
+    sleep 2
+done
+health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
+[ "$health" = healthy ] || { docker compose logs webui | tail -30; die "webui is $health, not healthy"; }
+published=$(docker compose port webui 7860)
+[ "$published" = "127.0.0.1:$port" ] || die "webui is published on $published, not 127.0.0.1:$port only"
+echo "webui: $health, published on $published"
+python3 - "$port" <<'PY' || { docker compose logs webui | tail -30; die "webui's login does not guard its API"; }
+import http.cookiejar, sys, urllib.error, urllib.parse, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+paths = ("/config", "/gradio_api/info")
+def status(opener, path, data=None):
+    try:
+        return opener.open(base + path, data, timeout=30).status
+    except urllib.error.HTTPError as e:
+        return e.code
+anonymous = urllib.request.build_opener()
+before = [status(anonymous, p) for p in paths]
+assert all(code in (401, 403) for code in before), f"without a login {dict(zip(paths, before))}"
+user = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+form = lambda password: urllib.parse.urlencode({"username": "ci", "password": password}).encode()
+wrong = status(user, "/login", form("wrong"))
+assert wrong >= 400, f"POST /login with a wrong password answered {wrong}"
+assert status(user, "/login", form("secret-pass")) == 200, "POST /login with WEBUI_AUTH's password failed"
+after = [status(user, p) for p in paths]
+assert after == [200] * len(paths), f"after the login {dict(zip(paths, after))}"
+print("webui:", ", ".join(f"GET {p} {b} without a login, {a} after POST /login" for p, b, a in zip(paths, before, after)),
+      f"(a wrong password: {wrong})")
+PY
+docker compose stop webui && docker compose rm -f webui >/dev/null
+set +e
+refusal=$(WEBUI_AUTH= docker compose run --rm webui 2>&1)
+status=$?
+set -e
+echo "$refusal"
+[ "$status" = 2 ] || die "webui without WEBUI_AUTH exited $status, expected 2 (refused)"
+grep -q "WEBUI_AUTH is not set" <<<"$refusal" || die "webui without WEBUI_AUTH did not say so in its line"
+if grep -q Traceback <<<"$refusal"; then die "webui without WEBUI_AUTH printed a traceback, not its one line"; fi
 
 step "docker compose run --rm info with MEM_LIMIT=3g CPUS=1"
 info=$(MEM_LIMIT=3g CPUS=1 docker compose run --rm -e MODEL_NAME=tiny info) || die "info failed"

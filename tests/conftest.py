@@ -24,7 +24,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The real DuIE data beside the project (CI has it; a user's clone usually does not).
 REAL_DATA_DIR = REPO.parent / "shared" / "data" / "duie-mixed"
-_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wheels"}
+_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wheels", "artifacts"}
+# What a test leaves for people to look at (the web UI journey's screenshots): tests/artifacts/, ignored by git.
+ARTIFACTS = REPO / "tests" / "artifacts"
 
 
 # ---- `make test-fast`: the suite without these (each takes seconds to minutes on 2 cores) -------------
@@ -454,3 +456,48 @@ def greedy_reference():
     independently of generate(): the prompt rendered as in training, then one full forward pass per
     token (no KV cache, no padding), argmax, stop at an EOS token."""
     return _greedy_reference
+
+
+# ---- the web UI: a project, the UI serving it, a real browser ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory, make_data, tiny_glm_dir, module_app_process):
+    """A throw-away project (data/train.jsonl and dev.jsonl, models/tiny-glm) and `python -m app webui` serving
+    it on a free port, for one test file: an object with .url, .project and .process."""
+    import shutil
+    import socket
+    import types
+    import urllib.request
+
+    project = tmp_path_factory.mktemp("webui-project")
+    shutil.copytree(make_data(n_train=60, n_dev=8, seed=3), project / "data")
+    shutil.copytree(tiny_glm_dir, project / "models" / "tiny-glm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = module_app_process(["webui", f"WEBUI_PORT={port}"], cwd=project)
+    url = f"http://127.0.0.1:{port}/"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    process.wait_for(up)
+    return types.SimpleNamespace(url=url, project=project, process=process)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system Chromium (Debian's `chromium` package; CHROMIUM=<path> to choose), or a skip naming it; with
+    REQUIRE_BROWSER=1 (CI) a failure instead."""
+    import shutil
+
+    found = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    why = "no Chromium here for the browser tests (apt-get install chromium, or CHROMIUM=<path>)"
+    if os.environ.get("REQUIRE_BROWSER", "0") not in ("", "0"):
+        pytest.fail(f"REQUIRE_BROWSER=1: {why}", pytrace=False)
+    pytest.skip(why)

@@ -3,6 +3,7 @@ the chat backend, and how a refusal is shown: the command line's own one-line me
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.config import Config
 from app.core.errors import UserError
@@ -16,6 +17,7 @@ class Context:
     jobs: Jobs = field(default_factory=Jobs)
     last_train: dict[str, dict[str, str]] = field(default_factory=dict)  # run dir -> the overrides it started with
     backend: ChatBackend | None = None
+    forms: dict[str, Any] = field(default_factory=dict)  # tab -> its Form (app/webui/forms.py), once built
 
     def __post_init__(self) -> None:
         if self.backend is None:

@@ -14,7 +14,7 @@ from app.webui.forms import Form, named
 from app.webui.paths import path_problems
 
 
-def build(ctx: Context) -> None:
+def build(ctx: Context) -> Form:
     pick = gr.Dropdown([BASE, *runs.adapters()], value=(runs.adapters() or [BASE])[0], label="Model",
                        allow_custom_value=True, elem_id="chat-model",
                        info="the base model alone, or a trained adapter on its base")
@@ -61,6 +61,7 @@ def build(ctx: Context) -> None:
     text.submit(answer, inputs, [chatbot, text, message], api_visibility="private")
     reset.click(lambda: ([], ""), None, [chatbot, message], api_name="chat_reset")
     pick.focus(refresh_models, None, pick, api_visibility="private")
+    return form
 
 
 def _text(content: Any) -> str:

@@ -44,7 +44,7 @@ def _spo(items: Any) -> str:
     return "; ".join(json.dumps(i, ensure_ascii=False) for i in items or [])
 
 
-def build(ctx: Context) -> None:
+def build(ctx: Context) -> Form:
     pick = gr.Dropdown(runs.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True,
                        elem_id="eval-run")
     eval_path = lambda: gr.Dropdown(data_files(), label="EVAL_PATH", allow_custom_value=True,  # noqa: E731
@@ -85,3 +85,4 @@ def build(ctx: Context) -> None:
     run_btn.click(named(evaluate, ["adapter_dir"], form), [pick, *fields], [message, log_tail, metrics, chart, samples],
                   api_name="evaluate")
     pick.focus(lambda: gr.update(choices=runs.adapters()), None, pick, api_visibility="private")
+    return form

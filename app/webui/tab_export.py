@@ -22,7 +22,7 @@ def outputs(cfg: Config, run: str) -> list[str]:
     return [merged, cfg.predict.onnx_dir or f"{merged}/onnx"]
 
 
-def build(ctx: Context) -> None:
+def build(ctx: Context) -> Form:
     pick = gr.Dropdown(runs.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True,
                        elem_id="export-run")
     form = Form("export", ctx.cfg)
@@ -65,3 +65,4 @@ def build(ctx: Context) -> None:
     onnx_btn.click(named(export, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths],
                    api_name="export_onnx")
     pick.focus(lambda: gr.update(choices=runs.adapters()), None, pick, api_visibility="private")
+    return form

@@ -11,7 +11,7 @@ from app.webui.context import Context
 from app.webui.forms import named
 
 
-def build(ctx: Context) -> None:
+def build(ctx: Context) -> None:  # no settings: it reads run dirs
     refresh = gr.Button("Refresh", elem_id="runs-refresh")
     table = gr.Dataframe(value=runs.summary_rows(), headers=runs.SUMMARY_COLUMNS, interactive=False,
                          elem_id="runs-table", wrap=True)

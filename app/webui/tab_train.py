@@ -38,7 +38,7 @@ def checked(form: Form, values: tuple[Any, ...]) -> tuple[dict[str, str], Config
     return overrides, cfg
 
 
-def build(ctx: Context) -> None:
+def build(ctx: Context) -> Form:
     data_picker = lambda: gr.Dropdown(data_files(), value=ctx.cfg.data.data_path, label="DATA_PATH",  # noqa: E731
                                       allow_custom_value=True, elem_id="train-DATA_PATH",
                                       info=Config.variables()["DATA_PATH"][1].metadata["help"])
@@ -46,8 +46,9 @@ def build(ctx: Context) -> None:
         with gr.Column(scale=3):
             form = Form("train", ctx.cfg, {"DATA_PATH": data_picker})
         with gr.Column(scale=2):
-            upload = gr.File(label=f"Upload a data file into data/ ({', '.join(DATA_TYPES)})",
-                             file_types=list(DATA_TYPES), elem_id="train-upload")
+            # no file_types: Gradio would refuse another type with its own words; the check in save_upload
+            # gives the command line's line for it
+            upload = gr.File(label=f"Upload a data file into data/ ({', '.join(DATA_TYPES)})", elem_id="train-upload")
             data_info = gr.Textbox(label="Data file", interactive=False, lines=2, elem_id="train-data-info")
             with gr.Row():
                 plan_btn = gr.Button("Plan", elem_id="train-plan")
@@ -155,3 +156,4 @@ def build(ctx: Context) -> None:
     watch_outputs = [status, progress, curve, log_tail]
     watched.change(named(watch, ["run"]), watched, watch_outputs, api_name="watch")
     gr.Timer(2.0).tick(watch, watched, watch_outputs, show_progress="hidden", api_visibility="private")
+    return form

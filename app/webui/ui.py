@@ -17,5 +17,7 @@ def build(ctx: Context) -> gr.Blocks:
         with gr.Tabs():
             for title, tab in TABS:
                 with gr.Tab(title, id=title.lower(), elem_id=f"tab-{title.lower()}"):
-                    tab.build(ctx)
+                    form = tab.build(ctx)
+                if form is not None:
+                    ctx.forms[title.lower()] = form
     return blocks

@@ -1,0 +1,257 @@
+"""The web UI (app/webui): its forms come from the config tree, its path guard and uploads keep to data/ and
+models/, and through its API (gradio_client, against a real `python -m app webui`) bad input gets the command
+line's own one-line message with nothing written, and a run trains, chats, evaluates and merges.
+The same journey in a real browser: tests/test_webui_browser.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app.config import Config, choices
+
+
+def _errors(stderr: str) -> list[str]:
+    """The ERROR lines of a `python -m app` run, as the UI shows them (without time, level and logger)."""
+    return [line.split(" ERROR ", 1)[1].split(": ", 1)[1] for line in stderr.splitlines() if " ERROR " in line]
+
+
+@pytest.fixture(scope="module")
+def client(webui):
+    from gradio_client import Client
+
+    return Client(webui.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The whole page built in this process (not served), with the settings of a project with no .env."""
+    import os
+
+    from app.webui.context import Context
+    from app.webui.ui import build
+
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("built"))
+    try:
+        ctx = Context(Config.load(env={}, dotenv_path=None))
+        build(ctx)
+        yield ctx
+    finally:
+        os.chdir(old)
+
+
+# ---- forms from the config tree ----------------------------------------------------------------------------
+
+def test_every_setting_is_in_a_form_or_named_with_the_reason(built):
+    from app.webui.forms import NOT_IN_UI
+
+    shown = {var for form in built.forms.values() for var in form.fields}
+    everything = set(Config.variables())
+    assert set(NOT_IN_UI) <= everything, set(NOT_IN_UI) - everything  # no stale entry
+    assert shown == everything - set(NOT_IN_UI), (everything - set(NOT_IN_UI)) ^ shown
+    assert all(reason.strip() for reason in NOT_IN_UI.values())
+
+
+def test_each_field_is_the_setting_with_its_name_help_and_choices(built):
+    for form in built.forms.values():
+        for var, component in form.fields.items():
+            assert component.label == var
+            sec, field = Config.variables()[var]
+            assert field.metadata["help"] in (component.info or "")
+            if choices(var):
+                assert [c[0] for c in component.choices] == list(choices(var))
+
+
+def test_a_tab_holds_every_setting_of_the_sections_its_command_reads():
+    """So a field added to a section in app/config/fields.py shows up with no UI code."""
+    from app.webui.forms import NOT_IN_UI, settings_of
+
+    for tab, section in (("train", "lora"), ("train", "resources"), ("evaluate", "evaluation"), ("chat", "serve")):
+        in_section = {v for v, (sec, _) in Config.variables().items() if sec == section} - set(NOT_IN_UI)
+        assert in_section <= set(settings_of(tab)), (tab, in_section - set(settings_of(tab)))
+
+
+def test_the_form_gives_back_only_what_differs_and_leaves_tier_settings_to_the_tier(built):
+    form = built.forms["train"]
+    values = [form.initial(var) for var in form.fields]
+    assert form.overrides(values) == {}
+    assert form.initial("BATCH_SIZE") == "" and form.initial("OUTPUT_DIR") == ""  # the tool decides them
+    changed = dict(zip(form.fields, values)) | {"MAX_STEPS": 4.0, "BATCH_SIZE": "2", "METHOD": "qlora"}
+    assert form.overrides(list(changed.values())) == {"METHOD": "qlora", "MAX_STEPS": "4", "BATCH_SIZE": "2"}
+
+
+# ---- paths: data/ and models/ only ----------------------------------------------------------------------------
+
+def test_every_path_setting_is_guarded():
+    from app.webui.paths import PATH_SETTINGS
+
+    paths = {v for v in Config.variables() if v.endswith(("_PATH", "_DIR", "_FILE"))}
+    assert paths <= set(PATH_SETTINGS), paths - set(PATH_SETTINGS)
+
+
+def test_the_path_guard_refuses_everything_outside_data_and_models(tmp_path, monkeypatch):
+    from app.webui.paths import path_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "data" / "out").symlink_to("/etc")
+    for var, value in (("DATA_PATH", "../x.jsonl"), ("DATA_PATH", "/etc/passwd"), ("DATA_PATH", "data/../../x"),
+                       ("DATA_PATH", "data/out/passwd"), ("OUTPUT_DIR", "data/run"), ("OUTPUT_DIR", "models/../x"),
+                       ("MODEL_NAME", "/abs/model"), ("MODEL_NAME", "../model"), ("EVAL_PATH", "models/x.jsonl")):
+        line = path_problem(var, value)
+        assert line and line.startswith(f"{var}={value}: the web UI reads and writes only inside"), (var, value)
+    for var, value in (("DATA_PATH", "data/train.jsonl"), ("DATA_PATH", "data/sub/../t.jsonl"),
+                       ("OUTPUT_DIR", "models/run"), ("MODEL_NAME", "THUDM/glm-edge-1.5b-chat"),
+                       ("MODEL_NAME", "tiny"), ("ADAPTER_DIR", "none"), ("VAL_PATH", "")):
+        assert path_problem(var, value) is None, (var, value)
+
+
+# ---- the running UI, through its API --------------------------------------------------------------------------
+
+def _run_cli(child_env, project, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", *argv], cwd=project, env=child_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("name, content, cli_setting", [
+    ("latin1.jsonl", '{"context": "caf\xe9", "target": "[]"}\n'.encode("latin-1"), "DATA_PATH"),
+    ("empty.jsonl", b"", "DATA_PATH"),
+    ("notes.exe", b"MZ\x90\x00", "DATA_PATH"),
+])
+def test_a_bad_upload_gets_the_cli_line_and_nothing_is_written(webui, client, tmp_path, snapshot, child_env,
+                                                                name, content, cli_setting):
+    from gradio_client import handle_file
+
+    upload = tmp_path / name
+    upload.write_bytes(content)
+    before = snapshot(webui.project)
+    _, message = client.predict(handle_file(str(upload)), api_name="/upload")
+    assert snapshot(webui.project) == before, "an upload that was refused wrote into the project"
+    # the command line, given the same file at that path in data/, refuses it with the same line
+    other = tmp_path / "cli"
+    (other / "data").mkdir(parents=True)
+    (other / "data" / name).write_bytes(content)
+    done = _run_cli(child_env, other, "info", f"DATA_PATH=data/{name}", "MODEL_NAME=tiny")
+    assert done.returncode == 2, done.stderr
+    assert message.splitlines() == [e for e in _errors(done.stderr) if e.startswith(cli_setting)], message
+
+
+def test_an_upload_lands_in_data_and_never_replaces_a_file(webui, client, tmp_path, make_data):
+    from gradio_client import handle_file
+
+    src = make_data(n_train=12, n_dev=2, seed=9) / "train.jsonl"
+    mine = tmp_path / "mine.jsonl"
+    mine.write_bytes(src.read_bytes())
+    picked, line = client.predict(handle_file(str(mine)), api_name="/upload")
+    assert (webui.project / "data" / "mine.jsonl").read_bytes() == src.read_bytes()
+    assert picked["value"] == "data/mine.jsonl" and line.startswith("data/mine.jsonl: 12 valid of 12 records")
+    mine.write_text(src.read_text().splitlines()[0] + "\n")  # another file of the same name
+    _, line = client.predict(handle_file(str(mine)), api_name="/upload")
+    assert "already in data/ and is never replaced" in line
+    assert (webui.project / "data" / "mine.jsonl").read_bytes() == src.read_bytes()
+
+
+def test_the_data_picker_shows_format_count_and_bad_lines(webui, client):
+    (webui.project / "data" / "some_bad.jsonl").write_text(
+        '{"context": "a", "target": "[]"}\nnot json\n{"context": "b", "target": "[]"}\n', encoding="utf-8")
+    line = client.predict("data/some_bad.jsonl", api_name="/inspect_data")
+    assert line.startswith("data/some_bad.jsonl: 2 valid of 3 records, format context_target; 1 bad (line 2:")
+    assert client.predict("../outside.jsonl", api_name="/inspect_data").startswith(
+        "DATA_PATH=../outside.jsonl: the web UI reads and writes only inside this project's data/")
+
+
+TRAIN = {"model_name": "models/tiny-glm", "quant_level": "none", "max_samples": "40", "logging_steps": 1,
+         "eval_steps": 2, "save_steps": 2, "max_seq_len": "256", "precision": "fp32"}
+
+
+def test_bad_settings_and_paths_get_the_cli_line_and_nothing_starts(webui, client, snapshot, child_env):
+    before = snapshot(webui.project)
+    message, *_ = client.predict(**TRAIN, batch_size="0", api_name="/start")
+    cli = _run_cli(child_env, webui.project, "train", "MODEL_NAME=models/tiny-glm", "QUANT_LEVEL=none",
+                   "BATCH_SIZE=0")
+    assert cli.returncode == 2 and message.splitlines() == _errors(cli.stderr) == ["BATCH_SIZE=0 must be >= 1"]
+    message, *_ = client.predict(**TRAIN, data_path="../outside.jsonl", api_name="/start")
+    assert message.startswith("DATA_PATH=../outside.jsonl: the web UI reads and writes only inside")
+    message, *_ = client.predict(**TRAIN, output_dir="/tmp/elsewhere", api_name="/start")
+    assert message.startswith("OUTPUT_DIR=/tmp/elsewhere: the web UI reads and writes only inside")
+    assert snapshot(webui.project) == before
+
+
+def test_train_watch_chat_evaluate_and_merge(webui, client, child_env):
+    """A short run to its end, then each tab's action on its adapter; a second Start into the busy run is
+    refused with the command line's busy line."""
+    message, line, _ = client.predict(**TRAIN, max_steps=40, output_dir="models/api-run", api_name="/start")
+    assert message == "" and line.startswith("python -m app train MODEL_NAME=models/tiny-glm")
+    deadline = time.monotonic() + 300
+    while (status := client.predict("models/api-run", api_name="/watch"))[0].startswith("not started"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status[0].startswith("training: pid"), status  # it holds the run's lock from its first second
+    busy, *_ = client.predict(**TRAIN, max_steps=40, output_dir="models/api-run", api_name="/start")
+    cli = _run_cli(child_env, webui.project, *line.split()[3:])  # the same command, pasted into a terminal
+    assert busy.startswith("OUTPUT_DIR=models/api-run is in use: `train` (pid ")
+    assert cli.returncode == 2 and busy.splitlines() == _errors(cli.stderr)
+    while not (status := client.predict("models/api-run", api_name="/watch"))[0].startswith("finished"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.5)
+    assert status[1].startswith("step 40/40 · 100%") and "tokens/s" in status[1] and "RSS" in status[1]
+    curve = status[2]["value"]["data"] if isinstance(status[2], dict) and "value" in status[2] else status[2]["data"]
+    assert {"train loss", "eval loss"} <= {row[-1] for row in curve}
+    runs = client.predict(api_name="/runs")[0]["data"]
+    assert any(r[0] == "models/api-run" and r[1] == "finished" and r[5] == 40 for r in runs)
+
+    job = client.submit(model="models/api-run", message="你好", history=[], max_new_tokens=12, api_name="/chat")
+    updates = [u for u in job]
+    answers = [u[0][-1]["content"] for u in updates if u[0] and u[0][-1]["role"] == "assistant"]
+    text = [a[0]["text"] if isinstance(a, list) else a for a in answers]
+    assert len([t for t in text if t]) >= 2 and text[-1], updates[-1]  # streamed: the answer grew in steps
+
+    message, _, metrics, chart, samples = client.predict(adapter_dir="models/api-run", eval_path="data/dev.jsonl",
+                                                         eval_samples=4, max_new_tokens=24, api_name="/evaluate")
+    assert message.startswith("done: python -m app evaluate"), message
+    scores = dict(metrics["data"])
+    assert set(scores) >= {"triplet_precision", "triplet_recall", "triplet_f1"} and scores["n_samples"] == 4
+    assert chart and len(samples["data"]) == 4
+    results = [r[1] for r in samples["data"]]
+    assert results == sorted(results, key=["error", "bad gold", "correct"].index)  # errors first
+
+    message, _, written = client.predict(adapter_dir="models/api-run", api_name="/merge")
+    assert message.startswith("done: python -m app merge") and written == "models/api-run/merged"
+    assert (webui.project / "models" / "api-run" / "merged" / "config.json").is_file()
+
+
+def test_a_non_loopback_address_needs_a_login(run_app, tmp_path):
+    done = run_app(["webui", "WEBUI_HOST=0.0.0.0", "WEBUI_PORT=7999"])
+    assert done.returncode == 2
+    assert _errors(done.stderr) == ["WEBUI_HOST=0.0.0.0 lets anyone who reaches port 7999 train, read runs and upload "
+                                    "files, and WEBUI_AUTH is not set: set WEBUI_AUTH=user:password, or "
+                                    "WEBUI_HOST=127.0.0.1 for this machine only"]
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_with_a_login_the_api_needs_it(app_process, tmp_path):
+    import socket
+    import urllib.request
+
+    from gradio_client import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = app_process(["webui", f"WEBUI_PORT={port}", "WEBUI_AUTH=ann:s3cret"])
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
+        except OSError:
+            return False
+
+    proc.wait_for(up)
+    with pytest.raises(Exception):
+        Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/runs")
+    rows = Client(f"http://127.0.0.1:{port}/", auth=("ann", "s3cret"), verbose=False).predict(api_name="/runs")
+    assert rows[0]["headers"][:2] == ["run", "state"]
