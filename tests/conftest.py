@@ -54,6 +54,8 @@ SLOW = (
     "tests/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
     "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
     "tests/test_preflight.py::test_offline_training_error_gives_the_download_command",
+    "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
+    "tests/test_webui_browser.py",
 )
 
 
@@ -501,3 +503,10 @@ def chromium() -> str:
     if os.environ.get("REQUIRE_BROWSER", "0") not in ("", "0"):
         pytest.fail(f"REQUIRE_BROWSER=1: {why}", pytrace=False)
     pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """tests/artifacts/: where a test leaves what people should look at (screenshots); ignored by git."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

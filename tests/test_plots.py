@@ -121,7 +121,7 @@ def visible_xticks(ax) -> list[float]:
     [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
 ], ids=["1-step", "3-step"])
 def test_short_run_loss_curve_marks_points_on_whole_steps(tmp_path, rows):
-    from app.training.callbacks import loss_figure
+    from app.training.metrics_file import loss_figure
 
     fig = loss_figure(metrics(tmp_path, rows))
     fig.canvas.draw()
@@ -133,7 +133,7 @@ def test_short_run_loss_curve_marks_points_on_whole_steps(tmp_path, rows):
 
 
 def test_long_run_loss_curve_is_a_plain_line_on_whole_steps(tmp_path):
-    from app.training.callbacks import MARKERS_BELOW, loss_figure
+    from app.training.metrics_file import MARKERS_BELOW, loss_figure
 
     fig = loss_figure(metrics(tmp_path, [{"step": s, "loss": 1 / s} for s in range(1, MARKERS_BELOW + 1)]))
     fig.canvas.draw()

@@ -79,6 +79,8 @@ def test_the_form_gives_back_only_what_differs_and_leaves_tier_settings_to_the_t
     values = [form.initial(var) for var in form.fields]
     assert form.overrides(values) == {}
     assert form.initial("BATCH_SIZE") == "" and form.initial("OUTPUT_DIR") == ""  # the tool decides them
+    as_a_browser_sends = dict(zip(form.fields, values)) | {"NUM_EPOCHS": 3, "WEIGHT_DECAY": 0, "MAX_GRAD_NORM": 1}
+    assert form.overrides(list(as_a_browser_sends.values())) == {}  # 3 means NUM_EPOCHS=3.0, the default
     changed = dict(zip(form.fields, values)) | {"MAX_STEPS": 4.0, "BATCH_SIZE": "2", "METHOD": "qlora"}
     assert form.overrides(list(changed.values())) == {"METHOD": "qlora", "MAX_STEPS": "4", "BATCH_SIZE": "2"}
 
@@ -199,8 +201,9 @@ def test_train_watch_chat_evaluate_and_merge(webui, client, child_env):
         assert time.monotonic() < deadline, status
         time.sleep(0.5)
     assert status[1].startswith("step 40/40 · 100%") and "tokens/s" in status[1] and "RSS" in status[1]
-    curve = status[2]["value"]["data"] if isinstance(status[2], dict) and "value" in status[2] else status[2]["data"]
-    assert {"train loss", "eval loss"} <= {row[-1] for row in curve}
+    assert status[2] and status[2]["type"] == "matplotlib"  # the live loss curve, drawn as training draws it
+    curves, summary = client.predict("models/api-run", None, api_name="/run_curves")  # the Runs tab's
+    assert {"train loss", "eval loss"} <= {row[-1] for row in curves["data"]} and '"steps": 40' in summary
     runs = client.predict(api_name="/runs")[0]["data"]
     assert any(r[0] == "models/api-run" and r[1] == "finished" and r[5] == 40 for r in runs)
 

@@ -1,10 +1,13 @@
-"""Reading a run's metrics.jsonl (MetricsJsonl in app/training/callbacks.py writes it). Standard library
-only: the web UI watches a live run with it without importing torch."""
+"""Reading a run's metrics.jsonl (MetricsJsonl in app/training/callbacks.py writes it) and drawing its loss
+curve. Standard library and matplotlib only: the web UI watches a live run with it without importing torch."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -21,3 +24,45 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except ValueError:
             continue  # blank, or cut short
     return rows
+
+
+MARKERS_BELOW = 30  # train-loss points: a shorter run (the quick start logs 3) marks each point
+
+
+def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
+    """Loss curve (train + eval, eval F1 on a second axis) from metrics.jsonl, as a matplotlib
+    Figure not yet drawn or saved; None when there is nothing to plot. Build and save it inside
+    ``app.core.plots.text_context(title)``, as :func:`plot_losses` does, so a Chinese title renders."""
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    f1 = [(r["step"], r["eval_f1"]) for r in rows if "eval_f1" in r]
+    if not train and not evals:
+        return None
+    from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    if train:
+        # A lone point is an invisible line without a marker, and markers show how few points a
+        # short run has; a long run stays a plain line, where markers would only blur the curve.
+        ax.plot(*zip(*train), marker="o" if len(train) < MARKERS_BELOW else None, markersize=4,
+                label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")  # evaluations are few: always marked
+    # Steps are whole: no 1.25, 1.5 ticks; min_n_ticks=1, else one step (range 0.95-1.05) gets fractions.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_title(title)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    if f1:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*f1), "s-", color="tab:green", label="eval F1")
+        ax2.set_ylabel("triplet F1")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    fig.tight_layout()
+    return fig

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import gradio as gr
 
 from app.cli.main import COMMANDS
-from app.config import TIERED, Config, choices, show
-from app.config.settings import _hint
+from app.config import TIERED, Config, ConfigError, choices, show
+from app.config.settings import _hint, _parse
 
 # The commands behind each tab: the tab's form holds every setting they read.
 TAB_COMMANDS: dict[str, tuple[str, ...]] = {
@@ -77,7 +77,7 @@ class Form:
         if rest:
             with gr.Accordion("Advanced settings", open=False, elem_id=f"{tab}-advanced"):
                 for section in dict.fromkeys(Config.variables()[v][0] for v in rest):
-                    with gr.Accordion(section, open=False):
+                    with gr.Accordion(section, open=False, elem_id=f"{tab}-section-{section}"):
                         for var in (v for v in rest if Config.variables()[v][0] == section):
                             self.fields[var] = custom[var]() if var in custom else self._component(var)
 
@@ -107,6 +107,13 @@ class Form:
     def components(self) -> list[Any]:
         return list(self.fields.values())
 
+    def _same(self, var: str, text: str) -> bool:
+        """The form's text means the value in force (a browser sends 3 for NUM_EPOCHS=3.0)."""
+        try:
+            return _parse(text, _kind(var), var) == self.cfg.get(var)
+        except ConfigError:
+            return False  # passed on: the command line names the problem
+
     def overrides(self, values: list[Any]) -> dict[str, str]:
         """The form's values (in components() order) as the KEY=value arguments that differ from what the command
         would use anyway; a blank decided setting is left to the tool."""
@@ -117,7 +124,7 @@ class Form:
             if _kind(var) is int and isinstance(value, float) and value.is_integer():
                 value = int(value)
             text = show(value)
-            if var in DECIDED and var not in self.cfg.explicit or text != show(self.cfg.get(var)):
+            if var in DECIDED and var not in self.cfg.explicit or not self._same(var, text):
                 out[var] = text
         return out
 

@@ -20,6 +20,18 @@ from app.webui.paths import MODELS, project
 log = logging.getLogger(__name__)
 
 LOGS = Path(MODELS) / ".webui" / "logs"
+CHECKPOINT_GRACE_S = 570  # a slow CPU step, then the checkpoint; inside compose's stop_grace_period (10m)
+
+
+def error_lines(log_text: str) -> list[str]:
+    """The ERROR lines of a `python -m app` log without time, level and logger: the command line's one-line
+    messages, as a terminal shows them."""
+    out = []
+    for line in log_text.splitlines():
+        _, sep, msg = line.partition(" ERROR ")
+        if sep:
+            out.append(msg.split(": ", 1)[-1] if msg.startswith("app") else msg)
+    return out
 
 
 @dataclass
@@ -42,13 +54,7 @@ class Job:
         return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
 
     def errors(self) -> list[str]:
-        """The job's ERROR lines without the log prefix: the command line's one-line messages."""
-        out = []
-        for line in self.tail(200).splitlines():
-            _, sep, msg = line.partition(" ERROR ")
-            if sep:
-                out.append(msg.split(": ", 1)[-1] if msg.startswith("app") else msg)
-        return out
+        return error_lines(self.tail(200))
 
     def stop(self) -> bool:
         """SIGTERM, as `kill` or `docker compose stop` sends: training checkpoints, then exits."""
@@ -100,10 +106,22 @@ class Jobs:
             return None
 
     def stop_all(self) -> None:
-        """At the UI's exit: jobs that only serve the UI (the chat backend) end; training runs are left alone."""
-        for key, job in self.by_key.items():
-            if job.command == "serve" and job.running():
-                job.stop()
+        """At the UI's exit: jobs that only serve the UI (the chat backend) end; on a host, training runs go on
+        (their own sessions). In a container they could not: the engine kills whatever is left when the UI,
+        its main process, ends. So there they get the SIGTERM first and a moment to save their checkpoint."""
+        in_container = Path("/.dockerenv").exists()
+        ending = [job for job in self.by_key.values() if job.running() and (job.command == "serve" or in_container)]
+        for job in ending:
+            if job.command == "train":
+                log.warning("stopping %s (pid %d): the container ends with the UI; it saves a checkpoint first, "
+                            "and Resume continues it", job.line, job.proc.pid)
+            job.stop()
+        deadline = time.monotonic() + CHECKPOINT_GRACE_S
+        for job in ending:
+            try:
+                job.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not end in %d s", job.line, CHECKPOINT_GRACE_S)
 
 
 def follow(job: Job, every_s: float = 1.0) -> Iterator[str]:

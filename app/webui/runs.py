@@ -92,6 +92,17 @@ def progress(run: str) -> str:
     return " · ".join(parts)
 
 
+def loss_plot(run: str) -> Any:
+    """The run's loss curve as training draws it into loss_curve.png (train, eval, eval F1), or None before
+    the first logged step. A figure drawn on the server: the live plot stays right however often it changes."""
+    from app.core.plots import text_context
+    from app.training.metrics_file import loss_figure
+
+    title = Path(run).name
+    with text_context(title):
+        return loss_figure(project() / run / "metrics.jsonl", title)
+
+
 def curves(runs: list[str]) -> Any:
     """A long table (step, value, series) of train loss, eval loss and eval F1 for the plots: one run, or two to
     compare (then each series is prefixed with the run's name)."""
@@ -104,7 +115,10 @@ def curves(runs: list[str]) -> Any:
             for key, label in (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_f1", "eval F1")):
                 if isinstance(r.get(key), (int, float)):
                     points.append({"step": r["step"], "value": r[key], "series": prefix + label})
-    return pd.DataFrame(points, columns=["step", "value", "series"])
+    # typed even when empty: the plot takes its axes' kinds from the first frame it gets, and an empty
+    # untyped one would leave the loss axis a list of labels for good
+    return pd.DataFrame(points, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64",
+                                                                              "series": "str"})
 
 
 SUMMARY_COLUMNS = ["run", "state", "method", "model", "data", "steps", "train loss", "eval loss", "seconds",

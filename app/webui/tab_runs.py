@@ -9,6 +9,7 @@ import gradio as gr
 from app.webui import runs
 from app.webui.context import Context
 from app.webui.forms import named
+from app.webui.paths import path_problem
 
 
 def build(ctx: Context) -> None:  # no settings: it reads run dirs
@@ -16,12 +17,16 @@ def build(ctx: Context) -> None:  # no settings: it reads run dirs
     table = gr.Dataframe(value=runs.summary_rows(), headers=runs.SUMMARY_COLUMNS, interactive=False,
                          elem_id="runs-table", wrap=True)
     with gr.Row():
-        first = gr.Dropdown(runs.run_dirs(), label="Run", value=None, elem_id="runs-first")
-        second = gr.Dropdown(runs.run_dirs(), label="Compare with", value=None, elem_id="runs-second")
+        first = gr.Dropdown(runs.run_dirs(), label="Run", value=None, allow_custom_value=True, elem_id="runs-first")
+        second = gr.Dropdown(runs.run_dirs(), label="Compare with", value=None, allow_custom_value=True,
+                             elem_id="runs-second")
     curve = gr.LinePlot(x="step", y="value", color="series", label="Curves", elem_id="runs-curve", height=320)
     summary = gr.Code(label="summary.json", language="json", elem_id="runs-summary")
 
     def show(a: str | None, b: str | None) -> tuple[Any, str]:
+        bad = [line for r in (a, b) if r and (line := path_problem("OUTPUT_DIR", r))]
+        if bad:
+            return runs.curves([]), "\n".join(bad)
         chosen = [r for r in (a, b) if r]
         return runs.curves(list(dict.fromkeys(chosen))), runs.summary_text(a) if a else ""
 

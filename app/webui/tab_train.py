@@ -19,10 +19,13 @@ from app.cli.preflight import preflight
 from app.config import Config
 from app.core.errors import UserError
 from app.training import runlock
+from app.training.metrics_file import read_metrics
 from app.webui import runs
 from app.webui.context import Context, problems_of
 from app.webui.forms import Form, argv, command_line, named
-from app.webui.paths import DATA_TYPES, data_files, inspect_data, path_problem, path_problems, save_upload
+from app.webui.jobs import error_lines
+from app.webui.paths import (DATA_TYPES, data_files, inspect_data, path_problem, path_problems, project,
+                             save_upload)
 
 PLAN_TIMEOUT_S = 600
 
@@ -63,7 +66,7 @@ def build(ctx: Context) -> Form:
                           value=None, info="a run started here or from a terminal")
     status = gr.Textbox(label="Run", interactive=False, elem_id="train-status")
     progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
-    curve = gr.LinePlot(x="step", y="value", color="series", label="Loss", elem_id="train-curve", height=300)
+    curve = gr.Plot(label="Loss", elem_id="train-curve")
     log_tail = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, autoscroll=True, elem_id="train-log")
     fields = form.components()
 
@@ -98,8 +101,7 @@ def build(ctx: Context) -> Form:
                               timeout=PLAN_TIMEOUT_S, env={k: v for k, v in os.environ.items() if k != "MAKEFLAGS"})
         line = command_line("info", overrides)
         if done.returncode:
-            errors = [ln.split(" ERROR ", 1)[1].split(": ", 1)[-1] for ln in done.stderr.splitlines() if " ERROR " in ln]
-            return "\n".join(errors) or done.stderr[-2000:], line, done.stdout
+            return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout
         return "", line, done.stdout
 
     def start(*values: Any) -> tuple[str, str, Any]:
@@ -136,15 +138,27 @@ def build(ctx: Context) -> Form:
             return problems_of(e), gr.update()
         return "", job.line
 
-    def watch(run: str | None) -> tuple[str, str, Any, str]:
+    def watch_text(run: str | None) -> tuple[str, str, None, str]:
         if not run:
-            return "", "", runs.curves([]), ""
+            return "", "", None, ""
         job = ctx.jobs.get(run)
         tail = job.tail() if job is not None else ""
         line = runs.state(run).line
         if job is not None and not job.running() and job.proc.returncode:
             line += f" ({job.command} {job.status()})"
-        return line, runs.progress(run), runs.curves([run]), tail
+        return line, runs.progress(run), None, tail
+
+    def watch(run: str | None) -> tuple[str, str, Any, str]:
+        line, prog, _, tail = watch_text(run)
+        return line, prog, runs.loss_plot(run) if run else None, tail
+
+    def tick(run: str | None, shown: str) -> tuple[Any, ...]:
+        """watch() every 2 s; the plot is sent again only when the run has logged more."""
+        now = f"{run}:{len(read_metrics(project() / run / 'metrics.jsonl'))}" if run else ""
+        if now == shown:
+            line, prog, _, tail = watch_text(run)
+            return line, prog, gr.update(), tail, now
+        return (*watch(run), now)
 
     upload.upload(named(on_upload, ["file"]), upload, [form.fields["DATA_PATH"], data_info], api_name="upload")
     form.fields["DATA_PATH"].change(named(on_data, ["data_path"]), form.fields["DATA_PATH"], data_info,
@@ -154,6 +168,8 @@ def build(ctx: Context) -> Form:
     stop_btn.click(named(stop, ["run"]), watched, message, api_name="stop")
     resume_btn.click(named(resume, ["run"], form), [watched, *fields], [message, command], api_name="resume")
     watch_outputs = [status, progress, curve, log_tail]
+    shown = gr.State("")  # this page's plot: "run:logged rows"
     watched.change(named(watch, ["run"]), watched, watch_outputs, api_name="watch")
-    gr.Timer(2.0).tick(watch, watched, watch_outputs, show_progress="hidden", api_visibility="private")
+    gr.Timer(2.0).tick(tick, [watched, shown], [*watch_outputs, shown], show_progress="hidden",
+                       api_visibility="private")
     return form
