@@ -9,8 +9,9 @@ from app.config import Config
 def _webui(cfg: Config) -> None:
     """Opens a browser UI on WEBUI_HOST:WEBUI_PORT (http://127.0.0.1:7860 by default) for the whole loop: Train
     (settings, data upload, Plan, Start/Stop/Resume, live curves), Runs, Chat (through `serve`), Evaluate and
-    Export. Every action runs the same `python -m app` command the UI shows, as its own process: stopping the
-    UI never stops a training run. Another address than 127.0.0.1 needs WEBUI_AUTH=user:password."""
+    Export. Every action runs the same `python -m app` command the UI shows, as its own process: on a host,
+    stopping the UI never stops a training run (in a container it stops them with a checkpoint first).
+    Another address than 127.0.0.1 needs WEBUI_AUTH=user:password."""
     from app.webui.server import run_webui
 
     run_webui(cfg)

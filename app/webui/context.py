@@ -24,6 +24,19 @@ class Context:
             self.backend = ChatBackend(self.jobs)
 
 
+def checked(command: str, overrides: dict[str, str]) -> Config:
+    """The Config ``python -m app <command> KEY=value ...`` would run with, after the same checks it makes
+    before doing anything (the path guard first): a UserError with their one-line messages, else the Config."""
+    from app.cli.preflight import preflight
+    from app.webui.paths import path_problems
+
+    if bad := path_problems(overrides):
+        raise UserError(bad)
+    cfg = Config.load(overrides, validate=False)
+    preflight(cfg, command)
+    return cfg
+
+
 def problems_of(e: BaseException) -> str:
     """A UserError's lines (each names the setting and the fix), as the CLI logs them."""
     return "\n".join(e.problems) if isinstance(e, UserError) else str(e)

@@ -8,14 +8,13 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app.cli.preflight import preflight
 from app.config import Config
 from app.core.errors import UserError
 from app.webui import runs
-from app.webui.context import Context, problems_of
+from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, named
 from app.webui.jobs import follow
-from app.webui.paths import data_files, path_problems, project
+from app.webui.paths import data_files, project
 
 METRICS = ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
            "json_valid_rate", "n_samples", "n_invalid_output")
@@ -66,10 +65,7 @@ def build(ctx: Context) -> Form:
             if not run:
                 raise UserError("ADAPTER_DIR: pick a trained adapter to evaluate")
             overrides = {**form.overrides(list(values)), "ADAPTER_DIR": run}
-            if bad := path_problems(overrides):
-                raise UserError(bad)
-            cfg = Config.load(overrides, validate=False)
-            preflight(cfg, "evaluate")
+            cfg = checked("evaluate", overrides)
             job = ctx.jobs.start(f"evaluate:{run}", "evaluate", overrides)
         except (UserError, RuntimeError) as e:
             yield (problems_of(e), "", *keep)

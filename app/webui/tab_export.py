@@ -6,14 +6,13 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from app.cli.preflight import preflight
 from app.config import Config
 from app.core.errors import UserError
 from app.webui import runs
-from app.webui.context import Context, problems_of
+from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, named
 from app.webui.jobs import follow
-from app.webui.paths import path_problems, project
+from app.webui.paths import project
 
 
 def outputs(cfg: Config, run: str) -> list[str]:
@@ -39,10 +38,7 @@ def build(ctx: Context) -> Form:
             if not run:
                 raise UserError("ADAPTER_DIR: pick a trained adapter")
             overrides = {**form.overrides(list(values)), "ADAPTER_DIR": run}
-            if bad := path_problems(overrides):
-                raise UserError(bad)
-            cfg = Config.load(overrides, validate=False)
-            preflight(cfg, command)
+            cfg = checked(command, overrides)
             job = ctx.jobs.start(f"export:{run}", command, overrides)
         except (UserError, RuntimeError) as e:
             yield problems_of(e), "", ""

@@ -15,30 +15,18 @@ from typing import Any
 
 import gradio as gr
 
-from app.cli.preflight import preflight
 from app.config import Config
 from app.core.errors import UserError
 from app.training import runlock
 from app.training.metrics_file import read_metrics
 from app.webui import runs
-from app.webui.context import Context, problems_of
+from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, argv, command_line, named
 from app.webui.jobs import error_lines
 from app.webui.paths import (DATA_TYPES, data_files, inspect_data, path_problem, path_problems, project,
                              save_upload)
 
 PLAN_TIMEOUT_S = 600
-
-
-def checked(form: Form, values: tuple[Any, ...]) -> tuple[dict[str, str], Config]:
-    """The form's overrides and the Config they give, checked as `make train` checks them; UserError if not."""
-    overrides = form.overrides(list(values))
-    bad = path_problems(overrides)
-    if bad:
-        raise UserError(bad)
-    cfg = Config.load(overrides, validate=False)
-    preflight(cfg, "train")
-    return overrides, cfg
 
 
 def build(ctx: Context) -> Form:
@@ -106,7 +94,8 @@ def build(ctx: Context) -> Form:
 
     def start(*values: Any) -> tuple[str, str, Any]:
         try:
-            overrides, cfg = checked(form, values)
+            overrides = form.overrides(list(values))
+            cfg = checked("train", overrides)
             job = ctx.jobs.start(cfg.train.output_dir, "train", overrides)
         except (UserError, RuntimeError) as e:
             return problems_of(e), gr.update(), gr.update()
@@ -131,8 +120,7 @@ def build(ctx: Context) -> Form:
                    "nothing to resume", gr.update()
         overrides = ctx.last_train.get(run) or {**form.overrides(list(values)), "OUTPUT_DIR": run}
         try:
-            cfg = Config.load(overrides, validate=False)
-            preflight(cfg, "train")
+            checked("train", overrides)
             job = ctx.jobs.start(run, "train", overrides)
         except (UserError, RuntimeError) as e:
             return problems_of(e), gr.update()
