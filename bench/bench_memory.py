@@ -24,7 +24,7 @@ from app.core.utils import atomic_write_text, setup_logging
 from app.data.synthetic import generate_samples
 from app.models.tiny import build_tiny_model, resolve_model
 from app.plan.estimator import estimate, model_shape
-from app.training.callbacks import read_metrics
+from app.training.metrics_file import read_metrics
 
 log = logging.getLogger("bench")
 REPORTS = Path("bench")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
-from app.training.callbacks import read_metrics
+from app.training.metrics_file import read_metrics
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]

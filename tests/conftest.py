@@ -408,7 +408,7 @@ def recipe():
 
 
 def _read_metrics(run) -> list[dict]:
-    from app.training.callbacks import read_metrics
+    from app.training.metrics_file import read_metrics
 
     path = Path(run)
     if path.is_dir():

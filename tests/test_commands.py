@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from app.cli import reference
-from app.cli.main import COMMANDS, main
+from app.__main__ import ALL_COMMANDS as COMMANDS, main  # the CLI's commands and the web UI's
 from app.config import Config
 from app.inference.predict import BUILTIN_PROMPT, Predictor
 
