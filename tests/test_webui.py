@@ -157,6 +157,24 @@ def test_an_upload_lands_in_data_and_never_replaces_a_file(webui, client, tmp_pa
     assert (webui.project / "data" / "mine.jsonl").read_bytes() == src.read_bytes()
 
 
+def test_an_upload_over_the_size_cap_is_refused_and_nothing_is_written(tmp_path, monkeypatch, make_data):
+    from app.core.errors import UserError
+    from app.webui.paths import save_upload
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    big = tmp_path / "big.jsonl"
+    line = (make_data(n_train=1, n_dev=1, seed=2) / "train.jsonl").read_text()
+    big.write_text(line * (2 * 2**20 // len(line) + 1))  # a little over 2 MB
+    cfg = Config.load({"WEBUI_MAX_UPLOAD_MB": "2"}, env={}, dotenv_path=None)
+    with pytest.raises(UserError) as e:
+        save_upload(str(big), cfg)
+    assert e.value.problems[0].startswith("DATA_PATH=data/big.jsonl: ")
+    assert " MB is over WEBUI_MAX_UPLOAD_MB=2; copy the file into data/ and pick it" in e.value.problems[0]
+    assert not list((tmp_path / "data").iterdir())
+    assert save_upload(str(big), Config.load({"WEBUI_MAX_UPLOAD_MB": "10"}, env={}, dotenv_path=None)).records > 1
+
+
 def test_the_data_picker_shows_format_count_and_bad_lines(webui, client):
     (webui.project / "data" / "some_bad.jsonl").write_text(
         '{"context": "a", "target": "[]"}\nnot json\n{"context": "b", "target": "[]"}\n', encoding="utf-8")
@@ -221,6 +239,14 @@ def test_train_watch_chat_evaluate_and_merge(webui, client, child_env):
     assert chart and len(samples["data"]) == 4
     results = [r[1] for r in samples["data"]]
     assert results == sorted(results, key=["error", "bad gold", "correct"].index)  # errors first
+
+    # a second run, compared with the first on one plot
+    client.predict(**TRAIN, max_steps=4, output_dir="models/api-run-2", api_name="/start")
+    while not client.predict("models/api-run-2", api_name="/watch")[0].startswith("finished"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    curves, _ = client.predict("models/api-run", "models/api-run-2", api_name="/run_curves")
+    assert {"api-run train loss", "api-run-2 train loss"} <= {row[-1] for row in curves["data"]}
 
     message, _, written = client.predict(adapter_dir="models/api-run", api_name="/merge")
     assert message.startswith("done: python -m app merge") and written == "models/api-run/merged"
