@@ -151,18 +151,25 @@ echo "predict-custom: $(( $(date +%s) - t ))s"
 grep -q "prompt: 《星河往事》" <<<"$out" || die "predict-custom did not answer the prompt"
 if docker compose run --rm predict-custom >/dev/null 2>&1; then die "predict-custom without PROMPT should fail"; fi
 
+# healthy_on_loopback SERVICE CONTAINER_PORT HOST_PORT: the started service turns healthy (its healthcheck,
+# within 4 min) and is published on the host's 127.0.0.1:HOST_PORT only
+healthy_on_loopback() {
+    local cid health published
+    cid=$(docker compose ps -q "$1")
+    for _ in $(seq 120); do
+        [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
+        sleep 2
+    done
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
+    [ "$health" = healthy ] || { docker compose logs "$1" | tail -30; die "$1 is $health, not healthy"; }
+    published=$(docker compose port "$1" "$2")
+    [ "$published" = "127.0.0.1:$3" ] || die "$1 is published on $published, not 127.0.0.1:$3 only"
+}
+
 step "docker compose up -d serve: healthy, on the host's 127.0.0.1 only, answering with the trained adapter"
 port=18931
 SERVE_PORT=$port docker compose up -d --no-deps serve
-cid=$(docker compose ps -q serve)
-for _ in $(seq 120); do
-    [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
-    sleep 2
-done
-health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
-[ "$health" = healthy ] || { docker compose logs serve | tail -30; die "serve is $health, not healthy"; }
-published=$(docker compose port serve 8000)
-[ "$published" = "127.0.0.1:$port" ] || die "serve is published on $published, not 127.0.0.1:$port only"
+healthy_on_loopback serve 8000 "$port"
 python3 - "$port" <<'PY' || { docker compose logs serve | tail -30; die "serve did not answer"; }
 import json, sys, urllib.request
 base = f"http://127.0.0.1:{sys.argv[1]}/v1"
@@ -179,16 +186,8 @@ docker compose stop serve && docker compose rm -f serve >/dev/null
 step "docker compose up -d webui: healthy, on the host's 127.0.0.1 only, its API behind the login; refused without WEBUI_AUTH"
 port=18932
 WEBUI_AUTH=ci:secret-pass WEBUI_PORT=$port docker compose up -d --no-deps webui
-cid=$(docker compose ps -q webui)
-for _ in $(seq 120); do
-    [ "$(docker inspect -f '{{.State.Health.Status}}' "$cid")" = healthy ] && break
-    sleep 2
-done
-health=$(docker inspect -f '{{.State.Health.Status}}' "$cid")
-[ "$health" = healthy ] || { docker compose logs webui | tail -30; die "webui is $health, not healthy"; }
-published=$(docker compose port webui 7860)
-[ "$published" = "127.0.0.1:$port" ] || die "webui is published on $published, not 127.0.0.1:$port only"
-echo "webui: $health, published on $published"
+healthy_on_loopback webui 7860 "$port"
+echo "webui: healthy, published on 127.0.0.1:$port"
 python3 - "$port" <<'PY' || { docker compose logs webui | tail -30; die "webui's login does not guard its API"; }
 import http.cookiejar, sys, urllib.error, urllib.parse, urllib.request
 base = f"http://127.0.0.1:{sys.argv[1]}"
