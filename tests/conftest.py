@@ -422,7 +422,7 @@ def _read_metrics(run) -> list[dict]:
 @pytest.fixture(scope="session")
 def read_metrics():
     """read_metrics(run dir or metrics.jsonl) -> every logged row, in order: the app's own reader
-    (app.training.callbacks.read_metrics), but strict, as a finished run's log must be: a missing file
+    (app.training.metrics_file.read_metrics), but strict, as a finished run's log must be: a missing file
     or a line that is not a JSON row fails instead of being left out."""
     return _read_metrics
 

@@ -77,7 +77,12 @@ class LoraArgs:
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
     lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
-                                     "of the model family")
+                                     "of the model family; all-linear = PEFT's own choice of every linear "
+                                     "layer but the output head")
+    use_dora: bool = _f(False, "DoRA: LoRA on each weight's direction plus a trained magnitude per output (PEFT "
+                               "use_dora; LLaMA-Factory use_dora); steps are slower")
+    use_rslora: bool = _f(False, "rsLoRA: scale the update by LORA_ALPHA / sqrt(LORA_R) instead of / LORA_R (PEFT "
+                                 "use_rslora), so high ranks keep learning")
     method: Method = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
                                 "prefixes); full (every weight: small models only)")
     pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
@@ -126,6 +131,8 @@ class TrainArgs:
                                     "code supports it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)")
     torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
                                     "only on long runs)")
+    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training "
+                                   "(the Trainer's neftune_noise_alpha; 5 is the paper's); 0 = off")
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
     eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")

@@ -170,6 +170,11 @@ class Config:
         need(not (lo.method == "full" and rs.quant_level in ("8bit", "4bit")),
              f"METHOD=full trains every weight, which cannot be quantized (QUANT_LEVEL={rs.quant_level}); "
              "set QUANT_LEVEL=none, or METHOD=qlora")
+        for var in ("USE_DORA", "USE_RSLORA"):
+            need(not (self.get(var) and lo.method in ("ptuning", "full")),
+                 f"{var}=true is a LoRA variant, but METHOD={lo.method} trains no LoRA; set METHOD=lora or qlora, "
+                 f"or {var}=false")
+        need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
         need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")
         need(rs.memory_limit_mb >= 0, f"MEMORY_LIMIT_MB={rs.memory_limit_mb} must be >= 0 (0 = detect)")

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 # Output heads stay frozen: adapting them costs vocab-sized matrices for little gain.
 _NEVER_TARGET = ("lm_head", "output_layer", "embed_out", "score", "classifier")
+ALL_LINEAR = "all-linear"  # LORA_TARGETS=all-linear, as PEFT spells it
 
 
 # Known breakages of ChatGLM-6B/2/3 remote code on current transformers -> what to do instead.
@@ -196,18 +197,25 @@ def detect_lora_targets(model: Any) -> list[str]:
 def apply_lora(model: Any, cfg: Config) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.lora.lora_targets or detect_lora_targets(model)
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise UserError(f"LORA_TARGETS={','.join(targets)}: no module named {', '.join(missing)} in this model; "
-                        f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))})")
-    lcfg = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    lo = cfg.lora
+    targets: list[str] | str = lo.lora_targets or detect_lora_targets(model)
+    if targets == [ALL_LINEAR]:
+        targets = ALL_LINEAR  # PEFT's spelling: it picks the layers (every linear one but the output head)
+    else:
+        present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise UserError(f"LORA_TARGETS={','.join(targets)}: no module named {', '.join(missing)} in this model; "
+                            f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))}), "
+                            f"or use LORA_TARGETS={ALL_LINEAR}")
+    lcfg = LoraConfig(r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", bias="none", use_dora=lo.use_dora, use_rslora=lo.use_rslora)
     peft_model = get_peft_model(model, lcfg)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d on %s: %s trainable of %s parameters (%.2f%%)", cfg.lora.lora_r, ",".join(targets),
-             f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total))
+    variant = "".join(f" +{name}" for name, on in (("DoRA", lo.use_dora), ("rsLoRA", lo.use_rslora)) if on)
+    log.info("LoRA%s r=%d on %s: %s trainable of %s parameters (%.2f%%)", variant, lo.lora_r,
+             targets if isinstance(targets, str) else ",".join(targets), f"{trainable:,}", f"{total:,}",
+             100 * trainable / max(1, total))
     return peft_model
 
 

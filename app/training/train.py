@@ -19,7 +19,7 @@ from typing import Any
 from app.config import Config
 from app.core.errors import UserError
 from app.core.utils import peak_rss_mb, set_threads
-from app.models.loading import load_tokenizer, resolve
+from app.models.loading import ALL_LINEAR, load_tokenizer, resolve
 from app.plan.precision import resolve_precision
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources
@@ -96,7 +96,8 @@ class FineTuner:
                  "".join(f", GPU {g.name} {g.total_mb / 1024:.0f} GB" for g in res.gpus), self.plan.tier,
                  self.model_path, threads)
         self.tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
-        self.shape = model_shape(self.model_path, self.cfg.lora.lora_targets or None, self.cfg.model.trust_remote_code)
+        targets = [t for t in self.cfg.lora.lora_targets if t != ALL_LINEAR] or None  # all-linear: as detected
+        self.shape = model_shape(self.model_path, targets, self.cfg.model.trust_remote_code)
         return self
 
     def _resume_check(self) -> tuple[Config, dict[str, str]]:

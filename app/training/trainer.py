@@ -168,6 +168,7 @@ def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda:
         # batches are collated in the training process: a worker would take a core from the matmuls
         dataloader_num_workers=0, dataloader_pin_memory=cuda, torch_compile=t.torch_compile,
         disable_tqdm=False, log_level="error",
+        neftune_noise_alpha=t.neftune_alpha or None,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
         deepspeed=cfg.distributed.ds_config or None,
     )

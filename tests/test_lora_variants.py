@@ -1,0 +1,120 @@
+"""The LoRA variants and NEFTune that LLaMA-Factory and TRL users look for (USE_DORA, USE_RSLORA,
+LORA_TARGETS=all-linear, NEFTUNE_ALPHA): each a setting that reaches PEFT or the Trainer, recorded with the run,
+and honoured when the adapter is loaded again and merged. Each trains the golden recipe (tests/conftest.py) for
+a few steps on the tiny GLM."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_glm_dir, data_dir, tmp_path_factory, recipe):
+    """name -> output dir of a 3-step run: plain LoRA and each variant, the same recipe and seed otherwise."""
+    from app.training.train import FineTuner
+
+    variants = {"plain": {}, "dora": {"USE_DORA": True}, "rslora": {"USE_RSLORA": True},
+                "all_linear": {"LORA_TARGETS": "all-linear"}, "neftune": {"NEFTUNE_ALPHA": 5.0}}
+    root = tmp_path_factory.mktemp("variants")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # training notes its output in models/.last_run: here, not in the checkout
+        for name, extra in variants.items():
+            cfg = recipe(tiny_glm_dir, data_dir, root / name, MAX_STEPS=STEPS, EVAL_STEPS=100, SAVE_STEPS=100,
+                         **extra)
+            FineTuner(cfg).run()
+            out[name] = root / name
+    return out
+
+
+def _peft_config(run) -> dict:
+    return json.loads((run / "adapter_config.json").read_text())
+
+
+def _saved(run) -> dict:
+    return json.loads((run / "train_config.json").read_text())
+
+
+def test_each_setting_is_recorded_and_reaches_peft(runs):
+    assert _peft_config(runs["dora"])["use_dora"] is True and _saved(runs["dora"])["USE_DORA"] is True
+    assert _peft_config(runs["rslora"])["use_rslora"] is True and _saved(runs["rslora"])["USE_RSLORA"] is True
+    plain = _peft_config(runs["plain"])
+    assert plain["use_dora"] is False and plain["use_rslora"] is False
+    assert _saved(runs["neftune"])["NEFTUNE_ALPHA"] == 5.0 and _saved(runs["all_linear"])["LORA_TARGETS"] == ["all-linear"]
+    # all-linear: PEFT's pick, every linear layer but the head, here the same layers auto-detection takes
+    chosen = {name.rsplit(".", 1)[-1] for name in _peft_config(runs["all_linear"])["target_modules"]}
+    assert chosen == set(plain["target_modules"]), chosen
+
+
+def test_a_dora_adapter_holds_its_magnitude_vectors(runs):
+    from safetensors import safe_open
+
+    with safe_open(str(runs["dora"] / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    magnitudes = [k for k in keys if "lora_magnitude_vector" in k]
+    assert magnitudes and len(magnitudes) == len([k for k in keys if "lora_A" in k]), keys
+
+
+def test_first_losses_differ_where_they_should_and_match_where_they_should(runs, train_losses):
+    """LoRA's B starts at zero, so step 1 sees the base model whatever the scale (rsLoRA, DoRA) or the targets;
+    NEFTune adds noise to the embeddings, so its step 1 differs. From step 2 on rsLoRA's larger scale shows."""
+    plain = train_losses(runs["plain"])
+    for name in ("rslora", "dora", "all_linear"):
+        assert train_losses(runs[name])[1] == pytest.approx(plain[1], abs=1e-6), name
+    assert abs(train_losses(runs["neftune"])[1] - plain[1]) > 1e-4
+    assert abs(train_losses(runs["rslora"])[STEPS] - plain[STEPS]) > 1e-5
+
+
+@pytest.mark.parametrize("name", ["dora", "rslora", "all_linear"])
+def test_the_adapter_reloads_with_peft_and_merges_to_the_same_logits(runs, name, tiny_glm_dir, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from app.config import Config
+    from app.inference.merge import run_merge
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_glm_dir, dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(base, str(runs[name])).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_glm_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-4  # the adapter changes the output: the check below can fail
+    merged_dir = run_merge(Config.from_dict({"ADAPTER_DIR": str(runs[name]), "MODEL_NAME": str(tiny_glm_dir),
+                                             "QUANT_LEVEL": "none", "MERGED_DIR": str(tmp_path / "merged")}))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["USE_DORA=1", "METHOD=ptuning"], "USE_DORA=true is a LoRA variant, but METHOD=ptuning trains no LoRA; "
+                                       "set METHOD=lora or qlora, or USE_DORA=false"),
+    (["USE_RSLORA=1", "METHOD=full", "QUANT_LEVEL=none"], "USE_RSLORA=true is a LoRA variant, but METHOD=full "
+                                                          "trains no LoRA; set METHOD=lora or qlora, or "
+                                                          "USE_RSLORA=false"),
+    (["NEFTUNE_ALPHA=-1"], "NEFTUNE_ALPHA=-1.0 must be >= 0 (0 = off, e.g. 5)"),
+])
+def test_a_variant_that_cannot_apply_is_refused_in_one_line(cli, args, line):
+    code, errors, _ = cli("train", "MODEL_NAME=tiny", *args)
+    assert code == 2 and errors == [line]
+
+
+def test_resume_refuses_a_changed_variant(tiny_glm_dir, data_dir, tmp_path, recipe):
+    """USE_DORA and USE_RSLORA change the adapter's tensors or scale: a checkpoint of one run cannot continue
+    as the other (NEFTUNE_ALPHA may change: it is listed as a change, not refused)."""
+    from app.training import resume
+
+    cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=4)
+    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    ckpt.mkdir(parents=True)
+    (ckpt / resume.SETTINGS_FILE).write_text(json.dumps(resume.snapshot(cfg, 1, {})))
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
+    rc = resume.check(cfg.replace({"USE_DORA": "true", "USE_RSLORA": "true", "NEFTUNE_ALPHA": "5"}), ckpt)
+    assert rc.differences == ["USE_DORA false -> true", "USE_RSLORA false -> true"], rc.differences
+    assert rc.changes == ["NEFTUNE_ALPHA 0.0 -> 5.0"], rc.changes
