@@ -91,7 +91,7 @@ def _model_problems(cfg: Config) -> list[str]:
 
 
 def _train_problems(cfg: Config) -> list[str]:
-    from app.training import dist, resume, runlock
+    from app.training import dist, resume, runlock, trackers
     from app.training.checkpoints import output_dir_problems
 
     # (our torchrun workers run under their launcher's lock: for them it is not someone else's)
@@ -105,6 +105,7 @@ def _train_problems(cfg: Config) -> list[str]:
             resume.decide(cfg)  # RESUME names a checkpoint this run can continue (same settings, steps left)
         except UserError as e:
             problems += e.problems
+    problems += trackers.missing(cfg.train.report_to)  # an optional package: before any work, not at step 1
     ds = cfg.distributed.ds_config
     if ds and not Path(ds).is_file():
         problems.append(f"DS_CONFIG={ds}: no such file; use configs/ds_zero2.json or configs/ds_zero3.json")

@@ -42,6 +42,8 @@ MemoryGuard = Literal["backoff", "stop", "off"]
 Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalMetric = Literal["loss", "f1"]
+# REPORT_TO's names (a comma list; app/training/trackers.py sets each up)
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio", "swanlab", "none")
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,10 @@ class TrainArgs:
                                     "only on long runs)")
     neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training "
                                    "(the Trainer's neftune_noise_alpha; 5 is the paper's); 0 = off")
+    report_to: list[str] = _f(["tensorboard"], "Where metrics go besides metrics.jsonl, comma-separated: "
+                                                "tensorboard (OUTPUT_DIR/runs), wandb, mlflow, trackio, swanlab, or "
+                                                "none; offline unless their key or URI is set (pip install -r "
+                                                "requirements-trackers.txt)")
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
     eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")

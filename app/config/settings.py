@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from app.config.fields import (ALL, TIERED, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs, ModelArgs, PredictArgs,
+from app.config.fields import (ALL, TIERED, TRACKER_NAMES, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs,
+                               ModelArgs, PredictArgs,
                                ResourceArgs, ServeArgs, TrainArgs, WebuiArgs)
 from app.config.sources import read_dotenv, unknown_problem, default_output_dir, make_overrides
 
@@ -174,6 +175,11 @@ class Config:
             need(not (self.get(var) and lo.method in ("ptuning", "full")),
                  f"{var}=true is a LoRA variant, but METHOD={lo.method} trains no LoRA; set METHOD=lora or qlora, "
                  f"or {var}=false")
+        for name in t.report_to:
+            need(name in TRACKER_NAMES, f"REPORT_TO={','.join(t.report_to)}: {name!r} is not one of "
+                                        f"{', '.join(TRACKER_NAMES)}")
+        need(not ("none" in t.report_to and len(t.report_to) > 1),
+             f"REPORT_TO={','.join(t.report_to)}: none means no tracker; give it alone")
         need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
         need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")

@@ -84,20 +84,25 @@ class MetricsJsonl(TrainerCallback):
 
     def __init__(self, path: Path, throughput: Throughput, sampler: Any = None, budget_mb: float = 0.0):
         self.path, self.tp, self.sampler, self.budget_mb = path, throughput, sampler, budget_mb
+        self.trackers: list[Any] = []  # REPORT_TO's callbacks (TensorBoard's too): rows logged outside on_log
+        self._now: tuple[Any, Any, Any] | None = None  # (args, state, control) of the last evaluation
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or not state.is_world_process_zero:
             return
-        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs,
-               "tokens_seen": state.num_input_tokens_seen,
-               "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
-               "max_steps": state.max_steps}  # with time_s, a watcher's progress and ETA (the web UI)
+        ours = {"tokens_seen": state.num_input_tokens_seen, "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
+                "max_steps": state.max_steps}  # with time_s, a watcher's progress and ETA (the web UI)
         if self.budget_mb:
-            row["budget_mb"] = round(self.budget_mb, 1)  # the plan's memory budget, beside the RSS below
+            ours["budget_mb"] = round(self.budget_mb, 1)  # the plan's memory budget, beside the RSS below
         if self.sampler is not None:  # memory now and at its peak so far (RSS / cgroup / CUDA)
-            row.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
-                        if v is not None and k != "samples"})
+            ours.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
+                         if v is not None and k != "samples"})
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, **ours}
+        logs.update(ours)  # the trackers' callbacks come after this one: they get the tool's metrics too
         self.write(row)
+
+    def on_evaluate(self, args, state, control, **kw):
+        self._now = (args, state, control)
 
     def write(self, row: dict[str, Any]) -> None:
         if not is_main():  # one log for the run, written by rank 0
@@ -105,6 +110,10 @@ class MetricsJsonl(TrainerCallback):
         row = {**row, "time_s": round(time.perf_counter() - self.tp.t0, 2)}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
+        if "eval_f1" in row and self._now is not None:  # F1 comes after the Trainer has logged the evaluation
+            values = {k: v for k, v in row.items() if k not in ("step", "time_s") and isinstance(v, (int, float))}
+            for tracker in self.trackers:
+                tracker.on_log(*self._now, logs=dict(values))
 
 
 class BestAdapter(TrainerCallback):

@@ -44,6 +44,12 @@ class MemoryGuard(TrainerCallback):
         elif usage_mb >= WARN * self.limit_mb:
             self.warned.set()
 
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        if logs is not None and "loss" in logs:  # to metrics.jsonl's trackers (REPORT_TO), after the loss
+            logs.update({"memory_guard_peak_mb": round(self.peak_mb, 1),
+                         "memory_guard_warned": int(self.warned.is_set()),
+                         "memory_guard_tripped": int(self.tripped.is_set())})
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.tripped.is_set():
             control.should_save = True

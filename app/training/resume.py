@@ -43,7 +43,8 @@ FIXED = ("MODEL_NAME", "METHOD", "QUANT_LEVEL", "LORA_R", "LORA_ALPHA", "LORA_DR
 KEPT = TIERED + ("LORA_ALPHA",)  # the GPU tiers set LORA_ALPHA = 2 x LORA_R
 # Not about what is trained: where it goes, how it is launched, what inference does afterwards.
 _SECTIONS = ("model", "data", "lora", "resources", "train", "distributed")
-_IGNORED = {"OUTPUT_DIR", "RESUME", "OVERWRITE", "REPLACE_DATA", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR",
+_IGNORED = {"OUTPUT_DIR", "RESUME", "OVERWRITE", "REPORT_TO",
+            "REPLACE_DATA", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR",
             "MASTER_PORT", "TRUST_REMOTE_CODE", "CACHE_DIR", "NUM_PROC"}
 
 

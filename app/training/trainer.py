@@ -198,6 +198,7 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
     from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
     from app.training.kernels import collator
     from app.training.outputs import METRICS
+    from app.training import trackers
     from app.training.resume import snapshot
 
     cfg = ft.cfg
@@ -214,12 +215,16 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
     holder: list[RunTrainer] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
     zero3 = dist.zero_stage(cfg) == 3
     gather = (lambda: full_state_dict(holder[0], zero3)) if zero3 else None
-    board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() else []
+    names = trackers.chosen(cfg.train.report_to)
+    board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() and "tensorboard" in names \
+        else []
+    board += trackers.callbacks(names, out) if dist.is_main() else []  # W&B, MLflow, Trackio, SwanLab
+    metrics.trackers = board  # F1 on generated answers reaches them too (it is computed after the Trainer logs)
     trainer = RunTrainer(
         model=ft.model, args=args, train_dataset=ft.train_rows, eval_dataset=ft.val_rows or None,
         data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")),
         run_settings=lambda: snapshot(ft.cfg, dist.world_size(), ft._data_fp),
-        callbacks=[ProgressBar(tp), metrics, *f1,
+        callbacks=[ProgressBar(tp), metrics, *f1,  # metrics before the trackers: it adds tokens/s and memory
                    BestAdapter(ckpt_dir / "best", cfg.train.early_stopping_patience, "eval_f1" if f1 else "eval_loss",
                                resumed, gather), guard, *board, *tail],
     )
