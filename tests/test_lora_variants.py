@@ -118,3 +118,79 @@ def test_resume_refuses_a_changed_variant(tiny_glm_dir, data_dir, tmp_path, reci
     rc = resume.check(cfg.replace({"USE_DORA": "true", "USE_RSLORA": "true", "NEFTUNE_ALPHA": "5"}), ckpt)
     assert rc.differences == ["USE_DORA false -> true", "USE_RSLORA false -> true"], rc.differences
     assert rc.changes == ["NEFTUNE_ALPHA 0.0 -> 5.0"], rc.changes
+
+
+# ---- LORA_INIT ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_of_the_unchanged_base(init, tiny_glm_dir, data_dir,
+                                                                                tmp_path, recipe, monkeypatch,
+                                                                                train_losses, runs):
+    """They train on a base whose weights they changed; the saved adapter is converted (rank 2 x LORA_R) so that
+    on the original base it gives what the trained model gave, and merges to the same logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from app.config import Config
+    from app.inference.merge import run_merge
+    from app.training.train import FineTuner
+
+    monkeypatch.chdir(tmp_path)
+    ft = FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / init, MAX_STEPS=STEPS, EVAL_STEPS=2, SAVE_STEPS=100,
+                          LORA_INIT=init))
+    ft.run()
+    saved = _peft_config(tmp_path / init)
+    assert saved["r"] == 2 * 8 and saved["init_lora_weights"] is True and _saved(tmp_path / init)["LORA_INIT"] == init
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
+    trained = ft.model.eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_glm_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+        got = PeftModel.from_pretrained(base, str(tmp_path / init)).eval()(input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-4  # trained: the comparison below can fail
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    merged = AutoModelForCausalLM.from_pretrained(run_merge(Config.from_dict({
+        "ADAPTER_DIR": str(tmp_path / init), "MODEL_NAME": str(tiny_glm_dir), "QUANT_LEVEL": "none"})),
+        dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
+    # it starts as the base, but its LoRA branch is not zero, so LORA_DROPOUT already changes step 1's loss
+    losses, plain_losses = train_losses(tmp_path / init), train_losses(runs["plain"])
+    assert abs(losses[1] - plain_losses[1]) > 1e-5 and abs(losses[STEPS] - plain_losses[STEPS]) > 1e-5
+
+
+@pytest.mark.parametrize("args, line", [
+    (["LORA_INIT=loftq", "QUANT_LEVEL=none"], "LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but "
+                                              "QUANT_LEVEL=none; set QUANT_LEVEL=4bit (or METHOD=qlora), or another "
+                                              "LORA_INIT"),
+    (["LORA_INIT=pissa", "QUANT_LEVEL=8bit"], "LORA_INIT=pissa rewrites the base's weights while training, which a "
+                                              "QUANT_LEVEL=8bit base cannot hold exactly; set QUANT_LEVEL=none, or "
+                                              "LORA_INIT=default"),
+    (["LORA_INIT=olora", "METHOD=ptuning"], "LORA_INIT=olora starts LoRA weights, but METHOD=ptuning trains no LoRA; "
+                                            "set METHOD=lora or qlora, or leave LORA_INIT unset"),
+])
+def test_an_init_that_cannot_apply_is_refused_in_one_line(cli, args, line):
+    code, errors, _ = cli("train", "MODEL_NAME=tiny", *args)
+    assert code == 2 and errors == [line]
+
+
+def test_loftq_starts_the_4bit_model_nearer_the_unquantized_one(tiny_glm_dir):
+    """LoftQ's whole point: at step 0 the 4-bit base plus its LoRA is closer to the full-precision model than the
+    4-bit base alone (plain init: B = 0). The adapter then reloads on the 4-bit base."""
+    import torch
+
+    from app.config import Config
+    from app.models.loading import apply_lora, load_model
+
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11, 64, 9]])
+    with torch.no_grad():
+        full = load_model(str(tiny_glm_dir)).eval()(input_ids=ids).logits.float()
+        error = {}
+        for init in ("default", "loftq"):
+            cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "QUANT_LEVEL": "4bit", "LORA_INIT": init,
+                                    "LORA_R": 16})
+            model = apply_lora(load_model(str(tiny_glm_dir), quant="4bit"), cfg, str(tiny_glm_dir)).eval()
+            error[init] = (model(input_ids=ids).logits.float() - full).abs().mean().item()
+    assert error["loftq"] < 0.8 * error["default"], error

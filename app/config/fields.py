@@ -42,6 +42,7 @@ MemoryGuard = Literal["backoff", "stop", "off"]
 Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalMetric = Literal["loss", "f1"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
 # REPORT_TO's names (a comma list; app/training/trackers.py sets each up)
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio", "swanlab", "none")
 
@@ -83,6 +84,11 @@ class LoraArgs:
                                      "layer but the output head")
     use_dora: bool = _f(False, "DoRA: LoRA on each weight's direction plus a trained magnitude per output (PEFT "
                                "use_dora; LLaMA-Factory use_dora); steps are slower")
+    lora_init: LoraInit = _f("default", "How LoRA's A and B start: default = PEFT's (A Kaiming-uniform, B zero); "
+                                        "gaussian (A Gaussian); pissa / olora (from the weight's principal "
+                                        "singular vectors / QR; the base's weights change while training and the "
+                                        "saved adapter is converted back to plain LoRA on the unchanged base); "
+                                        "loftq (on a QUANT_LEVEL=4bit base: A and B absorb its quantization error)")
     use_rslora: bool = _f(False, "rsLoRA: scale the update by LORA_ALPHA / sqrt(LORA_R) instead of / LORA_R (PEFT "
                                  "use_rslora), so high ranks keep learning")
     method: Method = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "

@@ -180,6 +180,15 @@ class Config:
                                         f"{', '.join(TRACKER_NAMES)}")
         need(not ("none" in t.report_to and len(t.report_to) > 1),
              f"REPORT_TO={','.join(t.report_to)}: none means no tracker; give it alone")
+        need(not (lo.lora_init != "default" and lo.method in ("ptuning", "full")),
+             f"LORA_INIT={lo.lora_init} starts LoRA weights, but METHOD={lo.method} trains no LoRA; set METHOD=lora "
+             "or qlora, or leave LORA_INIT unset")
+        need(not (lo.lora_init == "loftq" and (rs.quant_level in ("none", "8bit"))),
+             f"LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but QUANT_LEVEL={rs.quant_level}; "
+             "set QUANT_LEVEL=4bit (or METHOD=qlora), or another LORA_INIT")
+        need(not (lo.lora_init in ("pissa", "olora") and rs.quant_level in ("8bit", "4bit")),
+             f"LORA_INIT={lo.lora_init} rewrites the base's weights while training, which a QUANT_LEVEL="
+             f"{rs.quant_level} base cannot hold exactly; set QUANT_LEVEL=none, or LORA_INIT=default")
         need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
         need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,55 @@ def detect_lora_targets(model: Any) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: Any, cfg: Config) -> Any:
+# LORA_INIT -> PEFT's init_lora_weights (loftq: PEFT's default first, then _loftq)
+INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora",
+                         "loftq": True}
+MUTATING = ("pissa", "olora")  # they move the adapter's starting point out of the base's weights
+INIT_DIR = "lora_init_dir"  # the PeftModel's attribute: where its initial adapter was saved
+
+
+def save_kwargs(model: Any) -> dict[str, Any]:
+    """save_pretrained's extra arguments for a trained adapter: a PiSSA/OLoRA one is converted to a plain LoRA
+    adapter (rank 2 x LORA_R) of the unchanged base, so predict, merge and serve load it like any other."""
+    init = getattr(model, INIT_DIR, None)
+    return {"path_initial_model_for_weight_conversion": init} if init else {}
+
+
+def _loftq(peft_model: Any, model_path: str) -> None:
+    """LoftQ (one step) on the 4-bit base: B @ A set to the best rank-LORA_R approximation of what quantization
+    lost, W - dequant(Q(W)), divided by LoRA's scale, so the model starts nearer the unquantized one. PEFT's
+    replace_lora_weights_loftq does this on CUDA only; this is the same on any device."""
+    import torch
+    from peft.tuners.lora.bnb import Linear4bit
+    from safetensors import safe_open
+
+    weights = Path(model_path) / "model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"LORA_INIT=loftq reads the unquantized weights from one model.safetensors file, and "
+                        f"{model_path} has none (a sharded or hub model); use another LORA_INIT")
+    import bitsandbytes as bnb
+
+    done = 0
+    with safe_open(str(weights), "pt") as f, torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not isinstance(module, Linear4bit):
+                continue
+            original = f.get_tensor(name.removeprefix("base_model.model.") + ".weight").float()
+            lost = original - bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            u, s, vh = torch.linalg.svd(lost, full_matrices=False)
+            r, scale = module.r["default"], module.scaling["default"]
+            root = s[:r].sqrt()
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+            b.copy_((u[:, :r] * root / scale).to(b.dtype))
+            done += 1
+    if not done:
+        raise UserError("LORA_INIT=loftq found no 4-bit LoRA layer; set QUANT_LEVEL=4bit (or METHOD=qlora)")
+    log.info("LoftQ: %d LoRA layers start at their 4-bit weights' quantization error", done)
+
+
+def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
+    import torch
     from peft import LoraConfig, get_peft_model
 
     lo = cfg.lora
@@ -209,8 +258,19 @@ def apply_lora(model: Any, cfg: Config) -> Any:
                             f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))}), "
                             f"or use LORA_TARGETS={ALL_LINEAR}")
     lcfg = LoraConfig(r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", bias="none", use_dora=lo.use_dora, use_rslora=lo.use_rslora)
+                      task_type="CAUSAL_LM", bias="none", use_dora=lo.use_dora, use_rslora=lo.use_rslora,
+                      init_lora_weights=INITS[lo.lora_init])
+    if lo.lora_init in MUTATING:
+        torch.manual_seed(cfg.train.seed)  # PiSSA's fast SVD is randomized: a resume must rebuild the same base
     peft_model = get_peft_model(model, lcfg)
+    if lo.lora_init in MUTATING:
+        # the adapter as initialized, to convert the trained one back to plain LoRA on the unchanged base when it
+        # is saved (save_kwargs); rebuilt identically on a resume, so a temp dir serves
+        init_dir = tempfile.mkdtemp(prefix="lora-init-")
+        peft_model.save_pretrained(init_dir)
+        setattr(peft_model, INIT_DIR, init_dir)
+    if lo.lora_init == "loftq":
+        _loftq(peft_model, model_path)
     trainable, total = peft_model.get_nb_trainable_parameters()
     variant = "".join(f" +{name}" for name, on in (("DoRA", lo.use_dora), ("rsLoRA", lo.use_rslora)) if on)
     log.info("LoRA%s r=%d on %s: %s trainable of %s parameters (%.2f%%)", variant, lo.lora_r,

@@ -78,6 +78,10 @@ class Plan:
         return replace(self, warnings=(*self.warnings, text))
 
 
+# LORA_INIT that needs one weight format, when QUANT_LEVEL is left to the tier
+INIT_QUANT = {"pissa": "none", "olora": "none", "loftq": "4bit"}
+
+
 def halve_batch(batch: int, accum: int) -> tuple[int, int]:
     """Half the micro-batch (BATCH_SIZE), and the GRAD_ACCUM that keeps the effective batch: the one
     back-off the tier fit, the guard's pre-flight and its runtime back-off all use."""
@@ -100,6 +104,7 @@ def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = Non
     r = cfg.resources
     if r.tier == "none":
         quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, r.quant_level)
+        quant = INIT_QUANT.get(cfg.lora.lora_init, quant) if quant == "auto" else quant
         level = "none" if quant == "auto" else quant  # "auto" resolves even when given explicitly
         return plan.set("QUANT_LEVEL", level, "TIER=none" if quant == "auto" else plan.held.get("QUANT_LEVEL", "set by you"))
     if r.tier != "auto":
@@ -115,6 +120,8 @@ def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = Non
         plan = plan.record("QUANT_LEVEL", r.quant_level, plan.held.get("QUANT_LEVEL", "set by you"))
     elif cfg.train.precision == "bf16":  # bf16 autocast runs on unquantized weights
         plan = plan.set("QUANT_LEVEL", "none", "PRECISION=bf16")
+    elif cfg.lora.lora_init in INIT_QUANT:  # PiSSA/OLoRA rewrite the base's weights; LoftQ needs a 4-bit one
+        plan = plan.set("QUANT_LEVEL", INIT_QUANT[cfg.lora.lora_init], f"LORA_INIT={cfg.lora.lora_init}")
     else:
         plan = plan.set("QUANT_LEVEL", tier.quant, why)
     plan = plan.decide("MAX_SAMPLES", tier.samples, why).decide("BATCH_SIZE", tier.batch, why) \

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from app.core.utils import staged_dir
+from app.models.loading import save_kwargs
 from app.training.dist import is_main
 from app.training.metrics_file import loss_figure
 
@@ -150,7 +151,8 @@ class BestAdapter(TrainerCallback):
             weights = self.state_dict() if self.state_dict is not None else None  # collective under ZeRO-3
             if state.is_world_process_zero:
                 with staged_dir(self.out_dir) as tmp:
-                    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+                    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}),
+                                          **save_kwargs(model))
         else:
             if self.patience and self.bad_evals >= self.patience:
                 log.info("early stopping: %s has not improved on %.4f (step %s) for %d evaluations",

@@ -16,6 +16,7 @@ from typing import Any
 from app.core.errors import UserError
 from app.core.utils import LAST_RUN_FILE, atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
+from app.models.loading import save_kwargs
 from app.training import dist
 from app.training.callbacks import plot_losses
 from app.training.metrics_file import read_metrics
@@ -44,7 +45,8 @@ def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict
     summary.json (with ``timing``: the predicted and measured step time) and models/.last_run.
     Until then an earlier run's files stay."""
     with staged_dir(out) as tmp:
-        ft.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}))
+        ft.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}),
+                                 **save_kwargs(ft.model))
         ft.tokenizer.save_pretrained(tmp)
         write_json(tmp / "data_report.json", ft.data_report)
         ft.cfg.save(tmp / "train_config.json")  # as it ran, after any back-off

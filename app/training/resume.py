@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "run_settings.json"
 FIXED = ("MODEL_NAME", "METHOD", "QUANT_LEVEL", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "USE_DORA",
-         "USE_RSLORA",
+         "USE_RSLORA", "LORA_INIT",
          "PRE_SEQ_LEN", "PREFIX_PROJECTION", "DATA_PATH", "VAL_PATH", "DATA_FORMAT", "VAL_SIZE", "MAX_SAMPLES",
          "SEED", "MAX_SEQ_LEN", "PACKING",
          # the optimizer's and scheduler's saved state carry these: a new value would be silently ignored

@@ -38,7 +38,7 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> Any:
         return model
     if cfg.lora.method == "ptuning":
         return apply_ptuning(model, cfg)
-    model = apply_lora(model, cfg)
+    model = apply_lora(model, cfg, model_path)
     fast_lora_dropout(model)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
     if half:
         lora_inputs_stay_bf16(model)
