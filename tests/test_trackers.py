@@ -1,8 +1,8 @@
 """REPORT_TO (app/training/trackers.py): the trackers get the run's metrics, the tool's own included (tokens/s,
 memory, the memory guard, F1 on generated answers), offline by default; a tracker whose package is missing is
 one line before any work. MLflow is installed for the test into a throw-away dir (it is an optional extra);
-W&B, Trackio and SwanLab are not installed here and are tested through their defaults and the missing-package
-line only."""
+W&B, Trackio and SwanLab are not installed here: they are tested through the run's callback list (a recorder in
+W&B's place), their offline defaults and the missing-package line."""
 from __future__ import annotations
 
 import importlib.util
@@ -101,3 +101,31 @@ def test_report_to_none_writes_no_tensorboard_logs(tiny_glm_dir, data_dir, tmp_p
     FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "none", MAX_STEPS=2, REPORT_TO="none")).run()
     FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "default", MAX_STEPS=2)).run()
     assert not (tmp_path / "none" / "runs").exists() and (tmp_path / "default" / "runs").is_dir()
+
+
+def test_every_tracker_callback_gets_the_tools_metrics(tiny_glm_dir, data_dir, tmp_path, recipe, monkeypatch):
+    """W&B, Trackio and SwanLab are not installed here: a recorder stands in for W&B's callback in transformers'
+    table, and the run's callback list must hand it the Trainer's metrics and the tool's (tokens/s, memory, the
+    guard, eval F1), with W&B's offline default set and said."""
+    import transformers.integrations
+    from transformers import TrainerCallback
+
+    from app.training.train import FineTuner
+
+    seen: list[dict] = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs or {}))
+
+    monkeypatch.setitem(transformers.integrations.INTEGRATION_TO_CALLBACK, "wandb", Recorder)
+    for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=4, REPORT_TO="wandb", EVAL_METRIC="f1",
+                     EVAL_STEPS=2, EVAL_SAMPLES=2, MAX_NEW_TOKENS=8)).run()
+    keys = set().union(*seen)
+    for key in ("loss", "eval_loss", "tokens_per_s", "rss_mb", "memory_guard_peak_mb", "eval_f1"):
+        assert key in keys, (key, sorted(keys))
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert not (tmp_path / "out" / "runs").exists()  # REPORT_TO=wandb alone: no TensorBoard
