@@ -1,8 +1,10 @@
 """Load base models and tokenizers (hub name, local dir or tiny) and attach LoRA adapters."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -267,6 +269,7 @@ def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
         # the adapter as initialized, to convert the trained one back to plain LoRA on the unchanged base when it
         # is saved (save_kwargs); rebuilt identically on a resume, so a temp dir serves
         init_dir = tempfile.mkdtemp(prefix="lora-init-")
+        atexit.register(shutil.rmtree, init_dir, ignore_errors=True)  # ours: gone when the process ends
         peft_model.save_pretrained(init_dir)
         setattr(peft_model, INIT_DIR, init_dir)
     if lo.lora_init == "loftq":
