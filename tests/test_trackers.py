@@ -129,3 +129,10 @@ def test_every_tracker_callback_gets_the_tools_metrics(tiny_glm_dir, data_dir, t
         assert key in keys, (key, sorted(keys))
     assert os.environ["WANDB_MODE"] == "offline"
     assert not (tmp_path / "out" / "runs").exists()  # REPORT_TO=wandb alone: no TensorBoard
+
+
+def test_each_report_to_name_has_its_package():
+    from app.config.fields import TRACKER_NAMES
+    from app.training.trackers import TRACKERS
+
+    assert set(TRACKERS) == set(TRACKER_NAMES) - {"none"}

@@ -110,8 +110,3 @@ class ChatBackend:
             if chunk.choices and chunk.choices[0].delta.content:
                 text += chunk.choices[0].delta.content
                 yield text
-
-    def stop(self) -> None:
-        job = self.jobs.get(KEY)
-        if job is not None and job.running():
-            job.stop()

@@ -5,6 +5,7 @@ to a log under models/.webui/logs/ that the UI tails.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 
 LOGS = Path(MODELS) / ".webui" / "logs"
 CHECKPOINT_GRACE_S = 570  # a slow CPU step, then the checkpoint; inside compose's stop_grace_period (10m)
+
+
+def job_env() -> dict[str, str]:
+    """A command's environment: the UI's, less the UI's own make line (MAKEFLAGS: its names would be checked again
+    as the job's), with unbuffered output so that the log tail is live."""
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
 
 
 def error_lines(log_text: str) -> list[str]:
@@ -75,6 +84,7 @@ class Jobs:
 
     def __init__(self) -> None:
         self.by_key: dict[str, Job] = {}
+        self.numbers = itertools.count(1)  # this UI's jobs, in order: each log's name is its own
 
     def get(self, key: str) -> Job | None:
         return self.by_key.get(key)
@@ -85,11 +95,9 @@ class Jobs:
             raise RuntimeError(f"{key}: {running.command} is still running (pid {running.proc.pid})")
         logs = project() / LOGS
         logs.mkdir(parents=True, exist_ok=True)
-        path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}-{len(self.by_key)}.log"
-        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}  # the UI's own make line is not the job's
-        env["PYTHONUNBUFFERED"] = "1"  # the log tail is live
-        with path.open("w", encoding="utf-8") as out:
-            proc = subprocess.Popen(argv(command, overrides), cwd=project(), env=env, stdin=subprocess.DEVNULL,
+        path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}-{next(self.numbers)}.log"
+        with path.open("x", encoding="utf-8") as out:  # a new file: no earlier log is ever written over
+            proc = subprocess.Popen(argv(command, overrides), cwd=project(), env=job_env(), stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         job = Job(command, command_line(command, overrides), path, proc)
         self.by_key[key] = job

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,11 @@ def save_upload(tmp: str, cfg: Config) -> DataSummary:
         raise UserError(f"DATA_PATH={shown}: a different file of that name is already in data/ and is never "
                         "replaced; rename your file, or pick the one in data/")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{name}.upload")
-    shutil.copyfile(src, part)
-    try:
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".upload")  # a new name: ours
+    os.close(fd)
+    part = Path(tmp_name)
+    try:  # a failed copy (a full disk) leaves no part behind either
+        shutil.copyfile(src, part)
         os.link(part, dest)  # fails if the name was taken meanwhile: nothing is replaced
     except FileExistsError:
         raise UserError(f"DATA_PATH={shown}: a file of that name appeared in data/ meanwhile; upload again") from None

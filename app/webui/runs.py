@@ -44,37 +44,37 @@ class RunState:
     run: str
     state: str  # training | stopped | finished | new
     line: str  # one line for people
-    step: int = 0
-    max_steps: int = 0
 
     @property
     def resumable(self) -> bool:
         return self.state == "stopped"
 
 
-def state(run: str) -> RunState:
+def rows_of(run: str) -> list[dict[str, Any]]:
+    """The run's metrics.jsonl rows: read once per look, then handed to state() and progress()."""
+    return read_metrics(project() / run / "metrics.jsonl")
+
+
+def state(run: str, rows: list[dict[str, Any]] | None = None) -> RunState:
     out = project() / run
     who = runlock.holder(out)
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r or "eval_loss" in r]
+    rows = [r for r in (rows_of(run) if rows is None else rows) if "loss" in r or "eval_loss" in r]
     step = rows[-1]["step"] if rows else 0
     total = next((r["max_steps"] for r in reversed(rows) if r.get("max_steps")), 0)
     if who is not None and who.get("command") == "train":
-        return RunState(run, "training", f"training: pid {who.get('pid')}, step {step} of {total or '?'}", step, total)
+        return RunState(run, "training", f"training: pid {who.get('pid')}, step {step} of {total or '?'}")
     ckpt = latest_checkpoint(out / CHECKPOINTS)
     summary = _json(out / "summary.json")
     if summary and ckpt is None:
-        return RunState(run, "finished", f"finished: {summary.get('steps')} steps", summary.get("steps") or 0,
-                        summary.get("steps") or 0)
+        return RunState(run, "finished", f"finished: {summary.get('steps')} steps")
     if ckpt is not None:
-        n = step_of(ckpt)
         return RunState(run, "stopped", f"stopped at step {step}: checkpoint {ckpt.relative_to(project())} "
-                                        f"(step {n}); Resume continues from it", n, total)
+                                        f"(step {step_of(ckpt)}); Resume continues from it")
     return RunState(run, "new", "no checkpoint yet" if rows else "not started")
 
 
-def progress(run: str) -> str:
+def progress(rows: list[dict[str, Any]]) -> str:
     """Progress, tokens/s, ETA and memory against the plan's budget, from the last logged row."""
-    rows = read_metrics(project() / run / "metrics.jsonl")
     train = [r for r in rows if "loss" in r]
     if not train:
         return "no step logged yet"

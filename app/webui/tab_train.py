@@ -18,11 +18,10 @@ import gradio as gr
 from app.config import Config
 from app.core.errors import UserError
 from app.training import runlock
-from app.training.metrics_file import read_metrics
 from app.webui import runs
 from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, argv, command_line, named
-from app.webui.jobs import error_lines
+from app.webui.jobs import error_lines, job_env
 from app.webui.paths import (DATA_TYPES, data_files, inspect_data, path_problem, path_problems, project,
                              save_upload)
 
@@ -85,8 +84,8 @@ def build(ctx: Context) -> Form:
                 raise UserError(bad)
         except UserError as e:
             return problems_of(e), "", ""
-        done = subprocess.run(argv("info", overrides), cwd=os.getcwd(), capture_output=True, text=True,
-                              timeout=PLAN_TIMEOUT_S, env={k: v for k, v in os.environ.items() if k != "MAKEFLAGS"})
+        done = subprocess.run(argv("info", overrides), cwd=project(), capture_output=True, text=True,
+                              timeout=PLAN_TIMEOUT_S, env=job_env())
         line = command_line("info", overrides)
         if done.returncode:
             return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout
@@ -115,9 +114,10 @@ def build(ctx: Context) -> Form:
         return f"{run}: {runs.state(run).line}; nothing to stop"
 
     def resume(run: str | None, *values: Any) -> tuple[str, str]:
-        if not run or not runs.state(run).resumable:
-            return f"{run or 'no run'}: {runs.state(run).line if run else 'pick it under Watch run'}; " \
-                   "nothing to resume", gr.update()
+        now = runs.state(run) if run else None
+        if now is None or not now.resumable:
+            return f"{run or 'no run'}: {now.line if now else 'pick it under Watch run'}; nothing to resume", \
+                gr.update()
         overrides = ctx.last_train.get(run) or {**form.overrides(list(values)), "OUTPUT_DIR": run}
         try:
             checked("train", overrides)
@@ -126,27 +126,25 @@ def build(ctx: Context) -> Form:
             return problems_of(e), gr.update()
         return "", job.line
 
-    def watch_text(run: str | None) -> tuple[str, str, None, str]:
+    def look(run: str | None) -> tuple[str, str, int, str]:
+        """The run's state line, progress line, logged rows and log tail: metrics.jsonl read once."""
         if not run:
-            return "", "", None, ""
-        job = ctx.jobs.get(run)
-        tail = job.tail() if job is not None else ""
-        line = runs.state(run).line
+            return "", "", 0, ""
+        rows, job = runs.rows_of(run), ctx.jobs.get(run)
+        line = runs.state(run, rows).line
         if job is not None and not job.running() and job.proc.returncode:
             line += f" ({job.command} {job.status()})"
-        return line, runs.progress(run), None, tail
+        return line, runs.progress(rows), len(rows), job.tail() if job is not None else ""
 
     def watch(run: str | None) -> tuple[str, str, Any, str]:
-        line, prog, _, tail = watch_text(run)
+        line, prog, _, tail = look(run)
         return line, prog, runs.loss_plot(run) if run else None, tail
 
     def tick(run: str | None, shown: str) -> tuple[Any, ...]:
-        """watch() every 2 s; the plot is sent again only when the run has logged more."""
-        now = f"{run}:{len(read_metrics(project() / run / 'metrics.jsonl'))}" if run else ""
-        if now == shown:
-            line, prog, _, tail = watch_text(run)
-            return line, prog, gr.update(), tail, now
-        return (*watch(run), now)
+        """look() every 2 s; the plot is drawn and sent again only when the run has logged more."""
+        line, prog, n, tail = look(run)
+        now = f"{run}:{n}" if run else ""
+        return line, prog, gr.update() if now == shown else runs.loss_plot(run) if run else None, tail, now
 
     upload.upload(named(on_upload, ["file"]), upload, [form.fields["DATA_PATH"], data_info], api_name="upload")
     form.fields["DATA_PATH"].change(named(on_data, ["data_path"]), form.fields["DATA_PATH"], data_info,
