@@ -54,6 +54,7 @@ SLOW = (
     "tests/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
     "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
     "tests/test_preflight.py::test_offline_training_error_gives_the_download_command",
+    "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui_browser.py",
 )

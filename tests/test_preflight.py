@@ -178,3 +178,44 @@ def test_predict_file_never_writes_its_output_over_an_input(tmp_path, run_app):
     assert _errors(proc) == ["OUTPUT_FILE=./x.jsonl is your INPUT_FILE; predictions would replace it: choose another "
                              "OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl"]
     assert (tmp_path / "x.jsonl").read_bytes() == before
+
+
+# ---- issue 28: info plans before the download; train still refuses ----------------------------------------
+
+def _config_and_tokenizer(model: Path, dest: Path) -> str:
+    """A model as it is before its weights are fetched: ``model``'s files but the weights."""
+    dest.mkdir(parents=True)
+    for f in model.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            (dest / f.name).write_bytes(f.read_bytes())
+    return str(dest)
+
+
+@pytest.mark.parametrize("where", ["local-dir", "hf-cache"])
+def test_info_plans_from_the_config_alone_and_train_refuses_without_weights(tmp_path, tiny_glm_dir, make_data, no_torch,
+                                                                            run_app, where):
+    env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    if where == "local-dir":
+        name = _config_and_tokenizer(tiny_glm_dir, tmp_path / "glm-6b")
+        fetch = f".venv/bin/hf download <owner>/glm-6b --local-dir {name}"
+    else:  # a hub name whose config and tokenizer are in the HF cache, its weights not, and no hub
+        name, fetch = "someorg/glm-6b", ".venv/bin/hf download someorg/glm-6b --local-dir models/glm-6b"
+        repo = tmp_path / "hf" / "hub" / "models--someorg--glm-6b"
+        _config_and_tokenizer(tiny_glm_dir, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+    args = [f"MODEL_NAME={name}", f"DATA_PATH={make_data(n_train=40, n_dev=5) / 'train.jsonl'}", "OUTPUT_DIR=out",
+            "MEMORY_LIMIT_MB=8192"]
+    info = run_app(["info", *args], **env)
+    assert info.returncode == 0, info.stderr[-2000:]
+    out = info.stdout
+    assert re.search(r"model +\S+: 0\.3M params, 2 layers, hidden 64", out) and re.search(r"tier +cpu-s", out), out
+    assert "predicted peak RSS:" in out and re.search(r"^expected (~.+ per optimizer step|time: unknown)", out, re.M)
+    assert "weights: not here yet: model.safetensors is missing (no weights at all)" in out
+    assert "`make train` needs the weights. Fetch them" in out and f"\n  {fetch}\n" in out, out
+    train = run_app(["train", *args], timeout=120, PYTHONPATH=f"{no_torch}{os.pathsep}{REPO}", **env)
+    assert train.returncode == 2 and "torch was imported" not in train.stderr, train.stderr
+    (line,) = _errors(train)  # one line, before anything loads
+    assert line.startswith(f"MODEL_NAME={name}: ") and "model.safetensors is missing (no weights at all)" in line
+    assert f"`{fetch}`" in line, line
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import sys
 from app.cli.preflight import default_data_missing, preflight
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
+from app.models.integrity import weights_missing
 from app.plan.tiers import fit_memory, format_info
 from app.plan.timing import expected_time
 from app.training.train import FineTuner
@@ -21,7 +22,9 @@ def run_info(cfg: Config) -> None:
 
     Offline with a hub model that is not downloaded yet, it still shows all of that except the
     model's shape and the estimate, with the download command, and succeeds: it is the first
-    thing a user runs."""
+    thing a user runs. With the config (and tokenizer) but not the weights, a local dir or the HF
+    cache's copy, it plans everything from the config and then says which weights are missing and
+    how to fetch them: "will it fit, how long will it take?" comes before a 12 GB download."""
     preflight(cfg, "info")
     ft, name = FineTuner(cfg), cfg.model.model_name
     try:
@@ -51,3 +54,6 @@ def run_info(cfg: Config) -> None:
                            train_samples=samples)
     head, sep, warnings = format_info(ft.resources, ft.plan, ft.shape, name).partition("\nwarning: ")
     sys.stdout.write(f"{head}\n{timing.line()}{sep}{warnings}\n")  # cli-output: the time beside the memory
+    missing = weights_missing(name)
+    if missing:
+        sys.stdout.write(f"\n{missing.notice()}\n")  # cli-output

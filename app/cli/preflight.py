@@ -7,7 +7,8 @@ all of their findings come back at once, one line each:
 - the data files: present, a file, a known type, UTF-8, records of a known format, not too many
   bad ones (a file over QUICK_LOOK_MB is judged on its first QUICK_LOOK_RECORDS records here, and
   whole when training reads it);
-- MODEL_NAME when it can only be a local path;
+- MODEL_NAME when it can only be a local path, or its weights are not there to load (a local dir's, or
+  with the hub out of reach the HF cache's; info plans from the config alone and says so);
 - for train: OUTPUT_DIR (not in use by another run, writable, no finished run replaced unasked) and
   RESUME (a checkpoint of the same settings, with steps left: app/training/resume.py);
 - for predict-custom / predict-file: PROMPT / INPUT_FILE, the one setting each needs;
@@ -40,7 +41,7 @@ def preflight(cfg: Config, command: str) -> None:
         problems += e.problems
     if command in ("train", "info"):
         problems += _data_problems(cfg, command)
-        problems += _model_problems(cfg)
+        problems += _model_problems(cfg, command)
     if command == "train":
         problems += _train_problems(cfg)
     problems += _mode_problems(cfg, command)
@@ -84,10 +85,11 @@ def _data_problems(cfg: Config, command: str) -> list[str]:
     return problems
 
 
-def _model_problems(cfg: Config) -> list[str]:
+def _model_problems(cfg: Config, command: str) -> list[str]:
+    """info plans from the config alone: weights not downloaded yet are its notice (app/cli/info.py), not a problem."""
     from app.models.integrity import model_problems
 
-    return model_problems(cfg.model.model_name)
+    return model_problems(cfg.model.model_name, weights=command != "info")
 
 
 def _train_problems(cfg: Config) -> list[str]:

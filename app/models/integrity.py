@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import UserError
@@ -35,20 +36,87 @@ _DAMAGE_ERRORS = {"SafetensorError", "JSONDecodeError", "UnicodeDecodeError", "U
 
 # ---- is it intact -------------------------------------------------------------------------------------
 
-def model_problems(name: str, label: str | None = None) -> list[str]:
-    """MODEL_NAME ``name``: a local path that is not there, or a local dir (tiny once built) with damaged
-    files. A hub name is left to the load, which may fetch it."""
-    from app.models.tiny import FAMILIES, tiny_dir
-
+def model_problems(name: str, label: str | None = None, weights: bool = True) -> list[str]:
+    """MODEL_NAME ``name``: a local path that is not there, a local dir (tiny once built) with damaged or
+    missing files, or a hub name the hub is out of reach for whose local HF cache copy has no weights. Any
+    other hub name is left to the load, which may fetch it. ``weights=False`` (make info, which plans from
+    the config alone): weights not there yet are no problem; weights_missing names them."""
+    label = label or f"MODEL_NAME={name}"
     missing = local_model_problem(name)
     if missing:
         return [missing]
+    path = _local_dir(name)
+    if path is not None:
+        return dir_problems(path, label, weights)
+    gap = weights_missing(name) if weights else None
+    return [gap.problem(label)] if gap else []
+
+
+@dataclass(frozen=True)
+class MissingWeights:
+    """Weights a load of MODEL_NAME ``name`` could not get: ``found``, one entry per missing file; ``command``, the
+    shell command that fetches them ('' where the fix is another, in ``after``), then ``after``; ``offline``,
+    for a hub name whose config is in the local HF cache, why the hub is out of reach."""
+    name: str
+    found: list[str]
+    command: str
+    after: str
+    offline: str = ""
+
+    def problem(self, label: str) -> str:
+        """train's one line for a hub name (a local dir's is dir_problems')."""
+        return (f"{label}: the local HF cache holds its config but not its weights ({', '.join(self.found)}), and "
+                f"the hub is out of reach ({self.offline}); download it once where the hub is reachable: "
+                f"`{self.command}`, {self.after}")
+
+    def notice(self) -> str:
+        """make info's lines after the plan, which came from the config alone."""
+        where = (f"; the local HF cache holds only {self.name}'s config and tokenizer, and the hub is out of reach "
+                 f"({self.offline})" if self.offline else f", in {self.name}")
+        head = (f"weights: not here yet: {'; '.join(self.found)}{where}. Everything above is planned from the config "
+                "alone; `make train` needs the weights")
+        if not self.command:
+            return f"{head}: {self.after}"
+        reachable = " where the hub is reachable" if self.offline else ""
+        return f"{head}. Fetch them{reachable}:\n  {self.command}\n{self.after}"
+
+
+def weights_missing(name: str) -> MissingWeights | None:
+    """The weights MODEL_NAME ``name`` lacks where a load would look for them: its local dir (config.json there),
+    or for a hub name the hub is out of reach for, the local HF cache that holds its config. None when they
+    are there, or a load may still fetch them."""
+    from app.core.hub import cached_model_dir, download_command, hub_out_of_reach
+    from app.models.tiny import FAMILIES
+
+    path, offline = _local_dir(name), ""
+    if path is None and name not in FAMILIES:  # a tiny model not built yet is built, not fetched
+        offline = hub_out_of_reach() or ""
+        path = cached_model_dir(name) if offline else None
+    if path is None or not (path / "config.json").is_file():
+        return None
+    found = _weight_files(path)[0]
+    if not found:
+        return None
+    if offline:
+        command, local = download_command(name)
+        return MissingWeights(name, found, command, f"then use MODEL_NAME={local}", offline)
+    fix = fix_for(path)
+    if "hf download" not in fix:  # a tiny model or a merge: built again, not fetched
+        return MissingWeights(name, found, "", fix)
+    return MissingWeights(name, found, f".venv/bin/hf download <owner>/{path.name} --local-dir {path}",
+                          f"(<owner>/{path.name}: the model's name on the hub; only the missing files are fetched)")
+
+
+def _local_dir(name: str) -> Path | None:
+    from app.models.tiny import FAMILIES, tiny_dir
+
     path = tiny_dir(name) if name in FAMILIES else Path(name).expanduser()
-    return dir_problems(path, label or f"MODEL_NAME={name}") if path.is_dir() else []
+    return path if path.is_dir() else None
 
 
-def dir_problems(path: Path, label: str) -> list[str]:
-    """[one line] naming every damaged or missing file of the model/adapter/ONNX dir ``path``; [] if intact."""
+def dir_problems(path: Path, label: str, weights: bool = True) -> list[str]:
+    """[one line] naming every damaged or missing file of the model/adapter/ONNX dir ``path``; [] if intact.
+    ``weights=False``: a model dir's weights that are not there are left out (damaged ones are not)."""
     unreadable = [p for p in sorted(path.iterdir()) if p.is_file() and not os.access(p, os.R_OK)]
     if unreadable:  # not damage: deleting or re-downloading would be the wrong advice
         st = unreadable[0].stat()
@@ -60,7 +128,7 @@ def dir_problems(path: Path, label: str) -> list[str]:
     elif (path / "adapter_config.json").exists():
         found = _adapter_files(path)
     else:
-        found = _model_files(path)
+        found = _model_files(path, weights)
     return [problem_line(label, found, fix_for(path))] if found else []
 
 
@@ -76,26 +144,32 @@ def _adapter_files(path: Path) -> list[str]:
     return found
 
 
-def _model_files(path: Path) -> list[str]:
+def _model_files(path: Path, weights: bool = True) -> list[str]:
     if not (path / "config.json").exists():
         return ["config.json is missing"]
     found = _json_files(path, [("config.json", "")] + [(n, None) for n in ("generation_config.json", *TOKENIZER_JSON)])
+    missing, damaged = _weight_files(path)
+    return found + (missing if weights else []) + damaged
+
+
+def _weight_files(path: Path) -> tuple[list[str], list[str]]:
+    """(the missing, the damaged) weight files of the model dir ``path``, one entry each."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         data, why = parse_json(index)
         if why:
-            return found + [f"{index.name} is damaged ({why})"]
+            return [], [f"{index.name} is damaged ({why})"]
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
-            return found + [f"{index.name} is damaged (no weight_map in it)"]
+            return [], [f"{index.name} is damaged (no weight_map in it)"]
         shards = sorted({str(s) for s in weight_map.values()})
-        found += [f"{s} is missing (named in {index.name})" for s in shards if not (path / s).exists()]
-        found += _safetensors_files([path / s for s in shards if (path / s).exists()])
-    elif (path / "model.safetensors").exists():
-        found += _safetensors_files([path / "model.safetensors"])
-    elif not any(path.glob("*.bin")) and not any(path.glob("*.pt")):
-        found.append("model.safetensors is missing (no weights at all)")
-    return found
+        return ([f"{s} is missing (named in {index.name})" for s in shards if not (path / s).exists()],
+                _safetensors_files([path / s for s in shards if (path / s).exists()]))
+    if (path / "model.safetensors").exists():
+        return [], _safetensors_files([path / "model.safetensors"])
+    if not any(path.glob("*.bin")) and not any(path.glob("*.pt")):
+        return ["model.safetensors is missing (no weights at all)"], []
+    return [], []
 
 
 def _onnx_files(path: Path) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
-from app.core.hub import go_offline_if_hub_unreachable
+from app.core.hub import download_command, go_offline_if_hub_unreachable
 from app.models.artifacts import local_model_problem
 from app.models.integrity import load_failure
 from app.models.tiny import resolve_model
@@ -63,15 +63,6 @@ def _load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserE
                             f"({type(err).__name__}: {first}). Offline? Download it once where the hub is "
                             f"reachable: `{command}`, then MODEL_NAME={local}; or use MODEL_NAME=tiny for an "
                             "offline smoke run", name, command)
-
-
-def download_command(name: str) -> tuple[str, str]:
-    """(the shell command that downloads hub model ``name`` into models/, the MODEL_NAME to use then).
-
-    Into models/ rather than the HF cache: models/ is mounted in the container too, so the same
-    download serves both runtimes. ``hf`` is huggingface_hub's CLI, installed in .venv."""
-    local = f"models/{Path(name.rstrip('/')).name}"
-    return f".venv/bin/hf download {name} --local-dir {local}", local
 
 
 def resolve(cfg: Config) -> str:
