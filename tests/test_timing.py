@@ -1,7 +1,8 @@
 """The expected time of a run (app/plan/timing.py): the FLOPs model's closed form and how it scales, the
 calibration probes in each compute setting, the step count, and the line `make info` prints and `make train`
 logs (with the prediction in summary.json). No test asserts a measured duration: only that probes return a
-positive rate and that the arithmetic on top of them is what it says."""
+positive rate and that the arithmetic on top of them is what it says. The machine counts as idle (no wait for
+a CPU) but where a test makes the probe measure nothing: a shared test machine is often busy."""
 import json
 import math
 import re
@@ -14,12 +15,18 @@ from app.plan import probes, timing
 from app.plan.estimator import ModelShape, model_shape
 
 LINE = re.compile(r"^expected ~[\d.,]+ (s|min|h|days) per optimizer step, ~[\d.,]+ (s|min|h|days) for \d+ steps "
-                  r"\(FLOPs model, probe [\d,]+ GFLOP/s (fp32|bf16|fp16)( 8bit| 4bit)?\)$")
+                  r"\(FLOPs model, probe [\d.,]+ GFLOP/s (fp32|bf16|fp16)( 8bit| 4bit)?\)$")
 
 
 @pytest.fixture(scope="module")
 def shape(tiny_glm_dir):
     return model_shape(str(tiny_glm_dir))
+
+
+@pytest.fixture(autouse=True)
+def idle(monkeypatch):
+    """No run of a probe waited for a CPU: what these tests check does not depend on the machine's load."""
+    monkeypatch.setattr(probes, "run_delay", lambda: 0.0)
 
 
 def test_flops_scale_linearly_with_tokens(shape):
@@ -168,3 +175,51 @@ def test_train_logs_the_expected_time_first_and_records_it(tiny_glm_dir, data_di
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["predicted_step_s"] > 0 and summary["predicted_total_s"] > 0 and summary["predicted_steps"] == 2
     assert summary["measured_step_s"] == round(result.seconds / 2, 3) and summary["probe_gflops"] > 0
+
+
+# ---- issue 28: a probe that measured nothing gives no time ------------------------------------------------
+
+def _nothing_measured(monkeypatch, how):
+    monkeypatch.setattr(probes, "_CACHE", {})
+    if how == "busy":  # every run's threads waited for a CPU longer than the run took: other processes ran
+        waits = iter(range(0, 10**6, 10))
+        monkeypatch.setattr(probes, "run_delay", lambda: float(next(waits)))
+    else:  # the clock did not advance over any run
+        monkeypatch.setattr(probes, "perf_counter", lambda: 100.0)
+
+
+@pytest.mark.parametrize("how, why", [("busy", "this machine is busy: its threads spent the whole of each of"),
+                                      ("clock", "runs took no measurable time: the clock did not advance")],
+                         ids=["busy", "clock"])
+def test_a_probe_that_measured_nothing_gives_no_time(shape, monkeypatch, how, why):
+    _nothing_measured(monkeypatch, how)
+    with pytest.raises(probes.NothingMeasured, match=why.split(":")[0]):
+        probes.probe_linear("none", "fp32", 64, 192, 32)
+    t = timing.predict_step_time(_cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=3), shape, train_samples=100)
+    assert t.line().startswith("expected time: unknown for 3 steps: the probe measured nothing (") and why in t.line()
+    assert "~" not in t.line() and "GFLOP/s" not in t.line(), t.line()  # no number built on it
+    fields = t.summary(steps_run=3, seconds=6.0)
+    assert fields["predicted_step_s"] is None and fields["predicted_total_s"] is None
+    assert fields["probe_gflops"] is None and fields["measured_step_s"] == 2.0
+    assert not probes._CACHE  # nothing kept: the next estimate probes again
+
+
+def test_info_says_the_time_is_unknown_when_the_probe_measured_nothing(tiny_glm_dir, data_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    from app.cli.info import run_info
+
+    monkeypatch.chdir(tmp_path)
+    _nothing_measured(monkeypatch, "busy")
+    run_info(Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
+                               "MAX_STEPS": 4}))
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(out) if line.startswith("predicted peak RSS:"))
+    assert out[at + 2].startswith("expected time: unknown for 4 steps: the probe measured nothing (this machine "
+                                  "is busy"), out
+    assert not any(line.startswith("expected ~") for line in out)
+
+
+def test_a_slow_probe_reads_as_its_rate_not_zero():
+    t = timing.StepTime(2.0, 5.7, 57.0, 10, 0.43, "fp32 8bit")
+    assert "probe 0.43 GFLOP/s fp32 8bit" in t.line() and LINE.match(t.line())
+    assert "probe 351 GFLOP/s" in timing.StepTime(2.0, 5.7, 57.0, 10, 351.2, "bf16").line()

@@ -5,11 +5,17 @@ projection sized like the model's (a bitsandbytes 4-bit / 8-bit layer with its d
 weight in fp32 / bf16 autocast), causal SDPA at the run's length, one block's elementwise work, and an
 AdamW step. Capped so all of them take about a second at most; each result is cached per setting in the
 process, and torch's random state is left as it was (a run's seeded draws do not move).
+
+A run that spent most of its time waiting for a CPU timed the other processes of a busy machine, not this
+one's speed (on 2 cores with another process busy, a 64 x 128 projection took 12-16 ms instead of 0.05:
+torch's second thread waited for the core); a probe whose every run did, or whose clock did not advance,
+measured nothing and raises NothingMeasured rather than return a rate that is not this machine's.
 """
 from __future__ import annotations
 
 import math
-import time
+import os
+from time import perf_counter
 from typing import Any, Callable
 
 # A probe projection holds at most this many weights (the model's in/out ratio kept). A dense matmul's rate
@@ -22,22 +28,65 @@ PROBE_WEIGHTS = {"none": 4 * 2**20, "8bit": 64 * 2**20, "4bit": 64 * 2**20}
 PROBE_TOKENS = 512  # ... and sees at most this many tokens; attention and the elementwise work at most this length
 PROBE_HEADS = 8
 PROBE_REPEATS = 3  # best of, after a warm-up
+BUSY_WAIT = 0.5  # a run whose threads waited for a CPU longer than this share of it timed the machine's load
 _CACHE: dict[tuple, float] = {}
 
 
+class NothingMeasured(Exception):
+    """A probe that timed no work: why, in words (app/plan/timing.py then gives no time at all)."""
+
+
 def _best(step: Callable[[], None], sync: Callable[[], None]) -> float:
-    """The fastest of PROBE_REPEATS runs after a warm-up (more, up to 20, while they total under 50 ms: the
-    minimum of a few is what the machine can do, without another process's share)."""
-    times: list[float] = []
+    """The fastest of PROBE_REPEATS runs after a warm-up that ran rather than waited for a CPU (more, up to 20,
+    while they total under 50 ms, or under 250 ms while too few did: the minimum of a few is what the machine
+    can do, without another process's share). NothingMeasured when none did, or the clock did not advance."""
+    runs: list[tuple[float, float]] = []  # (seconds, seconds this process's threads waited for a CPU meanwhile)
+    clean: list[float] = []
     for i in range(21):
-        t = time.perf_counter()
+        waited, t = run_delay(), perf_counter()
         step()
         sync()
+        t, waited = perf_counter() - t, run_delay() - waited
         if i:  # the first is the warm-up
-            times.append(time.perf_counter() - t)
-        if len(times) >= PROBE_REPEATS and sum(times) > 0.05:
+            runs.append((t, waited))
+        clean = [s for s, w in runs if s > 0 and w <= BUSY_WAIT * s]
+        total = sum(s for s, _ in runs)
+        if len(runs) >= PROBE_REPEATS and (len(clean) >= PROBE_REPEATS and total > 0.05 or total > 0.25):
             break
-    return max(min(times), 1e-9)
+    if clean:
+        return min(clean)
+    if not any(s > 0 for s, _ in runs):
+        raise NothingMeasured(f"its {len(runs)} runs took no measurable time: the clock did not advance")
+    share = min(w / s for s, w in runs if s > 0)
+    what = "the whole" if share >= 1 else f"{share:.0%} or more"
+    raise NothingMeasured(f"this machine is busy: its threads spent {what} of each of its {len(runs)} runs waiting "
+                          f"for a CPU{_load()}, so it timed other processes' share, not this machine's speed; run "
+                          "`make info` again when it is idle")
+
+
+def run_delay() -> float:
+    """Seconds this process's threads have spent ready to run but waiting for a CPU (Linux's schedstat);
+    0 where that is not known (then no run counts as waiting)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    total = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat", "rb") as fh:
+                total += int(fh.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that just ended
+            continue
+    return total / 1e9
+
+
+def _load() -> str:
+    try:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return f", load average {os.getloadavg()[0]:.1f} on {cpus} CPUs"
+    except OSError:
+        return ""
 
 
 def _run_probe(key: tuple, cuda: bool, body: Callable[[Any, Callable[[], None]], float]) -> float:

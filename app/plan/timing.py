@@ -5,18 +5,20 @@ LoRA; backward and gradient checkpointing from the method), each kind divided by
 showed a moment before in the run's own compute setting (app/plan/probes.py: a 4-bit / 8-bit layer's
 dequantization included), plus one block's elementwise work per token and layer (norms, activation,
 residual adds, dropout) and the optimizer's step, both measured too. An estimate of the training loop
-only: loading, the token cache, evaluation and checkpoint saves come on top.
+only: loading, the token cache, evaluation and checkpoint saves come on top. A probe that measured nothing
+(a busy machine: app/plan/probes.py) gives no time at all, never a number built on it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Sequence
 
 from app.config import Config
 from app.plan.estimator import ModelShape
 from app.plan.precision import bf16_frozen_weights, resolve_precision
-from app.plan.probes import probe_attention, probe_glue, probe_linear, probe_lora, probe_optimizer
+from app.plan.probes import NothingMeasured, probe_attention, probe_glue, probe_linear, probe_lora, probe_optimizer
 
 LENGTH_SAMPLE = 2000  # rows read for the lengths of a micro-batch
 
@@ -70,7 +72,8 @@ def micro_batch_flops(shape: ModelShape, batch: int, seq: float, method: str = "
 @dataclass(frozen=True)
 class StepTime:
     """The estimate: seconds per micro-batch, per optimizer step (x GRAD_ACCUM, plus the optimizer) and for the
-    run's ``steps``; ``gflops``: the projection probe's rate, in ``setting`` (compute dtype and quant level)."""
+    run's ``steps``; ``gflops``: the projection probe's rate, in ``setting`` (compute dtype and quant level).
+    ``unknown``: why a probe measured nothing; then there is no estimate, and the numbers are not one."""
     micro_batch_s: float
     step_s: float
     total_s: float
@@ -79,18 +82,30 @@ class StepTime:
     setting: str
     tokens_per_step: float = 0.0  # the tokens an optimizer step was assumed to see (the data's mean when packed)
     head_share: float = 1.0  # the share of them whose logits were assumed computed
+    unknown: str = ""
 
     def line(self) -> str:
+        if self.unknown:
+            return f"expected time: unknown for {self.steps} steps: the probe measured nothing ({self.unknown})"
         return (f"expected ~{duration(self.step_s)} per optimizer step, ~{duration(self.total_s)} for {self.steps} "
-                f"steps (FLOPs model, probe {self.gflops:,.0f} GFLOP/s {self.setting})")
+                f"steps (FLOPs model, probe {_rate(self.gflops)} GFLOP/s {self.setting})")
 
     def summary(self, steps_run: int, seconds: float) -> dict[str, Any]:
-        """summary.json's fields: the prediction next to the measured seconds per optimizer step."""
-        return {"predicted_step_s": round(self.step_s, 3), "predicted_total_s": round(self.total_s, 3),
-                "predicted_steps": self.steps, "probe_gflops": round(self.gflops, 1),
-                "predicted_tokens_per_step": round(self.tokens_per_step, 1),
-                "predicted_head_share": round(self.head_share, 4),
+        """summary.json's fields: the prediction next to the measured seconds per optimizer step (None: none)."""
+        known = self._known
+        return {"predicted_step_s": known(self.step_s, 3), "predicted_total_s": known(self.total_s, 3),
+                "predicted_steps": self.steps, "probe_gflops": known(self.gflops, 1),
+                "predicted_tokens_per_step": known(self.tokens_per_step, 1),
+                "predicted_head_share": known(self.head_share, 4),
                 "measured_step_s": round(seconds / steps_run, 3) if steps_run > 0 else None}
+
+    def _known(self, value: float, digits: int) -> float | None:
+        return None if self.unknown else round(value, digits)
+
+
+def _rate(gflops: float) -> str:
+    """'351', '12', '0.71': a slow probe (a tiny model's layer, a quantized one on a small CPU) is not '0'."""
+    return f"{gflops:,.0f}" if gflops >= 9.5 else f"{gflops:.2g}"
 
 
 def duration(seconds: float) -> str:
@@ -140,24 +155,27 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
     tokens = max(1, round(t.batch_size * seq))
     flops = micro_batch_flops(shape, t.batch_size, seq, method, r.gradient_checkpointing == "on", cfg.lora.lora_r,
                               head_share)
+    steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
+    step_time = partial(StepTime, steps=steps, setting=_setting(quant, precision, cuda),
+                        tokens_per_step=t.batch_size * seq * t.grad_accum, head_share=head_share)
     full, half = method == "full", bf16_frozen_weights(cfg, precision, cuda)  # half: dense frozen weights in bf16
-    rate = probe_linear(quant, precision, shape.hidden, shape.intermediate, tokens, full, half, cuda)
-    dense = rate if quant == "none" else probe_linear("none", precision, shape.hidden, shape.vocab, tokens, full,
-                                                      half, cuda)  # a quantized run's head
-    attn = probe_attention(precision, max(8, shape.hidden // max(1, shape.heads)), seq, cuda)
-    # per token: a block's elementwise work (a bf16 residual stream only where every dense weight is bf16), and
-    # LoRA's adapter paths per unit of their targets' in + out features
-    glue = probe_glue(shape.hidden, shape.intermediate, tokens, half and quant == "none", cuda) * tokens
-    lora = probe_lora(precision, shape.hidden, cfg.lora.lora_r, tokens, cuda) * tokens * shape.lora_io \
-        if method in ("lora", "qlora") else 0.0
+    try:
+        rate = probe_linear(quant, precision, shape.hidden, shape.intermediate, tokens, full, half, cuda)
+        dense = rate if quant == "none" else probe_linear("none", precision, shape.hidden, shape.vocab, tokens, full,
+                                                          half, cuda)  # a quantized run's head
+        attn = probe_attention(precision, max(8, shape.hidden // max(1, shape.heads)), seq, cuda)
+        # per token: a block's elementwise work (a bf16 residual stream only where every dense weight is bf16), and
+        # LoRA's adapter paths per unit of their targets' in + out features
+        glue = probe_glue(shape.hidden, shape.intermediate, tokens, half and quant == "none", cuda) * tokens
+        lora = probe_lora(precision, shape.hidden, cfg.lora.lora_r, tokens, cuda) * tokens * shape.lora_io \
+            if method in ("lora", "qlora") else 0.0
+        optim = trainable_params(cfg, shape) * probe_optimizer(trainable_params(cfg, shape), cuda)
+    except NothingMeasured as e:  # no number at all: one built on it would read as a prediction
+        return step_time(0.0, 0.0, 0.0, gflops=0.0, unknown=str(e))
     work, recompute = flops.by_kind(), 4 / 3 if flops.checkpointing else 1  # a recompute: the forward's third
     micro = (work["linear"] / rate + work["head"] / dense + work["attention"] / attn
              + (glue * shape.layers + lora) * recompute)
-    optim = trainable_params(cfg, shape) * probe_optimizer(trainable_params(cfg, shape), cuda)
-    steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
-    setting = _setting(quant, precision, cuda)
-    return StepTime(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, steps, rate / 1e9,
-                    setting, t.batch_size * seq * t.grad_accum, head_share)
+    return step_time(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, gflops=rate / 1e9)
 
 
 def _setting(quant: str, precision: str, cuda: bool) -> str:
