@@ -260,3 +260,72 @@ def test_a_taken_port_is_one_line_before_any_loading(run_app, tiny_glm_dir):
     errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
     assert len(errors) == 1 and f"SERVE_PORT={port}" in errors[0] and "another SERVE_PORT" in errors[0]
     assert "serve: base" not in r.stderr  # refused before the model was loaded
+
+
+@pytest.fixture
+def outside(work, tmp_path):
+    """Adapter a copied outside models/, reached by a symlink in it and as a sibling named like it: real
+    adapters (the dirs above hold none), so only the guard can refuse them. path as given -> the copy."""
+    import shutil
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(work / "models" / "a", copy)
+    (work / "models" / "escape").symlink_to(copy)
+    shutil.copytree(work / "models" / "a", work / "models_evil" / "a")
+    try:
+        yield {"models/escape": copy, "models_evil/a": work / "models_evil" / "a"}
+    finally:
+        (work / "models" / "escape").unlink()
+        shutil.rmtree(work / "models_evil")
+
+
+def test_the_guard_refuses_an_adapter_outside_models_however_it_is_reached(work, outside, monkeypatch):
+    from app.core.errors import UserError
+    from app.serve.adapters import discover, inside, read_adapter
+
+    monkeypatch.chdir(work)
+    for path, real in outside.items():
+        assert read_adapter("x", real).base  # an adapter: nothing but the guard stands in its way
+        assert inside(Path("models"), path) is None, path
+        with pytest.raises(UserError) as e:
+            discover(f"x={path}", Path("models"))
+        assert e.value.problems == [f"ADAPTERS: {path} is not inside models/; serve only adapters under it "
+                                    "(move or copy the run there)"]
+    assert inside(Path("models"), "models/a") == (work / "models" / "a").resolve()
+    assert [a.name for a in discover("models/a", Path("models"))] == ["a"]
+
+
+def test_load_lora_adapter_refuses_an_adapter_outside_models_with_the_guards_line(server, outside):
+    try:
+        for path in outside:
+            r = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
+            assert r.json()["error"]["message"] == \
+                "lora_path must be a dir inside models/ (no '..', no symlink out of it)", (path, r.text)
+        assert "x" not in {m.id for m in server.client().models.list().data}
+    finally:
+        server.post("/v1/unload_lora_adapter", {"lora_name": "x"})  # were it let in: the other tests are unchanged
+
+
+def test_serve_refuses_an_adapter_outside_models_at_start_up(work, outside, app_process, tiny_glm_dir):
+    """ADAPTERS read at start-up (the guard's every spelling: the test above): one line and exit 2, before the
+    base is loaded; a server that comes up fails the test."""
+    port, path = _free_port(), "models_evil/a"
+    proc = app_process(["serve", f"SERVE_PORT={port}", f"MODEL_NAME={tiny_glm_dir}", f"ADAPTERS=x={path}"],
+                       cwd=work, log=work / f"serve-{port}.log")
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    deadline = time.monotonic() + 300  # a hang guard only
+    while proc.proc.poll() is None and not up():
+        assert time.monotonic() < deadline, proc.text()[-2000:]
+        time.sleep(0.05)
+    assert proc.proc.poll() == 2, proc.text()[-2000:]  # not serving
+    errors = [ln.split(" ERROR app: ", 1)[1] for ln in proc.text().splitlines() if " ERROR app: " in ln]
+    assert errors == [f"ADAPTERS: {path} is not inside models/; serve only adapters under it "
+                      "(move or copy the run there)"], proc.text()[-2000:]
+    assert "serve: base" not in proc.text()

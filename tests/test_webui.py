@@ -284,3 +284,23 @@ def test_with_a_login_the_api_needs_it(app_process, tmp_path):
         Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/runs")
     rows = Client(f"http://127.0.0.1:{port}/", auth=("ann", "s3cret"), verbose=False).predict(api_name="/runs")
     assert rows[0]["headers"][:2] == ["run", "state"]
+
+
+def test_the_path_guard_refuses_a_sibling_named_like_data_or_models(tmp_path, monkeypatch):
+    """data2/ and models_evil/ start with the names of the dirs the UI may use: the guard compares whole path
+    parts, not strings. Real files there, so only the guard can refuse them."""
+    from app.webui.paths import path_problem
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("data", "data2", "models", "models_evil"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "data2" / "train.jsonl").write_text('{"context": "q", "target": "a"}\n')
+    (tmp_path / "models_evil" / "run").mkdir()
+    where = {"DATA_PATH": "data/", "OUTPUT_DIR": "models/", "PREDICTIONS": "data/ or models/"}
+    for var, value in (("DATA_PATH", "data2/train.jsonl"), ("DATA_PATH", "data/../data2/train.jsonl"),
+                       ("DATA_PATH", f"{tmp_path}/data2/train.jsonl"), ("OUTPUT_DIR", "models_evil/run"),
+                       ("PREDICTIONS", "data2/train.jsonl"), ("PREDICTIONS", "models_evil/run")):
+        assert path_problem(var, value) == (
+            f"{var}={value}: the web UI reads and writes only inside this project's {where[var]}; use a path "
+            "there (upload data on the Train tab), or the command line for other places"), (var, value)
+    assert path_problem("DATA_PATH", "data/train.jsonl") is None
