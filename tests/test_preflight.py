@@ -219,3 +219,34 @@ def test_info_plans_from_the_config_alone_and_train_refuses_without_weights(tmp_
     assert line.startswith(f"MODEL_NAME={name}: ") and "model.safetensors is missing (no weights at all)" in line
     assert f"`{fetch}`" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings, output_file, clash", [
+    ({"INPUT_FILE": "x.jsonl"}, "{cwd}/x.jsonl", "INPUT_FILE"),  # absolute
+    ({"INPUT_FILE": "x.jsonl"}, "sub/../x.jsonl", "INPUT_FILE"),  # through ..
+    ({"INPUT_FILE": "{cwd}/x.jsonl"}, "x.jsonl", "INPUT_FILE"),
+    ({"INPUT_FILE": "in.jsonl", "DATA_PATH": "data/train.jsonl"}, "{cwd}/data/train.jsonl", "DATA_PATH"),
+    ({"INPUT_FILE": "in.jsonl", "VAL_PATH": "data/val.jsonl"}, "data/sub/../val.jsonl", "VAL_PATH"),
+    ({"INPUT_FILE": "in.jsonl", "EVAL_PATH": "data/dev.jsonl"}, "sub/../data/dev.jsonl", "EVAL_PATH"),
+], ids=["absolute", "dotdot", "absolute-input", "data-path", "val-path", "eval-path"])
+def test_predict_file_knows_an_input_under_any_spelling(tmp_path, monkeypatch, settings, output_file, clash):
+    """The same file as INPUT_FILE, DATA_PATH, VAL_PATH or EVAL_PATH, spelt another way (absolute, with ..):
+    still the input, which file mode would replace whole."""
+    from app.cli.preflight import preflight
+    from app.core.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    for name in ("x.jsonl", "in.jsonl", "data/train.jsonl", "data/val.jsonl", "data/dev.jsonl"):
+        (tmp_path / name).write_text('{"context": "q", "target": "a"}\n')
+    values = {k: v.format(cwd=tmp_path) for k, v in settings.items()}
+    output_file = output_file.format(cwd=tmp_path)
+    cfg = Config.load(overrides={**values, "OUTPUT_FILE": output_file, "ADAPTER_DIR": "none", "MODEL_NAME": "tiny"},
+                      env={}, dotenv_path=None)
+    with pytest.raises(UserError) as e:
+        preflight(cfg, "predict")
+    assert e.value.problems == [f"OUTPUT_FILE={output_file} is your {clash}; predictions would replace it: choose "
+                                "another OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl"]
+    preflight(Config.load(overrides={**values, "OUTPUT_FILE": "out.jsonl", "ADAPTER_DIR": "none",
+                                     "MODEL_NAME": "tiny"}, env={}, dotenv_path=None), "predict")  # another file: fine
