@@ -329,3 +329,66 @@ def test_serve_refuses_an_adapter_outside_models_at_start_up(work, outside, app_
     assert errors == [f"ADAPTERS: {path} is not inside models/; serve only adapters under it "
                       "(move or copy the run there)"], proc.text()[-2000:]
     assert "serve: base" not in proc.text()
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + 120  # a hang guard only
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_exactly_serve_max_queue_requests_wait_and_the_next_one_gets_429(tiny_glm_dir, tmp_path):
+    """The real app and engine in this process, the engine held on its own lock (it generates under it) while
+    one request of ours is out of the queue: SERVE_MAX_QUEUE requests then wait, the next is refused, and
+    once the engine runs again every waiting one is answered."""
+    import asyncio
+
+    from app.serve.api import create_app
+    from app.serve.engine import Engine, Job
+    from app.serve.models import ServedModels
+
+    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "ADAPTERS": "none", "SERVE_MAX_QUEUE": 3,
+                            "SERVE_BATCH_SIZE": 1, "NUM_THREADS": 2})
+    cap = cfg.serve.serve_max_queue
+    models = ServedModels(cfg, root=tmp_path / "models")
+    engine = Engine(models, cap, cfg.serve.serve_batch_size, 0.0)
+    app = create_app(models, engine, cfg)
+    body = {"model": models.base_name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    plug: list[tuple] = []
+    held = [True]
+
+    async def requests() -> tuple[list[int], httpx.Response, int]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve",
+                                     timeout=120) as client:
+            queued = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(cap)]
+            deadline = time.monotonic() + 120  # a hang guard only
+            while engine.waiting() < cap:
+                assert not any(t.done() for t in queued), [t.result().text for t in queued if t.done()]
+                assert time.monotonic() < deadline, engine.waiting()
+                await asyncio.sleep(0.01)
+            extra = asyncio.create_task(client.post("/v1/chat/completions", json=body))
+            while not extra.done() and engine.waiting() == cap:  # refused at once, or (wrongly) queued
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            waiting = engine.waiting()
+            engine.lock.release()  # the engine runs again
+            held.clear()
+            answered = [(await t).status_code for t in queued]
+            return answered, await extra, waiting
+
+    engine.lock.acquire()
+    try:
+        engine.submit(Job(None, [1, 2, 3], 1, plug.append))
+        _until(lambda: engine.waiting() == 0, "the engine did not take the first request")  # now held on the lock
+        answered, extra, waiting = asyncio.run(requests())
+    finally:
+        if held:  # the requests ended early: let the engine go
+            engine.lock.release()
+        _until(lambda: plug and plug[-1][0] == "done", "the first request did not finish")
+        engine.stop()
+    assert waiting == cap and answered == [200] * cap, (waiting, answered)
+    assert extra.status_code == 429, extra.text
+    assert extra.json()["error"] == {"message": f"the server is busy: {cap} requests are waiting (SERVE_MAX_QUEUE); "
+                                                "retry shortly", "type": "rate_limit_error", "param": None,
+                                     "code": "rate_limit_exceeded"}
