@@ -1,8 +1,10 @@
 """MAX_SAMPLES from a file of any size: one pass, uniform, reproducible for SEED, memory for the sample
 only; then the validation split. And dataset directories read through `datasets` streaming."""
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,6 +138,69 @@ def test_a_big_json_array_asks_for_jsonl(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"DATA_PATH=.*big\.json: a 0\.0 GB \.json array must be parsed whole.*"
                                         r"jq -c '\.\[\]'"):
         read_examples(path)
+
+
+# ---- what a SEED picks, pinned: a change to it changes what a run trains on, and what its resume continues ---
+
+SEED_PIN = Path(__file__).parent / "fixtures" / "seed_pin.jsonl"  # records r01..r40; lines 7 and 22 are bad
+PINNED = {  # SEED -> MAX_SAMPLES -> (training records, validation records) at VAL_SIZE=0.1, in the run's order
+    42: {20: ([13, 10, 8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16], [20, 2]),
+         None: ([8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16, 36, 40, 18, 30, 38, 1, 15, 6, 22, 32, 5,
+                 21, 31, 19, 37, 29, 39, 7, 25, 34], [20, 2, 13, 10])},
+    7: {20: ([7, 35, 34, 11, 4, 12, 26, 15, 25, 2, 29, 36, 16, 24, 27, 39, 1, 6], [9, 22]),
+        None: ([34, 11, 4, 12, 26, 15, 25, 2, 29, 36, 16, 24, 27, 39, 1, 6, 32, 20, 13, 38, 10, 8, 5, 33, 19, 30, 40,
+                17, 31, 3, 37, 28, 14, 23, 18, 21], [9, 22, 7, 35])},
+}
+PINNED_CACHED = {42: [28, 18, 5, 9], 7: [38, 7, 33, 25]}  # MAX_SAMPLES=all of a .jsonl: the token cache's split
+
+
+def ids(examples):
+    return [int(e.answer[1:]) for e in examples]
+
+
+@pytest.mark.parametrize("max_samples", [20, None])
+@pytest.mark.parametrize("seed", PINNED)
+def test_a_seed_picks_the_same_records_in_every_version(seed, max_samples):
+    pool, report = sample_examples(SEED_PIN, max_samples, seed)
+    assert (report.valid, report.bad_count) == (40, 2)
+    train, val = split(pool, 0.1, False)
+    assert (ids(train), ids(val)) == PINNED[seed][max_samples]
+
+
+@pytest.mark.parametrize("seed", PINNED_CACHED)
+def test_a_seed_holds_out_the_same_rows_of_the_token_cache_in_every_version(seed, glm_tok, tmp_path):
+    from app.data.cache import open_or_build
+
+    data = tmp_path / SEED_PIN.name
+    shutil.copyfile(SEED_PIN, data)
+    cache = open_or_build(str(data), "auto", glm_tok, str(tmp_path / "cache"), 1)
+    train, val = cache.split(seed, 0.1, False)
+    assert [int(cache.example(str(data), int(i)).answer[1:]) for i in val] == PINNED_CACHED[seed]
+    assert [train[i] + 1 for i in range(len(train))] == sorted(set(range(1, 41)) - set(PINNED_CACHED[seed]))
+
+
+@pytest.mark.parametrize("max_samples", [20, "all"])
+def test_a_run_trains_on_the_records_its_seed_picks(max_samples, tiny_glm_dir, tmp_path, monkeypatch):
+    """Through the run's own data step (SEED=7, not the default): its validation records and its training rows, in
+    order, are the pinned ones."""
+    from app import Config, FineTuner
+    from app.data.encode import encode_all
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(SEED_PIN, tmp_path / "data.jsonl")
+    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": "data.jsonl", "MAX_SAMPLES": max_samples,
+                            "SEED": 7, "VAL_SIZE": 0.1, "TIER": "none", "MAX_SEQ_LEN": 64, "OUTPUT_DIR": "out",
+                            "QUANT_LEVEL": "none"})
+    ft = FineTuner(cfg).setup().prepare_data()
+    if max_samples == "all":  # the token cache: every row but the held-out ones, in file order
+        val = PINNED_CACHED[7]
+        train = sorted(set(range(1, 41)) - set(val))
+    else:
+        train, val = PINNED[7][max_samples]
+    assert ids(ft.val_examples) == val
+    record = {ids([e])[0]: e for e in read_examples(SEED_PIN, warn=False)[0]}
+    assert [ft.train_rows[i] for i in range(len(ft.train_rows))] == \
+        encode_all([record[i] for i in train], ft.tokenizer, 64)[0]
 
 
 # ---- dataset directories (the hub's code path, offline) -----------------------------------------
