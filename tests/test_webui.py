@@ -304,3 +304,40 @@ def test_the_path_guard_refuses_a_sibling_named_like_data_or_models(tmp_path, mo
             f"{var}={value}: the web UI reads and writes only inside this project's {where[var]}; use a path "
             "there (upload data on the Train tab), or the command line for other places"), (var, value)
     assert path_problem("DATA_PATH", "data/train.jsonl") is None
+
+
+def test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it(app_process, tmp_path, monkeypatch):
+    """WEBUI_MAX_UPLOAD_MB is also Gradio's own max_file_size: its upload route stops reading an oversized file
+    at the cap (413) and keeps none of it, so the file is never copied whole to its temp dir first."""
+    import socket
+    import urllib.request
+    from pathlib import Path
+
+    import httpx
+
+    gradio_tmp = tmp_path / "gradio-tmp"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_tmp))  # the UI process's upload dir
+    (tmp_path / "project").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = app_process(["webui", f"WEBUI_PORT={port}", "WEBUI_MAX_UPLOAD_MB=1"], cwd=tmp_path / "project")
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(url + "/", timeout=2).status == 200
+        except OSError:
+            return False
+
+    proc.wait_for(up)
+    line = b'{"context": "q", "target": "a"}\n'
+    small, big = line * (2**19 // len(line)), line * (3 * 2**20 // len(line))  # 0.5 MB and 3 MB, the cap 1 MB
+    r = httpx.post(url + "/gradio_api/upload", files={"files": ("small.jsonl", small)}, timeout=60)
+    assert r.status_code == 200, r.text
+    (kept,) = r.json()
+    assert Path(kept).parent.parent == gradio_tmp and Path(kept).read_bytes() == small  # where uploads land
+    r = httpx.post(url + "/gradio_api/upload", files={"files": ("big.jsonl", big)}, timeout=60)
+    assert r.status_code == 413 and r.text == f"File size exceeded maximum allowed size of {2**20} bytes."
+    files = [p for p in gradio_tmp.rglob("*") if p.is_file()]
+    assert files == [Path(kept)], files  # nothing of the refused file, not even its part
