@@ -6,7 +6,8 @@ tests/test_suite_guards.py checks it).
   repo's own ``models/`` directory; the real DuIE data, or a skip;
 - the checkout stays as it was (autouse guards) and the `make test-fast` SLOW list;
 - the command line: ``cli`` (main() in this process, with none of the shell's settings, in tmp_path),
-  ``child_env`` / ``run_app`` / ``app_process`` (`python -m app` as a real process), ``as_a_user``,
+  ``child_env`` / ``run_app`` / ``app_process`` (`python -m app` as a real process; nothing it started may
+  outlive the test), ``as_a_user``,
   ``snapshot`` (file hashes, to compare before and after);
 - training runs: ``make_data`` and ``data_dir`` (synthetic data), ``recipe`` (the golden-loss recipe),
   ``read_metrics`` and ``train_losses`` (what a run logged), ``greedy_reference`` (an independent decode).
@@ -57,6 +58,7 @@ SLOW = (
     "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
+    "tests/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
     "tests/test_webui_browser.py",
 )
 
@@ -310,18 +312,44 @@ def run_app(tmp_path):
     return run
 
 
+# Set in each process app_process starts, with a value of its own: every process that one starts inherits it
+# (the web UI's jobs and chat backend too), so what a test caused is found even after its parent has died.
+MARK = "APP_TEST_MARK"
+OUTLIVE_GUARD_S = 60  # how long a test's processes may take to end after it; a hang guard, not a timing
+
+
+def marked_processes(mark: str) -> list[str]:
+    """'pid command line' of every live process (zombies are not) whose environment holds MARK=<mark>."""
+    needle, found = f"{MARK}={mark}".encode(), []
+    for entry in os.scandir("/proc"):
+        try:
+            environ = Path(entry.path, "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+            if needle in environ and Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                argv = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                found.append(" ".join([entry.name, *(a.decode(errors="replace") for a in argv if a)]))
+        except (OSError, IndexError):
+            continue  # ended meanwhile, or another user's
+    return found
+
+
 class AppProcess:
-    """`python -m app <argv>` started in ``cwd``, its stderr in ``log``."""
+    """`python -m app <argv>` started in ``cwd``, its stderr in ``log``; ``caused()``: it and what it started."""
 
     def __init__(self, argv: list[str], cwd: Path, log: Path, **popen):
         import subprocess
         import sys
+        import uuid
 
-        self.log = log
+        self.log, self.mark = log, uuid.uuid4().hex
         with log.open("w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app", *map(str, argv)], cwd=cwd, env=app_env(),
-                                         stdout=subprocess.DEVNULL, stderr=stderr, **popen)
+            self.proc = subprocess.Popen([sys.executable, "-m", "app", *map(str, argv)], cwd=cwd,
+                                         env=app_env(**{MARK: self.mark}), stdout=subprocess.DEVNULL, stderr=stderr,
+                                         **popen)
         self.pid = self.proc.pid
+
+    def caused(self) -> list[str]:
+        """'pid command line' of each live process it caused, itself included, orphans too."""
+        return marked_processes(self.mark)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -352,11 +380,31 @@ def _processes(default_dir: Path):
         if p.proc.poll() is None:
             p.proc.kill()
             p.proc.wait()
+    left = _outliving(started)
+    if left:
+        pytest.fail(f"processes a test started outlived it (killed now): {'; '.join(left)}", pytrace=False)
+
+
+def _outliving(started: list[AppProcess]) -> list[str]:
+    """What the started processes caused that is still alive OUTLIVE_GUARD_S after they were ended: killed, named."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + OUTLIVE_GUARD_S
+    while (left := [line for p in started for line in p.caused()]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for line in left:
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except OSError:
+            pass
+    return left
 
 
 @pytest.fixture
 def app_process(tmp_path):
-    """start(argv, cwd=tmp_path, log=None, **popen) -> AppProcess; whatever is still running at the end is killed."""
+    """start(argv, cwd=tmp_path, log=None, **popen) -> AppProcess; whatever is still running at the end is killed,
+    and the test fails if a process they started (a web UI's chat backend...) outlives them."""
     yield from _processes(tmp_path)
 
 
@@ -512,3 +560,4 @@ def artifacts() -> Path:
     """tests/artifacts/: where a test leaves what people should look at (screenshots); ignored by git."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+

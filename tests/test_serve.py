@@ -392,3 +392,19 @@ def test_exactly_serve_max_queue_requests_wait_and_the_next_one_gets_429(tiny_gl
     assert extra.json()["error"] == {"message": f"the server is busy: {cap} requests are waiting (SERVE_MAX_QUEUE); "
                                                 "retry shortly", "type": "rate_limit_error", "param": None,
                                      "code": "rate_limit_exceeded"}
+
+
+def test_a_server_whose_parent_has_already_ended_loads_nothing(run_app, tiny_glm_dir):
+    """The web UI names itself in APP_PARENT_PID when it starts its chat backend; a UI that died before the
+    backend got going (the pid is no longer its parent) must not leave a model loaded for nobody."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a parent that has ended: its pid is nobody's parent now
+    r = run_app(["serve", f"MODEL_NAME={tiny_glm_dir}", "ADAPTERS=none", f"SERVE_PORT={_free_port()}"], timeout=120,
+                APP_PARENT_PID=str(gone.pid))
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert f"the process that started this one (APP_PARENT_PID={gone.pid}, e.g. the web UI) had already ended " \
+        "when this one started: stopping" in r.stderr
+    assert "app.serve.server" not in r.stderr and "app.serve.models" not in r.stderr  # stopped before loading

@@ -4,6 +4,8 @@ line's own one-line message with nothing written, and a run trains, chats, evalu
 The same journey in a real browser: tests/test_webui_browser.py."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -341,3 +343,40 @@ def test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it(app_
     assert r.status_code == 413 and r.text == f"File size exceeded maximum allowed size of {2**20} bytes."
     files = [p for p in gradio_tmp.rglob("*") if p.is_file()]
     assert files == [Path(kept)], files  # nothing of the refused file, not even its part
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_chat_backend_ends_with_the_ui_however_the_ui_ends(app_process, tmp_path, tiny_glm_dir, sig):
+    """`kill`, a service manager, a test fixture's SIGKILL or the OOM killer: the `serve` a chat started never
+    outlives the UI that started it (it watches its parent), while its own shutdown path is never reached."""
+    import shutil
+    import socket
+    import urllib.request
+
+    from gradio_client import Client
+
+    shutil.copytree(tiny_glm_dir, tmp_path / "models" / "tiny-glm")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ui = app_process(["webui", f"WEBUI_PORT={port}"])
+    url = f"http://127.0.0.1:{port}/"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    ui.wait_for(up)
+    *_, message = Client(url, verbose=False).predict(model="base model", message="你好", history=[],
+                                                     model_name="models/tiny-glm", max_new_tokens=4, api_name="/chat")
+    assert message == "", message
+    backend = [line for line in ui.caused() if line.split()[0] != str(ui.pid)]
+    assert len(backend) == 1 and " -m app serve " in backend[0], backend  # the chat's backend runs
+    os.kill(ui.pid, sig)
+    ui.wait()
+    deadline = time.monotonic() + 60  # a hang guard: it ends within a second or two
+    while left := ui.caused():
+        assert time.monotonic() < deadline, f"the UI ended ({sig.name}), these did not: {left}"
+        time.sleep(0.1)

@@ -12,6 +12,9 @@ log = logging.getLogger(__name__)
 
 
 def run_serve(cfg: Config) -> None:
+    from app.serve.parent import end_with_parent
+
+    end_with_parent()  # first: a server the UI started must not load a model for a UI that is gone
     import uvicorn
 
     from app.serve.api import create_app

@@ -69,7 +69,7 @@ class ChatBackend:
             self.jobs.wait(KEY, 30)
         self.port, self.base, self.settings, self.loaded = free_port(), base, dict(settings), set()
         job = self.jobs.start(KEY, "serve", {**settings, **what, "API_KEY": "", "SERVE_HOST": "127.0.0.1",
-                                             "SERVE_PORT": str(self.port)})
+                                             "SERVE_PORT": str(self.port)}, tied=True)  # it ends with the UI
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if not job.running():

@@ -1,7 +1,8 @@
 """The commands the UI runs: each a real `python -m app <command> KEY=value ...` process, the same line the UI
 shows for pasting, started in its own session. So a crash or restart of the UI never kills a training run,
 Stop is the SIGTERM a terminal's `kill` sends (training checkpoints, then exits), and what a job prints goes
-to a log under models/.webui/logs/ that the UI tails.
+to a log under models/.webui/logs/ that the UI tails. A job that only serves the UI (the chat backend) is
+started tied to it: it ends when the UI ends, however the UI ends (app/serve/parent.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from app.serve.parent import PARENT_PID
 from app.webui.forms import argv, command_line
 from app.webui.paths import MODELS, project
 
@@ -26,8 +28,9 @@ CHECKPOINT_GRACE_S = 570  # a slow CPU step, then the checkpoint; inside compose
 
 def job_env() -> dict[str, str]:
     """A command's environment: the UI's, less the UI's own make line (MAKEFLAGS: its names would be checked again
-    as the job's), with unbuffered output so that the log tail is live."""
-    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    as the job's) and PARENT_PID (a job is tied to this UI only where start says so), with unbuffered output so
+    that the log tail is live."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", PARENT_PID)}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -89,15 +92,17 @@ class Jobs:
     def get(self, key: str) -> Job | None:
         return self.by_key.get(key)
 
-    def start(self, key: str, command: str, overrides: dict[str, str]) -> Job:
+    def start(self, key: str, command: str, overrides: dict[str, str], tied: bool = False) -> Job:
+        """``tied``: the job ends when this UI process ends, however it ends (a serve only; see PARENT_PID)."""
         running = self.get(key)
         if running is not None and running.running():
             raise RuntimeError(f"{key}: {running.command} is still running (pid {running.proc.pid})")
         logs = project() / LOGS
         logs.mkdir(parents=True, exist_ok=True)
         path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}-{next(self.numbers)}.log"
+        env = {**job_env(), **({PARENT_PID: str(os.getpid())} if tied else {})}
         with path.open("x", encoding="utf-8") as out:  # a new file: no earlier log is ever written over
-            proc = subprocess.Popen(argv(command, overrides), cwd=project(), env=job_env(), stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen(argv(command, overrides), cwd=project(), env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         job = Job(command, command_line(command, overrides), path, proc)
         self.by_key[key] = job
@@ -114,9 +119,10 @@ class Jobs:
             return None
 
     def stop_all(self) -> None:
-        """At the UI's exit: jobs that only serve the UI (the chat backend) end; on a host, training runs go on
-        (their own sessions). In a container they could not: the engine kills whatever is left when the UI,
-        its main process, ends. So there they get the SIGTERM first and a moment to save their checkpoint."""
+        """At the UI's own exit: jobs that only serve the UI (the chat backend) end; on a host, training runs go
+        on (their own sessions). In a container they could not: the engine kills whatever is left when the UI,
+        its main process, ends. So there they get the SIGTERM first and a moment to save their checkpoint.
+        A UI that is killed never gets here: then the chat backend ends by itself (tied, see start)."""
         in_container = Path("/.dockerenv").exists()
         ending = [job for job in self.by_key.values() if job.running() and (job.command == "serve" or in_container)]
         for job in ending:
