@@ -58,6 +58,7 @@ SLOW = (
     "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
+    "tests/test_webui.py::test_the_page_says_to_plan_first_until_a_plan_is_shown",
     "tests/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
     "tests/test_webui_browser.py",
 )

@@ -380,3 +380,84 @@ def test_the_chat_backend_ends_with_the_ui_however_the_ui_ends(app_process, tmp_
     while left := ui.caused():
         assert time.monotonic() < deadline, f"the UI ended ({sig.name}), these did not: {left}"
         time.sleep(0.1)
+
+
+NOT_HERE = "nobody-here/never-downloaded-model"  # a hub name no cache holds
+
+
+def _raw(url: str, api: str, *data) -> list:
+    """An endpoint's outputs as the page gets them (an update keeps its props, e.g. interactive), not as
+    gradio_client hands them on (a button's value only)."""
+    import json
+    import urllib.request
+
+    call = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps({"data": list(data)}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(call, timeout=30) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=120) as r:
+        lines = r.read().decode().splitlines()
+    assert "event: complete" in lines, lines
+    return json.loads(lines[lines.index("event: complete") + 1][len("data: "):])
+
+
+def _page(url: str) -> dict[str, dict]:
+    """The served page's components (Gradio's /config), by elem_id: their props as the browser first gets them."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "config", timeout=30) as r:
+        components = json.load(r)["components"]
+    return {c["props"]["elem_id"]: c["props"] for c in components if c.get("props", {}).get("elem_id")}
+
+
+def test_a_model_that_is_not_here_gets_a_note_with_tiny_and_the_download_command(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from app.webui.context import Context
+    from app.webui.guide import model_note
+    from app.webui.ui import build
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    page = build(Context(Config.load({"MODEL_NAME": NOT_HERE}, env={}, dotenv_path=None)))
+    note = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "train-model-note").value
+    assert f"MODEL_NAME={NOT_HERE} is not downloaded here" in note
+    assert f"`.venv/bin/hf download {NOT_HERE} --local-dir models/never-downloaded-model`" in note
+    assert "set MODEL_NAME=models/never-downloaded-model" in note and "MODEL_NAME=tiny" in note
+    # in the HF cache (as `hf download` leaves it without --local-dir): no note
+    repo = tmp_path / "hf-cache" / "models--nobody-here--never-downloaded-model"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    assert model_note(NOT_HERE) == ""
+
+
+def test_the_model_note_follows_model_name(webui, client):
+    assert client.predict(NOT_HERE, api_name="/model_note").startswith(f"**MODEL_NAME={NOT_HERE} is not downloaded")
+    for here in ("models/tiny-glm", "tiny"):
+        assert client.predict(here, api_name="/model_note") == "", here
+    assert client.predict("models/nope", api_name="/model_note").startswith("**MODEL_NAME=models/nope: no such dir")
+    (webui.project / "models" / "downloaded").mkdir()
+    (webui.project / "models" / "downloaded" / "config.json").write_text("{}")  # `hf download ... --local-dir` did
+    assert "but models/downloaded is here**: set MODEL_NAME=models/downloaded" in \
+        client.predict("someone/downloaded", api_name="/model_note")
+
+
+def test_stop_is_enabled_only_while_the_watched_run_trains(webui, client):
+    from app.training.runlock import hold
+
+    assert _page(webui.url)["train-stop"]["interactive"] is False  # nothing is watched when the page opens
+    run = webui.project / "models" / "held-run"
+    with hold(run, "train"):  # a training run's lock, as `make train` in a terminal holds it
+        status = _raw(webui.url, "watch", "models/held-run")
+        assert status[0].startswith("training: pid") and status[-1]["interactive"] is True, status
+    status = _raw(webui.url, "watch", "models/held-run")
+    assert status[0] == "not started" and status[-1]["interactive"] is False, status
+
+
+def test_the_page_says_to_plan_first_until_a_plan_is_shown(webui, client):
+    assert "Press Plan first" in _page(webui.url)["train-hint"]["value"]
+    *_, plan, hint = client.predict(**TRAIN, api_name="/plan")
+    assert "tier" in plan and hint == "", (plan, hint)

@@ -1,5 +1,7 @@
 """The Train tab: the settings (generated), the data file (upload into data/ or pick, with its format, record
-count and bad lines), Plan (what `make info` prints), Start / Stop / Resume, and the run watched live.
+count and bad lines), Plan (what `make info` prints), Start / Stop / Resume, and the run watched live. For a
+first visit: a note when MODEL_NAME is not on this machine, a hint to Plan first, and Stop only while a run
+trains (app/webui/guide.py).
 
 Start checks what the command line checks, in this process and before anything is written (the path guard,
 then the CLI's own pre-flight: settings, data, model, OUTPUT_DIR busy or finished, RESUME), and shows its
@@ -21,6 +23,7 @@ from app.training import runlock
 from app.webui import runs
 from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, argv, command_line, named
+from app.webui.guide import PLAN_HINT, model_note
 from app.webui.jobs import error_lines, job_env
 from app.webui.paths import (DATA_TYPES, data_files, inspect_data, path_problem, path_problems, project,
                              save_upload)
@@ -32,6 +35,7 @@ def build(ctx: Context) -> Form:
     data_picker = lambda: gr.Dropdown(data_files(), value=ctx.cfg.data.data_path, label="DATA_PATH",  # noqa: E731
                                       allow_custom_value=True, elem_id="train-DATA_PATH",
                                       info=Config.variables()["DATA_PATH"][1].metadata["help"])
+    note = gr.Markdown(model_note(ctx.cfg.model.model_name), elem_id="train-model-note")
     with gr.Row():
         with gr.Column(scale=3):
             form = Form("train", ctx.cfg, {"DATA_PATH": data_picker})
@@ -43,8 +47,10 @@ def build(ctx: Context) -> Form:
             with gr.Row():
                 plan_btn = gr.Button("Plan", elem_id="train-plan")
                 start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
-                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                # only while the watched run trains: Stop on nothing looked like it did something
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
                 resume_btn = gr.Button("Resume", elem_id="train-resume")
+            hint = gr.Markdown(PLAN_HINT, elem_id="train-hint")
             message = gr.Textbox(label="Message", interactive=False, elem_id="train-message")
             command = gr.Textbox(label="Command line (paste into a terminal in the project dir)", interactive=False,
                                  buttons=["copy"], elem_id="train-command")
@@ -77,19 +83,20 @@ def build(ctx: Context) -> Form:
         except UserError as e:
             return problems_of(e)
 
-    def plan(*values: Any) -> tuple[str, str, str]:
+    def plan(*values: Any) -> tuple[str, str, str, Any]:
+        """Message, command line, what `info` printed, and the Plan-first hint: cleared once a plan is shown."""
         try:
             overrides = form.overrides(list(values))
             if bad := path_problems(overrides):
                 raise UserError(bad)
         except UserError as e:
-            return problems_of(e), "", ""
+            return problems_of(e), "", "", gr.update()
         done = subprocess.run(argv("info", overrides), cwd=project(), capture_output=True, text=True,
                               timeout=PLAN_TIMEOUT_S, env=job_env())
         line = command_line("info", overrides)
         if done.returncode:
-            return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout
-        return "", line, done.stdout
+            return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout, gr.update()
+        return "", line, done.stdout, ""
 
     def start(*values: Any) -> tuple[str, str, Any]:
         try:
@@ -126,34 +133,41 @@ def build(ctx: Context) -> Form:
             return problems_of(e), gr.update()
         return "", job.line
 
-    def look(run: str | None) -> tuple[str, str, int, str]:
-        """The run's state line, progress line, logged rows and log tail: metrics.jsonl read once."""
+    def look(run: str | None) -> tuple[str, str, int, str, Any]:
+        """The run's state line, progress line, logged rows, log tail and Stop (enabled while it trains, or while
+        the job the UI started for it runs, before it takes the run's lock): metrics.jsonl read once."""
         if not run:
-            return "", "", 0, ""
+            return "", "", 0, "", gr.update(interactive=False)
         rows, job = runs.rows_of(run), ctx.jobs.get(run)
-        line = runs.state(run, rows).line
+        now = runs.state(run, rows)
+        line = now.line
         if job is not None and not job.running() and job.proc.returncode:
             line += f" ({job.command} {job.status()})"
-        return line, runs.progress(rows), len(rows), job.tail() if job is not None else ""
+        training = now.state == "training" or (job is not None and job.running())
+        return line, runs.progress(rows), len(rows), job.tail() if job is not None else "", \
+            gr.update(interactive=training)
 
-    def watch(run: str | None) -> tuple[str, str, Any, str]:
-        line, prog, _, tail = look(run)
-        return line, prog, runs.loss_plot(run) if run else None, tail
+    def watch(run: str | None) -> tuple[str, str, Any, str, Any]:
+        line, prog, _, tail, stoppable = look(run)
+        return line, prog, runs.loss_plot(run) if run else None, tail, stoppable
 
     def tick(run: str | None, shown: str) -> tuple[Any, ...]:
         """look() every 2 s; the plot is drawn and sent again only when the run has logged more."""
-        line, prog, n, tail = look(run)
+        line, prog, n, tail, stoppable = look(run)
         now = f"{run}:{n}" if run else ""
-        return line, prog, gr.update() if now == shown else runs.loss_plot(run) if run else None, tail, now
+        return line, prog, gr.update() if now == shown else runs.loss_plot(run) if run else None, tail, stoppable, now
 
     upload.upload(named(on_upload, ["file"]), upload, [form.fields["DATA_PATH"], data_info], api_name="upload")
     form.fields["DATA_PATH"].change(named(on_data, ["data_path"]), form.fields["DATA_PATH"], data_info,
                                     api_name="inspect_data")
-    plan_btn.click(named(plan, [], form), fields, [message, command, plan_out], api_name="plan")
+    # again at each page load too (a model downloaded meanwhile, then a reload), and as MODEL_NAME is typed
+    gr.on(None, named(model_note, ["model_name"]), form.fields["MODEL_NAME"], note, api_name="model_note",
+          show_progress="hidden")
+    plan_btn.click(named(plan, [], form), fields, [message, command, plan_out, hint], api_name="plan")
     start_btn.click(named(start, [], form), fields, [message, command, watched], api_name="start")
     stop_btn.click(named(stop, ["run"]), watched, message, api_name="stop")
     resume_btn.click(named(resume, ["run"], form), [watched, *fields], [message, command], api_name="resume")
-    watch_outputs = [status, progress, curve, log_tail]
+    watch_outputs = [status, progress, curve, log_tail, stop_btn]
     shown = gr.State("")  # this page's plot: "run:logged rows"
     watched.change(named(watch, ["run"]), watched, watch_outputs, api_name="watch")
     gr.Timer(2.0).tick(tick, [watched, shown], [*watch_outputs, shown], show_progress="hidden",
