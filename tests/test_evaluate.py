@@ -1,13 +1,21 @@
 """Evaluation end to end: reports from a trained tiny adapter, score-only mode, F1 during
-training, and METHOD=full (which the demo uses)."""
+training, and METHOD=full (which the demo uses); with EVAL_PATH unset, the records the run held out,
+scored as their answers call for (triplet P/R/F1, or exact match / ROUGE-L / BLEU-4 and the loss)."""
 import json
+import logging
+import random
+import shutil
 
 import pytest
 import torch
 
 from app import Config, FineTuner, UserError
+from app.data.encode import encode
+from app.data.synthetic import write_dataset
+from app.evaluation.dataset import eval_data
 from app.evaluation.evaluate import run_evaluate
 from app.evaluation.scoring import score
+from app.evaluation.textmetrics import bleu4, exact_match, rouge_l, tokens
 from app.inference.generate import max_new_tokens_for
 from app.inference.predict import Predictor
 
@@ -151,3 +159,148 @@ def test_merge_writes_a_model_that_loads_without_peft(tiny_glm_dir, data_dir, tm
     ft.model.eval()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, ft.model(input_ids=ids).logits, atol=1e-4)
+
+
+# ---- EVAL_PATH unset: the records the run held out ------------------------------------------------------
+
+ANOTHER = "EVAL_PATH=<file> to score another file"
+
+
+def alpaca_file(path, n=60):
+    """A user's own alpaca file: free-text answers, each instruction told apart by its number."""
+    rng = random.Random(0)
+    words = ["apple", "river", "stone", "cloud", "green", "quiet", "north", "light", "湖水", "山风"]
+    path.write_text("".join(json.dumps({"instruction": f"Describe item {i} in three words", "input": "",
+                                        "output": " ".join(rng.sample(words, 3))}, ensure_ascii=False) + "\n"
+                            for i in range(n)), encoding="utf-8")
+    return path
+
+
+def trained(model_dir, data, out, **extra):
+    ft = FineTuner(Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out),
+                                     "MAX_STEPS": 1, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "TIER": "none", "SEED": 3,
+                                     "VAL_SIZE": 0.2, "CACHE_DIR": str(out.parent / "cache"), **extra}))
+    ft.run()
+    return ft
+
+
+def said(caplog, start="evaluating "):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("app.eval")]
+
+
+def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_glm_dir, tmp_path, monkeypatch,
+                                                                            caplog):
+    """The issue's case: EVAL_PATH unset, a run trained on the user's alpaca file, the sample triplets in
+    data/dev.jsonl (what was scored before, F1 0). Scored now: exactly the records training held out, in its
+    order, with exact match / ROUGE-L / BLEU-4 per sample and the answers' loss, said in one line."""
+    monkeypatch.chdir(tmp_path)
+    write_dataset(tmp_path / "data", n_train=20, n_dev=10)
+    data = alpaca_file(tmp_path / "mine.jsonl")
+    run = tmp_path / "run"
+    held = trained(tiny_glm_dir, data, run, MAX_SAMPLES=50).val_examples
+    assert len(held) == 10  # VAL_SIZE 0.2 of the 50 sampled
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        d = run_evaluate(Config.from_dict({"ADAPTER_DIR": str(run)}))
+    assert said(caplog) == [f"evaluating the 10 records {run} held out of {data} (its validation split; {ANOTHER})"]
+    assert not warnings_of(caplog)  # the file is as it was: nothing to warn about
+    rows = [json.loads(line) for line in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["gold"]) for r in rows] == [(e.messages[0]["content"], e.answer) for e in held]
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report == d and d["scored_as"] == "text" and d["n_samples"] == 10 and "triplet_f1" not in d
+    for r in rows:
+        ref, hyp = tokens(r["gold"]), tokens(r["output"])
+        assert (r["exact_match"], r["rouge_l"], r["bleu_4"]) == (exact_match(r["gold"], r["output"]),
+                                                                 rouge_l(ref, hyp), bleu4(ref, hyp))
+    for key in ("exact_match", "rouge_l", "bleu_4"):
+        assert d[key] == pytest.approx(sum(float(r[key]) for r in rows) / 10)
+    # the loss: each reference answer under the adapter, as the model's own loss on training's labels
+    from app.inference.predict import Predictor
+
+    pred = Predictor(Config.from_dict({"ADAPTER_DIR": str(run)}))
+    sums, counts = [], []
+    with torch.no_grad():
+        for e in held:
+            row = encode(e, pred.tokenizer, 512)
+            n = sum(label != -100 for label in row["labels"][1:])
+            sums.append(float(pred.model(input_ids=torch.tensor([row["input_ids"]]),
+                                         labels=torch.tensor([row["labels"]])).loss) * n)
+            counts.append(n)
+    assert [r["loss"] for r in rows] == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-4)
+    assert d["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-4) and d["loss"] > 0
+    # the data file changed since: the same records are rebuilt, with one warning that says so
+    with data.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"instruction": "one more", "output": "record"}) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        eval_data(Config.from_dict({"ADAPTER_DIR": str(run)}), run)
+    assert len(warnings_of(caplog)) == 1 and warnings_of(caplog)[0].startswith(
+        f"DATA_PATH={data} has changed since {run} trained on it")
+
+
+def test_a_max_samples_all_run_is_scored_on_its_held_out_records_with_or_without_the_token_cache(
+        tiny_glm_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    data = alpaca_file(tmp_path / "mine.jsonl")
+    run = tmp_path / "run"
+    held = [e.messages for e in trained(tiny_glm_dir, data, run).val_examples]  # MAX_SAMPLES=all: the token cache
+    assert len(held) == 12 and any((tmp_path / "cache" / "tokens").iterdir())
+    cfg = Config.from_dict({"ADAPTER_DIR": str(run)})
+    assert [e.messages for e in eval_data(cfg, run).examples] == held
+    shutil.rmtree(tmp_path / "cache")  # `make clean`: rebuilt from the file itself, the same records
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert [e.messages for e in eval_data(cfg, run).examples] == held
+    assert said(caplog) == [f"evaluating the 12 records {run} held out of {data} (its validation split; {ANOTHER})"]
+    assert not warnings_of(caplog)
+
+
+def test_a_triplet_run_is_scored_on_its_val_path_with_prf(tiny_glm_dir, data_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)  # no data/dev.jsonl here: the run's own VAL_PATH is what is scored
+    out = tmp_path / "out"
+    FineTuner(quick(tiny_glm_dir, data_dir, out, MAX_STEPS=1, EVAL_STEPS=1)).run()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        d = run_evaluate(Config.from_dict({"ADAPTER_DIR": str(out), "EVAL_SAMPLES": 4}))
+    dev = data_dir / "dev.jsonl"
+    assert said(caplog) == [f"evaluating 4 of the 10 records of {dev}, the VAL_PATH {out} validated on "
+                            f"(EVAL_SAMPLES=4; {ANOTHER})"]
+    assert d["scored_as"] == "triplets" and REPORT_KEYS <= d.keys() and d["n_samples"] == 4 and d["loss"] > 0
+    assert "rouge_l" not in d and (out / "eval" / "per_predicate_f1.png").is_file()
+    assert said(caplog, "F1 ")[0].endswith(f"loss {d['loss']:.4f} on 4 samples -> {out / 'eval' / 'report.md'}")
+
+
+def test_a_run_that_held_out_nothing_and_the_base_model_say_what_they_score(tiny_glm_dir, tmp_path, monkeypatch,
+                                                                             caplog):
+    monkeypatch.chdir(tmp_path)
+    data = alpaca_file(tmp_path / "mine.jsonl")
+    run = tmp_path / "run"
+    trained(tiny_glm_dir, data, run, MAX_SAMPLES=30, VAL_SIZE=0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        picked = eval_data(Config.from_dict({"ADAPTER_DIR": str(run)}), run)
+    assert warnings_of(caplog) == [f"{run} held out no records (VAL_SIZE=0 and no VAL_PATH): evaluating the first 60 "
+                                   f"records of its training file {data} instead, which it trained on, so the scores "
+                                   "flatter it; set EVAL_PATH=<file> to score records it has not seen"]
+    first = [json.loads(line)["instruction"] for line in data.read_text().splitlines()]
+    assert [e.messages[0]["content"] for e in picked.examples] == first
+    write_dataset(tmp_path / "data", n_train=20, n_dev=10)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert len(eval_data(Config.from_dict({"ADAPTER_DIR": "none"}), None).examples) == 10
+    assert said(caplog) == [f"evaluating the 10 records of data/dev.jsonl (ADAPTER_DIR=none, the base model: "
+                            f"VAL_PATH, else data/dev.jsonl; {ANOTHER})"]
+
+
+def test_score_only_mode_scores_free_text_as_text(tmp_path, caplog):
+    src = tmp_path / "preds.jsonl"
+    src.write_text(json.dumps({"target": "the cat is on the mat", "output": "the cat sat on the mat"}) + "\n")
+    with caplog.at_level(logging.INFO):
+        d = run_evaluate(Config.from_dict({"PREDICTIONS": str(src)}))
+    assert d["scored_as"] == "text" and d["loss"] is None and d["rouge_l"] == pytest.approx(5 / 6)
+    assert said(caplog, "exact match ") == [f"exact match 0.0000, ROUGE-L 0.8333, BLEU-4 {d['bleu_4']:.4f} on 1 "
+                                            f"samples -> {tmp_path / 'preds.eval' / 'report.md'}"]

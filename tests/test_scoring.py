@@ -1,14 +1,18 @@
-"""Tests for app.evaluation.scoring: tolerant answer parsing, exact P/R/F1 arithmetic, reports, file input."""
+"""Tests for app.evaluation.scoring: tolerant answer parsing, exact P/R/F1 arithmetic, reports, file input;
+free-text answers' exact match, ROUGE-L and BLEU-4 (app.evaluation.textmetrics), and which a file gets."""
 from __future__ import annotations
 
 import json
+import math
+import random
 from fractions import Fraction
 
 import pytest
 
 from app.core.errors import UserError
 from app.evaluation.reports import write_reports
-from app.evaluation.scoring import Triplet, normalize, parse_answer, score, score_file
+from app.evaluation.scoring import Triplet, answers_are_triplets, normalize, parse_answer, score, score_file
+from app.evaluation.textmetrics import bleu4, rouge_l, tokens
 
 KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
 
@@ -276,3 +280,79 @@ def test_score_file_and_bad_lines(tmp_path):
             score_file(bad)
     with pytest.raises(UserError, match="--predictions"):
         score_file(tmp_path / "missing.jsonl")
+
+
+# ---- free-text answers: which report, and exact match / ROUGE-L / BLEU-4 ----------------------------------
+
+def test_real_triplet_data_is_scored_as_triplets(dev_records):
+    assert answers_are_triplets(r["target"] for r in dev_records)
+
+
+def test_the_report_follows_the_answers():
+    assert answers_are_triplets([fenced(GOLD4), '["平板"]', fenced([])])  # triplets, a label list, none found
+    assert not answers_are_triplets(["Paris is the capital of France.", "4", fenced(GOLD4)])  # 1 of 3
+    assert not answers_are_triplets(["见上文[1]", '{"a": 1}', "好的"])
+
+
+def test_tokens_are_cjk_characters_and_words_of_other_scripts():
+    assert tokens("用Python写一个hello-world程序。") == ["用", "Python", "写", "一", "个", "hello", "-", "world",
+                                                     "程", "序", "。"]
+    assert tokens("  Ｈｅｌｌｏ，  it's 3.5 ") == ["Hello", ",", "it", "'", "s", "3", ".", "5"]  # NFKC first
+
+
+def test_bleu4_worked_by_hand():
+    # 猫坐在垫子上 / 猫坐在地上: 1-grams 4 of 5 match, 2-grams 2/4, 3-grams 1/3, 4-grams 0 of 2 -> method3's
+    # 1 / (2 x 2); 5 tokens against 6: brevity penalty exp(1 - 6/5)
+    assert bleu4(tokens("猫坐在垫子上"), tokens("猫坐在地上")) == pytest.approx(
+        math.exp(1 - 6 / 5) * (4 / 5 * 2 / 4 * 1 / 3 * 1 / (2 * 2)) ** 0.25)
+    # words: 5/6 (the twice), 3/5, 1/4, 4-grams 0 of 3 -> 1 / (2 x 3); equal lengths, no penalty
+    assert bleu4("the cat is on the mat".split(), "the cat sat on the mat".split()) == pytest.approx(
+        (5 / 6 * 3 / 5 * 1 / 4 * 1 / (2 * 3)) ** 0.25)
+    # every order above 1 unmatched: the k-th such gets 1 / (2^k x its n-gram count)
+    assert bleu4(list("abcd"), list("dcba")) == pytest.approx((1 * 1 / (2 * 3) * 1 / (4 * 2) * 1 / (8 * 1)) ** 0.25)
+    # a one-token answer has no 2-, 3- or 4-grams (count 1, as nltk's): 1/2, 1/4, 1/8 even when it is right
+    assert bleu4(["猫"], ["猫"]) == pytest.approx((1 / 2 * 1 / 4 * 1 / 8) ** 0.25)
+    assert bleu4(list("abcde"), list("abcde")) == pytest.approx(1.0)
+    assert bleu4(list("abc"), list("xyz")) == 0.0 == bleu4(list("abc"), [])  # no unigram in common: 0, unsmoothed
+
+
+def test_rouge_l_worked_by_hand():
+    assert rouge_l(tokens("猫坐在垫子上"), tokens("猫坐在地上")) == pytest.approx(8 / 11)  # LCS 猫坐在上: P 4/5, R 4/6
+    assert rouge_l("the cat is on the mat".split(), "the cat sat on the mat".split()) == pytest.approx(5 / 6)
+    assert rouge_l(list("abcd"), list("dcba")) == pytest.approx(1 / 4)  # LCS 1: P = R = 1/4
+    assert rouge_l(list("abcbdab"), list("bdcaba")) == pytest.approx(2 * (4 / 6) * (4 / 7) / (4 / 6 + 4 / 7))  # LCS 4
+    assert rouge_l(list("ab"), []) == 0.0 == rouge_l([], list("ab"))
+
+
+def test_bleu4_equals_nltks_sentence_bleu_with_method3():
+    bleu = pytest.importorskip("nltk.translate.bleu_score", reason="nltk is not installed in .venv")
+    rng, smooth = random.Random(0), bleu.SmoothingFunction().method3
+    for _ in range(300):
+        ref = [rng.choice("abcdef") for _ in range(rng.randint(1, 15))]
+        hyp = [rng.choice("abcdefg") for _ in range(rng.randint(0, 15))]
+        assert bleu4(ref, hyp) == pytest.approx(float(bleu.sentence_bleu([ref], hyp, smoothing_function=smooth)))
+
+
+def test_free_text_predictions_get_text_scores_not_f1(tmp_path):
+    pairs = [("猫坐在垫子上", "猫坐在地上"), ("the cat is on the mat", "the cat sat on the mat"),
+             ("Ｈｅｌｌｏ  world", "Hello world ")]  # equal after NFKC and whitespace
+    src = tmp_path / "pred.jsonl"
+    src.write_text("".join(json.dumps({"target": g, "output": o}, ensure_ascii=False) + "\n" for g, o in pairs),
+                   encoding="utf-8")
+    rep = score_file(src)
+    d = rep.to_dict()
+    assert d["scored_as"] == "text" and d["n_samples"] == 3 and d["loss"] is None and "triplet_f1" not in d
+    rouge = [8 / 11, 5 / 6, 1.0]
+    # two equal tokens: no 3- or 4-grams, smoothed to 1/2 and 1/4 (BLEU-4 is harsh on short answers)
+    bleu = [math.exp(-0.2) * (4 / 5 * 2 / 4 * 1 / 3 * 1 / 4) ** 0.25, (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25,
+            (1 * 1 * 1 / 2 * 1 / 4) ** 0.25]
+    assert [r["exact_match"] for r in rep.rows] == [False, False, True]
+    assert [r["rouge_l"] for r in rep.rows] == pytest.approx(rouge) and [r["bleu_4"] for r in rep.rows] == \
+        pytest.approx(bleu)
+    assert (d["exact_match"], d["rouge_l"], d["bleu_4"]) == pytest.approx((1 / 3, sum(rouge) / 3, sum(bleu) / 3))
+    paths = write_reports(rep, tmp_path / "out", title="text")
+    assert set(paths) == {"report.json", "report.md", "predictions.jsonl"}  # no predicates: no chart
+    assert {p.name for p in (tmp_path / "out").iterdir()} == set(paths)
+    md = paths["report.md"].read_text(encoding="utf-8")
+    assert md.startswith("# text") and f"| rouge_l | {sum(rouge) / 3:.4f} |" in md and "| loss | n/a |" in md
+    assert json.loads(paths["report.json"].read_text(encoding="utf-8")) == json.loads(json.dumps(d))

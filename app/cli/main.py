@@ -214,8 +214,10 @@ COMMANDS: dict[str, Command] = {
                             "one JSON line per answer, with the reference answer when the record has one."),
     "chat": Command(_answer("chat"), "interactive multi-turn chat in the terminal with the last adapter", _ANSWER,
                     "/help lists the chat's commands, /reset clears the history, /exit or Ctrl-D ends it."),
-    "evaluate": Command(_evaluate, "generate on EVAL_PATH, score triplet P/R/F1 (or --predictions FILE: score only)",
-                        _ANSWER + ("DATA_FORMAT", "MAX_BAD_RATIO", "VAL_PATH", "PREDICT_BATCH_SIZE", "evaluation")),
+    "evaluate": Command(_evaluate, "generate on the run's held-out records (or EVAL_PATH), score triplet P/R/F1, "
+                                   "else exact match, ROUGE-L, BLEU-4 (or --predictions FILE: score only)",
+                        _ANSWER + ("DATA_FORMAT", "MAX_BAD_RATIO", "VAL_PATH", "MAX_SEQ_LEN", "PREDICT_BATCH_SIZE",
+                                   "evaluation")),
     "serve": Command(_serve, "serve the base and its adapters over an OpenAI-compatible API on SERVE_PORT",
                      ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "MAX_NEW_TOKENS", "TEMPERATURE",
                       "serve")),

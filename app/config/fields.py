@@ -190,7 +190,9 @@ class PredictArgs:
 
 @dataclass(frozen=True)
 class EvalArgs:
-    eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = VAL_PATH, else data/dev.jsonl")
+    eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = the records the adapter's run held out "
+                            "(its VAL_PATH, or its validation split of DATA_PATH); with ADAPTER_DIR=none, VAL_PATH, "
+                            "else data/dev.jsonl")
     eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
     eval_metric: EvalMetric = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)")
     eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")

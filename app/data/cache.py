@@ -94,25 +94,11 @@ class TokenCache:
         return report
 
     def split(self, seed: int, val_size: float, has_val_file: bool) -> tuple["TrainRows", Any]:
-        """(training rows, validation row indices): VAL_SIZE of the rows (at most 200), those with the smallest of
-        SEED's random keys, as app/data/records.split holds them out; none with a VAL_PATH or under 10 rows.
-        The keys are drawn a chunk at a time, keeping only the smallest: memory does not grow with the rows."""
+        """(training rows, validation row indices): held_out_rows over this cache's rows."""
         import numpy as np
 
-        n = len(self)
-        if has_val_file or val_size <= 0 or n < 10:
-            return TrainRows(n, np.zeros(0, dtype=np.int64)), np.zeros(0, dtype=np.int64)
-        n_val = min(200, max(1, round(n * val_size)))
-        rng, keys, rows = np.random.default_rng(seed), np.zeros(0), np.zeros(0, dtype=np.int64)
-        for start in range(0, n, CHUNK):
-            k = rng.random(min(CHUNK, n - start))
-            keys = np.concatenate([keys, k])
-            rows = np.concatenate([rows, np.arange(start, start + len(k))])
-            if len(keys) > n_val:
-                keep = np.argpartition(keys, n_val - 1)[:n_val]
-                keys, rows = keys[keep], rows[keep]
-        val = rows[np.argsort(keys, kind="stable")]
-        return TrainRows(n, np.sort(val)), val
+        val = held_out_rows(len(self), seed, val_size, has_val_file)
+        return TrainRows(len(self), np.sort(val)), val
 
     def stats(self, max_seq_len: int, exclude: Any = ()) -> EncodeStats:
         """What encode_all would report for every row but ``exclude`` (the validation rows) at MAX_SEQ_LEN, from
@@ -142,6 +128,27 @@ class TokenCache:
         rec = json.loads(raw) if data_path.lower().endswith(".jsonl") else \
             {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}
         return to_example(rec, self.meta["report"]["format"], 0)
+
+
+def held_out_rows(n: int, seed: int, val_size: float, has_val_file: bool) -> Any:
+    """The validation rows of ``n`` cached rows, in SEED's key order: VAL_SIZE of them (at most 200), those with
+    the smallest of SEED's random keys, as app/data/records.split holds them out; none with a VAL_PATH or under
+    10 rows. The keys are drawn a chunk at a time, keeping only the smallest: memory does not grow with the rows.
+    Evaluation rebuilds a run's split with it too (app/data/heldout.py)."""
+    import numpy as np
+
+    if has_val_file or val_size <= 0 or n < 10:
+        return np.zeros(0, dtype=np.int64)
+    n_val = min(200, max(1, round(n * val_size)))
+    rng, keys, rows = np.random.default_rng(seed), np.zeros(0), np.zeros(0, dtype=np.int64)
+    for start in range(0, n, CHUNK):
+        k = rng.random(min(CHUNK, n - start))
+        keys = np.concatenate([keys, k])
+        rows = np.concatenate([rows, np.arange(start, start + len(k))])
+        if len(keys) > n_val:
+            keep = np.argpartition(keys, n_val - 1)[:n_val]
+            keys, rows = keys[keep], rows[keep]
+    return rows[np.argsort(keys, kind="stable")]
 
 
 def cache_path(data_path: str, fmt: str, tokenizer: Any, cache_dir: str) -> Path:

@@ -1,11 +1,12 @@
-"""Evaluation: batched greedy generation over a dev file, scored as triplets / labels.
+"""Evaluation: batched greedy generation over records with reference answers, then scoring.
 
-`python -m app evaluate` generates for every record of EVAL_PATH (default VAL_PATH, else
-data/dev.jsonl) with the adapter (or full model) and scores with app.evaluation.scoring;
-`python -m app evaluate --predictions FILE` scores an existing JSONL without any model.
-Reports go to EVAL_DIR (default: eval/ inside the adapter dir, or beside FILE).
+`python -m app evaluate` generates an answer for every record app.evaluation.dataset picks (EVAL_PATH, else
+the records the run held out) with the adapter (or full model), and scores them as their references call for
+(app.evaluation.scoring.score_answers: triplet P/R/F1, or exact match / ROUGE-L / BLEU-4), plus the reference
+answers' mean loss under the model. `python -m app evaluate --predictions FILE` scores an existing JSONL
+without any model. Reports go to EVAL_DIR (default: eval/ inside the adapter dir, or beside FILE).
 
-`F1Evaluator` is the same generation + scoring as a Trainer callback (EVAL_METRIC=f1).
+`F1Evaluator` is the same generation + triplet scoring as a Trainer callback (EVAL_METRIC=f1).
 """
 from __future__ import annotations
 
@@ -17,27 +18,19 @@ from transformers import TrainerCallback
 
 from app.config import Config
 from app.core.errors import UserError
-from app.data.records import Example, read_examples
+from app.data.encode import IGNORE, Collator, encode
+from app.data.records import Example
 from app.inference.generate import generate_batch, max_new_tokens_for
 
 log = logging.getLogger(__name__)
 
 
-def eval_examples(cfg: Config) -> tuple[Path, list[Example]]:
-    path = Path(cfg.evaluation.eval_path or cfg.data.val_path or "data/dev.jsonl")
-    examples, _ = read_examples(path, cfg.data.data_format, cfg.data.max_bad_ratio, "EVAL_PATH")
-    examples = [e for e in examples if e.messages]  # {text} records have no separate answer to score
-    if not examples:
-        raise UserError(f"EVAL_PATH={path}: no record with a prompt and an answer to score")
-    if cfg.evaluation.eval_samples:
-        examples = examples[: cfg.evaluation.eval_samples]
-    return path, examples
-
-
 def run_evaluate(cfg: Config) -> dict[str, Any]:
+    from app.evaluation.dataset import eval_data
     from app.evaluation.reports import write_reports
-    from app.evaluation.scoring import score, score_file
+    from app.evaluation.scoring import score_answers, score_file
     from app.inference.predict import Predictor
+    from app.models.artifacts import find_adapter
 
     ev = cfg.evaluation
     if ev.predictions:
@@ -48,23 +41,60 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         out = Path(ev.eval_dir or src.parent / f"{src.stem}.eval")
         title = str(src)
     else:
-        path, examples = eval_examples(cfg)
+        data = eval_data(cfg, find_adapter(cfg))  # before the model loads: a data problem costs no wait
+        examples = data.examples
         pred = Predictor(cfg)
         budget = max_new_tokens_for(pred.tokenizer, [e.answer for e in examples])
-        log.info("evaluating %d records of %s (max %d new tokens)", len(examples), path, budget)
+        log.info("generating at most %d new tokens per answer (the longest reference answer's, + 25%%)", budget)
         outputs = generate_batch(pred.model, pred.tokenizer, [e.prompt_messages for e in examples], budget,
                                  cfg.predict.predict_batch_size)
-        report = score(zip([e.answer for e in examples], outputs))
+        report = score_answers(zip([e.answer for e in examples], outputs))
+        report.loss, losses = answer_loss(pred.model, pred.tokenizer, examples, data.max_seq_len)
+        for row, e, loss in zip(report.rows, examples, losses):
+            row.update(prompt=e.prompt_messages[-1]["content"], line=e.line or None, loss=loss)
         base = pred.adapter if pred.adapter is not None else Path(cfg.train.output_dir)
         out = Path(ev.eval_dir or base / "eval")
-        title = f"{path} with {pred.adapter or cfg.model.model_name}"
+        title = f"{data.path} with {pred.adapter or cfg.model.model_name}"
     files = write_reports(report, out, title)
-    d = report.to_dict()
-    log.info("F1 %.4f (typed %.4f), P %.4f, R %.4f, classification accuracy %s, valid JSON %.1f%% on %d samples -> %s",
-             d["triplet_f1"], d["triplet_f1_typed"], d["triplet_precision"], d["triplet_recall"],
-             "-" if d["classification_accuracy"] is None else f"{d['classification_accuracy']:.4f}",
-             100 * d["json_valid_rate"], d["n_samples"], files["report.md"])
-    return d
+    log.info("%s on %d samples -> %s", report.headline(), report.n_samples, files["report.md"])
+    return report.to_dict()
+
+
+def answer_loss(model: Any, tokenizer: Any, examples: list[Example],
+                max_seq_len: int) -> tuple[float | None, list[float | None]]:
+    """(mean, per sample) cross-entropy of the reference answers given their prompts, teacher-forced: the
+    tokens training puts loss on (app.data.encode: the answers and EOS, cut at ``max_seq_len`` as training
+    cuts), each predicted from the ones before it. The mean is over all those tokens, as a training loss is
+    token-weighted; a sample's own is the mean over its tokens (None where truncation left it none)."""
+    import torch
+
+    rows = [encode(e, tokenizer, max_seq_len) for e in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    collate, sums, counts = Collator(pad), [0.0] * len(rows), [0] * len(rows)
+    with torch.inference_mode():
+        for batch_ids in _token_batches([len(r["input_ids"]) for r in rows], max_seq_len):
+            batch = collate([rows[i] for i in batch_ids])
+            logits = model(input_ids=batch["input_ids"].to(model.device),
+                           attention_mask=batch["attention_mask"].to(model.device)).logits
+            labels = batch["labels"][:, 1:].to(logits.device)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
+                                                    ignore_index=IGNORE, reduction="none")
+            for j, i in enumerate(batch_ids):
+                sums[i], counts[i] = float(nll[j].sum()), int((labels[j] != IGNORE).sum())
+    total = sum(counts)
+    return (sum(sums) / total if total else None), [s / c if c else None for s, c in zip(sums, counts)]
+
+
+def _token_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Samples of similar length together, about ``budget`` tokens a batch (one sample when longer):
+    the full-vocabulary logits of a batch then never outgrow those of one training sample at MAX_SEQ_LEN."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= budget:  # sorted: this one is the batch's longest
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 class F1Evaluator(TrainerCallback):

@@ -1,5 +1,6 @@
-"""An evaluation's reports: report.json, report.md (a table per predicate), predictions.jsonl
-(gold vs output per record) and per_predicate_f1.png, each written whole (temp file + rename)."""
+"""An evaluation's reports: report.json, report.md (a table per predicate, or for text answers the
+lowest-scoring samples), predictions.jsonl (gold vs output per record) and, for triplet data,
+per_predicate_f1.png, each written whole (temp file + rename)."""
 from __future__ import annotations
 
 import io
@@ -11,6 +12,7 @@ from typing import Any
 
 from app.core.utils import atomic_write_text, write_json
 from app.evaluation.scoring import Report
+from app.evaluation.textmetrics import TextReport
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ def _markdown(report: Report, title: str) -> str:
     d = report.to_dict()
     lines = [f"# {title or 'Evaluation report'}", "", "| metric | value |", "| --- | --- |"]
     for k in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
-              "json_valid_rate", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold",
+              "json_valid_rate", "loss", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold",
               "n_recovered", "n_invalid_output"):
         lines.append(f"| {k} | {_fmt(d[k])} |")
     lines += ["", "## Per predicate (sorted by support)", "",
@@ -39,6 +41,27 @@ def _markdown(report: Report, title: str) -> str:
     if not report.per_predicate:
         lines.append("| (no triplets) | | | | | | | |")
     return "\n".join(lines) + "\n"
+
+
+def _text_markdown(report: TextReport, title: str, worst: int = 10) -> str:
+    """The means, then the samples with the lowest ROUGE-L (where to look first)."""
+    d = report.to_dict()
+    lines = [f"# {title or 'Evaluation report'}", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(d[k])} |" for k in ("exact_match", "rouge_l", "bleu_4", "loss", "n_samples")]
+    lines += ["", "Exact match, ROUGE-L (F1) and BLEU-4 are per-sample means on a 0-1 scale; loss is the reference "
+              "answers' mean token loss under the model. How they are computed: docs/evaluation.md.", "",
+              f"## Lowest ROUGE-L (up to {worst})", "", "| # | rouge_l | bleu_4 | gold | output |",
+              "| --- | --- | --- | --- | --- |"]
+    for r in sorted(report.rows, key=lambda r: (r["rouge_l"], r["index"]))[:worst]:
+        lines.append(f"| {r['index']} | {_fmt(r['rouge_l'])} | {_fmt(r['bleu_4'])} | {_cell(r['gold'])} | "
+                     f"{_cell(r['output'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, width: int = 80) -> str:
+    """One table cell: one line, pipes escaped, cut to ``width`` characters."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _chart(report: Report, title: str) -> bytes:
@@ -67,15 +90,21 @@ def _chart(report: Report, title: str) -> bytes:
     return buf.getvalue()
 
 
-def write_reports(report: Report, out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """Write report.json, report.md, predictions.jsonl and per_predicate_f1.png; return {file name: path}."""
+def write_reports(report: Report | TextReport, out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """Write report.json, report.md, predictions.jsonl and (triplet data) per_predicate_f1.png; return
+    {file name: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png")}
     write_json(paths["report.json"], report.to_dict())
-    atomic_write_text(paths["report.md"], _markdown(report, title))
+    text = isinstance(report, TextReport)
+    atomic_write_text(paths["report.md"], _text_markdown(report, title) if text else _markdown(report, title))
     atomic_write_text(paths["predictions.jsonl"],
                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rows))
+    if text:  # no predicates to chart; an older evaluation's chart in this folder would belong to other data
+        paths.pop("per_predicate_f1.png").unlink(missing_ok=True)
+        log.info("wrote %s to %s", ", ".join(paths), out)
+        return paths
     try:
         png = _chart(report, title)  # rendered first: a failure leaves no partial file behind
         tmp = out / ".per_predicate_f1.png.tmp"

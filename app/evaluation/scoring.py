@@ -1,23 +1,27 @@
-"""Score model answers against gold targets: SPO triplet P/R/F1 and label accuracy.
+"""Score model answers against gold targets: SPO triplet P/R/F1 and label accuracy, or as free text.
 
 Gold and model outputs share one format (a fenced or bare JSON list of triplet dicts, or
 a JSON list of one class label), so both go through the same tolerant parser.  Model
 output is often imperfect — prose around the JSON, a list cut off by ``max_new_tokens``,
 full-width characters — and the parser salvages what it can instead of scoring zero.
 Gold that cannot be read is counted (``n_bad_gold``) and left out, never a crash.
+
+Which report a file gets is decided from its gold answers (``answers_are_triplets``): answers that are
+mostly such JSON lists get P/R/F1; any other answers (an alpaca file's prose) get exact match, ROUGE-L
+and BLEU-4 (app.evaluation.textmetrics), since triplet F1 would be a meaningless 0 there.
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import unicodedata
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from app.core.errors import UserError
+from app.evaluation.textmetrics import TextReport, normalize, score_text
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +30,6 @@ TYPE_KEYS = ("subject_type", "object_type")
 MAX_LIST_STARTS = 64  # bound the '[' positions tried, so a pathological output can't go quadratic
 _decoder = json.JSONDecoder()
 _LIST_OPEN = re.compile(r'\[\s*[{"]')  # a list whose first item is a dict or a string
-
-
-def normalize(value: Any) -> str:
-    """NFKC (full-width → half-width), strip, collapse inner whitespace; non-strings via str()."""
-    return " ".join(unicodedata.normalize("NFKC", str(value)).split())
 
 
 @dataclass(frozen=True)
@@ -151,6 +150,8 @@ class Report:
     fp_typed: int = 0
     fn_typed: int = 0
     n_label_correct: int = 0
+    loss: float | None = None  # the reference answers' mean loss under the model; none in --predictions mode
+    scored_as: str = "triplets"
     per_predicate: dict[str, dict[str, float | int]] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -181,6 +182,26 @@ class Report:
             "triplet_recall_typed", "triplet_f1_typed", "classification_accuracy", "json_valid_rate")}
         out.update({k: v for k, v in asdict(self).items() if k != "rows"})
         return out
+
+    def headline(self) -> str:
+        acc, loss = self.classification_accuracy, "" if self.loss is None else f", loss {self.loss:.4f}"
+        return (f"F1 {self.triplet_f1:.4f} (typed {self.triplet_f1_typed:.4f}), P {self.triplet_precision:.4f}, "
+                f"R {self.triplet_recall:.4f}, classification accuracy {'-' if acc is None else f'{acc:.4f}'}, "
+                f"valid JSON {100 * self.json_valid_rate:.1f}%{loss}")
+
+
+def answers_are_triplets(golds: Iterable[str]) -> bool:
+    """Whether most gold answers are complete JSON lists of triplets (or of labels, which the same report
+    scores as accuracy): the data this report is for. Anything else is scored as text."""
+    golds = list(golds)
+    structured = sum(p.valid_json and p.kind != "invalid" for p in map(parse_answer, golds))
+    return 2 * structured > len(golds)
+
+
+def score_answers(pairs: Iterable[tuple[str, str]]) -> Report | TextReport:
+    """(gold, output) pairs scored as their gold answers call for: P/R/F1 for triplet data, else as text."""
+    pairs = list(pairs)
+    return score(pairs) if answers_are_triplets(g for g, _ in pairs) else score_text(pairs)
 
 
 def score(pairs: Iterable[tuple[str, str]]) -> Report:
@@ -237,8 +258,8 @@ def score(pairs: Iterable[tuple[str, str]]) -> Report:
     return rep
 
 
-def score_file(path: str | Path) -> Report:
-    """Score a JSONL of {"target" (or "reference"): gold, "output": model text} lines."""
+def score_file(path: str | Path) -> Report | TextReport:
+    """Score a JSONL of {"target" (or "reference"): gold, "output": model text} lines (score_answers)."""
     path = Path(path)
     expected = 'expected one JSON object per line with "target" (or "reference") and "output" strings'
     try:
@@ -261,4 +282,4 @@ def score_file(path: str | Path) -> Report:
         pairs.append((gold, out))
     if not pairs:
         raise UserError(f"--predictions {path}: no records; {expected}")
-    return score(pairs)
+    return score_answers(pairs)

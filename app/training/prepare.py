@@ -14,11 +14,13 @@ from typing import Any
 from app.core.errors import UserError
 from app.data.cache import CachedRows, cache_path, find_cache, open_or_build, uses_cache
 from app.data.encode import EncodeStats, encode_all
+from app.data.heldout import digest, sampled_split
 from app.data.records import judge, read_examples, sample_examples, split
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources, release_memory
 from app.plan.tiers import Plan, fit_memory, predict_peak
 from app.training.outputs import encode_stats
+from app.training.resume import data_fingerprints
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,25 @@ def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
     log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in plan.decisions.items()))
     return PreparedData(plan, train_rows, val_rows, [e for e in data.val_ex if e.messages],
                         {"sources": [r.summary() for r in reports], "records": records,
-                         "train": encode_stats(tstats), "validation": encode_stats(vstats)}, records)
+                         "train": encode_stats(tstats), "validation": encode_stats(vstats),
+                         "held_out": held_out_report(plan, data), "fingerprints": data_fingerprints(plan.cfg)},
+                        records)
+
+
+def held_out_report(plan: Plan, data: Any) -> dict[str, Any]:
+    """data_report.json's record of the validation records, so `make evaluate` can rebuild and check them
+    (app/data/heldout.py): where they came from, how many, a digest, and the token cache they were read from."""
+    d = plan.cfg.data
+    return {"from": "VAL_PATH" if d.val_path else "DATA_PATH" if data.val_ex else None,
+            "records": len(data.val_ex), "digest": digest(data.val_ex),
+            "cache": str(data.cache.path) if isinstance(data, _Cached) else None}
 
 
 class _Sampled:
     """MAX_SAMPLES records sampled in one pass (app/data/records.py), encoded in memory."""
 
     def __init__(self, d: Any, seed: int):
-        pool, self.report = sample_examples(d.data_path, d.max_samples, seed, d.data_format, d.max_bad_ratio,
-                                            "DATA_PATH")
-        self.train_ex, self.val_ex = split(pool, d.val_size, bool(d.val_path))
+        self.train_ex, self.val_ex, self.report = sampled_split(d, seed)  # as evaluation rebuilds it
         self.n_train, self.n_val = len(self.train_ex), len(self.val_ex)
 
     def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:

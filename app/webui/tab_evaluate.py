@@ -1,5 +1,6 @@
-"""The Evaluate tab: `python -m app evaluate` on a dev file with a trained adapter, then its report: P/R/F1, the
-per-predicate chart, and each sample's gold vs predicted triplets, errors first."""
+"""The Evaluate tab: `python -m app evaluate` on a dev file with a trained adapter, then its report: P/R/F1 and the
+per-predicate chart for triplet data (exact match, ROUGE-L, BLEU-4 and loss for other answers), and each sample's
+gold vs predicted answer, errors first."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from app.webui.jobs import follow
 from app.webui.paths import data_files, project
 
 METRICS = ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
-           "json_valid_rate", "n_samples", "n_invalid_output")
+           "json_valid_rate", "exact_match", "rouge_l", "bleu_4", "loss", "n_samples", "n_invalid_output")
 SAMPLE_COLUMNS = ["#", "result", "gold", "predicted", "missing", "spurious"]
 
 
@@ -30,7 +31,7 @@ def report_tables(eval_dir: Path) -> tuple[list[list[Any]], str | None, list[lis
     for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
         wrong = bool(r.get("missing") or r.get("spurious") or r.get("label_correct") is False
-                     or r.get("kind") == "invalid")
+                     or r.get("kind") == "invalid" or r.get("exact_match") is False)  # a text answer not exact
         result = "bad gold" if r.get("bad_gold") else "error" if wrong else "correct"
         samples.append([r.get("index"), result, r.get("gold"), r.get("output"), _spo(r.get("missing")),
                         _spo(r.get("spurious"))])
