@@ -88,8 +88,9 @@ def test_reloaded_adapter_gives_identical_logits(trained, tiny_glm_dir):
 
 
 def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, tmp_path, monkeypatch, recipe,
-                                               train_losses):
-    """Crash after the step-3 checkpoint; the rerun resumes there and reproduces steps 4-6."""
+                                               train_losses, read_metrics):
+    """Crash after the step-3 checkpoint; the rerun resumes there and reproduces steps 4-6. Its tokens/s
+    (the result, summary.json, the metrics rows) count the tokens of steps 4-6 only, over its own seconds."""
     from transformers import TrainerCallback
 
     class Crash(TrainerCallback):
@@ -103,11 +104,23 @@ def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, 
         FineTuner(recipe(tiny_glm_dir, data_dir, out)).setup().prepare_data().train(callbacks=[Crash()])
     assert (out / "checkpoints" / "checkpoint-3").is_dir()
     assert not (out / "adapter_model.safetensors").exists()  # no half-finished final adapter
-    FineTuner(recipe(tiny_glm_dir, data_dir, out)).run()
+    before = json.loads((out / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
+    result = FineTuner(recipe(tiny_glm_dir, data_dir, out)).run()
     resumed, reference = train_losses(out), train_losses(trained[2] / "out")
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in range(1, 7)] == pytest.approx([reference[s] for s in range(1, 7)], rel=1e-5)
     assert not (out / "checkpoints").exists()
+
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    at_resume = before["num_input_tokens_seen"]
+    assert 0 < at_resume < rows[-1]["tokens_seen"]
+    trained_here = rows[-1]["tokens_seen"] - at_resume  # steps 4-6
+    assert result.tokens_per_s == pytest.approx(trained_here / result.seconds, rel=0.01)  # was all 6 steps' tokens
+    assert json.loads((out / "summary.json").read_text())["tokens_per_s"] == result.tokens_per_s
+    for row in rows[3:]:  # the resumed process's rows: tokens since the resume over the seconds since it started
+        since = row["tokens_seen"] - at_resume  # all the run's tokens (the old figure) are 2-4x as many here
+        # time_s is taken just after tokens_per_s: a little longer than the seconds it was computed over
+        assert 0.97 * since <= row["tokens_per_s"] * row["time_s"] < 1.5 * since, row
 
 
 # `python -m app train`, SIGKILLed by itself (kill -9: no handler runs, nothing is flushed) while the
@@ -200,3 +213,28 @@ def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path,
     trained = {p.dtype for p in ft.model.parameters() if p.requires_grad}
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
     assert any("eval_f1" in r for r in read_metrics(tmp_path / "out"))
+
+
+def test_progress_bar_shows_the_latest_logged_loss(capsys):
+    """LOGGING_STEPS=5 on a 3-step run logs step 1 only: step 1 is drawn with its loss, steps 2 and 3 with
+    step 1's (the bar showed `loss=-` at step 2: update() drew it before that step's postfix was set)."""
+    import re
+
+    from transformers import TrainerControl, TrainerState
+
+    from app.training.callbacks import ProgressBar, Throughput
+
+    bar = ProgressBar(Throughput())
+    state, control = TrainerState(max_steps=3, is_world_process_zero=True), TrainerControl()
+    bar.on_train_begin(None, state, control)
+    bar.bar.mininterval = 0  # every step drawn, as on a CPU, where a step takes seconds
+    for step, loss in ((1, 7.5761), (2, None), (3, None)):
+        state.global_step, state.num_input_tokens_seen = step, state.num_input_tokens_seen + 1000
+        control.should_log = loss is not None  # as the Trainer's flow callback sets it (logging_first_step)
+        bar.on_step_end(None, state, control)
+        if loss is not None:  # the Trainer logs a step after its on_step_end
+            bar.on_log(None, state, control, logs={"loss": loss})
+    bar.on_train_end(None, state, control)
+    frames = [f for f in re.split(r"[\r\n]", capsys.readouterr().err) if re.search(r"\b[123]/3\b", f)]
+    assert {n for f in frames for n in re.findall(r"\b([123])/3\b", f)} == {"1", "2", "3"}, frames
+    assert all("loss=7.5761" in f for f in frames), frames

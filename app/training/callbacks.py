@@ -19,15 +19,35 @@ log = logging.getLogger(__name__)
 
 
 class Throughput:
-    """Tokens/s over the whole run, from the Trainer's own non-padding token count."""
+    """Tokens/s of this process, from the Trainer's own non-padding token count.
+
+    A resumed run's count starts at the checkpoint's: only the tokens after ``begin`` (on_train_begin,
+    once the checkpoint's state is loaded) were trained in this process's seconds."""
 
     def __init__(self) -> None:
         self.t0 = time.perf_counter()
         self.eval_time = 0.0  # evaluation is not training throughput
+        self.tokens0 = 0
+
+    def begin(self, state: Any) -> None:
+        """The token count training starts from; the same at every call before the first step."""
+        self.tokens0 = state.num_input_tokens_seen
 
     def tokens_per_s(self, state: Any) -> float:
         elapsed = time.perf_counter() - self.t0 - self.eval_time
-        return state.num_input_tokens_seen / elapsed if elapsed > 0 else 0.0
+        return (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed > 0 else 0.0
+
+
+def tokens_trained(state: Any, resumed_from: Path | None) -> int:
+    """The tokens this process trained: the Trainer's count less the one saved in the checkpoint it
+    resumed from (its trainer_state.json), which counts the tokens of the run before the resume."""
+    if resumed_from is None:
+        return state.num_input_tokens_seen
+    try:  # the resume check read it already: a checkpoint gone since is not worth failing the run for
+        saved = json.loads((resumed_from / "trainer_state.json").read_text(encoding="utf-8"))
+        return state.num_input_tokens_seen - int(saved.get("num_input_tokens_seen") or 0)
+    except (OSError, ValueError):
+        return state.num_input_tokens_seen
 
 
 class ProgressBar(TrainerCallback):
@@ -40,20 +60,30 @@ class ProgressBar(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         from tqdm.auto import tqdm
 
+        self.tp.begin(state)
         if not state.is_world_process_zero:
             return
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
                         dynamic_ncols=True)
 
+    def _draw(self, state: Any) -> None:
+        # The latest logged loss: LOGGING_STEPS apart, the steps between show the last one logged. The
+        # postfix first: update() draws the bar, and would show the previous step's.
+        loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4f}"
+        self.bar.set_postfix(loss=loss, tok_s=f"{self.tp.tokens_per_s(state):.0f}", refresh=False)
+        self.bar.update(state.global_step - self.bar.n)
+
     def on_step_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-            loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4f}"
-            self.bar.set_postfix(loss=loss, tok_s=f"{self.tp.tokens_per_s(state):.0f}", refresh=False)
+        # A step the Trainer logs (should_log, set by its flow callback before this one) is drawn by on_log,
+        # with its own loss, which is logged only after on_step_end.
+        if self.bar is not None and not control.should_log:
+            self._draw(state)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs and "loss" in logs:
             self.last_loss = logs["loss"]
+            if self.bar is not None and not self.bar.disable:
+                self._draw(state)
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
         from tqdm.auto import tqdm
@@ -87,6 +117,9 @@ class MetricsJsonl(TrainerCallback):
         self.path, self.tp, self.sampler, self.budget_mb = path, throughput, sampler, budget_mb
         self.trackers: list[Any] = []  # REPORT_TO's callbacks (TensorBoard's too): rows logged outside on_log
         self._now: tuple[Any, Any, Any] | None = None  # (args, state, control) of the last evaluation
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.tp.begin(state)  # as ProgressBar does: whichever of the two is in use
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or not state.is_world_process_zero:

@@ -219,6 +219,7 @@ class FineTuner:
     def _result(self, out: Path, trainer: Any, out_state: Any, seconds: float,
                 peaks: dict[str, Any]) -> tuple[TrainResult, Any]:
         """The run's numbers, and the weights to save (ZeRO-3 gathers them: a collective on every rank)."""
+        from app.training.callbacks import tokens_trained
         from app.training.trainer import final_eval_loss, full_state_dict
 
         eval_loss = final_eval_loss(trainer) if self.val_rows else None
@@ -230,7 +231,8 @@ class FineTuner:
         train_loss = out_state.training_loss if self.resume_from is None else mean_logged_loss(out / METRICS)
         return TrainResult(out, trainer.state.global_step, round(train_loss, 6),
                            None if eval_loss is None else round(eval_loss, 6),
-                           round(trainer.state.num_input_tokens_seen / max(seconds, 1e-9), 1), round(seconds, 2),
+                           round(tokens_trained(trainer.state, self.resume_from) / max(seconds, 1e-9), 1),
+                           round(seconds, 2),
                            round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1)), weights
 
     def _publish(self, out: Path, result: TrainResult, peaks: dict[str, Any], weights: Any,
