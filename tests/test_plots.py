@@ -152,6 +152,47 @@ def test_loss_curve_of_a_chinese_run_goes_through_the_font_chooser(fonts, tmp_pa
     run.mkdir()
     assert plot_losses(metrics(run, [{"step": 1, "loss": 2.3}]), run / "loss_curve.png")
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
-    assert [r.name for r in caplog.records if r.levelno == logging.WARNING] == ["app.core.plots"]
+    # the tool's own warnings (importing the callbacks may let bitsandbytes warn about its optional kernels)
+    assert [r.name for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("app.")] \
+        == ["app.core.plots"]
     assert not plot_losses(metrics(run, [{"step": 1, "learning_rate": 1e-4}]), run / "none.png")
     assert not (run / "none.png").exists()
+
+
+def marker_boxes(fig):
+    """(label, display-space box) of every plotted point's marker, after drawing."""
+    from matplotlib.transforms import Bbox
+
+    boxes = []
+    for ax in fig.axes:
+        for line in ax.lines:
+            r = line.get_markersize() * fig.dpi / 72 / 2 + line.get_markeredgewidth() * fig.dpi / 72 / 2
+            for x, y in ax.transData.transform(line.get_xydata()):
+                boxes.append((line.get_label(), Bbox.from_extents(x - r, y - r, x + r, y + r)))
+    return boxes
+
+
+# The quick start's run (`make train MODEL_NAME=tiny MAX_SAMPLES=50 NUM_EPOCHS=1`): 3 steps, LOGGING_STEPS=5
+# logs the first step's train loss (the highest point) and the evaluation at step 3 (the lowest).
+QUICK_START = [{"step": 1, "loss": 7.576070785522461}, {"step": 3, "eval_loss": 7.570350646972656}]
+
+
+@pytest.mark.parametrize("rows", [
+    QUICK_START,
+    [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
+    [*QUICK_START, {"step": 3, "eval_f1": 0.0}, {"step": 1, "eval_f1": 1.0}],
+], ids=["quick-start", "3-step", "with-f1"])
+def test_short_run_loss_curve_shows_every_point_whole(tmp_path, rows):
+    """Every point's marker lies wholly inside the axes, and no legend covers it (the quick start's only
+    train point sat in the top left corner, under the legend)."""
+    from app.training.metrics_file import loss_figure
+
+    fig = loss_figure(metrics(tmp_path, rows))
+    fig.savefig(tmp_path / "loss_curve.png", dpi=100)  # as plot_losses saves it: the layout is made here
+    frame = fig.axes[0].get_window_extent()
+    legends = [leg.get_window_extent() for leg in [*fig.legends, *(ax.get_legend() for ax in fig.axes)] if leg]
+    points = marker_boxes(fig)
+    assert len(points) == len(rows)
+    for label, box in points:
+        assert frame.x0 < box.x0 and box.x1 < frame.x1 and frame.y0 < box.y0 and box.y1 < frame.y1, (label, box)
+        assert not any(box.overlaps(legend) for legend in legends), (label, box)

@@ -27,6 +27,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 MARKERS_BELOW = 30  # train-loss points: a shorter run (the quick start logs 3) marks each point
+F1_MARGIN = 0.05  # the F1 axis shows 0-1 with this margin
 
 
 def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
@@ -42,7 +43,9 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
     from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(7, 4))
+    # Constrained layout makes room for the legend below the axes: inside them it covered the top left
+    # corner, where a short run's first (highest) train loss sits.
+    fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.subplots()
     if train:
         # A lone point is an invisible line without a marker, and markers show how few points a
@@ -57,12 +60,11 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
     if f1:
         ax2 = ax.twinx()
         ax2.plot(*zip(*f1), "s-", color="tab:green", label="eval F1")
         ax2.set_ylabel("triplet F1")
-        ax2.set_ylim(0, 1)
-        ax2.legend(loc="upper right")
-    fig.tight_layout()
+        ax2.set_ylim(-F1_MARGIN, 1 + F1_MARGIN)  # an F1 of 0 or 1 is drawn whole, not cut by the frame
+    handles = [line for a in fig.axes for line in a.lines]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     return fig
