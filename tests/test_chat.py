@@ -118,7 +118,14 @@ def test_message_too_long_for_the_context_is_refused_in_one_line(chat, capsys, s
     out, err = capsys.readouterr()
     assert out.count("模型> ") == 2
     refusal = [line for line in err.splitlines() if "MAX_NEW_TOKENS" in line]
-    assert len(refusal) == 1 and "shorter" in refusal[0]
+    assert len(refusal) == 1 and f"shorten it to at most {96 - NEW} tokens" in refusal[0], refusal
+    # with the message's tokens and the context, as predict-custom refuses a PROMPT
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_ctx_dir)
+    text = prompt_text(tok, [{"role": "user", "content": "长" * 200}])
+    tokens = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert f"this message is {tokens:,} tokens" in refusal[0] and "context is 96 tokens" in refusal[0], refusal
 
 
 def test_no_info_log_lines_between_turns_but_warnings_show(chat, caplog, monkeypatch):

@@ -146,3 +146,63 @@ def test_interactive_mode_keeps_history(adapter, monkeypatch, capsys):
 def test_missing_adapter_names_the_setting(tmp_path):
     with pytest.raises(UserError, match="ADAPTER_DIR="):
         Predictor(pcfg(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_file_mode_output_has_the_umasks_permissions(adapter, tmp_path, umask):
+    """OUTPUT_FILE is readable as any file the user writes (it was mkstemp's 0600 whatever the umask)."""
+    import os
+    import stat
+
+    _, out, _ = adapter
+    src = tmp_path / "in.txt"
+    src.write_text("一句普通的提问\n")
+    old = os.umask(umask)
+    try:
+        run_predict(pcfg(out, INPUT_FILE=str(src), OUTPUT_FILE=str(tmp_path / "o.jsonl")))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "o.jsonl").stat().st_mode) == 0o666 & ~umask
+
+
+def test_file_mode_refuses_an_input_without_prompts_and_keeps_the_output(adapter, tmp_path):
+    """An INPUT_FILE with no line of text is most likely the wrong file: one line that says so, and an
+    earlier OUTPUT_FILE is not replaced by an empty one (it was, with no word said)."""
+    _, out, _ = adapter
+    src, dest = tmp_path / "in.txt", tmp_path / "o.jsonl"
+    src.write_text("\n  \n\n")
+    dest.write_text('{"line": 1, "output": "an earlier prediction"}\n')
+    with pytest.raises(UserError) as e:
+        run_predict(pcfg(out, INPUT_FILE=str(src), OUTPUT_FILE=str(dest)))
+    line = str(e.value)
+    assert "\n" not in line and f"INPUT_FILE={src}" in line and "0 predictions" in line and str(dest) in line
+    assert dest.read_text() == '{"line": 1, "output": "an earlier prediction"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "o.jsonl"]  # no temp file either
+
+
+LONG = "长" * 2100  # one token a character: over the tiny GLM's 2,048-token context
+
+
+def test_prompt_longer_than_the_context_is_refused_in_one_line(adapter, cli):
+    """predict-custom with a PROMPT the model cannot attend to: exit 2 and one line with the prompt's tokens,
+    the context and the fix, before anything is generated (transformers only warned, and it answered)."""
+    from app.inference.chat import context_size, prompt_tokens
+
+    _, out, _ = adapter
+    pred = Predictor(pcfg(out))
+    n, context = prompt_tokens(pred, [{"role": "user", "content": LONG}]), context_size(pred.model, pred.tokenizer)
+    assert context == 2048 and n > context
+    code, errors, _ = cli("predict-custom", f"ADAPTER_DIR={out}", "MAX_NEW_TOKENS=6", f"PROMPT={LONG}")
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"PROMPT is {n:,} tokens") and "context is 2,048 tokens" in errors[0]
+    # over the context itself: a smaller MAX_NEW_TOKENS would not help, so it is not offered
+    assert errors[0].endswith(f"(MAX_NEW_TOKENS=6): shorten PROMPT to at most {2048 - 6:,} tokens"), errors
+
+
+def test_file_line_longer_than_the_context_is_refused_before_any_answer(adapter, tmp_path):
+    _, out, _ = adapter
+    src = tmp_path / "in.txt"
+    src.write_text(f"短问题\n{LONG}\n")
+    with pytest.raises(UserError, match=rf"INPUT_FILE={src}: line 2 is [\d,]+ tokens.*context is 2,048 tokens"):
+        run_predict(pcfg(out, INPUT_FILE=str(src)))
+    assert list(tmp_path.iterdir()) == [src]  # nothing written

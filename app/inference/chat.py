@@ -72,7 +72,25 @@ def context_size(model: Any, tokenizer: Any) -> int | None:
 def prompt_tokens(pred: Answerer, messages: list[Message]) -> int:
     """Length of the prompt exactly as Predictor.generate renders and tokenizes it."""
     text = prompt_text(pred.tokenizer, messages)
-    return len(pred.tokenizer(text, add_special_tokens=False)["input_ids"])
+    # verbose=False: transformers' own too-long warning would precede the one line that refuses it
+    return len(pred.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def overflow(pred: Answerer, messages: list[Message], context: int | None, what: str) -> str | None:
+    """Why ``messages`` plus MAX_NEW_TOKENS do not fit ``context`` (the rule serve refuses by), ending in the
+    fix for ``what`` (the text to shorten); None when they fit or the context is unknown."""
+    max_new = pred.cfg.predict.max_new_tokens
+    if context is None:
+        return None
+    n = prompt_tokens(pred, messages)
+    if n + max_new <= context:
+        return None
+    room = context - max_new
+    fix = f"shorten {what} to at most {room:,} tokens" if room > 0 else "lower MAX_NEW_TOKENS"
+    if 0 < room and n < context:  # a smaller answer budget would do too
+        fix += " or lower MAX_NEW_TOKENS"
+    return (f"is {n:,} tokens with the chat template; the model's context is {context:,} tokens, "
+            f"{max_new:,} of them kept for the answer (MAX_NEW_TOKENS={max_new}): {fix}")
 
 
 def fit(pred: Answerer, history: list[Message], message: Message, context: int | None
@@ -143,8 +161,7 @@ def chat(pred: Answerer, read: Callable[[str], str] | None = None) -> None:
             message = {"role": "user", "content": line}
             fitted = fit(pred, history, message, context)
             if fitted is None:
-                _say(f"(not sent: this message plus MAX_NEW_TOKENS={max_new} does not fit the model's "
-                     f"{context}-token context; send a shorter message or lower MAX_NEW_TOKENS)")
+                _say(f"(not sent: this message {overflow(pred, [message], context, 'it')})")
                 continue
             turns, dropped = fitted
             if dropped:

@@ -18,10 +18,10 @@ from typing import Any, Iterator
 
 from app.config import Config
 from app.core.errors import UserError
-from app.core.utils import set_threads
+from app.core.utils import publish, set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example
-from app.inference.chat import chat
+from app.inference.chat import chat, context_size, overflow
 from app.models.artifacts import base_model_for, find_adapter, is_full_model, is_onnx_dir, onnx_is_stale
 from app.models.loading import load_adapter, load_model, load_tokenizer, remote_code_error
 from app.models.quantization import half_embeddings_on_cpu, serve_half_embeddings
@@ -175,6 +175,14 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
         raise UserError(f"INPUT_FILE={src}: no such file")
     dest = Path(cfg.predict.output_file or src.with_suffix("").as_posix() + ".pred.jsonl")
     items = list(_file_prompts(src, cfg.data.data_format))  # parse all first: bad input fails before work
+    if not items:  # most likely the wrong file: and an empty OUTPUT_FILE would replace an earlier one
+        raise UserError(f"INPUT_FILE={src} has no prompt (no line with text): 0 predictions, {dest} not written; "
+                        "put one prompt or record per line")
+    context = context_size(pred.model, pred.tokenizer)
+    for line, msgs, _ in items:  # as PROMPT is: refused before any answer is generated
+        too_long = overflow(pred, msgs, context, "that line")
+        if too_long:
+            raise UserError(f"INPUT_FILE={src}: line {line} {too_long}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
@@ -185,6 +193,7 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
                 if ref is not None:
                     row["reference"] = ref
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        publish(tmp)  # the umask's permissions, not mkstemp's 0600
         os.replace(tmp, dest)  # only a complete file replaces an earlier one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -203,6 +212,11 @@ def run_predict(cfg: Config) -> None:
         chat(pred)
     else:
         prompt = cfg.predict.prompt or BUILTIN_PROMPT
+        messages = [{"role": "user", "content": prompt}]
+        what = "PROMPT" if cfg.predict.prompt else "the built-in prompt"
+        too_long = overflow(pred, messages, context_size(pred.model, pred.tokenizer), what)
+        if too_long:  # else transformers only warns, and the model answers past what it can attend to
+            raise UserError(f"{what} {too_long}")
         sys.stdout.write(f"prompt: {prompt}\n---\n")
         sys.stdout.flush()
-        pred.generate([{"role": "user", "content": prompt}], stream=True)
+        pred.generate(messages, stream=True)
