@@ -194,3 +194,61 @@ def test_loftq_starts_the_4bit_model_nearer_the_unquantized_one(tiny_glm_dir):
             model = apply_lora(load_model(str(tiny_glm_dir), quant="4bit"), cfg, str(tiny_glm_dir)).eval()
             error[init] = (model(input_ids=ids).logits.float() - full).abs().mean().item()
     assert error["loftq"] < 0.8 * error["default"], error
+
+
+# ---- DoRA on an 8-bit base -----------------------------------------------------------------------------------
+
+def test_dora_on_an_8bit_base_gets_the_dequantized_models_gradients_step_after_step(tiny_glm_dir):
+    """PEFT's DoRA dequantizes the base weight in every forward and on CPU puts back a copy of it without its
+    row scales, so the second forward failed inside bitsandbytes (the tier's 8bit for 12-24 GB machines). Three
+    passes on the 8-bit model give the gradients of an fp32 model holding the dequantized weights."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from app.models.loading import load_model
+    from app.models.quantization import prepare_for_training
+
+    quant = prepare_for_training(load_model(str(tiny_glm_dir), quant="8bit"), "8bit", gradient_checkpointing=False)
+    ref, layers = load_model(str(tiny_glm_dir)), dict(quant.named_modules())
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if type(layers.get(name)).__name__ == "Linear8bitLt":
+                w = layers[name].weight  # int8 rows x row scale / 127
+                module.weight.copy_(w.data.float() * w.SCB.float().unsqueeze(1) / 127)
+
+    def dora(model):
+        torch.manual_seed(0)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # B starts at zero, which would leave A without gradient
+                torch.nn.init.normal_(p, std=0.05)
+        return peft_model.train()
+
+    quant, ref = dora(quant), dora(ref)
+    ref.load_state_dict({k: v for k, v in quant.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        grads = []
+        for model in (quant, ref):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            grads.append({n: p.grad.flatten().clone() for n, p in model.named_parameters() if p.requires_grad})
+        got, want = grads
+        assert got.keys() == want.keys() and any("magnitude" in n for n in got)
+        for name in want:
+            assert torch.nn.functional.cosine_similarity(got[name], want[name], dim=0) >= 0.99, name
+
+
+def test_a_dora_adapter_answers_on_an_8bit_base(runs, tiny_glm_dir):
+    """The same loss of row scales ended `predict QUANT_LEVEL=8bit` with a DoRA adapter at its second token."""
+    import torch
+
+    from app.models.loading import load_adapter, load_model
+
+    model = load_adapter(load_model(str(tiny_glm_dir), quant="8bit"), runs["dora"]).eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        first, again = model(input_ids=ids).logits, model(input_ids=ids).logits
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(first, again) and out.shape[1] == ids.shape[1] + 4

@@ -126,7 +126,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.models.quantization import bnb_config, load_dtype, read_without_mmap
+    from app.models.quantization import bnb_config, keep_8bit_scales, load_dtype, read_without_mmap
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
@@ -147,6 +147,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
                         "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None
     except Exception as e:  # noqa: BLE001
         raise _load_error(name_or_path, e, setting) from None
+    if quant == "8bit":
+        keep_8bit_scales(model)  # DoRA on CPU would lose them (app/models/quantization.py)
     return model
 
 

@@ -4,11 +4,12 @@ QUANT_LEVEL=4bit is NF4 with double quantization (QLoRA's recipe); 8bit is LLM.i
 Compute runs in bf16 where the CPU (AVX512-BF16 / AMX) or GPU supports it, else fp32 on CPU
 and fp16 on GPU.
 
-One CPU pitfall is handled here: bitsandbytes repacks a 4-bit weight into an inference-only
+Two CPU pitfalls are handled here. bitsandbytes repacks a 4-bit weight into an inference-only
 layout the first time it sees a no-grad forward in eval mode (an evaluation pass or a
 generate call). Training afterwards then goes through a kernel without autograd: the bias
 add fails with "a view of a leaf Variable…", and bias-free layers silently pass no gradient
-to the layers below. `keep_4bit_trainable` turns that repacking off for training runs.
+to the layers below. `keep_4bit_trainable` turns that repacking off for training runs. And
+PEFT's DoRA loses an 8-bit weight's row scales after its first forward (`keep_8bit_scales`).
 """
 from __future__ import annotations
 
@@ -116,6 +117,31 @@ def keep_4bit_trainable(model: Any) -> int:
             module.support_avx512bf16_for_cpu = False
             n += 1
     return n
+
+
+def keep_8bit_scales(model: Any) -> int:
+    """Keep each 8-bit layer's row scales through PEFT's DoRA on CPU; returns layers changed.
+
+    DoRA dequantizes the base weight in every forward, and on CPU PEFT then puts back
+    ``weight.to("cpu")``: a new Int8Params whose int8 rows are set but whose scales (SCB) are
+    not, because the layer's first forward had moved them to its matmul state. The next
+    forward takes the rows and scales from the weight again, so the scales become None and
+    bitsandbytes fails ("'NoneType' object has no attribute 'unsqueeze'") in the second forward of
+    training, or at the second token of a prediction. The weight is frozen, so its scales are the
+    ones the state already holds; this hook gives them back to the rebuilt weight."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt" and hasattr(module, "state"):
+            module.register_forward_pre_hook(_restore_8bit_scales)
+            n += 1
+    return n
+
+
+def _restore_8bit_scales(module: Any, _args: Any) -> None:
+    weight, state = module.weight, module.state
+    if getattr(weight, "CB", None) is not None and getattr(weight, "SCB", None) is None \
+            and getattr(state, "SCB", None) is not None:
+        weight.SCB = state.SCB
 
 
 def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool, half_embeddings: bool = False) -> Any:
