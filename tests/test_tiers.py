@@ -174,3 +174,45 @@ def test_a_lora_init_that_needs_a_weight_format_gets_it_when_quant_is_left_to_th
     for tier in ("auto", "none"):
         plan = apply_tier(cfg(LORA_INIT=init, TIER=tier), res(ram))
         assert plan.cfg.resources.quant_level == quant, (tier, plan.cfg.resources.quant_level)
+
+
+# about a 1.5B model: big enough that 8-bit weights save more than the runtime they cost (the tiny one is not)
+BIG = dict(total_params=1_600_000_000, linear_params=1_300_000_000, other_params=300_000_000, max_linear=30_000_000,
+           lora_io=28 * (2048 * 4 + 8192 * 3), linear_in=2048 * 4 + 8192, layers=28, hidden=2048, intermediate=8192,
+           vocab=150_000, heads=16, max_positions=8192)
+
+
+def test_the_memory_fit_keeps_a_format_another_setting_needs():
+    """Quantizing further to fit is the plan's choice, but not into a format a setting cannot train on: PiSSA and
+    OLoRA rewrite the base's weights and bf16 autocast runs unquantized ones, so they stay at none (and the
+    warning does not offer QUANT_LEVEL=4bit), where plain LoRA and DoRA go to 8bit."""
+    from app.plan.estimator import ModelShape
+
+    shape = ModelShape(**BIG)
+    fits_8bit = estimate(shape, "8bit", 8, 1, 512, True).total_mb
+    assert fits_8bit < estimate(shape, "none", 8, 1, 512, True).total_mb
+    tight = res(64, avail_gb=(fits_8bit + 1) / 0.85 / GB)
+    for setting in ("", "USE_DORA=true", "LORA_INIT=pissa", "LORA_INIT=olora", "PRECISION=bf16"):
+        values = dict([setting.split("=")]) if setting else {}
+        plan = fit_memory(apply_tier(cfg(TIER="cpu-l", MAX_SEQ_LEN=512, BATCH_SIZE=1, **values), tight), tight,
+                          shape, None)
+        if setting in ("", "USE_DORA=true"):
+            assert plan.decisions["QUANT_LEVEL"] == ("8bit", "needed to fit memory") and not plan.warnings, setting
+        else:
+            assert plan.decisions["QUANT_LEVEL"] == ("none", setting), (setting, plan.decisions["QUANT_LEVEL"])
+            assert plan.warnings and "QUANT_LEVEL" not in plan.warnings[0], plan.warnings
+
+
+def test_the_memory_fit_never_checkpoints_p_tuning():
+    """PEFT runs no P-Tuning prefix through checkpointed layers (a ValueError after loading): the fit halves the
+    batch and quantizes instead, where it would turn checkpointing on for LoRA."""
+    from app.plan.estimator import ModelShape
+
+    shape = ModelShape(**BIG)
+    fits = estimate(shape, "8bit", 8, 1, 512, False, trainable_params=0).total_mb
+    tight = res(64, avail_gb=fits / 0.85 / GB)
+    lora = fit_memory(apply_tier(cfg(TIER="cpu-l", MAX_SEQ_LEN=512), tight), tight, shape, None)
+    assert lora.cfg.resources.gradient_checkpointing == "on"
+    plan = fit_memory(apply_tier(cfg(TIER="cpu-l", MAX_SEQ_LEN=512, METHOD="ptuning"), tight), tight, shape, None)
+    assert plan.cfg.resources.gradient_checkpointing == "off" and plan.cfg.resources.quant_level != "none"
+    assert all("GRADIENT_CHECKPOINTING" not in w for w in plan.warnings)

@@ -189,6 +189,12 @@ class Config:
         need(not (lo.lora_init in ("pissa", "olora") and rs.quant_level in ("8bit", "4bit")),
              f"LORA_INIT={lo.lora_init} rewrites the base's weights while training, which a QUANT_LEVEL="
              f"{rs.quant_level} base cannot hold exactly; set QUANT_LEVEL=none, or LORA_INIT=default")
+        need(not (lo.lora_init == "loftq" and t.precision == "bf16"),
+             "LORA_INIT=loftq needs a 4-bit base, but PRECISION=bf16 autocast is for unquantized weights; "
+             "use PRECISION=auto, or another LORA_INIT")
+        need(not (lo.method == "ptuning" and rs.gradient_checkpointing == "on"),
+             "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through "
+             "checkpointed layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora")
         need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
         need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")

@@ -12,6 +12,9 @@
   AVX512-BF16 or AMX), fp16 autocast on an older CUDA GPU, fp32 otherwise. On CPU, 4-bit and 8-bit
   layers choose their own compute dtype, so quantized runs keep fp32 around them.
 
+- QUANT_LEVEL that another setting fixes (``quant_needed``): the tier's pick and the memory fit's
+  escalation both give way to it; an explicit QUANT_LEVEL that differs is refused by Config.validate.
+
 The Trainer hooks these choices need are in app.training.kernels.
 """
 from __future__ import annotations
@@ -88,3 +91,27 @@ def bf16_frozen_weights(cfg: Config, precision: str, cuda: bool) -> bool:
     if quant in ("4bit", "8bit"):
         return half_embeddings_on_cpu(quant, cuda)
     return precision == "bf16" and cfg.lora.method == "lora" and quant == "none"
+
+
+# setting=value -> (the one weight format it works with, why, what keeps the tier's format instead). Every
+# other option (DoRA, rsLoRA, LORA_INIT=gaussian, NEFTune, P-Tuning) trains on none, 8bit and 4bit alike
+# (tests/test_option_matrix.py), so the plan may pick any of them.
+QUANT_NEEDS = {
+    "METHOD=qlora": ("4bit", "is LoRA on a 4-bit model", "METHOD=lora"),
+    "METHOD=full": ("none", "trains every weight, which cannot be quantized", "METHOD=lora"),
+    "PRECISION=bf16": ("none", "autocasts unquantized weights", "PRECISION=auto"),
+    "LORA_INIT=pissa": ("none", "rewrites the base's weights while training", "LORA_INIT=default"),
+    "LORA_INIT=olora": ("none", "rewrites the base's weights while training", "LORA_INIT=default"),
+    "LORA_INIT=loftq": ("4bit", "fits LoRA to a 4-bit base's quantization error", "LORA_INIT=default"),
+}
+
+
+def quant_needed(cfg: Config) -> tuple[str, str, str, str] | None:
+    """(QUANT_LEVEL, the setting that needs it, why, the change that frees it) when a setting works with one
+    weight format only, else None. METHOD first: it decides whether LoRA settings apply at all."""
+    for setting in (f"METHOD={cfg.lora.method}", f"PRECISION={cfg.train.precision}",
+                    f"LORA_INIT={cfg.lora.lora_init}"):
+        if setting in QUANT_NEEDS:
+            level, why, instead = QUANT_NEEDS[setting]
+            return level, setting, why, instead
+    return None

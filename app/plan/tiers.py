@@ -20,6 +20,7 @@ from typing import Any
 
 from app.config import Config, documented
 from app.plan.estimator import Estimate, ModelShape, estimate
+from app.plan.precision import quant_needed
 from app.plan.resources import Resources
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,6 @@ class Plan:
         return replace(self, warnings=(*self.warnings, text))
 
 
-# LORA_INIT that needs one weight format, when QUANT_LEVEL is left to the tier
-INIT_QUANT = {"pissa": "none", "olora": "none", "loftq": "4bit"}
-
-
 def halve_batch(batch: int, accum: int) -> tuple[int, int]:
     """Half the micro-batch (BATCH_SIZE), and the GRAD_ACCUM that keeps the effective batch: the one
     back-off the tier fit, the guard's pre-flight and its runtime back-off all use."""
@@ -103,27 +100,14 @@ def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = Non
     plan = Plan(device=device, cfg=cfg, held=MappingProxyType(dict(held or {})))
     r = cfg.resources
     if r.tier == "none":
-        quant = {"qlora": "4bit", "full": "none"}.get(cfg.lora.method, r.quant_level)
-        quant = INIT_QUANT.get(cfg.lora.lora_init, quant) if quant == "auto" else quant
-        level = "none" if quant == "auto" else quant  # "auto" resolves even when given explicitly
-        return plan.set("QUANT_LEVEL", level, "TIER=none" if quant == "auto" else plan.held.get("QUANT_LEVEL", "set by you"))
+        return _quant_level(plan, "none", "TIER=none", "TIER=none")
     if r.tier != "auto":
         tier, why = TIERS[r.tier], f"TIER={r.tier}"
     else:
         table = GPU_TIERS if device == "cuda" else CPU_TIERS
         tier = next(t for bound, t in table if gb < bound)
         why = f"{'VRAM' if device == 'cuda' else 'RAM'} {gb:.1f} GB -> tier {tier.name}"
-    plan = replace(plan, tier=tier.name)
-    if cfg.lora.method in ("qlora", "full"):
-        plan = plan.set("QUANT_LEVEL", "4bit" if cfg.lora.method == "qlora" else "none", f"METHOD={cfg.lora.method}")
-    elif r.quant_level != "auto":
-        plan = plan.record("QUANT_LEVEL", r.quant_level, plan.held.get("QUANT_LEVEL", "set by you"))
-    elif cfg.train.precision == "bf16":  # bf16 autocast runs on unquantized weights
-        plan = plan.set("QUANT_LEVEL", "none", "PRECISION=bf16")
-    elif cfg.lora.lora_init in INIT_QUANT:  # PiSSA/OLoRA rewrite the base's weights; LoftQ needs a 4-bit one
-        plan = plan.set("QUANT_LEVEL", INIT_QUANT[cfg.lora.lora_init], f"LORA_INIT={cfg.lora.lora_init}")
-    else:
-        plan = plan.set("QUANT_LEVEL", tier.quant, why)
+    plan = _quant_level(replace(plan, tier=tier.name), tier.quant, why, f"tier {tier.name}")
     plan = plan.decide("MAX_SAMPLES", tier.samples, why).decide("BATCH_SIZE", tier.batch, why) \
                .decide("GRAD_ACCUM", tier.grad_accum, why)
     if tier.lora_r:
@@ -131,6 +115,22 @@ def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = Non
     if "MAX_SEQ_LEN" not in cfg.explicit:  # replaced by the data's lengths in fit_memory
         plan = plan.set("MAX_SEQ_LEN", tier.seq, f"{why} (no data measured)")
     return plan
+
+
+def _quant_level(plan: Plan, default: str, why: str, source: str) -> Plan:
+    """QUANT_LEVEL: yours (Config.validate checked it against the other settings); else the one format a
+    setting needs (app.plan.precision.quant_needed), said in one line where ``source`` (the tier) would have
+    picked another; else ``default``, the tier's. Set even when given: QUANT_LEVEL=auto resolves here."""
+    given, need = plan.cfg.resources.quant_level, quant_needed(plan.cfg)
+    if given != "auto":
+        return plan.set("QUANT_LEVEL", given, plan.held.get("QUANT_LEVEL", "set by you"))
+    if need is None:
+        return plan.set("QUANT_LEVEL", default, why)
+    level, setting, because, instead = need
+    if level != default:
+        log.info("QUANT_LEVEL=%s instead of %s's %s: %s %s; %s keeps %s",
+                 level, source, default, setting, because, instead, default)
+    return plan.set("QUANT_LEVEL", level, setting)
 
 
 def seq_from_lengths(lengths: list[int], max_positions: int) -> int:
@@ -160,10 +160,13 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
     plan = replace(plan, estimate=predict_peak(plan.cfg, shape, cuda))
     _refuse_unloadable(plan, res, available)
     if plan.estimate.total_mb > plan.budget_mb:
+        levers = " or ".join(x for x in (_smaller_quant(plan.cfg), _can_checkpoint(plan.cfg) and
+                                         plan.cfg.resources.gradient_checkpointing != "on" and
+                                         "GRADIENT_CHECKPOINTING=on") if x)
         plan = plan.warn(
             f"predicted peak {plan.estimate.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
             f"({plan.cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
-            "BATCH_SIZE, use QUANT_LEVEL=4bit or GRADIENT_CHECKPOINTING=on; the memory guard will back off")
+            f"BATCH_SIZE{', use ' + levers if levers else ''}; the memory guard will back off")
     return plan
 
 
@@ -180,24 +183,34 @@ def _refuse_unloadable(plan: Plan, res: Resources, available: float) -> None:
         return
     quant = cfg.resources.quant_level
     where = "free on the GPU" if plan.device == "cuda" else f"available ({res.limit_source})"
-    smaller = " or QUANT_LEVEL=4bit" if quant != "4bit" else ""
+    smaller = f" or {_smaller_quant(cfg)}" if _smaller_quant(cfg) else ""
     raise UserError(f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, "
                     f"the trainable part and the runtime alone are predicted at {fixed:,.0f} MB at any length, and "
                     f"{available:,.0f} MB is {where}, so loading would be killed; use a smaller model{smaller}, "
                     "more memory, or MEMORY_GUARD=off to load anyway")
 
 
+def _can_checkpoint(cfg: Config) -> bool:
+    return cfg.lora.method != "ptuning"  # PEFT runs no prefix (a key/value cache) through checkpointed layers
+
+
+def _smaller_quant(cfg: Config) -> str:
+    """QUANT_LEVEL=4bit as a remedy, where it is not already 4bit and no other setting needs the format it has."""
+    return "QUANT_LEVEL=4bit" if cfg.resources.quant_level != "4bit" and quant_needed(cfg) is None else ""
+
+
 def _shrink(plan: Plan) -> Plan | None:
-    """The next step down in memory among the settings the user left to the plan; None when none is left."""
+    """The next step down in memory among the settings the user left to the plan; None when none is left. A
+    weight format another setting needs (app.plan.precision.quant_needed) is kept."""
     cfg = plan.cfg
     t, r = cfg.train, cfg.resources
     if t.batch_size > 1 and "BATCH_SIZE" not in cfg.explicit:
         batch, accum = halve_batch(t.batch_size, t.grad_accum)
         plan = plan.decide("BATCH_SIZE", batch, "halved to fit memory")
         return plan if "GRAD_ACCUM" in cfg.explicit else plan.decide("GRAD_ACCUM", accum, "keeps the effective batch")
-    if r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit:
+    if r.gradient_checkpointing == "off" and "GRADIENT_CHECKPOINTING" not in cfg.explicit and _can_checkpoint(cfg):
         return plan.decide("GRADIENT_CHECKPOINTING", "on", "needed to fit memory")
-    if r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and cfg.lora.method in ("lora", "ptuning"):
+    if r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and quant_needed(cfg) is None:
         return plan.decide("QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
     if cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
         return plan.decide("MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
