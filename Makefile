@@ -109,7 +109,7 @@ predict-file: setup ## predict every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)
 chat: setup ## interactive chat with the last adapter
 	$(APP) chat
 
-evaluate: setup ## score the last adapter on its run's held-out records or EVAL_PATH (or PREDICTIONS=file.jsonl)
+evaluate: setup ## score the last adapter on its held-out data or EVAL_PATH; PREDICTIONS=file.jsonl
 	$(APP) evaluate
 
 serve: setup ## adapters under models/ as an OpenAI-compatible API on 127.0.0.1:SERVE_PORT
