@@ -55,13 +55,16 @@ SLOW = (
     "tests/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
     "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
     "tests/test_preflight.py::test_offline_training_error_gives_the_download_command",
+    "tests/test_ownership.py::test_a_train_then_remove_run_leaves_exactly_the_users_files",
+    "tests/test_ownership.py::test_predict_file_and_evaluate_write_only_where_they_may",
+    "tests/test_ownership.py::test_a_token_cache_dir_holding_your_files_is_refused",
     "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
     "tests/test_webui.py::test_the_page_says_to_plan_first_until_a_plan_is_shown",
     "tests/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
-    "tests/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
     "tests/test_webui_browser.py",
+    "tests/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
 )
 
 

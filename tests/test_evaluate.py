@@ -36,7 +36,7 @@ def test_evaluate_writes_every_report(tiny_glm_dir, data_dir, tmp_path, monkeypa
     ecfg = Config.from_dict({"ADAPTER_DIR": str(out), "EVAL_PATH": str(data_dir / "dev.jsonl"), "EVAL_SAMPLES": 6})
     metrics = run_evaluate(ecfg)
     files = {p.name for p in (out / "eval").iterdir()}
-    assert files == {"report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png"}
+    assert files == {"report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png", "run_manifest.json"}
     report = json.loads((out / "eval" / "report.json").read_text())
     assert REPORT_KEYS <= report.keys() and report["n_samples"] == 6 == metrics["n_samples"]
     rows = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ from fractions import Fraction
 import pytest
 
 from app.core.errors import UserError
+from app.core.ownership import MARKER
 from app.evaluation.reports import write_reports
 from app.evaluation.scoring import Triplet, answers_are_triplets, normalize, parse_answer, score, score_file
 from app.evaluation.textmetrics import bleu4, rouge_l, tokens
@@ -250,7 +251,7 @@ def test_write_reports(tmp_path):
     paths = write_reports(rep, tmp_path / "out", title="unit")
     names = {"report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png"}
     assert set(paths) == names and all(p.is_file() and p.parent == tmp_path / "out" for p in paths.values())
-    assert {p.name for p in (tmp_path / "out").iterdir()} == names  # no temp files left behind
+    assert {p.name for p in (tmp_path / "out").iterdir()} == names | {MARKER}  # no temp files left behind
     assert paths["per_predicate_f1.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(paths["report.json"].read_text(encoding="utf-8"))
     for key in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
@@ -352,7 +353,7 @@ def test_free_text_predictions_get_text_scores_not_f1(tmp_path):
     assert (d["exact_match"], d["rouge_l"], d["bleu_4"]) == pytest.approx((1 / 3, sum(rouge) / 3, sum(bleu) / 3))
     paths = write_reports(rep, tmp_path / "out", title="text")
     assert set(paths) == {"report.json", "report.md", "predictions.jsonl"}  # no predicates: no chart
-    assert {p.name for p in (tmp_path / "out").iterdir()} == set(paths)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == set(paths) | {MARKER}
     md = paths["report.md"].read_text(encoding="utf-8")
     assert md.startswith("# text") and f"| rouge_l | {sum(rouge) / 3:.4f} |" in md and "| loss | n/a |" in md
     assert json.loads(paths["report.json"].read_text(encoding="utf-8")) == json.loads(json.dumps(d))

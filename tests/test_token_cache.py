@@ -11,6 +11,7 @@ import time
 import pytest
 
 from app.core.errors import UserError
+from app.core.ownership import MARKER
 from app.data import cache_build
 from app.data.cache import CachedRows, cache_key, open_or_build
 from app.data.encode import encode, encode_all
@@ -119,7 +120,7 @@ def test_a_killed_build_is_never_trusted_and_the_next_run_rebuilds(tmp_path, tin
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not [p for p in (root / "tokens").iterdir() if not p.name.startswith(".")]  # nothing final
+    assert [p.name for p in (root / "tokens").iterdir() if not p.name.startswith(".")] == [MARKER]  # nothing final
     cache = open_or_build(str(data), "auto", glm_tok, str(root), 1)
     assert len(cache) == 3000 and not list((root / "tokens").glob(".*.partial-*"))  # debris removed
 
@@ -163,7 +164,7 @@ def test_a_cache_that_does_not_fit_on_disk_is_one_line(data, tmp_path, glm_tok, 
     msg = str(ei.value)
     assert msg.startswith(f"CACHE_DIR={tmp_path / 'c'}: the token cache of DATA_PATH={data} needs about ") \
         and "GB are free there" in msg and "MAX_SAMPLES" in msg and "\n" not in msg
-    assert not list((tmp_path / "c" / "tokens").iterdir())  # nothing written
+    assert [p.name for p in (tmp_path / "c" / "tokens").iterdir()] == [MARKER]  # nothing but the folder's mark
 
 
 def test_training_on_all_records_uses_the_cache(tiny_glm_dir, data, tmp_path, monkeypatch, caplog):

@@ -29,7 +29,7 @@ from app import FineTuner
 GOLDEN_LOSSES = [7.57339, 7.43527, 7.29455, 7.23781, 7.18356, 7.17787]
 EXPECTED_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "best", "chat_template.jinja",
                   "data_report.json", "loss_curve.png", "metrics.jsonl", "runs", "summary.json",
-                  "tokenizer.json", "tokenizer_config.json", "train_config.json"}
+                  "tokenizer.json", "tokenizer_config.json", "train_config.json", "run_manifest.json"}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from app.cli.workspace import MANIFEST, clean, clean_plan, ensure_default_data, remove_run, write_sample_data
+from app.cli.workspace import MANIFEST, clean, clean_plan, ensure_default_data, write_sample_data
 from app.config import Config
 from app.core.errors import UserError
 
@@ -143,20 +143,6 @@ def test_make_clean_is_the_same_python_clean(tmp_path, run_app):
     before = _digest(tmp_path)
     assert run_app(["clean"]).returncode == 0
     assert _digest(tmp_path) == before
-
-
-def test_remove_run_needs_the_run_named_and_refuses_other_dirs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    run = _fake_run(Path("models/x-lora"))
-    with pytest.raises(UserError, match="OUTPUT_DIR is not set"):
-        remove_run(Config.load(env={}, dotenv_path=None))  # the default dir is never removed unnamed
-    Path("models/data-dir").mkdir()
-    (Path("models/data-dir") / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="does not look like a trained run"):
-        remove_run(Config.load(overrides={"OUTPUT_DIR": "models/data-dir"}, env={}, dotenv_path=None))
-    assert Path("models/data-dir/notes.txt").is_file()
-    remove_run(Config.load(overrides={"OUTPUT_DIR": str(run)}, env={}, dotenv_path=None))
-    assert not run.exists()
 
 
 def test_make_train_and_compose_write_no_sample_data_themselves():

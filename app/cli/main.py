@@ -153,7 +153,7 @@ def _clean(cfg: Config) -> None:
 
 
 def _remove_run(cfg: Config) -> None:
-    from app.cli.workspace import remove_run
+    from app.cli.removal import remove_run
 
     remove_run(cfg)
 

@@ -25,6 +25,7 @@ import glob
 from pathlib import Path
 
 from app.config import Config, ConfigError
+from app.core import generated
 from app.core.errors import UserError
 
 QUICK_LOOK_MB = 32  # files up to this size are read whole (the DuIE set, 0.5 MB, takes ~10 ms)
@@ -93,6 +94,8 @@ def _model_problems(cfg: Config, command: str) -> list[str]:
 
 
 def _train_problems(cfg: Config) -> list[str]:
+    from app.data.cache import CACHE_KIND
+    from app.models.artifacts import output_problem
     from app.training import dist, resume, runlock, trackers
     from app.training.checkpoints import output_dir_problems
 
@@ -108,6 +111,8 @@ def _train_problems(cfg: Config) -> list[str]:
         except UserError as e:
             problems += e.problems
     problems += trackers.missing(cfg.train.report_to)  # an optional package: before any work, not at step 1
+    tokens = output_problem(cfg, Path(cfg.data.cache_dir) / "tokens", "CACHE_DIR", CACHE_KIND)
+    problems += [tokens] if tokens else []  # checked whether or not this run builds a cache: a cheap look
     ds = cfg.distributed.ds_config
     if ds and not Path(ds).is_file():
         problems.append(f"DS_CONFIG={ds}: no such file; use configs/ds_zero2.json or configs/ds_zero3.json")
@@ -141,6 +146,10 @@ def _inference_problems(cfg: Config) -> list[str]:
         if clash:
             problems.append(f"OUTPUT_FILE={p.output_file} is your {clash}; predictions would replace it: choose "
                             "another OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl")
+            return problems
+    if p.input_file:  # replaced only while it is this tool's own output, unchanged since
+        taken = generated.replace_problem(generated.predictions_path(p.input_file, p.output_file), "OUTPUT_FILE")
+        problems += [taken] if taken else []
     return problems
 
 

@@ -11,7 +11,6 @@ Standard library only: ``make clean`` works without the virtualenv.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,62 +18,19 @@ import shutil
 from pathlib import Path
 
 from app.config import Config
+from app.core import generated, ownership
 from app.core.errors import UserError
+from app.core.generated import MANIFEST, record as record_generated
 from app.core.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MANIFEST = ".generated.json"  # in each dir that holds sample data: {file name: sha256} of what the tool wrote
 SAMPLE_TRAIN, SAMPLE_DEV = 400, 50
 # Regenerable models the tool builds under models/ (app.models.tiny.tiny_dir names; demo-glm is make demo's
 # random-init base). Listed, not globbed, so a user's models/tiny-whatever is never taken for one.
 TINY_MODELS = ("tiny-glm", "tiny-qwen2", "tiny-qwen3", "tiny-llama", "tiny-gemma3", "demo-glm")
-CACHES = (".pytest_cache", "models/.cache/tokens")  # the token cache at its default CACHE_DIR
-# What makes a dir a trained run (remove-run refuses anything else).
-RUN_MARKS = ("train_config.json", "summary.json", "checkpoints", "adapter_config.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _manifest(folder: Path) -> dict[str, str]:
-    try:
-        data = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def record_generated(path: Path) -> None:
-    """Note in the manifest beside ``path`` that the tool wrote it, with its hash (clean checks it)."""
-    record = _manifest(path.parent)
-    record[path.name] = _sha256(path)
-    _write_manifest(path.parent, record)
-
-
-def _write_manifest(folder: Path, record: dict[str, str]) -> None:
-    if record:
-        atomic_write_text(folder / MANIFEST, json.dumps(record, indent=1, sort_keys=True) + "\n")
-    else:
-        (folder / MANIFEST).unlink(missing_ok=True)
-
-
-def is_unchanged_sample(path: Path) -> bool:
-    """True when ``path`` is a file this tool wrote as sample data and nobody changed since."""
-    recorded = _manifest(path.parent).get(path.name)
-    return recorded is not None and path.is_file() and _sha256(path) == recorded
-
-
-def refuse_unless_generated(path: Path, command: str) -> None:
-    """Before ``command`` rewrites one of its own generated files: refuse if a user's file is there."""
-    if path.exists() and not is_unchanged_sample(path):
-        raise UserError(f"{command} writes {path}, but a file that this tool did not write (or that was changed "
-                        "since) is there; move it elsewhere, then run the command again")
+TOKEN_CACHE = "models/.cache/tokens"  # the token cache at its default CACHE_DIR
+CACHES = (".pytest_cache", TOKEN_CACHE)
 
 
 def sample_paths(train_path: str | Path) -> dict[str, Path]:
@@ -95,7 +51,7 @@ def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = Fa
     from app.data.synthetic import generate_samples
 
     paths = sample_paths(train_path)
-    keep = {k: p for k, p in paths.items() if p.exists() and not replace and not is_unchanged_sample(p)}
+    keep = {k: p for k, p in paths.items() if p.exists() and not replace and not generated.is_unchanged(p)}
     if keep and not only_missing:
         names = " and ".join(str(p) for p in keep.values())
         verb = "exists and is" if len(keep) == 1 else "exist and are"
@@ -135,23 +91,26 @@ def ensure_default_data(cfg: Config) -> None:
 def clean_plan(root: Path = Path(".")) -> tuple[list[Path], list[str]]:
     """(paths to remove, notes on what is kept and why) for ``make clean``."""
     remove: list[Path] = [root / "models" / name for name in TINY_MODELS if (root / "models" / name).exists()]
-    remove += [root / c for c in CACHES if (root / c).exists()]
+    tokens = root / TOKEN_CACHE  # kept whole if someone's files are in it
+    remove += [c for c in (root / name for name in CACHES) if c.exists() and not (c == tokens and
+                                                                                 ownership.foreign_entries(c))]
     remove += _pycaches(root)
     kept: list[str] = []
     for manifest in sorted(root.glob("data/**/" + MANIFEST)):
         folder = manifest.parent
-        for name in sorted(_manifest(folder)):
+        for name, (_, kind) in sorted(generated.recorded(folder).items()):
             path = folder / name
-            if not path.exists():
-                continue
-            if is_unchanged_sample(path):
+            if not path.exists() or kind != generated.SAMPLE:
+                continue  # predictions cost a model run: never cleaned
+            if generated.is_unchanged(path, generated.SAMPLE):
                 remove.append(path)
             else:
                 kept.append(f"kept {path}: changed since the tool wrote it (your data now)")
-    runs = [p for p in sorted((root / "models").iterdir()) if p.is_dir() and p not in remove
-            and any((p / m).exists() for m in RUN_MARKS)] if (root / "models").is_dir() else []
+    models = root / "models"
+    runs = [p for p in models.iterdir() if p.is_dir() and p not in remove and p.name not in TINY_MODELS
+            and ownership.kind_of(p) == "train"] if models.is_dir() else []
     if runs:
-        kept.append("kept trained runs: " + ", ".join(str(r) for r in runs) +
+        kept.append("kept trained runs: " + ", ".join(str(r) for r in sorted(runs)) +
                     " (remove one with `make remove-run OUTPUT_DIR=<dir>`)")
     return remove, kept
 
@@ -184,7 +143,8 @@ def clean(root: Path = Path(".")) -> list[Path]:
         else:
             path.unlink()
     for folder in {p.parent for p in remove if p.parent.joinpath(MANIFEST).is_file()}:
-        _write_manifest(folder, {k: v for k, v in _manifest(folder).items() if (folder / k).exists()})
+        generated.write_manifest(folder, {k: v for k, v in generated.recorded(folder).items()
+                                          if (folder / k).exists()})
     for note in kept:
         log.info("%s", note)
     caches = sum(p.name == "__pycache__" for p in remove)
@@ -193,24 +153,3 @@ def clean(root: Path = Path(".")) -> list[Path]:
     if not remove:
         log.info("nothing to clean")
     return remove
-
-
-def remove_run(cfg: Config) -> Path:
-    """Delete the trained run the user named with OUTPUT_DIR=<dir>, and nothing else."""
-    if "OUTPUT_DIR" not in cfg.explicit:
-        raise UserError("OUTPUT_DIR is not set: remove-run deletes exactly the run you name, e.g. "
-                        "make remove-run OUTPUT_DIR=models/tiny-lora")
-    out = Path(cfg.train.output_dir)
-    if not out.is_dir():
-        raise UserError(f"OUTPUT_DIR={out}: no such directory; nothing removed")
-    if not any((out / m).exists() for m in RUN_MARKS):
-        raise UserError(f"OUTPUT_DIR={out} does not look like a trained run (no {', '.join(RUN_MARKS)}); "
-                        "nothing removed. Delete it yourself if you mean it")
-    from app.training.runlock import hold
-
-    with hold(out, "remove-run", doing="removing it"):  # never from under a run still writing there
-        files = [p for p in out.rglob("*") if p.is_file()]
-        size = sum(p.stat().st_size for p in files)
-        log.warning("removing the trained run %s (%d files, %.1f MB)", out, len(files), size / 2**20)
-        shutil.rmtree(out)
-    return out

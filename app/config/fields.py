@@ -119,9 +119,10 @@ class ResourceArgs:
 
 @dataclass(frozen=True)
 class TrainArgs:
-    output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go; empty = models/<last part of "
-                             "MODEL_NAME>-<METHOD> (e.g. models/tiny-lora), so runs of different models or methods "
-                             "never collide")
+    output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go: a new or empty folder, or a run "
+                             "this tool wrote (marked by run_manifest.json); empty = models/<last part of MODEL_NAME>-"
+                             "<METHOD>, plus -<data file> when DATA_PATH is not the default (e.g. models/tiny-lora, "
+                             "models/tiny-lora-mine-train), so runs of different models, methods or data never collide")
     num_epochs: float = _f(3.0, "Passes over the training data")
     max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
     batch_size: int = _f(1, "Micro-batch size per step")

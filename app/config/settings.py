@@ -106,7 +106,8 @@ class Config:
                     problems.extend(e.problems)
         cfg = cls().replace(values, explicit=values)
         if not cfg.train.output_dir.strip():  # derived once, here, and saved with the run
-            cfg = cfg.replace({"OUTPUT_DIR": default_output_dir(cfg.model.model_name, cfg.lora.method)})
+            cfg = cfg.replace({"OUTPUT_DIR": default_output_dir(cfg.model.model_name, cfg.lora.method,
+                                                                cfg.data.data_path, DataArgs().data_path)})
         if problems or validate:  # range problems of the parsable values too: all at once
             try:
                 cfg.validate()

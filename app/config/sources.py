@@ -70,11 +70,24 @@ def make_overrides(env: dict[str, str]) -> list[str]:
     return names
 
 
-def default_output_dir(model_name: str, method: str) -> str:
-    """models/<last part of MODEL_NAME>-<METHOD>: the quick start's tiny run and a real run get
-    their own dirs, so neither refuses the other as a finished run."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model_name.strip().rstrip("/\\") or "model").name).strip("-.")
-    return f"models/{slug or 'model'}-{method}"
+def default_output_dir(model_name: str, method: str, data_path: str = "", default_data: str = "") -> str:
+    """models/<last part of MODEL_NAME>-<METHOD>, and -<data> when DATA_PATH is not the default's: the quick
+    start's tiny run, a real run and a run on your own data each get their own dir, so none refuses
+    another as a finished run. <data> is the file's stem, after its folder's name unless that is data/
+    (mine/train.jsonl -> mine-train, data/alpaca.json -> alpaca)."""
+    model = _slug(Path(model_name.strip().rstrip("/\\") or "model").name) or "model"
+    name = f"{model}-{method}"
+    data = data_path.strip().rstrip("/\\")
+    if not data or data == default_data.strip():
+        return f"models/{name}"
+    path = Path(data)
+    stem = path.stem if path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt", ".parquet") else path.name
+    folder = path.parent.name if path.parent.name not in ("", ".", "data") else ""
+    return f"models/{name}-{_slug('-'.join(p for p in (folder, stem) if p)) or 'data'}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", text).strip("-.")  # \w: Chinese file names stay readable
 
 
 def parse_cli_overrides(args: list[str]) -> dict[str, str]:

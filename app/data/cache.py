@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from app.core import ownership
+from app.core.errors import UserError
 from app.data.cache_build import DTYPES, FILES, VERSION, build
 from app.data.encode import IGNORE, EncodeStats, _truncate
 from app.data.records import LoadReport, to_example
@@ -33,6 +35,7 @@ from app.data.sources import fingerprint
 log = logging.getLogger(__name__)
 
 CACHED_SUFFIXES = (".jsonl", ".txt")
+CACHE_KIND = "token-cache"  # CACHE_DIR/tokens's kind of folder (app.core.ownership): only caches in it
 CHUNK = 1 << 18  # rows per step over the per-row arrays (~10 MB of transient arrays)
 
 
@@ -171,7 +174,12 @@ def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_
     final = final or cache_path(data_path, fmt, tokenizer, cache_dir)
     cache = find_cache(final)
     if cache is None:
-        final.parent.mkdir(parents=True, exist_ok=True)
+        tokens = final.parent
+        problem = ownership.write_problem(tokens, "CACHE_DIR", CACHE_KIND, ownership.refused_why(tokens, {}))
+        if problem:  # CACHE_DIR/tokens of someone's: the pre-flight says so too, with what the run reads
+            raise UserError(problem)
+        ownership.claim(final.parent, CACHE_KIND)
+        ownership.register(final.parent, [final.name, f".{final.name}.lock"])
         with _key_lock(final):
             cache = find_cache(final)  # built while this run waited
             if cache is None:

@@ -33,12 +33,12 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     from app.models.artifacts import find_adapter
 
     ev = cfg.evaluation
+    out = report_dir(cfg)  # refused now, if it is a folder of yours, not after minutes of generating
     if ev.predictions:
         src = Path(ev.predictions)
         if not src.is_file():
             raise UserError(f"--predictions {src}: no such file")
         report = score_file(src)
-        out = Path(ev.eval_dir or src.parent / f"{src.stem}.eval")
         title = str(src)
     else:
         data = eval_data(cfg, find_adapter(cfg))  # before the model loads: a data problem costs no wait
@@ -52,12 +52,29 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         report.loss, losses = answer_loss(pred.model, pred.tokenizer, examples, data.max_seq_len)
         for row, e, loss in zip(report.rows, examples, losses):
             row.update(prompt=e.prompt_messages[-1]["content"], line=e.line or None, loss=loss)
-        base = pred.adapter if pred.adapter is not None else Path(cfg.train.output_dir)
-        out = Path(ev.eval_dir or base / "eval")
         title = f"{data.path} with {pred.adapter or cfg.model.model_name}"
     files = write_reports(report, out, title)
     log.info("%s on %d samples -> %s", report.headline(), report.n_samples, files["report.md"])
     return report.to_dict()
+
+
+def report_dir(cfg: Config) -> Path:
+    """EVAL_DIR, else eval/ in the adapter dir (OUTPUT_DIR for the base model), or <FILE>.eval/ beside the scored
+    predictions: a new or empty folder, or one this tool wrote (app.core.ownership), checked before any work."""
+    from app.evaluation.reports import REPORT_KIND
+    from app.models.artifacts import find_adapter, output_problem
+
+    ev = cfg.evaluation
+    if ev.eval_dir:
+        out = Path(ev.eval_dir)
+    elif ev.predictions:
+        out = Path(ev.predictions).parent / f"{Path(ev.predictions).stem}.eval"
+    else:
+        out = (find_adapter(cfg) or Path(cfg.train.output_dir)) / "eval"
+    problem = output_problem(cfg, out, "EVAL_DIR", REPORT_KIND)
+    if problem:
+        raise UserError(problem)
+    return out
 
 
 def answer_loss(model: Any, tokenizer: Any, examples: list[Example],

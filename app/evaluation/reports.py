@@ -10,11 +10,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from app.core import ownership
 from app.core.utils import atomic_write_text, write_json
 from app.evaluation.scoring import Report
 from app.evaluation.textmetrics import TextReport
 
 log = logging.getLogger(__name__)
+
+REPORT_KIND = "evaluate"  # the kind of folder (app.core.ownership) evaluate writes its reports into
 
 
 def _fmt(v: Any) -> str:
@@ -94,8 +97,14 @@ def write_reports(report: Report | TextReport, out_dir: str | Path, title: str =
     """Write report.json, report.md, predictions.jsonl and (triplet data) per_predicate_f1.png; return
     {file name: path}."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png")}
+    ownership.register(out.parent, [out.name])  # eval/ in a run: the run's (remove-run takes it)
+    ownership.claim(out, REPORT_KIND)
+    ownership.register(out, paths)
+    return _write(report, out, paths, title)
+
+
+def _write(report: Report | TextReport, out: Path, paths: dict[str, Path], title: str) -> dict[str, Path]:
     write_json(paths["report.json"], report.to_dict())
     text = isinstance(report, TextReport)
     atomic_write_text(paths["report.md"], _text_markdown(report, title) if text else _markdown(report, title))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
+from app.core import ownership
 from app.core.errors import UserError
 from app.inference.onnx_model import OnnxCausalLM
 from app.models.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, is_onnx_dir, read_json
@@ -67,7 +68,7 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
 
     from app.core.utils import peak_rss_mb, replace_dir, write_json
 
-    _check_replaceable(out)  # before the minutes an export takes
+    _check_replaceable(None, out)  # before the minutes an export takes
     from app.models.loading import _load_error, load_tokenizer
 
     tokenizer = load_tokenizer(str(src), trust_remote_code)
@@ -122,6 +123,7 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
             "dtype": "float32", "inputs": names_in, "outputs": names_out,
             "torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)"})
         diff = verify(model, tmp)  # before anything replaces an earlier export
+        ownership.register(out.parent, [out.name])  # onnx/ in a run or a merge: theirs (remove-run takes it)
     log.info("exported %s -> %s; ONNX Runtime logits match PyTorch (max |diff| %.1e); peak RSS %.0f MB",
              src, out, diff, peak_rss_mb())
     return out
@@ -181,14 +183,15 @@ def source_for(cfg: Config) -> tuple[str, Path]:
 
 def run_export(cfg: Config) -> Path:
     if cfg.predict.onnx_dir:  # a folder of yours is refused before anything is merged or exported
-        _check_replaceable(cfg.predict.onnx_dir)
+        _check_replaceable(cfg, cfg.predict.onnx_dir)
     src, out = source_for(cfg)
+    _check_replaceable(cfg, out)
     return export_model(src, out, cfg.model.trust_remote_code)
 
 
-def _check_replaceable(out: str | Path) -> None:
-    from app.core.utils import replace_problem
+def _check_replaceable(cfg: Config | None, out: str | Path) -> None:
+    from app.models.artifacts import replace_target_problem
 
-    problem = replace_problem(out, META_FILE, "ONNX_DIR")
+    problem = replace_target_problem(cfg, out, META_FILE, "ONNX_DIR")
     if problem:
         raise UserError(problem)

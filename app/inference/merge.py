@@ -14,9 +14,10 @@ import logging
 from pathlib import Path
 
 from app.config import Config
+from app.core import ownership
 from app.core.errors import UserError
-from app.core.utils import replace_dir, replace_problem, write_json
-from app.models.artifacts import base_model_for, find_adapter, is_full_model
+from app.core.utils import replace_dir, write_json
+from app.models.artifacts import base_model_for, find_adapter, is_full_model, replace_target_problem
 from app.models.loading import load_adapter, load_model, load_tokenizer
 from app.models.tiny import resolve_model
 
@@ -31,7 +32,7 @@ def run_merge(cfg: Config) -> Path:
         raise UserError(f"ADAPTER_DIR={adapter}: merge needs a LoRA adapter dir (METHOD=full output is already "
                         "a standalone model)")
     out = Path(cfg.predict.merged_dir or adapter / "merged")
-    problem = replace_problem(out, MERGE_FILE, "MERGED_DIR")  # before minutes of loading and merging
+    problem = replace_target_problem(cfg, out, MERGE_FILE, "MERGED_DIR")  # before minutes of loading and merging
     if problem:
         raise UserError(problem)
     name, quant = base_model_for(cfg, adapter)
@@ -49,5 +50,6 @@ def run_merge(cfg: Config) -> Path:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / MERGE_FILE, {"adapter": str(adapter), "base": name, "base_quantization": quant})
+        ownership.register(out.parent, [out.name])  # merged/ in a run: the run's own (remove-run takes it)
     log.info("merged %s + %s -> %s (loads with AutoModelForCausalLM, no peft)", name, adapter, out)
     return out

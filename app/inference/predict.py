@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from app.config import Config
 from app.core.errors import UserError
-from app.core.utils import publish, set_threads
+from app.core import generated
+from app.core.utils import atomic_write_text, set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example
 from app.inference.chat import chat, context_size, overflow
@@ -173,31 +172,27 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
     src = Path(cfg.predict.input_file)
     if not src.is_file():
         raise UserError(f"INPUT_FILE={src}: no such file")
-    dest = Path(cfg.predict.output_file or src.with_suffix("").as_posix() + ".pred.jsonl")
+    dest = generated.predictions_path(str(src), cfg.predict.output_file)
     items = list(_file_prompts(src, cfg.data.data_format))  # parse all first: bad input fails before work
     if not items:  # most likely the wrong file: and an empty OUTPUT_FILE would replace an earlier one
         raise UserError(f"INPUT_FILE={src} has no prompt (no line with text): 0 predictions, {dest} not written; "
                         "put one prompt or record per line")
+    taken = generated.replace_problem(dest, "OUTPUT_FILE")  # the pre-flight said so too: a file of yours stays
+    if taken:
+        raise UserError(taken)
     context = context_size(pred.model, pred.tokenizer)
     for line, msgs, _ in items:  # as PROMPT is: refused before any answer is generated
         too_long = overflow(pred, msgs, context, "that line")
         if too_long:
             raise UserError(f"INPUT_FILE={src}: line {line} {too_long}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            outputs = pred.generate_many([msgs for _, msgs, _ in items])
-            for (line, msgs, ref), output in zip(items, outputs):
-                row = {"line": line, "prompt": msgs[-1]["content"], "output": output}
-                if ref is not None:
-                    row["reference"] = ref
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        publish(tmp)  # the umask's permissions, not mkstemp's 0600
-        os.replace(tmp, dest)  # only a complete file replaces an earlier one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    outputs = pred.generate_many([msgs for _, msgs, _ in items])
+    rows = []
+    for (line, msgs, ref), output in zip(items, outputs):
+        rows.append({"line": line, "prompt": msgs[-1]["content"], "output": output,
+                     **({"reference": ref} if ref is not None else {})})
+    # whole or not at all, with the umask's permissions; recorded as the tool's, so a rerun may replace it
+    atomic_write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    generated.record(dest, generated.PREDICTIONS)
     log.info("wrote %d predictions to %s", len(items), dest)
     return dest
 

@@ -6,30 +6,68 @@ Whether the files in such a directory are whole is app.models.integrity, which b
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from app.config import Config
+from app.core import ownership
 from app.core.errors import UserError
-from app.core.utils import LAST_RUN_FILE
 
 ONNX_FILE, ONNX_DATA, META_FILE = "model.onnx", "model.onnx.data", "onnx_export.json"
+log = logging.getLogger(__name__)
 
 
 # ---- which directory a command reads ---------------------------------------------------------------
 
 def find_adapter(cfg: Config) -> Path | None:
-    """ADAPTER_DIR, else the last training's output, else OUTPUT_DIR; None for 'none'."""
+    """ADAPTER_DIR, else the last training's output, else OUTPUT_DIR; None for 'none'. A last-run pointer
+    whose run is gone (deleted by hand) moves to the newest remaining run, with a warning."""
+    from app.models.runs import last_run, repoint
+
     choice = cfg.predict.adapter_dir.strip()
     if choice.lower() == "none":
         return None
-    if not choice and LAST_RUN_FILE.is_file():
-        choice = LAST_RUN_FILE.read_text().strip()
+    if not choice:
+        named = last_run()
+        if named is not None and not named.exists():
+            log.warning("%s", repoint(named, "gone"))
+            named = last_run()
+        choice = str(named) if named is not None else ""
     path = Path(choice or cfg.train.output_dir)
+    if not choice and not (path / "adapter_config.json").is_file() and not is_full_model(path):
+        raise UserError(f"no trained run to use: ADAPTER_DIR is not set, no last run is recorded "
+                        f"(models/.last_run), and OUTPUT_DIR={path} holds no adapter; train first (`make train`), "
+                        "set ADAPTER_DIR=<a run dir>, or ADAPTER_DIR=none for the base model")
     if not (path / "adapter_config.json").is_file() and not is_full_model(path):
         raise UserError(f"ADAPTER_DIR={path}: no adapter_config.json there; train first (`make train`), "
                         "point ADAPTER_DIR at an adapter dir, or use ADAPTER_DIR=none for the base model")
     return path
+
+
+# The settings naming what a command reads: no folder the tool writes into may be, or hold, one of them
+# (app.core.ownership.refused_why). RESUME is not one: it names a checkpoint inside the run itself.
+READ_SETTINGS = ("DATA_PATH", "VAL_PATH", "EVAL_PATH", "INPUT_FILE", "PREDICTIONS", "MODEL_NAME", "DS_CONFIG")
+
+
+def read_paths(cfg: Config) -> dict[str, str]:
+    """``SETTING=value`` -> local path of each input the settings name (MODEL_NAME's tiny names as their
+    dirs; a hub model name, which is no local path, left out)."""
+    from app.models.tiny import FAMILIES, tiny_dir
+
+    out = {}
+    for var in READ_SETTINGS:
+        value = str(cfg.get(var) or "").strip()
+        path = str(tiny_dir(value)) if var == "MODEL_NAME" and value in FAMILIES else value
+        if value and (var != "MODEL_NAME" or Path(path).expanduser().exists()):
+            out[f"{var}={value}"] = path
+    return out
+
+
+def output_problem(cfg: Config, folder: str | Path, setting: str, kind: str, instead: str = "") -> str | None:
+    """Why the command may not write into ``folder`` as its ``kind`` folder (app.core.ownership), or None."""
+    refused = ownership.refused_why(folder, read_paths(cfg))
+    return ownership.write_problem(folder, setting, kind, refused, instead)
 
 
 def is_full_model(path: Path) -> bool:
@@ -81,6 +119,18 @@ def _is_local_path(name: str) -> bool:
     parts = Path(name).parts
     return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or len(parts) > 2
             or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def replace_target_problem(cfg: Config | None, folder: str | Path, marker: str, setting: str) -> str | None:
+    """Why a result written whole (a merge, an ONNX export: ``marker`` in it) may not replace ``folder``
+    (``cfg``: the command's settings, whose inputs it may not hold; None: only the project's own folders)."""
+    from app.core.utils import replace_problem
+
+    refused = ownership.refused_why(folder, read_paths(cfg) if cfg is not None else {})
+    if refused:
+        return (f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: choose another "
+                f"{setting}")
+    return replace_problem(folder, marker, setting)
 
 
 # ---- reading a file, and what to do when it is damaged -----------------------------------------------

@@ -19,9 +19,11 @@ import os
 import shutil
 from pathlib import Path
 
-from app.config import Config
+from app.config import Config, default_output_dir
+from app.config.fields import DataArgs
 from app.core.errors import UserError
 from app.core.utils import fsync_dir
+from app.models.artifacts import output_problem
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ CHECKPOINTS = "checkpoints"
 STAGING = ".incomplete"  # inside checkpoints/: where a checkpoint is written before it is sealed
 MARKER = "checkpoint_complete.json"  # written last; lists every file with its size
 PREFIX = "checkpoint-"
+RUN_KIND = "train"  # the kind of folder (app.core.ownership) a training run writes
 # Files a finished run leaves in OUTPUT_DIR (summary.json is written last).
 FINISHED_MARKS = ("summary.json", "adapter_model.safetensors", "model.safetensors", "adapter_config.json")
 
@@ -129,6 +132,9 @@ def output_dir_problems(cfg: Config) -> list[str]:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         return [f"OUTPUT_DIR={out} is a file; point OUTPUT_DIR at a directory"]
+    foreign = output_problem(cfg, out, "OUTPUT_DIR", RUN_KIND, instead=_another_dir(cfg, out))
+    if foreign:
+        return [foreign]  # someone's folder: nothing below may even create a file there
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -148,6 +154,13 @@ def output_dir_problems(cfg: Config) -> list[str]:
                 "continue from; set OVERWRITE=1 to train again, or RESUME=<a checkpoint-N dir>"]
     return [f"OUTPUT_DIR={out} already holds a finished run ({done}); set OVERWRITE=1 to train again "
             "and replace it when the new run finishes, or choose another OUTPUT_DIR"]
+
+
+def _another_dir(cfg: Config, out: Path) -> str:
+    """A good OUTPUT_DIR to suggest instead of ``out``: the default one, or a new folder beside it."""
+    d = cfg.data
+    default = default_output_dir(cfg.model.model_name, cfg.lora.method, d.data_path, DataArgs().data_path)
+    return default if Path(default).resolve() != out.resolve() else f"{default}-2"
 
 
 def resume_checkpoint(cfg: Config) -> Path | None:

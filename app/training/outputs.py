@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.config import Config
+from app.core import ownership
 from app.core.errors import UserError
-from app.core.utils import LAST_RUN_FILE, atomic_write_text, staged_dir, write_json
+from app.core.utils import atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
 from app.models.loading import save_kwargs
-from app.training import dist
+from app.models.runs import point_last_run_at
+from app.training import dist, trackers
 from app.training.callbacks import plot_losses
+from app.training.checkpoints import CHECKPOINTS, RUN_KIND, clear_staging, latest_checkpoint
 from app.training.metrics_file import read_metrics
-from app.training.checkpoints import CHECKPOINTS, latest_checkpoint
+
+log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"  # written last: it marks a finished run
 # Settings the tier, the memory fit or the guard may change: summary.json records their final values.
 PLANNED = ("QUANT_LEVEL", "MAX_SAMPLES", "MAX_SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING", "LORA_R")
 
@@ -54,13 +62,14 @@ def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict
             plot_losses(out / METRICS, tmp / "loss_curve.png")
         if (ckpt_dir / "best").is_dir():
             os.replace(ckpt_dir / "best", tmp / "best")
+        ownership.register(out, [p.name for p in tmp.iterdir()] + [SUMMARY])  # listed before they appear
     estimate = ft.plan.estimate
-    write_json(out / "summary.json", {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
+    write_json(out / SUMMARY, {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
                                       "memory": peaks, "plan": {v: ft.cfg.get(v) for v in PLANNED},
                                       "records": ft.records, "warnings": list(ft.plan.warnings),
                                       "world_size": dist.world_size(),
                                       "predicted_peak_mb": estimate and round(estimate.total_mb, 1), **timing})
-    atomic_write_text(LAST_RUN_FILE, portable_path(out) + "\n")
+    point_last_run_at(out)
 
 
 def write_error(e: OSError, out: Path, doing: str, previous: str | None) -> BaseException:
@@ -76,6 +85,24 @@ def write_error(e: OSError, out: Path, doing: str, previous: str | None) -> Base
     fix = ("free some space or set OUTPUT_DIR on a bigger disk" if full
            else "fix the permissions or choose another OUTPUT_DIR")
     return UserError(f"OUTPUT_DIR={out}: {what} while {doing}; {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
+
+
+def open_output_dir(out: Path, cfg: Config, discard: bool, resume_from: Path | None, previous: str | None) -> None:
+    """OUTPUT_DIR marked as the tool's before anything else is written there (the pre-flight found it new, empty
+    or ours), with what the run will write listed; a dead run's half checkpoint, OVERWRITE=1's old checkpoints
+    (``discard``) and a fresh run's stale log removed."""
+    ckpt_dir = out / CHECKPOINTS
+    try:
+        ownership.claim(out, RUN_KIND)
+        ownership.register(out, [CHECKPOINTS, METRICS, *trackers.run_entries(cfg.train.report_to)])
+    except OSError as e:
+        raise write_error(e, out, "creating OUTPUT_DIR", previous) from None
+    clear_staging(ckpt_dir)  # debris of a checkpoint that was being written when a run died
+    if discard and ckpt_dir.is_dir():  # OVERWRITE=1 asked for a new run in its place
+        shutil.rmtree(ckpt_dir)
+        log.info("removed the unfinished run's checkpoints in %s (OVERWRITE=1)", ckpt_dir)
+    if resume_from is None or ckpt_dir.resolve() != resume_from.resolve().parent:
+        (out / METRICS).unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
 
 
 def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
@@ -95,15 +122,6 @@ def mean_logged_loss(path: Path) -> float:
     for r in sorted((r for r in read_metrics(path) if "loss" in r), key=lambda r: r["step"]):
         total, last = total + r["loss"] * (r["step"] - last), r["step"]
     return total / last if last else 0.0
-
-
-def portable_path(path: Path) -> str:
-    """Relative to the working dir when inside it: the same models/ is /app/models in the
-    container and ./models on the host, so train in one runtime and predict in the other."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path.resolve())
 
 
 def encode_stats(s: EncodeStats) -> dict[str, Any]:

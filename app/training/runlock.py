@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from app.core.errors import UserError
+from app.core.ownership import RUN_LOCK
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".trainer-run.lock"  # a name no user file has: the holder deletes it when done
+LOCK_FILE = RUN_LOCK  # a name no user file has: the holder deletes it when done
 _held: dict[Path, int] = {}  # dir -> fd: this process's locks (re-entrant: the CLI's, then FineTuner.train's)
 
 

@@ -27,6 +27,15 @@ TRACKERS: dict[str, tuple[str, str]] = {
 }
 
 
+# What each tracker writes into OUTPUT_DIR under its default settings (the run's manifest lists them).
+WRITES: dict[str, tuple[str, ...]] = {"tensorboard": ("runs",), "wandb": ("wandb",), "mlflow": ("mlflow.db",)}
+
+
+def run_entries(report_to: list[str]) -> list[str]:
+    """The names the chosen trackers write into OUTPUT_DIR."""
+    return [name for t in chosen(report_to) for name in WRITES.get(t, ())]
+
+
 def chosen(report_to: list[str]) -> list[str]:
     return [t for t in report_to if t in TRACKERS]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
+from app.core import ownership
 from app.core.errors import UserError
 from app.core.utils import peak_rss_mb, set_threads
 from app.models.loading import ALL_LINEAR, load_tokenizer, resolve
@@ -27,7 +28,8 @@ from app.plan.tiers import Plan, apply_tier, halve_batch
 from app.plan.timing import StepTime, expected_time
 from app.training import dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
-from app.training.outputs import METRICS, TrainResult, mean_logged_loss, publish, truncate_metrics, write_error
+from app.training.outputs import (METRICS, TrainResult, mean_logged_loss, open_output_dir, publish,
+                                  truncate_metrics, write_error)
 from app.training.prepare import PreparedData, prepare_data
 from app.training.resume import checkpoint_step, data_fingerprints, decide
 from app.training.trainable import trainable_model
@@ -159,30 +161,19 @@ class FineTuner:
             self.load_model()
         previous = finished_run(out) if out.is_dir() else None  # named in a failed write's line
         if dist.is_main():
-            self._open_output_dir(out, previous)
-        self.guard = self._memory_guard()
-        trainer, out_state, seconds, peaks = self._fit(out, previous, callbacks)
-        result, weights = self._result(out, trainer, out_state, seconds, peaks)
-        if dist.is_main():
-            self._publish(out, result, peaks, weights, previous)
+            open_output_dir(out, self.cfg, self._discard, self.resume_from, previous)
+        before = ownership.entries_now(out)
+        try:
+            self.guard = self._memory_guard()
+            trainer, out_state, seconds, peaks = self._fit(out, previous, callbacks)
+            result, weights = self._result(out, trainer, out_state, seconds, peaks)
+            if dist.is_main():
+                self._publish(out, result, peaks, weights, previous)
+        finally:  # what a tracker wrote under a name not known in advance: the run's too
+            if dist.is_main():
+                ownership.register_new(out, before, ownership.LEGACY_RUN)
         dist.barrier()  # the other ranks return once rank 0's outputs are complete
         return result
-
-    def _open_output_dir(self, out: Path, previous: Path | None) -> None:
-        """OUTPUT_DIR created; a dead run's half checkpoint, OVERWRITE=1's old checkpoints and a fresh
-        run's stale log removed."""
-        ckpt_dir = out / CHECKPOINTS
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise write_error(e, out, "creating OUTPUT_DIR", previous) from None
-        clear_staging(ckpt_dir)  # debris of a checkpoint that was being written when a run died
-        if self._discard and ckpt_dir.is_dir():  # OVERWRITE=1 asked for a new run in its place
-            shutil.rmtree(ckpt_dir)
-            log.info("removed the unfinished run's checkpoints in %s (OVERWRITE=1)", ckpt_dir)
-        resume = self.resume_from
-        if resume is None or ckpt_dir.resolve() != resume.resolve().parent:
-            (out / METRICS).unlink(missing_ok=True)  # a fresh run (or one from elsewhere) starts a fresh log
 
     def _memory_guard(self) -> Any:
         """The guard for this machine's limit; its pre-flight may already halve the batch (a new plan)."""

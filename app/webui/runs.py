@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.cli.workspace import RUN_MARKS, TINY_MODELS
+from app.cli.workspace import TINY_MODELS
+from app.core.ownership import kind_of
 from app.training import runlock
 from app.training.checkpoints import CHECKPOINTS, latest_checkpoint, step_of
 from app.training.metrics_file import read_metrics
@@ -18,10 +19,11 @@ from app.webui.paths import MODELS, project
 
 
 def run_dirs() -> list[str]:
-    """Every run under models/ (a dir with a run's marks, or a checkpoint), newest first, as models/<name>."""
+    """Every run under models/ (a dir this tool's training wrote, or one training is starting in), newest first,
+    as models/<name>."""
     root = project() / MODELS
     found = [p for p in root.iterdir() if p.is_dir() and p.name not in TINY_MODELS and not p.name.startswith(".")
-             and any((p / mark).exists() for mark in RUN_MARKS)] if root.is_dir() else []
+             and (kind_of(p) == "train" or (p / runlock.LOCK_FILE).exists())] if root.is_dir() else []
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [str(p.relative_to(project())) for p in found]
 

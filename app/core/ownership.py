@@ -1,0 +1,198 @@
+"""Which folders this tool may write into and delete from: never one that holds a user's files.
+
+A folder a command writes into (a training run, an evaluation's reports, the token cache) is new,
+empty, or marked as this tool's by MARKER, written there before anything else. The marker lists the
+top-level entries the tool wrote (``entries``), so `remove-run` deletes exactly those and leaves,
+and names, whatever someone put there since. A folder holding anything else is refused before any
+work, in one line naming up to three of its entries and the fix.
+
+Some folders are refused whatever they hold (``refused_why``): the filesystem root, the home dir,
+the project's root, data/ and models/, and any folder that is, or holds, an input the command reads
+(DATA_PATH, VAL_PATH, EVAL_PATH, INPUT_FILE, MODEL_NAME ...): run files mixed into them could not be
+told apart from the inputs, and the web UI's data picker would offer them as training files.
+
+Folders written before the marker existed are recognised by their files (LEGACY) and adopted: only
+the entries this tool writes count as the run's. Standard library only.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+from app.core.utils import atomic_write_text
+
+MARKER = "run_manifest.json"
+TOOL = "ChatGLM-CPU-Trainer"
+RUN_LOCK = ".trainer-run.lock"  # app.training.runlock's: held while a command writes there, deleted after
+# Hidden names the tool's own writers leave for a moment (staged_dir, atomic_write_text's temp files, the run
+# lock, replace_dir's partial/old copies): in a folder marked as the tool's they are its own debris.
+TRANSIENT = (".staging.*", RUN_LOCK, ".*.partial-*", ".*.old-*", f".{MARKER}.*")
+
+
+class Legacy(NamedTuple):
+    """How to recognise a folder of one kind written before folders carried MARKER."""
+    signs: tuple[str, ...]  # an entry matching one of these (every one, with ``all_signs``): such a folder
+    names: tuple[str, ...]  # the entries such a folder's writer made (all else in it is someone's)
+    all_signs: bool = False
+
+
+_CACHE_KEY = "[0-9a-f]" * 24  # app.data.cache.cache_key
+LEGACY = {
+    "train": Legacy(("train_config.json", "summary.json", "checkpoints"), (
+        "adapter_model.safetensors", "adapter_config.json", "model*.safetensors", "model.safetensors.index.json",
+        "config.json", "generation_config.json", "README.md", "tokenizer*", "special_tokens_map.json",
+        "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template.*", "data_report.json",
+        "train_config.json", "summary.json", "metrics.jsonl", "loss_curve.png", "best", "checkpoints", "runs",
+        "mlflow.db", "wandb", "swanlab*", "trackio", "eval", "merged", "onnx") + TRANSIENT),
+    "token-cache": Legacy((_CACHE_KEY,), (_CACHE_KEY, f".{_CACHE_KEY}.lock", ".*.partial-*")),
+    "evaluate": Legacy(("report.json", "report.md", "predictions.jsonl"), (
+        "report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png", ".per_predicate_f1.png.tmp",
+        ".report.*", ".predictions.jsonl.*"), all_signs=True),
+}
+LEGACY_RUN = LEGACY["train"].names
+
+
+def read_marker(folder: str | Path) -> dict | None:
+    """The folder's marker, or None when it has none (or a damaged one: then it is not the tool's)."""
+    try:
+        data = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("tool") != TOOL or not isinstance(data.get("entries"), list):
+        return None
+    return data
+
+
+def owned_entries(folder: str | Path) -> set[str] | None:
+    """The entries of ``folder`` this tool wrote (listed in its marker, or an older version's by name),
+    or None when the folder is not the tool's."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    names = _names(folder)
+    if marker is not None:
+        listed = {str(e) for e in marker["entries"]} | {MARKER}
+        return {n for n in names if n in listed or _matches(n, TRANSIENT)} | listed
+    kind = _legacy_kind(names)
+    return None if kind is None else {n for n in names if _matches(n, LEGACY[kind].names)}
+
+
+def kind_of(folder: str | Path) -> str | None:
+    """What the tool wrote ``folder`` as (its marker's kind, or an older version's folder by its files), or None."""
+    marker = read_marker(folder)
+    return str(marker.get("kind")) if marker is not None else _legacy_kind(_names(Path(folder)))
+
+
+def _legacy_kind(names: set[str]) -> str | None:
+    for kind, legacy in LEGACY.items():
+        found = [any(_matches(n, (sign,)) for n in names) for sign in legacy.signs]
+        if all(found) if legacy.all_signs else any(found):
+            return kind
+    return None
+
+
+def foreign_entries(folder: str | Path) -> list[str]:
+    """Entries of an existing ``folder`` the tool did not write, sorted (all of them for a folder not its own)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    owned = (owned_entries(folder) or set()) | {RUN_LOCK}  # the lock: this command's own, taken before it writes
+    return sorted(n for n in _names(folder) if n not in owned)
+
+
+def write_problem(folder: str | Path, setting: str, kind: str, refused: str | None = None,
+                  instead: str = "") -> str | None:
+    """Why ``folder`` may not be written into as a ``kind`` folder, or None. ``refused``: refused_why's
+    answer for it; ``instead``: an example of a good value for the message."""
+    folder = Path(folder)
+    fix = f"choose another {setting}" + (f", e.g. {setting}={instead}" if instead else "")
+    if refused:
+        return f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: {fix}"
+    if folder.exists() and not folder.is_dir():
+        return f"{setting}={folder} is a file; {fix}"
+    found = kind_of(folder)
+    if found is not None and found != kind:
+        return f"{setting}={folder} is this tool's {found} folder, not a {kind} folder; {fix}"
+    foreign = foreign_entries(folder)
+    if not foreign:
+        return None
+    shown = ", ".join(n + ("/" if (folder / n).is_dir() else "") for n in foreign[:3])
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    return (f"{setting}={folder} holds files this tool did not write ({shown}{more}); it writes only into a new "
+            f"or empty folder, or one it made (marked by {MARKER}): {fix}, or move those files away")
+
+
+def refused_why(folder: str | Path, inputs: Mapping[str, str | Path], project: str | Path = ".") -> str | None:
+    """Why ``folder`` is never written into, whatever it holds (see the module docstring), or None.
+    ``inputs``: how each input is named (``DATA_PATH=x``) -> its path; ``project``: the project's root."""
+    target = _real(folder)
+    root = _real(project)
+    named = {Path("/"): "the filesystem root", _real(Path.home()): "your home directory",
+             root: "the project's root folder", root / "data": "the project's data/ folder (your data files)",
+             root / "models": "the project's models/ folder (every run and model lives in a folder of its own "
+                              "under it)"}
+    if target in named:
+        return named[target]
+    for named_as, path in inputs.items():
+        if not str(path).strip():
+            continue
+        read = _real(path)
+        if target == read or target in read.parents:
+            return f"the folder that {'is' if target == read else 'holds'} {named_as} (what this command reads)"
+    return None
+
+
+def claim(folder: str | Path, kind: str) -> None:
+    """Make ``folder`` (if needed) and mark it as the tool's ``kind`` folder before anything else is
+    written there; a legacy run's files are listed as its entries. Checked first with write_problem."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if read_marker(folder) is None:
+        entries = sorted((owned_entries(folder) or set()) - {MARKER})
+        _write_marker(folder, {"tool": TOOL, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               "entries": entries})
+
+
+def register(folder: str | Path, names: Iterable[str]) -> None:
+    """Add top-level ``names`` to the entries of a marked ``folder`` (call it before writing them, so a
+    kill in between leaves nothing unlisted); a folder without a marker is left alone."""
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None:
+        return
+    new = sorted(set(marker["entries"]) | {n for n in names if n != MARKER and "/" not in n})
+    if new != marker["entries"]:
+        _write_marker(folder, {**marker, "entries": new})
+
+
+def entries_now(folder: str | Path) -> set[str]:
+    """The top-level names in ``folder`` now (register_new's ``before``)."""
+    return _names(Path(folder))
+
+
+def register_new(folder: str | Path, before: set[str], patterns: Iterable[str]) -> None:
+    """List what appeared in ``folder`` since ``before`` under a name matching ``patterns`` (a tracker's files,
+    say): a file someone else put there meanwhile, under another name, stays theirs."""
+    register(folder, {n for n in _names(Path(folder)) - before if _matches(n, patterns)})
+
+
+def _write_marker(folder: Path, data: dict) -> None:
+    atomic_write_text(folder / MARKER, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+
+
+def _names(folder: Path) -> set[str]:
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return set()
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
