@@ -58,6 +58,7 @@ SLOW = (
     "tests/test_ownership.py::test_a_train_then_remove_run_leaves_exactly_the_users_files",
     "tests/test_ownership.py::test_predict_file_and_evaluate_write_only_where_they_may",
     "tests/test_ownership.py::test_a_token_cache_dir_holding_your_files_is_refused",
+    "tests/test_disk_full.py",
     "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
@@ -566,3 +567,31 @@ def artifacts() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
 
+
+# ---- a small disk, for the full-disk tests -----------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size) -> a fresh tmpfs of ``size`` (e.g. "2m") mounted under tmp_path, unmounted after the
+    test; a skip naming why where mounting is not allowed (it needs root), a failure instead under
+    REQUIRE_TMPFS=1 (CI, which runs as root)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk-{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            why = f"cannot mount a {size} tmpfs to fill (needs root): {proc.stderr.strip() or proc.returncode}"
+            if os.environ.get("REQUIRE_TMPFS", "0") not in ("", "0"):
+                pytest.fail(f"REQUIRE_TMPFS=1: {why}", pytrace=False)
+            pytest.skip(why)
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, ContextManager, NamedTuple
 
 from app.config import Config, parse_cli_overrides
@@ -293,6 +294,15 @@ def main(argv: list[str] | None = None, commands: dict[str, Command] = COMMANDS)
     except KeyboardInterrupt:
         log.error("interrupted; the last checkpoint in OUTPUT_DIR/checkpoints is kept and resumes next run")
         return 130
+    except OSError as e:  # a full disk in a writer that has no line of its own: still one line, no traceback
+        from app.core.diskspace import full_line, is_full
+
+        where = Path(e.filename or ".")
+        if not is_full(e, where):
+            raise
+        log.error("%s", full_line("", where, f"running `{cmd}`", None, "files written whole before it are "
+                                  "intact", "run the same command again", "free some space there"))
+        return 2
     return 0
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from app.core import ownership
+from app.core import diskspace, ownership
 from app.core.errors import UserError
 from app.data.cache_build import DTYPES, FILES, VERSION, build
 from app.data.encode import IGNORE, EncodeStats, _truncate
@@ -183,7 +183,7 @@ def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_
         with _key_lock(final):
             cache = find_cache(final)  # built while this run waited
             if cache is None:
-                build(data_path, fmt, tokenizer, final, num_proc, setting)
+                _build(data_path, fmt, tokenizer, final, num_proc, setting)
                 cache = find_cache(final)
                 assert cache is not None
                 log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}",
@@ -192,6 +192,18 @@ def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_
     log.info("token cache hit: %s (%s rows, %s tokens) for %s", cache.path, f"{len(cache):,}",
              f"{len(cache.arrays['ids']):,}", data_path)
     return cache
+
+
+def _build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, setting: str) -> None:
+    """build(), with a disk that fills meanwhile told in one line (the partial cache is gone by then)."""
+    try:
+        build(data_path, fmt, tokenizer, final, num_proc, setting)
+    except OSError as e:
+        if not diskspace.is_full(e, final.parent):
+            raise
+        raise UserError(diskspace.full_line("CACHE_DIR", final.parent.parent, "building the token cache of "
+                                            f"{setting}={data_path}", None, "its partial files were removed and "
+                                            "earlier caches are intact", "run the same command again")) from None
 
 
 @contextmanager

@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from app.core import ownership
+from app.core import diskspace, ownership
+from app.core.errors import UserError
 from app.core.utils import atomic_write_text, write_json
 from app.evaluation.scoring import Report
 from app.evaluation.textmetrics import TextReport
@@ -98,10 +99,17 @@ def write_reports(report: Report | TextReport, out_dir: str | Path, title: str =
     {file name: path}."""
     out = Path(out_dir)
     paths = {name: out / name for name in ("report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png")}
-    ownership.register(out.parent, [out.name])  # eval/ in a run: the run's (remove-run takes it)
-    ownership.claim(out, REPORT_KIND)
-    ownership.register(out, paths)
-    return _write(report, out, paths, title)
+    try:
+        ownership.register(out.parent, [out.name])  # eval/ in a run: the run's (remove-run takes it)
+        ownership.claim(out, REPORT_KIND)
+        ownership.register(out, paths)
+        return _write(report, out, paths, title)
+    except OSError as e:
+        if not diskspace.is_full(e, out):
+            raise
+        raise UserError(diskspace.full_line("EVAL_DIR", out, "writing the evaluation reports", None, "each report "
+                                            "is written whole, so the earlier ones there are intact",
+                                            "run the same command again")) from None
 
 
 def _write(report: Report | TextReport, out: Path, paths: dict[str, Path], title: str) -> dict[str, Path]:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from app.config import Config
-from app.core import ownership
+from app.core import diskspace, ownership
 from app.core.errors import UserError
 from app.inference.onnx_model import OnnxCausalLM
-from app.models.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, is_onnx_dir, read_json
+from app.models.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, fp32_bytes, is_onnx_dir, read_json
 from app.models.integrity import dir_problems
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,10 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
     from app.core.utils import peak_rss_mb, replace_dir, write_json
 
     _check_replaceable(None, out)  # before the minutes an export takes
+    need = fp32_bytes(src)
+    short = need and diskspace.shortfall("ONNX_DIR", out, need, "the ONNX export (fp32 weights)")
+    if short:
+        raise UserError(short + "; nothing was written")
     from app.models.loading import _load_error, load_tokenizer
 
     tokenizer = load_tokenizer(str(src), trust_remote_code)
@@ -111,19 +115,25 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
                                     input_names=names_in, output_names=names_out, dynamo=True, verbose=False)
     log.debug("torch.onnx: %s", chatter.getvalue())
     out = Path(out)
-    with replace_dir(out, META_FILE, "ONNX_DIR") as tmp:  # whole: a kill leaves the previous export or none
-        program.save(str(tmp / ONNX_FILE), external_data=True)  # weights in model.onnx.data: no 2 GB limit
-        model.config.save_pretrained(tmp)
-        (model.generation_config or GenerationConfig()).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = {f: (tmp / f).stat().st_size for f in (ONNX_FILE, ONNX_DATA) if (tmp / f).is_file()}
-        write_json(tmp / META_FILE, {"files": files,  # sizes: a truncated copy is found without loading it
-            "source": str(src), "architecture": type(model).__name__, "num_layers": n,
-            "past_shape": [list(k.shape[1:2]) + list(k.shape[3:]) for k, _ in past],  # [kv_heads, head_dim]
-            "dtype": "float32", "inputs": names_in, "outputs": names_out,
-            "torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)"})
-        diff = verify(model, tmp)  # before anything replaces an earlier export
-        ownership.register(out.parent, [out.name])  # onnx/ in a run or a merge: theirs (remove-run takes it)
+    try:
+        with replace_dir(out, META_FILE, "ONNX_DIR") as tmp:  # whole: a kill leaves the previous export or none
+            program.save(str(tmp / ONNX_FILE), external_data=True)  # weights in model.onnx.data: no 2 GB limit
+            model.config.save_pretrained(tmp)
+            (model.generation_config or GenerationConfig()).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            files = {f: (tmp / f).stat().st_size for f in (ONNX_FILE, ONNX_DATA) if (tmp / f).is_file()}
+            write_json(tmp / META_FILE, {"files": files,  # sizes: a truncated copy is found without loading it
+                "source": str(src), "architecture": type(model).__name__, "num_layers": n,
+                "past_shape": [list(k.shape[1:2]) + list(k.shape[3:]) for k, _ in past],  # [kv_heads, head_dim]
+                "dtype": "float32", "inputs": names_in, "outputs": names_out,
+                "torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)"})
+            diff = verify(model, tmp)  # before anything replaces an earlier export
+            ownership.register(out.parent, [out.name])  # onnx/ in a run or a merge: theirs (remove-run takes it)
+    except Exception as e:  # onnx's and safetensors' writers report a full disk in their own words
+        if not diskspace.is_full(e, out.parent):
+            raise
+        raise UserError(diskspace.full_line("ONNX_DIR", out, "writing the ONNX export", need, "the previous export "
+                                            "there, if any, is untouched", "run `make export-onnx` again")) from None
     log.info("exported %s -> %s; ONNX Runtime logits match PyTorch (max |diff| %.1e); peak RSS %.0f MB",
              src, out, diff, peak_rss_mb())
     return out
@@ -182,11 +192,28 @@ def source_for(cfg: Config) -> tuple[str, Path]:
 
 
 def run_export(cfg: Config) -> Path:
-    if cfg.predict.onnx_dir:  # a folder of yours is refused before anything is merged or exported
+    if cfg.predict.onnx_dir:  # a folder of yours, or a disk too small, is refused before anything is merged
         _check_replaceable(cfg, cfg.predict.onnx_dir)
+        _check_space(cfg, Path(cfg.predict.onnx_dir))
     src, out = source_for(cfg)
     _check_replaceable(cfg, out)
     return export_model(src, out, cfg.model.trust_remote_code)
+
+
+def _check_space(cfg: Config, out: Path) -> None:
+    """The export's fp32 weights, sized from the model it starts from (the base of an adapter), against the disk."""
+    from app.models.artifacts import base_model_for, find_adapter, is_full_model
+    from app.models.tiny import resolve_model
+
+    adapter = find_adapter(cfg)
+    if adapter is None or is_full_model(adapter):
+        model = str(adapter) if adapter is not None else resolve_model(cfg.model.model_name)
+    else:
+        model = resolve_model(base_model_for(cfg, adapter)[0])
+    need = fp32_bytes(model)
+    short = need and diskspace.shortfall("ONNX_DIR", out, need, "the ONNX export (fp32 weights)")
+    if short:
+        raise UserError(short + "; nothing was written")
 
 
 def _check_replaceable(cfg: Config | None, out: str | Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from app.config import Config
 from app.core.errors import UserError
-from app.core import generated
+from app.core import diskspace, generated
 from app.core.utils import atomic_write_text, set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example
@@ -190,9 +190,15 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
     for (line, msgs, ref), output in zip(items, outputs):
         rows.append({"line": line, "prompt": msgs[-1]["content"], "output": output,
                      **({"reference": ref} if ref is not None else {})})
-    # whole or not at all, with the umask's permissions; recorded as the tool's, so a rerun may replace it
-    atomic_write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    generated.record(dest, generated.PREDICTIONS)
+    try:  # whole or not at all, with the umask's permissions; recorded as the tool's, so a rerun may replace it
+        atomic_write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        generated.record(dest, generated.PREDICTIONS)
+    except OSError as e:
+        if not diskspace.is_full(e, dest.parent):
+            raise
+        raise UserError(diskspace.full_line("OUTPUT_FILE", dest, "writing the predictions", None, "an earlier "
+                                            "OUTPUT_FILE there is untouched (the file is written whole or not at "
+                                            "all)", "run the same command again")) from None
     log.info("wrote %d predictions to %s", len(items), dest)
     return dest
 

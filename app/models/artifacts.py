@@ -133,6 +133,19 @@ def replace_target_problem(cfg: Config | None, folder: str | Path, marker: str, 
     return replace_problem(folder, marker, setting)
 
 
+def fp32_bytes(model_dir: str | Path) -> int | None:
+    """The size of a local model's weights in fp32 (how merge and export-onnx write them), or None when they are
+    not at hand (a hub name)."""
+    folder = Path(model_dir)
+    files = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()] \
+        if folder.is_dir() else []
+    if not files:
+        return None
+    config, _ = parse_json(folder / "config.json")
+    stored = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "float32")
+    return sum(p.stat().st_size for p in files) * (2 if stored in ("bfloat16", "float16") else 1)
+
+
 # ---- reading a file, and what to do when it is damaged -----------------------------------------------
 
 def parse_json(path: Path) -> tuple[Any, str | None]:

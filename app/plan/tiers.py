@@ -229,10 +229,11 @@ def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
         half = False
     return estimate(shape, cfg.resources.quant_level, cfg.lora.lora_r, cfg.train.batch_size, cfg.data.max_seq_len,
                     cfg.resources.gradient_checkpointing == "on", cuda, cfg.train.optim,
-                    trainable_params=_trainable(cfg, shape), half_weights=half)
+                    trainable_params=trainable_params(cfg, shape), half_weights=half)
 
 
-def _trainable(cfg: Config, shape: ModelShape) -> int | None:
+def trainable_params(cfg: Config, shape: ModelShape) -> int | None:
+    """The weights cfg's METHOD trains (None: LoRA's, rank x its targets' in + out features)."""
     if cfg.lora.method == "full":
         return shape.total_params
     if cfg.lora.method == "ptuning":  # a key and a value prefix per layer (+ the optional MLP)

@@ -1,4 +1,4 @@
-"""What a training run leaves in OUTPUT_DIR, and how a failed write reads.
+"""What a training run leaves in OUTPUT_DIR.
 
 The finished run's files appear together, each whole (staged, then renamed), summary.json last:
 it marks a finished run. metrics.jsonl is the live log; after a resume it is cut back to the
@@ -6,7 +6,6 @@ checkpoint's step so it reads as one uninterrupted run. Rank 0 writes.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -17,14 +16,14 @@ from typing import Any
 
 from app.config import Config
 from app.core import ownership
-from app.core.errors import UserError
 from app.core.utils import atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
 from app.models.loading import save_kwargs
 from app.models.runs import point_last_run_at
 from app.training import dist, trackers
 from app.training.callbacks import plot_losses
-from app.training.checkpoints import CHECKPOINTS, RUN_KIND, clear_staging, latest_checkpoint
+from app.training.checkpoints import CHECKPOINTS, RUN_KIND, clear_staging
+from app.training.disk import write_error
 from app.training.metrics_file import read_metrics
 
 log = logging.getLogger(__name__)
@@ -70,21 +69,6 @@ def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict
                                       "world_size": dist.world_size(),
                                       "predicted_peak_mb": estimate and round(estimate.total_mb, 1), **timing})
     point_last_run_at(out)
-
-
-def write_error(e: OSError, out: Path, doing: str, previous: str | None) -> BaseException:
-    """A full disk or a read-only/forbidden OUTPUT_DIR while writing: one line, what is kept, what to do."""
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
-        return e
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    what = "no space left on the device" if full else f"cannot write ({os.strerror(e.errno).lower()})"
-    kept = (f"the previous run's files there ({previous}) are untouched" if previous
-            else "nothing half-written was left")
-    ckpt = latest_checkpoint(out / CHECKPOINTS)
-    again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
-    fix = ("free some space or set OUTPUT_DIR on a bigger disk" if full
-           else "fix the permissions or choose another OUTPUT_DIR")
-    return UserError(f"OUTPUT_DIR={out}: {what} while {doing}; {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
 
 
 def open_output_dir(out: Path, cfg: Config, discard: bool, resume_from: Path | None, previous: str | None) -> None:

@@ -90,6 +90,7 @@ def hold(run_dir: str | Path, command: str, setting: str = "OUTPUT_DIR", doing: 
     if key in _held:  # the CLI took it; FineTuner.train asks again
         yield
         return
+    made = not Path(run_dir).exists()  # a run refused before writing anything leaves no empty dir behind
     fd = _acquire(run_dir, command, setting, doing, optional, alternative)
     if fd is None:
         yield
@@ -101,8 +102,10 @@ def hold(run_dir: str | Path, command: str, setting: str = "OUTPUT_DIR", doing: 
         del _held[key]
         try:
             (Path(run_dir) / LOCK_FILE).unlink()  # while still holding it (see the docstring)
+            if made:
+                Path(run_dir).rmdir()  # only if still empty: the run wrote nothing
         except OSError:
-            pass  # remove-run took the whole dir
+            pass  # remove-run took the whole dir, or the run wrote there
         os.close(fd)  # releases the lock
 
 

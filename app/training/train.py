@@ -26,10 +26,11 @@ from app.plan.estimator import ModelShape
 from app.plan.resources import Resources
 from app.plan.tiers import Plan, apply_tier, halve_batch
 from app.plan.timing import StepTime, expected_time
-from app.training import dist, runlock
+from app.training import disk, dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
+from app.training.disk import DiskNeeds, write_error
 from app.training.outputs import (METRICS, TrainResult, mean_logged_loss, open_output_dir, publish,
-                                  truncate_metrics, write_error)
+                                  truncate_metrics)
 from app.training.prepare import PreparedData, prepare_data
 from app.training.resume import checkpoint_step, data_fingerprints, decide
 from app.training.trainable import trainable_model
@@ -63,6 +64,7 @@ class FineTuner:
         self._data_fp: dict[str, Any] = {}  # the data's fingerprints at the start, recorded in each checkpoint
         self._ds_args: Any = None  # TrainingArguments made before loading, for DeepSpeed ZeRO-3
         self.timing: StepTime | None = None  # the expected time per step and run, logged when train() starts
+        self.disk: DiskNeeds | None = None  # what the run writes to OUTPUT_DIR, checked when train() starts
 
     @property
     def cfg(self) -> Config:
@@ -157,6 +159,7 @@ class FineTuner:
         self.timing = expected_time(self.cfg, self.shape, self.model_path, self.train_rows, self.plan.device == "cuda",
                                     dist.world_size())
         log.info("%s", self.timing.line())
+        self.disk = disk.planned(self.cfg, self.shape, self.model_path, out, dist.is_main())  # before the weights
         if self.model is None:
             self.load_model()
         previous = finished_run(out) if out.is_dir() else None  # named in a failed write's line
@@ -196,10 +199,11 @@ class FineTuner:
             with MemorySampler(on_sample=self.guard.on_sample) as sampler, stop_on_signal() as self.stop:
                 trainer, out_state = self._train_with_backoff(out, ckpt_dir, sampler,
                                                               [*(callbacks or []), stop_callback(self.stop)])
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if dist.is_main():
                 clear_staging(ckpt_dir)  # a half-written checkpoint frees its space; it is never resumed anyway
-            raise write_error(e, out, "writing a checkpoint or the training logs", previous) from None
+            raise write_error(e, out, "writing a checkpoint or the training logs", previous,
+                              self.disk.checkpoint) from None  # (e itself, with its traceback, if not a full disk)
         state = trainer.state
         if self.stop.requested and state.global_step < state.max_steps:
             raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {state.global_step} of "
@@ -231,8 +235,8 @@ class FineTuner:
         try:
             ran = result.steps - (checkpoint_step(self.resume_from) if self.resume_from else 0)  # since the resume
             publish(self, out, out / CHECKPOINTS, result, peaks, weights, self.timing.summary(ran, result.seconds))
-        except OSError as e:
-            raise write_error(e, out, "saving the final adapter", previous) from None
+        except Exception as e:  # safetensors' and matplotlib's writers have their own errors
+            raise write_error(e, out, "saving the final adapter", previous, self.disk.adapter) from None
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # finished: the adapter supersedes them
         log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
                  result.steps, result.seconds, result.train_loss,
