@@ -59,6 +59,7 @@ SLOW = (
     "tests/test_ownership.py::test_predict_file_and_evaluate_write_only_where_they_may",
     "tests/test_ownership.py::test_a_token_cache_dir_holding_your_files_is_refused",
     "tests/test_disk_full.py",
+    "tests/test_readme_journey.py",
     "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
