@@ -130,10 +130,10 @@ def refused_why(folder: str | Path, inputs: Mapping[str, str | Path], project: s
     ``inputs``: how each input is named (``DATA_PATH=x``) -> its path; ``project``: the project's root."""
     target = _real(folder)
     root = _real(project)
-    named = {Path("/"): "the filesystem root", _real(Path.home()): "your home directory",
-             root: "the project's root folder", root / "data": "the project's data/ folder (your data files)",
+    named = {_home(): "your home directory", Path("/"): "the filesystem root", root: "the project's root folder",
+             root / "data": "the project's data/ folder (your data files)",
              root / "models": "the project's models/ folder (every run and model lives in a folder of its own "
-                              "under it)"}
+                              "under it)"}  # later names win where two are one folder (a container's HOME=/app)
     if target in named:
         return named[target]
     for named_as, path in inputs.items():
@@ -192,6 +192,13 @@ def _names(folder: Path) -> set[str]:
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _home() -> Path:
+    try:  # a container's uid may have no passwd entry and no HOME: then there is no home to protect
+        return _real(Path.home())
+    except (RuntimeError, KeyError):
+        return Path("/")  # (named as the root below)
 
 
 def _real(path: str | Path) -> Path:
