@@ -461,3 +461,14 @@ def test_the_page_says_to_plan_first_until_a_plan_is_shown(webui, client):
     assert "Press Plan first" in _page(webui.url)["train-hint"]["value"]
     *_, plan, hint = client.predict(**TRAIN, api_name="/plan")
     assert "tier" in plan and hint == "", (plan, hint)
+
+
+def test_the_eta_of_a_resumed_run_times_only_the_steps_since_the_resume():
+    """A resumed run's metrics rows start time_s again at the resume: 10 s a step after resuming at step 3 of 10
+    leaves 50 s, not the 20 s that dividing by all 5 steps gave."""
+    from app.webui.runs import progress
+
+    rows = [{"step": s, "loss": 1.0, "time_s": 10.0 * s, "max_steps": 10} for s in (1, 2, 3)]
+    rows += [{"step": s, "loss": 1.0, "time_s": 10.0 * (s - 3), "max_steps": 10} for s in (4, 5)]
+    assert "step 5/10 · 50% · ETA 50 s" in progress(rows)
+    assert "ETA 70 s" in progress(rows[:3])  # a run never resumed: as before

@@ -81,17 +81,29 @@ def progress(rows: list[dict[str, Any]]) -> str:
     if not train:
         return "no step logged yet"
     last = train[-1]
-    step, total, t = last["step"], last.get("max_steps") or 0, last.get("time_s") or 0.0
+    step, total = last["step"], last.get("max_steps") or 0
     parts = [f"step {step}/{total or '?'}"]
+    per_step = _seconds_per_step(train)
     if total and step:
         parts.append(f"{100 * step / total:.0f}%")
-        parts.append(f"ETA {max(0.0, t / step * (total - step)):,.0f} s")
+    if total and per_step is not None:
+        parts.append(f"ETA {max(0.0, per_step * (total - step)):,.0f} s")
     parts.append(f"{last.get('tokens_per_s', 0):,.0f} tokens/s")
     parts.append(f"loss {last['loss']:.4f}")
     rss, budget = last.get("rss_mb"), last.get("budget_mb")
     if rss:
         parts.append(f"RSS {rss:,.0f} MB" + (f" of a {budget:,.0f} MB budget" if budget else ""))
     return " · ".join(parts)
+
+
+def _seconds_per_step(train: list[dict[str, Any]]) -> float | None:
+    """Seconds per step of the process now training. A resumed run's rows start their time_s again at the resume:
+    its steps are timed from the step it resumed after, not from 0 (that made the ETA far too short)."""
+    start = len(train) - 1
+    while start > 0 and (train[start - 1].get("time_s") or 0.0) <= (train[start].get("time_s") or 0.0):
+        start -= 1
+    steps = train[-1]["step"] - (train[start - 1]["step"] if start > 0 else 0)
+    return (train[-1].get("time_s") or 0.0) / steps if steps > 0 else None
 
 
 def loss_plot(run: str) -> Any:
