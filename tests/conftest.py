@@ -444,6 +444,18 @@ def data_dir(make_data):
     return make_data(n_train=80, n_dev=10, seed=1)
 
 
+@pytest.fixture
+def tiny_project(tmp_path, monkeypatch, tiny_glm_dir, make_data):
+    """tmp_path as a project and the working dir: the tiny GLM at models/tiny-glm (MODEL_NAME=tiny finds it) and
+    30 + 4 synthetic records in data/train.jsonl and data/dev.jsonl."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_glm_dir, tmp_path / "models" / "tiny-glm")
+    shutil.copytree(make_data(n_train=30, n_dev=4), tmp_path / "data")
+    return tmp_path
+
+
 def _recipe(model_dir, data_dir, out_dir, **extra):
     from app.config import Config
 
@@ -519,32 +531,46 @@ def greedy_reference():
 
 # ---- the web UI: a project, the UI serving it, a real browser ---------------------------------------------
 
+def _start_webui(start, settings: tuple[str, ...], cwd: Path | None) -> tuple[str, "AppProcess"]:
+    """`python -m app webui` on a free port through ``start`` (app_process / module_app_process), waited for until
+    its page answers: (its URL without the trailing slash, the process)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = start(["webui", f"WEBUI_PORT={port}", *settings], **({"cwd": cwd} if cwd else {}))
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return urllib.request.urlopen(url + "/", timeout=2).status == 200
+        except OSError:
+            return False
+
+    process.wait_for(up)
+    return url, process
+
+
+@pytest.fixture
+def start_webui(app_process):
+    """start_webui(*settings, cwd=tmp_path) -> (url, AppProcess): the web UI serving ``cwd``, up and answering."""
+    return lambda *settings, cwd=None: _start_webui(app_process, settings, cwd)
+
+
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory, make_data, tiny_glm_dir, module_app_process):
     """A throw-away project (data/train.jsonl and dev.jsonl, models/tiny-glm) and `python -m app webui` serving
     it on a free port, for one test file: an object with .url, .project and .process."""
     import shutil
-    import socket
     import types
-    import urllib.request
 
     project = tmp_path_factory.mktemp("webui-project")
     shutil.copytree(make_data(n_train=60, n_dev=8, seed=3), project / "data")
     shutil.copytree(tiny_glm_dir, project / "models" / "tiny-glm")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = module_app_process(["webui", f"WEBUI_PORT={port}"], cwd=project)
-    url = f"http://127.0.0.1:{port}/"
-
-    def up() -> bool:
-        try:
-            return urllib.request.urlopen(url, timeout=2).status == 200
-        except OSError:
-            return False
-
-    process.wait_for(up)
-    return types.SimpleNamespace(url=url, project=project, process=process)
+    url, process = _start_webui(module_app_process, (), project)
+    return types.SimpleNamespace(url=url + "/", project=project, process=process)
 
 
 @pytest.fixture(scope="session")

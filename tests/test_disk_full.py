@@ -42,13 +42,8 @@ class FillAfterSave(TrainerCallback):
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, tiny_glm_dir, make_data):
-    import shutil
-
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(tiny_glm_dir, tmp_path / "models" / "tiny-glm")
-    shutil.copytree(make_data(n_train=30, n_dev=4), tmp_path / "data")
-    return tmp_path
+def project(tiny_project):
+    return tiny_project
 
 
 def _train(out: Path, callbacks=()):

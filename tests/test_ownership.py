@@ -21,14 +21,8 @@ def _user_folder(path: Path) -> Path:
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, tiny_glm_dir, make_data):
-    """tmp_path as a project: the tiny GLM at models/tiny-glm, the sample data in data/."""
-    import shutil
-
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(tiny_glm_dir, tmp_path / "models" / "tiny-glm")
-    shutil.copytree(make_data(n_train=30, n_dev=4), tmp_path / "data")
-    return tmp_path
+def project(tiny_project):
+    return tiny_project
 
 
 def test_training_into_a_folder_of_yours_is_refused_and_changes_nothing(project, cli, snapshot):

@@ -264,27 +264,13 @@ def test_a_non_loopback_address_needs_a_login(run_app, tmp_path):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_with_a_login_the_api_needs_it(app_process, tmp_path):
-    import socket
-    import urllib.request
-
+def test_with_a_login_the_api_needs_it(start_webui):
     from gradio_client import Client
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = app_process(["webui", f"WEBUI_PORT={port}", "WEBUI_AUTH=ann:s3cret"])
-
-    def up() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status == 200
-        except OSError:
-            return False
-
-    proc.wait_for(up)
+    url, _ = start_webui("WEBUI_AUTH=ann:s3cret")
     with pytest.raises(Exception):
-        Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/runs")
-    rows = Client(f"http://127.0.0.1:{port}/", auth=("ann", "s3cret"), verbose=False).predict(api_name="/runs")
+        Client(url + "/", verbose=False).predict(api_name="/runs")
+    rows = Client(url + "/", auth=("ann", "s3cret"), verbose=False).predict(api_name="/runs")
     assert rows[0]["headers"][:2] == ["run", "state"]
 
 
@@ -308,11 +294,9 @@ def test_the_path_guard_refuses_a_sibling_named_like_data_or_models(tmp_path, mo
     assert path_problem("DATA_PATH", "data/train.jsonl") is None
 
 
-def test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it(app_process, tmp_path, monkeypatch):
+def test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it(start_webui, tmp_path, monkeypatch):
     """WEBUI_MAX_UPLOAD_MB is also Gradio's own max_file_size: its upload route stops reading an oversized file
     at the cap (413) and keeps none of it, so the file is never copied whole to its temp dir first."""
-    import socket
-    import urllib.request
     from pathlib import Path
 
     import httpx
@@ -320,19 +304,7 @@ def test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it(app_
     gradio_tmp = tmp_path / "gradio-tmp"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_tmp))  # the UI process's upload dir
     (tmp_path / "project").mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = app_process(["webui", f"WEBUI_PORT={port}", "WEBUI_MAX_UPLOAD_MB=1"], cwd=tmp_path / "project")
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return urllib.request.urlopen(url + "/", timeout=2).status == 200
-        except OSError:
-            return False
-
-    proc.wait_for(up)
+    url, _ = start_webui("WEBUI_MAX_UPLOAD_MB=1", cwd=tmp_path / "project")
     line = b'{"context": "q", "target": "a"}\n'
     small, big = line * (2**19 // len(line)), line * (3 * 2**20 // len(line))  # 0.5 MB and 3 MB, the cap 1 MB
     r = httpx.post(url + "/gradio_api/upload", files={"files": ("small.jsonl", small)}, timeout=60)
@@ -346,30 +318,16 @@ def test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it(app_
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_the_chat_backend_ends_with_the_ui_however_the_ui_ends(app_process, tmp_path, tiny_glm_dir, sig):
+def test_the_chat_backend_ends_with_the_ui_however_the_ui_ends(start_webui, tmp_path, tiny_glm_dir, sig):
     """`kill`, a service manager, a test fixture's SIGKILL or the OOM killer: the `serve` a chat started never
     outlives the UI that started it (it watches its parent), while its own shutdown path is never reached."""
     import shutil
-    import socket
-    import urllib.request
 
     from gradio_client import Client
 
     shutil.copytree(tiny_glm_dir, tmp_path / "models" / "tiny-glm")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ui = app_process(["webui", f"WEBUI_PORT={port}"])
-    url = f"http://127.0.0.1:{port}/"
-
-    def up() -> bool:
-        try:
-            return urllib.request.urlopen(url, timeout=2).status == 200
-        except OSError:
-            return False
-
-    ui.wait_for(up)
-    *_, message = Client(url, verbose=False).predict(model="base model", message="你好", history=[],
+    url, ui = start_webui()
+    *_, message = Client(url + "/", verbose=False).predict(model="base model", message="你好", history=[],
                                                      model_name="models/tiny-glm", max_new_tokens=4, api_name="/chat")
     assert message == "", message
     backend = [line for line in ui.caused() if line.split()[0] != str(ui.pid)]
