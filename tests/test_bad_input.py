@@ -23,11 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def previous_run(out: Path) -> None:
-    """What a finished earlier run leaves in OUTPUT_DIR (its content does not matter here)."""
-    out.mkdir(parents=True)
+    """What a finished earlier run leaves in OUTPUT_DIR (its content does not matter here), marked as this
+    tool's run as training marks it (app.core.ownership)."""
+    from app.core import ownership
+
+    names = ("adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.jsonl", "best",
+             "summary.json")
+    ownership.claim(out, "train")
+    ownership.register(out, names)
     (out / "best").mkdir()
-    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.jsonl",
-                 "best/adapter_model.safetensors"):
+    for name in names[:4] + ("best/adapter_model.safetensors",):
         (out / name).write_text(f"earlier run: {name}\n")
     (out / "summary.json").write_text(json.dumps({"steps": 7}))
 

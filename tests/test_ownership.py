@@ -102,7 +102,8 @@ def test_remove_run_of_a_folder_an_older_version_trained_into(tmp_path, cli, sna
     the names a run writes and keeps the rest."""
     folder = _user_folder(tmp_path / "mine")
     (folder / "README.md").write_text("---\nlibrary_name: peft\n---\n", encoding="utf-8")  # the old run's card
-    for name in ("train_config.json", "summary.json", "adapter_config.json", "tokenizer.json"):
+    (folder / "train_config.json").write_text(json.dumps({"MODEL_NAME": "tiny", "OUTPUT_DIR": str(folder)}))
+    for name in ("summary.json", "adapter_config.json", "tokenizer.json"):
         (folder / name).write_text("{}", encoding="utf-8")
     (folder / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     keep = snapshot(folder, skip=("README.md", "train_config.json", "summary.json", "adapter_config.json",
@@ -110,6 +111,29 @@ def test_remove_run_of_a_folder_an_older_version_trained_into(tmp_path, cli, sna
     code, errors, _ = cli("remove-run", f"OUTPUT_DIR={folder}")
     assert code == 0, errors
     assert snapshot(folder) == keep and sorted(os.listdir(folder)) == ["keep.jsonl"]
+
+
+def test_a_folder_that_only_looks_like_a_run_by_its_names_stays_yours(tmp_path, cli, snapshot):
+    """Names alone never make a folder the tool's: your README.md, summary.json and checkpoints/ are not an
+    older version's run (no train_config.json naming MODEL_NAME and OUTPUT_DIR, no sealed checkpoint)."""
+    mine = _user_folder(tmp_path / "mine")
+    (mine / "summary.json").write_text('{"my": "summary"}', encoding="utf-8")
+    (mine / "checkpoints" / "epoch-1").mkdir(parents=True)
+    (mine / "checkpoints" / "epoch-1" / "weights.bin").write_bytes(b"mine")
+    before = snapshot(tmp_path)
+    assert ownership.kind_of(mine) is None and ownership.foreign_entries(mine) == sorted(os.listdir(mine))
+    code, errors, _ = cli("remove-run", f"OUTPUT_DIR={mine}")
+    assert code == 2 and "is not a run this tool wrote" in errors[0], errors
+    assert snapshot(tmp_path) == before
+
+
+def test_remove_run_of_an_older_run_keeps_a_readme_that_is_not_its_model_card(tmp_path, cli):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "train_config.json").write_text(json.dumps({"MODEL_NAME": "tiny", "OUTPUT_DIR": "mine"}))
+    (folder / "README.md").write_text("# my notes\n", encoding="utf-8")  # a run killed before its card
+    assert cli("remove-run", f"OUTPUT_DIR={folder}")[0] == 0
+    assert os.listdir(folder) == ["README.md"] and (folder / "README.md").read_text() == "# my notes\n"
 
 
 def test_remove_run_refuses_what_is_not_a_run(tmp_path, cli, snapshot):
@@ -303,6 +327,7 @@ def test_predict_file_and_evaluate_write_only_where_they_may(project, cli, snaps
     assert ownership.kind_of(run / "eval") == "evaluate" and "eval" in ownership.read_marker(run)["entries"]
     old = project / "old-eval"  # reports an older version wrote, without the marker: still the tool's
     old.mkdir()
-    for name in ("report.json", "report.md", "predictions.jsonl"):
-        (old / name).write_text("{}", encoding="utf-8")
+    (old / "report.json").write_text('{"n_samples": 2}', encoding="utf-8")
+    for name in ("report.md", "predictions.jsonl"):
+        (old / name).write_text("", encoding="utf-8")
     assert cli("evaluate", "EVAL_DIR=old-eval", "EVAL_SAMPLES=2")[0] == 0

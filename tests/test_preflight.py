@@ -69,7 +69,11 @@ def no_torch(tmp_path):
 
 
 def _finished_run(out: Path) -> None:
-    out.mkdir(parents=True)
+    """A finished run's files, in a folder marked as this tool's run, as training marks it."""
+    from app.core import ownership
+
+    ownership.claim(out, "train")
+    ownership.register(out, ["adapter_model.safetensors", "summary.json"])
     (out / "adapter_model.safetensors").write_bytes(b"x")
     (out / "summary.json").write_text(json.dumps({"steps": 7}))
 

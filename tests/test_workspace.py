@@ -162,6 +162,7 @@ def test_clean_removes_the_token_cache_and_nothing_else_beside_it(tmp_path, monk
     cache = Path("models/.cache/tokens/0123456789abcdef01234567")
     cache.mkdir(parents=True)
     (cache / "ids").write_bytes(b"\0" * 8)
+    (cache / "meta.json").write_text("{}")  # a complete cache an older version built (no folder marker)
     note = Path("models/.cache/notes.txt")  # not the tool's
     note.write_text("mine", encoding="utf-8")
     clean(Path("."))

@@ -108,7 +108,7 @@ def clean_plan(root: Path = Path(".")) -> tuple[list[Path], list[str]]:
                 kept.append(f"kept {path}: changed since the tool wrote it (your data now)")
     models = root / "models"
     runs = [p for p in models.iterdir() if p.is_dir() and p not in remove and p.name not in TINY_MODELS
-            and ownership.kind_of(p) == "train"] if models.is_dir() else []
+            and (ownership.kind_of(p) == "train" or (p / "adapter_config.json").is_file())] if models.is_dir() else []
     if runs:
         kept.append("kept trained runs: " + ", ".join(str(r) for r in sorted(runs)) +
                     " (remove one with `make remove-run OUTPUT_DIR=<dir>`)")

@@ -11,49 +11,27 @@ the project's root, data/ and models/, and any folder that is, or holds, an inpu
 (DATA_PATH, VAL_PATH, EVAL_PATH, INPUT_FILE, MODEL_NAME ...): run files mixed into them could not be
 told apart from the inputs, and the web UI's data picker would offer them as training files.
 
-Folders written before the marker existed are recognised by their files (LEGACY) and adopted: only
-the entries this tool writes count as the run's. Standard library only.
+Folders written before the marker existed are recognised by their contents (app.core.legacy) and adopted:
+only the entries this tool writes count as the run's. Standard library only.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping
 
+from app.core.legacy import LEGACY, legacy_entries, legacy_kind, matches
 from app.core.utils import atomic_write_text
 
 MARKER = "run_manifest.json"
 TOOL = "ChatGLM-CPU-Trainer"
 RUN_LOCK = ".trainer-run.lock"  # app.training.runlock's: held while a command writes there, deleted after
 # Hidden names the tool's own writers leave for a moment (staged_dir, atomic_write_text's temp files, the run
-# lock, replace_dir's partial/old copies): in a folder marked as the tool's they are its own debris.
+# lock, replace_dir's partial/old copies): in a folder that is the tool's they are its own debris.
 TRANSIENT = (".staging.*", RUN_LOCK, ".*.partial-*", ".*.old-*", f".{MARKER}.*")
-
-
-class Legacy(NamedTuple):
-    """How to recognise a folder of one kind written before folders carried MARKER."""
-    signs: tuple[str, ...]  # an entry matching one of these (every one, with ``all_signs``): such a folder
-    names: tuple[str, ...]  # the entries such a folder's writer made (all else in it is someone's)
-    all_signs: bool = False
-
-
-_CACHE_KEY = "[0-9a-f]" * 24  # app.data.cache.cache_key
-LEGACY = {
-    "train": Legacy(("train_config.json", "summary.json", "checkpoints"), (
-        "adapter_model.safetensors", "adapter_config.json", "model*.safetensors", "model.safetensors.index.json",
-        "config.json", "generation_config.json", "README.md", "tokenizer*", "special_tokens_map.json",
-        "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template.*", "data_report.json",
-        "train_config.json", "summary.json", "metrics.jsonl", "loss_curve.png", "best", "checkpoints", "runs",
-        "mlflow.db", "wandb", "swanlab*", "trackio", "eval", "merged", "onnx") + TRANSIENT),
-    "token-cache": Legacy((_CACHE_KEY,), (_CACHE_KEY, f".{_CACHE_KEY}.lock", ".*.partial-*")),
-    "evaluate": Legacy(("report.json", "report.md", "predictions.jsonl"), (
-        "report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png", ".per_predicate_f1.png.tmp",
-        ".report.*", ".predictions.jsonl.*"), all_signs=True),
-}
-LEGACY_RUN = LEGACY["train"].names
+RUN_NAMES = LEGACY["train"].names + TRANSIENT  # what a run writes (also under no marker)
 
 
 def read_marker(folder: str | Path) -> dict | None:
@@ -68,30 +46,22 @@ def read_marker(folder: str | Path) -> dict | None:
 
 
 def owned_entries(folder: str | Path) -> set[str] | None:
-    """The entries of ``folder`` this tool wrote (listed in its marker, or an older version's by name),
+    """The entries of ``folder`` this tool wrote (listed in its marker, or an older version's: app.core.legacy),
     or None when the folder is not the tool's."""
     folder = Path(folder)
     marker = read_marker(folder)
     names = _names(folder)
     if marker is not None:
         listed = {str(e) for e in marker["entries"]} | {MARKER}
-        return {n for n in names if n in listed or _matches(n, TRANSIENT)} | listed
-    kind = _legacy_kind(names)
-    return None if kind is None else {n for n in names if _matches(n, LEGACY[kind].names)}
+        return {n for n in names if n in listed or matches(n, TRANSIENT)} | listed
+    kind = legacy_kind(folder)
+    return None if kind is None else legacy_entries(folder, kind, names) | {n for n in names if matches(n, TRANSIENT)}
 
 
 def kind_of(folder: str | Path) -> str | None:
-    """What the tool wrote ``folder`` as (its marker's kind, or an older version's folder by its files), or None."""
+    """What the tool wrote ``folder`` as (its marker's kind, or an older version's folder by its contents)."""
     marker = read_marker(folder)
-    return str(marker.get("kind")) if marker is not None else _legacy_kind(_names(Path(folder)))
-
-
-def _legacy_kind(names: set[str]) -> str | None:
-    for kind, legacy in LEGACY.items():
-        found = [any(_matches(n, (sign,)) for n in names) for sign in legacy.signs]
-        if all(found) if legacy.all_signs else any(found):
-            return kind
-    return None
+    return str(marker.get("kind")) if marker is not None else legacy_kind(Path(folder))
 
 
 def foreign_entries(folder: str | Path) -> list[str]:
@@ -176,7 +146,7 @@ def entries_now(folder: str | Path) -> set[str]:
 def register_new(folder: str | Path, before: set[str], patterns: Iterable[str]) -> None:
     """List what appeared in ``folder`` since ``before`` under a name matching ``patterns`` (a tracker's files,
     say): a file someone else put there meanwhile, under another name, stays theirs."""
-    register(folder, {n for n in _names(Path(folder)) - before if _matches(n, patterns)})
+    register(folder, {n for n in _names(Path(folder)) - before if matches(n, patterns)})
 
 
 def _write_marker(folder: Path, data: dict) -> None:
@@ -188,10 +158,6 @@ def _names(folder: Path) -> set[str]:
         return set(os.listdir(folder))
     except OSError:
         return set()
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _home() -> Path:

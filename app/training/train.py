@@ -174,7 +174,7 @@ class FineTuner:
                 self._publish(out, result, peaks, weights, previous)
         finally:  # what a tracker wrote under a name not known in advance: the run's too
             if dist.is_main():
-                ownership.register_new(out, before, ownership.LEGACY_RUN)
+                ownership.register_new(out, before, ownership.RUN_NAMES)
         dist.barrier()  # the other ranks return once rank 0's outputs are complete
         return result
 
