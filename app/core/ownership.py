@@ -80,7 +80,7 @@ def write_problem(folder: str | Path, setting: str, kind: str, refused: str | No
     folder = Path(folder)
     fix = f"choose another {setting}" + (f", e.g. {setting}={instead}" if instead else "")
     if refused:
-        return f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: {fix}"
+        return refused_line(folder, setting, refused, instead)
     if folder.exists() and not folder.is_dir():
         return f"{setting}={folder} is a file; {fix}"
     found = kind_of(folder)
@@ -93,6 +93,12 @@ def write_problem(folder: str | Path, setting: str, kind: str, refused: str | No
     more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
     return (f"{setting}={folder} holds files this tool did not write ({shown}{more}); it writes only into a new "
             f"or empty folder, or one it made (marked by {MARKER}): {fix}, or move those files away")
+
+
+def refused_line(folder: str | Path, setting: str, refused: str, instead: str = "") -> str:
+    """The one line for a folder refused whatever it holds (``refused``: refused_why's answer)."""
+    return (f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: choose another "
+            f"{setting}" + (f", e.g. {setting}={instead}" if instead else ""))
 
 
 def refused_why(folder: str | Path, inputs: Mapping[str, str | Path], project: str | Path = ".") -> str | None:

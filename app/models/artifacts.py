@@ -127,10 +127,7 @@ def replace_target_problem(cfg: Config | None, folder: str | Path, marker: str, 
     from app.core.utils import replace_problem
 
     refused = ownership.refused_why(folder, read_paths(cfg) if cfg is not None else {})
-    if refused:
-        return (f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: choose another "
-                f"{setting}")
-    return replace_problem(folder, marker, setting)
+    return ownership.refused_line(folder, setting, refused) if refused else replace_problem(folder, marker, setting)
 
 
 def fp32_bytes(model_dir: str | Path) -> int | None:
