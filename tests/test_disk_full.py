@@ -133,3 +133,18 @@ def test_a_token_cache_that_cannot_fit_is_one_line(project, small_disk, cli):
                           f"CACHE_DIR={disk}", "OUTPUT_DIR=models/cached")
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"CACHE_DIR={disk}: the token cache of "), errors
     assert not Path("models/cached").exists()
+
+
+def test_a_native_writers_short_write_counts_as_a_full_disk_by_the_space_left(small_disk):
+    """torch.save says `unexpected pos`, not ENOSPC: it is a full disk when under 1 MB is free, or less than what
+    was being written (judged before the half-written file is removed and gives its space back)."""
+    from app.core.diskspace import is_full
+
+    disk = small_disk("2m")
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 19520 vs 19412")
+    assert not is_full(short, disk)  # 2 MB free and no size known: some other failure
+    assert is_full(short, disk, need=3 * 2**20)  # a 3 MB checkpoint cannot have fitted
+    assert not is_full(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), disk, need=3 * 2**20)
+    assert is_full(OSError(28, "No space left on device"), disk)
+    FillAfterSave(disk, step=None).fill()
+    assert is_full(short, disk)

@@ -30,15 +30,17 @@ def free_bytes(path: str | Path) -> int | None:
         return None
 
 
-def is_full(exc: BaseException, path: str | Path) -> bool:
-    """Whether ``exc``, raised while writing under ``path``, is a full disk (or an exhausted quota)."""
+def is_full(exc: BaseException, path: str | Path, need: float | None = None) -> bool:
+    """Whether ``exc``, raised while writing under ``path``, is a full disk (or an exhausted quota). A native
+    writer's short-write message counts where less than LOW_BYTES, or than the ``need`` of what was being
+    written, is free: ask before the half-written file is deleted, which gives its space back."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     if isinstance(exc, OSError) and exc.errno is not None:
         return False  # a permission or other error with its own errno
     text = str(exc).lower()
     free = free_bytes(path)
-    return any(s in text for s in _SHORT_WRITE) and free is not None and free < LOW_BYTES
+    return any(s in text for s in _SHORT_WRITE) and free is not None and free < max(LOW_BYTES, need or 0)
 
 
 def human(n: float | None) -> str:

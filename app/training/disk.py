@@ -1,6 +1,6 @@
 """The disk a training run needs, checked before the weights load, and a failed write told in one line.
 
-A run writes checkpoints (the trainable weights, AdamW's two moments, the tokenizer), keeps at most two
+A run writes checkpoints (the trainable weights, AdamW's two moments, its state), keeps at most two
 sealed ones while sealing a third, a best/ adapter when evaluating, and at the end the adapter staged
 beside them. ``needs`` predicts those sizes from the model's shape; ``check`` refuses a run whose
 OUTPUT_DIR cannot hold them before minutes of loading. A write that still fails (the disk filled up
@@ -43,9 +43,8 @@ class DiskNeeds:
 def needs(cfg: Config, shape: ModelShape, model_path: str, trainable: int | None) -> DiskNeeds:
     """What this run writes, from the model's shape; ``trainable``: the plan's count (None: LoRA's)."""
     weights = (trainable if trainable is not None else cfg.lora.lora_r * shape.lora_io) * WEIGHT_BYTES
-    tokenizer = _tokenizer_bytes(model_path)
-    adapter = weights + tokenizer + SMALL_FILES
-    checkpoint = adapter + weights // WEIGHT_BYTES * ADAM_BYTES
+    adapter = weights + _tokenizer_bytes(model_path) + SMALL_FILES
+    checkpoint = weights + weights // WEIGHT_BYTES * ADAM_BYTES + SMALL_FILES  # the Trainer saves no tokenizer there
     return DiskNeeds(checkpoint, adapter, SEALED_KEPT * checkpoint + 2 * adapter)
 
 
@@ -77,7 +76,7 @@ def write_error(e: BaseException, out: Path, doing: str, previous: str | None, n
                         [f"the last sealed checkpoint, {ckpt}, is intact"] * bool(ckpt)) or \
         "nothing half-written was left"
     again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
-    if diskspace.is_full(e, out):
+    if diskspace.is_full(e, out, need):
         return UserError(diskspace.full_line("OUTPUT_DIR", out, doing, need, kept, again))
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"OUTPUT_DIR={out}: cannot write ({os.strerror(e.errno).lower()}) while {doing}; {kept}. "

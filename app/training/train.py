@@ -200,10 +200,11 @@ class FineTuner:
                 trainer, out_state = self._train_with_backoff(out, ckpt_dir, sampler,
                                                               [*(callbacks or []), stop_callback(self.stop)])
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            # judged while the half-written checkpoint still fills the disk; e itself when it is no full disk
+            error = write_error(e, out, "writing a checkpoint or the training logs", previous, self.disk.checkpoint)
             if dist.is_main():
                 clear_staging(ckpt_dir)  # a half-written checkpoint frees its space; it is never resumed anyway
-            raise write_error(e, out, "writing a checkpoint or the training logs", previous,
-                              self.disk.checkpoint) from None  # (e itself, with its traceback, if not a full disk)
+            raise error from None
         state = trainer.state
         if self.stop.requested and state.global_step < state.max_steps:
             raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {state.global_step} of "
