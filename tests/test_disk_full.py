@@ -12,8 +12,9 @@ from app.config import Config
 from app.core.errors import UserError
 from app.training.checkpoints import complete_checkpoints, is_complete
 
+# QUANT_LEVEL left to the tier, as a user leaves it (8bit for tiny on 12-24 GB, 4bit below)
 ARGS = {"MODEL_NAME": "tiny", "MAX_STEPS": 3, "SAVE_STEPS": 1, "EVAL_STEPS": 10, "LOGGING_STEPS": 1,
-        "MAX_SAMPLES": 16, "MAX_SEQ_LEN": 64, "QUANT_LEVEL": "none", "NUM_THREADS": 1, "BATCH_SIZE": 2,
+        "MAX_SAMPLES": 16, "MAX_SEQ_LEN": 64, "NUM_THREADS": 1, "BATCH_SIZE": 2,
         "GRAD_ACCUM": 1, "REPORT_TO": "none"}
 ONE_LINE = re.compile(r"OUTPUT_DIR=\S+: no space left on the device while (.+) \(needs about [\d.]+ [KMG]B, "
                       r"([\d.]+ [KMG]?B|\d+ bytes) free on (\S+)\); (.+)\. Free some space there or set OUTPUT_DIR "
