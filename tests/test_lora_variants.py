@@ -203,9 +203,9 @@ def test_dora_on_an_8bit_base_gets_the_dequantized_models_gradients_step_after_s
     row scales, so the second forward failed inside bitsandbytes (the tier's 8bit for 12-24 GB machines). Three
     passes on the 8-bit model give the gradients of an fp32 model holding the dequantized weights."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from app.models.loading import load_model
+    from app.config import Config
+    from app.models.loading import apply_lora, load_model
     from app.models.quantization import prepare_for_training
 
     quant = prepare_for_training(load_model(str(tiny_glm_dir), quant="8bit"), "8bit", gradient_checkpointing=False)
@@ -216,10 +216,11 @@ def test_dora_on_an_8bit_base_gets_the_dequantized_models_gradients_step_after_s
                 w = layers[name].weight  # int8 rows x row scale / 127
                 module.weight.copy_(w.data.float() * w.SCB.float().unsqueeze(1) / 127)
 
-    def dora(model):
+    def dora(model):  # through the tool's own LoRA setup, which gives DoRA's 8-bit layers their hook
         torch.manual_seed(0)
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
-                                                      target_modules=["q_proj", "v_proj", "down_proj"]))
+        peft_model = apply_lora(model, Config.from_dict({
+            "MODEL_NAME": str(tiny_glm_dir), "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0, "USE_DORA": True,
+            "LORA_TARGETS": "q_proj,v_proj,down_proj"}))
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:  # B starts at zero, which would leave A without gradient
                 torch.nn.init.normal_(p, std=0.05)

@@ -126,7 +126,7 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from app.models.quantization import bnb_config, keep_8bit_scales, load_dtype, read_without_mmap
+    from app.models.quantization import bnb_config, load_dtype, read_without_mmap
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
@@ -147,8 +147,6 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
                         "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None
     except Exception as e:  # noqa: BLE001
         raise _load_error(name_or_path, e, setting) from None
-    if quant == "8bit":
-        keep_8bit_scales(model)  # DoRA on CPU would lose them (app/models/quantization.py)
     return model
 
 
@@ -160,8 +158,13 @@ def load_adapter(model: Any, adapter: Path, name: str = "default") -> Any:
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(adapter), adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
+        if getattr(model.peft_config[name], "use_dora", False):
+            from app.models.quantization import keep_8bit_scales
+
+            keep_8bit_scales(model)  # DoRA on an 8-bit base on CPU would lose them (app/models/quantization.py)
+        return model
     except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
         known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
         if known is None:
@@ -258,6 +261,10 @@ def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
     if lo.lora_init in MUTATING:
         torch.manual_seed(cfg.train.seed)  # PiSSA's fast SVD is randomized: a resume must rebuild the same base
     peft_model = get_peft_model(model, lcfg)
+    if lo.use_dora:
+        from app.models.quantization import keep_8bit_scales
+
+        keep_8bit_scales(peft_model)  # DoRA on an 8-bit base on CPU would lose them (app/models/quantization.py)
     if lo.lora_init in MUTATING:
         # the adapter as initialized, to convert the trained one back to plain LoRA on the unchanged base when it
         # is saved (save_kwargs); rebuilt identically on a resume, so a temp dir serves

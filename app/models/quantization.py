@@ -128,13 +128,18 @@ def keep_8bit_scales(model: Any) -> int:
     forward takes the rows and scales from the weight again, so the scales become None and
     bitsandbytes fails ("'NoneType' object has no attribute 'unsqueeze'") in the second forward of
     training, or at the second token of a prediction. The weight is frozen, so its scales are the
-    ones the state already holds; this hook gives them back to the rebuilt weight."""
+    ones the state already holds; this hook gives them back to the rebuilt weight. Only models with a DoRA
+    adapter get it (app/models/loading.py): other 8-bit forwards pay nothing."""
     n = 0
     for module in model.modules():
-        if type(module).__name__ == "Linear8bitLt" and hasattr(module, "state"):
+        if type(module).__name__ == "Linear8bitLt" and hasattr(module, "state") and not hasattr(module, _HOOKED):
             module.register_forward_pre_hook(_restore_8bit_scales)
+            setattr(module, _HOOKED, True)  # once: serve loads many adapters onto one base
             n += 1
     return n
+
+
+_HOOKED = "_keeps_8bit_scales"
 
 
 def _restore_8bit_scales(module: Any, _args: Any) -> None:
