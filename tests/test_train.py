@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from app import FineTuner
 
 # Per-step training loss of the recipe (the `recipe` fixture in tests/conftest.py, on its `data_dir`)
-# (torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2; tiny tokenizer with one pre-token per CJK character).
+# (torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2; tiny tokenizer trained with one pre-token per CJK character).
 # If a deliberate change alters them, re-derive with `pytest tests/test_train.py -k golden -s`
 # and say why in the commit.
 # Packed batches (PACKING=auto) since issue 7: the same samples per step and the same loss, but LoRA
@@ -26,7 +26,9 @@ from app import FineTuner
 # runs agree to 1e-6 (tests/test_speed.py).
 # Issue 17: MAX_SAMPLES is drawn in one streaming pass (the k smallest of per-record random keys) instead
 # of random.sample over a list of every record, so the recipe's 40 of 80 records are another 40: re-derived.
-GOLDEN_LOSSES = [7.57339, 7.43527, 7.29455, 7.23781, 7.18356, 7.17787]
+# Issue 29: the tiny tokenizers split with GPT-2's regex alone at run time (the CJK-per-character split only
+# while learning merges), which llama.cpp has: whitespace before Chinese text tokenizes differently.
+GOLDEN_LOSSES = [7.57296, 7.43255, 7.29368, 7.23437, 7.17748, 7.16787]
 EXPECTED_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "best", "chat_template.jinja",
                   "data_report.json", "loss_curve.png", "metrics.jsonl", "runs", "summary.json",
                   "tokenizer.json", "tokenizer_config.json", "train_config.json", "run_manifest.json"}

@@ -105,26 +105,60 @@ def _corpus(seed: int) -> list[str]:
     return lines + _ENGLISH * 20
 
 
+# llama.cpp's name for the split these tokenizers use (runtime_pre_tokenizer): GPT-2's regex. They learn their
+# merges with every CJK character its own word (training_pre_tokenizer), so no merge joins two of them or one
+# and a neighbour; with GPT-2's split alone at run time each is still one token (or its bytes), and llama.cpp
+# has that split, which it has not for the training one. app/inference/gguf_convert.py names it to llama.cpp's
+# converter (these tokenizers' hashes are in no table of its); tests/test_gguf_tokens.py proves that llama.cpp
+# then gives the same ids on Chinese, English and JSON.
+GGUF_PRE_TOKENIZER = "gpt-2"
+
+
+def training_pre_tokenizer():
+    """Every CJK character its own pre-token, then GPT-2's byte-level split."""
+    from tokenizers import Regex, pre_tokenizers
+
+    # A name then tokenizes identically in the sentence and in the JSON answer, so extraction is token
+    # copying (BPE over whole runs of Chinese text merges across word boundaries differently in each
+    # context, which a small model cannot learn).
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("[\u3400-\u9fff\uf900-\ufaff]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+
+
+def runtime_pre_tokenizer():
+    """GPT-2's byte-level split (llama.cpp's "gpt-2")."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
 def build_tokenizer(name: str, vocab_size: int = 3000, seed: int = 0):
     """Train a byte-level BPE tokenizer (Chinese + English) and wrap it for transformers."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     fam = FAMILIES[name]
     tok = Tokenizer(models.BPE())
-    # Every CJK character is its own pre-token: a name then tokenizes identically in the sentence
-    # and in the JSON answer, so extraction is token copying (BPE over whole runs of Chinese text
-    # merges across word boundaries differently in each context, which a small model cannot learn).
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("[\u3400-\u9fff\uf900-\ufaff]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.pre_tokenizer = training_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.pre_tokenizer = runtime_pre_tokenizer()  # see GGUF_PRE_TOKENIZER
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=fam.eos, pad_token=fam.pad,
                                    bos_token=fam.bos, chat_template=fam.template,
                                    model_max_length=_DIMS["max_position_embeddings"])
+
+
+def _as_checkpoints(name: str, dims: dict) -> dict:
+    """Config values the family's real checkpoints have where the transformers class's default (sized for
+    another head_dim) does not: llama.cpp assumes them, so a GGUF of the tiny model would be another model."""
+    if name == "tiny-gemma3":
+        # Gemma-3 270M/1B/4B/12B scale attention by 1/sqrt(head_dim) (query_pre_attn_scalar == head_dim == 256);
+        # the class default 256 with head_dim 16 scales by 1/16, and llama.cpp always uses 1/sqrt(head_dim).
+        return {"query_pre_attn_scalar": dims["head_dim"]}
+    return {}
 
 
 def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict | None = None,
@@ -148,10 +182,11 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict |
     tokenizer = build_tokenizer(name, seed=seed)
     ids = lambda toks: [tokenizer.convert_tokens_to_ids(t) for t in toks]  # noqa: E731
     eos_ids = ids((fam.eos, *fam.stop))
+    dims = {**_DIMS, **(dims or {})}
     config = getattr(transformers, fam.config_cls)(
         vocab_size=max(len(tokenizer), vocab_size or 0), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
-        **{**_DIMS, **(dims or {})})
+        **dims, **_as_checkpoints(name, dims))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
