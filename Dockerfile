@@ -5,10 +5,11 @@
 #   when Docker Hub is out of reach, or build one with scripts/make-base-image.sh (no registry).
 # TORCH_INDEX_URL: where torch comes from. The CPU index keeps ~4 GB of CUDA libraries out.
 # wheels/: wheels put there are preferred (--find-links); a torch wheel there is installed
-#   instead of asking TORCH_INDEX_URL, for builds where only PyPI is reachable.
+#   instead of asking TORCH_INDEX_URL, for builds where only PyPI is reachable, and a
+#   llama_cpp_python wheel instead of building llama.cpp (see GGUF_CMAKE_ARGS below).
 ARG BASE_IMAGE=python:3.11-slim
 
-# ---- dependencies: rebuilt only when requirements.txt or wheels/ change ----------------------
+# ---- dependencies: rebuilt only when requirements*.txt, setup-gguf.sh or wheels/ change ------
 FROM ${BASE_IMAGE} AS deps
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,6 +32,20 @@ RUN set -eu; \
     fi; \
     /opt/venv/bin/pip install --find-links wheels -r requirements.txt; \
     /opt/venv/bin/python -c "import torch; assert not torch.version.cuda, 'CPU image got a CUDA torch'"
+# llama.cpp for export-gguf and INFER_BACKEND=llama.cpp (requirements-gguf.txt, scripts/setup-gguf.sh):
+# llama-cpp-python is built from its sdist, so cmake and g++ are installed in this stage only; the
+# app stage gets the venv (the binding and share/llama.cpp, the converter). A llama_cpp_python wheel
+# in wheels/ is used instead of the build (minutes). The build is tuned for the CPU that builds the
+# image (llama.cpp's GGML_NATIVE): for an image that runs on other CPUs add -DGGML_NATIVE=OFF to
+# GGUF_CMAKE_ARGS (another value than the default always builds, ignoring wheels/).
+ARG GGUF_CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cmake g++ \
+    && rm -rf /var/lib/apt/lists/*
+COPY requirements-gguf.txt ./
+COPY scripts/setup-gguf.sh ./scripts/
+RUN PIP_FIND_LINKS=wheels CMAKE_ARGS="$GGUF_CMAKE_ARGS" scripts/setup-gguf.sh /opt/venv
 
 # ---- app: only this part is rebuilt when the code changes ------------------------------------
 FROM ${BASE_IMAGE}
@@ -52,11 +67,12 @@ RUN useradd --uid 1000 --user-group --create-home --home-dir /home/app --shell /
     && chown app:app /app/data /app/models
 # A CJK font, so the Chinese labels in the plots (per_predicate_f1.png) are not empty boxes:
 # fonts-wqy-microhei is the smallest one Debian and Ubuntu ship (5 MB, no dependencies). Installed
-# before matplotlib's font cache is built below, so the cache lists it. Not version-pinned: the
-# base image's apt snapshot decides.
+# before matplotlib's font cache is built below, so the cache lists it. libgomp1: the OpenMP runtime
+# llama.cpp's libggml links to (torch bundles its own copy). Not version-pinned: the base image's
+# apt snapshot decides.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fonts-wqy-microhei \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fonts-wqy-microhei libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=deps /opt/venv /opt/venv
 # matplotlib's font cache, built once here instead of on every run (the plots need it)

@@ -74,7 +74,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx clean remove-run distclean
+.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -90,6 +90,13 @@ docker-engine:
 $(STAMP): requirements.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV) $(PYTHON)
 	@touch $@
+
+setup-gguf: $(SETUP) ## optional: llama.cpp for export-gguf and INFER_BACKEND=llama.cpp (local: built once)
+ifeq ($(RUNTIME),local)
+	scripts/setup-gguf.sh $(VENV)
+else
+	@echo "setup-gguf: the image $(IMAGE) has llama.cpp already (its deps stage builds it)"
+endif
 
 data: setup ## synthetic sample data -> DATA_PATH and dev.jsonl beside it (never over your files)
 	$(APP) generate-data

