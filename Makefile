@@ -74,7 +74,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx clean remove-run distclean
+.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx bench-infer clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -139,6 +139,9 @@ merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without
 export-onnx: setup ## merged model (merged first if needed) as ONNX -> ONNX_DIR, usable as ADAPTER_DIR
 	$(APP) export-onnx
 
+export-gguf: setup ## the run as one GGUF (GGUF_QUANT) + Ollama Modelfile -> GGUF_DIR (needs setup-gguf)
+	$(APP) export-gguf
+
 remove-run: ## delete one trained run, named: make remove-run OUTPUT_DIR=models/tiny-lora
 	@$(HOSTPY) -m app remove-run
 
@@ -192,6 +195,9 @@ bench-serve: setup ## serve at 1/4/16 clients, batched vs one at a time, ~100M m
 
 bench-onnx: setup ## generation tokens/s, ONNX Runtime vs PyTorch, ~100M random models -> bench/onnx.md
 	$(PYRUN) -m bench.bench_onnx
+
+bench-infer: setup-gguf ## tokens/s and RSS, torch vs llama.cpp GGUF, random 1.5B/6B (root) -> bench/infer.md
+	$(PYRUN) -m bench.bench_infer
 
 distclean: clean ## clean, and remove .venv (your data and trained runs stay)
 	rm -rf $(VENV)

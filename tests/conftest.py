@@ -37,6 +37,9 @@ SLOW = (
     "tests/test_demo.py::test_demo_recipe_f1_rises_well_above_its_start",
     "tests/test_evaluate.py",
     "tests/test_export.py",
+    "tests/test_gguf_export.py",
+    "tests/test_gguf_parity.py",
+    "tests/test_gguf_tokens.py",
     "tests/test_faults.py::test_kill_9_of_merge_leaves_the_previous_merge_or_none",
     "tests/test_faults.py::test_kill_9_of_export_leaves_the_previous_export_or_none",
     "tests/test_families.py",
@@ -585,6 +588,20 @@ def chromium() -> str:
     why = "no Chromium here for the browser tests (apt-get install chromium, or CHROMIUM=<path>)"
     if os.environ.get("REQUIRE_BROWSER", "0") not in ("", "0"):
         pytest.fail(f"REQUIRE_BROWSER=1: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def llamacpp() -> None:
+    """llama.cpp's binding and converter (`make setup-gguf`), or a skip naming them; with REQUIRE_GGUF=1 (CI)
+    a failure instead."""
+    from app.inference.llamacpp import missing
+
+    why = missing("these tests")
+    if why is None:
+        return
+    if os.environ.get("REQUIRE_GGUF", "0") not in ("", "0"):
+        pytest.fail(f"REQUIRE_GGUF=1: {why}", pytrace=False)
     pytest.skip(why)
 
 

@@ -244,12 +244,17 @@ WRITERS = {
     "app.data.synthetic": "make demo / generate-data's sample files (tests/test_workspace.py)",
     "app.evaluation.reports": "evaluate's report folder: new, empty or the tool's (this file)",
     "app.inference.export": "ONNX_DIR: replace_dir with onnx_export.json, refused folders (this file)",
+    "app.inference.gguf_export": "GGUF_DIR: replace_dir with gguf_info.json, refused folders; the merged model and "
+                                 "logs only inside the new export (tests/test_gguf_export.py)",
+    "app.inference.gguf_files": "the Modelfile, README and generation_config.json inside the new export",
     "app.inference.merge": "MERGED_DIR: replace_dir with merge_info.json, refused folders (this file)",
     "app.inference.predict": "predict-file's OUTPUT_FILE: new, or the tool's own unchanged output (this file)",
     "app.models.loading": "PiSSA/OLoRA's initial adapter in a temp dir of its own",
     "app.models.runs": "models/.last_run, the tool's pointer (this file)",
     "app.models.tiny": "models/tiny-* built whole (tests/test_workspace.py)",
     "app.serve.engine": None,  # list.remove: no file
+    "app.serve.gguf": "<adapter>/gguf-lora: replace_dir with lora_info.json, refused folders, listed in the run's "
+                      "manifest (tests/test_serve_llamacpp.py)",
     "app.training.callbacks": "best/ and the loss plot inside the run dir",
     "app.training.checkpoints": "checkpoints/ inside the run dir",
     "app.training.outputs": "the finished run's files inside the run dir (this file)",

@@ -50,7 +50,7 @@ def _info(cfg: Config) -> None:
 # prompt with a PROMPT in .env, `make chat` chats with an INPUT_FILE there.
 # The commands whose pre-flight (app.cli.preflight) validates the settings.
 PREFLIGHTED = frozenset({"train", "info", "predict", "predict-custom", "predict-file", "chat", "evaluate", "merge",
-                         "export-onnx"})
+                         "export-onnx", "export-gguf"})
 _MODES: dict[str, dict[str, object]] = {
     "predict": {"prompt": "", "input_file": "", "interactive": False},
     "predict-custom": {"input_file": "", "interactive": False},
@@ -108,6 +108,16 @@ def _export_onnx(cfg: Config) -> None:
 
     with _run_lock(cfg, "export-onnx"):
         run_export(cfg)
+
+
+def _export_gguf(cfg: Config) -> None:
+    from app.cli.preflight import preflight
+
+    preflight(cfg, "export-gguf")
+    from app.inference.gguf_export import run_export_gguf
+
+    with _run_lock(cfg, "export-gguf"):
+        run_export_gguf(cfg)
 
 
 def _run_lock(cfg: Config, command: str) -> ContextManager[None]:
@@ -195,7 +205,7 @@ def _serve(cfg: Config) -> None:
 
 # The settings that pick and load a model (an adapter, its base), and that shape its answers.
 _LOAD = ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "ADAPTER_DIR", "OUTPUT_DIR")
-_ANSWER = _LOAD + ("MAX_NEW_TOKENS", "TEMPERATURE")
+_ANSWER = _LOAD + ("MAX_NEW_TOKENS", "TEMPERATURE", "INFER_BACKEND", "GGUF_QUANT", "GGUF_DIR")
 _PLAN = ("model", "data", "lora", "resources", "train", "distributed")
 
 COMMANDS: dict[str, Command] = {
@@ -226,6 +236,9 @@ COMMANDS: dict[str, Command] = {
                      _LOAD + ("MERGED_DIR",)),
     "export-onnx": Command(_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",
                            _LOAD + ("MERGED_DIR", "ONNX_DIR")),
+    "export-gguf": Command(_export_gguf, "the run merged and converted by llama.cpp to one GGUF (GGUF_QUANT) in "
+                                         "GGUF_DIR, with an Ollama Modelfile and the llama.cpp/Ollama commands",
+                           _LOAD + ("GGUF_QUANT", "GGUF_DIR", "GGUF_ADAPTER_ONLY")),
     "demo": Command(_demo, "offline proof of learning: tiny GLM from scratch on synthetic data, held-out F1",
                     ("DEMO_MINUTES", "SEED", "BATCH_SIZE", "LEARNING_RATE", "PRECISION", "NUM_THREADS")),
     "make-tiny-model": Command(_make_tiny, "build the random tiny model "

@@ -48,8 +48,14 @@ def preflight(cfg: Config, command: str) -> None:
     problems += _mode_problems(cfg, command)
     if command in PREDICT + ("evaluate",):
         problems += _inference_problems(cfg)
-    if command in PREDICT + ("evaluate", "merge", "export-onnx"):
+    if command in PREDICT + ("evaluate", "merge", "export-onnx", "export-gguf"):
         problems += _run_problems(cfg, command)
+    if command == "export-gguf" or (command in PREDICT + ("evaluate", "serve")
+                                    and cfg.predict.infer_backend == "llama.cpp"):
+        from app.inference.llamacpp import missing
+
+        problems += [p for p in [missing("make export-gguf" if command == "export-gguf"
+                                         else "INFER_BACKEND=llama.cpp")] if p]
     if problems:
         raise UserError(_unique(problems))
 

@@ -43,6 +43,10 @@ Scheduler = Literal["cosine", "linear", "constant_with_warmup"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalMetric = Literal["loss", "f1"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+InferBackend = Literal["torch", "llama.cpp"]
+# llama.cpp's own type names (its quantizer's), lower-cased: the float ones come from its converter
+GgufQuant = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
+                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 # REPORT_TO's names (a comma list; app/training/trackers.py sets each up)
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio", "swanlab", "none")
 
@@ -187,6 +191,15 @@ class PredictArgs:
     merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
     onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
                            "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
+    infer_backend: InferBackend = _f("torch", "What runs predict, chat, evaluate and serve: torch (transformers, the "
+                                              "adapter on its base) or llama.cpp (the run exported to GGUF at "
+                                              "GGUF_QUANT, reused while the adapter is unchanged; make setup-gguf)")
+    gguf_quant: GgufQuant = _f("q4_k_m", "make export-gguf / INFER_BACKEND=llama.cpp: the GGUF's weight type; "
+                                         "f16/bf16 are exact, q8_0 near-exact, k-quants smaller and faster")
+    gguf_dir: str = _f("", "make export-gguf: where the GGUF, its Ollama Modelfile and README go; empty = gguf/ in "
+                           "the adapter dir")
+    gguf_adapter_only: bool = _f(False, "make export-gguf: also write the LoRA alone as a GGUF adapter (llama.cpp "
+                                        "--lora) beside its base converted once")
 
 
 @dataclass(frozen=True)

@@ -120,19 +120,24 @@ class OnnxCausalLM:
         return torch.from_numpy(np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids)
 
     def _pick(self, logits: Any, do_sample: bool, temperature: float) -> Any:
-        """Next token ids from last-position logits: argmax, or transformers' temperature/top-k/top-p sampling."""
-        import torch
+        return pick_token(logits, do_sample, temperature, self.top_k, self.top_p)
 
-        if not do_sample:
-            return logits.argmax(-1)
-        scores = torch.from_numpy(logits).float() / max(temperature, 1e-5)
-        if self.top_k:
-            kth = torch.topk(scores, min(self.top_k, scores.shape[-1])).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.top_p
-            drop[..., -1:] = False
-            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return torch.multinomial(scores.softmax(-1), 1)[:, 0].numpy()
 
+def pick_token(logits: Any, do_sample: bool, temperature: float, top_k: int | None = None,
+               top_p: float | None = None) -> Any:
+    """Next token ids from last-position logits (numpy): argmax, or transformers' temperature/top-k/top-p
+    sampling (the model's generation_config values, as transformers' generate applies them)."""
+    import torch
+
+    if not do_sample:
+        return logits.argmax(-1)
+    scores = torch.from_numpy(logits).float() / max(temperature, 1e-5)
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(scores.softmax(-1), 1)[:, 0].numpy()

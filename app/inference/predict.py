@@ -54,6 +54,9 @@ class Predictor:
         name, quant = base_model_for(cfg, self.adapter)
         from app.inference.onnx_model import OnnxCausalLM
 
+        if cfg.predict.infer_backend == "llama.cpp":
+            self._load_gguf(cfg)
+            return
         # Which setting names the dir a load reads, for the one line a damaged file gives.
         setting = "ADAPTER_DIR" if self.adapter is not None and is_full_model(self.adapter) else "MODEL_NAME"
         if is_onnx_dir(name):  # `make export-onnx` output: ONNX Runtime instead of PyTorch
@@ -79,6 +82,24 @@ class Predictor:
         self.model = model.eval()
         log.info("model %s%s%s", name, "" if quant == "none" else f" ({quant})",
                  f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
+
+    def _load_gguf(self, cfg: Config) -> None:
+        """INFER_BACKEND=llama.cpp: the run as a GGUF (exported first when needed) in llama.cpp, and the
+        tokenizer the torch backend would use, which renders and tokenizes every prompt as it does."""
+        from app.inference.gguf_export import ensure_gguf
+        from app.inference.gguf_files import GENERATION_FILE
+        from app.inference.llamacpp_model import LlamaCppCausalLM
+        from app.models.artifacts import parse_json
+
+        path, src = ensure_gguf(cfg)
+        own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
+        self.tokenizer = load_tokenizer(str(self.adapter if own_tok else src.base_dir), cfg.model.trust_remote_code,
+                                        setting="ADAPTER_DIR" if own_tok else "MODEL_NAME")
+        generation, _ = parse_json(path.parent / GENERATION_FILE)
+        self.model = LlamaCppCausalLM(path, cfg.model.num_threads, n_seq=max(1, cfg.predict.predict_batch_size),
+                                      generation=generation if isinstance(generation, dict) else None,
+                                      exact=cfg.predict.gguf_quant in ("f16", "bf16"))
+        log.info("model %s (llama.cpp, %s)", path, cfg.predict.gguf_quant)
 
     def _sampling(self) -> dict[str, Any]:
         t = self.cfg.predict.temperature

@@ -1,0 +1,246 @@
+"""`make export-gguf`: a trained run as one GGUF file for llama.cpp and Ollama, and the same file for
+INFER_BACKEND=llama.cpp (``ensure_gguf``: exported once, reused while the adapter and its base are unchanged).
+
+The adapter is merged into its base at the base's own precision (a QLoRA run's from the original base, not
+from the 4-bit weights it trained on), llama.cpp's converter writes a 16-bit GGUF, and llama.cpp's quantizer
+makes GGUF_QUANT from it. The tokenizer the run trained with (its chat template and EOS) goes into the GGUF's
+metadata; an Ollama Modelfile with the same template and stop tokens, and a README with the commands, go
+beside it. GGUF_DIR is replaced whole (app.core.utils.replace_dir): a kill or a full disk leaves the
+previous export or none, never a half-written file that llama.cpp would load.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.config import Config
+from app.core import diskspace, ownership
+from app.core.errors import UserError
+from app.core.utils import replace_dir, write_json
+from app.inference import llamacpp
+from app.models.artifacts import base_model_for, find_adapter, is_full_model, is_onnx_dir, parse_json, read_json
+from app.models.artifacts import replace_target_problem
+from app.models.tiny import resolve_model
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "gguf_info.json"  # what was exported, from what: the marker of a dir this tool may replace
+# The families of the README's table that llama.cpp's converter supports, by their transformers architecture.
+FAMILIES = {"GlmForCausalLM": "GLM / GLM-Edge", "Glm4ForCausalLM": "GLM-4", "Qwen2ForCausalLM": "Qwen2",
+            "Qwen3ForCausalLM": "Qwen3", "LlamaForCausalLM": "Llama", "Gemma3ForCausalLM": "Gemma-3"}
+_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_0": 0.69, "q5_1": 0.75, "q5_k_s": 0.69,
+                     "q5_k_m": 0.71, "q4_0": 0.57, "q4_1": 0.63, "q4_k_s": 0.57, "q4_k_m": 0.61, "q3_k_s": 0.44,
+                     "q3_k_m": 0.49, "q3_k_l": 0.53, "q2_k": 0.41}  # ggml's block sizes, + k-quant mixes
+
+
+@dataclass(frozen=True)
+class Source:
+    adapter: Path | None   # a LoRA adapter dir, a full model dir, or None (the base itself)
+    base_name: str         # MODEL_NAME as trained
+    base_dir: Path         # its local dir
+    trained_quant: str     # QUANT_LEVEL the adapter was trained on
+    out: Path              # GGUF_DIR
+
+
+def source_for(cfg: Config) -> Source:
+    """What `export-gguf` (and INFER_BACKEND=llama.cpp) turn into a GGUF, each refusal in one line."""
+    adapter = find_adapter(cfg)
+    if adapter is not None and is_onnx_dir(adapter):
+        raise UserError(f"ADAPTER_DIR={adapter} is an ONNX export; export the run it came from to GGUF")
+    if adapter is not None and not is_full_model(adapter):
+        kind = read_json(adapter / "adapter_config.json", f"ADAPTER_DIR={adapter}").get("peft_type", "LORA")
+        if kind != "LORA":
+            raise UserError(f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds learnt prefixes to every "
+                            "layer's attention at run time, which llama.cpp has no place for; GGUF takes "
+                            "METHOD=lora, qlora or full runs (predict on this one with INFER_BACKEND=torch)")
+    name, quant = base_model_for(cfg, adapter)
+    base = Path(resolve_model(name)) if adapter is None or not is_full_model(adapter) else adapter
+    if not (base / "config.json").is_file():
+        raise UserError(f"MODEL_NAME={name}: GGUF export reads a local model dir and there is none; download it "
+                        f"first (`.venv/bin/hf download {name} --local-dir models/{Path(name).name}`), then "
+                        f"MODEL_NAME=models/{Path(name).name}")
+    arch = ((parse_json(base / "config.json")[0] or {}).get("architectures") or ["?"])[0]
+    if arch not in FAMILIES:
+        why = ("runs its own remote code (TRUST_REMOTE_CODE), whose tokenizer the converter cannot read on current "
+               "transformers" if arch.startswith("ChatGLM") else "is not a family this tool exports")
+        raise UserError(f"MODEL_NAME={name}: {arch} {why}; GGUF export supports {', '.join(FAMILIES.values())} "
+                        "(predict on this run with INFER_BACKEND=torch)")
+    default = (adapter / "gguf") if adapter is not None else Path("models/gguf") / base.name
+    return Source(adapter, name, base, quant, Path(cfg.predict.gguf_dir or default))
+
+
+def _digest(paths: list[Path], content: bool) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0".encode())
+        if content:
+            with p.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        else:  # a base's GBs of weights: by size and modification time, which a change of them changes
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def key_for(src: Source, quant: str) -> dict:
+    """What an export is of: reused only while every part is the same (the adapter by its bytes)."""
+    files = lambda d: [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]  # noqa: E731
+    adapter = None
+    if src.adapter is not None and not is_full_model(src.adapter):
+        adapter = _digest([p for p in files(src.adapter) if p.name.startswith(("adapter_", "tokenizer", "special_"))
+                           or p.name in ("chat_template.jinja", "generation_config.json")], content=True)
+    return {"adapter": adapter, "base": _digest(files(src.base_dir), content=False), "gguf_quant": quant,
+            "llama_cpp": llamacpp.VERSION}
+
+
+def bytes_needed(base_dir: Path, quant: str) -> int:
+    """Peak disk of an export: the merged model at 16 bits, its 16-bit GGUF, and the quantized one."""
+    from app.models.artifacts import fp32_bytes
+
+    weights = (fp32_bytes(base_dir) or 0) / 4  # parameters
+    return int(weights * (2 + 2 + (_BYTES_PER_WEIGHT[quant] if quant not in llamacpp.CONVERTER_TYPES else 0)))
+
+
+def check(cfg: Config, src: Source, quant: str) -> None:
+    problem = replace_target_problem(cfg, src.out, INFO_FILE, "GGUF_DIR")
+    if problem:
+        raise UserError(problem)
+    need = bytes_needed(src.base_dir, quant)
+    short = need and diskspace.shortfall("GGUF_DIR", src.out, need,
+                                         f"the export (the merged model and its 16-bit GGUF on the way to {quant})")
+    if short:
+        raise UserError(short + "; nothing was written")
+
+
+def run_export_gguf(cfg: Config) -> Path:
+    """Export the run (GGUF_QUANT, GGUF_DIR) and return GGUF_DIR."""
+    llamacpp.require("make export-gguf")
+    quant = cfg.predict.gguf_quant
+    src = source_for(cfg)
+    check(cfg, src, quant)
+    return export(cfg, src, quant, cfg.predict.gguf_adapter_only)
+
+
+ADAPTER_FILE = "adapter-f16.gguf"
+
+
+def export(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> Path:
+    """Write GGUF_DIR whole: the merged model at ``quant``, or (``adapter_only``) the base at ``quant`` and the
+    LoRA as a llama.cpp adapter, with a base of an earlier such export reused when the base is unchanged."""
+    from app.inference.gguf_files import write_companions
+
+    lora = adapter_only and src.adapter is not None and not is_full_model(src.adapter)
+    key = {**key_for(src, quant), "adapter_only": lora}
+    name = f"{'base' if lora else 'model'}-{quant}.gguf"
+    old, _ = parse_json(src.out / INFO_FILE)
+    try:
+        with replace_dir(src.out, INFO_FILE, "GGUF_DIR") as tmp:
+            if src.adapter is not None and src.out.parent == src.adapter:
+                ownership.register(src.adapter, [src.out.name])  # gguf/ in a run: remove-run takes it too
+            hf, logs = tmp / ".model", tmp / ".convert.log"
+            write_merged(cfg, src, hf, merge=not lora)
+            if lora and _reuse_base(old, key, src.out / name, tmp / name):
+                log.info("the base %s at %s: reused from the previous export in %s", src.base_name, quant, src.out)
+            else:
+                to_gguf(hf, tmp / name, quant, cfg.model.num_threads, logs)
+            if lora:
+                llamacpp.convert_lora(src.adapter, hf, tmp / ADAPTER_FILE, logs)
+                log.info("the LoRA alone: %s, for llama.cpp's --lora on %s", src.out / ADAPTER_FILE, src.out / name)
+            write_companions(tmp, name, hf, Path(str(src.adapter or src.base_dir)).name, quant,
+                             ADAPTER_FILE if lora else None)
+            shutil.rmtree(hf)
+            logs.unlink(missing_ok=True)
+            write_json(tmp / INFO_FILE, {"file": name, "key": key, "adapter": str(src.adapter or ""),
+                                         "base": src.base_name, "base_quantization": src.trained_quant,
+                                         "size": (tmp / name).stat().st_size})
+    except OSError as e:
+        if not diskspace.is_full(e, src.out.parent):
+            raise
+        raise UserError(diskspace.full_line("GGUF_DIR", src.out, "writing the GGUF export",
+                                            bytes_needed(src.base_dir, quant), "a previous export there is untouched",
+                                            "run `make export-gguf` again")) from None
+    log.info("exported %s -> %s (%s); its Modelfile and README beside it", src.adapter or src.base_name,
+             src.out / name, quant)
+    return src.out
+
+
+def to_gguf(hf: Path, out: Path, quant: str, threads: int, logs: Path) -> None:
+    """llama.cpp's converter (16-bit), its metadata checked against config.json, then its quantizer."""
+    first = out if quant in llamacpp.CONVERTER_TYPES else out.with_name(".16bit.gguf")
+    llamacpp.convert(hf, first, llamacpp.CONVERTER_TYPES.get(quant, "auto"), logs)
+    config, _ = parse_json(hf / "config.json")
+    for change in llamacpp.align_metadata(first, config or {}, logs):
+        log.info("GGUF metadata: %s (what config.json says; llama.cpp's converter reads another key for this "
+                 "architecture)", change)
+    if first != out:
+        log.info("quantizing to %s with llama.cpp", quant)
+        llamacpp.quantize(first, out, quant, threads, logs)
+        first.unlink()
+
+
+def _reuse_base(old: object, key: dict, previous: Path, new: Path) -> bool:
+    """Link the previous adapter-only export's base GGUF into the new one when it is of the same base and quant."""
+    if not (isinstance(old, dict) and isinstance(old.get("key"), dict) and old["key"].get("adapter_only")
+            and old["key"].get("base") == key["base"] and old["key"].get("gguf_quant") == key["gguf_quant"]
+            and previous.is_file() and previous.stat().st_size == old.get("size")):
+        return False
+    try:
+        os.link(previous, new)
+    except OSError:
+        shutil.copyfile(previous, new)
+    return True
+
+
+def write_merged(cfg: Config, src: Source, out: Path, merge: bool = True) -> None:
+    """The model to convert, as a transformers dir with the run's tokenizer: the adapter merged into its base at
+    the base's precision (``merge``), else the base alone."""
+    import torch
+
+    from app.models.loading import load_adapter, load_model, load_tokenizer
+
+    if merge and src.adapter is not None and src.trained_quant != "none":
+        log.warning("the adapter was trained on a %s base; merging it into the original unquantized base %s instead "
+                    "(llama.cpp quantizes on its own), so answers differ slightly from the %s model's",
+                    src.trained_quant, src.base_name, src.trained_quant)
+    model = load_model(str(src.base_dir), cfg.model.trust_remote_code)
+    if merge and src.adapter is not None and not is_full_model(src.adapter):
+        model = load_adapter(model, src.adapter).merge_and_unload()
+    config, _ = parse_json(src.base_dir / "config.json")
+    dtype = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "float32")
+    model = model.to(getattr(torch, dtype, torch.float32))
+    model.save_pretrained(out)
+    own_tok = src.adapter is not None and (src.adapter / "tokenizer_config.json").is_file()
+    tok_dir = src.adapter if own_tok else src.base_dir
+    load_tokenizer(str(tok_dir), cfg.model.trust_remote_code).save_pretrained(out)
+
+
+def ensure_gguf(cfg: Config) -> tuple[Path, Source]:
+    """INFER_BACKEND=llama.cpp: the run's GGUF at GGUF_QUANT, exported first unless an export of exactly this
+    adapter, base and quant is in GGUF_DIR already."""
+    llamacpp.require("INFER_BACKEND=llama.cpp")
+    quant = cfg.predict.gguf_quant
+    src = source_for(cfg)
+    info, _ = parse_json(src.out / INFO_FILE)
+    key = {**key_for(src, quant), "adapter_only": False}  # the merged model: llama.cpp runs one file
+    if isinstance(info, dict) and info.get("key") == key:
+        path = src.out / str(info.get("file"))
+        size = path.stat().st_size if path.is_file() else None
+        if size == info.get("size"):
+            log.info("INFER_BACKEND=llama.cpp: %s (%s), exported earlier from this adapter and base", path, quant)
+            return path, src
+        log.warning("GGUF_DIR=%s: %s is damaged (%s bytes, the export wrote %s): exporting it again", src.out,
+                    path.name, size if size is not None else "missing, 0", info.get("size"))
+    elif isinstance(info, dict):
+        log.info("INFER_BACKEND=llama.cpp: the GGUF in %s is of another adapter, base or GGUF_QUANT (%s): "
+                 "exporting this one in its place", src.out, (info.get("key") or {}).get("gguf_quant"))
+    else:
+        log.info("INFER_BACKEND=llama.cpp: exporting %s to GGUF (%s) in %s first; reused while it is unchanged",
+                 src.adapter or src.base_name, quant, src.out)
+    check(cfg, src, quant)
+    export(cfg, src, quant)
+    return src.out / f"model-{quant}.gguf", src
