@@ -91,7 +91,7 @@ $(STAMP): requirements.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV) $(PYTHON)
 	@touch $@
 
-setup-gguf: $(SETUP) ## optional: llama.cpp for export-gguf and INFER_BACKEND=llama.cpp (local: built once)
+setup-gguf: $(SETUP) ## optional, once: llama.cpp for export-gguf and INFER_BACKEND=llama.cpp
 ifeq ($(RUNTIME),local)
 	scripts/setup-gguf.sh $(VENV)
 else
@@ -139,7 +139,7 @@ merge: setup ## fold the last adapter into its base -> MERGED_DIR (loads without
 export-onnx: setup ## merged model (merged first if needed) as ONNX -> ONNX_DIR, usable as ADAPTER_DIR
 	$(APP) export-onnx
 
-export-gguf: setup ## the run as one GGUF (GGUF_QUANT) + Ollama Modelfile -> GGUF_DIR (needs setup-gguf)
+export-gguf: setup ## the run as one GGUF (GGUF_QUANT) + Ollama Modelfile -> GGUF_DIR
 	$(APP) export-gguf
 
 remove-run: ## delete one trained run, named: make remove-run OUTPUT_DIR=models/tiny-lora

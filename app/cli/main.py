@@ -236,8 +236,7 @@ COMMANDS: dict[str, Command] = {
                      _LOAD + ("MERGED_DIR",)),
     "export-onnx": Command(_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",
                            _LOAD + ("MERGED_DIR", "ONNX_DIR")),
-    "export-gguf": Command(_export_gguf, "the run merged and converted by llama.cpp to one GGUF (GGUF_QUANT) in "
-                                         "GGUF_DIR, with an Ollama Modelfile and the llama.cpp/Ollama commands",
+    "export-gguf": Command(_export_gguf, "the run as one GGUF (GGUF_QUANT) + Ollama Modelfile in GGUF_DIR",
                            _LOAD + ("GGUF_QUANT", "GGUF_DIR", "GGUF_ADAPTER_ONLY")),
     "demo": Command(_demo, "offline proof of learning: tiny GLM from scratch on synthetic data, held-out F1",
                     ("DEMO_MINUTES", "SEED", "BATCH_SIZE", "LEARNING_RATE", "PRECISION", "NUM_THREADS")),

@@ -45,8 +45,7 @@ EvalMetric = Literal["loss", "f1"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
 InferBackend = Literal["torch", "llama.cpp"]
 # llama.cpp's own type names (its quantizer's), lower-cased: the float ones come from its converter
-GgufQuant = Literal["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l",
-                    "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+GgufQuant = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k"]
 # REPORT_TO's names (a comma list; app/training/trackers.py sets each up)
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio", "swanlab", "none")
 

@@ -32,9 +32,8 @@ INFO_FILE = "gguf_info.json"  # what was exported, from what: the marker of a di
 # The families of the README's table that llama.cpp's converter supports, by their transformers architecture.
 FAMILIES = {"GlmForCausalLM": "GLM / GLM-Edge", "Glm4ForCausalLM": "GLM-4", "Qwen2ForCausalLM": "Qwen2",
             "Qwen3ForCausalLM": "Qwen3", "LlamaForCausalLM": "Llama", "Gemma3ForCausalLM": "Gemma-3"}
-_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_0": 0.69, "q5_1": 0.75, "q5_k_s": 0.69,
-                     "q5_k_m": 0.71, "q4_0": 0.57, "q4_1": 0.63, "q4_k_s": 0.57, "q4_k_m": 0.61, "q3_k_s": 0.44,
-                     "q3_k_m": 0.49, "q3_k_l": 0.53, "q2_k": 0.41}  # ggml's block sizes, + k-quant mixes
+_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q4_k_m": 0.61, "q4_k_s": 0.57,
+                     "q3_k_m": 0.49, "q2_k": 0.41}  # ggml's block sizes, + the k-quant mixes
 
 
 @dataclass(frozen=True)

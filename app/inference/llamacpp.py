@@ -25,8 +25,7 @@ SETUP = "run `make setup-gguf` (builds llama-cpp-python %s from source once: cma
 # GGUF_QUANT -> llama.cpp's file type: the float ones are written by the converter, the rest by its quantizer.
 CONVERTER_TYPES = {"f16": "f16", "bf16": "bf16"}
 QUANTIZER_TYPES = {name: f"LLAMA_FTYPE_MOSTLY_{name.upper()}" for name in (
-    "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
-    "q5_k_m", "q6_k")}
+    "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k")}
 
 
 def converter_dir() -> Path:

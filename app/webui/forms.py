@@ -22,14 +22,15 @@ from app.config.settings import _hint, _parse
 
 # The commands behind each tab: the tab's form holds every setting they read.
 TAB_COMMANDS: dict[str, tuple[str, ...]] = {
-    "train": ("train",), "evaluate": ("evaluate",), "export": ("merge", "export-onnx"), "chat": ("serve",),
+    "train": ("train",), "evaluate": ("evaluate",), "export": ("merge", "export-onnx", "export-gguf"),
+    "chat": ("serve",),
 }
 # Shown open at the top of a tab; the rest of its settings are under "Advanced", by section.
 MAIN: dict[str, tuple[str, ...]] = {
     "train": ("MODEL_NAME", "DATA_PATH", "METHOD", "QUANT_LEVEL", "OUTPUT_DIR", "NUM_EPOCHS", "MAX_STEPS",
               "LEARNING_RATE", "BATCH_SIZE", "GRAD_ACCUM", "MAX_SEQ_LEN", "MAX_SAMPLES", "LORA_R"),
     "evaluate": ("EVAL_PATH", "EVAL_SAMPLES"),
-    "export": ("MERGED_DIR", "ONNX_DIR"),
+    "export": ("MERGED_DIR", "ONNX_DIR", "GGUF_QUANT", "GGUF_DIR"),
     "chat": ("MAX_NEW_TOKENS", "TEMPERATURE"),
 }
 # Settings no form shows, each with the reason (tests/test_webui.py: every other setting is in a form).

@@ -26,7 +26,8 @@ DATA_TYPES = (".jsonl", ".json", ".csv", ".txt")  # what DATA_PATH reads (app/da
 PATH_SETTINGS: dict[str, tuple[str, ...]] = {
     "DATA_PATH": (DATA,), "VAL_PATH": (DATA,), "EVAL_PATH": (DATA,), "INPUT_FILE": (DATA,),
     "PREDICTIONS": (DATA, MODELS), "OUTPUT_FILE": (DATA, MODELS), "OUTPUT_DIR": (MODELS,), "CACHE_DIR": (MODELS,),
-    "ADAPTER_DIR": (MODELS,), "MERGED_DIR": (MODELS,), "ONNX_DIR": (MODELS,), "EVAL_DIR": (MODELS,),
+    "ADAPTER_DIR": (MODELS,), "MERGED_DIR": (MODELS,), "ONNX_DIR": (MODELS,),
+    "GGUF_DIR": (MODELS,), "EVAL_DIR": (MODELS,),
     "MODEL_NAME": (MODELS,), "DS_CONFIG": (CONFIGS,),
 }
 # Values of those settings that are words, not paths.

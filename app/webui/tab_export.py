@@ -1,5 +1,6 @@
-"""The Export tab: `python -m app merge` (the adapter folded into its base: a standalone model) and
-`python -m app export-onnx`, with their log as they run and the paths they wrote."""
+"""The Export tab: `python -m app merge` (the adapter folded into its base: a standalone model),
+`python -m app export-onnx` and `python -m app export-gguf` (llama.cpp / Ollama), with their log as they run
+and the paths they wrote."""
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -15,10 +16,11 @@ from app.webui.jobs import follow
 from app.webui.paths import project
 
 
-def outputs(cfg: Config, run: str) -> list[str]:
-    """Where merge and export-onnx write for this run (their defaults: merged/ in it, onnx/ in that)."""
+def outputs(cfg: Config, run: str, command: str) -> list[str]:
+    """Where ``command`` writes for this run (the defaults: merged/ in it, onnx/ in that, gguf/ in the run)."""
     merged = cfg.predict.merged_dir or f"{run}/merged"
-    return [merged, cfg.predict.onnx_dir or f"{merged}/onnx"]
+    return {"merge": [merged], "export-onnx": [merged, cfg.predict.onnx_dir or f"{merged}/onnx"],
+            "export-gguf": [cfg.predict.gguf_dir or f"{run}/gguf"]}[command]
 
 
 def build(ctx: Context) -> Form:
@@ -28,6 +30,7 @@ def build(ctx: Context) -> Form:
     with gr.Row():
         merge_btn = gr.Button("Merge", variant="primary", elem_id="export-merge")
         onnx_btn = gr.Button("Export ONNX", elem_id="export-onnx")
+        gguf_btn = gr.Button("Export GGUF", elem_id="export-gguf")
     message = gr.Textbox(label="Message", interactive=False, elem_id="export-message")
     log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, elem_id="export-log")
     paths = gr.Textbox(label="Written", interactive=False, elem_id="export-paths")
@@ -48,7 +51,7 @@ def build(ctx: Context) -> Form:
         if job.proc.returncode:
             yield "\n".join(job.errors()) or job.status(), job.tail(), ""
             return
-        written = [p for p in outputs(cfg, run)[: 1 if command == "merge" else 2] if (project() / p).is_dir()]
+        written = [p for p in outputs(cfg, run, command) if (project() / p).is_dir()]
         yield f"done: {job.line}", job.tail(), "\n".join(written)
 
     def merge(run: str | None, *values: Any) -> Iterator[tuple[str, str, str]]:
@@ -57,8 +60,13 @@ def build(ctx: Context) -> Form:
     def export(run: str | None, *values: Any) -> Iterator[tuple[str, str, str]]:
         yield from run_command("export-onnx", run, *values)
 
+    def export_gguf(run: str | None, *values: Any) -> Iterator[tuple[str, str, str]]:
+        yield from run_command("export-gguf", run, *values)
+
     merge_btn.click(named(merge, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths], api_name="merge")
     onnx_btn.click(named(export, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths],
                    api_name="export_onnx")
+    gguf_btn.click(named(export_gguf, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths],
+                   api_name="export_gguf")
     pick.focus(lambda: gr.update(choices=runs.adapters()), None, pick, api_visibility="private")
     return form
