@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,11 +138,14 @@ def export(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> 
     key = {**key_for(src, quant), "adapter_only": lora}
     name = f"{'base' if lora else 'model'}-{quant}.gguf"
     old, _ = parse_json(src.out / INFO_FILE)
+    handle, name_log = tempfile.mkstemp(prefix="export-gguf-", suffix=".log")  # outlives a failed export's folder
+    os.close(handle)
+    logs = Path(name_log)
     try:
         with replace_dir(src.out, INFO_FILE, "GGUF_DIR") as tmp:
             if src.adapter is not None and src.out.parent == src.adapter:
                 ownership.register(src.adapter, [src.out.name])  # gguf/ in a run: remove-run takes it too
-            hf, logs = tmp / ".model", tmp / ".convert.log"
+            hf = tmp / ".model"
             write_merged(cfg, src, hf, merge=not lora)
             if lora and _reuse_base(old, key, src.out / name, tmp / name):
                 log.info("the base %s at %s: reused from the previous export in %s", src.base_name, quant, src.out)
@@ -153,10 +157,10 @@ def export(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> 
             write_companions(tmp, name, hf, Path(str(src.adapter or src.base_dir)).name, quant,
                              ADAPTER_FILE if lora else None)
             shutil.rmtree(hf)
-            logs.unlink(missing_ok=True)
             write_json(tmp / INFO_FILE, {"file": name, "key": key, "adapter": str(src.adapter or ""),
                                          "base": src.base_name, "base_quantization": src.trained_quant,
                                          "size": (tmp / name).stat().st_size})
+        logs.unlink()
     except OSError as e:
         if not diskspace.is_full(e, src.out.parent):
             raise
