@@ -69,6 +69,7 @@ SLOW = (
     "tests/test_webui.py::test_the_page_says_to_plan_first_until_a_plan_is_shown",
     "tests/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
     "tests/test_webui_browser.py",
+    "tests/test_serve_llamacpp.py",
     "tests/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
 )
 

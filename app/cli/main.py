@@ -195,8 +195,9 @@ class Command(NamedTuple):
 
 
 def _serve(cfg: Config) -> None:
-    """Loads the base model once (MODEL_NAME, else the one the adapters were trained on, at their QUANT_LEVEL)
-    and every adapter of ADAPTERS, then answers OpenAI-style requests on SERVE_HOST:SERVE_PORT until stopped.
+    """Loads the base model once (MODEL_NAME, else the one the adapters were trained on, at their QUANT_LEVEL;
+    with INFER_BACKEND=llama.cpp as a GGUF at GGUF_QUANT, each adapter as a llama.cpp LoRA) and every adapter
+    of ADAPTERS, then answers OpenAI-style requests on SERVE_HOST:SERVE_PORT until stopped.
     The request's `model` picks the adapter; GET /v1/models lists them."""
     from app.serve.server import run_serve
 
@@ -231,7 +232,7 @@ COMMANDS: dict[str, Command] = {
                                    "evaluation")),
     "serve": Command(_serve, "serve the base and its adapters over an OpenAI-compatible API on SERVE_PORT",
                      ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "MAX_NEW_TOKENS", "TEMPERATURE",
-                      "serve")),
+                      "INFER_BACKEND", "GGUF_QUANT", "GGUF_DIR", "serve")),
     "merge": Command(_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR",
                      _LOAD + ("MERGED_DIR",)),
     "export-onnx": Command(_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",

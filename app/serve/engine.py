@@ -6,6 +6,8 @@ same adapter (at most SERVE_BATCH_SIZE) and generates them together: left-padded
 forward pass per token for the whole batch, each row sampled with its own settings. Each request gets
 its text as it comes, through its own ``emit``; a cancelled request (its client went away) stops at the
 next token. A batch is one adapter: requests for different adapters never share a forward pass.
+With INFER_BACKEND=llama.cpp each request of a batch is a sequence of llama.cpp's one context, and all
+running rows are decoded together, one llama_decode per token; each row picks its tokens the same way.
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class Engine:
         self._stopping = False
         model, tokenizer = models.model, models.tokenizer_for(None)
         eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-        eos = (eos if isinstance(eos, list) else [eos]) if eos is not None else [tokenizer.eos_token_id]
+        eos = (eos if isinstance(eos, list) else [eos]) if eos not in (None, []) else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}  # where generate() stops, as predict does
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
@@ -111,6 +113,10 @@ class Engine:
         import torch
         from transformers import DynamicCache
 
+        if len(jobs) > 1:
+            log.info("serve: %d requests for %s generated together", len(jobs), jobs[0].adapter or "the base")
+        if hasattr(self.models.model, "step_logits"):  # llama.cpp (app/inference/llamacpp_model.py)
+            return self._generate_sequences(jobs)
         n, longest = len(jobs), max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((n, longest), self.pad, dtype=torch.long)
         mask = torch.zeros((n, longest), dtype=torch.long)
@@ -132,6 +138,24 @@ class Engine:
                 inputs = torch.tensor(nxt, dtype=torch.long)[:, None]
                 mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
                 position = position[:, -1:] + 1
+
+    def _generate_sequences(self, jobs: list[Job]) -> None:
+        """llama.cpp: each job's prompt is prefilled as its own sequence (no padding), then one decode per token
+        feeds every running row its last token at its own next position."""
+        import torch
+
+        model, rows = self.models.model, [_Row(job, self.models.tokenizer_for(job.adapter)) for job in jobs]
+        model.reset()
+        logits = [torch.from_numpy(model.prefill(job.prompt_ids, seq)) for seq, job in enumerate(jobs)]
+        positions = [len(job.prompt_ids) for job in jobs]
+        while True:
+            nxt = {i: row.step(logits[i], self.eos) for i, row in enumerate(rows) if not row.done}
+            live = [i for i in nxt if not rows[i].done]
+            if not live:
+                return
+            out = model.step_logits([nxt[i] for i in live], [positions[i] for i in live], live)
+            for k, i in enumerate(live):
+                logits[i], positions[i] = torch.from_numpy(out[k]), positions[i] + 1
 
 
 def _finish_if_cancelled(job: Job) -> bool:

@@ -4,6 +4,9 @@ The base is MODEL_NAME when set, else the base the first adapter was trained on 
 QUANT_LEVEL included, as `predict` picks it). An adapter trained on another base is skipped with a line
 saying so: its answers would be wrong on this one. P-Tuning prefixes cannot share a PEFT model with LoRA
 adapters, so they are refused with a line naming `predict-custom` instead.
+
+INFER_BACKEND=llama.cpp serves the same names from one base GGUF with each adapter applied per batch
+(app/serve/gguf.py); the requests, batching, stop rules and sampling are the same engine's.
 """
 from __future__ import annotations
 
@@ -36,14 +39,21 @@ class ServedModels:
         self.root, self.created = root, int(time.time())
         found = discover(cfg.serve.adapters, root)
         self.base_name, quant = base_model_for(cfg, found[0].path if found else None)
-        base = resolve_model(self.base_name)
-        self.model = load_base(base, quant, cfg.model.trust_remote_code).eval()
-        self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
+        self.gguf: Any = None  # INFER_BACKEND=llama.cpp: app.serve.gguf.GgufModels
+        if cfg.predict.infer_backend == "llama.cpp":
+            from app.serve.gguf import GgufModels
+
+            self.gguf = GgufModels(cfg, self.base_name, quant)
+            self.model, self.tokenizer = self.gguf.model, self.gguf.tokenizer
+        else:
+            base = resolve_model(self.base_name)
+            self.model = load_base(base, quant, cfg.model.trust_remote_code).eval()
+            self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
         self.adapters: dict[str, Adapter] = {}
         self.tokenizers: dict[str, Any] = {}
         self.lock: Any = contextlib.nullcontext()  # the engine's, once it runs (app/serve/engine.py)
         self.trust_remote_code = cfg.model.trust_remote_code
-        log.info("serve: base %s%s", self.base_name, "" if quant == "none" else f" ({quant})")
+        log.info("serve: base %s%s", self.base_name, "" if quant == "none" or self.gguf else f" ({quant})")
         for adapter in found:
             try:
                 self.load(adapter)
@@ -67,8 +77,11 @@ class ServedModels:
                             f"serve it from its own base (MODEL_NAME={adapter.base})")
         own = (adapter.path / "tokenizer_config.json").is_file()  # the template it was trained with, as predict uses
         tokenizer = load_tokenizer(str(adapter.path), self.trust_remote_code, setting="ADAPTERS") if own else None
-        with self.lock:
-            self.model = load_adapter(self.model, adapter.path, adapter.name).eval()
+        if self.gguf is not None:
+            self.gguf.load(adapter, self.lock)
+        else:
+            with self.lock:
+                self.model = load_adapter(self.model, adapter.path, adapter.name).eval()
         self.adapters[adapter.name] = adapter
         self.tokenizers[adapter.name] = tokenizer or self.tokenizer
         log.info("serve: adapter %s from %s", adapter.name, adapter.path)
@@ -76,8 +89,11 @@ class ServedModels:
     def unload(self, name: str) -> None:
         if name not in self.adapters:
             raise KeyError(name)
-        with self.lock:
-            self.model.delete_adapter(name)
+        if self.gguf is not None:
+            self.gguf.unload(name, self.lock)
+        else:
+            with self.lock:
+                self.model.delete_adapter(name)
         del self.adapters[name], self.tokenizers[name]
         log.info("serve: adapter %s unloaded", name)
 
@@ -87,6 +103,10 @@ class ServedModels:
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[None]:
         """Run the model as adapter ``name``, or as the bare base (None); called under the engine's lock."""
+        if self.gguf is not None:
+            self.gguf.use(name)
+            yield
+            return
         from peft import PeftModel
 
         if not isinstance(self.model, PeftModel):

@@ -15,6 +15,10 @@ def run_serve(cfg: Config) -> None:
     from app.serve.parent import end_with_parent
 
     end_with_parent()  # first: a server the UI started must not load a model for a UI that is gone
+    if cfg.predict.infer_backend == "llama.cpp":  # serve has no pre-flight: before anything heavy loads
+        from app.inference.llamacpp import require
+
+        require("INFER_BACKEND=llama.cpp")
     import uvicorn
 
     from app.serve.api import create_app
