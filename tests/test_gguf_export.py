@@ -68,6 +68,15 @@ def test_predict_file_and_evaluate_answer_as_torch_does_at_f16(project, cli, dat
         assert code == 0, errors
         outs[backend] = [json.loads(x)["output"] for x in (project / out).read_text().splitlines()]
     assert outs["llama.cpp"] == outs["torch"]
+    reports = {}
+    for backend in ("torch", "llama.cpp"):  # the answers, and the answers' loss from every position's logits
+        code, errors, _ = cli("evaluate", "EVAL_PATH=in.jsonl", f"EVAL_DIR=eval-{backend}", "MAX_NEW_TOKENS=24",
+                              f"INFER_BACKEND={backend}", "GGUF_QUANT=f16")
+        assert code == 0, errors
+        reports[backend] = json.loads((project / f"eval-{backend}" / "report.json").read_text())
+    assert reports["llama.cpp"]["loss"] == pytest.approx(reports["torch"]["loss"], rel=1e-3)
+    assert reports["llama.cpp"]["triplet_f1"] == reports["torch"]["triplet_f1"]
+    assert reports["llama.cpp"]["json_valid_rate"] == reports["torch"]["json_valid_rate"]
 
 
 def test_the_export_is_reused_until_the_adapter_changes(project, cli, caplog):

@@ -176,15 +176,21 @@ class LlamaCppCausalLM:
 
     # ---- transformers' API ---------------------------------------------------------------------------
     def __call__(self, input_ids: Any, attention_mask: Any = None, **_: Any) -> SimpleNamespace:
-        """The last position's logits for each row (``.logits[:, -1]`` is all callers read)."""
+        """Every position's logits (evaluate's teacher-forced answer loss reads them all): each row's real
+        tokens (mask 1) decoded as one sequence, its padding's logits left 0."""
+        import numpy as np
         import torch
 
-        rows = _unpadded(input_ids, attention_mask)
-        logits = []
-        for row in rows:
+        ids = input_ids.cpu().tolist()
+        mask = attention_mask.cpu().tolist() if attention_mask is not None else [[1] * len(r) for r in ids]
+        out = np.zeros((len(ids), len(ids[0]), self.n_vocab), np.float32)
+        for r, (row, keep) in enumerate(zip(ids, mask)):
+            where = [i for i, m in enumerate(keep) if m]
             self.reset()
-            logits.append(torch.from_numpy(self.prefill(row).copy()))
-        return SimpleNamespace(logits=torch.stack(logits)[:, None, :])
+            for start in range(0, len(where), self.n_batch):
+                part = where[start:start + self.n_batch]
+                out[r, part] = self._decode([(row[i], start + k, 0, True) for k, i in enumerate(part)])
+        return SimpleNamespace(logits=torch.from_numpy(out))
 
     def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, pad_token_id: int | None = None,
