@@ -158,6 +158,7 @@ def test_bad_input_is_one_line_and_writes_nothing(project, cli, snapshot, tiny_g
         ("ADAPTER_DIR=none", f"MODEL_NAME={other}"): "Phi3ForCausalLM is not a family this tool exports",
         (f"GGUF_DIR={disk}/out",): "nothing was written",
         ("GGUF_QUANT=q9_k",): "GGUF_QUANT",
+        ("MEMORY_LIMIT_MB=1",): "GGUF_ADAPTER_ONLY=true converts the base without loading it",
     }
     for args, says in cases.items():
         code, errors, _ = cli("export-gguf", *args)

@@ -23,7 +23,8 @@ from app.core import diskspace, ownership
 from app.core.errors import UserError
 from app.core.utils import replace_dir, write_json
 from app.inference import llamacpp
-from app.models.artifacts import base_model_for, find_adapter, is_full_model, is_onnx_dir, parse_json, read_json
+from app.models.artifacts import base_model_for, find_adapter, fp32_bytes, is_full_model, is_onnx_dir, parse_json
+from app.models.artifacts import read_json
 from app.models.artifacts import replace_target_problem
 from app.models.tiny import resolve_model
 
@@ -106,10 +107,13 @@ def bytes_needed(base_dir: Path, quant: str) -> int:
     return int(weights * (2 + 2 + (_BYTES_PER_WEIGHT[quant] if quant not in llamacpp.CONVERTER_TYPES else 0)))
 
 
-def check(cfg: Config, src: Source, quant: str) -> None:
+def check(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> None:
+    """Every refusal an export can know before it writes anything: GGUF_DIR, the memory a merge needs, the disk."""
     problem = replace_target_problem(cfg, src.out, INFO_FILE, "GGUF_DIR")
     if problem:
         raise UserError(problem)
+    if not adapter_only and src.adapter is not None and not is_full_model(src.adapter):
+        _check_memory(cfg, src)
     need = bytes_needed(src.base_dir, quant)
     short = need and diskspace.shortfall("GGUF_DIR", src.out, need,
                                          f"the export (the merged model and its 16-bit GGUF on the way to {quant})")
@@ -122,7 +126,7 @@ def run_export_gguf(cfg: Config) -> Path:
     llamacpp.require("make export-gguf")
     quant = cfg.predict.gguf_quant
     src = source_for(cfg)
-    check(cfg, src, quant)
+    check(cfg, src, quant, cfg.predict.gguf_adapter_only)
     return export(cfg, src, quant, cfg.predict.gguf_adapter_only)
 
 
@@ -199,27 +203,57 @@ def _reuse_base(old: object, key: dict, previous: Path, new: Path) -> bool:
     return True
 
 
-def write_merged(cfg: Config, src: Source, out: Path, merge: bool = True) -> None:
-    """The model to convert, as a transformers dir with the run's tokenizer: the adapter merged into its base at
-    the base's precision (``merge``), else the base alone."""
-    import torch
+def _check_memory(cfg: Config, src: Source) -> None:
+    """The merge holds the whole model in memory at its own precision (its weights and about a fifth more):
+    refused in one line before anything is written where that is more than is available, with the way that
+    needs no merge."""
+    from app.plan.resources import detect_resources
 
-    from app.models.loading import load_adapter, load_model, load_tokenizer
-
-    if merge and src.adapter is not None and src.trained_quant != "none":
-        log.warning("the adapter was trained on a %s base; merging it into the original unquantized base %s instead "
-                    "(llama.cpp quantizes on its own), so answers differ slightly from the %s model's",
-                    src.trained_quant, src.base_name, src.trained_quant)
-    model = load_model(str(src.base_dir), cfg.model.trust_remote_code)
-    if merge and src.adapter is not None and not is_full_model(src.adapter):
-        model = load_adapter(model, src.adapter).merge_and_unload()
     config, _ = parse_json(src.base_dir / "config.json")
-    dtype = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "float32")
-    model = model.to(getattr(torch, dtype, torch.float32))
-    model.save_pretrained(out)
+    half = str((config or {}).get("torch_dtype") or (config or {}).get("dtype")) == "bfloat16"
+    weights = (fp32_bytes(src.base_dir) or 0) / (2 if half else 1)
+
+    available = detect_resources(cfg.resources.memory_limit_mb).ram_available_mb * 2**20
+    if weights * 1.2 > available:
+        raise UserError(f"MODEL_NAME={src.base_name}: merging the adapter into it needs about "
+                        f"{diskspace.human(weights * 1.2)} of memory and {diskspace.human(available)} are available; "
+                        "GGUF_ADAPTER_ONLY=true converts the base without loading it (llama.cpp reads it lazily) "
+                        "and the LoRA alone, for llama.cpp's --lora and Ollama's ADAPTER")
+
+
+def write_merged(cfg: Config, src: Source, out: Path, merge: bool = True) -> None:
+    """The model to convert, as a transformers dir with the run's tokenizer: the LoRA adapter merged into its
+    base at the base's precision (``merge``), else the base's (or a full run's) own files, linked, not loaded:
+    llama.cpp's converter reads them lazily, so converting needs no memory for the model."""
+    from app.models.loading import load_tokenizer
+
+    lora = merge and src.adapter is not None and not is_full_model(src.adapter)
+    if lora:
+        _merge_into(cfg, src, out)
+    else:
+        out.mkdir()
+        for f in src.base_dir.iterdir():
+            if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens", "chat_template", ".")):
+                (out / f.name).symlink_to(f.resolve())
     own_tok = src.adapter is not None and (src.adapter / "tokenizer_config.json").is_file()
     tok_dir = src.adapter if own_tok else src.base_dir
     load_tokenizer(str(tok_dir), cfg.model.trust_remote_code).save_pretrained(out)
+
+
+def _merge_into(cfg: Config, src: Source, out: Path) -> None:
+    import torch
+
+    from app.models.loading import load_adapter, load_model
+
+    config, _ = parse_json(src.base_dir / "config.json")
+    dtype = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "float32")
+    half = dtype == "bfloat16"  # merged at the base's own precision: a bf16 base's weights never go to fp32
+    if src.trained_quant != "none":
+        log.warning("the adapter was trained on a %s base; merging it into the original unquantized base %s instead "
+                    "(llama.cpp quantizes on its own), so answers differ slightly from the %s model's",
+                    src.trained_quant, src.base_name, src.trained_quant)
+    model = load_adapter(load_model(str(src.base_dir), cfg.model.trust_remote_code, bf16=half), src.adapter)
+    model.merge_and_unload().to(getattr(torch, dtype, torch.float32)).save_pretrained(out)
 
 
 def ensure_gguf(cfg: Config) -> tuple[Path, Source]:
