@@ -108,7 +108,7 @@ work=$(mktemp -d "$venv/share/.llama.cpp.tmp.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 sdist=${LLAMA_CPP_SDIST:-}
 if [ -z "$sdist" ]; then
-    "${pip[@]}" download -q --no-binary :all: --no-deps --dest "$work/sdist" "llama-cpp-python==$version"
+    "${pip[@]}" download -q --no-binary llama-cpp-python --no-deps --dest "$work/sdist" "llama-cpp-python==$version"
     for f in "$work"/sdist/*.tar.gz; do sdist=$f; done
 fi
 [ -f "$sdist" ] || die "no llama-cpp-python $version sdist to take the converter from${sdist:+ ($sdist)}"
