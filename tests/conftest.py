@@ -592,6 +592,39 @@ def chromium() -> str:
     pytest.skip(why)
 
 
+def _learn_briefly(base: Path, steps: int) -> None:
+    """Train the random model's every weight briefly on the synthetic triplet data, in place: a random model's
+    next-token distribution is nearly flat, so rounding decides its argmax, which says nothing of a GGUF's
+    quality; a model that has learnt something is peaked, as the models users export are."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from app.data.encode import prompt_text
+    from app.data.synthetic import generate_samples
+
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
+    texts = [prompt_text(tok, [{"role": "user", "content": s["context"]}]) + s["target"] + tok.eos_token
+             for s in generate_samples(64, seed=1)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    model.train()
+    for step in range(steps):
+        batch = tok([texts[(step * 4 + i) % len(texts)] for i in range(4)], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(base)
+
+
+@pytest.fixture(scope="session")
+def learn_briefly():
+    """learn_briefly(model_dir, steps): a random tiny model's every weight trained briefly in place (the GGUF
+    parity and serve tests: a flat distribution would let rounding pick the argmax)."""
+    return _learn_briefly
+
+
 @pytest.fixture(scope="session")
 def llamacpp() -> None:
     """llama.cpp's binding and converter (`make setup-gguf`), or a skip naming them; with REQUIRE_GGUF=1 (CI)

@@ -23,34 +23,8 @@ TIE = 1e-3
 Q4_KL_BOUND = 0.01  # mean KL(torch || llama.cpp q4_k_m) per token, nats: measured 0.0008-0.0027 here
 
 
-def learn(base: Path, steps: int = 120) -> None:
-    """Train the random model's every weight briefly on the synthetic triplet data, in place: a random model's
-    next-token distribution is nearly flat, so rounding decides its argmax, which says nothing of a GGUF's
-    quality; a model that has learnt something is peaked, as the models users export are."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from app.data.encode import prompt_text
-    from app.data.synthetic import generate_samples
-
-    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-    texts = [prompt_text(tok, [{"role": "user", "content": s["context"]}]) + s["target"] + tok.eos_token
-             for s in generate_samples(64, seed=1)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    model.train()
-    for step in range(steps):
-        batch = tok([texts[(step * 4 + i) % len(texts)] for i in range(4)], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        model(**batch, labels=labels).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(base)
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, llamacpp):
+def trained(tmp_path_factory, llamacpp, learn_briefly):
     """family -> (base dir, adapter dir): each tiny model trained briefly (learn), and a LoRA of random weights
     on it, saved as training saves one."""
     import torch
@@ -62,7 +36,7 @@ def trained(tmp_path_factory, llamacpp):
     root, out = tmp_path_factory.mktemp("gguf-runs"), {}
     for family in FAMILIES:
         base = build_tiny_model(family, root / family)
-        learn(base)
+        learn_briefly(base, 120)
         torch.manual_seed(0)
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                                LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear"))

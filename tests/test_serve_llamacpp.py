@@ -38,29 +38,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _learn(base: Path, steps: int = 80) -> None:
-    """Train every weight of the random model briefly on the synthetic triplet data, in place."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from app.data.encode import prompt_text
-    from app.data.synthetic import generate_samples
-
-    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-    texts = [prompt_text(tok, [{"role": "user", "content": s["context"]}]) + s["target"] + tok.eos_token
-             for s in generate_samples(64, seed=1)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    torch.manual_seed(0)
-    model.train()
-    for step in range(steps):
-        batch = tok([texts[(step * 4 + i) % len(texts)] for i in range(4)], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-        model(**batch, labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(base)
-
-
 def _lora(base: Path, out: Path, seed: int, model_name: str | None = None) -> None:
     """A LoRA of random weights on ``base``, saved as training saves one (tokenizer and train_config.json)."""
     import torch
@@ -81,14 +58,14 @@ def _lora(base: Path, out: Path, seed: int, model_name: str | None = None) -> No
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, llamacpp):
+def work(tmp_path_factory, llamacpp, learn_briefly):
     """A working dir: base/ (the tiny GLM, trained briefly) and models/a, models/b (its adapters); a is a run
     dir with its manifest, as training leaves one."""
     from app.models.tiny import build_tiny_model
 
     work = tmp_path_factory.mktemp("serve-gguf")
     base = build_tiny_model("tiny", work / "base")
-    _learn(base)
+    learn_briefly(base, 80)
     for name, seed in (("a", 0), ("b", 1)):
         _lora(base, work / "models" / name, seed)
     ownership.claim(work / "models" / "a", "train")
