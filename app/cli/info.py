@@ -1,5 +1,6 @@
 """`make info`: what this machine has, the tier, every resolved setting and why, the predicted peak
-memory and the expected time per optimizer step and for the run (app/plan/timing.py).
+memory, the expected time per optimizer step and for the run (app/plan/timing.py), and how long the
+`make evaluate` after it takes (app/evaluation/timing.py).
 
 It runs the training run's own planning steps (setup, then the data's lengths and the memory
 fit) and stops before loading weights, so what it prints is what `make train` would use.
@@ -13,8 +14,10 @@ from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
 from app.models.integrity import weights_missing
 from app.plan.tiers import fit_memory, format_info
-from app.plan.timing import expected_time
+from app.plan.timing import duration, expected_time
 from app.training.train import FineTuner
+
+from app.evaluation.timing import EvalTime, unknown
 
 
 def run_info(cfg: Config) -> None:
@@ -52,8 +55,74 @@ def run_info(cfg: Config) -> None:
         samples = ft.records.get("train")  # the file's count: without a token cache the rows are a preview's
     timing = expected_time(ft.cfg, ft.shape, ft.model_path, ft.train_rows, ft.plan.device == "cuda",
                            train_samples=samples)
+    evaluate = "" if default_data_missing(cfg) else evaluate_lines(ft)
     head, sep, warnings = format_info(ft.resources, ft.plan, ft.shape, name).partition("\nwarning: ")
-    sys.stdout.write(f"{head}\n{timing.line()}{sep}{warnings}\n")  # cli-output: the time beside the memory
+    sys.stdout.write(f"{head}\n{timing.line()}{evaluate}{sep}{warnings}\n")  # cli-output: times beside the memory
     missing = weights_missing(name)
     if missing:
         sys.stdout.write(f"\n{missing.notice()}\n")  # cli-output
+
+
+def evaluate_lines(ft: FineTuner) -> str:
+    """The `make evaluate` after this run, before anything is exported or loaded: on INFER_BACKEND as predict would
+    load it, and on the other backend where it can run this model."""
+    examples, why = eval_examples(ft)
+    pr = ft.plan.cfg.predict
+    chosen, other = pr.infer_backend, "torch" if pr.infer_backend == "llama.cpp" else "llama.cpp"
+    if why:
+        return f"\n{unknown(len(examples), why).line()}"
+    lines = f"\n{evaluate_time(ft, examples, chosen).line()}"
+    if other == "torch" or _llamacpp_can_run(ft):
+        alt = evaluate_time(ft, examples, other)
+        if not alt.unknown:
+            export = ", plus export-gguf once" if other == "llama.cpp" else ""
+            setting = f"INFER_BACKEND={other}" + (f" GGUF_QUANT={pr.gguf_quant}" if other == "llama.cpp" else "")
+            lines += (f"\n  with {setting} instead: ~{duration(alt.seconds)} (~{duration(alt.budget_seconds)} at the "
+                      f"budget){export}")
+    return lines
+
+
+def eval_examples(ft: FineTuner) -> tuple[list, str]:
+    """(the records evaluate would score, why there are none): EVAL_PATH's when set, else the ones the run holds
+    out; EVAL_SAMPLES of them."""
+    from app.data.records import read_examples
+
+    cfg = ft.plan.cfg
+    ev, d = cfg.evaluation, cfg.data
+    if ev.eval_path:
+        try:
+            examples = [e for e in read_examples(ev.eval_path, d.data_format, d.max_bad_ratio, "EVAL_PATH")[0]
+                        if e.messages]
+        except UserError as e:  # evaluate refuses it in its own line; the plan above still stands
+            return [], str(e)
+    else:
+        examples = list(ft.data.val_examples)
+    examples = examples[:ev.eval_samples] if ev.eval_samples else examples
+    if not examples:
+        return [], "the run holds out no records to score (VAL_SIZE=0, no VAL_PATH); set EVAL_PATH=<file>"
+    return examples, ""
+
+
+def _llamacpp_can_run(ft: FineTuner) -> bool:
+    """llama.cpp is installed and exports this family and method (app/inference/gguf_export.py)."""
+    from transformers import AutoConfig
+
+    from app.inference import llamacpp
+    from app.inference.gguf_export import FAMILIES
+
+    if ft.plan.cfg.lora.method == "ptuning" or llamacpp.missing("INFER_BACKEND=llama.cpp"):
+        return False
+    config = AutoConfig.from_pretrained(ft.model_path, trust_remote_code=ft.plan.cfg.model.trust_remote_code)
+    return bool(set(getattr(config, "architectures", None) or ()) & set(FAMILIES))
+
+
+def evaluate_time(ft: FineTuner, examples: list, backend: str) -> EvalTime:
+    """app/evaluation/timing.py's estimate on ``backend``, with the weights predict would load for this run."""
+    from app.evaluation.timing import expected_evaluate
+
+    cfg = ft.plan.cfg
+    pr = cfg.predict
+    if backend == "llama.cpp":
+        return expected_evaluate(ft.shape, ft.tokenizer, examples, "llama.cpp", pr.gguf_quant, pr.predict_batch_size)
+    quant = "none" if cfg.lora.method == "full" else cfg.resources.quant_level
+    return expected_evaluate(ft.shape, ft.tokenizer, examples, "torch", quant, pr.predict_batch_size)

@@ -11,8 +11,9 @@ without any model. Reports go to EVAL_DIR (default: eval/ inside the adapter dir
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -21,6 +22,11 @@ from app.core.errors import UserError
 from app.data.encode import IGNORE, Collator, encode
 from app.data.records import Example
 from app.inference.generate import generate_batch, max_new_tokens_for
+from app.plan.timing import duration
+
+if TYPE_CHECKING:
+    from app.evaluation.timing import EvalTime
+    from app.inference.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +50,16 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         data = eval_data(cfg, find_adapter(cfg))  # before the model loads: a data problem costs no wait
         examples = data.examples
         pred = Predictor(cfg)
+        log.info("%s", engine_time(pred, examples, cfg.predict.predict_batch_size).line())
         budget = max_new_tokens_for(pred.tokenizer, [e.answer for e in examples])
         log.info("generating at most %d new tokens per answer (the longest reference answer's, + 25%%)", budget)
+        stats, start = {"new_tokens": 0}, time.perf_counter()
         outputs = generate_batch(pred.model, pred.tokenizer, [e.prompt_messages for e in examples], budget,
-                                 cfg.predict.predict_batch_size)
+                                 cfg.predict.predict_batch_size, stats=stats)
+        took = time.perf_counter() - start
+        log.info("generated %d new tokens for %d answers in %s (%.1f tokens/s, PREDICT_BATCH_SIZE=%d at a time)",
+                 stats["new_tokens"], len(examples), duration(took), stats["new_tokens"] / max(took, 1e-9),
+                 cfg.predict.predict_batch_size)
         report = score_answers(zip([e.answer for e in examples], outputs))
         report.loss, losses = answer_loss(pred.model, pred.tokenizer, examples, data.max_seq_len)
         for row, e, loss in zip(report.rows, examples, losses):
@@ -56,6 +68,19 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
     files = write_reports(report, out, title)
     log.info("%s on %d samples -> %s", report.headline(), report.n_samples, files["report.md"])
     return report.to_dict()
+
+
+def engine_time(pred: Predictor, examples: list[Example], batch_size: int) -> EvalTime:
+    """app/evaluation/timing.py's estimate for the loaded Predictor's engine, its load done."""
+    from app.evaluation.timing import expected_evaluate, unknown
+    from app.plan.estimator import model_shape
+
+    backend, quant, base, gguf = pred.engine
+    if backend not in ("torch", "llama.cpp"):
+        return unknown(len(examples), f"no time model for {backend}")
+    shape = model_shape(base, None, pred.cfg.model.trust_remote_code)
+    return expected_evaluate(shape, pred.tokenizer, examples, backend, quant, batch_size,
+                             Path(gguf).stat().st_size if gguf else None, load=False)
 
 
 def report_dir(cfg: Config) -> Path:

@@ -34,7 +34,7 @@ INFO_FILE = "gguf_info.json"  # what was exported, from what: the marker of a di
 # The families of the README's table that llama.cpp's converter supports, by their transformers architecture.
 FAMILIES = {"GlmForCausalLM": "GLM / GLM-Edge", "Glm4ForCausalLM": "GLM-4", "Qwen2ForCausalLM": "Qwen2",
             "Qwen3ForCausalLM": "Qwen3", "LlamaForCausalLM": "Llama", "Gemma3ForCausalLM": "Gemma-3"}
-_BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q4_k_m": 0.61, "q4_k_s": 0.57,
+BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q4_k_m": 0.61, "q4_k_s": 0.57,
                      "q3_k_m": 0.49, "q2_k": 0.41}  # ggml's block sizes, + the k-quant mixes
 
 
@@ -104,7 +104,7 @@ def bytes_needed(base_dir: Path, quant: str) -> int:
     from app.models.artifacts import fp32_bytes
 
     weights = (fp32_bytes(base_dir) or 0) / 4  # parameters
-    return int(weights * (2 + 2 + (_BYTES_PER_WEIGHT[quant] if quant not in llamacpp.CONVERTER_TYPES else 0)))
+    return int(weights * (2 + 2 + (BYTES_PER_WEIGHT[quant] if quant not in llamacpp.CONVERTER_TYPES else 0)))
 
 
 def check(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> None:

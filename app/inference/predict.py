@@ -52,6 +52,8 @@ class Predictor:
         set_threads(cfg.model.num_threads)
         self.adapter = find_adapter(cfg)
         name, quant = base_model_for(cfg, self.adapter)
+        # what runs, for evaluate's estimate: (engine, QUANT_LEVEL or GGUF_QUANT, the base's dir, the GGUF or "")
+        self.engine: tuple[str, str, str, str] = ("torch", quant, name, "")
         from app.inference.onnx_model import OnnxCausalLM
 
         if cfg.predict.infer_backend == "llama.cpp":
@@ -69,9 +71,11 @@ class Predictor:
                             "`make export-onnx ADAPTER_DIR=%s` brings it up to date", name, stale, stale)
             self.tokenizer = load_tokenizer(name, cfg.model.trust_remote_code, setting=setting)
             self.model = OnnxCausalLM(name, cfg.model.num_threads, setting=setting)
+            self.engine = ("onnx", "none", name, "")
             log.info("model %s (ONNX Runtime)", name)
             return
         base = resolve_model(name)
+        self.engine = ("torch", quant, base, "")
         # The adapter dir carries the tokenizer it was trained with (pad token, template).
         own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
         self.tokenizer = load_tokenizer(str(self.adapter) if own_tok else base, cfg.model.trust_remote_code,
@@ -92,6 +96,7 @@ class Predictor:
         from app.models.artifacts import parse_json
 
         path, src = ensure_gguf(cfg)
+        self.engine = ("llama.cpp", cfg.predict.gguf_quant, str(src.base_dir), str(path))
         own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
         self.tokenizer = load_tokenizer(str(self.adapter if own_tok else src.base_dir), cfg.model.trust_remote_code,
                                         setting="ADAPTER_DIR" if own_tok else "MODEL_NAME")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from time import perf_counter
 from typing import Any, Callable
 
@@ -230,6 +231,31 @@ def probe_lora(precision: str, hidden: int, rank: int, tokens: int, cuda: bool =
         return _best(step, sync) / (tokens * 2 * hidden)
 
     return _run_probe(key, cuda, body)
+
+
+def probe_bandwidth(cuda: bool = False) -> float:
+    """Bytes/s read from memory: a sum over a buffer twice the last-level cache (at least 256 MiB, at most 1 GiB),
+    which no cache holds. A decode step reads every weight once: this bounds generation (app/evaluation/timing.py)."""
+    size = min(2**30, max(2**28, 2 * last_level_cache()))
+    key = ("bandwidth", size, cuda)
+
+    def body(torch: Any, sync: Callable[[], None]) -> float:
+        buf = torch.ones(size // 4, device="cuda" if cuda else "cpu")
+        return size / _best(lambda: buf.sum(), sync)
+
+    return _run_probe(key, cuda, body)
+
+
+def last_level_cache() -> int:
+    """Bytes of the largest CPU cache Linux reports (0 where it does not)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        try:
+            sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1))
+        except ValueError:
+            continue
+    return max(sizes, default=0)
 
 
 def probe_optimizer(params: int, cuda: bool = False) -> float:
