@@ -8,7 +8,9 @@ Every measurement is its own child process (`--child`), so its peak RSS (VmHWM) 
   (128 new tokens, stop tokens off) through each engine's generate(), as predict calls it;
 - batch: app.inference.generate.generate_batch of 8 prompts (serve's and evaluate's left-padded batch; for
   llama.cpp 8 sequences of one KV cache), total new tokens/s;
-- evaluate: `python -m app evaluate` on 100 synthetic dev records in a temp project dir, wall time;
+- evaluate: `make info`'s prediction, then `python -m app evaluate` on 100 synthetic dev records (16 at 6B,
+  llama.cpp in the 8 GB cgroup) in a temp project dir, wall time; and `make demo`'s model's F1 per backend
+  (bench/infer_eval.py);
 - 6B in an 8 GB memory cgroup (app.core.cgroups, the user's PC): torch 4-bit (what predict runs today)
   and llama.cpp q4_k_m.
 Each result goes to bench/infer.json as it completes, skipped when there (--fresh); bench/infer_report.py: .md.
@@ -28,6 +30,7 @@ from typing import Any
 
 from app.core import cgroups
 from app.core.utils import setup_logging, usable_cpus, write_json
+from bench import infer_eval
 from bench.infer_report import log_facts, machine, write_report
 from bench.scale_models import SHAPES, build_random_glm
 
@@ -38,8 +41,10 @@ GLM_EDGE_1_5B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers
 SHAPES.setdefault("glm-edge-1.5b", GLM_EDGE_1_5B)
 MODELS = {"1.5b": "glm-edge-1.5b", "6b": "chatglm3-6b"}
 BACKENDS = ("torch-bf16", "torch-4bit", "f16", "q8_0", "q4_k_m")
+MORE_BACKENDS = ("torch-8bit", "torch-fp32")  # what predict loads at QUANT_LEVEL=8bit / none: on request
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 1.07, "q4_k_m": 0.61}
-PROMPT, NEW, BATCH, EVAL_N, CGROUP_MB = 256, 128, 8, 100, 8000
+PROMPT, NEW, BATCH, EVAL_N, EVAL_N_6B, CGROUP_MB = 256, 128, 8, 100, 16, 8000
+STEPS_PROMPT, STEPS_NEW = 64, 32  # the "steps" kind: 8 rows decoded together, for app/evaluation/timing.py
 NEW_6B_TORCH = 16  # torch at 6B decodes seconds per token here: 16 tokens say its rate
 RESULTS = Path("bench/infer.json")
 
@@ -53,7 +58,8 @@ def _engine(backend: str, model_dir: str, gguf: str, threads: int, n_seq: int) -
         from app.models.loading import load_model
 
         torch.set_num_threads(threads)
-        model = load_base(model_dir, "4bit") if backend == "torch-4bit" else load_model(model_dir, bf16=True)
+        quant = {"torch-4bit": "4bit", "torch-8bit": "8bit", "torch-fp32": "none"}.get(backend)
+        model = load_base(model_dir, quant) if quant else load_model(model_dir, bf16=True)
         return model.eval()
     from app.inference.llamacpp_model import LlamaCppCausalLM
 
@@ -75,18 +81,46 @@ class Clock:
         pass
 
 
-def child(spec: dict) -> dict:
+def _timed(model: Any, tok: Any, rows: int, prompt: int, new: int) -> tuple[int, float, float]:
+    """generate() on ``rows`` copies of a ``prompt``-token prompt with the stop tokens off, after a warm-up:
+    (new tokens per row, seconds to the first new token, seconds of the other new tokens)."""
     import torch
 
-    from app.core.utils import peak_rss_mb
     from app.inference.predict import BUILTIN_PROMPT
+
+    ids = tok(BUILTIN_PROMPT * 8, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([(ids * (prompt // len(ids) + 1))[:prompt]] * rows)
+    kw = dict(do_sample=False, eos_token_id=[], pad_token_id=tok.pad_token_id, use_cache=True)
+    with torch.inference_mode():
+        # warm-up: first-call allocations, the GGUF's pages read in
+        model.generate(input_ids=ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=2, **kw)
+        clock, start = Clock(), time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, streamer=clock,
+                             **kw)
+        end = time.perf_counter()
+    return out.shape[1] - prompt, clock.first - start, end - clock.first
+
+
+def child(spec: dict) -> dict:
+    from app.core.utils import peak_rss_mb
     from app.models.loading import load_tokenizer
 
     tok = load_tokenizer(spec["model"])
     t0 = time.perf_counter()
     model = _engine(spec["backend"], spec["model"], spec.get("gguf", ""), spec["threads"],
-                    BATCH if spec["kind"] == "batch" else 1)
+                    BATCH if spec["kind"] in ("batch", "steps") else 1)
     row: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 1)}
+    if spec["kind"] == "probe":  # the rates app/evaluation/timing.py scales its engine shares by
+        from app.evaluation.timing import probe_rates
+        from app.plan.estimator import model_shape
+
+        bandwidth, dense = probe_rates(model_shape(spec["model"]))
+        return row | {"bandwidth": bandwidth, "dense": dense}
+    if spec["kind"] == "steps":  # 8 rows of a 64-token prompt: prefill, then decode steps of 8 rows each
+        new, first, rest = _timed(model, tok, BATCH, STEPS_PROMPT, spec["new"])
+        return row | {"rows": BATCH, "prompt_tokens": STEPS_PROMPT, "new_tokens": new,
+                      "prefill_tok_s": BATCH * STEPS_PROMPT / first, "step_s": rest / (new - 1),
+                      "peak_rss_mb": round(peak_rss_mb())}
     if spec["kind"] == "batch":
         from app.data.synthetic import generate_samples
         from app.inference.generate import generate_batch
@@ -99,19 +133,9 @@ def child(spec: dict) -> dict:
         seconds = time.perf_counter() - start
         row |= {"new_tokens": stats["new_tokens"], "seconds": round(seconds, 1), "tok_s": stats["new_tokens"] / seconds}
     else:
-        ids = tok(BUILTIN_PROMPT * 8, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([(ids * (PROMPT // len(ids) + 1))[:PROMPT]])
-        kw = dict(do_sample=False, eos_token_id=[], pad_token_id=tok.pad_token_id, use_cache=True)
-        with torch.inference_mode():
-            # warm-up: first-call allocations, the GGUF's pages read in
-            model.generate(input_ids=ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=2, **kw)
-            clock, start = Clock(), time.perf_counter()
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=spec["new"],
-                                 streamer=clock, **kw)
-            end = time.perf_counter()
-        new = out.shape[1] - PROMPT
-        row |= {"prompt_tokens": PROMPT, "new_tokens": new, "prefill_s": round(clock.first - start, 2),
-                "prefill_tok_s": PROMPT / (clock.first - start), "decode_tok_s": (new - 1) / (end - clock.first)}
+        new, first, rest = _timed(model, tok, 1, PROMPT, spec["new"])
+        row |= {"prompt_tokens": PROMPT, "new_tokens": new, "prefill_s": round(first, 2),
+                "prefill_tok_s": PROMPT / first, "decode_tok_s": (new - 1) / rest}
     return row | {"peak_rss_mb": round(peak_rss_mb())}
 
 
@@ -187,39 +211,6 @@ def gguf(scratch: Path, shape: str, model_dir: Path, quant: str, results: dict, 
     return out
 
 
-def evaluate(results: dict, backend: str, model_dir: Path, scratch: Path, logs: Path, n: int) -> None:
-    """`python -m app evaluate` as a user types it, in a temp project dir (llama.cpp: export-gguf first)."""
-    from app.data.synthetic import generate_samples
-
-    key = f"1.5b/evaluate/{backend}"
-    if key in results:
-        return
-    proj = scratch / "eval-project"
-    proj.mkdir(parents=True, exist_ok=True)
-    data = proj / "dev.jsonl"
-    data.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in generate_samples(n, seed=11)))
-    env = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    env["PYTHONPATH"] = str(Path.cwd().resolve())
-    common = ["ADAPTER_DIR=none", f"MODEL_NAME={model_dir}", "NUM_THREADS=2"]
-    # torch: 4-bit, what the tier picks on an 8 GB PC (cpu-xs/cpu-s) and what predict runs a QLoRA run on
-    extra = ["INFER_BACKEND=torch", "QUANT_LEVEL=4bit"] if backend == "torch" else \
-        ["INFER_BACKEND=llama.cpp", "GGUF_QUANT=q4_k_m", f"GGUF_DIR={proj / 'gguf'}"]
-    row: dict[str, Any] = {"backend": backend, "args": extra, "samples": n}
-    if backend == "llama.cpp":
-        shutil.rmtree(proj / "gguf", ignore_errors=True)
-        log.info("%s: export-gguf first", key)
-        row["export"] = run_logged([sys.executable, "-m", "app", "export-gguf", *common, *extra[1:]],
-                                   logs / "export-gguf.log", cwd=proj, env=env)
-    log.info("%s: evaluate on %d records", key, n)
-    row |= run_logged([sys.executable, "-m", "app", "evaluate", *common, *extra, f"EVAL_PATH={data}",
-                       f"EVAL_SAMPLES={n}", f"EVAL_DIR={proj / ('eval-' + backend)}"],
-                      logs / f"evaluate-{backend}.log", cwd=proj, env=env)
-    row |= log_facts((logs / f"evaluate-{backend}.log").read_text(errors="replace"))
-    results[key] = row
-    save(results)
-    log.info("%s: %s", key, json.dumps(row, ensure_ascii=False)[:500])
-
-
 def save(results: dict) -> None:
     write_json(RESULTS, {"machine": machine(), "results": results})
 
@@ -241,6 +232,15 @@ def run_shape(size: str, results: dict, scratch: Path, logs: Path, a: argparse.N
             measure(results, key, {**base, "kind": "single", "backend": backend, "gguf": path, "new": new}, logs, cg)
         if size == "6b" and backend == "q4_k_m" and (scratch / "gguf" / shape / "model-f16.gguf").is_file():
             (scratch / "gguf" / shape / "model-f16.gguf").unlink()  # 12 GB, only the quantizer needs it
+    if size == "1.5b" and "calibrate" in parts:  # the engine shares of app/evaluation/timing.py
+        if f"{size}/probe" not in results:
+            measure(results, f"{size}/probe", {**base, "kind": "probe", "backend": "torch-fp32"}, logs)
+        for backend in infer_eval.CALIBRATED:
+            path = "" if backend.startswith("torch") else str(gguf(scratch, shape, model_dir, backend, results, logs))
+            for kind, new in (("single", NEW), ("steps", STEPS_NEW)):
+                if f"{size}/{kind}/{backend}" not in results:
+                    measure(results, f"{size}/{kind}/{backend}", {**base, "kind": kind, "backend": backend,
+                                                                  "gguf": path, "new": new}, logs)
     if size == "1.5b" and "batch" in parts:
         for backend in a.batch_backends.split(","):
             key = f"{size}/batch/{backend}"
@@ -249,9 +249,27 @@ def run_shape(size: str, results: dict, scratch: Path, logs: Path, a: argparse.N
                                                                         results, logs))
                 measure(results, key, {**base, "kind": "batch", "backend": backend, "gguf": path,
                                        "new": a.batch_new}, logs)
-    if size == "1.5b" and "evaluate" in parts:
-        for backend in ("torch", "llama.cpp"):
-            evaluate(results, backend, model_dir, scratch, logs, a.eval_samples)
+    if "evaluate" in parts:  # at 6B only what fits the 8 GB cgroup and ends in minutes: llama.cpp
+        for backend in (("torch", "llama.cpp") if size == "1.5b" else a.eval_backends_6b.split(",")):
+            infer_eval.evaluate(results, size, backend, model_dir, scratch, logs,
+                                a.eval_samples if size == "1.5b" else a.eval_samples_6b, run_logged, save, log_facts,
+                                CGROUP_MB if size == "6b" else None)
+
+
+def calibrate_tiny(results: dict, scratch: Path, logs: Path) -> None:
+    """The demo's model (0.9M weights: no bandwidth or FLOPs to speak of) through torch fp32 and llama.cpp q8_0."""
+    gguf_file = scratch / "demo-eval" / "gguf-q8_0" / "model-q8_0.gguf"
+    if not gguf_file.is_file():
+        log.warning("calibrate: %s is missing: run the demo part first", gguf_file)
+        return
+    base = {"model": str(infer_eval.DEMO_RUN.resolve()), "threads": 2}
+    for backend, path in (("torch-fp32", ""), ("q8_0", str(gguf_file))):
+        for kind, new in (("single", NEW), ("steps", STEPS_NEW)):
+            if f"demo/{kind}/{backend}" not in results:
+                measure(results, f"demo/{kind}/{backend}", {**base, "kind": kind, "backend": backend, "gguf": path,
+                                                            "new": new}, logs)
+    if "demo/probe" not in results:
+        measure(results, "demo/probe", {**base, "kind": "probe", "backend": "torch-fp32"}, logs)
 
 
 def main() -> int:
@@ -259,12 +277,16 @@ def main() -> int:
     ap.add_argument("--scratch", type=Path, default=Path.cwd().resolve().parent / "bench-infer-scratch",
                     help="models, GGUFs and logs (outside the checkout; ~35 GB at the 6B step)")
     ap.add_argument("--sizes", default="1.5b,6b", help="comma-separated: 1.5b, 6b")
-    ap.add_argument("--parts", default="single,batch,evaluate", help="comma-separated: single, batch, evaluate")
+    ap.add_argument("--parts", default="single,batch,calibrate,evaluate,demo",
+                    help="comma-separated: single, batch, calibrate (app/evaluation/timing.py's engine shares), "
+                    "evaluate, demo (the F1 of `make demo`'s model per backend)")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="one stream: comma-separated subset of "
-                    + ", ".join(BACKENDS))
+                    + ", ".join(BACKENDS + MORE_BACKENDS))
     ap.add_argument("--batch-backends", default="torch-bf16,torch-4bit,q8_0,q4_k_m", help="8 concurrent requests")
     ap.add_argument("--batch-new", type=int, default=NEW, help="new tokens per request in the batch")
-    ap.add_argument("--eval-samples", type=int, default=EVAL_N, help="records `make evaluate` answers")
+    ap.add_argument("--eval-samples", type=int, default=EVAL_N, help="records `make evaluate` answers at 1.5B")
+    ap.add_argument("--eval-samples-6b", type=int, default=EVAL_N_6B, help="... and at 6B")
+    ap.add_argument("--eval-backends-6b", default="llama.cpp", help="evaluate at 6B: torch, llama.cpp or both")
     ap.add_argument("--fresh", action="store_true",
                     help="measure again what --sizes and --parts select, though bench/infer.json has it")
     ap.add_argument("--report-only", action="store_true", help="rewrite bench/infer.md from bench/infer.json")
@@ -282,9 +304,13 @@ def main() -> int:
     if not a.report_only:
         logs = a.scratch / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        for size in a.sizes.split(","):
+        for size in filter(None, a.sizes.split(",")):
             run_shape(size, results, a.scratch, logs, a)
             write_report(results, a.notes)
+        if "demo" in a.parts.split(","):
+            infer_eval.demo(results, a.scratch, logs, run_logged, save, log_facts)
+        if "calibrate" in a.parts.split(","):  # a tiny model's decode step: the engines' fixed cost per step
+            calibrate_tiny(results, a.scratch, logs)
     write_report(results, a.notes)
     return 0
 

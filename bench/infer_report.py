@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from app.core.utils import atomic_write_text, usable_cpus
+from bench import infer_eval
 
 NAMES = {"torch-bf16": "torch bf16 (`load_model(bf16=True)`)",
          "torch-4bit": "torch bnb 4-bit (`load_base(.., '4bit')`)",
+         "torch-8bit": "torch bnb 8-bit (`load_base(.., '8bit')`)",
+         "torch-fp32": "torch fp32 (`load_base(.., 'none')`: predict at QUANT_LEVEL=none)",
          "f16": "llama.cpp f16", "q8_0": "llama.cpp q8_0", "q4_k_m": "llama.cpp q4_k_m"}
 BUSY = 2.5  # the 1-minute load average with only this benchmark's 2 threads running is about 2
 
@@ -30,7 +33,9 @@ def log_facts(text: str) -> dict:
     """From evaluate's log: its key lines, the token budget, the seconds its generate bar took, the error line."""
     lines = text.replace("\r", "\n").splitlines()
     out: dict[str, Any] = {"log_lines": [ln[9:] for ln in lines if any(w in ln for w in (
-        "tokens/s", "generating at most", "F1", "llama.cpp", "model "))][:12]}
+        "tokens/s", "generating at most", "F1", "llama.cpp", "model ", "expected evaluate"))][:14]}
+    if m := re.search(r"generated (\d+) new tokens for", text):
+        out["new_tokens"] = int(m.group(1))
     if m := re.search(r"generating at most (\d+) new tokens", text):
         out["budget"] = int(m.group(1))
     if m := re.findall(r"generate: 100%.*?\[(\d+):(\d+)<", text.replace("\r", "\n")):
@@ -98,24 +103,7 @@ def targets(results: dict) -> list[str]:
                    f"{q6 / scale:.1f}x) (target >= 5x) -> {_verdict(q6 >= 5 * t6)}")
     else:
         out.append("- 6B in 8 GB: q4_k_m >= 5x predict's tokens/s -> not measured")
-    out.append(_eval_target(results.get("1.5b/evaluate/torch"), results.get("1.5b/evaluate/llama.cpp")))
-    return out
-
-
-def _eval_target(t: dict | None, g: dict | None) -> str:
-    if not t or not g:
-        return "- `make evaluate` on 100 records at 1.5B >= 2x faster on the faster backend -> not measured"
-    n, ex = t.get("samples", 100), (g.get("export") or {}).get("wall_s") or 0
-    head = (f"- `make evaluate` on {n} records at 1.5B (target: >= 2x faster end to end on the faster backend): "
-            f"torch 4-bit {t['wall_s']:.0f} s (exit {t['rc']}), llama.cpp q4_k_m {g['wall_s']:.0f} s (exit {g['rc']}) "
-            f"+ {ex:.0f} s for its one-time export-gguf")
-    if t["rc"] or g["rc"]:
-        return (head + f"; evaluate failed: `{(g if g['rc'] else t).get('error', '?')}` -> FAIL (no end-to-end time "
-                f"to compare; generation alone: torch {t.get('generate_s')} s, llama.cpp {g.get('generate_s')} s for "
-                f"the {n} answers, budget {t.get('budget')} tokens each, but not the same token counts: see above)")
-    fast, slow = sorted((t["wall_s"], g["wall_s"]))
-    return (head + f": {slow / fast:.2f}x, {t['wall_s'] / (g['wall_s'] + ex):.2f}x with the export counted -> "
-            f"{_verdict(slow / fast >= 2)}" + ("" if n >= 100 else f" (on {n} records, not 100)"))
+    return out + infer_eval.targets(results, _verdict)
 
 
 def torch_wins(results: dict) -> list[str]:
@@ -145,27 +133,6 @@ def _batch_table(results: dict) -> list[str]:
         elif r:
             lines.append(f"| {NAMES[b]} | failed (exit {r.get('rc')}) | | | | {_loads(r)} |")
     return lines
-
-
-def _eval_table(results: dict) -> list[str]:
-    lines = ["| backend | settings | records | wall s | budget per answer | generate bar s | peak RSS MB | exit | "
-             "load avg before / after |", "|---|---|---|---|---|---|---|---|---|"]
-    for b in ("torch", "llama.cpp"):
-        r = results.get(f"1.5b/evaluate/{b}")
-        if not r:
-            continue
-        lines.append(f"| {b} | {' '.join(r['args'])} | {r.get('samples', 100)} | **{r['wall_s']:.0f}** | "
-                     f"{r.get('budget', 'n/a')} | {r.get('generate_s', 'n/a')} | {r['process_peak_rss_mb']:,} | "
-                     f"{r['rc']} | {_loads(r)} |")
-        if r.get("export"):
-            e = r["export"]
-            lines.append(f"| llama.cpp: `export-gguf` before it (once per adapter) | GGUF_QUANT=q4_k_m | | "
-                         f"{e['wall_s']:.0f} | | | {e['process_peak_rss_mb']:,} | {e['rc']} | {_loads(e)} |")
-    logs = [f"  - {b}: `{ln}`" for b in ("torch", "llama.cpp")
-            for ln in (results.get(f"1.5b/evaluate/{b}") or {}).get("log_lines", [])]
-    errors = [f"  - {b}: `{r['error']}`" for b in ("torch", "llama.cpp")
-              if (r := results.get(f"1.5b/evaluate/{b}") or {}).get("error")]
-    return lines + (["", "From evaluate's own logs:", *logs, *errors] if logs or errors else [])
 
 
 def _busy(results: dict) -> str:
@@ -215,16 +182,24 @@ def write_report(results: dict, notes: str = "", path: Path = Path("bench/infer.
         "the 8 rows are 8 "
         "sequences of one unified KV cache decoded together. Total new tokens / wall time.", "",
         *_batch_table(results), "",
-        "## `make evaluate` on synthetic dev records at 1.5B", "",
-        "`python -m app evaluate ADAPTER_DIR=none MODEL_NAME=<the 1.5B dir> EVAL_PATH=<N synthetic triplet "
-        "records> EVAL_SAMPLES=N NUM_THREADS=2` (N: the records column) in a temp project dir, wall time of the "
-        "whole process. torch at "
+        "## The evaluate time model's engine shares (app/evaluation/timing.py)", "",
+        *infer_eval.calibration_table(results), "",
+        "## `make evaluate`: wall time, and `make info`'s prediction of it", "",
+        "In a temp project dir, as a user types them: `python -m app info` with the evaluate's settings (its "
+        "\"expected evaluate\" line, made before anything is exported or loaded: app/evaluation/timing.py), then "
+        "for llama.cpp `export-gguf`, then `python -m app evaluate ADAPTER_DIR=none MODEL_NAME=<the random model> "
+        "EVAL_PATH=<N synthetic triplet records> NUM_THREADS=2`, wall time of the whole process. torch at "
         "QUANT_LEVEL=4bit: what the tier picks below 12 GB of RAM (the user's 8 GB PC) and what predict runs a "
-        "QLoRA run on (this 23 GB machine's tier would pick 8bit). The random model answers garbage: a row "
-        "ends at evaluate's budget (the longest reference answer + 25%) or at a stop token, which the two engines' "
-        "different quantizations of the same random weights pick at different steps. evaluate does not log how "
-        "many tokens it generated, so the generate bar's seconds are not comparable per token.", "",
-        *_eval_table(results), "", "## Targets", "", *targets(results), "",
+        "QLoRA run on. The random models answer garbage that runs to evaluate's budget (the longest reference "
+        "answer + 25%) unless a stop token comes first: `make info`'s budget figure is the one that applies "
+        "(a trained model's answers end where the references do: its first figure). At 6B, evaluate runs inside "
+        "the 8,000 MB cgroup.", "",
+        *infer_eval.eval_table(results), "",
+        "## The demo's trained model: F1 per backend", "",
+        "`make demo`'s model (models/demo, a 0.9M-parameter GLM trained from scratch, METHOD=full) on its held-out "
+        "records (data/demo/heldout.jsonl, subjects never seen in training), `python -m app evaluate` per backend, "
+        "PREDICT_BATCH_SIZE=32; llama.cpp through a GGUF that `export-gguf` wrote at each GGUF_QUANT.", "",
+        *infer_eval.demo_table(results), "", "## Targets", "", *targets(results), "",
         "## Where torch still wins", "", *(torch_wins(results) or ["- not measured yet"]), "",
         *(["## Notes", "", notes, ""] if notes else [])]
     text = "\n".join(lines)
