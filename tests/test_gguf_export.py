@@ -128,6 +128,24 @@ def test_adapter_only_writes_the_lora_and_its_base_and_reuses_the_base(project, 
     assert "reused from the previous export" in caplog.text and (out / "base-q8_0.gguf").stat().st_ino == inode
 
 
+@pytest.mark.parametrize("quant", ["8bit", "4bit"])
+def test_a_run_on_a_tiers_kbit_base_exports_from_the_original_base(quant, data_dir, tiny_glm_dir, tmp_path, cli,
+                                                                   caplog):
+    """The tiers train on a bitsandbytes 8-bit (12-24 GB of RAM) or 4-bit (below 12 GB) base: its LoRA is merged
+    into the original base instead, said in one line, and llama.cpp answers with it."""
+    FineTuner(Config.from_dict({
+        "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"), "OUTPUT_DIR": "models/run",
+        "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none", "SEED": 0, "VAL_SIZE": 0,
+        "MAX_SAMPLES": 8, "LEARNING_RATE": 1e-2, "QUANT_LEVEL": quant})).run()
+    code, errors, _ = cli("export-gguf", "GGUF_QUANT=q8_0")
+    assert code == 0, errors
+    assert f"the adapter was trained on a {quant} base; merging it into the original unquantized base" in caplog.text
+    assert (tmp_path / "models/run/gguf/model-q8_0.gguf").is_file()
+    code, errors, _ = cli("predict-custom", "PROMPT=你好", "MAX_NEW_TOKENS=4", "INFER_BACKEND=llama.cpp",
+                          "GGUF_QUANT=q8_0")
+    assert code == 0 and "exported earlier from this adapter and base" in caplog.text, errors
+
+
 def test_remove_run_takes_the_export_along(project, cli):
     assert cli("export-gguf", "GGUF_QUANT=q8_0")[0] == 0
     assert cli("remove-run", "OUTPUT_DIR=models/run")[0] == 0
