@@ -129,6 +129,24 @@ def test_info_gives_the_other_backends_time_where_it_runs_the_model(tiny_glm_dir
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, METHOD="ptuning")
     at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
     assert not any(line.startswith("  with ") for line in out[at + 1:])  # llama.cpp has no place for the prefixes
+    out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, METHOD="ptuning",
+                INFER_BACKEND="llama.cpp")  # what evaluate would refuse: said, with torch's time beside it
+    at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
+    assert out[at] == ("expected evaluate: unknown (INFER_BACKEND=llama.cpp: a METHOD=ptuning run's prefixes have no "
+                       "place in llama.cpp; use torch)") and "INFER_BACKEND=torch instead" in out[at + 1], out[at:]
+
+
+def test_info_without_llama_cpp_says_so_and_gives_torch_only(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
+    from app.inference import llamacpp
+
+    monkeypatch.setattr(llamacpp, "missing", lambda what: f"{what} needs llama.cpp's Python binding: make setup-gguf")
+    out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5)
+    at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
+    assert LINE.match(out[at]) and not any(line.startswith("  with ") for line in out[at + 1:])
+    out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, INFER_BACKEND="llama.cpp")
+    at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
+    assert out[at] == ("expected evaluate: unknown (INFER_BACKEND=llama.cpp needs llama.cpp's Python binding: make "
+                       "setup-gguf)") and ALT.match(out[at + 1]), out[at:]
 
 
 def test_info_says_which_setting_when_nothing_is_held_out(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):

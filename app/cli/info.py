@@ -67,12 +67,15 @@ def evaluate_lines(ft: FineTuner) -> str:
     """The `make evaluate` after this run, before anything is exported or loaded: on INFER_BACKEND as predict would
     load it, and on the other backend where it can run this model."""
     examples, why = eval_examples(ft)
-    pr = ft.plan.cfg.predict
-    chosen, other = pr.infer_backend, "torch" if pr.infer_backend == "llama.cpp" else "llama.cpp"
     if why:
         return f"\n{unknown(len(examples), why).line()}"
-    lines = f"\n{evaluate_time(ft, examples, chosen).line()}"
-    if other == "torch" or _llamacpp_can_run(ft):
+    pr = ft.plan.cfg.predict
+    chosen, other = pr.infer_backend, "torch" if pr.infer_backend == "llama.cpp" else "llama.cpp"
+    problem = _llamacpp_problem(ft)
+    first = unknown(len(examples), problem) if chosen == "llama.cpp" and problem else \
+        evaluate_time(ft, examples, chosen)
+    lines = f"\n{first.line()}"
+    if other == "torch" or not problem:
         alt = evaluate_time(ft, examples, other)
         if not alt.unknown:
             export = ", plus export-gguf once" if other == "llama.cpp" else ""
@@ -103,17 +106,24 @@ def eval_examples(ft: FineTuner) -> tuple[list, str]:
     return examples, ""
 
 
-def _llamacpp_can_run(ft: FineTuner) -> bool:
-    """llama.cpp is installed and exports this family and method (app/inference/gguf_export.py)."""
+def _llamacpp_problem(ft: FineTuner) -> str:
+    """Why INFER_BACKEND=llama.cpp cannot run this run's model ("" if it can), as `make evaluate` would refuse it:
+    llama.cpp missing, a P-Tuning run, or a family GGUF export does not take (app/inference/gguf_export.py)."""
     from transformers import AutoConfig
 
     from app.inference import llamacpp
     from app.inference.gguf_export import FAMILIES
 
-    if ft.plan.cfg.lora.method == "ptuning" or llamacpp.missing("INFER_BACKEND=llama.cpp"):
-        return False
-    config = AutoConfig.from_pretrained(ft.model_path, trust_remote_code=ft.plan.cfg.model.trust_remote_code)
-    return bool(set(getattr(config, "architectures", None) or ()) & set(FAMILIES))
+    cfg = ft.plan.cfg
+    if cfg.lora.method == "ptuning":
+        return "INFER_BACKEND=llama.cpp: a METHOD=ptuning run's prefixes have no place in llama.cpp; use torch"
+    missing = llamacpp.missing("INFER_BACKEND=llama.cpp")
+    if missing:
+        return missing
+    config = AutoConfig.from_pretrained(ft.model_path, trust_remote_code=cfg.model.trust_remote_code)
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    return "" if arch in FAMILIES else (f"INFER_BACKEND=llama.cpp: {arch} is not a family GGUF export takes "
+                                        f"({', '.join(FAMILIES.values())}); use torch")
 
 
 def evaluate_time(ft: FineTuner, examples: list, backend: str) -> EvalTime:
