@@ -425,6 +425,54 @@ def module_app_process(tmp_path_factory):
     yield from _processes(tmp_path_factory.mktemp("processes"))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`python -m app serve SETTINGS` on a free port through ``start`` (app_process / module_app_process), in
+    ``work``, waited for until /health answers: its url, process, an openai client and JSON posts."""
+
+    def __init__(self, start, work: Path, **settings):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [f"SERVE_PORT={self.port}", "NUM_THREADS=2", *(f"{k}={v}" for k, v in settings.items())]
+        self.proc = start(["serve", *args], cwd=work, log=work / f"serve-{self.port}.log")
+        self.proc.wait_for(self._up)
+
+    def _up(self) -> bool:
+        import httpx2 as httpx
+
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self, key: str = "none"):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body, headers=None, **kw):
+        import json
+
+        import httpx2 as httpx
+
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json",
+                                                                      **(headers or {})}, timeout=120, **kw)
+
+
+@pytest.fixture(scope="session")
+def serve_process():
+    """ServeProcess(start, work, **settings): a served model test_serve*.py talk to."""
+    return ServeProcess
+
+
 # ---- training runs: data, the golden recipe, what a run logged -------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,16 @@ def test_info_prints_the_evaluate_that_follows_the_run(tiny_glm_dir, data_dir, t
     assert " for 5 records on torch 4bit " in out[at + 3]  # EVAL_SAMPLES of the held-out records, as trained
 
 
+def test_info_times_the_quant_level_the_tier_picks(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """QUANT_LEVEL=auto: the evaluate line names the engine at the level the plan chose (8bit on a 12-24 GB
+    machine), which is what predict loads the run's adapter on."""
+    out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5)
+    planned = next(re.match(r"^\s+QUANT_LEVEL\s+=\s+(\w+)", line).group(1) for line in out
+                   if re.match(r"^\s+QUANT_LEVEL\s+=", line))
+    line = next(line for line in out if line.startswith("expected evaluate"))
+    assert LINE.match(line) and f" on torch {'fp32' if planned == 'none' else planned} " in line, (planned, line)
+
+
 def test_info_names_llama_cpp_and_eval_path_when_set(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, INFER_BACKEND="llama.cpp",
                 GGUF_QUANT="q8_0", EVAL_PATH=str(data_dir / "dev.jsonl"), EVAL_SAMPLES=0)

@@ -39,34 +39,9 @@ def work(tiny_glm_dir, tmp_path_factory):
     return work
 
 
-class Server:
-    def __init__(self, app_process, work: Path, **settings):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [f"SERVE_PORT={self.port}", "NUM_THREADS=2", *(f"{k}={v}" for k, v in settings.items())]
-        self.proc = app_process(["serve", *args], cwd=work, log=work / f"serve-{self.port}.log")
-        self.proc.wait_for(self._up)
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def client(self, key: str = "none"):
-        from openai import OpenAI
-
-        return OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120)
-
-    def post(self, path: str, body, headers=None, **kw) -> httpx.Response:
-        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json",
-                                                                      **(headers or {})}, timeout=120, **kw)
-
-
 @pytest.fixture(scope="module")
-def server(work, module_app_process):
-    return Server(module_app_process, work, ADAPTERS="a=models/a,b=models/b", SERVE_MAX_PROMPT_TOKENS=200)
+def server(work, module_app_process, serve_process):
+    return serve_process(module_app_process, work, ADAPTERS="a=models/a,b=models/b", SERVE_MAX_PROMPT_TOKENS=200)
 
 
 def _chat(server, model, prompt, **kw):
@@ -209,8 +184,8 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
     assert _chat(server, "a", "hi").choices[0].finish_reason in ("stop", "length")
 
 
-def test_auth_when_an_api_key_is_set(work, app_process):
-    server = Server(app_process, work, ADAPTERS="a=models/a", API_KEY="s3cret")
+def test_auth_when_an_api_key_is_set(work, app_process, serve_process):
+    server = serve_process(app_process, work, ADAPTERS="a=models/a", API_KEY="s3cret")
     from openai import AuthenticationError
 
     with pytest.raises(AuthenticationError):
@@ -220,8 +195,8 @@ def test_auth_when_an_api_key_is_set(work, app_process):
     assert httpx.get(server.url + "/health").status_code == 200  # the health check needs no key
 
 
-def test_a_full_queue_answers_429_and_every_request_ends(work, app_process):
-    server = Server(app_process, work, ADAPTERS="a=models/a", SERVE_MAX_QUEUE=8, SERVE_BATCH_SIZE=4)
+def test_a_full_queue_answers_429_and_every_request_ends(work, app_process, serve_process):
+    server = serve_process(app_process, work, ADAPTERS="a=models/a", SERVE_MAX_QUEUE=8, SERVE_BATCH_SIZE=4)
     statuses: list[int] = []
     body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 16}
 

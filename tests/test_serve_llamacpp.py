@@ -72,35 +72,19 @@ def work(tmp_path_factory, llamacpp, learn_briefly):
     return work
 
 
-class Server:
-    def __init__(self, app_process, work: Path, **settings):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [f"SERVE_PORT={self.port}", "NUM_THREADS=2", f"MODEL_NAME={work / 'base'}",
-                *(f"{k}={v}" for k, v in {**SERVED, **settings}.items())]
-        self.proc = app_process(["serve", *args], cwd=work, log=work / f"serve-{self.port}.log")
-        self.proc.wait_for(self._up)
+def _serve(serve_process, start, work: Path, **settings):
+    """serve on the base GGUF and its adapters (SERVED), ``settings`` on top."""
+    return serve_process(start, work, MODEL_NAME=work / "base", **{**SERVED, **settings})
 
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
 
-    def chat(self, model: str, prompt: str, **kw):
-        from openai import OpenAI
-
-        client = OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                              **{"max_tokens": NEW_TOKENS, "temperature": 0, **kw})
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=120)
+def _chat(server, model: str, prompt: str, **kw):
+    return server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                   **{"max_tokens": NEW_TOKENS, "temperature": 0, **kw})
 
 
 @pytest.fixture(scope="module")
-def server(work, module_app_process):
-    return Server(module_app_process, work, SERVE_BATCH_SIZE=4)
+def server(work, module_app_process, serve_process):
+    return _serve(serve_process, module_app_process, work, SERVE_BATCH_SIZE=4)
 
 
 def test_greedy_answers_equal_the_merged_gguf_and_differ_by_adapter(server, work, monkeypatch):
@@ -114,7 +98,7 @@ def test_greedy_answers_equal_the_merged_gguf_and_differ_by_adapter(server, work
                                            "GGUF_QUANT": "f16", "MAX_NEW_TOKENS": NEW_TOKENS, "NUM_THREADS": 2}))
         answers[model] = []
         for prompt in PROMPTS:
-            r = server.chat(model, prompt)
+            r = _chat(server, model, prompt)
             expected = pred.generate([{"role": "user", "content": prompt}])
             assert r.choices[0].message.content == expected, (model, prompt)
             tokens += r.usage.completion_tokens
@@ -126,8 +110,8 @@ def test_greedy_answers_equal_the_merged_gguf_and_differ_by_adapter(server, work
 
 def test_a_stream_equals_the_whole_answer_and_ends_with_done(server):
     for model in ("a", "b"):
-        whole = server.chat(model, PROMPTS[0])
-        chunks = list(server.chat(model, PROMPTS[0], stream=True, stream_options={"include_usage": True}))
+        whole = _chat(server, model, PROMPTS[0])
+        chunks = list(_chat(server, model, PROMPTS[0], stream=True, stream_options={"include_usage": True}))
         deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert "".join(deltas) == whole.choices[0].message.content and len(deltas) > 1
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
@@ -138,28 +122,28 @@ def test_a_stream_equals_the_whole_answer_and_ends_with_done(server):
 
 
 def test_stop_strings_max_tokens_and_seeded_sampling(server):
-    whole = server.chat("a", PROMPTS[0]).choices[0].message.content
+    whole = _chat(server, "a", PROMPTS[0]).choices[0].message.content
     stop = whole[len(whole) // 2:len(whole) // 2 + 3]
-    r = server.chat("a", PROMPTS[0], stop=[stop])
+    r = _chat(server, "a", PROMPTS[0], stop=[stop])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (whole[:whole.find(stop)], "stop")
-    r = server.chat("a", PROMPTS[0], max_tokens=3)
+    r = _chat(server, "a", PROMPTS[0], max_tokens=3)
     assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 3)
     assert whole.startswith(r.choices[0].message.content)
-    sampled = [server.chat("a", PROMPTS[0], temperature=1.0, seed=seed).choices[0].message.content
+    sampled = [_chat(server, "a", PROMPTS[0], temperature=1.0, seed=seed).choices[0].message.content
                for seed in (7, 7, 8)]
     assert sampled[0] == sampled[1] and whole not in sampled, sampled
 
 
-def test_four_concurrent_requests_are_decoded_as_one_batch(server, work, app_process):
+def test_four_concurrent_requests_are_decoded_as_one_batch(server, work, app_process, serve_process):
     """A server that waits for SERVE_BATCH_SIZE=4 requests (the wait is only a hang guard): the four are one
     batch, four sequences of one llama.cpp context, and each answers as it does alone. It also reuses the
     base GGUF and the adapters' conversions the first server wrote."""
-    alone = {p: server.chat("a", p).choices[0].message.content for p in PROMPTS[:4]}
-    batched = Server(app_process, work, SERVE_BATCH_SIZE=4, SERVE_BATCH_WAIT_MS=120_000)
+    alone = {p: _chat(server, "a", p).choices[0].message.content for p in PROMPTS[:4]}
+    batched = _serve(serve_process, app_process, work, SERVE_BATCH_SIZE=4, SERVE_BATCH_WAIT_MS=120_000)
     got: dict[str, str] = {}
 
     def one(prompt: str) -> None:
-        got[prompt] = batched.chat("a", prompt).choices[0].message.content
+        got[prompt] = _chat(batched, "a", prompt).choices[0].message.content
 
     threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS[:4]]
     for t in threads:
@@ -174,14 +158,14 @@ def test_four_concurrent_requests_are_decoded_as_one_batch(server, work, app_pro
 
 
 def test_adapters_load_and_unload_at_run_time(server, work):
-    expected = server.chat("a", PROMPTS[0]).choices[0].message.content
+    expected = _chat(server, "a", PROMPTS[0]).choices[0].message.content
     r = server.post("/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": "models/a"})
     assert r.status_code == 200, r.text
-    assert server.chat("a2", PROMPTS[0]).choices[0].message.content == expected
+    assert _chat(server, "a2", PROMPTS[0]).choices[0].message.content == expected
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "a2"}).status_code == 200
     assert server.post("/v1/chat/completions", {"model": "a2", "messages": [{"role": "user", "content": "hi"}]}
                        ).status_code == 404
-    assert server.chat("a", PROMPTS[0]).choices[0].message.content == expected  # a's own handle untouched
+    assert _chat(server, "a", PROMPTS[0]).choices[0].message.content == expected  # a's own handle untouched
 
 
 def test_the_lora_gguf_lives_in_the_run_and_a_folder_of_yours_is_refused(server, work):
@@ -198,6 +182,7 @@ def test_the_lora_gguf_lives_in_the_run_and_a_folder_of_yours_is_refused(server,
     message = r.json()["error"]["message"]
     assert r.status_code == 400 and "holds files this tool did not write" in message and "\n" not in message, r.text
     assert sorted(p.name for p in (theirs / LORA_DIR).iterdir()) == ["notes.txt"]
+    assert (theirs / LORA_DIR / "notes.txt").read_bytes() == b"mine"  # byte for byte
 
 
 def test_p_tuning_and_another_bases_adapter_are_refused_in_one_line(server, work, tmp_path):
