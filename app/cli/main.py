@@ -154,7 +154,8 @@ def _make_tiny(cfg: Config) -> None:
 def _generate_data(cfg: Config) -> None:
     from app.cli.workspace import write_sample_data
 
-    write_sample_data(cfg.data.data_path, seed=cfg.train.seed, replace=cfg.data.replace_data)
+    write_sample_data(cfg.data.data_path, seed=cfg.train.seed, replace=cfg.data.replace_data, stage=cfg.train.stage,
+                      named="DATA_PATH" in cfg.explicit)
 
 
 def _clean(cfg: Config) -> None:
@@ -245,8 +246,10 @@ COMMANDS: dict[str, Command] = {
                                            "MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3",
                                ("MODEL_NAME",)),
     "generate-data": Command(_generate_data, "write the synthetic triplet sample data to DATA_PATH and dev.jsonl "
-                                             "beside it (never over a file of yours; REPLACE_DATA=1 to overwrite)",
-                             ("DATA_PATH", "SEED", "REPLACE_DATA")),
+                                             "beside it; STAGE=dpo/kto: preference pairs / KTO records, by default "
+                                             "to data/pref.jsonl / data/kto.jsonl (never over a file of yours; "
+                                             "REPLACE_DATA=1 to overwrite)",
+                             ("DATA_PATH", "SEED", "REPLACE_DATA", "STAGE")),
     "clean": Command(_clean, "remove what the tool made and can remake (tiny models, unchanged sample data, caches); "
                              "never your data or a trained run"),
     "remove-run": Command(_remove_run, "delete the trained run OUTPUT_DIR=<dir> (and nothing else)", ("OUTPUT_DIR",)),

@@ -33,6 +33,10 @@ TOKEN_CACHE = "models/.cache/tokens"  # the token cache at its default CACHE_DIR
 CACHES = (".pytest_cache", TOKEN_CACHE)
 
 
+# STAGE=dpo/kto's sample files when DATA_PATH is left at its default (which names the SFT sample's file)
+PREF_SAMPLES = {"dpo": ("pref.jsonl", "pref_dev.jsonl"), "kto": ("kto.jsonl", "kto_dev.jsonl")}
+
+
 def sample_paths(train_path: str | Path) -> dict[str, Path]:
     """Sample data goes to DATA_PATH itself and dev.jsonl beside it (what EVAL_PATH defaults to)."""
     train = Path(train_path)
@@ -40,26 +44,28 @@ def sample_paths(train_path: str | Path) -> dict[str, Path]:
 
 
 def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = False,
-                      only_missing: bool = False) -> list[Path]:
-    """Write the synthetic triplet data; return the files written.
+                      only_missing: bool = False, stage: str = "sft", named: bool = True) -> list[Path]:
+    """Write the synthetic triplet data for STAGE ``stage``; return the files written.
 
+    sft: context/target records; dpo: preference pairs (the gold answer against a mistake); kto: half gold,
+    half mistakes, labelled. Where DATA_PATH was not ``named`` by the user and is its default, dpo/kto write
+    data/pref.jsonl + pref_dev.jsonl (kto.jsonl + kto_dev.jsonl) beside the SFT sample instead.
     A file that exists is kept unless it is unchanged sample data (then it is rewritten) or
     ``replace`` (REPLACE_DATA=1, the user's explicit ask). ``only_missing`` (the automatic case in
     ``train``) writes the missing files and keeps the rest; otherwise an existing file is refused,
     with one line, before anything is written.
     """
-    from app.data.synthetic import generate_samples
-
     paths = sample_paths(train_path)
+    if stage in PREF_SAMPLES and not named and Path(train_path) == Path(Config().data.data_path):
+        paths = {split: paths["train"].with_name(name) for split, name in zip(paths, PREF_SAMPLES[stage])}
     keep = {k: p for k, p in paths.items() if p.exists() and not replace and not generated.is_unchanged(p)}
     if keep and not only_missing:
         names = " and ".join(str(p) for p in keep.values())
         verb = "exists and is" if len(keep) == 1 else "exist and are"
-        raise UserError(f"DATA_PATH={train_path}: {names} {verb} not sample data this tool wrote; generate-data "
+        raise UserError(f"DATA_PATH={paths['train']}: {names} {verb} not sample data this tool wrote; generate-data "
                         "never replaces such a file: use another DATA_PATH (e.g. DATA_PATH=data/sample/train.jsonl), "
                         "or REPLACE_DATA=1 to overwrite it")
-    samples = generate_samples(SAMPLE_TRAIN + SAMPLE_DEV, seed=seed)  # one call: train and dev never share one
-    rows = {"train": samples[:SAMPLE_TRAIN], "dev": samples[SAMPLE_TRAIN:]}
+    rows = _sample_rows(stage, seed)
     written = []
     for split, path in paths.items():
         if split in keep:
@@ -69,9 +75,28 @@ def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = Fa
         record_generated(path)
         written.append(path)
     if written and not only_missing:  # the automatic case says it itself, as a warning
-        log.info("wrote the synthetic triplet sample data (seed %d): %s", seed,
-                 ", ".join(f"{p} ({len(rows[s])} records)" for s, p in paths.items() if p in written))
+        files = ", ".join(f"{p} ({len(rows[s])} records)" for s, p in paths.items() if p in written)
+        if stage == "sft":
+            log.info("wrote the synthetic triplet sample data (seed %d): %s", seed, files)
+        else:
+            log.info("wrote synthetic %s sample data (seed %d; the gold triplets against realistic mistakes): %s; "
+                     "next: make train STAGE=%s DATA_PATH=%s", "preference pair" if stage == "dpo" else "KTO",
+                     seed, files, stage, paths["train"])
     return written
+
+
+def _sample_rows(stage: str, seed: int) -> dict[str, list[dict]]:
+    """The train and dev records of STAGE's sample: one call each, so train and dev never share a prompt, and the
+    pairs' prompts are none of the SFT sample's (its held-out records stay unseen by a dpo run after it)."""
+    from app.data.synthetic import generate_samples
+    from app.data.synthetic_pairs import generate_kto, generate_pairs
+
+    n = SAMPLE_TRAIN + SAMPLE_DEV
+    samples = generate_samples(n, seed=seed)
+    if stage in PREF_SAMPLES:
+        make = generate_pairs if stage == "dpo" else generate_kto
+        samples = make(n, seed=seed, avoid=[s["context"] for s in samples])
+    return {"train": samples[:SAMPLE_TRAIN], "dev": samples[SAMPLE_TRAIN:]}
 
 
 def ensure_default_data(cfg: Config) -> None:

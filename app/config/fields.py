@@ -33,7 +33,7 @@ TIERED = ("QUANT_LEVEL", "MAX_SAMPLES", "BATCH_SIZE", "GRAD_ACCUM", "LORA_R", "M
 
 # The settings that take one of a few words: their allowed values are these types' (validation,
 # --help, .env.template and docs/configuration.md read them from the annotation).
-DataFormat = Literal["auto", "context_target", "alpaca", "text", "messages", "sharegpt"]
+DataFormat = Literal["auto", "context_target", "alpaca", "text", "messages", "sharegpt", "preference", "kto"]
 Method = Literal["lora", "qlora", "ptuning", "full"]
 TierName = Literal["auto", "none", "cpu-xs", "cpu-s", "cpu-m", "cpu-l", "gpu-s", "gpu-m", "gpu-l"]
 QuantLevel = Literal["auto", "none", "8bit", "4bit"]
@@ -44,6 +44,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 EvalMetric = Literal["loss", "f1"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
 InferBackend = Literal["torch", "llama.cpp"]
+Stage = Literal["sft", "dpo", "kto"]
+PrefLoss = Literal["sigmoid", "ipo", "orpo", "simpo"]
 # llama.cpp's own type names (its quantizer's), lower-cased: the float ones come from its converter
 GgufQuant = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_k_s", "q3_k_m", "q2_k"]
 # REPORT_TO's names (a comma list; app/training/trackers.py sets each up)
@@ -124,8 +126,21 @@ class ResourceArgs:
 class TrainArgs:
     output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go: a new or empty folder, or a run "
                              "this tool wrote (marked by run_manifest.json); empty = models/<last part of MODEL_NAME>-"
-                             "<METHOD>, plus -<data file> when DATA_PATH is not the default (e.g. models/tiny-lora, "
-                             "models/tiny-lora-mine-train), so runs of different models, methods or data never collide")
+                             "<METHOD>, plus -<STAGE> for dpo/kto and -<data file> when DATA_PATH is not the default (e.g. "
+                             "models/tiny-lora, models/tiny-lora-mine-train, models/tiny-lora-dpo-pref), so runs of "
+                             "different models, methods, stages or data never collide")
+    stage: Stage = _f("sft", "What training learns from: sft (the answers as given); dpo (a chosen and a rejected "
+                             "answer per prompt, loss PREF_LOSS); kto (single answers labelled good or bad). dpo/kto "
+                             "train a new adapter on the base, or continue the SFT adapter in ADAPTER_DIR")
+    pref_loss: PrefLoss = _f("sigmoid", "STAGE=dpo: sigmoid (DPO), ipo, orpo or simpo; orpo and simpo need no "
+                                        "reference model (LLaMA-Factory pref_loss)")
+    pref_beta: float = _f(0.1, "STAGE=dpo/kto: the preference loss's beta: how far the policy may move from the "
+                               "reference (ORPO: the weight of its odds-ratio term)")
+    pref_ftx: float = _f(0.0, "STAGE=dpo: weight of an SFT loss on the chosen answers added to the preference "
+                              "loss (sigmoid/ipo/simpo; ORPO always has it)")
+    simpo_gamma: float = _f(0.5, "PREF_LOSS=simpo: the target reward margin")
+    kto_chosen_weight: float = _f(1.0, "STAGE=kto: weight of the good answers' loss (raise it when they are rarer)")
+    kto_rejected_weight: float = _f(1.0, "STAGE=kto: weight of the bad answers' loss")
     num_epochs: float = _f(3.0, "Passes over the training data")
     max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
     batch_size: int = _f(1, "Micro-batch size per step")

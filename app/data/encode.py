@@ -7,6 +7,7 @@ decode to exactly ``answer + eos``. Prompt tokens get label -100.
 Over-long samples are never silently dropped: the prompt loses its middle first (the
 instruction at its head and the assistant marker at its tail both survive), and only if the
 answer alone cannot fit is the answer's end cut. Both cases are counted and reported.
+Preference pairs and KTO records (encode_pair) keep the prompt and each answer apart, cut the same way.
 """
 from __future__ import annotations
 
@@ -86,11 +87,7 @@ def encode(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStat
     """input_ids / labels for one example, truncated to max_seq_len as the module doc says."""
     ids: list[int] = []
     labels: list[int] = []
-    eos_id = tokenizer.eos_token_id
-    for text, is_answer in segments(example, tokenizer):
-        toks = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-        if is_answer and eos_id is not None:
-            toks = toks + [eos_id]
+    for toks, is_answer in _pieces(segments(example, tokenizer), tokenizer):
         ids += toks
         labels += toks if is_answer else [IGNORE] * len(toks)
     if len(ids) > max_seq_len:
@@ -102,6 +99,16 @@ def encode(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStat
         stats.tokens += len(ids)
         stats.lengths.append(len(ids))
     return {"input_ids": ids, "labels": labels}
+
+
+def _pieces(parts: list[tuple[str, bool]], tokenizer: Any) -> list[tuple[list[int], bool]]:
+    """Each segment's token ids, tokenized on its own; an answer is followed by EOS."""
+    eos_id = tokenizer.eos_token_id
+    out = []
+    for text, is_answer in parts:
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        out.append((toks + [eos_id] if is_answer and eos_id is not None else toks, is_answer))
+    return out
 
 
 def _truncate(ids: list[int], labels: list[int], limit: int) -> tuple[list[int], list[int], str]:
@@ -130,6 +137,47 @@ def encode_all(examples: list[Example], tokenizer: Any, max_seq_len: int) -> tup
     for ex in examples:
         row = encode(ex, tokenizer, max_seq_len, stats)
         if any(lab != IGNORE for lab in row["labels"]):
+            rows.append(row)
+    return rows, stats
+
+
+def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None
+                ) -> dict[str, Any]:
+    """A preference pair as {prompt_ids, chosen_ids, rejected_ids}; a KTO record as {prompt_ids, completion_ids,
+    label}.
+
+    The prompt is what encode() puts before the final answer (earlier turns, their answers and EOS included) and
+    each answer is tokenized on its own plus EOS, so prompt_ids + chosen_ids is encode()'s input_ids for the
+    chosen conversation. Over max_seq_len, the prompt and the longer answer are cut as encode() cuts one sample
+    (the prompt's middle first); the answers keep their starts."""
+    if example.kind == "sft":
+        raise ValueError(f"line {example.line}: not a preference pair or KTO record")
+    *head, (answer, _) = _pieces(segments(example, tokenizer), tokenizer)
+    prompt = [t for toks, _ in head for t in toks]
+    answers = [answer] + ([_pieces([(example.rejected, True)], tokenizer)[0][0]] if example.kind == "pair" else [])
+    longest = max(len(a) for a in answers)
+    if len(prompt) + longest > max_seq_len:
+        ids, labels, which = _truncate(prompt + [0] * longest, [IGNORE] * len(prompt) + [0] * longest, max_seq_len)
+        prompt = [t for t, lab in zip(ids, labels) if lab == IGNORE]
+        answers = [a[:len(ids) - len(prompt)] for a in answers]
+        if stats is not None:
+            setattr(stats, which, getattr(stats, which) + 1)
+    if stats is not None:
+        stats.samples += 1
+        stats.tokens += len(prompt) + sum(len(a) for a in answers)
+        stats.lengths.append(len(prompt) + max(len(a) for a in answers))  # what one forward pass holds
+    if example.kind == "pair":
+        return {"prompt_ids": prompt, "chosen_ids": answers[0], "rejected_ids": answers[1]}
+    return {"prompt_ids": prompt, "completion_ids": answers[0], "label": example.label}
+
+
+def encode_pairs(examples: list[Example], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], EncodeStats]:
+    """encode_pair for each record, as encode_all does for SFT (a record whose answers left no token is dropped)."""
+    stats = EncodeStats()
+    rows = []
+    for ex in examples:
+        row = encode_pair(ex, tokenizer, max_seq_len, stats)
+        if all(v for k, v in row.items() if k.endswith("_ids") and k != "prompt_ids"):
             rows.append(row)
     return rows, stats
 

@@ -3,7 +3,9 @@
 Files: .jsonl, .json (an array), .csv (header row), .txt (one sample per line), a dataset
 directory of shards, or a hub dataset name (app/data/sources.py reads them, one pass). Records: ``{context, target}`` (the triplet tutorials), alpaca
 ``{instruction, input, output}``, ``{text}``, chat ``{messages}`` and sharegpt
-``{conversations}``. The format is detected per file from the first readable record.
+``{conversations}``; for preference tuning, pairs with ``chosen``/``rejected`` answers and KTO's
+``{prompt, completion, label}`` (app/data/preference.py reads their shapes). The format is detected per
+file from the first readable record.
 
 Bad records are skipped and counted by line number; a file with no valid record, or with
 more than MAX_BAD_RATIO bad ones, stops the run with one line before anything is written.
@@ -20,23 +22,34 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from app.core.errors import UserError
+from app.data.preference import PREFERENCE_FORMATS, SHAREGPT_ROLES, read_preference, turns
+from app.data.preference import text_field as _str
 from app.data.sources import is_dataset, iter_source
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("context_target", "alpaca", "text", "messages", "sharegpt")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "bot": "assistant", "model": "assistant"}
+FORMATS = ("context_target", "alpaca", "text", "messages", "sharegpt") + PREFERENCE_FORMATS
 BAD_KEPT = 1000  # bad records remembered by line: a 20 GB file's may be millions; all are counted
 
 
 @dataclass
 class Example:
-    """One sample: a conversation whose assistant turns are trained on, or raw text."""
+    """One sample: a conversation whose assistant turns are trained on, or raw text.
+
+    A preference pair is the conversation ending in the chosen answer, plus ``rejected``, the worse
+    answer to the same prompt; a KTO record is the conversation ending in its answer, plus ``label``
+    (good or bad). Both keep ``messages`` as SFT's, so sampling, splits and F1 read them unchanged."""
 
     messages: list[dict[str, str]] = field(default_factory=list)
     text: str | None = None
     line: int = 0
+    rejected: str | None = None
+    label: bool | None = None
+
+    @property
+    def kind(self) -> str:
+        """The record's kind: pair (DPO), kto or sft."""
+        return "pair" if self.rejected is not None else "kto" if self.label is not None else "sft"
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -84,6 +97,10 @@ class LoadReport:
 
 def detect_format(rec: dict[str, Any]) -> str | None:
     keys = set(rec)  # answer fields may be absent (prediction inputs); to_example checks them
+    if {"chosen", "rejected"} <= keys:  # first: LLaMA-Factory's pairs also hold conversations/instruction
+        return "preference"
+    if {"completion", "label"} <= keys:
+        return "kto"
     if "context" in keys:
         return "context_target"
     if "instruction" in keys:
@@ -95,36 +112,6 @@ def detect_format(rec: dict[str, Any]) -> str | None:
     if "text" in keys:
         return "text"
     return None
-
-
-def _str(rec: dict[str, Any], key: str, required: bool = True) -> str:
-    v = rec.get(key)
-    if type(v) is str:  # the common case first: a 20 GB file calls this twice per record
-        return v
-    if v is None:
-        if required:
-            raise ValueError(f"missing field '{key}'")
-        return ""
-    if not isinstance(v, (str, int, float)):
-        raise ValueError(f"field '{key}' is not text")
-    return str(v)
-
-
-def _turns(items: Any, role_key: str, text_key: str, roles: dict[str, str] | None) -> list[dict[str, str]]:
-    if not isinstance(items, list) or not items:
-        raise ValueError("empty conversation")
-    msgs = []
-    for t in items:
-        if not isinstance(t, dict) or role_key not in t or text_key not in t:
-            raise ValueError(f"turn without '{role_key}'/'{text_key}'")
-        if not isinstance(t[text_key], (str, int, float)):  # e.g. null content of a tool-call turn
-            raise ValueError(f"'{text_key}' is not text")
-        role = str(t[role_key]).lower()
-        role = roles.get(role, "") if roles else role
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"unknown role {t[role_key]!r}")
-        msgs.append({"role": role, "content": str(t[text_key])})
-    return msgs
 
 
 def to_example(rec: Any, fmt: str, line: int = 0) -> Example:
@@ -144,9 +131,13 @@ def to_example(rec: Any, fmt: str, line: int = 0) -> Example:
         if _str(rec, "system", required=False).strip():
             msgs.insert(0, {"role": "system", "content": _str(rec, "system")})
     elif fmt == "messages":
-        msgs = _turns(rec.get("messages"), "role", "content", None)
+        msgs = turns(rec.get("messages"), "role", "content", None)
     elif fmt == "sharegpt":
-        msgs = _turns(rec.get("conversations"), "from", "value", _SHAREGPT_ROLES)
+        msgs = turns(rec.get("conversations"), "from", "value", SHAREGPT_ROLES)
+    elif fmt in PREFERENCE_FORMATS:
+        msgs, extra = read_preference(rec, fmt)
+        _check_turns(msgs)
+        return Example(messages=msgs, line=line, **extra)
     elif fmt == "text":
         text = _str(rec, "text")
         if not text.strip():
@@ -154,13 +145,17 @@ def to_example(rec: Any, fmt: str, line: int = 0) -> Example:
         return Example(text=text, line=line)
     else:
         raise UserError(f"DATA_FORMAT={fmt!r} is not one of auto, {', '.join(FORMATS)}")
+    _check_turns(msgs)
+    return Example(messages=msgs, line=line)
+
+
+def _check_turns(msgs: list[dict[str, str]]) -> None:
     if msgs[-1]["role"] != "assistant":
         raise ValueError("last turn is not the assistant's")
     if not msgs[-1]["content"].strip():
         raise ValueError("empty answer")
     if not any(m["role"] == "user" and m["content"].strip() for m in msgs):
         raise ValueError("empty prompt")
-    return Example(messages=msgs, line=line)
 
 
 def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.0,
@@ -229,7 +224,8 @@ def examples_of(raw: Iterator[tuple[Any, ...]], fmt: str, source: str, setting: 
             if first_fmt is None:
                 raise UserError(f"{setting}={source}: line {line}: cannot tell the record format from fields "
                                 f"{sorted(rec)[:6]}; use context/target, instruction/output, text, "
-                                "messages or conversations, or set DATA_FORMAT")
+                                "messages, conversations, prompt/chosen/rejected or prompt/completion/label, "
+                                "or set DATA_FORMAT")
             report.format = first_fmt
         try:
             yield to_example(rec, first_fmt or fmt, line), tuple(extra)
@@ -251,3 +247,49 @@ def judge(report: LoadReport, setting: str, max_bad_ratio: float | None, warn: b
         raise UserError(f"{setting}={path}: {report.bad_count} of {report.total} records are bad, more than "
                         f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
                         "MAX_BAD_RATIO")
+
+
+# ---- preference tuning: which STAGE a file's records fit ----------------------------------------------------
+
+_STAGE_OF_FORMAT = {"preference": "dpo", "kto": "kto"}
+_WHAT = {"sft": "sft records", "dpo": "preference pairs", "kto": "kto records"}
+
+
+def stage_of_format(fmt: str) -> str:
+    """The STAGE a record format trains: "dpo" for pairs, "kto" for labelled answers, else "sft"."""
+    return _STAGE_OF_FORMAT.get(fmt, "sft")
+
+
+def check_stage(report: LoadReport, stage: str, setting: str = "DATA_PATH") -> bool:
+    """Refuse, in one line, records that STAGE cannot train on. True when they are pairs, which STAGE=kto
+    trains as one good and one bad record each (``unpair``, as TRL's unpair_preference_dataset): the caller
+    says so once (this runs for each split)."""
+    have = stage_of_format(report.format)
+    if have == stage:
+        return False
+    if stage == "kto" and have == "dpo":
+        return True
+    where = f"{setting}={report.source} holds {_WHAT[have]} ({report.format})"
+    if stage == "dpo":
+        raise UserError(f"{where}; STAGE=dpo needs prompt/chosen/rejected pairs (or LLaMA-Factory's "
+                        f"conversations+chosen/rejected); run `make data STAGE=dpo` for sample pairs, or set "
+                        f"STAGE={have}")
+    if stage == "kto":
+        raise UserError(f"{where}; STAGE=kto needs prompt/completion/label records or preference pairs; run "
+                        "`make data STAGE=kto` for sample records, or set STAGE=sft")
+    raise UserError(f"{where}; STAGE=sft trains on single answers: set STAGE={have} to train on them"
+                    + (" (or STAGE=kto)" if have == "dpo" else "") + f", or point {setting} at SFT data")
+
+
+def unpair(examples: list[Example]) -> list[Example]:
+    """Each preference pair as two KTO records, its chosen answer good and its rejected one bad, in order;
+    other records as they are."""
+    out = []
+    for ex in examples:
+        if ex.rejected is None:
+            out.append(ex)
+            continue
+        bad = ex.prompt_messages + [{"role": "assistant", "content": ex.rejected}]
+        out += [Example(messages=ex.messages, line=ex.line, label=True),
+                Example(messages=bad, line=ex.line, label=False)]
+    return out
