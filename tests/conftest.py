@@ -67,10 +67,22 @@ SLOW = (
     "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
     "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
     "tests/test_webui.py::test_the_page_says_to_plan_first_until_a_plan_is_shown",
+    "tests/test_webui.py::test_plan_runs_the_stage_settings_and_the_adapter_to_continue",
     "tests/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
     "tests/test_webui_browser.py",
     "tests/test_serve_llamacpp.py",
     "tests/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
+    # STAGE=dpo/kto: every test but the one-line refusals trains (or shares) a run
+    "tests/test_preference_training.py::test_golden_dpo_losses_start_at_ln_2",
+    "tests/test_preference_training.py::test_kto_under_a_tier_of_batch_1_plans_a_batch_of_2",
+    "tests/test_preference_training.py::test_a_continued_sft_adapter_starts_at_ln_2_too",
+    "tests/test_preference_training.py::test_the_reference_pass_is_the_model_it_stands_for",
+    "tests/test_preference_training.py::test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run",
+    "tests/test_preference_training.py::test_a_resume_with_another_loss_or_start_is_refused_in_one_line",
+    "tests/test_preference_training.py::test_the_saved_adapter_is_the_policy_alone",
+    "tests/test_preference_training.py::test_predict_serve_and_merge_take_the_dpo_adapter",
+    "tests/test_preference_training.py::test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line",
+    "tests/test_preference_training.py::test_a_continued_adapter_keeps_its_shape",
 )
 
 

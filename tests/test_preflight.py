@@ -126,6 +126,9 @@ def test_default_output_dir_is_per_model_and_method():
     assert Config.load(overrides={"MODEL_NAME": "tiny", "METHOD": "full"}, env={},
                        dotenv_path=None).train.output_dir == "models/tiny-full"
     assert default_output_dir("/home/me/my models/Qwen2.5-0.5B/", "qlora") == "models/Qwen2.5-0.5B-qlora"
+    dpo = Config.load(overrides={"MODEL_NAME": "tiny", "STAGE": "dpo", "DATA_PATH": "data/pref.jsonl"}, env={},
+                      dotenv_path=None)
+    assert dpo.train.output_dir == "models/tiny-lora-dpo-pref"  # never the SFT run it may continue
     given = Config.load(overrides={"MODEL_NAME": "tiny", "OUTPUT_DIR": "runs/a"}, env={}, dotenv_path=None)
     assert given.train.output_dir == "runs/a" and "OUTPUT_DIR" in given.explicit
     assert "OUTPUT_DIR" not in tiny.explicit  # derived, not the user's

@@ -15,6 +15,7 @@ from app.core.errors import ModelUnavailable, UserError
 from app.models.integrity import weights_missing
 from app.plan.tiers import fit_memory, format_info
 from app.plan.timing import duration, expected_time
+from app.training.preference import describe_stage
 from app.training.train import FineTuner
 
 from app.evaluation.timing import EvalTime, unknown
@@ -42,6 +43,7 @@ def run_info(cfg: Config) -> None:
         if ft.plan is not None:  # show what was detected before the model problem
             sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n")  # cli-output
         raise
+    name = ft.cfg.model.model_name  # STAGE=dpo/kto continuing ADAPTER_DIR plans on that adapter's base
     samples = None
     if default_data_missing(cfg):  # nothing to measure yet: the tier's lengths, and say why
         from app.cli.workspace import SAMPLE_TRAIN
@@ -57,7 +59,9 @@ def run_info(cfg: Config) -> None:
                            train_samples=samples)
     evaluate = "" if default_data_missing(cfg) else evaluate_lines(ft)
     head, sep, warnings = format_info(ft.resources, ft.plan, ft.shape, name).partition("\nwarning: ")
-    sys.stdout.write(f"{head}\n{timing.line()}{evaluate}{sep}{warnings}\n")  # cli-output: times beside the memory
+    stage = describe_stage(ft.cfg)
+    stage = f"\n{stage}" if stage else ""
+    sys.stdout.write(f"{head}\n{timing.line()}{stage}{evaluate}{sep}{warnings}\n")  # cli-output: times by the memory
     missing = weights_missing(name)
     if missing:
         sys.stdout.write(f"\n{missing.notice()}\n")  # cli-output

@@ -212,7 +212,7 @@ _PLAN = ("model", "data", "lora", "resources", "train", "distributed")
 
 COMMANDS: dict[str, Command] = {
     "train": Command(_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR",
-                     _PLAN + ("EVAL_METRIC", "EVAL_SAMPLES", "MAX_NEW_TOKENS", "PREDICT_BATCH_SIZE")),
+                     _PLAN + ("ADAPTER_DIR", "EVAL_METRIC", "EVAL_SAMPLES", "MAX_NEW_TOKENS", "PREDICT_BATCH_SIZE")),
     "info": Command(_info, "show RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak",
                     _PLAN),
     "predict": Command(_answer("predict"), "answer the built-in triplet prompt with the last adapter", _ANSWER,

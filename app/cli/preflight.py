@@ -67,7 +67,7 @@ def default_data_missing(cfg: Config) -> bool:
 
 
 def _data_problems(cfg: Config, command: str) -> list[str]:
-    from app.data.records import read_examples
+    from app.data.records import check_stage, read_examples
     from app.data.sources import dataset_files
 
     d, problems = cfg.data, []
@@ -85,8 +85,9 @@ def _data_problems(cfg: Config, command: str) -> list[str]:
             continue
         quick = p.is_file() and p.stat().st_size > QUICK_LOOK_MB * 2**20
         try:
-            read_examples(path, d.data_format, d.max_bad_ratio, setting,
-                          limit=QUICK_LOOK_RECORDS if quick else None, warn=False)
+            _, report = read_examples(path, d.data_format, d.max_bad_ratio, setting,
+                                      limit=QUICK_LOOK_RECORDS if quick else None, warn=False)
+            check_stage(report, cfg.train.stage, setting)  # SFT records under STAGE=dpo, or pairs under sft
         except UserError as e:
             problems += e.problems
     return problems

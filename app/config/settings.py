@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator
 from app.config.fields import (ALL, TIERED, TRACKER_NAMES, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs,
                                ModelArgs, PredictArgs,
                                ResourceArgs, ServeArgs, TrainArgs, WebuiArgs)
-from app.config.sources import read_dotenv, unknown_problem, default_output_dir, make_overrides
+from app.config.sources import adapter_base, read_dotenv, unknown_problem, default_output_dir, make_overrides
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,12 @@ class Config:
                     problems.extend(e.problems)
         cfg = cls().replace(values, explicit=values)
         if not cfg.train.output_dir.strip():  # derived once, here, and saved with the run
-            cfg = cfg.replace({"OUTPUT_DIR": default_output_dir(cfg.model.model_name, cfg.lora.method,
-                                                                cfg.data.data_path, DataArgs().data_path)})
+            model = cfg.model.model_name  # STAGE=dpo/kto continuing ADAPTER_DIR trains on that adapter's base
+            if cfg.train.stage != "sft" and cfg.predict.adapter_dir.strip() and "MODEL_NAME" not in cfg.explicit:
+                model = adapter_base(cfg.predict.adapter_dir) or model
+            cfg = cfg.replace({"OUTPUT_DIR": default_output_dir(model, cfg.lora.method,
+                                                                cfg.data.data_path, DataArgs().data_path,
+                                                                cfg.train.stage)})
         if problems or validate:  # range problems of the parsable values too: all at once
             try:
                 cfg.validate()
@@ -196,6 +200,17 @@ class Config:
         need(not (lo.method == "ptuning" and rs.gradient_checkpointing == "on"),
              "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through "
              "checkpointed layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora")
+        need(t.pref_beta > 0, f"PREF_BETA={t.pref_beta} must be > 0, e.g. 0.1")
+        for var in ("PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT"):
+            need(self.get(var) >= 0, f"{var}={self.get(var)} must be >= 0")
+        need(not (t.stage == "kto" and t.batch_size < 2 and ("BATCH_SIZE" in self.explicit or
+                                                              self.resources.tier == "none")),
+             f"STAGE=kto needs BATCH_SIZE of 2 or more (its KL term pairs each answer with another of the same "
+             f"micro-batch), but BATCH_SIZE={t.batch_size}; set BATCH_SIZE=2 (GRAD_ACCUM=4 keeps about the same "
+             "samples per step)")
+        need(not (t.stage != "sft" and lo.method == "ptuning"),
+             f"STAGE={t.stage} turns the adapter off for its reference model, which P-Tuning prefixes cannot do here; "
+             "use METHOD=lora or qlora")
         need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
         need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")

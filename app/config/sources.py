@@ -70,13 +70,14 @@ def make_overrides(env: dict[str, str]) -> list[str]:
     return names
 
 
-def default_output_dir(model_name: str, method: str, data_path: str = "", default_data: str = "") -> str:
-    """models/<last part of MODEL_NAME>-<METHOD>, and -<data> when DATA_PATH is not the default's: the quick
-    start's tiny run, a real run and a run on your own data each get their own dir, so none refuses
-    another as a finished run. <data> is the file's stem, after its folder's name unless that is data/
+def default_output_dir(model_name: str, method: str, data_path: str = "", default_data: str = "",
+                       stage: str = "sft") -> str:
+    """models/<last part of MODEL_NAME>-<METHOD>[-<STAGE> unless sft], and -<data> when DATA_PATH is not the
+    default's: the quick start's tiny run, a real run, a DPO run and a run on your own data each get their
+    own dir, so none refuses another as a finished run. <data> is the file's stem, after its folder's name unless that is data/
     (mine/train.jsonl -> mine-train, data/alpaca.json -> alpaca)."""
     model = _slug(Path(model_name.strip().rstrip("/\\") or "model").name) or "model"
-    name = f"{model}-{method}"
+    name = f"{model}-{method}" + (f"-{stage}" if stage != "sft" else "")  # a DPO run never lands on its SFT run
     data = data_path.strip().rstrip("/\\")
     if not data or data == default_data.strip():
         return f"models/{name}"
@@ -84,6 +85,17 @@ def default_output_dir(model_name: str, method: str, data_path: str = "", defaul
     stem = path.stem if path.suffix.lower() in (".jsonl", ".json", ".csv", ".txt", ".parquet") else path.name
     folder = path.parent.name if path.parent.name not in ("", ".", "data") else ""
     return f"models/{name}-{_slug('-'.join(p for p in (folder, stem) if p)) or 'data'}"
+
+
+def adapter_base(adapter_dir: str) -> str | None:
+    """The MODEL_NAME an adapter of this tool was trained on (its train_config.json), or None."""
+    import json
+
+    try:
+        name = json.loads((Path(adapter_dir.strip()) / "train_config.json").read_text(encoding="utf-8"))["MODEL_NAME"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def _slug(text: str) -> str:

@@ -34,6 +34,9 @@ def setup_logging(level: str | int = "INFO") -> None:
     # deprecation that announces a change in the Trainer methods app.training.trainer overrides.
     # peft still calls transformers 5's renamed `is_gradient_checkpointing` once per training run.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # TRL 1.16 switches checkpointing off and on around every reference pass (STAGE=dpo/kto), by the old names
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_(en|dis)able` is deprecated",
+                            category=FutureWarning)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     tag = f"[rank {rank}] " if world > 1 else ""
     logging.basicConfig(level=level if rank == 0 else logging.WARNING,

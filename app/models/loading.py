@@ -204,7 +204,10 @@ def save_kwargs(model: Any) -> dict[str, Any]:
     """save_pretrained's extra arguments for a trained adapter: a PiSSA/OLoRA one is converted to a plain LoRA
     adapter (rank 2 x LORA_R) of the unchanged base, so predict, merge and serve load it like any other."""
     init = getattr(model, INIT_DIR, None)
-    return {"path_initial_model_for_weight_conversion": init} if init else {}
+    kw: dict[str, Any] = {"path_initial_model_for_weight_conversion": init} if init else {}
+    if len(getattr(model, "peft_config", None) or ()) > 1:  # STAGE=dpo/kto's frozen "ref" copy is not the run's
+        kw["selected_adapters"] = ["default"]
+    return kw
 
 
 def _loftq(peft_model: Any, model_path: str) -> None:

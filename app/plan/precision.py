@@ -36,6 +36,9 @@ def packing_choice(cfg: Config, model_type: str | None) -> tuple[bool, str]:
     blocker = None
     if cfg.lora.method == "ptuning":
         blocker = "P-Tuning's prefixes are past key values, which turn the packed-sequence mask off"
+    elif cfg.train.stage != "sft":
+        blocker = f"STAGE={cfg.train.stage} runs TRL's preference trainer, which pads its batches (TRL 1.16 has its " \
+                  "padding-free mode switched off)"
     elif cfg.model.trust_remote_code:
         blocker = "remote model code (TRUST_REMOTE_CODE) builds its own attention masks"
     elif model_type not in PACKING_FAMILIES:

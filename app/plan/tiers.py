@@ -19,6 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from app.config import Config, documented
+from app.plan.stages import min_batch
 from app.plan.estimator import Estimate, ModelShape, estimate
 from app.plan.precision import quant_needed
 from app.plan.resources import Resources
@@ -110,6 +111,10 @@ def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = Non
     plan = _quant_level(replace(plan, tier=tier.name), tier.quant, why, f"tier {tier.name}")
     plan = plan.decide("MAX_SAMPLES", tier.samples, why).decide("BATCH_SIZE", tier.batch, why) \
                .decide("GRAD_ACCUM", tier.grad_accum, why)
+    if plan.cfg.train.batch_size < min_batch(plan.cfg) and "BATCH_SIZE" not in cfg.explicit:
+        kto = "STAGE=kto pairs each answer with another of its micro-batch (its KL term)"
+        plan = plan.decide("BATCH_SIZE", min_batch(plan.cfg), kto) \
+                   .decide("GRAD_ACCUM", max(1, plan.cfg.train.grad_accum // 2), "keeps the effective batch")
     if tier.lora_r:
         plan = plan.decide("LORA_R", tier.lora_r, why).decide("LORA_ALPHA", 2 * tier.lora_r, "2 x LORA_R")
     if "MAX_SEQ_LEN" not in cfg.explicit:  # replaced by the data's lengths in fit_memory
@@ -204,7 +209,7 @@ def _shrink(plan: Plan) -> Plan | None:
     weight format another setting needs (app.plan.precision.quant_needed) is kept."""
     cfg = plan.cfg
     t, r = cfg.train, cfg.resources
-    if t.batch_size > 1 and "BATCH_SIZE" not in cfg.explicit:
+    if t.batch_size > min_batch(cfg) and "BATCH_SIZE" not in cfg.explicit:
         batch, accum = halve_batch(t.batch_size, t.grad_accum)
         plan = plan.decide("BATCH_SIZE", batch, "halved to fit memory")
         return plan if "GRAD_ACCUM" in cfg.explicit else plan.decide("GRAD_ACCUM", accum, "keeps the effective batch")
@@ -222,14 +227,17 @@ def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
     """The estimator for cfg's current settings (full tuning trains and stores every weight)."""
     from app.core.errors import UserError
     from app.plan.precision import bf16_frozen_weights, resolve_precision
+    from app.plan.stages import stage_cost
 
     try:
         half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
     except UserError:  # an impossible PRECISION is reported by training itself
         half = False
+    cost = stage_cost(cfg)
     return estimate(shape, cfg.resources.quant_level, cfg.lora.lora_r, cfg.train.batch_size, cfg.data.max_seq_len,
                     cfg.resources.gradient_checkpointing == "on", cuda, cfg.train.optim,
-                    trainable_params=trainable_params(cfg, shape), half_weights=half)
+                    trainable_params=trainable_params(cfg, shape), half_weights=half, sequences=cost.sequences,
+                    reference_copy=cost.reference_copy)
 
 
 def trainable_params(cfg: Config, shape: ModelShape) -> int | None:

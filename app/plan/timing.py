@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from app.config import Config
 from app.plan.estimator import ModelShape
+from app.plan.stages import stage_cost
 from app.plan.precision import bf16_frozen_weights, resolve_precision
 from app.plan.probes import NothingMeasured, probe_attention, probe_glue, probe_linear, probe_lora, probe_optimizer
 
@@ -152,12 +153,13 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
         precision = "fp32"
     quant = r.quant_level if r.quant_level in ("4bit", "8bit") else "none"
     seq = float(min(seq or cfg.data.max_seq_len, cfg.data.max_seq_len))
-    tokens = max(1, round(t.batch_size * seq))
-    flops = micro_batch_flops(shape, t.batch_size, seq, method, r.gradient_checkpointing == "on", cfg.lora.lora_r,
-                              head_share)
+    cost = stage_cost(cfg)  # a DPO pair: two sequences in the micro-batch, and the reference's forward passes
+    rows = t.batch_size * cost.sequences
+    tokens = max(1, round(rows * seq))
+    flops = micro_batch_flops(shape, rows, seq, method, r.gradient_checkpointing == "on", cfg.lora.lora_r, head_share)
     steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
     step_time = partial(StepTime, steps=steps, setting=_setting(quant, precision, cuda),
-                        tokens_per_step=t.batch_size * seq * t.grad_accum, head_share=head_share)
+                        tokens_per_step=rows * seq * t.grad_accum, head_share=head_share)
     full, half = method == "full", bf16_frozen_weights(cfg, precision, cuda)  # half: dense frozen weights in bf16
     try:
         rate = probe_linear(quant, precision, shape.hidden, shape.intermediate, tokens, full, half, cuda)
@@ -175,6 +177,10 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
     work, recompute = flops.by_kind(), 4 / 3 if flops.checkpointing else 1  # a recompute: the forward's third
     micro = (work["linear"] / rate + work["head"] / dense + work["attention"] / attn
              + (glue * shape.layers + lora) * recompute)
+    if cost.no_grad_passes:  # forward only, adapter off: the projections, head and attention, and a third of the glue
+        ref = micro_batch_flops(shape, t.batch_size * cost.no_grad_passes, seq, "full", False, 0, head_share)
+        micro += (ref.linear / rate + ref.head / dense + ref.attention / attn
+                  + glue * shape.layers * cost.no_grad_passes / cost.sequences / 3)
     return step_time(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, gflops=rate / 1e9)
 
 
@@ -192,7 +198,7 @@ def batch_shape(rows: Sequence[dict], batch: int, packed: bool) -> tuple[float |
     label follows; padded rows cost the longest of ``batch`` random rows, every position's logits."""
     step = max(1, len(rows) // LENGTH_SAMPLE)
     sample = [rows[i] for i in range(0, len(rows), step)]
-    lengths = sorted(len(r["input_ids"]) for r in sample)
+    lengths = sorted(row_length(r) for r in sample)
     if not lengths:
         return None, 1.0
     if packed:
@@ -200,6 +206,14 @@ def batch_shape(rows: Sequence[dict], batch: int, packed: bool) -> tuple[float |
         return sum(lengths) / len(lengths), min(1.0, max(labelled, 1) / sum(lengths))
     m = len(lengths)  # E[max of `batch` draws] = sum of l_(i) x P(the max is the i-th smallest)
     return sum(n * (((i + 1) / m) ** batch - (i / m) ** batch) for i, n in enumerate(lengths)), 1.0
+
+
+def row_length(row: dict) -> int:
+    """A row's tokens in a padded micro-batch: an SFT row's, or a preference row's prompt and longer answer."""
+    if "input_ids" in row:
+        return len(row["input_ids"])
+    answers = [len(row[k]) for k in ("chosen_ids", "rejected_ids", "completion_ids") if k in row]
+    return len(row["prompt_ids"]) + max(answers, default=0)
 
 
 def expected_time(cfg: Config, shape: ModelShape, model_path: str, rows: Sequence[dict] | None, cuda: bool = False,

@@ -159,7 +159,8 @@ def output_dir_problems(cfg: Config) -> list[str]:
 def _another_dir(cfg: Config, out: Path) -> str:
     """A good OUTPUT_DIR to suggest instead of ``out``: the default one, or a new folder beside it."""
     d = cfg.data
-    default = default_output_dir(cfg.model.model_name, cfg.lora.method, d.data_path, DataArgs().data_path)
+    default = default_output_dir(cfg.model.model_name, cfg.lora.method, d.data_path, DataArgs().data_path,
+                                 cfg.train.stage)
     return default if Path(default).resolve() != out.resolve() else f"{default}-2"
 
 

@@ -38,6 +38,8 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     f1 = [(r["step"], r["eval_f1"]) for r in rows if "eval_f1" in r]
+    margins = [(r["step"], r["rewards/margins"]) for r in rows if "rewards/margins" in r]  # STAGE=dpo/kto
+    eval_margins = [(r["step"], r["eval_rewards/margins"]) for r in rows if "eval_rewards/margins" in r]
     if not train and not evals:
         return None
     from matplotlib.figure import Figure  # not pyplot: Agg canvas, no global backend or figure state
@@ -45,8 +47,8 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
 
     # Constrained layout makes room for the legend below the axes: inside them it covered the top left
     # corner, where a short run's first (highest) train loss sits.
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(11 if margins else 7, 4), layout="constrained")
+    ax, side = fig.subplots(1, 2) if margins else (fig.subplots(), None)
     if train:
         # A lone point is an invisible line without a marker, and markers show how few points a
         # short run has; a long run stays a plain line, where markers would only blur the curve.
@@ -65,6 +67,16 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
         ax2.plot(*zip(*f1), "s-", color="tab:green", label="eval F1")
         ax2.set_ylabel("triplet F1")
         ax2.set_ylim(-F1_MARGIN, 1 + F1_MARGIN)  # an F1 of 0 or 1 is drawn whole, not cut by the frame
-    handles = [line for a in fig.axes for line in a.lines]
+    if side is not None:  # a preference stage: how far chosen answers score above rejected ones, beside the loss
+        side.plot(*zip(*margins), marker="o" if len(margins) < MARKERS_BELOW else None, markersize=4,
+                  color="tab:purple", label="train reward margin")
+        if eval_margins:
+            side.plot(*zip(*eval_margins), "s-", color="tab:red", label="eval reward margin")
+        side.axhline(0, color="grey", linewidth=0.8)
+        side.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        side.set_xlabel("optimizer step")
+        side.set_ylabel("reward margin (chosen - rejected)")
+        side.grid(alpha=0.3)
+    handles = [line for a in fig.axes for line in a.lines if not line.get_label().startswith("_")]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     return fig

@@ -13,9 +13,9 @@ from typing import Any
 
 from app.core.errors import UserError
 from app.data.cache import CachedRows, cache_path, find_cache, open_or_build, uses_cache
-from app.data.encode import EncodeStats, encode_all
+from app.data.encode import EncodeStats, encode_all, encode_pairs
 from app.data.heldout import digest, sampled_split
-from app.data.records import judge, read_examples, sample_examples, split
+from app.data.records import check_stage, judge, read_examples, sample_examples, split, unpair
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources, release_memory
 from app.plan.tiers import Plan, fit_memory, predict_peak
@@ -39,20 +39,23 @@ def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
                  build_cache: bool = True) -> PreparedData:
     """``build_cache``: False for `make info`, which writes nothing: without a token cache yet, the plan is made
     from a sample of the file and a warning says what building the cache will cost."""
-    d, seed = plan.cfg.data, plan.cfg.train.seed
-    if uses_cache(d.data_path, d.max_samples):
+    d, seed, stage = plan.cfg.data, plan.cfg.train.seed, plan.cfg.train.stage
+    if stage != "sft":  # preference records are read whole, like a MAX_SAMPLES sample
+        data: Any = _Pairs(d, seed, stage)
+    elif uses_cache(d.data_path, d.max_samples):
         final = cache_path(d.data_path, d.data_format, tokenizer, d.cache_dir)
-        data: Any = _Cached(d, seed, tokenizer, final) if build_cache or find_cache(final) else \
+        data = _Cached(d, seed, tokenizer, final) if build_cache or find_cache(final) else \
             _Preview(d, seed, tokenizer)
     else:
         data = _Sampled(d, seed)
+    check_stage(data.report, stage, "DATA_PATH")  # SFT on preference records, or the other way: one line
     plan, records = records_used(plan, data.report.valid, data.n_train, data.n_val)
     if isinstance(data, _Preview):
         plan = plan.warn(data.note)
     reports = [data.report]
     if d.val_path:
         val_ex, vreport = read_examples(d.val_path, d.data_format, d.max_bad_ratio, "VAL_PATH")
-        data.val_ex = val_ex
+        data.val_ex = for_stage(val_ex, vreport, stage, "VAL_PATH")
         reports.append(vreport)
     lengths = None
     if "MAX_SEQ_LEN" not in plan.cfg.explicit and plan.tier != "none":  # measure whole samples before the cut
@@ -63,7 +66,7 @@ def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
     for w in plan.warnings:
         log.warning("%s", w)
     train_rows, tstats = data.train(tokenizer, d.max_seq_len)
-    val_rows, vstats = encode_all(data.val_ex, tokenizer, d.max_seq_len)
+    val_rows, vstats = (encode_all if stage == "sft" else encode_pairs)(data.val_ex, tokenizer, d.max_seq_len)
     if not train_rows:
         raise UserError(f"DATA_PATH={d.data_path}: no sample keeps any answer token within "
                         f"MAX_SEQ_LEN={d.max_seq_len}; raise MAX_SEQ_LEN")
@@ -98,6 +101,32 @@ class _Sampled:
 
     def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
         return encode_all(self.train_ex, tokenizer, max_seq_len)
+
+
+class _Pairs(_Sampled):
+    """STAGE=dpo/kto: preference pairs (or KTO's labelled answers) sampled as SFT records are, encoded as
+    (prompt, chosen, rejected) token ids (app/data/encode.py encode_pair)."""
+
+    def __init__(self, d: Any, seed: int, stage: str):
+        super().__init__(d, seed)
+        self.train_ex = for_stage(self.train_ex, self.report, stage, "DATA_PATH")
+        self.val_ex = for_stage(self.val_ex, self.report, stage, "DATA_PATH", quiet=True)
+        self.n_train, self.n_val = len(self.train_ex), len(self.val_ex)
+
+    def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
+        return encode_pairs(self.train_ex, tokenizer, max_seq_len)
+
+
+def for_stage(examples: list[Any], report: Any, stage: str, setting: str, quiet: bool = False) -> list[Any]:
+    """The records as STAGE trains on them: a file of another kind is refused in one line (app/data/records.py
+    check_stage); STAGE=kto on pairs makes each pair a good and a bad answer (said once)."""
+    check_stage(report, stage, setting)
+    if stage == "kto" and any(e.rejected is not None for e in examples):
+        if not quiet:
+            log.info("%s=%s: STAGE=kto trains each chosen answer as good and each rejected one as bad (%d pairs -> "
+                     "%d answers)", setting, report.source, len(examples), 2 * len(examples))
+        return unpair(examples)
+    return examples
 
 
 class _Cached:

@@ -39,7 +39,10 @@ FIXED = ("MODEL_NAME", "METHOD", "QUANT_LEVEL", "LORA_R", "LORA_ALPHA", "LORA_DR
          "PRE_SEQ_LEN", "PREFIX_PROJECTION", "DATA_PATH", "VAL_PATH", "DATA_FORMAT", "VAL_SIZE", "MAX_SAMPLES",
          "SEED", "MAX_SEQ_LEN", "PACKING",
          # the optimizer's and scheduler's saved state carry these: a new value would be silently ignored
-         "LEARNING_RATE", "LR_SCHEDULER", "WARMUP_RATIO", "WEIGHT_DECAY", "OPTIM")
+         "LEARNING_RATE", "LR_SCHEDULER", "WARMUP_RATIO", "WEIGHT_DECAY", "OPTIM",
+         # what the loss is, and the adapter a preference stage continues
+         "STAGE", "PREF_LOSS", "PREF_BETA", "PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT",
+         "ADAPTER_DIR")
 KEPT = TIERED + ("LORA_ALPHA",)  # the GPU tiers set LORA_ALPHA = 2 x LORA_R
 # Not about what is trained: where it goes, how it is launched, what inference does afterwards.
 _SECTIONS = ("model", "data", "lora", "resources", "train", "distributed")
@@ -49,13 +52,24 @@ _IGNORED = {"OUTPUT_DIR", "RESUME", "OVERWRITE", "REPORT_TO",
 
 
 def run_vars() -> list[str]:
-    return [v for v, (sec, _) in Config.variables().items() if sec in _SECTIONS and v not in _IGNORED]
+    """The settings a checkpoint records: the training sections', and ADAPTER_DIR (the adapter STAGE=dpo/kto
+    continues)."""
+    return [v for v, (sec, _) in Config.variables().items() if sec in _SECTIONS and v not in _IGNORED] + \
+        ["ADAPTER_DIR"]
+
+
+def run_value(cfg: Config, var: str) -> Any:
+    """A setting as training reads it: ADAPTER_DIR is predict's too, and STAGE=sft training does not read it."""
+    if var == "ADAPTER_DIR":
+        given = cfg.predict.adapter_dir.strip()
+        return "" if cfg.train.stage == "sft" or given.lower() == "none" else given
+    return cfg.get(var)
 
 
 def snapshot(cfg: Config, world_size: int, data: dict[str, Any]) -> dict[str, Any]:
     """What a checkpoint records: the settings as this run trains them (after the tier and any
     back-off), the world size, and the data fingerprints taken when the run started."""
-    return {"settings": {v: cfg.get(v) for v in run_vars()}, "world_size": world_size, "data": data}
+    return {"settings": {v: run_value(cfg, v) for v in run_vars()}, "world_size": world_size, "data": data}
 
 
 def data_fingerprints(cfg: Config) -> dict[str, Any]:
@@ -107,7 +121,7 @@ def check(cfg: Config, checkpoint: Path) -> ResumeCheck:
     for var in run_vars():
         if var not in old:
             continue
-        now = cfg.get(var)
+        now = run_value(cfg, var)
         if var in KEPT and _unset(cfg, var):
             if show(old[var]) != show(now):
                 rc.kept[var] = old[var]

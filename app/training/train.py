@@ -24,6 +24,7 @@ from app.models.loading import ALL_LINEAR, load_tokenizer, resolve
 from app.plan.precision import resolve_precision
 from app.plan.estimator import ModelShape
 from app.plan.resources import Resources
+from app.plan.stages import min_batch
 from app.plan.tiers import Plan, apply_tier, halve_batch
 from app.plan.timing import StepTime, expected_time
 from app.training import disk, dist, runlock
@@ -82,6 +83,9 @@ class FineTuner:
         from app.plan.estimator import model_shape
         from app.plan.resources import detect_resources
 
+        from app.training.preference import start_adapter
+
+        self.given = start_adapter(self.given)  # STAGE=dpo/kto continuing an adapter takes its base and shape
         res = self.resources = detect_resources(self.given.resources.memory_limit_mb)
         procs = dist.local_world_size()
         if procs > 1 and not res.gpus:  # ranks on one machine share its RAM (each has its own GPU)
@@ -277,7 +281,7 @@ class FineTuner:
                 guard.trip_usage_mb = guard.limit_mb
             resume = latest_checkpoint(ckpt_dir)
             where = resume or "(none yet)"
-            if guard.mode == "backoff" and self.cfg.train.batch_size > 1:
+            if guard.mode == "backoff" and self.cfg.train.batch_size > min_batch(self.cfg):
                 batch, accum = halve_batch(self.cfg.train.batch_size, self.cfg.train.grad_accum)
                 log.warning("memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); "
                             "resuming from %s", batch, accum, where)

@@ -38,8 +38,24 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> Any:
         return model
     if cfg.lora.method == "ptuning":
         return apply_ptuning(model, cfg)
-    model = apply_lora(model, cfg, model_path)
-    fast_lora_dropout(model)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
+    if cfg.train.stage != "sft" and cfg.predict.adapter_dir:  # continue that adapter (app/training/preference.py)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.predict.adapter_dir, is_trainable=True)
+    else:
+        model = apply_lora(model, cfg, model_path)
+    if cfg.train.stage == "sft":  # a preference stage trains without dropout (app/training/preference.py)
+        fast_lora_dropout(model)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
     if half:
         lora_inputs_stay_bf16(model)
     return model
+
+
+def reference_model(cfg: Config, model_path: str, cuda: bool) -> Any:
+    """STAGE=dpo/kto with METHOD=full: the frozen second copy the loss compares with (LoRA needs none)."""
+    half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
+    ref = load_model(model_path, cfg.model.trust_remote_code, "none", bf16=half)
+    ref.requires_grad_(False)
+    log.info("reference model: a second, frozen copy of %s (METHOD=full trains every weight of the first)",
+             model_path)
+    return ref.eval()

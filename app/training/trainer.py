@@ -46,8 +46,10 @@ OVERRIDES = {
 }
 
 
-class RunTrainer(Trainer):
-    """``run_settings()``: what a checkpoint records of the run (app.training.resume.snapshot)."""
+class RunMixin:
+    """The overrides below, for the HF Trainer and for TRL's preference trainers alike (app/training/preference.py
+    puts this mixin before theirs). ``run_settings()``: what a checkpoint records of the run
+    (app.training.resume.snapshot)."""
 
     def __init__(self, *args: Any, run_settings: Callable[[], dict[str, Any]], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -104,6 +106,8 @@ class RunTrainer(Trainer):
         # ``num_tokens`` carries a packed batch's real token count (it has no attention_mask to
         # count from, and its padded tails are pad tokens); taken out before the model sees it.
         n = inputs.pop("num_tokens", None)
+        if n is None and "chosen_attention_mask" in inputs:  # ORPO's and CPO's pairs: both sides are trained on
+            n = int(inputs["chosen_attention_mask"].sum() + inputs["rejected_attention_mask"].sum())
         if n is None or self.args.include_num_input_tokens_seen == "no":
             return super()._track_num_input_tokens(inputs)
         import torch
@@ -116,6 +120,10 @@ class RunTrainer(Trainer):
         if "position_ids" in inputs:  # packed: keep transformers on the packed-sequence mask
             inputs["use_cache"] = False
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class RunTrainer(RunMixin, Trainer):
+    """The HF Trainer with the tool's overrides: every STAGE=sft run."""
 
 
 class LazyShuffle(Sampler):
@@ -152,9 +160,10 @@ class LazyShuffle(Sampler):
 
 
 def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda: bool) -> TrainingArguments:
-    """The Trainer's arguments for this run's (planned) settings; checkpoints go to ``ckpt_dir``."""
+    """The Trainer's arguments for this run's (planned) settings; checkpoints go to ``ckpt_dir``. STAGE=dpo/kto:
+    the same, in the config of the stage's TRL trainer (app/training/preference.py)."""
     t = cfg.train
-    return TrainingArguments(
+    kw = dict(
         output_dir=str(ckpt_dir), num_train_epochs=t.num_epochs, max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
@@ -172,6 +181,11 @@ def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda:
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
         deepspeed=cfg.distributed.ds_config or None,
     )
+    if t.stage != "sft":
+        from app.training.preference import pref_config
+
+        return pref_config(cfg, kw)
+    return TrainingArguments(**kw)
 
 
 def final_eval_loss(trainer: Trainer) -> float:
@@ -220,9 +234,18 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
         else []
     board += trackers.callbacks(names, out) if dist.is_main() else []  # W&B, MLflow, Trackio, SwanLab
     metrics.trackers = board  # F1 on generated answers reaches them too (it is computed after the Trainer logs)
-    trainer = RunTrainer(
-        model=ft.model, args=args, train_dataset=ft.train_rows, eval_dataset=ft.val_rows or None,
-        data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")),
+    if cfg.train.stage == "sft":
+        cls: Any = RunTrainer
+        data = dict(train_dataset=ft.train_rows, eval_dataset=ft.val_rows or None,
+                    data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")))
+    else:  # TRL's trainer for the stage, its collator, and its rows as a datasets.Dataset
+        from app.training.preference import as_dataset, pref_trainer_class, pref_trainer_kwargs
+
+        cls = pref_trainer_class(cfg, RunMixin)
+        data = dict(train_dataset=as_dataset(ft.train_rows), eval_dataset=as_dataset(ft.val_rows), run_cfg=cfg,
+                    **pref_trainer_kwargs(ft))
+    trainer = cls(
+        model=ft.model, args=args, **data,
         run_settings=lambda: snapshot(ft.cfg, dist.world_size(), ft._data_fp),
         callbacks=[ProgressBar(tp), metrics, *f1,  # metrics before the trackers: it adds tokens/s and memory
                    BestAdapter(ckpt_dir / "best", cfg.train.early_stopping_patience, "eval_f1" if f1 else "eval_loss",
