@@ -186,6 +186,117 @@ def test_the_data_picker_shows_format_count_and_bad_lines(webui, client):
         "DATA_PATH=../outside.jsonl: the web UI reads and writes only inside this project's data/")
 
 
+# ---- preference tuning (STAGE=dpo/kto) on the Train tab ----------------------------------------------------------
+
+def _ancestors(block) -> list:
+    out = []
+    while (block := getattr(block, "parent", None)) is not None:
+        out.append(block)
+    return out
+
+
+def test_the_train_tab_shows_stage_pref_loss_and_beta_open_and_its_command_carries_them(built):
+    """STAGE, PREF_LOSS and PREF_BETA at the top of the tab (not folded under Advanced); the other preference
+    settings under Advanced; what the form holds is what the command line runs."""
+    from app.webui.forms import command_line
+
+    form = built.forms["train"]
+    for var in ("STAGE", "PREF_LOSS", "PREF_BETA"):
+        assert "train-advanced" not in {getattr(b, "elem_id", None) for b in _ancestors(form.fields[var])}, var
+    for var in ("PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT"):
+        assert "train-advanced" in {getattr(b, "elem_id", None) for b in _ancestors(form.fields[var])}, var
+    values = dict(zip(form.fields, [form.initial(var) for var in form.fields]))
+    changed = values | {"STAGE": "dpo", "PREF_LOSS": "simpo", "PREF_BETA": 2, "SIMPO_GAMMA": 1.0, "PREF_FTX": 0.5}
+    overrides = form.overrides(list(changed.values()))
+    assert overrides == {"STAGE": "dpo", "PREF_LOSS": "simpo", "PREF_BETA": "2", "PREF_FTX": "0.5",
+                         "SIMPO_GAMMA": "1.0"}
+    assert "STAGE=dpo PREF_LOSS=simpo PREF_BETA=2 " in command_line("train", overrides)
+    t = Config.load(overrides, env={}, dotenv_path=None).train
+    assert (t.stage, t.pref_loss, t.pref_beta, t.simpo_gamma, t.pref_ftx) == ("dpo", "simpo", 2.0, 1.0, 0.5)
+
+
+PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+SHAREGPT_PAIRS = [{"conversations": [{"from": "human", "value": f"q{i}"}], "chosen": {"from": "gpt", "value": "a"},
+                   "rejected": {"from": "gpt", "value": "b"}} for i in range(2)]
+KTO = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "b", "label": "false"},
+       {"prompt": "r", "completion": "c", "label": 1}]
+
+
+def _jsonl(path, records) -> None:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def _stage_line(path: str, fmt: str, stage: str) -> str:
+    """What training says when ``stage`` cannot train on a file of ``fmt`` records (app.data.records.check_stage)."""
+    from app.core.errors import UserError
+    from app.data.records import LoadReport, check_stage
+
+    with pytest.raises(UserError) as e:
+        check_stage(LoadReport(path, fmt), stage)
+    return e.value.problems[0]
+
+
+def test_the_data_check_names_the_preference_shape_and_a_stage_that_does_not_fit(webui, client):
+    data = webui.project / "data"
+    _jsonl(data / "pairs.jsonl", PAIRS)
+    _jsonl(data / "lf_pairs.jsonl", SHAREGPT_PAIRS)
+    _jsonl(data / "kto_mix.jsonl", KTO)
+    check = lambda path, stage: client.predict(path, stage, api_name="/inspect_data")  # noqa: E731
+
+    summary = "data/pairs.jsonl: 3 valid of 3 records, preference pairs (plain: prompt/chosen/rejected); no bad lines"
+    assert check("data/pairs.jsonl", "dpo") == summary
+    assert check("data/pairs.jsonl", "sft") == summary + "\n" + _stage_line("data/pairs.jsonl", "preference", "sft")
+    assert check("data/pairs.jsonl", "kto") == summary + "\n" + (
+        "STAGE=kto trains each pair as a good and a bad answer (6 records); STAGE=dpo trains on them as pairs")
+    assert check("data/lf_pairs.jsonl", "dpo") == ("data/lf_pairs.jsonl: 2 valid of 2 records, preference pairs "
+                                                  "(LLaMA-Factory sharegpt: conversations + chosen/rejected); "
+                                                  "no bad lines")
+    kto = "data/kto_mix.jsonl: 3 valid of 3 records, KTO records (prompt/completion/label; 2 good, 1 bad); no bad lines"
+    assert check("data/kto_mix.jsonl", "kto") == kto
+    assert check("data/kto_mix.jsonl", "dpo") == kto + "\n" + _stage_line("data/kto_mix.jsonl", "kto", "dpo")
+    sft = check("data/train.jsonl", "dpo").splitlines()  # the triplet sample data
+    assert sft[0].endswith("format context_target; no bad lines")
+    assert sft[1:] == [_stage_line("data/train.jsonl", "context_target", "dpo")] and "STAGE=sft" in sft[1]
+    assert len(check("data/train.jsonl", "sft").splitlines()) == 1
+
+
+def test_plan_runs_the_stage_settings_and_the_adapter_to_continue(webui, client, child_env):
+    """The picked ADAPTER_DIR and the preference settings go into the command Plan runs; a bad PREF_BETA gets the
+    command line's own line for it."""
+    message, line, *_ = client.predict(**TRAIN, stage="dpo", pref_loss="ipo", pref_beta=0, adapter_dir="models/sft",
+                                       api_name="/plan")
+    assert line.startswith("python -m app info MODEL_NAME=models/tiny-glm ")
+    assert {"STAGE=dpo", "PREF_LOSS=ipo", "PREF_BETA=0", "ADAPTER_DIR=models/sft"} <= set(line.split()), line
+    cli = _run_cli(child_env, webui.project, *line.split()[3:])  # the same command, pasted into a terminal
+    assert cli.returncode == 2 and message.splitlines() == _errors(cli.stderr)
+    assert "PREF_BETA=0.0 must be > 0, e.g. 0.1" in message.splitlines()
+    message, line, *_ = client.predict(**TRAIN, stage="kto", adapter_dir="../elsewhere", api_name="/plan")
+    assert message.startswith("ADAPTER_DIR=../elsewhere: the web UI reads and writes only inside this project's "
+                              "models/"), message
+
+
+def test_the_runs_tab_shows_the_stage_and_the_reward_margins(tmp_path, monkeypatch):
+    import json
+
+    from app.core.ownership import claim
+    from app.webui.runs import curves, summary_rows
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "models" / "pref-run"
+    run.mkdir(parents=True)
+    claim(run, "train")
+    (run / "train_config.json").write_text(json.dumps({"METHOD": "lora", "STAGE": "dpo"}))
+    rows = [{"step": 1, "loss": 0.69, "rewards/margins": 0.01}, {"step": 2, "eval_loss": 0.68,
+                                                                  "eval_rewards/margins": 0.03}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summary_rows()[0][2] == "lora dpo"
+    table = curves(["models/pref-run"])
+    assert set(table["series"]) == {"train loss", "eval loss", "train reward margin", "eval reward margin"}
+    assert table[table["series"] == "eval reward margin"]["value"].tolist() == [0.03]
+
+
 TRAIN = {"model_name": "models/tiny-glm", "quant_level": "none", "max_samples": "40", "logging_steps": 1,
          "eval_steps": 2, "save_steps": 2, "max_seq_len": "256", "precision": "fp32"}
 

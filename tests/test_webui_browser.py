@@ -62,6 +62,10 @@ def test_journey_upload_plan_train_stop_resume_chat_evaluate(page, webui, make_d
     page.goto(webui.url)
     page.get_by_role("tab", name="Train").wait_for()
     _shot(page, "01-open")
+    # the preference settings are open at the top, beside the adapter a STAGE=dpo/kto run would continue
+    for elem in ("train-STAGE", "train-PREF_LOSS", "train-PREF_BETA", "train-ADAPTER_DIR"):
+        assert page.locator(f"#{elem}").is_visible(), elem
+    assert _text(page, "train-STAGE") == "sft"
 
     # upload a small JSONL: it lands in data/ and its record count shows
     upload = make_data(n_train=30, n_dev=2, seed=5) / "train.jsonl"

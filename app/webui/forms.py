@@ -27,8 +27,9 @@ TAB_COMMANDS: dict[str, tuple[str, ...]] = {
 }
 # Shown open at the top of a tab; the rest of its settings are under "Advanced", by section.
 MAIN: dict[str, tuple[str, ...]] = {
-    "train": ("MODEL_NAME", "DATA_PATH", "METHOD", "QUANT_LEVEL", "OUTPUT_DIR", "NUM_EPOCHS", "MAX_STEPS",
-              "LEARNING_RATE", "BATCH_SIZE", "GRAD_ACCUM", "MAX_SEQ_LEN", "MAX_SAMPLES", "LORA_R"),
+    "train": ("MODEL_NAME", "DATA_PATH", "METHOD", "STAGE", "PREF_LOSS", "PREF_BETA", "QUANT_LEVEL", "OUTPUT_DIR",
+              "NUM_EPOCHS", "MAX_STEPS", "LEARNING_RATE", "BATCH_SIZE", "GRAD_ACCUM", "MAX_SEQ_LEN", "MAX_SAMPLES",
+              "LORA_R"),
     "evaluate": ("EVAL_PATH", "EVAL_SAMPLES"),
     "export": ("MERGED_DIR", "ONNX_DIR", "GGUF_QUANT", "GGUF_DIR"),
     "chat": ("MAX_NEW_TOKENS", "TEMPERATURE"),
@@ -39,7 +40,8 @@ NOT_IN_UI: dict[str, str] = {
     "WEBUI_AUTH": "the UI's own login", "WEBUI_MAX_UPLOAD_MB": "the UI's own upload limit",
     "SERVE_HOST": "the chat backend listens on 127.0.0.1 only", "SERVE_PORT": "the chat backend takes a free port",
     "API_KEY": "the chat backend answers only this UI, on 127.0.0.1",
-    "ADAPTERS": "the Chat tab's adapter picker loads them", "ADAPTER_DIR": "each tab's run picker sets it",
+    "ADAPTERS": "the Chat tab's adapter picker loads them",
+    "ADAPTER_DIR": "each tab's run picker sets it (Train: the adapter STAGE=dpo/kto continues)",
     "PROMPT": "the Chat tab's message box", "INTERACTIVE": "the Chat tab is the interactive mode",
     "INPUT_FILE": "predict-file: the Evaluate tab generates on a file",
     "OUTPUT_FILE": "predict-file: the Evaluate tab writes its report", "PREDICTIONS": "evaluate --predictions: CLI",

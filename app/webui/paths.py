@@ -8,12 +8,14 @@ Standard library only (app.data reads the records without torch).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 from app.config import Config
 from app.core.errors import UserError
@@ -81,28 +83,96 @@ class DataSummary:
     bad: int
     first_bad: str
     partial: bool = False  # a big file: its first QUICK_LOOK_RECORDS only, as the pre-flight reads it
+    shape: str = ""  # preference records: which of their shapes (shape_of)
+    good: int = 0  # KTO records labelled good (of ``valid``)
 
-    def line(self) -> str:
+    def kind(self) -> str:
+        """What the records are, as a user reads it: "format context_target", "preference pairs (plain:
+        prompt/chosen/rejected)", "KTO records (prompt/completion/label; 3 good, 1 bad)"."""
+        if self.format == "preference":
+            return f"preference pairs ({self.shape})"
+        if self.format == "kto":
+            return f"KTO records ({self.shape}; {self.good:,} good, {self.valid - self.good:,} bad)"
+        return f"format {self.format}"
+
+    def line(self, stage: str = "") -> str:
+        """The summary line, and under it, for ``stage`` (STAGE), the line training gives when the records do
+        not fit it."""
         of = f"the first {self.records:,} records (a big file: training reads it whole)" if self.partial \
             else f"{self.records:,} records"
-        s = f"{self.path}: {self.valid:,} valid of {of}, format {self.format}"
-        return s + (f"; {self.bad:,} bad ({self.first_bad})" if self.bad else "; no bad lines")
+        s = f"{self.path}: {self.valid:,} valid of {of}, {self.kind()}"
+        s += f"; {self.bad:,} bad ({self.first_bad})" if self.bad else "; no bad lines"
+        fit = self.stage_fit(stage) if stage else ""
+        return s + ("\n" + fit if fit else "")
+
+    def stage_fit(self, stage: str) -> str:
+        """"" when STAGE=``stage`` trains on these records as they are, else one line: training's own refusal
+        (app.data.records.check_stage), or how STAGE=kto reads pairs."""
+        from app.data.records import LoadReport, check_stage, stage_of_format
+
+        have = stage_of_format(self.format)
+        if have == stage:
+            return ""
+        if stage == "kto" and have == "dpo":  # check_stage logs this case; the page says it instead
+            return (f"STAGE=kto trains each pair as a good and a bad answer ({2 * self.valid:,} records); "
+                    "STAGE=dpo trains on them as pairs")
+        try:
+            check_stage(LoadReport(self.path, self.format), stage)
+        except UserError as e:
+            return "\n".join(e.problems)
+        return ""
+
+
+# The shapes of preference records (docs/data.md#preference-data-stagedpo-and-stagekto), by the first record's
+# fields, in the order app/data/preference.py tries them.
+PAIR_SHAPES = (("conversations", "LLaMA-Factory sharegpt: conversations + chosen/rejected"),
+               ("messages", "LLaMA-Factory messages + chosen/rejected"),
+               ("instruction", "LLaMA-Factory alpaca: instruction/input + chosen/rejected"))
+
+
+def shape_of(rec: dict[str, Any], fmt: str) -> str:
+    """Which shape of a ``preference`` or ``kto`` record ``rec`` is (else "")."""
+    turns = any(isinstance(rec.get(k), (list, dict)) for k in ("prompt", "chosen", "rejected", "completion"))
+    if fmt == "kto":
+        return "TRL conversational: prompt/completion/label turns" if turns else "prompt/completion/label"
+    if fmt != "preference":
+        return ""
+    shape = next((name for key, name in PAIR_SHAPES if key in rec), None)
+    if shape:
+        return shape
+    if "prompt" in rec:
+        return "TRL conversational: prompt/chosen/rejected turns" if turns else "plain: prompt/chosen/rejected"
+    return "TRL implicit prompt: chosen/rejected conversations"
 
 
 def inspect_data(path: str, setting: str = "DATA_PATH", data_format: str = "auto", shown_as: str = "") -> DataSummary:
-    """The format, record count and bad lines of a data file, by the checks training makes on it: a problem
-    is the command line's own one-line UserError (with ``shown_as`` for the path in it, for an upload)."""
+    """The format (a preference file's shape), record count and bad lines of a data file, by the checks training
+    makes on it, in one pass: a problem is the command line's own one-line UserError (with ``shown_as`` for the
+    path in it, for an upload)."""
     from app.cli.preflight import QUICK_LOOK_MB, QUICK_LOOK_RECORDS
-    from app.data.records import read_examples
+    from app.data.records import LoadReport, examples_of, judge
+    from app.data.sources import iter_source
 
     partial = Path(path).is_file() and Path(path).stat().st_size > QUICK_LOOK_MB * 2**20
+    first: list[dict[str, Any]] = []  # the record the format is told from
+
+    def peek(raw: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+        for item in raw:
+            if not first and isinstance(item[1], dict):
+                first.append(item[1])
+            yield item
+
+    report, good = LoadReport(str(path), data_format), 0
     try:
-        _, report = read_examples(path, data_format, 1.0, setting, limit=QUICK_LOOK_RECORDS if partial else None,
-                                  warn=False)
+        raw = iter_source(path, setting)
+        for ex, _ in examples_of(peek(itertools.islice(raw, QUICK_LOOK_RECORDS) if partial else raw), data_format,
+                                 str(path), setting, report):
+            good += ex.label is True
+        judge(report, setting, None, warn=False)  # every bad record is counted and shown: no ratio refuses
     except UserError as e:
         raise UserError([line.replace(str(path), shown_as) if shown_as else line for line in e.problems]) from None
     return DataSummary(shown_as or path, report.format, report.total, report.valid, report.bad_count,
-                       report.first_bad(), partial)
+                       report.first_bad(), partial, shape_of(first[0], report.format) if first else "", good)
 
 
 def save_upload(tmp: str, cfg: Config) -> DataSummary:

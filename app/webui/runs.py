@@ -117,16 +117,20 @@ def loss_plot(run: str) -> Any:
         return loss_figure(project() / run / "metrics.jsonl", title)
 
 
+CURVES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_f1", "eval F1"),
+          ("rewards/margins", "train reward margin"), ("eval_rewards/margins", "eval reward margin"))  # STAGE=dpo/kto
+
+
 def curves(runs: list[str]) -> Any:
-    """A long table (step, value, series) of train loss, eval loss and eval F1 for the plots: one run, or two to
-    compare (then each series is prefixed with the run's name)."""
+    """A long table (step, value, series) of train loss, eval loss, eval F1 and a preference stage's reward margins
+    for the plots: one run, or two to compare (then each series is prefixed with the run's name)."""
     import pandas as pd
 
     points = []
     for run in runs:
         prefix = f"{Path(run).name} " if len(runs) > 1 else ""
         for r in read_metrics(project() / run / "metrics.jsonl"):
-            for key, label in (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_f1", "eval F1")):
+            for key, label in CURVES:
                 if isinstance(r.get(key), (int, float)):
                     points.append({"step": r["step"], "value": r[key], "series": prefix + label})
     # typed even when empty: the plot takes its axes' kinds from the first frame it gets, and an empty
@@ -145,7 +149,8 @@ def summary_rows() -> list[list[Any]]:
     for run in run_dirs():
         out = project() / run
         s, c = _json(out / "summary.json"), _json(out / "train_config.json")
-        rows.append([run, state(run).state, c.get("METHOD", ""), c.get("MODEL_NAME", ""), c.get("DATA_PATH", ""),
+        method = " ".join(filter(None, (c.get("METHOD", ""), c.get("STAGE") if c.get("STAGE") != "sft" else "")))
+        rows.append([run, state(run).state, method, c.get("MODEL_NAME", ""), c.get("DATA_PATH", ""),
                      s.get("steps", ""), s.get("train_loss", ""), s.get("eval_loss", ""), s.get("seconds", ""),
                      s.get("peak_rss_mb", "")])
     return rows

@@ -1,7 +1,8 @@
 """The Train tab: the settings (generated), the data file (upload into data/ or pick, with its format, record
-count and bad lines), Plan (what `make info` prints), Start / Stop / Resume, and the run watched live. For a
-first visit: a note when MODEL_NAME is not on this machine, a hint to Plan first, and Stop only while a run
-trains (app/webui/guide.py).
+count and bad lines, and a line when its records do not fit STAGE), the adapter STAGE=dpo/kto continues
+(ADAPTER_DIR: a picker of finished runs), Plan (what `make info` prints), Start / Stop / Resume, and the run
+watched live. For a first visit: a note when MODEL_NAME is not on this machine, a hint to Plan first, and Stop
+only while a run trains (app/webui/guide.py).
 
 Start checks what the command line checks, in this process and before anything is written (the path guard,
 then the CLI's own pre-flight: settings, data, model, OUTPUT_DIR busy or finished, RESUME), and shows its
@@ -44,6 +45,12 @@ def build(ctx: Context) -> Form:
             # gives the command line's line for it
             upload = gr.File(label=f"Upload a data file into data/ ({', '.join(DATA_TYPES)})", elem_id="train-upload")
             data_info = gr.Textbox(label="Data file", interactive=False, lines=2, elem_id="train-data-info")
+            # "" not None when unset: a value, so that API callers may leave adapter_dir out
+            start_from = gr.Dropdown(runs.adapters(), value=ctx.cfg.predict.adapter_dir,
+                                     allow_custom_value=True, label="Continue adapter (ADAPTER_DIR)",
+                                     elem_id="train-ADAPTER_DIR",
+                                     info="STAGE=dpo/kto: the finished SFT run to continue (its base and LoRA shape "
+                                          "are kept); blank: a new adapter. STAGE=sft does not read it")
             with gr.Row():
                 plan_btn = gr.Button("Plan", elem_id="train-plan")
                 start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -63,30 +70,39 @@ def build(ctx: Context) -> Form:
     log_tail = gr.Textbox(label="Log", lines=10, max_lines=10, interactive=False, autoscroll=True, elem_id="train-log")
     fields = form.components()
 
-    def on_upload(path: str | None) -> tuple[Any, str]:
+    def settings(adapter: str | None, values: tuple[Any, ...]) -> dict[str, str]:
+        """The form's KEY=value arguments, and ADAPTER_DIR when the picker differs from the value in force."""
+        overrides = form.overrides(list(values))
+        if (adapter or "").strip() != ctx.cfg.predict.adapter_dir:
+            overrides["ADAPTER_DIR"] = (adapter or "").strip()
+        return overrides
+
+    def on_upload(path: str | None, stage: str) -> tuple[Any, str]:
         if not path:
             return gr.update(), ""
         try:
             summary = save_upload(path, ctx.cfg)
         except UserError as e:
             return gr.update(), problems_of(e)
-        return gr.update(choices=data_files(), value=summary.path), summary.line()
+        return gr.update(choices=data_files(), value=summary.path), summary.line(stage)
 
-    def on_data(path: str) -> str:
+    def on_data(path: str, stage: str) -> str:
+        """The file's summary, and the line training would refuse it with under this STAGE (checked again as
+        STAGE changes)."""
         if not path:
             return ""
         bad = path_problem("DATA_PATH", path)
         if bad:
             return problems_of(UserError(bad))
         try:
-            return inspect_data(path).line()
+            return inspect_data(path).line(stage)
         except UserError as e:
             return problems_of(e)
 
-    def plan(*values: Any) -> tuple[str, str, str, Any]:
+    def plan(adapter: str | None, *values: Any) -> tuple[str, str, str, Any]:
         """Message, command line, what `info` printed, and the Plan-first hint: cleared once a plan is shown."""
         try:
-            overrides = form.overrides(list(values))
+            overrides = settings(adapter, values)
             if bad := path_problems(overrides):
                 raise UserError(bad)
         except UserError as e:
@@ -98,9 +114,9 @@ def build(ctx: Context) -> Form:
             return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout, gr.update()
         return "", line, done.stdout, ""
 
-    def start(*values: Any) -> tuple[str, str, Any]:
+    def start(adapter: str | None, *values: Any) -> tuple[str, str, Any]:
         try:
-            overrides = form.overrides(list(values))
+            overrides = settings(adapter, values)
             cfg = checked("train", overrides)
             job = ctx.jobs.start(cfg.train.output_dir, "train", overrides)
         except (UserError, RuntimeError) as e:
@@ -120,12 +136,12 @@ def build(ctx: Context) -> Form:
             return f"sent SIGTERM to pid {who['pid']}: it saves a checkpoint, then stops (Resume continues it)"
         return f"{run}: {runs.state(run).line}; nothing to stop"
 
-    def resume(run: str | None, *values: Any) -> tuple[str, str]:
+    def resume(run: str | None, adapter: str | None, *values: Any) -> tuple[str, str]:
         now = runs.state(run) if run else None
         if now is None or not now.resumable:
             return f"{run or 'no run'}: {now.line if now else 'pick it under Watch run'}; nothing to resume", \
                 gr.update()
-        overrides = ctx.last_train.get(run) or {**form.overrides(list(values)), "OUTPUT_DIR": run}
+        overrides = ctx.last_train.get(run) or {**settings(adapter, values), "OUTPUT_DIR": run}
         try:
             checked("train", overrides)
             job = ctx.jobs.start(run, "train", overrides)
@@ -157,16 +173,21 @@ def build(ctx: Context) -> Form:
         now = f"{run}:{n}" if run else ""
         return line, prog, gr.update() if now == shown else runs.loss_plot(run) if run else None, tail, stoppable, now
 
-    upload.upload(named(on_upload, ["file"]), upload, [form.fields["DATA_PATH"], data_info], api_name="upload")
-    form.fields["DATA_PATH"].change(named(on_data, ["data_path"]), form.fields["DATA_PATH"], data_info,
-                                    api_name="inspect_data")
+    data, stage = form.fields["DATA_PATH"], form.fields["STAGE"]
+    upload.upload(named(on_upload, ["file", "stage"]), [upload, stage], [data, data_info], api_name="upload")
+    data.change(named(on_data, ["data_path", "stage"]), [data, stage], data_info, api_name="inspect_data")
+    stage.change(on_data, [data, stage], data_info, api_visibility="private")
+    start_from.focus(lambda: gr.update(choices=runs.adapters()), None, start_from, api_visibility="private")
     # again at each page load too (a model downloaded meanwhile, then a reload), and as MODEL_NAME is typed
     gr.on(None, named(model_note, ["model_name"]), form.fields["MODEL_NAME"], note, api_name="model_note",
           show_progress="hidden")
-    plan_btn.click(named(plan, [], form), fields, [message, command, plan_out, hint], api_name="plan")
-    start_btn.click(named(start, [], form), fields, [message, command, watched], api_name="start")
+    plan_btn.click(named(plan, ["adapter_dir"], form), [start_from, *fields], [message, command, plan_out, hint],
+                   api_name="plan")
+    start_btn.click(named(start, ["adapter_dir"], form), [start_from, *fields], [message, command, watched],
+                    api_name="start")
     stop_btn.click(named(stop, ["run"]), watched, message, api_name="stop")
-    resume_btn.click(named(resume, ["run"], form), [watched, *fields], [message, command], api_name="resume")
+    resume_btn.click(named(resume, ["run", "adapter_dir"], form), [watched, start_from, *fields], [message, command],
+                     api_name="resume")
     watch_outputs = [status, progress, curve, log_tail, stop_btn]
     shown = gr.State("")  # this page's plot: "run:logged rows"
     watched.change(named(watch, ["run"]), watched, watch_outputs, api_name="watch")
