@@ -178,8 +178,9 @@ test-docker: image ## run the test suite inside the image
 	$(COMPOSE) run --rm test
 
 .PHONY: bench
-bench: setup ## training speed: the tutorial way (padded, fp32) vs `train` -> bench/results.md
+bench: setup ## training speed vs the tutorial way, DPO vs TRL -> bench/results.md, bench/dpo.md
 	$(PYRUN) -m bench.bench_speed
+	$(PYRUN) -m bench.bench_dpo
 
 bench-memory: setup ## predicted vs measured peak RSS, tokens/s, loss per quant level -> bench/memory.md
 	$(PYRUN) -m bench.bench_memory

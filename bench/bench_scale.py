@@ -44,11 +44,21 @@ class Case:
     model: str        # a key of bench.scale_models.SHAPES
     limit_mb: int
     method: str       # qlora = 4-bit; lora lets the tier pick the quant level
+    stage: str = "sft"  # dpo: preference pairs of the same data (pref_file), a new adapter, reference = adapter off
 
 
 CASES = [Case("6b-4bit-8gb", "chatglm3-6b", 8000, "qlora"),
          Case("6b-8bit-16gb", "chatglm3-6b", 16000, "lora"),
-         Case("9b-4bit-16gb", "glm4-9b", 16000, "qlora")]
+         Case("9b-4bit-16gb", "glm4-9b", 16000, "qlora"),
+         Case("6b-4bit-8gb-dpo", "chatglm3-6b", 8000, "qlora", "dpo")]
+
+
+def pref_file(data: Path) -> Path:
+    """DPO pairs of the SFT data's records (bench/bench_dpo.py pairs_from_records): the lengths of real pairs,
+    which is what memory and time depend on."""
+    from bench.bench_dpo import pairs_from_records
+
+    return pairs_from_records(data, OUT / "pref.jsonl")
 
 
 def data_file() -> Path:
@@ -97,9 +107,11 @@ def run_case(case: Case, data: Path) -> dict:
     out.mkdir(parents=True)
     log.info("%s: training %d steps in a %d MB cgroup", case.name, STEPS, case.limit_mb)
     load_before = os.getloadavg()[0]  # s/step means little if other jobs share the cores
+    if case.stage != "sft":
+        data = pref_file(data)
     train = in_cgroup(case.limit_mb, ["train", f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out / 'run'}",
                                       f"METHOD={case.method}", f"MAX_STEPS={STEPS}", "GRAD_ACCUM=1", "VAL_SIZE=0",
-                                      "LOGGING_STEPS=1", "SEED=0"], out / "train.log")
+                                      "LOGGING_STEPS=1", "SEED=0", f"STAGE={case.stage}"], out / "train.log")
     text = (out / "train.log").read_text(errors="replace")
     row = {"case": case.name, "model": case.model, "limit_mb": case.limit_mb, "method": case.method,
            "train": train, "load_s": load_seconds(text), "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -113,7 +125,8 @@ def run_case(case: Case, data: Path) -> dict:
         row |= {"summary": {k: s.get(k) for k in ("steps", "seconds", "tokens_per_s", "peak_rss_mb", "predicted_peak_mb",
                                                      "predicted_step_s", "predicted_tokens_per_step", "plan", "memory")}}
         row["retime"] = retime(row, model)
-        prompt = json.loads(data.open(encoding="utf-8").readline())["context"]
+        first = json.loads(data.open(encoding="utf-8").readline())
+        prompt = first.get("context") or first["prompt"]
         log.info("%s: reloading the adapter to predict", case.name)
         row["predict"] = in_cgroup(case.limit_mb, ["predict-custom", f"MODEL_NAME={model}", f"ADAPTER_DIR={out / 'run'}",
                                                    f"PROMPT={prompt}", "MAX_NEW_TOKENS=8"], out / "predict.log",

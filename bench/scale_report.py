@@ -86,7 +86,11 @@ def report(rows: list[dict]) -> str:
              "tier's 8-16 would make them hours here), VAL_SIZE=0. Data: DuIE triplets (../shared/data/duie-mixed). "
              "Then `predict-custom` reloads the adapter in a fresh cgroup of the same size and answers a prompt. "
              "Measured peak RSS is the train process's high-water mark (VmHWM); the cgroup's peak also counts "
-             "the page cache of the shards read, which the kernel reclaims before it would kill.", "",
+             "the page cache of the shards read, which the kernel reclaims before it would kill. "
+             "`6b-4bit-8gb-dpo` is the first case with `STAGE=dpo`, on DPO pairs of the same records (chosen = the "
+             "gold triplets, rejected = the last one dropped, or subject and object swapped; bench/bench_dpo.py): "
+             "a pair is two sequences with gradients plus the reference's two forward passes with the adapter off, "
+             "and its tokens/s counts both sequences.", "",
              *([("Load average on the cores before / after each training: " + ", ".join(
                  f"{r['case']} {r['load_avg'][0]:.1f} / {r['load_avg'][1]:.1f}" for r in rows if r.get("load_avg"))
                 + " (above the core count, other jobs shared them and s/step is overstated)."), ""]

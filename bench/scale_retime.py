@@ -17,6 +17,7 @@ def ratio(run: Path, model: Path, tokens_per_step: float, released: bool) -> dic
     from app.config import Config
     from app.plan.estimator import model_shape
     from app.plan.resources import tune_allocator
+    from app.plan.stages import stage_cost
     from app.plan.timing import predict_step_time
 
     if released:
@@ -25,7 +26,8 @@ def ratio(run: Path, model: Path, tokens_per_step: float, released: bool) -> dic
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     cfg = Config.from_dict(saved)
     shape = model_shape(str(model), trust_remote_code=cfg.model.trust_remote_code)
-    per_sample = cfg.train.batch_size * cfg.train.grad_accum
+    # a DPO pair is two sequences, each counted in the tokens seen (app/plan/stages.py)
+    per_sample = cfg.train.batch_size * cfg.train.grad_accum * stage_cost(cfg).sequences
     seq_pred = summary["predicted_tokens_per_step"] / per_sample
     seq_meas = tokens_per_step / per_sample
     head_share = summary.get("predicted_head_share", 1.0)
