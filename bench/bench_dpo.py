@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
-from bench.bench_speed import DATA, MODEL, TARGETS, app_env, run, wait_for_quiet
+from bench.bench_speed import MODEL, TARGETS, app_env, model_and_data, run, wait_for_quiet
 
 OUT = Path("bench/results/dpo")
 SPEED_TARGET = 1.5  # the issue's: >= 1.5x TRL's tokens/s, with no more memory
@@ -111,14 +111,7 @@ def main() -> int:
     setup_logging()
     a.threads = a.threads or usable_cpus()
     OUT.mkdir(parents=True, exist_ok=True)
-    if not (MODEL / "config.json").is_file():
-        from bench.bench_memory import QWEN_100M, ensure_model
-
-        ensure_model(MODEL, QWEN_100M)
-    src = DATA / "train.jsonl"
-    if not src.is_file():
-        raise SystemExit(f"{src}: missing; the DuIE data lives in ../shared/data/duie-mixed beside the clone")
-    data = pairs_from_records(src, OUT / "pairs.jsonl", a.samples)
+    data = pairs_from_records(model_and_data(), OUT / "pairs.jsonl", a.samples)
     start_load = wait_for_quiet(a.max_load, a.max_wait)
     t0 = time.time()
     result = {"machine_cpus": os.cpu_count(), "start_load": round(start_load, 2), "args": vars(a),

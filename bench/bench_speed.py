@@ -108,6 +108,18 @@ def run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> tuple[s
     return proc, wall, load
 
 
+def model_and_data() -> Path:
+    """Build MODEL once; the DuIE training file both trainings read (a line naming it where it is missing)."""
+    if not (MODEL / "config.json").is_file():
+        from bench.bench_memory import QWEN_100M, ensure_model
+
+        ensure_model(MODEL, QWEN_100M)
+    src = DATA / "train.jsonl"
+    if not src.is_file():
+        raise SystemExit(f"{src}: missing; the DuIE data lives in ../shared/data/duie-mixed beside the clone")
+    return src
+
+
 def app_env() -> dict[str, str]:
     """The environment without any setting of app/config/settings.py: only the command line decides."""
     from app.config import Config
@@ -248,14 +260,8 @@ def main() -> int:
     setup_logging()
     a.threads = a.threads or usable_cpus()
     OUT.mkdir(parents=True, exist_ok=True)
-    if not (MODEL / "config.json").is_file():
-        from bench.bench_memory import QWEN_100M, ensure_model
-
-        ensure_model(MODEL, QWEN_100M)
+    src = model_and_data()
     data = OUT / "train200.jsonl"
-    src = DATA / "train.jsonl"
-    if not src.is_file():
-        raise SystemExit(f"{src}: missing; the DuIE data lives in ../shared/data/duie-mixed beside the clone")
     atomic_write_text(data, "\n".join(src.read_text(encoding="utf-8").splitlines()[:a.samples]) + "\n")
 
     start_load = wait_for_quiet(a.max_load, a.max_wait)

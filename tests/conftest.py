@@ -733,3 +733,21 @@ def small_disk(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def kill_9_while_saving() -> str:
+    """A `python -c` script: `python -m app <argv>` that SIGKILLs itself (kill -9: no handler runs, nothing is
+    flushed) while the step-6 checkpoint is half-written: the adapter is saved, the optimizer state not yet."""
+    return """
+import os, signal, sys
+import transformers
+save = transformers.Trainer._save_optimizer_and_scheduler
+def dying(self, output_dir):
+    if self.state.global_step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, output_dir)
+transformers.Trainer._save_optimizer_and_scheduler = dying
+from app.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""

@@ -163,31 +163,18 @@ def test_the_reference_pass_is_the_model_it_stands_for(start, request, tiny_glm_
 
 # ---- kill -9, then the same command ---------------------------------------------------------------------------
 
-# `python -m app train`, SIGKILLed by itself while the step-6 checkpoint is half-written (as tests/test_train.py).
-KILL_9_WHILE_SAVING = """
-import os, signal, sys
-import transformers
-save = transformers.Trainer._save_optimizer_and_scheduler
-def dying(self, output_dir):
-    if self.state.global_step == 6:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return save(self, output_dir)
-transformers.Trainer._save_optimizer_and_scheduler = dying
-from app.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(tiny_glm_dir, data_dir, pairs, recipe,
                                                                        dpo_run, tmp_path, cli, caplog, child_env,
-                                                                       read_metrics):
+                                                                       read_metrics, kill_9_while_saving):
     from app.config import show
     from app.training.checkpoints import MARKER, STAGING
 
     out = tmp_path / "out"
     cfg = _dpo(recipe, tiny_glm_dir, data_dir, pairs, out)
     args = [f"{var}={show(cfg.get(var))}" for var in sorted(cfg.explicit)]  # the golden run, as a command line
-    killed = subprocess.run([sys.executable, "-c", KILL_9_WHILE_SAVING, "train", *args], cwd=tmp_path, env=child_env,
+    killed = subprocess.run([sys.executable, "-c", kill_9_while_saving, "train", *args], cwd=tmp_path, env=child_env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = out / "checkpoints"

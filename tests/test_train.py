@@ -125,24 +125,10 @@ def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, 
         assert 0.97 * since <= row["tokens_per_s"] * row["time_s"] < 1.5 * since, row
 
 
-# `python -m app train`, SIGKILLed by itself (kill -9: no handler runs, nothing is flushed) while the
-# step-6 checkpoint is half-written: the adapter is saved, the optimizer state not yet.
-KILL_9_WHILE_SAVING = """
-import os, signal, sys
-import transformers
-save = transformers.Trainer._save_optimizer_and_scheduler
-def dying(self, output_dir):
-    if self.state.global_step == 6:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return save(self, output_dir)
-transformers.Trainer._save_optimizer_and_scheduler = dying
-from app.__main__ import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, trained, tmp_path, caplog, cli,
-                                                        child_env, recipe, read_metrics):
+                                                        child_env, recipe, read_metrics, kill_9_while_saving):
     """kill -9 mid-run (checkpoint-3 complete, checkpoint-6 half-written), then the same command:
     the final adapter and the whole loss curve equal the uninterrupted run's within 1e-5."""
     from app.config import show
@@ -151,7 +137,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
     out = tmp_path / "out"
     cfg = recipe(tiny_glm_dir, data_dir, out)
     args = [f"{var}={show(cfg.get(var))}" for var in sorted(cfg.explicit)]  # the recipe, as a command line
-    killed = subprocess.run([sys.executable, "-c", KILL_9_WHILE_SAVING, "train", *args], cwd=tmp_path, env=child_env,
+    killed = subprocess.run([sys.executable, "-c", kill_9_while_saving, "train", *args], cwd=tmp_path, env=child_env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = out / "checkpoints"
