@@ -54,6 +54,7 @@ SLOW = (
     "tests/test_train.py::test_kill_9_then_resume_equals_an_uninterrupted_run",
     "tests/test_workspace.py::test_train_on_a_user_file_never_changes_it_or_writes_beside_it",
     "tests/test_records_used.py",
+    "tests/test_encode_batch.py::test_the_cache_holds_encodes_rows_for_every_record_format",
     "tests/test_faults.py::test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes",
     "tests/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
     "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",

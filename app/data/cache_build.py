@@ -1,6 +1,7 @@
 """Building the token cache (app/data/cache.py): the file read once, in order, its records encoded whole by
 NUM_PROC worker processes, the rows appended to flat files in a temporary folder that is renamed into place
-only when complete."""
+only when complete. A worker encodes a chunk of records at once (app/data/encode_batch.py: one tokenizer call
+for all their segments) and sends back numpy arrays, which are written a chunk at a time."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from app.core.errors import UserError
-from app.data.encode import IGNORE, encode
+from app.data.encode_batch import EncodedRows, encode_rows
 from app.data.records import LoadReport, examples_of
 from app.data.sources import iter_lines
 
@@ -42,13 +43,13 @@ def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, 
     out["offsets"].write(np.zeros(1, dtype=np.int64).tobytes())
     try:
         for starts, rows in _encoded(data_path, fmt, tokenizer, num_proc, report, setting, size):
-            for start, (ids, mask, plen) in zip(starts, rows):
-                offset += len(ids)
-                out["ids"].write(np.asarray(ids, dtype=np.int32).tobytes())
-                out["mask"].write(np.asarray(mask, dtype=np.uint8).tobytes())
-                out["offsets"].write(np.int64(offset).tobytes())
-                out["plen"].write(np.int32(plen).tobytes())
-                out["starts"].write(np.int64(start).tobytes())
+            # a chunk's rows in one write per file: per-row writes cost as much as the tokenizer's batched call
+            out["ids"].write(rows.ids.tobytes())
+            out["mask"].write(rows.mask.tobytes())
+            out["offsets"].write((offset + np.cumsum(rows.lengths, dtype=np.int64)).tobytes())
+            out["plen"].write(rows.plen.tobytes())
+            out["starts"].write(np.asarray(starts, dtype=np.int64)[rows.kept].tobytes())
+            offset += int(rows.lengths.sum())
     except BaseException:
         for fh in out.values():
             fh.close()
@@ -66,14 +67,14 @@ def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, 
 
 
 def _encoded(data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: LoadReport, setting: str,
-             size: int) -> Iterator[tuple[list[int], list[tuple[list[int], list[bool], int]]]]:
+             size: int) -> Iterator[tuple[list[int], EncodedRows]]:
     """(byte offsets, encoded rows) in chunks, in file order; bad records counted in ``report``. With workers,
     at most a few chunks per worker are in flight: the file is never read ahead of the encoding."""
     chunks = _chunks(data_path, fmt, report, setting)
     procs = num_proc or os.cpu_count() or 1
     if procs <= 1 or size < _PARALLEL_MB * 2**20:
         for starts, examples in chunks:
-            yield _keep(starts, _encode_chunk(tokenizer, examples))
+            yield starts, encode_rows(examples, tokenizer)
         return
     import multiprocessing as mp
     import threading
@@ -89,13 +90,7 @@ def _encoded(data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: Lo
     with mp.get_context("spawn").Pool(procs, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         for starts, rows in pool.imap(_encode_in_worker, tasks(), chunksize=1):
             in_flight.release()
-            yield _keep(starts, rows)
-
-
-def _keep(starts: list[int], rows: list[Any]) -> tuple[list[int], list[Any]]:
-    """Rows with an answer token (encode_all drops the rest the same way)."""
-    kept = [(s, r) for s, r in zip(starts, rows) if any(r[1])]
-    return [s for s, _ in kept], [r for _, r in kept]
+            yield starts, rows
 
 
 def _chunks(data_path: str, fmt: str, report: LoadReport, setting: str,
@@ -121,18 +116,8 @@ def _init_worker(tokenizer: Any) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _encode_in_worker(chunk: tuple[list[int], list[Any]]) -> tuple[list[int], list[Any]]:
-    return chunk[0], _encode_chunk(_WORKER_TOKENIZER, chunk[1])
-
-
-def _encode_chunk(tokenizer: Any, examples: list[Any]) -> list[tuple[list[int], list[bool], int]]:
-    rows = []
-    for ex in examples:
-        row = encode(ex, tokenizer, 1 << 62)  # whole: MAX_SEQ_LEN cuts on read
-        labels = row["labels"]
-        plen = max((i for i, lab in enumerate(labels) if lab == IGNORE), default=-1) + 1
-        rows.append((row["input_ids"], [lab != IGNORE for lab in labels], plen))
-    return rows
+def _encode_in_worker(chunk: tuple[list[int], list[Any]]) -> tuple[list[int], EncodedRows]:
+    return chunk[0], encode_rows(chunk[1], _WORKER_TOKENIZER)  # numpy arrays back: a few bytes per token
 
 
 def _check_disk(data_path: str, fmt: str, tokenizer: Any, where: Path, size: int) -> None:
@@ -142,7 +127,7 @@ def _check_disk(data_path: str, fmt: str, tokenizer: Any, where: Path, size: int
         return
     starts, examples = first
     n = min(len(starts) - 1, 200)
-    per_byte = sum(len(ids) for ids, _, _ in _encode_chunk(tokenizer, examples[:n])) / max(1, starts[n] - starts[0])
+    per_byte = encode_rows(examples[:n], tokenizer).lengths.sum() / max(1, starts[n] - starts[0])
     expected = size * per_byte * _STORED + size / max(1, starts[n] - starts[0]) * n * 24  # + per-row arrays
     free = shutil.disk_usage(where).free
     if expected * 1.1 > free:
