@@ -146,6 +146,10 @@ def test_packing_choice():
     assert packing_choice(cfg(METHOD="ptuning"), "glm")[0] is False
     assert packing_choice(cfg(TRUST_REMOTE_CODE="true"), "chatglm")[0] is False
     assert packing_choice(cfg(), "gpt2")[0] is False
+    pack, why = packing_choice(cfg(TORCH_COMPILE="true"), "qwen2")
+    assert pack is False and why.startswith("TORCH_COMPILE=true")
+    with pytest.raises(UserError, match="PACKING=on: TORCH_COMPILE=true"):
+        packing_choice(cfg(PACKING="on", TORCH_COMPILE="true"), "qwen2")
     with pytest.raises(UserError, match="PACKING=on: .*'gpt2'"):
         packing_choice(cfg(PACKING="on"), "gpt2")
     with pytest.raises(UserError, match="PACKING=on"):

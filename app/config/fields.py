@@ -157,7 +157,7 @@ class TrainArgs:
                                     "keeps its own positions, attention and label mask. auto = on where the model's "
                                     "code supports it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)")
     torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
-                                    "only on long runs)")
+                                    "only on long runs; turns PACKING=auto off: compiled packed rows crash)")
     neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training "
                                    "(the Trainer's neftune_noise_alpha; 5 is the paper's); 0 = off")
     report_to: list[str] = _f(["tensorboard"], "Where metrics go besides metrics.jsonl, comma-separated: "

@@ -39,6 +39,9 @@ def packing_choice(cfg: Config, model_type: str | None) -> tuple[bool, str]:
     elif cfg.train.stage != "sft":
         blocker = f"STAGE={cfg.train.stage} runs TRL's preference trainer, which pads its batches (TRL 1.16 has its " \
                   "padding-free mode switched off)"
+    elif cfg.train.torch_compile:
+        blocker = "TORCH_COMPILE=true: torch's compiled backward of the per-sample attention fails once the " \
+                  "packed row length changes (an inductor stride assertion, torch 2.13 on CPU)"
     elif cfg.model.trust_remote_code:
         blocker = "remote model code (TRUST_REMOTE_CODE) builds its own attention masks"
     elif model_type not in PACKING_FAMILIES:
