@@ -237,8 +237,10 @@ class ServeArgs:
                            "trained run under models/; none = the base model only")
     api_key: str = _f("", "make serve: when set, every /v1 request needs 'Authorization: Bearer <API_KEY>'")
     serve_max_queue: int = _f(32, "make serve: requests waiting beyond this many are answered 429 (busy)")
-    serve_batch_size: int = _f(8, "make serve: requests for the same adapter generated together")
-    serve_batch_wait_ms: int = _f(20, "make serve: how long the first request waits for others to batch with")
+    serve_batch_size: int = _f(8, "make serve: the most requests for the same adapter generated together; a "
+                                  "request joins the running batch between decode steps while it has room")
+    serve_batch_wait_ms: int = _f(20, "make serve: how long the first request of a new batch waits for others to "
+                                      "start with (later ones join it as it runs)")
     serve_max_prompt_tokens: int = _f(2048, "make serve: a longer prompt is answered 400")
     serve_max_tokens: int = _f(1024, "make serve: the most max_tokens a request may ask for (400 above it); a "
                                      "request without max_tokens gets MAX_NEW_TOKENS")

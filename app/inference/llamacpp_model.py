@@ -120,6 +120,10 @@ class LlamaCppCausalLM:
     def reset(self) -> None:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
 
+    def forget(self, seq: int) -> None:
+        """Clear sequence ``seq`` alone (serve: a finished row's, before another row takes it)."""
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(self.ctx), seq, -1, -1)
+
     # ---- LoRA adapters on this model (serve: applied per batch, as llama-server's --lora) ------------------
     def load_lora(self, path: str | Path, setting: str = "ADAPTERS") -> Any:
         """A llama.cpp LoRA GGUF of this model's base; freed with the model, or by ``free_lora``."""

@@ -1,24 +1,41 @@
-"""The generation engine behind `serve`: one worker thread owns the model.
+"""The generation engine behind `serve`: one worker thread owns the model and keeps a running batch.
 
-Requests wait in a bounded queue (SERVE_MAX_QUEUE; a full one refuses at once, so memory does not grow
-with the load). The worker takes the oldest, waits up to SERVE_BATCH_WAIT_MS for more requests for the
-same adapter (at most SERVE_BATCH_SIZE) and generates them together: left-padded, one KV cache, one
-forward pass per token for the whole batch, each row sampled with its own settings. Each request gets
-its text as it comes, through its own ``emit``; a cancelled request (its client went away) stops at the
-next token. A batch is one adapter: requests for different adapters never share a forward pass.
-With INFER_BACKEND=llama.cpp each request of a batch is a sequence of llama.cpp's one context, and all
-running rows are decoded together, one llama_decode per token; each row picks its tokens the same way.
+Requests wait in a bounded queue (SERVE_MAX_QUEUE; a full one refuses at once, so memory does not grow with
+the load). With no batch running, the worker takes the oldest request and waits up to SERVE_BATCH_WAIT_MS for
+more for the same adapter (at most SERVE_BATCH_SIZE) to start a batch with. From then on the batch is
+continuous, as vLLM's: between two decode steps, requests for the batch's adapter that wait join it (up to
+SERVE_BATCH_SIZE rows in all; prefilled apart, then merged: app/serve/batch.py), and each row leaves the
+moment it finishes. A request is therefore answered from the next step on, not after the batch before it.
+A step prefills at most PREFILL_TOKENS prompt tokens (a longer prompt alone), the batch's first included: a
+wave of requests is taken over a few steps, so its first answer before its last are prefilled.
+Each row is sampled with its own settings and gets its text as it comes, through its own ``emit``; a cancelled
+request (its client went away) stops at the next token.
+
+A batch is one adapter: requests for different adapters never share a forward pass. So that none waits for
+ever, a request joins only while no request for another adapter waits before it, and none joins while an
+adapter is being loaded or unloaded (they wait for the engine's lock): the batch then drains, and the oldest
+waiting request starts the next. A model whose KV cache has other than full-attention layers (sliding
+windows, as Gemma 3's) takes no joiners: each of its batches runs to its end, as a line at start says.
+With INFER_BACKEND=llama.cpp each row is a sequence of llama.cpp's one context and rows join the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from app.serve.batch import Row, SequenceBatch, TorchBatch, joinable
 
 log = logging.getLogger(__name__)
+
+# The most prompt tokens prefilled in one step (as vLLM's max_num_batched_tokens): the running rows wait that
+# long for their next token at most, and a wave of requests is answered in turn rather than all at its end.
+PREFILL_TOKENS = 512
 
 
 class QueueFull(Exception):
@@ -40,12 +57,47 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+class EngineLock:
+    """A re-entrant lock that counts the threads waiting for it: a running batch that kept taking requests
+    would otherwise hold off an adapter's load or unload for as long as requests come."""
+
+    def __init__(self) -> None:
+        self._lock, self._count, self.waiting = threading.RLock(), threading.Lock(), 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        with self._count:
+            self.waiting += 1
+        try:
+            return self._lock.acquire(blocking, timeout)
+        finally:
+            with self._count:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "EngineLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    @contextlib.contextmanager
+    def after_others(self) -> Iterator[None]:
+        """Held, once no other thread waits for it: the worker lets a waiting adapter change go first."""
+        while self.waiting:
+            time.sleep(0.005)
+        with self:
+            yield
+
+
 class Engine:
     """Runs ``models`` (app/serve/models.py: ``.model``, ``.use(name)``, ``.tokenizer_for(name)``, ``.lock``).
     A batch runs under ``models.lock``, as every change to the adapters does, so none sees another's weights."""
 
     def __init__(self, models: Any, max_queue: int, batch_size: int, batch_wait_s: float):
-        self.models, self.lock = models, threading.RLock()
+        self.models, self.lock = models, EngineLock()
         models.lock = self.lock
         self.max_queue, self.batch_size, self.batch_wait_s = max_queue, batch_size, batch_wait_s
         self._cv = threading.Condition()
@@ -56,6 +108,12 @@ class Engine:
         eos = (eos if isinstance(eos, list) else [eos]) if eos not in (None, []) else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}  # where generate() stops, as predict does
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        self.sequences = hasattr(model, "step_logits")  # llama.cpp (app/inference/llamacpp_model.py)
+        self.joinable = self.sequences or joinable(model)
+        if not self.joinable:
+            log.info("serve: %s's KV cache has sliding-window (or other non-full-attention) layers, which cannot be "
+                     "padded to merge rows: each batch runs to its end, and requests arriving meanwhile wait for it",
+                     type(model).__name__)
         self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
         self._thread.start()
 
@@ -96,66 +154,82 @@ class Engine:
                 self._cv.wait(left)
         return [j for j in batch if not _finish_if_cancelled(j)]
 
+    def _joiners(self, adapter: str | None, room: int, tokens: int) -> list[Job]:
+        """The waiting jobs for ``adapter`` ahead of any other adapter's that fit ``room`` rows and the step's
+        prefill (``tokens`` taken already), unless the batch must drain: a model that cannot merge rows, an
+        adapter change waiting for the lock, or a stop."""
+        if room <= 0 or not self.joinable or self.lock.waiting or self._stopping:
+            return []
+        with self._cv:
+            ahead = list(itertools.takewhile(lambda j: j.adapter == adapter, self._waiting))
+            jobs = _within(ahead, room, tokens)
+            for _ in jobs:
+                self._waiting.popleft()
+        return [j for j in jobs if not _finish_if_cancelled(j)]
+
     def _run(self) -> None:
         while not self._stopping:
-            batch = self._take()
-            if not batch:
+            jobs = self._take()
+            if not jobs:
                 continue
+            rows: list[Row] = []
             try:
-                with self.lock, self.models.use(batch[0].adapter):
-                    self._generate(batch)
+                with self.lock.after_others(), self.models.use(jobs[0].adapter):
+                    left = self._generate(jobs, rows)
+                with self._cv:  # taken, never started: they go first again
+                    self._waiting.extendleft(reversed(left))
             except Exception as e:  # noqa: BLE001 - the server keeps serving; each request hears why
                 log.exception("serve: generation failed")
-                for job in batch:
+                started = {id(row.job) for row in rows}
+                for job in [j for j in jobs if id(j) not in started] + [r.job for r in rows if not r.done]:
                     job.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
 
-    def _generate(self, jobs: list[Job]) -> None:
-        import torch
-        from transformers import DynamicCache
-
+    def _generate(self, jobs: list[Job], rows: list[Row]) -> list[Job]:
+        """Run a batch of ``jobs`` (taken PREFILL_TOKENS at a time) and the requests that join it, between steps,
+        until its last row finishes; ``rows`` gets every row it ran (the caller tells those not done of an
+        error). -> the jobs it never started (every row finished first: they start the next batch)."""
+        adapter, model, pending = jobs[0].adapter, self.models.model, list(jobs)
         if len(jobs) > 1:
-            log.info("serve: %d requests for %s generated together", len(jobs), jobs[0].adapter or "the base")
-        if hasattr(self.models.model, "step_logits"):  # llama.cpp (app/inference/llamacpp_model.py)
-            return self._generate_sequences(jobs)
-        n, longest = len(jobs), max(len(j.prompt_ids) for j in jobs)
-        ids = torch.full((n, longest), self.pad, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, job in enumerate(jobs):  # left-padded: every row's next token is at the same position
-            ids[i, longest - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
-            mask[i, longest - len(job.prompt_ids):] = 1
-        position = (mask.cumsum(-1) - 1).clamp(min=0)
-        rows = [_Row(job, self.models.tokenizer_for(job.adapter)) for job in jobs]
-        model = self.models.model
-        cache, inputs, device = DynamicCache(config=model.config), ids, model.device
-        with torch.inference_mode():
-            while True:
-                out = model(input_ids=inputs.to(device), attention_mask=mask.to(device),
-                            position_ids=position.to(device), past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1, :].float().cpu()
-                nxt = [row.step(logits[i], self.eos) if not row.done else self.pad for i, row in enumerate(rows)]
-                if all(row.done for row in rows):
-                    return
-                inputs = torch.tensor(nxt, dtype=torch.long)[:, None]
-                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-                position = position[:, -1:] + 1
-
-    def _generate_sequences(self, jobs: list[Job]) -> None:
-        """llama.cpp: each job's prompt is prefilled as its own sequence (no padding), then one decode per token
-        feeds every running row its last token at its own next position."""
-        import torch
-
-        model, rows = self.models.model, [_Row(job, self.models.tokenizer_for(job.adapter)) for job in jobs]
-        model.reset()
-        logits = [torch.from_numpy(model.prefill(job.prompt_ids, seq)) for seq, job in enumerate(jobs)]
-        positions = [len(job.prompt_ids) for job in jobs]
+            log.info("serve: %d requests for %s generated together", len(jobs), adapter or "the base")
+        batch: Any = SequenceBatch(model, self.eos, self.batch_size) if self.sequences else \
+            TorchBatch(model, self.pad, self.eos, trim=self.joinable)
+        tokenizer = self.models.tokenizer_for(adapter)
+        admit = _next(pending, len(pending), 0)
+        if not self.joinable:  # a cache that cannot take rows in later (sliding windows): all at once
+            admit, pending = admit + pending, []
         while True:
-            nxt = {i: row.step(logits[i], self.eos) for i, row in enumerate(rows) if not row.done}
-            live = [i for i in nxt if not rows[i].done]
-            if not live:
-                return
-            out = model.step_logits([nxt[i] for i in live], [positions[i] for i in live], live)
-            for k, i in enumerate(live):
-                logits[i], positions[i] = torch.from_numpy(out[k]), positions[i] + 1
+            if admit:
+                if batch.rows:
+                    log.debug("serve: %d requests join the running batch of %d", len(admit), len(batch.rows))
+                new = [Row(job, tokenizer) for job in admit]
+                rows.extend(new)
+                batch.admit(new)
+            batch.step()
+            if not batch.rows:  # the next request starts a batch of its own, as on a fresh model
+                return pending
+            room = self.batch_size - len(batch.rows)
+            admit = _next(pending, room, 0)
+            if not pending:  # then those that came since, while they may join
+                admit += self._joiners(adapter, room - len(admit), sum(len(j.prompt_ids) for j in admit))
+
+
+def _next(pending: list[Job], room: int, tokens: int) -> list[Job]:
+    """Take from ``pending`` the first that fit (``_within``), and of those the ones not cancelled meanwhile."""
+    taken = _within(pending, room, tokens)
+    del pending[:len(taken)]
+    return [j for j in taken if not _finish_if_cancelled(j)]
+
+
+def _within(jobs: list[Job], room: int, tokens: int) -> list[Job]:
+    """The first of ``jobs`` that fit ``room`` rows and, with ``tokens`` taken already, one step's prefill
+    (PREFILL_TOKENS; a longer prompt is taken alone)."""
+    out: list[Job] = []
+    for job in jobs[:max(room, 0)]:
+        tokens += len(job.prompt_ids)
+        if tokens > PREFILL_TOKENS and tokens > len(job.prompt_ids):
+            break
+        out.append(job)
+    return out
 
 
 def _finish_if_cancelled(job: Job) -> bool:
@@ -163,61 +237,3 @@ def _finish_if_cancelled(job: Job) -> bool:
         job.emit(("done", "cancelled", 0))
         return True
     return False
-
-
-class _Row:
-    """One request's generation: sampling, stop strings, and text sent so far (whole characters only)."""
-
-    def __init__(self, job: Job, tokenizer: Any):
-        import torch
-
-        self.job, self.tokenizer, self.tokens, self.sent, self.done = job, tokenizer, [], 0, False
-        self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
-        self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
-
-    def step(self, logits: Any, eos: set[int]) -> int:
-        """Pick the next token, send the text it completes; finish on EOS, a stop string, max_tokens or cancel."""
-        if self.job.cancelled.is_set():
-            return self._finish("cancelled")
-        token = self._pick(logits)
-        self.tokens.append(token)
-        if token in eos:
-            return self._finish("stop", token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cut = min((text.find(s) for s in self.job.stop if s and s in text), default=-1)
-        if cut >= 0:
-            return self._finish("stop", token, text[:cut])
-        if len(self.tokens) >= self.job.max_tokens:
-            return self._finish("length", token, text)
-        ready = len(text) - self.hold
-        while ready > self.sent and text[ready - 1] == "\ufffd":  # half a character: wait for the rest
-            ready -= 1
-        if ready > self.sent:
-            self.job.emit(("delta", text[self.sent:ready]))
-            self.sent = ready
-        return token
-
-    def _pick(self, logits: Any) -> int:
-        import torch
-
-        t, p = self.job.temperature, self.job.top_p
-        if t <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / t, dim=-1)
-        if p < 1:  # nucleus: the smallest set of tokens whose probability reaches top_p
-            ordered, index = probs.sort(descending=True)
-            keep = ordered.cumsum(-1) - ordered < p
-            probs = torch.zeros_like(probs).scatter(0, index[keep], ordered[keep])
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self.generator))
-
-    def _finish(self, reason: str, token: int | None = None, text: str | None = None) -> int:
-        if text is None and reason != "cancelled":
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text is not None and len(text) > self.sent:
-            self.job.emit(("delta", text[self.sent:]))
-            self.sent = len(text)
-        self.done = True
-        if reason == "cancelled":
-            log.info("serve: request cancelled after %d tokens (its client went away)", len(self.tokens))
-        self.job.emit(("done", reason, len(self.tokens)))
-        return token if token is not None else 0

@@ -1,0 +1,220 @@
+"""The running batch of `serve`'s engine (app/serve/engine.py): rows join it between decode steps, and leave it
+when they finish.
+
+``TorchBatch`` (transformers): one KV cache (a DynamicCache) for every row, an attention mask and each row's count
+of real tokens. Rows that join are prefilled apart (left-padded, their own forward and cache), then merged: the
+shorter of the two caches and masks is left-padded with masked columns to the other's length, and the two are
+concatenated on the batch dimension. A row's position ids count its own tokens only, so padding never moves its
+rotary positions: each row's answer is the one it gets alone. A finished row leaves (its cache row is dropped), and
+the columns that are padding in every row left are trimmed, so the cache is as long as the longest running row.
+Padding a cache on the left is right only for full-attention layers: ``joinable`` says whether a model's are all
+such (sliding-window layers, as Gemma 3's, are not); where not, the engine admits no rows into a running batch.
+
+``SequenceBatch`` (INFER_BACKEND=llama.cpp): each row is its own sequence of the one llama.cpp context, prefilled
+alone (no padding) into a free sequence; one llama_decode per step feeds every running row its last token at its
+own next position, and a finished row's sequence is cleared for the next row.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def joinable(model: Any) -> bool:
+    """Whether ``model``'s KV cache is full-attention layers only, whose rows can be padded and merged."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+
+
+class TorchBatch:
+    """The running rows on a transformers model; ``rows``, ``admit`` and ``step`` are all the engine uses."""
+
+    def __init__(self, model: Any, pad: int, eos: set[int], trim: bool):
+        import inspect
+
+        self.model, self.pad, self.eos, self.trim = model, pad, eos, trim
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
+        # the last position's logits only, as generate() asks: a prompt's every row of vocabulary logits is
+        # a quarter of its prefill
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters \
+            else {}
+        self.rows: list[Row] = []
+        self.cache: Any = None
+        self.mask: Any = None  # (rows, cache length): 1 where a row has a real token
+        self.logits: Any = None  # (rows, vocab): each row's next-token logits
+
+    def admit(self, rows: list[Row]) -> None:
+        """Prefill ``rows``' prompts together, then merge them into the running batch."""
+        import torch
+        from transformers import DynamicCache
+
+        longest = max(len(r.job.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, row in enumerate(rows):  # left-padded: every row's next token is at the same column
+            ids[i, longest - len(row.job.prompt_ids):] = torch.tensor(row.job.prompt_ids)
+            mask[i, longest - len(row.job.prompt_ids):] = 1
+        cache = DynamicCache(config=self.model.config)
+        logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
+        if self.rows:
+            cache, mask = _merge(self.cache, self.mask, cache, mask)
+            logits = torch.cat([self.logits, logits])
+        self.rows, self.cache, self.mask, self.logits = self.rows + rows, cache, mask, logits
+
+    def step(self) -> None:
+        """Each row picks its next token; finished rows leave; the others decode it (one forward for them all)."""
+        import torch
+
+        tokens = [row.step(self.logits[i], self.eos) for i, row in enumerate(self.rows)]
+        live = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(live) < len(self.rows):
+            self._keep(live)
+        if not self.rows:
+            return
+        position = self.mask.sum(-1, keepdim=True)  # each row's own count of tokens: its next one's position
+        self.mask = torch.cat([self.mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+        ids = torch.tensor([tokens[i] for i in live], dtype=torch.long)[:, None]
+        self.logits = self._forward(ids, self.mask, position, self.cache)
+
+    def _forward(self, ids: Any, mask: Any, position: Any, cache: Any) -> Any:
+        import torch
+
+        device = self.model.device
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=position.to(device), past_key_values=cache, use_cache=True,
+                             **self.last_only)
+        return out.logits[:, -1, :].float().cpu()
+
+    def _keep(self, live: list[int]) -> None:
+        """Only rows ``live`` stay; then the left columns no row uses go (only where ``trim``: full attention)."""
+        import torch
+
+        self.rows = [self.rows[i] for i in live]
+        if not self.rows:
+            self.cache = self.mask = self.logits = None
+            return
+        index = torch.tensor(live)
+        self.cache.batch_select_indices(index.to(self.model.device))
+        self.mask = self.mask[index]
+        start = int(self.mask.any(0).int().argmax())  # rows are left-padded: the unused columns are a prefix
+        if self.trim and start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+
+def _merge(cache: Any, mask: Any, other: Any, other_mask: Any) -> tuple[Any, Any]:
+    """``cache`` with ``other``'s rows below its own, both left-padded (masked) to the longer one's length."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(mask.shape[1], other_mask.shape[1])
+
+    def left(t: Any, dim_from_end: int) -> Any:  # pads the sequence axis (dim -2 of keys, -1 of a mask)
+        return F.pad(t, (0, 0) * (dim_from_end - 1) + (width - t.shape[-dim_from_end], 0))
+
+    for layer, extra in zip(cache.layers, other.layers):
+        layer.keys = torch.cat([left(layer.keys, 2), left(extra.keys, 2)])
+        layer.values = torch.cat([left(layer.values, 2), left(extra.values, 2)])
+    return cache, torch.cat([left(mask, 1), left(other_mask, 1)])
+
+
+class SequenceBatch:
+    """The running rows on llama.cpp (app/inference/llamacpp_model.py), each in a sequence of its own."""
+
+    def __init__(self, model: Any, eos: set[int], slots: int):
+        self.model, self.eos, self.slots = model, eos, slots
+        self.rows: list[Row] = []
+        self.seqs: list[int] = []
+        self.positions: list[int] = []
+        self.logits: list[Any] = []
+        model.reset()
+
+    def admit(self, rows: list[Row]) -> None:
+        import torch
+
+        for row in rows:
+            seq = min(set(range(self.slots)) - set(self.seqs))
+            self.logits.append(torch.from_numpy(self.model.prefill(row.job.prompt_ids, seq)))
+            self.rows.append(row)
+            self.seqs.append(seq)
+            self.positions.append(len(row.job.prompt_ids))
+
+    def step(self) -> None:
+        import torch
+
+        tokens = [row.step(self.logits[i], self.eos) for i, row in enumerate(self.rows)]
+        live = [i for i, row in enumerate(self.rows) if not row.done]
+        for i in sorted(set(range(len(self.rows))) - set(live)):  # cleared for the next row that takes it
+            self.model.forget(self.seqs[i])
+        self.rows = [self.rows[i] for i in live]
+        self.seqs = [self.seqs[i] for i in live]
+        tokens, self.positions = [tokens[i] for i in live], [self.positions[i] for i in live]
+        if not self.rows:
+            return
+        out = self.model.step_logits(tokens, self.positions, self.seqs)
+        self.logits = [torch.from_numpy(row) for row in out]
+        self.positions = [p + 1 for p in self.positions]
+
+
+class Row:
+    """One request's generation: sampling, stop strings, and text sent so far (whole characters only)."""
+
+    def __init__(self, job: Any, tokenizer: Any):
+        import torch
+
+        self.job, self.tokenizer, self.tokens, self.sent, self.done = job, tokenizer, [], 0, False
+        self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
+        self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
+
+    def step(self, logits: Any, eos: set[int]) -> int:
+        """Pick the next token, send the text it completes; finish on EOS, a stop string, max_tokens or cancel."""
+        if self.job.cancelled.is_set():
+            return self._finish("cancelled")
+        token = self._pick(logits)
+        self.tokens.append(token)
+        if token in eos:
+            return self._finish("stop", token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.job.stop if s and s in text), default=-1)
+        if cut >= 0:
+            return self._finish("stop", token, text[:cut])
+        if len(self.tokens) >= self.job.max_tokens:
+            return self._finish("length", token, text)
+        ready = len(text) - self.hold
+        while ready > self.sent and text[ready - 1] == "\ufffd":  # half a character: wait for the rest
+            ready -= 1
+        if ready > self.sent:
+            self.job.emit(("delta", text[self.sent:ready]))
+            self.sent = ready
+        return token
+
+    def _pick(self, logits: Any) -> int:
+        import torch
+
+        t, p = self.job.temperature, self.job.top_p
+        if t <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / t, dim=-1)
+        if p < 1:  # nucleus: the smallest set of tokens whose probability reaches top_p
+            ordered, index = probs.sort(descending=True)
+            keep = ordered.cumsum(-1) - ordered < p
+            probs = torch.zeros_like(probs).scatter(0, index[keep], ordered[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=self.generator))
+
+    def _finish(self, reason: str, token: int | None = None, text: str | None = None) -> int:
+        if text is None and reason != "cancelled":
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text is not None and len(text) > self.sent:
+            self.job.emit(("delta", text[self.sent:]))
+            self.sent = len(text)
+        self.done = True
+        if reason == "cancelled":
+            log.info("serve: request cancelled after %d tokens (its client went away)", len(self.tokens))
+        self.job.emit(("done", reason, len(self.tokens)))
+        return token if token is not None else 0
