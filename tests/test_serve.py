@@ -214,16 +214,23 @@ def test_a_full_queue_answers_429_and_every_request_ends(work, app_process, serv
     assert httpx.get(server.url + "/health").json() == {"status": "ok", "waiting": 0, "models": 2}
 
 
-def test_bench_serve_judges_the_batching_target_honestly():
+def test_bench_serve_judges_the_batching_targets_honestly():
     from bench.bench_serve import report
 
-    def row(server, tps):
+    def row(server, tps, ttft=0.1):
         return {"server": server, "adapters": "a", "concurrency": 16, "requests": 48, "tokens": 3072, "wall_s": 1,
-                "tokens_per_s": tps, "p50_s": 1, "p95_s": 1, "ttft_p50_s": 0.1}
+                "tokens_per_s": tps, "p50_s": 1, "p95_s": 1, "ttft_p50_s": ttft}
 
-    env = {"cpus": 2, "load_before": 0.5, "requests": 3, "max_tokens": 64}
+    env = {"cpus": 2, "load_before": 0.5, "load_after": 1.5, "requests": 3, "max_tokens": 64, "before": "a86d07e"}
     assert "3.50x (target >= 3x) -> PASS" in report([row("one at a time", 10), row("batched", 35)], env)
     assert "2.90x (target >= 3x) -> FAIL" in report([row("one at a time", 10), row("batched", 29)], env)
+    text = report([row("batched", 35, ttft=1.0), row("run to end", 35, ttft=4.6)], env)
+    assert "- p50 time to first token at 16 clients <= 1 s: 1.0 s -> PASS" in text
+    assert "- tokens/s at 16 clients no lower than run-to-end batching: 35 vs 35 -> PASS" in text
+    assert "load average (1 min) 0.5 at the start, 1.5 at the end" in text and "commit a86d07e" in text
+    text = report([row("batched", 34.9, ttft=1.01), row("run to end", 35, ttft=4.6)], env)
+    assert "- p50 time to first token at 16 clients <= 1 s: 1.01 s -> FAIL" in text
+    assert "- tokens/s at 16 clients no lower than run-to-end batching: 34.9 vs 35 -> FAIL" in text
 
 
 def test_a_taken_port_is_one_line_before_any_loading(run_app, tiny_glm_dir):
