@@ -191,12 +191,15 @@ PROFILE = r"""
 import json, sys, torch
 from torch.profiler import ProfilerActivity, profile
 from app import Config, FineTuner
+from app.plan.precision import resolve_precision
+from app.training.kernels import collator
 cfg = Config.from_dict(json.loads(sys.argv[1]))
 ft = FineTuner(cfg).setup().prepare_data().load_model()
-collator = ft._collator()
-batch = collator(ft.train_rows[:cfg.train.batch_size])
+precision = resolve_precision(cfg, False)
+collate = collator(cfg, ft.model, ft.tokenizer, precision)
+batch = collate(ft.train_rows[:cfg.train.batch_size])
 batch.pop("num_tokens", None)
-bf16 = ft._precision(False) == "bf16"
+bf16 = precision == "bf16"
 model = ft.model.train()
 def step():
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -234,7 +237,7 @@ def category(op: str) -> str:
         return "attention (SDPA)"
     if op in ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"):
         return "copies / dtype casts"
-    if op in ("aten::bernoulli_", "aten::native_dropout", "aten::dropout"):
+    if op in ("aten::bernoulli_", "aten::native_dropout", "aten::dropout", "aten::random_"):
         return "dropout"
     if "softmax" in op or "nll_loss" in op or "cross_entropy" in op:
         return "loss (log-softmax, NLL)"
@@ -274,13 +277,16 @@ def main() -> int:
     after = peaks(a.threads)
     log.info("matmul GFLOP/s after: %s", after)
     prof = None if a.skip_profile else profile_step(a, data)
+    if not a.skip_profile:
+        from bench.profile_4bit import profile_4bit
+    prof4 = None if a.skip_profile else profile_4bit(data, 148, a.threads, run, app_env())
     config = json.loads((MODEL / "config.json").read_text())
     from transformers import AutoTokenizer
 
     lengths = json.loads((Path(proj["out"]) / "data_report.json").read_text())["train"]
     result = {"machine": machine(a.threads), "start_load": round(start_load, 2), "minutes": round((time.time() - t0) / 60, 1),
               "matmul_before": before, "matmul_after": after, "reference": ref, "project": proj, "generation": gen,
-              "profile": prof, "args": vars(a), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+              "profile": prof, "profile_4bit": prof4, "args": vars(a), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
               "flops_per_token": train_flops_per_token(config, sample_lengths(data, AutoTokenizer.from_pretrained(MODEL)),
                                                        8),
               "data_report": lengths}
@@ -383,8 +389,8 @@ def report(r: dict[str, Any]) -> str:
     lines.append(f"- final loss within 2% of the reference: epoch mean {dloss:.2f}% apart, last 5 steps {dlast:.2f}% "
                  f"-> {'PASS' if dloss <= 2 else 'FAIL'}")
     frac = mfu["proj"] / peak16
-    lines.append(f"- training step at >= 50% of the bf16 matmul peak: {100 * frac:.1f}% -> "
-                 f"{'PASS' if frac >= 0.5 else 'FAIL'}")
+    lines.append(f"- training step at >= 60% of the bf16 matmul peak: {100 * frac:.1f}% -> "
+                 f"{'PASS' if frac >= 0.6 else 'FAIL'}")
     if r.get("profile"):
         p = r["profile"]
         lines += ["", f"## Where a project training step goes (torch.profiler, micro-batch of "
@@ -394,6 +400,18 @@ def report(r: dict[str, Any]) -> str:
             lines.append(f"| {k} | {v:,.0f} | {100 * v / p['total_ms']:.0f}% |")
         lines += ["", "| op (self CPU time) | ms | calls |", "|---|---|---|"]
         lines += [f"| `{x['op']}` | {x['ms']:,.0f} | {x['calls']} |" for x in p["top"]]
+        share = p["groups"].get("matmul", 0.0) / p["total_ms"]
+        reach = frac / share if share else 0.0  # the step's MFU if only its matmuls took time
+        need = (frac / 0.6 - share) / (1 - share) if reach >= 0.6 else None
+        lines += ["", f"What bounds it: the matmuls are {100 * share:.0f}% of the step and run at about {100 * reach:.0f}% "
+                      "of the bf16 peak on their own (the model's 768-wide projections, a LoRA rank of 8), so the step "
+                      f"would be at {100 * reach:.0f}% if everything else took no time"
+                      + (f"; 60% needs the rest cut to {100 * need:.0f}% of its time." if need is not None else
+                         ": 60% is out of reach by cutting the rest alone.")]
+    if r.get("profile_4bit"):
+        from bench.profile_4bit import section
+
+        lines += section(r["profile_4bit"], peak16)
     return "\n".join(lines) + "\n"
 
 
