@@ -70,3 +70,38 @@ def test_demo_target_needs_f1_0_9_within_15_minutes():
     assert reached_target(late[:1], {"triplet_f1": 0.91}, 15)    # final score, 15-minute budget
     assert not reached_target(late, {"triplet_f1": 0.95}, 25)    # only after 15 minutes
     assert not reached_target(rising[:1], {"triplet_f1": 0.2}, 15)
+
+
+def test_time_budget_anneals_the_learning_rate_over_the_runs_last_share(monkeypatch):
+    from types import SimpleNamespace
+
+    import pytest
+
+    import app.cli.demo as demo
+
+    now = [0.0]
+    monkeypatch.setattr(demo, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    args = SimpleNamespace(learning_rate=1e-3)
+
+    def run(steps: int, points: list[tuple[float, int, float]]) -> SimpleNamespace:
+        budget = demo.TimeBudget(100, cooldown=0.2)
+        optimizer, scheduler = SimpleNamespace(param_groups=[{"lr": 1e-3}]), SimpleNamespace(base_lrs=[1e-3])
+        control = SimpleNamespace(should_training_stop=False, should_evaluate=False)
+        for t, step, lr in points:
+            now[0] = t
+            budget.on_step_end(args, SimpleNamespace(global_step=step, max_steps=steps), control,
+                               optimizer=optimizer, lr_scheduler=scheduler)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+            assert scheduler.base_lrs == [pytest.approx(lr)]
+            assert not control.should_training_stop
+        return control
+
+    # the budget ends first: by time
+    control = run(10_000, [(10, 100, 1e-3), (85, 850, 0.75e-3), (95, 950, 0.25e-3)])
+    now[0] = 0
+    late = demo.TimeBudget(100, cooldown=0.2)  # and past its end, the run stops
+    now[0] = 101
+    late.on_step_end(args, SimpleNamespace(global_step=1, max_steps=10), control)
+    assert control.should_training_stop and control.should_evaluate
+    # the data's one pass ends first: by steps
+    run(1000, [(10, 100, 1e-3), (40, 850, 0.75e-3), (45, 950, 0.25e-3)])
