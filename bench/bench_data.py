@@ -7,10 +7,14 @@ read with wait4), on the tiny GLM:
   the same command again: the time to its first step on a cache hit.
 Plus the sampler alone (`sample_examples` in a process of its own), for the pass's MB/s, and the
 reader this issue replaced (read every record, then random.sample), at 1 GB only, as the baseline.
+And (issue 31, bench/data_tokenize.py) the cache build's bounds: the tokenizer's own batched encode of the
+same records' training text (one process and NUM_PROC), and the build before the batched one, from a git
+worktree of its commit, on the smallest --all-sizes file.
 
-Run `make bench-data` (python -m bench.bench_data [--sizes 1,4,16] [--all-max-gb 1]). Writes
-bench/data.md and bench/data.json; the generated files go to bench/results/data/ (ignored by git)
-and are kept for the next run. Free disk is checked before each is written.
+Run `make bench-data` (python -m bench.bench_data [--sizes 1,4,16] [--all-sizes 0.25,1]). Writes
+bench/data.md and bench/data.json (--out: another folder); the generated files go to bench/results/data/
+(ignored by git; --work: another folder) and are kept for the next run. Free disk is checked before each is
+written. A quick check of this script: --sizes 0.02 --all-sizes 0.02 --limit-mb 4 --out /tmp/x --work /tmp/x.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ from pathlib import Path
 
 from app.core.utils import atomic_write_text, setup_logging
 from app.data.synthetic import generate_samples
+from app.models.tiny import tiny_dir
+from bench.data_tokenize import baseline_build, report_lines
 
 log = logging.getLogger("bench")
 REPORTS = Path("bench")
@@ -80,10 +86,10 @@ def make_file(path: Path, gb: float) -> Path:
     return path
 
 
-def measured(argv: list[str]) -> tuple[float, float, str]:
+def measured(argv: list[str], cwd: Path | None = None) -> tuple[float, float, str]:
     """Like run(), but the peak RSS of this child alone (wait4 on it, not the max over all children)."""
     t = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd)
     chunks = []
     while True:
         b = proc.stdout.read(65536)
@@ -98,12 +104,13 @@ def measured(argv: list[str]) -> tuple[float, float, str]:
     return time.perf_counter() - t, usage.ru_maxrss / 1024, text
 
 
-def train(data: Path, samples: str, out: Path, cache: Path) -> tuple[float, float, str]:
+def train(data: Path, samples: str, out: Path, cache: Path, cwd: Path | None = None,
+          model: str | Path = "tiny") -> tuple[float, float, str]:
     shutil.rmtree(out, ignore_errors=True)
-    return measured([sys.executable, "-m", "app", "train", "MODEL_NAME=tiny", f"DATA_PATH={data}",
+    return measured([sys.executable, "-m", "app", "train", f"MODEL_NAME={model}", f"DATA_PATH={data}",
                      f"OUTPUT_DIR={out}", f"MAX_SAMPLES={samples}", "MAX_STEPS=1", "TIER=none", "QUANT_LEVEL=none",
                      "MAX_SEQ_LEN=256", "BATCH_SIZE=1", "GRAD_ACCUM=1", "SAVE_STEPS=100000", "EVAL_STEPS=100000",
-                     f"CACHE_DIR={cache}", "VAL_SIZE=0"])
+                     f"CACHE_DIR={cache}", "VAL_SIZE=0"], cwd)
 
 
 def result(text: str) -> tuple[float, float]:
@@ -127,54 +134,77 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,4,16", help="file sizes in GB")
     ap.add_argument("--all-sizes", default="0.25,1", help="sizes (GB) that also run MAX_SAMPLES=all (the cache)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the old reader at 1 GB")
-    ap.add_argument("--report-only", action="store_true", help="rewrite bench/data.md from bench/data.json")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the old reader at 1 GB and the old cache build")
+    ap.add_argument("--limit-mb", type=float, default=32, help="MB of the largest --all-sizes file the tokenizer's "
+                    "own speed is measured on")
+    ap.add_argument("--out", type=Path, default=REPORTS, help="folder of data.md and data.json")
+    ap.add_argument("--work", type=Path, default=OUT, help="folder of the generated files")
+    ap.add_argument("--report-only", action="store_true", help="rewrite data.md from data.json")
     a = ap.parse_args()
     setup_logging()
     if a.report_only:
-        atomic_write_text(REPORTS / "data.md", report(json.loads((REPORTS / "data.json").read_text())))
+        atomic_write_text(a.out / "data.md", report(json.loads((a.out / "data.json").read_text())))
         return 0
-    OUT.mkdir(parents=True, exist_ok=True)
+    start_load = os.getloadavg()[0]
+    a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
     sizes = sorted({float(s) for s in a.sizes.split(",")} | {float(s) for s in a.all_sizes.split(",")})
-    all_sizes = {float(s) for s in a.all_sizes.split(",")}
-    rows = []
-    small = make_file(OUT / "small.jsonl", 0.001)
-    base_s, base_mb, _ = train(small, "1000", OUT / "run", OUT / "cache-small")  # the model's own RSS
-    for gb in sizes:
-        data = make_file(OUT / f"duie-{gb:g}gb.jsonl", gb)
-        size_mb = data.stat().st_size / 2**20
-        row = {"gb": gb, "size_mb": round(size_mb), "load_avg": round(os.getloadavg()[0], 2)}
-        seconds, rss, text = measured([sys.executable, "-c", SAMPLER, str(data)])
-        pass_s, valid = result(text)
-        row.update(sampler_s=round(pass_s, 1), sampler_mb_s=round(size_mb / pass_s, 1), sampler_rss_mb=round(rss),
-                   records=int(valid))
-        seconds, rss, _ = train(data, "1000", OUT / "run", OUT / "cache")
-        row.update(sample_train_s=round(seconds, 1), sample_train_rss_mb=round(rss))
-        if gb in all_sizes:
-            cache = OUT / f"cache-{gb:g}"
-            shutil.rmtree(cache, ignore_errors=True)
-            seconds, rss, text = train(data, "all", OUT / "run", cache)
-            built = build_seconds(text)
-            row.update(all_first_s=round(seconds, 1), all_rss_mb=round(rss), cache_build_s=built,
-                       cache_mb_s=round(size_mb / built, 2) if built else None,
-                       cache_gb=round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / GB, 2))
-            seconds, rss, text = train(data, "all", OUT / "run", cache)
-            assert "token cache hit" in text, text[-2000:]
-            row.update(hit_s=round(seconds, 1), hit_rss_mb=round(rss))
-        if gb == 1 and not a.no_baseline:
-            old = OUT / "old_records.py"
-            old.write_text(subprocess.run(["git", "show", f"{BASELINE_COMMIT}:app/data/records.py"], check=True,
-                                          capture_output=True, text=True).stdout)
-            seconds, rss, text = measured([sys.executable, "-c", OLD_READER, str(data), str(old)])
-            row.update(old_s=round(result(text)[0], 1), old_rss_mb=round(rss))
-        rows.append(row)
-        log.info("%s", row)
+    all_sizes = sorted({float(s) for s in a.all_sizes.split(",")})
+    small = make_file(a.work / "small.jsonl", 0.001)
+    base_s, base_mb, _ = train(small, "1000", a.work / "run", a.work / "cache-small")  # the model's own RSS
+    rows = [size_row(gb, gb in all_sizes, a) for gb in sizes]
     summary = {"model_rss_mb": round(base_mb), "model_s": round(base_s, 1), "cpus": os.cpu_count(), "rows": rows,
-               "small_mb": round(small.stat().st_size / 2**20)}
-    atomic_write_text(REPORTS / "data.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(REPORTS / "data.md", report(summary))
+               "small_mb": round(small.stat().st_size / 2**20), "start_load": round(start_load, 2)}
+    if all_sizes:
+        data = a.work / f"duie-{max(all_sizes):g}gb.jsonl"
+        _, _, text = measured([sys.executable, "-m", "bench.data_tokenize", str(data), str(tiny_dir("tiny")),
+                               "--mb", str(a.limit_mb)])
+        summary["limit"] = {**json.loads(text.split("RESULT ", 1)[1].splitlines()[0]), "gb": max(all_sizes)}
+    summary["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    atomic_write_text(a.out / "data.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(a.out / "data.md", report(summary))
     sys.stdout.write(report(summary))  # cli-output
     return 0
+
+
+def size_row(gb: float, with_all: bool, a: argparse.Namespace) -> dict:
+    """One file size's measurements: the sampler, MAX_SAMPLES=1000, and with ``with_all`` the cache's build and
+    hit (and, on the smallest such file, the build before the batched one); the old reader at 1 GB."""
+    work = a.work
+    data = make_file(work / f"duie-{gb:g}gb.jsonl", gb)
+    size_mb = data.stat().st_size / 2**20
+    row = {"gb": gb, "size_mb": round(size_mb), "load_avg": round(os.getloadavg()[0], 2)}
+    seconds, rss, text = measured([sys.executable, "-c", SAMPLER, str(data)])
+    pass_s, valid = result(text)
+    row.update(sampler_s=round(pass_s, 1), sampler_mb_s=round(size_mb / pass_s, 1), sampler_rss_mb=round(rss),
+               records=int(valid))
+    seconds, rss, _ = train(data, "1000", work / "run", work / "cache")
+    row.update(sample_train_s=round(seconds, 1), sample_train_rss_mb=round(rss))
+    if with_all:
+        cache = work / f"cache-{gb:g}"
+        shutil.rmtree(cache, ignore_errors=True)
+        row["build_load"] = round(os.getloadavg()[0], 2)
+        seconds, rss, text = train(data, "all", work / "run", cache)
+        built = build_seconds(text)
+        row.update(all_first_s=round(seconds, 1), all_rss_mb=round(rss), cache_build_s=built,
+                   cache_mb_s=round(size_mb / built, 2) if built else None,
+                   cache_gb=round(sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) / GB, 2))
+        seconds, rss, text = train(data, "all", work / "run", cache)
+        assert "token cache hit" in text, text[-2000:]
+        row.update(hit_s=round(seconds, 1), hit_rss_mb=round(rss))
+        if gb == min(float(s) for s in a.all_sizes.split(",")) and not a.no_baseline:
+            row["old_build_load"] = round(os.getloadavg()[0], 2)
+            _, text = baseline_build(train, data, tiny_dir("tiny"), work)
+            built = build_seconds(text)
+            row.update(old_build_s=built, old_build_mb_s=round(size_mb / built, 2) if built else None)
+    if gb == 1 and not a.no_baseline:
+        old = work / "old_records.py"
+        old.write_text(subprocess.run(["git", "show", f"{BASELINE_COMMIT}:app/data/records.py"], check=True,
+                                      capture_output=True, text=True).stdout)
+        seconds, rss, text = measured([sys.executable, "-c", OLD_READER, str(data), str(old)])
+        row.update(old_s=round(result(text)[0], 1), old_rss_mb=round(rss))
+    log.info("%s", row)
+    return row
 
 
 def _ram_gb() -> float:
@@ -187,7 +217,12 @@ def verdict(ok: bool) -> str:
 
 def report(r: dict) -> str:
     rows = r["rows"]
-    lines = [f"# Data benchmark: DuIE-shaped JSONL, {r['cpus']} cores, tiny GLM", "",
+    lines = [f"# Data benchmark: DuIE-shaped JSONL, {r['cpus']} cores, tiny GLM", ""]
+    if "start_load" in r:
+        lines += [f"Load average (1 min): {r['start_load']} when it started, {r['loadavg_end'][0]} at the end "
+                  f"(1/5/15 min: {', '.join(map(str, r['loadavg_end']))}). Above ~0.5 other jobs shared the "
+                  f"{r['cpus']} cores and every speed below is understated.", ""]
+    lines += [
              "Each cell is a fresh process; peak RSS is that process's (wait4). `train` runs MAX_STEPS=1, so its "
              f"time is the time to the first step plus one step. The same command on a {r.get('small_mb', 6)} MB file: "
              f"{r['model_s']} s and {r['model_rss_mb']} MB peak RSS (the model's and runtime's own).", "",
@@ -249,6 +284,7 @@ def report(r: dict) -> str:
         slow = max(x["hit_s"] for x in cached)
         lines.append(f"- cache hit to first step < 10 s: at most {slow} s (the whole process: Python, torch, the "
                      f"model, one step) -> {verdict(slow < 10)}")
+    lines += report_lines(r, verdict)
     return "\n".join(lines) + "\n"
 
 
