@@ -752,3 +752,88 @@ transformers.Trainer._save_optimizer_and_scheduler = dying
 from app.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+# ---- the serve engine in process, with jobs staged at known steps (test_serve.py, test_serve_llamacpp.py) ----
+
+class _Staged:
+    """An in-process engine on a tiny model, and jobs run on it; each event as (job, kind, ...), in the worker's
+    order."""
+
+    def __init__(self, model_dir: Path, root: Path, **settings):
+        from app import Config
+        from app.serve.engine import Engine
+        from app.serve.models import ServedModels
+
+        cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "ADAPTERS": "none", "NUM_THREADS": 2, **settings})
+        self.models = ServedModels(cfg, root=root)
+        self.engine = Engine(self.models, 32, cfg.serve.serve_batch_size, 0.0)
+
+    def prompt(self, text: str) -> list[int]:
+        from app.data.encode import prompt_text
+
+        tok = self.models.tokenizer_for(None)
+        return tok(prompt_text(tok, [{"role": "user", "content": text}]), add_special_tokens=False)["input_ids"]
+
+    def run(self, jobs: list[tuple], after: list[int], hook=None) -> list[tuple]:
+        """Submit jobs[0] (adapter, prompt ids, max_tokens); jobs[k] from the worker itself once ``after[k]``
+        events were emitted in all, so it waits for a known step (the next); ``hook(events)`` after each event."""
+        import threading
+
+        from app.serve.engine import Job
+
+        events: list[tuple] = []
+        ended = threading.Event()
+
+        def submit(k):
+            events.append((k, "submitted"))
+            self.engine.submit(Job(jobs[k][0], jobs[k][1], jobs[k][2], emit(k)))
+
+        def emit(k):
+            def one(event):
+                events.append((k, *event))
+                for j in range(1, len(jobs)):
+                    if after[j] == sum(e[1] != "submitted" for e in events):
+                        submit(j)
+                if hook:
+                    hook(events)
+                if sum(e[1] in ("done", "error") for e in events) == len(jobs):
+                    ended.set()
+            return one
+
+        submit(0)
+        assert ended.wait(300), events  # a hang guard only
+        return events
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+
+
+def _answers(events: list[tuple]) -> dict[int, tuple]:
+    return {k: ("".join(e[2] for e in events if e[:2] == (k, "delta")),
+                next(e[1:] for e in events if e[0] == k and e[1] in ("done", "error")))
+            for k in sorted({e[0] for e in events})}
+
+
+def _joined(events: list[tuple]) -> dict[int, bool]:
+    """For each job submitted while others generated: whether it answered before the last of those had ended
+    (it joined their batch) or only after (it waited for the batch to end)."""
+    ends = {e[0]: i for i, e in enumerate(events) if e[1] in ("done", "error")}
+    out = {}
+    for i, (k, kind, *_) in enumerate(events):
+        running = {e[0] for e in events[:i] if e[1] == "delta"} - {e[0] for e in events[:i] if e[1] in ("done",)}
+        if kind == "submitted" and running:
+            first = next(j for j, e in enumerate(events) if e[0] == k and e[1] != "submitted")
+            out[k] = first < max(ends[r] for r in running)
+    return out
+
+
+@pytest.fixture
+def serve_staging():
+    """``Staged(model_dir, root, **settings)``: an in-process serve engine that runs staged jobs; ``answers`` and
+    ``joined`` read its events."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(Staged=_Staged, answers=_answers, joined=_joined)

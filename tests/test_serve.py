@@ -395,56 +395,6 @@ def test_a_server_whose_parent_has_already_ended_loads_nothing(run_app, tiny_glm
 
 # ---- the running batch: requests join it between decode steps (app/serve/engine.py, batch.py) ---------------
 
-class _Staged:
-    """An in-process engine on a tiny model, and jobs run on it; each event as (job, kind, ...), in the worker's
-    order."""
-
-    def __init__(self, model_dir: Path, root: Path, **settings):
-        from app.serve.engine import Engine
-        from app.serve.models import ServedModels
-
-        cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "ADAPTERS": "none", "NUM_THREADS": 2, **settings})
-        self.models = ServedModels(cfg, root=root)
-        self.engine = Engine(self.models, 32, cfg.serve.serve_batch_size, 0.0)
-
-    def prompt(self, text: str) -> list[int]:
-        from app.data.encode import prompt_text
-
-        tok = self.models.tokenizer_for(None)
-        return tok(prompt_text(tok, [{"role": "user", "content": text}]), add_special_tokens=False)["input_ids"]
-
-    def run(self, jobs: list[tuple], after: list[int], hook=None) -> list[tuple]:
-        """Submit jobs[0] (adapter, prompt ids, max_tokens); jobs[k] from the worker itself once ``after[k]``
-        events were emitted in all, so it waits for a known step (the next); ``hook(events)`` after each event."""
-        from app.serve.engine import Job
-
-        events: list[tuple] = []
-        ended = threading.Event()
-
-        def submit(k):
-            events.append((k, "submitted"))
-            self.engine.submit(Job(jobs[k][0], jobs[k][1], jobs[k][2], emit(k)))
-
-        def emit(k):
-            def one(event):
-                events.append((k, *event))
-                for j in range(1, len(jobs)):
-                    if after[j] == sum(e[1] != "submitted" for e in events):
-                        submit(j)
-                if hook:
-                    hook(events)
-                if sum(e[1] in ("done", "error") for e in events) == len(jobs):
-                    ended.set()
-            return one
-
-        submit(0)
-        assert ended.wait(300), events  # a hang guard only
-        return events
-
-    def close(self) -> None:
-        self.engine.stop()
-
-
 def _attending(model_dir: Path, out: Path) -> Path:
     """A copy of a random tiny model whose attention is peaked: a random one attends to every token almost evenly,
     so where each token sits (its position id, the padding before it) would barely change its answer."""
@@ -463,25 +413,6 @@ def _attending(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def _answers(events: list[tuple]) -> dict[int, tuple]:
-    return {k: ("".join(e[2] for e in events if e[:2] == (k, "delta")),
-                next(e[1:] for e in events if e[0] == k and e[1] in ("done", "error")))
-            for k in sorted({e[0] for e in events})}
-
-
-def _joined(events: list[tuple]) -> dict[int, bool]:
-    """For each job submitted while others generated: whether it answered before the last of those had ended
-    (it joined their batch) or only after (it waited for the batch to end)."""
-    ends = {e[0]: i for i, e in enumerate(events) if e[1] in ("done", "error")}
-    out = {}
-    for i, (k, kind, *_) in enumerate(events):
-        running = {e[0] for e in events[:i] if e[1] == "delta"} - {e[0] for e in events[:i] if e[1] in ("done",)}
-        if kind == "submitted" and running:
-            first = next(j for j, e in enumerate(events) if e[0] == k and e[1] != "submitted")
-            out[k] = first < max(ends[r] for r in running)
-    return out
-
-
 # prompts of different lengths (a joiner is shorter, then longer, than the running cache) and answers that end at
 # different steps (rows leave, and the cache's unused left columns go)
 STAGGERED = [(0, 80, 24), (1, 10, 6), (2, 120, 16), (3, 30, 20), (4, 60, 10), (5, 5, 12)]
@@ -489,7 +420,7 @@ AFTER = [0, 1, 3, 3, 8, 15]
 
 
 @pytest.mark.parametrize("family", ["tiny", "tiny-qwen2", "tiny-gemma3"])
-def test_requests_joining_a_running_batch_answer_as_each_does_alone(family, request, tmp_path, caplog):
+def test_requests_joining_a_running_batch_answer_as_each_does_alone(serve_staging, family, request, tmp_path, caplog):
     """Six greedy requests, each but the first sent while others generate: each joins the running batch at the next
     step and answers token for token what it answers alone. Gemma 3's sliding-window cache cannot be merged: there
     they wait for the batch to end instead, with a line saying so, and answer the same."""
@@ -500,17 +431,17 @@ def test_requests_joining_a_running_batch_answer_as_each_does_alone(family, requ
                  "tiny-qwen2": lambda: request.getfixturevalue("tiny_qwen2_dir"),
                  "tiny-gemma3": lambda: build_tiny_model("tiny-gemma3", tmp_path / "tiny-gemma3")}[family]()
     caplog.set_level(logging.INFO, logger="app.serve.engine")
-    staged = _Staged(_attending(model_dir, tmp_path / "sharp"), tmp_path / "models")
+    staged = serve_staging.Staged(_attending(model_dir, tmp_path / "sharp"), tmp_path / "models")
     try:
         texts = [s["context"] for s in generate_samples(len(STAGGERED), seed=4)]
         jobs = [(None, staged.prompt(texts[i][:chars]), new) for i, chars, new in STAGGERED]
-        alone = {k: _answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
+        alone = {k: serve_staging.answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
         events = staged.run(jobs, AFTER)
     finally:
         staged.close()
-    assert _answers(events) == alone
+    assert serve_staging.answers(events) == alone
     assert len({a for a, _ in alone.values()}) == len(jobs)  # six different answers: nothing trivially equal
-    joined = _joined(events)
+    joined = serve_staging.joined(events)
     assert len(joined) == len(jobs) - 1, events
     sliding = family == "tiny-gemma3"
     assert set(joined.values()) == {not sliding}, (joined, events)
@@ -518,22 +449,22 @@ def test_requests_joining_a_running_batch_answer_as_each_does_alone(family, requ
 
 
 @pytest.fixture
-def staged_ab(work, monkeypatch, tiny_glm_dir):
+def staged_ab(serve_staging, work, monkeypatch, tiny_glm_dir):
     monkeypatch.chdir(work)
-    staged = _Staged(tiny_glm_dir, Path("models"), ADAPTERS="a=models/a,b=models/b")
+    staged = serve_staging.Staged(tiny_glm_dir, Path("models"), ADAPTERS="a=models/a,b=models/b")
     yield staged
     staged.close()
 
 
-def test_a_request_joins_only_while_no_other_adapters_request_waits_before_it(staged_ab):
+def test_a_request_joins_only_while_no_other_adapters_request_waits_before_it(serve_staging, staged_ab):
     """a0 runs; a1 joins it; b0 must wait (a batch is one adapter), and a2, sent after b0, must not join a0's batch
     before it, or b0 could wait for ever: a0's batch drains, b0's runs, then a2's. Each answers as it does alone."""
     prompt = staged_ab.prompt(PROMPTS[0])
     jobs = [("a", prompt, 12), ("a", staged_ab.prompt(PROMPTS[1]), 8), ("b", prompt, 8), ("a", prompt, 8)]
-    alone = {k: _answers(staged_ab.run([job], [0]))[0] for k, job in enumerate(jobs)}
+    alone = {k: serve_staging.answers(staged_ab.run([job], [0]))[0] for k, job in enumerate(jobs)}
     events = staged_ab.run(jobs, [0, 1, 2, 2])
-    assert _answers(events) == alone
-    assert _joined(events) == {1: True, 2: False, 3: False}, events
+    assert serve_staging.answers(events) == alone
+    assert serve_staging.joined(events) == {1: True, 2: False, 3: False}, events
     first = {k: next(i for i, e in enumerate(events) if e[0] == k and e[1] != "submitted") for k in range(4)}
     assert first[2] < first[3], events  # b0, waiting first, is answered first
 
@@ -563,7 +494,7 @@ def test_a_running_batch_takes_no_one_while_an_adapter_change_waits_for_it(stage
     assert a0_done < held < a1_first, seen
 
 
-def _long_prompts(staged: _Staged, n: int) -> list[list[int]]:
+def _long_prompts(staged, n: int) -> list[list[int]]:
     from app.data.synthetic import generate_samples
 
     texts = [" ".join(s["context"] for s in generate_samples(12, seed=k)) for k in range(n)]
@@ -572,12 +503,12 @@ def _long_prompts(staged: _Staged, n: int) -> list[list[int]]:
     return long
 
 
-def test_a_step_prefills_at_most_512_prompt_tokens_of_joiners(tiny_qwen2_dir, tmp_path, caplog):
+def test_a_step_prefills_at_most_512_prompt_tokens_of_joiners(serve_staging, tiny_qwen2_dir, tmp_path, caplog):
     """Four requests of 200 prompt tokens sent at once while one generates: two join at the next step, the other
     two at the step after (a step prefills at most PREFILL_TOKENS = 512), so the first two answer without waiting
     for all four prompts; the running row stalls less too."""
     caplog.set_level(logging.DEBUG, logger="app.serve.engine")
-    staged = _Staged(tiny_qwen2_dir, tmp_path / "models")
+    staged = serve_staging.Staged(tiny_qwen2_dir, tmp_path / "models")
     try:
         long = _long_prompts(staged, 4)
         staged.run([(None, staged.prompt(PROMPTS[1]), 12)] + [(None, ids, 4) for ids in long], [0, 1, 1, 1, 1])
@@ -587,25 +518,26 @@ def test_a_step_prefills_at_most_512_prompt_tokens_of_joiners(tiny_qwen2_dir, tm
     assert joins == ["serve: 2 requests join the running batch of 1", "serve: 2 requests join the running batch of 3"]
 
 
-def test_a_batch_that_ends_before_its_requests_all_started_hands_them_to_the_next(tiny_qwen2_dir, tmp_path, caplog):
+def test_a_batch_that_ends_before_its_requests_all_started_hands_them_to_the_next(serve_staging, tiny_qwen2_dir, tmp_path,
+                                                                                  caplog):
     """Four requests of 200 prompt tokens and one new token each, waiting when a batch starts: it takes all four
     but prefills two (512 tokens a step), which end at that step; the two never started start the next batch,
     and every request answers as it does alone."""
     caplog.set_level(logging.INFO, logger="app.serve.engine")
-    staged = _Staged(tiny_qwen2_dir, tmp_path / "models")
+    staged = serve_staging.Staged(tiny_qwen2_dir, tmp_path / "models")
     try:
         jobs = [(None, staged.prompt(PROMPTS[1]), 1)] + [(None, ids, 1) for ids in _long_prompts(staged, 4)]
-        alone = {k: _answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
+        alone = {k: serve_staging.answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
         caplog.clear()
         events = staged.run(jobs, [0, 2, 2, 2, 2])  # sent as the first one ends: they wait for the next batch
     finally:
         staged.close()
-    assert _answers(events) == alone
+    assert serve_staging.answers(events) == alone
     assert [r.getMessage() for r in caplog.records if "together" in r.getMessage()] == \
         ["serve: 4 requests for the base generated together", "serve: 2 requests for the base generated together"]
 
 
-def test_a_sliding_window_batch_prefills_its_requests_all_at_once(tmp_path):
+def test_a_sliding_window_batch_prefills_its_requests_all_at_once(serve_staging, tmp_path):
     """Gemma 3's sliding-window cache cannot take rows in later, so a batch prefills all it took at its start,
     however many prompt tokens: four of 200 here, each answering as it does alone (a window of 32 tokens, so
     that the window is what each sees)."""
@@ -614,11 +546,11 @@ def test_a_sliding_window_batch_prefills_its_requests_all_at_once(tmp_path):
     model_dir = _attending(build_tiny_model("tiny-gemma3", tmp_path / "gemma3"), tmp_path / "sharp")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 32}))
-    staged = _Staged(model_dir, tmp_path / "models")
+    staged = serve_staging.Staged(model_dir, tmp_path / "models")
     try:
         jobs = [(None, staged.prompt(PROMPTS[1]), 1)] + [(None, ids, 6) for ids in _long_prompts(staged, 4)]
-        alone = {k: _answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
+        alone = {k: serve_staging.answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
         events = staged.run(jobs, [0, 2, 2, 2, 2])
     finally:
         staged.close()
-    assert _answers(events) == alone
+    assert serve_staging.answers(events) == alone

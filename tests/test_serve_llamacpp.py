@@ -223,22 +223,21 @@ def test_without_llama_cpp_serve_says_so_in_one_line_before_torch_is_imported(tm
     assert len(errors) == 1 and "INFER_BACKEND=llama.cpp" in errors[0] and "make setup-gguf" in errors[0], errors
 
 
-def test_requests_join_the_running_sequences_and_answer_as_alone(server, work, monkeypatch):
+def test_requests_join_the_running_sequences_and_answer_as_alone(server, work, monkeypatch, serve_staging):
     """Two sequences (SERVE_BATCH_SIZE=2) and four greedy requests, each but the first sent while others decode:
     one joins at the next step, the next two each when a row has left, in the sequence it left (cleared first),
     and each answers token for token what it answers alone."""
-    from test_serve import _answers, _joined, _Staged  # the staged-jobs helpers
 
     monkeypatch.chdir(work)
-    staged = _Staged(work / "base", Path("models"), ADAPTERS="a=models/a", SERVE_BATCH_SIZE=2, **{
+    staged = serve_staging.Staged(work / "base", Path("models"), ADAPTERS="a=models/a", SERVE_BATCH_SIZE=2, **{
         k: v for k, v in SERVED.items() if k != "ADAPTERS"})
     try:
         jobs = [("a", staged.prompt(p), n) for p, n in zip(PROMPTS, (24, 4, 6, 4))]
-        alone = {k: _answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
+        alone = {k: serve_staging.answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
         events = staged.run(jobs, [0, 1, 2, 3])
     finally:
         staged.close()
         staged.models.model.close()
-    assert _answers(events) == alone
+    assert serve_staging.answers(events) == alone
     assert alone[0][1] == ("done", "length", 24) and len({a for a, _ in alone.values()}) == len(jobs)
-    assert _joined(events) == {1: True, 2: True, 3: True}, events
+    assert serve_staging.joined(events) == {1: True, 2: True, 3: True}, events
