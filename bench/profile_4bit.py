@@ -48,18 +48,14 @@ print("PROFILE " + json.dumps({"rows": ops, "tokens": int(batch["input_ids"].num
 
 
 def category(op: str) -> str:
-    """The 4-bit step's kinds of work, by operator name."""
+    """The 4-bit step's kinds of work: bitsandbytes' unpacking, then make bench's own kinds (bench_speed)."""
+    from bench.bench_speed import category as speed_category
+
     if "dequantize" in op or op.startswith("bitsandbytes::"):
         return "bnb 4-bit dequantization"
-    if op in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"):
-        return "matmul"
-    if "scaled_dot_product" in op or "flash_attention" in op:
-        return "attention (SDPA)"
-    if op in ("aten::copy_", "aten::to", "aten::_to_copy", "aten::clone", "aten::contiguous"):
-        return "copies / dtype casts"
     if "embedding" in op:
         return ""  # the input lookup, not the layers' work
-    return "other elementwise / reductions"
+    return speed_category(op)
 
 
 def profile_4bit(data: Path, tokens: int, threads: int, run: Any, env: dict[str, str]) -> dict[str, Any]:
