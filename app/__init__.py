@@ -9,6 +9,7 @@ Importable from a notebook::
 Heavy modules (torch, transformers) load only when FineTuner / Predictor are touched, so
 ``python -m app --help`` is instant and works before the virtualenv has them.
 """
+
 from __future__ import annotations
 
 from typing import Any

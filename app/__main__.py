@@ -1,5 +1,6 @@
 """`python -m app <command> [KEY=value ...]`: the command line (app.cli) and, on top of it, the web UI
 (app.webui), which drives the same commands: this module puts the two tables together."""
+
 from __future__ import annotations
 
 import sys

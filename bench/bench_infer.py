@@ -15,6 +15,7 @@ Every measurement is its own child process (`--child`), so its peak RSS (VmHWM) 
   and llama.cpp q4_k_m.
 Each result goes to bench/infer.json as it completes, skipped when there (--fresh); bench/infer_report.py: .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,16 @@ from bench.scale_models import SHAPES, build_random_glm
 
 log = logging.getLogger("bench")
 # THUDM/glm-edge-1.5b-chat's GlmConfig dims (the hub is not reachable here; these give 1.59B parameters).
-GLM_EDGE_1_5B = dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                     num_key_value_heads=4, head_dim=128, max_position_embeddings=8192, vocab_size=59264)
+GLM_EDGE_1_5B = dict(
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    max_position_embeddings=8192,
+    vocab_size=59264,
+)
 SHAPES.setdefault("glm-edge-1.5b", GLM_EDGE_1_5B)
 MODELS = {"1.5b": "glm-edge-1.5b", "6b": "chatglm3-6b"}
 BACKENDS = ("torch-bf16", "torch-4bit", "f16", "q8_0", "q4_k_m")
@@ -95,8 +104,9 @@ def _timed(model: Any, tok: Any, rows: int, prompt: int, new: int) -> tuple[int,
         # warm-up: first-call allocations, the GGUF's pages read in
         model.generate(input_ids=ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=2, **kw)
         clock, start = Clock(), time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, streamer=clock,
-                             **kw)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, streamer=clock, **kw
+        )
         end = time.perf_counter()
     return out.shape[1] - prompt, clock.first - start, end - clock.first
 
@@ -107,8 +117,13 @@ def child(spec: dict) -> dict:
 
     tok = load_tokenizer(spec["model"])
     t0 = time.perf_counter()
-    model = _engine(spec["backend"], spec["model"], spec.get("gguf", ""), spec["threads"],
-                    BATCH if spec["kind"] in ("batch", "steps") else 1)
+    model = _engine(
+        spec["backend"],
+        spec["model"],
+        spec.get("gguf", ""),
+        spec["threads"],
+        BATCH if spec["kind"] in ("batch", "steps") else 1,
+    )
     row: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 1)}
     if spec["kind"] == "probe":  # the rates app/evaluation/timing.py scales its engine shares by
         from app.evaluation.timing import probe_rates
@@ -118,9 +133,14 @@ def child(spec: dict) -> dict:
         return row | {"bandwidth": bandwidth, "dense": dense}
     if spec["kind"] == "steps":  # 8 rows of a 64-token prompt: prefill, then decode steps of 8 rows each
         new, first, rest = _timed(model, tok, BATCH, STEPS_PROMPT, spec["new"])
-        return row | {"rows": BATCH, "prompt_tokens": STEPS_PROMPT, "new_tokens": new,
-                      "prefill_tok_s": BATCH * STEPS_PROMPT / first, "step_s": rest / (new - 1),
-                      "peak_rss_mb": round(peak_rss_mb())}
+        return row | {
+            "rows": BATCH,
+            "prompt_tokens": STEPS_PROMPT,
+            "new_tokens": new,
+            "prefill_tok_s": BATCH * STEPS_PROMPT / first,
+            "step_s": rest / (new - 1),
+            "peak_rss_mb": round(peak_rss_mb()),
+        }
     if spec["kind"] == "batch":
         from app.data.synthetic import generate_samples
         from app.inference.generate import generate_batch
@@ -134,8 +154,13 @@ def child(spec: dict) -> dict:
         row |= {"new_tokens": stats["new_tokens"], "seconds": round(seconds, 1), "tok_s": stats["new_tokens"] / seconds}
     else:
         new, first, rest = _timed(model, tok, 1, PROMPT, spec["new"])
-        row |= {"prompt_tokens": PROMPT, "new_tokens": new, "prefill_s": round(first, 2),
-                "prefill_tok_s": PROMPT / first, "decode_tok_s": (new - 1) / rest}
+        row |= {
+            "prompt_tokens": PROMPT,
+            "new_tokens": new,
+            "prefill_s": round(first, 2),
+            "prefill_tok_s": PROMPT / first,
+            "decode_tok_s": (new - 1) / rest,
+        }
     return row | {"peak_rss_mb": round(peak_rss_mb())}
 
 
@@ -144,8 +169,9 @@ def _load() -> float:  # the 1-minute load average: how much else ran on the cor
     return round(os.getloadavg()[0], 2)
 
 
-def run_logged(argv: list[str], log_file: Path, cwd: Path | None = None, cgroup_mb: int | None = None,
-               env: dict | None = None) -> dict:
+def run_logged(
+    argv: list[str], log_file: Path, cwd: Path | None = None, cgroup_mb: int | None = None, env: dict | None = None
+) -> dict:
     """Run ``argv`` (its output in ``log_file``): rc, wall seconds, load before/after, its peak RSS (wait4)."""
     cg = cgroups.create(cgroup_mb, prefix="bench-infer") if cgroup_mb else None
     if cgroup_mb and cg is None:
@@ -153,15 +179,23 @@ def run_logged(argv: list[str], log_file: Path, cwd: Path | None = None, cgroup_
     before, start = _load(), time.monotonic()
     try:
         with open(log_file, "w") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                                    preexec_fn=cg.join if cg else None)
+            proc = subprocess.Popen(
+                argv, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd, env=env, preexec_fn=cg.join if cg else None
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
-        out = {"rc": proc.returncode, "wall_s": round(time.monotonic() - start, 1), "load_avg": [before, _load()],
-               "process_peak_rss_mb": round(usage.ru_maxrss / 1024)}
+        out = {
+            "rc": proc.returncode,
+            "wall_s": round(time.monotonic() - start, 1),
+            "load_avg": [before, _load()],
+            "process_peak_rss_mb": round(usage.ru_maxrss / 1024),
+        }
         if cg:
-            out |= {"cgroup_mb": cgroup_mb, "cgroup_peak_mb": cg.peak_mb() and round(cg.peak_mb()),
-                    "oom_kills": cg.oom_kills()}
+            out |= {
+                "cgroup_mb": cgroup_mb,
+                "cgroup_peak_mb": cg.peak_mb() and round(cg.peak_mb()),
+                "oom_kills": cg.oom_kills(),
+            }
         return out
     finally:
         if cg:
@@ -170,8 +204,9 @@ def run_logged(argv: list[str], log_file: Path, cwd: Path | None = None, cgroup_
 
 def measure(results: dict, key: str, spec: dict, logs: Path, cgroup_mb: int | None = None) -> None:
     log_file = logs / (key.replace("/", "_") + ".log")
-    run = run_logged([sys.executable, "-m", "bench.bench_infer", "--child", json.dumps(spec)], log_file,
-                     cgroup_mb=cgroup_mb)
+    run = run_logged(
+        [sys.executable, "-m", "bench.bench_infer", "--child", json.dumps(spec)], log_file, cgroup_mb=cgroup_mb
+    )
     lines = log_file.read_text(errors="replace").splitlines()
     row = next((json.loads(ln[7:]) for ln in reversed(lines) if ln.startswith("RESULT ")), None)
     results[key] = {**spec, **run, **(row or {"failed": "\n".join(lines[-8:])})}
@@ -192,8 +227,9 @@ def gguf(scratch: Path, shape: str, model_dir: Path, quant: str, results: dict, 
     need = params * BYTES_PER_WEIGHT[quant] + 2**30 + (0 if (out_dir / "model-f16.gguf").is_file() else 2 * params)
     free = shutil.disk_usage(out_dir).free
     if free < need:
-        raise SystemExit(f"bench-infer: {out.name} of {shape} needs {need / 2**30:.1f} GB in {out_dir}, "
-                         f"{free / 2**30:.1f} GB free")
+        raise SystemExit(
+            f"bench-infer: {out.name} of {shape} needs {need / 2**30:.1f} GB in {out_dir}, {free / 2**30:.1f} GB free"
+        )
     f16 = out_dir / "model-f16.gguf"
     if not f16.is_file():
         part, start = out_dir / "model-f16.part.gguf", time.monotonic()
@@ -205,8 +241,10 @@ def gguf(scratch: Path, shape: str, model_dir: Path, quant: str, results: dict, 
         part, start = out_dir / f"model-{quant}.part.gguf", time.monotonic()
         llamacpp.quantize(f16, part, quant, usable_cpus(), logs / f"quantize-{shape}.log")
         os.replace(part, out)
-        results[f"{shape}/convert/{quant}"] = {"seconds": round(time.monotonic() - start, 1),
-                                               "bytes": out.stat().st_size}
+        results[f"{shape}/convert/{quant}"] = {
+            "seconds": round(time.monotonic() - start, 1),
+            "bytes": out.stat().st_size,
+        }
     save(results)
     return out
 
@@ -239,21 +277,37 @@ def run_shape(size: str, results: dict, scratch: Path, logs: Path, a: argparse.N
             path = "" if backend.startswith("torch") else str(gguf(scratch, shape, model_dir, backend, results, logs))
             for kind, new in (("single", NEW), ("steps", STEPS_NEW)):
                 if f"{size}/{kind}/{backend}" not in results:
-                    measure(results, f"{size}/{kind}/{backend}", {**base, "kind": kind, "backend": backend,
-                                                                  "gguf": path, "new": new}, logs)
+                    measure(
+                        results,
+                        f"{size}/{kind}/{backend}",
+                        {**base, "kind": kind, "backend": backend, "gguf": path, "new": new},
+                        logs,
+                    )
     if size == "1.5b" and "batch" in parts:
         for backend in a.batch_backends.split(","):
             key = f"{size}/batch/{backend}"
             if key not in results:
-                path = "" if backend.startswith("torch") else str(gguf(scratch, shape, model_dir, backend,
-                                                                        results, logs))
-                measure(results, key, {**base, "kind": "batch", "backend": backend, "gguf": path,
-                                       "new": a.batch_new}, logs)
+                path = (
+                    "" if backend.startswith("torch") else str(gguf(scratch, shape, model_dir, backend, results, logs))
+                )
+                measure(
+                    results, key, {**base, "kind": "batch", "backend": backend, "gguf": path, "new": a.batch_new}, logs
+                )
     if "evaluate" in parts:  # at 6B only what fits the 8 GB cgroup and ends in minutes: llama.cpp
-        for backend in (("torch", "llama.cpp") if size == "1.5b" else a.eval_backends_6b.split(",")):
-            infer_eval.evaluate(results, size, backend, model_dir, scratch, logs,
-                                a.eval_samples if size == "1.5b" else a.eval_samples_6b, run_logged, save, log_facts,
-                                CGROUP_MB if size == "6b" else None)
+        for backend in ("torch", "llama.cpp") if size == "1.5b" else a.eval_backends_6b.split(","):
+            infer_eval.evaluate(
+                results,
+                size,
+                backend,
+                model_dir,
+                scratch,
+                logs,
+                a.eval_samples if size == "1.5b" else a.eval_samples_6b,
+                run_logged,
+                save,
+                log_facts,
+                CGROUP_MB if size == "6b" else None,
+            )
 
 
 def calibrate_tiny(results: dict, scratch: Path, logs: Path) -> None:
@@ -266,29 +320,46 @@ def calibrate_tiny(results: dict, scratch: Path, logs: Path) -> None:
     for backend, path in (("torch-fp32", ""), ("q8_0", str(gguf_file))):
         for kind, new in (("single", NEW), ("steps", STEPS_NEW)):
             if f"demo/{kind}/{backend}" not in results:
-                measure(results, f"demo/{kind}/{backend}", {**base, "kind": kind, "backend": backend, "gguf": path,
-                                                            "new": new}, logs)
+                measure(
+                    results,
+                    f"demo/{kind}/{backend}",
+                    {**base, "kind": kind, "backend": backend, "gguf": path, "new": new},
+                    logs,
+                )
     if "demo/probe" not in results:
         measure(results, "demo/probe", {**base, "kind": "probe", "backend": "torch-fp32"}, logs)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scratch", type=Path, default=Path.cwd().resolve().parent / "bench-infer-scratch",
-                    help="models, GGUFs and logs (outside the checkout; ~35 GB at the 6B step)")
+    ap.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path.cwd().resolve().parent / "bench-infer-scratch",
+        help="models, GGUFs and logs (outside the checkout; ~35 GB at the 6B step)",
+    )
     ap.add_argument("--sizes", default="1.5b,6b", help="comma-separated: 1.5b, 6b")
-    ap.add_argument("--parts", default="single,batch,calibrate,evaluate,demo",
-                    help="comma-separated: single, batch, calibrate (app/evaluation/timing.py's engine shares), "
-                    "evaluate, demo (the F1 of `make demo`'s model per backend)")
-    ap.add_argument("--backends", default=",".join(BACKENDS), help="one stream: comma-separated subset of "
-                    + ", ".join(BACKENDS + MORE_BACKENDS))
+    ap.add_argument(
+        "--parts",
+        default="single,batch,calibrate,evaluate,demo",
+        help="comma-separated: single, batch, calibrate (app/evaluation/timing.py's engine shares), "
+        "evaluate, demo (the F1 of `make demo`'s model per backend)",
+    )
+    ap.add_argument(
+        "--backends",
+        default=",".join(BACKENDS),
+        help="one stream: comma-separated subset of " + ", ".join(BACKENDS + MORE_BACKENDS),
+    )
     ap.add_argument("--batch-backends", default="torch-bf16,torch-4bit,q8_0,q4_k_m", help="8 concurrent requests")
     ap.add_argument("--batch-new", type=int, default=NEW, help="new tokens per request in the batch")
     ap.add_argument("--eval-samples", type=int, default=EVAL_N, help="records `make evaluate` answers at 1.5B")
     ap.add_argument("--eval-samples-6b", type=int, default=EVAL_N_6B, help="... and at 6B")
     ap.add_argument("--eval-backends-6b", default="llama.cpp", help="evaluate at 6B: torch, llama.cpp or both")
-    ap.add_argument("--fresh", action="store_true",
-                    help="measure again what --sizes and --parts select, though bench/infer.json has it")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="measure again what --sizes and --parts select, though bench/infer.json has it",
+    )
     ap.add_argument("--report-only", action="store_true", help="rewrite bench/infer.md from bench/infer.json")
     ap.add_argument("--notes", default="", help="a paragraph for the report (e.g. what else the machine did)")
     ap.add_argument("--child", help=argparse.SUPPRESS)

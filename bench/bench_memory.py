@@ -9,6 +9,7 @@ verdicts) and bench/<tag>.json; scratch runs go to bench/results/ (ignored by gi
 Targets (issue 3): estimator error within ±20% everywhere; 4-bit peak <= 0.5x the fp32 peak
 at the same batch; 4-bit and 8-bit final loss within 5% of unquantized.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,22 @@ from app.training.metrics_file import read_metrics
 log = logging.getLogger("bench")
 REPORTS = Path("bench")
 OUT = REPORTS / "results"
-QWEN_100M = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=4, head_dim=64)
-QWEN_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-               num_key_value_heads=4, head_dim=128)
+QWEN_100M = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+)
+QWEN_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=16,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+)
 
 
 def bench_data(path: Path, seq: int) -> Path:
@@ -51,10 +64,28 @@ def bench_data(path: Path, seq: int) -> Path:
 
 def run_point(model: str, quant: str, batch: int, seq: int, steps: int, gc: str, data: Path) -> dict:
     out = OUT / "runs" / f"{Path(model).name}-{quant}-b{batch}-s{seq}-gc{gc}"
-    args = [f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out}", f"QUANT_LEVEL={quant}",
-            f"BATCH_SIZE={batch}", "GRAD_ACCUM=1", f"MAX_SEQ_LEN={seq}", f"MAX_STEPS={steps}", "VAL_SIZE=0",
-            "SAVE_STEPS=100000", "LOGGING_STEPS=1", "TIER=none", "MEMORY_GUARD=off", "RELEASE_MEMORY=on", f"GRADIENT_CHECKPOINTING={gc}",
-            "LORA_R=8", "WARMUP_RATIO=0", "LEARNING_RATE=1e-3", "SEED=0", "MAX_SAMPLES=200"]
+    args = [
+        f"MODEL_NAME={model}",
+        f"DATA_PATH={data}",
+        f"OUTPUT_DIR={out}",
+        f"QUANT_LEVEL={quant}",
+        f"BATCH_SIZE={batch}",
+        "GRAD_ACCUM=1",
+        f"MAX_SEQ_LEN={seq}",
+        f"MAX_STEPS={steps}",
+        "VAL_SIZE=0",
+        "SAVE_STEPS=100000",
+        "LOGGING_STEPS=1",
+        "TIER=none",
+        "MEMORY_GUARD=off",
+        "RELEASE_MEMORY=on",
+        f"GRADIENT_CHECKPOINTING={gc}",
+        "LORA_R=8",
+        "WARMUP_RATIO=0",
+        "LEARNING_RATE=1e-3",
+        "SEED=0",
+        "MAX_SAMPLES=200",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "DATA_PATH", "OUTPUT_DIR")}
     shutil.rmtree(out, ignore_errors=True)  # a resumed run would not show the load peak
     proc = subprocess.run([sys.executable, "-m", "app", "train", *args], env=env, capture_output=True, text=True)
@@ -62,8 +93,12 @@ def run_point(model: str, quant: str, batch: int, seq: int, steps: int, gc: str,
         raise RuntimeError(f"{out.name} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads((out / "summary.json").read_text())
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    return {"measured_mb": summary["peak_rss_mb"], "anon_mb": round(summary["memory"]["peak_anon_mb"] or 0, 1),
-            "tokens_per_s": summary["tokens_per_s"], "final_loss": losses[-1]}
+    return {
+        "measured_mb": summary["peak_rss_mb"],
+        "anon_mb": round(summary["memory"]["peak_anon_mb"] or 0, 1),
+        "tokens_per_s": summary["tokens_per_s"],
+        "final_loss": losses[-1],
+    }
 
 
 def sweep(a: argparse.Namespace) -> list[tuple[str, list[int], str, int]]:
@@ -111,11 +146,22 @@ def main() -> int:
                 log.info("%s %s batch %d gradient checkpointing %s: running", Path(model).name, quant, batch, gc)
                 load = os.getloadavg()[0]  # tokens/s mean little if other jobs share the cores
                 m = run_point(model, quant, batch, a.seq, steps, gc, data)
-                rows.append({"model": Path(model).name, "params_m": round(shape.total_params / 1e6, 1),
-                             "quant": quant, "batch": batch, "seq": a.seq, "grad_ckpt": gc, "steps": steps,
-                             "weights_mb": round(est.weights_mb, 1), "predicted_mb": round(est.total_mb, 1), **m,
-                             "load_avg": round(load, 2),
-                             "error_pct": round(100 * (est.total_mb - m["measured_mb"]) / m["measured_mb"], 1)})
+                rows.append(
+                    {
+                        "model": Path(model).name,
+                        "params_m": round(shape.total_params / 1e6, 1),
+                        "quant": quant,
+                        "batch": batch,
+                        "seq": a.seq,
+                        "grad_ckpt": gc,
+                        "steps": steps,
+                        "weights_mb": round(est.weights_mb, 1),
+                        "predicted_mb": round(est.total_mb, 1),
+                        **m,
+                        "load_avg": round(load, 2),
+                        "error_pct": round(100 * (est.total_mb - m["measured_mb"]) / m["measured_mb"], 1),
+                    }
+                )
                 log.info("%s", rows[-1])
     atomic_write_text(REPORTS / f"{a.tag}.json", json.dumps(rows, indent=2) + "\n")
     atomic_write_text(REPORTS / f"{a.tag}.md", report(rows, a))
@@ -124,18 +170,24 @@ def main() -> int:
 
 
 def report(rows: list[dict], a: argparse.Namespace) -> str:
-    lines = [f"# Memory benchmark (seq {a.seq}, LoRA r=8, CPU, {os.cpu_count()} cores)", "",
-             "Peak RSS of a fresh `python -m app train` process; anon = its anonymous part (no file pages).",
-             f"Load average before each point: {min(r.get('load_avg', 0) for r in rows):.1f}-"
-             f"{max(r.get('load_avg', 0) for r in rows):.1f} on {os.cpu_count()} cores "
-             "(above the core count, other jobs were sharing them and tokens/s is understated).", "",
-             "| model | params | quant | batch | grad ckpt | steps | weights MB | predicted MB | measured MB | "
-             "error % | anon MB | tokens/s | final loss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Memory benchmark (seq {a.seq}, LoRA r=8, CPU, {os.cpu_count()} cores)",
+        "",
+        "Peak RSS of a fresh `python -m app train` process; anon = its anonymous part (no file pages).",
+        f"Load average before each point: {min(r.get('load_avg', 0) for r in rows):.1f}-"
+        f"{max(r.get('load_avg', 0) for r in rows):.1f} on {os.cpu_count()} cores "
+        "(above the core count, other jobs were sharing them and tokens/s is understated).",
+        "",
+        "| model | params | quant | batch | grad ckpt | steps | weights MB | predicted MB | measured MB | "
+        "error % | anon MB | tokens/s | final loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params_m']}M | {r['quant']} | {r['batch']} | {r['grad_ckpt']} | {r['steps']} | "
-                     f"{r['weights_mb']:,.0f} | {r['predicted_mb']:,.0f} | {r['measured_mb']:,.0f} | "
-                     f"{r['error_pct']:+.1f} | {r['anon_mb']:,.0f} | {r['tokens_per_s']:,.0f} | {r['final_loss']:.4f} |")
+        lines.append(
+            f"| {r['model']} | {r['params_m']}M | {r['quant']} | {r['batch']} | {r['grad_ckpt']} | {r['steps']} | "
+            f"{r['weights_mb']:,.0f} | {r['predicted_mb']:,.0f} | {r['measured_mb']:,.0f} | "
+            f"{r['error_pct']:+.1f} | {r['anon_mb']:,.0f} | {r['tokens_per_s']:,.0f} | {r['final_loss']:.4f} |"
+        )
     lines += ["", "## Targets", ""]
     worst = max(abs(r["error_pct"]) for r in rows)
     lines.append(f"- estimator error within ±20%: worst {worst:.1f}% -> {'PASS' if worst <= 20 else 'FAIL'}")
@@ -149,8 +201,10 @@ def report(rows: list[dict], a: argparse.Namespace) -> str:
         lines.append(f"- {where} {quant}: loss {dl:.2f}% from unquantized -> {'PASS' if dl <= 5 else 'FAIL'}")
         if quant == "4bit":
             ratio = r["measured_mb"] / base["measured_mb"]
-            lines.append(f"- {where} 4bit peak = {ratio:.2f}x fp32 peak (target <= 0.5x; weights alone "
-                         f"{r['weights_mb'] / base['weights_mb']:.2f}x) -> {'PASS' if ratio <= 0.5 else 'FAIL'}")
+            lines.append(
+                f"- {where} 4bit peak = {ratio:.2f}x fp32 peak (target <= 0.5x; weights alone "
+                f"{r['weights_mb'] / base['weights_mb']:.2f}x) -> {'PASS' if ratio <= 0.5 else 'FAIL'}"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -10,6 +10,7 @@ end-to-end tokens/s (with min-max), time to first token (prefill), decode tokens
 whether both produced the same tokens, and the machine with its load average during the runs.
 Run `make bench-onnx` (python -m bench.bench_onnx); writes bench/onnx.md and bench/onnx.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ from app.models.tiny import build_tiny_model
 from bench.bench_memory import QWEN_100M
 
 log = logging.getLogger("bench")
-MODELS = {"qwen2-100m": ("tiny-qwen2", Path("models/bench-qwen2-100m")),
-          "glm-100m": ("tiny", Path("models/bench-glm-100m"))}
+MODELS = {
+    "qwen2-100m": ("tiny-qwen2", Path("models/bench-qwen2-100m")),
+    "glm-100m": ("tiny", Path("models/bench-glm-100m")),
+}
 EXPORTS = Path("bench/results/onnx")
 
 
@@ -53,8 +56,13 @@ def timed(gen: Callable[[Clock], Any], n_prompt: int, new: int) -> dict[str, Any
     end = time.perf_counter()
     tokens = out[0, n_prompt:].tolist()
     assert len(tokens) == new, f"generated {len(tokens)} tokens, expected {new}"
-    return {"tok_s": new / (end - start), "ttft_ms": 1000 * (clock.first - start),
-            "decode_tok_s": (new - 1) / (end - clock.first), "load": load, "tokens": tokens}
+    return {
+        "tok_s": new / (end - start),
+        "ttft_ms": 1000 * (clock.first - start),
+        "decode_tok_s": (new - 1) / (end - clock.first),
+        "load": load,
+        "tokens": tokens,
+    }
 
 
 def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
@@ -67,8 +75,15 @@ def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
     return os.getloadavg()[0]
 
 
-def bench_model(label: str, family: str, path: Path, new: int, repeats: int, threads: int,
-                quiet: tuple[float, float] = (float("inf"), 0.0)) -> dict[str, Any]:
+def bench_model(
+    label: str,
+    family: str,
+    path: Path,
+    new: int,
+    repeats: int,
+    threads: int,
+    quiet: tuple[float, float] = (float("inf"), 0.0),
+) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,8 +102,9 @@ def bench_model(label: str, family: str, path: Path, new: int, repeats: int, thr
         export_model(path, onnx_dir)
         export_s = time.perf_counter() - t
     tok = AutoTokenizer.from_pretrained(path)
-    enc = tok(prompt_text(tok, [{"role": "user", "content": BUILTIN_PROMPT}]), return_tensors="pt",
-              add_special_tokens=False)
+    enc = tok(
+        prompt_text(tok, [{"role": "user", "content": BUILTIN_PROMPT}]), return_tensors="pt", add_special_tokens=False
+    )
     n_prompt = enc["input_ids"].shape[1]
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -108,16 +124,37 @@ def bench_model(label: str, family: str, path: Path, new: int, repeats: int, thr
     for r in range(repeats):
         for name, gen in engines.items():
             runs[name].append(timed(gen, n_prompt, new))
-            log.info("%s %s run %d: %.1f tokens/s (load %.2f)", label, name, r + 1, runs[name][-1]["tok_s"],
-                     runs[name][-1]["load"])
+            log.info(
+                "%s %s run %d: %.1f tokens/s (load %.2f)",
+                label,
+                name,
+                r + 1,
+                runs[name][-1]["tok_s"],
+                runs[name][-1]["load"],
+            )
     same = runs["PyTorch"][0]["tokens"] == runs["ONNX Runtime"][0]["tokens"]
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in ("tok_s", "ttft_ms", "decode_tok_s")}
-           | {"min": min(x["tok_s"] for x in rs), "max": max(x["tok_s"] for x in rs),
-              "loads": [round(x["load"], 2) for x in rs], "runs_tok_s": [round(x["tok_s"], 2) for x in rs]}
-           for name, rs in runs.items()}
-    return {"model": label, "path": str(path), "params_m": params / 1e6, "prompt_tokens": n_prompt,
-            "new_tokens": new, "export_s": export_s, "start_load": round(start_load, 2), "same_tokens": same, "engines": med,
-            "speedup": med["ONNX Runtime"]["tok_s"] / med["PyTorch"]["tok_s"]}
+    med = {
+        name: {k: statistics.median(x[k] for x in rs) for k in ("tok_s", "ttft_ms", "decode_tok_s")}
+        | {
+            "min": min(x["tok_s"] for x in rs),
+            "max": max(x["tok_s"] for x in rs),
+            "loads": [round(x["load"], 2) for x in rs],
+            "runs_tok_s": [round(x["tok_s"], 2) for x in rs],
+        }
+        for name, rs in runs.items()
+    }
+    return {
+        "model": label,
+        "path": str(path),
+        "params_m": params / 1e6,
+        "prompt_tokens": n_prompt,
+        "new_tokens": new,
+        "export_s": export_s,
+        "start_load": round(start_load, 2),
+        "same_tokens": same,
+        "engines": med,
+        "speedup": med["ONNX Runtime"]["tok_s"] / med["PyTorch"]["tok_s"],
+    }
 
 
 def machine(threads: int) -> dict[str, Any]:
@@ -125,37 +162,62 @@ def machine(threads: int) -> dict[str, Any]:
     import torch
     import transformers
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "usable_cpus": usable_cpus(), "threads": threads, "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "usable_cpus": usable_cpus(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def report(results: list[dict[str, Any]], env: dict[str, Any], repeats: int) -> str:
-    lines = ["# ONNX Runtime vs PyTorch: generation speed", "",
-             f"`make bench-onnx` ({env['date']}). Machine: {env['cpu']}, {env['usable_cpus']} usable cores, "
-             f"{env['threads']} threads for both engines; torch {env['torch']}, transformers "
-             f"{env['transformers']}, onnxruntime {env['onnxruntime']}, Python {env['python']}.", "",
-             "Random-weight models (fp32) exported by `app/inference/export.py` (`torch.onnx.export(dynamo=True)`, one "
-             "decoder graph with KV-cache inputs/outputs). Batch 1, greedy, KV cache on both sides, stop tokens "
-             f"off; median of {repeats} runs after a warm-up, alternating engines (min-max in brackets). "
-             "tokens/s = new tokens / wall time of the whole generate call, prefill included.", "",
-             "Load average: the 1-minute figure when each measurement started; it includes the benchmark's own "
-             f"{env['threads']} threads, so about 1-2 with nothing else running. Runs of a model began only once "
-             "it was below " + str(env["max_load"]) + " (" + ", ".join(
-                 f"{r['model']}: {r['start_load']}" for r in results) + ").", "",
-             "| model | engine | prompt + new tokens | tokens/s | first token ms | decode tokens/s | speedup | "
-             "same tokens | load avg during runs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# ONNX Runtime vs PyTorch: generation speed",
+        "",
+        f"`make bench-onnx` ({env['date']}). Machine: {env['cpu']}, {env['usable_cpus']} usable cores, "
+        f"{env['threads']} threads for both engines; torch {env['torch']}, transformers "
+        f"{env['transformers']}, onnxruntime {env['onnxruntime']}, Python {env['python']}.",
+        "",
+        "Random-weight models (fp32) exported by `app/inference/export.py` (`torch.onnx.export(dynamo=True)`, one "
+        "decoder graph with KV-cache inputs/outputs). Batch 1, greedy, KV cache on both sides, stop tokens "
+        f"off; median of {repeats} runs after a warm-up, alternating engines (min-max in brackets). "
+        "tokens/s = new tokens / wall time of the whole generate call, prefill included.",
+        "",
+        "Load average: the 1-minute figure when each measurement started; it includes the benchmark's own "
+        f"{env['threads']} threads, so about 1-2 with nothing else running. Runs of a model began only once "
+        "it was below "
+        + str(env["max_load"])
+        + " ("
+        + ", ".join(f"{r['model']}: {r['start_load']}" for r in results)
+        + ").",
+        "",
+        "| model | engine | prompt + new tokens | tokens/s | first token ms | decode tokens/s | speedup | "
+        "same tokens | load avg during runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for name, m in r["engines"].items():
             onnx = name == "ONNX Runtime"
             speedup = f"**{r['speedup']:.2f}x**" if onnx else "1.00x"
             same = ("yes" if r["same_tokens"] else "no") if onnx else ""
             loads = ", ".join(str(x) for x in m["loads"])
-            lines.append(f"| {r['model']} ({r['params_m']:.0f}M) | {name} | {r['prompt_tokens']} + {r['new_tokens']} "
-                         f"| **{m['tok_s']:.1f}** ({m['min']:.1f}-{m['max']:.1f}) | {m['ttft_ms']:.0f} "
-                         f"| {m['decode_tok_s']:.1f} | {speedup} | {same} | {loads} |")
+            lines.append(
+                f"| {r['model']} ({r['params_m']:.0f}M) | {name} | {r['prompt_tokens']} + {r['new_tokens']} "
+                f"| **{m['tok_s']:.1f}** ({m['min']:.1f}-{m['max']:.1f}) | {m['ttft_ms']:.0f} "
+                f"| {m['decode_tok_s']:.1f} | {speedup} | {same} | {loads} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -171,8 +233,10 @@ def main() -> int:
     a = ap.parse_args()
     setup_logging()
     threads = a.threads or usable_cpus()
-    results = [bench_model(label, *MODELS[label], a.new, a.repeats, threads, (a.max_load, a.max_wait))
-               for label in a.models.split(",")]
+    results = [
+        bench_model(label, *MODELS[label], a.new, a.repeats, threads, (a.max_load, a.max_wait))
+        for label in a.models.split(",")
+    ]
     env = machine(threads) | {"max_load": a.max_load}
     text = report(results, env, a.repeats) + (f"\n{a.notes}\n" if a.notes else "")
     atomic_write_text(Path("bench/onnx.md"), text)

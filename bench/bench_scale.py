@@ -12,6 +12,7 @@ Settings beyond the tier's (named in the report): MAX_STEPS=3 and GRAD_ACCUM=1, 
 steps" are 3 micro-batches (the tier's GRAD_ACCUM=16/8 would make them 24-48 micro-batches, hours on
 2 cores; with LoRA the accumulation adds no memory), and VAL_SIZE=0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,18 @@ STEPS = 3
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str        # a key of bench.scale_models.SHAPES
+    model: str  # a key of bench.scale_models.SHAPES
     limit_mb: int
-    method: str       # qlora = 4-bit; lora lets the tier pick the quant level
+    method: str  # qlora = 4-bit; lora lets the tier pick the quant level
     stage: str = "sft"  # dpo: preference pairs of the same data (pref_file), a new adapter, reference = adapter off
 
 
-CASES = [Case("6b-4bit-8gb", "chatglm3-6b", 8000, "qlora"),
-         Case("6b-8bit-16gb", "chatglm3-6b", 16000, "lora"),
-         Case("9b-4bit-16gb", "glm4-9b", 16000, "qlora"),
-         Case("6b-4bit-8gb-dpo", "chatglm3-6b", 8000, "qlora", "dpo")]
+CASES = [
+    Case("6b-4bit-8gb", "chatglm3-6b", 8000, "qlora"),
+    Case("6b-8bit-16gb", "chatglm3-6b", 16000, "lora"),
+    Case("9b-4bit-16gb", "glm4-9b", 16000, "qlora"),
+    Case("6b-4bit-8gb-dpo", "chatglm3-6b", 8000, "qlora", "dpo"),
+]
 
 
 def pref_file(data: Path) -> Path:
@@ -75,16 +78,27 @@ def in_cgroup(limit_mb: int, argv: list[str], log_path: Path, stdout: Path | Non
     """Run ``python -m app <argv>`` inside a new memory cgroup of ``limit_mb``; the cgroup's record of it."""
     cg = cgroups.create(limit_mb, prefix="bench-scale")
     if cg is None:
-        raise SystemExit("bench-scale: cannot create a memory cgroup (needs root or a delegated cgroup); "
-                         "run it as root, or in a container started with --privileged")
+        raise SystemExit(
+            "bench-scale: cannot create a memory cgroup (needs root or a delegated cgroup); "
+            "run it as root, or in a container started with --privileged"
+        )
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL_NAME", "DATA_PATH", "OUTPUT_DIR", "ADAPTER_DIR")}
     start = time.monotonic()
     try:
         with open(log_path, "w") as fh, open(stdout or os.devnull, "w") as out:
-            proc = subprocess.run([sys.executable, "-m", "app", *argv], env=env, stdout=out if stdout else fh,
-                                  stderr=fh, preexec_fn=cg.join)
-        return {"rc": proc.returncode, "wall_s": round(time.monotonic() - start, 1),
-                "cgroup_peak_mb": cg.peak_mb() and round(cg.peak_mb(), 1), "oom_kills": cg.oom_kills()}
+            proc = subprocess.run(
+                [sys.executable, "-m", "app", *argv],
+                env=env,
+                stdout=out if stdout else fh,
+                stderr=fh,
+                preexec_fn=cg.join,
+            )
+        return {
+            "rc": proc.returncode,
+            "wall_s": round(time.monotonic() - start, 1),
+            "cgroup_peak_mb": cg.peak_mb() and round(cg.peak_mb(), 1),
+            "oom_kills": cg.oom_kills(),
+        }
     finally:
         cg.remove()
 
@@ -109,28 +123,72 @@ def run_case(case: Case, data: Path) -> dict:
     load_before = os.getloadavg()[0]  # s/step means little if other jobs share the cores
     if case.stage != "sft":
         data = pref_file(data)
-    train = in_cgroup(case.limit_mb, ["train", f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out / 'run'}",
-                                      f"METHOD={case.method}", f"MAX_STEPS={STEPS}", "GRAD_ACCUM=1", "VAL_SIZE=0",
-                                      "LOGGING_STEPS=1", "SEED=0", f"STAGE={case.stage}"], out / "train.log")
+    train = in_cgroup(
+        case.limit_mb,
+        [
+            "train",
+            f"MODEL_NAME={model}",
+            f"DATA_PATH={data}",
+            f"OUTPUT_DIR={out / 'run'}",
+            f"METHOD={case.method}",
+            f"MAX_STEPS={STEPS}",
+            "GRAD_ACCUM=1",
+            "VAL_SIZE=0",
+            "LOGGING_STEPS=1",
+            "SEED=0",
+            f"STAGE={case.stage}",
+        ],
+        out / "train.log",
+    )
     text = (out / "train.log").read_text(errors="replace")
-    row = {"case": case.name, "model": case.model, "limit_mb": case.limit_mb, "method": case.method,
-           "train": train, "load_s": load_seconds(text), "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-           "plan_line": next((ln[9:] for ln in text.splitlines() if "plan: QUANT_LEVEL" in ln), None),
-           "params": int(m.group(1).replace(",", "")) if (m := re.search(r"of ([\d,]+) parameters", text)) else None,
-           "eta_step1": eta_after_first_step(text),
-           "time_line": next((ln[9:] for ln in text.splitlines() if "expected" in ln and "step" in ln), None)}
+    row = {
+        "case": case.name,
+        "model": case.model,
+        "limit_mb": case.limit_mb,
+        "method": case.method,
+        "train": train,
+        "load_s": load_seconds(text),
+        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "plan_line": next((ln[9:] for ln in text.splitlines() if "plan: QUANT_LEVEL" in ln), None),
+        "params": int(m.group(1).replace(",", "")) if (m := re.search(r"of ([\d,]+) parameters", text)) else None,
+        "eta_step1": eta_after_first_step(text),
+        "time_line": next((ln[9:] for ln in text.splitlines() if "expected" in ln and "step" in ln), None),
+    }
     summary_path = out / "run" / "summary.json"
     if train["rc"] == 0 and summary_path.is_file():
         s = json.loads(summary_path.read_text())
-        row |= {"summary": {k: s.get(k) for k in ("steps", "seconds", "tokens_per_s", "peak_rss_mb", "predicted_peak_mb",
-                                                     "predicted_step_s", "predicted_tokens_per_step", "plan", "memory")}}
+        row |= {
+            "summary": {
+                k: s.get(k)
+                for k in (
+                    "steps",
+                    "seconds",
+                    "tokens_per_s",
+                    "peak_rss_mb",
+                    "predicted_peak_mb",
+                    "predicted_step_s",
+                    "predicted_tokens_per_step",
+                    "plan",
+                    "memory",
+                )
+            }
+        }
         row["retime"] = retime(row, model)
         first = json.loads(data.open(encoding="utf-8").readline())
         prompt = first.get("context") or first["prompt"]
         log.info("%s: reloading the adapter to predict", case.name)
-        row["predict"] = in_cgroup(case.limit_mb, ["predict-custom", f"MODEL_NAME={model}", f"ADAPTER_DIR={out / 'run'}",
-                                                   f"PROMPT={prompt}", "MAX_NEW_TOKENS=8"], out / "predict.log",
-                                   stdout=out / "predict.out")
+        row["predict"] = in_cgroup(
+            case.limit_mb,
+            [
+                "predict-custom",
+                f"MODEL_NAME={model}",
+                f"ADAPTER_DIR={out / 'run'}",
+                f"PROMPT={prompt}",
+                "MAX_NEW_TOKENS=8",
+            ],
+            out / "predict.log",
+            stdout=out / "predict.out",
+        )
         plog = (out / "predict.log").read_text(errors="replace")
         row["generated"] = m.group(0) if (m := re.search(r"generated \d+ tokens in [\d.]+s", plog)) else None
     else:
@@ -146,8 +204,12 @@ def retime(row: dict, model: Path) -> dict | None:
         return None
     tokens = s["tokens_per_s"] * s["seconds"] / s["steps"]
     released = "goes back to the OS at once" in (OUT / row["case"] / "train.log").read_text(errors="replace")
-    proc = subprocess.run([sys.executable, "-m", "bench.scale_retime", str(run), str(model), str(tokens)] +
-                          (["released"] if released else []), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.scale_retime", str(run), str(model), str(tokens)]
+        + (["released"] if released else []),
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         log.warning("%s: retiming failed: %s", row["case"], proc.stderr[-500:])
         return None
@@ -156,11 +218,16 @@ def retime(row: dict, model: Path) -> dict | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma-separated: " +
-                    ", ".join(c.name for c in CASES))
+    ap.add_argument(
+        "--cases", default=",".join(c.name for c in CASES), help="comma-separated: " + ", ".join(c.name for c in CASES)
+    )
     ap.add_argument("--report-only", action="store_true", help="rewrite bench/scale.md from bench/scale.json")
-    ap.add_argument("--retime", action="store_true", help="with --report-only: evaluate the time model again at "
-                    "the tokens each kept run had (bench/results/scale/<case>/run)")
+    ap.add_argument(
+        "--retime",
+        action="store_true",
+        help="with --report-only: evaluate the time model again at "
+        "the tokens each kept run had (bench/results/scale/<case>/run)",
+    )
     a = ap.parse_args()
     setup_logging()
     results_path = Path("bench/scale.json")

@@ -12,6 +12,7 @@ from a `git worktree` of it in a temp dir). Writes bench/serve.md and bench/serv
 Targets at 16 clients: batched >= 3x one-at-a-time's tokens/s; p50 time to first token <= 1 s; tokens/s
 no lower than run-to-end batching's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,7 @@ def make_model() -> Path:
     model, tokenizer = AutoModelForCausalLM.from_pretrained(str(MODEL)), AutoTokenizer.from_pretrained(str(MODEL))
     with torch.no_grad():
         rows = model.get_output_embeddings().weight
-        rows[len(tokenizer):] = 0
+        rows[len(tokenizer) :] = 0
         rows[sorted(set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder))] = 0
     partial = SERVED.with_name(SERVED.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -74,8 +75,9 @@ def make_adapter(name: str, seed: int) -> Path:
     from transformers import AutoModelForCausalLM
 
     out = Path("models") / name
-    if (out / "adapter_config.json").is_file() and \
-            json.loads((out / "adapter_config.json").read_text()).get("base_model_name_or_path") == str(SERVED):
+    if (out / "adapter_config.json").is_file() and json.loads((out / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    ) == str(SERVED):
         return out
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(SERVED))
@@ -96,11 +98,17 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        args = [f"MODEL_NAME={SERVED}", f"SERVE_PORT={self.port}", "QUANT_LEVEL=none",
-                f"ADAPTERS={','.join(f'{n}=models/{n}' for n in ADAPTERS)}", *(f"{k}={v}" for k, v in settings.items())]
+        args = [
+            f"MODEL_NAME={SERVED}",
+            f"SERVE_PORT={self.port}",
+            "QUANT_LEVEL=none",
+            f"ADAPTERS={','.join(f'{n}=models/{n}' for n in ADAPTERS)}",
+            *(f"{k}={v}" for k, v in settings.items()),
+        ]
         self.log = log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "app", "serve", *args], stdout=self.log, stderr=self.log,
-                                     cwd=cwd)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "serve", *args], stdout=self.log, stderr=self.log, cwd=cwd
+        )
         import httpx2 as httpx
 
         deadline = time.monotonic() + 600
@@ -122,8 +130,14 @@ class Server:
 def one_request(port: int, model: str, prompt: str, max_tokens: int) -> dict[str, float]:
     import httpx2 as httpx
 
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start, first, tokens = time.perf_counter(), None, 0
     with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -157,53 +171,75 @@ def load(port: int, concurrency: int, requests: int, max_tokens: int, models: li
         t.join()
     wall = time.perf_counter() - start
     lat = sorted(r["latency"] for r in results)
-    return {"concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 2),
-            "tokens": sum(r["tokens"] for r in results),
-            "tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 1),
-            "p50_s": round(statistics.median(lat), 2), "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2),
-            "ttft_p50_s": round(statistics.median(r["ttft"] for r in results), 3)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "wall_s": round(wall, 2),
+        "tokens": sum(r["tokens"] for r in results),
+        "tokens_per_s": round(sum(r["tokens"] for r in results) / wall, 1),
+        "p50_s": round(statistics.median(lat), 2),
+        "p95_s": round(lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2),
+        "ttft_p50_s": round(statistics.median(r["ttft"] for r in results), 3),
+    }
 
 
 def report(rows: list[dict], env: dict) -> str:
-    lines = ["# Serving benchmark: `serve` under concurrent load", "",
-             f"`make bench-serve` (python -m bench.bench_serve). {env['cpus']} cores, no GPU, load average (1 min) "
-             f"{env['load_before']:.1f} at the start, {env.get('load_after', env['load_before']):.1f} at the end. "
-             "~100M random Qwen2 (hidden 768, 12 layers, vocab 32k; the output rows of the ids that decode to no "
-             "text zeroed, so each token is text, as a trained model's), fp32, two random LoRA adapters (r=8, every "
-             f"projection). Each client sends {env['requests']} streamed chat requests in turn, {env['max_tokens']} "
-             "new tokens each, greedy; tokens counted from `usage`. Batched: requests join the running batch between "
-             "decode steps; run to end: the engine of commit "
-             f"{env.get('before') or BEFORE}, whose batches ran to their end before the next started.", "",
-             "| server | adapters | clients | requests | tokens | wall s | tokens/s | p50 latency s | p95 latency s | "
-             "p50 time to first token s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Serving benchmark: `serve` under concurrent load",
+        "",
+        f"`make bench-serve` (python -m bench.bench_serve). {env['cpus']} cores, no GPU, load average (1 min) "
+        f"{env['load_before']:.1f} at the start, {env.get('load_after', env['load_before']):.1f} at the end. "
+        "~100M random Qwen2 (hidden 768, 12 layers, vocab 32k; the output rows of the ids that decode to no "
+        "text zeroed, so each token is text, as a trained model's), fp32, two random LoRA adapters (r=8, every "
+        f"projection). Each client sends {env['requests']} streamed chat requests in turn, {env['max_tokens']} "
+        "new tokens each, greedy; tokens counted from `usage`. Batched: requests join the running batch between "
+        "decode steps; run to end: the engine of commit "
+        f"{env.get('before') or BEFORE}, whose batches ran to their end before the next started.",
+        "",
+        "| server | adapters | clients | requests | tokens | wall s | tokens/s | p50 latency s | p95 latency s | "
+        "p50 time to first token s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['server']} | {r['adapters']} | {r['concurrency']} | {r['requests']} | {r['tokens']} | "
-                     f"{r['wall_s']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p95_s']} | {r['ttft_p50_s']} |")
+        lines.append(
+            f"| {r['server']} | {r['adapters']} | {r['concurrency']} | {r['requests']} | {r['tokens']} | "
+            f"{r['wall_s']} | {r['tokens_per_s']} | {r['p50_s']} | {r['p95_s']} | {r['ttft_p50_s']} |"
+        )
     by = {(r["server"], r["adapters"], r["concurrency"]): r for r in rows}
     one, batched = by.get(("one at a time", "a", 16)), by.get(("batched", "a", 16))
     before = by.get(("run to end", "a", 16))
     lines += ["", "## Target", ""]
     if one and batched:
         x = batched["tokens_per_s"] / one["tokens_per_s"]
-        lines.append(f"- batched vs one at a time, 16 clients: {batched['tokens_per_s']} vs {one['tokens_per_s']} "
-                     f"tokens/s = {x:.2f}x (target >= {TARGET:.0f}x) -> {'PASS' if x >= TARGET else 'FAIL'}")
+        lines.append(
+            f"- batched vs one at a time, 16 clients: {batched['tokens_per_s']} vs {one['tokens_per_s']} "
+            f"tokens/s = {x:.2f}x (target >= {TARGET:.0f}x) -> {'PASS' if x >= TARGET else 'FAIL'}"
+        )
     if batched:
         t = batched["ttft_p50_s"]
-        lines.append(f"- p50 time to first token at 16 clients <= {TTFT_TARGET_S:g} s: {t} s -> "
-                     f"{'PASS' if t <= TTFT_TARGET_S else 'FAIL'}")
+        lines.append(
+            f"- p50 time to first token at 16 clients <= {TTFT_TARGET_S:g} s: {t} s -> "
+            f"{'PASS' if t <= TTFT_TARGET_S else 'FAIL'}"
+        )
     if batched and before:
         b, r = batched["tokens_per_s"], before["tokens_per_s"]
-        lines.append(f"- tokens/s at 16 clients no lower than run-to-end batching: {b} vs {r} -> "
-                     f"{'PASS' if b >= r else 'FAIL'}")
+        lines.append(
+            f"- tokens/s at 16 clients no lower than run-to-end batching: {b} vs {r} -> {'PASS' if b >= r else 'FAIL'}"
+        )
     mixed, mixed_before = by.get(("batched", "a+b", 16)), by.get(("run to end", "a+b", 16))
     if mixed and batched:
         was = f"; run to end: {mixed_before['tokens_per_s']}" if mixed_before else ""
-        lines.append(f"- two adapters interleaved, 16 clients: {mixed['tokens_per_s']} tokens/s "
-                     f"({mixed['tokens_per_s'] / batched['tokens_per_s']:.2f}x one adapter's{was}): a batch is one "
-                     "adapter, so the two take turns, each batch draining while the other adapter's requests wait")
-    lines += ["", "A request that arrives while a batch for its adapter generates joins it at the next decode step "
-              "(prefilled apart, then merged into the batch's KV cache), and a finished request leaves it at once; "
-              "run to end, it waited for the whole batch, which was that server's time to first token."]
+        lines.append(
+            f"- two adapters interleaved, 16 clients: {mixed['tokens_per_s']} tokens/s "
+            f"({mixed['tokens_per_s'] / batched['tokens_per_s']:.2f}x one adapter's{was}): a batch is one "
+            "adapter, so the two take turns, each batch draining while the other adapter's requests wait"
+        )
+    lines += [
+        "",
+        "A request that arrives while a batch for its adapter generates joins it at the next decode step "
+        "(prefilled apart, then merged into the batch's KV cache), and a finished request leaves it at once; "
+        "run to end, it waited for the whole batch, which was that server's time to first token.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -241,8 +277,13 @@ def main() -> int:
         make_adapter(name, seed)
     logs = a.out / "results" / "serve"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {"cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "requests": a.requests,
-           "max_tokens": a.max_tokens, "before": a.before or None}
+    env = {
+        "cpus": os.cpu_count(),
+        "load_before": os.getloadavg()[0],
+        "requests": a.requests,
+        "max_tokens": a.max_tokens,
+        "before": a.before or None,
+    }
     rows, levels = [], [int(c) for c in a.concurrency.split(",")]
     first = next(iter(ADAPTERS))
     for label, batch in (("one at a time", 1), ("batched", 16)):

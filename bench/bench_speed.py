@@ -12,6 +12,7 @@ before and after, and MFU is computed against them. A torch.profiler table of on
 training step says where the time goes. Writes bench/results.md and bench/results.json; scratch
 runs go to bench/results/ (ignored by git). Run `make bench` (python -m bench.bench_speed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 # ---- machine ---------------------------------------------------------------------------------------
+
 
 def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
     """Other jobs on the cores skew every number: wait (bounded) for the 1-minute load to settle."""
@@ -69,11 +71,15 @@ def matmul_gflops(dtype_name: str, threads: int, repeats: int = 5) -> float:
 
 
 def peaks(threads: int) -> dict[str, float]:
-    return {"fp32": round(matmul_gflops("float32", threads), 1), "bf16": round(matmul_gflops("bfloat16", threads), 1),
-            "load": round(os.getloadavg()[0], 2)}
+    return {
+        "fp32": round(matmul_gflops("float32", threads), 1),
+        "bf16": round(matmul_gflops("bfloat16", threads), 1),
+        "load": round(os.getloadavg()[0], 2),
+    }
 
 
 # ---- FLOPs -----------------------------------------------------------------------------------------
+
 
 def train_flops_per_token(config: dict[str, Any], lengths: list[int], lora_r: int) -> float:
     """Model FLOPs of one LoRA training token, averaged over the samples (padding not counted).
@@ -97,7 +103,10 @@ def train_flops_per_token(config: dict[str, Any], lengths: list[int], lora_r: in
 
 # ---- runs ------------------------------------------------------------------------------------------
 
-def run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, float, float]:
+
+def run(
+    cmd: list[str], what: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, float, float]:
     load = os.getloadavg()[0]
     log.info("%s (load %.2f): %s", what, load, " ".join(cmd[:6]) + " ...")
     t = time.perf_counter()
@@ -129,60 +138,158 @@ def app_env() -> dict[str, str]:
 
 def reference_train(a: argparse.Namespace, data: Path) -> dict[str, Any]:
     res = OUT / "reference.json"
-    cmd = [sys.executable, "-m", "bench.reference_tutorial", "train", "--model", str(MODEL), "--data", str(data),
-           "--out", str(OUT / "reference"), "--result", str(res), "--samples", str(a.samples), "--max-seq-len", "512",
-           "--batch", "4", "--grad-accum", str(a.effective_batch // 4), "--epochs", "1", "--lr", str(a.lr),
-           "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.05", "--targets", TARGETS, "--seed", "42",
-           "--threads", str(a.threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.reference_tutorial",
+        "train",
+        "--model",
+        str(MODEL),
+        "--data",
+        str(data),
+        "--out",
+        str(OUT / "reference"),
+        "--result",
+        str(res),
+        "--samples",
+        str(a.samples),
+        "--max-seq-len",
+        "512",
+        "--batch",
+        "4",
+        "--grad-accum",
+        str(a.effective_batch // 4),
+        "--epochs",
+        "1",
+        "--lr",
+        str(a.lr),
+        "--lora-r",
+        "8",
+        "--lora-alpha",
+        "16",
+        "--lora-dropout",
+        "0.05",
+        "--targets",
+        TARGETS,
+        "--seed",
+        "42",
+        "--threads",
+        str(a.threads),
+    ]
     _, wall, load = run(cmd, "reference: HF Trainer + PEFT, padded to 512, fp32")
     r = json.loads(res.read_text())
     return {**r, "wall_s": wall, "load": load}
 
 
-def project_train(a: argparse.Namespace, data: Path, extra: list[str] | None = None, tag: str = "project"
-                  ) -> dict[str, Any]:
+def project_train(
+    a: argparse.Namespace, data: Path, extra: list[str] | None = None, tag: str = "project"
+) -> dict[str, Any]:
     out = OUT / tag
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "app", "train", f"MODEL_NAME={MODEL}", f"DATA_PATH={data}", f"OUTPUT_DIR={out}",
-           f"MAX_SAMPLES={a.samples}", "VAL_SIZE=0", "MAX_SEQ_LEN=512", f"BATCH_SIZE={a.effective_batch}", "GRAD_ACCUM=1",
-           "NUM_EPOCHS=1", f"LEARNING_RATE={a.lr}", "LORA_R=8", "LORA_ALPHA=16", "LORA_DROPOUT=0.05",
-           f"LORA_TARGETS={TARGETS}", "SEED=42", "LOGGING_STEPS=1", "SAVE_STEPS=100000", "TIER=none",
-           f"NUM_THREADS={a.threads}", *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "app",
+        "train",
+        f"MODEL_NAME={MODEL}",
+        f"DATA_PATH={data}",
+        f"OUTPUT_DIR={out}",
+        f"MAX_SAMPLES={a.samples}",
+        "VAL_SIZE=0",
+        "MAX_SEQ_LEN=512",
+        f"BATCH_SIZE={a.effective_batch}",
+        "GRAD_ACCUM=1",
+        "NUM_EPOCHS=1",
+        f"LEARNING_RATE={a.lr}",
+        "LORA_R=8",
+        "LORA_ALPHA=16",
+        "LORA_DROPOUT=0.05",
+        f"LORA_TARGETS={TARGETS}",
+        "SEED=42",
+        "LOGGING_STEPS=1",
+        "SAVE_STEPS=100000",
+        "TIER=none",
+        f"NUM_THREADS={a.threads}",
+        *(extra or []),
+    ]
     proc, wall, load = run(cmd, f"{tag}: python -m app train", app_env())
     summary = json.loads((out / "summary.json").read_text())
     report = json.loads((out / "data_report.json").read_text())
     rows = read_metrics(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if "loss" in r]
     line = next((x for x in proc.stderr.splitlines() if "packing" in x and "precision" in x), "")
-    return {"seconds": summary["seconds"], "useful_tokens": report["train"]["tokens"], "steps": summary["steps"],
-            "train_loss": summary["train_loss"], "losses": losses, "peak_rss_mb": summary["peak_rss_mb"],
-            "tokens_seen": rows[-1].get("tokens_seen") if rows else None, "wall_s": wall, "load": load,
-            "settings": line.split(": ", 1)[-1], "out": str(out)}
+    return {
+        "seconds": summary["seconds"],
+        "useful_tokens": report["train"]["tokens"],
+        "steps": summary["steps"],
+        "train_loss": summary["train_loss"],
+        "losses": losses,
+        "peak_rss_mb": summary["peak_rss_mb"],
+        "tokens_seen": rows[-1].get("tokens_seen") if rows else None,
+        "wall_s": wall,
+        "load": load,
+        "settings": line.split(": ", 1)[-1],
+        "out": str(out),
+    }
 
 
 def generation(a: argparse.Namespace, adapter: str) -> dict[str, Any]:
     prompts = OUT / "prompts.jsonl"
-    lines = (DATA / "dev.jsonl").read_text(encoding="utf-8").splitlines()[:a.prompts]
+    lines = (DATA / "dev.jsonl").read_text(encoding="utf-8").splitlines()[: a.prompts]
     atomic_write_text(prompts, "\n".join(lines) + "\n")
     res = OUT / "reference-generate.json"
-    _, _, load_plain = run([sys.executable, "-m", "bench.reference_tutorial", "generate", "--model", str(MODEL),
-                            "--data", str(prompts), "--adapter", adapter, "--result", str(res), "--prompts",
-                            str(a.prompts), "--max-new-tokens", str(a.new), "--threads", str(a.threads)],
-                           "plain generate, one prompt at a time")
+    _, _, load_plain = run(
+        [
+            sys.executable,
+            "-m",
+            "bench.reference_tutorial",
+            "generate",
+            "--model",
+            str(MODEL),
+            "--data",
+            str(prompts),
+            "--adapter",
+            adapter,
+            "--result",
+            str(res),
+            "--prompts",
+            str(a.prompts),
+            "--max-new-tokens",
+            str(a.new),
+            "--threads",
+            str(a.threads),
+        ],
+        "plain generate, one prompt at a time",
+    )
     plain = json.loads(res.read_text())
     dest = OUT / "prompts.pred.jsonl"
-    proc, _, load_proj = run([sys.executable, "-m", "app", "predict", f"ADAPTER_DIR={adapter}",
-                              f"INPUT_FILE={prompts}", f"OUTPUT_FILE={dest}", f"MAX_NEW_TOKENS={a.new}",
-                              f"PREDICT_BATCH_SIZE={a.predict_batch}", f"NUM_THREADS={a.threads}"],
-                             "project: python -m app predict INPUT_FILE=...", app_env())
+    proc, _, load_proj = run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "predict",
+            f"ADAPTER_DIR={adapter}",
+            f"INPUT_FILE={prompts}",
+            f"OUTPUT_FILE={dest}",
+            f"MAX_NEW_TOKENS={a.new}",
+            f"PREDICT_BATCH_SIZE={a.predict_batch}",
+            f"NUM_THREADS={a.threads}",
+        ],
+        "project: python -m app predict INPUT_FILE=...",
+        app_env(),
+    )
     m = re.search(r"generated (\d+) tokens in ([\d.]+)s", proc.stderr)
     if not m:
         raise RuntimeError(f"no speed line in predict's log:\n{proc.stderr[-2000:]}")
     outputs = [json.loads(x)["output"] for x in dest.read_text(encoding="utf-8").splitlines()]
     same = sum(x == y for x, y in zip(outputs, plain["outputs"]))
-    return {"plain": {"tokens": plain["new_tokens"], "seconds": plain["seconds"], "load": load_plain},
-            "project": {"tokens": int(m.group(1)), "seconds": float(m.group(2)), "load": load_proj},
-            "same_outputs": same, "prompts": a.prompts}
+    return {
+        "plain": {"tokens": plain["new_tokens"], "seconds": plain["seconds"], "load": load_plain},
+        "project": {"tokens": int(m.group(1)), "seconds": float(m.group(2)), "load": load_proj},
+        "same_outputs": same,
+        "prompts": a.prompts,
+    }
 
 
 # ---- profile ---------------------------------------------------------------------------------------
@@ -215,12 +322,26 @@ print("PROFILE " + json.dumps({"rows": rows, "shape": list(batch["input_ids"].sh
 
 
 def profile_step(a: argparse.Namespace, data: Path) -> dict[str, Any]:
-    values = {"MODEL_NAME": str(MODEL), "DATA_PATH": str(data), "OUTPUT_DIR": str(OUT / "profile"),
-              "MAX_SAMPLES": a.samples, "VAL_SIZE": 0, "MAX_SEQ_LEN": 512, "BATCH_SIZE": a.effective_batch,
-              "GRAD_ACCUM": 1, "LORA_R": 8, "LORA_ALPHA": 16, "LORA_DROPOUT": 0.05, "LORA_TARGETS": TARGETS,
-              "TIER": "none", "NUM_THREADS": a.threads, "SEED": 42}
-    proc, _, _ = run([sys.executable, "-c", PROFILE, json.dumps(values)], "profile: one project training step",
-                     app_env())
+    values = {
+        "MODEL_NAME": str(MODEL),
+        "DATA_PATH": str(data),
+        "OUTPUT_DIR": str(OUT / "profile"),
+        "MAX_SAMPLES": a.samples,
+        "VAL_SIZE": 0,
+        "MAX_SEQ_LEN": 512,
+        "BATCH_SIZE": a.effective_batch,
+        "GRAD_ACCUM": 1,
+        "LORA_R": 8,
+        "LORA_ALPHA": 16,
+        "LORA_DROPOUT": 0.05,
+        "LORA_TARGETS": TARGETS,
+        "TIER": "none",
+        "NUM_THREADS": a.threads,
+        "SEED": 42,
+    }
+    proc, _, _ = run(
+        [sys.executable, "-c", PROFILE, json.dumps(values)], "profile: one project training step", app_env()
+    )
     prof = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PROFILE "))[8:])
     rows = sorted(prof["rows"], key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
@@ -246,6 +367,7 @@ def category(op: str) -> str:
 
 # ---- report ----------------------------------------------------------------------------------------
 
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=200)
@@ -265,7 +387,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     src = model_and_data()
     data = OUT / "train200.jsonl"
-    atomic_write_text(data, "\n".join(src.read_text(encoding="utf-8").splitlines()[:a.samples]) + "\n")
+    atomic_write_text(data, "\n".join(src.read_text(encoding="utf-8").splitlines()[: a.samples]) + "\n")
 
     start_load = wait_for_quiet(a.max_load, a.max_wait)
     t0 = time.time()
@@ -284,12 +406,22 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     lengths = json.loads((Path(proj["out"]) / "data_report.json").read_text())["train"]
-    result = {"machine": machine(a.threads), "start_load": round(start_load, 2), "minutes": round((time.time() - t0) / 60, 1),
-              "matmul_before": before, "matmul_after": after, "reference": ref, "project": proj, "generation": gen,
-              "profile": prof, "profile_4bit": prof4, "args": vars(a), "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-              "flops_per_token": train_flops_per_token(config, sample_lengths(data, AutoTokenizer.from_pretrained(MODEL)),
-                                                       8),
-              "data_report": lengths}
+    result = {
+        "machine": machine(a.threads),
+        "start_load": round(start_load, 2),
+        "minutes": round((time.time() - t0) / 60, 1),
+        "matmul_before": before,
+        "matmul_after": after,
+        "reference": ref,
+        "project": proj,
+        "generation": gen,
+        "profile": prof,
+        "profile_4bit": prof4,
+        "args": vars(a),
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "flops_per_token": train_flops_per_token(config, sample_lengths(data, AutoTokenizer.from_pretrained(MODEL)), 8),
+        "data_report": lengths,
+    }
     write_json(Path("bench/results.json"), result)
     text = report(result) + (f"\n{a.notes}\n" if a.notes else "")
     atomic_write_text(Path("bench/results.md"), text)
@@ -302,9 +434,14 @@ def sample_lengths(data: Path, tok: Any) -> list[int]:
     out = []
     for line in data.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        p = tok.apply_chat_template([{"role": "user", "content": rec["context"]}], tokenize=False,
-                                    add_generation_prompt=True)
-        n = len(tok(p, add_special_tokens=False)["input_ids"]) + len(tok(rec["target"], add_special_tokens=False)["input_ids"]) + 1
+        p = tok.apply_chat_template(
+            [{"role": "user", "content": rec["context"]}], tokenize=False, add_generation_prompt=True
+        )
+        n = (
+            len(tok(p, add_special_tokens=False)["input_ids"])
+            + len(tok(rec["target"], add_special_tokens=False)["input_ids"])
+            + 1
+        )
         out.append(min(n, 512))
     return out
 
@@ -312,12 +449,24 @@ def sample_lengths(data: Path, tok: Any) -> list[int]:
 def machine(threads: int) -> dict[str, Any]:
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
     from app.models.quantization import bf16_supported
 
-    return {"cpu": cpu, "cores": usable_cpus(), "threads": threads, "bf16_cpu": bf16_supported(False),
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": usable_cpus(),
+        "threads": threads,
+        "bf16_cpu": bf16_supported(False),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def report(r: dict[str, Any]) -> str:
@@ -340,13 +489,15 @@ def report(r: dict[str, Any]) -> str:
     g_proj = gen["project"]["tokens"] / gen["project"]["seconds"]
     m = r["machine"]
     lines = [
-        "# Training speed: the tutorial way vs `python -m app train`", "",
+        "# Training speed: the tutorial way vs `python -m app train`",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} usable cores, {m['threads']} threads, AVX512-BF16/AMX "
         f"{'yes' if m['bf16_cpu'] else 'no'}; torch {m['torch']}. Run by `make bench` "
         f"(python -m bench.bench_speed) in {r['minutes']} minutes.",
         f"Load average (1 min): {r['start_load']} when it started, {ref['load']} / {proj['load']} as each training "
         f"started, {r['loadavg_end'][0]} at the end (1/5/15 min: {', '.join(map(str, r['loadavg_end']))}). "
-        f"Above ~0.5 other jobs shared the {m['cores']} cores and every speed below is understated.", "",
+        f"Above ~0.5 other jobs shared the {m['cores']} cores and every speed below is understated.",
+        "",
         f"Both: models/bench-qwen2-100m (random Qwen2, hidden 768, 12 layers, vocab 32k, ~125M parameters), the "
         f"first {r['args']['samples']} samples of ../shared/data/duie-mixed/train.jsonl "
         f"({ref['useful_tokens']:,} tokens with the chat template; 1 cut at 512), LoRA r=8 alpha=16 dropout 0.05 on "
@@ -355,8 +506,10 @@ def report(r: dict[str, Any]) -> str:
         f"- reference (bench/reference_tutorial.py): HF Trainer + PEFT, every sample padded to 512, fp32, micro-batch "
         f"4 x {r['args']['effective_batch'] // 4} accumulation.",
         f"- project: `python -m app train` with its defaults for this model ({proj['settings']}), micro-batch "
-        f"{r['args']['effective_batch']}.", "",
-        "| | reference | project | ratio |", "|---|---|---|---|",
+        f"{r['args']['effective_batch']}.",
+        "",
+        "| | reference | project | ratio |",
+        "|---|---|---|---|",
         f"| wall time, training loop (s) | {ref['seconds']:.1f} | {proj['seconds']:.1f} | "
         f"{ref['seconds'] / proj['seconds']:.2f}x faster |",
         f"| wall time, whole process (s) | {ref['wall_s']:.1f} | {proj['wall_s']:.1f} | |",
@@ -374,28 +527,42 @@ def report(r: dict[str, Any]) -> str:
         f"{100 * mfu['proj'] / peak16:.1f}% | |",
         f"| generation tokens/s ({gen['prompts']} prompts x {r['args']['new']} new, greedy) | {g_plain:.1f} (plain "
         f"`generate`, one prompt at a time) | {g_proj:.1f} (file mode, batch {r['args']['predict_batch']}) | "
-        f"{g_proj / g_plain:.2f}x |", "",
+        f"{g_proj / g_plain:.2f}x |",
+        "",
         f"torch.matmul peak, measured in this run (best of tokens x 768 x 2048, 2048^3): fp32 "
         f"{r['matmul_before']['fp32']} / {r['matmul_after']['fp32']} GFLOP/s, bf16 {r['matmul_before']['bf16']} / "
         f"{r['matmul_after']['bf16']} GFLOP/s (before / after the runs). Model FLOPs count the work one LoRA token needs "
         "(forward; input gradients of the frozen weights; attention over its own causal context; LoRA), not padding, "
         "not logits skipped on prompt tokens. Generation: the same adapter and the first "
-        f"{gen['prompts']} dev prompts; identical greedy outputs for {gen['same_outputs']} of {gen['prompts']}.", "",
-        "## Targets", ""]
+        f"{gen['prompts']} dev prompts; identical greedy outputs for {gen['same_outputs']} of {gen['prompts']}.",
+        "",
+        "## Targets",
+        "",
+    ]
     lines.append(f"- useful tokens/s >= 3x the reference: {speedup:.2f}x -> {'PASS' if speedup >= 3 else 'FAIL'}")
     ok = proj["peak_rss_mb"] <= ref["peak_rss_mb"]
-    lines.append(f"- peak RSS <= the reference's: {proj['peak_rss_mb']:,.0f} vs {ref['peak_rss_mb']:,.0f} MB -> "
-                 f"{'PASS' if ok else 'FAIL'}")
-    lines.append(f"- final loss within 2% of the reference: epoch mean {dloss:.2f}% apart, last 5 steps {dlast:.2f}% "
-                 f"-> {'PASS' if dloss <= 2 else 'FAIL'}")
+    lines.append(
+        f"- peak RSS <= the reference's: {proj['peak_rss_mb']:,.0f} vs {ref['peak_rss_mb']:,.0f} MB -> "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+    lines.append(
+        f"- final loss within 2% of the reference: epoch mean {dloss:.2f}% apart, last 5 steps {dlast:.2f}% "
+        f"-> {'PASS' if dloss <= 2 else 'FAIL'}"
+    )
     frac = mfu["proj"] / peak16
-    lines.append(f"- training step at >= 60% of the bf16 matmul peak: {100 * frac:.1f}% -> "
-                 f"{'PASS' if frac >= 0.6 else 'FAIL'}")
+    lines.append(
+        f"- training step at >= 60% of the bf16 matmul peak: {100 * frac:.1f}% -> {'PASS' if frac >= 0.6 else 'FAIL'}"
+    )
     if r.get("profile"):
         p = r["profile"]
-        lines += ["", f"## Where a project training step goes (torch.profiler, micro-batch of "
-                      f"{r['args']['effective_batch']} samples packed into {p['shape'][0]} rows x {p['shape'][1]})", "",
-                  "| category | ms | share |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Where a project training step goes (torch.profiler, micro-batch of "
+            f"{r['args']['effective_batch']} samples packed into {p['shape'][0]} rows x {p['shape'][1]})",
+            "",
+            "| category | ms | share |",
+            "|---|---|---|",
+        ]
         for k, v in sorted(p["groups"].items(), key=lambda kv: -kv[1]):
             lines.append(f"| {k} | {v:,.0f} | {100 * v / p['total_ms']:.0f}% |")
         lines += ["", "| op (self CPU time) | ms | calls |", "|---|---|---|"]
@@ -403,11 +570,17 @@ def report(r: dict[str, Any]) -> str:
         share = p["groups"].get("matmul", 0.0) / p["total_ms"]
         reach = frac / share if share else 0.0  # the step's MFU if only its matmuls took time
         need = (frac / 0.6 - share) / (1 - share) if reach >= 0.6 else None
-        lines += ["", f"What bounds it: the matmuls are {100 * share:.0f}% of the step and run at about {100 * reach:.0f}% "
-                      "of the bf16 peak on their own (the model's 768-wide projections, a LoRA rank of 8), so the step "
-                      f"would be at {100 * reach:.0f}% if everything else took no time"
-                      + (f"; 60% needs the rest cut to {100 * need:.0f}% of its time." if need is not None else
-                         ": 60% is out of reach by cutting the rest alone.")]
+        lines += [
+            "",
+            f"What bounds it: the matmuls are {100 * share:.0f}% of the step and run at about {100 * reach:.0f}% "
+            "of the bf16 peak on their own (the model's 768-wide projections, a LoRA rank of 8), so the step "
+            f"would be at {100 * reach:.0f}% if everything else took no time"
+            + (
+                f"; 60% needs the rest cut to {100 * need:.0f}% of its time."
+                if need is not None
+                else ": 60% is out of reach by cutting the rest alone."
+            ),
+        ]
     if r.get("profile_4bit"):
         from bench.profile_4bit import section
 

@@ -12,6 +12,7 @@
    the higher log-probability under the model) and `python -m app evaluate`'s triplet F1 on their prompts.
 Targets: accuracy >= 0.9 after DPO, and F1 no lower than the SFT model's. Writes bench/demo-dpo.md and .json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def write_pairs(n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
     if len(fresh) < n_train + n_heldout:
         raise SystemExit(f"only {len(fresh)} fresh prompts; lower --train/--heldout")
     paths = OUT / "pairs-train.jsonl", OUT / "pairs-heldout.jsonl"
-    for path, rows in zip(paths, (fresh[:n_train], fresh[n_train:n_train + n_heldout])):
+    for path, rows in zip(paths, (fresh[:n_train], fresh[n_train : n_train + n_heldout])):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return paths
 
@@ -89,7 +90,7 @@ def preference_accuracy(model_dir: Path, adapter: Path | None, pairs: Path) -> d
     def logp(prompt: list[int], answer: list[int]) -> float:
         ids = torch.tensor([prompt + answer])
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
         return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(answer)[:, None]).sum())
 
     kinds = [json.loads(line).get("mistake") for line in pairs.open(encoding="utf-8")]
@@ -99,14 +100,21 @@ def preference_accuracy(model_dir: Path, adapter: Path | None, pairs: Path) -> d
         margins.append(logp(row["prompt_ids"], row["chosen_ids"]) - logp(row["prompt_ids"], row["rejected_ids"]))
     own = [m for m, k in zip(margins, kinds) if k == "sft-own"]
     n = max(1, len(margins))
-    return {"accuracy": sum(m > 0 for m in margins) / n, "margin": sum(margins) / n,
-            "own_accuracy": sum(m > 0 for m in own) / len(own) if own else None, "own_pairs": len(own)}
+    return {
+        "accuracy": sum(m > 0 for m in margins) / n,
+        "margin": sum(margins) / n,
+        "own_accuracy": sum(m > 0 for m in own) / len(own) if own else None,
+        "own_pairs": len(own),
+    }
 
 
 def f1(adapter: Path, pairs: Path, tag: str) -> dict[str, Any]:
     out = OUT / f"eval-{tag}"
-    run([sys.executable, "-m", "app", "evaluate", f"ADAPTER_DIR={adapter}", f"EVAL_PATH={pairs}", f"EVAL_DIR={out}"],
-        f"evaluate {tag}", app_env())
+    run(
+        [sys.executable, "-m", "app", "evaluate", f"ADAPTER_DIR={adapter}", f"EVAL_PATH={pairs}", f"EVAL_DIR={out}"],
+        f"evaluate {tag}",
+        app_env(),
+    )
     r = json.loads((out / "report.json").read_text())
     return {"f1": r["triplet_f1"], "json_valid_rate": r.get("json_valid_rate"), "n": r.get("n_samples")}
 
@@ -125,26 +133,59 @@ def main() -> int:
     setup_logging()
     OUT.mkdir(parents=True, exist_ok=True)
     if not (SFT / "summary.json").is_file():
-        run([sys.executable, "-m", "app", "demo", f"DEMO_MINUTES={a.demo_minutes}"], "make demo (the SFT model)",
-            app_env())
+        run(
+            [sys.executable, "-m", "app", "demo", f"DEMO_MINUTES={a.demo_minutes}"],
+            "make demo (the SFT model)",
+            app_env(),
+        )
     train, heldout = write_pairs(a.train, a.heldout, a.seed)
     t0, load = time.time(), os.getloadavg()[0]
     sft_f1 = f1(SFT, heldout, "sft")
     f1(SFT, train, "sft-train")  # the SFT model's own answers to the training prompts
-    own = {"train": on_policy(train, OUT / "eval-sft-train" / "predictions.jsonl"),
-           "heldout": on_policy(heldout, OUT / "eval-sft" / "predictions.jsonl")}
+    own = {
+        "train": on_policy(train, OUT / "eval-sft-train" / "predictions.jsonl"),
+        "heldout": on_policy(heldout, OUT / "eval-sft" / "predictions.jsonl"),
+    }
     before = {**preference_accuracy(SFT, None, heldout), **sft_f1}
     run_dir = OUT / "run"
-    run([sys.executable, "-m", "app", "train", "STAGE=dpo", f"MODEL_NAME={SFT}", f"DATA_PATH={train}",
-         f"OUTPUT_DIR={run_dir}", "OVERWRITE=1", "METHOD=lora", "QUANT_LEVEL=none", f"NUM_EPOCHS={a.epochs}",
-         f"LEARNING_RATE={a.lr}", f"PREF_BETA={a.beta}", f"PREF_FTX={a.ftx}", "BATCH_SIZE=4", "GRAD_ACCUM=2",
-         "VAL_SIZE=0",
-         "REPORT_TO=none", f"SEED={a.seed}"], "train STAGE=dpo", app_env())
+    run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "train",
+            "STAGE=dpo",
+            f"MODEL_NAME={SFT}",
+            f"DATA_PATH={train}",
+            f"OUTPUT_DIR={run_dir}",
+            "OVERWRITE=1",
+            "METHOD=lora",
+            "QUANT_LEVEL=none",
+            f"NUM_EPOCHS={a.epochs}",
+            f"LEARNING_RATE={a.lr}",
+            f"PREF_BETA={a.beta}",
+            f"PREF_FTX={a.ftx}",
+            "BATCH_SIZE=4",
+            "GRAD_ACCUM=2",
+            "VAL_SIZE=0",
+            "REPORT_TO=none",
+            f"SEED={a.seed}",
+        ],
+        "train STAGE=dpo",
+        app_env(),
+    )
     after = {**preference_accuracy(SFT, run_dir, heldout), **f1(run_dir, heldout, "dpo")}
     summary = json.loads((run_dir / "summary.json").read_text())
-    result = {"args": vars(a), "before": before, "after": after, "load_start": round(load, 2), "sft_own": own,
-              "loadavg_end": [round(x, 2) for x in os.getloadavg()], "minutes": round((time.time() - t0) / 60, 1),
-              "dpo": {k: summary.get(k) for k in ("steps", "seconds", "train_loss", "tokens_per_s", "peak_rss_mb")}}
+    result = {
+        "args": vars(a),
+        "before": before,
+        "after": after,
+        "load_start": round(load, 2),
+        "sft_own": own,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+        "minutes": round((time.time() - t0) / 60, 1),
+        "dpo": {k: summary.get(k) for k in ("steps", "seconds", "train_loss", "tokens_per_s", "peak_rss_mb")},
+    }
     write_json(Path("bench/demo-dpo.json"), result)
     text = report(result)
     atomic_write_text(Path("bench/demo-dpo.md"), text)
@@ -160,27 +201,36 @@ def report(r: dict[str, Any]) -> str:
     b, a, d = r["before"], r["after"], r["dpo"]
     acc_ok, f1_ok = a["accuracy"] >= ACCURACY_TARGET, (a["f1"] or 0) >= (b["f1"] or 0)
     args = r["args"]
-    return "\n".join([
-        "# Preference demo: SFT, then DPO, judged on held-out pairs", "",
-        f"`python -m bench.demo_dpo`. The SFT model is `make demo`'s ({SFT}). DPO: `python -m app train STAGE=dpo "
-        f"MODEL_NAME={SFT}` on {args['train']} pairs for new prompts: chosen = the gold triplets; rejected = the SFT "
-        f"model's own answer where it was wrong ({r['sft_own']['train']} of them: the negatives DPO is for), else "
-        f"one synthetic mistake (a missing triplet, subject and object swapped, a wrong predicate or an invented "
-        f"entity, which this SFT model already ranks below the gold with a wide margin); a new "
-        f"LoRA adapter, reference = the SFT model (adapter off), {args['epochs']} epochs, learning rate {args['lr']}, "
-        f"PREF_BETA={args['beta']}, PREF_FTX={args['ftx']}: {d['steps']} steps in {d['seconds']:.0f} s, peak RSS {d['peak_rss_mb']:,.0f} MB. "
-        f"Judged on {args['heldout']} held-out pairs whose prompts neither training saw, built the same way "
-        f"({r['sft_own']['heldout']} with the SFT model's own wrong answer). Load average "
-        f"{r['load_start']:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end.", "",
-        "| | SFT (make demo) | SFT + DPO |", "|---|---|---|",
-        f"| preference accuracy (chosen log-prob above rejected) | {b['accuracy']:.3f} | {a['accuracy']:.3f} |",
-        f"| ... on the {b['own_pairs']} pairs whose rejected answer is the SFT model's own wrong answer | "
-        f"{_share(b['own_accuracy'])} | {_share(a['own_accuracy'])} |",
-        f"| mean log-prob margin, chosen - rejected (nats) | {b['margin']:.2f} | {a['margin']:.2f} |",
-        f"| triplet F1 (make evaluate on the held-out prompts) | {b['f1']:.4f} | {a['f1']:.4f} |", "",
-        "## Targets", "",
-        f"- preference accuracy after DPO >= {ACCURACY_TARGET}: {a['accuracy']:.3f} -> {'PASS' if acc_ok else 'FAIL'}",
-        f"- F1 no lower than SFT alone: {a['f1']:.4f} vs {b['f1']:.4f} -> {'PASS' if f1_ok else 'FAIL'}", ""])
+    return "\n".join(
+        [
+            "# Preference demo: SFT, then DPO, judged on held-out pairs",
+            "",
+            f"`python -m bench.demo_dpo`. The SFT model is `make demo`'s ({SFT}). DPO: `python -m app train STAGE=dpo "
+            f"MODEL_NAME={SFT}` on {args['train']} pairs for new prompts: chosen = the gold triplets; rejected = the SFT "
+            f"model's own answer where it was wrong ({r['sft_own']['train']} of them: the negatives DPO is for), else "
+            f"one synthetic mistake (a missing triplet, subject and object swapped, a wrong predicate or an invented "
+            f"entity, which this SFT model already ranks below the gold with a wide margin); a new "
+            f"LoRA adapter, reference = the SFT model (adapter off), {args['epochs']} epochs, learning rate {args['lr']}, "
+            f"PREF_BETA={args['beta']}, PREF_FTX={args['ftx']}: {d['steps']} steps in {d['seconds']:.0f} s, peak RSS {d['peak_rss_mb']:,.0f} MB. "
+            f"Judged on {args['heldout']} held-out pairs whose prompts neither training saw, built the same way "
+            f"({r['sft_own']['heldout']} with the SFT model's own wrong answer). Load average "
+            f"{r['load_start']:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end.",
+            "",
+            "| | SFT (make demo) | SFT + DPO |",
+            "|---|---|---|",
+            f"| preference accuracy (chosen log-prob above rejected) | {b['accuracy']:.3f} | {a['accuracy']:.3f} |",
+            f"| ... on the {b['own_pairs']} pairs whose rejected answer is the SFT model's own wrong answer | "
+            f"{_share(b['own_accuracy'])} | {_share(a['own_accuracy'])} |",
+            f"| mean log-prob margin, chosen - rejected (nats) | {b['margin']:.2f} | {a['margin']:.2f} |",
+            f"| triplet F1 (make evaluate on the held-out prompts) | {b['f1']:.4f} | {a['f1']:.4f} |",
+            "",
+            "## Targets",
+            "",
+            f"- preference accuracy after DPO >= {ACCURACY_TARGET}: {a['accuracy']:.3f} -> {'PASS' if acc_ok else 'FAIL'}",
+            f"- F1 no lower than SFT alone: {a['f1']:.4f} vs {b['f1']:.4f} -> {'PASS' if f1_ok else 'FAIL'}",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

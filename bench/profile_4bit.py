@@ -8,6 +8,7 @@ the 8 GB tier plans it, then one training step of a DuIE sample under torch.prof
 the head (bf16, not quantized) are left out: the profiled step is the decoder's, its loss a stand-in.
 Run by bench/bench_speed.py (`make bench`); its section goes into bench/results.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,12 +62,26 @@ def category(op: str) -> str:
 def profile_4bit(data: Path, tokens: int, threads: int, run: Any, env: dict[str, str]) -> dict[str, Any]:
     """One profiled step of the 2-layer 6B-shaped model at 4-bit on a sample of about ``tokens`` tokens."""
     model = build_random_glm(NAME)
-    values = {"MODEL_NAME": str(model), "DATA_PATH": str(data), "OUTPUT_DIR": "bench/results/profile-4bit",
-              "MAX_SAMPLES": 200, "VAL_SIZE": 0, "MAX_SEQ_LEN": 336, "BATCH_SIZE": 1, "GRAD_ACCUM": 1,
-              "QUANT_LEVEL": "4bit", "GRADIENT_CHECKPOINTING": "on", "TIER": "none", "NUM_THREADS": threads,
-              "SEED": 42}
-    proc, _, _ = run([sys.executable, "-c", PROFILE, json.dumps(values), str(tokens)],
-                     "profile: one 4-bit step of two 6B-shaped layers", env)
+    values = {
+        "MODEL_NAME": str(model),
+        "DATA_PATH": str(data),
+        "OUTPUT_DIR": "bench/results/profile-4bit",
+        "MAX_SAMPLES": 200,
+        "VAL_SIZE": 0,
+        "MAX_SEQ_LEN": 336,
+        "BATCH_SIZE": 1,
+        "GRAD_ACCUM": 1,
+        "QUANT_LEVEL": "4bit",
+        "GRADIENT_CHECKPOINTING": "on",
+        "TIER": "none",
+        "NUM_THREADS": threads,
+        "SEED": 42,
+    }
+    proc, _, _ = run(
+        [sys.executable, "-c", PROFILE, json.dumps(values), str(tokens)],
+        "profile: one 4-bit step of two 6B-shaped layers",
+        env,
+    )
     prof = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PROFILE "))[8:])
     groups: dict[str, float] = {}
     for r in prof["rows"]:
@@ -77,8 +92,7 @@ def profile_4bit(data: Path, tokens: int, threads: int, run: Any, env: dict[str,
     layer = CHATGLM3_6B
     h, f, kv = layer["hidden_size"], layer["intermediate_size"], layer["num_key_value_heads"] * layer["head_dim"]
     params_per_layer = h * (h + 2 * kv) + h * h + 3 * h * f
-    return {"tokens": prof["tokens"], "groups": groups, "top": top, "params_per_layer": params_per_layer,
-            "layers": 2}
+    return {"tokens": prof["tokens"], "groups": groups, "top": top, "params_per_layer": params_per_layer, "layers": 2}
 
 
 def section(p: dict[str, Any], peak_bf16: float) -> list[str]:
@@ -89,21 +103,31 @@ def section(p: dict[str, Any], peak_bf16: float) -> list[str]:
     # checkpointing: forward, recomputed forward, backward (input gradients): 8 FLOPs per weight and token
     flops = 8 * p["params_per_layer"] * p["layers"] * p["tokens"]
     mm_rate = flops / (mm / 1000) / 1e9 if mm else 0.0
-    lines = ["", f"## Where a 6B 4-bit step goes (bench/profile_4bit.py: two ChatGLM3-6B-shaped layers, QUANT_LEVEL=4bit, "
-                 f"checkpointing on, one sample of {p['tokens']} tokens, as the 8 GB tier runs it)", "",
-             "| category (the two decoder layers) | ms | share |", "|---|---|---|"]
-    lines += [f"| {k} | {v:,.0f} | {100 * v / total:.0f}% |" for k, v in sorted(layer_work.items(), key=lambda kv: -kv[1])]
+    lines = [
+        "",
+        f"## Where a 6B 4-bit step goes (bench/profile_4bit.py: two ChatGLM3-6B-shaped layers, QUANT_LEVEL=4bit, "
+        f"checkpointing on, one sample of {p['tokens']} tokens, as the 8 GB tier runs it)",
+        "",
+        "| category (the two decoder layers) | ms | share |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v:,.0f} | {100 * v / total:.0f}% |" for k, v in sorted(layer_work.items(), key=lambda kv: -kv[1])
+    ]
     lines += ["", "| op (self CPU time) | ms | calls |", "|---|---|---|"]
     lines += [f"| `{x['op']}` | {x['ms']:,.0f} | {x['calls']} |" for x in p["top"]]
-    lines += ["", f"The layers' matmuls ran at {mm_rate:,.0f} GFLOP/s ({100 * mm_rate / peak_bf16:.0f}% of the bf16 "
-                  f"peak) on {p['tokens']}-row inputs, and the whole layer step at "
-                  f"{flops / (total / 1000) / 1e9:,.0f} GFLOP/s ({100 * flops / (total / 1000) / 1e9 / peak_bf16:.0f}%), "
-                  f"counting 8 FLOPs per weight and token (forward, the checkpointed recompute, input gradients). "
-                  f"bitsandbytes unpacks every 4-bit weight to bf16 three times a step (forward, recompute, backward) "
-                  f"before its matmul: {100 * deq / total:.0f}% of the layers' time. That share does not shrink with "
-                  f"faster matmuls, only with more tokens per unpacked weight (a longer micro-batch, which 8 GB does "
-                  f"not hold) or a fused 4-bit matmul (bitsandbytes' CPU one comes from the kernels hub, "
-                  f"`kernels-community/quantization-bitsandbytes`, unreachable here, and covers the forward only)."]
+    lines += [
+        "",
+        f"The layers' matmuls ran at {mm_rate:,.0f} GFLOP/s ({100 * mm_rate / peak_bf16:.0f}% of the bf16 "
+        f"peak) on {p['tokens']}-row inputs, and the whole layer step at "
+        f"{flops / (total / 1000) / 1e9:,.0f} GFLOP/s ({100 * flops / (total / 1000) / 1e9 / peak_bf16:.0f}%), "
+        f"counting 8 FLOPs per weight and token (forward, the checkpointed recompute, input gradients). "
+        f"bitsandbytes unpacks every 4-bit weight to bf16 three times a step (forward, recompute, backward) "
+        f"before its matmul: {100 * deq / total:.0f}% of the layers' time. That share does not shrink with "
+        f"faster matmuls, only with more tokens per unpacked weight (a longer micro-batch, which 8 GB does "
+        f"not hold) or a fused 4-bit matmul (bitsandbytes' CPU one comes from the kernels hub, "
+        f"`kernels-community/quantization-bitsandbytes`, unreachable here, and covers the forward only).",
+    ]
     return lines
 
 

@@ -11,6 +11,7 @@ against. bench/bench_speed.py runs it in its own process:
 
 Each writes one JSON line of results (wall time, tokens, losses, peak RSS) to --result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def load_records(path: str, limit: int) -> list[dict]:
 
 
 def prompt_of(tokenizer, context: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": context}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def train(a: argparse.Namespace) -> dict:
@@ -45,20 +47,44 @@ def train(a: argparse.Namespace) -> dict:
     for rec in load_records(a.data, a.samples):
         p = tok(prompt_of(tok, rec["context"]), add_special_tokens=False)["input_ids"]
         t = tok(rec["target"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids, labels = (p + t)[:a.max_seq_len], ([-100] * len(p) + t)[:a.max_seq_len]
+        ids, labels = (p + t)[: a.max_seq_len], ([-100] * len(p) + t)[: a.max_seq_len]
         useful += len(ids)
         pad = a.max_seq_len - len(ids)
-        features.append({"input_ids": ids + [tok.pad_token_id] * pad, "labels": labels + [-100] * pad,
-                         "attention_mask": [1] * len(ids) + [0] * pad})
+        features.append(
+            {
+                "input_ids": ids + [tok.pad_token_id] * pad,
+                "labels": labels + [-100] * pad,
+                "attention_mask": [1] * len(ids) + [0] * pad,
+            }
+        )
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                                             target_modules=a.targets.split(","), task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=a.lora_r,
+            lora_alpha=a.lora_alpha,
+            lora_dropout=a.lora_dropout,
+            target_modules=a.targets.split(","),
+            task_type="CAUSAL_LM",
+        ),
+    )
     args = TrainingArguments(
-        output_dir=a.out, num_train_epochs=a.epochs, per_device_train_batch_size=a.batch,
-        gradient_accumulation_steps=a.grad_accum, learning_rate=a.lr, lr_scheduler_type="cosine",
-        warmup_steps=a.warmup_ratio, logging_steps=1, save_strategy="no", report_to="none", seed=a.seed,
-        use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+        output_dir=a.out,
+        num_train_epochs=a.epochs,
+        per_device_train_batch_size=a.batch,
+        gradient_accumulation_steps=a.grad_accum,
+        learning_rate=a.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=a.warmup_ratio,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=a.seed,
+        use_cpu=True,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=default_data_collator)
     t0 = time.perf_counter()
     out = trainer.train()
@@ -66,9 +92,15 @@ def train(a: argparse.Namespace) -> dict:
     model.save_pretrained(a.out)
     tok.save_pretrained(a.out)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"seconds": seconds, "useful_tokens": useful * a.epochs, "padded_tokens": len(features) * a.max_seq_len
-            * a.epochs, "steps": trainer.state.global_step, "train_loss": out.training_loss, "losses": losses,
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "seconds": seconds,
+        "useful_tokens": useful * a.epochs,
+        "padded_tokens": len(features) * a.max_seq_len * a.epochs,
+        "steps": trainer.state.global_step,
+        "train_loss": out.training_loss,
+        "losses": losses,
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def generate(a: argparse.Namespace) -> dict:
@@ -79,17 +111,17 @@ def generate(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32),
-                                      a.adapter).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32), a.adapter
+    ).eval()
     prompts = [prompt_of(tok, r["context"]) for r in load_records(a.data, a.prompts)]
     new_tokens, outputs = 0, []
     t0 = time.perf_counter()
     for p in prompts:
         enc = tok(p, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        new = out[0, enc["input_ids"].shape[1]:]
+            out = model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, enc["input_ids"].shape[1] :]
         new_tokens += int(new.numel())
         outputs.append(tok.decode(new, skip_special_tokens=True))
     seconds = time.perf_counter() - t0

@@ -6,6 +6,7 @@ bf16, and the tiny GLM's tokenizer (its ids are a subset of the vocabulary). The
 one decoder layer at a time into ~2 GB safetensors shards with an index, as a hub checkpoint is laid
 out, so building a 9B model never holds more than one shard in memory. Free disk is checked first.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,16 @@ from app.core.utils import built_whole
 log = logging.getLogger("bench")
 
 # ChatGLM3-6B: hidden 4096, 28 layers, ffn 13696, multi-query attention with 2 KV groups, vocab 65024.
-CHATGLM3_6B = dict(hidden_size=4096, intermediate_size=13696, num_hidden_layers=28, num_attention_heads=32,
-                   num_key_value_heads=2, head_dim=128, max_position_embeddings=8192, vocab_size=65024)
+CHATGLM3_6B = dict(
+    hidden_size=4096,
+    intermediate_size=13696,
+    num_hidden_layers=28,
+    num_attention_heads=32,
+    num_key_value_heads=2,
+    head_dim=128,
+    max_position_embeddings=8192,
+    vocab_size=65024,
+)
 # GLM-4-9B: the same block, 40 layers and GLM-4's 151,552-token vocabulary.
 GLM4_9B = {**CHATGLM3_6B, "num_hidden_layers": 40, "vocab_size": 151552}
 SHAPES = {"chatglm3-6b": CHATGLM3_6B, "glm4-9b": GLM4_9B}
@@ -58,8 +67,10 @@ def build_random_glm(name: str, models_dir: Path = Path("models"), seed: int = 0
     need = sum(math.prod(s) for s in shapes.values()) * 2
     free = shutil.disk_usage(models_dir).free
     if free < need + 2 * 2**30:  # and 2 GB to spare for the runs' outputs
-        raise SystemExit(f"bench-scale: {name} needs {need / 2**30:.1f} GB of disk in {models_dir}, "
-                         f"{free / 2**30:.1f} GB free; free some space or run with --models chatglm3-6b")
+        raise SystemExit(
+            f"bench-scale: {name} needs {need / 2**30:.1f} GB of disk in {models_dir}, "
+            f"{free / 2**30:.1f} GB free; free some space or run with --models chatglm3-6b"
+        )
     log.info("building %s: %.2fB parameters, %.1f GB of bf16 shards in %s", name, need / 2 / 1e9, need / 2**30, out)
     gen = torch.Generator().manual_seed(seed)
     with built_whole(out) as tmp:

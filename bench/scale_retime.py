@@ -6,6 +6,7 @@ evaluates the same model (app/plan/timing.py) at both lengths, in a fresh proces
 the run had, and scales the run's own prediction by the ratio: the probe's own run-to-run noise cancels.
 Prints one JSON object: {"ratio": T(measured tokens) / T(predicted tokens), "seq_predicted", "seq_measured"}.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def ratio(run: Path, model: Path, tokens_per_step: float, released: bool) -> dic
     seq_pred = summary["predicted_tokens_per_step"] / per_sample
     seq_meas = tokens_per_step / per_sample
     head_share = summary.get("predicted_head_share", 1.0)
-    at = {seq: predict_step_time(cfg, shape, summary.get("predicted_steps", 1), seq, head_share).step_s
-          for seq in (seq_pred, seq_meas)}
+    at = {
+        seq: predict_step_time(cfg, shape, summary.get("predicted_steps", 1), seq, head_share).step_s
+        for seq in (seq_pred, seq_meas)
+    }
     return {"ratio": at[seq_meas] / at[seq_pred], "seq_predicted": seq_pred, "seq_measured": seq_meas}
 
 

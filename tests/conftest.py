@@ -15,6 +15,7 @@ tests/test_suite_guards.py checks it).
 Everything that imports ``app`` does so inside the fixture: tests/test_suite_guards.py runs a copy of
 this file in a throw-away project.
 """
+
 from __future__ import annotations
 
 import os
@@ -91,18 +92,25 @@ def pytest_collection_modifyitems(config, items):
     used = set()
     for item in items:
         for prefix in SLOW:
-            if item.nodeid == prefix or item.nodeid.startswith(prefix + "::") or \
-                    item.nodeid.startswith(prefix + "["):
+            if item.nodeid == prefix or item.nodeid.startswith(prefix + "::") or item.nodeid.startswith(prefix + "["):
                 item.add_marker(pytest.mark.slow)
                 used.add(prefix)
     files = {item.nodeid.split("::", 1)[0] for item in items}
-    stale = [p for p in SLOW if p not in used and p.split("::", 1)[0] in files and "::" in p and
-             not config.getoption("keyword") and not config.getoption("markexpr")]
+    stale = [
+        p
+        for p in SLOW
+        if p not in used
+        and p.split("::", 1)[0] in files
+        and "::" in p
+        and not config.getoption("keyword")
+        and not config.getoption("markexpr")
+    ]
     if stale:
         raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {', '.join(stale)}")
 
 
 # ---- the checkout stays as it was -------------------------------------------------------------------
+
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
     """relative path -> (size, mtime) of every file under the checkout but the venv, git and caches."""
@@ -119,9 +127,20 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-_EDITED_FILES = {"Makefile", "README.md", "CONTRIBUTING.md", "Dockerfile", "Dockerfile.cuda", "docker-compose.yml",
-                 "docker-compose.cuda.yml", "pyproject.toml", "requirements.txt", ".env.template", ".gitignore",
-                 ".dockerignore"}
+_EDITED_FILES = {
+    "Makefile",
+    "README.md",
+    "CONTRIBUTING.md",
+    "Dockerfile",
+    "Dockerfile.cuda",
+    "docker-compose.yml",
+    "docker-compose.cuda.yml",
+    "pyproject.toml",
+    "requirements.txt",
+    ".env.template",
+    ".gitignore",
+    ".dockerignore",
+}
 
 
 def _source(path: str) -> bool:
@@ -134,11 +153,17 @@ def _guard(request):
     before = _tree(REPO)
     yield
     after = _tree(REPO)
-    changed = sorted(p for p in set(before) ^ set(after) | {p for p in set(before) & set(after) if before[p] != after[p]}
-                     if not _source(p))
+    changed = sorted(
+        p
+        for p in set(before) ^ set(after) | {p for p in set(before) & set(after) if before[p] != after[p]}
+        if not _source(p)
+    )
     if changed:
-        pytest.fail(f"{request.node.nodeid} wrote into the checkout: {', '.join(changed[:8])}; write under "
-                    "tmp_path (monkeypatch.chdir(tmp_path)) instead", pytrace=False)
+        pytest.fail(
+            f"{request.node.nodeid} wrote into the checkout: {', '.join(changed[:8])}; write under "
+            "tmp_path (monkeypatch.chdir(tmp_path)) instead",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -158,13 +183,13 @@ def _checkout_untouched_by_module_fixtures(request):
 
 # ---- the real data ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
     """../shared/data/duie-mixed, or a skip naming it; with REQUIRE_REAL_DATA=1 (CI) a failure instead."""
     if (REAL_DATA_DIR / "train.jsonl").is_file() and (REAL_DATA_DIR / "dev.jsonl").is_file():
         return REAL_DATA_DIR
-    why = (f"the real DuIE data is not beside this checkout ({REAL_DATA_DIR}/train.jsonl and dev.jsonl; "
-           "CI provides it)")
+    why = f"the real DuIE data is not beside this checkout ({REAL_DATA_DIR}/train.jsonl and dev.jsonl; CI provides it)"
     if os.environ.get("REQUIRE_REAL_DATA", "0") not in ("", "0"):
         pytest.fail(f"REQUIRE_REAL_DATA=1: {why}", pytrace=False)
     pytest.skip(why)
@@ -234,6 +259,7 @@ def memory_cgroup():
 
 # ---- the command line, in this process -----------------------------------------------------------------
 
+
 @pytest.fixture
 def cli(monkeypatch, tmp_path, caplog, capsys):
     """main(argv) in this process, in tmp_path, with none of the shell's settings; returns
@@ -265,13 +291,17 @@ def cli(monkeypatch, tmp_path, caplog, capsys):
 
 # ---- "byte-for-byte as it was" ----------------------------------------------------------------------------
 
+
 def _snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[str, int]]:
     """relative path -> (sha256, mtime_ns) of every file under ``root`` but those under ``skip``:
     a changed, added or removed file shows."""
     import hashlib
 
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not str(p.relative_to(root)).startswith(skip)
+    }
 
 
 @pytest.fixture
@@ -330,8 +360,15 @@ def run_app(tmp_path):
     import sys
 
     def run(argv, cwd=None, timeout=600, preexec_fn=None, **env) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "app", *map(str, argv)], cwd=cwd or tmp_path, env=app_env(**env),
-                              capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+        return subprocess.run(
+            [sys.executable, "-m", "app", *map(str, argv)],
+            cwd=cwd or tmp_path,
+            env=app_env(**env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=preexec_fn,
+        )
 
     return run
 
@@ -366,9 +403,14 @@ class AppProcess:
 
         self.log, self.mark = log, uuid.uuid4().hex
         with log.open("w") as stderr:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app", *map(str, argv)], cwd=cwd,
-                                         env=app_env(**{MARK: self.mark}), stdout=subprocess.DEVNULL, stderr=stderr,
-                                         **popen)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "app", *map(str, argv)],
+                cwd=cwd,
+                env=app_env(**{MARK: self.mark}),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                **popen,
+            )
         self.pid = self.proc.pid
 
     def caused(self) -> list[str]:
@@ -476,8 +518,13 @@ class ServeProcess:
         import httpx2 as httpx
 
         content = body if isinstance(body, (bytes, str)) else json.dumps(body)
-        return httpx.post(self.url + path, content=content, headers={"content-type": "application/json",
-                                                                      **(headers or {})}, timeout=120, **kw)
+        return httpx.post(
+            self.url + path,
+            content=content,
+            headers={"content-type": "application/json", **(headers or {})},
+            timeout=120,
+            **kw,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -488,10 +535,12 @@ def serve_process():
 
 # ---- training runs: data, the golden recipe, what a run logged -------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def make_data(tmp_path_factory):
     """make(n_train=80, n_dev=10, seed=1) -> a fresh temp dir holding synthetic train.jsonl and dev.jsonl
     (app.data.synthetic.write_dataset). Session-scoped, so module-scoped fixtures can use it too."""
+
     def make(n_train: int = 80, n_dev: int = 10, seed: int = 1) -> Path:
         from app.data.synthetic import write_dataset
 
@@ -524,11 +573,25 @@ def tiny_project(tmp_path, monkeypatch, tiny_glm_dir, make_data):
 def _recipe(model_dir, data_dir, out_dir, **extra):
     from app.config import Config
 
-    values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-              "OUTPUT_DIR": str(out_dir), "MAX_SAMPLES": 40, "MAX_STEPS": 6, "BATCH_SIZE": 2, "GRAD_ACCUM": 2,
-              "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0, "LOGGING_STEPS": 1, "EVAL_STEPS": 3, "SAVE_STEPS": 3,
-              "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2, "QUANT_LEVEL": "none",
-              "PRECISION": "fp32"}  # machine-independent goldens (auto is bf16 on CPUs that have it)
+    values = {
+        "MODEL_NAME": str(model_dir),
+        "DATA_PATH": str(data_dir / "train.jsonl"),
+        "OUTPUT_DIR": str(out_dir),
+        "MAX_SAMPLES": 40,
+        "MAX_STEPS": 6,
+        "BATCH_SIZE": 2,
+        "GRAD_ACCUM": 2,
+        "LEARNING_RATE": 1e-2,
+        "WARMUP_RATIO": 0,
+        "LOGGING_STEPS": 1,
+        "EVAL_STEPS": 3,
+        "SAVE_STEPS": 3,
+        "MAX_SEQ_LEN": 256,
+        "SEED": 0,
+        "NUM_THREADS": 2,
+        "QUANT_LEVEL": "none",
+        "PRECISION": "fp32",
+    }  # machine-independent goldens (auto is bf16 on CPUs that have it)
     values.update(extra)
     return Config.from_dict(values)
 
@@ -595,6 +658,7 @@ def greedy_reference():
 
 
 # ---- the web UI: a project, the UI serving it, a real browser ---------------------------------------------
+
 
 def _start_webui(start, settings: tuple[str, ...], cwd: Path | None) -> tuple[str, "AppProcess"]:
     """`python -m app webui` on a free port through ``start`` (app_process / module_app_process), waited for until
@@ -664,14 +728,20 @@ def _learn_briefly(base: Path, steps: int) -> None:
     from app.data.synthetic import generate_samples
 
     tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base)
-    texts = [prompt_text(tok, [{"role": "user", "content": s["context"]}]) + s["target"] + tok.eos_token
-             for s in generate_samples(64, seed=1)]
+    texts = [
+        prompt_text(tok, [{"role": "user", "content": s["context"]}]) + s["target"] + tok.eos_token
+        for s in generate_samples(64, seed=1)
+    ]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     model.train()
     for step in range(steps):
-        batch = tok([texts[(step * 4 + i) % len(texts)] for i in range(4)], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
+        batch = tok(
+            [texts[(step * 4 + i) % len(texts)] for i in range(4)],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(**batch, labels=labels).loss.backward()
         opt.step()
@@ -709,6 +779,7 @@ def artifacts() -> Path:
 
 # ---- a small disk, for the full-disk tests -----------------------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path):
     """small_disk(size) -> a fresh tmpfs of ``size`` (e.g. "2m") mounted under tmp_path, unmounted after the
@@ -721,8 +792,9 @@ def small_disk(tmp_path):
     def mount(size: str) -> Path:
         where = tmp_path / f"disk-{len(mounted)}"
         where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
         if proc.returncode != 0:
             why = f"cannot mount a {size} tmpfs to fill (needs root): {proc.stderr.strip() or proc.returncode}"
             if os.environ.get("REQUIRE_TMPFS", "0") not in ("", "0"):
@@ -755,6 +827,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 # ---- the serve engine in process, with jobs staged at known steps (test_serve.py, test_serve_llamacpp.py) ----
+
 
 class _Staged:
     """An in-process engine on a tiny model, and jobs run on it; each event as (job, kind, ...), in the worker's
@@ -799,6 +872,7 @@ class _Staged:
                     hook(events)
                 if sum(e[1] in ("done", "error") for e in events) == len(jobs):
                     ended.set()
+
             return one
 
         submit(0)
@@ -809,12 +883,14 @@ class _Staged:
         self.engine.stop()
 
 
-
-
 def _answers(events: list[tuple]) -> dict[int, tuple]:
-    return {k: ("".join(e[2] for e in events if e[:2] == (k, "delta")),
-                next(e[1:] for e in events if e[0] == k and e[1] in ("done", "error")))
-            for k in sorted({e[0] for e in events})}
+    return {
+        k: (
+            "".join(e[2] for e in events if e[:2] == (k, "delta")),
+            next(e[1:] for e in events if e[0] == k and e[1] in ("done", "error")),
+        )
+        for k in sorted({e[0] for e in events})
+    }
 
 
 def _joined(events: list[tuple]) -> dict[int, bool]:

@@ -7,6 +7,7 @@ process (as an unprivileged user when the suite runs as root, who may write anyw
 disk is simulated by making the save raise ENOSPC. tests/test_cli.py and tests/test_data.py cover
 more file-level cases (missing file, unsupported suffix, .json that is not an array, ...).
 """
+
 import errno
 import json
 import os
@@ -27,8 +28,14 @@ def previous_run(out: Path) -> None:
     tool's run as training marks it (app.core.ownership)."""
     from app.core import ownership
 
-    names = ("adapter_config.json", "adapter_model.safetensors", "train_config.json", "metrics.jsonl", "best",
-             "summary.json")
+    names = (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "train_config.json",
+        "metrics.jsonl",
+        "best",
+        "summary.json",
+    )
     ownership.claim(out, "train")
     ownership.register(out, names)
     (out / "best").mkdir()
@@ -45,6 +52,7 @@ def _write(name, content):
         else:
             p.write_text(content, encoding="utf-8")
         return name
+
     return make
 
 
@@ -57,15 +65,26 @@ GOOD = json.dumps({"context": "抽取：张三出生于北京。", "target": "[]
 # case -> (DATA_PATH maker or None, extra settings, what the one line must contain)
 CASES = {
     "empty data file": (_write("empty.jsonl", ""), [], ["DATA_PATH=empty.jsonl", "empty", "make data"]),
-    "non-UTF-8 bytes": (_write("gbk.csv", "context,target\n你好,世界\n".encode("gbk")), [],
-                        ["DATA_PATH=gbk.csv", "line 2", "not UTF-8", "iconv"]),
+    "non-UTF-8 bytes": (
+        _write("gbk.csv", "context,target\n你好,世界\n".encode("gbk")),
+        [],
+        ["DATA_PATH=gbk.csv", "line 2", "not UTF-8", "iconv"],
+    ),
     "malformed JSON past the tolerated share": (
-        _write("bad.jsonl", "\n".join([GOOD, "{oops", GOOD, "not json", GOOD]) + "\n"), [],
-        ["DATA_PATH=bad.jsonl", "2 of 5", "line 2: bad JSON", "line 4: bad JSON", "MAX_BAD_RATIO"]),
-    "missing fields": (_write("nofield.jsonl", '{"context": "q1"}\n{"context": "q2"}\n'), [],
-                       ["DATA_PATH=nofield.jsonl", "missing field 'target'", "lines 1, 2", "DATA_FORMAT"]),
-    "unknown record format": (_write("odd.jsonl", '{"prompt": "p", "completion": "c"}\n'), [],
-                              ["DATA_PATH=odd.jsonl", "line 1", "record format", "DATA_FORMAT"]),
+        _write("bad.jsonl", "\n".join([GOOD, "{oops", GOOD, "not json", GOOD]) + "\n"),
+        [],
+        ["DATA_PATH=bad.jsonl", "2 of 5", "line 2: bad JSON", "line 4: bad JSON", "MAX_BAD_RATIO"],
+    ),
+    "missing fields": (
+        _write("nofield.jsonl", '{"context": "q1"}\n{"context": "q2"}\n'),
+        [],
+        ["DATA_PATH=nofield.jsonl", "missing field 'target'", "lines 1, 2", "DATA_FORMAT"],
+    ),
+    "unknown record format": (
+        _write("odd.jsonl", '{"prompt": "p", "completion": "c"}\n'),
+        [],
+        ["DATA_PATH=odd.jsonl", "line 1", "record format", "DATA_FORMAT"],
+    ),
     "unknown DATA_FORMAT": (None, ["DATA_FORMAT=xml"], ["DATA_FORMAT='xml'", "context_target"]),
     "unsupported file type": (_write("train.xlsx", "x"), [], ["DATA_PATH=train.xlsx", ".jsonl"]),
     "data path is a directory": (_directory, [], ["DATA_PATH=train_dir is a directory", "data file"]),
@@ -75,8 +94,11 @@ CASES = {
     "BATCH_SIZE=0": (None, ["BATCH_SIZE=0"], ["BATCH_SIZE=0", ">= 1"]),
     "QUANT_LEVEL=3bit": (None, ["QUANT_LEVEL=3bit"], ["QUANT_LEVEL='3bit'", "4bit"]),
     "METHOD=unknown": (None, ["METHOD=unknown"], ["METHOD='unknown'", "qlora"]),
-    "nonexistent MODEL_NAME path": (None, ["MODEL_NAME=/nonexistent/models/glm"],
-                                    ["MODEL_NAME=/nonexistent/models/glm: no such directory", "tiny"]),
+    "nonexistent MODEL_NAME path": (
+        None,
+        ["MODEL_NAME=/nonexistent/models/glm"],
+        ["MODEL_NAME=/nonexistent/models/glm: no such directory", "tiny"],
+    ),
     "NODE_RANK outside NNODES": (None, ["NNODES=2", "NODE_RANK=2"], ["NODE_RANK=2", "0..NNODES-1"]),
     "RESUME path without a checkpoint": (None, ["RESUME=nowhere"], ["RESUME=nowhere", "RESUME=auto"]),
 }
@@ -90,8 +112,15 @@ def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_
     previous_run(tmp_path / "out")
     before = snapshot(tmp_path / "out")
     # OVERWRITE=1: the earlier run may be replaced, so only the bad input itself stops the run
-    code, errors, stderr = cli("train", f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={data}", "OUTPUT_DIR=out",
-                               "OVERWRITE=1", "MAX_STEPS=1", *extra)
+    code, errors, stderr = cli(
+        "train",
+        f"MODEL_NAME={tiny_glm_dir}",
+        f"DATA_PATH={data}",
+        "OUTPUT_DIR=out",
+        "OVERWRITE=1",
+        "MAX_STEPS=1",
+        *extra,
+    )
     assert code == 2, stderr[-3000:]
     assert len(errors) == 1, errors
     for part in expected:
@@ -108,8 +137,10 @@ def test_finished_run_is_not_replaced_unasked(cli, tmp_path, tiny_glm_dir, snaps
     before = snapshot(tmp_path / "out")
     code, errors, _ = cli("train", f"MODEL_NAME={tiny_glm_dir}", "OUTPUT_DIR=out")
     assert code == 2 and len(errors) == 1
-    assert errors[0] == ("OUTPUT_DIR=out already holds a finished run (7 steps); set OVERWRITE=1 to train again "
-                         "and replace it when the new run finishes, or choose another OUTPUT_DIR")
+    assert errors[0] == (
+        "OUTPUT_DIR=out already holds a finished run (7 steps); set OVERWRITE=1 to train again "
+        "and replace it when the new run finishes, or choose another OUTPUT_DIR"
+    )
     code, errors, _ = cli("train", f"MODEL_NAME={tiny_glm_dir}", "OUTPUT_DIR=out", "RESUME=auto")
     assert code == 2 and len(errors) == 1 and errors[0].startswith("RESUME=auto: OUTPUT_DIR=out holds a finished run")
     assert snapshot(tmp_path / "out") == before
@@ -133,8 +164,9 @@ def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snaps
             os.chmod(d, read_only)
         for out in ("locked/out", "locked/new/out"):  # an existing dir, and one that would have to be created
             try:
-                proc = run_app(["train", "MODEL_NAME=tiny", f"OUTPUT_DIR={out}", "OVERWRITE=1"], timeout=120,
-                               preexec_fn=as_a_user)
+                proc = run_app(
+                    ["train", "MODEL_NAME=tiny", f"OUTPUT_DIR={out}", "OVERWRITE=1"], timeout=120, preexec_fn=as_a_user
+                )
             except subprocess.SubprocessError as e:  # a container without CAP_SETPCAP cannot drop capabilities
                 pytest.skip(f"cannot run a child without root's write override here: {e}")
             results.append((proc.returncode, [x for x in proc.stderr.splitlines() if " ERROR " in x], proc.stderr))
@@ -158,15 +190,32 @@ def small_data_dir(make_data):
 
 
 def _cfg(model, data, out, **extra):
-    return Config.from_dict({"MODEL_NAME": str(model), "DATA_PATH": str(data / "train.jsonl"), "OUTPUT_DIR": str(out),
-                             "MAX_SAMPLES": 20, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "MAX_STEPS": 4, "SAVE_STEPS": 2,
-                             "EVAL_STEPS": 2, "LOGGING_STEPS": 1, "MAX_SEQ_LEN": 128, "NUM_THREADS": 1,
-                             "QUANT_LEVEL": "none", "TIER": "none", "SEED": 0, **extra})
+    return Config.from_dict(
+        {
+            "MODEL_NAME": str(model),
+            "DATA_PATH": str(data / "train.jsonl"),
+            "OUTPUT_DIR": str(out),
+            "MAX_SAMPLES": 20,
+            "BATCH_SIZE": 2,
+            "GRAD_ACCUM": 1,
+            "MAX_STEPS": 4,
+            "SAVE_STEPS": 2,
+            "EVAL_STEPS": 2,
+            "LOGGING_STEPS": 1,
+            "MAX_SEQ_LEN": 128,
+            "NUM_THREADS": 1,
+            "QUANT_LEVEL": "none",
+            "TIER": "none",
+            "SEED": 0,
+            **extra,
+        }
+    )
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "final adapter"])
-def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, small_data_dir, tmp_path, monkeypatch, where,
-                                                       snapshot):
+def test_full_disk_while_saving_keeps_the_previous_run(
+    tiny_glm_dir, small_data_dir, tmp_path, monkeypatch, where, snapshot
+):
     """The disk fills while a checkpoint (step 4) or the final adapter is written: one line saying so
     and what is kept; the earlier finished run's files are untouched; freeing space and running the
     same command resumes and finishes."""
@@ -183,8 +232,11 @@ def test_full_disk_while_saving_keeps_the_previous_run(tiny_glm_dir, small_data_
 
     def disk_full(tensors, filename, *a, **k):
         staged = Path(filename).parent  # checkpoints/.incomplete/checkpoint-4, or OUTPUT_DIR's staging dir
-        if (staged.parent.name == STAGING and staged.name == "checkpoint-4" if where == "checkpoint"
-                else staged.parent == out and staged.name.startswith(".staging.")):
+        if (
+            staged.parent.name == STAGING and staged.name == "checkpoint-4"
+            if where == "checkpoint"
+            else staged.parent == out and staged.name.startswith(".staging.")
+        ):
             raise OSError(errno.ENOSPC, "No space left on device", str(filename))
         return real_save(tensors, filename, *a, **k)
 

@@ -1,5 +1,6 @@
 """`make chat` (predict INTERACTIVE=1): commands, quitting, a clean transcript and a context that
 never overflows. Driven through run_predict with a scripted input() on the tiny GLM, no adapter."""
+
 import builtins
 import json
 import logging
@@ -38,8 +39,12 @@ def chat(tmp_path, monkeypatch, tiny_glm_dir):
 
     def spy(self, messages, stream=False):
         text = prompt_text(self.tokenizer, messages)
-        seen.append({"messages": [dict(m) for m in messages],
-                     "tokens": len(self.tokenizer(text, add_special_tokens=False)["input_ids"])})
+        seen.append(
+            {
+                "messages": [dict(m) for m in messages],
+                "tokens": len(self.tokenizer(text, add_special_tokens=False)["input_ids"]),
+            }
+        )
         return real(self, messages, stream)
 
     monkeypatch.setattr(Predictor, "generate", spy)
@@ -56,8 +61,16 @@ def chat(tmp_path, monkeypatch, tiny_glm_dir):
             return pending.pop(0)
 
         monkeypatch.setattr(builtins, "input", fake_input)
-        run_predict(Config.from_dict({"MODEL_NAME": str(model_dir or tiny_glm_dir), "ADAPTER_DIR": "none",
-                                      "MAX_NEW_TOKENS": NEW, "INTERACTIVE": True}))
+        run_predict(
+            Config.from_dict(
+                {
+                    "MODEL_NAME": str(model_dir or tiny_glm_dir),
+                    "ADAPTER_DIR": "none",
+                    "MAX_NEW_TOKENS": NEW,
+                    "INTERACTIVE": True,
+                }
+            )
+        )
         return seen, pending, started[0]
 
     return run
@@ -89,7 +102,7 @@ def test_help_lists_the_commands(chat, capsys):
     seen, _, _ = chat(["/help", "/exit"])
     assert seen == []  # a command, not a message for the model
     err = capsys.readouterr().err
-    help_text = err[err.index("/help"):]
+    help_text = err[err.index("/help") :]
     for command in ("/help", "/reset", "/exit", "/quit", "Ctrl-D"):
         assert command in help_text
 
@@ -101,7 +114,7 @@ def test_long_conversation_drops_its_oldest_turns_and_still_answers(chat, capsys
     for s in seen:  # prompt + answer always fit the 96-token context
         assert s["tokens"] + NEW <= 96
     last = [m["content"] for m in seen[-1]["messages"] if m["role"] == "user"]
-    assert last[-1] == sent[-1] and last == sent[len(sent) - len(last):]  # the newest turns, in order
+    assert last[-1] == sent[-1] and last == sent[len(sent) - len(last) :]  # the newest turns, in order
     assert len(last) < len(sent)
     out, err = capsys.readouterr()
     assert out.count("模型> ") == len(sent)

@@ -1,5 +1,6 @@
 """The command line as a user meets it: bad input gives one clear line and a non-zero exit,
 leaves no output dir behind, and the offline tiny path trains and predicts end to end."""
+
 import json
 import os
 
@@ -20,10 +21,13 @@ def test_bad_settings_exit_2_with_every_problem_named(tmp_path, run_app):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("content, setting", [
-    (None, "DATA_PATH=missing.jsonl"),
-    ("not json\n{\"context\": \"q\"}\n{\"context\": \"q\", \"target\": \"\"}\n", "no valid records"),
-])
+@pytest.mark.parametrize(
+    "content, setting",
+    [
+        (None, "DATA_PATH=missing.jsonl"),
+        ('not json\n{"context": "q"}\n{"context": "q", "target": ""}\n', "no valid records"),
+    ],
+)
 def test_bad_data_fails_before_anything_is_written(tmp_path, tiny_glm_dir, content, setting, run_app):
     if content is not None:
         (tmp_path / "missing.jsonl").write_text(content)

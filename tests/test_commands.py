@@ -4,6 +4,7 @@ predict, predict-custom, predict-file and chat are commands, each with its own m
 INPUT_FILE or INTERACTIVE left in the environment for one never changes another) and its one
 required setting checked in the pre-flight, before a model loads; `<command> --help` describes
 each; `make help` is grouped and fits 100 columns; no mode logic is left in the Makefile or compose."""
+
 import builtins
 import json
 import re
@@ -20,10 +21,11 @@ from app.config import Config
 from app.inference.predict import BUILTIN_PROMPT, Predictor
 
 REPO = Path(__file__).resolve().parents[1]
-EMPTY_PROMPT = ("PROMPT is empty: use make predict-custom PROMPT='你的问题' "
-                "(make predict answers the built-in prompt)")
-BLANK_PROMPT = ("PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
-                "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)")
+EMPTY_PROMPT = "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)"
+BLANK_PROMPT = (
+    "PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
+    "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)"
+)
 EMPTY_INPUT = "INPUT_FILE is empty: use make predict-file INPUT_FILE=data/dev.jsonl"
 PREDICTION_COMMANDS = ("predict", "predict-custom", "predict-file", "chat")
 
@@ -67,6 +69,7 @@ def _no_input(prompt=""):
 
 
 # ---- each command, in process, on the tiny GLM ---------------------------------------------------------
+
 
 def test_predict_answers_the_built_in_prompt(cli, tiny, asked, other_modes_set, monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "input", _no_input)
@@ -115,6 +118,7 @@ def test_predict_still_takes_a_mode_on_its_own_command_line(cli, tiny, asked):
 
 # ---- the one setting each needs: one line, before any model loads ---------------------------------------
 
+
 @pytest.fixture
 def no_model(monkeypatch):
     def refuse(self, cfg):
@@ -123,13 +127,16 @@ def no_model(monkeypatch):
     monkeypatch.setattr(Predictor, "__init__", refuse)
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["predict-custom"], EMPTY_PROMPT),
-    (["predict-custom", "PROMPT="], EMPTY_PROMPT),
-    (["predict-custom", "PROMPT=   "], BLANK_PROMPT),
-    (["predict-file"], EMPTY_INPUT),
-    (["predict-file", "INPUT_FILE="], EMPTY_INPUT),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["predict-custom"], EMPTY_PROMPT),
+        (["predict-custom", "PROMPT="], EMPTY_PROMPT),
+        (["predict-custom", "PROMPT=   "], BLANK_PROMPT),
+        (["predict-file"], EMPTY_INPUT),
+        (["predict-file", "INPUT_FILE="], EMPTY_INPUT),
+    ],
+)
 def test_missing_mode_setting_is_one_line(cli, tiny, no_model, argv, line):
     assert cli(*argv, *tiny)[:2] == (2, [line])
 
@@ -147,18 +154,32 @@ def _make(args, cwd, tiny_glm_dir):
     without its `setup` prerequisite, so the test never installs anything."""
     if not shutil.which("make"):
         pytest.skip("needs make")
-    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(cwd), "PYTHONPATH": str(REPO),
-           "ADAPTER_DIR": "none", "MODEL_NAME": str(tiny_glm_dir)}
-    return subprocess.run(["make", "-s", "-f", str(REPO / "Makefile"), "-o", "setup", *args, "RUNTIME=local",
-                           f"VENV={REPO / '.venv'}"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        "PATH": "/usr/bin:/bin:/usr/local/bin",
+        "HOME": str(cwd),
+        "PYTHONPATH": str(REPO),
+        "ADAPTER_DIR": "none",
+        "MODEL_NAME": str(tiny_glm_dir),
+    }
+    return subprocess.run(
+        ["make", "-s", "-f", str(REPO / "Makefile"), "-o", "setup", *args, "RUNTIME=local", f"VENV={REPO / '.venv'}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args, line", [
-    (["predict-custom"], EMPTY_PROMPT),
-    (["predict-custom", "PROMPT="], EMPTY_PROMPT),
-    (["predict-custom", "PROMPT=   "], EMPTY_PROMPT),  # make strips the spaces: empty, not blank
-    (["predict-file"], EMPTY_INPUT),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["predict-custom"], EMPTY_PROMPT),
+        (["predict-custom", "PROMPT="], EMPTY_PROMPT),
+        (["predict-custom", "PROMPT=   "], EMPTY_PROMPT),  # make strips the spaces: empty, not blank
+        (["predict-file"], EMPTY_INPUT),
+    ],
+)
 def test_make_gives_the_same_one_line_from_python(tmp_path, tiny_glm_dir, args, line):
     proc = _make(args, tmp_path, tiny_glm_dir)
     ours = [x for x in proc.stderr.splitlines() if not x.startswith("make")]
@@ -167,6 +188,7 @@ def test_make_gives_the_same_one_line_from_python(tmp_path, tiny_glm_dir, args, 
 
 
 # ---- --help ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_has_help(name, capsys):
@@ -182,8 +204,9 @@ def test_every_command_has_help(name, capsys):
         if read in variables:
             assert re.search(rf"^  {read} +=", out, flags=re.M), f"{name} --help does not list {read}"
         else:
-            assert f"[{read}]" in out and all(re.search(rf"^  {v} +=", out, flags=re.M)
-                                              for v, (sec, _) in variables.items() if sec == read), read
+            assert f"[{read}]" in out and all(
+                re.search(rf"^  {v} +=", out, flags=re.M) for v, (sec, _) in variables.items() if sec == read
+            ), read
 
 
 def test_the_prediction_commands_list_their_own_setting(capsys):
@@ -205,14 +228,20 @@ def test_top_level_help_lists_every_command_within_100_columns(capsys):
 
 # ---- the Makefile and compose only call -----------------------------------------------------------------
 
+
 def test_make_help_is_grouped_and_fits_100_columns():
     if not shutil.which("make"):
         pytest.skip("needs make")
-    out = subprocess.run(["make", "-s", "-C", str(REPO), "help", "RUNTIME=local"], capture_output=True, text=True,
-                         timeout=60, env={"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": "/tmp"}).stdout
+    out = subprocess.run(
+        ["make", "-s", "-C", str(REPO), "help", "RUNTIME=local"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": "/tmp"},
+    ).stdout
     wide = [x for x in out.splitlines() if len(x) > 100]
     assert not wide, f"make help lines over 100 columns: {wide}"
-    listing = out[out.index("usage: make"):out.index("\nsettings (")]
+    listing = out[out.index("usage: make") : out.index("\nsettings (")]
     groups = [x.split(":")[0] for x in listing.splitlines()[1:] if re.match(r"[a-z]+: ", x)]
     assert groups == ["use", "inspect", "develop"], out
     targets = re.findall(r"^  ([a-z-]+) ", listing, flags=re.M)
@@ -252,7 +281,8 @@ def test_make_tiny_model_defaults_in_python(run_app, tmp_path):
     bad = run_app(["make-tiny-model", "MODEL_NAME=Qwen/Qwen2-0.5B"])
     assert bad.returncode == 2 and bad.stderr.strip().endswith(
         "MODEL_NAME=Qwen/Qwen2-0.5B: make-tiny-model builds one of tiny, tiny-qwen2, tiny-qwen3, tiny-gemma3, "
-        "tiny-llama; e.g. MODEL_NAME=tiny"), bad.stderr
+        "tiny-llama; e.g. MODEL_NAME=tiny"
+    ), bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "models").exists()
     done = run_app(["make-tiny-model"])
     assert done.returncode == 0 and (tmp_path / "models" / "tiny-glm" / "config.json").is_file(), done.stderr

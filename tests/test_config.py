@@ -1,4 +1,5 @@
 """Config: precedence (CLI > env > .env > default), typing, and all-errors-at-once validation."""
+
 import json
 
 import pytest
@@ -10,9 +11,11 @@ def test_defaults_are_valid_and_every_field_is_a_variable():
     cfg = Config.load(env={}, dotenv_path=None).validate()
     names = set(Config.variables())
     # The issue's interface: these exact variable names must exist.
-    for var in ("MODEL_NAME DATA_PATH VAL_PATH OUTPUT_DIR ADAPTER_DIR MAX_SAMPLES NUM_EPOCHS BATCH_SIZE "
-                "GRAD_ACCUM LEARNING_RATE MAX_SEQ_LEN LORA_R LORA_ALPHA LORA_DROPOUT LORA_TARGETS SAVE_STEPS "
-                "EVAL_STEPS NUM_THREADS SEED PROMPT TRUST_REMOTE_CODE").split():
+    for var in (
+        "MODEL_NAME DATA_PATH VAL_PATH OUTPUT_DIR ADAPTER_DIR MAX_SAMPLES NUM_EPOCHS BATCH_SIZE "
+        "GRAD_ACCUM LEARNING_RATE MAX_SEQ_LEN LORA_R LORA_ALPHA LORA_DROPOUT LORA_TARGETS SAVE_STEPS "
+        "EVAL_STEPS NUM_THREADS SEED PROMPT TRUST_REMOTE_CODE"
+    ).split():
         assert var in names, var
     assert cfg.explicit == set()
     assert cfg.get("LORA_R") == cfg.lora.lora_r
@@ -23,17 +26,25 @@ def test_precedence_cli_over_env_over_dotenv_over_default(tmp_path):
     dotenv.write_text("LORA_R=4\nMAX_SAMPLES=10\nSEED=7\n# comment\nPROMPT='from dotenv'\n")
     env = {"MAX_SAMPLES": "20", "SEED": "8", "UNRELATED_VAR": "x"}
     cfg = Config.load(overrides={"SEED": "9"}, env=env, dotenv_path=dotenv)
-    assert cfg.lora.lora_r == 4              # only .env sets it
-    assert cfg.data.max_samples == 20        # env beats .env
-    assert cfg.train.seed == 9               # CLI beats env
+    assert cfg.lora.lora_r == 4  # only .env sets it
+    assert cfg.data.max_samples == 20  # env beats .env
+    assert cfg.train.seed == 9  # CLI beats env
     assert cfg.predict.prompt == "from dotenv"
     assert cfg.train.batch_size == Config().train.batch_size  # default
     assert cfg.explicit == {"LORA_R", "MAX_SAMPLES", "SEED", "PROMPT"}
 
 
 def test_types_are_parsed_from_strings():
-    cfg = Config.load(overrides={"learning_rate": "1e-3", "TRUST_REMOTE_CODE": "yes",
-                                 "LORA_TARGETS": "q_proj, v_proj", "NUM_EPOCHS": "2"}, env={}, dotenv_path=None)
+    cfg = Config.load(
+        overrides={
+            "learning_rate": "1e-3",
+            "TRUST_REMOTE_CODE": "yes",
+            "LORA_TARGETS": "q_proj, v_proj",
+            "NUM_EPOCHS": "2",
+        },
+        env={},
+        dotenv_path=None,
+    )
     assert cfg.train.learning_rate == pytest.approx(1e-3)
     assert cfg.model.trust_remote_code is True
     assert cfg.lora.lora_targets == ["q_proj", "v_proj"]
@@ -42,8 +53,18 @@ def test_types_are_parsed_from_strings():
 
 def test_validate_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as err:
-        Config.load(overrides={"BATCH_SIZE": "0", "LEARNING_RATE": "3", "LORA_R": "abc", "MAX_SEQ_LEN": "4",
-                               "DATA_FORMAT": "xml", "BATSH_SIZE": "2"}, env={}, dotenv_path=None)
+        Config.load(
+            overrides={
+                "BATCH_SIZE": "0",
+                "LEARNING_RATE": "3",
+                "LORA_R": "abc",
+                "MAX_SEQ_LEN": "4",
+                "DATA_FORMAT": "xml",
+                "BATSH_SIZE": "2",
+            },
+            env={},
+            dotenv_path=None,
+        )
     problems = err.value.problems
     joined = "\n".join(problems)
     for var in ("BATCH_SIZE=0", "LEARNING_RATE=3", "LORA_R='abc'", "MAX_SEQ_LEN=4", "DATA_FORMAT='xml'"):
@@ -60,7 +81,10 @@ def test_unknown_environment_variables_are_ignored_but_unknown_cli_keys_are_not(
 
 def test_cli_overrides_parsing():
     assert parse_cli_overrides(["MAX_SAMPLES=50", "--lora-r=4", "PROMPT=a=b"]) == {
-        "MAX_SAMPLES": "50", "lora_r": "4", "PROMPT": "a=b"}
+        "MAX_SAMPLES": "50",
+        "lora_r": "4",
+        "PROMPT": "a=b",
+    }
     with pytest.raises(ConfigError, match="KEY=value"):
         parse_cli_overrides(["train_fast"])
 

@@ -1,5 +1,6 @@
 """Tests for app.data.records: every file type x record format, bad records, file-level errors,
 the real DuIE data, and the sampling / validation split."""
+
 from __future__ import annotations
 
 import csv
@@ -61,10 +62,21 @@ RECORDS = {
     ),
     "sharegpt": (
         [
-            {"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "q"},
-                               {"from": "gpt", "value": "a"}]},
-            {"conversations": [{"from": "user", "value": "q1"}, {"from": "assistant", "value": "a1"},
-                               {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]},
+            {
+                "conversations": [
+                    {"from": "system", "value": "sys"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
+            {
+                "conversations": [
+                    {"from": "user", "value": "q1"},
+                    {"from": "assistant", "value": "a1"},
+                    {"from": "human", "value": "q2"},
+                    {"from": "gpt", "value": "a2"},
+                ]
+            },
         ],
         [
             ("messages", [S("sys"), U("q"), A("a")]),
@@ -96,8 +108,12 @@ def write_records(path: Path, records: list[dict]) -> Path:
     return path
 
 
-MATRIX = ([(".jsonl", f) for f in RECORDS] + [(".json", f) for f in RECORDS]
-          + [(".csv", f) for f in FLAT] + [(".txt", "text")])
+MATRIX = (
+    [(".jsonl", f) for f in RECORDS]
+    + [(".json", f) for f in RECORDS]
+    + [(".csv", f) for f in FLAT]
+    + [(".txt", "text")]
+)
 
 
 def as_pairs(examples: list[Example]) -> list[tuple[str, object]]:
@@ -156,27 +172,40 @@ def test_txt_unescapes_newlines_and_keeps_inner_spacing(tmp_path):
 
 # ---- detect_format / to_example ----------------------------------------------------------------
 
-@pytest.mark.parametrize("rec,fmt", [
-    ({"context": "c", "target": "t"}, "context_target"),
-    ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
-    ({"instruction": "i", "output": "o"}, "alpaca"),
-    ({"text": "x"}, "text"),
-    ({"messages": []}, "messages"),
-    ({"conversations": []}, "sharegpt"),
-    ({"context": "c", "target": "t", "text": "x"}, "context_target"),
-    ({"context": "c"}, "context_target"),  # answer fields may be absent (prediction inputs)
-    ({"instruction": "i"}, "alpaca"),
-    ({"prompt": "p", "completion": "c"}, None),
-    ({"target": "t"}, None),
-    ({}, None),
-])
+
+@pytest.mark.parametrize(
+    "rec,fmt",
+    [
+        ({"context": "c", "target": "t"}, "context_target"),
+        ({"instruction": "i", "input": "", "output": "o"}, "alpaca"),
+        ({"instruction": "i", "output": "o"}, "alpaca"),
+        ({"text": "x"}, "text"),
+        ({"messages": []}, "messages"),
+        ({"conversations": []}, "sharegpt"),
+        ({"context": "c", "target": "t", "text": "x"}, "context_target"),
+        ({"context": "c"}, "context_target"),  # answer fields may be absent (prediction inputs)
+        ({"instruction": "i"}, "alpaca"),
+        ({"prompt": "p", "completion": "c"}, None),
+        ({"target": "t"}, None),
+        ({}, None),
+    ],
+)
 def test_detect_format(rec, fmt):
     assert detect_format(rec) == fmt
 
 
 def test_to_example_properties_and_normalisation():
-    ex = to_example({"messages": [{"role": "System", "content": "s"}, {"role": "USER", "content": "q"},
-                                  {"role": "Assistant", "content": "a"}]}, "messages", line=7)
+    ex = to_example(
+        {
+            "messages": [
+                {"role": "System", "content": "s"},
+                {"role": "USER", "content": "q"},
+                {"role": "Assistant", "content": "a"},
+            ]
+        },
+        "messages",
+        line=7,
+    )
     assert ex.messages == [S("s"), U("q"), A("a")] and ex.line == 7
     assert ex.prompt_messages == [S("s"), U("q")] and ex.answer == "a"
     ex = to_example({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": 42}]}, "sharegpt")
@@ -187,25 +216,35 @@ def test_to_example_properties_and_normalisation():
     assert text.text == "t" and text.messages == [] and text.answer == "" and text.prompt_messages == []
 
 
-@pytest.mark.parametrize("rec,fmt,reason", [
-    (ValueError("bad JSON"), "context_target", "bad JSON"),
-    ([1, 2], "context_target", "not an object"),
-    ({"context": "c"}, "context_target", "target"),
-    ({"context": "c", "target": "  \n"}, "context_target", "empty answer"),
-    ({"context": " ", "target": "t"}, "context_target", "empty prompt"),
-    ({"context": ["c"], "target": "t"}, "context_target", "not text"),
-    ({"instruction": "i"}, "alpaca", "output"),
-    ({"text": "   "}, "text", "empty text"),
-    ({"messages": [U("q")]}, "messages", "last turn"),
-    ({"messages": [U("q"), A("a"), U("again")]}, "messages", "last turn"),
-    ({"messages": [U("q"), {"role": "tool", "content": "x"}]}, "messages", "unknown role"),
-    ({"messages": []}, "messages", "empty conversation"),
-    ({"messages": "hello"}, "messages", "empty conversation"),
-    ({"messages": [{"role": "user"}, A("a")]}, "messages", "turn without"),
-    ({"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "a"}]},
-     "sharegpt", "unknown role"),
-    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}, "sharegpt", "empty answer"),
-])
+@pytest.mark.parametrize(
+    "rec,fmt,reason",
+    [
+        (ValueError("bad JSON"), "context_target", "bad JSON"),
+        ([1, 2], "context_target", "not an object"),
+        ({"context": "c"}, "context_target", "target"),
+        ({"context": "c", "target": "  \n"}, "context_target", "empty answer"),
+        ({"context": " ", "target": "t"}, "context_target", "empty prompt"),
+        ({"context": ["c"], "target": "t"}, "context_target", "not text"),
+        ({"instruction": "i"}, "alpaca", "output"),
+        ({"text": "   "}, "text", "empty text"),
+        ({"messages": [U("q")]}, "messages", "last turn"),
+        ({"messages": [U("q"), A("a"), U("again")]}, "messages", "last turn"),
+        ({"messages": [U("q"), {"role": "tool", "content": "x"}]}, "messages", "unknown role"),
+        ({"messages": []}, "messages", "empty conversation"),
+        ({"messages": "hello"}, "messages", "empty conversation"),
+        ({"messages": [{"role": "user"}, A("a")]}, "messages", "turn without"),
+        (
+            {"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "a"}]},
+            "sharegpt",
+            "unknown role",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]},
+            "sharegpt",
+            "empty answer",
+        ),
+    ],
+)
 def test_to_example_rejects_with_a_reason(rec, fmt, reason):
     with pytest.raises(ValueError, match=reason):
         to_example(rec, fmt)
@@ -217,8 +256,7 @@ def test_null_assistant_content_is_rejected_not_trained_as_the_word_None():
     with pytest.raises(ValueError):
         to_example({"messages": [U("q"), {"role": "assistant", "content": None}]}, "messages")
     with pytest.raises(ValueError):
-        to_example({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]},
-                   "sharegpt")
+        to_example({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]}, "sharegpt")
 
 
 def test_to_example_unknown_format_is_a_user_error_naming_data_format():
@@ -228,17 +266,18 @@ def test_to_example_unknown_format_is_a_user_error_naming_data_format():
 
 # ---- bad records in files -----------------------------------------------------------------------
 
+
 def test_bad_jsonl_lines_are_skipped_and_counted_with_line_numbers(tmp_path):
     good = json.dumps({"context": "c", "target": "t"})
     lines = [
-        good,                                                 # 1
-        '{"context": "c", "target": ',                        # 2 bad JSON
-        "",                                                   # 3 blank: ignored, not counted
-        "[1, 2]",                                             # 4 not an object
-        json.dumps({"context": "only context"}),              # 5 missing field
-        json.dumps({"context": "c", "target": "   "}),        # 6 empty answer
-        good,                                                 # 7
-        good,                                                 # 8
+        good,  # 1
+        '{"context": "c", "target": ',  # 2 bad JSON
+        "",  # 3 blank: ignored, not counted
+        "[1, 2]",  # 4 not an object
+        json.dumps({"context": "only context"}),  # 5 missing field
+        json.dumps({"context": "c", "target": "   "}),  # 6 empty answer
+        good,  # 7
+        good,  # 8
     ]
     p = tmp_path / "train.jsonl"
     p.write_text("\n".join(lines) + "\n", "utf-8")
@@ -259,10 +298,10 @@ def test_bad_jsonl_lines_are_skipped_and_counted_with_line_numbers(tmp_path):
 
 def test_bad_chat_records_last_turn_and_unknown_role(tmp_path):
     recs = [
-        {"messages": [U("q"), A("a")]},                               # 1
-        {"messages": [U("q"), A("a"), U("no answer")]},               # 2 last turn not assistant
+        {"messages": [U("q"), A("a")]},  # 1
+        {"messages": [U("q"), A("a"), U("no answer")]},  # 2 last turn not assistant
         {"messages": [U("q"), {"role": "tool", "content": "x"}, A("a")]},  # 3 unknown role
-        {"messages": [S("s"), U("q"), A("a")]},                       # 4
+        {"messages": [S("s"), U("q"), A("a")]},  # 4
     ]
     p = write_records(tmp_path / "chat.jsonl", recs)
     examples, report = read_examples(p)
@@ -308,6 +347,7 @@ def test_summary_without_bad_records_lists_no_lines():
 
 
 # ---- file-level errors ------------------------------------------------------------------------
+
 
 def test_all_bad_file_is_a_user_error_naming_the_setting(tmp_path):
     p = tmp_path / "train.jsonl"
@@ -375,7 +415,9 @@ def _write_json_object(p: Path) -> Path:
 
 def _write_json_lines_as_json(p: Path) -> Path:  # a .jsonl saved as .json: invalid JSON
     p = p / "train.json"
-    p.write_text(json.dumps({"context": "c", "target": "t"}) + "\n" + json.dumps({"context": "d", "target": "u"}), "utf-8")
+    p.write_text(
+        json.dumps({"context": "c", "target": "t"}) + "\n" + json.dumps({"context": "d", "target": "u"}), "utf-8"
+    )
     return p
 
 
@@ -465,6 +507,7 @@ def test_unknown_hub_dataset_is_a_user_error_naming_data_path(hub_state, tmp_pat
 
 # ---- the real data ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def real_dir(real_data_dir):  # conftest: skips where ../shared is absent, fails under REQUIRE_REAL_DATA=1
     return real_data_dir
@@ -479,5 +522,7 @@ def test_real_duie_data_reads_completely(real_dir, name, n):
     assert (report.format, report.total, report.valid, report.bad) == ("context_target", n, n, [])
     first = json.loads(path.read_text("utf-8").splitlines()[0])
     assert examples[0].messages == [U(first["context"]), A(first["target"])]
-    assert all(len(e.messages) == 2 and e.prompt_messages[0]["content"].endswith("\nAnswer: ") and e.answer.strip()
-               for e in examples)
+    assert all(
+        len(e.messages) == 2 and e.prompt_messages[0]["content"].endswith("\nAnswer: ") and e.answer.strip()
+        for e in examples
+    )

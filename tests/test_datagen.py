@@ -1,4 +1,5 @@
 """Tests for app.data.synthetic: determinism, exact record format, schema coverage, file output."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ def check_spo_record(rec: dict) -> tuple[str, list[dict]]:
     ctx, tgt = rec["context"], rec["target"]
     assert ctx.startswith(PREFIX), ctx[:80]
     assert "\nInput: " in ctx and ctx.endswith("\nAnswer: "), ctx[-40:]
-    body = ctx[len(PREFIX):-len("\nAnswer: ")]
+    body = ctx[len(PREFIX) : -len("\nAnswer: ")]
     instruction, sep, sentence = body.partition("\n\n")
     assert sep and instruction and sentence, body
     assert tgt.startswith("```json\n[") and tgt.endswith("]\n```"), tgt
@@ -79,7 +80,7 @@ def test_real_dataset_passes_same_checker(real_data_dir):
 
 
 def test_instruction_wordings_varied(samples):
-    used = {s["context"][len(PREFIX):].partition("\n\n")[0] for s in samples}
+    used = {s["context"][len(PREFIX) :].partition("\n\n")[0] for s in samples}
     assert len(datagen.INSTRUCTIONS) >= 8
     assert used == set(datagen.INSTRUCTIONS)
 
@@ -121,7 +122,7 @@ def test_spouse_predicates_exclusive(samples):
 def test_parse_target_rejects_unfenced():
     with pytest.raises(ValueError):
         parse_target('[{"predicate": "主演"}]')
-    assert parse_target('```json\n[]\n```') == []
+    assert parse_target("```json\n[]\n```") == []
 
 
 def test_write_dataset(tmp_path, caplog):

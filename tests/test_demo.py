@@ -8,6 +8,7 @@ F1 must climb from nothing to well above it. A break anywhere in that chain (a m
 the answer, a template mismatch between training and generation, a parser that drops fenced
 JSON) keeps F1 at 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,23 @@ from app.cli.demo import DEFAULTS, write_demo_data
 
 def test_demo_recipe_f1_rises_well_above_its_start(tiny_glm_dir, tmp_path, monkeypatch, read_metrics):
     train, _ = write_demo_data(tmp_path / "data", 6, 4, seed=0)
-    settings = {**DEFAULTS, "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(train), "VAL_PATH": str(train),
-                "OUTPUT_DIR": str(tmp_path / "out"), "BATCH_SIZE": 6, "LEARNING_RATE": 1e-2, "NUM_EPOCHS": 1000,
-                "MAX_STEPS": 150, "EVAL_STEPS": 15, "EVAL_SAMPLES": 6, "SAVE_STEPS": 1000, "SEED": 0,
-                "NUM_THREADS": 2, "PRECISION": "fp32"}
+    settings = {
+        **DEFAULTS,
+        "MODEL_NAME": str(tiny_glm_dir),
+        "DATA_PATH": str(train),
+        "VAL_PATH": str(train),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "BATCH_SIZE": 6,
+        "LEARNING_RATE": 1e-2,
+        "NUM_EPOCHS": 1000,
+        "MAX_STEPS": 150,
+        "EVAL_STEPS": 15,
+        "EVAL_SAMPLES": 6,
+        "SAVE_STEPS": 1000,
+        "SEED": 0,
+        "NUM_THREADS": 2,
+        "PRECISION": "fp32",
+    }
     monkeypatch.chdir(tmp_path)
     FineTuner(Config.from_dict(settings)).run()
     curve = [r["eval_f1"] for r in read_metrics(tmp_path / "out") if "eval_f1" in r]
@@ -50,8 +64,14 @@ def test_demo_model_is_rebuilt_when_its_dimensions_change(tmp_path, monkeypatch)
     import app.cli.demo as demo
 
     monkeypatch.setattr(demo, "DEMO_DIR", tmp_path / "demo-glm")
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16)
+    small = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     monkeypatch.setattr(demo, "DEMO_DIMS", small)
     first = json.loads((demo.demo_model(0) / "config.json").read_text())
     assert first["num_hidden_layers"] == 1
@@ -66,9 +86,9 @@ def test_demo_target_needs_f1_0_9_within_15_minutes():
 
     rising = [(400.0, 1000, 0.5), (890.0, 2000, 0.93)]
     late = [(400.0, 1000, 0.5), (1200.0, 3000, 0.95)]
-    assert reached_target(rising, {"triplet_f1": 0.85}, 15)      # on the curve within 900 s
-    assert reached_target(late[:1], {"triplet_f1": 0.91}, 15)    # final score, 15-minute budget
-    assert not reached_target(late, {"triplet_f1": 0.95}, 25)    # only after 15 minutes
+    assert reached_target(rising, {"triplet_f1": 0.85}, 15)  # on the curve within 900 s
+    assert reached_target(late[:1], {"triplet_f1": 0.91}, 15)  # final score, 15-minute budget
+    assert not reached_target(late, {"triplet_f1": 0.95}, 25)  # only after 15 minutes
     assert not reached_target(rising[:1], {"triplet_f1": 0.2}, 15)
 
 
@@ -89,8 +109,13 @@ def test_time_budget_anneals_the_learning_rate_over_the_runs_last_share(monkeypa
         control = SimpleNamespace(should_training_stop=False, should_evaluate=False)
         for t, step, lr in points:
             now[0] = t
-            budget.on_step_end(args, SimpleNamespace(global_step=step, max_steps=steps), control,
-                               optimizer=optimizer, lr_scheduler=scheduler)
+            budget.on_step_end(
+                args,
+                SimpleNamespace(global_step=step, max_steps=steps),
+                control,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+            )
             assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
             assert scheduler.base_lrs == [pytest.approx(lr)]
             assert not control.should_training_stop

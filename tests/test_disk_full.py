@@ -1,6 +1,7 @@
 """A full disk ends in one line that names the path, the space needed and free, and the fix; the last sealed
 checkpoint and every earlier output stay whole, and a rerun after freeing space resumes (issue 28). Each test
 fills a real tmpfs (root only: CI runs as root, and REQUIRE_TMPFS=1 turns the skip into a failure)."""
+
 import os
 import re
 from pathlib import Path
@@ -13,12 +14,24 @@ from app.core.errors import UserError
 from app.training.checkpoints import complete_checkpoints, is_complete
 
 # QUANT_LEVEL left to the tier, as a user leaves it (8bit for tiny on 12-24 GB, 4bit below)
-ARGS = {"MODEL_NAME": "tiny", "MAX_STEPS": 3, "SAVE_STEPS": 1, "EVAL_STEPS": 10, "LOGGING_STEPS": 1,
-        "MAX_SAMPLES": 16, "MAX_SEQ_LEN": 64, "NUM_THREADS": 1, "BATCH_SIZE": 2,
-        "GRAD_ACCUM": 1, "REPORT_TO": "none"}
-ONE_LINE = re.compile(r"OUTPUT_DIR=\S+: no space left on the device while (.+) \(needs about [\d.]+ [KMG]B, "
-                      r"([\d.]+ [KMG]?B|\d+ bytes) free on (\S+)\); (.+)\. Free some space there or set OUTPUT_DIR "
-                      r"on a bigger disk, then run the same command(.*)$")
+ARGS = {
+    "MODEL_NAME": "tiny",
+    "MAX_STEPS": 3,
+    "SAVE_STEPS": 1,
+    "EVAL_STEPS": 10,
+    "LOGGING_STEPS": 1,
+    "MAX_SAMPLES": 16,
+    "MAX_SEQ_LEN": 64,
+    "NUM_THREADS": 1,
+    "BATCH_SIZE": 2,
+    "GRAD_ACCUM": 1,
+    "REPORT_TO": "none",
+}
+ONE_LINE = re.compile(
+    r"OUTPUT_DIR=\S+: no space left on the device while (.+) \(needs about [\d.]+ [KMG]B, "
+    r"([\d.]+ [KMG]?B|\d+ bytes) free on (\S+)\); (.+)\. Free some space there or set OUTPUT_DIR "
+    r"on a bigger disk, then run the same command(.*)$"
+)
 
 
 class FillAfterSave(TrainerCallback):
@@ -60,9 +73,12 @@ def test_a_disk_too_small_for_the_run_is_refused_before_loading(project, small_d
     proc = run_app(["train", *(f"{k}={v}" for k, v in ARGS.items()), f"OUTPUT_DIR={disk}/run"], cwd=project)
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert re.search(rf"OUTPUT_DIR={disk}/run: this run \(checkpoints of [\d.]+ KB each, then the adapter\) needs "
-                     rf"about [\d.]+ [KM]B and only [\d.]+ KB are free on {disk}; free some space there, or set "
-                     "OUTPUT_DIR on a bigger disk; nothing was written", errors[0]), errors[0]
+    assert re.search(
+        rf"OUTPUT_DIR={disk}/run: this run \(checkpoints of [\d.]+ KB each, then the adapter\) needs "
+        rf"about [\d.]+ [KM]B and only [\d.]+ KB are free on {disk}; free some space there, or set "
+        "OUTPUT_DIR on a bigger disk; nothing was written",
+        errors[0],
+    ), errors[0]
     assert "Loading weights" not in proc.stderr and os.listdir(disk) == [] and snapshot(project) == before
 
 
@@ -114,24 +130,35 @@ def trained(project):
     return out
 
 
-@pytest.mark.parametrize("command, setting, what", [
-    ("merge", "MERGED_DIR", "the merged model (fp32, as merge writes it)"),
-    ("export-onnx", "ONNX_DIR", "the ONNX export (fp32 weights)")])
-def test_merge_and_export_that_cannot_fit_are_refused_before_loading(trained, small_disk, cli, command, setting,
-                                                                     what):
+@pytest.mark.parametrize(
+    "command, setting, what",
+    [
+        ("merge", "MERGED_DIR", "the merged model (fp32, as merge writes it)"),
+        ("export-onnx", "ONNX_DIR", "the ONNX export (fp32 weights)"),
+    ],
+)
+def test_merge_and_export_that_cannot_fit_are_refused_before_loading(trained, small_disk, cli, command, setting, what):
     disk = small_disk("300k")
     code, errors, err = cli(command, f"ADAPTER_DIR={trained}", f"{setting}={disk}/out")
     assert code == 2 and len(errors) == 1, errors
-    assert re.fullmatch(rf"{setting}={disk}/out: {re.escape(what)} needs about [\d.]+ MB and only [\d.]+ KB are "
-                        rf"free on {disk}; free some space there, or set {setting} on a bigger disk; nothing was "
-                        "written", errors[0]), errors[0]
+    assert re.fullmatch(
+        rf"{setting}={disk}/out: {re.escape(what)} needs about [\d.]+ MB and only [\d.]+ KB are "
+        rf"free on {disk}; free some space there, or set {setting} on a bigger disk; nothing was "
+        "written",
+        errors[0],
+    ), errors[0]
     assert os.listdir(disk) == [] and "Loading weights" not in err
 
 
 def test_a_token_cache_that_cannot_fit_is_one_line(project, small_disk, cli):
     disk = small_disk("8k")
-    code, errors, _ = cli("train", *(f"{k}={v}" for k, v in ARGS.items() if k != "MAX_SAMPLES"), "MAX_SAMPLES=all",
-                          f"CACHE_DIR={disk}", "OUTPUT_DIR=models/cached")
+    code, errors, _ = cli(
+        "train",
+        *(f"{k}={v}" for k, v in ARGS.items() if k != "MAX_SAMPLES"),
+        "MAX_SAMPLES=all",
+        f"CACHE_DIR={disk}",
+        "OUTPUT_DIR=models/cached",
+    )
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"CACHE_DIR={disk}: the token cache of "), errors
     assert not Path("models/cached").exists()
 

@@ -6,6 +6,7 @@ parameters and they are equal, and the losses and the adapter match a single pro
 global batch. Two launchers with NNODES=2 on loopback form one job. The DeepSpeed configs the repo
 ships are checked against transformers' own "auto" filling (deepspeed itself needs CUDA).
 """
+
 import json
 import re
 import socket
@@ -24,10 +25,24 @@ REPO = Path(__file__).resolve().parents[1]
 DIGEST = re.compile(r"\[rank (\d)\] INFO app\.training\.dist: rank \1/2 .*trainable parameters sha256 ([0-9a-f]{64})")
 # The golden recipe's data and schedule at global batch 4, without dropout (its masks differ per
 # process), no evaluation and no periodic checkpoint: short and exactly comparable.
-SETTINGS = {"MAX_SAMPLES": 40, "MAX_STEPS": 4, "GRAD_ACCUM": 2, "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0,
-            "LOGGING_STEPS": 1, "EVAL_STEPS": 1000, "SAVE_STEPS": 1000, "VAL_SIZE": 0, "MAX_SEQ_LEN": 256,
-            "SEED": 0, "NUM_THREADS": 1, "QUANT_LEVEL": "none", "TIER": "none", "LORA_DROPOUT": 0,
-            "PRECISION": "fp32"}  # bf16 autocast (PRECISION=auto on CPUs with AMX) rounds differently per batch shape
+SETTINGS = {
+    "MAX_SAMPLES": 40,
+    "MAX_STEPS": 4,
+    "GRAD_ACCUM": 2,
+    "LEARNING_RATE": 1e-2,
+    "WARMUP_RATIO": 0,
+    "LOGGING_STEPS": 1,
+    "EVAL_STEPS": 1000,
+    "SAVE_STEPS": 1000,
+    "VAL_SIZE": 0,
+    "MAX_SEQ_LEN": 256,
+    "SEED": 0,
+    "NUM_THREADS": 1,
+    "QUANT_LEVEL": "none",
+    "TIER": "none",
+    "LORA_DROPOUT": 0,
+    "PRECISION": "fp32",
+}  # bf16 autocast (PRECISION=auto on CPUs with AMX) rounds differently per batch shape
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +68,17 @@ def single(tiny_glm_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(out.parent)  # models/.last_run goes there, not into the checkout
-        FineTuner(Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out),
-                                    **SETTINGS, "BATCH_SIZE": 2})).run()
+        FineTuner(
+            Config.from_dict(
+                {
+                    "MODEL_NAME": str(tiny_glm_dir),
+                    "DATA_PATH": str(data),
+                    "OUTPUT_DIR": str(out),
+                    **SETTINGS,
+                    "BATCH_SIZE": 2,
+                }
+            )
+        ).run()
     return out
 
 
@@ -63,14 +87,23 @@ def test_two_processes_train_as_one_job(tiny_glm_dir, data, single, tmp_path, ch
         return [r["loss"] for r in read_metrics(run) if "loss" in r]
 
     out = tmp_path / "out"
-    proc = subprocess.run(_args(tiny_glm_dir, data, out, NPROC=2, BATCH_SIZE=1), cwd=tmp_path, env=child_env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _args(tiny_glm_dir, data, out, NPROC=2, BATCH_SIZE=1),
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "torchrun: 2 processes (gloo" in log
     # Both ranks really ran: each announced itself with the gloo backend and logged its digest.
     for r in (0, 1):
-        assert f"[rank {r}] INFO app.training.dist: rank {r}/2 (node 0, local rank {r}" in log and "training with gloo" in log
+        assert (
+            f"[rank {r}] INFO app.training.dist: rank {r}/2 (node 0, local rank {r}" in log
+            and "training with gloo" in log
+        )
     digests = dict(DIGEST.findall(log))
     assert set(digests) == {"0", "1"}, log[-4000:]
     assert digests["0"] == digests["1"]  # the same trained parameters on both ranks
@@ -95,8 +128,15 @@ def test_two_nodes_on_loopback(tiny_glm_dir, data, tmp_path, child_env):
     procs = []
     for n in (0, 1):
         with logs[n].open("w") as fh:
-            procs.append(subprocess.Popen(_args(tiny_glm_dir, data, tmp_path / "out", NODE_RANK=n, **common),
-                                          cwd=tmp_path, env=child_env, stdout=subprocess.DEVNULL, stderr=fh))
+            procs.append(
+                subprocess.Popen(
+                    _args(tiny_glm_dir, data, tmp_path / "out", NODE_RANK=n, **common),
+                    cwd=tmp_path,
+                    env=child_env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=fh,
+                )
+            )
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -127,16 +167,28 @@ def test_shipped_deepspeed_configs_fill_from_the_trainer(name, stage):
     path = REPO / "configs" / name
     conf = json.loads(path.read_text())
     assert conf["zero_optimization"]["stage"] == stage
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                "gradient_clipping", "bf16", "fp16"):
+    for key in (
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "train_batch_size",
+        "gradient_clipping",
+        "bf16",
+        "fp16",
+    ):
         assert key in conf, key
     assert "optimizer" not in conf and "scheduler" not in conf  # OPTIM / LR_SCHEDULER stay in charge
     members = {k: v for k, v in vars(HfTrainerDeepSpeedConfig).items() if not k.startswith("__")}
     Filler = type("Filler", (HfDeepSpeedConfig,), members)
     ds = Filler(str(path))
     ds._dtype, ds.mismatches = None, []
-    args = TrainingArguments(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                             max_grad_norm=1.0, use_cpu=True, report_to="none")
+    args = TrainingArguments(
+        output_dir="unused",
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=4,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        report_to="none",
+    )
     ds.trainer_config_process(args)
     ds.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=64)), 100)
     assert ds.mismatches == []
@@ -147,8 +199,10 @@ def test_shipped_deepspeed_configs_fill_from_the_trainer(name, stage):
 
 def test_ds_config_on_cpu_is_one_clear_line(tmp_path, run_app):
     write_dataset(tmp_path, n_train=10, n_dev=1, seed=1)  # valid data: the DS_CONFIG line is the only problem
-    proc = run_app(["train", "NPROC=2", f"DS_CONFIG={REPO / 'configs/ds_zero2.json'}", "DATA_PATH=train.jsonl",
-                    "MODEL_NAME=tiny"], timeout=120)
+    proc = run_app(
+        ["train", "NPROC=2", f"DS_CONFIG={REPO / 'configs/ds_zero2.json'}", "DATA_PATH=train.jsonl", "MODEL_NAME=tiny"],
+        timeout=120,
+    )
     errors = [x for x in proc.stderr.splitlines() if " ERROR " in x]
     if torch.cuda.is_available():
         pytest.skip("CUDA machine: DS_CONFIG is allowed here")

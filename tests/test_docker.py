@@ -1,6 +1,7 @@
 """The Docker wiring, checked without an engine (CI builds and runs the images for real:
 scripts/ci-docker.sh): every setting reaches the container, the compose services share the
 mounts and run as the invoking user, and the images keep data, models and secrets out."""
+
 import re
 import shutil
 import subprocess
@@ -21,8 +22,14 @@ if not (REPO / "docker-compose.yml").is_file():  # inside the image: these files
 def _make_n(*args):
     if not shutil.which("make"):
         pytest.skip("needs make")
-    proc = subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": "/tmp"})
+    proc = subprocess.run(
+        ["make", "-n", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": "/tmp"},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -2,6 +2,7 @@
 reference pages equal what app/cli/reference.py writes from the code today, every setting and every
 make target is documented in exactly one of them, and every relative link and #anchor in the
 README, CONTRIBUTING.md and docs/ resolves, as a hosting service renders them."""
+
 import re
 from collections import Counter
 from pathlib import Path
@@ -27,8 +28,9 @@ def _generated() -> dict[str, str]:
 
 def test_readme_fits_in_12_kb():
     size = (REPO / "README.md").stat().st_size
-    assert size <= README_LIMIT, (f"README.md is {size:,} bytes, over {README_LIMIT:,}: move detail into a docs/ "
-                                  "page and link it")
+    assert size <= README_LIMIT, (
+        f"README.md is {size:,} bytes, over {README_LIMIT:,}: move detail into a docs/ page and link it"
+    )
 
 
 @pytest.mark.parametrize("rel", sorted(reference.PAGES))
@@ -37,8 +39,9 @@ def test_generated_page_is_current(rel):
     committed = path.read_text(encoding="utf-8") if path.is_file() else None
     assert committed == _generated()[rel], (
         f"{rel} is {'missing' if committed is None else 'stale'}: it is generated from the config dataclasses "
-        f"and the Makefile. Regenerate it with `{reference.REGENERATE}` (or: .venv/bin/python -c \"from app.cli.reference "
-        f"import {reference.PAGES[rel]}; print({reference.PAGES[rel]}(), end='')\" > {rel}) and commit it")
+        f'and the Makefile. Regenerate it with `{reference.REGENERATE}` (or: .venv/bin/python -c "from app.cli.reference '
+        f"import {reference.PAGES[rel]}; print({reference.PAGES[rel]}(), end='')\" > {rel}) and commit it"
+    )
 
 
 def _rows(pattern: str) -> Counter:
@@ -55,8 +58,9 @@ def _make_help_targets() -> list[str]:
 def test_every_setting_is_documented_in_exactly_one_generated_page():
     rows = _rows(r"^\| `([A-Z][A-Z0-9_]*)` \|")
     variables = list(Config.variables())
-    assert not [v for v in variables if rows[v] != 1], \
+    assert not [v for v in variables if rows[v] != 1], (
         f"settings not documented exactly once: {', '.join(f'{v} ({rows[v]}x)' for v in variables if rows[v] != 1)}"
+    )
     extra = sorted(set(rows) - set(variables))
     assert not extra, f"rows for names that are not settings: {extra}"
 
@@ -65,13 +69,15 @@ def test_every_make_target_is_documented_in_exactly_one_generated_page():
     targets = _make_help_targets()
     assert len(targets) >= 10, "the Makefile's `## ` help comments were not found"
     rows = _rows(r"^\| `make ([a-z-]+)` \|")
-    assert not [t for t in targets if rows[t] != 1], \
+    assert not [t for t in targets if rows[t] != 1], (
         f"make targets not documented exactly once: {', '.join(f'{t} ({rows[t]}x)' for t in targets if rows[t] != 1)}"
+    )
     extra = sorted(set(rows) - set(targets))
     assert not extra, f"rows for targets `make help` does not list: {extra}"
 
 
 # ---- links -------------------------------------------------------------------------------------------
+
 
 def _unfenced(text: str) -> str:
     """The text without fenced code blocks, where nothing is a heading or a link."""
@@ -148,10 +154,14 @@ def test_every_docs_page_is_linked_from_the_readme():
 def test_the_link_checker_catches_what_it_should(tmp_path):
     """The checks above pass only if the checker can fail: a missing file, a missing anchor, and the
     slug rules (case, punctuation, code, repeated headings) on a page of known headings."""
-    (tmp_path / "page.md").write_text("# Resume, overwrite and `checkpoints`\n## Q&A: 显存/内存?\n"
-                                      "## Q&A: 显存/内存?\n```\n# not a heading\n```\n", encoding="utf-8")
+    (tmp_path / "page.md").write_text(
+        "# Resume, overwrite and `checkpoints`\n## Q&A: 显存/内存?\n## Q&A: 显存/内存?\n```\n# not a heading\n```\n",
+        encoding="utf-8",
+    )
     assert anchors(tmp_path / "page.md") == {"resume-overwrite-and-checkpoints", "qa-显存内存", "qa-显存内存-1"}
-    (tmp_path / "doc.md").write_text("[ok](page.md#qa-显存内存-1) [gone](nothere.md) [bad](page.md#q-a) "
-                                     "[web](https://example.com/x.md) `[code](skipped.md)` [self](#nowhere)\n",
-                                     encoding="utf-8")
+    (tmp_path / "doc.md").write_text(
+        "[ok](page.md#qa-显存内存-1) [gone](nothere.md) [bad](page.md#q-a) "
+        "[web](https://example.com/x.md) `[code](skipped.md)` [self](#nowhere)\n",
+        encoding="utf-8",
+    )
     assert [b.split(":")[0] for b in _broken(tmp_path / "doc.md")] == ["nothere.md", "page.md#q-a", "#nowhere"]

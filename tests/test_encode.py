@@ -4,6 +4,7 @@ truncation, tokenizers without a chat template, and the collator.
 Expectations are built independently: the chat prompts are written out by hand per family
 and the answer is tokenised here, so a wrong template, a lost EOS or a shifted mask fails.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,13 +21,23 @@ A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 # Each family's chat format, written out by hand (not read from app.models.tiny): a turn, the text
 # that opens the conversation, the generation prompt, and the token that ends an answer.
 FAMILIES = {
-    "glm": dict(fixture="glm_tok", bos="[gMASK]<sop>", turn="<|{role}|>\n{content}",
-                gen="<|assistant|>\n", eos="<|endoftext|>"),
-    "qwen2": dict(fixture="qwen2_tok", bos="", turn="<|im_start|>{role}\n{content}<|im_end|>\n",
-                  gen="<|im_start|>assistant\n", eos="<|im_end|>"),
-    "llama": dict(fixture="llama_tok", bos="<|begin_of_text|>",
-                  turn="<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
-                  gen="<|start_header_id|>assistant<|end_header_id|>\n\n", eos="<|eot_id|>"),
+    "glm": dict(
+        fixture="glm_tok", bos="[gMASK]<sop>", turn="<|{role}|>\n{content}", gen="<|assistant|>\n", eos="<|endoftext|>"
+    ),
+    "qwen2": dict(
+        fixture="qwen2_tok",
+        bos="",
+        turn="<|im_start|>{role}\n{content}<|im_end|>\n",
+        gen="<|im_start|>assistant\n",
+        eos="<|im_end|>",
+    ),
+    "llama": dict(
+        fixture="llama_tok",
+        bos="<|begin_of_text|>",
+        turn="<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        gen="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        eos="<|eot_id|>",
+    ),
 }
 
 
@@ -72,8 +83,10 @@ def n_prompt(row):
     return next((i for i, lab in enumerate(row["labels"]) if lab != IGNORE), len(row["labels"]))
 
 
-CTX = ("Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\nInput: 句子中包含了哪些信息，输出json：\n\n"
-       "《喜剧之王》是周星驰主演的电影。\nAnswer: ")
+CTX = (
+    "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\nInput: 句子中包含了哪些信息，输出json：\n\n"
+    "《喜剧之王》是周星驰主演的电影。\nAnswer: "
+)
 TGT = '```json\n[{"predicate": "主演", "object_type": "人物", "subject_type": "影视作品", "object": "周星驰", "subject": "喜剧之王"}]\n```'
 
 SINGLE_TURN = {
@@ -83,6 +96,7 @@ SINGLE_TURN = {
 
 
 # ---- masking ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", list(SINGLE_TURN))
 def test_only_the_answer_and_eos_are_labelled(fam, kind):
@@ -107,8 +121,13 @@ def test_multi_turn_labels_every_assistant_answer(fam):
     """Both answers (each + EOS) are trained on; system and user text never are, and the
     training text is exactly what the chat template would render (no doubled EOS)."""
     name, spec, tok = fam
-    msgs = [S("你是抽取助手。"), U("第一句：周星驰主演《喜剧之王》。"), A("[周星驰, 主演, 喜剧之王]"),
-            U("Second: LoRA adapts large models."), A("[LoRA, adapts, large models]")]
+    msgs = [
+        S("你是抽取助手。"),
+        U("第一句：周星驰主演《喜剧之王》。"),
+        A("[周星驰, 主演, 喜剧之王]"),
+        U("Second: LoRA adapts large models."),
+        A("[LoRA, adapts, large models]"),
+    ]
     row = encode(Example(messages=msgs), tok, 4096)
     e = spec["eos"]
 
@@ -117,8 +136,18 @@ def test_multi_turn_labels_every_assistant_answer(fam):
 
     t = lambda m: spec["turn"].format(**m)  # noqa: E731
     if name == "glm":  # GLM's template writes no EOS after an answer: training inserts it
-        full = spec["bos"] + t(msgs[0]) + t(msgs[1]) + spec["gen"] + msgs[2]["content"] + e + \
-            t(msgs[3]) + spec["gen"] + msgs[4]["content"] + e
+        full = (
+            spec["bos"]
+            + t(msgs[0])
+            + t(msgs[1])
+            + spec["gen"]
+            + msgs[2]["content"]
+            + e
+            + t(msgs[3])
+            + spec["gen"]
+            + msgs[4]["content"]
+            + e
+        )
     else:  # ChatML / Llama 3 close each answer with EOS themselves: exactly one, not two
         full = spec["bos"] + "".join(t(m) for m in msgs)
         full = full.removesuffix("\n")  # ChatML's newline after the final <|im_end|> isn't trained
@@ -139,16 +168,20 @@ def test_template_that_rewrites_history_trains_on_the_last_answer_only(qwen2_tok
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
         "<|im_start|>assistant\n[earlier]<|im_end|>\n{% else %}"
         "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     msgs = [U("q1"), A("<think>x</think>a1"), U("q2"), A("a2")]
     row = encode(Example(messages=msgs), tok, 4096)
-    prompt = "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n[earlier]<|im_end|>\n" \
-             "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    prompt = (
+        "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n[earlier]<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert row["input_ids"] == tokens(tok, prompt) + tokens(tok, "a2") + [tok.convert_tokens_to_ids("<|im_end|>")]
     assert tok.decode(labelled(row)) == "a2<|im_end|>"
 
 
 # ---- {text} records -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("marker", ["### 回答:", "### 回答：", "### Response:", "答："])
 def test_text_record_labels_only_what_follows_the_marker(fam, marker):
@@ -165,11 +198,14 @@ def test_text_record_labels_only_what_follows_the_marker(fam, marker):
     assert tok.decode(row["input_ids"][: n_prompt(row)]) == head
 
 
-@pytest.mark.parametrize("text", [
-    "The quick brown fox jumps over the lazy dog.\n第二行。",
-    "### 回答:",             # a marker with nothing after it is not a split point
-    "### 回答:   \n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The quick brown fox jumps over the lazy dog.\n第二行。",
+        "### 回答:",  # a marker with nothing after it is not a split point
+        "### 回答:   \n",
+    ],
+)
 def test_text_record_without_a_usable_marker_is_all_answer(fam, text):
     _, spec, tok = fam
     row = encode(Example(text=text), tok, 4096)
@@ -186,10 +222,11 @@ def test_text_record_ignores_the_chat_template(qwen2_tok):
 
 # ---- truncation ---------------------------------------------------------------------------------
 
+
 def is_head_plus_tail(part, full, min_each):
     """part == full[:h] + full[-(len(part) - h):] for some h leaving >= min_each on each side."""
     n = len(part)
-    return any(part == full[:h] + full[len(full) - (n - h):] for h in range(min_each, n - min_each + 1))
+    return any(part == full[:h] + full[len(full) - (n - h) :] for h in range(min_each, n - min_each + 1))
 
 
 LONG_CTX = "HEAD 抽取句子中的三元组。\nInput: " + "这是一段很长的填充文本，" * 150 + "TAIL 句子结束。\nAnswer: "
@@ -207,7 +244,7 @@ def test_long_prompt_loses_its_middle_and_keeps_the_answer(fam):
     stats = EncodeStats()
     row = encode(ex, tok, limit, stats)
     assert len(row["input_ids"]) == len(row["labels"]) == limit
-    assert row["input_ids"][-len(a_ids):] == a_ids and row["labels"][-len(a_ids):] == a_ids
+    assert row["input_ids"][-len(a_ids) :] == a_ids and row["labels"][-len(a_ids) :] == a_ids
     assert tok.decode(labelled(row)) == answer + spec["eos"]
     kept = row["input_ids"][: limit - len(a_ids)]
     assert row["labels"][: len(kept)] == [IGNORE] * len(kept)
@@ -215,7 +252,7 @@ def test_long_prompt_loses_its_middle_and_keeps_the_answer(fam):
     text = tok.decode(kept)
     assert text.startswith(spec["bos"]) and "HEAD" in text  # the instruction survives
     full_prompt = hand_prompt(spec, ex.prompt_messages)
-    assert text.endswith(full_prompt[full_prompt.index("TAIL"):])  # ...and so does the assistant marker
+    assert text.endswith(full_prompt[full_prompt.index("TAIL") :])  # ...and so does the assistant marker
     assert (stats.samples, stats.tokens, stats.lengths) == (1, limit, [limit])
     assert (stats.prompt_truncated, stats.answer_truncated) == (1, 0)
     assert "MAX_SEQ_LEN=64" in stats.summary(limit)
@@ -265,8 +302,11 @@ def test_exact_fit_is_not_truncated_and_one_more_token_is(qwen2_tok):
 
 
 def test_encode_all_counts_and_keeps_order(qwen2_tok):
-    exs = [SINGLE_TURN["context_target"], Example(text="x ### Response: y"),
-           Example(messages=[U(LONG_CTX), A("short")])]
+    exs = [
+        SINGLE_TURN["context_target"],
+        Example(text="x ### Response: y"),
+        Example(messages=[U(LONG_CTX), A("short")]),
+    ]
     full = [len(encode(e, qwen2_tok, 10**6)["input_ids"]) for e in exs]
     cap = max(full[:2])  # only the long-context example goes over
     assert full[2] > cap
@@ -279,6 +319,7 @@ def test_encode_all_counts_and_keeps_order(qwen2_tok):
 
 
 # ---- no chat template --------------------------------------------------------------------------
+
 
 def test_tokenizer_without_chat_template_still_masks(fam):
     _, spec, tok = fam
@@ -297,12 +338,14 @@ def test_tokenizer_without_chat_template_still_masks(fam):
 
 # ---- Collator ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("lengths,padded", [([3, 10, 1], 16), ([8], 8), ([8, 9], 16), ([17], 24)])
 def test_collator_pads_to_longest_rounded_to_8(lengths, padded):
     import torch
 
-    rows = [{"input_ids": list(range(100, 100 + n)), "labels": [IGNORE] + list(range(200, 200 + n - 1))}
-            for n in lengths]
+    rows = [
+        {"input_ids": list(range(100, 100 + n)), "labels": [IGNORE] + list(range(200, 200 + n - 1))} for n in lengths
+    ]
     batch = Collator(pad_id=7)(rows)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     for key in batch:

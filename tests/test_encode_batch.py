@@ -2,6 +2,7 @@
 label mask and answer start for 1,000 records of each format the reader takes (.jsonl and .txt), on three tiny
 families, a tokenizer without a chat template and a template that rewrites history; and its batched tokenizer
 call is the tokenizer's own call on each text, whatever settings the tokenizer carries."""
+
 import copy
 import json
 
@@ -20,18 +21,22 @@ ODD = ["", " 🙂", "<|endoftext|>", "\n\n", "  ", "<|im_end|> 尾", "\t答："]
 SHAREGPT = {"system": "system", "user": "human", "assistant": "gpt"}
 # A template that renders past answers differently (as reasoning templates do): encode() then labels the last
 # answer only.
-REWRITES = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
-            "<|im_start|>assistant\n[earlier]<|im_end|>\n{% else %}"
-            "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+REWRITES = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+    "<|im_start|>assistant\n[earlier]<|im_end|>\n{% else %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def conversation(s, i):
     """1 to 3 turns (a system message on every third), answers with odd endings."""
     msgs = [{"role": "system", "content": "你是抽取助手。"}] if i % 3 == 0 else []
     for j in range(1 + i % 3):
-        msgs += [{"role": "user", "content": s[i + j]["context"]},
-                 {"role": "assistant", "content": s[i + j]["target"] + ODD[(i + j) % len(ODD)]}]
+        msgs += [
+            {"role": "user", "content": s[i + j]["context"]},
+            {"role": "assistant", "content": s[i + j]["target"] + ODD[(i + j) % len(ODD)]},
+        ]
     return msgs
 
 
@@ -40,7 +45,11 @@ def record(fmt, s, i):
     if fmt == "context_target":
         return {"context": context, "target": target}
     if fmt == "alpaca":
-        rec = {"instruction": context, "input": ["", "补充：" + s[i + 1]["context"][:40], "  "][i % 3], "output": target}
+        rec = {
+            "instruction": context,
+            "input": ["", "补充：" + s[i + 1]["context"][:40], "  "][i % 3],
+            "output": target,
+        }
         return {**rec, "system": "你是抽取助手。"} if i % 4 == 0 else rec
     if fmt == "messages":
         return {"messages": conversation(s, i)}
@@ -71,8 +80,14 @@ def tok(request):
 
 
 def test_the_cache_holds_encodes_rows_for_every_record_format(tok, tmp_path):
-    files = [("context_target", ".jsonl"), ("alpaca", ".jsonl"), ("messages", ".jsonl"), ("sharegpt", ".jsonl"),
-             ("text", ".jsonl"), ("text", ".txt")]
+    files = [
+        ("context_target", ".jsonl"),
+        ("alpaca", ".jsonl"),
+        ("messages", ".jsonl"),
+        ("sharegpt", ".jsonl"),
+        ("text", ".jsonl"),
+        ("text", ".txt"),
+    ]
     for fmt, suffix in files:
         path = write(tmp_path / f"{fmt}{suffix}", fmt)
         examples, report = read_examples(path)
@@ -83,8 +98,9 @@ def test_the_cache_holds_encodes_rows_for_every_record_format(tok, tmp_path):
         assert flat["ids"] == [t for r in rows for t in r["input_ids"]], path.name
         assert flat["mask"] == [int(lab != IGNORE) for r in rows for lab in r["labels"]], path.name
         assert flat["offsets"] == [0, *np.cumsum([len(r["input_ids"]) for r in rows]).tolist()], path.name
-        assert flat["plen"] == [max((i for i, lab in enumerate(r["labels"]) if lab == IGNORE), default=-1) + 1
-                                for r in rows], path.name
+        assert flat["plen"] == [
+            max((i for i, lab in enumerate(r["labels"]) if lab == IGNORE), default=-1) + 1 for r in rows
+        ], path.name
         for i in range(0, N, 97):  # each row's record, read again at its byte offset
             again = cache.example(str(path), i)
             assert (again.messages, again.text) == (examples[i].messages, examples[i].text), (path.name, i)

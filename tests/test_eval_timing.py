@@ -2,6 +2,7 @@
 once per decode step, rows computed, prefill and the loss pass), how torch's padded batches and llama.cpp's
 live rows differ, the two figures, and the line `make info` prints and evaluate logs. No test asserts a
 measured duration (bench/infer.md checks the prediction against evaluate's wall time)."""
+
 import logging
 import re
 
@@ -12,12 +13,25 @@ from app.evaluation import timing
 from app.plan import probes
 from app.plan.estimator import ModelShape
 
-LINE = re.compile(r"^expected evaluate: ~[\d.,]+ (s|min|h|days) for \d+ records on (torch (fp32|8bit|4bit)|llama\.cpp "
-                  r"\w+) \(answers as long as the references; ~[\d.,]+ (s|min|h|days) if every answer runs to its "
-                  r"\d+-token budget, as an untrained model's do\)$")
-SHAPE = ModelShape(total_params=10**9, linear_params=8 * 10**8, other_params=2 * 10**8, max_linear=10**7,
-                   lora_io=0, linear_in=0, layers=24, hidden=2048, intermediate=5632, vocab=50000, heads=16,
-                   max_positions=4096)
+LINE = re.compile(
+    r"^expected evaluate: ~[\d.,]+ (s|min|h|days) for \d+ records on (torch (fp32|8bit|4bit)|llama\.cpp "
+    r"\w+) \(answers as long as the references; ~[\d.,]+ (s|min|h|days) if every answer runs to its "
+    r"\d+-token budget, as an untrained model's do\)$"
+)
+SHAPE = ModelShape(
+    total_params=10**9,
+    linear_params=8 * 10**8,
+    other_params=2 * 10**8,
+    max_linear=10**7,
+    lora_io=0,
+    linear_in=0,
+    layers=24,
+    hidden=2048,
+    intermediate=5632,
+    vocab=50000,
+    heads=16,
+    max_positions=4096,
+)
 RATES = (1e10, 1e11)  # bytes/s, dense FLOP/s
 
 
@@ -33,8 +47,9 @@ def _parts(backend, quant, gguf_bytes=None):
     return e, step, flops / (RATES[1] * e.row), flops / (RATES[1] * e.prefill)
 
 
-@pytest.mark.parametrize("backend, quant", [("torch", "4bit"), ("torch", "none"), ("llama.cpp", "q4_k_m"),
-                                            ("llama.cpp", "f16")])
+@pytest.mark.parametrize(
+    "backend, quant", [("torch", "4bit"), ("torch", "none"), ("llama.cpp", "q4_k_m"), ("llama.cpp", "f16")]
+)
 def test_one_record_is_startup_load_prefill_decode_and_loss(backend, quant):
     e, step, row, token = _parts(backend, quant)
     t = timing.estimate(SHAPE, backend, quant, prompts=[100], answers=[20], budget=40, batch_size=8, rates=RATES)
@@ -49,13 +64,15 @@ def test_torch_decodes_finished_rows_llama_cpp_only_live_ones():
     """One batch of a 1-token and a 50-token answer: torch pads both prompts to 80 and runs 2 rows for all
     51 steps; llama.cpp prefills each prompt and decodes 2 + 51 rows in 51 steps."""
     kw = dict(prompts=[10, 80], answers=[0, 50], budget=100, batch_size=8, rates=RATES, load=False)
-    loss = (11 + 131)
+    loss = 11 + 131
     _, step, row, token = _parts("torch", "4bit")
     assert timing.estimate(SHAPE, "torch", "4bit", **kw).seconds == pytest.approx(
-        timing.STARTUP_S + loss * token + 2 * (80 * token + 51 * row) + 51 * step)
+        timing.STARTUP_S + loss * token + 2 * (80 * token + 51 * row) + 51 * step
+    )
     _, step, row, token = _parts("llama.cpp", "q4_k_m")
     assert timing.estimate(SHAPE, "llama.cpp", "q4_k_m", **kw).seconds == pytest.approx(
-        timing.STARTUP_S + loss * token + 90 * token + 51 * step + (1 + 51) * row)
+        timing.STARTUP_S + loss * token + 90 * token + 51 * step + (1 + 51) * row
+    )
 
 
 def test_batches_follow_predict_batch_size_and_prompts_of_similar_length():
@@ -92,15 +109,18 @@ def _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, **settings):
     from app.cli.info import run_info
 
     monkeypatch.chdir(tmp_path)
-    run_info(Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-                               "MAX_STEPS": 4, **settings}))
+    run_info(
+        Config.from_dict(
+            {"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"), "MAX_STEPS": 4, **settings}
+        )
+    )
     return capsys.readouterr().out.splitlines()
 
 
 def test_info_prints_the_evaluate_that_follows_the_run(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, QUANT_LEVEL="4bit")
     at = next(i for i, line in enumerate(out) if line.startswith("predicted peak RSS:"))
-    assert out[at + 2].startswith("expected ~") and LINE.match(out[at + 3]), out[at:at + 4]
+    assert out[at + 2].startswith("expected ~") and LINE.match(out[at + 3]), out[at : at + 4]
     assert " for 5 records on torch 4bit " in out[at + 3]  # EVAL_SAMPLES of the held-out records, as trained
 
 
@@ -108,26 +128,41 @@ def test_info_times_the_quant_level_the_tier_picks(tiny_glm_dir, data_dir, tmp_p
     """QUANT_LEVEL=auto: the evaluate line names the engine at the level the plan chose (8bit on a 12-24 GB
     machine), which is what predict loads the run's adapter on."""
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5)
-    planned = next(re.match(r"^\s+QUANT_LEVEL\s+=\s+(\w+)", line).group(1) for line in out
-                   if re.match(r"^\s+QUANT_LEVEL\s+=", line))
+    planned = next(
+        re.match(r"^\s+QUANT_LEVEL\s+=\s+(\w+)", line).group(1)
+        for line in out
+        if re.match(r"^\s+QUANT_LEVEL\s+=", line)
+    )
     line = next(line for line in out if line.startswith("expected evaluate"))
     assert LINE.match(line) and f" on torch {'fp32' if planned == 'none' else planned} " in line, (planned, line)
 
 
 def test_info_names_llama_cpp_and_eval_path_when_set(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
-    out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, INFER_BACKEND="llama.cpp",
-                GGUF_QUANT="q8_0", EVAL_PATH=str(data_dir / "dev.jsonl"), EVAL_SAMPLES=0)
+    out = _info(
+        tiny_glm_dir,
+        data_dir,
+        tmp_path,
+        monkeypatch,
+        capsys,
+        INFER_BACKEND="llama.cpp",
+        GGUF_QUANT="q8_0",
+        EVAL_PATH=str(data_dir / "dev.jsonl"),
+        EVAL_SAMPLES=0,
+    )
     n = sum(1 for line in (data_dir / "dev.jsonl").read_text().splitlines() if line.strip())
     line = next(line for line in out if line.startswith("expected evaluate"))
     assert LINE.match(line) and f" for {n} records on llama.cpp q8_0 " in line, line
 
 
-ALT = re.compile(r"^  with INFER_BACKEND=(torch|llama\.cpp GGUF_QUANT=\w+) instead: ~[\d.,]+ (s|min|h|days) \(~[\d.,]+ "
-                 r"(s|min|h|days) at the budget\)(, plus export-gguf once)?$")
+ALT = re.compile(
+    r"^  with INFER_BACKEND=(torch|llama\.cpp GGUF_QUANT=\w+) instead: ~[\d.,]+ (s|min|h|days) \(~[\d.,]+ "
+    r"(s|min|h|days) at the budget\)(, plus export-gguf once)?$"
+)
 
 
-def test_info_gives_the_other_backends_time_where_it_runs_the_model(tiny_glm_dir, data_dir, tmp_path, monkeypatch,
-                                                                    capsys, llamacpp):
+def test_info_gives_the_other_backends_time_where_it_runs_the_model(
+    tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, llamacpp
+):
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5)
     at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
     assert ALT.match(out[at + 1]) and "INFER_BACKEND=llama.cpp GGUF_QUANT=q4_k_m instead" in out[at + 1], out[at + 1]
@@ -138,12 +173,26 @@ def test_info_gives_the_other_backends_time_where_it_runs_the_model(tiny_glm_dir
     assert "INFER_BACKEND=torch instead" in out[at + 1]
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, METHOD="ptuning")
     at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
-    assert not any(line.startswith("  with ") for line in out[at + 1:])  # llama.cpp has no place for the prefixes
-    out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, METHOD="ptuning",
-                INFER_BACKEND="llama.cpp")  # what evaluate would refuse: said, with torch's time beside it
+    assert not any(line.startswith("  with ") for line in out[at + 1 :])  # llama.cpp has no place for the prefixes
+    out = _info(
+        tiny_glm_dir,
+        data_dir,
+        tmp_path,
+        monkeypatch,
+        capsys,
+        EVAL_SAMPLES=5,
+        METHOD="ptuning",
+        INFER_BACKEND="llama.cpp",
+    )  # what evaluate would refuse: said, with torch's time beside it
     at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
-    assert out[at] == ("expected evaluate: unknown (INFER_BACKEND=llama.cpp: a METHOD=ptuning run's prefixes have no "
-                       "place in llama.cpp; use torch)") and "INFER_BACKEND=torch instead" in out[at + 1], out[at:]
+    assert (
+        out[at]
+        == (
+            "expected evaluate: unknown (INFER_BACKEND=llama.cpp: a METHOD=ptuning run's prefixes have no "
+            "place in llama.cpp; use torch)"
+        )
+        and "INFER_BACKEND=torch instead" in out[at + 1]
+    ), out[at:]
 
 
 def test_info_without_llama_cpp_says_so_and_gives_torch_only(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
@@ -152,26 +201,35 @@ def test_info_without_llama_cpp_says_so_and_gives_torch_only(tiny_glm_dir, data_
     monkeypatch.setattr(llamacpp, "missing", lambda what: f"{what} needs llama.cpp's Python binding: make setup-gguf")
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5)
     at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
-    assert LINE.match(out[at]) and not any(line.startswith("  with ") for line in out[at + 1:])
+    assert LINE.match(out[at]) and not any(line.startswith("  with ") for line in out[at + 1 :])
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, EVAL_SAMPLES=5, INFER_BACKEND="llama.cpp")
     at = next(i for i, line in enumerate(out) if line.startswith("expected evaluate"))
-    assert out[at] == ("expected evaluate: unknown (INFER_BACKEND=llama.cpp needs llama.cpp's Python binding: make "
-                       "setup-gguf)") and ALT.match(out[at + 1]), out[at:]
+    assert out[at] == (
+        "expected evaluate: unknown (INFER_BACKEND=llama.cpp needs llama.cpp's Python binding: make setup-gguf)"
+    ) and ALT.match(out[at + 1]), out[at:]
 
 
 def test_info_says_which_setting_when_nothing_is_held_out(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
     out = _info(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys, VAL_SIZE=0)
-    assert "expected evaluate: unknown (the run holds out no records to score (VAL_SIZE=0, no VAL_PATH); set " \
-           "EVAL_PATH=<file>)" in out
+    assert (
+        "expected evaluate: unknown (the run holds out no records to score (VAL_SIZE=0, no VAL_PATH); set "
+        "EVAL_PATH=<file>)" in out
+    )
 
 
-def test_evaluate_logs_its_estimate_and_the_tokens_it_generated(tiny_glm_dir, data_dir, tmp_path, monkeypatch,
-                                                                caplog):
+def test_evaluate_logs_its_estimate_and_the_tokens_it_generated(tiny_glm_dir, data_dir, tmp_path, monkeypatch, caplog):
     from app.evaluation.evaluate import run_evaluate
 
     monkeypatch.chdir(tmp_path)
-    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "ADAPTER_DIR": "none", "EVAL_SAMPLES": 3,
-                            "EVAL_PATH": str(data_dir / "dev.jsonl"), "EVAL_DIR": str(tmp_path / "eval")})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(tiny_glm_dir),
+            "ADAPTER_DIR": "none",
+            "EVAL_SAMPLES": 3,
+            "EVAL_PATH": str(data_dir / "dev.jsonl"),
+            "EVAL_DIR": str(tmp_path / "eval"),
+        }
+    )
     with caplog.at_level(logging.INFO):
         run_evaluate(cfg)
     messages = [r.getMessage() for r in caplog.records]

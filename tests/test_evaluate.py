@@ -1,6 +1,7 @@
 """Evaluation end to end: reports from a trained tiny adapter, score-only mode, F1 during
 training, and METHOD=full (which the demo uses); with EVAL_PATH unset, the records the run held out,
 scored as their answers call for (triplet P/R/F1, or exact match / ROUGE-L / BLEU-4 and the loss)."""
+
 import json
 import logging
 import random
@@ -19,15 +20,34 @@ from app.evaluation.textmetrics import bleu4, exact_match, rouge_l, tokens
 from app.inference.generate import max_new_tokens_for
 from app.inference.predict import Predictor
 
-REPORT_KEYS = {"triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
-               "json_valid_rate", "n_samples"}
+REPORT_KEYS = {
+    "triplet_precision",
+    "triplet_recall",
+    "triplet_f1",
+    "triplet_f1_typed",
+    "classification_accuracy",
+    "json_valid_rate",
+    "n_samples",
+}
 
 
 def quick(model_dir, data_dir, out, **extra):
-    return Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-                             "VAL_PATH": str(data_dir / "dev.jsonl"), "OUTPUT_DIR": str(out), "MAX_STEPS": 2,
-                             "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none", "SEED": 0, "EVAL_STEPS": 1,
-                             "MAX_SAMPLES": 20, **extra})
+    return Config.from_dict(
+        {
+            "MODEL_NAME": str(model_dir),
+            "DATA_PATH": str(data_dir / "train.jsonl"),
+            "VAL_PATH": str(data_dir / "dev.jsonl"),
+            "OUTPUT_DIR": str(out),
+            "MAX_STEPS": 2,
+            "GRAD_ACCUM": 1,
+            "BATCH_SIZE": 2,
+            "TIER": "none",
+            "SEED": 0,
+            "EVAL_STEPS": 1,
+            "MAX_SAMPLES": 20,
+            **extra,
+        }
+    )
 
 
 def test_evaluate_writes_every_report(tiny_glm_dir, data_dir, tmp_path, monkeypatch, greedy_reference):
@@ -46,8 +66,10 @@ def test_evaluate_writes_every_report(tiny_glm_dir, data_dir, tmp_path, monkeypa
     records = [json.loads(line) for line in (data_dir / "dev.jsonl").read_text().splitlines()[:6]]
     pred = Predictor(ecfg)
     budget = max_new_tokens_for(pred.tokenizer, [r["target"] for r in records])
-    expected = [greedy_reference(pred.model, pred.tokenizer, [{"role": "user", "content": r["context"]}], budget)
-                for r in records]
+    expected = [
+        greedy_reference(pred.model, pred.tokenizer, [{"role": "user", "content": r["context"]}], budget)
+        for r in records
+    ]
     assert all(e.strip() for e in expected) and len(set(expected)) == 6  # not empty, not constant
     assert [(r["gold"], r["output"]) for r in rows] == [(r["target"], e) for r, e in zip(records, expected)]
     independent = score(zip([r["target"] for r in records], expected)).to_dict()
@@ -59,19 +81,27 @@ def test_evaluate_writes_every_report(tiny_glm_dir, data_dir, tmp_path, monkeypa
 def test_evaluate_scores_each_answer_against_its_own_record(tiny_glm_dir, tmp_path, monkeypatch):
     """A generator that is right on some records and wrong on others gives exactly the P/R/F1 and
     accuracy worked out by hand: the answers are paired with their own gold, prompts carry no answer."""
+
     def trip(s, p, o):
         return {"predicate": p, "object_type": "人物", "subject_type": "影视作品", "object": o, "subject": s}
 
     def fenced(ts):
         return "```json\n" + json.dumps(ts, ensure_ascii=False) + "\n```"
 
-    a, b, c, d, e = (trip("星河", "导演", "林远"), trip("星河", "主演", "陈雨"), trip("长夜", "导演", "周景"),
-                     trip("长夜", "主演", "吴桐"), trip("远方", "编剧", "沈博"))
-    cases = [("句子一", fenced([a, b]), fenced([a, b])),  # tp 2
-             ("句子二", fenced([c, d]), fenced([c, trip("长夜", "主演", "错人")])),  # tp 1, fp 1, fn 1
-             ("句子三", fenced([e]), ""),  # fn 1, not valid JSON
-             ("句子四", '["平板"]', '["平板"]'),  # label right
-             ("句子五", '["水果"]', '["衣服"]')]  # label wrong
+    a, b, c, d, e = (
+        trip("星河", "导演", "林远"),
+        trip("星河", "主演", "陈雨"),
+        trip("长夜", "导演", "周景"),
+        trip("长夜", "主演", "吴桐"),
+        trip("远方", "编剧", "沈博"),
+    )
+    cases = [
+        ("句子一", fenced([a, b]), fenced([a, b])),  # tp 2
+        ("句子二", fenced([c, d]), fenced([c, trip("长夜", "主演", "错人")])),  # tp 1, fp 1, fn 1
+        ("句子三", fenced([e]), ""),  # fn 1, not valid JSON
+        ("句子四", '["平板"]', '["平板"]'),  # label right
+        ("句子五", '["水果"]', '["衣服"]'),
+    ]  # label wrong
     src = tmp_path / "eval.jsonl"
     src.write_text("".join(json.dumps({"context": q, "target": t}, ensure_ascii=False) + "\n" for q, t, _ in cases))
     answer_to = {q: out for q, _, out in cases}
@@ -83,8 +113,16 @@ def test_evaluate_scores_each_answer_against_its_own_record(tiny_glm_dir, tmp_pa
         return [answer_to[conv[-1]["content"]] for conv in conversations]
 
     monkeypatch.setattr("app.evaluation.evaluate.generate_batch", fake_generate_batch)
-    d = run_evaluate(Config.from_dict({"ADAPTER_DIR": "none", "MODEL_NAME": str(tiny_glm_dir), "EVAL_PATH": str(src),
-                                       "EVAL_DIR": str(tmp_path / "eval")}))
+    d = run_evaluate(
+        Config.from_dict(
+            {
+                "ADAPTER_DIR": "none",
+                "MODEL_NAME": str(tiny_glm_dir),
+                "EVAL_PATH": str(src),
+                "EVAL_DIR": str(tmp_path / "eval"),
+            }
+        )
+    )
     assert sorted(prompts) == sorted(answer_to)
     p, r = 3 / 4, 3 / 5
     assert (d["tp"], d["fp"], d["fn"]) == (3, 1, 2)
@@ -98,7 +136,11 @@ def test_evaluate_scores_each_answer_against_its_own_record(tiny_glm_dir, tmp_pa
 
 def test_score_only_mode_from_the_command_line(tmp_path, run_app):
     gold = '```json\n[{"predicate": "导演", "object_type": "人物", "subject_type": "影视作品", "object": "林远", "subject": "星河"}]\n```'
-    lines = [{"target": gold, "output": gold}, {"reference": gold, "output": "我不知道"}, {"target": '["平板"]', "output": '["平板"]'}]
+    lines = [
+        {"target": gold, "output": gold},
+        {"reference": gold, "output": "我不知道"},
+        {"target": '["平板"]', "output": '["平板"]'},
+    ]
     src = tmp_path / "preds.jsonl"
     src.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
     proc = run_app(["evaluate", "--predictions", src], timeout=120)
@@ -148,8 +190,9 @@ def test_merge_writes_a_model_that_loads_without_peft(tiny_glm_dir, data_dir, tm
 
     monkeypatch.chdir(tmp_path)
     # fp32: ft.model is compared with the fp32 merged model (under bf16 its frozen weights are bf16)
-    ft = FineTuner(quick(tiny_glm_dir, data_dir, tmp_path / "out", QUANT_LEVEL="none", LEARNING_RATE=1e-2,
-                         PRECISION="fp32"))
+    ft = FineTuner(
+        quick(tiny_glm_dir, data_dir, tmp_path / "out", QUANT_LEVEL="none", LEARNING_RATE=1e-2, PRECISION="fp32")
+    )
     ft.run()
     merged_dir = run_merge(Config.from_dict({"ADAPTER_DIR": str(tmp_path / "out")}))
     assert merged_dir == tmp_path / "out" / "merged" and not (merged_dir / "adapter_config.json").exists()
@@ -170,16 +213,42 @@ def alpaca_file(path, n=60):
     """A user's own alpaca file: free-text answers, each instruction told apart by its number."""
     rng = random.Random(0)
     words = ["apple", "river", "stone", "cloud", "green", "quiet", "north", "light", "湖水", "山风"]
-    path.write_text("".join(json.dumps({"instruction": f"Describe item {i} in three words", "input": "",
-                                        "output": " ".join(rng.sample(words, 3))}, ensure_ascii=False) + "\n"
-                            for i in range(n)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "instruction": f"Describe item {i} in three words",
+                    "input": "",
+                    "output": " ".join(rng.sample(words, 3)),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for i in range(n)
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
 def trained(model_dir, data, out, **extra):
-    ft = FineTuner(Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out),
-                                     "MAX_STEPS": 1, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "TIER": "none", "SEED": 3,
-                                     "VAL_SIZE": 0.2, "CACHE_DIR": str(out.parent / "cache"), **extra}))
+    ft = FineTuner(
+        Config.from_dict(
+            {
+                "MODEL_NAME": str(model_dir),
+                "DATA_PATH": str(data),
+                "OUTPUT_DIR": str(out),
+                "MAX_STEPS": 1,
+                "BATCH_SIZE": 2,
+                "GRAD_ACCUM": 1,
+                "TIER": "none",
+                "SEED": 3,
+                "VAL_SIZE": 0.2,
+                "CACHE_DIR": str(out.parent / "cache"),
+                **extra,
+            }
+        )
+    )
     ft.run()
     return ft
 
@@ -192,8 +261,7 @@ def warnings_of(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("app.eval")]
 
 
-def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_glm_dir, tmp_path, monkeypatch,
-                                                                            caplog):
+def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_glm_dir, tmp_path, monkeypatch, caplog):
     """The issue's case: EVAL_PATH unset, a run trained on the user's alpaca file, the sample triplets in
     data/dev.jsonl (what was scored before, F1 0). Scored now: exactly the records training held out, in its
     order, with exact match / ROUGE-L / BLEU-4 per sample and the answers' loss, said in one line."""
@@ -214,8 +282,11 @@ def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_
     assert report == d and d["scored_as"] == "text" and d["n_samples"] == 10 and "triplet_f1" not in d
     for r in rows:
         ref, hyp = tokens(r["gold"]), tokens(r["output"])
-        assert (r["exact_match"], r["rouge_l"], r["bleu_4"]) == (exact_match(r["gold"], r["output"]),
-                                                                 rouge_l(ref, hyp), bleu4(ref, hyp))
+        assert (r["exact_match"], r["rouge_l"], r["bleu_4"]) == (
+            exact_match(r["gold"], r["output"]),
+            rouge_l(ref, hyp),
+            bleu4(ref, hyp),
+        )
     for key in ("exact_match", "rouge_l", "bleu_4"):
         assert d[key] == pytest.approx(sum(float(r[key]) for r in rows) / 10)
     # the loss: each reference answer under the adapter, as the model's own loss on training's labels
@@ -227,8 +298,10 @@ def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_
         for e in held:
             row = encode(e, pred.tokenizer, 512)
             n = sum(label != -100 for label in row["labels"][1:])
-            sums.append(float(pred.model(input_ids=torch.tensor([row["input_ids"]]),
-                                         labels=torch.tensor([row["labels"]])).loss) * n)
+            sums.append(
+                float(pred.model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss)
+                * n
+            )
             counts.append(n)
     assert [r["loss"] for r in rows] == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-4)
     assert d["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-4) and d["loss"] > 0
@@ -239,11 +312,13 @@ def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_
     with caplog.at_level(logging.INFO):
         eval_data(Config.from_dict({"ADAPTER_DIR": str(run)}), run)
     assert len(warnings_of(caplog)) == 1 and warnings_of(caplog)[0].startswith(
-        f"DATA_PATH={data} has changed since {run} trained on it")
+        f"DATA_PATH={data} has changed since {run} trained on it"
+    )
 
 
 def test_a_max_samples_all_run_is_scored_on_its_held_out_records_with_or_without_the_token_cache(
-        tiny_glm_dir, tmp_path, monkeypatch, caplog):
+    tiny_glm_dir, tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     data = alpaca_file(tmp_path / "mine.jsonl")
     run = tmp_path / "run"
@@ -267,15 +342,17 @@ def test_a_triplet_run_is_scored_on_its_val_path_with_prf(tiny_glm_dir, data_dir
     with caplog.at_level(logging.INFO):
         d = run_evaluate(Config.from_dict({"ADAPTER_DIR": str(out), "EVAL_SAMPLES": 4}))
     dev = data_dir / "dev.jsonl"
-    assert said(caplog) == [f"evaluating 4 of the 10 records of {dev}, the VAL_PATH {out} validated on "
-                            f"(EVAL_SAMPLES=4; {ANOTHER})"]
+    assert said(caplog) == [
+        f"evaluating 4 of the 10 records of {dev}, the VAL_PATH {out} validated on (EVAL_SAMPLES=4; {ANOTHER})"
+    ]
     assert d["scored_as"] == "triplets" and REPORT_KEYS <= d.keys() and d["n_samples"] == 4 and d["loss"] > 0
     assert "rouge_l" not in d and (out / "eval" / "per_predicate_f1.png").is_file()
     assert said(caplog, "F1 ")[0].endswith(f"loss {d['loss']:.4f} on 4 samples -> {out / 'eval' / 'report.md'}")
 
 
-def test_a_run_that_held_out_nothing_and_the_base_model_say_what_they_score(tiny_glm_dir, tmp_path, monkeypatch,
-                                                                             caplog):
+def test_a_run_that_held_out_nothing_and_the_base_model_say_what_they_score(
+    tiny_glm_dir, tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     data = alpaca_file(tmp_path / "mine.jsonl")
     run = tmp_path / "run"
@@ -283,17 +360,21 @@ def test_a_run_that_held_out_nothing_and_the_base_model_say_what_they_score(tiny
     caplog.clear()
     with caplog.at_level(logging.INFO):
         picked = eval_data(Config.from_dict({"ADAPTER_DIR": str(run)}), run)
-    assert warnings_of(caplog) == [f"{run} held out no records (VAL_SIZE=0 and no VAL_PATH): evaluating the first 60 "
-                                   f"records of its training file {data} instead, which it trained on, so the scores "
-                                   "flatter it; set EVAL_PATH=<file> to score records it has not seen"]
+    assert warnings_of(caplog) == [
+        f"{run} held out no records (VAL_SIZE=0 and no VAL_PATH): evaluating the first 60 "
+        f"records of its training file {data} instead, which it trained on, so the scores "
+        "flatter it; set EVAL_PATH=<file> to score records it has not seen"
+    ]
     first = [json.loads(line)["instruction"] for line in data.read_text().splitlines()]
     assert [e.messages[0]["content"] for e in picked.examples] == first
     write_dataset(tmp_path / "data", n_train=20, n_dev=10)
     caplog.clear()
     with caplog.at_level(logging.INFO):
         assert len(eval_data(Config.from_dict({"ADAPTER_DIR": "none"}), None).examples) == 10
-    assert said(caplog) == [f"evaluating the 10 records of data/dev.jsonl (ADAPTER_DIR=none, the base model: "
-                            f"VAL_PATH, else data/dev.jsonl; {ANOTHER})"]
+    assert said(caplog) == [
+        f"evaluating the 10 records of data/dev.jsonl (ADAPTER_DIR=none, the base model: "
+        f"VAL_PATH, else data/dev.jsonl; {ANOTHER})"
+    ]
 
 
 def test_score_only_mode_scores_free_text_as_text(tmp_path, caplog):
@@ -302,5 +383,7 @@ def test_score_only_mode_scores_free_text_as_text(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         d = run_evaluate(Config.from_dict({"PREDICTIONS": str(src)}))
     assert d["scored_as"] == "text" and d["loss"] is None and d["rouge_l"] == pytest.approx(5 / 6)
-    assert said(caplog, "exact match ") == [f"exact match 0.0000, ROUGE-L 0.8333, BLEU-4 {d['bleu_4']:.4f} on 1 "
-                                            f"samples -> {tmp_path / 'preds.eval' / 'report.md'}"]
+    assert said(caplog, "exact match ") == [
+        f"exact match 0.0000, ROUGE-L 0.8333, BLEU-4 {d['bleu_4']:.4f} on 1 "
+        f"samples -> {tmp_path / 'preds.eval' / 'report.md'}"
+    ]

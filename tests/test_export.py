@@ -1,6 +1,7 @@
 """ONNX export: a trained tiny GLM and Qwen2 adapter is merged and exported; ONNX Runtime must give
 PyTorch's logits (prompt and a KV-cached decode step) and PyTorch's greedy tokens, batched and
 streamed, and `predict` must run on the export from the command line."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,7 @@ from app.inference.export import run_export
 from app.inference.onnx_model import OnnxCausalLM
 from app.models.artifacts import is_onnx_dir
 
-PROMPTS = ["《星河往事》是由林远执导的电视剧。",
-           "Extract every triplet: The quick brown fox jumps over the lazy dog."]
+PROMPTS = ["《星河往事》是由林远执导的电视剧。", "Extract every triplet: The quick brown fox jumps over the lazy dog."]
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen2"])
@@ -24,10 +24,24 @@ def exported(request, data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"export-{request.param}")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)  # models/.last_run goes there, not into the checkout
-        FineTuner(Config.from_dict({
-            "MODEL_NAME": str(base), "DATA_PATH": str(data_dir / "train.jsonl"), "OUTPUT_DIR": str(work / "out"),
-            "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none", "SEED": 0, "VAL_SIZE": 0,
-            "MAX_SAMPLES": 8, "LEARNING_RATE": 1e-2, "QUANT_LEVEL": "none"})).run()
+        FineTuner(
+            Config.from_dict(
+                {
+                    "MODEL_NAME": str(base),
+                    "DATA_PATH": str(data_dir / "train.jsonl"),
+                    "OUTPUT_DIR": str(work / "out"),
+                    "MAX_STEPS": 2,
+                    "GRAD_ACCUM": 1,
+                    "BATCH_SIZE": 2,
+                    "TIER": "none",
+                    "SEED": 0,
+                    "VAL_SIZE": 0,
+                    "MAX_SAMPLES": 8,
+                    "LEARNING_RATE": 1e-2,
+                    "QUANT_LEVEL": "none",
+                }
+            )
+        ).run()
         onnx_dir = run_export(Config.from_dict({"ADAPTER_DIR": str(work / "out")}))
     merged_dir = work / "out" / "merged"
     assert onnx_dir == merged_dir / "onnx" and is_onnx_dir(onnx_dir)  # merged first, exported inside
@@ -116,7 +130,7 @@ def test_sampling_and_streaming(exported):
             seen.append(text)
 
     out = ort.generate(**one, max_new_tokens=8, eos_token_id=[], streamer=Capture(tok, skip_prompt=True))
-    assert "".join(seen) == tok.decode(out[0, one["input_ids"].shape[1]:])
+    assert "".join(seen) == tok.decode(out[0, one["input_ids"].shape[1] :])
 
 
 def test_predict_runs_on_the_export_from_the_command_line(exported, run_app):

@@ -1,5 +1,6 @@
 """Every tiny family trains, saves, reloads and predicts through the one training path, with
 LoRA targets found automatically and the family's chat template used for prompts and labels."""
+
 import json
 
 import pytest
@@ -14,13 +15,25 @@ from app.models.tiny import FAMILIES, build_tiny_model
 def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path, monkeypatch, read_metrics):
     model_dir = build_tiny_model(family, tmp_path / family)
     out = tmp_path / "out"
-    cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-                            "OUTPUT_DIR": str(out), "MAX_STEPS": 3, "BATCH_SIZE": 2, "GRAD_ACCUM": 1,
-                            "MAX_SAMPLES": 20, "TIER": "none", "LEARNING_RATE": 1e-2, "SEED": 0,
-                            "LOGGING_STEPS": 1, "WARMUP_RATIO": 0,
-                            # fp32: the reloaded model (fp32 on CPU) must equal the trained one exactly;
-                            # under bf16 autocast the trained model keeps its frozen weights in bf16
-                            "PRECISION": "fp32"})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(model_dir),
+            "DATA_PATH": str(data_dir / "train.jsonl"),
+            "OUTPUT_DIR": str(out),
+            "MAX_STEPS": 3,
+            "BATCH_SIZE": 2,
+            "GRAD_ACCUM": 1,
+            "MAX_SAMPLES": 20,
+            "TIER": "none",
+            "LEARNING_RATE": 1e-2,
+            "SEED": 0,
+            "LOGGING_STEPS": 1,
+            "WARMUP_RATIO": 0,
+            # fp32: the reloaded model (fp32 on CPU) must equal the trained one exactly;
+            # under bf16 autocast the trained model keeps its frozen weights in bf16
+            "PRECISION": "fp32",
+        }
+    )
     monkeypatch.chdir(tmp_path)
     ft = FineTuner(cfg)
     result = ft.run()
@@ -33,8 +46,11 @@ def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path, mo
     answer = ft.tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
     assert answer.endswith(FAMILIES[family].eos)
     prompt = ft.tokenizer.decode(row["input_ids"][: row["labels"].index(next(x for x in row["labels"] if x != -100))])
-    assert prompt.endswith(ft.tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                                            add_generation_prompt=True).split("x")[-1])
+    assert prompt.endswith(
+        ft.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+        ).split("x")[-1]
+    )
     pred = Predictor(Config.from_dict({"ADAPTER_DIR": str(out), "MAX_NEW_TOKENS": 4}))
     ids = torch.tensor([row["input_ids"]])
     ft.model.eval()

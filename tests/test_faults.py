@@ -7,6 +7,7 @@ traceback, and every earlier output left byte-for-byte as it was:
 - a resume that asks for other settings, or for fewer steps than the checkpoint has;
 - a stop signal while the data loads.
 """
+
 import json
 import os
 import shutil
@@ -33,14 +34,29 @@ def lora_run(tiny_glm_dir, tmp_path_factory):
     write_dataset(work / "data", n_train=16, n_dev=4, seed=3)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)  # models/.last_run goes there, not into the checkout
-        FineTuner(Config.from_dict({
-            "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(work / "data" / "train.jsonl"),
-            "OUTPUT_DIR": str(work / "run"), "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none",
-            "SEED": 0, "VAL_SIZE": 0, "MAX_SAMPLES": 8, "LEARNING_RATE": 1e-2, "QUANT_LEVEL": "none"})).run()
+        FineTuner(
+            Config.from_dict(
+                {
+                    "MODEL_NAME": str(tiny_glm_dir),
+                    "DATA_PATH": str(work / "data" / "train.jsonl"),
+                    "OUTPUT_DIR": str(work / "run"),
+                    "MAX_STEPS": 2,
+                    "GRAD_ACCUM": 1,
+                    "BATCH_SIZE": 2,
+                    "TIER": "none",
+                    "SEED": 0,
+                    "VAL_SIZE": 0,
+                    "MAX_SAMPLES": 8,
+                    "LEARNING_RATE": 1e-2,
+                    "QUANT_LEVEL": "none",
+                }
+            )
+        ).run()
     return work / "run", work / "data"
 
 
 # ---- damaged files ------------------------------------------------------------------------------------
+
 
 def _truncate(path: Path) -> str:
     size = path.stat().st_size
@@ -55,17 +71,25 @@ def _break_json(path: Path) -> str:
 
 
 RUN_FIX = "restore it from a copy, or train again into that OUTPUT_DIR with OVERWRITE=1"
-DAMAGE = {"truncated adapter_model.safetensors": ("adapter_model.safetensors", _truncate),
-          "broken adapter_config.json": ("adapter_config.json", _break_json)}
-COMMANDS = {"predict": ["predict", "PROMPT=hi"], "chat": ["predict", "INTERACTIVE=1"],
-            "predict-file": ["predict", "INPUT_FILE=data/dev.jsonl"],
-            "evaluate": ["evaluate", "EVAL_PATH=data/dev.jsonl"], "merge": ["merge"], "export-onnx": ["export-onnx"]}
+DAMAGE = {
+    "truncated adapter_model.safetensors": ("adapter_model.safetensors", _truncate),
+    "broken adapter_config.json": ("adapter_config.json", _break_json),
+}
+COMMANDS = {
+    "predict": ["predict", "PROMPT=hi"],
+    "chat": ["predict", "INTERACTIVE=1"],
+    "predict-file": ["predict", "INPUT_FILE=data/dev.jsonl"],
+    "evaluate": ["evaluate", "EVAL_PATH=data/dev.jsonl"],
+    "merge": ["merge"],
+    "export-onnx": ["export-onnx"],
+}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_a_damaged_adapter_is_one_line_in_every_command_that_reads_it(cli, tmp_path, lora_run, damage, command,
-                                                                      snapshot):
+def test_a_damaged_adapter_is_one_line_in_every_command_that_reads_it(
+    cli, tmp_path, lora_run, damage, command, snapshot
+):
     run = shutil.copytree(lora_run[0], tmp_path / "run")
     shutil.copytree(lora_run[1], tmp_path / "data")
     name, spoil = DAMAGE[damage]
@@ -87,8 +111,14 @@ def test_damage_is_found_before_torch_is_imported(tmp_path, lora_run, child_env)
     said = _truncate(run / "adapter_model.safetensors")
     env = {**child_env, "PYTHONPATH": f"{stub.parent}{os.pathsep}{child_env['PYTHONPATH']}"}
     for command in ("predict", "merge", "export-onnx"):
-        proc = subprocess.run([sys.executable, "-m", "app", command, f"ADAPTER_DIR={run}"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "app", command, f"ADAPTER_DIR={run}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         errors = [line.split(" ERROR app: ", 1)[1] for line in proc.stderr.splitlines() if " ERROR app: " in line]
         assert proc.returncode == 2 and errors == [f"ADAPTER_DIR={run}: {said}; {RUN_FIX}"], proc.stderr
 
@@ -98,11 +128,16 @@ def test_a_damaged_local_model_is_one_line_for_train_info_and_predict(cli, tmp_p
     shutil.copytree(lora_run[1], tmp_path / "data")
     _truncate(model / "tokenizer.json")  # an interrupted copy
     said = "tokenizer.json is damaged (not valid JSON: "
-    fix = (f"copy the model again, or delete the damaged file and download it again: `.venv/bin/hf download "
-           f"<owner>/glm --local-dir {model}` (fetches only what is missing)")
+    fix = (
+        f"copy the model again, or delete the damaged file and download it again: `.venv/bin/hf download "
+        f"<owner>/glm --local-dir {model}` (fetches only what is missing)"
+    )
     before = snapshot(tmp_path)
-    for argv in (["train", "DATA_PATH=data/train.jsonl", "OUTPUT_DIR=out"], ["info", "DATA_PATH=data/train.jsonl"],
-                 ["predict", "ADAPTER_DIR=none", "PROMPT=hi"]):
+    for argv in (
+        ["train", "DATA_PATH=data/train.jsonl", "OUTPUT_DIR=out"],
+        ["info", "DATA_PATH=data/train.jsonl"],
+        ["predict", "ADAPTER_DIR=none", "PROMPT=hi"],
+    ):
         code, errors, stderr = cli(*argv, f"MODEL_NAME={model}")
         assert code == 2 and len(errors) == 1, (argv, errors)
         assert errors[0].startswith(f"MODEL_NAME={model}: {said}") and errors[0].endswith(fix), errors[0]
@@ -121,7 +156,8 @@ def test_an_adapters_damaged_base_is_named_as_its_base(cli, tmp_path, tiny_glm_d
     code, errors, _ = cli("predict", f"ADAPTER_DIR={run}", "PROMPT=hi")
     assert code == 2 and errors == [
         f"MODEL_NAME=tiny (the base model named in {run}/train_config.json): {said}; delete models/tiny-glm "
-        "(`make clean` removes the tiny models); the next command rebuilds it"]
+        "(`make clean` removes the tiny models); the next command rebuilds it"
+    ]
     assert snapshot(tmp_path) == before
 
 
@@ -136,11 +172,14 @@ def test_a_damaged_onnx_export_names_the_export_command(cli, tmp_path, snapshot)
     (onnx / "model.onnx.data").write_bytes(b"\0" * 600)
     (onnx / "onnx_export.json").write_text(
         f'{{"source": "{merged}", "architecture": "GlmForCausalLM", "inputs": [], "past_shape": [], '
-        '"files": {"model.onnx": 100, "model.onnx.data": 1000}}')
+        '"files": {"model.onnx": 100, "model.onnx.data": 1000}}'
+    )
     before = snapshot(tmp_path)
     code, errors, _ = cli("predict", f"ADAPTER_DIR={onnx}", "PROMPT=hi")
-    assert code == 2 and errors == [f"ADAPTER_DIR={onnx}: model.onnx.data is damaged (truncated: 600 of 1,000 "
-                                    f"bytes); export it again: `make export-onnx ADAPTER_DIR={merged}`"]
+    assert code == 2 and errors == [
+        f"ADAPTER_DIR={onnx}: model.onnx.data is damaged (truncated: 600 of 1,000 "
+        f"bytes); export it again: `make export-onnx ADAPTER_DIR={merged}`"
+    ]
     assert snapshot(tmp_path) == before
 
 
@@ -155,12 +194,22 @@ def test_an_unreadable_file_is_named_as_unreadable_not_damaged(tmp_path, lora_ru
     else:
         os.chmod(weights, 0o000)
     before = snapshot(run)
-    proc = subprocess.run([sys.executable, "-m", "app", "predict", "PROMPT=hi", f"ADAPTER_DIR={run}"], cwd=tmp_path,
-                          env=child_env, capture_output=True, text=True, timeout=300, preexec_fn=as_a_user)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app", "predict", "PROMPT=hi", f"ADAPTER_DIR={run}"],
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=as_a_user,
+    )
     errors = [x for x in proc.stderr.splitlines() if " ERROR " in x]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert errors[0].split(" ERROR app: ")[1].startswith(
-        f"ADAPTER_DIR={run}: cannot read adapter_model.safetensors (permission denied: owned by uid "), errors
+    assert (
+        errors[0]
+        .split(" ERROR app: ")[1]
+        .startswith(f"ADAPTER_DIR={run}: cannot read adapter_model.safetensors (permission denied: owned by uid ")
+    ), errors
     assert "chown" in errors[0] and "damaged" not in errors[0]
     assert snapshot(run) == before
 
@@ -214,12 +263,14 @@ def test_safetensors_header_check_reads_the_header_only(tmp_path):
     whole = path.read_bytes()
     assert safetensors_problem(path) is None
     n = int.from_bytes(whole[:8], "little")
-    for data, why in ((whole[:5], "truncated: 5 bytes, not even a header"),
-                      (whole[:8 + n - 1], f"shorter than its {n:,}-byte header"),
-                      (whole[:-1], f"truncated: {len(whole) - 1:,} of {len(whole):,} bytes"),
-                      (whole + b"\0", f"1 byte longer than it should be ({len(whole):,})"),
-                      (b"\xff" * 8 + whole[8:], "invalid header length"),
-                      (whole[:8] + b"x" + whole[9:], "its header is not valid JSON")):
+    for data, why in (
+        (whole[:5], "truncated: 5 bytes, not even a header"),
+        (whole[: 8 + n - 1], f"shorter than its {n:,}-byte header"),
+        (whole[:-1], f"truncated: {len(whole) - 1:,} of {len(whole):,} bytes"),
+        (whole + b"\0", f"1 byte longer than it should be ({len(whole):,})"),
+        (b"\xff" * 8 + whole[8:], "invalid header length"),
+        (whole[:8] + b"x" + whole[9:], "its header is not valid JSON"),
+    ):
         path.write_bytes(data)
         assert why in (safetensors_problem(path) or ""), (why, safetensors_problem(path))
 
@@ -235,10 +286,13 @@ def test_a_sharded_model_is_checked_shard_by_shard(tmp_path):
     (model / "config.json").write_text('{"model_type": "glm"}')
     save_file({"a": torch.zeros(4)}, str(model / "model-00001-of-00002.safetensors"))
     (model / "model.safetensors.index.json").write_text(
-        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
+    )
     (line,) = model_problems(str(model))
-    assert line.startswith(f"MODEL_NAME={model}: model-00002-of-00002.safetensors is missing (named in "
-                           "model.safetensors.index.json); copy the model again")
+    assert line.startswith(
+        f"MODEL_NAME={model}: model-00002-of-00002.safetensors is missing (named in "
+        "model.safetensors.index.json); copy the model again"
+    )
     save_file({"b": torch.zeros(4)}, str(model / "model-00002-of-00002.safetensors"))
     assert model_problems(str(model)) == []
 
@@ -282,9 +336,16 @@ sys.exit(main(sys.argv[1:]))
 @pytest.fixture
 def kill_9_at(child_env, tmp_path):
     """kill_9_at(at, *argv): `python -m app <argv>` in tmp_path, SIGKILLed by itself at ``at`` (KILL_9)."""
+
     def run(at, *argv):
-        proc = subprocess.run([sys.executable, "-c", KILL_9, *argv], cwd=tmp_path, env={**child_env, "KILL_AT": at},
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILL_9, *argv],
+            cwd=tmp_path,
+            env={**child_env, "KILL_AT": at},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
     return run
@@ -367,8 +428,9 @@ def test_a_merged_or_onnx_dir_that_is_yours_is_never_replaced(cli, tmp_path, lor
     target = mine if where == "mine" else run
     before = snapshot(tmp_path)
     extra = [f"MERGED_DIR={tmp_path / 'merged'}"] if setting == "ONNX_DIR" else []
-    code, errors, _ = cli("merge" if setting == "MERGED_DIR" else "export-onnx", f"ADAPTER_DIR={run}",
-                          f"{setting}={target}", *extra)
+    code, errors, _ = cli(
+        "merge" if setting == "MERGED_DIR" else "export-onnx", f"ADAPTER_DIR={run}", f"{setting}={target}", *extra
+    )
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"{setting}={target} holds files this tool did not write"), errors[0]
     assert snapshot(tmp_path) == before  # refused before anything was merged or exported
@@ -382,8 +444,9 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
 
     target, umask = tmp_path / "out", os.umask(0)
     os.umask(umask)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     for exchange in (True, False):
         if not exchange:
             monkeypatch.setattr(app.core.utils, "_exchange", lambda a, b: False)
@@ -416,11 +479,25 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
 
 # ---- one run per OUTPUT_DIR; resume only what matches; a stop while the data loads -------------------
 
+
 def settings(model_dir, data, out, **extra) -> dict:
     """A small run with a checkpoint every 2 steps; MAX_SEQ_LEN is left to the tier (measured on the data)."""
-    values = {"MODEL_NAME": str(model_dir), "DATA_PATH": str(data), "OUTPUT_DIR": str(out), "MAX_SAMPLES": 40,
-              "MAX_STEPS": 8, "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "SAVE_STEPS": 2, "EVAL_STEPS": 100,
-              "LOGGING_STEPS": 1, "NUM_THREADS": 1, "QUANT_LEVEL": "none", "SEED": 0, "PRECISION": "fp32"}
+    values = {
+        "MODEL_NAME": str(model_dir),
+        "DATA_PATH": str(data),
+        "OUTPUT_DIR": str(out),
+        "MAX_SAMPLES": 40,
+        "MAX_STEPS": 8,
+        "BATCH_SIZE": 2,
+        "GRAD_ACCUM": 1,
+        "SAVE_STEPS": 2,
+        "EVAL_STEPS": 100,
+        "LOGGING_STEPS": 1,
+        "NUM_THREADS": 1,
+        "QUANT_LEVEL": "none",
+        "SEED": 0,
+        "PRECISION": "fp32",
+    }
     values.update(extra)
     return values
 
@@ -436,6 +513,7 @@ def steps_logged(read_metrics):
 
 
 # ---- a killed run, to resume ------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def killed(tiny_glm_dir, tmp_path_factory):
@@ -468,19 +546,23 @@ def run(killed, tmp_path, cli):
     return values, Path("out")
 
 
-@pytest.mark.parametrize("change, said", [
-    ({"LORA_R": 16}, "LORA_R 8 -> 16"),
-    ({"METHOD": "ptuning"}, "METHOD lora -> ptuning"),
-    ({"MODEL_NAME": "tiny-qwen2"}, "MODEL_NAME "),
-    ({"DATA_PATH": "other"}, "DATA_PATH "),
-    ({"MAX_SAMPLES": 30}, "MAX_SAMPLES 40 -> 30"),
-    ({"SEED": 1}, "SEED 0 -> 1"),
-    ({"MAX_SEQ_LEN": 40}, "MAX_SEQ_LEN "),
-    ({"LEARNING_RATE": 0.1}, "LEARNING_RATE 0.0002 -> 0.1"),
-    ({"BATCH_SIZE": 4}, "samples per step (BATCH_SIZE x GRAD_ACCUM x processes) 2x1x1=2 -> 4x1x1=4"),
-    ({"MAX_STEPS": 1}, "MAX_STEPS=1 is below its step 2"),
-    ({"EDIT_DATA": True}, "changed since"),
-], ids=lambda x: next(iter(x)) if isinstance(x, dict) else None)
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"LORA_R": 16}, "LORA_R 8 -> 16"),
+        ({"METHOD": "ptuning"}, "METHOD lora -> ptuning"),
+        ({"MODEL_NAME": "tiny-qwen2"}, "MODEL_NAME "),
+        ({"DATA_PATH": "other"}, "DATA_PATH "),
+        ({"MAX_SAMPLES": 30}, "MAX_SAMPLES 40 -> 30"),
+        ({"SEED": 1}, "SEED 0 -> 1"),
+        ({"MAX_SEQ_LEN": 40}, "MAX_SEQ_LEN "),
+        ({"LEARNING_RATE": 0.1}, "LEARNING_RATE 0.0002 -> 0.1"),
+        ({"BATCH_SIZE": 4}, "samples per step (BATCH_SIZE x GRAD_ACCUM x processes) 2x1x1=2 -> 4x1x1=4"),
+        ({"MAX_STEPS": 1}, "MAX_STEPS=1 is below its step 2"),
+        ({"EDIT_DATA": True}, "changed since"),
+    ],
+    ids=lambda x: next(iter(x)) if isinstance(x, dict) else None,
+)
 def test_resume_with_other_settings_is_refused_in_one_line(run, cli, tiny_qwen2_dir, change, said, snapshot):
     values, out = run
     change = dict(change)
@@ -499,7 +581,7 @@ def test_resume_with_other_settings_is_refused_in_one_line(run, cli, tiny_qwen2_
     line = errors[0]
     head = f"OUTPUT_DIR={out} holds an unfinished run (checkpoint-2, step 2) that cannot continue as asked: "
     assert line.startswith(head), line
-    what = line[len(head):line.index(". To continue it")]
+    what = line[len(head) : line.index(". To continue it")]
     assert said in what and "; " not in what, what  # that difference, and no other
     assert "OVERWRITE=1" in line and "another OUTPUT_DIR" in line
     assert snapshot(out) == before  # metrics.jsonl and the checkpoint included
@@ -511,11 +593,15 @@ def test_resume_with_other_settings_is_refused_in_one_line(run, cli, tiny_qwen2_
 
 def test_resume_with_allowed_changes_continues_and_says_so(run, cli, caplog, steps_logged):
     values, out = run
-    code, errors, _ = cli("train", *argv({**values, "MAX_STEPS": 6, "SAVE_STEPS": 3, "LOGGING_STEPS": 2,
-                                          "NUM_THREADS": 2, "EVAL_STEPS": 50}))
+    code, errors, _ = cli(
+        "train",
+        *argv({**values, "MAX_STEPS": 6, "SAVE_STEPS": 3, "LOGGING_STEPS": 2, "NUM_THREADS": 2, "EVAL_STEPS": 50}),
+    )
     assert code == 0, errors
-    assert "resuming with changed settings: NUM_THREADS 1 -> 2, MAX_STEPS 8 -> 6, SAVE_STEPS 2 -> 3, " \
-           "EVAL_STEPS 100 -> 50, LOGGING_STEPS 1 -> 2" in caplog.text
+    assert (
+        "resuming with changed settings: NUM_THREADS 1 -> 2, MAX_STEPS 8 -> 6, SAVE_STEPS 2 -> 3, "
+        "EVAL_STEPS 100 -> 50, LOGGING_STEPS 1 -> 2" in caplog.text
+    )
     assert "resuming with the checkpoint's MAX_SEQ_LEN=" in caplog.text  # the tier's choice then, not again
     assert f"resuming from {out / CHECKPOINTS / 'checkpoint-2'}" in caplog.text
     assert steps_logged(out) == [1, 2, 4, 6]  # steps 1-2 from the killed run, then every 2nd: no gap, no repeat
@@ -574,14 +660,21 @@ def test_fewer_epochs_than_the_checkpoint_is_refused(tmp_path):
 
 # ---- one run per OUTPUT_DIR -------------------------------------------------------------------------
 
-HOLD = "import sys; from app.training.runlock import hold; h = hold(sys.argv[1], 'train'); h.__enter__(); " \
-       "print('held', flush=True); sys.stdin.read()"
+HOLD = (
+    "import sys; from app.training.runlock import hold; h = hold(sys.argv[1], 'train'); h.__enter__(); "
+    "print('held', flush=True); sys.stdin.read()"
+)
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path, child_env):
     """The kernel drops a flock with its process: kill -9 never leaves OUTPUT_DIR locked."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], env=child_env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "out")],
+        env=child_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         who = holder(tmp_path / "out")
@@ -597,8 +690,9 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, child_env):
         assert (tmp_path / "out" / LOCK_FILE).is_file()
 
 
-def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(tiny_glm_dir, tmp_path, cli, snapshot,
-                                                                               app_process, steps_logged):
+def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(
+    tiny_glm_dir, tmp_path, cli, snapshot, app_process, steps_logged
+):
     """Run A trains again into a finished run's dir (OVERWRITE=1), paused with SIGSTOP while we look
     so its files hold still. A second `train` into its OUTPUT_DIR, `merge` and `export-onnx` of the
     run, `remove-run` of it and `make clean` are each refused in one line naming A's pid; A's files,
@@ -638,8 +732,10 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(t
 
 # ---- a stop signal while the data loads ----------------------------------------------------------
 
-def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(tiny_glm_dir, tmp_path, monkeypatch, snapshot,
-                                                                       app_process):
+
+def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(
+    tiny_glm_dir, tmp_path, monkeypatch, snapshot, app_process
+):
     """SIGTERM (docker compose stop) while 20,000 records are being tokenized: exit 143 with one
     line, no traceback, and the finished run already in OUTPUT_DIR byte-for-byte as it was."""
     write_dataset(tmp_path / "data", n_train=80, n_dev=10, seed=1)

@@ -3,6 +3,7 @@ the export's files, predict-file and evaluate answering as the torch backend doe
 while the adapter is unchanged, GGUF_ADAPTER_ONLY's adapter, remove-run taking gguf/ along, and each bad input
 (an unsupported family, a P-Tuning run, a folder of yours, a disk too small, a damaged GGUF, an unknown
 GGUF_QUANT) in one line with nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,24 @@ def run(data_dir, tiny_glm_dir, tmp_path_factory, llamacpp) -> Path:
     work = tmp_path_factory.mktemp("gguf-run")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)
-        FineTuner(Config.from_dict({
-            "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"), "OUTPUT_DIR": "models/run",
-            "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none", "SEED": 0, "VAL_SIZE": 0,
-            "MAX_SAMPLES": 8, "LEARNING_RATE": 1e-2, "QUANT_LEVEL": "none"})).run()
+        FineTuner(
+            Config.from_dict(
+                {
+                    "MODEL_NAME": str(tiny_glm_dir),
+                    "DATA_PATH": str(data_dir / "train.jsonl"),
+                    "OUTPUT_DIR": "models/run",
+                    "MAX_STEPS": 2,
+                    "GRAD_ACCUM": 1,
+                    "BATCH_SIZE": 2,
+                    "TIER": "none",
+                    "SEED": 0,
+                    "VAL_SIZE": 0,
+                    "MAX_SAMPLES": 8,
+                    "LEARNING_RATE": 1e-2,
+                    "QUANT_LEVEL": "none",
+                }
+            )
+        ).run()
     return work / "models" / "run"
 
 
@@ -41,15 +56,23 @@ def test_export_writes_the_gguf_modelfile_and_readme_into_the_run(project, cli):
     code, errors, _ = cli("export-gguf", "GGUF_QUANT=q8_0")
     assert code == 0, errors
     out = project / "models/run/gguf"
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "README.md", "generation_config.json",
-                                                     "gguf_info.json", "model-q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "Modelfile",
+        "README.md",
+        "generation_config.json",
+        "gguf_info.json",
+        "model-q8_0.gguf",
+    ]
     info = json.loads((out / "gguf_info.json").read_text())
     assert info["file"] == "model-q8_0.gguf" and info["size"] == (out / "model-q8_0.gguf").stat().st_size
     assert "gguf" in json.loads((project / "models/run/run_manifest.json").read_text())["entries"]
     meta = GGUFReader(out / "model-q8_0.gguf")
     tok_cfg = json.loads((project / "models/run/tokenizer_config.json").read_text())
-    template = (project / "models/run/chat_template.jinja").read_text() if not tok_cfg.get("chat_template") \
+    template = (
+        (project / "models/run/chat_template.jinja").read_text()
+        if not tok_cfg.get("chat_template")
         else tok_cfg["chat_template"]
+    )
     assert meta.get_field("tokenizer.chat_template").contents() == template  # the run's, as trained
     assert meta.get_field("chatglm.context_length").contents() == 2048  # config.json's, not the converter's 64
     modelfile = (out / "Modelfile").read_text()
@@ -63,15 +86,27 @@ def test_predict_file_and_evaluate_answer_as_torch_does_at_f16(project, cli, dat
     outs = {}
     for backend in ("torch", "llama.cpp"):
         out = f"out-{backend}.jsonl"
-        code, errors, _ = cli("predict-file", "INPUT_FILE=in.jsonl", f"OUTPUT_FILE={out}", "MAX_NEW_TOKENS=24",
-                               f"INFER_BACKEND={backend}", "GGUF_QUANT=f16")
+        code, errors, _ = cli(
+            "predict-file",
+            "INPUT_FILE=in.jsonl",
+            f"OUTPUT_FILE={out}",
+            "MAX_NEW_TOKENS=24",
+            f"INFER_BACKEND={backend}",
+            "GGUF_QUANT=f16",
+        )
         assert code == 0, errors
         outs[backend] = [json.loads(x)["output"] for x in (project / out).read_text().splitlines()]
     assert outs["llama.cpp"] == outs["torch"]
     reports = {}
     for backend in ("torch", "llama.cpp"):  # the answers, and the answers' loss from every position's logits
-        code, errors, _ = cli("evaluate", "EVAL_PATH=in.jsonl", f"EVAL_DIR=eval-{backend}", "MAX_NEW_TOKENS=24",
-                              f"INFER_BACKEND={backend}", "GGUF_QUANT=f16")
+        code, errors, _ = cli(
+            "evaluate",
+            "EVAL_PATH=in.jsonl",
+            f"EVAL_DIR=eval-{backend}",
+            "MAX_NEW_TOKENS=24",
+            f"INFER_BACKEND={backend}",
+            "GGUF_QUANT=f16",
+        )
         assert code == 0, errors
         reports[backend] = json.loads((project / f"eval-{backend}" / "report.json").read_text())
     assert reports["llama.cpp"]["loss"] == pytest.approx(reports["torch"]["loss"], rel=1e-3)
@@ -110,8 +145,9 @@ def test_a_damaged_gguf_is_one_line_or_exported_again(project, cli, caplog):
     assert "make export-gguf" in errors[0]
     gguf.write_bytes(bytes(data[: len(data) // 2]))  # cut short: the size says so, and it is exported again
     caplog.clear()
-    assert cli("predict-custom", "PROMPT=你好", "MAX_NEW_TOKENS=4", "INFER_BACKEND=llama.cpp",
-                "GGUF_QUANT=q8_0")[0] == 0
+    assert (
+        cli("predict-custom", "PROMPT=你好", "MAX_NEW_TOKENS=4", "INFER_BACKEND=llama.cpp", "GGUF_QUANT=q8_0")[0] == 0
+    )
     assert "is damaged" in caplog.text and "exporting it again" in caplog.text
 
 
@@ -129,20 +165,36 @@ def test_adapter_only_writes_the_lora_and_its_base_and_reuses_the_base(project, 
 
 
 @pytest.mark.parametrize("quant", ["8bit", "4bit"])
-def test_a_run_on_a_tiers_kbit_base_exports_from_the_original_base(quant, data_dir, tiny_glm_dir, tmp_path, cli,
-                                                                   caplog):
+def test_a_run_on_a_tiers_kbit_base_exports_from_the_original_base(
+    quant, data_dir, tiny_glm_dir, tmp_path, cli, caplog
+):
     """The tiers train on a bitsandbytes 8-bit (12-24 GB of RAM) or 4-bit (below 12 GB) base: its LoRA is merged
     into the original base instead, said in one line, and llama.cpp answers with it."""
-    FineTuner(Config.from_dict({
-        "MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"), "OUTPUT_DIR": "models/run",
-        "MAX_STEPS": 2, "GRAD_ACCUM": 1, "BATCH_SIZE": 2, "TIER": "none", "SEED": 0, "VAL_SIZE": 0,
-        "MAX_SAMPLES": 8, "LEARNING_RATE": 1e-2, "QUANT_LEVEL": quant})).run()
+    FineTuner(
+        Config.from_dict(
+            {
+                "MODEL_NAME": str(tiny_glm_dir),
+                "DATA_PATH": str(data_dir / "train.jsonl"),
+                "OUTPUT_DIR": "models/run",
+                "MAX_STEPS": 2,
+                "GRAD_ACCUM": 1,
+                "BATCH_SIZE": 2,
+                "TIER": "none",
+                "SEED": 0,
+                "VAL_SIZE": 0,
+                "MAX_SAMPLES": 8,
+                "LEARNING_RATE": 1e-2,
+                "QUANT_LEVEL": quant,
+            }
+        )
+    ).run()
     code, errors, _ = cli("export-gguf", "GGUF_QUANT=q8_0")
     assert code == 0, errors
     assert f"the adapter was trained on a {quant} base; merging it into the original unquantized base" in caplog.text
     assert (tmp_path / "models/run/gguf/model-q8_0.gguf").is_file()
-    code, errors, _ = cli("predict-custom", "PROMPT=你好", "MAX_NEW_TOKENS=4", "INFER_BACKEND=llama.cpp",
-                          "GGUF_QUANT=q8_0")
+    code, errors, _ = cli(
+        "predict-custom", "PROMPT=你好", "MAX_NEW_TOKENS=4", "INFER_BACKEND=llama.cpp", "GGUF_QUANT=q8_0"
+    )
     assert code == 0 and "exported earlier from this adapter and base" in caplog.text, errors
 
 
@@ -158,8 +210,9 @@ def test_bad_input_is_one_line_and_writes_nothing(project, cli, snapshot, tiny_g
     (mine / "README.md").write_text("my notes\n")
     ptuning = project / "models/pt"
     ptuning.mkdir()
-    (ptuning / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING",
-                                                             "base_model_name_or_path": str(tiny_glm_dir)}))
+    (ptuning / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "PREFIX_TUNING", "base_model_name_or_path": str(tiny_glm_dir)})
+    )
     from safetensors.torch import save_file
     import torch
 

@@ -5,6 +5,7 @@ English, JSON). A mismatch at f16 is allowed only where torch's top two logits a
 float rounding may break either way); q8_0 agrees on >= 95% of tokens; q4_k_m's mean KL divergence of the
 next-token distributions stays under a bound set from measurement. The numbers go to
 tests/artifacts/gguf_parity.md."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 
 FAMILIES = ("tiny", "tiny-qwen2", "tiny-qwen3", "tiny-llama", "tiny-gemma3")
-PROMPTS = ("《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。",
-           "Extract every subject, predicate and object triplet from the sentence and answer in JSON.",
-           '[{"subject": "星河往事", "predicate": "导演", "object": "林远"}]',
-           "句子中包含了哪些信息，输出json：张三出生于上海。",
-           "The quick brown fox jumps over the lazy dog.")
+PROMPTS = (
+    "《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。",
+    "Extract every subject, predicate and object triplet from the sentence and answer in JSON.",
+    '[{"subject": "星河往事", "predicate": "导演", "object": "林远"}]',
+    "句子中包含了哪些信息，输出json：张三出生于上海。",
+    "The quick brown fox jumps over the lazy dog.",
+)
 NEW_TOKENS = 32
 TIE = 1e-3
 Q4_KL_BOUND = 0.01  # mean KL(torch || llama.cpp q4_k_m) per token, nats: measured 0.0008-0.0027 here
@@ -38,8 +41,10 @@ def trained(tmp_path_factory, llamacpp, learn_briefly):
         base = build_tiny_model(family, root / family)
         learn_briefly(base, 120)
         torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                               LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear"))
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base),
+            LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear"),
+        )
         with torch.no_grad():  # random B (PEFT's default is 0): a change of every target weight, of the size
             for name, p in model.named_parameters():  # training gives one (~5% of the weight), not a new model
                 if "lora_B" in name:
@@ -73,11 +78,12 @@ def torch_paths(base: Path, adapter: Path) -> list[tuple[list[int], int, object]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().eval()
     paths = []
     for p in PROMPTS:
-        ids = tok(prompt_text(tok, [{"role": "user", "content": p}]), add_special_tokens=False,
-                  return_tensors="pt")["input_ids"]
+        ids = tok(prompt_text(tok, [{"role": "user", "content": p}]), add_special_tokens=False, return_tensors="pt")[
+            "input_ids"
+        ]
         with torch.no_grad():  # min_new_tokens: 32 positions to compare even where EOS is likeliest
             path = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-            logits = model(path).logits[0, ids.shape[1] - 1:-1].float()
+            logits = model(path).logits[0, ids.shape[1] - 1 : -1].float()
         paths.append((path[0].tolist(), ids.shape[1], logits))
     return paths
 
@@ -106,8 +112,12 @@ def compare(gguf: Path, paths: list, exact: bool) -> dict:
                 ties += 1
             else:
                 bad += 1
-        kls.append(torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                              reduction="none").sum(-1).mean().item())
+        kls.append(
+            torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+            .sum(-1)
+            .mean()
+            .item()
+        )
     lm.close()
     return {"agree": agree, "ties": ties, "bad": bad, "total": agree + ties + bad, "kl": sum(kls) / len(kls)}
 
@@ -118,7 +128,9 @@ def report(artifacts):
     yield rows
     (artifacts / "gguf_parity.md").write_text(
         "| family | GGUF | greedy tokens equal | ties (top-2 < 1e-3) | mismatches | mean KL |\n|---|---|---|---|---|---|\n"
-        + "".join(rows), encoding="utf-8")
+        + "".join(rows),
+        encoding="utf-8",
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -128,7 +140,9 @@ def test_gguf_answers_as_the_merged_torch_model(family, trained, tmp_path, repor
     results = {}
     for quant in ("f16", "q8_0", "q4_k_m"):
         r = results[quant] = compare(export(adapter, quant, tmp_path / quant), paths, exact=quant == "f16")
-        report.append(f"| {family} | {quant} | {r['agree']}/{r['total']} | {r['ties']} | {r['bad']} | {r['kl']:.5f} |\n")
+        report.append(
+            f"| {family} | {quant} | {r['agree']}/{r['total']} | {r['ties']} | {r['bad']} | {r['kl']:.5f} |\n"
+        )
     f16, q8, q4 = results["f16"], results["q8_0"], results["q4_k_m"]
     assert f16["bad"] == 0, f"{family} f16: {f16['bad']} greedy tokens differ where torch's top two are >= {TIE} apart"
     assert q8["agree"] >= 0.95 * q8["total"], f"{family} q8_0: {q8}"

@@ -1,4 +1,5 @@
 """The memory guard: checkpoint, then back off (same effective batch) or stop; never an OOM kill."""
+
 import json
 import os
 
@@ -23,10 +24,22 @@ class TripAt(TrainerCallback):
 @pytest.fixture
 def guarded(tiny_glm_dir, data_dir, recipe):
     """guarded(out, **extra) -> the golden recipe at batch 4 x 1 for 4 steps, with the guard on."""
+
     def make(out, **extra):
         # A generous injected limit: only TripAt's reading can trip the guard.
-        return recipe(tiny_glm_dir, data_dir, out, BATCH_SIZE=4, GRAD_ACCUM=1, MAX_STEPS=4, SAVE_STEPS=100,
-                      EVAL_STEPS=100, TIER="none", MEMORY_LIMIT_MB=10**6, **extra)
+        return recipe(
+            tiny_glm_dir,
+            data_dir,
+            out,
+            BATCH_SIZE=4,
+            GRAD_ACCUM=1,
+            MAX_STEPS=4,
+            SAVE_STEPS=100,
+            EVAL_STEPS=100,
+            TIER="none",
+            MEMORY_LIMIT_MB=10**6,
+            **extra,
+        )
 
     return make
 
@@ -58,9 +71,19 @@ def test_stop_mode_ends_with_a_checkpoint_and_one_clear_error(guarded, tmp_path,
 
 
 def _train_cli(run_app, data_dir, out, cgroup, limit_mb, guard):
-    args = ["MODEL_NAME=tiny", f"DATA_PATH={data_dir / 'long.jsonl'}", f"OUTPUT_DIR={out}", "QUANT_LEVEL=none",
-            "TIER=none", "BATCH_SIZE=64", "GRAD_ACCUM=1", "MAX_SEQ_LEN=512", "MAX_STEPS=2", "VAL_SIZE=0",
-            f"MEMORY_GUARD={guard}"]
+    args = [
+        "MODEL_NAME=tiny",
+        f"DATA_PATH={data_dir / 'long.jsonl'}",
+        f"OUTPUT_DIR={out}",
+        "QUANT_LEVEL=none",
+        "TIER=none",
+        "BATCH_SIZE=64",
+        "GRAD_ACCUM=1",
+        "MAX_SEQ_LEN=512",
+        "MAX_STEPS=2",
+        "VAL_SIZE=0",
+        f"MEMORY_GUARD={guard}",
+    ]
     if cgroup is None:
         args.append(f"MEMORY_LIMIT_MB={limit_mb}")
     procs = None if cgroup is None else cgroup / "cgroup.procs"

@@ -1,5 +1,6 @@
 """The package layers of app/, checked statically (every import, lazy ones inside functions too):
 imports point only down the order below, and no module imports itself back through others."""
+
 import ast
 from pathlib import Path
 
@@ -25,8 +26,9 @@ def _imports() -> dict[str, set[str]]:
 
 
 def test_every_module_is_in_a_layer():
-    flat = sorted(m for m in _imports() if m.count(".") == 1 and m.split(".")[1] not in LAYERS
-                  and m not in ("app.__main__",))
+    flat = sorted(
+        m for m in _imports() if m.count(".") == 1 and m.split(".")[1] not in LAYERS and m not in ("app.__main__",)
+    )
     assert not flat, f"modules outside the layer packages: {flat}; put each in one of {LAYERS}"
     assert {p.name for p in APP.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(LAYERS)
 
@@ -37,8 +39,11 @@ def test_imports_point_only_down():
         if mod.count(".") < 2:
             continue  # app, app.__main__ and the packages' __init__ (app.cli)
         layer = LAYERS.index(mod.split(".")[1])
-        up += [f"{mod} -> {d}" for d in deps if d.count(".") and d.split(".")[1] in LAYERS
-               and LAYERS.index(d.split(".")[1]) > layer]
+        up += [
+            f"{mod} -> {d}"
+            for d in deps
+            if d.count(".") and d.split(".")[1] in LAYERS and LAYERS.index(d.split(".")[1]) > layer
+        ]
     assert not up, "imports that point up a layer: " + "; ".join(sorted(up))
 
 
@@ -49,7 +54,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for d in sorted(graph[m]):
             if state.get(d) == "open":
-                cycles.append(" -> ".join(stack[stack.index(d):] + [m, d]) if d in stack else f"{m} -> {d}")
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [m, d]) if d in stack else f"{m} -> {d}")
             elif d not in state:
                 visit(d, stack + [m])
         state[m] = "done"

@@ -2,6 +2,7 @@
 LORA_TARGETS=all-linear, NEFTUNE_ALPHA): each a setting that reaches PEFT or the Trainer, recorded with the run,
 and honoured when the adapter is loaded again and merged. Each trains the golden recipe (tests/conftest.py) for
 a few steps on the tiny GLM."""
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,19 @@ def runs(tiny_glm_dir, data_dir, tmp_path_factory, recipe):
     """name -> output dir of a 3-step run: plain LoRA and each variant, the same recipe and seed otherwise."""
     from app.training.train import FineTuner
 
-    variants = {"plain": {}, "dora": {"USE_DORA": True}, "rslora": {"USE_RSLORA": True},
-                "all_linear": {"LORA_TARGETS": "all-linear"}, "neftune": {"NEFTUNE_ALPHA": 5.0}}
+    variants = {
+        "plain": {},
+        "dora": {"USE_DORA": True},
+        "rslora": {"USE_RSLORA": True},
+        "all_linear": {"LORA_TARGETS": "all-linear"},
+        "neftune": {"NEFTUNE_ALPHA": 5.0},
+    }
     root = tmp_path_factory.mktemp("variants")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # training notes its output in models/.last_run: here, not in the checkout
         for name, extra in variants.items():
-            cfg = recipe(tiny_glm_dir, data_dir, root / name, MAX_STEPS=STEPS, EVAL_STEPS=100, SAVE_STEPS=100,
-                         **extra)
+            cfg = recipe(tiny_glm_dir, data_dir, root / name, MAX_STEPS=STEPS, EVAL_STEPS=100, SAVE_STEPS=100, **extra)
             FineTuner(cfg).run()
             out[name] = root / name
     return out
@@ -43,7 +48,9 @@ def test_each_setting_is_recorded_and_reaches_peft(runs):
     assert _peft_config(runs["rslora"])["use_rslora"] is True and _saved(runs["rslora"])["USE_RSLORA"] is True
     plain = _peft_config(runs["plain"])
     assert plain["use_dora"] is False and plain["use_rslora"] is False
-    assert _saved(runs["neftune"])["NEFTUNE_ALPHA"] == 5.0 and _saved(runs["all_linear"])["LORA_TARGETS"] == ["all-linear"]
+    assert _saved(runs["neftune"])["NEFTUNE_ALPHA"] == 5.0 and _saved(runs["all_linear"])["LORA_TARGETS"] == [
+        "all-linear"
+    ]
     # all-linear: PEFT's pick, every linear layer but the head, here the same layers auto-detection takes
     chosen = {name.rsplit(".", 1)[-1] for name in _peft_config(runs["all_linear"])["target_modules"]}
     assert chosen == set(plain["target_modules"]), chosen
@@ -84,22 +91,39 @@ def test_the_adapter_reloads_with_peft_and_merges_to_the_same_logits(runs, name,
         want = adapted(input_ids=ids).logits
         plain = AutoModelForCausalLM.from_pretrained(tiny_glm_dir, dtype=torch.float32).eval()(input_ids=ids).logits
     assert (want - plain).abs().max() > 1e-4  # the adapter changes the output: the check below can fail
-    merged_dir = run_merge(Config.from_dict({"ADAPTER_DIR": str(runs[name]), "MODEL_NAME": str(tiny_glm_dir),
-                                             "QUANT_LEVEL": "none", "MERGED_DIR": str(tmp_path / "merged")}))
+    merged_dir = run_merge(
+        Config.from_dict(
+            {
+                "ADAPTER_DIR": str(runs[name]),
+                "MODEL_NAME": str(tiny_glm_dir),
+                "QUANT_LEVEL": "none",
+                "MERGED_DIR": str(tmp_path / "merged"),
+            }
+        )
+    )
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         got = merged(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("args, line", [
-    (["USE_DORA=1", "METHOD=ptuning"], "USE_DORA=true is a LoRA variant, but METHOD=ptuning trains no LoRA; "
-                                       "set METHOD=lora or qlora, or USE_DORA=false"),
-    (["USE_RSLORA=1", "METHOD=full", "QUANT_LEVEL=none"], "USE_RSLORA=true is a LoRA variant, but METHOD=full "
-                                                          "trains no LoRA; set METHOD=lora or qlora, or "
-                                                          "USE_RSLORA=false"),
-    (["NEFTUNE_ALPHA=-1"], "NEFTUNE_ALPHA=-1.0 must be >= 0 (0 = off, e.g. 5)"),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["USE_DORA=1", "METHOD=ptuning"],
+            "USE_DORA=true is a LoRA variant, but METHOD=ptuning trains no LoRA; "
+            "set METHOD=lora or qlora, or USE_DORA=false",
+        ),
+        (
+            ["USE_RSLORA=1", "METHOD=full", "QUANT_LEVEL=none"],
+            "USE_RSLORA=true is a LoRA variant, but METHOD=full "
+            "trains no LoRA; set METHOD=lora or qlora, or "
+            "USE_RSLORA=false",
+        ),
+        (["NEFTUNE_ALPHA=-1"], "NEFTUNE_ALPHA=-1.0 must be >= 0 (0 = off, e.g. 5)"),
+    ],
+)
 def test_a_variant_that_cannot_apply_is_refused_in_one_line(cli, args, line):
     code, errors, _ = cli("train", "MODEL_NAME=tiny", *args)
     assert code == 2 and errors == [line]
@@ -122,10 +146,11 @@ def test_resume_refuses_a_changed_variant(tiny_glm_dir, data_dir, tmp_path, reci
 
 # ---- LORA_INIT ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_of_the_unchanged_base(init, tiny_glm_dir, data_dir,
-                                                                                tmp_path, recipe, monkeypatch,
-                                                                                train_losses, runs):
+def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_of_the_unchanged_base(
+    init, tiny_glm_dir, data_dir, tmp_path, recipe, monkeypatch, train_losses, runs
+):
     """They train on a base whose weights they changed; the saved adapter is converted (rank 2 x LORA_R) so that
     on the original base it gives what the trained model gave, and merges to the same logits."""
     import torch
@@ -137,8 +162,9 @@ def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_of_the_unchanged_base(i
     from app.training.train import FineTuner
 
     monkeypatch.chdir(tmp_path)
-    ft = FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / init, MAX_STEPS=STEPS, EVAL_STEPS=2, SAVE_STEPS=100,
-                          LORA_INIT=init))
+    ft = FineTuner(
+        recipe(tiny_glm_dir, data_dir, tmp_path / init, MAX_STEPS=STEPS, EVAL_STEPS=2, SAVE_STEPS=100, LORA_INIT=init)
+    )
     ft.run()
     saved = _peft_config(tmp_path / init)
     assert saved["r"] == 2 * 8 and saved["init_lora_weights"] is True and _saved(tmp_path / init)["LORA_INIT"] == init
@@ -151,9 +177,14 @@ def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_of_the_unchanged_base(i
         got = PeftModel.from_pretrained(base, str(tmp_path / init)).eval()(input_ids=ids).logits
     assert (want - plain).abs().max() > 1e-4  # trained: the comparison below can fail
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
-    merged = AutoModelForCausalLM.from_pretrained(run_merge(Config.from_dict({
-        "ADAPTER_DIR": str(tmp_path / init), "MODEL_NAME": str(tiny_glm_dir), "QUANT_LEVEL": "none"})),
-        dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(
+        run_merge(
+            Config.from_dict(
+                {"ADAPTER_DIR": str(tmp_path / init), "MODEL_NAME": str(tiny_glm_dir), "QUANT_LEVEL": "none"}
+            )
+        ),
+        dtype=torch.float32,
+    ).eval()
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-4)
     # it starts as the base, but its LoRA branch is not zero, so LORA_DROPOUT already changes step 1's loss
@@ -161,16 +192,28 @@ def test_a_pissa_or_olora_adapter_is_saved_as_plain_lora_of_the_unchanged_base(i
     assert abs(losses[1] - plain_losses[1]) > 1e-5 and abs(losses[STEPS] - plain_losses[STEPS]) > 1e-5
 
 
-@pytest.mark.parametrize("args, line", [
-    (["LORA_INIT=loftq", "QUANT_LEVEL=none"], "LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but "
-                                              "QUANT_LEVEL=none; set QUANT_LEVEL=4bit (or METHOD=qlora), or another "
-                                              "LORA_INIT"),
-    (["LORA_INIT=pissa", "QUANT_LEVEL=8bit"], "LORA_INIT=pissa rewrites the base's weights while training, which a "
-                                              "QUANT_LEVEL=8bit base cannot hold exactly; set QUANT_LEVEL=none, or "
-                                              "LORA_INIT=default"),
-    (["LORA_INIT=olora", "METHOD=ptuning"], "LORA_INIT=olora starts LoRA weights, but METHOD=ptuning trains no LoRA; "
-                                            "set METHOD=lora or qlora, or leave LORA_INIT unset"),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["LORA_INIT=loftq", "QUANT_LEVEL=none"],
+            "LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but "
+            "QUANT_LEVEL=none; set QUANT_LEVEL=4bit (or METHOD=qlora), or another "
+            "LORA_INIT",
+        ),
+        (
+            ["LORA_INIT=pissa", "QUANT_LEVEL=8bit"],
+            "LORA_INIT=pissa rewrites the base's weights while training, which a "
+            "QUANT_LEVEL=8bit base cannot hold exactly; set QUANT_LEVEL=none, or "
+            "LORA_INIT=default",
+        ),
+        (
+            ["LORA_INIT=olora", "METHOD=ptuning"],
+            "LORA_INIT=olora starts LoRA weights, but METHOD=ptuning trains no LoRA; "
+            "set METHOD=lora or qlora, or leave LORA_INIT unset",
+        ),
+    ],
+)
 def test_an_init_that_cannot_apply_is_refused_in_one_line(cli, args, line):
     code, errors, _ = cli("train", "MODEL_NAME=tiny", *args)
     assert code == 2 and errors == [line]
@@ -189,14 +232,16 @@ def test_loftq_starts_the_4bit_model_nearer_the_unquantized_one(tiny_glm_dir):
         full = load_model(str(tiny_glm_dir)).eval()(input_ids=ids).logits.float()
         error = {}
         for init in ("default", "loftq"):
-            cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "QUANT_LEVEL": "4bit", "LORA_INIT": init,
-                                    "LORA_R": 16})
+            cfg = Config.from_dict(
+                {"MODEL_NAME": str(tiny_glm_dir), "QUANT_LEVEL": "4bit", "LORA_INIT": init, "LORA_R": 16}
+            )
             model = apply_lora(load_model(str(tiny_glm_dir), quant="4bit"), cfg, str(tiny_glm_dir)).eval()
             error[init] = (model(input_ids=ids).logits.float() - full).abs().mean().item()
     assert error["loftq"] < 0.8 * error["default"], error
 
 
 # ---- DoRA on an 8-bit base -----------------------------------------------------------------------------------
+
 
 def test_dora_on_an_8bit_base_gets_the_dequantized_models_gradients_step_after_step(tiny_glm_dir):
     """PEFT's DoRA dequantizes the base weight in every forward and on CPU puts back a copy of it without its
@@ -218,9 +263,19 @@ def test_dora_on_an_8bit_base_gets_the_dequantized_models_gradients_step_after_s
 
     def dora(model):  # through the tool's own LoRA setup, which gives DoRA's 8-bit layers their hook
         torch.manual_seed(0)
-        peft_model = apply_lora(model, Config.from_dict({
-            "MODEL_NAME": str(tiny_glm_dir), "LORA_R": 4, "LORA_ALPHA": 8, "LORA_DROPOUT": 0, "USE_DORA": True,
-            "LORA_TARGETS": "q_proj,v_proj,down_proj"}))
+        peft_model = apply_lora(
+            model,
+            Config.from_dict(
+                {
+                    "MODEL_NAME": str(tiny_glm_dir),
+                    "LORA_R": 4,
+                    "LORA_ALPHA": 8,
+                    "LORA_DROPOUT": 0,
+                    "USE_DORA": True,
+                    "LORA_TARGETS": "q_proj,v_proj,down_proj",
+                }
+            ),
+        )
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:  # B starts at zero, which would leave A without gradient
                 torch.nn.init.normal_(p, std=0.05)

@@ -1,4 +1,5 @@
 """Memory/CPU limits from fake cgroup trees (v1, v2, hybrid, namespaced, broken), plus real RSS sampling."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,10 @@ def host(monkeypatch):
 
 def make_tree(root: Path, cgroup: str, mounts: list[tuple[str, str, str, str]], files: dict[str, str]) -> Path:
     """``mounts``: (mount root, mount point, fstype, super options) as /proc/self/mountinfo lists them."""
-    lines = [f"{20 + i} 19 0:{30 + i} {r} {p} rw,nosuid,relatime shared:{i} - {fs} {fs} {opts}"
-             for i, (r, p, fs, opts) in enumerate(mounts)]
+    lines = [
+        f"{20 + i} 19 0:{30 + i} {r} {p} rw,nosuid,relatime shared:{i} - {fs} {fs} {opts}"
+        for i, (r, p, fs, opts) in enumerate(mounts)
+    ]
     files = {"proc/self/cgroup": cgroup, "proc/self/mountinfo": "\n".join(lines) + "\n", **files}
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -42,14 +45,19 @@ SCOPE = "sys/fs/cgroup/system.slice/docker-abc.scope"
 
 
 def v2_own_limit(tmp_path: Path) -> Path:
-    return make_tree(tmp_path, "0::/system.slice/docker-abc.scope\n", V2_MOUNT, {
-        f"{SCOPE}/memory.max": f"{6 * GiB}\n",
-        f"{SCOPE}/memory.current": f"{2 * GiB}\n",
-        f"{SCOPE}/memory.stat": f"anon {GiB}\nfile {GiB}\nactive_file {GiB // 2}\ninactive_file {512 * MiB}\n",
-        f"{SCOPE}/cpu.max": "150000 100000\n",
-        "sys/fs/cgroup/system.slice/memory.max": "max\n",
-        "sys/fs/cgroup/system.slice/cpu.max": "max 100000\n",
-    })
+    return make_tree(
+        tmp_path,
+        "0::/system.slice/docker-abc.scope\n",
+        V2_MOUNT,
+        {
+            f"{SCOPE}/memory.max": f"{6 * GiB}\n",
+            f"{SCOPE}/memory.current": f"{2 * GiB}\n",
+            f"{SCOPE}/memory.stat": f"anon {GiB}\nfile {GiB}\nactive_file {GiB // 2}\ninactive_file {512 * MiB}\n",
+            f"{SCOPE}/cpu.max": "150000 100000\n",
+            "sys/fs/cgroup/system.slice/memory.max": "max\n",
+            "sys/fs/cgroup/system.slice/cpu.max": "max 100000\n",
+        },
+    )
 
 
 def test_v2_limit_in_own_cgroup(tmp_path, host):
@@ -73,17 +81,22 @@ def test_host_smaller_than_limit_and_quota_above_affinity(tmp_path, host, monkey
 
 
 def test_v2_limit_on_parent(tmp_path, host):
-    root = make_tree(tmp_path, "0::/user.slice/job/worker\n", V2_MOUNT, {
-        "sys/fs/cgroup/user.slice/job/worker/memory.max": "max\n",
-        "sys/fs/cgroup/user.slice/job/worker/memory.current": f"{GiB}\n",
-        "sys/fs/cgroup/user.slice/job/worker/cpu.max": "max 100000\n",
-        "sys/fs/cgroup/user.slice/job/memory.max": f"{4 * GiB}\n",
-        "sys/fs/cgroup/user.slice/job/memory.current": f"{3 * GiB}\n",  # siblings count against the limit
-        "sys/fs/cgroup/user.slice/job/memory.stat": f"inactive_file {GiB}\n",
-        "sys/fs/cgroup/user.slice/job/cpu.max": "400000 100000\n",
-        "sys/fs/cgroup/user.slice/memory.max": f"{8 * GiB}\n",
-        "sys/fs/cgroup/user.slice/cpu.max": "300000 100000\n",  # tighter above: hierarchical minimum
-    })
+    root = make_tree(
+        tmp_path,
+        "0::/user.slice/job/worker\n",
+        V2_MOUNT,
+        {
+            "sys/fs/cgroup/user.slice/job/worker/memory.max": "max\n",
+            "sys/fs/cgroup/user.slice/job/worker/memory.current": f"{GiB}\n",
+            "sys/fs/cgroup/user.slice/job/worker/cpu.max": "max 100000\n",
+            "sys/fs/cgroup/user.slice/job/memory.max": f"{4 * GiB}\n",
+            "sys/fs/cgroup/user.slice/job/memory.current": f"{3 * GiB}\n",  # siblings count against the limit
+            "sys/fs/cgroup/user.slice/job/memory.stat": f"inactive_file {GiB}\n",
+            "sys/fs/cgroup/user.slice/job/cpu.max": "400000 100000\n",
+            "sys/fs/cgroup/user.slice/memory.max": f"{8 * GiB}\n",
+            "sys/fs/cgroup/user.slice/cpu.max": "300000 100000\n",  # tighter above: hierarchical minimum
+        },
+    )
     assert mm.cgroup_memory(root) == (4 * GiB, 2 * GiB, 2)
     res = mm.detect_resources(root=root)
     assert (res.ram_total_mb, res.limit_source, res.ram_available_mb) == (4096, "cgroup v2", 2048)
@@ -91,9 +104,17 @@ def test_v2_limit_on_parent(tmp_path, host):
 
 
 def test_v2_max_everywhere_is_host(tmp_path, host, monkeypatch):
-    root = make_tree(tmp_path, "0::/a/b\n", V2_MOUNT, {
-        "sys/fs/cgroup/a/b/memory.max": "max\n", "sys/fs/cgroup/a/b/memory.current": f"{GiB}\n",
-        "sys/fs/cgroup/a/memory.max": "max\n", "sys/fs/cgroup/a/b/cpu.max": "max 100000\n"})
+    root = make_tree(
+        tmp_path,
+        "0::/a/b\n",
+        V2_MOUNT,
+        {
+            "sys/fs/cgroup/a/b/memory.max": "max\n",
+            "sys/fs/cgroup/a/b/memory.current": f"{GiB}\n",
+            "sys/fs/cgroup/a/memory.max": "max\n",
+            "sys/fs/cgroup/a/b/cpu.max": "max 100000\n",
+        },
+    )
     assert mm.cgroup_memory(root) == (None, GiB, 2)
     assert mm.cgroup_cpu_limit(root) is None
     res = mm.detect_resources(root=root)
@@ -103,23 +124,30 @@ def test_v2_max_everywhere_is_host(tmp_path, host, monkeypatch):
     assert mm.memory_usage_mb(root) == 5.0  # no limit: the cgroup's 1 GiB is not ours to count
 
 
-HYBRID_V1 = [("/docker/abc", "/sys/fs/cgroup/memory", "cgroup", "rw,memory"),
-             ("/docker/abc", "/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"),
-             ("/docker/abc", "/sys/fs/cgroup/cpuset", "cgroup", "rw,cpuset"),
-             ("/", "/sys/fs/cgroup/unified", "cgroup2", "rw,nsdelegate")]
+HYBRID_V1 = [
+    ("/docker/abc", "/sys/fs/cgroup/memory", "cgroup", "rw,memory"),
+    ("/docker/abc", "/sys/fs/cgroup/cpu,cpuacct", "cgroup", "rw,cpu,cpuacct"),
+    ("/docker/abc", "/sys/fs/cgroup/cpuset", "cgroup", "rw,cpuset"),
+    ("/", "/sys/fs/cgroup/unified", "cgroup2", "rw,nsdelegate"),
+]
 V1_CGROUP = "12:memory:/docker/abc\n11:cpu,cpuacct:/docker/abc\n10:cpuset:/docker/abc\n0::/docker/abc\n"
 
 
 def test_v1_docker_hybrid(tmp_path, host):
-    root = make_tree(tmp_path, V1_CGROUP, HYBRID_V1, {
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{6 * GiB}\n",
-        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n",
-        "sys/fs/cgroup/memory/memory.stat": f"cache 1\ninactive_file 0\ntotal_inactive_file {256 * MiB}\n",
-        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "150000\n",
-        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
-        # the unified v2 tree of a hybrid host has no memory controller; a decoy limit must be ignored
-        "sys/fs/cgroup/unified/docker/abc/memory.max": f"{GiB}\n",
-    })
+    root = make_tree(
+        tmp_path,
+        V1_CGROUP,
+        HYBRID_V1,
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{6 * GiB}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n",
+            "sys/fs/cgroup/memory/memory.stat": f"cache 1\ninactive_file 0\ntotal_inactive_file {256 * MiB}\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "150000\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+            # the unified v2 tree of a hybrid host has no memory controller; a decoy limit must be ignored
+            "sys/fs/cgroup/unified/docker/abc/memory.max": f"{GiB}\n",
+        },
+    )
     assert mm.cgroup_memory(root) == (6 * GiB, GiB - 256 * MiB, 1)
     res = mm.detect_resources(root=root)
     assert (res.ram_total_mb, res.limit_source, res.ram_available_mb) == (6144, "cgroup v1", 6144 - 768)
@@ -127,12 +155,17 @@ def test_v1_docker_hybrid(tmp_path, host):
 
 
 def test_v1_page_rounded_unlimited(tmp_path, host):
-    root = make_tree(tmp_path, V1_CGROUP, HYBRID_V1, {
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
-        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n",
-        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
-        "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
-    })
+    root = make_tree(
+        tmp_path,
+        V1_CGROUP,
+        HYBRID_V1,
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+            "sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us": "100000\n",
+        },
+    )
     assert mm.cgroup_memory(root) == (None, GiB, 1)
     res = mm.detect_resources(root=root)
     assert (res.ram_total_mb, res.limit_source, res.cpus, res.cpu_source) == (HOST_TOTAL / MiB, "host", 8, "affinity")
@@ -140,43 +173,73 @@ def test_v1_page_rounded_unlimited(tmp_path, host):
 
 def test_v1_host_path_not_mounted_falls_back_to_mount_point(tmp_path, host):
     # Docker without a cgroup namespace but with the host's root mounted: /docker/abc isn't there.
-    root = make_tree(tmp_path, "4:memory:/docker/abc\n",
-                     [("/", "/sys/fs/cgroup/memory", "cgroup", "rw,memory")], {
-                         "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{3 * GiB}\n",
-                         "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n"})
+    root = make_tree(
+        tmp_path,
+        "4:memory:/docker/abc\n",
+        [("/", "/sys/fs/cgroup/memory", "cgroup", "rw,memory")],
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{3 * GiB}\n",
+            "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{GiB}\n",
+        },
+    )
     assert mm.cgroup_memory(root) == (3 * GiB, GiB, 1)
     (root / "sys/fs/cgroup/memory/memory.limit_in_bytes").write_text("9223372036854771712\n")
     assert mm.cgroup_memory(root) == (None, GiB, 1)  # usage still read from the mount point
 
 
 def test_path_outside_cgroup_namespace_uses_mount_point(tmp_path, host):
-    root = make_tree(tmp_path, "4:memory:/../sibling\n", [("/", "/sys/fs/cgroup/memory", "cgroup", "rw,memory")], {
-        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{3 * GiB}\n",
-        "sys/fs/cgroup/memory/sibling/memory.limit_in_bytes": f"{GiB}\n"})  # not ours: ".." leads outside
+    root = make_tree(
+        tmp_path,
+        "4:memory:/../sibling\n",
+        [("/", "/sys/fs/cgroup/memory", "cgroup", "rw,memory")],
+        {
+            "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{3 * GiB}\n",
+            "sys/fs/cgroup/memory/sibling/memory.limit_in_bytes": f"{GiB}\n",
+        },
+    )  # not ours: ".." leads outside
     assert mm.cgroup_memory(root)[0] == 3 * GiB
 
 
 def test_namespaced_container(tmp_path, host):
-    root = make_tree(tmp_path, "0::/\n", V2_MOUNT, {
-        "sys/fs/cgroup/memory.max": f"{6 * GiB}\n", "sys/fs/cgroup/memory.current": f"{GiB}\n",
-        "sys/fs/cgroup/memory.stat": "inactive_file 0\n", "sys/fs/cgroup/cpu.max": "200000 100000\n"})
+    root = make_tree(
+        tmp_path,
+        "0::/\n",
+        V2_MOUNT,
+        {
+            "sys/fs/cgroup/memory.max": f"{6 * GiB}\n",
+            "sys/fs/cgroup/memory.current": f"{GiB}\n",
+            "sys/fs/cgroup/memory.stat": "inactive_file 0\n",
+            "sys/fs/cgroup/cpu.max": "200000 100000\n",
+        },
+    )
     res = mm.detect_resources(root=root)
     assert (res.ram_total_mb, res.limit_source, res.ram_available_mb) == (6144, "cgroup v2", 5120)
     assert (res.cpus, res.cpu_source) == (2, "cgroup quota")
 
 
 def test_escaped_mount_point(tmp_path, host):
-    root = make_tree(tmp_path, "0::/\n", [("/", r"/sys/fs/my\040cgroup", "cgroup2", "rw")], {
-        "sys/fs/my cgroup/memory.max": f"{2 * GiB}\n", "sys/fs/my cgroup/memory.current": "0\n"})
+    root = make_tree(
+        tmp_path,
+        "0::/\n",
+        [("/", r"/sys/fs/my\040cgroup", "cgroup2", "rw")],
+        {"sys/fs/my cgroup/memory.max": f"{2 * GiB}\n", "sys/fs/my cgroup/memory.current": "0\n"},
+    )
     assert mm.cgroup_memory(root) == (2 * GiB, 0, 2)
 
 
-@pytest.mark.parametrize("files", [
-    {},  # no cgroup files at all
-    {f"{SCOPE}/memory.max": "lots\n", f"{SCOPE}/memory.current": "??\n", f"{SCOPE}/memory.stat": "x y z\n\n",
-     f"{SCOPE}/cpu.max": "banana\n"},
-    {f"{SCOPE}/memory.max": "", f"{SCOPE}/cpu.max": "0 0\n", f"{SCOPE}/memory.current/x": "dir, not a file"},
-])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {},  # no cgroup files at all
+        {
+            f"{SCOPE}/memory.max": "lots\n",
+            f"{SCOPE}/memory.current": "??\n",
+            f"{SCOPE}/memory.stat": "x y z\n\n",
+            f"{SCOPE}/cpu.max": "banana\n",
+        },
+        {f"{SCOPE}/memory.max": "", f"{SCOPE}/cpu.max": "0 0\n", f"{SCOPE}/memory.current/x": "dir, not a file"},
+    ],
+)
 def test_garbage_means_unknown(tmp_path, host, files):
     root = make_tree(tmp_path, "0::/system.slice/docker-abc.scope\n", V2_MOUNT, files)
     (root / SCOPE).mkdir(parents=True, exist_ok=True)
@@ -296,18 +359,30 @@ def test_tune_allocator_returns_freed_tensor_memory():
     retained = {}
     for tuned in ("0", "1"):
         env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-        out = subprocess.run([sys.executable, "-c", ALLOC_PROBE, tuned], capture_output=True, text=True,
-                             check=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run(
+            [sys.executable, "-c", ALLOC_PROBE, tuned],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
         retained[tuned] = int(out.stdout.split()[-1])
     assert retained["0"] > 200, retained  # the problem is real: 320 MB freed but still resident
     assert retained["1"] < 20, retained
 
 
-@pytest.mark.parametrize("mode, peak_mb, device, applied", [
-    ("auto", 400, "cpu", False),   # plenty of memory: glibc's faster default
-    ("auto", 600, "cpu", True),    # over half the budget: RSS must follow what is in use
-    ("auto", 100, "cuda", True),   # on CUDA it only touches host memory
-    ("on", 100, "cpu", True), ("off", 900, "cpu", False), ("off", 900, "cuda", False)])
+@pytest.mark.parametrize(
+    "mode, peak_mb, device, applied",
+    [
+        ("auto", 400, "cpu", False),  # plenty of memory: glibc's faster default
+        ("auto", 600, "cpu", True),  # over half the budget: RSS must follow what is in use
+        ("auto", 100, "cuda", True),  # on CUDA it only touches host memory
+        ("on", 100, "cpu", True),
+        ("off", 900, "cpu", False),
+        ("off", 900, "cuda", False),
+    ],
+)
 def test_release_memory_tunes_the_allocator_where_memory_is_tight(monkeypatch, mode, peak_mb, device, applied):
     from types import SimpleNamespace
 
@@ -319,6 +394,7 @@ def test_release_memory_tunes_the_allocator_where_memory_is_tight(monkeypatch, m
     calls: list[int] = []
     monkeypatch.setattr(mm, "tune_allocator", lambda: calls.append(1) or True)
     monkeypatch.setattr(prepare, "predict_peak", lambda cfg, shape, cuda: SimpleNamespace(total_mb=peak_mb))
-    prepare.release_if_tight(Plan(device=device, budget_mb=1000.0, cfg=Config.from_dict({"RELEASE_MEMORY": mode})),
-                             None)
+    prepare.release_if_tight(
+        Plan(device=device, budget_mb=1000.0, cfg=Config.from_dict({"RELEASE_MEMORY": mode})), None
+    )
     assert bool(calls) == applied

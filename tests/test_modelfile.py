@@ -6,6 +6,7 @@ equal the training prompt (app.data.encode.prompt_text) byte for byte: for every
 Chinese and JSON-looking text, with and without a system message, and for templates shaped like
 the real GLM-Edge, Gemma 3 and Qwen2.5 ones. Without a Go compiler these skip, naming it;
 REQUIRE_GO=1 (CI) turns the skip into a failure."""
+
 from __future__ import annotations
 
 import copy
@@ -19,7 +20,7 @@ import pytest
 
 FAMILIES = ("tiny", "tiny-qwen2", "tiny-qwen3", "tiny-llama", "tiny-gemma3")
 
-GO_RENDERER = r'''
+GO_RENDERER = r"""
 // Renders Ollama TEMPLATEs as Ollama's template.Execute does: text/template (missingkey=zero, a json
 // func) over {System, Messages}, consecutive messages of one role merged, system messages joined.
 package main
@@ -82,9 +83,9 @@ func main() {
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
 }
-'''
+"""
 
-SYSTEM = "你是信息抽取助手。只输出 JSON，例如 {\"subject\": \"...\"}。"
+SYSTEM = '你是信息抽取助手。只输出 JSON，例如 {"subject": "..."}。'
 CHAT = [
     {"role": "user", "content": "从句子中抽取三元组：周杰伦出生于台湾省新北市。"},
     {"role": "assistant", "content": '[{"subject": "周杰伦", "predicate": "出生地", "object": "台湾省新北市"}]'},
@@ -94,19 +95,29 @@ CHAT = [
 # Templates shaped like the real ones the tiny families stand for: GLM-Edge writes "<|assistant|>" after
 # the chat whatever add_generation_prompt says, Gemma 3 folds the system text into the first user turn,
 # Qwen2.5 writes a default system message when the chat has none; and a base model has no template.
-GLM_EDGE = ("{% for item in messages %}{% if item['role'] == 'system' %}<|system|>\n{{ item['content'] }}"
-            "{% elif item['role'] == 'user' %}<|user|>\n{{ item['content'] }}{% elif item['role'] == 'assistant' %}"
-            "<|assistant|>\n{{ item['content'] }}{% endif %}{% endfor %}<|assistant|>")
-GEMMA3_FOLD = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
-               "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}"
-               "{% endif %}{% for m in loop_messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
-               "m['role'] }}\n{{ first if loop.first else '' }}{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
-QWEN25_DEFAULT = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a \"helpful\" assistant {{ '{{' }}"
-                  " \\ 助手.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                  "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SHAPES = {"glm-edge": ("tiny", GLM_EDGE), "gemma3-system-fold": ("tiny-gemma3", GEMMA3_FOLD),
-          "qwen2.5-default-system": ("tiny-qwen2", QWEN25_DEFAULT), "no-template": ("tiny-llama", None)}
+GLM_EDGE = (
+    "{% for item in messages %}{% if item['role'] == 'system' %}<|system|>\n{{ item['content'] }}"
+    "{% elif item['role'] == 'user' %}<|user|>\n{{ item['content'] }}{% elif item['role'] == 'assistant' %}"
+    "<|assistant|>\n{{ item['content'] }}{% endif %}{% endfor %}<|assistant|>"
+)
+GEMMA3_FOLD = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{% for m in loop_messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+    "m['role'] }}\n{{ first if loop.first else '' }}{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+QWEN25_DEFAULT = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a \"helpful\" assistant {{ '{{' }}"
+    " \\ 助手.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SHAPES = {
+    "glm-edge": ("tiny", GLM_EDGE),
+    "gemma3-system-fold": ("tiny-gemma3", GEMMA3_FOLD),
+    "qwen2.5-default-system": ("tiny-qwen2", QWEN25_DEFAULT),
+    "no-template": ("tiny-llama", None),
+}
 
 
 @pytest.fixture(scope="module")
@@ -121,15 +132,22 @@ def go_render(tmp_path_factory):
         pytest.skip(why)
     folder = tmp_path_factory.mktemp("go-render")
     (folder / "render.go").write_text(GO_RENDERER)
-    subprocess.run([go, "build", "-o", str(folder / "render"), "render.go"], cwd=folder, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [go, "build", "-o", str(folder / "render"), "render.go"],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
 
     def render(template: str, chats: list[list[dict[str, str]]]) -> list[str]:
         cases = [{"template": template, "messages": c} for c in chats]
-        proc = subprocess.run([str(folder / "render")], input=json.dumps(cases), capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [str(folder / "render")], input=json.dumps(cases), capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 0, f"Go rejected the template: {proc.stderr}\n{template}"
         return json.loads(proc.stdout)
+
     return render
 
 
@@ -149,6 +167,7 @@ def tokenizer():
         tok = copy.deepcopy(built[name])
         tok.chat_template = template["chat_template"]
         return tok
+
     return get
 
 
@@ -248,9 +267,9 @@ BAD_TEMPLATES = {
     "writes the chat backwards": "{% for m in messages|reverse %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
     # these two pass the sentinel chats; only the probe chats (JSON, five messages) show them
     "rewrites the quotes in JSON": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | replace('\"', \"'\") }}"
-                                   "{% endfor %}<|assistant|>\n",
+    "{% endfor %}<|assistant|>\n",
     "marks turns after the fourth": "{% for m in messages %}{% if loop.index > 4 %}<late>{% endif %}<|{{ m['role'] }}|>"
-                                    "\n{{ m['content'] }}{% endfor %}<|assistant|>\n",
+    "\n{{ m['content'] }}{% endfor %}<|assistant|>\n",
 }
 
 
@@ -271,7 +290,9 @@ def test_a_template_that_strips_messages_is_written_and_says_so(tokenizer, go_re
     from app.data.encode import prompt_text
     from app.inference.modelfile import ollama_template
 
-    tok = tokenizer("tiny-qwen2", chat_template=QWEN25_DEFAULT.replace("{{ m['content'] }}", "{{ m['content'] | trim }}"))
+    tok = tokenizer(
+        "tiny-qwen2", chat_template=QWEN25_DEFAULT.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")
+    )
     template = ollama_template(tok)
     assert "strips spaces around each message" in caplog.text
     chats = _chats()
@@ -296,5 +317,7 @@ def test_the_readme_names_the_exact_commands():
     assert "llama-cli -m model-q4_k_m.gguf --jinja" in text and "llama-server -m model-q4_k_m.gguf --jinja" in text
     assert "ollama create qwen2-lora -f Modelfile" in text and "ollama run qwen2-lora" in text
     assert "-sys '你是 '\"'\"'JSON'\"'\"' 助手'" in text and "--lora" not in text
-    lora = readme_text("model-q4_k_m.gguf", "x", "q4_k_m", adapter_gguf="adapter-f16.gguf", base_gguf="base-q4_k_m.gguf")
+    lora = readme_text(
+        "model-q4_k_m.gguf", "x", "q4_k_m", adapter_gguf="adapter-f16.gguf", base_gguf="base-q4_k_m.gguf"
+    )
     assert "llama-cli -m base-q4_k_m.gguf --lora adapter-f16.gguf" in lora

@@ -3,6 +3,7 @@ line, never a traceback. Given as QUANT_LEVEL, each (option, format) is trained 
 line; left to the tier, the plan must pick a format the option trains on, and say so in one line where that is
 not the tier's. The tier's pick is planning only (the training it leads to is one of the walk's), so it is
 checked on the plan, and the issue's run (USE_DORA under the 12-24 GB tier's 8bit) end to end."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,19 @@ import logging
 
 import pytest
 
-OPTIONS = {"lora": (), "dora": ("USE_DORA=true",), "rslora": ("USE_RSLORA=true",),
-           "gaussian": ("LORA_INIT=gaussian",), "pissa": ("LORA_INIT=pissa",), "olora": ("LORA_INIT=olora",),
-           "loftq": ("LORA_INIT=loftq",), "neftune": ("NEFTUNE_ALPHA=5",), "qlora": ("METHOD=qlora",),
-           "ptuning": ("METHOD=ptuning",), "full": ("METHOD=full",)}
+OPTIONS = {
+    "lora": (),
+    "dora": ("USE_DORA=true",),
+    "rslora": ("USE_RSLORA=true",),
+    "gaussian": ("LORA_INIT=gaussian",),
+    "pissa": ("LORA_INIT=pissa",),
+    "olora": ("LORA_INIT=olora",),
+    "loftq": ("LORA_INIT=loftq",),
+    "neftune": ("NEFTUNE_ALPHA=5",),
+    "qlora": ("METHOD=qlora",),
+    "ptuning": ("METHOD=ptuning",),
+    "full": ("METHOD=full",),
+}
 LEVELS = ("none", "8bit", "4bit")
 # the one format an option works with (PiSSA/OLoRA rewrite the base's weights, LoftQ fits a 4-bit base's error,
 # QLoRA is LoRA on 4 bits, full tuning trains every weight); every other option trains on each format
@@ -30,8 +40,19 @@ def _tier_for(level: str) -> str:
 def _train(cli, model, data, out, *args):
     """One optimizer step of two micro-batches: DoRA on 8bit failed in the second forward (the tier's batch and
     sample count would only cost time)."""
-    return cli("train", f"MODEL_NAME={model}", f"DATA_PATH={data}", f"OUTPUT_DIR={out}", "MAX_STEPS=1",
-               "BATCH_SIZE=1", "GRAD_ACCUM=2", "MAX_SAMPLES=8", "VAL_SIZE=0", "NUM_THREADS=2", *args)
+    return cli(
+        "train",
+        f"MODEL_NAME={model}",
+        f"DATA_PATH={data}",
+        f"OUTPUT_DIR={out}",
+        "MAX_STEPS=1",
+        "BATCH_SIZE=1",
+        "GRAD_ACCUM=2",
+        "MAX_SAMPLES=8",
+        "VAL_SIZE=0",
+        "NUM_THREADS=2",
+        *args,
+    )
 
 
 def _saved_quant(out) -> str:
@@ -43,8 +64,9 @@ def data(make_data):
     return make_data(n_train=8, n_dev=2) / "train.jsonl"
 
 
-def test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line(cli, tiny_glm_dir, data,
-                                                                                        tmp_path):
+def test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line(
+    cli, tiny_glm_dir, data, tmp_path
+):
     """All cells in one process, every wrong one reported together (DoRA on 8bit was a bitsandbytes traceback)."""
     from app.plan.tiers import CPU_TIERS, GPU_TIERS
 
@@ -59,8 +81,13 @@ def test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in
                 wrong[option, level] = f"Traceback: {type(e).__name__}: {e}"
                 continue
             if NEEDS.get(option, level) != level:  # refused: one line naming both settings, nothing written
-                ok = code == 2 and len(errors) == 1 and args[0] in errors[0] and f"QUANT_LEVEL={level}" in errors[0] \
+                ok = (
+                    code == 2
+                    and len(errors) == 1
+                    and args[0] in errors[0]
+                    and f"QUANT_LEVEL={level}" in errors[0]
                     and not out.exists()
+                )
             else:
                 ok = code == 0 and not errors and _saved_quant(out) == level
             if not ok or "Traceback" in stderr:
@@ -91,9 +118,12 @@ def test_left_to_the_tier_each_option_gets_a_format_it_trains_on_and_a_line_says
             if want == tiers:
                 ok = ok and not said
             else:
-                ok = ok and len(said) == 1 and said[0].startswith(
-                    f"QUANT_LEVEL={want} instead of tier {tier}'s {tiers}: {args[0]} ") and \
-                    said[0].endswith(f"keeps {tiers}")
+                ok = (
+                    ok
+                    and len(said) == 1
+                    and said[0].startswith(f"QUANT_LEVEL={want} instead of tier {tier}'s {tiers}: {args[0]} ")
+                    and said[0].endswith(f"keeps {tiers}")
+                )
             if not ok:
                 wrong[option, tier] = (level, why, said)
     assert not wrong, wrong
@@ -106,14 +136,21 @@ def test_the_issues_run_dora_under_the_tiers_8bit_trains(cli, tiny_glm_dir, data
     assert _saved_quant(tmp_path / "out") == "8bit"
 
 
-@pytest.mark.parametrize("args, line", [
-    (["METHOD=ptuning", "GRADIENT_CHECKPOINTING=on"],
-     "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through checkpointed "
-     "layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora"),
-    (["LORA_INIT=loftq", "PRECISION=bf16"],
-     "LORA_INIT=loftq needs a 4-bit base, but PRECISION=bf16 autocast is for unquantized weights; use "
-     "PRECISION=auto, or another LORA_INIT"),
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["METHOD=ptuning", "GRADIENT_CHECKPOINTING=on"],
+            "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through checkpointed "
+            "layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora",
+        ),
+        (
+            ["LORA_INIT=loftq", "PRECISION=bf16"],
+            "LORA_INIT=loftq needs a 4-bit base, but PRECISION=bf16 autocast is for unquantized weights; use "
+            "PRECISION=auto, or another LORA_INIT",
+        ),
+    ],
+)
 def test_a_pair_that_cannot_train_together_is_refused_in_one_line(cli, args, line):
     """P-Tuning under checkpointed layers was a ValueError from PEFT after loading; LoftQ under bf16 autocast was
     refused only after loading, with a fix (QUANT_LEVEL=4bit) that PRECISION=bf16 then refused."""

@@ -1,6 +1,7 @@
 """Your folders are safe on the way out too (issue 28): a folder the tool writes into is new, empty, or marked
 as its own; some are refused whatever they hold; `remove-run` deletes only what its run's manifest lists; the
 last-run pointer never names a run that is gone. Every case compares the user's files byte for byte."""
+
 import json
 import os
 from pathlib import Path
@@ -10,8 +11,15 @@ import pytest
 from app.core import ownership
 
 # QUANT_LEVEL left to the tier, as a user leaves it (8bit for tiny on 12-24 GB, 4bit below)
-RUN_ARGS = ("MODEL_NAME=tiny", "MAX_STEPS=1", "MAX_SAMPLES=12", "MAX_SEQ_LEN=64", "EVAL_STEPS=1",
-            "SAVE_STEPS=1", "NUM_THREADS=1")
+RUN_ARGS = (
+    "MODEL_NAME=tiny",
+    "MAX_STEPS=1",
+    "MAX_SAMPLES=12",
+    "MAX_SEQ_LEN=64",
+    "EVAL_STEPS=1",
+    "SAVE_STEPS=1",
+    "NUM_THREADS=1",
+)
 
 
 def _user_folder(path: Path) -> Path:
@@ -33,15 +41,24 @@ def test_training_into_a_folder_of_yours_is_refused_and_changes_nothing(project,
     assert code == 2 and len(errors) == 1, errors
     assert "OUTPUT_DIR=mine holds files this tool did not write (README.md, keep.jsonl)" in errors[0]
     assert "choose another OUTPUT_DIR, e.g. OUTPUT_DIR=models/tiny-lora" in errors[0]
-    assert snapshot(project, skip=("models/tiny-glm",)) == before and sorted(os.listdir(mine)) == ["README.md",
-                                                                                                      "keep.jsonl"]
+    assert snapshot(project, skip=("models/tiny-glm",)) == before and sorted(os.listdir(mine)) == [
+        "README.md",
+        "keep.jsonl",
+    ]
 
 
-@pytest.mark.parametrize("out, why", [("data", "the project's data/ folder"), (".", "the project's root folder"),
-                                      ("models", "the project's models/ folder"), ("/", "the filesystem root"),
-                                      ("~", "your home directory"),
-                                      ("models/tiny-glm", "the folder that is MODEL_NAME=tiny"),
-                                      ("sets", "the folder that holds VAL_PATH=sets/val/v.jsonl")])
+@pytest.mark.parametrize(
+    "out, why",
+    [
+        ("data", "the project's data/ folder"),
+        (".", "the project's root folder"),
+        ("models", "the project's models/ folder"),
+        ("/", "the filesystem root"),
+        ("~", "your home directory"),
+        ("models/tiny-glm", "the folder that is MODEL_NAME=tiny"),
+        ("sets", "the folder that holds VAL_PATH=sets/val/v.jsonl"),
+    ],
+)
 def test_folders_that_are_refused_whatever_they_hold(project, cli, snapshot, out, why):
     (project / "sets" / "val").mkdir(parents=True)
     (project / "sets" / "val" / "v.jsonl").write_text((project / "data" / "dev.jsonl").read_text("utf-8"), "utf-8")
@@ -63,8 +80,10 @@ def test_an_empty_folder_of_the_project_is_still_refused_outright(tmp_path, monk
     (tmp_path / "link").symlink_to(tmp_path / "data")
     assert ownership.refused_why("link", {}) is not None
     assert ownership.refused_why("data/run", {"DATA_PATH=x": "data/train.jsonl"}) is None  # beside it: fine
-    assert ownership.refused_why(tmp_path / "corpus", {"DATA_PATH=x": "corpus/a/b.jsonl"}) == \
-        "the folder that holds DATA_PATH=x (what this command reads)"
+    assert (
+        ownership.refused_why(tmp_path / "corpus", {"DATA_PATH=x": "corpus/a/b.jsonl"})
+        == "the folder that holds DATA_PATH=x (what this command reads)"
+    )
 
 
 def test_a_train_then_remove_run_leaves_exactly_the_users_files(project, cli, snapshot, caplog):
@@ -78,8 +97,10 @@ def test_a_train_then_remove_run_leaves_exactly_the_users_files(project, cli, sn
     assert set(os.listdir(run)) - {ownership.MARKER} <= listed  # every file the run left is listed
     data = snapshot(project / "data")
     code, errors, _ = cli("merge", "ADAPTER_DIR=models/run", "MERGED_DIR=data")
-    assert code == 2 and errors == ["MERGED_DIR=data is the project's data/ folder (your data files); this tool "
-                                    "writes only into a folder of its own: choose another MERGED_DIR"], errors
+    assert code == 2 and errors == [
+        "MERGED_DIR=data is the project's data/ folder (your data files); this tool "
+        "writes only into a folder of its own: choose another MERGED_DIR"
+    ], errors
     assert snapshot(project / "data") == data
     assert cli("merge", "ADAPTER_DIR=models/run")[0] == 0  # merged/ inside the run: the run's, listed
     listed = set(ownership.read_marker(run)["entries"])
@@ -107,8 +128,10 @@ def test_remove_run_of_a_folder_an_older_version_trained_into(tmp_path, cli, sna
     for name in ("summary.json", "adapter_config.json", "tokenizer.json"):
         (folder / name).write_text("{}", encoding="utf-8")
     (folder / "checkpoints" / "checkpoint-1").mkdir(parents=True)
-    keep = snapshot(folder, skip=("README.md", "train_config.json", "summary.json", "adapter_config.json",
-                                  "tokenizer.json", "checkpoints"))
+    keep = snapshot(
+        folder,
+        skip=("README.md", "train_config.json", "summary.json", "adapter_config.json", "tokenizer.json", "checkpoints"),
+    )
     code, errors, _ = cli("remove-run", f"OUTPUT_DIR={folder}")
     assert code == 0, errors
     assert snapshot(folder) == keep and sorted(os.listdir(folder)) == ["keep.jsonl"]
@@ -143,8 +166,10 @@ def test_remove_run_refuses_what_is_not_a_run(tmp_path, cli, snapshot):
     code, errors, _ = cli("remove-run")
     assert code == 2 and "OUTPUT_DIR is not set" in errors[0]
     code, errors, _ = cli("remove-run", f"OUTPUT_DIR={mine}")
-    assert code == 2 and errors == [f"OUTPUT_DIR={mine} is not a run this tool wrote (no {ownership.MARKER}, no "
-                                    "train_config.json); nothing removed. Delete it yourself if you mean it"]
+    assert code == 2 and errors == [
+        f"OUTPUT_DIR={mine} is not a run this tool wrote (no {ownership.MARKER}, no "
+        "train_config.json); nothing removed. Delete it yourself if you mean it"
+    ]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train_config.json").write_text("{}")  # an old version trained into data/
     before = snapshot(tmp_path)
@@ -206,7 +231,8 @@ def test_marker_lists_a_run_and_foreign_entries_are_the_rest(tmp_path):
     assert ownership.foreign_entries(run) == ["notes.txt"]
     assert json.loads((run / ownership.MARKER).read_text())["kind"] == "train"
     assert "is this tool's train folder, not a token-cache folder" in ownership.write_problem(
-        run, "CACHE_DIR", "token-cache")
+        run, "CACHE_DIR", "token-cache"
+    )
 
 
 def test_a_token_cache_dir_holding_your_files_is_refused(project, cli, snapshot):
@@ -214,9 +240,11 @@ def test_a_token_cache_dir_holding_your_files_is_refused(project, cli, snapshot)
     (project / "mine" / "tokens" / "list.txt").write_text("mine\n", encoding="utf-8")
     before = snapshot(project)
     code, errors, _ = cli("train", *RUN_ARGS, "MAX_SAMPLES=all", "CACHE_DIR=mine", "OUTPUT_DIR=models/c")
-    assert code == 2 and errors == ["CACHE_DIR=mine/tokens holds files this tool did not write (list.txt); it "
-                                    f"writes only into a new or empty folder, or one it made (marked by "
-                                    f"{ownership.MARKER}): choose another CACHE_DIR, or move those files away"]
+    assert code == 2 and errors == [
+        "CACHE_DIR=mine/tokens holds files this tool did not write (list.txt); it "
+        f"writes only into a new or empty folder, or one it made (marked by "
+        f"{ownership.MARKER}): choose another CACHE_DIR, or move those files away"
+    ]
     assert snapshot(project) == before
     code, errors, _ = cli("train", *RUN_ARGS, "MAX_SAMPLES=all", "OUTPUT_DIR=models/c")  # the default CACHE_DIR
     assert code == 0, errors
@@ -229,7 +257,7 @@ def test_a_token_cache_dir_holding_your_files_is_refused(project, cli, snapshot)
 # (byte for byte). A new writer fails test_every_writer_is_accounted_for until it is listed: "anything added later".
 WRITERS = {
     "app.cli.demo": "make demo: its own DEMO_DIR and bench/ report; sample files refused unless the tool wrote them "
-                    "(core.generated; tests/test_demo.py)",
+    "(core.generated; tests/test_demo.py)",
     "app.cli.reference": "`python -m app docs`: the generated docs pages (tests/test_docs.py)",
     "app.cli.removal": "remove-run: only the entries its manifest lists (this file)",
     "app.cli.workspace": "sample data and clean: only files recorded with their hash (tests/test_workspace.py)",
@@ -238,14 +266,14 @@ WRITERS = {
     "app.core.generated": "the .generated.json record beside files the tool wrote",
     "app.core.ownership": "the marker of a folder it may write (this file)",
     "app.core.utils": "the primitives: atomic writes, built_whole, staged_dir, replace_dir (refuses a folder "
-                      "without its marker: tests/test_faults.py)",
+    "without its marker: tests/test_faults.py)",
     "app.data.cache": "CACHE_DIR/tokens: new, empty or the tool's (this file)",
     "app.data.cache_build": "a cache key's folder inside CACHE_DIR/tokens",
     "app.data.synthetic": "make demo / generate-data's sample files (tests/test_workspace.py)",
     "app.evaluation.reports": "evaluate's report folder: new, empty or the tool's (this file)",
     "app.inference.export": "ONNX_DIR: replace_dir with onnx_export.json, refused folders (this file)",
     "app.inference.gguf_export": "GGUF_DIR: replace_dir with gguf_info.json, refused folders; the merged model and "
-                                 "logs only inside the new export (tests/test_gguf_export.py)",
+    "logs only inside the new export (tests/test_gguf_export.py)",
     "app.inference.gguf_files": "the Modelfile, README and generation_config.json inside the new export",
     "app.inference.merge": "MERGED_DIR: replace_dir with merge_info.json, refused folders (this file)",
     "app.inference.predict": "predict-file's OUTPUT_FILE: new, or the tool's own unchanged output (this file)",
@@ -254,7 +282,7 @@ WRITERS = {
     "app.models.tiny": "models/tiny-* built whole (tests/test_workspace.py)",
     "app.serve.engine": None,  # list.remove: no file
     "app.serve.gguf": "<adapter>/gguf-lora: replace_dir with lora_info.json, refused folders, listed in the run's "
-                      "manifest (tests/test_serve_llamacpp.py)",
+    "manifest (tests/test_serve_llamacpp.py)",
     "app.training.callbacks": "best/ and the loss plot inside the run dir",
     "app.training.checkpoints": "checkpoints/ inside the run dir",
     "app.training.outputs": "the finished run's files inside the run dir (this file)",
@@ -264,9 +292,26 @@ WRITERS = {
     "app.webui.jobs": "the web UI's job logs under models/.webui (tests/test_webui.py)",
     "app.webui.paths": "uploads: only new names in data/ (tests/test_webui.py)",
 }
-_WRITE_CALLS = {"mkdir", "write_text", "write_bytes", "atomic_write_text", "write_json", "save_pretrained", "savefig",
-                "replace_dir", "staged_dir", "built_whole", "mkstemp", "mkdtemp", "rmtree", "unlink", "copyfile",
-                "copytree", "rmdir", "symlink_to"}
+_WRITE_CALLS = {
+    "mkdir",
+    "write_text",
+    "write_bytes",
+    "atomic_write_text",
+    "write_json",
+    "save_pretrained",
+    "savefig",
+    "replace_dir",
+    "staged_dir",
+    "built_whole",
+    "mkstemp",
+    "mkdtemp",
+    "rmtree",
+    "unlink",
+    "copyfile",
+    "copytree",
+    "rmdir",
+    "symlink_to",
+}
 _OS_CALLS = {"replace", "rename", "remove", "unlink", "rmdir"}
 
 
@@ -284,8 +329,11 @@ def _writers() -> dict[str, set[str]]:
             name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
             on_os = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in ("os", "shutil")
             mode = next((a.value for a in node.args[1:2] if isinstance(a, ast.Constant)), None)
-            if name in _WRITE_CALLS or (on_os and name in _OS_CALLS) or \
-                    (name == "open" and isinstance(mode, str) and set(mode) & set("wax")):
+            if (
+                name in _WRITE_CALLS
+                or (on_os and name in _OS_CALLS)
+                or (name == "open" and isinstance(mode, str) and set(mode) & set("wax"))
+            ):
                 calls.add(name)
         if calls:
             found[".".join(path.relative_to(app.parent).with_suffix("").parts)] = calls
@@ -310,9 +358,11 @@ def test_predict_file_and_evaluate_write_only_where_they_may(project, cli, snaps
     mine.write_text("my own predictions\n", encoding="utf-8")
     before = snapshot(project / "data")
     code, errors, err = cli("predict-file", "INPUT_FILE=data/dev.jsonl")
-    assert code == 2 and errors == ["OUTPUT_FILE=data/dev.pred.jsonl exists and this tool did not write it (or it "
-                                    "was changed since); it is never replaced: choose another OUTPUT_FILE, or move "
-                                    "that file away"], errors
+    assert code == 2 and errors == [
+        "OUTPUT_FILE=data/dev.pred.jsonl exists and this tool did not write it (or it "
+        "was changed since); it is never replaced: choose another OUTPUT_FILE, or move "
+        "that file away"
+    ], errors
     assert "Loading weights" not in err and snapshot(project / "data") == before
     mine.unlink()
     assert cli("predict-file", "INPUT_FILE=data/dev.jsonl")[0] == 0  # new: written, recorded as the tool's
@@ -324,8 +374,9 @@ def test_predict_file_and_evaluate_write_only_where_they_may(project, cli, snaps
     notes = _user_folder(project / "notes")
     before = snapshot(notes)
     code, errors, err = cli("evaluate", "EVAL_DIR=notes", "EVAL_SAMPLES=2")
-    assert code == 2 and errors[0].startswith("EVAL_DIR=notes holds files this tool did not write (README.md, "
-                                              "keep.jsonl)"), errors
+    assert code == 2 and errors[0].startswith(
+        "EVAL_DIR=notes holds files this tool did not write (README.md, keep.jsonl)"
+    ), errors
     assert "Loading weights" not in err and snapshot(notes) == before
     code, errors, _ = cli("evaluate", "EVAL_SAMPLES=2")
     assert code == 0, errors

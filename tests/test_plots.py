@@ -1,6 +1,7 @@
 """The plots people look at are readable: Chinese predicate labels get a CJK font (or one WARNING
 that says so and how to fix it), and a short run's loss curve shows its points on whole steps.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,6 +42,7 @@ def fonts(monkeypatch):
 
     def install(*entries):
         monkeypatch.setattr(font_manager.fontManager, "ttflist", real + list(entries))
+
     return install
 
 
@@ -83,8 +85,14 @@ def test_font_installed_after_the_cache_was_built_is_found(fonts, monkeypatch):
     # not real paths: a real one may be in the cache already, under another face of the file
     on_disk = ["/new/fonts/truetype/dejavu/DejaVuSans.ttf", "/new/fonts/truetype/wqy/wqy-microhei.ttc"]
     monkeypatch.setattr(font_manager, "findSystemFonts", lambda *a, **k: on_disk)
-    monkeypatch.setattr(font_manager.fontManager, "addfont", lambda path: (
-        added.append(path), font_manager.fontManager.ttflist.append(font_entry("WenQuanYi Micro Hei", path))))
+    monkeypatch.setattr(
+        font_manager.fontManager,
+        "addfont",
+        lambda path: (
+            added.append(path),
+            font_manager.fontManager.ttflist.append(font_entry("WenQuanYi Micro Hei", path)),
+        ),
+    )
     assert plots.cjk_family() == "WenQuanYi Micro Hei"
     assert added == on_disk[1:]  # only the CJK file is loaded
 
@@ -116,10 +124,14 @@ def visible_xticks(ax) -> list[float]:
     return [t for t in ax.get_xticks() if lo <= t <= hi]
 
 
-@pytest.mark.parametrize("rows", [
-    [{"step": 1, "loss": 2.3}],
-    [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
-], ids=["1-step", "3-step"])
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [{"step": 1, "loss": 2.3}],
+        [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
+    ],
+    ids=["1-step", "3-step"],
+)
 def test_short_run_loss_curve_marks_points_on_whole_steps(tmp_path, rows):
     from app.training.metrics_file import loss_figure
 
@@ -153,8 +165,9 @@ def test_loss_curve_of_a_chinese_run_goes_through_the_font_chooser(fonts, tmp_pa
     assert plot_losses(metrics(run, [{"step": 1, "loss": 2.3}]), run / "loss_curve.png")
     assert (run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     # the tool's own warnings (importing the callbacks may let bitsandbytes warn about its optional kernels)
-    assert [r.name for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("app.")] \
-        == ["app.core.plots"]
+    assert [r.name for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("app.")] == [
+        "app.core.plots"
+    ]
     assert not plot_losses(metrics(run, [{"step": 1, "learning_rate": 1e-4}]), run / "none.png")
     assert not (run / "none.png").exists()
 
@@ -177,11 +190,15 @@ def marker_boxes(fig):
 QUICK_START = [{"step": 1, "loss": 7.576070785522461}, {"step": 3, "eval_loss": 7.570350646972656}]
 
 
-@pytest.mark.parametrize("rows", [
-    QUICK_START,
-    [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
-    [*QUICK_START, {"step": 3, "eval_f1": 0.0}, {"step": 1, "eval_f1": 1.0}],
-], ids=["quick-start", "3-step", "with-f1"])
+@pytest.mark.parametrize(
+    "rows",
+    [
+        QUICK_START,
+        [{"step": 1, "loss": 2.3}, {"step": 2, "loss": 2.1}, {"step": 3, "loss": 1.9}, {"step": 3, "eval_loss": 2.0}],
+        [*QUICK_START, {"step": 3, "eval_f1": 0.0}, {"step": 1, "eval_f1": 1.0}],
+    ],
+    ids=["quick-start", "3-step", "with-f1"],
+)
 def test_short_run_loss_curve_shows_every_point_whole(tmp_path, rows):
     """Every point's marker lies wholly inside the axes, and no legend covers it (the quick start's only
     train point sat in the top left corner, under the legend)."""

@@ -1,4 +1,5 @@
 """Predict in each mode: built-in prompt, PROMPT, file, interactive; adapter really used."""
+
 import builtins
 import json
 
@@ -14,9 +15,17 @@ from app.inference.predict import BUILTIN_PROMPT, Predictor, run_predict
 def adapter(tiny_glm_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("predict")
     write_dataset(work, n_train=30, n_dev=5, seed=3)
-    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(work / "train.jsonl"),
-                            "OUTPUT_DIR": str(work / "out"), "MAX_STEPS": 3, "GRAD_ACCUM": 1,
-                            "LEARNING_RATE": 1e-2, "SEED": 0})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(tiny_glm_dir),
+            "DATA_PATH": str(work / "train.jsonl"),
+            "OUTPUT_DIR": str(work / "out"),
+            "MAX_STEPS": 3,
+            "GRAD_ACCUM": 1,
+            "LEARNING_RATE": 1e-2,
+            "SEED": 0,
+        }
+    )
     ft = FineTuner(cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(work)  # models/.last_run goes there, not into the checkout
@@ -37,7 +46,9 @@ def test_predictor_uses_the_trained_adapter(adapter, tiny_glm_dir, greedy_refere
     with torch.no_grad():
         assert torch.equal(pred.model(input_ids=ids).logits, ft.model(input_ids=ids).logits)
         base = Predictor(pcfg("none", MODEL_NAME=str(tiny_glm_dir)))
-        assert not torch.allclose(base.model(input_ids=ids).logits.float(), pred.model(input_ids=ids).logits.float(), atol=1e-4)
+        assert not torch.allclose(
+            base.model(input_ids=ids).logits.float(), pred.model(input_ids=ids).logits.float(), atol=1e-4
+        )
     # generate() is the greedy decode of the prompt, new tokens only: the same text as an independent
     # argmax loop (an empty, constant or prompt-echoing generator gives something else)
     answers = {}
@@ -53,8 +64,10 @@ def test_prompt_and_builtin_prompt_stream_to_stdout(adapter, capsys, greedy_refe
     _, out, _ = adapter
     pred = Predictor(pcfg(out))
     streamed = {}
-    for prompt, cfg in (("抽取三元组：张三出生于北京。", pcfg(out, PROMPT="抽取三元组：张三出生于北京。")),
-                        (BUILTIN_PROMPT, pcfg(out))):
+    for prompt, cfg in (
+        ("抽取三元组：张三出生于北京。", pcfg(out, PROMPT="抽取三元组：张三出生于北京。")),
+        (BUILTIN_PROMPT, pcfg(out)),
+    ):
         run_predict(cfg)
         shown = capsys.readouterr().out
         assert shown.startswith(f"prompt: {prompt}\n---\n")
@@ -69,8 +82,13 @@ def test_file_mode_writes_one_row_per_line(adapter, tmp_path, greedy_reference):
     _, out, work = adapter
     src = tmp_path / "in.jsonl"
     records = [json.loads(line) for line in (work / "dev.jsonl").read_text().splitlines()[:2]]
-    src.write_text("\n".join([json.dumps(r, ensure_ascii=False) for r in records]
-                             + ["一句普通的提问", json.dumps({"instruction": "翻译", "input": "hello"}), ""]) + "\n")
+    src.write_text(
+        "\n".join(
+            [json.dumps(r, ensure_ascii=False) for r in records]
+            + ["一句普通的提问", json.dumps({"instruction": "翻译", "input": "hello"}), ""]
+        )
+        + "\n"
+    )
     run_predict(pcfg(out, INPUT_FILE=str(src)))
     rows = [json.loads(line) for line in (tmp_path / "in.pred.jsonl").read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 2, 3, 4]
@@ -79,7 +97,9 @@ def test_file_mode_writes_one_row_per_line(adapter, tmp_path, greedy_reference):
     assert rows[3]["prompt"] == "翻译\nhello" and "reference" not in rows[3]
     # each row's output is the greedy answer to that row's own prompt (not a neighbour's, not empty)
     pred = Predictor(pcfg(out))
-    convs = [[{"role": "user", "content": p}] for p in [r["context"] for r in records] + ["一句普通的提问", "翻译\nhello"]]
+    convs = [
+        [{"role": "user", "content": p}] for p in [r["context"] for r in records] + ["一句普通的提问", "翻译\nhello"]
+    ]
     expected = [greedy_reference(pred.model, pred.tokenizer, m, 6) for m in convs]
     assert all(e.strip() for e in expected) and len(set(expected)) == 4
     assert [r["output"] for r in rows] == expected
@@ -111,8 +131,10 @@ def test_file_mode_batches_give_the_one_by_one_answers(adapter, tmp_path, caplog
     as one prompt at a time, in the file's order, and the speed is logged."""
     _, out, work = adapter
     src = tmp_path / "in.jsonl"
-    src.write_text("".join(line + "\n" for line in (work / "dev.jsonl").read_text().splitlines()[:4])
-                   + "短问题\n一个长一些的问题，关于北京和上海之间的距离以及两座城市的历史\n")
+    src.write_text(
+        "".join(line + "\n" for line in (work / "dev.jsonl").read_text().splitlines()[:4])
+        + "短问题\n一个长一些的问题，关于北京和上海之间的距离以及两座城市的历史\n"
+    )
     pred = Predictor(pcfg(out, MAX_NEW_TOKENS=8))
     from app.inference.predict import _file_prompts
 

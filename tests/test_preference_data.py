@@ -1,6 +1,7 @@
 """Preference data (STAGE=dpo/kto): every pair and KTO shape read into the right Example, bad records counted
 with their reason, the STAGE/format check, encode_pair against SFT's encode, the synthetic pairs' mistakes,
 and `generate-data STAGE=dpo|kto` next to a user's files."""
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,16 @@ import pytest
 
 from app.core.errors import UserError
 from app.data.encode import EncodeStats, encode, encode_pair, encode_pairs
-from app.data.records import Example, LoadReport, check_stage, detect_format, read_examples, stage_of_format, \
-    to_example, unpair
+from app.data.records import (
+    Example,
+    LoadReport,
+    check_stage,
+    detect_format,
+    read_examples,
+    stage_of_format,
+    to_example,
+    unpair,
+)
 from app.data.synthetic import parse_target
 from app.data.synthetic_pairs import MISTAKES, generate_kto, generate_pairs
 
@@ -23,22 +32,62 @@ G = lambda c: {"from": "gpt", "value": c}  # noqa: E731
 
 # ---- shapes: (record, format, messages, rejected or None, label or None) ---------------------------------------
 SHAPES = [
-    ({"prompt": "抽取三元组：周星驰主演《喜剧之王》", "chosen": "good, answer", "rejected": "bad \"answer\""},
-     "preference", [U("抽取三元组：周星驰主演《喜剧之王》"), A("good, answer")], 'bad "answer"', None),
-    ({"system": "be terse", "prompt": "q", "chosen": "a", "rejected": "b", "mistake": "swapped"},
-     "preference", [S("be terse"), U("q"), A("a")], "b", None),
-    ({"prompt": [S("sys"), U("q1"), A("a1"), U("q2")], "chosen": [A("good")], "rejected": [A("bad")]},  # TRL
-     "preference", [S("sys"), U("q1"), A("a1"), U("q2"), A("good")], "bad", None),
-    ({"chosen": [U("q"), A("a1"), U("q2"), A("good")], "rejected": [U("q"), A("a1"), U("q2"), A("bad")]},  # implicit
-     "preference", [U("q"), A("a1"), U("q2"), A("good")], "bad", None),
-    ({"conversations": [H("q1"), G("a1"), H("q2")], "chosen": G("good"), "rejected": G("bad"), "system": "sys"},
-     "preference", [S("sys"), U("q1"), A("a1"), U("q2"), A("good")], "bad", None),  # LLaMA-Factory sharegpt
-    ({"instruction": "Translate.", "input": "hi", "chosen": "你好", "rejected": "再见"},  # LLaMA-Factory alpaca
-     "preference", [U("Translate.\nhi"), A("你好")], "再见", None),
-    ({"instruction": "Name a colour.", "input": "", "chosen": "red", "rejected": "7", "system": "s"},
-     "preference", [S("s"), U("Name a colour."), A("red")], "7", None),
-    ({"messages": [U("q")], "chosen": A("good"), "rejected": A("bad")},  # LLaMA-Factory messages
-     "preference", [U("q"), A("good")], "bad", None),
+    (
+        {"prompt": "抽取三元组：周星驰主演《喜剧之王》", "chosen": "good, answer", "rejected": 'bad "answer"'},
+        "preference",
+        [U("抽取三元组：周星驰主演《喜剧之王》"), A("good, answer")],
+        'bad "answer"',
+        None,
+    ),
+    (
+        {"system": "be terse", "prompt": "q", "chosen": "a", "rejected": "b", "mistake": "swapped"},
+        "preference",
+        [S("be terse"), U("q"), A("a")],
+        "b",
+        None,
+    ),
+    (
+        {"prompt": [S("sys"), U("q1"), A("a1"), U("q2")], "chosen": [A("good")], "rejected": [A("bad")]},  # TRL
+        "preference",
+        [S("sys"), U("q1"), A("a1"), U("q2"), A("good")],
+        "bad",
+        None,
+    ),
+    (
+        {"chosen": [U("q"), A("a1"), U("q2"), A("good")], "rejected": [U("q"), A("a1"), U("q2"), A("bad")]},  # implicit
+        "preference",
+        [U("q"), A("a1"), U("q2"), A("good")],
+        "bad",
+        None,
+    ),
+    (
+        {"conversations": [H("q1"), G("a1"), H("q2")], "chosen": G("good"), "rejected": G("bad"), "system": "sys"},
+        "preference",
+        [S("sys"), U("q1"), A("a1"), U("q2"), A("good")],
+        "bad",
+        None,
+    ),  # LLaMA-Factory sharegpt
+    (
+        {"instruction": "Translate.", "input": "hi", "chosen": "你好", "rejected": "再见"},  # LLaMA-Factory alpaca
+        "preference",
+        [U("Translate.\nhi"), A("你好")],
+        "再见",
+        None,
+    ),
+    (
+        {"instruction": "Name a colour.", "input": "", "chosen": "red", "rejected": "7", "system": "s"},
+        "preference",
+        [S("s"), U("Name a colour."), A("red")],
+        "7",
+        None,
+    ),
+    (
+        {"messages": [U("q")], "chosen": A("good"), "rejected": A("bad")},  # LLaMA-Factory messages
+        "preference",
+        [U("q"), A("good")],
+        "bad",
+        None,
+    ),
     ({"prompt": "q", "completion": "a", "label": True}, "kto", [U("q"), A("a")], None, True),
     ({"prompt": [U("q")], "completion": [A("a")], "label": False}, "kto", [U("q"), A("a")], None, False),
     ({"prompt": "q", "completion": "a", "label": 1, "system": "s"}, "kto", [S("s"), U("q"), A("a")], None, True),
@@ -81,31 +130,47 @@ def test_csv_and_json_files_read_pairs_and_kto_labels_given_as_text(tmp_path):
 
 # ---- bad records ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rec,fmt,reason", [
-    ({"prompt": "q", "chosen": "a"}, "preference", "missing field 'rejected'"),
-    ({"prompt": "q", "chosen": None, "rejected": "b"}, "preference", "missing field 'chosen'"),
-    ({"chosen": "a", "rejected": "b"}, "preference", "missing field 'prompt'"),
-    ({"prompt": "q", "chosen": " a ", "rejected": "a"}, "preference", "chosen equals rejected"),
-    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "preference", "empty prompt"),
-    ({"prompt": "q", "chosen": "a", "rejected": " \n"}, "preference", "empty answer"),
-    ({"prompt": "q", "chosen": "", "rejected": "b"}, "preference", "empty answer"),
-    ({"prompt": [U("q"), A("a")], "chosen": [A("x")], "rejected": [A("y")]}, "preference",
-     "prompt does not end with a user turn"),
-    ({"prompt": [U("q")], "chosen": [U("x")], "rejected": [A("y")]}, "preference",
-     "'chosen' does not end with an assistant turn"),
-    ({"chosen": [U("q"), A("x")], "rejected": [U("other"), A("y")]}, "preference",
-     "chosen and rejected differ before their last turn"),
-    ({"chosen": [A("x")], "rejected": [A("y")]}, "preference", "empty prompt"),
-    ({"conversations": [H("q")], "chosen": {"from": "gpt"}, "rejected": G("b")}, "preference", "turn without"),
-    ({"conversations": [H("q")], "chosen": G("a"), "rejected": {"from": "narrator", "value": "b"}}, "preference",
-     "unknown role"),
-    ({"prompt": "q", "chosen": 3, "rejected": {"x": 1}}, "preference", "turn without"),
-    ({"prompt": "q", "completion": "a", "label": "maybe"}, "kto", "label is not true/false"),
-    ({"prompt": "q", "completion": "a", "label": 2}, "kto", "label is not true/false"),
-    ({"prompt": "q", "completion": "a"}, "kto", "missing field 'label'"),
-    ({"prompt": "q", "completion": " ", "label": True}, "kto", "empty answer"),
-    ({"completion": "a", "label": True}, "kto", "missing field 'prompt'"),
-])
+
+@pytest.mark.parametrize(
+    "rec,fmt,reason",
+    [
+        ({"prompt": "q", "chosen": "a"}, "preference", "missing field 'rejected'"),
+        ({"prompt": "q", "chosen": None, "rejected": "b"}, "preference", "missing field 'chosen'"),
+        ({"chosen": "a", "rejected": "b"}, "preference", "missing field 'prompt'"),
+        ({"prompt": "q", "chosen": " a ", "rejected": "a"}, "preference", "chosen equals rejected"),
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "preference", "empty prompt"),
+        ({"prompt": "q", "chosen": "a", "rejected": " \n"}, "preference", "empty answer"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "preference", "empty answer"),
+        (
+            {"prompt": [U("q"), A("a")], "chosen": [A("x")], "rejected": [A("y")]},
+            "preference",
+            "prompt does not end with a user turn",
+        ),
+        (
+            {"prompt": [U("q")], "chosen": [U("x")], "rejected": [A("y")]},
+            "preference",
+            "'chosen' does not end with an assistant turn",
+        ),
+        (
+            {"chosen": [U("q"), A("x")], "rejected": [U("other"), A("y")]},
+            "preference",
+            "chosen and rejected differ before their last turn",
+        ),
+        ({"chosen": [A("x")], "rejected": [A("y")]}, "preference", "empty prompt"),
+        ({"conversations": [H("q")], "chosen": {"from": "gpt"}, "rejected": G("b")}, "preference", "turn without"),
+        (
+            {"conversations": [H("q")], "chosen": G("a"), "rejected": {"from": "narrator", "value": "b"}},
+            "preference",
+            "unknown role",
+        ),
+        ({"prompt": "q", "chosen": 3, "rejected": {"x": 1}}, "preference", "turn without"),
+        ({"prompt": "q", "completion": "a", "label": "maybe"}, "kto", "label is not true/false"),
+        ({"prompt": "q", "completion": "a", "label": 2}, "kto", "label is not true/false"),
+        ({"prompt": "q", "completion": "a"}, "kto", "missing field 'label'"),
+        ({"prompt": "q", "completion": " ", "label": True}, "kto", "empty answer"),
+        ({"completion": "a", "label": True}, "kto", "missing field 'prompt'"),
+    ],
+)
 def test_a_bad_pair_or_kto_record_gives_its_reason(rec, fmt, reason):
     with pytest.raises(ValueError, match=reason):
         to_example(rec, fmt)
@@ -113,8 +178,14 @@ def test_a_bad_pair_or_kto_record_gives_its_reason(rec, fmt, reason):
 
 def test_bad_pairs_are_counted_against_max_bad_ratio(tmp_path):
     good = {"prompt": "q", "chosen": "a", "rejected": "b"}
-    lines = [good, {"prompt": "q", "chosen": "a"}, good, {"prompt": "q", "chosen": "a", "rejected": "a"},
-             {"prompt": "", "chosen": "a", "rejected": "b"}, good]
+    lines = [
+        good,
+        {"prompt": "q", "chosen": "a"},
+        good,
+        {"prompt": "q", "chosen": "a", "rejected": "a"},
+        {"prompt": "", "chosen": "a", "rejected": "b"},
+        good,
+    ]
     path = tmp_path / "pref.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
     examples, report = read_examples(path, max_bad_ratio=0.5)
@@ -129,24 +200,40 @@ def test_bad_pairs_are_counted_against_max_bad_ratio(tmp_path):
 
 # ---- STAGE against the records' format ------------------------------------------------------------------------
 
+
 def _report(fmt: str) -> LoadReport:
     return LoadReport("data/train.jsonl", fmt, total=3)
 
 
 def test_stage_of_format():
-    assert [stage_of_format(f) for f in ("preference", "kto", "context_target", "sharegpt", "text")] == \
-        ["dpo", "kto", "sft", "sft", "sft"]
+    assert [stage_of_format(f) for f in ("preference", "kto", "context_target", "sharegpt", "text")] == [
+        "dpo",
+        "kto",
+        "sft",
+        "sft",
+        "sft",
+    ]
 
 
-@pytest.mark.parametrize("fmt,stage,words", [
-    ("context_target", "dpo", ["DATA_PATH=data/train.jsonl holds sft records (context_target)",
-                               "STAGE=dpo needs prompt/chosen/rejected pairs", "`make data STAGE=dpo`",
-                               "set STAGE=sft"]),
-    ("kto", "dpo", ["holds kto records (kto)", "set STAGE=kto"]),
-    ("sharegpt", "kto", ["holds sft records (sharegpt)", "STAGE=kto needs prompt/completion/label", "STAGE=sft"]),
-    ("preference", "sft", ["holds preference pairs (preference)", "set STAGE=dpo", "STAGE=kto"]),
-    ("kto", "sft", ["holds kto records (kto)", "set STAGE=kto"]),
-])
+@pytest.mark.parametrize(
+    "fmt,stage,words",
+    [
+        (
+            "context_target",
+            "dpo",
+            [
+                "DATA_PATH=data/train.jsonl holds sft records (context_target)",
+                "STAGE=dpo needs prompt/chosen/rejected pairs",
+                "`make data STAGE=dpo`",
+                "set STAGE=sft",
+            ],
+        ),
+        ("kto", "dpo", ["holds kto records (kto)", "set STAGE=kto"]),
+        ("sharegpt", "kto", ["holds sft records (sharegpt)", "STAGE=kto needs prompt/completion/label", "STAGE=sft"]),
+        ("preference", "sft", ["holds preference pairs (preference)", "set STAGE=dpo", "STAGE=kto"]),
+        ("kto", "sft", ["holds kto records (kto)", "set STAGE=kto"]),
+    ],
+)
 def test_records_that_do_not_fit_the_stage_are_refused_in_one_line(fmt, stage, words):
     with pytest.raises(UserError) as err:
         check_stage(_report(fmt), stage)
@@ -161,8 +248,10 @@ def test_stage_kto_trains_pairs_as_a_good_and_a_bad_record():
     kept = Example(messages=[U("q"), A("x")], label=False, line=5)
     out = unpair([pair, kept])
     assert [(e.messages, e.label, e.rejected, e.line) for e in out] == [
-        ([S("s"), U("q"), A("a")], True, None, 4), ([S("s"), U("q"), A("b")], False, None, 4),
-        ([U("q"), A("x")], False, None, 5)]
+        ([S("s"), U("q"), A("a")], True, None, 4),
+        ([S("s"), U("q"), A("b")], False, None, 4),
+        ([U("q"), A("x")], False, None, 5),
+    ]
 
 
 # ---- encode_pair --------------------------------------------------------------------------------------------
@@ -171,7 +260,9 @@ TOKENIZERS = ("glm_tok", "qwen2_tok", "llama_tok")
 LONG = "句子中包含了哪些信息，输出json：" * 6
 
 
-def _pair(prompt: list[dict], chosen: str = "```json\n[主演]\n```", rejected: str = "no triplets here at all") -> Example:
+def _pair(
+    prompt: list[dict], chosen: str = "```json\n[主演]\n```", rejected: str = "no triplets here at all"
+) -> Example:
     return Example(messages=prompt + [A(chosen)], rejected=rejected)
 
 
@@ -186,7 +277,7 @@ def test_an_uncut_pair_is_sft_encode_of_each_side(request, fixture, prompt):
     rejected = encode(Example(messages=prompt + [A(pair.rejected)]), tok, 4096)
     assert row["prompt_ids"] + row["chosen_ids"] == chosen["input_ids"]
     assert row["prompt_ids"] + row["rejected_ids"] == rejected["input_ids"]
-    assert chosen["labels"][len(row["prompt_ids"]):] == row["chosen_ids"]  # the answer is exactly SFT's labels' tail
+    assert chosen["labels"][len(row["prompt_ids"]) :] == row["chosen_ids"]  # the answer is exactly SFT's labels' tail
     assert row["chosen_ids"][-1] == tok.eos_token_id and row["rejected_ids"][-1] == tok.eos_token_id
     p, c, r = (len(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
     assert (stats.samples, stats.tokens, stats.lengths) == (1, p + c + r, [p + max(c, r)])
@@ -211,7 +302,7 @@ def test_over_the_limit_the_prompt_loses_its_middle_then_the_answers_their_ends(
     kept = row["prompt_ids"]
     assert len(kept) == p - 10 and stats.prompt_truncated == 1 and not stats.answer_truncated
     head = len(kept) // 2  # its start (the instruction) and its end (the assistant marker) survive
-    assert kept[:head] == whole["prompt_ids"][:head] and kept[head:] == whole["prompt_ids"][-(len(kept) - head):]
+    assert kept[:head] == whole["prompt_ids"][:head] and kept[head:] == whole["prompt_ids"][-(len(kept) - head) :]
     assert stats.lengths == [limit] and stats.tokens == len(kept) + c + r
 
     stats = EncodeStats()
@@ -233,6 +324,7 @@ def test_encode_pairs_keeps_every_pair_and_sums_the_stats(glm_tok):
 
 # ---- synthetic pairs ------------------------------------------------------------------------------------------
 
+
 def _diff(chosen: list[dict], rejected: list[dict], kind: str) -> bool:
     """Whether ``rejected`` is ``chosen`` with exactly the mistake ``kind``."""
     if kind == "missing":
@@ -242,13 +334,14 @@ def _diff(chosen: list[dict], rejected: list[dict], kind: str) -> bool:
     changed = [(a, b) for a, b in zip(chosen, rejected) if a != b]
     if len(changed) != 1:
         return False
-    (a, b), = changed
+    ((a, b),) = changed
     if kind == "swapped":
         return (b["subject"], b["object"]) == (a["object"], a["subject"]) and b["predicate"] == a["predicate"]
     if kind == "predicate":
         return b["predicate"] != a["predicate"] and (b["subject"], b["object"]) == (a["subject"], a["object"])
-    return b["object"] != a["object"] and {k: v for k, v in b.items() if k != "object"} == \
-        {k: v for k, v in a.items() if k != "object"}
+    return b["object"] != a["object"] and {k: v for k, v in b.items() if k != "object"} == {
+        k: v for k, v in a.items() if k != "object"
+    }
 
 
 def test_generated_pairs_hold_each_mistake_they_name():
@@ -282,6 +375,7 @@ def test_generated_kto_records_are_half_good_and_avoid_given_prompts():
 
 
 # ---- `generate-data STAGE=dpo|kto` --------------------------------------------------------------------------------
+
 
 def test_generate_data_stage_dpo_writes_pairs_beside_the_sft_sample(cli, tmp_path, caplog):
     assert cli("generate-data", "STAGE=dpo")[0] == 0

@@ -6,6 +6,7 @@ the model it stands for (the base with the adapter off, or a continued SFT adapt
 the same command resume to the uninterrupted run; a resume with another loss is refused in one line; the adapter
 predicts, serves and merges like an SFT one; every loss and KTO train under the tier's weight formats, DoRA and
 full tuning; and what cannot train together is refused in one line."""
+
 from __future__ import annotations
 
 import json
@@ -86,6 +87,7 @@ def continued_run(work, tiny_glm_dir, data_dir, pairs, recipe, sft_run):
 
 # ---- golden losses --------------------------------------------------------------------------------------------
 
+
 def test_golden_dpo_losses_start_at_ln_2(dpo_run, train_losses, read_metrics):
     _, out = dpo_run
     losses = train_losses(out)
@@ -108,6 +110,7 @@ def test_a_continued_sft_adapter_starts_at_ln_2_too(continued_run, train_losses)
 
 # ---- the reference pass ---------------------------------------------------------------------------------------
 
+
 def _log_probs(model, batch) -> torch.Tensor:
     """Each row's summed log-probability of its completion tokens (completion_mask), from plain logits."""
     with torch.no_grad():
@@ -123,13 +126,20 @@ def _trainer(cfg: Config, tmp_path: Path):
 
     ft = FineTuner(cfg).setup().prepare_data().load_model()
     args = training_args(ft.cfg, tmp_path / "checkpoints", False, "fp32", False)
-    return pref_trainer_class(ft.cfg, RunMixin)(model=ft.model, args=args, train_dataset=as_dataset(ft.train_rows),
-                                      run_cfg=ft.cfg, run_settings=dict, **pref_trainer_kwargs(ft))
+    return pref_trainer_class(ft.cfg, RunMixin)(
+        model=ft.model,
+        args=args,
+        train_dataset=as_dataset(ft.train_rows),
+        run_cfg=ft.cfg,
+        run_settings=dict,
+        **pref_trainer_kwargs(ft),
+    )
 
 
 @pytest.mark.parametrize("start", ["new adapter", "ADAPTER_DIR"])
-def test_the_reference_pass_is_the_model_it_stands_for(start, request, tiny_glm_dir, data_dir, pairs, recipe,
-                                                       tmp_path, monkeypatch):
+def test_the_reference_pass_is_the_model_it_stands_for(
+    start, request, tiny_glm_dir, data_dir, pairs, recipe, tmp_path, monkeypatch
+):
     """TRL's compute_ref_log_probs, after the policy's adapter has moved far from where it started, equals the
     log-probs of a model loaded plainly: the base alone for a new adapter (whose copy "ref" is dropped), the SFT
     adapter on the base for ADAPTER_DIR (its frozen copy "ref")."""
@@ -164,18 +174,23 @@ def test_the_reference_pass_is_the_model_it_stands_for(start, request, tiny_glm_
 # ---- kill -9, then the same command ---------------------------------------------------------------------------
 
 
-
-def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(tiny_glm_dir, data_dir, pairs, recipe,
-                                                                       dpo_run, tmp_path, cli, caplog, child_env,
-                                                                       read_metrics, kill_9_while_saving):
+def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(
+    tiny_glm_dir, data_dir, pairs, recipe, dpo_run, tmp_path, cli, caplog, child_env, read_metrics, kill_9_while_saving
+):
     from app.config import show
     from app.training.checkpoints import MARKER, STAGING
 
     out = tmp_path / "out"
     cfg = _dpo(recipe, tiny_glm_dir, data_dir, pairs, out)
     args = [f"{var}={show(cfg.get(var))}" for var in sorted(cfg.explicit)]  # the golden run, as a command line
-    killed = subprocess.run([sys.executable, "-c", kill_9_while_saving, "train", *args], cwd=tmp_path, env=child_env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", kill_9_while_saving, "train", *args],
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = out / "checkpoints"
     assert (ckpts / "checkpoint-3" / MARKER).is_file() and (ckpts / STAGING / "checkpoint-6").is_dir()
@@ -186,9 +201,16 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(tiny_glm_
     assert f"resuming from {ckpts / 'checkpoint-3'}" in caplog.text
 
     def curve(d):  # every logged train and eval row: (step, which, loss, reward margin)
-        return [(r["step"], "loss" if "loss" in r else "eval", r.get("loss", r.get("eval_loss")),
-                 r.get("rewards/margins", r.get("eval_rewards/margins"))) for r in read_metrics(d)
-                if "loss" in r or "eval_loss" in r]
+        return [
+            (
+                r["step"],
+                "loss" if "loss" in r else "eval",
+                r.get("loss", r.get("eval_loss")),
+                r.get("rewards/margins", r.get("eval_rewards/margins")),
+            )
+            for r in read_metrics(d)
+            if "loss" in r or "eval_loss" in r
+        ]
 
     got, want = curve(out), curve(dpo_run[1])
     assert [g[:2] for g in got] == [w[:2] for w in want]  # the same rows, none repeated from the killed run
@@ -200,6 +222,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(tiny_glm_
 
 
 # ---- a resume that would change the loss ----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def crashed(tiny_glm_dir, data_dir, pairs, recipe, tmp_path_factory):
@@ -225,14 +248,19 @@ def crashed(tiny_glm_dir, data_dir, pairs, recipe, tmp_path_factory):
     return values, work
 
 
-@pytest.mark.parametrize("change, said", [
-    ({"STAGE": "kto"}, "STAGE dpo -> kto"),
-    ({"PREF_LOSS": "ipo"}, "PREF_LOSS sigmoid -> ipo"),
-    ({"PREF_BETA": 0.5}, "PREF_BETA 0.1 -> 0.5"),
-    ({"ADAPTER_DIR": "sft"}, "ADAPTER_DIR '' -> "),
-], ids=lambda x: next(iter(x)) if isinstance(x, dict) else None)
-def test_a_resume_with_another_loss_or_start_is_refused_in_one_line(crashed, change, said, cli, tmp_path, request,
-                                                                   snapshot):
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        ({"STAGE": "kto"}, "STAGE dpo -> kto"),
+        ({"PREF_LOSS": "ipo"}, "PREF_LOSS sigmoid -> ipo"),
+        ({"PREF_BETA": 0.5}, "PREF_BETA 0.1 -> 0.5"),
+        ({"ADAPTER_DIR": "sft"}, "ADAPTER_DIR '' -> "),
+    ],
+    ids=lambda x: next(iter(x)) if isinstance(x, dict) else None,
+)
+def test_a_resume_with_another_loss_or_start_is_refused_in_one_line(
+    crashed, change, said, cli, tmp_path, request, snapshot
+):
     values, work = crashed
     shutil.copytree(work, tmp_path, dirs_exist_ok=True)  # cli runs in tmp_path: OUTPUT_DIR=out is this copy
     if change.get("ADAPTER_DIR") == "sft":
@@ -242,12 +270,13 @@ def test_a_resume_with_another_loss_or_start_is_refused_in_one_line(crashed, cha
     assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, errors
     head = "OUTPUT_DIR=out holds an unfinished run (checkpoint-3, step 3) that cannot continue as asked: "
     assert errors[0].startswith(head), errors[0]
-    what = errors[0][len(head):errors[0].index(". To continue it")]
+    what = errors[0][len(head) : errors[0].index(". To continue it")]
     assert said in what and "; " not in what, what  # that difference, and no other
     assert snapshot(tmp_path / "out") == before
 
 
 # ---- the adapter, used as an SFT one is -----------------------------------------------------------------------
+
 
 def test_the_saved_adapter_is_the_policy_alone(dpo_run, continued_run, tiny_glm_dir):
     """Reloaded from the output dir, each run's adapter gives the trained policy's logits exactly; TRL's frozen
@@ -267,8 +296,9 @@ def test_the_saved_adapter_is_the_policy_alone(dpo_run, continued_run, tiny_glm_
         assert torch.equal(got, expected), out
 
 
-def test_predict_serve_and_merge_take_the_dpo_adapter(dpo_run, work, run_app, cli, app_process, serve_process,
-                                                      tiny_glm_dir, tmp_path):
+def test_predict_serve_and_merge_take_the_dpo_adapter(
+    dpo_run, work, run_app, cli, app_process, serve_process, tiny_glm_dir, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -279,11 +309,13 @@ def test_predict_serve_and_merge_take_the_dpo_adapter(dpo_run, work, run_app, cl
     answer = pred.stdout.split("---\n", 1)[1].strip()
 
     server = serve_process(app_process, work, ADAPTERS="dpo=models/dpo")
-    reply = server.client().chat.completions.create(model="dpo", messages=[{"role": "user", "content": prompt}],
-                                                    max_tokens=8, temperature=0)
+    reply = server.client().chat.completions.create(
+        model="dpo", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+    )
     assert reply.choices[0].message.content.strip() == answer
-    base = server.client().chat.completions.create(model=str(tiny_glm_dir), max_tokens=8, temperature=0,
-                                                   messages=[{"role": "user", "content": prompt}])
+    base = server.client().chat.completions.create(
+        model=str(tiny_glm_dir), max_tokens=8, temperature=0, messages=[{"role": "user", "content": prompt}]
+    )
     assert base.choices[0].message.content.strip() != answer  # the adapter is what answered
     server.proc.proc.terminate()
     server.proc.wait()
@@ -303,26 +335,43 @@ def test_predict_serve_and_merge_take_the_dpo_adapter(dpo_run, work, run_app, cl
 
 CELLS = [("dpo", loss) for loss in LOSSES] + [("kto", "sigmoid")]
 # option -> (its settings, the QUANT_LEVEL it trains on); TIER=cpu-m is the 12-24 GB tier, whose format is 8bit
-OPTIONS = {"lora": (("QUANT_LEVEL=none",), "none"), "tier": (("TIER=cpu-m",), "8bit"),
-           "4bit": (("QUANT_LEVEL=4bit",), "4bit"), "full": (("METHOD=full", "QUANT_LEVEL=none"), "none"),
-           "dora": (("USE_DORA=true", "TIER=cpu-m"), "8bit")}
+OPTIONS = {
+    "lora": (("QUANT_LEVEL=none",), "none"),
+    "tier": (("TIER=cpu-m",), "8bit"),
+    "4bit": (("QUANT_LEVEL=4bit",), "4bit"),
+    "full": (("METHOD=full", "QUANT_LEVEL=none"), "none"),
+    "dora": (("USE_DORA=true", "TIER=cpu-m"), "8bit"),
+}
 # (option, stage, loss) -> a fragment of the one line it is refused with; every other cell trains
 REFUSED: dict[tuple[str, str, str], str] = {}
 
 
 @pytest.mark.parametrize("option", OPTIONS)
-def test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line(option, cli, tiny_glm_dir, pairs,
-                                                                              tmp_path, read_metrics):
+def test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line(
+    option, cli, tiny_glm_dir, pairs, tmp_path, read_metrics
+):
     """2 steps of each; all cells of an option in one test, every wrong one reported together."""
     args, quant = OPTIONS[option]
     wrong = {}
     for stage, loss in CELLS:
         out = tmp_path / f"{stage}-{loss}"
         try:
-            code, errors, stderr = cli("train", f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={pairs}", f"OUTPUT_DIR={out}",
-                                       f"STAGE={stage}", f"PREF_LOSS={loss}", "MAX_STEPS=2", "BATCH_SIZE=2",
-                                       "GRAD_ACCUM=1", "MAX_SAMPLES=8", "VAL_SIZE=0", "LOGGING_STEPS=1",
-                                       "NUM_THREADS=2", *args)
+            code, errors, stderr = cli(
+                "train",
+                f"MODEL_NAME={tiny_glm_dir}",
+                f"DATA_PATH={pairs}",
+                f"OUTPUT_DIR={out}",
+                f"STAGE={stage}",
+                f"PREF_LOSS={loss}",
+                "MAX_STEPS=2",
+                "BATCH_SIZE=2",
+                "GRAD_ACCUM=1",
+                "MAX_SAMPLES=8",
+                "VAL_SIZE=0",
+                "LOGGING_STEPS=1",
+                "NUM_THREADS=2",
+                *args,
+            )
         except Exception as e:  # noqa: BLE001 - what `python -m app` would print as a traceback
             wrong[stage, loss] = f"Traceback: {type(e).__name__}: {e}"
             continue
@@ -339,8 +388,10 @@ def test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line(op
             saved = json.loads((out / "train_config.json").read_text())
             ok = ok and (saved["QUANT_LEVEL"], saved["STAGE"], saved["PREF_LOSS"]) == (quant, stage, loss)
             if not ok:
-                errors = [f"steps {[r['step'] for r in rows]}, missing {sorted(want - logged)}, "
-                          f"saved {saved['QUANT_LEVEL']}/{saved['STAGE']}/{saved['PREF_LOSS']}"]
+                errors = [
+                    f"steps {[r['step'] for r in rows]}, missing {sorted(want - logged)}, "
+                    f"saved {saved['QUANT_LEVEL']}/{saved['STAGE']}/{saved['PREF_LOSS']}"
+                ]
         if not ok or "Traceback" in stderr:
             wrong[stage, loss] = f"exit {code}: {errors}"
     assert not wrong, wrong
@@ -348,23 +399,39 @@ def test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line(op
 
 # ---- what cannot train together, in one line ------------------------------------------------------------------
 
-@pytest.mark.parametrize("args, words, left", [
-    (["STAGE=dpo", "METHOD=ptuning"], ("STAGE=dpo", "METHOD=lora"), set()),
-    (["STAGE=kto", "METHOD=ptuning"], ("STAGE=kto", "METHOD=lora"), set()),
-    (["STAGE=dpo", "PACKING=on"], ("PACKING=on", "STAGE=dpo", "PACKING=auto"), set()),
-    (["STAGE=dpo", "DATA_PATH=sft"], ("DATA_PATH=", "holds sft records", "STAGE=dpo"), set()),
-    (["STAGE=dpo", "ADAPTER_DIR=empty"], ("ADAPTER_DIR=", "no adapter", "train_config.json"), set()),
-    (["STAGE=kto", "BATCH_SIZE=1"], ("STAGE=kto", "BATCH_SIZE=1", "BATCH_SIZE=2"), set()),
-], ids=["dpo-ptuning", "kto-ptuning", "packing", "sft-data", "no-adapter", "kto-batch-1"])
-def test_what_cannot_train_together_is_refused_in_one_line(args, words, left, cli, tiny_glm_dir, pairs, data_dir,
-                                                           tmp_path):
+
+@pytest.mark.parametrize(
+    "args, words, left",
+    [
+        (["STAGE=dpo", "METHOD=ptuning"], ("STAGE=dpo", "METHOD=lora"), set()),
+        (["STAGE=kto", "METHOD=ptuning"], ("STAGE=kto", "METHOD=lora"), set()),
+        (["STAGE=dpo", "PACKING=on"], ("PACKING=on", "STAGE=dpo", "PACKING=auto"), set()),
+        (["STAGE=dpo", "DATA_PATH=sft"], ("DATA_PATH=", "holds sft records", "STAGE=dpo"), set()),
+        (["STAGE=dpo", "ADAPTER_DIR=empty"], ("ADAPTER_DIR=", "no adapter", "train_config.json"), set()),
+        (["STAGE=kto", "BATCH_SIZE=1"], ("STAGE=kto", "BATCH_SIZE=1", "BATCH_SIZE=2"), set()),
+    ],
+    ids=["dpo-ptuning", "kto-ptuning", "packing", "sft-data", "no-adapter", "kto-batch-1"],
+)
+def test_what_cannot_train_together_is_refused_in_one_line(
+    args, words, left, cli, tiny_glm_dir, pairs, data_dir, tmp_path
+):
     """KTO's micro-batch of 1 was TRL's ValueError: a traceback; a BATCH_SIZE=1 given is refused before anything
     is written."""
     (tmp_path / "empty").mkdir()
     subs = {"DATA_PATH=sft": f"DATA_PATH={data_dir / 'train.jsonl'}"}
-    code, errors, stderr = cli("train", f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={pairs}", "OUTPUT_DIR=out",
-                               "MAX_STEPS=1", "GRAD_ACCUM=1", "MAX_SAMPLES=8", "VAL_SIZE=0", "QUANT_LEVEL=none",
-                               "NUM_THREADS=2", *(subs.get(a, a) for a in args))
+    code, errors, stderr = cli(
+        "train",
+        f"MODEL_NAME={tiny_glm_dir}",
+        f"DATA_PATH={pairs}",
+        "OUTPUT_DIR=out",
+        "MAX_STEPS=1",
+        "GRAD_ACCUM=1",
+        "MAX_SAMPLES=8",
+        "VAL_SIZE=0",
+        "QUANT_LEVEL=none",
+        "NUM_THREADS=2",
+        *(subs.get(a, a) for a in args),
+    )
     assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, (errors, stderr[-2000:])
     assert all(w in errors[0] for w in words), errors[0]
     out = tmp_path / "out"
@@ -372,8 +439,16 @@ def test_what_cannot_train_together_is_refused_in_one_line(args, words, left, cl
 
 
 def test_a_continued_adapter_keeps_its_shape(cli, tiny_glm_dir, pairs, sft_run, tmp_path):
-    code, errors, _ = cli("train", f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={pairs}", "OUTPUT_DIR=out", "STAGE=dpo",
-                          f"ADAPTER_DIR={sft_run}", "LORA_R=16", "MAX_STEPS=1")
+    code, errors, _ = cli(
+        "train",
+        f"MODEL_NAME={tiny_glm_dir}",
+        f"DATA_PATH={pairs}",
+        "OUTPUT_DIR=out",
+        "STAGE=dpo",
+        f"ADAPTER_DIR={sft_run}",
+        "LORA_R=16",
+        "MAX_STEPS=1",
+    )
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith(f"ADAPTER_DIR={sft_run}: LORA_R=16 (the adapter's: 8)"), errors[0]
     assert not (tmp_path / "out").exists()
@@ -382,8 +457,16 @@ def test_a_continued_adapter_keeps_its_shape(cli, tiny_glm_dir, pairs, sft_run, 
 def test_kto_under_a_tier_of_batch_1_plans_a_batch_of_2(cli, run_app, tiny_glm_dir, pairs, tmp_path):
     """The 6-12 GB tier (cpu-s) picks micro-batches of 1, which KTO's KL term cannot use: the plan makes it 2 and
     says why (`make info`), and the run trains."""
-    args = (f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={pairs}", "STAGE=kto", "TIER=cpu-s", "MAX_SAMPLES=8",
-            "VAL_SIZE=0", "QUANT_LEVEL=none", "NUM_THREADS=2")
+    args = (
+        f"MODEL_NAME={tiny_glm_dir}",
+        f"DATA_PATH={pairs}",
+        "STAGE=kto",
+        "TIER=cpu-s",
+        "MAX_SAMPLES=8",
+        "VAL_SIZE=0",
+        "QUANT_LEVEL=none",
+        "NUM_THREADS=2",
+    )
     info = run_app(["info", *args])
     shown = next(line for line in info.stdout.splitlines() if line.strip().startswith("BATCH_SIZE"))
     assert info.returncode == 0 and "= 2" in shown, (shown, info.stderr[-2000:])

@@ -5,6 +5,7 @@ Reference: the same family's model in fp32 whose linear weights are replaced by 
 tensor must point the same way (cosine >= 0.99). Without app.models.quantization's CPU fix the
 4-bit case fails here ("a view of a leaf Variable…" or silently wrong gradients).
 """
+
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,23 @@ def dequantized_weight(module):
     w = module.weight
     if hasattr(w, "quant_state") and w.quant_state is not None:  # Linear4bit
         return F.dequantize_4bit(w.data, w.quant_state).float()
-    return (w.data.float() * w.SCB.float().unsqueeze(1) / 127.0)  # Linear8bitLt: int8 rows x row scale
+    return w.data.float() * w.SCB.float().unsqueeze(1) / 127.0  # Linear8bitLt: int8 rows x row scale
 
 
 def lora(model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]))
+    pm = get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+        ),
+    )
     for name, p in pm.named_parameters():
         if "lora_B" in name:  # B starts at zero, which would leave A without gradient
             torch.nn.init.normal_(p, std=0.05)
@@ -84,8 +93,9 @@ def test_stored_bytes_shrink_with_quantization(tiny_qwen2_dir):
     # layers shrink: check the order and that the linear part really is smaller.
     assert q4 < q8 < full
     model = load_model(str(tiny_qwen2_dir))
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n)
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n
+    )
     assert full - q4 > linear * 4 * 0.8  # at least ~80% of fp32 linear bytes saved
 
 
@@ -112,9 +122,12 @@ def test_half_embeddings_stay_bf16_and_train_like_the_fp32_reference(family, lev
     head in bf16 (peft would upcast them: 2 GB at ChatGLM3-6B's vocabulary), the norms still go to fp32,
     nothing keeps an fp32 copy, and the LoRA gradients and loss are the fp32-embedding model's."""
     model_dir = request.getfixturevalue(family)
-    half = prepare_for_training(load_model(str(model_dir), quant=level, bf16=True), level,
-                                gradient_checkpointing=True, half_embeddings=True)
-    upcast = prepare_for_training(load_model(str(model_dir), quant=level, bf16=True), level, gradient_checkpointing=True)
+    half = prepare_for_training(
+        load_model(str(model_dir), quant=level, bf16=True), level, gradient_checkpointing=True, half_embeddings=True
+    )
+    upcast = prepare_for_training(
+        load_model(str(model_dir), quant=level, bf16=True), level, gradient_checkpointing=True
+    )
     emb, head = half.get_input_embeddings().weight, half.get_output_embeddings().weight
     assert emb.dtype == head.dtype == torch.bfloat16
     assert upcast.get_input_embeddings().weight.dtype == torch.float32  # what peft alone does

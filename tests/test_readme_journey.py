@@ -4,6 +4,7 @@ so editing one there changes what this runs. `make <target>` runs `python -m app
 `make -n`); the venv `make` would build is this one. The own-data lines use the default MODEL_NAME, a hub model
 that cannot be fetched offline: the project's .env names the tiny model instead, as a user trying it offline
 would."""
+
 import json
 import re
 import shlex
@@ -43,8 +44,11 @@ def test_quick_start_then_your_own_data_then_evaluate(tmp_path, run_app):
     evaluate = _pick(commands, "evaluate")
     journey = [quick, answer, own_info, own_train, evaluate]
     for argv in journey:  # each target is `python -m app <target>`, with the line's settings passed on
-        dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-C", str(REPO), *argv[1:], "RUNTIME=local"],
-                             capture_output=True, text=True)
+        dry = subprocess.run(
+            ["make", "-n", "-o", ".venv/.installed", "-C", str(REPO), *argv[1:], "RUNTIME=local"],
+            capture_output=True,
+            text=True,
+        )
         assert dry.returncode == 0 and f"-m app {argv[1]}" in dry.stdout, (argv, dry.stdout, dry.stderr)
 
     data = own_train[[a.split("=")[0] for a in own_train].index("DATA_PATH")].split("=", 1)[1]

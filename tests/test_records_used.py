@@ -1,6 +1,7 @@
 """Tiers never sample the user's data down silently (issue 14, item 5): a tier's MAX_SAMPLES that
 leaves records out is a WARNING at the start, again at the end, and in summary.json, naming how
 many records of how many, why, and the fix; a MAX_SAMPLES the user set is only noted."""
+
 import json
 import logging
 
@@ -10,9 +11,19 @@ from app.training.train import FineTuner
 
 
 def _cfg(tiny_glm_dir, data, **extra):
-    values = {"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data), "OUTPUT_DIR": "out",
-              "MEMORY_LIMIT_MB": 8192, "QUANT_LEVEL": "none", "PRECISION": "fp32", "MAX_STEPS": 1,
-              "GRAD_ACCUM": 1, "SAVE_STEPS": 100, "EVAL_STEPS": 100, "NUM_THREADS": 2}
+    values = {
+        "MODEL_NAME": str(tiny_glm_dir),
+        "DATA_PATH": str(data),
+        "OUTPUT_DIR": "out",
+        "MEMORY_LIMIT_MB": 8192,
+        "QUANT_LEVEL": "none",
+        "PRECISION": "fp32",
+        "MAX_STEPS": 1,
+        "GRAD_ACCUM": 1,
+        "SAVE_STEPS": 100,
+        "EVAL_STEPS": 100,
+        "NUM_THREADS": 2,
+    }
     values.update(extra)
     return Config.from_dict(values)
 
@@ -35,8 +46,15 @@ def test_tier_that_leaves_records_out_warns_at_start_end_and_in_summary(tmp_path
     end = [r.message for r in caplog.records if r.levelno == logging.WARNING and "valid records" in r.message]
     assert end and "trained on 200 of the 400 valid records" in end[-1] and "MAX_SAMPLES=all" in end[-1]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["records"] == {"valid": 400, "used": 200, "train": 180, "validation": 20, "left_out": 200,
-                                  "max_samples": 200, "why": "RAM 8.0 GB -> tier cpu-s"}
+    assert summary["records"] == {
+        "valid": 400,
+        "used": 200,
+        "train": 180,
+        "validation": 20,
+        "left_out": 200,
+        "max_samples": 200,
+        "why": "RAM 8.0 GB -> tier cpu-s",
+    }
     assert any("using 200 of its 400 valid records" in w for w in summary["warnings"])
 
 

@@ -1,5 +1,6 @@
 """MAX_SAMPLES from a file of any size: one pass, uniform, reproducible for SEED, memory for the sample
 only; then the validation split. And dataset directories read through `datasets` streaming."""
+
 import json
 import shutil
 import subprocess
@@ -17,8 +18,11 @@ def write_records(path, n, bad_every=0):
     """n context/target records, one per line; every ``bad_every``-th line is broken JSON."""
     with path.open("w", encoding="utf-8") as fh:
         for i in range(1, n + 1):
-            fh.write("{oops\n" if bad_every and not i % bad_every else
-                     json.dumps({"context": f"句子{i}", "target": f"答{i}"}, ensure_ascii=False) + "\n")
+            fh.write(
+                "{oops\n"
+                if bad_every and not i % bad_every
+                else json.dumps({"context": f"句子{i}", "target": f"答{i}"}, ensure_ascii=False) + "\n"
+            )
     return path
 
 
@@ -78,19 +82,22 @@ def test_only_the_first_bad_lines_are_remembered_all_are_counted(records):
     assert report.bad[0][0] == 3 * BAD_KEPT + 1 and f"; {2 * BAD_KEPT - 3} more" in report.first_bad()
 
 
-@pytest.mark.parametrize("n,max_samples,has_val,val_size,n_train,n_val", [
-    (100, None, False, 0.1, 90, 10),  # 10 %
-    (5000, None, False, 0.1, 4800, 200),  # capped at 200
-    (3000, None, False, 0.5, 2800, 200),
-    (10, None, False, 0.1, 9, 1),     # at least one
-    (9, None, False, 0.1, 9, 0),      # too few records to hold any out
-    (100, None, True, 0.1, 100, 0),   # a VAL_PATH file: no split
-    (100, None, False, 0.0, 100, 0),  # VAL_SIZE=0: no split
-    (1000, 50, False, 0.1, 45, 5),    # MAX_SAMPLES first, then the split
-    (1000, 50, True, 0.1, 50, 0),
-    (30, 50, False, 0.1, 27, 3),      # MAX_SAMPLES above the data size: all of it
-    (1000, 9, False, 0.1, 9, 0),
-])
+@pytest.mark.parametrize(
+    "n,max_samples,has_val,val_size,n_train,n_val",
+    [
+        (100, None, False, 0.1, 90, 10),  # 10 %
+        (5000, None, False, 0.1, 4800, 200),  # capped at 200
+        (3000, None, False, 0.5, 2800, 200),
+        (10, None, False, 0.1, 9, 1),  # at least one
+        (9, None, False, 0.1, 9, 0),  # too few records to hold any out
+        (100, None, True, 0.1, 100, 0),  # a VAL_PATH file: no split
+        (100, None, False, 0.0, 100, 0),  # VAL_SIZE=0: no split
+        (1000, 50, False, 0.1, 45, 5),  # MAX_SAMPLES first, then the split
+        (1000, 50, True, 0.1, 50, 0),
+        (30, 50, False, 0.1, 27, 3),  # MAX_SAMPLES above the data size: all of it
+        (1000, 9, False, 0.1, 9, 0),
+    ],
+)
 def test_split_sizes(records, n, max_samples, has_val, val_size, n_train, n_val):
     train, val = split(sample_examples(records(n), max_samples, seed=7)[0], val_size, has_val)
     assert (len(train), len(val)) == (n_train, n_val)
@@ -125,8 +132,7 @@ def test_sampling_a_large_file_holds_only_the_sample(tmp_path):
     with path.open("w", encoding="utf-8") as fh:
         for _ in range(n // 1000):
             fh.write(line * 1000)
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path)], capture_output=True, text=True, check=True)
     valid, grew_mb = map(int, out.stdout.split())
     assert valid == n // 1000 * 1000 and grew_mb < 30, (valid, grew_mb)
 
@@ -135,8 +141,11 @@ def test_a_big_json_array_asks_for_jsonl(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "JSON_ARRAY_MAX_MB", 0)
     path = tmp_path / "big.json"
     path.write_text(json.dumps([{"context": "c", "target": "t"}] * 10))
-    with pytest.raises(UserError, match=r"DATA_PATH=.*big\.json: a 0\.0 GB \.json array must be parsed whole.*"
-                                        r"jq -c '\.\[\]'"):
+    with pytest.raises(
+        UserError,
+        match=r"DATA_PATH=.*big\.json: a 0\.0 GB \.json array must be parsed whole.*"
+        r"jq -c '\.\[\]'",
+    ):
         read_examples(path)
 
 
@@ -144,12 +153,94 @@ def test_a_big_json_array_asks_for_jsonl(tmp_path, monkeypatch):
 
 SEED_PIN = Path(__file__).parent / "fixtures" / "seed_pin.jsonl"  # records r01..r40; lines 7 and 22 are bad
 PINNED = {  # SEED -> MAX_SAMPLES -> (training records, validation records) at VAL_SIZE=0.1, in the run's order
-    42: {20: ([13, 10, 8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16], [20, 2]),
-         None: ([8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16, 36, 40, 18, 30, 38, 1, 15, 6, 22, 32, 5,
-                 21, 31, 19, 37, 29, 39, 7, 25, 34], [20, 2, 13, 10])},
-    7: {20: ([7, 35, 34, 11, 4, 12, 26, 15, 25, 2, 29, 36, 16, 24, 27, 39, 1, 6], [9, 22]),
-        None: ([34, 11, 4, 12, 26, 15, 25, 2, 29, 36, 16, 24, 27, 39, 1, 6, 32, 20, 13, 38, 10, 8, 5, 33, 19, 30, 40,
-                17, 31, 3, 37, 28, 14, 23, 18, 21], [9, 22, 7, 35])},
+    42: {
+        20: ([13, 10, 8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16], [20, 2]),
+        None: (
+            [
+                8,
+                27,
+                28,
+                24,
+                14,
+                11,
+                17,
+                4,
+                3,
+                26,
+                23,
+                35,
+                9,
+                12,
+                33,
+                16,
+                36,
+                40,
+                18,
+                30,
+                38,
+                1,
+                15,
+                6,
+                22,
+                32,
+                5,
+                21,
+                31,
+                19,
+                37,
+                29,
+                39,
+                7,
+                25,
+                34,
+            ],
+            [20, 2, 13, 10],
+        ),
+    },
+    7: {
+        20: ([7, 35, 34, 11, 4, 12, 26, 15, 25, 2, 29, 36, 16, 24, 27, 39, 1, 6], [9, 22]),
+        None: (
+            [
+                34,
+                11,
+                4,
+                12,
+                26,
+                15,
+                25,
+                2,
+                29,
+                36,
+                16,
+                24,
+                27,
+                39,
+                1,
+                6,
+                32,
+                20,
+                13,
+                38,
+                10,
+                8,
+                5,
+                33,
+                19,
+                30,
+                40,
+                17,
+                31,
+                3,
+                37,
+                28,
+                14,
+                23,
+                18,
+                21,
+            ],
+            [9, 22, 7, 35],
+        ),
+    },
 }
 PINNED_CACHED = {42: [28, 18, 5, 9], 7: [38, 7, 33, 25]}  # MAX_SAMPLES=all of a .jsonl: the token cache's split
 
@@ -188,9 +279,19 @@ def test_a_run_trains_on_the_records_its_seed_picks(max_samples, tiny_glm_dir, t
 
     monkeypatch.chdir(tmp_path)
     shutil.copyfile(SEED_PIN, tmp_path / "data.jsonl")
-    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": "data.jsonl", "MAX_SAMPLES": max_samples,
-                            "SEED": 7, "VAL_SIZE": 0.1, "TIER": "none", "MAX_SEQ_LEN": 64, "OUTPUT_DIR": "out",
-                            "QUANT_LEVEL": "none"})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(tiny_glm_dir),
+            "DATA_PATH": "data.jsonl",
+            "MAX_SAMPLES": max_samples,
+            "SEED": 7,
+            "VAL_SIZE": 0.1,
+            "TIER": "none",
+            "MAX_SEQ_LEN": 64,
+            "OUTPUT_DIR": "out",
+            "QUANT_LEVEL": "none",
+        }
+    )
     ft = FineTuner(cfg).setup().prepare_data()
     if max_samples == "all":  # the token cache: every row but the held-out ones, in file order
         val = PINNED_CACHED[7]
@@ -199,11 +300,13 @@ def test_a_run_trains_on_the_records_its_seed_picks(max_samples, tiny_glm_dir, t
         train, val = PINNED[7][max_samples]
     assert ids(ft.val_examples) == val
     record = {ids([e])[0]: e for e in read_examples(SEED_PIN, warn=False)[0]}
-    assert [ft.train_rows[i] for i in range(len(ft.train_rows))] == \
-        encode_all([record[i] for i in train], ft.tokenizer, 64)[0]
+    assert [ft.train_rows[i] for i in range(len(ft.train_rows))] == encode_all(
+        [record[i] for i in train], ft.tokenizer, 64
+    )[0]
 
 
 # ---- dataset directories (the hub's code path, offline) -----------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["jsonl", "parquet"])
 def test_a_dataset_directory_streams_through_datasets(tmp_path, kind):
@@ -211,7 +314,7 @@ def test_a_dataset_directory_streams_through_datasets(tmp_path, kind):
     shards.mkdir(parents=True)
     rows = [{"instruction": f"问题{i}", "input": "", "output": f"回答{i}"} for i in range(300)]
     for s in range(3):
-        part = rows[s * 100:(s + 1) * 100]
+        part = rows[s * 100 : (s + 1) * 100]
         if kind == "jsonl":
             (shards / f"train-{s}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
         else:

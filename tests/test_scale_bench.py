@@ -1,5 +1,6 @@
 """`make bench-scale`'s own parts, at a tiny size: the layer-by-layer model builder, the memory cgroup
 that judges "never killed", and the report's reading of the progress bar."""
+
 import json
 import shutil
 import subprocess
@@ -11,8 +12,15 @@ import pytest
 import bench.scale_models as scale_models
 from bench.scale_report import eta_after_first_step
 
-SMALL = {**scale_models.CHATGLM3_6B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 3,
-         "num_attention_heads": 4, "head_dim": 32, "vocab_size": 4096}
+SMALL = {
+    **scale_models.CHATGLM3_6B,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "head_dim": 32,
+    "vocab_size": 4096,
+}
 
 
 @pytest.fixture
@@ -72,8 +80,10 @@ def test_a_cgroup_counts_the_kernels_oom_kill():
 
 
 def test_eta_after_the_first_step_is_read_from_the_progress_bar():
-    log = ("train:   0%|          | 0/3 [00:00<?, ?step/s]train:  33%|███▎      | 1/3 [00:26<00:52, 26.34s/step]"
-           "train:  67%|██████▋   | 2/3 [00:47<00:23, 23.21s/step]")
+    log = (
+        "train:   0%|          | 0/3 [00:00<?, ?step/s]train:  33%|███▎      | 1/3 [00:26<00:52, 26.34s/step]"
+        "train:  67%|██████▋   | 2/3 [00:47<00:23, 23.21s/step]"
+    )
     assert eta_after_first_step(log) == (26.0, 52.0)
     assert eta_after_first_step("train:  33%|███▎      | 1/30 [1:02:03<2:04:06, 3723s/step]") == (3723.0, 7446.0)
     assert eta_after_first_step("no bar here") is None

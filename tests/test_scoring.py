@@ -1,5 +1,6 @@
 """Tests for app.evaluation.scoring: tolerant answer parsing, exact P/R/F1 arithmetic, reports, file input;
 free-text answers' exact match, ROUGE-L and BLEU-4 (app.evaluation.textmetrics), and which a file gets."""
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,12 @@ def fenced(triplets: list[dict]) -> str:
     return "```json\n" + json.dumps(triplets, ensure_ascii=False) + "\n```"
 
 
-GOLD4 = [trip("花样男子", "编剧", "神尾叶子", "影视作品"),
-         trip("花样男子", "出版社", "集英社", "书籍", "出版社"),
-         trip("古刹钟声", "导演", "朱文顺", "影视作品"),
-         trip("古刹钟声", "主演", "庞学勤", "影视作品")]
+GOLD4 = [
+    trip("花样男子", "编剧", "神尾叶子", "影视作品"),
+    trip("花样男子", "出版社", "集英社", "书籍", "出版社"),
+    trip("古刹钟声", "导演", "朱文顺", "影视作品"),
+    trip("古刹钟声", "主演", "庞学勤", "影视作品"),
+]
 
 
 def prf(report) -> tuple[float, float, float]:
@@ -38,6 +41,7 @@ def prf(report) -> tuple[float, float, float]:
 
 
 # ---- real data -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def dev_records(real_data_dir) -> list[dict]:
@@ -67,6 +71,7 @@ def test_every_real_model_failure_lowers_the_score(dev_records):
 
 # ---- exact arithmetic on hand-built perturbations -----------------------------------------
 
+
 def one(pred: list[dict], gold: list[dict] = GOLD4):
     return score([(fenced(gold), fenced(pred))])
 
@@ -82,7 +87,8 @@ def test_add_one_spurious():
     assert prf(rep) == pytest.approx((0.8, 1.0, 8 / 9))
     assert [t["object"] for t in rep.rows[0]["spurious"]] == ["田烈"]
     assert rep.per_predicate["主演"] == pytest.approx(
-        {"tp": 1, "fp": 1, "fn": 0, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+        {"tp": 1, "fp": 1, "fn": 0, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}
+    )
 
 
 def test_change_one_object():
@@ -114,9 +120,17 @@ def test_full_width_and_spaces_still_match():
 # ideographic space into their half-width forms; whitespace is stripped and collapsed. Letter case is
 # kept (matching is exact after that, as the README says), and CJK punctuation with no half-width
 # form (、。《》) stays as it is.
-FOLDS = [("（１９９８）", "(1998)"), ("甲，乙", "甲,乙"), ("比分：２：１", "比分:2:1"), ("ＡＢＣ ｘｙｚ", "ABC xyz"),
-         ("！？；［］｛｝＂＇", "!?;[]{}\"'"), ("＋－＊／＝＜＞％＆＃＠", "+-*/=<>%&#@"), ("张\u3000三", "张 三"),
-         (" a \t\n b\u3000", "a b"), ("Ｎｕｍｂｅｒ", "Number")]
+FOLDS = [
+    ("（１９９８）", "(1998)"),
+    ("甲，乙", "甲,乙"),
+    ("比分：２：１", "比分:2:1"),
+    ("ＡＢＣ ｘｙｚ", "ABC xyz"),
+    ("！？；［］｛｝＂＇", "!?;[]{}\"'"),
+    ("＋－＊／＝＜＞％＆＃＠", "+-*/=<>%&#@"),
+    ("张\u3000三", "张 三"),
+    (" a \t\n b\u3000", "a b"),
+    ("Ｎｕｍｂｅｒ", "Number"),
+]
 
 
 @pytest.mark.parametrize("variant, canonical", FOLDS)
@@ -130,10 +144,20 @@ def test_normalize_keeps_case_and_cjk_punctuation():
 
 
 FIELDS = ("subject", "predicate", "object", "subject_type", "object_type")
-CANON = {"subject": "花样男子(1998)", "predicate": "出版社:ABC", "object": "集英社,东京",
-         "subject_type": "Text", "object_type": "Number"}
-VARIANT = {"subject": " 花样男子（１９９８） ", "predicate": "出版社：ＡＢＣ\u3000", "object": "\t集英社，东京  ",
-           "subject_type": "\u3000Ｔｅｘｔ", "object_type": "Ｎｕｍｂｅｒ \n"}
+CANON = {
+    "subject": "花样男子(1998)",
+    "predicate": "出版社:ABC",
+    "object": "集英社,东京",
+    "subject_type": "Text",
+    "object_type": "Number",
+}
+VARIANT = {
+    "subject": " 花样男子（１９９８） ",
+    "predicate": "出版社：ＡＢＣ\u3000",
+    "object": "\t集英社，东京  ",
+    "subject_type": "\u3000Ｔｅｘｔ",
+    "object_type": "Ｎｕｍｂｅｒ \n",
+}
 
 
 @pytest.mark.parametrize("field", FIELDS)
@@ -157,16 +181,26 @@ def test_case_still_matters_in_every_field(field):
 
 
 def test_duplicates_count_once_and_micro_average_across_samples():
-    dup = score([(fenced(GOLD4[:2]), fenced([GOLD4[0], GOLD4[0]])),  # tp 1, fn 1
-                 (fenced(GOLD4[2:]), fenced(GOLD4[2:] + [trip("x", "主演", "y")]))])  # tp 2, fp 1
+    dup = score(
+        [
+            (fenced(GOLD4[:2]), fenced([GOLD4[0], GOLD4[0]])),  # tp 1, fn 1
+            (fenced(GOLD4[2:]), fenced(GOLD4[2:] + [trip("x", "主演", "y")])),
+        ]
+    )  # tp 2, fp 1
     assert (dup.tp, dup.fp, dup.fn) == (3, 1, 1)
     p, r = Fraction(3, 4), Fraction(3, 4)
     assert prf(dup) == pytest.approx((float(p), float(r), float(2 * p * r / (p + r))))
 
 
 def test_broken_output_scores_zero_but_labels_are_compared_as_sets():
-    rep = score([(fenced(GOLD4), "我不知道"), ('["平板"]', '```json\n["平板"]\n```'), ('["衣服"]', '["酒店"]'),
-                 ('["书籍"]', fenced(GOLD4))])
+    rep = score(
+        [
+            (fenced(GOLD4), "我不知道"),
+            ('["平板"]', '```json\n["平板"]\n```'),
+            ('["衣服"]', '["酒店"]'),
+            ('["书籍"]', fenced(GOLD4)),
+        ]
+    )
     assert prf(rep) == (0.0, 0.0, 0.0) and rep.fn == 4
     assert rep.classification_accuracy == pytest.approx(1 / 3)
     assert rep.json_valid_rate == 0.75
@@ -174,8 +208,15 @@ def test_broken_output_scores_zero_but_labels_are_compared_as_sets():
 
 
 def test_labels_compare_as_sets():
-    rep = score([('["水果", "衣服"]', '["衣服", "水果"]'), ('["水果", "衣服"]', '["水果"]'),
-                 ('["水果"]', '["水果", "水果"]'), ('["水果"]', '["水果", "平板"]'), ('["水果"]', '[" 水果 "]')])
+    rep = score(
+        [
+            ('["水果", "衣服"]', '["衣服", "水果"]'),
+            ('["水果", "衣服"]', '["水果"]'),
+            ('["水果"]', '["水果", "水果"]'),
+            ('["水果"]', '["水果", "平板"]'),
+            ('["水果"]', '[" 水果 "]'),
+        ]
+    )
     assert [r["label_correct"] for r in rep.rows] == [True, False, True, False, True]
 
 
@@ -188,11 +229,15 @@ def test_empty_kinds_give_zero_or_none(tmp_path):
 
 
 def test_malformed_gold_is_counted_not_scored():
-    rep = score([("not json at all", fenced(GOLD4)),
-                 ('```json\n[{"predicate": "导演", "obj', fenced(GOLD4)),  # truncated gold
-                 (fenced([{"predicate": "导演"}]), fenced(GOLD4)),  # gold triplet missing keys
-                 (fenced(GOLD4), fenced(GOLD4)),
-                 (None, "x")])
+    rep = score(
+        [
+            ("not json at all", fenced(GOLD4)),
+            ('```json\n[{"predicate": "导演", "obj', fenced(GOLD4)),  # truncated gold
+            (fenced([{"predicate": "导演"}]), fenced(GOLD4)),  # gold triplet missing keys
+            (fenced(GOLD4), fenced(GOLD4)),
+            (None, "x"),
+        ]
+    )
     assert rep.n_bad_gold == 4 and rep.n_samples == 5 and rep.n_triplet_samples == 1
     assert prf(rep) == (1.0, 1.0, 1.0)
     assert [r["bad_gold"] for r in rep.rows] == [True, True, True, False, True]
@@ -204,9 +249,18 @@ ONE = '{"predicate": "导演", "object_type": "人物", "subject_type": "影视�
 EXPECTED = Triplet("古刹钟声", "导演", "朱文顺", "影视作品", "人物")
 
 
-@pytest.mark.parametrize("text", [
-    f"```json\n[{ONE}]\n```", f"```\n[{ONE}]\n```", f"[{ONE}]", f"  [{ONE}]\n以上是抽取结果。",
-    f"好的，结果如下：\n```json\n[{ONE}]\n```\n希望有帮助", f"参考[1]：[{ONE}]", f"[\n  {ONE}\n]"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"```json\n[{ONE}]\n```",
+        f"```\n[{ONE}]\n```",
+        f"[{ONE}]",
+        f"  [{ONE}]\n以上是抽取结果。",
+        f"好的，结果如下：\n```json\n[{ONE}]\n```\n希望有帮助",
+        f"参考[1]：[{ONE}]",
+        f"[\n  {ONE}\n]",
+    ],
+)
 def test_parser_finds_the_list(text):
     p = parse_answer(text)
     assert (p.kind, p.triplets, p.valid_json, p.recovered) == ("triplets", [EXPECTED], True, False)
@@ -232,19 +286,24 @@ def test_labels_empty_list_and_garbage():
 
 
 def test_missing_keys_non_strings_and_escapes():
-    text = json.dumps([{"predicate": "身高", "subject": "张三", "object": 180, "subject_type": "人物",
-                        "object_type": "Number"},
-                       {"predicate": "导演", "subject": "x"},  # no object: skipped
-                       {"predicate": "作者", "subject": '《"引号"\\书》', "object": "李四\n"}],
-                      ensure_ascii=False)
+    text = json.dumps(
+        [
+            {"predicate": "身高", "subject": "张三", "object": 180, "subject_type": "人物", "object_type": "Number"},
+            {"predicate": "导演", "subject": "x"},  # no object: skipped
+            {"predicate": "作者", "subject": '《"引号"\\书》', "object": "李四\n"},
+        ],
+        ensure_ascii=False,
+    )
     p = parse_answer(text)
     assert p.valid_json and p.skipped == 1
     assert p.triplets == [Triplet("张三", "身高", "180", "人物", "Number"), Triplet('《"引号"\\书》', "作者", "李四")]
     assert parse_answer('[{"subject": "a]", "predicate": "b\\"}", "object": "c"}]').triplets == [
-        Triplet("a]", 'b"}', "c")]
+        Triplet("a]", 'b"}', "c")
+    ]
 
 
 # ---- reports and files ---------------------------------------------------------------
+
 
 def test_write_reports(tmp_path):
     rep = score([(fenced(GOLD4), fenced(GOLD4[1:] + [trip("a", "主演", "b")])), ('["平板"]', "乱码")])
@@ -254,8 +313,18 @@ def test_write_reports(tmp_path):
     assert {p.name for p in (tmp_path / "out").iterdir()} == names | {MARKER}  # no temp files left behind
     assert paths["per_predicate_f1.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data = json.loads(paths["report.json"].read_text(encoding="utf-8"))
-    for key in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
-                "json_valid_rate", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold"):
+    for key in (
+        "triplet_precision",
+        "triplet_recall",
+        "triplet_f1",
+        "triplet_f1_typed",
+        "classification_accuracy",
+        "json_valid_rate",
+        "n_samples",
+        "n_triplet_samples",
+        "n_classification_samples",
+        "n_bad_gold",
+    ):
         assert key in data, key
     assert "rows" not in data and set(data["per_predicate"]["主演"]) >= {"tp", "fp", "fn", "f1", "support"}
     assert data["triplet_f1"] == pytest.approx(0.75)
@@ -269,8 +338,11 @@ def test_write_reports(tmp_path):
 
 def test_score_file_and_bad_lines(tmp_path):
     good = tmp_path / "pred.jsonl"
-    lines = [json.dumps({"target": fenced(GOLD4), "output": fenced(GOLD4[:3])}, ensure_ascii=False), "",
-             json.dumps({"reference": '["平板"]', "output": '["平板"]', "line": 7})]  # predict's file-mode row
+    lines = [
+        json.dumps({"target": fenced(GOLD4), "output": fenced(GOLD4[:3])}, ensure_ascii=False),
+        "",
+        json.dumps({"reference": '["平板"]', "output": '["平板"]', "line": 7}),
+    ]  # predict's file-mode row
     good.write_text("\n".join(lines) + "\n", encoding="utf-8")
     rep = score_file(good)
     assert rep.n_samples == 2 and rep.triplet_recall == 0.75 and rep.classification_accuracy == 1.0
@@ -285,6 +357,7 @@ def test_score_file_and_bad_lines(tmp_path):
 
 # ---- free-text answers: which report, and exact match / ROUGE-L / BLEU-4 ----------------------------------
 
+
 def test_real_triplet_data_is_scored_as_triplets(dev_records):
     assert answers_are_triplets(r["target"] for r in dev_records)
 
@@ -296,8 +369,19 @@ def test_the_report_follows_the_answers():
 
 
 def test_tokens_are_cjk_characters_and_words_of_other_scripts():
-    assert tokens("用Python写一个hello-world程序。") == ["用", "Python", "写", "一", "个", "hello", "-", "world",
-                                                     "程", "序", "。"]
+    assert tokens("用Python写一个hello-world程序。") == [
+        "用",
+        "Python",
+        "写",
+        "一",
+        "个",
+        "hello",
+        "-",
+        "world",
+        "程",
+        "序",
+        "。",
+    ]
     assert tokens("  Ｈｅｌｌｏ，  it's 3.5 ") == ["Hello", ",", "it", "'", "s", "3", ".", "5"]  # NFKC first
 
 
@@ -305,10 +389,12 @@ def test_bleu4_worked_by_hand():
     # 猫坐在垫子上 / 猫坐在地上: 1-grams 4 of 5 match, 2-grams 2/4, 3-grams 1/3, 4-grams 0 of 2 -> method3's
     # 1 / (2 x 2); 5 tokens against 6: brevity penalty exp(1 - 6/5)
     assert bleu4(tokens("猫坐在垫子上"), tokens("猫坐在地上")) == pytest.approx(
-        math.exp(1 - 6 / 5) * (4 / 5 * 2 / 4 * 1 / 3 * 1 / (2 * 2)) ** 0.25)
+        math.exp(1 - 6 / 5) * (4 / 5 * 2 / 4 * 1 / 3 * 1 / (2 * 2)) ** 0.25
+    )
     # words: 5/6 (the twice), 3/5, 1/4, 4-grams 0 of 3 -> 1 / (2 x 3); equal lengths, no penalty
     assert bleu4("the cat is on the mat".split(), "the cat sat on the mat".split()) == pytest.approx(
-        (5 / 6 * 3 / 5 * 1 / 4 * 1 / (2 * 3)) ** 0.25)
+        (5 / 6 * 3 / 5 * 1 / 4 * 1 / (2 * 3)) ** 0.25
+    )
     # every order above 1 unmatched: the k-th such gets 1 / (2^k x its n-gram count)
     assert bleu4(list("abcd"), list("dcba")) == pytest.approx((1 * 1 / (2 * 3) * 1 / (4 * 2) * 1 / (8 * 1)) ** 0.25)
     # a one-token answer has no 2-, 3- or 4-grams (count 1, as nltk's): 1/2, 1/4, 1/8 even when it is right
@@ -335,21 +421,29 @@ def test_bleu4_equals_nltks_sentence_bleu_with_method3():
 
 
 def test_free_text_predictions_get_text_scores_not_f1(tmp_path):
-    pairs = [("猫坐在垫子上", "猫坐在地上"), ("the cat is on the mat", "the cat sat on the mat"),
-             ("Ｈｅｌｌｏ  world", "Hello world ")]  # equal after NFKC and whitespace
+    pairs = [
+        ("猫坐在垫子上", "猫坐在地上"),
+        ("the cat is on the mat", "the cat sat on the mat"),
+        ("Ｈｅｌｌｏ  world", "Hello world "),
+    ]  # equal after NFKC and whitespace
     src = tmp_path / "pred.jsonl"
-    src.write_text("".join(json.dumps({"target": g, "output": o}, ensure_ascii=False) + "\n" for g, o in pairs),
-                   encoding="utf-8")
+    src.write_text(
+        "".join(json.dumps({"target": g, "output": o}, ensure_ascii=False) + "\n" for g, o in pairs), encoding="utf-8"
+    )
     rep = score_file(src)
     d = rep.to_dict()
     assert d["scored_as"] == "text" and d["n_samples"] == 3 and d["loss"] is None and "triplet_f1" not in d
     rouge = [8 / 11, 5 / 6, 1.0]
     # two equal tokens: no 3- or 4-grams, smoothed to 1/2 and 1/4 (BLEU-4 is harsh on short answers)
-    bleu = [math.exp(-0.2) * (4 / 5 * 2 / 4 * 1 / 3 * 1 / 4) ** 0.25, (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25,
-            (1 * 1 * 1 / 2 * 1 / 4) ** 0.25]
+    bleu = [
+        math.exp(-0.2) * (4 / 5 * 2 / 4 * 1 / 3 * 1 / 4) ** 0.25,
+        (5 / 6 * 3 / 5 * 1 / 4 * 1 / 6) ** 0.25,
+        (1 * 1 * 1 / 2 * 1 / 4) ** 0.25,
+    ]
     assert [r["exact_match"] for r in rep.rows] == [False, False, True]
-    assert [r["rouge_l"] for r in rep.rows] == pytest.approx(rouge) and [r["bleu_4"] for r in rep.rows] == \
-        pytest.approx(bleu)
+    assert [r["rouge_l"] for r in rep.rows] == pytest.approx(rouge) and [
+        r["bleu_4"] for r in rep.rows
+    ] == pytest.approx(bleu)
     assert (d["exact_match"], d["rouge_l"], d["bleu_4"]) == pytest.approx((1 / 3, sum(rouge) / 3, sum(bleu) / 3))
     paths = write_reports(rep, tmp_path / "out", title="text")
     assert set(paths) == {"report.json", "report.md", "predictions.jsonl"}  # no predicates: no chart

@@ -1,5 +1,6 @@
 """`serve`: the real server on a loopback port, a tiny GLM with two trained LoRA adapters, talked to with
 the official openai client and with raw HTTP."""
+
 import json
 import logging
 import re
@@ -31,9 +32,19 @@ def work(tiny_glm_dir, tmp_path_factory):
     for name, seed, lr, steps in (("a", 3, 1e-2, 3), ("b", 5, 5e-2, 6)):
         data = work / f"data-{name}"
         write_dataset(data, n_train=30, n_dev=5, seed=seed)
-        cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data / "train.jsonl"),
-                                "OUTPUT_DIR": str(work / "models" / name), "MAX_STEPS": steps, "GRAD_ACCUM": 1,
-                                "LEARNING_RATE": lr, "SEED": 0, "QUANT_LEVEL": "none", "VAL_SIZE": 0})
+        cfg = Config.from_dict(
+            {
+                "MODEL_NAME": str(tiny_glm_dir),
+                "DATA_PATH": str(data / "train.jsonl"),
+                "OUTPUT_DIR": str(work / "models" / name),
+                "MAX_STEPS": steps,
+                "GRAD_ACCUM": 1,
+                "LEARNING_RATE": lr,
+                "SEED": 0,
+                "QUANT_LEVEL": "none",
+                "VAL_SIZE": 0,
+            }
+        )
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(work)  # models/.last_run goes there, not into the checkout
             FineTuner(cfg).run()
@@ -46,8 +57,9 @@ def server(work, module_app_process, serve_process):
 
 
 def _chat(server, model, prompt, **kw):
-    r = server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                max_tokens=8, temperature=0, **kw)
+    r = server.client().chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0, **kw
+    )
     return r
 
 
@@ -63,8 +75,9 @@ def test_greedy_answers_equal_predict_custom_and_differ_by_adapter(server, work,
     for model, adapter in (("a", work / "models" / "a"), ("b", work / "models" / "b"), (str(tiny_glm_dir), "none")):
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(work)
-            pred = Predictor(Config.from_dict({"ADAPTER_DIR": str(adapter), "MAX_NEW_TOKENS": 8,
-                                               "MODEL_NAME": str(tiny_glm_dir)}))
+            pred = Predictor(
+                Config.from_dict({"ADAPTER_DIR": str(adapter), "MAX_NEW_TOKENS": 8, "MODEL_NAME": str(tiny_glm_dir)})
+            )
         answers[model] = []
         for prompt in PROMPTS:
             r = _chat(server, model, prompt)
@@ -83,9 +96,11 @@ def test_a_stream_uses_its_adapter_and_ends_with_done(server):
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert text == whole
         assert chunks[-1].usage.completion_tokens >= 1 and chunks[-2].choices[0].finish_reason in ("stop", "length")
-    raw = server.post("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "hi"}],
-                                               "max_tokens": 4, "stream": True})
-    events = [ln[len("data: "):] for ln in raw.text.splitlines() if ln.startswith("data: ")]
+    raw = server.post(
+        "/v1/chat/completions",
+        {"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True},
+    )
+    events = [ln[len("data: ") :] for ln in raw.text.splitlines() if ln.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "chat.completion.chunk"
 
 
@@ -101,22 +116,27 @@ def test_adapters_load_and_unload_without_a_restart(server, work):
     r = server.post("/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": "models/a"})
     assert r.status_code == 200, r.text
     assert "a2" in ids()
-    assert _chat(server, "a2", PROMPTS[0]).choices[0].message.content == \
-        _chat(server, "a", PROMPTS[0]).choices[0].message.content  # the same weights under a new name
+    assert (
+        _chat(server, "a2", PROMPTS[0]).choices[0].message.content
+        == _chat(server, "a", PROMPTS[0]).choices[0].message.content
+    )  # the same weights under a new name
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "a2"}).status_code == 200
     assert "a2" not in ids()
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "a2"}).status_code == 404
 
 
-@pytest.mark.parametrize("body, status, param", [
-    (b"{not json", 400, None),
-    ({"model": "a"}, 400, "messages"),
-    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
-    ({"model": "a", "messages": [{"role": "user", "content": "长" * 400}]}, 400, "messages"),
-    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
-    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
-])
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b"{not json", 400, None),
+        ({"model": "a"}, 400, "messages"),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+        ({"model": "a", "messages": [{"role": "user", "content": "长" * 400}]}, 400, "messages"),
+        ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": "a", "messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
+    ],
+)
 def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
     r = server.post("/v1/chat/completions", body)
     assert r.status_code == status, r.text
@@ -170,11 +190,17 @@ def test_concurrent_requests_for_two_adapters_each_get_their_own_answer(server):
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation(server):
-    body = {"model": "a", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 1000,
-            "temperature": 1.0, "stream": True, "stop": ["\x00never"]}
+    body = {
+        "model": "a",
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "max_tokens": 1000,
+        "temperature": 1.0,
+        "stream": True,
+        "stop": ["\x00never"],
+    }
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
-            chunk = json.loads(line[len("data: "):]) if line.startswith("data: {") else {}
+            chunk = json.loads(line[len("data: ") :]) if line.startswith("data: {") else {}
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 break  # text arrived: leave mid-stream
     deadline = time.monotonic() + 60
@@ -218,8 +244,18 @@ def test_bench_serve_judges_the_batching_targets_honestly():
     from bench.bench_serve import report
 
     def row(server, tps, ttft=0.1):
-        return {"server": server, "adapters": "a", "concurrency": 16, "requests": 48, "tokens": 3072, "wall_s": 1,
-                "tokens_per_s": tps, "p50_s": 1, "p95_s": 1, "ttft_p50_s": ttft}
+        return {
+            "server": server,
+            "adapters": "a",
+            "concurrency": 16,
+            "requests": 48,
+            "tokens": 3072,
+            "wall_s": 1,
+            "tokens_per_s": tps,
+            "p50_s": 1,
+            "p95_s": 1,
+            "ttft_p50_s": ttft,
+        }
 
     env = {"cpus": 2, "load_before": 0.5, "load_after": 1.5, "requests": 3, "max_tokens": 64, "before": "a86d07e"}
     assert "3.50x (target >= 3x) -> PASS" in report([row("one at a time", 10), row("batched", 35)], env)
@@ -272,8 +308,9 @@ def test_the_guard_refuses_an_adapter_outside_models_however_it_is_reached(work,
         assert inside(Path("models"), path) is None, path
         with pytest.raises(UserError) as e:
             discover(f"x={path}", Path("models"))
-        assert e.value.problems == [f"ADAPTERS: {path} is not inside models/; serve only adapters under it "
-                                    "(move or copy the run there)"]
+        assert e.value.problems == [
+            f"ADAPTERS: {path} is not inside models/; serve only adapters under it (move or copy the run there)"
+        ]
     assert inside(Path("models"), "models/a") == (work / "models" / "a").resolve()
     assert [a.name for a in discover("models/a", Path("models"))] == ["a"]
 
@@ -283,8 +320,9 @@ def test_load_lora_adapter_refuses_an_adapter_outside_models_with_the_guards_lin
         for path in outside:
             r = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
             assert r.status_code == 400 and r.json()["error"]["param"] == "lora_path", (path, r.text)
-            assert r.json()["error"]["message"] == \
-                "lora_path must be a dir inside models/ (no '..', no symlink out of it)", (path, r.text)
+            assert (
+                r.json()["error"]["message"] == "lora_path must be a dir inside models/ (no '..', no symlink out of it)"
+            ), (path, r.text)
         assert "x" not in {m.id for m in server.client().models.list().data}
     finally:
         server.post("/v1/unload_lora_adapter", {"lora_name": "x"})  # were it let in: the other tests are unchanged
@@ -294,8 +332,11 @@ def test_serve_refuses_an_adapter_outside_models_at_start_up(work, outside, app_
     """ADAPTERS read at start-up (the guard's every spelling: the test above): one line and exit 2, before the
     base is loaded; a server that comes up fails the test."""
     port, path = _free_port(), "models_evil/a"
-    proc = app_process(["serve", f"SERVE_PORT={port}", f"MODEL_NAME={tiny_glm_dir}", f"ADAPTERS=x={path}"],
-                       cwd=work, log=work / f"serve-{port}.log")
+    proc = app_process(
+        ["serve", f"SERVE_PORT={port}", f"MODEL_NAME={tiny_glm_dir}", f"ADAPTERS=x={path}"],
+        cwd=work,
+        log=work / f"serve-{port}.log",
+    )
 
     def up() -> bool:
         try:
@@ -309,8 +350,9 @@ def test_serve_refuses_an_adapter_outside_models_at_start_up(work, outside, app_
         time.sleep(0.05)
     assert proc.proc.poll() == 2, proc.text()[-2000:]  # not serving
     errors = [ln.split(" ERROR app: ", 1)[1] for ln in proc.text().splitlines() if " ERROR app: " in ln]
-    assert errors == [f"ADAPTERS: {path} is not inside models/; serve only adapters under it "
-                      "(move or copy the run there)"], proc.text()[-2000:]
+    assert errors == [
+        f"ADAPTERS: {path} is not inside models/; serve only adapters under it (move or copy the run there)"
+    ], proc.text()[-2000:]
     assert "serve: base" not in proc.text()
 
 
@@ -331,8 +373,15 @@ def test_exactly_serve_max_queue_requests_wait_and_the_next_one_gets_429(tiny_gl
     from app.serve.engine import Engine, Job
     from app.serve.models import ServedModels
 
-    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "ADAPTERS": "none", "SERVE_MAX_QUEUE": 3,
-                            "SERVE_BATCH_SIZE": 1, "NUM_THREADS": 2})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(tiny_glm_dir),
+            "ADAPTERS": "none",
+            "SERVE_MAX_QUEUE": 3,
+            "SERVE_BATCH_SIZE": 1,
+            "NUM_THREADS": 2,
+        }
+    )
     cap = cfg.serve.serve_max_queue
     models = ServedModels(cfg, root=tmp_path / "models")
     engine = Engine(models, cap, cfg.serve.serve_batch_size, 0.0)
@@ -342,8 +391,9 @@ def test_exactly_serve_max_queue_requests_wait_and_the_next_one_gets_429(tiny_gl
     held = [True]
 
     async def requests() -> tuple[list[int], httpx.Response, int]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve",
-                                     timeout=120) as client:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://serve", timeout=120
+        ) as client:
             queued = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(cap)]
             deadline = time.monotonic() + 120  # a hang guard only
             while engine.waiting() < cap:
@@ -372,9 +422,12 @@ def test_exactly_serve_max_queue_requests_wait_and_the_next_one_gets_429(tiny_gl
         engine.stop()
     assert waiting == cap and answered == [200] * cap, (waiting, answered)
     assert extra.status_code == 429, extra.text
-    assert extra.json()["error"] == {"message": f"the server is busy: {cap} requests are waiting (SERVE_MAX_QUEUE); "
-                                                "retry shortly", "type": "rate_limit_error", "param": None,
-                                     "code": "rate_limit_exceeded"}
+    assert extra.json()["error"] == {
+        "message": f"the server is busy: {cap} requests are waiting (SERVE_MAX_QUEUE); retry shortly",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
 
 
 def test_a_server_whose_parent_has_already_ended_loads_nothing(run_app, tiny_glm_dir):
@@ -385,15 +438,21 @@ def test_a_server_whose_parent_has_already_ended_loads_nothing(run_app, tiny_glm
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a parent that has ended: its pid is nobody's parent now
-    r = run_app(["serve", f"MODEL_NAME={tiny_glm_dir}", "ADAPTERS=none", f"SERVE_PORT={_free_port()}"], timeout=120,
-                APP_PARENT_PID=str(gone.pid))
+    r = run_app(
+        ["serve", f"MODEL_NAME={tiny_glm_dir}", "ADAPTERS=none", f"SERVE_PORT={_free_port()}"],
+        timeout=120,
+        APP_PARENT_PID=str(gone.pid),
+    )
     assert r.returncode == 143, r.stderr[-2000:]
-    assert f"the process that started this one (APP_PARENT_PID={gone.pid}, e.g. the web UI) had already ended " \
+    assert (
+        f"the process that started this one (APP_PARENT_PID={gone.pid}, e.g. the web UI) had already ended "
         "when this one started: stopping" in r.stderr
+    )
     assert "app.serve.server" not in r.stderr and "app.serve.models" not in r.stderr  # stopped before loading
 
 
 # ---- the running batch: requests join it between decode steps (app/serve/engine.py, batch.py) ---------------
+
 
 def _attending(model_dir: Path, out: Path) -> Path:
     """A copy of a random tiny model whose attention is peaked: a random one attends to every token almost evenly,
@@ -427,9 +486,11 @@ def test_requests_joining_a_running_batch_answer_as_each_does_alone(serve_stagin
     from app.data.synthetic import generate_samples
     from app.models.tiny import build_tiny_model
 
-    model_dir = {"tiny": lambda: request.getfixturevalue("tiny_glm_dir"),
-                 "tiny-qwen2": lambda: request.getfixturevalue("tiny_qwen2_dir"),
-                 "tiny-gemma3": lambda: build_tiny_model("tiny-gemma3", tmp_path / "tiny-gemma3")}[family]()
+    model_dir = {
+        "tiny": lambda: request.getfixturevalue("tiny_glm_dir"),
+        "tiny-qwen2": lambda: request.getfixturevalue("tiny_qwen2_dir"),
+        "tiny-gemma3": lambda: build_tiny_model("tiny-gemma3", tmp_path / "tiny-gemma3"),
+    }[family]()
     caplog.set_level(logging.INFO, logger="app.serve.engine")
     staged = serve_staging.Staged(_attending(model_dir, tmp_path / "sharp"), tmp_path / "models")
     try:
@@ -518,8 +579,9 @@ def test_a_step_prefills_at_most_512_prompt_tokens_of_joiners(serve_staging, tin
     assert joins == ["serve: 2 requests join the running batch of 1", "serve: 2 requests join the running batch of 3"]
 
 
-def test_a_batch_that_ends_before_its_requests_all_started_hands_them_to_the_next(serve_staging, tiny_qwen2_dir, tmp_path,
-                                                                                  caplog):
+def test_a_batch_that_ends_before_its_requests_all_started_hands_them_to_the_next(
+    serve_staging, tiny_qwen2_dir, tmp_path, caplog
+):
     """Four requests of 200 prompt tokens and one new token each, waiting when a batch starts: it takes all four
     but prefills two (512 tokens a step), which end at that step; the two never started start the next batch,
     and every request answers as it does alone."""
@@ -533,8 +595,10 @@ def test_a_batch_that_ends_before_its_requests_all_started_hands_them_to_the_nex
     finally:
         staged.close()
     assert serve_staging.answers(events) == alone
-    assert [r.getMessage() for r in caplog.records if "together" in r.getMessage()] == \
-        ["serve: 4 requests for the base generated together", "serve: 2 requests for the base generated together"]
+    assert [r.getMessage() for r in caplog.records if "together" in r.getMessage()] == [
+        "serve: 4 requests for the base generated together",
+        "serve: 2 requests for the base generated together",
+    ]
 
 
 def test_a_sliding_window_batch_prefills_its_requests_all_at_once(serve_staging, tmp_path):

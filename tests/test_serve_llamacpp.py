@@ -10,6 +10,7 @@ At f16 a LoRA applied at run time (W x + B A x, the adapter's tensors in f16) an
 (W + B A, rounded once) differ only by rounding: greedy answers through the API equal, token for token, what
 `predict INFER_BACKEND=llama.cpp` answers from the adapter merged and exported to GGUF.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,13 @@ import pytest
 from app.config import Config
 from app.core import ownership
 
-PROMPTS = ("抽取三元组：张三出生于北京。", "你好",
-           "Extract every subject, predicate and object triplet from the sentence and answer in JSON.",
-           '[{"subject": "星河往事", "predicate": "导演", "object": "林远"}]',
-           "The quick brown fox jumps over the lazy dog.")
+PROMPTS = (
+    "抽取三元组：张三出生于北京。",
+    "你好",
+    "Extract every subject, predicate and object triplet from the sentence and answer in JSON.",
+    '[{"subject": "星河往事", "predicate": "导演", "object": "林远"}]',
+    "The quick brown fox jumps over the lazy dog.",
+)
 NEW_TOKENS = 32
 SERVED = {"INFER_BACKEND": "llama.cpp", "GGUF_QUANT": "f16", "ADAPTERS": "a=models/a,b=models/b"}
 
@@ -45,16 +49,19 @@ def _lora(base: Path, out: Path, seed: int, model_name: str | None = None) -> No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear"))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base),
+        LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules="all-linear"),
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(0.2)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    (out / "train_config.json").write_text(json.dumps({"MODEL_NAME": model_name or str(base), "METHOD": "lora",
-                                                       "QUANT_LEVEL": "none"}))
+    (out / "train_config.json").write_text(
+        json.dumps({"MODEL_NAME": model_name or str(base), "METHOD": "lora", "QUANT_LEVEL": "none"})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +85,11 @@ def _serve(serve_process, start, work: Path, **settings):
 
 
 def _chat(server, model: str, prompt: str, **kw):
-    return server.client().chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                   **{"max_tokens": NEW_TOKENS, "temperature": 0, **kw})
+    return server.client().chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        **{"max_tokens": NEW_TOKENS, "temperature": 0, **kw},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +104,18 @@ def test_greedy_answers_equal_the_merged_gguf_and_differ_by_adapter(server, work
     answers, tokens = {}, 0
     base = str(work / "base")
     for model, adapter in (("a", "models/a"), ("b", "models/b"), (base, "none")):
-        pred = Predictor(Config.from_dict({"MODEL_NAME": base, "ADAPTER_DIR": adapter, "INFER_BACKEND": "llama.cpp",
-                                           "GGUF_QUANT": "f16", "MAX_NEW_TOKENS": NEW_TOKENS, "NUM_THREADS": 2}))
+        pred = Predictor(
+            Config.from_dict(
+                {
+                    "MODEL_NAME": base,
+                    "ADAPTER_DIR": adapter,
+                    "INFER_BACKEND": "llama.cpp",
+                    "GGUF_QUANT": "f16",
+                    "MAX_NEW_TOKENS": NEW_TOKENS,
+                    "NUM_THREADS": 2,
+                }
+            )
+        )
         answers[model] = []
         for prompt in PROMPTS:
             r = _chat(server, model, prompt)
@@ -115,22 +135,26 @@ def test_a_stream_equals_the_whole_answer_and_ends_with_done(server):
         deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert "".join(deltas) == whole.choices[0].message.content and len(deltas) > 1
         assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
-    raw = httpx.post(server.url + "/v1/completions", json={"model": "a", "prompt": "Answer: ", "max_tokens": 4,
-                                                           "stream": True}, timeout=120)
-    events = [ln[len("data: "):] for ln in raw.text.splitlines() if ln.startswith("data: ")]
+    raw = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": "a", "prompt": "Answer: ", "max_tokens": 4, "stream": True},
+        timeout=120,
+    )
+    events = [ln[len("data: ") :] for ln in raw.text.splitlines() if ln.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[0])["object"] == "text_completion"
 
 
 def test_stop_strings_max_tokens_and_seeded_sampling(server):
     whole = _chat(server, "a", PROMPTS[0]).choices[0].message.content
-    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 3]
     r = _chat(server, "a", PROMPTS[0], stop=[stop])
-    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (whole[:whole.find(stop)], "stop")
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (whole[: whole.find(stop)], "stop")
     r = _chat(server, "a", PROMPTS[0], max_tokens=3)
     assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("length", 3)
     assert whole.startswith(r.choices[0].message.content)
-    sampled = [_chat(server, "a", PROMPTS[0], temperature=1.0, seed=seed).choices[0].message.content
-               for seed in (7, 7, 8)]
+    sampled = [
+        _chat(server, "a", PROMPTS[0], temperature=1.0, seed=seed).choices[0].message.content for seed in (7, 7, 8)
+    ]
     assert sampled[0] == sampled[1] and whole not in sampled, sampled
 
 
@@ -163,8 +187,12 @@ def test_adapters_load_and_unload_at_run_time(server, work):
     assert r.status_code == 200, r.text
     assert _chat(server, "a2", PROMPTS[0]).choices[0].message.content == expected
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "a2"}).status_code == 200
-    assert server.post("/v1/chat/completions", {"model": "a2", "messages": [{"role": "user", "content": "hi"}]}
-                       ).status_code == 404
+    assert (
+        server.post(
+            "/v1/chat/completions", {"model": "a2", "messages": [{"role": "user", "content": "hi"}]}
+        ).status_code
+        == 404
+    )
     assert _chat(server, "a", PROMPTS[0]).choices[0].message.content == expected  # a's own handle untouched
 
 
@@ -212,12 +240,27 @@ def test_without_llama_cpp_serve_says_so_in_one_line_before_torch_is_imported(tm
     stub = tmp_path / "stub" / "torch"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
-    code = ("import sys; from pathlib import Path; import app.inference.llamacpp as l; "
-            "l.converter_dir = lambda: Path('no-llama.cpp'); from app.__main__ import main; sys.exit(main())")
-    proc = subprocess.run([sys.executable, "-c", code, "serve", "INFER_BACKEND=llama.cpp", "MODEL_NAME=tiny",
-                           "ADAPTERS=none", f"SERVE_PORT={_free_port()}"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120,
-                          env={**child_env, "PYTHONPATH": f"{stub.parent}{os.pathsep}{child_env['PYTHONPATH']}"})
+    code = (
+        "import sys; from pathlib import Path; import app.inference.llamacpp as l; "
+        "l.converter_dir = lambda: Path('no-llama.cpp'); from app.__main__ import main; sys.exit(main())"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "serve",
+            "INFER_BACKEND=llama.cpp",
+            "MODEL_NAME=tiny",
+            "ADAPTERS=none",
+            f"SERVE_PORT={_free_port()}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**child_env, "PYTHONPATH": f"{stub.parent}{os.pathsep}{child_env['PYTHONPATH']}"},
+    )
     errors = [ln for ln in proc.stderr.splitlines() if " ERROR " in ln]
     assert proc.returncode == 2 and "torch was imported" not in proc.stderr, proc.stderr[-2000:]
     assert len(errors) == 1 and "INFER_BACKEND=llama.cpp" in errors[0] and "make setup-gguf" in errors[0], errors
@@ -229,8 +272,13 @@ def test_requests_join_the_running_sequences_and_answer_as_alone(server, work, m
     and each answers token for token what it answers alone."""
 
     monkeypatch.chdir(work)
-    staged = serve_staging.Staged(work / "base", Path("models"), ADAPTERS="a=models/a", SERVE_BATCH_SIZE=2, **{
-        k: v for k, v in SERVED.items() if k != "ADAPTERS"})
+    staged = serve_staging.Staged(
+        work / "base",
+        Path("models"),
+        ADAPTERS="a=models/a",
+        SERVE_BATCH_SIZE=2,
+        **{k: v for k, v in SERVED.items() if k != "ADAPTERS"},
+    )
     try:
         jobs = [("a", staged.prompt(p), n) for p, n in zip(PROMPTS, (24, 4, 6, 4))]
         alone = {k: serve_staging.answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}

@@ -1,6 +1,7 @@
 """make setup on a fresh machine (issue 14, item 8): without an NVIDIA GPU, torch comes from the
 CPU index (TORCH_INDEX_URL); an unreachable index falls back at once, saying so; the last line
 names the installed build. pip and nvidia-smi are stand-ins that record what they were asked."""
+
 import os
 import stat
 import subprocess
@@ -43,8 +44,14 @@ def setup_run(tmp_path):
         log = tmp_path / "pip.log"
         log.unlink(missing_ok=True)
         env = {"PATH": f"{bindir}{os.pathsep}/usr/bin:/bin", "LOG": str(log), "HOME": str(tmp_path), **env_extra}
-        proc = subprocess.run([str(REPO / "scripts" / "setup-venv.sh"), str(tmp_path / "venv"), str(python)],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [str(REPO / "scripts" / "setup-venv.sh"), str(tmp_path / "venv"), str(python)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return proc, log.read_text().splitlines() if log.exists() else []
 
     return run
@@ -54,8 +61,9 @@ def test_no_gpu_installs_torch_from_the_cpu_index_first(setup_run):
     proc, pip = setup_run()
     assert proc.returncode == 0, proc.stderr
     assert pip[0] == "pip install -q --upgrade pip"
-    assert pip[1] == (f"pip install -q --timeout 10 --retries 0 --index-url https://download.pytorch.org/whl/cpu "
-                      f"{TORCH_PIN}")
+    assert pip[1] == (
+        f"pip install -q --timeout 10 --retries 0 --index-url https://download.pytorch.org/whl/cpu {TORCH_PIN}"
+    )
     assert pip[2] == "pip install -q -r requirements.txt" and len(pip) == 3
     assert proc.stdout.strip().splitlines()[-1] == "setup: torch 2.13.0+cpu, CPU build"
 
@@ -77,6 +85,7 @@ def test_an_nvidia_gpu_gets_the_default_cuda_build(setup_run):
 
 
 def test_make_setup_uses_the_script():
-    proc = subprocess.run(["make", "-n", "-B", "-C", str(REPO), ".venv/.installed", "RUNTIME=local"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["make", "-n", "-B", "-C", str(REPO), ".venv/.installed", "RUNTIME=local"], capture_output=True, text=True
+    )
     assert "scripts/setup-venv.sh .venv python3" in proc.stdout, proc.stdout

@@ -3,6 +3,7 @@ compiler is one line before anything is installed; the converter scripts come fr
 and are renamed into place whole, never half-extracted; a rerun with everything in place does nothing. The
 venv's python is a stand-in that logs what it is asked (pip is not run), and the sdist a small tarball with
 the real one's layout (LLAMA_CPP_SDIST)."""
+
 import io
 import os
 import re
@@ -22,8 +23,13 @@ BASH = "/bin/bash"
 FAKE_PYTHON = """#!/bin/bash
 echo "CMAKE_ARGS=$CMAKE_ARGS JOBS=$CMAKE_BUILD_PARALLEL_LEVEL python $*" >> "$LOG"
 """
-CONVERTER = {"convert_hf_to_gguf.py": "# hf\n", "convert_lora_to_gguf.py": "# lora\n", "LICENSE": "MIT\n",
-             "conversion/__init__.py": "# models\n", "gguf-py/gguf/__init__.py": "# gguf\n"}
+CONVERTER = {
+    "convert_hf_to_gguf.py": "# hf\n",
+    "convert_lora_to_gguf.py": "# lora\n",
+    "LICENSE": "MIT\n",
+    "conversion/__init__.py": "# models\n",
+    "gguf-py/gguf/__init__.py": "# gguf\n",
+}
 
 
 def _exe(path: Path, text: str) -> Path:
@@ -62,7 +68,9 @@ def gguf(tmp_path):
         def sdist(leave_out: str = "", name: str = "sdist.tar.gz") -> Path:
             path = tmp_path / name
             top = f"llama_cpp_python-{VERSION}"
-            files = {f"{top}/vendor/llama.cpp/{k}": v for k, v in CONVERTER.items() if not k.startswith(leave_out or "-")}
+            files = {
+                f"{top}/vendor/llama.cpp/{k}": v for k, v in CONVERTER.items() if not k.startswith(leave_out or "-")
+            }
             files.update({f"{top}/pyproject.toml": "", f"{top}/vendor/llama.cpp/src/llama.cpp": "int x;\n"})
             with tarfile.open(path, "w:gz") as tar:
                 for member, text in files.items():
@@ -75,20 +83,24 @@ def gguf(tmp_path):
         def run(*path_dirs: Path, **env_extra):
             log.unlink(missing_ok=True)
             env = {"PATH": os.pathsep.join(map(str, path_dirs)), "LOG": str(log), "HOME": str(tmp_path), **env_extra}
-            proc = subprocess.run([BASH, str(SCRIPT), str(venv)], cwd=tmp_path, env=env, capture_output=True,
-                                  text=True, timeout=60)
+            proc = subprocess.run(
+                [BASH, str(SCRIPT), str(venv)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+            )
             return proc, log.read_text().splitlines() if log.exists() else []
 
     Gguf.venv = venv
     return Gguf
 
 
-@pytest.mark.parametrize("cmake, compiler, named", [
-    (None, None, "needs cmake and a C++ compiler (c++, g++ or clang++), not found"),
-    (None, "g++", "needs cmake, not found"),
-    ("3.25.1", None, "needs a C++ compiler (c++, g++ or clang++), not found"),
-    ("3.16.3", "clang++", "needs cmake >= 3.21 (found 3.16.3), not found"),
-])
+@pytest.mark.parametrize(
+    "cmake, compiler, named",
+    [
+        (None, None, "needs cmake and a C++ compiler (c++, g++ or clang++), not found"),
+        (None, "g++", "needs cmake, not found"),
+        ("3.25.1", None, "needs a C++ compiler (c++, g++ or clang++), not found"),
+        ("3.16.3", "clang++", "needs cmake >= 3.21 (found 3.16.3), not found"),
+    ],
+)
 def test_a_missing_toolchain_is_one_line_and_nothing_is_installed(gguf, cmake, compiler, named):
     """Only the stand-in tools are on PATH (not /usr/bin, which may hold the real ones)."""
     before = _tree(gguf.venv)
@@ -101,19 +113,29 @@ def test_a_missing_toolchain_is_one_line_and_nothing_is_installed(gguf, cmake, c
 
 
 # no multimodal library, and no AMX (ggml's AMX kernels die with SIGILL on this machine's Xeon)
-DEFAULT_ARGS = ("-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
-                "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'")
+DEFAULT_ARGS = (
+    "-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' "
+    "-DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'"
+)
 
 
 def test_installs_the_pins_and_the_converter_whole_then_a_rerun_does_nothing(gguf):
     proc, calls = gguf.run(gguf.tools(), "/usr/bin", "/bin", LLAMA_CPP_SDIST=str(gguf.sdist()))
     assert proc.returncode == 0, proc.stderr
-    jobs = str(len(os.sched_getaffinity(0)))  # every core (as nproc counts them) unless CMAKE_BUILD_PARALLEL_LEVEL is given
-    assert calls == [f"CMAKE_ARGS={DEFAULT_ARGS} JOBS={jobs} python -m pip install -r "
-                     f"{REPO / 'requirements-gguf.txt'}",
-                     f"CMAKE_ARGS={DEFAULT_ARGS} JOBS={jobs} python -c import llama_cpp"]
-    assert _tree(gguf.share) == {**{k: v for k, v in CONVERTER.items()}, "conversion": "/", "gguf-py": "/",
-                                 "gguf-py/gguf": "/", "VERSION": f"llama-cpp-python=={VERSION}\n"}
+    jobs = str(
+        len(os.sched_getaffinity(0))
+    )  # every core (as nproc counts them) unless CMAKE_BUILD_PARALLEL_LEVEL is given
+    assert calls == [
+        f"CMAKE_ARGS={DEFAULT_ARGS} JOBS={jobs} python -m pip install -r {REPO / 'requirements-gguf.txt'}",
+        f"CMAKE_ARGS={DEFAULT_ARGS} JOBS={jobs} python -c import llama_cpp",
+    ]
+    assert _tree(gguf.share) == {
+        **{k: v for k, v in CONVERTER.items()},
+        "conversion": "/",
+        "gguf-py": "/",
+        "gguf-py/gguf": "/",
+        "VERSION": f"llama-cpp-python=={VERSION}\n",
+    }
     assert sorted(p.name for p in gguf.share.parent.iterdir()) == ["llama.cpp"]  # no temp dir left
     assert re.search(rf"llama-cpp-python {VERSION} and its converter \(.*\) installed in \d+ s$", proc.stdout)
 
@@ -127,15 +149,23 @@ def test_other_cmake_args_rebuild_without_the_wheel_cache(gguf):
     """pip's wheel cache is keyed on the sdist, not on CMAKE_ARGS: a CUDA build must neither take a CPU wheel
     (cached, or in --find-links) nor keep the installed one."""
     assert gguf.run(gguf.tools(), "/usr/bin", "/bin", LLAMA_CPP_SDIST=str(gguf.sdist()))[0].returncode == 0
-    proc, calls = gguf.run(gguf.tools(), "/usr/bin", "/bin", LLAMA_CPP_SDIST=str(gguf.sdist()),
-                           CMAKE_ARGS="-DGGML_CUDA=on", CMAKE_BUILD_PARALLEL_LEVEL="3")
+    proc, calls = gguf.run(
+        gguf.tools(),
+        "/usr/bin",
+        "/bin",
+        LLAMA_CPP_SDIST=str(gguf.sdist()),
+        CMAKE_ARGS="-DGGML_CUDA=on",
+        CMAKE_BUILD_PARALLEL_LEVEL="3",
+    )
     assert proc.returncode == 0, proc.stderr
     pip = [c for c in calls if " -m pip " in c]
-    assert pip == [f"CMAKE_ARGS=-DGGML_CUDA=on JOBS=3 python -m pip install --no-cache-dir --no-binary "
-                   f"llama-cpp-python --force-reinstall --no-deps llama-cpp-python=={VERSION}",
-                   f"CMAKE_ARGS=-DGGML_CUDA=on JOBS=3 python -m pip install --no-cache-dir --no-binary "
-                   f"llama-cpp-python -r "
-                   f"{REPO / 'requirements-gguf.txt'}"]
+    assert pip == [
+        f"CMAKE_ARGS=-DGGML_CUDA=on JOBS=3 python -m pip install --no-cache-dir --no-binary "
+        f"llama-cpp-python --force-reinstall --no-deps llama-cpp-python=={VERSION}",
+        f"CMAKE_ARGS=-DGGML_CUDA=on JOBS=3 python -m pip install --no-cache-dir --no-binary "
+        f"llama-cpp-python -r "
+        f"{REPO / 'requirements-gguf.txt'}",
+    ]
     assert f"built with CMAKE_ARGS={DEFAULT_ARGS}; rebuilding it" in proc.stdout
 
 
@@ -179,11 +209,15 @@ def test_requirements_are_pinned():
 
 
 def test_make_setup_gguf_runs_the_script_locally_and_ci_runs_it_before_the_tests():
-    local = subprocess.run(["make", "-n", "-C", str(REPO), "setup-gguf", "RUNTIME=local", "VENV=/nonexistent/v"],
-                           capture_output=True, text=True)
+    local = subprocess.run(
+        ["make", "-n", "-C", str(REPO), "setup-gguf", "RUNTIME=local", "VENV=/nonexistent/v"],
+        capture_output=True,
+        text=True,
+    )
     assert "scripts/setup-gguf.sh /nonexistent/v" in local.stdout, local.stdout + local.stderr
-    docker = subprocess.run(["make", "-n", "-C", str(REPO), "setup-gguf", "RUNTIME=docker"], capture_output=True,
-                            text=True)
+    docker = subprocess.run(
+        ["make", "-n", "-C", str(REPO), "setup-gguf", "RUNTIME=docker"], capture_output=True, text=True
+    )
     assert "has llama.cpp already" in docker.stdout and "setup-gguf.sh" not in docker.stdout
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^\.PHONY:.* setup-gguf ", makefile, re.M)

@@ -5,6 +5,7 @@ the same command then resumes. Outside training, SIGTERM still ends any command 
 
 No assertion here is on wall-clock time (a loaded machine makes any threshold flaky): what is
 checked is the step the run stopped at. Timeouts are hang guards only."""
+
 import json
 import signal
 import subprocess
@@ -18,10 +19,23 @@ from app.training.signals import Interrupted, StopRequest
 def _train_args(model_dir, data_dir, out, max_steps):
     # Enough steps that the run is still going when the signal comes; no periodic checkpoint or
     # evaluation, so the only checkpoint is the one the signal causes.
-    values = {"MODEL_NAME": model_dir, "DATA_PATH": data_dir / "train.jsonl", "OUTPUT_DIR": out,
-              "MAX_SAMPLES": 40, "MAX_STEPS": max_steps, "BATCH_SIZE": 1, "GRAD_ACCUM": 1, "LOGGING_STEPS": 1,
-              "SAVE_STEPS": 10_000, "EVAL_STEPS": 10_000, "MAX_SEQ_LEN": 128, "NUM_THREADS": 1,
-              "QUANT_LEVEL": "none", "TIER": "none", "SEED": 0}
+    values = {
+        "MODEL_NAME": model_dir,
+        "DATA_PATH": data_dir / "train.jsonl",
+        "OUTPUT_DIR": out,
+        "MAX_SAMPLES": 40,
+        "MAX_STEPS": max_steps,
+        "BATCH_SIZE": 1,
+        "GRAD_ACCUM": 1,
+        "LOGGING_STEPS": 1,
+        "SAVE_STEPS": 10_000,
+        "EVAL_STEPS": 10_000,
+        "MAX_SEQ_LEN": 128,
+        "NUM_THREADS": 1,
+        "QUANT_LEVEL": "none",
+        "TIER": "none",
+        "SEED": 0,
+    }
     return ["train", *(f"{k}={v}" for k, v in values.items())]
 
 
@@ -32,8 +46,7 @@ def _logged_steps(metrics):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, sig, make_data, app_process,
-                                                         run_app):
+def test_stop_signal_checkpoints_exits_fast_and_resumes(tiny_glm_dir, tmp_path, sig, make_data, app_process, run_app):
     data = make_data(n_train=60, n_dev=5, seed=1)
     out, metrics = tmp_path / "out", tmp_path / "out" / "metrics.jsonl"
     # app_process sends stderr to a file (proc.text()): a pipe, once full, would block the progress bar
@@ -84,8 +97,9 @@ def test_second_signal_stops_at_once():
 def test_sigterm_outside_training_exits_143(tiny_glm_dir, app_process):
     """Any command (here a chat waiting for input) ends on SIGTERM, also as PID 1 in a container,
     where a signal without a handler would be ignored."""
-    proc = app_process(["predict", "INTERACTIVE=1", "ADAPTER_DIR=none", f"MODEL_NAME={tiny_glm_dir}"],
-                       stdin=subprocess.PIPE, text=True)
+    proc = app_process(
+        ["predict", "INTERACTIVE=1", "ADAPTER_DIR=none", f"MODEL_NAME={tiny_glm_dir}"], stdin=subprocess.PIPE, text=True
+    )
     proc.wait_for(lambda: "chat: type a message" in proc.text())  # the model is loaded, input() waits
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 143, proc.text()[-3000:]

@@ -5,6 +5,7 @@ samples' separate losses, and differs when the packed samples are allowed to see
 the check would catch a mask that is not block-diagonal); a short training run packed and padded
 gives the same losses and token counts. Nothing here times anything: bench/bench_speed.py does.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,11 +22,12 @@ def rows_of(lengths, vocab, seed=0):
     rows = []
     for n in lengths:
         ids = torch.randint(10, vocab - 1, (n,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 2) + ids[n // 2:]})
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 2) + ids[n // 2 :]})
     return rows
 
 
 # ---- the collator ------------------------------------------------------------------------------
+
 
 def test_packing_collator_layout():
     rows = rows_of([37, 12, 25, 9, 30, 3], vocab=100)
@@ -36,15 +38,15 @@ def test_packing_collator_layout():
     starts = [(r, c) for r in range(ids.shape[0]) for c in range(ids.shape[1]) if pos[r, c] == 0]
     placed = 0
     for r, c in starts:  # every sample sits whole in one row, positions 0..n-1, its own labels
-        n = int(pos[r, c:].tolist().index(0, 1)) if 0 in pos[r, c + 1:].tolist() else ids.shape[1] - c
-        match = [x for x in rows if x["input_ids"] == ids[r, c:c + n].tolist()]
+        n = int(pos[r, c:].tolist().index(0, 1)) if 0 in pos[r, c + 1 :].tolist() else ids.shape[1] - c
+        match = [x for x in rows if x["input_ids"] == ids[r, c : c + n].tolist()]
         if not match:  # the padded tail: pad tokens without labels
-            assert (ids[r, c:c + n] == 0).all() and (labels[r, c:c + n] == IGNORE).all()
+            assert (ids[r, c : c + n] == 0).all() and (labels[r, c : c + n] == IGNORE).all()
             continue
         placed += 1
-        assert pos[r, c:c + n].tolist() == list(range(n))
+        assert pos[r, c : c + n].tolist() == list(range(n))
         assert labels[r, c].item() == IGNORE  # never the target of the previous sample's last token
-        assert labels[r, c + 1:c + n].tolist() == match[0]["labels"][1:]
+        assert labels[r, c + 1 : c + n].tolist() == match[0]["labels"][1:]
     assert placed == len(rows)
     # logits only where a label follows; their targets in order
     want = labels[:, 1:][labels[:, 1:] != IGNORE]
@@ -53,8 +55,10 @@ def test_packing_collator_layout():
     assert int((Collator(0)(rows)["labels"][:, 1:] != IGNORE).sum()) == len(want)  # same targets as padded
 
 
-@pytest.mark.parametrize("lengths,row_len,rows", [([100, 90, 80, 70, 60, 50, 40, 30], 200, 3), ([300], 256, 1),
-                                                   ([5, 5], 512, 1), ([200] * 4, 256, 4)])
+@pytest.mark.parametrize(
+    "lengths,row_len,rows",
+    [([100, 90, 80, 70, 60, 50, 40, 30], 200, 3), ([300], 256, 1), ([5, 5], 512, 1), ([200] * 4, 256, 4)],
+)
 def test_packing_balances_rows(lengths, row_len, rows):
     packs = PackingCollator(0, row_len).rows_for(lengths)
     sums = [sum(lengths[i] for i in p) for p in packs]
@@ -64,6 +68,7 @@ def test_packing_balances_rows(lengths, row_len, rows):
 
 
 # ---- every family: packed loss == token-weighted mean of the separate losses --------------------
+
 
 @pytest.fixture(scope="module")
 def extra_families(tmp_path_factory):
@@ -79,8 +84,13 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    path = extra_families[f"tiny-{family}"] if family in ("qwen3", "gemma3") else \
-        request.getfixturevalue({"glm": "tiny_glm_dir", "qwen2": "tiny_qwen2_dir", "llama": "tiny_llama_dir"}[family])
+    path = (
+        extra_families[f"tiny-{family}"]
+        if family in ("qwen3", "gemma3")
+        else request.getfixturevalue(
+            {"glm": "tiny_glm_dir", "qwen2": "tiny_qwen2_dir", "llama": "tiny_llama_dir"}[family]
+        )
+    )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa" if attn == "packed_sdpa" else attn)
     if attn == "packed_sdpa":  # what training uses: SDPA per packed sample, from packed_seq_lens
@@ -114,6 +124,7 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
 
 # ---- training: packed == padded ----------------------------------------------------------------
 
+
 def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypatch, read_metrics):
     """LORA_DROPOUT=0 (dropout masks follow the tensor shape): the same losses, eval losses and
     real-token counts step by step, packed and padded."""
@@ -124,11 +135,29 @@ def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypa
     runs = {}
     for packing in ("on", "off"):
         out = tmp_path / packing
-        cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(tmp_path / "data" / "train.jsonl"),
-                                "OUTPUT_DIR": str(out), "MAX_SAMPLES": 24, "MAX_STEPS": 4, "BATCH_SIZE": 4,
-                                "GRAD_ACCUM": 2, "LEARNING_RATE": 1e-2, "WARMUP_RATIO": 0, "LOGGING_STEPS": 1,
-                                "EVAL_STEPS": 4, "SAVE_STEPS": 100, "MAX_SEQ_LEN": 256, "SEED": 0, "NUM_THREADS": 2,
-                                "QUANT_LEVEL": "none", "PRECISION": "fp32", "LORA_DROPOUT": 0, "PACKING": packing})
+        cfg = Config.from_dict(
+            {
+                "MODEL_NAME": str(tiny_glm_dir),
+                "DATA_PATH": str(tmp_path / "data" / "train.jsonl"),
+                "OUTPUT_DIR": str(out),
+                "MAX_SAMPLES": 24,
+                "MAX_STEPS": 4,
+                "BATCH_SIZE": 4,
+                "GRAD_ACCUM": 2,
+                "LEARNING_RATE": 1e-2,
+                "WARMUP_RATIO": 0,
+                "LOGGING_STEPS": 1,
+                "EVAL_STEPS": 4,
+                "SAVE_STEPS": 100,
+                "MAX_SEQ_LEN": 256,
+                "SEED": 0,
+                "NUM_THREADS": 2,
+                "QUANT_LEVEL": "none",
+                "PRECISION": "fp32",
+                "LORA_DROPOUT": 0,
+                "PACKING": packing,
+            }
+        )
         FineTuner(cfg).run()
         runs[packing] = read_metrics(out)
     for key in ("loss", "eval_loss", "tokens_seen"):
@@ -138,6 +167,7 @@ def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypa
 
 
 # ---- choices -------------------------------------------------------------------------------------
+
 
 def test_packing_choice():
     cfg = lambda **kw: Config.from_dict({"MODEL_NAME": "x", **kw})  # noqa: E731

@@ -2,6 +2,7 @@
 throw-away project: a test that writes into the checkout fails, and the real-data tests skip with
 a reason where ../shared is absent, unless REQUIRE_REAL_DATA=1 (CI) turns the skip into a failure.
 And (issue 16) no test file imports another test file or conftest: shared fixtures live in conftest.py."""
+
 import ast
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-INNER_TESTS = '''
+INNER_TESTS = """
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_writes_only_under_tmp(tmp_path):
 
 def test_reads_the_real_data(real_data_dir):
     assert (real_data_dir / "train.jsonl").is_file()
-'''
+"""
 
 
 def _inner(tmp_path, **env_extra):
@@ -45,9 +46,14 @@ def _inner(tmp_path, **env_extra):
     (project / "tests" / "test_inner.py").write_text(INNER_TESTS)
     env = {**os.environ, **env_extra}
     env.pop("REQUIRE_REAL_DATA", None) if "REQUIRE_REAL_DATA" not in env_extra else None
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
-                           str(project / "tests")], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider", str(project / "tests")],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc.stdout
 
 
@@ -63,7 +69,9 @@ def test_real_data_tests_skip_with_the_reason_or_fail_under_require_real_data(tm
     skipped = _inner(tmp_path / "a")
     assert "SKIPPED" in skipped and "the real DuIE data is not beside this checkout" in skipped, skipped
     failed = _inner(tmp_path / "b", REQUIRE_REAL_DATA="1")
-    assert "3 errors" in failed and "skipped" not in failed and "REQUIRE_REAL_DATA=1: the real DuIE data" in failed, failed
+    assert "3 errors" in failed and "skipped" not in failed and "REQUIRE_REAL_DATA=1: the real DuIE data" in failed, (
+        failed
+    )
 
 
 def test_ci_requires_the_real_data():

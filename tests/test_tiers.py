@@ -1,4 +1,5 @@
 """Tiers, the memory plan and the estimator: explicit settings always win, the plan fits the budget."""
+
 import pytest
 
 from app.config import Config
@@ -18,16 +19,26 @@ def cfg(**values):
     return Config.from_dict({"MODEL_NAME": "tiny", **values})
 
 
-@pytest.mark.parametrize("ram, tier, quant, samples, batch, accum", [
-    (4, "cpu-xs", "4bit", 30, 1, 32), (8, "cpu-s", "4bit", 200, 1, 16),
-    (16, "cpu-m", "8bit", 800, 2, 8), (32, "cpu-l", "none", 2000, 4, 4)])
+@pytest.mark.parametrize(
+    "ram, tier, quant, samples, batch, accum",
+    [
+        (4, "cpu-xs", "4bit", 30, 1, 32),
+        (8, "cpu-s", "4bit", 200, 1, 16),
+        (16, "cpu-m", "8bit", 800, 2, 8),
+        (32, "cpu-l", "none", 2000, 4, 4),
+    ],
+)
 def test_cpu_tiers_follow_the_table(ram, tier, quant, samples, batch, accum):
     c = cfg()
     plan = apply_tier(c, res(ram))
     assert plan.tier == tier and plan.device == "cpu"
     p = plan.cfg
-    assert (p.resources.quant_level, p.data.max_samples, p.train.batch_size, p.train.grad_accum) == \
-        (quant, samples, batch, accum)
+    assert (p.resources.quant_level, p.data.max_samples, p.train.batch_size, p.train.grad_accum) == (
+        quant,
+        samples,
+        batch,
+        accum,
+    )
     assert c == cfg()  # the user's settings are never changed: the plan holds its own
 
 
@@ -36,16 +47,25 @@ def test_cpu_tiers_follow_the_table(ram, tier, quant, samples, batch, accum):
 JUST_BELOW = 1 / GB  # 1 MB in GB
 
 
-@pytest.mark.parametrize("ram, tier", [
-    (6 - JUST_BELOW, "cpu-xs"), (6, "cpu-s"), (12 - JUST_BELOW, "cpu-s"), (12, "cpu-m"),
-    (24 - JUST_BELOW, "cpu-m"), (24, "cpu-l")])
+@pytest.mark.parametrize(
+    "ram, tier",
+    [
+        (6 - JUST_BELOW, "cpu-xs"),
+        (6, "cpu-s"),
+        (12 - JUST_BELOW, "cpu-s"),
+        (12, "cpu-m"),
+        (24 - JUST_BELOW, "cpu-m"),
+        (24, "cpu-l"),
+    ],
+)
 def test_cpu_tier_bounds_are_6_12_24_gb_of_ram_exclusive(ram, tier):
     plan = apply_tier(cfg(), res(ram))
     assert (plan.tier, plan.device) == (tier, "cpu")
 
 
-@pytest.mark.parametrize("vram, tier", [
-    (12 - JUST_BELOW, "gpu-s"), (12, "gpu-m"), (24 - JUST_BELOW, "gpu-m"), (24, "gpu-l")])
+@pytest.mark.parametrize(
+    "vram, tier", [(12 - JUST_BELOW, "gpu-s"), (12, "gpu-m"), (24 - JUST_BELOW, "gpu-m"), (24, "gpu-l")]
+)
 def test_gpu_tier_bounds_are_12_24_gb_of_vram_exclusive(vram, tier):
     plan = apply_tier(cfg(), res(64, gpu_gb=vram))  # RAM plays no part once there is a GPU
     assert (plan.tier, plan.device) == (tier, "cuda")
@@ -130,8 +150,7 @@ def test_estimator_orders_and_scales(tiny_qwen2_dir):
     assert shape.layers == 2 and shape.hidden == 64 and shape.total_params > shape.linear_params > 0
     e = {q: estimate(shape, q, 8, 2, 256, False) for q in ("none", "8bit", "4bit")}
     assert e["4bit"].weights_mb < e["8bit"].weights_mb < e["none"].weights_mb
-    assert estimate(shape, "none", 8, 4, 256, False).activations_mb == pytest.approx(
-        2 * e["none"].activations_mb)
+    assert estimate(shape, "none", 8, 4, 256, False).activations_mb == pytest.approx(2 * e["none"].activations_mb)
     assert estimate(shape, "none", 8, 2, 256, True).activations_mb < e["none"].activations_mb
     assert estimate(shape, "none", 16, 2, 256, False).trainable_mb == pytest.approx(2 * e["none"].trainable_mb)
     gpu = estimate(shape, "none", 8, 2, 256, False, cuda=True)
@@ -160,7 +179,11 @@ def test_planning_never_changes_the_users_config(tiny_glm_dir, tmp_path):
     first = ft.plan
     later = first.set("BATCH_SIZE", 7, "test").warn("w")
     assert later.cfg.train.batch_size == 7 and later.warnings[-1] == "w" and later.decisions["BATCH_SIZE"][1] == "test"
-    assert first.cfg.train.batch_size != 7 and "w" not in first.warnings and first.decisions.get("BATCH_SIZE") != (7, "test")
+    assert (
+        first.cfg.train.batch_size != 7
+        and "w" not in first.warnings
+        and first.decisions.get("BATCH_SIZE") != (7, "test")
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         first.tier = "cpu-xs"  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -177,9 +200,20 @@ def test_a_lora_init_that_needs_a_weight_format_gets_it_when_quant_is_left_to_th
 
 
 # about a 1.5B model: big enough that 8-bit weights save more than the runtime they cost (the tiny one is not)
-BIG = dict(total_params=1_600_000_000, linear_params=1_300_000_000, other_params=300_000_000, max_linear=30_000_000,
-           lora_io=28 * (2048 * 4 + 8192 * 3), linear_in=2048 * 4 + 8192, layers=28, hidden=2048, intermediate=8192,
-           vocab=150_000, heads=16, max_positions=8192)
+BIG = dict(
+    total_params=1_600_000_000,
+    linear_params=1_300_000_000,
+    other_params=300_000_000,
+    max_linear=30_000_000,
+    lora_io=28 * (2048 * 4 + 8192 * 3),
+    linear_in=2048 * 4 + 8192,
+    layers=28,
+    hidden=2048,
+    intermediate=8192,
+    vocab=150_000,
+    heads=16,
+    max_positions=8192,
+)
 
 
 def test_the_memory_fit_keeps_a_format_another_setting_needs():
@@ -194,8 +228,9 @@ def test_the_memory_fit_keeps_a_format_another_setting_needs():
     tight = res(64, avail_gb=(fits_8bit + 1) / 0.85 / GB)
     for setting in ("", "USE_DORA=true", "LORA_INIT=pissa", "LORA_INIT=olora", "PRECISION=bf16"):
         values = dict([setting.split("=")]) if setting else {}
-        plan = fit_memory(apply_tier(cfg(TIER="cpu-l", MAX_SEQ_LEN=512, BATCH_SIZE=1, **values), tight), tight,
-                          shape, None)
+        plan = fit_memory(
+            apply_tier(cfg(TIER="cpu-l", MAX_SEQ_LEN=512, BATCH_SIZE=1, **values), tight), tight, shape, None
+        )
         if setting in ("", "USE_DORA=true"):
             assert plan.decisions["QUANT_LEVEL"] == ("8bit", "needed to fit memory") and not plan.warnings, setting
         else:

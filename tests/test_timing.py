@@ -3,6 +3,7 @@ calibration probes in each compute setting, the step count, and the line `make i
 logs (with the prediction in summary.json). No test asserts a measured duration: only that probes return a
 positive rate and that the arithmetic on top of them is what it says. The machine counts as idle (no wait for
 a CPU) but where a test makes the probe measure nothing: a shared test machine is often busy."""
+
 import json
 import math
 import re
@@ -14,8 +15,10 @@ from app.config import Config
 from app.plan import probes, timing
 from app.plan.estimator import ModelShape, model_shape
 
-LINE = re.compile(r"^expected ~[\d.,]+ (s|min|h|days) per optimizer step, ~[\d.,]+ (s|min|h|days) for \d+ steps "
-                  r"\(FLOPs model, probe [\d.,]+ GFLOP/s (fp32|bf16|fp16)( 8bit| 4bit)?\)$")
+LINE = re.compile(
+    r"^expected ~[\d.,]+ (s|min|h|days) per optimizer step, ~[\d.,]+ (s|min|h|days) for \d+ steps "
+    r"\(FLOPs model, probe [\d.,]+ GFLOP/s (fp32|bf16|fp16)( 8bit| 4bit)?\)$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +56,20 @@ def test_full_tuning_adds_the_weight_gradients(shape):
 
 
 def test_flops_of_a_known_shape_equal_the_closed_form():
-    s = ModelShape(total_params=0, linear_params=1000, other_params=0, max_linear=0, lora_io=100, linear_in=0,
-                   layers=2, hidden=8, intermediate=16, vocab=50, heads=2, max_positions=64)
+    s = ModelShape(
+        total_params=0,
+        linear_params=1000,
+        other_params=0,
+        max_linear=0,
+        lora_io=100,
+        linear_in=0,
+        layers=2,
+        hidden=8,
+        intermediate=16,
+        vocab=50,
+        heads=2,
+        max_positions=64,
+    )
     f = timing.micro_batch_flops(s, batch=2, seq=10, method="lora", lora_r=4)
     tokens = 2 * 10
     linear, attention = 2 * 1000 * tokens, 4 * 2 * 2 * 10**2 * 8
@@ -62,8 +77,9 @@ def test_flops_of_a_known_shape_equal_the_closed_form():
     assert (f.linear, f.attention, f.head, f.adapter) == (linear, attention, head, adapter)
     assert f.forward == 84_800 and f.backward == (linear + head) + 2 * attention + 2 * adapter == 113_600
     assert f.total == 198_400
-    assert timing.micro_batch_flops(s, 2, 10, "full", True).total == \
-        (linear + attention + head) + (2 * (linear + head) + 2 * attention) + (linear + attention)
+    assert timing.micro_batch_flops(s, 2, 10, "full", True).total == (linear + attention + head) + (
+        2 * (linear + head) + 2 * attention
+    ) + (linear + attention)
 
 
 @pytest.mark.parametrize("quant, precision", [("none", "fp32"), ("none", "bf16"), ("8bit", "fp32"), ("4bit", "fp32")])
@@ -132,8 +148,14 @@ def test_the_estimate_adds_up_and_reads_as_one_line(shape):
 
 
 def test_durations_read_in_the_largest_sensible_unit():
-    assert [timing.duration(s) for s in (0.42, 12.3, 126, 40 * 60, 3.5 * 3600, 2 * 86400)] == \
-        ["0.42 s", "12 s", "2.1 min", "40 min", "3.5 h", "2.0 days"]
+    assert [timing.duration(s) for s in (0.42, 12.3, 126, 40 * 60, 3.5 * 3600, 2 * 86400)] == [
+        "0.42 s",
+        "12 s",
+        "2.1 min",
+        "40 min",
+        "3.5 h",
+        "2.0 days",
+    ]
 
 
 def test_lengths_of_a_micro_batch_packed_and_padded():
@@ -149,23 +171,24 @@ def test_info_prints_the_expected_time_beside_the_memory(tiny_glm_dir, data_dir,
     from app.cli.info import run_info
 
     monkeypatch.chdir(tmp_path)
-    run_info(Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-                               "MAX_STEPS": 4}))
+    run_info(
+        Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"), "MAX_STEPS": 4})
+    )
     out = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("predicted peak RSS:"))
     assert LINE.match(out[at + 2]), out  # after the memory breakdown, before any warning
     assert " for 4 steps " in out[at + 2]
 
 
-def test_train_logs_the_expected_time_first_and_records_it(tiny_glm_dir, data_dir, tmp_path, monkeypatch, caplog,
-                                                          recipe):
+def test_train_logs_the_expected_time_first_and_records_it(
+    tiny_glm_dir, data_dir, tmp_path, monkeypatch, caplog, recipe
+):
     import logging
 
     from app import FineTuner
 
     monkeypatch.chdir(tmp_path)
-    cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=2, EVAL_STEPS=100, SAVE_STEPS=100,
-                 VAL_SIZE=0)
+    cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=2, EVAL_STEPS=100, SAVE_STEPS=100, VAL_SIZE=0)
     with caplog.at_level(logging.INFO):
         result = FineTuner(cfg).run()
     messages = [r.getMessage() for r in caplog.records]
@@ -179,6 +202,7 @@ def test_train_logs_the_expected_time_first_and_records_it(tiny_glm_dir, data_di
 
 # ---- issue 28: a probe that measured nothing gives no time ------------------------------------------------
 
+
 def _nothing_measured(monkeypatch, how):
     monkeypatch.setattr(probes, "_CACHE", {})
     if how == "busy":  # every run's threads waited for a CPU longer than the run took: other processes ran
@@ -188,9 +212,14 @@ def _nothing_measured(monkeypatch, how):
         monkeypatch.setattr(probes, "perf_counter", lambda: 100.0)
 
 
-@pytest.mark.parametrize("how, why", [("busy", "this machine is busy: its threads spent the whole of each of"),
-                                      ("clock", "runs took no measurable time: the clock did not advance")],
-                         ids=["busy", "clock"])
+@pytest.mark.parametrize(
+    "how, why",
+    [
+        ("busy", "this machine is busy: its threads spent the whole of each of"),
+        ("clock", "runs took no measurable time: the clock did not advance"),
+    ],
+    ids=["busy", "clock"],
+)
 def test_a_probe_that_measured_nothing_gives_no_time(shape, monkeypatch, how, why):
     _nothing_measured(monkeypatch, how)
     with pytest.raises(probes.NothingMeasured, match=why.split(":")[0]):
@@ -204,18 +233,21 @@ def test_a_probe_that_measured_nothing_gives_no_time(shape, monkeypatch, how, wh
     assert not probes._CACHE  # nothing kept: the next estimate probes again
 
 
-def test_info_says_the_time_is_unknown_when_the_probe_measured_nothing(tiny_glm_dir, data_dir, tmp_path,
-                                                                       monkeypatch, capsys):
+def test_info_says_the_time_is_unknown_when_the_probe_measured_nothing(
+    tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys
+):
     from app.cli.info import run_info
 
     monkeypatch.chdir(tmp_path)
     _nothing_measured(monkeypatch, "busy")
-    run_info(Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"),
-                               "MAX_STEPS": 4}))
+    run_info(
+        Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data_dir / "train.jsonl"), "MAX_STEPS": 4})
+    )
     out = capsys.readouterr().out.splitlines()
     at = next(i for i, line in enumerate(out) if line.startswith("predicted peak RSS:"))
-    assert out[at + 2].startswith("expected time: unknown for 4 steps: the probe measured nothing (this machine "
-                                  "is busy"), out
+    assert out[at + 2].startswith(
+        "expected time: unknown for 4 steps: the probe measured nothing (this machine is busy"
+    ), out
     assert not any(line.startswith("expected ~") for line in out)
 
 

@@ -1,5 +1,6 @@
 """The token cache of MAX_SAMPLES=all runs: the rows it serves are encode()'s, it is found again (a hit) until
 the file or the tokenizer changes, a killed build is never trusted, and it refuses to fill the disk."""
+
 import json
 import logging
 import os
@@ -43,8 +44,12 @@ def test_rows_and_stats_are_encodes_at_any_max_seq_len(data, tmp_path, glm_tok, 
     rows = CachedRows(cache, range(len(cache)), max_seq_len)
     assert len(rows) == len(expected) == 120 and [rows[i] for i in range(len(rows))] == expected
     got = cache.stats(max_seq_len)
-    assert (got.samples, got.tokens, got.prompt_truncated, got.answer_truncated) == \
-        (stats.samples, stats.tokens, stats.prompt_truncated, stats.answer_truncated)
+    assert (got.samples, got.tokens, got.prompt_truncated, got.answer_truncated) == (
+        stats.samples,
+        stats.tokens,
+        stats.prompt_truncated,
+        stats.answer_truncated,
+    )
     assert max_seq_len > 1000 or stats.prompt_truncated > 0  # the cut is exercised
     r = cache.report()
     assert (r.total, r.bad_count, r.format, r.bad) == (report.total, 1, "context_target", [(121, "bad JSON")])
@@ -65,8 +70,12 @@ def test_validation_split_and_its_records(data, tmp_path, glm_tok):
     kept = [examples[i] for i in sorted(set(range(120)) - set(map(int, val)))]
     want = encode_all(kept, glm_tok, 64)[1]
     got = cache.stats(64, val)
-    assert (got.samples, got.tokens, got.prompt_truncated, got.answer_truncated) == \
-        (want.samples, want.tokens, want.prompt_truncated, want.answer_truncated)
+    assert (got.samples, got.tokens, got.prompt_truncated, got.answer_truncated) == (
+        want.samples,
+        want.tokens,
+        want.prompt_truncated,
+        want.answer_truncated,
+    )
     assert sorted(got.lengths) == sorted(encode_all(kept, glm_tok, 1 << 30)[1].lengths)
 
 
@@ -80,8 +89,7 @@ def test_training_rows_are_every_row_but_the_validation_ones(n, skip):
         rows[len(rows)]
 
 
-def test_second_open_is_a_hit_and_a_changed_file_or_tokenizer_rebuilds(data, tmp_path, glm_tok, qwen2_tok,
-                                                                        caplog):
+def test_second_open_is_a_hit_and_a_changed_file_or_tokenizer_rebuilds(data, tmp_path, glm_tok, qwen2_tok, caplog):
     root = str(tmp_path / "c")
     with caplog.at_level(logging.INFO, logger="app.data.cache"):
         first = open_or_build(str(data), "auto", glm_tok, root, 1)
@@ -111,11 +119,17 @@ cache.open_or_build(sys.argv[2], "auto", tok, sys.argv[3], 1)
 def test_a_killed_build_is_never_trusted_and_the_next_run_rebuilds(tmp_path, tiny_glm_dir, glm_tok, child_env):
     data = write_jsonl(tmp_path / "big.jsonl", 3000)
     root = tmp_path / "c"
-    proc = subprocess.Popen([sys.executable, "-c", BUILD, str(tiny_glm_dir), str(data), str(root)],
-                            env=child_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(tiny_glm_dir), str(data), str(root)],
+        env=child_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     deadline = time.monotonic() + 300  # a hang guard only
-    while not list((root / "tokens").glob(".*.partial-*/ids")) or \
-            not any(p.stat().st_size for p in (root / "tokens").glob(".*.partial-*/ids")):
+    while not list((root / "tokens").glob(".*.partial-*/ids")) or not any(
+        p.stat().st_size for p in (root / "tokens").glob(".*.partial-*/ids")
+    ):
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -125,14 +139,20 @@ def test_a_killed_build_is_never_trusted_and_the_next_run_rebuilds(tmp_path, tin
     assert len(cache) == 3000 and not list((root / "tokens").glob(".*.partial-*"))  # debris removed
 
 
-def test_a_second_run_waits_for_a_build_in_progress_and_leaves_it_alone(tmp_path, tiny_glm_dir, glm_tok,
-                                                                         child_env, caplog):
+def test_a_second_run_waits_for_a_build_in_progress_and_leaves_it_alone(
+    tmp_path, tiny_glm_dir, glm_tok, child_env, caplog
+):
     """Two runs on the same data (two OUTPUT_DIRs, host and container): the second must not take the first's
     temporary folder for a killed build's and delete it under it."""
     data = write_jsonl(tmp_path / "big.jsonl", 3000)
     root = tmp_path / "c"
-    first = subprocess.Popen([sys.executable, "-c", BUILD, str(tiny_glm_dir), str(data), str(root)],
-                             env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(tiny_glm_dir), str(data), str(root)],
+        env=child_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300  # a hang guard only
     while not list((root / "tokens").glob(".*.partial-*/ids")):
         assert first.poll() is None and time.monotonic() < deadline, "the first build ended before the second began"
@@ -162,8 +182,12 @@ def test_a_cache_that_does_not_fit_on_disk_is_one_line(data, tmp_path, glm_tok, 
     with pytest.raises(UserError) as ei:
         open_or_build(str(data), "auto", glm_tok, str(tmp_path / "c"), 1)
     msg = str(ei.value)
-    assert msg.startswith(f"CACHE_DIR={tmp_path / 'c'}: the token cache of DATA_PATH={data} needs about ") \
-        and "GB are free there" in msg and "MAX_SAMPLES" in msg and "\n" not in msg
+    assert (
+        msg.startswith(f"CACHE_DIR={tmp_path / 'c'}: the token cache of DATA_PATH={data} needs about ")
+        and "GB are free there" in msg
+        and "MAX_SAMPLES" in msg
+        and "\n" not in msg
+    )
     assert [p.name for p in (tmp_path / "c" / "tokens").iterdir()] == [MARKER]  # nothing but the folder's mark
 
 
@@ -171,8 +195,16 @@ def test_training_on_all_records_uses_the_cache(tiny_glm_dir, data, tmp_path, mo
     from app import Config, FineTuner
 
     monkeypatch.chdir(tmp_path)
-    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data), "TIER": "none",
-                            "MAX_SEQ_LEN": 64, "OUTPUT_DIR": "o", "QUANT_LEVEL": "none"})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(tiny_glm_dir),
+            "DATA_PATH": str(data),
+            "TIER": "none",
+            "MAX_SEQ_LEN": 64,
+            "OUTPUT_DIR": "o",
+            "QUANT_LEVEL": "none",
+        }
+    )
     with caplog.at_level(logging.INFO):
         ft = FineTuner(cfg).setup().prepare_data()
         FineTuner(cfg).setup().prepare_data()
@@ -182,18 +214,30 @@ def test_training_on_all_records_uses_the_cache(tiny_glm_dir, data, tmp_path, mo
     assert all(len(ft.train_rows[i]["input_ids"]) <= 64 for i in range(len(ft.train_rows)))
     # the same records, encoded in memory, at the same length
     everything = encode_all(read_examples(data)[0], ft.tokenizer, 64)[0]
-    assert sorted(map(str, [*[ft.train_rows[i] for i in range(len(ft.train_rows))], *ft.val_rows])) == \
-        sorted(map(str, everything))
+    assert sorted(map(str, [*[ft.train_rows[i] for i in range(len(ft.train_rows))], *ft.val_rows])) == sorted(
+        map(str, everything)
+    )
     assert encode(read_examples(data)[0][0], ft.tokenizer, 64) == ft.train_rows.cache.row(0, 64)
 
 
 def test_info_builds_no_cache_and_says_what_building_it_costs(tiny_glm_dir, data, tmp_path, run_app):
-    args = ["info", f"MODEL_NAME={tiny_glm_dir}", f"DATA_PATH={data}", "TIER=cpu-l", "MAX_SAMPLES=all",
-            f"CACHE_DIR={tmp_path / 'c'}", "NUM_PROC=2"]
+    args = [
+        "info",
+        f"MODEL_NAME={tiny_glm_dir}",
+        f"DATA_PATH={data}",
+        "TIER=cpu-l",
+        "MAX_SAMPLES=all",
+        f"CACHE_DIR={tmp_path / 'c'}",
+        "NUM_PROC=2",
+    ]
     before = run_app(args)
     assert before.returncode == 0, before.stderr
-    assert f"DATA_PATH={data}: MAX_SAMPLES=all first tokenizes its 120 records into the token cache under " \
-           f"CACHE_DIR={tmp_path / 'c'} (not built yet" in before.stdout and "NUM_PROC=2" in before.stdout
+    assert (
+        f"DATA_PATH={data}: MAX_SAMPLES=all first tokenizes its 120 records into the token cache under "
+        f"CACHE_DIR={tmp_path / 'c'} (not built yet"
+        in before.stdout
+        and "NUM_PROC=2" in before.stdout
+    )
     assert not (tmp_path / "c").exists()  # info writes nothing
     from transformers import AutoTokenizer
 
@@ -230,8 +274,20 @@ def test_training_from_the_cache_shuffles_lazily(tiny_glm_dir, data, tmp_path, m
             seen.append(train_dataloader.batch_sampler.sampler)
 
     monkeypatch.chdir(tmp_path)
-    cfg = Config.from_dict({"MODEL_NAME": str(tiny_glm_dir), "DATA_PATH": str(data), "TIER": "none",
-                            "MAX_SEQ_LEN": 64, "OUTPUT_DIR": "o", "QUANT_LEVEL": "none", "MAX_STEPS": 2,
-                            "BATCH_SIZE": 2, "GRAD_ACCUM": 1, "EVAL_STEPS": 1000, "SAVE_STEPS": 1000})
+    cfg = Config.from_dict(
+        {
+            "MODEL_NAME": str(tiny_glm_dir),
+            "DATA_PATH": str(data),
+            "TIER": "none",
+            "MAX_SEQ_LEN": 64,
+            "OUTPUT_DIR": "o",
+            "QUANT_LEVEL": "none",
+            "MAX_STEPS": 2,
+            "BATCH_SIZE": 2,
+            "GRAD_ACCUM": 1,
+            "EVAL_STEPS": 1000,
+            "SAVE_STEPS": 1000,
+        }
+    )
     result = FineTuner(cfg).setup().prepare_data().train(callbacks=[Spy()])
     assert result.steps == 2 and len(seen) == 1 and isinstance(seen[0], LazyShuffle), seen

@@ -4,6 +4,7 @@ Losses are compared with golden values (torchtune-style), a killed run resumes t
 losses, the output dir holds exactly the promised files, and the saved adapter reloads to
 identical logits.
 """
+
 import json
 import os
 import signal
@@ -29,9 +30,22 @@ from app import FineTuner
 # Issue 29: the tiny tokenizers split with GPT-2's regex alone at run time (the CJK-per-character split only
 # while learning merges), which llama.cpp has: whitespace before Chinese text tokenizes differently.
 GOLDEN_LOSSES = [7.57296, 7.43255, 7.29368, 7.23437, 7.17748, 7.16787]
-EXPECTED_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "best", "chat_template.jinja",
-                  "data_report.json", "loss_curve.png", "metrics.jsonl", "runs", "summary.json",
-                  "tokenizer.json", "tokenizer_config.json", "train_config.json", "run_manifest.json"}
+EXPECTED_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "best",
+    "chat_template.jinja",
+    "data_report.json",
+    "loss_curve.png",
+    "metrics.jsonl",
+    "runs",
+    "summary.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "train_config.json",
+    "run_manifest.json",
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +95,18 @@ def test_reloaded_adapter_gives_identical_logits(trained, tiny_glm_dir):
     ft.model.eval()
     with torch.no_grad():
         expected = ft.model(input_ids=ids).logits
-        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_glm_dir),
-                                             str(work / "out")).eval()
+        reloaded = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_glm_dir), str(work / "out")
+        ).eval()
         got = reloaded(input_ids=ids).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_glm_dir).eval()(input_ids=ids).logits
     assert torch.equal(got, expected)
     assert not torch.allclose(got, base, atol=1e-4)  # the adapter really changes the model
 
 
-def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, tmp_path, monkeypatch, recipe,
-                                               train_losses, read_metrics):
+def test_killed_run_resumes_to_the_same_losses(
+    tiny_glm_dir, data_dir, trained, tmp_path, monkeypatch, recipe, train_losses, read_metrics
+):
     """Crash after the step-3 checkpoint; the rerun resumes there and reproduces steps 4-6. Its tokens/s
     (the result, summary.json, the metrics rows) count the tokens of steps 4-6 only, over its own seconds."""
     from transformers import TrainerCallback
@@ -125,10 +141,9 @@ def test_killed_run_resumes_to_the_same_losses(tiny_glm_dir, data_dir, trained, 
         assert 0.97 * since <= row["tokens_per_s"] * row["time_s"] < 1.5 * since, row
 
 
-
-
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, trained, tmp_path, caplog, cli,
-                                                        child_env, recipe, read_metrics, kill_9_while_saving):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(
+    tiny_glm_dir, data_dir, trained, tmp_path, caplog, cli, child_env, recipe, read_metrics, kill_9_while_saving
+):
     """kill -9 mid-run (checkpoint-3 complete, checkpoint-6 half-written), then the same command:
     the final adapter and the whole loss curve equal the uninterrupted run's within 1e-5."""
     from app.config import show
@@ -137,8 +152,14 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
     out = tmp_path / "out"
     cfg = recipe(tiny_glm_dir, data_dir, out)
     args = [f"{var}={show(cfg.get(var))}" for var in sorted(cfg.explicit)]  # the recipe, as a command line
-    killed = subprocess.run([sys.executable, "-c", kill_9_while_saving, "train", *args], cwd=tmp_path, env=child_env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run(
+        [sys.executable, "-c", kill_9_while_saving, "train", *args],
+        cwd=tmp_path,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     ckpts = out / "checkpoints"
     assert (ckpts / "checkpoint-3" / MARKER).is_file()
@@ -157,8 +178,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tiny_glm_dir, data_dir, 
 
     def curve(d):  # every logged row: train loss and eval loss per step, in order
         rows = read_metrics(d)
-        return [(r["step"], "loss" if "loss" in r else "eval_loss", r.get("loss", r.get("eval_loss"))) for r in rows
-                if "loss" in r or "eval_loss" in r]
+        return [
+            (r["step"], "loss" if "loss" in r else "eval_loss", r.get("loss", r.get("eval_loss")))
+            for r in rows
+            if "loss" in r or "eval_loss" in r
+        ]
 
     got, want = curve(out), curve(trained[2] / "out")
     assert [g[:2] for g in got] == [w[:2] for w in want]  # same rows, none repeated from the killed run
@@ -172,19 +196,39 @@ def test_early_stopping_stops_when_eval_loss_stalls(tiny_glm_dir, data_dir, tmp_
     # A learning rate this small cannot beat the first evaluation by much; tiny noise decides,
     # so use patience 1 with a zero learning rate: eval loss is then exactly flat.
     monkeypatch.chdir(tmp_path)
-    result = FineTuner(recipe(tiny_glm_dir, data_dir, tmp_path / "out", MAX_STEPS=12, EVAL_STEPS=2,
-                              LEARNING_RATE=1e-12, EARLY_STOPPING_PATIENCE=1)).run()
+    result = FineTuner(
+        recipe(
+            tiny_glm_dir,
+            data_dir,
+            tmp_path / "out",
+            MAX_STEPS=12,
+            EVAL_STEPS=2,
+            LEARNING_RATE=1e-12,
+            EARLY_STOPPING_PATIENCE=1,
+        )
+    ).run()
     assert result.steps == 4  # eval at 2 sets the best, eval at 4 is no better -> stop
 
 
-def test_bf16_precision_trains_or_says_why_not(tiny_glm_dir, data_dir, tmp_path, monkeypatch, recipe, train_losses,
-                                               read_metrics):
+def test_bf16_precision_trains_or_says_why_not(
+    tiny_glm_dir, data_dir, tmp_path, monkeypatch, recipe, train_losses, read_metrics
+):
     from app import UserError
     from app.models.quantization import bf16_supported
 
     # EVAL_METRIC=f1: generation runs outside autocast, where LoRA layers must cast their input again
-    cfg = recipe(tiny_glm_dir, data_dir, tmp_path / "out", PRECISION="bf16", MAX_STEPS=2, QUANT_LEVEL="auto",
-                 TIER="none", EVAL_METRIC="f1", EVAL_STEPS=2, EVAL_SAMPLES=2)
+    cfg = recipe(
+        tiny_glm_dir,
+        data_dir,
+        tmp_path / "out",
+        PRECISION="bf16",
+        MAX_STEPS=2,
+        QUANT_LEVEL="auto",
+        TIER="none",
+        EVAL_METRIC="f1",
+        EVAL_STEPS=2,
+        EVAL_SAMPLES=2,
+    )
     monkeypatch.chdir(tmp_path)
     ft = FineTuner(cfg).setup().prepare_data()
     if not bf16_supported(cuda=False):

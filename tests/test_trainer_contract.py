@@ -4,6 +4,7 @@ here, naming it, instead of the override silently never being called (a checkpoi
 sealed, packed batches miscounted). RunMixin sits before transformers.Trainer in RunTrainer (STAGE=sft)
 and before TRL's trainer in each preference stage's class: a TRL method of the same name must take the
 same parameters, and every class must reach RunMixin's override first."""
+
 import inspect
 
 import pytest
@@ -13,8 +14,13 @@ from app.config import Config
 from app.training.trainer import OVERRIDES, RunMixin, RunTrainer
 
 # STAGE/PREF_LOSS -> the TRL trainer pref_trainer_class builds on
-STAGES = {("dpo", "sigmoid"): "DPOTrainer", ("dpo", "ipo"): "DPOTrainer", ("dpo", "orpo"): "ORPOTrainer",
-          ("dpo", "simpo"): "CPOTrainer", ("kto", "sigmoid"): "KTOTrainer"}
+STAGES = {
+    ("dpo", "sigmoid"): "DPOTrainer",
+    ("dpo", "ipo"): "DPOTrainer",
+    ("dpo", "orpo"): "ORPOTrainer",
+    ("dpo", "simpo"): "CPOTrainer",
+    ("kto", "sigmoid"): "KTOTrainer",
+}
 
 
 def test_every_overridden_trainer_method_exists_with_its_signature():
@@ -46,8 +52,9 @@ def test_each_preference_trainer_reaches_the_overrides_and_trl_keeps_their_signa
     for name, params in OVERRIDES.items():
         if getattr(cls, name) is not getattr(RunMixin, name):
             changed.append(f"{name}: {cls.__name__} reaches another class's before RunMixin's")
-        own = next((vars(k)[name] for k in trl.__mro__[:trl.__mro__.index(Trainer)] if name in vars(k)), None)
+        own = next((vars(k)[name] for k in trl.__mro__[: trl.__mro__.index(Trainer)] if name in vars(k)), None)
         if own is not None and tuple(inspect.signature(own).parameters) != params:
-            changed.append(f"{name}: {trl.__name__}'s is {tuple(inspect.signature(own).parameters)}, written for "
-                           f"{params}")
+            changed.append(
+                f"{name}: {trl.__name__}'s is {tuple(inspect.signature(own).parameters)}, written for {params}"
+            )
     assert not changed, "; ".join(changed)

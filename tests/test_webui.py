@@ -2,6 +2,7 @@
 models/, and through its API (gradio_client, against a real `python -m app webui`) bad input gets the command
 line's own one-line message with nothing written, and a run trains, chats, evaluates and merges.
 The same journey in a real browser: tests/test_webui_browser.py."""
+
 from __future__ import annotations
 
 import os
@@ -47,6 +48,7 @@ def built(tmp_path_factory):
 
 # ---- forms from the config tree ----------------------------------------------------------------------------
 
+
 def test_every_setting_is_in_a_form_or_named_with_the_reason(built):
     from app.webui.forms import NOT_IN_UI
 
@@ -89,6 +91,7 @@ def test_the_form_gives_back_only_what_differs_and_leaves_tier_settings_to_the_t
 
 # ---- paths: data/ and models/ only ----------------------------------------------------------------------------
 
+
 def test_every_path_setting_is_guarded():
     from app.webui.paths import PATH_SETTINGS
 
@@ -103,31 +106,51 @@ def test_the_path_guard_refuses_everything_outside_data_and_models(tmp_path, mon
     (tmp_path / "data").mkdir()
     (tmp_path / "models").mkdir()
     (tmp_path / "data" / "out").symlink_to("/etc")
-    for var, value in (("DATA_PATH", "../x.jsonl"), ("DATA_PATH", "/etc/passwd"), ("DATA_PATH", "data/../../x"),
-                       ("DATA_PATH", "data/out/passwd"), ("OUTPUT_DIR", "data/run"), ("OUTPUT_DIR", "models/../x"),
-                       ("MODEL_NAME", "/abs/model"), ("MODEL_NAME", "../model"), ("EVAL_PATH", "models/x.jsonl")):
+    for var, value in (
+        ("DATA_PATH", "../x.jsonl"),
+        ("DATA_PATH", "/etc/passwd"),
+        ("DATA_PATH", "data/../../x"),
+        ("DATA_PATH", "data/out/passwd"),
+        ("OUTPUT_DIR", "data/run"),
+        ("OUTPUT_DIR", "models/../x"),
+        ("MODEL_NAME", "/abs/model"),
+        ("MODEL_NAME", "../model"),
+        ("EVAL_PATH", "models/x.jsonl"),
+    ):
         line = path_problem(var, value)
         assert line and line.startswith(f"{var}={value}: the web UI reads and writes only inside"), (var, value)
-    for var, value in (("DATA_PATH", "data/train.jsonl"), ("DATA_PATH", "data/sub/../t.jsonl"),
-                       ("OUTPUT_DIR", "models/run"), ("MODEL_NAME", "THUDM/glm-edge-1.5b-chat"),
-                       ("MODEL_NAME", "tiny"), ("ADAPTER_DIR", "none"), ("VAL_PATH", "")):
+    for var, value in (
+        ("DATA_PATH", "data/train.jsonl"),
+        ("DATA_PATH", "data/sub/../t.jsonl"),
+        ("OUTPUT_DIR", "models/run"),
+        ("MODEL_NAME", "THUDM/glm-edge-1.5b-chat"),
+        ("MODEL_NAME", "tiny"),
+        ("ADAPTER_DIR", "none"),
+        ("VAL_PATH", ""),
+    ):
         assert path_problem(var, value) is None, (var, value)
 
 
 # ---- the running UI, through its API --------------------------------------------------------------------------
 
+
 def _run_cli(child_env, project, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *argv], cwd=project, env=child_env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "app", *argv], cwd=project, env=child_env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("name, content, cli_setting", [
-    ("latin1.jsonl", '{"context": "caf\xe9", "target": "[]"}\n'.encode("latin-1"), "DATA_PATH"),
-    ("empty.jsonl", b"", "DATA_PATH"),
-    ("notes.exe", b"MZ\x90\x00", "DATA_PATH"),
-])
-def test_a_bad_upload_gets_the_cli_line_and_nothing_is_written(webui, client, tmp_path, snapshot, child_env,
-                                                                name, content, cli_setting):
+@pytest.mark.parametrize(
+    "name, content, cli_setting",
+    [
+        ("latin1.jsonl", '{"context": "caf\xe9", "target": "[]"}\n'.encode("latin-1"), "DATA_PATH"),
+        ("empty.jsonl", b"", "DATA_PATH"),
+        ("notes.exe", b"MZ\x90\x00", "DATA_PATH"),
+    ],
+)
+def test_a_bad_upload_gets_the_cli_line_and_nothing_is_written(
+    webui, client, tmp_path, snapshot, child_env, name, content, cli_setting
+):
     from gradio_client import handle_file
 
     upload = tmp_path / name
@@ -179,14 +202,17 @@ def test_an_upload_over_the_size_cap_is_refused_and_nothing_is_written(tmp_path,
 
 def test_the_data_picker_shows_format_count_and_bad_lines(webui, client):
     (webui.project / "data" / "some_bad.jsonl").write_text(
-        '{"context": "a", "target": "[]"}\nnot json\n{"context": "b", "target": "[]"}\n', encoding="utf-8")
+        '{"context": "a", "target": "[]"}\nnot json\n{"context": "b", "target": "[]"}\n', encoding="utf-8"
+    )
     line = client.predict("data/some_bad.jsonl", api_name="/inspect_data")
     assert line.startswith("data/some_bad.jsonl: 2 valid of 3 records, format context_target; 1 bad (line 2:")
     assert client.predict("../outside.jsonl", api_name="/inspect_data").startswith(
-        "DATA_PATH=../outside.jsonl: the web UI reads and writes only inside this project's data/")
+        "DATA_PATH=../outside.jsonl: the web UI reads and writes only inside this project's data/"
+    )
 
 
 # ---- preference tuning (STAGE=dpo/kto) on the Train tab ----------------------------------------------------------
+
 
 def _ancestors(block) -> list:
     out = []
@@ -208,18 +234,32 @@ def test_the_train_tab_shows_stage_pref_loss_and_beta_open_and_its_command_carri
     values = dict(zip(form.fields, [form.initial(var) for var in form.fields]))
     changed = values | {"STAGE": "dpo", "PREF_LOSS": "simpo", "PREF_BETA": 2, "SIMPO_GAMMA": 1.0, "PREF_FTX": 0.5}
     overrides = form.overrides(list(changed.values()))
-    assert overrides == {"STAGE": "dpo", "PREF_LOSS": "simpo", "PREF_BETA": "2", "PREF_FTX": "0.5",
-                         "SIMPO_GAMMA": "1.0"}
+    assert overrides == {
+        "STAGE": "dpo",
+        "PREF_LOSS": "simpo",
+        "PREF_BETA": "2",
+        "PREF_FTX": "0.5",
+        "SIMPO_GAMMA": "1.0",
+    }
     assert "STAGE=dpo PREF_LOSS=simpo PREF_BETA=2 " in command_line("train", overrides)
     t = Config.load(overrides, env={}, dotenv_path=None).train
     assert (t.stage, t.pref_loss, t.pref_beta, t.simpo_gamma, t.pref_ftx) == ("dpo", "simpo", 2.0, 1.0, 0.5)
 
 
 PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
-SHAREGPT_PAIRS = [{"conversations": [{"from": "human", "value": f"q{i}"}], "chosen": {"from": "gpt", "value": "a"},
-                   "rejected": {"from": "gpt", "value": "b"}} for i in range(2)]
-KTO = [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "b", "label": "false"},
-       {"prompt": "r", "completion": "c", "label": 1}]
+SHAREGPT_PAIRS = [
+    {
+        "conversations": [{"from": "human", "value": f"q{i}"}],
+        "chosen": {"from": "gpt", "value": "a"},
+        "rejected": {"from": "gpt", "value": "b"},
+    }
+    for i in range(2)
+]
+KTO = [
+    {"prompt": "q", "completion": "a", "label": True},
+    {"prompt": "q", "completion": "b", "label": "false"},
+    {"prompt": "r", "completion": "c", "label": 1},
+]
 
 
 def _jsonl(path, records) -> None:
@@ -249,10 +289,13 @@ def test_the_data_check_names_the_preference_shape_and_a_stage_that_does_not_fit
     assert check("data/pairs.jsonl", "dpo") == summary
     assert check("data/pairs.jsonl", "sft") == summary + "\n" + _stage_line("data/pairs.jsonl", "preference", "sft")
     assert check("data/pairs.jsonl", "kto") == summary + "\n" + (
-        "STAGE=kto trains each pair as a good and a bad answer (6 records); STAGE=dpo trains on them as pairs")
-    assert check("data/lf_pairs.jsonl", "dpo") == ("data/lf_pairs.jsonl: 2 valid of 2 records, preference pairs "
-                                                  "(LLaMA-Factory sharegpt: conversations + chosen/rejected); "
-                                                  "no bad lines")
+        "STAGE=kto trains each pair as a good and a bad answer (6 records); STAGE=dpo trains on them as pairs"
+    )
+    assert check("data/lf_pairs.jsonl", "dpo") == (
+        "data/lf_pairs.jsonl: 2 valid of 2 records, preference pairs "
+        "(LLaMA-Factory sharegpt: conversations + chosen/rejected); "
+        "no bad lines"
+    )
     kto = "data/kto_mix.jsonl: 3 valid of 3 records, KTO records (prompt/completion/label; 2 good, 1 bad); no bad lines"
     assert check("data/kto_mix.jsonl", "kto") == kto
     assert check("data/kto_mix.jsonl", "dpo") == kto + "\n" + _stage_line("data/kto_mix.jsonl", "kto", "dpo")
@@ -265,16 +308,18 @@ def test_the_data_check_names_the_preference_shape_and_a_stage_that_does_not_fit
 def test_plan_runs_the_stage_settings_and_the_adapter_to_continue(webui, client, child_env):
     """The picked ADAPTER_DIR and the preference settings go into the command Plan runs; a bad PREF_BETA gets the
     command line's own line for it."""
-    message, line, *_ = client.predict(**TRAIN, stage="dpo", pref_loss="ipo", pref_beta=0, adapter_dir="models/sft",
-                                       api_name="/plan")
+    message, line, *_ = client.predict(
+        **TRAIN, stage="dpo", pref_loss="ipo", pref_beta=0, adapter_dir="models/sft", api_name="/plan"
+    )
     assert line.startswith("python -m app info MODEL_NAME=models/tiny-glm ")
     assert {"STAGE=dpo", "PREF_LOSS=ipo", "PREF_BETA=0", "ADAPTER_DIR=models/sft"} <= set(line.split()), line
     cli = _run_cli(child_env, webui.project, *line.split()[3:])  # the same command, pasted into a terminal
     assert cli.returncode == 2 and message.splitlines() == _errors(cli.stderr)
     assert "PREF_BETA=0.0 must be > 0, e.g. 0.1" in message.splitlines()
     message, line, *_ = client.predict(**TRAIN, stage="kto", adapter_dir="../elsewhere", api_name="/plan")
-    assert message.startswith("ADAPTER_DIR=../elsewhere: the web UI reads and writes only inside this project's "
-                              "models/"), message
+    assert message.startswith(
+        "ADAPTER_DIR=../elsewhere: the web UI reads and writes only inside this project's models/"
+    ), message
 
 
 def test_the_runs_tab_shows_the_stage_and_the_reward_margins(tmp_path, monkeypatch):
@@ -288,8 +333,10 @@ def test_the_runs_tab_shows_the_stage_and_the_reward_margins(tmp_path, monkeypat
     run.mkdir(parents=True)
     claim(run, "train")
     (run / "train_config.json").write_text(json.dumps({"METHOD": "lora", "STAGE": "dpo"}))
-    rows = [{"step": 1, "loss": 0.69, "rewards/margins": 0.01}, {"step": 2, "eval_loss": 0.68,
-                                                                  "eval_rewards/margins": 0.03}]
+    rows = [
+        {"step": 1, "loss": 0.69, "rewards/margins": 0.01},
+        {"step": 2, "eval_loss": 0.68, "eval_rewards/margins": 0.03},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert summary_rows()[0][2] == "lora dpo"
     table = curves(["models/pref-run"])
@@ -297,15 +344,22 @@ def test_the_runs_tab_shows_the_stage_and_the_reward_margins(tmp_path, monkeypat
     assert table[table["series"] == "eval reward margin"]["value"].tolist() == [0.03]
 
 
-TRAIN = {"model_name": "models/tiny-glm", "quant_level": "none", "max_samples": "40", "logging_steps": 1,
-         "eval_steps": 2, "save_steps": 2, "max_seq_len": "256", "precision": "fp32"}
+TRAIN = {
+    "model_name": "models/tiny-glm",
+    "quant_level": "none",
+    "max_samples": "40",
+    "logging_steps": 1,
+    "eval_steps": 2,
+    "save_steps": 2,
+    "max_seq_len": "256",
+    "precision": "fp32",
+}
 
 
 def test_bad_settings_and_paths_get_the_cli_line_and_nothing_starts(webui, client, snapshot, child_env):
     before = snapshot(webui.project)
     message, *_ = client.predict(**TRAIN, batch_size="0", api_name="/start")
-    cli = _run_cli(child_env, webui.project, "train", "MODEL_NAME=models/tiny-glm", "QUANT_LEVEL=none",
-                   "BATCH_SIZE=0")
+    cli = _run_cli(child_env, webui.project, "train", "MODEL_NAME=models/tiny-glm", "QUANT_LEVEL=none", "BATCH_SIZE=0")
     assert cli.returncode == 2 and message.splitlines() == _errors(cli.stderr) == ["BATCH_SIZE=0 must be >= 1"]
     message, *_ = client.predict(**TRAIN, data_path="../outside.jsonl", api_name="/start")
     assert message.startswith("DATA_PATH=../outside.jsonl: the web UI reads and writes only inside")
@@ -344,8 +398,13 @@ def test_train_watch_chat_evaluate_and_merge(webui, client, child_env):
     text = [a[0]["text"] if isinstance(a, list) else a for a in answers]
     assert len([t for t in text if t]) >= 2 and text[-1], updates[-1]  # streamed: the answer grew in steps
 
-    message, _, metrics, chart, samples = client.predict(adapter_dir="models/api-run", eval_path="data/dev.jsonl",
-                                                         eval_samples=4, max_new_tokens=24, api_name="/evaluate")
+    message, _, metrics, chart, samples = client.predict(
+        adapter_dir="models/api-run",
+        eval_path="data/dev.jsonl",
+        eval_samples=4,
+        max_new_tokens=24,
+        api_name="/evaluate",
+    )
     assert message.startswith("done: python -m app evaluate"), message
     scores = dict(metrics["data"])
     assert set(scores) >= {"triplet_precision", "triplet_recall", "triplet_f1"} and scores["n_samples"] == 4
@@ -369,9 +428,11 @@ def test_train_watch_chat_evaluate_and_merge(webui, client, child_env):
 def test_a_non_loopback_address_needs_a_login(run_app, tmp_path):
     done = run_app(["webui", "WEBUI_HOST=0.0.0.0", "WEBUI_PORT=7999"])
     assert done.returncode == 2
-    assert _errors(done.stderr) == ["WEBUI_HOST=0.0.0.0 lets anyone who reaches port 7999 train, read runs and upload "
-                                    "files, and WEBUI_AUTH is not set: set WEBUI_AUTH=user:password, or "
-                                    "WEBUI_HOST=127.0.0.1 for this machine only"]
+    assert _errors(done.stderr) == [
+        "WEBUI_HOST=0.0.0.0 lets anyone who reaches port 7999 train, read runs and upload "
+        "files, and WEBUI_AUTH is not set: set WEBUI_AUTH=user:password, or "
+        "WEBUI_HOST=127.0.0.1 for this machine only"
+    ]
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
@@ -396,12 +457,18 @@ def test_the_path_guard_refuses_a_sibling_named_like_data_or_models(tmp_path, mo
     (tmp_path / "data2" / "train.jsonl").write_text('{"context": "q", "target": "a"}\n')
     (tmp_path / "models_evil" / "run").mkdir()
     where = {"DATA_PATH": "data/", "OUTPUT_DIR": "models/", "PREDICTIONS": "data/ or models/"}
-    for var, value in (("DATA_PATH", "data2/train.jsonl"), ("DATA_PATH", "data/../data2/train.jsonl"),
-                       ("DATA_PATH", f"{tmp_path}/data2/train.jsonl"), ("OUTPUT_DIR", "models_evil/run"),
-                       ("PREDICTIONS", "data2/train.jsonl"), ("PREDICTIONS", "models_evil/run")):
+    for var, value in (
+        ("DATA_PATH", "data2/train.jsonl"),
+        ("DATA_PATH", "data/../data2/train.jsonl"),
+        ("DATA_PATH", f"{tmp_path}/data2/train.jsonl"),
+        ("OUTPUT_DIR", "models_evil/run"),
+        ("PREDICTIONS", "data2/train.jsonl"),
+        ("PREDICTIONS", "models_evil/run"),
+    ):
         assert path_problem(var, value) == (
             f"{var}={value}: the web UI reads and writes only inside this project's {where[var]}; use a path "
-            "there (upload data on the Train tab), or the command line for other places"), (var, value)
+            "there (upload data on the Train tab), or the command line for other places"
+        ), (var, value)
     assert path_problem("DATA_PATH", "data/train.jsonl") is None
 
 
@@ -438,8 +505,9 @@ def test_the_chat_backend_ends_with_the_ui_however_the_ui_ends(start_webui, tmp_
 
     shutil.copytree(tiny_glm_dir, tmp_path / "models" / "tiny-glm")
     url, ui = start_webui()
-    *_, message = Client(url + "/", verbose=False).predict(model="base model", message="你好", history=[],
-                                                     model_name="models/tiny-glm", max_new_tokens=4, api_name="/chat")
+    *_, message = Client(url + "/", verbose=False).predict(
+        model="base model", message="你好", history=[], model_name="models/tiny-glm", max_new_tokens=4, api_name="/chat"
+    )
     assert message == "", message
     backend = [line for line in ui.caused() if line.split()[0] != str(ui.pid)]
     assert len(backend) == 1 and " -m app serve " in backend[0], backend  # the chat's backend runs
@@ -460,14 +528,17 @@ def _raw(url: str, api: str, *data) -> list:
     import json
     import urllib.request
 
-    call = urllib.request.Request(f"{url}gradio_api/call/{api}", data=json.dumps({"data": list(data)}).encode(),
-                                  headers={"Content-Type": "application/json"})
+    call = urllib.request.Request(
+        f"{url}gradio_api/call/{api}",
+        data=json.dumps({"data": list(data)}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(call, timeout=30) as r:
         event = json.load(r)["event_id"]
     with urllib.request.urlopen(f"{url}gradio_api/call/{api}/{event}", timeout=120) as r:
         lines = r.read().decode().splitlines()
     assert "event: complete" in lines, lines
-    return json.loads(lines[lines.index("event: complete") + 1][len("data: "):])
+    return json.loads(lines[lines.index("event: complete") + 1][len("data: ") :])
 
 
 def _page(url: str) -> dict[str, dict]:
@@ -510,8 +581,9 @@ def test_the_model_note_follows_model_name(webui, client):
     assert client.predict("models/nope", api_name="/model_note").startswith("**MODEL_NAME=models/nope: no such dir")
     (webui.project / "models" / "downloaded").mkdir()
     (webui.project / "models" / "downloaded" / "config.json").write_text("{}")  # `hf download ... --local-dir` did
-    assert "but models/downloaded is here**: set MODEL_NAME=models/downloaded" in \
-        client.predict("someone/downloaded", api_name="/model_note")
+    assert "but models/downloaded is here**: set MODEL_NAME=models/downloaded" in client.predict(
+        "someone/downloaded", api_name="/model_note"
+    )
 
 
 def test_stop_is_enabled_only_while_the_watched_run_trains(webui, client):

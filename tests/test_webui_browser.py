@@ -2,6 +2,7 @@
 tiny model: open, upload data, Plan, Start, see the loss curve, Stop (a checkpoint), Resume to the end, chat
 with the new adapter (streamed), evaluate (the F1 table). Each step leaves a screenshot in
 tests/artifacts/webui/ for people to look at (the README's picture is one of them)."""
+
 from __future__ import annotations
 
 import time
@@ -46,8 +47,11 @@ def _text(page, elem_id: str) -> str:
 
 
 def _wait_text(page, elem_id: str, pattern: str) -> str:
-    page.wait_for_function("([id, re]) => { const el = document.querySelector('#' + id + ' textarea, #' + id + "
-                           "' input'); return el && new RegExp(re).test(el.value); }", arg=[elem_id, pattern])
+    page.wait_for_function(
+        "([id, re]) => { const el = document.querySelector('#' + id + ' textarea, #' + id + "
+        "' input'); return el && new RegExp(re).test(el.value); }",
+        arg=[elem_id, pattern],
+    )
     return _text(page, elem_id)
 
 
@@ -78,8 +82,13 @@ def test_journey_upload_plan_train_stop_resume_chat_evaluate(page, webui, make_d
     _shot(page, "02-uploaded")
 
     # the settings, then Plan: what `make info` prints, with the tier
-    for elem, value in (("train-MODEL_NAME", "models/tiny-glm"), ("train-OUTPUT_DIR", "models/browser-run"),
-                        ("train-MAX_STEPS", "300"), ("train-MAX_SEQ_LEN", "256"), ("train-MAX_SAMPLES", "24")):
+    for elem, value in (
+        ("train-MODEL_NAME", "models/tiny-glm"),
+        ("train-OUTPUT_DIR", "models/browser-run"),
+        ("train-MAX_STEPS", "300"),
+        ("train-MAX_SEQ_LEN", "256"),
+        ("train-MAX_SAMPLES", "24"),
+    ):
         _fill(page, elem, value)
     page.locator("#train-advanced > button.label-wrap").click()  # Advanced settings, then its [train] section
     page.locator("#train-section-train > button.label-wrap").click()

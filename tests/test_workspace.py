@@ -1,6 +1,7 @@
 """A user's files are sacred: train never writes next to a DATA_PATH of yours, generate-data never
 replaces your file, clean removes only what the tool made and can remake, and a trained run goes
 only when you name it (issue 14, items 1 and 2)."""
+
 import hashlib
 import json
 import subprocess
@@ -16,14 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _user_file(path: Path, n: int = 30) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"context": f"问题{i}：张三是谁？\nAnswer: ", "target": f"答案{i}"},
-                                       ensure_ascii=False) + "\n" for i in range(n)), encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps({"context": f"问题{i}：张三是谁？\nAnswer: ", "target": f"答案{i}"}, ensure_ascii=False) + "\n"
+            for i in range(n)
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -31,8 +40,19 @@ def test_train_on_a_user_file_never_changes_it_or_writes_beside_it(tmp_path, tin
     """The issue's reproduction: `make train DATA_PATH=mine/train.jsonl` in a checkout with no data/."""
     mine = _user_file(tmp_path / "mine" / "train.jsonl")
     before = _digest(tmp_path / "mine")
-    proc = run_app(["train", "DATA_PATH=mine/train.jsonl", f"MODEL_NAME={tiny_glm_dir}", "MAX_STEPS=1", "TIER=none",
-                    "OUTPUT_DIR=out", "SAVE_STEPS=100", "EVAL_STEPS=100", "MAX_NEW_TOKENS=4"])
+    proc = run_app(
+        [
+            "train",
+            "DATA_PATH=mine/train.jsonl",
+            f"MODEL_NAME={tiny_glm_dir}",
+            "MAX_STEPS=1",
+            "TIER=none",
+            "OUTPUT_DIR=out",
+            "SAVE_STEPS=100",
+            "EVAL_STEPS=100",
+            "MAX_NEW_TOKENS=4",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _digest(tmp_path / "mine") == before  # same bytes, and no dev.jsonl or manifest appeared
     assert not (tmp_path / "data").exists()  # no sample data anywhere else either
@@ -47,8 +67,9 @@ def test_default_data_path_missing_gets_the_sample_data_once_and_says_so(tmp_pat
         ensure_default_data(cfg)
     train, dev = tmp_path / "data" / "train.jsonl", tmp_path / "data" / "dev.jsonl"
     assert len(train.read_text(encoding="utf-8").splitlines()) == 400 and dev.is_file()
-    assert any("DATA_PATH=data/train.jsonl did not exist" in r.message and "sample data" in r.message
-               for r in caplog.records)
+    assert any(
+        "DATA_PATH=data/train.jsonl did not exist" in r.message and "sample data" in r.message for r in caplog.records
+    )
     # a user's edit since then is kept: nothing is rewritten while the file exists
     train.write_text(train.read_text(encoding="utf-8") + "\n", encoding="utf-8")
     edited = train.read_bytes()
@@ -118,8 +139,9 @@ def test_clean_removes_only_what_the_tool_made(tmp_path, monkeypatch):
 
     remove, kept = clean_plan(Path("."))
     remove = [p for p in remove if p.name != "__pycache__"]
-    assert sorted(map(str, remove)) == sorted(["models/tiny-glm", "models/tiny-qwen2", "data/train.jsonl",
-                                               "data/dev.jsonl", "data/other/dev.jsonl"])
+    assert sorted(map(str, remove)) == sorted(
+        ["models/tiny-glm", "models/tiny-qwen2", "data/train.jsonl", "data/dev.jsonl", "data/other/dev.jsonl"]
+    )
     assert any("data/other/train.jsonl" in k and "changed" in k for k in kept)
     assert any("models/lora-adapter" in k and "remove-run" in k for k in kept)
     clean(Path("."))
@@ -149,8 +171,21 @@ def test_make_train_and_compose_write_no_sample_data_themselves():
     """The old `train: setup data` rule ran generate-data beside any DATA_PATH whenever data/train.jsonl
     was missing (so did compose's setup service): only the app decides, from DATA_PATH."""
     for target in ("train", "info"):
-        proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "-C", str(REPO), target,
-                               "DATA_PATH=mine/train.jsonl", "RUNTIME=local"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                "make",
+                "-n",
+                "-o",
+                ".venv/.installed",
+                "-C",
+                str(REPO),
+                target,
+                "DATA_PATH=mine/train.jsonl",
+                "RUNTIME=local",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         assert f"-m app {target}" in proc.stdout and "generate-data" not in proc.stdout, proc.stdout
     compose = (REPO / "docker-compose.yml").read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ Why the recipe looks the way it does (measured on 2 CPU cores, bench/demo.md and
   BATCH_SIZE 32, and a model small enough (2 layers, hidden 128, ~0.9M parameters, ~20k
   tokens/s) to take thousands of such steps in the budget; 2x wider learned less per minute.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,17 +42,39 @@ log = logging.getLogger(__name__)
 DEMO_DIR = Path("models/demo-glm")
 DATA_DIR = Path("data/demo")
 # Two layers are the fewest an induction circuit needs; small enough for ~20k tokens/s on 2 cores.
-DEMO_DIMS = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32)
+DEMO_DIMS = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+)
 # PRECISION=fp32: at this size the bf16 casts cost more than the bf16 matmuls save; packing
 # (PACKING=auto) is worth 1.7x over padding.
-DEFAULTS = {"METHOD": "full", "QUANT_LEVEL": "none", "TIER": "none", "LEARNING_RATE": 3e-3,
-            "WARMUP_RATIO": 0.03, "LR_SCHEDULER": "constant_with_warmup", "BATCH_SIZE": 32, "GRAD_ACCUM": 1,
-            "NUM_EPOCHS": 1, "EVAL_METRIC": "f1", "EVAL_STEPS": 400, "EVAL_SAMPLES": 64, "SAVE_STEPS": 400,
-            "LOGGING_STEPS": 20, "MAX_SEQ_LEN": 384, "LORA_DROPOUT": 0.0, "PRECISION": "fp32",
-            "PREDICT_BATCH_SIZE": 32,  # F1 evaluations generate 32 prompts at a time
-            "OUTPUT_DIR": "models/demo", "MODEL_NAME": str(DEMO_DIR),
-            "OVERWRITE": True}  # `make demo` again: a new demo replaces the last
+DEFAULTS = {
+    "METHOD": "full",
+    "QUANT_LEVEL": "none",
+    "TIER": "none",
+    "LEARNING_RATE": 3e-3,
+    "WARMUP_RATIO": 0.03,
+    "LR_SCHEDULER": "constant_with_warmup",
+    "BATCH_SIZE": 32,
+    "GRAD_ACCUM": 1,
+    "NUM_EPOCHS": 1,
+    "EVAL_METRIC": "f1",
+    "EVAL_STEPS": 400,
+    "EVAL_SAMPLES": 64,
+    "SAVE_STEPS": 400,
+    "LOGGING_STEPS": 20,
+    "MAX_SEQ_LEN": 384,
+    "LORA_DROPOUT": 0.0,
+    "PRECISION": "fp32",
+    "PREDICT_BATCH_SIZE": 32,  # F1 evaluations generate 32 prompts at a time
+    "OUTPUT_DIR": "models/demo",
+    "MODEL_NAME": str(DEMO_DIR),
+    "OVERWRITE": True,
+}  # `make demo` again: a new demo replaces the last
 # Fresh extraction samples per minute of DEMO_MINUTES (~5 steps/s of 32, half of them copies, on 2 Xeon
 # cores with AMX): about what the budget can use, so none is seen twice.
 TRAIN_PER_MINUTE = 5000
@@ -73,8 +96,9 @@ class TimeBudget(TrainerCallback):
         self.seconds, self.cooldown, self.t0 = seconds, cooldown, time.perf_counter()
         self.announced = False
 
-    def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None,
-                    **kw: Any) -> None:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kw: Any
+    ) -> None:
         left = self.seconds - (time.perf_counter() - self.t0)
         if left <= 0:
             control.should_training_stop = True
@@ -85,8 +109,11 @@ class TimeBudget(TrainerCallback):
             return
         lr = args.learning_rate * share / self.cooldown
         if not self.announced:
-            log.info("demo: the last %.0f%% of the run (by time or by steps): the learning rate falls from %g "
-                     "towards 0", 100 * self.cooldown, args.learning_rate)
+            log.info(
+                "demo: the last %.0f%% of the run (by time or by steps): the learning rate falls from %g towards 0",
+                100 * self.cooldown,
+                args.learning_rate,
+            )
             self.announced = True
         for group in optimizer.param_groups:  # this step's rate ...
             group["lr"] = lr
@@ -94,8 +121,9 @@ class TimeBudget(TrainerCallback):
             lr_scheduler.base_lrs = [lr] * len(lr_scheduler.base_lrs)  # ... and what the schedule logs next
 
 
-def write_demo_data(out: Path, n_train: int, n_heldout: int, seed: int, copy_fraction: float = 0.0
-                    ) -> tuple[Path, Path]:
+def write_demo_data(
+    out: Path, n_train: int, n_heldout: int, seed: int, copy_fraction: float = 0.0
+) -> tuple[Path, Path]:
     """Train / held-out split where no held-out subject appears anywhere in training.
 
     ``copy_fraction``: that many "repeat this sentence" samples per extraction sample are mixed
@@ -108,8 +136,10 @@ def write_demo_data(out: Path, n_train: int, n_heldout: int, seed: int, copy_fra
     heldout = [s for s in pool[n_train:] if not any(t["subject"] in seen for t in parse_target(s["target"]))]
     heldout = heldout[:n_heldout]
     rng = random.Random(seed)
-    copies = [{"context": build_context(COPY_INSTRUCTION, sentence_of(s["context"])),
-               "target": sentence_of(s["context"])} for s in rng.sample(train, int(copy_fraction * len(train)))]
+    copies = [
+        {"context": build_context(COPY_INSTRUCTION, sentence_of(s["context"])), "target": sentence_of(s["context"])}
+        for s in rng.sample(train, int(copy_fraction * len(train)))
+    ]
     train = train + copies
     rng.shuffle(train)
     files = (("train.jsonl", train), ("heldout.jsonl", heldout))
@@ -118,8 +148,13 @@ def write_demo_data(out: Path, n_train: int, n_heldout: int, seed: int, copy_fra
     for name, rows in files:
         atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         record_generated(out / name)
-    log.info("demo data: %d train (%d of them copy samples), %d held-out samples with unseen subjects -> %s",
-             len(train), len(copies), len(heldout), out)
+    log.info(
+        "demo data: %d train (%d of them copy samples), %d held-out samples with unseen subjects -> %s",
+        len(train),
+        len(copies),
+        len(heldout),
+        out,
+    )
     return out / "train.jsonl", out / "heldout.jsonl"
 
 
@@ -164,29 +199,44 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     t1, load_start = time.perf_counter(), os.getloadavg()[0]
     result = ft.train(callbacks=[TimeBudget(minutes * 60, COOLDOWN)])
     prep_s, train_s, load_end = t1 - t0, time.perf_counter() - t1, os.getloadavg()[0]
-    final = run_evaluate(Config.from_dict({**cfg.to_dict(), "ADAPTER_DIR": str(result.output_dir),
-                                           "EVAL_PATH": str(heldout), "EVAL_SAMPLES": 0}))
+    final = run_evaluate(
+        Config.from_dict(
+            {**cfg.to_dict(), "ADAPTER_DIR": str(result.output_dir), "EVAL_PATH": str(heldout), "EVAL_SAMPLES": 0}
+        )
+    )
     from app.training.metrics_file import read_metrics
 
-    curve = [(r["time_s"], r["step"], r["eval_f1"]) for r in read_metrics(result.output_dir / "metrics.jsonl")
-             if "eval_f1" in r]
-    lines = [f"# Demo: tiny GLM from scratch on synthetic triplets ({os.cpu_count()} CPUs)", "",
-             f"Model {DEMO_DIMS}, METHOD=full, {cfg.train.batch_size} samples per step (packed, PRECISION="
-             f"{cfg.train.precision}), LR {cfg.train.learning_rate:g} (falling to 0 over the budget's last "
-             f"{COOLDOWN:.0%}), budget {minutes:g} min of training including "
-             f"the evaluations (data preparation before it). Training data: one pass over up to {n_train:,} fresh "
-             f"generated samples "
-             f"plus {COPY_FRACTION:.0%} as many \"{COPY_INSTRUCTION}\" samples; held-out subjects never occur "
-             f"in training.", "",
-             f"Load average (1 min): {load_start:.2f} when training started, {load_end:.2f} when it ended (the demo's "
-             f"own threads count about {os.cpu_count()}; above that, other work shared the cores).", "",
-             "| wall-clock s | step | held-out F1 (first 64) |", "|---|---|---|"]
+    curve = [
+        (r["time_s"], r["step"], r["eval_f1"])
+        for r in read_metrics(result.output_dir / "metrics.jsonl")
+        if "eval_f1" in r
+    ]
+    lines = [
+        f"# Demo: tiny GLM from scratch on synthetic triplets ({os.cpu_count()} CPUs)",
+        "",
+        f"Model {DEMO_DIMS}, METHOD=full, {cfg.train.batch_size} samples per step (packed, PRECISION="
+        f"{cfg.train.precision}), LR {cfg.train.learning_rate:g} (falling to 0 over the budget's last "
+        f"{COOLDOWN:.0%}), budget {minutes:g} min of training including "
+        f"the evaluations (data preparation before it). Training data: one pass over up to {n_train:,} fresh "
+        f"generated samples "
+        f'plus {COPY_FRACTION:.0%} as many "{COPY_INSTRUCTION}" samples; held-out subjects never occur '
+        f"in training.",
+        "",
+        f"Load average (1 min): {load_start:.2f} when training started, {load_end:.2f} when it ended (the demo's "
+        f"own threads count about {os.cpu_count()}; above that, other work shared the cores).",
+        "",
+        "| wall-clock s | step | held-out F1 (first 64) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {t:,.0f} | {step} | {f1:.4f} |" for t, step, f1 in curve]
-    lines += ["", f"Final, all {final['n_samples']} held-out samples: F1 {final['triplet_f1']:.4f} "
-                  f"(typed {final['triplet_f1_typed']:.4f}), valid JSON {100 * final['json_valid_rate']:.0f}%, "
-                  f"after {train_s / 60:.1f} min of training ({result.tokens_per_s:,.0f} tokens/s; data "
-                  f"preparation before it {prep_s / 60:.1f} min).",
-              f"Target: F1 >= 0.9 within 15 min -> {'PASS' if reached_target(curve, final, minutes) else 'FAIL'}"]
+    lines += [
+        "",
+        f"Final, all {final['n_samples']} held-out samples: F1 {final['triplet_f1']:.4f} "
+        f"(typed {final['triplet_f1_typed']:.4f}), valid JSON {100 * final['json_valid_rate']:.0f}%, "
+        f"after {train_s / 60:.1f} min of training ({result.tokens_per_s:,.0f} tokens/s; data "
+        f"preparation before it {prep_s / 60:.1f} min).",
+        f"Target: F1 >= 0.9 within 15 min -> {'PASS' if reached_target(curve, final, minutes) else 'FAIL'}",
+    ]
     report = "\n".join(lines) + "\n"
     # the default budget's report is the benchmark; a longer or shorter run gets its own file
     atomic_write_text(Path("bench") / ("demo.md" if minutes == 15 else f"demo-{minutes:g}min.md"), report)

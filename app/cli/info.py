@@ -5,6 +5,7 @@ memory, the expected time per optimizer step and for the run (app/plan/timing.py
 It runs the training run's own planning steps (setup, then the data's lengths and the memory
 fit) and stops before loading weights, so what it prints is what `make train` would use.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,10 +35,12 @@ def run_info(cfg: Config) -> None:
     try:
         ft.setup()
     except ModelUnavailable as e:
-        sys.stdout.write(format_info(ft.resources, ft.plan, None, name) + "\n\n"  # cli-output
-                         f"model: {name} is not downloaded here and the hub is out of reach, so its shape, "
-                         "MAX_SEQ_LEN and the memory estimate are unknown until it is. Download it with:\n"
-                         f"  {e.command}\nthen use MODEL_NAME={e.command.rsplit(' ', 1)[-1]}\n")
+        sys.stdout.write(
+            format_info(ft.resources, ft.plan, None, name) + "\n\n"  # cli-output
+            f"model: {name} is not downloaded here and the hub is out of reach, so its shape, "
+            "MAX_SEQ_LEN and the memory estimate are unknown until it is. Download it with:\n"
+            f"  {e.command}\nthen use MODEL_NAME={e.command.rsplit(' ', 1)[-1]}\n"
+        )
         return
     except UserError:
         if ft.plan is not None:  # show what was detected before the model problem
@@ -51,12 +54,14 @@ def run_info(cfg: Config) -> None:
         samples = round(min(SAMPLE_TRAIN, ft.cfg.data.max_samples or SAMPLE_TRAIN) * (1 - ft.cfg.data.val_size))
         ft.plan = fit_memory(ft.plan, ft.resources, ft.shape, None).warn(
             f"DATA_PATH={cfg.data.data_path} does not exist yet: `make train` writes the synthetic sample data "
-            "there first; MAX_SEQ_LEN above is the tier's, not your data's")
+            "there first; MAX_SEQ_LEN above is the tier's, not your data's"
+        )
     else:
         ft.prepare_data(build_cache=False)  # info writes nothing: a missing token cache is estimated
         samples = ft.records.get("train")  # the file's count: without a token cache the rows are a preview's
-    timing = expected_time(ft.cfg, ft.shape, ft.model_path, ft.train_rows, ft.plan.device == "cuda",
-                           train_samples=samples)
+    timing = expected_time(
+        ft.cfg, ft.shape, ft.model_path, ft.train_rows, ft.plan.device == "cuda", train_samples=samples
+    )
     evaluate = "" if default_data_missing(cfg) else evaluate_lines(ft)
     head, sep, warnings = format_info(ft.resources, ft.plan, ft.shape, name).partition("\nwarning: ")
     stage = describe_stage(ft.cfg)
@@ -76,16 +81,19 @@ def evaluate_lines(ft: FineTuner) -> str:
     pr = ft.plan.cfg.predict
     chosen, other = pr.infer_backend, "torch" if pr.infer_backend == "llama.cpp" else "llama.cpp"
     problem = _llamacpp_problem(ft)
-    first = unknown(len(examples), problem) if chosen == "llama.cpp" and problem else \
-        evaluate_time(ft, examples, chosen)
+    first = (
+        unknown(len(examples), problem) if chosen == "llama.cpp" and problem else evaluate_time(ft, examples, chosen)
+    )
     lines = f"\n{first.line()}"
     if other == "torch" or not problem:
         alt = evaluate_time(ft, examples, other)
         if not alt.unknown:
             export = ", plus export-gguf once" if other == "llama.cpp" else ""
             setting = f"INFER_BACKEND={other}" + (f" GGUF_QUANT={pr.gguf_quant}" if other == "llama.cpp" else "")
-            lines += (f"\n  with {setting} instead: ~{duration(alt.seconds)} (~{duration(alt.budget_seconds)} at the "
-                      f"budget){export}")
+            lines += (
+                f"\n  with {setting} instead: ~{duration(alt.seconds)} (~{duration(alt.budget_seconds)} at the "
+                f"budget){export}"
+            )
     return lines
 
 
@@ -98,13 +106,14 @@ def eval_examples(ft: FineTuner) -> tuple[list, str]:
     ev, d = cfg.evaluation, cfg.data
     if ev.eval_path:
         try:
-            examples = [e for e in read_examples(ev.eval_path, d.data_format, d.max_bad_ratio, "EVAL_PATH")[0]
-                        if e.messages]
+            examples = [
+                e for e in read_examples(ev.eval_path, d.data_format, d.max_bad_ratio, "EVAL_PATH")[0] if e.messages
+            ]
         except UserError as e:  # evaluate refuses it in its own line; the plan above still stands
             return [], str(e)
     else:
         examples = list(ft.data.val_examples)
-    examples = examples[:ev.eval_samples] if ev.eval_samples else examples
+    examples = examples[: ev.eval_samples] if ev.eval_samples else examples
     if not examples:
         return [], "the run holds out no records to score (VAL_SIZE=0, no VAL_PATH); set EVAL_PATH=<file>"
     return examples, ""
@@ -126,8 +135,14 @@ def _llamacpp_problem(ft: FineTuner) -> str:
         return missing
     config = AutoConfig.from_pretrained(ft.model_path, trust_remote_code=cfg.model.trust_remote_code)
     arch = (getattr(config, "architectures", None) or ["?"])[0]
-    return "" if arch in FAMILIES else (f"INFER_BACKEND=llama.cpp: {arch} is not a family GGUF export takes "
-                                        f"({', '.join(FAMILIES.values())}); use torch")
+    return (
+        ""
+        if arch in FAMILIES
+        else (
+            f"INFER_BACKEND=llama.cpp: {arch} is not a family GGUF export takes "
+            f"({', '.join(FAMILIES.values())}); use torch"
+        )
+    )
 
 
 def evaluate_time(ft: FineTuner, examples: list, backend: str) -> EvalTime:

@@ -3,6 +3,7 @@
 The Makefile and docker compose only call this. Settings come from KEY=value arguments,
 the environment and .env (in that order of precedence); see ``python -m app --help``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,20 @@ def _info(cfg: Config) -> None:
 # left in .env or the environment for one never changes another: `make predict` answers the built-in
 # prompt with a PROMPT in .env, `make chat` chats with an INPUT_FILE there.
 # The commands whose pre-flight (app.cli.preflight) validates the settings.
-PREFLIGHTED = frozenset({"train", "info", "predict", "predict-custom", "predict-file", "chat", "evaluate", "merge",
-                         "export-onnx", "export-gguf"})
+PREFLIGHTED = frozenset(
+    {
+        "train",
+        "info",
+        "predict",
+        "predict-custom",
+        "predict-file",
+        "chat",
+        "evaluate",
+        "merge",
+        "export-onnx",
+        "export-gguf",
+    }
+)
 _MODES: dict[str, dict[str, object]] = {
     "predict": {"prompt": "", "input_file": "", "interactive": False},
     "predict-custom": {"input_file": "", "interactive": False},
@@ -67,6 +80,7 @@ def _answer(command: str) -> Callable[[Config], None]:
         cfg = cfg.replace({name.upper(): value for name, value in _MODES[command].items()})
         preflight(cfg, command)  # with the one setting this mode needs (PROMPT, INPUT_FILE), before torch
         run_predict(cfg)
+
     return run
 
 
@@ -146,16 +160,20 @@ def _make_tiny(cfg: Config) -> None:
 
     name = cfg.model.model_name if "MODEL_NAME" in cfg.explicit else "tiny"
     if name not in FAMILIES:
-        raise UserError(f"MODEL_NAME={name}: make-tiny-model builds one of {', '.join(FAMILIES)}; "
-                        "e.g. MODEL_NAME=tiny")
+        raise UserError(f"MODEL_NAME={name}: make-tiny-model builds one of {', '.join(FAMILIES)}; e.g. MODEL_NAME=tiny")
     log.info("tiny model ready at %s", resolve_model(name))
 
 
 def _generate_data(cfg: Config) -> None:
     from app.cli.workspace import write_sample_data
 
-    write_sample_data(cfg.data.data_path, seed=cfg.train.seed, replace=cfg.data.replace_data, stage=cfg.train.stage,
-                      named="DATA_PATH" in cfg.explicit)
+    write_sample_data(
+        cfg.data.data_path,
+        seed=cfg.train.seed,
+        replace=cfg.data.replace_data,
+        stage=cfg.train.stage,
+        named="DATA_PATH" in cfg.explicit,
+    )
 
 
 def _clean(cfg: Config) -> None:
@@ -211,50 +229,103 @@ _ANSWER = _LOAD + ("MAX_NEW_TOKENS", "TEMPERATURE", "INFER_BACKEND", "GGUF_QUANT
 _PLAN = ("model", "data", "lora", "resources", "train", "distributed")
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(_train, "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR",
-                     _PLAN + ("ADAPTER_DIR", "EVAL_METRIC", "EVAL_SAMPLES", "MAX_NEW_TOKENS", "PREDICT_BATCH_SIZE")),
-    "info": Command(_info, "show RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak",
-                    _PLAN),
-    "predict": Command(_answer("predict"), "answer the built-in triplet prompt with the last adapter", _ANSWER,
-                       "Streams the answer to the built-in prompt (a sentence about a TV series) to stdout, from the "
-                       "last trained adapter (ADAPTER_DIR) on the base model it was trained on."),
-    "predict-custom": Command(_answer("predict-custom"), "answer PROMPT with the last adapter", _ANSWER + ("PROMPT",),
-                              "Streams the answer to PROMPT to stdout. PROMPT must not be empty or blank "
-                              "(`predict` answers the built-in prompt)."),
-    "predict-file": Command(_answer("predict-file"), "answer every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)",
-                            _ANSWER + ("INPUT_FILE", "OUTPUT_FILE", "DATA_FORMAT", "PREDICT_BATCH_SIZE"),
-                            "Each non-empty line of INPUT_FILE (required) is a prompt or a record in any DATA_FORMAT; "
-                            "one JSON line per answer, with the reference answer when the record has one."),
-    "chat": Command(_answer("chat"), "interactive multi-turn chat in the terminal with the last adapter", _ANSWER,
-                    "/help lists the chat's commands, /reset clears the history, /exit or Ctrl-D ends it."),
-    "evaluate": Command(_evaluate, "generate on the run's held-out records (or EVAL_PATH), score triplet P/R/F1, "
-                                   "else exact match, ROUGE-L, BLEU-4 (or --predictions FILE: score only)",
-                        _ANSWER + ("DATA_FORMAT", "MAX_BAD_RATIO", "VAL_PATH", "MAX_SEQ_LEN", "PREDICT_BATCH_SIZE",
-                                   "evaluation")),
-    "serve": Command(_serve, "serve the base and its adapters over an OpenAI-compatible API on SERVE_PORT",
-                     ("MODEL_NAME", "TRUST_REMOTE_CODE", "NUM_THREADS", "QUANT_LEVEL", "MAX_NEW_TOKENS", "TEMPERATURE",
-                      "INFER_BACKEND", "GGUF_QUANT", "GGUF_DIR", "serve")),
-    "merge": Command(_merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR",
-                     _LOAD + ("MERGED_DIR",)),
-    "export-onnx": Command(_export_onnx, "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",
-                           _LOAD + ("MERGED_DIR", "ONNX_DIR")),
-    "export-gguf": Command(_export_gguf, "the run as one GGUF (GGUF_QUANT) + Ollama Modelfile in GGUF_DIR",
-                           _LOAD + ("GGUF_QUANT", "GGUF_DIR", "GGUF_ADAPTER_ONLY")),
-    "demo": Command(_demo, "offline proof of learning: tiny GLM from scratch on synthetic data, held-out F1",
-                    ("DEMO_MINUTES", "SEED", "BATCH_SIZE", "LEARNING_RATE", "PRECISION", "NUM_THREADS")),
-    "make-tiny-model": Command(_make_tiny, "build the random tiny model "
-                                           "MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3",
-                               ("MODEL_NAME",)),
-    "generate-data": Command(_generate_data, "write the synthetic triplet sample data to DATA_PATH and dev.jsonl "
-                                             "beside it; STAGE=dpo/kto: preference pairs / KTO records, by default "
-                                             "to data/pref.jsonl / data/kto.jsonl (never over a file of yours; "
-                                             "REPLACE_DATA=1 to overwrite)",
-                             ("DATA_PATH", "SEED", "REPLACE_DATA", "STAGE")),
-    "clean": Command(_clean, "remove what the tool made and can remake (tiny models, unchanged sample data, caches); "
-                             "never your data or a trained run"),
+    "train": Command(
+        _train,
+        "fine-tune MODEL_NAME on DATA_PATH, write the adapter to OUTPUT_DIR",
+        _PLAN + ("ADAPTER_DIR", "EVAL_METRIC", "EVAL_SAMPLES", "MAX_NEW_TOKENS", "PREDICT_BATCH_SIZE"),
+    ),
+    "info": Command(_info, "show RAM/CPUs/GPUs, the tier, every resolved setting and the predicted peak", _PLAN),
+    "predict": Command(
+        _answer("predict"),
+        "answer the built-in triplet prompt with the last adapter",
+        _ANSWER,
+        "Streams the answer to the built-in prompt (a sentence about a TV series) to stdout, from the "
+        "last trained adapter (ADAPTER_DIR) on the base model it was trained on.",
+    ),
+    "predict-custom": Command(
+        _answer("predict-custom"),
+        "answer PROMPT with the last adapter",
+        _ANSWER + ("PROMPT",),
+        "Streams the answer to PROMPT to stdout. PROMPT must not be empty or blank "
+        "(`predict` answers the built-in prompt).",
+    ),
+    "predict-file": Command(
+        _answer("predict-file"),
+        "answer every line of INPUT_FILE -> OUTPUT_FILE (.jsonl)",
+        _ANSWER + ("INPUT_FILE", "OUTPUT_FILE", "DATA_FORMAT", "PREDICT_BATCH_SIZE"),
+        "Each non-empty line of INPUT_FILE (required) is a prompt or a record in any DATA_FORMAT; "
+        "one JSON line per answer, with the reference answer when the record has one.",
+    ),
+    "chat": Command(
+        _answer("chat"),
+        "interactive multi-turn chat in the terminal with the last adapter",
+        _ANSWER,
+        "/help lists the chat's commands, /reset clears the history, /exit or Ctrl-D ends it.",
+    ),
+    "evaluate": Command(
+        _evaluate,
+        "generate on the run's held-out records (or EVAL_PATH), score triplet P/R/F1, "
+        "else exact match, ROUGE-L, BLEU-4 (or --predictions FILE: score only)",
+        _ANSWER + ("DATA_FORMAT", "MAX_BAD_RATIO", "VAL_PATH", "MAX_SEQ_LEN", "PREDICT_BATCH_SIZE", "evaluation"),
+    ),
+    "serve": Command(
+        _serve,
+        "serve the base and its adapters over an OpenAI-compatible API on SERVE_PORT",
+        (
+            "MODEL_NAME",
+            "TRUST_REMOTE_CODE",
+            "NUM_THREADS",
+            "QUANT_LEVEL",
+            "MAX_NEW_TOKENS",
+            "TEMPERATURE",
+            "INFER_BACKEND",
+            "GGUF_QUANT",
+            "GGUF_DIR",
+            "serve",
+        ),
+    ),
+    "merge": Command(
+        _merge, "fold the LoRA adapter into its base: a standalone model in MERGED_DIR", _LOAD + ("MERGED_DIR",)
+    ),
+    "export-onnx": Command(
+        _export_onnx,
+        "merged model (merged first if needed) -> ONNX for ONNX Runtime in ONNX_DIR",
+        _LOAD + ("MERGED_DIR", "ONNX_DIR"),
+    ),
+    "export-gguf": Command(
+        _export_gguf,
+        "the run as one GGUF (GGUF_QUANT) + Ollama Modelfile in GGUF_DIR",
+        _LOAD + ("GGUF_QUANT", "GGUF_DIR", "GGUF_ADAPTER_ONLY"),
+    ),
+    "demo": Command(
+        _demo,
+        "offline proof of learning: tiny GLM from scratch on synthetic data, held-out F1",
+        ("DEMO_MINUTES", "SEED", "BATCH_SIZE", "LEARNING_RATE", "PRECISION", "NUM_THREADS"),
+    ),
+    "make-tiny-model": Command(
+        _make_tiny,
+        "build the random tiny model MODEL_NAME=tiny|tiny-qwen2|tiny-qwen3|tiny-llama|tiny-gemma3",
+        ("MODEL_NAME",),
+    ),
+    "generate-data": Command(
+        _generate_data,
+        "write the synthetic triplet sample data to DATA_PATH and dev.jsonl "
+        "beside it; STAGE=dpo/kto: preference pairs / KTO records, by default "
+        "to data/pref.jsonl / data/kto.jsonl (never over a file of yours; "
+        "REPLACE_DATA=1 to overwrite)",
+        ("DATA_PATH", "SEED", "REPLACE_DATA", "STAGE"),
+    ),
+    "clean": Command(
+        _clean,
+        "remove what the tool made and can remake (tiny models, unchanged sample data, caches); "
+        "never your data or a trained run",
+    ),
     "remove-run": Command(_remove_run, "delete the trained run OUTPUT_DIR=<dir> (and nothing else)", ("OUTPUT_DIR",)),
-    "config": Command(_show_config, "print the resolved settings (after .env, environment and arguments)",
-                      _PLAN + ("predict", "evaluation")),
+    "config": Command(
+        _show_config,
+        "print the resolved settings (after .env, environment and arguments)",
+        _PLAN + ("predict", "evaluation"),
+    ),
     "env-template": Command(_env_template, "print a .env template with every variable and its default"),
     "docs": Command(_docs, "regenerate docs/configuration.md and docs/commands.md from the code (developers)"),
 }
@@ -316,8 +387,18 @@ def main(argv: list[str] | None = None, commands: dict[str, Command] = COMMANDS)
         where = Path(e.filename or ".")
         if not is_full(e, where):
             raise
-        log.error("%s", full_line("", where, f"running `{cmd}`", None, "files written whole before it are "
-                                  "intact", "run the same command again", "free some space there"))
+        log.error(
+            "%s",
+            full_line(
+                "",
+                where,
+                f"running `{cmd}`",
+                None,
+                "files written whole before it are intact",
+                "run the same command again",
+                "free some space there",
+            ),
+        )
         return 2
     return 0
 

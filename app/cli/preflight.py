@@ -19,6 +19,7 @@ all of their findings come back at once, one line each:
 Standard library only (app.data.records, app.models.artifacts and .integrity, app.training.checkpoints,
 .resume and .runlock import no torch).
 """
+
 from __future__ import annotations
 
 import glob
@@ -50,20 +51,25 @@ def preflight(cfg: Config, command: str) -> None:
         problems += _inference_problems(cfg)
     if command in PREDICT + ("evaluate", "merge", "export-onnx", "export-gguf"):
         problems += _run_problems(cfg, command)
-    if command == "export-gguf" or (command in PREDICT + ("evaluate", "serve")
-                                    and cfg.predict.infer_backend == "llama.cpp"):
+    if command == "export-gguf" or (
+        command in PREDICT + ("evaluate", "serve") and cfg.predict.infer_backend == "llama.cpp"
+    ):
         from app.inference.llamacpp import missing
 
-        problems += [p for p in [missing("make export-gguf" if command == "export-gguf"
-                                         else "INFER_BACKEND=llama.cpp")] if p]
+        problems += [
+            p for p in [missing("make export-gguf" if command == "export-gguf" else "INFER_BACKEND=llama.cpp")] if p
+        ]
     if problems:
         raise UserError(_unique(problems))
 
 
 def default_data_missing(cfg: Config) -> bool:
     """DATA_PATH left at its default and no file there: train writes the sample data first."""
-    return ("DATA_PATH" not in cfg.explicit and cfg.data.data_path == Config().data.data_path
-            and not Path(cfg.data.data_path).exists())
+    return (
+        "DATA_PATH" not in cfg.explicit
+        and cfg.data.data_path == Config().data.data_path
+        and not Path(cfg.data.data_path).exists()
+    )
 
 
 def _data_problems(cfg: Config, command: str) -> list[str]:
@@ -85,8 +91,9 @@ def _data_problems(cfg: Config, command: str) -> list[str]:
             continue
         quick = p.is_file() and p.stat().st_size > QUICK_LOOK_MB * 2**20
         try:
-            _, report = read_examples(path, d.data_format, d.max_bad_ratio, setting,
-                                      limit=QUICK_LOOK_RECORDS if quick else None, warn=False)
+            _, report = read_examples(
+                path, d.data_format, d.max_bad_ratio, setting, limit=QUICK_LOOK_RECORDS if quick else None, warn=False
+            )
             check_stage(report, cfg.train.stage, setting)  # SFT records under STAGE=dpo, or pairs under sft
         except UserError as e:
             problems += e.problems
@@ -109,8 +116,7 @@ def _train_problems(cfg: Config) -> list[str]:
     # (our torchrun workers run under their launcher's lock: for them it is not someone else's)
     who = runlock.holder(cfg.train.output_dir) if dist.owns_run_lock(cfg) else None
     if who is not None:  # another run is writing there: whatever else is in OUTPUT_DIR may change under us
-        problems = [runlock.busy_line("OUTPUT_DIR", cfg.train.output_dir, who, "training there too",
-                                      alternative=True)]
+        problems = [runlock.busy_line("OUTPUT_DIR", cfg.train.output_dir, who, "training there too", alternative=True)]
     else:
         problems = output_dir_problems(cfg)
         try:
@@ -130,11 +136,12 @@ def _mode_problems(cfg: Config, command: str) -> list[str]:
     """The setting a prediction command cannot do without (make strips `PROMPT=   ` to empty)."""
     prompt = cfg.predict.prompt
     if command == "predict-custom" and not prompt:
-        return ["PROMPT is empty: use make predict-custom PROMPT='你的问题' "
-                "(make predict answers the built-in prompt)"]
+        return ["PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)"]
     if command == "predict-custom" and not prompt.strip():
-        return ["PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
-                "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)"]
+        return [
+            "PROMPT is blank (only spaces); give the question, e.g. make predict-custom "
+            "PROMPT='《星河往事》是由林远执导的电视剧。' (make predict uses the built-in prompt)"
+        ]
     if command == "predict-file" and not cfg.predict.input_file:
         return ["INPUT_FILE is empty: use make predict-file INPUT_FILE=data/dev.jsonl"]
     return []
@@ -147,12 +154,22 @@ def _inference_problems(cfg: Config) -> list[str]:
             what = "a directory" if Path(path).is_dir() else "no such file"
             problems.append(f"{setting}={path}: {what}; point {setting} at a file")
     if p.input_file and p.output_file:  # file mode replaces OUTPUT_FILE whole: never with the input itself
-        inputs = {Path(x).resolve(): var for var, x in (("INPUT_FILE", p.input_file), ("DATA_PATH", cfg.data.data_path),
-                                                        ("VAL_PATH", cfg.data.val_path), ("EVAL_PATH", e.eval_path)) if x}
+        inputs = {
+            Path(x).resolve(): var
+            for var, x in (
+                ("INPUT_FILE", p.input_file),
+                ("DATA_PATH", cfg.data.data_path),
+                ("VAL_PATH", cfg.data.val_path),
+                ("EVAL_PATH", e.eval_path),
+            )
+            if x
+        }
         clash = inputs.get(Path(p.output_file).resolve())
         if clash:
-            problems.append(f"OUTPUT_FILE={p.output_file} is your {clash}; predictions would replace it: choose "
-                            "another OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl")
+            problems.append(
+                f"OUTPUT_FILE={p.output_file} is your {clash}; predictions would replace it: choose "
+                "another OUTPUT_FILE, or leave it empty for <INPUT_FILE stem>.pred.jsonl"
+            )
             return problems
     if p.input_file:  # replaced only while it is this tool's own output, unchanged since
         taken = generated.replace_problem(generated.predictions_path(p.input_file, p.output_file), "OUTPUT_FILE")
@@ -194,11 +211,15 @@ def _missing_adapter_line(path: Path) -> str:
     # the previous copy beside the target; the next merge/export into it puts it back (app.core.utils).
     aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")) if path.name else []
     if aside:
-        return (f"ADAPTER_DIR={path}: no such directory: a merge or export into it was killed while replacing "
-                f"it, and the previous copy is {aside[0]}; run the same `make merge` / `make export-onnx` again "
-                "(it puts the previous copy back first), or point ADAPTER_DIR elsewhere")
-    return (f"ADAPTER_DIR={path}: no such directory; train first (`make train`), point ADAPTER_DIR "
-            "at a run's OUTPUT_DIR, or use ADAPTER_DIR=none for the base model")
+        return (
+            f"ADAPTER_DIR={path}: no such directory: a merge or export into it was killed while replacing "
+            f"it, and the previous copy is {aside[0]}; run the same `make merge` / `make export-onnx` again "
+            "(it puts the previous copy back first), or point ADAPTER_DIR elsewhere"
+        )
+    return (
+        f"ADAPTER_DIR={path}: no such directory; train first (`make train`), point ADAPTER_DIR "
+        "at a run's OUTPUT_DIR, or use ADAPTER_DIR=none for the base model"
+    )
 
 
 def _unique(lines: list[str]) -> list[str]:

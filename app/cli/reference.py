@@ -9,6 +9,7 @@ this writes. Regenerate both with ``.venv/bin/python -m app docs``.
 
 Standard library and app.config only: it must run wherever ``make help`` does.
 """
+
 from __future__ import annotations
 
 import re
@@ -60,7 +61,10 @@ def configuration_page() -> str:
     variables = Config.variables()
     sections = list(dict.fromkeys(sec for sec, _ in variables.values()))
     lines = [
-        "# Configuration reference", "", _GENERATED, "",
+        "# Configuration reference",
+        "",
+        _GENERATED,
+        "",
         "Every setting is a variable, given on the command line (`make train LORA_R=16`, or "
         "`python -m app train LORA_R=16`), in the environment, or as a line `LORA_R=16` in `.env` "
         "(start from [`.env.template`](../.env.template), generated from the same code). Precedence: command line "
@@ -71,7 +75,8 @@ def configuration_page() -> str:
         "it through the environment, where it would otherwise be lost) and a `MAX_SAMPLE=` line in `.env` both "
         "stop with `unknown setting; did you mean MAX_SAMPLES?`. `.env` and the make command line may also carry "
         "what docker compose, the Makefile and the ML libraries read: "
-        + ", ".join(f"`{v}`" for v in sorted(OTHER_VARIABLES)) + ", and names starting with "
+        + ", ".join(f"`{v}`" for v in sorted(OTHER_VARIABLES))
+        + ", and names starting with "
         + ", ".join(f"`{p}`" for p in OTHER_PREFIXES)
         + " (the compose ones are in [Docker](docker.md#compose-variables)).",
         "",
@@ -84,8 +89,15 @@ def configuration_page() -> str:
     section = None
     for sec, var, shown, help_, choices in documented():
         if sec != section:
-            lines += ["", f"## {sec}", "", SECTION_TITLES.get(sec, ""), "",
-                      "| variable | default | choices | tier | meaning |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                f"## {sec}",
+                "",
+                SECTION_TITLES.get(sec, ""),
+                "",
+                "| variable | default | choices | tier | meaning |",
+                "|---|---|---|---|---|",
+            ]
             section = sec
         _, f = variables[var]
         if choices:
@@ -94,8 +106,9 @@ def configuration_page() -> str:
             allowed = "`true`, `false`"
         else:
             allowed = ""
-        lines.append(f"| `{var}` | {_default(show(shown))} | {allowed} | {'tier' if var in TIERED else ''} "
-                     f"| {_cell(help_)} |")
+        lines.append(
+            f"| `{var}` | {_default(show(shown))} | {allowed} | {'tier' if var in TIERED else ''} | {_cell(help_)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -119,8 +132,14 @@ def make_targets(makefile: Path = MAKEFILE) -> list[tuple[str, str, str, str]]:
 
 
 # The Makefile's own variables, as a reader would type the command (RUNTIME=local spelling).
-_MAKE_VARS = {"$(APP)": "python -m app", "$(PYRUN)": "python", "$(HOSTPY)": "python", "$(PY)": "python",
-              "$(COMPOSE)": "docker compose", "$(VENV)": ".venv"}
+_MAKE_VARS = {
+    "$(APP)": "python -m app",
+    "$(PYRUN)": "python",
+    "$(HOSTPY)": "python",
+    "$(PY)": "python",
+    "$(COMPOSE)": "docker compose",
+    "$(VENV)": ".venv",
+}
 
 
 def _command(line: str) -> str:
@@ -137,7 +156,10 @@ def _command(line: str) -> str:
 def commands_page(makefile: Path = MAKEFILE) -> str:
     """docs/commands.md: every target `make help` lists, with its help and what it runs."""
     lines = [
-        "# Commands", "", _GENERATED, "",
+        "# Commands",
+        "",
+        _GENERATED,
+        "",
         "Every target only calls `python -m app <command>` (or pytest, or a benchmark module); `make help` "
         "prints this list and every setting. With `RUNTIME=docker` (the default where a Docker engine answers) "
         "the same command runs in the image instead of `.venv` ([Docker](docker.md)); the first line of "
@@ -149,8 +171,15 @@ def commands_page(makefile: Path = MAKEFILE) -> str:
     group = None
     for grp, name, help_, runs in make_targets(makefile):
         if grp != group:  # `make help`'s groups, each its own table
-            lines += ["", f"## {grp.split(':')[0].strip()}", "", _cell(grp.partition(":")[2].strip()), "",
-                      "| make target | what it does | runs |", "|---|---|---|"]
+            lines += [
+                "",
+                f"## {grp.split(':')[0].strip()}",
+                "",
+                _cell(grp.partition(":")[2].strip()),
+                "",
+                "| make target | what it does | runs |",
+                "|---|---|---|",
+            ]
             group = grp
         lines.append(f"| `make {name}` | {_cell(help_)} | {_cell(runs)} |")
     return "\n".join(lines) + "\n"
@@ -166,8 +195,9 @@ def _wrap(line: str, indent: int) -> list[str]:
     """One help line cut to WIDTH columns, its continuation lines indented by ``indent``."""
     if len(line) <= WIDTH:
         return [line]
-    return textwrap.wrap(line, WIDTH, subsequent_indent=" " * indent, break_long_words=False,
-                         break_on_hyphens=False) or [line]
+    return textwrap.wrap(
+        line, WIDTH, subsequent_indent=" " * indent, break_long_words=False, break_on_hyphens=False
+    ) or [line]
 
 
 def settings_text(reads: tuple[str, ...] | None = None) -> str:
@@ -186,15 +216,20 @@ def settings_text(reads: tuple[str, ...] | None = None) -> str:
 def usage_text(commands: Mapping[str, Any]) -> str:
     """`python -m app --help`: the commands (each with a .summary) and every setting."""
     cmds = "\n".join(x for name, c in commands.items() for x in _wrap(f"  {name:<16} {c.summary}", 19))
-    return (f"usage: python -m app <command> [KEY=value ...]\n       python -m app <command> --help\n\n"
-            f"commands:\n{cmds}\n\n{_LEAD}\n{settings_text()}\n")
+    return (
+        f"usage: python -m app <command> [KEY=value ...]\n       python -m app <command> --help\n\n"
+        f"commands:\n{cmds}\n\n{_LEAD}\n{settings_text()}\n"
+    )
 
 
 def command_help(name: str, summary: str, doc: str, reads: tuple[str, ...]) -> str:
     """`python -m app <command> --help`: its command line, what it does, the settings it reads."""
     paragraphs = [summary] + [" ".join(p.split()) for p in textwrap.dedent(doc).strip().split("\n\n") if p.strip()]
-    text = f"usage: python -m app {name} [KEY=value ...]\n\n" + "\n\n".join(
-        "\n".join(_wrap(p, 0)) for p in paragraphs) + "\n"
+    text = (
+        f"usage: python -m app {name} [KEY=value ...]\n\n"
+        + "\n\n".join("\n".join(_wrap(p, 0)) for p in paragraphs)
+        + "\n"
+    )
     if reads:
         text += f"\n{_LEAD.replace('settings', 'settings it reads')}\n{settings_text(reads)}\n"
     return text + "\nevery command and setting: python -m app --help\n"

@@ -7,6 +7,7 @@ that is not a run of an older version is refused whole. When the removed run was
 pointer moves to the newest remaining one (app.models.runs). Standard library only: it runs without the
 virtualenv.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,10 @@ log = logging.getLogger(__name__)
 def remove_run(cfg: Config) -> Path:
     """Delete the files of the trained run the user named with OUTPUT_DIR=<dir>; keep and name the rest."""
     if "OUTPUT_DIR" not in cfg.explicit:
-        raise UserError("OUTPUT_DIR is not set: remove-run deletes exactly the run you name, e.g. "
-                        "make remove-run OUTPUT_DIR=models/tiny-lora")
+        raise UserError(
+            "OUTPUT_DIR is not set: remove-run deletes exactly the run you name, e.g. "
+            "make remove-run OUTPUT_DIR=models/tiny-lora"
+        )
     out = Path(cfg.train.output_dir)
     if not out.is_dir():
         raise UserError(f"OUTPUT_DIR={out}: no such directory; nothing removed")
@@ -57,22 +60,28 @@ def remove_run(cfg: Config) -> Path:
 def _check_is_run(out: Path) -> None:
     refused = ownership.refused_why(out, {})
     if refused:  # an older version trained into `/` or data/: never removed by name patterns there
-        raise UserError(f"OUTPUT_DIR={out} is {refused}; remove-run never deletes there: delete the run's files "
-                        "yourself if you mean it")
+        raise UserError(
+            f"OUTPUT_DIR={out} is {refused}; remove-run never deletes there: delete the run's files "
+            "yourself if you mean it"
+        )
     marker = ownership.read_marker(out)
     if marker is not None and marker.get("kind") != RUN_KIND:
-        raise UserError(f"OUTPUT_DIR={out} is this tool's {marker.get('kind')} folder, not a trained run; nothing "
-                        "removed. Delete it yourself if you mean it")
+        raise UserError(
+            f"OUTPUT_DIR={out} is this tool's {marker.get('kind')} folder, not a trained run; nothing "
+            "removed. Delete it yourself if you mean it"
+        )
     if marker is None and ownership.owned_entries(out) is None:
-        raise UserError(f"OUTPUT_DIR={out} is not a run this tool wrote (no {ownership.MARKER}, no "
-                        "train_config.json); nothing removed. Delete it yourself if you mean it")
+        raise UserError(
+            f"OUTPUT_DIR={out} is not a run this tool wrote (no {ownership.MARKER}, no "
+            "train_config.json); nothing removed. Delete it yourself if you mean it"
+        )
 
 
 def _count(out: Path, names: set[str]) -> tuple[int, int]:
     files = size = 0
     for name in names:
         path = out / name
-        for f in ([path] if not path.is_dir() or path.is_symlink() else path.rglob("*")):
+        for f in [path] if not path.is_dir() or path.is_symlink() else path.rglob("*"):
             if f.is_file() and not f.is_symlink():
                 files, size = files + 1, size + f.stat().st_size
     return files, size

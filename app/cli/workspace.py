@@ -9,6 +9,7 @@ nothing here removes or replaces a file on a guess:
 - a trained run goes only with ``remove-run OUTPUT_DIR=<that dir>``, the one command that names it.
 Standard library only: ``make clean`` works without the virtualenv.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,14 @@ def sample_paths(train_path: str | Path) -> dict[str, Path]:
     return {"train": train, "dev": train.with_name("dev.jsonl" if train.name != "dev.jsonl" else "dev-sample.jsonl")}
 
 
-def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = False,
-                      only_missing: bool = False, stage: str = "sft", named: bool = True) -> list[Path]:
+def write_sample_data(
+    train_path: str | Path,
+    seed: int = 42,
+    replace: bool = False,
+    only_missing: bool = False,
+    stage: str = "sft",
+    named: bool = True,
+) -> list[Path]:
     """Write the synthetic triplet data for STAGE ``stage``; return the files written.
 
     sft: context/target records; dpo: preference pairs (the gold answer against a mistake); kto: half gold,
@@ -62,9 +69,11 @@ def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = Fa
     if keep and not only_missing:
         names = " and ".join(str(p) for p in keep.values())
         verb = "exists and is" if len(keep) == 1 else "exist and are"
-        raise UserError(f"DATA_PATH={paths['train']}: {names} {verb} not sample data this tool wrote; generate-data "
-                        "never replaces such a file: use another DATA_PATH (e.g. DATA_PATH=data/sample/train.jsonl), "
-                        "or REPLACE_DATA=1 to overwrite it")
+        raise UserError(
+            f"DATA_PATH={paths['train']}: {names} {verb} not sample data this tool wrote; generate-data "
+            "never replaces such a file: use another DATA_PATH (e.g. DATA_PATH=data/sample/train.jsonl), "
+            "or REPLACE_DATA=1 to overwrite it"
+        )
     rows = _sample_rows(stage, seed)
     written = []
     for split, path in paths.items():
@@ -79,9 +88,15 @@ def write_sample_data(train_path: str | Path, seed: int = 42, replace: bool = Fa
         if stage == "sft":
             log.info("wrote the synthetic triplet sample data (seed %d): %s", seed, files)
         else:
-            log.info("wrote synthetic %s sample data (seed %d; the gold triplets against realistic mistakes): %s; "
-                     "next: make train STAGE=%s DATA_PATH=%s", "preference pair" if stage == "dpo" else "KTO",
-                     seed, files, stage, paths["train"])
+            log.info(
+                "wrote synthetic %s sample data (seed %d; the gold triplets against realistic mistakes): %s; "
+                "next: make train STAGE=%s DATA_PATH=%s",
+                "preference pair" if stage == "dpo" else "KTO",
+                seed,
+                files,
+                stage,
+                paths["train"],
+            )
     return written
 
 
@@ -107,18 +122,24 @@ def ensure_default_data(cfg: Config) -> None:
     if "DATA_PATH" in cfg.explicit or cfg.data.data_path != default or path.exists():
         return
     written = write_sample_data(path, seed=cfg.train.seed, only_missing=True)
-    log.warning("DATA_PATH=%s did not exist: wrote the synthetic sample data (%s; not real data). Point "
-                "DATA_PATH at your own file to train on it", path, " and ".join(str(p) for p in written))
+    log.warning(
+        "DATA_PATH=%s did not exist: wrote the synthetic sample data (%s; not real data). Point "
+        "DATA_PATH at your own file to train on it",
+        path,
+        " and ".join(str(p) for p in written),
+    )
 
 
 # ---- clean and remove-run -------------------------------------------------------------------------
+
 
 def clean_plan(root: Path = Path(".")) -> tuple[list[Path], list[str]]:
     """(paths to remove, notes on what is kept and why) for ``make clean``."""
     remove: list[Path] = [root / "models" / name for name in TINY_MODELS if (root / "models" / name).exists()]
     tokens = root / TOKEN_CACHE  # kept whole if someone's files are in it
-    remove += [c for c in (root / name for name in CACHES) if c.exists() and not (c == tokens and
-                                                                                 ownership.foreign_entries(c))]
+    remove += [
+        c for c in (root / name for name in CACHES) if c.exists() and not (c == tokens and ownership.foreign_entries(c))
+    ]
     remove += _pycaches(root)
     kept: list[str] = []
     for manifest in sorted(root.glob("data/**/" + MANIFEST)):
@@ -132,11 +153,24 @@ def clean_plan(root: Path = Path(".")) -> tuple[list[Path], list[str]]:
             else:
                 kept.append(f"kept {path}: changed since the tool wrote it (your data now)")
     models = root / "models"
-    runs = [p for p in models.iterdir() if p.is_dir() and p not in remove and p.name not in TINY_MODELS
-            and (ownership.kind_of(p) == "train" or (p / "adapter_config.json").is_file())] if models.is_dir() else []
+    runs = (
+        [
+            p
+            for p in models.iterdir()
+            if p.is_dir()
+            and p not in remove
+            and p.name not in TINY_MODELS
+            and (ownership.kind_of(p) == "train" or (p / "adapter_config.json").is_file())
+        ]
+        if models.is_dir()
+        else []
+    )
     if runs:
-        kept.append("kept trained runs: " + ", ".join(str(r) for r in sorted(runs)) +
-                    " (remove one with `make remove-run OUTPUT_DIR=<dir>`)")
+        kept.append(
+            "kept trained runs: "
+            + ", ".join(str(r) for r in sorted(runs))
+            + " (remove one with `make remove-run OUTPUT_DIR=<dir>`)"
+        )
     return remove, kept
 
 
@@ -157,8 +191,14 @@ def clean(root: Path = Path(".")) -> list[Path]:
     for run in sorted(p for p in models.iterdir() if p.is_dir()) if models.is_dir() else []:
         who = holder(run)
         if who is not None:
-            raise UserError(busy_line("OUTPUT_DIR", run, who, "make clean (it removes the tiny models and sample "
-                                                            "data such a run may be reading)"))
+            raise UserError(
+                busy_line(
+                    "OUTPUT_DIR",
+                    run,
+                    who,
+                    "make clean (it removes the tiny models and sample data such a run may be reading)",
+                )
+            )
     remove, kept = clean_plan(root)
     for path in remove:
         if path.name != "__pycache__":  # dozens of them: counted below, not listed
@@ -168,8 +208,7 @@ def clean(root: Path = Path(".")) -> list[Path]:
         else:
             path.unlink()
     for folder in {p.parent for p in remove if p.parent.joinpath(MANIFEST).is_file()}:
-        generated.write_manifest(folder, {k: v for k, v in generated.recorded(folder).items()
-                                          if (folder / k).exists()})
+        generated.write_manifest(folder, {k: v for k, v in generated.recorded(folder).items() if (folder / k).exists()})
     for note in kept:
         log.info("%s", note)
     caches = sum(p.name == "__pycache__" for p in remove)

@@ -2,6 +2,7 @@
 with its default, help text and allowed values. The field name, upper-cased, *is* the variable name
 (``max_seq_len`` <-> ``MAX_SEQ_LEN``); app.config.settings builds the tree and loads it.
 Standard library only."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -54,9 +55,12 @@ TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "trackio", "swanlab", "none")
 
 @dataclass(frozen=True)
 class ModelArgs:
-    model_name: str = _f(DEFAULT_MODEL, "Hub name or local dir of the base model; 'tiny' (GLM), 'tiny-qwen2', "
-                         "'tiny-qwen3', 'tiny-llama', 'tiny-gemma3' build a random 2-layer model under models/ "
-                         "for offline runs")
+    model_name: str = _f(
+        DEFAULT_MODEL,
+        "Hub name or local dir of the base model; 'tiny' (GLM), 'tiny-qwen2', "
+        "'tiny-qwen3', 'tiny-llama', 'tiny-gemma3' build a random 2-layer model under models/ "
+        "for offline runs",
+    )
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code (ChatGLM-6B/2/3 need it)")
     num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
 
@@ -66,17 +70,26 @@ class DataArgs:
     data_path: str = _f("data/train.jsonl", "Training data: .jsonl/.json/.csv/.txt file, or a hub dataset name")
     val_path: str = _f("", "Validation file; empty = hold out VAL_SIZE of the training data")
     data_format: DataFormat = _f("auto", "Record format; auto detects it per file")
-    max_samples: int | None = _f(None, "Use at most this many training records, sampled with SEED; all = every "
-                                       "record (also when empty); records a tier leaves out are named in a warning")
+    max_samples: int | None = _f(
+        None,
+        "Use at most this many training records, sampled with SEED; all = every "
+        "record (also when empty); records a tier leaves out are named in a warning",
+    )
     val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
     max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
     max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
-    cache_dir: str = _f("models/.cache", "Token cache of MAX_SAMPLES=all .jsonl/.txt data, built once per file "
-                                         "version and tokenizer (`make clean` removes models/.cache/tokens)")
+    cache_dir: str = _f(
+        "models/.cache",
+        "Token cache of MAX_SAMPLES=all .jsonl/.txt data, built once per file "
+        "version and tokenizer (`make clean` removes models/.cache/tokens)",
+    )
     num_proc: int = _f(0, "Worker processes that build the token cache; 0 = one per CPU")
-    replace_data: bool = _f(False, "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
-                                   "with sample data (without it, only missing files, or sample data this tool wrote "
-                                   "and nobody changed, are written)")
+    replace_data: bool = _f(
+        False,
+        "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
+        "with sample data (without it, only missing files, or sample data this tool wrote "
+        "and nobody changed, are written)",
+    )
 
 
 @dataclass(frozen=True)
@@ -84,60 +97,98 @@ class LoraArgs:
     lora_r: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
-    lora_targets: list[str] = _f([], "Comma-separated module names; empty = every linear projection "
-                                     "of the model family; all-linear = PEFT's own choice of every linear "
-                                     "layer but the output head")
-    use_dora: bool = _f(False, "DoRA: LoRA on each weight's direction plus a trained magnitude per output (PEFT "
-                               "use_dora; LLaMA-Factory use_dora); steps are slower")
-    lora_init: LoraInit = _f("default", "How LoRA's A and B start: default = PEFT's (A Kaiming-uniform, B zero); "
-                                        "gaussian (A Gaussian); pissa / olora (from the weight's principal "
-                                        "singular vectors / QR; the base's weights change while training and the "
-                                        "saved adapter is converted back to plain LoRA on the unchanged base); "
-                                        "loftq (on a QUANT_LEVEL=4bit base: A and B absorb its quantization error)")
-    use_rslora: bool = _f(False, "rsLoRA: scale the update by LORA_ALPHA / sqrt(LORA_R) instead of / LORA_R (PEFT "
-                                 "use_rslora), so high ranks keep learning")
-    method: Method = _f("lora", "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
-                                "prefixes); full (every weight: small models only)")
+    lora_targets: list[str] = _f(
+        [],
+        "Comma-separated module names; empty = every linear projection "
+        "of the model family; all-linear = PEFT's own choice of every linear "
+        "layer but the output head",
+    )
+    use_dora: bool = _f(
+        False,
+        "DoRA: LoRA on each weight's direction plus a trained magnitude per output (PEFT "
+        "use_dora; LLaMA-Factory use_dora); steps are slower",
+    )
+    lora_init: LoraInit = _f(
+        "default",
+        "How LoRA's A and B start: default = PEFT's (A Kaiming-uniform, B zero); "
+        "gaussian (A Gaussian); pissa / olora (from the weight's principal "
+        "singular vectors / QR; the base's weights change while training and the "
+        "saved adapter is converted back to plain LoRA on the unchanged base); "
+        "loftq (on a QUANT_LEVEL=4bit base: A and B absorb its quantization error)",
+    )
+    use_rslora: bool = _f(
+        False,
+        "rsLoRA: scale the update by LORA_ALPHA / sqrt(LORA_R) instead of / LORA_R (PEFT "
+        "use_rslora), so high ranks keep learning",
+    )
+    method: Method = _f(
+        "lora",
+        "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
+        "prefixes); full (every weight: small models only)",
+    )
     pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
     prefix_projection: bool = _f(False, "METHOD=ptuning: reparameterize prefixes through a 2-layer MLP")
 
 
-
-
 @dataclass(frozen=True)
 class ResourceArgs:
-    tier: TierName = _f("auto", "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
-                                "defaults. Variables you set always win over the tier")
+    tier: TierName = _f(
+        "auto",
+        "Resource tier: auto detects RAM/VRAM; a name forces one; none keeps the plain "
+        "defaults. Variables you set always win over the tier",
+    )
     quant_level: QuantLevel = _f("auto", "Weight quantization: auto = the tier's choice")
-    gradient_checkpointing: AutoOnOff = _f("auto", "Recompute activations in backward to save memory; auto = only "
-                                                   "when needed to fit")
+    gradient_checkpointing: AutoOnOff = _f(
+        "auto", "Recompute activations in backward to save memory; auto = only when needed to fit"
+    )
     memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
     memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
-    memory_guard: MemoryGuard = _f("backoff", "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
-                                              "(backoff), or checkpoint and stop (stop), or do nothing (off: also "
-                                              "loads a model whose weights are predicted not to fit)")
-    release_memory: AutoOnOff = _f("auto", "Return freed tensor memory to the OS at once (glibc mmap threshold "
-                                           "256 KB): RSS stays at what is in use, but page faults cost up to 2x the "
-                                           "step time of a small model; auto = only when the predicted peak is over "
-                                           "half the memory budget, or on CUDA")
+    memory_guard: MemoryGuard = _f(
+        "backoff",
+        "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
+        "(backoff), or checkpoint and stop (stop), or do nothing (off: also "
+        "loads a model whose weights are predicted not to fit)",
+    )
+    release_memory: AutoOnOff = _f(
+        "auto",
+        "Return freed tensor memory to the OS at once (glibc mmap threshold "
+        "256 KB): RSS stays at what is in use, but page faults cost up to 2x the "
+        "step time of a small model; auto = only when the predicted peak is over "
+        "half the memory budget, or on CUDA",
+    )
 
 
 @dataclass(frozen=True)
 class TrainArgs:
-    output_dir: str = _f("", "Where the adapter, checkpoints, metrics and plot go: a new or empty folder, or a run "
-                             "this tool wrote (marked by run_manifest.json); empty = models/<last part of MODEL_NAME>-"
-                             "<METHOD>, plus -<STAGE> for dpo/kto and -<data file> when DATA_PATH is not the default (e.g. "
-                             "models/tiny-lora, models/tiny-lora-mine-train, models/tiny-lora-dpo-pref), so runs of "
-                             "different models, methods, stages or data never collide")
-    stage: Stage = _f("sft", "What training learns from: sft (the answers as given); dpo (a chosen and a rejected "
-                             "answer per prompt, loss PREF_LOSS); kto (single answers labelled good or bad). dpo/kto "
-                             "train a new adapter on the base, or continue the SFT adapter in ADAPTER_DIR")
-    pref_loss: PrefLoss = _f("sigmoid", "STAGE=dpo: sigmoid (DPO), ipo, orpo or simpo; orpo and simpo need no "
-                                        "reference model (LLaMA-Factory pref_loss)")
-    pref_beta: float = _f(0.1, "STAGE=dpo/kto: the preference loss's beta: how far the policy may move from the "
-                               "reference (ORPO: the weight of its odds-ratio term)")
-    pref_ftx: float = _f(0.0, "STAGE=dpo: weight of an SFT loss on the chosen answers added to the preference "
-                              "loss (sigmoid/ipo/simpo; ORPO always has it)")
+    output_dir: str = _f(
+        "",
+        "Where the adapter, checkpoints, metrics and plot go: a new or empty folder, or a run "
+        "this tool wrote (marked by run_manifest.json); empty = models/<last part of MODEL_NAME>-"
+        "<METHOD>, plus -<STAGE> for dpo/kto and -<data file> when DATA_PATH is not the default (e.g. "
+        "models/tiny-lora, models/tiny-lora-mine-train, models/tiny-lora-dpo-pref), so runs of "
+        "different models, methods, stages or data never collide",
+    )
+    stage: Stage = _f(
+        "sft",
+        "What training learns from: sft (the answers as given); dpo (a chosen and a rejected "
+        "answer per prompt, loss PREF_LOSS); kto (single answers labelled good or bad). dpo/kto "
+        "train a new adapter on the base, or continue the SFT adapter in ADAPTER_DIR",
+    )
+    pref_loss: PrefLoss = _f(
+        "sigmoid",
+        "STAGE=dpo: sigmoid (DPO), ipo, orpo or simpo; orpo and simpo need no "
+        "reference model (LLaMA-Factory pref_loss)",
+    )
+    pref_beta: float = _f(
+        0.1,
+        "STAGE=dpo/kto: the preference loss's beta: how far the policy may move from the "
+        "reference (ORPO: the weight of its odds-ratio term)",
+    )
+    pref_ftx: float = _f(
+        0.0,
+        "STAGE=dpo: weight of an SFT loss on the chosen answers added to the preference "
+        "loss (sigmoid/ipo/simpo; ORPO always has it)",
+    )
     simpo_gamma: float = _f(0.5, "PREF_LOSS=simpo: the target reward margin")
     kto_chosen_weight: float = _f(1.0, "STAGE=kto: weight of the good answers' loss (raise it when they are rarer)")
     kto_rejected_weight: float = _f(1.0, "STAGE=kto: weight of the bad answers' loss")
@@ -150,45 +201,72 @@ class TrainArgs:
     warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
-    precision: Precision = _f("auto", "Compute precision: auto = bf16 autocast where the hardware has fast bf16 "
-                                      "(a CPU with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; "
-                                      "quantized CPU runs stay fp32 around their bf16 layers")
-    packing: AutoOnOff = _f("auto", "Concatenate each micro-batch's samples into rows with no padding; each sample "
-                                    "keeps its own positions, attention and label mask. auto = on where the model's "
-                                    "code supports it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)")
-    torch_compile: bool = _f(False, "Compile the model with torch.compile (minutes of compiling first; pays off "
-                                    "only on long runs; turns PACKING=auto off: compiled packed rows crash)")
-    neftune_alpha: float = _f(0.0, "NEFTune: uniform noise of this scale on the input embeddings while training "
-                                   "(the Trainer's neftune_noise_alpha; 5 is the paper's); 0 = off")
-    report_to: list[str] = _f(["tensorboard"], "Where metrics go besides metrics.jsonl, comma-separated: "
-                                                "tensorboard (OUTPUT_DIR/runs), wandb, mlflow, trackio, swanlab, or "
-                                                "none; offline unless their key or URI is set (pip install -r "
-                                                "requirements-trackers.txt)")
+    precision: Precision = _f(
+        "auto",
+        "Compute precision: auto = bf16 autocast where the hardware has fast bf16 "
+        "(a CPU with AVX512-BF16/AMX, a recent GPU), fp16 on older GPUs, else fp32; "
+        "quantized CPU runs stay fp32 around their bf16 layers",
+    )
+    packing: AutoOnOff = _f(
+        "auto",
+        "Concatenate each micro-batch's samples into rows with no padding; each sample "
+        "keeps its own positions, attention and label mask. auto = on where the model's "
+        "code supports it (native GLM/Qwen/Llama/Gemma-3, not P-Tuning)",
+    )
+    torch_compile: bool = _f(
+        False,
+        "Compile the model with torch.compile (minutes of compiling first; pays off "
+        "only on long runs; turns PACKING=auto off: compiled packed rows crash)",
+    )
+    neftune_alpha: float = _f(
+        0.0,
+        "NEFTune: uniform noise of this scale on the input embeddings while training "
+        "(the Trainer's neftune_noise_alpha; 5 is the paper's); 0 = off",
+    )
+    report_to: list[str] = _f(
+        ["tensorboard"],
+        "Where metrics go besides metrics.jsonl, comma-separated: "
+        "tensorboard (OUTPUT_DIR/runs), wandb, mlflow, trackio, swanlab, or "
+        "none; offline unless their key or URI is set (pip install -r "
+        "requirements-trackers.txt)",
+    )
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
     save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
     eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
     logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps")
     early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never")
     seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
-    resume: str = _f("auto", "Continue from a checkpoint (optimizer, scheduler, RNG, data position): auto = the "
-                             "newest complete one in OUTPUT_DIR/checkpoints, if any; or a checkpoint-N dir, or an "
-                             "output dir whose checkpoints/ holds one. Only with the model, data and optimizer "
-                             "settings it was trained with (a difference is refused, listed)")
-    overwrite: bool = _f(False, "Train into an OUTPUT_DIR that holds a finished run; the new run replaces it when "
-                                "it finishes (without this, such a run is refused). Over an unfinished run of other "
-                                "settings: train anew, removing its checkpoints")
+    resume: str = _f(
+        "auto",
+        "Continue from a checkpoint (optimizer, scheduler, RNG, data position): auto = the "
+        "newest complete one in OUTPUT_DIR/checkpoints, if any; or a checkpoint-N dir, or an "
+        "output dir whose checkpoints/ holds one. Only with the model, data and optimizer "
+        "settings it was trained with (a difference is refused, listed)",
+    )
+    overwrite: bool = _f(
+        False,
+        "Train into an OUTPUT_DIR that holds a finished run; the new run replaces it when "
+        "it finishes (without this, such a run is refused). Over an unfinished run of other "
+        "settings: train anew, removing its checkpoints",
+    )
 
 
 @dataclass(frozen=True)
 class DistArgs:
-    nproc: int = _f(1, "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
-                       "one GPU each); 1 = a plain single process")
+    nproc: int = _f(
+        1,
+        "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
+        "one GPU each); 1 = a plain single process",
+    )
     nnodes: int = _f(1, "Machines in a multi-node run: start the same command on each, with its own NODE_RANK")
     node_rank: int = _f(0, "This machine's index in a multi-node run, 0..NNODES-1 (node 0 hosts MASTER_ADDR)")
     master_addr: str = _f("127.0.0.1", "Address of node 0 that every node can reach (NNODES > 1)")
     master_port: int = _f(0, "Rendezvous port on node 0; 0 = a free port on one machine, 29500 across machines")
-    ds_config: str = _f("", "DeepSpeed JSON config on CUDA (pip install deepspeed), e.g. configs/ds_zero2.json or "
-                            "configs/ds_zero3.json; empty = plain DDP")
+    ds_config: str = _f(
+        "",
+        "DeepSpeed JSON config on CUDA (pip install deepspeed), e.g. configs/ds_zero2.json or "
+        "configs/ds_zero3.json; empty = plain DDP",
+    )
 
 
 @dataclass(frozen=True)
@@ -200,27 +278,44 @@ class PredictArgs:
     interactive: bool = _f(False, "predict INTERACTIVE=1 chats in the terminal until /exit or Ctrl-D (as `chat` does)")
     max_new_tokens: int = _f(256, "Tokens to generate per answer")
     temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
-    predict_batch_size: int = _f(8, "Prompts generated together in file mode, evaluation and F1 during training "
-                                         "(left-padded, with the KV cache)")
+    predict_batch_size: int = _f(
+        8, "Prompts generated together in file mode, evaluation and F1 during training (left-padded, with the KV cache)"
+    )
     merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
-    onnx_dir: str = _f("", "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
-                           "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>")
-    infer_backend: InferBackend = _f("torch", "What runs predict, chat, evaluate and serve: torch (transformers, the "
-                                              "adapter on its base) or llama.cpp (the run exported to GGUF at "
-                                              "GGUF_QUANT, reused while the adapter is unchanged; make setup-gguf)")
-    gguf_quant: GgufQuant = _f("q4_k_m", "make export-gguf / INFER_BACKEND=llama.cpp: the GGUF's weight type; "
-                                         "f16/bf16 are exact, q8_0 near-exact, k-quants smaller and faster")
-    gguf_dir: str = _f("", "make export-gguf: where the GGUF, its Ollama Modelfile and README go; empty = gguf/ in "
-                           "the adapter dir")
-    gguf_adapter_only: bool = _f(False, "make export-gguf: also write the LoRA alone as a GGUF adapter (llama.cpp "
-                                        "--lora) beside its base converted once")
+    onnx_dir: str = _f(
+        "",
+        "make export-onnx: where the ONNX export goes; empty = onnx/ in the merged dir "
+        "(merging first if needed); predict on it with ADAPTER_DIR=<that dir>",
+    )
+    infer_backend: InferBackend = _f(
+        "torch",
+        "What runs predict, chat, evaluate and serve: torch (transformers, the "
+        "adapter on its base) or llama.cpp (the run exported to GGUF at "
+        "GGUF_QUANT, reused while the adapter is unchanged; make setup-gguf)",
+    )
+    gguf_quant: GgufQuant = _f(
+        "q4_k_m",
+        "make export-gguf / INFER_BACKEND=llama.cpp: the GGUF's weight type; "
+        "f16/bf16 are exact, q8_0 near-exact, k-quants smaller and faster",
+    )
+    gguf_dir: str = _f(
+        "", "make export-gguf: where the GGUF, its Ollama Modelfile and README go; empty = gguf/ in the adapter dir"
+    )
+    gguf_adapter_only: bool = _f(
+        False,
+        "make export-gguf: also write the LoRA alone as a GGUF adapter (llama.cpp "
+        "--lora) beside its base converted once",
+    )
 
 
 @dataclass(frozen=True)
 class EvalArgs:
-    eval_path: str = _f("", "Records to evaluate (any DATA_FORMAT); empty = the records the adapter's run held out "
-                            "(its VAL_PATH, or its validation split of DATA_PATH); with ADAPTER_DIR=none, VAL_PATH, "
-                            "else data/dev.jsonl")
+    eval_path: str = _f(
+        "",
+        "Records to evaluate (any DATA_FORMAT); empty = the records the adapter's run held out "
+        "(its VAL_PATH, or its validation split of DATA_PATH); with ADAPTER_DIR=none, VAL_PATH, "
+        "else data/dev.jsonl",
+    )
     eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
     eval_metric: EvalMetric = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)")
     eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
@@ -230,29 +325,49 @@ class EvalArgs:
 
 @dataclass(frozen=True)
 class ServeArgs:
-    serve_host: str = _f("127.0.0.1", "make serve: the address the API listens on; 127.0.0.1 = this machine only, "
-                                      "0.0.0.0 = every interface (the container sets it behind a loopback port)")
+    serve_host: str = _f(
+        "127.0.0.1",
+        "make serve: the address the API listens on; 127.0.0.1 = this machine only, "
+        "0.0.0.0 = every interface (the container sets it behind a loopback port)",
+    )
     serve_port: int = _f(8000, "make serve: the API's port")
-    adapters: str = _f("", "make serve: the adapters to serve, comma-separated dirs or name=dir; empty = every "
-                           "trained run under models/; none = the base model only")
+    adapters: str = _f(
+        "",
+        "make serve: the adapters to serve, comma-separated dirs or name=dir; empty = every "
+        "trained run under models/; none = the base model only",
+    )
     api_key: str = _f("", "make serve: when set, every /v1 request needs 'Authorization: Bearer <API_KEY>'")
     serve_max_queue: int = _f(32, "make serve: requests waiting beyond this many are answered 429 (busy)")
-    serve_batch_size: int = _f(8, "make serve: the most requests for the same adapter generated together; a "
-                                  "request joins the running batch between decode steps while it has room")
-    serve_batch_wait_ms: int = _f(20, "make serve: how long the first request of a new batch waits for others to "
-                                      "start with (later ones join it as it runs)")
+    serve_batch_size: int = _f(
+        8,
+        "make serve: the most requests for the same adapter generated together; a "
+        "request joins the running batch between decode steps while it has room",
+    )
+    serve_batch_wait_ms: int = _f(
+        20,
+        "make serve: how long the first request of a new batch waits for others to "
+        "start with (later ones join it as it runs)",
+    )
     serve_max_prompt_tokens: int = _f(2048, "make serve: a longer prompt is answered 400")
-    serve_max_tokens: int = _f(1024, "make serve: the most max_tokens a request may ask for (400 above it); a "
-                                     "request without max_tokens gets MAX_NEW_TOKENS")
+    serve_max_tokens: int = _f(
+        1024,
+        "make serve: the most max_tokens a request may ask for (400 above it); a "
+        "request without max_tokens gets MAX_NEW_TOKENS",
+    )
     serve_max_body_kb: int = _f(256, "make serve: a larger request body is answered 400")
 
 
 @dataclass(frozen=True)
 class WebuiArgs:
-    webui_host: str = _f("127.0.0.1", "make webui: the address the web UI listens on; 127.0.0.1 = this machine only; "
-                                      "any other address needs WEBUI_AUTH")
+    webui_host: str = _f(
+        "127.0.0.1",
+        "make webui: the address the web UI listens on; 127.0.0.1 = this machine only; "
+        "any other address needs WEBUI_AUTH",
+    )
     webui_port: int = _f(7860, "make webui: the web UI's port")
-    webui_auth: str = _f("", "make webui: user:password that the browser must give (required unless WEBUI_HOST is a "
-                             "loopback address)")
-    webui_max_upload_mb: int = _f(512, "make webui: the largest data file an upload may be (a bigger one: copy it "
-                                       "into data/ and pick it)")
+    webui_auth: str = _f(
+        "", "make webui: user:password that the browser must give (required unless WEBUI_HOST is a loopback address)"
+    )
+    webui_max_upload_mb: int = _f(
+        512, "make webui: the largest data file an upload may be (a bigger one: copy it into data/ and pick it)"
+    )

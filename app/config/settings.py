@@ -9,6 +9,7 @@ Precedence, highest first: CLI ``KEY=value`` > process environment > ``.env`` > 
 This module imports only the standard library (python-dotenv lazily), so ``make help``
 works before the virtualenv exists.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from app.config.fields import (ALL, TIERED, TRACKER_NAMES, ConfigError, DataArgs, DistArgs, EvalArgs, LoraArgs,
-                               ModelArgs, PredictArgs,
-                               ResourceArgs, ServeArgs, TrainArgs, WebuiArgs)
+from app.config.fields import (
+    ALL,
+    TIERED,
+    TRACKER_NAMES,
+    ConfigError,
+    DataArgs,
+    DistArgs,
+    EvalArgs,
+    LoraArgs,
+    ModelArgs,
+    PredictArgs,
+    ResourceArgs,
+    ServeArgs,
+    TrainArgs,
+    WebuiArgs,
+)
 from app.config.sources import adapter_base, read_dotenv, unknown_problem, default_output_dir, make_overrides
 
 
@@ -38,8 +52,12 @@ class Config:
     evaluation: EvalArgs = field(default_factory=EvalArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)
     webui: WebuiArgs = field(default_factory=WebuiArgs)
-    explicit: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
-                               metadata={"help": "not a setting: names the user set explicitly"})
+    explicit: frozenset[str] = field(
+        default_factory=frozenset,
+        repr=False,
+        compare=False,
+        metadata={"help": "not a setting: names the user set explicitly"},
+    )
 
     # ---- introspection -------------------------------------------------------------
     @classmethod
@@ -72,8 +90,13 @@ class Config:
 
     # ---- loading ---------------------------------------------------------------------
     @classmethod
-    def load(cls, overrides: dict[str, str] | None = None, env: dict[str, str] | None = None,
-             dotenv_path: str | Path | None = ".env", validate: bool = True) -> "Config":
+    def load(
+        cls,
+        overrides: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        dotenv_path: str | Path | None = ".env",
+        validate: bool = True,
+    ) -> "Config":
         """Defaults < .env < environment < overrides. Raises ConfigError listing every problem.
 
         ``validate=False``: unknown names and unparsable values still raise, but the range checks
@@ -91,7 +114,9 @@ class Config:
         layers: list[dict[str, Any]] = [dotenv, env, overrides or {}]
         known = cls.variables()
         problems = [p for p in (unknown_problem(k, f"in {dotenv_path}", known) for k in dotenv) if p]
-        problems += [p for p in (unknown_problem(k, "on the make command line", known) for k in make_overrides(env)) if p]
+        problems += [
+            p for p in (unknown_problem(k, "on the make command line", known) for k in make_overrides(env)) if p
+        ]
         problems += [p for p in (unknown_problem(k, None, known) for k in layers[2]) if p]
         values: dict[str, Any] = {}  # the variables the user set, in any layer (tiers and predict defer to them)
         for layer in layers:
@@ -109,9 +134,13 @@ class Config:
             model = cfg.model.model_name  # STAGE=dpo/kto continuing ADAPTER_DIR trains on that adapter's base
             if cfg.train.stage != "sft" and cfg.predict.adapter_dir.strip() and "MODEL_NAME" not in cfg.explicit:
                 model = adapter_base(cfg.predict.adapter_dir) or model
-            cfg = cfg.replace({"OUTPUT_DIR": default_output_dir(model, cfg.lora.method,
-                                                                cfg.data.data_path, DataArgs().data_path,
-                                                                cfg.train.stage)})
+            cfg = cfg.replace(
+                {
+                    "OUTPUT_DIR": default_output_dir(
+                        model, cfg.lora.method, cfg.data.data_path, DataArgs().data_path, cfg.train.stage
+                    )
+                }
+            )
         if problems or validate:  # range problems of the parsable values too: all at once
             try:
                 cfg.validate()
@@ -144,8 +173,10 @@ class Config:
         need(m.num_threads >= 0, f"NUM_THREADS={m.num_threads} must be >= 0 (0 = all cores)")
         need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
         need(d.num_proc >= 0, f"NUM_PROC={d.num_proc} must be >= 0 (0 = one worker per CPU)")
-        need(d.max_samples is None or d.max_samples >= 1,
-             f"MAX_SAMPLES={d.max_samples} must be >= 1, or MAX_SAMPLES=all for every record")
+        need(
+            d.max_samples is None or d.max_samples >= 1,
+            f"MAX_SAMPLES={d.max_samples} must be >= 1, or MAX_SAMPLES=all for every record",
+        )
         need(0 <= d.val_size < 1, f"VAL_SIZE={d.val_size} must be in [0, 1), e.g. 0.1")
         need(d.max_seq_len >= 16, f"MAX_SEQ_LEN={d.max_seq_len} is too short; use at least 16 (e.g. 512)")
         need(0 <= d.max_bad_ratio <= 1, f"MAX_BAD_RATIO={d.max_bad_ratio} must be in [0, 1]")
@@ -160,57 +191,88 @@ class Config:
         need(0 < t.learning_rate < 1, f"LEARNING_RATE={t.learning_rate} must be in (0, 1), e.g. 2e-4")
         need(0 <= t.warmup_ratio < 1, f"WARMUP_RATIO={t.warmup_ratio} must be in [0, 1)")
         need(t.weight_decay >= 0, f"WEIGHT_DECAY={t.weight_decay} must be >= 0")
-        need(not (t.precision == "bf16" and self.resources.quant_level in ("8bit", "4bit")),
-             f"PRECISION=bf16 autocast is for unquantized weights; 4-bit already computes in bf16 where supported "
-             f"(QUANT_LEVEL={self.resources.quant_level}); use PRECISION=auto")
+        need(
+            not (t.precision == "bf16" and self.resources.quant_level in ("8bit", "4bit")),
+            f"PRECISION=bf16 autocast is for unquantized weights; 4-bit already computes in bf16 where supported "
+            f"(QUANT_LEVEL={self.resources.quant_level}); use PRECISION=auto",
+        )
         need(t.max_grad_norm >= 0, f"MAX_GRAD_NORM={t.max_grad_norm} must be >= 0 (0 = no clipping)")
         for var in ("SAVE_STEPS", "EVAL_STEPS", "LOGGING_STEPS"):
             need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
         need(t.early_stopping_patience >= 0, f"EARLY_STOPPING_PATIENCE={t.early_stopping_patience} must be >= 0")
-        need(not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
-             "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0")
+        need(
+            not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
+            "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0",
+        )
         rs = self.resources
-        need(not (lo.method == "qlora" and rs.quant_level in ("none", "8bit")),
-             f"METHOD=qlora means LoRA on a 4-bit model, but QUANT_LEVEL={rs.quant_level}; "
-             "set QUANT_LEVEL=4bit (or auto), or METHOD=lora")
-        need(not (lo.method == "full" and rs.quant_level in ("8bit", "4bit")),
-             f"METHOD=full trains every weight, which cannot be quantized (QUANT_LEVEL={rs.quant_level}); "
-             "set QUANT_LEVEL=none, or METHOD=qlora")
+        need(
+            not (lo.method == "qlora" and rs.quant_level in ("none", "8bit")),
+            f"METHOD=qlora means LoRA on a 4-bit model, but QUANT_LEVEL={rs.quant_level}; "
+            "set QUANT_LEVEL=4bit (or auto), or METHOD=lora",
+        )
+        need(
+            not (lo.method == "full" and rs.quant_level in ("8bit", "4bit")),
+            f"METHOD=full trains every weight, which cannot be quantized (QUANT_LEVEL={rs.quant_level}); "
+            "set QUANT_LEVEL=none, or METHOD=qlora",
+        )
         for var in ("USE_DORA", "USE_RSLORA"):
-            need(not (self.get(var) and lo.method in ("ptuning", "full")),
-                 f"{var}=true is a LoRA variant, but METHOD={lo.method} trains no LoRA; set METHOD=lora or qlora, "
-                 f"or {var}=false")
+            need(
+                not (self.get(var) and lo.method in ("ptuning", "full")),
+                f"{var}=true is a LoRA variant, but METHOD={lo.method} trains no LoRA; set METHOD=lora or qlora, "
+                f"or {var}=false",
+            )
         for name in t.report_to:
-            need(name in TRACKER_NAMES, f"REPORT_TO={','.join(t.report_to)}: {name!r} is not one of "
-                                        f"{', '.join(TRACKER_NAMES)}")
-        need(not ("none" in t.report_to and len(t.report_to) > 1),
-             f"REPORT_TO={','.join(t.report_to)}: none means no tracker; give it alone")
-        need(not (lo.lora_init != "default" and lo.method in ("ptuning", "full")),
-             f"LORA_INIT={lo.lora_init} starts LoRA weights, but METHOD={lo.method} trains no LoRA; set METHOD=lora "
-             "or qlora, or leave LORA_INIT unset")
-        need(not (lo.lora_init == "loftq" and (rs.quant_level in ("none", "8bit"))),
-             f"LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but QUANT_LEVEL={rs.quant_level}; "
-             "set QUANT_LEVEL=4bit (or METHOD=qlora), or another LORA_INIT")
-        need(not (lo.lora_init in ("pissa", "olora") and rs.quant_level in ("8bit", "4bit")),
-             f"LORA_INIT={lo.lora_init} rewrites the base's weights while training, which a QUANT_LEVEL="
-             f"{rs.quant_level} base cannot hold exactly; set QUANT_LEVEL=none, or LORA_INIT=default")
-        need(not (lo.lora_init == "loftq" and t.precision == "bf16"),
-             "LORA_INIT=loftq needs a 4-bit base, but PRECISION=bf16 autocast is for unquantized weights; "
-             "use PRECISION=auto, or another LORA_INIT")
-        need(not (lo.method == "ptuning" and rs.gradient_checkpointing == "on"),
-             "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through "
-             "checkpointed layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora")
+            need(
+                name in TRACKER_NAMES,
+                f"REPORT_TO={','.join(t.report_to)}: {name!r} is not one of {', '.join(TRACKER_NAMES)}",
+            )
+        need(
+            not ("none" in t.report_to and len(t.report_to) > 1),
+            f"REPORT_TO={','.join(t.report_to)}: none means no tracker; give it alone",
+        )
+        need(
+            not (lo.lora_init != "default" and lo.method in ("ptuning", "full")),
+            f"LORA_INIT={lo.lora_init} starts LoRA weights, but METHOD={lo.method} trains no LoRA; set METHOD=lora "
+            "or qlora, or leave LORA_INIT unset",
+        )
+        need(
+            not (lo.lora_init == "loftq" and (rs.quant_level in ("none", "8bit"))),
+            f"LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but QUANT_LEVEL={rs.quant_level}; "
+            "set QUANT_LEVEL=4bit (or METHOD=qlora), or another LORA_INIT",
+        )
+        need(
+            not (lo.lora_init in ("pissa", "olora") and rs.quant_level in ("8bit", "4bit")),
+            f"LORA_INIT={lo.lora_init} rewrites the base's weights while training, which a QUANT_LEVEL="
+            f"{rs.quant_level} base cannot hold exactly; set QUANT_LEVEL=none, or LORA_INIT=default",
+        )
+        need(
+            not (lo.lora_init == "loftq" and t.precision == "bf16"),
+            "LORA_INIT=loftq needs a 4-bit base, but PRECISION=bf16 autocast is for unquantized weights; "
+            "use PRECISION=auto, or another LORA_INIT",
+        )
+        need(
+            not (lo.method == "ptuning" and rs.gradient_checkpointing == "on"),
+            "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through "
+            "checkpointed layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora",
+        )
         need(t.pref_beta > 0, f"PREF_BETA={t.pref_beta} must be > 0, e.g. 0.1")
         for var in ("PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT"):
             need(self.get(var) >= 0, f"{var}={self.get(var)} must be >= 0")
-        need(not (t.stage == "kto" and t.batch_size < 2 and ("BATCH_SIZE" in self.explicit or
-                                                              self.resources.tier == "none")),
-             f"STAGE=kto needs BATCH_SIZE of 2 or more (its KL term pairs each answer with another of the same "
-             f"micro-batch), but BATCH_SIZE={t.batch_size}; set BATCH_SIZE=2 (GRAD_ACCUM=4 keeps about the same "
-             "samples per step)")
-        need(not (t.stage != "sft" and lo.method == "ptuning"),
-             f"STAGE={t.stage} turns the adapter off for its reference model, which P-Tuning prefixes cannot do here; "
-             "use METHOD=lora or qlora")
+        need(
+            not (
+                t.stage == "kto"
+                and t.batch_size < 2
+                and ("BATCH_SIZE" in self.explicit or self.resources.tier == "none")
+            ),
+            f"STAGE=kto needs BATCH_SIZE of 2 or more (its KL term pairs each answer with another of the same "
+            f"micro-batch), but BATCH_SIZE={t.batch_size}; set BATCH_SIZE=2 (GRAD_ACCUM=4 keeps about the same "
+            "samples per step)",
+        )
+        need(
+            not (t.stage != "sft" and lo.method == "ptuning"),
+            f"STAGE={t.stage} turns the adapter off for its reference model, which P-Tuning prefixes cannot do here; "
+            "use METHOD=lora or qlora",
+        )
         need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
         need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
         need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")
@@ -219,29 +281,40 @@ class Config:
         ds = self.distributed
         need(ds.nproc >= 1, f"NPROC={ds.nproc} must be >= 1 (processes on this machine)")
         need(ds.nnodes >= 1, f"NNODES={ds.nnodes} must be >= 1 (machines)")
-        need(0 <= ds.node_rank < max(ds.nnodes, 1),
-             f"NODE_RANK={ds.node_rank} must be in 0..NNODES-1 (NNODES={ds.nnodes}); node 0 hosts MASTER_ADDR")
+        need(
+            0 <= ds.node_rank < max(ds.nnodes, 1),
+            f"NODE_RANK={ds.node_rank} must be in 0..NNODES-1 (NNODES={ds.nnodes}); node 0 hosts MASTER_ADDR",
+        )
         need(0 <= ds.master_port <= 65535, f"MASTER_PORT={ds.master_port} must be a port in 0..65535 (0 = auto)")
         need(bool(ds.master_addr.strip()), "MASTER_ADDR is empty; set node 0's address, e.g. 10.0.0.1")
         need(bool(t.resume.strip()), "RESUME is empty; use RESUME=auto or the path of a checkpoint")
         need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
         need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
         need(pr.predict_batch_size >= 1, f"PREDICT_BATCH_SIZE={pr.predict_batch_size} must be >= 1")
-        need(not (t.packing == "on" and lo.method == "ptuning"),
-             "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
-             "use PACKING=auto or off")
+        need(
+            not (t.packing == "on" and lo.method == "ptuning"),
+            "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
+            "use PACKING=auto or off",
+        )
         sv = self.serve
         need(bool(sv.serve_host.strip()), "SERVE_HOST is empty; use 127.0.0.1 (this machine) or 0.0.0.0")
         need(1 <= sv.serve_port <= 65535, f"SERVE_PORT={sv.serve_port} must be a port in 1..65535, e.g. 8000")
-        for var in ("SERVE_MAX_QUEUE", "SERVE_BATCH_SIZE", "SERVE_MAX_PROMPT_TOKENS", "SERVE_MAX_TOKENS",
-                    "SERVE_MAX_BODY_KB"):
+        for var in (
+            "SERVE_MAX_QUEUE",
+            "SERVE_BATCH_SIZE",
+            "SERVE_MAX_PROMPT_TOKENS",
+            "SERVE_MAX_TOKENS",
+            "SERVE_MAX_BODY_KB",
+        ):
             need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
         need(sv.serve_batch_wait_ms >= 0, f"SERVE_BATCH_WAIT_MS={sv.serve_batch_wait_ms} must be >= 0 (0 = no wait)")
         ui = self.webui
         need(bool(ui.webui_host.strip()), "WEBUI_HOST is empty; use 127.0.0.1 (this machine only)")
         need(1 <= ui.webui_port <= 65535, f"WEBUI_PORT={ui.webui_port} must be a port in 1..65535, e.g. 7860")
-        need(not ui.webui_auth or ui.webui_auth.count(":") >= 1 and all(ui.webui_auth.split(":", 1)),
-             "WEBUI_AUTH must be user:password (both non-empty)")
+        need(
+            not ui.webui_auth or ui.webui_auth.count(":") >= 1 and all(ui.webui_auth.split(":", 1)),
+            "WEBUI_AUTH must be user:password (both non-empty)",
+        )
         need(ui.webui_max_upload_mb >= 1, f"WEBUI_MAX_UPLOAD_MB={ui.webui_max_upload_mb} must be >= 1")
         if p:
             raise ConfigError(p)
@@ -255,8 +328,9 @@ class Config:
                 lines.append(f"[{sec}]")
                 section = sec
             extra = f" [{'|'.join(choices)}]" if choices else ""
-            tiered = " (unset, TIER=auto decides it from RAM/VRAM: `make info` shows the value)" \
-                if var in TIERED else ""
+            tiered = (
+                " (unset, TIER=auto decides it from RAM/VRAM: `make info` shows the value)" if var in TIERED else ""
+            )
             lines.append(f"  {var:<24} = {shown!s:<22} {help_}{extra}{tiered}")
         return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """Where settings come from besides KEY=value arguments: .env, the environment, the make command
 line (MAKEFLAGS), and the one-line problem for a name that is no setting. Standard library only."""
+
 from __future__ import annotations
 
 import difflib
@@ -20,13 +21,47 @@ def read_dotenv(path: str | Path | None) -> dict[str, str]:
 
 # Names that .env and the make command line may hold besides the settings: docker compose
 # (docker-compose*.yml) and the Makefile read these, and libraries read the prefixed ones.
-OTHER_VARIABLES = frozenset({
-    "RUNTIME", "CUDA", "VENV", "PYTHON", "TORCH_INDEX_URL", "UID", "GID", "MEM_LIMIT", "CPUS", "ENV_FILE",
-    "BASE_IMAGE", "CUDA_BASE_IMAGE", "CUDA_TORCH_INDEX_URL", "GPU_COUNT", "STOP_GRACE_PERIOD", "SHARED_DIR",
-    "REQUIRE_REAL_DATA", "PYTEST_ARGS",
-})
-OTHER_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "PYTORCH_", "CUDA_", "NCCL_",
-                  "OMP_", "MKL_", "KMP_", "BNB_", "ACCELERATE_", "DS_", "COMPOSE_", "DOCKER_", "PIP_")
+OTHER_VARIABLES = frozenset(
+    {
+        "RUNTIME",
+        "CUDA",
+        "VENV",
+        "PYTHON",
+        "TORCH_INDEX_URL",
+        "UID",
+        "GID",
+        "MEM_LIMIT",
+        "CPUS",
+        "ENV_FILE",
+        "BASE_IMAGE",
+        "CUDA_BASE_IMAGE",
+        "CUDA_TORCH_INDEX_URL",
+        "GPU_COUNT",
+        "STOP_GRACE_PERIOD",
+        "SHARED_DIR",
+        "REQUIRE_REAL_DATA",
+        "PYTEST_ARGS",
+    }
+)
+OTHER_PREFIXES = (
+    "HF_",
+    "HUGGINGFACE_",
+    "TRANSFORMERS_",
+    "TOKENIZERS_",
+    "TORCH_",
+    "PYTORCH_",
+    "CUDA_",
+    "NCCL_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "BNB_",
+    "ACCELERATE_",
+    "DS_",
+    "COMPOSE_",
+    "DOCKER_",
+    "PIP_",
+)
 
 
 def unknown_problem(key: str, where: str | None, known: dict[str, Any]) -> str | None:
@@ -40,8 +75,9 @@ def unknown_problem(key: str, where: str | None, known: dict[str, Any]) -> str |
     if where is not None and not near and (var in OTHER_VARIABLES or var.startswith(OTHER_PREFIXES)):
         return None
     hint = near[:1] or difflib.get_close_matches(var, known, n=1)
-    return (f"{key}{f' ({where})' if where else ''}: unknown setting; " +
-            (f"did you mean {hint[0]}?" if hint else "see `python -m app --help` (make help) for the settings"))
+    return f"{key}{f' ({where})' if where else ''}: unknown setting; " + (
+        f"did you mean {hint[0]}?" if hint else "see `python -m app --help` (make help) for the settings"
+    )
 
 
 def _edits(a: str, b: str) -> int:
@@ -70,8 +106,9 @@ def make_overrides(env: dict[str, str]) -> list[str]:
     return names
 
 
-def default_output_dir(model_name: str, method: str, data_path: str = "", default_data: str = "",
-                       stage: str = "sft") -> str:
+def default_output_dir(
+    model_name: str, method: str, data_path: str = "", default_data: str = "", stage: str = "sft"
+) -> str:
     """models/<last part of MODEL_NAME>-<METHOD>[-<STAGE> unless sft], and -<data> when DATA_PATH is not the
     default's: the quick start's tiny run, a real run, a DPO run and a run on your own data each get their
     own dir, so none refuses another as a finished run. <data> is the file's stem, after its folder's name unless that is data/

@@ -5,6 +5,7 @@ make one the same way, as a child of this process's own memory cgroup, so that a
 what a user's 8 GB PC or container gives it: the tool reads the limit, and the kernel's OOM killer
 acts at it. Creating one needs root (or a delegated cgroup); ``create`` returns None where it cannot.
 """
+
 from __future__ import annotations
 
 import uuid

@@ -6,6 +6,7 @@ a RuntimeError from torch.save's zip writer (``[enforce fail at inline_container
 tells them apart from other failures by asking the file system, not by trusting the message alone.
 Standard library only.
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,8 +15,15 @@ import shutil
 from pathlib import Path
 
 # What native writers say when a write came up short; only believed when the disk is (nearly) full too.
-_SHORT_WRITE = ("unexpected pos", "iostream error", "no space left", "file write failed", "write failed",
-                "disk quota", "failed to write")
+_SHORT_WRITE = (
+    "unexpected pos",
+    "iostream error",
+    "no space left",
+    "file write failed",
+    "write failed",
+    "disk quota",
+    "failed to write",
+)
 LOW_BYTES = 1 << 20  # under this much free, a failed write is taken for a full disk
 
 
@@ -52,15 +60,18 @@ def human(n: float | None) -> str:
     return f"{int(n)} bytes"
 
 
-def full_line(setting: str, path: str | Path, doing: str, need: float | None, kept: str, again: str,
-              fix: str = "") -> str:
+def full_line(
+    setting: str, path: str | Path, doing: str, need: float | None, kept: str, again: str, fix: str = ""
+) -> str:
     """The one line for a full disk while ``doing`` under ``path`` (named by ``setting``, if a setting names it)."""
     free = free_bytes(path)
     needs = f"needs about {human(need)}, " if need else ""
     fix = fix or f"free some space there or set {setting} on a bigger disk"
-    return (f"{f'{setting}={path}' if setting else path}: no space left on the device while {doing} ({needs}"
-            f"{human(free)} free on "
-            f"{_mount_of(path)}); {kept}. {fix[0].upper()}{fix[1:]}, then {again}")
+    return (
+        f"{f'{setting}={path}' if setting else path}: no space left on the device while {doing} ({needs}"
+        f"{human(free)} free on "
+        f"{_mount_of(path)}); {kept}. {fix[0].upper()}{fix[1:]}, then {again}"
+    )
 
 
 def shortfall(setting: str, path: str | Path, need: float, what: str, fix: str = "") -> str | None:
@@ -69,8 +80,10 @@ def shortfall(setting: str, path: str | Path, need: float, what: str, fix: str =
     if free is None or free >= need:
         return None
     fix = fix or f"free some space there, or set {setting} on a bigger disk"
-    return (f"{setting}={path}: {what} needs about {human(need)} and only {human(free)} are free on "
-            f"{_mount_of(path)}; {fix}")
+    return (
+        f"{setting}={path}: {what} needs about {human(need)} and only {human(free)} are free on "
+        f"{_mount_of(path)}; {fix}"
+    )
 
 
 def _mount_of(path: str | Path) -> str:

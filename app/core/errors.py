@@ -1,4 +1,5 @@
 """The one exception type the CLI turns into a single clear line and a non-zero exit."""
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ Each is recorded with its SHA-256 in ``.generated.json`` beside it. Such a file 
 still has the recorded hash: once someone edits it, it is theirs. `make clean` removes only the sample data
 (kind ``sample``), which it can write again; predictions cost a model run and stay. Standard library only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,8 +64,7 @@ def write_manifest(folder: Path, rows: dict[str, tuple[str, str]]) -> None:
 def is_unchanged(path: Path, kind: str | None = None) -> bool:
     """True when ``path`` is a file this tool wrote (of ``kind``, if given) and nobody changed since."""
     row = recorded(path.parent).get(path.name)
-    return (row is not None and (kind is None or row[1] == kind) and path.is_file()
-            and sha256(path) == row[0])
+    return row is not None and (kind is None or row[1] == kind) and path.is_file() and sha256(path) == row[0]
 
 
 def replace_problem(path: Path, setting: str) -> str | None:
@@ -72,13 +72,17 @@ def replace_problem(path: Path, setting: str) -> str | None:
     if path.is_dir():
         return f"{setting}={path} is a directory; point {setting} at a file"
     if path.exists() and not is_unchanged(path):
-        return (f"{setting}={path} exists and this tool did not write it (or it was changed since); it is never "
-                f"replaced: choose another {setting}, or move that file away")
+        return (
+            f"{setting}={path} exists and this tool did not write it (or it was changed since); it is never "
+            f"replaced: choose another {setting}, or move that file away"
+        )
     return None
 
 
 def refuse_unless_generated(path: Path, command: str) -> None:
     """Before ``command`` rewrites one of its own generated files: refuse if a user's file is there."""
     if path.exists() and not is_unchanged(path):
-        raise UserError(f"{command} writes {path}, but a file that this tool did not write (or that was changed "
-                        "since) is there; move it elsewhere, then run the command again")
+        raise UserError(
+            f"{command} writes {path}, but a file that this tool did not write (or that was changed "
+            "since) is there; move it elsewhere, then run the command again"
+        )

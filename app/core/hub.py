@@ -1,5 +1,6 @@
 """The Hugging Face hub, when it cannot be reached: fail (or load from the cache) at once, and say what
 the local HF cache holds of a model and how to download the rest."""
+
 from __future__ import annotations
 
 import logging

@@ -10,6 +10,7 @@ its own must never be taken for one, or `remove-run` would delete its files. Sta
 Only the entries such a folder's writer made count as the tool's; README.md only when it is PEFT's model card
 (a run in a user's folder may have kept the user's own).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -33,8 +34,9 @@ def _json(path: Path) -> dict:
 
 def _old_run(folder: Path) -> bool:
     config = _json(folder / "train_config.json")
-    return ("MODEL_NAME" in config and "OUTPUT_DIR" in config) or \
-        any(folder.glob("checkpoints/checkpoint-*/checkpoint_complete.json"))
+    return ("MODEL_NAME" in config and "OUTPUT_DIR" in config) or any(
+        folder.glob("checkpoints/checkpoint-*/checkpoint_complete.json")
+    )
 
 
 _CACHE_KEY = "[0-9a-f]" * 24  # app.data.cache.cache_key
@@ -45,20 +47,61 @@ def _old_cache(folder: Path) -> bool:
 
 
 def _old_reports(folder: Path) -> bool:
-    return "n_samples" in _json(folder / "report.json") and (folder / "report.md").is_file() \
+    return (
+        "n_samples" in _json(folder / "report.json")
+        and (folder / "report.md").is_file()
         and (folder / "predictions.jsonl").is_file()
+    )
 
 
 LEGACY = {
-    "train": Legacy(_old_run, (
-        "adapter_model.safetensors", "adapter_config.json", "model*.safetensors", "model.safetensors.index.json",
-        "config.json", "generation_config.json", "README.md", "tokenizer*", "special_tokens_map.json",
-        "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken", "chat_template.*", "data_report.json",
-        "train_config.json", "summary.json", "metrics.jsonl", "loss_curve.png", "best", "checkpoints", "runs",
-        "mlflow.db", "wandb", "swanlab*", "trackio", "eval", "merged", "onnx")),
+    "train": Legacy(
+        _old_run,
+        (
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "model*.safetensors",
+            "model.safetensors.index.json",
+            "config.json",
+            "generation_config.json",
+            "README.md",
+            "tokenizer*",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "vocab.*",
+            "merges.txt",
+            "*.tiktoken",
+            "chat_template.*",
+            "data_report.json",
+            "train_config.json",
+            "summary.json",
+            "metrics.jsonl",
+            "loss_curve.png",
+            "best",
+            "checkpoints",
+            "runs",
+            "mlflow.db",
+            "wandb",
+            "swanlab*",
+            "trackio",
+            "eval",
+            "merged",
+            "onnx",
+        ),
+    ),
     "token-cache": Legacy(_old_cache, (_CACHE_KEY, f".{_CACHE_KEY}.lock", ".*.partial-*")),
-    "evaluate": Legacy(_old_reports, ("report.json", "report.md", "predictions.jsonl", "per_predicate_f1.png",
-                                      ".per_predicate_f1.png.tmp", ".report.*", ".predictions.jsonl.*")),
+    "evaluate": Legacy(
+        _old_reports,
+        (
+            "report.json",
+            "report.md",
+            "predictions.jsonl",
+            "per_predicate_f1.png",
+            ".per_predicate_f1.png.tmp",
+            ".report.*",
+            ".predictions.jsonl.*",
+        ),
+    ),
 }
 
 

@@ -14,6 +14,7 @@ told apart from the inputs, and the web UI's data picker would offer them as tra
 Folders written before the marker existed are recognised by their contents (app.core.legacy) and adopted:
 only the entries this tool writes count as the run's. Standard library only.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,8 +74,9 @@ def foreign_entries(folder: str | Path) -> list[str]:
     return sorted(n for n in _names(folder) if n not in owned)
 
 
-def write_problem(folder: str | Path, setting: str, kind: str, refused: str | None = None,
-                  instead: str = "") -> str | None:
+def write_problem(
+    folder: str | Path, setting: str, kind: str, refused: str | None = None, instead: str = ""
+) -> str | None:
     """Why ``folder`` may not be written into as a ``kind`` folder, or None. ``refused``: refused_why's
     answer for it; ``instead``: an example of a good value for the message."""
     folder = Path(folder)
@@ -91,14 +93,18 @@ def write_problem(folder: str | Path, setting: str, kind: str, refused: str | No
         return None
     shown = ", ".join(n + ("/" if (folder / n).is_dir() else "") for n in foreign[:3])
     more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-    return (f"{setting}={folder} holds files this tool did not write ({shown}{more}); it writes only into a new "
-            f"or empty folder, or one it made (marked by {MARKER}): {fix}, or move those files away")
+    return (
+        f"{setting}={folder} holds files this tool did not write ({shown}{more}); it writes only into a new "
+        f"or empty folder, or one it made (marked by {MARKER}): {fix}, or move those files away"
+    )
 
 
 def refused_line(folder: str | Path, setting: str, refused: str, instead: str = "") -> str:
     """The one line for a folder refused whatever it holds (``refused``: refused_why's answer)."""
-    return (f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: choose another "
-            f"{setting}" + (f", e.g. {setting}={instead}" if instead else ""))
+    return (
+        f"{setting}={folder} is {refused}; this tool writes only into a folder of its own: choose another "
+        f"{setting}" + (f", e.g. {setting}={instead}" if instead else "")
+    )
 
 
 def refused_why(folder: str | Path, inputs: Mapping[str, str | Path], project: str | Path = ".") -> str | None:
@@ -106,10 +112,13 @@ def refused_why(folder: str | Path, inputs: Mapping[str, str | Path], project: s
     ``inputs``: how each input is named (``DATA_PATH=x``) -> its path; ``project``: the project's root."""
     target = _real(folder)
     root = _real(project)
-    named = {_home(): "your home directory", Path("/"): "the filesystem root", root: "the project's root folder",
-             root / "data": "the project's data/ folder (your data files)",
-             root / "models": "the project's models/ folder (every run and model lives in a folder of its own "
-                              "under it)"}  # later names win where two are one folder (a container's HOME=/app)
+    named = {
+        _home(): "your home directory",
+        Path("/"): "the filesystem root",
+        root: "the project's root folder",
+        root / "data": "the project's data/ folder (your data files)",
+        root / "models": "the project's models/ folder (every run and model lives in a folder of its own under it)",
+    }  # later names win where two are one folder (a container's HOME=/app)
     if target in named:
         return named[target]
     for named_as, path in inputs.items():
@@ -128,8 +137,9 @@ def claim(folder: str | Path, kind: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if read_marker(folder) is None:
         entries = sorted((owned_entries(folder) or set()) - {MARKER})
-        _write_marker(folder, {"tool": TOOL, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                               "entries": entries})
+        _write_marker(
+            folder, {"tool": TOOL, "kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "entries": entries}
+        )
 
 
 def register(folder: str | Path, names: Iterable[str]) -> None:

@@ -14,6 +14,7 @@ per glyph. Every plot goes through :func:`text_context`, which
 The Docker images install fonts-wqy-microhei (5 MB, the smallest CJK font Debian and Ubuntu
 ship) before they build matplotlib's font cache, so the images always find one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,14 +31,33 @@ log = logging.getLogger(__name__)
 # collection as "Noto Sans CJK JP"), so the JP/TC/KR faces are listed too: every one of them
 # covers the simplified Chinese characters of the labels.
 CJK_FAMILIES: tuple[str, ...] = (
-    "Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK TC", "Noto Sans CJK KR", "Noto Sans SC",
-    "Source Han Sans SC", "Source Han Sans CN", "Source Han Sans", "WenQuanYi Micro Hei",
-    "WenQuanYi Zen Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Heiti TC",
-    "STHeiti", "Hiragino Sans GB", "AR PL UMing CN", "AR PL UKai CN", "Droid Sans Fallback",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Noto Sans SC",
+    "Source Han Sans SC",
+    "Source Han Sans CN",
+    "Source Han Sans",
+    "WenQuanYi Micro Hei",
+    "WenQuanYi Zen Hei",
+    "SimHei",
+    "Microsoft YaHei",
+    "PingFang SC",
+    "Heiti SC",
+    "Heiti TC",
+    "STHeiti",
+    "Hiragino Sans GB",
+    "AR PL UMing CN",
+    "AR PL UKai CN",
+    "Droid Sans Fallback",
 )
 # File names of the fonts above, for the fonts installed after matplotlib's cache was built.
-_CJK_FILE = re.compile(r"cjk|wqy|sourcehan|simhei|msyh|pingfang|heiti|hiragino|uming|ukai|"
-                       r"droidsansfallback|notosanssc", re.IGNORECASE)
+_CJK_FILE = re.compile(
+    r"cjk|wqy|sourcehan|simhei|msyh|pingfang|heiti|hiragino|uming|ukai|"
+    r"droidsansfallback|notosanssc",
+    re.IGNORECASE,
+)
 _CJK_CHAR = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 # matplotlib's per-glyph warning, replaced by the one WARNING below when no CJK font exists
 _MISSING_GLYPH = r"Glyph \d+ .*missing from font"
@@ -83,10 +103,13 @@ def cjk_family() -> str | None:
         _warned = True
         import matplotlib
 
-        log.warning("no CJK font found for matplotlib: Chinese labels in the plots render as empty boxes "
-                    "(the numbers in report.md/report.json are unaffected). Fix: %s; if it is still not "
-                    "found, delete matplotlib's font cache %s/fontlist-*.json", INSTALL_HINT,
-                    matplotlib.get_cachedir())
+        log.warning(
+            "no CJK font found for matplotlib: Chinese labels in the plots render as empty boxes "
+            "(the numbers in report.md/report.json are unaffected). Fix: %s; if it is still not "
+            "found, delete matplotlib's font cache %s/fontlist-*.json",
+            INSTALL_HINT,
+            matplotlib.get_cachedir(),
+        )
     return family
 
 

@@ -1,4 +1,5 @@
 """Small shared helpers: logging, threads, seeding, atomic file and directory writes, peak memory."""
+
 from __future__ import annotations
 
 import ctypes
@@ -35,16 +36,30 @@ def setup_logging(level: str | int = "INFO") -> None:
     # peft still calls transformers 5's renamed `is_gradient_checkpointing` once per training run.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     # TRL 1.16 switches checkpointing off and on around every reference pass (STAGE=dpo/kto), by the old names
-    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_(en|dis)able` is deprecated",
-                            category=FutureWarning)
+    warnings.filterwarnings(
+        "ignore", message=r"`gradient_checkpointing_(en|dis)able` is deprecated", category=FutureWarning
+    )
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     tag = f"[rank {rank}] " if world > 1 else ""
-    logging.basicConfig(level=level if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
     if rank:
         logging.getLogger("app.training.dist").setLevel(level)
-    for noisy in ("transformers", "peft", "bitsandbytes", "datasets", "httpx", "urllib3", "filelock", "huggingface_hub"):
+    for noisy in (
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "datasets",
+        "httpx",
+        "urllib3",
+        "filelock",
+        "huggingface_hub",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -166,8 +181,10 @@ def replace_problem(target: str | Path, marker: str, setting: str) -> str | None
     if target.is_dir() and not any(target.iterdir()):
         return None
     what = "is a file" if not target.is_dir() else f"holds files this tool did not write (no {marker} in it)"
-    return (f"{setting}={target} {what}; it would be replaced whole. Choose another {setting} (an empty or "
-            "new directory), or move those files away yourself")
+    return (
+        f"{setting}={target} {what}; it would be replaced whole. Choose another {setting} (an empty or "
+        "new directory), or move those files away yourself"
+    )
 
 
 @contextmanager
@@ -218,8 +235,11 @@ def clean_dir_debris(target: str | Path) -> None:
                 continue  # another merge/export writing now
             if kind == "old" and not target.exists():
                 os.rename(path, target)
-                log.warning("restored %s from %s: an earlier write of it was killed while swapping the new "
-                            "copy in", target, path.name)
+                log.warning(
+                    "restored %s from %s: an earlier write of it was killed while swapping the new copy in",
+                    target,
+                    path.name,
+                )
                 continue
             if target.is_dir():  # a swap killed before it carried the old dir's subdirectories across
                 _carry_subdirs(path, target, "recovered from an interrupted earlier write of it")

@@ -14,6 +14,7 @@ offsets (int64, one per row + 1), plen (int32: where the last answer starts), st
 record's byte offset, to read a validation record again), meta.json last. A build writes into a
 temporary folder and renames it whole: a killed build leaves nothing that is later trusted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,12 @@ def uses_cache(data_path: str, max_samples: int | None) -> bool:
 def cache_key(data_path: str, fmt: str, tokenizer: Any) -> str:
     fp = fingerprint(data_path) or {}
     st = Path(data_path).stat()
-    ident = {"version": VERSION, "data": [str(Path(data_path).resolve()), fp, st.st_mtime_ns], "format": fmt,
-             "tokenizer": tokenizer_identity(tokenizer)}
+    ident = {
+        "version": VERSION,
+        "data": [str(Path(data_path).resolve()), fp, st.st_mtime_ns],
+        "format": fmt,
+        "tokenizer": tokenizer_identity(tokenizer),
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -56,10 +61,14 @@ def tokenizer_identity(tokenizer: Any) -> str:
     """A hash of what decides the tokens: the vocabulary and merges, the special tokens, the chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else
-             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id,
-                         type(tokenizer).__name__]).encode())
+    h.update(
+        backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    )
+    h.update(
+        json.dumps(
+            [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, type(tokenizer).__name__]
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -80,7 +89,7 @@ class TokenCache:
 
         for start in range(0, len(self), CHUNK):
             stop = min(len(self), start + CHUNK)
-            yield start, np.diff(self.arrays["offsets"][start:stop + 1]), self.arrays["plen"][start:stop]
+            yield start, np.diff(self.arrays["offsets"][start : stop + 1]), self.arrays["plen"][start:stop]
 
     def row(self, i: int, max_seq_len: int) -> dict[str, list[int]]:
         a, b = int(self.arrays["offsets"][i]), int(self.arrays["offsets"][i + 1])
@@ -128,8 +137,11 @@ class TokenCache:
         with open(data_path, "rb") as fh:
             fh.seek(int(self.arrays["starts"][i]))
             raw = fh.readline().removeprefix(b"\xef\xbb\xbf")
-        rec = json.loads(raw) if data_path.lower().endswith(".jsonl") else \
-            {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}
+        rec = (
+            json.loads(raw)
+            if data_path.lower().endswith(".jsonl")
+            else {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}
+        )
         return to_example(rec, self.meta["report"]["format"], 0)
 
 
@@ -166,8 +178,15 @@ def find_cache(final: Path) -> TokenCache | None:
     return TokenCache(final, json.loads((final / "meta.json").read_text()))
 
 
-def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_proc: int,
-                  setting: str = "DATA_PATH", final: Path | None = None) -> TokenCache:
+def open_or_build(
+    data_path: str,
+    fmt: str,
+    tokenizer: Any,
+    cache_dir: str,
+    num_proc: int,
+    setting: str = "DATA_PATH",
+    final: Path | None = None,
+) -> TokenCache:
     """The cache for this file and tokenizer: found (a hit, logged) or built now. A build holds a lock on its key,
     so a second run on the same data (another OUTPUT_DIR, or a container) waits for it instead of clearing its
     temporary folder as a dead build's, and then finds the cache."""
@@ -186,11 +205,17 @@ def open_or_build(data_path: str, fmt: str, tokenizer: Any, cache_dir: str, num_
                 _build(data_path, fmt, tokenizer, final, num_proc, setting)
                 cache = find_cache(final)
                 assert cache is not None
-                log.info("token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}",
-                         f"{cache.meta['tokens']:,}")
+                log.info(
+                    "token cache built: %s (%s rows, %s tokens)", final, f"{len(cache):,}", f"{cache.meta['tokens']:,}"
+                )
                 return cache
-    log.info("token cache hit: %s (%s rows, %s tokens) for %s", cache.path, f"{len(cache):,}",
-             f"{len(cache.arrays['ids']):,}", data_path)
+    log.info(
+        "token cache hit: %s (%s rows, %s tokens) for %s",
+        cache.path,
+        f"{len(cache):,}",
+        f"{len(cache.arrays['ids']):,}",
+        data_path,
+    )
     return cache
 
 
@@ -201,9 +226,16 @@ def _build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int,
     except OSError as e:
         if not diskspace.is_full(e, final.parent):
             raise
-        raise UserError(diskspace.full_line("CACHE_DIR", final.parent.parent, "building the token cache of "
-                                            f"{setting}={data_path}", None, "its partial files were removed and "
-                                            "earlier caches are intact", "run the same command again")) from None
+        raise UserError(
+            diskspace.full_line(
+                "CACHE_DIR",
+                final.parent.parent,
+                f"building the token cache of {setting}={data_path}",
+                None,
+                "its partial files were removed and earlier caches are intact",
+                "run the same command again",
+            )
+        ) from None
 
 
 @contextmanager
@@ -260,7 +292,7 @@ class Flat:
             i = int(key) + (self.n if key < 0 else 0)
             if not 0 <= i < self.n:
                 raise IndexError(key)
-            return self[i:i + 1][0]
+            return self[i : i + 1][0]
         return np.array([self[int(k)] for k in np.asarray(key).ravel()], dtype=self.dtype)
 
     def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker or another rank opens its own descriptor

@@ -2,6 +2,7 @@
 NUM_PROC worker processes, the rows appended to flat files in a temporary folder that is renamed into place
 only when complete. A worker encodes a chunk of records at once (app/data/encode_batch.py: one tokenizer call
 for all their segments) and sends back numpy arrays, which are written a chunk at a time."""
+
 from __future__ import annotations
 
 import json
@@ -59,15 +60,26 @@ def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, 
         fh.flush()
         os.fsync(fh.fileno())
         fh.close()
-    meta = {"version": VERSION, "data_path": data_path, "tokens": offset,
-            "report": {"source": data_path, "format": report.format, "total": report.total,
-                       "bad": report.bad, "bad_count": report.bad_count, "reasons": dict(report.reasons)}}
+    meta = {
+        "version": VERSION,
+        "data_path": data_path,
+        "tokens": offset,
+        "report": {
+            "source": data_path,
+            "format": report.format,
+            "total": report.total,
+            "bad": report.bad,
+            "bad_count": report.bad_count,
+            "reasons": dict(report.reasons),
+        },
+    }
     (tmp / "meta.json").write_text(json.dumps(meta))  # last: a folder with it is complete
     os.replace(tmp, final)
 
 
-def _encoded(data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: LoadReport, setting: str,
-             size: int) -> Iterator[tuple[list[int], EncodedRows]]:
+def _encoded(
+    data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: LoadReport, setting: str, size: int
+) -> Iterator[tuple[list[int], EncodedRows]]:
     """(byte offsets, encoded rows) in chunks, in file order; bad records counted in ``report``. With workers,
     at most a few chunks per worker are in flight: the file is never read ahead of the encoding."""
     chunks = _chunks(data_path, fmt, report, setting)
@@ -93,8 +105,9 @@ def _encoded(data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: Lo
             yield starts, rows
 
 
-def _chunks(data_path: str, fmt: str, report: LoadReport, setting: str,
-            progress: bool = True) -> Iterator[tuple[list[int], list[Any]]]:
+def _chunks(
+    data_path: str, fmt: str, report: LoadReport, setting: str, progress: bool = True
+) -> Iterator[tuple[list[int], list[Any]]]:
     starts: list[int] = []
     examples: list[Any] = []
     for ex, (start,) in examples_of(iter_lines(data_path, setting, progress), fmt, data_path, setting, report):
@@ -131,6 +144,8 @@ def _check_disk(data_path: str, fmt: str, tokenizer: Any, where: Path, size: int
     expected = size * per_byte * _STORED + size / max(1, starts[n] - starts[0]) * n * 24  # + per-row arrays
     free = shutil.disk_usage(where).free
     if expected * 1.1 > free:
-        raise UserError(f"CACHE_DIR={where.parent}: the token cache of DATA_PATH={data_path} needs about "
-                        f"{expected / 2**30:.1f} GB and {free / 2**30:.1f} GB are free there; free disk space, point "
-                        "CACHE_DIR at a larger disk, or set MAX_SAMPLES to train on a sample")
+        raise UserError(
+            f"CACHE_DIR={where.parent}: the token cache of DATA_PATH={data_path} needs about "
+            f"{expected / 2**30:.1f} GB and {free / 2**30:.1f} GB are free there; free disk space, point "
+            "CACHE_DIR at a larger disk, or set MAX_SAMPLES to train on a sample"
+        )

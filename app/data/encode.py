@@ -9,6 +9,7 @@ instruction at its head and the assistant marker at its tail both survive), and 
 answer alone cannot fit is the answer's end cut. Both cases are counted and reported.
 Preference pairs and KTO records (encode_pair) keep the prompt and each answer apart, cut the same way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,10 @@ class EncodeStats:
     def summary(self, max_seq_len: int) -> str:
         s = f"{self.samples} samples, {self.tokens} tokens (mean {self.tokens / max(1, self.samples):.0f}/sample)"
         if self.prompt_truncated or self.answer_truncated:
-            s += (f"; over MAX_SEQ_LEN={max_seq_len}: {self.prompt_truncated} prompts shortened, "
-                  f"{self.answer_truncated} answers cut (raise MAX_SEQ_LEN to keep them whole)")
+            s += (
+                f"; over MAX_SEQ_LEN={max_seq_len}: {self.prompt_truncated} prompts shortened, "
+                f"{self.answer_truncated} answers cut (raise MAX_SEQ_LEN to keep them whole)"
+            )
         return s
 
 
@@ -58,7 +61,7 @@ def segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
     if example.text is not None:
         for marker in ANSWER_MARKERS:
             i = example.text.find(marker)
-            if i >= 0 and example.text[i + len(marker):].strip():
+            if i >= 0 and example.text[i + len(marker) :].strip():
                 cut = i + len(marker)
                 return [(example.text[:cut], False), (example.text[cut:], True)]
         return [(example.text, True)]
@@ -75,15 +78,16 @@ def segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
         if not prefix.startswith(done):
             # The template rewrites history (e.g. strips reasoning): train on the last answer only.
             return [(_render(tokenizer, msgs[:-1], gen=True), False), (msgs[-1]["content"], True)]
-        out += [(prefix[len(done):], False), (m["content"], True)]
+        out += [(prefix[len(done) :], False), (m["content"], True)]
         done = prefix + m["content"]
         if eos and _render(tokenizer, msgs[: i + 1], gen=False).startswith(done + eos):
             done += eos  # the template writes EOS itself; we add it as a label token below
     return out
 
 
-def encode(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None
-           ) -> dict[str, list[int]]:
+def encode(
+    example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None
+) -> dict[str, list[int]]:
     """input_ids / labels for one example, truncated to max_seq_len as the module doc says."""
     ids: list[int] = []
     labels: list[int] = []
@@ -125,8 +129,11 @@ def _truncate(ids: list[int], labels: list[int], limit: int) -> tuple[list[int],
         which = "prompt_truncated"
     else:
         head = keep_prompt // 2
-        keep = list(range(head)) + list(range(p_len - (keep_prompt - head), p_len)) + \
-            list(range(p_len, p_len + limit - keep_prompt))
+        keep = (
+            list(range(head))
+            + list(range(p_len - (keep_prompt - head), p_len))
+            + list(range(p_len, p_len + limit - keep_prompt))
+        )
         which = "answer_truncated"
     return [ids[i] for i in keep], [labels[i] for i in keep], which
 
@@ -141,8 +148,7 @@ def encode_all(examples: list[Example], tokenizer: Any, max_seq_len: int) -> tup
     return rows, stats
 
 
-def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None
-                ) -> dict[str, Any]:
+def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None) -> dict[str, Any]:
     """A preference pair as {prompt_ids, chosen_ids, rejected_ids}; a KTO record as {prompt_ids, completion_ids,
     label}.
 
@@ -159,7 +165,7 @@ def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: Encod
     if len(prompt) + longest > max_seq_len:
         ids, labels, which = _truncate(prompt + [0] * longest, [IGNORE] * len(prompt) + [0] * longest, max_seq_len)
         prompt = [t for t, lab in zip(ids, labels) if lab == IGNORE]
-        answers = [a[:len(ids) - len(prompt)] for a in answers]
+        answers = [a[: len(ids) - len(prompt)] for a in answers]
         if stats is not None:
             setattr(stats, which, getattr(stats, which) + 1)
     if stats is not None:
@@ -265,15 +271,20 @@ class PackingCollator:
             at, seq_lens_r = 0, []
             for i in pack:
                 k = len(rows[i]["input_ids"])
-                ids[r, at:at + k] = torch.tensor(rows[i]["input_ids"])
-                labels[r, at + 1:at + k] = torch.tensor(rows[i]["labels"][1:])
-                pos[r, at:at + k] = torch.arange(k)
+                ids[r, at : at + k] = torch.tensor(rows[i]["input_ids"])
+                labels[r, at + 1 : at + k] = torch.tensor(rows[i]["labels"][1:])
+                pos[r, at : at + k] = torch.arange(k)
                 at += k
                 seq_lens_r.append(k)
             pos[r, at:] = torch.arange(width - at)  # the padded tail: its own label-free "sample"
             seq_lens.append(seq_lens_r + ([width - at] if width > at else []))
-        batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "packed_seq_lens": seq_lens,
-                 "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows))}
+        batch = {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": pos,
+            "packed_seq_lens": seq_lens,
+            "num_tokens": torch.tensor(sum(len(r["input_ids"]) for r in rows)),
+        }
         if self.label_logits_only:
             keep = torch.zeros_like(labels, dtype=torch.bool)
             keep[:, :-1] = labels[:, 1:] != IGNORE

@@ -8,6 +8,7 @@ lengths: the same ids, label mask and answer start as encode() gives for each re
 tokenizer's own batched speed (the chat template's rendering is most of the rest). tests/test_encode_batch.py
 compares them with encode() on every record format and several tokenizer families.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -49,8 +50,13 @@ def encode_rows(examples: list[Example], tokenizer: Any) -> EncodedRows:
             lens.append(n)
             answer.append(is_answer)
             owner.append(row)
-    return _rows(flat, np.array(lens, dtype=np.int64), np.array(answer, dtype=bool),
-                 np.array(owner, dtype=np.int64), len(examples))
+    return _rows(
+        flat,
+        np.array(lens, dtype=np.int64),
+        np.array(answer, dtype=bool),
+        np.array(owner, dtype=np.int64),
+        len(examples),
+    )
 
 
 def _rows(flat: list[Any], lens: Any, answer: Any, owner: Any, n: int) -> EncodedRows:
@@ -92,11 +98,18 @@ def _plain_backend(tokenizer: Any) -> Any:
 
     cls = type(tokenizer)
     backend = getattr(tokenizer, "_tokenizer", None)
-    if not isinstance(tokenizer, PreTrainedTokenizerFast) or cls.__call__ is not PreTrainedTokenizerBase.__call__ \
-            or cls._encode_plus is not PreTrainedTokenizerFast._encode_plus or backend is None \
-            or not hasattr(backend, "encode_batch_fast"):
+    if (
+        not isinstance(tokenizer, PreTrainedTokenizerFast)
+        or cls.__call__ is not PreTrainedTokenizerBase.__call__
+        or cls._encode_plus is not PreTrainedTokenizerFast._encode_plus
+        or backend is None
+        or not hasattr(backend, "encode_batch_fast")
+    ):
         return None
-    if backend.truncation is not None or backend.padding is not None or \
-            backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False)):
+    if (
+        backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
         return None
     return backend

@@ -5,6 +5,7 @@ in data_report.json a digest of what it held out; `make evaluate` (app/evaluatio
 functions with the run's saved settings (DATA_PATH, SEED, MAX_SAMPLES, VAL_SIZE, DATA_FORMAT), without
 tokenizing, and compares the digest: it scores exactly the records the run never trained on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,6 +45,7 @@ def _cached_split_from_file(d: Any, seed: int) -> list[Example]:
     """The token cache's rows are the file's valid records in file order (each has a label token: an answer or a
     {text} is never empty, and EOS follows it), so held_out_rows over their count picks the same records. Two
     passes, holding only the picked records: the file may be larger than memory."""
+
     def records() -> Iterator[Example]:
         report = LoadReport(d.data_path, d.data_format)
         raw = iter_lines(d.data_path, "DATA_PATH", progress=False)

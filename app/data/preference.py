@@ -15,13 +15,21 @@ The Example gets the prompt turns plus the chosen (or KTO's only) answer as ``me
 SFT record of the same conversation gets, and ``rejected`` / ``label`` beside them. A record that cannot be
 read raises ValueError with a short reason, which the loader counts against MAX_BAD_RATIO.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 PREFERENCE_FORMATS = ("preference", "kto")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bot": "assistant", "model": "assistant"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "bot": "assistant",
+    "model": "assistant",
+}
 _CHAT = ("role", "content", None)  # (role key, text key, role names) of a {role, content} turn
 _SHAREGPT = ("from", "value", SHAREGPT_ROLES)
 _LABELS = {"true": True, "false": False, "1": True, "0": False}

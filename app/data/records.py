@@ -10,6 +10,7 @@ file from the first readable record.
 Bad records are skipped and counted by line number; a file with no valid record, or with
 more than MAX_BAD_RATIO bad ones, stops the run with one line before anything is written.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -95,6 +96,7 @@ class LoadReport:
 
 # ---- reading ---------------------------------------------------------------------------------
 
+
 def detect_format(rec: dict[str, Any]) -> str | None:
     keys = set(rec)  # answer fields may be absent (prediction inputs); to_example checks them
     if {"chosen", "rejected"} <= keys:  # first: LLaMA-Factory's pairs also hold conversations/instruction
@@ -121,8 +123,10 @@ def to_example(rec: Any, fmt: str, line: int = 0) -> Example:
     if not isinstance(rec, dict):
         raise ValueError("not an object")
     if fmt == "context_target":
-        msgs = [{"role": "user", "content": _str(rec, "context")},
-                {"role": "assistant", "content": _str(rec, "target")}]
+        msgs = [
+            {"role": "user", "content": _str(rec, "context")},
+            {"role": "assistant", "content": _str(rec, "target")},
+        ]
     elif fmt == "alpaca":
         user = _str(rec, "instruction")
         if _str(rec, "input", required=False).strip():
@@ -158,9 +162,14 @@ def _check_turns(msgs: list[dict[str, str]]) -> None:
         raise ValueError("empty prompt")
 
 
-def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.0,
-                  setting: str = "DATA_PATH", limit: int | None = None,
-                  warn: bool = True) -> tuple[list[Example], LoadReport]:
+def read_examples(
+    path: str | Path,
+    fmt: str = "auto",
+    max_bad_ratio: float = 1.0,
+    setting: str = "DATA_PATH",
+    limit: int | None = None,
+    warn: bool = True,
+) -> tuple[list[Example], LoadReport]:
     """Every valid record of a file (or dataset), in file order, skipping and counting bad ones.
 
     ``limit``: read only the first records (a quick look: the bad-record ratio is then not judged,
@@ -172,8 +181,14 @@ def read_examples(path: str | Path, fmt: str = "auto", max_bad_ratio: float = 1.
     return examples, report
 
 
-def sample_examples(path: str | Path, k: int | None, seed: int, fmt: str = "auto", max_bad_ratio: float = 1.0,
-                    setting: str = "DATA_PATH") -> tuple[list[Example], LoadReport]:
+def sample_examples(
+    path: str | Path,
+    k: int | None,
+    seed: int,
+    fmt: str = "auto",
+    max_bad_ratio: float = 1.0,
+    setting: str = "DATA_PATH",
+) -> tuple[list[Example], LoadReport]:
     """MAX_SAMPLES=``k`` of the valid records (None: all), uniformly at random and reproducibly for ``seed``, in
     a random order: one pass, in memory for ``k`` records whatever the file's size.
 
@@ -204,16 +219,18 @@ def split(pool: list[Example], val_size: float, has_val_file: bool) -> tuple[lis
     return pool[n_val:], pool[:n_val]
 
 
-def _scan(raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str,
-          keep: Callable[[Example], None]) -> LoadReport:
+def _scan(
+    raw: Iterator[tuple[int, Any]], fmt: str, source: str, setting: str, keep: Callable[[Example], None]
+) -> LoadReport:
     report = LoadReport(source, fmt)
     for ex, _ in examples_of(raw, fmt, source, setting, report):
         keep(ex)
     return report
 
 
-def examples_of(raw: Iterator[tuple[Any, ...]], fmt: str, source: str, setting: str,
-                report: LoadReport) -> Iterator[tuple[Example, tuple[Any, ...]]]:
+def examples_of(
+    raw: Iterator[tuple[Any, ...]], fmt: str, source: str, setting: str, report: LoadReport
+) -> Iterator[tuple[Example, tuple[Any, ...]]]:
     """Each valid record of ``raw`` ((line, record, *extra) tuples) as (Example, extra), the format detected from
     the first record when ``fmt`` is auto; bad records are counted in ``report``."""
     first_fmt = None if fmt == "auto" else fmt
@@ -222,10 +239,12 @@ def examples_of(raw: Iterator[tuple[Any, ...]], fmt: str, source: str, setting: 
         if first_fmt is None and isinstance(rec, dict):
             first_fmt = detect_format(rec)
             if first_fmt is None:
-                raise UserError(f"{setting}={source}: line {line}: cannot tell the record format from fields "
-                                f"{sorted(rec)[:6]}; use context/target, instruction/output, text, "
-                                "messages, conversations, prompt/chosen/rejected or prompt/completion/label, "
-                                "or set DATA_FORMAT")
+                raise UserError(
+                    f"{setting}={source}: line {line}: cannot tell the record format from fields "
+                    f"{sorted(rec)[:6]}; use context/target, instruction/output, text, "
+                    "messages, conversations, prompt/chosen/rejected or prompt/completion/label, "
+                    "or set DATA_FORMAT"
+                )
             report.format = first_fmt
         try:
             yield to_example(rec, first_fmt or fmt, line), tuple(extra)
@@ -239,14 +258,18 @@ def judge(report: LoadReport, setting: str, max_bad_ratio: float | None, warn: b
     if report.bad_count and warn:
         log.warning("%s", report.summary())
     if not report.total:
-        raise UserError(f"{setting}={path}: the file holds no records (it is empty); point {setting} at your "
-                        "data, or run `make data` for the sample data")
+        raise UserError(
+            f"{setting}={path}: the file holds no records (it is empty); point {setting} at your "
+            "data, or run `make data` for the sample data"
+        )
     if not report.valid:
         raise UserError(f"{setting}={path}: no valid records ({report.summary()}); fix the file or DATA_FORMAT")
     if max_bad_ratio is not None and report.bad_count / report.total > max_bad_ratio:
-        raise UserError(f"{setting}={path}: {report.bad_count} of {report.total} records are bad, more than "
-                        f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
-                        "MAX_BAD_RATIO")
+        raise UserError(
+            f"{setting}={path}: {report.bad_count} of {report.total} records are bad, more than "
+            f"MAX_BAD_RATIO={max_bad_ratio} ({report.first_bad()}); fix those lines or raise "
+            "MAX_BAD_RATIO"
+        )
 
 
 # ---- preference tuning: which STAGE a file's records fit ----------------------------------------------------
@@ -271,14 +294,21 @@ def check_stage(report: LoadReport, stage: str, setting: str = "DATA_PATH") -> b
         return True
     where = f"{setting}={report.source} holds {_WHAT[have]} ({report.format})"
     if stage == "dpo":
-        raise UserError(f"{where}; STAGE=dpo needs prompt/chosen/rejected pairs (or LLaMA-Factory's "
-                        f"conversations+chosen/rejected); run `make data STAGE=dpo` for sample pairs, or set "
-                        f"STAGE={have}")
+        raise UserError(
+            f"{where}; STAGE=dpo needs prompt/chosen/rejected pairs (or LLaMA-Factory's "
+            f"conversations+chosen/rejected); run `make data STAGE=dpo` for sample pairs, or set "
+            f"STAGE={have}"
+        )
     if stage == "kto":
-        raise UserError(f"{where}; STAGE=kto needs prompt/completion/label records or preference pairs; run "
-                        "`make data STAGE=kto` for sample records, or set STAGE=sft")
-    raise UserError(f"{where}; STAGE=sft trains on single answers: set STAGE={have} to train on them"
-                    + (" (or STAGE=kto)" if have == "dpo" else "") + f", or point {setting} at SFT data")
+        raise UserError(
+            f"{where}; STAGE=kto needs prompt/completion/label records or preference pairs; run "
+            "`make data STAGE=kto` for sample records, or set STAGE=sft"
+        )
+    raise UserError(
+        f"{where}; STAGE=sft trains on single answers: set STAGE={have} to train on them"
+        + (" (or STAGE=kto)" if have == "dpo" else "")
+        + f", or point {setting} at SFT data"
+    )
 
 
 def unpair(examples: list[Example]) -> list[Example]:
@@ -290,6 +320,8 @@ def unpair(examples: list[Example]) -> list[Example]:
             out.append(ex)
             continue
         bad = ex.prompt_messages + [{"role": "assistant", "content": ex.rejected}]
-        out += [Example(messages=ex.messages, line=ex.line, label=True),
-                Example(messages=bad, line=ex.line, label=False)]
+        out += [
+            Example(messages=ex.messages, line=ex.line, label=True),
+            Example(messages=bad, line=ex.line, label=False),
+        ]
     return out

@@ -6,6 +6,7 @@ and decoded per line: a 20 GB file costs what one line costs. A .json array cann
 large one is refused with the conversion to .jsonl. A bar (MB/s, records/s, ETA) shows progress on
 files big enough to take a while.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,8 +30,9 @@ _TICK = 4096  # records between progress updates
 _SAMPLE = 1 << 20  # bytes hashed at the start, middle and end of a data file
 
 
-def iter_source(path: str | Path, setting: str, shuffle_seed: int | None = None,
-                take: int | None = None) -> Iterator[tuple[int, Any]]:
+def iter_source(
+    path: str | Path, setting: str, shuffle_seed: int | None = None, take: int | None = None
+) -> Iterator[tuple[int, Any]]:
     """The records of DATA_PATH-like ``path`` (a file, a dataset directory, or a hub name).
 
     ``shuffle_seed``/``take``: for datasets (directories, hub) only, read ``take`` records through a
@@ -41,8 +43,10 @@ def iter_source(path: str | Path, setting: str, shuffle_seed: int | None = None,
     if not p.exists():
         if HUB_NAME.match(str(path)) and p.suffix.lower() not in SUFFIXES:
             return _iter_dataset(str(path), setting, None, shuffle_seed, take)
-        raise UserError(f"{setting}={path}: no such file; run `make data` for the sample data "
-                        "or point it at your .jsonl/.json/.csv/.txt file")
+        raise UserError(
+            f"{setting}={path}: no such file; run `make data` for the sample data "
+            "or point it at your .jsonl/.json/.csv/.txt file"
+        )
     return _iter_file(p, setting)
 
 
@@ -67,8 +71,10 @@ def _iter_file(p: Path, setting: str) -> Iterator[tuple[int, Any]]:
                 for n, rec, _ in _lines(p, suffix, bar, setting):
                     yield n, rec
         except UnicodeDecodeError:  # .jsonl/.txt name their line themselves
-            raise UserError(f"{setting}={p}: line {_first_undecodable_line(p)} is not UTF-8 text; save the file "
-                            "as UTF-8 (Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
+            raise UserError(
+                f"{setting}={p}: line {_first_undecodable_line(p)} is not UTF-8 text; save the file "
+                "as UTF-8 (Excel: CSV UTF-8; iconv -f GBK -t UTF-8)"
+            ) from None
 
 
 def iter_lines(path: str | Path, setting: str, progress: bool = True) -> Iterator[tuple[int, Any, int]]:
@@ -85,7 +91,7 @@ def _lines(p: Path, suffix: str, bar: "_Progress", setting: str) -> Iterator[tup
         for n, raw in enumerate(fh, 1):
             start, at = at, at + len(raw)
             if n == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+                raw = raw[len(_BOM) :]
             if not n % _TICK:
                 bar.update(at, n)
             if raw.isspace():
@@ -96,8 +102,10 @@ def _lines(p: Path, suffix: str, bar: "_Progress", setting: str) -> Iterator[tup
                 else:
                     yield n, {"text": raw.decode("utf-8").rstrip("\r\n").replace("\\n", "\n")}, start
             except UnicodeDecodeError:
-                raise UserError(f"{setting}={p}: line {n} is not UTF-8 text; save the file as UTF-8 "
-                                "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)") from None
+                raise UserError(
+                    f"{setting}={p}: line {n} is not UTF-8 text; save the file as UTF-8 "
+                    "(Excel: CSV UTF-8; iconv -f GBK -t UTF-8)"
+                ) from None
 
 
 _scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends in, without its checks per call
@@ -120,17 +128,23 @@ def _json_line(text: str) -> Any:
 
 def _json_array(p: Path, size: int, setting: str) -> Iterator[tuple[int, Any]]:
     if size > JSON_ARRAY_MAX_MB * 2**20:
-        raise UserError(f"{setting}={p}: a {size / 2**30:.1f} GB .json array must be parsed whole, in several times "
-                        "its size of memory; convert it to JSON Lines, which streams: "
-                        f"jq -c '.[]' {p} > {p.with_suffix('.jsonl')}")
+        raise UserError(
+            f"{setting}={p}: a {size / 2**30:.1f} GB .json array must be parsed whole, in several times "
+            "its size of memory; convert it to JSON Lines, which streams: "
+            f"jq -c '.[]' {p} > {p.with_suffix('.jsonl')}"
+        )
     try:
         data = json.loads(p.read_bytes().removeprefix(_BOM))
     except json.JSONDecodeError as e:
-        raise UserError(f"{setting}={p}: not valid JSON ({e.msg} at line {e.lineno}); "
-                        "a .json file must hold one array of records (use .jsonl for one per line)") from None
+        raise UserError(
+            f"{setting}={p}: not valid JSON ({e.msg} at line {e.lineno}); "
+            "a .json file must hold one array of records (use .jsonl for one per line)"
+        ) from None
     if not isinstance(data, list):
-        raise UserError(f"{setting}={p}: a .json file must hold an array of records, "
-                        f"found {type(data).__name__}; use .jsonl for one record per line")
+        raise UserError(
+            f"{setting}={p}: a .json file must hold an array of records, "
+            f"found {type(data).__name__}; use .jsonl for one record per line"
+        )
     yield from enumerate(data, 1)
 
 
@@ -168,13 +182,16 @@ def dataset_files(p: Path, setting: str) -> dict[str, list[str]]:
             files.setdefault(kind, []).append(str(f))
     if len(files) != 1:
         found = ", ".join(f"{len(v)} {k}" for k, v in files.items()) or "no .jsonl/.json/.parquet/.csv files"
-        raise UserError(f"{setting}={p} is a directory with {found}; point it at a data file, or at a dataset "
-                        "directory of one kind of shards (.jsonl/.json, .parquet or .csv)")
+        raise UserError(
+            f"{setting}={p} is a directory with {found}; point it at a data file, or at a dataset "
+            "directory of one kind of shards (.jsonl/.json, .parquet or .csv)"
+        )
     return files
 
 
-def _iter_dataset(name: str, setting: str, files: dict[str, list[str]] | None, shuffle_seed: int | None,
-                  take: int | None) -> Iterator[tuple[int, Any]]:
+def _iter_dataset(
+    name: str, setting: str, files: dict[str, list[str]] | None, shuffle_seed: int | None, take: int | None
+) -> Iterator[tuple[int, Any]]:
     """A dataset's train split through `datasets` streaming (HF_ENDPOINT / HF cache respected): rows arrive as
     they are read, a shuffle buffer and ``take`` sample a large one without downloading all of it."""
     if files is None:
@@ -185,7 +202,7 @@ def _iter_dataset(name: str, setting: str, files: dict[str, list[str]] | None, s
         from datasets import load_dataset
 
         if files:
-            (kind, paths), = files.items()
+            ((kind, paths),) = files.items()
             ds = load_dataset(kind, data_files={"train": paths}, split="train", streaming=True)
         else:
             ds = load_dataset(name, split="train", streaming=True)
@@ -197,9 +214,11 @@ def _iter_dataset(name: str, setting: str, files: dict[str, list[str]] | None, s
         first = next(rows, None)
     except Exception as e:  # offline, unknown name, gated, unreadable shard...: one line, not a traceback
         what = "dataset directory" if files else "hub dataset"
-        raise UserError(f"{setting}={name}: could not load this {what} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the name and network, "
-                        "or download it and point DATA_PATH at the file") from None
+        raise UserError(
+            f"{setting}={name}: could not load this {what} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the name and network, "
+            "or download it and point DATA_PATH at the file"
+        ) from None
     if first is None:
         return
     yield 1, dict(first)
@@ -217,8 +236,15 @@ class _Progress:
         if self.size >= PROGRESS_MB * 2**20:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.size, desc=f"reading {self.path.name}", unit="B", unit_scale=True,
-                            unit_divisor=1024, mininterval=1.0, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.size,
+                desc=f"reading {self.path.name}",
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                mininterval=1.0,
+                dynamic_ncols=True,
+            )
         return self
 
     def update(self, done: int, records: int) -> None:

@@ -11,21 +11,41 @@ same target with one mistake a model makes, picked at random among those the sam
 The kind is recorded in a ``mistake`` field, which the reader ignores. The rejected answer never equals the
 chosen one, and the same seed gives the same records.
 """
+
 from __future__ import annotations
 
 import random
 from typing import Iterable
 
-from app.data.synthetic import (PREDICATES, _company, _person, _pick, _press, _school, format_target,
-                                generate_samples, parse_target)
+from app.data.synthetic import (
+    PREDICATES,
+    _company,
+    _person,
+    _pick,
+    _press,
+    _school,
+    format_target,
+    generate_samples,
+    parse_target,
+)
 from app.data.synthetic_tables import ALBUM_B, CAPITAL, CITIES, CLIMATE, NATIONS, PLACES, SITE_X, SITE_Y, TITLE_A
 
 MISTAKES = ("missing", "swapped", "predicate", "entity")
 SEED_OFFSET = 7919  # pairs come from another stream than the SFT sample of the same SEED
 # object_type (or predicate, first) -> a generator of plausible names for it (the sample generator's own)
-NAMES = {"首都": _pick(CAPITAL), "人物": _person, "地点": _pick(PLACES), "城市": _pick(CITIES),
-         "国家": _pick(NATIONS), "企业": _company, "学校": _school, "出版社": _press, "网站": _pick(SITE_X, SITE_Y),
-         "音乐专辑": _pick(TITLE_A, ALBUM_B), "气候": _pick(CLIMATE)}
+NAMES = {
+    "首都": _pick(CAPITAL),
+    "人物": _person,
+    "地点": _pick(PLACES),
+    "城市": _pick(CITIES),
+    "国家": _pick(NATIONS),
+    "企业": _company,
+    "学校": _school,
+    "出版社": _press,
+    "网站": _pick(SITE_X, SITE_Y),
+    "音乐专辑": _pick(TITLE_A, ALBUM_B),
+    "气候": _pick(CLIMATE),
+}
 
 Triplet = dict[str, str]
 
@@ -85,8 +105,7 @@ def generate_pairs(n: int, seed: int = 42, avoid: Iterable[str] = ()) -> list[di
     out = []
     for s in _samples(n, seed, avoid):
         kind, wrong = mistake(r, s["context"], parse_target(s["target"]))
-        out.append({"prompt": s["context"], "chosen": s["target"], "rejected": format_target(wrong),
-                    "mistake": kind})
+        out.append({"prompt": s["context"], "chosen": s["target"], "rejected": format_target(wrong), "mistake": kind})
     return out
 
 

@@ -8,6 +8,7 @@ records' digest in its data_report.json tell whether the file changed since: one
 that held out nothing is scored on the first records of its training file, with a warning that says so.
 The base model (ADAPTER_DIR=none), or a folder that is no run of this tool, gets VAL_PATH, else data/dev.jsonl.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "data/dev.jsonl"  # what `make data` writes beside the sample training data
 FALLBACK_RECORDS = 200  # a run that held out nothing: this many of its training records (a split's largest size)
-RUN_SETTINGS = ("DATA_PATH", "VAL_PATH", "DATA_FORMAT", "MAX_SAMPLES", "VAL_SIZE", "MAX_BAD_RATIO", "MAX_SEQ_LEN",
-                "SEED")
+RUN_SETTINGS = (
+    "DATA_PATH",
+    "VAL_PATH",
+    "DATA_FORMAT",
+    "MAX_SAMPLES",
+    "VAL_SIZE",
+    "MAX_BAD_RATIO",
+    "MAX_SEQ_LEN",
+    "SEED",
+)
 ANOTHER = "EVAL_PATH=<file> to score another file"
 
 
@@ -49,11 +58,15 @@ def eval_data(cfg: Config, adapter: Path | None) -> EvalData:
     if run is not None:
         return _run_records(cfg, run)
     path, setting = (d.val_path, "VAL_PATH") if d.val_path else (DEFAULT_PATH, "EVAL_PATH")
-    who = "ADAPTER_DIR=none, the base model" if adapter is None else \
-        f"ADAPTER_DIR={adapter} holds no train_config.json of a run"
+    who = (
+        "ADAPTER_DIR=none, the base model"
+        if adapter is None
+        else f"ADAPTER_DIR={adapter} holds no train_config.json of a run"
+    )
     examples = _scorable(read_examples(path, d.data_format, d.max_bad_ratio, setting)[0], setting, path)
-    return _announce(cfg, path, examples, f"of {path}", f"{who}: VAL_PATH, else {DEFAULT_PATH}; {ANOTHER}",
-                     d.max_seq_len)
+    return _announce(
+        cfg, path, examples, f"of {path}", f"{who}: VAL_PATH, else {DEFAULT_PATH}; {ANOTHER}", d.max_seq_len
+    )
 
 
 def run_dir(adapter: Path | None) -> Path | None:
@@ -61,8 +74,9 @@ def run_dir(adapter: Path | None) -> Path | None:
     merged/onnx/), whichever holds the train_config.json that training writes; None for the base model."""
     if adapter is None:
         return None
-    return next((p for p in (adapter, adapter.parent, adapter.parent.parent) if (p / "train_config.json").is_file()),
-                None)
+    return next(
+        (p for p in (adapter, adapter.parent, adapter.parent.parent) if (p / "train_config.json").is_file()), None
+    )
 
 
 def _run_records(cfg: Config, run: Path) -> EvalData:
@@ -75,8 +89,10 @@ def _run_records(cfg: Config, run: Path) -> EvalData:
     held, prints = report.get("held_out") or {}, report.get("fingerprints") or {}
     setting, path = ("VAL_PATH", d.val_path) if d.val_path else ("DATA_PATH", d.data_path)
     if not Path(path).exists() and not is_dataset(path):
-        raise UserError(f"ADAPTER_DIR={run}: the {setting}={path} it trained with is gone, so the records it held "
-                        f"out cannot be rebuilt; restore the file, or set EVAL_PATH=<file> to choose what to score")
+        raise UserError(
+            f"ADAPTER_DIR={run}: the {setting}={path} it trained with is gone, so the records it held "
+            f"out cannot be rebuilt; restore the file, or set EVAL_PATH=<file> to choose what to score"
+        )
     same = prints[setting] == fingerprint(path) if setting in prints else None
     if d.val_path:
         examples = read_examples(path, d.data_format, d.max_bad_ratio, "VAL_PATH")[0]
@@ -91,21 +107,38 @@ def _run_records(cfg: Config, run: Path) -> EvalData:
     return _announce(cfg, path, examples, f"{run} held out of {path}", f"its validation split; {ANOTHER}", seq)
 
 
-def _check(run: Path, setting: str, path: str, same: bool | None, recorded: str | None,
-           examples: list[Example]) -> None:
+def _check(
+    run: Path, setting: str, path: str, same: bool | None, recorded: str | None, examples: list[Example]
+) -> None:
     """One line when the held-out records cannot be vouched for: the data file changed, or the rebuilt split
     differs from the one recorded at training time."""
     fix = "restore that file, or set EVAL_PATH=<file> to choose what to score"
     if same is None:
-        log.info("%s recorded no fingerprint of its %s (an older version trained it): cannot check that %s is "
-                 "unchanged since", run, setting, path)
+        log.info(
+            "%s recorded no fingerprint of its %s (an older version trained it): cannot check that %s is "
+            "unchanged since",
+            run,
+            setting,
+            path,
+        )
     elif not same:
-        log.warning("%s=%s has changed since %s trained on it (the fingerprint in its data_report.json differs): "
-                    "the records scored may not be the ones it held out; %s", setting, path, run, fix)
+        log.warning(
+            "%s=%s has changed since %s trained on it (the fingerprint in its data_report.json differs): "
+            "the records scored may not be the ones it held out; %s",
+            setting,
+            path,
+            run,
+            fix,
+        )
     elif recorded and digest(examples) != recorded:
-        log.warning("the records rebuilt from %s=%s differ from those %s held out (the digest in its "
-                    "data_report.json): the records scored may not be the ones it held out; %s", setting, path,
-                    run, fix)
+        log.warning(
+            "the records rebuilt from %s=%s differ from those %s held out (the digest in its "
+            "data_report.json): the records scored may not be the ones it held out; %s",
+            setting,
+            path,
+            run,
+            fix,
+        )
 
 
 def _training_records(cfg: Config, run: Path, d: Any, seq: int) -> EvalData:
@@ -114,9 +147,15 @@ def _training_records(cfg: Config, run: Path, d: Any, seq: int) -> EvalData:
     n = cfg.evaluation.eval_samples or FALLBACK_RECORDS
     examples, _ = read_examples(d.data_path, d.data_format, d.max_bad_ratio, "DATA_PATH", limit=n)
     examples = _scorable(examples, "DATA_PATH", d.data_path)
-    log.warning("%s held out no records (%s): evaluating the first %d records of its training file %s instead, "
-                "which it trained on, so the scores flatter it; set EVAL_PATH=<file> to score records it has not "
-                "seen", run, why, len(examples), d.data_path)
+    log.warning(
+        "%s held out no records (%s): evaluating the first %d records of its training file %s instead, "
+        "which it trained on, so the scores flatter it; set EVAL_PATH=<file> to score records it has not "
+        "seen",
+        run,
+        why,
+        len(examples),
+        d.data_path,
+    )
     return EvalData(d.data_path, examples, seq)
 
 
@@ -124,8 +163,10 @@ def _scorable(examples: list[Example], setting: str, path: str) -> list[Example]
     """The records with a separate answer to score ({text} records have none)."""
     kept = [e for e in examples if e.messages]
     if not kept:
-        raise UserError(f"{setting}={path}: no record with a prompt and an answer to score ({len(examples)} "
-                        "{text} records); set EVAL_PATH to a file of prompts with answers")
+        raise UserError(
+            f"{setting}={path}: no record with a prompt and an answer to score ({len(examples)} "
+            "{text} records); set EVAL_PATH to a file of prompts with answers"
+        )
     return kept
 
 
@@ -135,6 +176,10 @@ def _announce(cfg: Config, path: str, examples: list[Example], what: str, why: s
     examples = examples[:k] if k else examples
     cut = len(examples) < total
     why = "; ".join(s for s in (f"EVAL_SAMPLES={k}" if cut else "", why) if s)
-    log.info("evaluating %s records %s%s", f"{len(examples)} of the {total}" if cut else f"the {total}", what,
-             f" ({why})" if why else "")
+    log.info(
+        "evaluating %s records %s%s",
+        f"{len(examples)} of the {total}" if cut else f"the {total}",
+        what,
+        f" ({why})" if why else "",
+    )
     return EvalData(path, examples, seq)

@@ -8,6 +8,7 @@ without any model. Reports go to EVAL_DIR (default: eval/ inside the adapter dir
 
 `F1Evaluator` is the same generation + triplet scoring as a Trainer callback (EVAL_METRIC=f1).
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,12 +55,23 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
         budget = max_new_tokens_for(pred.tokenizer, [e.answer for e in examples])
         log.info("generating at most %d new tokens per answer (the longest reference answer's, + 25%%)", budget)
         stats, start = {"new_tokens": 0}, time.perf_counter()
-        outputs = generate_batch(pred.model, pred.tokenizer, [e.prompt_messages for e in examples], budget,
-                                 cfg.predict.predict_batch_size, stats=stats)
+        outputs = generate_batch(
+            pred.model,
+            pred.tokenizer,
+            [e.prompt_messages for e in examples],
+            budget,
+            cfg.predict.predict_batch_size,
+            stats=stats,
+        )
         took = time.perf_counter() - start
-        log.info("generated %d new tokens for %d answers in %s (%.1f tokens/s, PREDICT_BATCH_SIZE=%d at a time)",
-                 stats["new_tokens"], len(examples), duration(took), stats["new_tokens"] / max(took, 1e-9),
-                 cfg.predict.predict_batch_size)
+        log.info(
+            "generated %d new tokens for %d answers in %s (%.1f tokens/s, PREDICT_BATCH_SIZE=%d at a time)",
+            stats["new_tokens"],
+            len(examples),
+            duration(took),
+            stats["new_tokens"] / max(took, 1e-9),
+            cfg.predict.predict_batch_size,
+        )
         report = score_answers(zip([e.answer for e in examples], outputs))
         report.loss, losses = answer_loss(pred.model, pred.tokenizer, examples, data.max_seq_len)
         for row, e, loss in zip(report.rows, examples, losses):
@@ -79,8 +91,16 @@ def engine_time(pred: Predictor, examples: list[Example], batch_size: int) -> Ev
     if backend not in ("torch", "llama.cpp"):
         return unknown(len(examples), f"no time model for {backend}")
     shape = model_shape(base, None, pred.cfg.model.trust_remote_code)
-    return expected_evaluate(shape, pred.tokenizer, examples, backend, quant, batch_size,
-                             Path(gguf).stat().st_size if gguf else None, load=False)
+    return expected_evaluate(
+        shape,
+        pred.tokenizer,
+        examples,
+        backend,
+        quant,
+        batch_size,
+        Path(gguf).stat().st_size if gguf else None,
+        load=False,
+    )
 
 
 def report_dir(cfg: Config) -> Path:
@@ -102,8 +122,9 @@ def report_dir(cfg: Config) -> Path:
     return out
 
 
-def answer_loss(model: Any, tokenizer: Any, examples: list[Example],
-                max_seq_len: int) -> tuple[float | None, list[float | None]]:
+def answer_loss(
+    model: Any, tokenizer: Any, examples: list[Example], max_seq_len: int
+) -> tuple[float | None, list[float | None]]:
     """(mean, per sample) cross-entropy of the reference answers given their prompts, teacher-forced: the
     tokens training puts loss on (app.data.encode: the answers and EOS, cut at ``max_seq_len`` as training
     cuts), each predicted from the ones before it. The mean is over all those tokens, as a training loss is
@@ -116,11 +137,13 @@ def answer_loss(model: Any, tokenizer: Any, examples: list[Example],
     with torch.inference_mode():
         for batch_ids in _token_batches([len(r["input_ids"]) for r in rows], max_seq_len):
             batch = collate([rows[i] for i in batch_ids])
-            logits = model(input_ids=batch["input_ids"].to(model.device),
-                           attention_mask=batch["attention_mask"].to(model.device)).logits
+            logits = model(
+                input_ids=batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device)
+            ).logits
             labels = batch["labels"][:, 1:].to(logits.device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels,
-                                                    ignore_index=IGNORE, reduction="none")
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+            )
             for j, i in enumerate(batch_ids):
                 sums[i], counts[i] = float(nll[j].sum()), int((labels[j] != IGNORE).sum())
     total = sum(counts)
@@ -145,8 +168,7 @@ class F1Evaluator(TrainerCallback):
     Runs before BestAdapter in the callback list, so the best checkpoint can be chosen by F1.
     """
 
-    def __init__(self, tokenizer: Any, examples: list[Example], batch_size: int = 8,
-                 write: Any = None):
+    def __init__(self, tokenizer: Any, examples: list[Example], batch_size: int = 8, write: Any = None):
         from app.evaluation.scoring import score
 
         self.tokenizer, self.examples, self.batch_size, self._score = tokenizer, examples, batch_size, score
@@ -154,20 +176,42 @@ class F1Evaluator(TrainerCallback):
         self.budget = max_new_tokens_for(tokenizer, [e.answer for e in examples])
         self.history: list[tuple[int, float]] = []
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None,
-                    **kw: Any) -> None:
-        outputs = generate_batch(model, self.tokenizer, [e.prompt_messages for e in self.examples], self.budget,
-                                 self.batch_size, progress=False)
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None, **kw: Any
+    ) -> None:
+        outputs = generate_batch(
+            model,
+            self.tokenizer,
+            [e.prompt_messages for e in self.examples],
+            self.budget,
+            self.batch_size,
+            progress=False,
+        )
         d = self._score(zip([e.answer for e in self.examples], outputs)).to_dict()
         if metrics is not None:
-            metrics.update({"eval_f1": d["triplet_f1"], "eval_f1_typed": d["triplet_f1_typed"],
-                            "eval_json_valid": d["json_valid_rate"]})
+            metrics.update(
+                {
+                    "eval_f1": d["triplet_f1"],
+                    "eval_f1_typed": d["triplet_f1_typed"],
+                    "eval_json_valid": d["json_valid_rate"],
+                }
+            )
         self.history.append((state.global_step, d["triplet_f1"]))
-        row = {"step": state.global_step, "eval_f1": d["triplet_f1"], "eval_f1_typed": d["triplet_f1_typed"],
-               "eval_json_valid": d["json_valid_rate"]}
+        row = {
+            "step": state.global_step,
+            "eval_f1": d["triplet_f1"],
+            "eval_f1_typed": d["triplet_f1_typed"],
+            "eval_json_valid": d["json_valid_rate"],
+        }
         state.log_history.append(row)
         if self.write is not None:
             self.write(row)
-        log.info("step %d: eval F1 %.4f (typed %.4f), valid JSON %.0f%% on %d samples; first answer: %s",
-                 state.global_step, d["triplet_f1"], d["triplet_f1_typed"], 100 * d["json_valid_rate"],
-                 len(self.examples), " ".join(outputs[0].split())[:160] if outputs else "-")
+        log.info(
+            "step %d: eval F1 %.4f (typed %.4f), valid JSON %.0f%% on %d samples; first answer: %s",
+            state.global_step,
+            d["triplet_f1"],
+            d["triplet_f1_typed"],
+            100 * d["json_valid_rate"],
+            len(self.examples),
+            " ".join(outputs[0].split())[:160] if outputs else "-",
+        )

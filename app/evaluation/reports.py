@@ -1,6 +1,7 @@
 """An evaluation's reports: report.json, report.md (a table per predicate, or for text answers the
 lowest-scoring samples), predictions.jsonl (gold vs output per record) and, for triplet data,
 per_predicate_f1.png, each written whole (temp file + rename)."""
+
 from __future__ import annotations
 
 import io
@@ -32,16 +33,34 @@ def _by_support(report: Report) -> list[tuple[str, dict]]:
 def _markdown(report: Report, title: str) -> str:
     d = report.to_dict()
     lines = [f"# {title or 'Evaluation report'}", "", "| metric | value |", "| --- | --- |"]
-    for k in ("triplet_precision", "triplet_recall", "triplet_f1", "triplet_f1_typed", "classification_accuracy",
-              "json_valid_rate", "loss", "n_samples", "n_triplet_samples", "n_classification_samples", "n_bad_gold",
-              "n_recovered", "n_invalid_output"):
+    for k in (
+        "triplet_precision",
+        "triplet_recall",
+        "triplet_f1",
+        "triplet_f1_typed",
+        "classification_accuracy",
+        "json_valid_rate",
+        "loss",
+        "n_samples",
+        "n_triplet_samples",
+        "n_classification_samples",
+        "n_bad_gold",
+        "n_recovered",
+        "n_invalid_output",
+    ):
         lines.append(f"| {k} | {_fmt(d[k])} |")
-    lines += ["", "## Per predicate (sorted by support)", "",
-              "| predicate | support | tp | fp | fn | precision | recall | f1 |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "## Per predicate (sorted by support)",
+        "",
+        "| predicate | support | tp | fp | fn | precision | recall | f1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, m in _by_support(report):
-        lines.append(f"| {name} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | "
-                     f"{_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} |")
+        lines.append(
+            f"| {name} | {m['support']} | {m['tp']} | {m['fp']} | {m['fn']} | "
+            f"{_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} |"
+        )
     if not report.per_predicate:
         lines.append("| (no triplets) | | | | | | | |")
     return "\n".join(lines) + "\n"
@@ -52,20 +71,27 @@ def _text_markdown(report: TextReport, title: str, worst: int = 10) -> str:
     d = report.to_dict()
     lines = [f"# {title or 'Evaluation report'}", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(d[k])} |" for k in ("exact_match", "rouge_l", "bleu_4", "loss", "n_samples")]
-    lines += ["", "Exact match, ROUGE-L (F1) and BLEU-4 are per-sample means on a 0-1 scale; loss is the reference "
-              "answers' mean token loss under the model. How they are computed: docs/evaluation.md.", "",
-              f"## Lowest ROUGE-L (up to {worst})", "", "| # | rouge_l | bleu_4 | gold | output |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Exact match, ROUGE-L (F1) and BLEU-4 are per-sample means on a 0-1 scale; loss is the reference "
+        "answers' mean token loss under the model. How they are computed: docs/evaluation.md.",
+        "",
+        f"## Lowest ROUGE-L (up to {worst})",
+        "",
+        "| # | rouge_l | bleu_4 | gold | output |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in sorted(report.rows, key=lambda r: (r["rouge_l"], r["index"]))[:worst]:
-        lines.append(f"| {r['index']} | {_fmt(r['rouge_l'])} | {_fmt(r['bleu_4'])} | {_cell(r['gold'])} | "
-                     f"{_cell(r['output'])} |")
+        lines.append(
+            f"| {r['index']} | {_fmt(r['rouge_l'])} | {_fmt(r['bleu_4'])} | {_cell(r['gold'])} | {_cell(r['output'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _cell(text: str, width: int = 80) -> str:
     """One table cell: one line, pipes escaped, cut to ``width`` characters."""
     text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _chart(report: Report, title: str) -> bytes:
@@ -107,17 +133,25 @@ def write_reports(report: Report | TextReport, out_dir: str | Path, title: str =
     except OSError as e:
         if not diskspace.is_full(e, out):
             raise
-        raise UserError(diskspace.full_line("EVAL_DIR", out, "writing the evaluation reports", None, "each report "
-                                            "is written whole, so the earlier ones there are intact",
-                                            "run the same command again")) from None
+        raise UserError(
+            diskspace.full_line(
+                "EVAL_DIR",
+                out,
+                "writing the evaluation reports",
+                None,
+                "each report is written whole, so the earlier ones there are intact",
+                "run the same command again",
+            )
+        ) from None
 
 
 def _write(report: Report | TextReport, out: Path, paths: dict[str, Path], title: str) -> dict[str, Path]:
     write_json(paths["report.json"], report.to_dict())
     text = isinstance(report, TextReport)
     atomic_write_text(paths["report.md"], _text_markdown(report, title) if text else _markdown(report, title))
-    atomic_write_text(paths["predictions.jsonl"],
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rows))
+    atomic_write_text(
+        paths["predictions.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rows)
+    )
     if text:  # no predicates to chart; an older evaluation's chart in this folder would belong to other data
         paths.pop("per_predicate_f1.png").unlink(missing_ok=True)
         log.info("wrote %s to %s", ", ".join(paths), out)

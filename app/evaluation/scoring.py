@@ -10,6 +10,7 @@ Which report a file gets is decided from its gold answers (``answers_are_triplet
 mostly such JSON lists get P/R/F1; any other answers (an alpaca file's prose) get exact match, ROUGE-L
 and BLEU-4 (app.evaluation.textmetrics), since triplet F1 would be a meaningless 0 there.
 """
+
 from __future__ import annotations
 
 import json
@@ -177,17 +178,29 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """All metrics and counts, per_predicate included, rows excluded."""
-        out = {k: getattr(self, k) for k in (
-            "triplet_precision", "triplet_recall", "triplet_f1", "triplet_precision_typed",
-            "triplet_recall_typed", "triplet_f1_typed", "classification_accuracy", "json_valid_rate")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "triplet_precision",
+                "triplet_recall",
+                "triplet_f1",
+                "triplet_precision_typed",
+                "triplet_recall_typed",
+                "triplet_f1_typed",
+                "classification_accuracy",
+                "json_valid_rate",
+            )
+        }
         out.update({k: v for k, v in asdict(self).items() if k != "rows"})
         return out
 
     def headline(self) -> str:
         acc, loss = self.classification_accuracy, "" if self.loss is None else f", loss {self.loss:.4f}"
-        return (f"F1 {self.triplet_f1:.4f} (typed {self.triplet_f1_typed:.4f}), P {self.triplet_precision:.4f}, "
-                f"R {self.triplet_recall:.4f}, classification accuracy {'-' if acc is None else f'{acc:.4f}'}, "
-                f"valid JSON {100 * self.json_valid_rate:.1f}%{loss}")
+        return (
+            f"F1 {self.triplet_f1:.4f} (typed {self.triplet_f1_typed:.4f}), P {self.triplet_precision:.4f}, "
+            f"R {self.triplet_recall:.4f}, classification accuracy {'-' if acc is None else f'{acc:.4f}'}, "
+            f"valid JSON {100 * self.json_valid_rate:.1f}%{loss}"
+        )
 
 
 def answers_are_triplets(golds: Iterable[str]) -> bool:
@@ -214,9 +227,19 @@ def score(pairs: Iterable[tuple[str, str]]) -> Report:
         rep.n_valid_json += pred.valid_json
         rep.n_recovered += pred.recovered
         rep.n_invalid_output += pred.kind == "invalid"
-        row: dict[str, Any] = {"index": index, "gold": gold_text, "output": output_text, "kind": pred.kind,
-                               "parsed": pred.items(), "correct": [], "missing": [], "spurious": [],
-                               "label_correct": None, "valid_json": pred.valid_json, "bad_gold": False}
+        row: dict[str, Any] = {
+            "index": index,
+            "gold": gold_text,
+            "output": output_text,
+            "kind": pred.kind,
+            "parsed": pred.items(),
+            "correct": [],
+            "missing": [],
+            "spurious": [],
+            "label_correct": None,
+            "valid_json": pred.valid_json,
+            "bad_gold": False,
+        }
         rep.rows.append(row)
         # Gold that is truncated or has unusable items would mis-score good answers: exclude it.
         if gold.kind == "invalid" or not gold.valid_json or gold.skipped:
@@ -250,11 +273,11 @@ def score(pairs: Iterable[tuple[str, str]]) -> Report:
         rep.fn += len(row["missing"])
     for pred_name, c in sorted(counts.items()):
         prec, rec, f1 = _prf(c["tp"], c["fp"], c["fn"])
-        rep.per_predicate[pred_name] = {**c, "precision": prec, "recall": rec, "f1": f1,
-                                        "support": c["tp"] + c["fn"]}
+        rep.per_predicate[pred_name] = {**c, "precision": prec, "recall": rec, "f1": f1, "support": c["tp"] + c["fn"]}
     if rep.n_bad_gold:
-        log.warning("%d of %d gold targets could not be parsed; they are excluded from scoring",
-                    rep.n_bad_gold, rep.n_samples)
+        log.warning(
+            "%d of %d gold targets could not be parsed; they are excluded from scoring", rep.n_bad_gold, rep.n_samples
+        )
     return rep
 
 

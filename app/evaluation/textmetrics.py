@@ -13,6 +13,7 @@ equal, and differ more on other scripts (words here); all are on a 0-1 scale her
   reference's), 0 when either has no token, as rouge-chinese gives.
 * Exact match: equal after NFKC (full-width = half-width) and whitespace normalization.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,7 +56,7 @@ def bleu4(reference: list[str], hypothesis: list[str]) -> float:
         if matched:
             log_sum += math.log(matched / total) / 4
         else:
-            log_sum += math.log(1 / (2 ** k * total)) / 4
+            log_sum += math.log(1 / (2**k * total)) / 4
             k += 1
     c, r = len(hypothesis), len(reference)
     return (1.0 if c > r else math.exp(1 - r / c)) * math.exp(log_sum)
@@ -103,8 +104,16 @@ def score_text(pairs: Iterable[tuple[str, str]]) -> TextReport:
     rep = TextReport()
     for index, (gold, output) in enumerate(pairs):
         ref, hyp = tokens(gold), tokens(output)
-        rep.rows.append({"index": index, "gold": gold, "output": output, "exact_match": exact_match(gold, output),
-                         "rouge_l": rouge_l(ref, hyp), "bleu_4": bleu4(ref, hyp)})
+        rep.rows.append(
+            {
+                "index": index,
+                "gold": gold,
+                "output": output,
+                "exact_match": exact_match(gold, output),
+                "rouge_l": rouge_l(ref, hyp),
+                "bleu_4": bleu4(ref, hyp),
+            }
+        )
     rep.n_samples = len(rep.rows)
     for key in ("exact_match", "rouge_l", "bleu_4"):
         setattr(rep, key, sum(float(r[key]) for r in rep.rows) / rep.n_samples if rep.n_samples else 0.0)

@@ -18,6 +18,7 @@ predict would load (INFER_BACKEND, QUANT_LEVEL or GGUF_QUANT):
 Two figures: answers as long as the references (a trained model stops there) and every answer at evaluate's
 budget (an untrained or random model runs on: the upper bound).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ STARTUP_S = 6.0  # importing torch and transformers, the tokenizer, the reports:
 @dataclass(frozen=True)
 class Engine:
     """An engine's shares of the probes' rates (bench/infer.md), and its load time per 1e9 weights."""
+
     bandwidth: float  # B: weight bytes a decode step reads / the probed bandwidth
     row: float  # R: a decoded row's FLOP/s / the probed dense FLOP/s
     prefill: float  # P: prefill's and the loss pass's FLOP/s / the probed dense FLOP/s
@@ -56,6 +58,7 @@ ENGINES = {
 @dataclass(frozen=True)
 class EvalTime:
     """The estimate for ``samples`` records on ``engine``; ``unknown``: why there is none."""
+
     samples: int
     engine: str
     seconds: float = 0.0  # answers as long as the references
@@ -66,9 +69,11 @@ class EvalTime:
     def line(self) -> str:
         if self.unknown:
             return f"expected evaluate: unknown ({self.unknown})"
-        return (f"expected evaluate: ~{duration(self.seconds)} for {self.samples} records on {self.engine} "
-                f"(answers as long as the references; ~{duration(self.budget_seconds)} if every answer runs to "
-                f"its {self.budget}-token budget, as an untrained model's do)")
+        return (
+            f"expected evaluate: ~{duration(self.seconds)} for {self.samples} records on {self.engine} "
+            f"(answers as long as the references; ~{duration(self.budget_seconds)} if every answer runs to "
+            f"its {self.budget}-token budget, as an untrained model's do)"
+        )
 
 
 def engine_key(backend: str, quant: str) -> str:
@@ -90,9 +95,18 @@ def weight_bytes(shape: ModelShape, backend: str, quant: str, gguf_bytes: int | 
     return shape.total_params * 4.0
 
 
-def estimate(shape: ModelShape, backend: str, quant: str, prompts: Sequence[int], answers: Sequence[int],
-             budget: int, batch_size: int, rates: tuple[float, float], gguf_bytes: int | None = None,
-             load: bool = True) -> EvalTime:
+def estimate(
+    shape: ModelShape,
+    backend: str,
+    quant: str,
+    prompts: Sequence[int],
+    answers: Sequence[int],
+    budget: int,
+    batch_size: int,
+    rates: tuple[float, float],
+    gguf_bytes: int | None = None,
+    load: bool = True,
+) -> EvalTime:
     """``prompts``/``answers``: each record's token counts; ``rates``: (bytes/s, dense FLOP/s) the probes measured.
     ``load``: count loading the model (evaluate logs its estimate after the load, info before it)."""
     key = engine_key(backend, quant)
@@ -108,7 +122,7 @@ def estimate(shape: ModelShape, backend: str, quant: str, prompts: Sequence[int]
         total = fixed + loss
         order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             steps = max(lengths[i] for i in batch)
             if backend == "llama.cpp":  # each prompt alone; finished rows leave the batch
                 total += sum(prompts[i] for i in batch) * token + steps * step + sum(lengths[i] for i in batch) * row
@@ -122,8 +136,10 @@ def token_counts(tokenizer: Any, examples: Sequence[Any]) -> tuple[list[int], li
     """(prompt tokens as predict renders them, answer tokens) of each record."""
     from app.data.encode import prompt_text
 
-    prompts = [len(tokenizer(prompt_text(tokenizer, e.prompt_messages), add_special_tokens=False)["input_ids"])
-               for e in examples]
+    prompts = [
+        len(tokenizer(prompt_text(tokenizer, e.prompt_messages), add_special_tokens=False)["input_ids"])
+        for e in examples
+    ]
     answers = [len(tokenizer(e.answer, add_special_tokens=False)["input_ids"]) for e in examples]
     return prompts, answers
 
@@ -139,8 +155,16 @@ def unknown(samples: int, why: str) -> EvalTime:
     return EvalTime(samples, "", unknown=why)
 
 
-def expected_evaluate(shape: ModelShape, tokenizer: Any, examples: Sequence[Any], backend: str, quant: str,
-                      batch_size: int, gguf_bytes: int | None = None, load: bool = True) -> EvalTime:
+def expected_evaluate(
+    shape: ModelShape,
+    tokenizer: Any,
+    examples: Sequence[Any],
+    backend: str,
+    quant: str,
+    batch_size: int,
+    gguf_bytes: int | None = None,
+    load: bool = True,
+) -> EvalTime:
     """``estimate`` for ``examples`` (app.evaluation.dataset's records) with this machine's probes; unknown on a
     busy machine, whose probes time other processes."""
     from app.inference.generate import max_new_tokens_for

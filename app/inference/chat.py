@@ -9,6 +9,7 @@ ending a conversation the user may have spent a while on. When the history plus 
 would overflow the context, the oldest turns go first, and the user is told, since the model
 then no longer sees them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,11 +36,13 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]
 
 BANNER = "chat: type a message; /help lists the commands, /exit or Ctrl-D quits\n"
-HELP = ("commands:\n"
-        "  /help          this list\n"
-        "  /reset         forget the conversation so far (the model starts afresh)\n"
-        "  /exit, /quit   end the chat (Ctrl-D too)\n"
-        "an empty line is ignored; anything else is a message to the model\n")
+HELP = (
+    "commands:\n"
+    "  /help          this list\n"
+    "  /reset         forget the conversation so far (the model starts afresh)\n"
+    "  /exit, /quit   end the chat (Ctrl-D too)\n"
+    "an empty line is ignored; anything else is a message to the model\n"
+)
 EXIT_COMMANDS = ("/exit", "/quit")
 # transformers' VERY_LARGE_INTEGER: a tokenizer that does not know its model's context says this.
 _NO_LIMIT = 10**9
@@ -89,12 +92,15 @@ def overflow(pred: Answerer, messages: list[Message], context: int | None, what:
     fix = f"shorten {what} to at most {room:,} tokens" if room > 0 else "lower MAX_NEW_TOKENS"
     if 0 < room and n < context:  # a smaller answer budget would do too
         fix += " or lower MAX_NEW_TOKENS"
-    return (f"is {n:,} tokens with the chat template; the model's context is {context:,} tokens, "
-            f"{max_new:,} of them kept for the answer (MAX_NEW_TOKENS={max_new}): {fix}")
+    return (
+        f"is {n:,} tokens with the chat template; the model's context is {context:,} tokens, "
+        f"{max_new:,} of them kept for the answer (MAX_NEW_TOKENS={max_new}): {fix}"
+    )
 
 
-def fit(pred: Answerer, history: list[Message], message: Message, context: int | None
-        ) -> tuple[list[Message], int] | None:
+def fit(
+    pred: Answerer, history: list[Message], message: Message, context: int | None
+) -> tuple[list[Message], int] | None:
     """(messages to send, user/assistant pairs dropped from the front) so that the prompt plus
     MAX_NEW_TOKENS fits ``context``; None when even ``message`` alone does not fit."""
     turns = [*history, message]
@@ -165,8 +171,10 @@ def chat(pred: Answerer, read: Callable[[str], str] | None = None) -> None:
                 continue
             turns, dropped = fitted
             if dropped:
-                _say(f"(dropped {dropped} earlier turn{'s' if dropped > 1 else ''}: the conversation plus "
-                     f"MAX_NEW_TOKENS={max_new} would not fit the model's {context}-token context)")
+                _say(
+                    f"(dropped {dropped} earlier turn{'s' if dropped > 1 else ''}: the conversation plus "
+                    f"MAX_NEW_TOKENS={max_new} would not fit the model's {context}-token context)"
+                )
             sys.stdout.write("模型> ")  # cli-output
             sys.stdout.flush()
             answer = pred.generate(turns, stream=True)

@@ -20,6 +20,7 @@ implementation uses the standard ``DynamicCache``: GLM and Qwen2 are tested, Qwe
 Gemma-3 export and pass the built-in check too (Gemma-3's sliding-window layers only within
 their window). An export is checked against PyTorch before the command returns.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,13 +48,27 @@ def _decoder_wrapper(model: Any, num_layers: int) -> Any:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, logits_to_keep: Any,
-                    past: list[tuple[Any, Any]]) -> tuple[Any, ...]:
+        def forward(
+            self,
+            input_ids: Any,
+            attention_mask: Any,
+            position_ids: Any,
+            logits_to_keep: Any,
+            past: list[tuple[Any, Any]],
+        ) -> tuple[Any, ...]:
             cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past], config=self.model.config)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
-            return (out.logits, *[t for layer in out.past_key_values.layers[:num_layers]
-                                   for t in (layer.keys, layer.values)])
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+            )
+            return (
+                out.logits,
+                *[t for layer in out.past_key_values.layers[:num_layers] for t in (layer.keys, layer.values)],
+            )
 
     return Decoder().eval()
 
@@ -77,8 +92,9 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
 
     tokenizer = load_tokenizer(str(src), trust_remote_code)
     try:  # fp32 on the CPU whatever the machine: the export is for CPU inference
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="sdpa",
-                                                     trust_remote_code=trust_remote_code).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            src, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        ).eval()
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot load this model"
         raise _load_error(str(src), e) from None
     ids = torch.tensor([[3, 4, 5]])
@@ -86,33 +102,60 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
         cache = model(input_ids=ids, use_cache=True).past_key_values
     layers = getattr(cache, "layers", None)
     if not layers or not all(hasattr(x, "keys") and x.keys is not None for x in layers):
-        raise UserError(f"{src}: its {type(model).__name__} does not use transformers' standard KV cache, so it "
-                        "cannot be exported to ONNX here; GLM (-hf), Qwen2/3 and Llama checkpoints can")
+        raise UserError(
+            f"{src}: its {type(model).__name__} does not use transformers' standard KV cache, so it "
+            "cannot be exported to ONNX here; GLM (-hf), Qwen2/3 and Llama checkpoints can"
+        )
     past = [(x.keys.clone(), x.values.clone()) for x in layers]
     window = getattr(model.config, "sliding_window", None)
     if window and "sliding_attention" in (getattr(model.config, "layer_types", None) or []):
-        log.warning("%s has sliding-window attention: the ONNX export is exact only for contexts shorter than "
-                    "its window (%d tokens)", type(model).__name__, window)
+        log.warning(
+            "%s has sliding-window attention: the ONNX export is exact only for contexts shorter than "
+            "its window (%d tokens)",
+            type(model).__name__,
+            window,
+        )
     n = len(past)
     names_in = ["input_ids", "attention_mask", "position_ids", "logits_to_keep"] + [
-        f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
+        f"past_key_values.{i}.{kv}" for i in range(n) for kv in ("key", "value")
+    ]
     names_out = ["logits"] + [f"present.{i}.{kv}" for i in range(n) for kv in ("key", "value")]
     dim = torch.export.Dim
     batch, seq, plen, total, keep = dim("batch"), dim("seq"), dim("past"), dim("total"), dim("keep")
-    example = (torch.tensor([[6, 7, 8, 9, 10]]), torch.ones(1, 8, dtype=torch.long), torch.arange(3, 8)[None],
-               torch.arange(5), past)
-    shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-              "position_ids": {0: batch, 1: seq}, "logits_to_keep": {0: keep},
-              "past": [({0: batch, 2: plen}, {0: batch, 2: plen}) for _ in range(n)]}
-    log.info("exporting %s (%s, %d layers) to ONNX; takes ~10 s for a tiny model, ~1 min for 100M parameters",
-             src, type(model).__name__, n)
+    example = (
+        torch.tensor([[6, 7, 8, 9, 10]]),
+        torch.ones(1, 8, dtype=torch.long),
+        torch.arange(3, 8)[None],
+        torch.arange(5),
+        past,
+    )
+    shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "logits_to_keep": {0: keep},
+        "past": [({0: batch, 2: plen}, {0: batch, 2: plen}) for _ in range(n)],
+    }
+    log.info(
+        "exporting %s (%s, %d layers) to ONNX; takes ~10 s for a tiny model, ~1 min for 100M parameters",
+        src,
+        type(model).__name__,
+        n,
+    )
     chatter = io.StringIO()  # the exporter prints its progress to stdout, and logs and warns a lot
     for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     with contextlib.redirect_stdout(chatter), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(_decoder_wrapper(model, n), example, dynamic_shapes=shapes,
-                                    input_names=names_in, output_names=names_out, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            _decoder_wrapper(model, n),
+            example,
+            dynamic_shapes=shapes,
+            input_names=names_in,
+            output_names=names_out,
+            dynamo=True,
+            verbose=False,
+        )
     log.debug("torch.onnx: %s", chatter.getvalue())
     out = Path(out)
     try:
@@ -122,20 +165,43 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
             (model.generation_config or GenerationConfig()).save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             files = {f: (tmp / f).stat().st_size for f in (ONNX_FILE, ONNX_DATA) if (tmp / f).is_file()}
-            write_json(tmp / META_FILE, {"files": files,  # sizes: a truncated copy is found without loading it
-                "source": str(src), "architecture": type(model).__name__, "num_layers": n,
-                "past_shape": [list(k.shape[1:2]) + list(k.shape[3:]) for k, _ in past],  # [kv_heads, head_dim]
-                "dtype": "float32", "inputs": names_in, "outputs": names_out,
-                "torch": torch.__version__, "exporter": "torch.onnx.export(dynamo=True)"})
+            write_json(
+                tmp / META_FILE,
+                {
+                    "files": files,  # sizes: a truncated copy is found without loading it
+                    "source": str(src),
+                    "architecture": type(model).__name__,
+                    "num_layers": n,
+                    "past_shape": [list(k.shape[1:2]) + list(k.shape[3:]) for k, _ in past],  # [kv_heads, head_dim]
+                    "dtype": "float32",
+                    "inputs": names_in,
+                    "outputs": names_out,
+                    "torch": torch.__version__,
+                    "exporter": "torch.onnx.export(dynamo=True)",
+                },
+            )
             diff = verify(model, tmp)  # before anything replaces an earlier export
             ownership.register(out.parent, [out.name])  # onnx/ in a run or a merge: theirs (remove-run takes it)
     except Exception as e:  # onnx's and safetensors' writers report a full disk in their own words
         if not diskspace.is_full(e, out.parent):
             raise
-        raise UserError(diskspace.full_line("ONNX_DIR", out, "writing the ONNX export", need, "the previous export "
-                                            "there, if any, is untouched", "run `make export-onnx` again")) from None
-    log.info("exported %s -> %s; ONNX Runtime logits match PyTorch (max |diff| %.1e); peak RSS %.0f MB",
-             src, out, diff, peak_rss_mb())
+        raise UserError(
+            diskspace.full_line(
+                "ONNX_DIR",
+                out,
+                "writing the ONNX export",
+                need,
+                "the previous export there, if any, is untouched",
+                "run `make export-onnx` again",
+            )
+        ) from None
+    log.info(
+        "exported %s -> %s; ONNX Runtime logits match PyTorch (max |diff| %.1e); peak RSS %.0f MB",
+        src,
+        out,
+        diff,
+        peak_rss_mb(),
+    )
     return out
 
 
@@ -176,15 +242,20 @@ def source_for(cfg: Config) -> tuple[str, Path]:
         return str(adapter), Path(onnx_dir or adapter / "onnx")
     kind = read_json(adapter / "adapter_config.json", f"ADAPTER_DIR={adapter}").get("peft_type", "LORA")
     if kind != "LORA":
-        raise UserError(f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds prefixes at run time and "
-                        "cannot be merged into the weights, so there is no standalone model to export; export a "
-                        "METHOD=lora/qlora/full run, or predict on this adapter with PyTorch")
+        raise UserError(
+            f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds prefixes at run time and "
+            "cannot be merged into the weights, so there is no standalone model to export; export a "
+            "METHOD=lora/qlora/full run, or predict on this adapter with PyTorch"
+        )
     merged = Path(cfg.predict.merged_dir or adapter / "merged")
     weights = max((p.stat().st_mtime for p in adapter.glob("adapter_model.*")), default=0.0)
     # MERGED_DIR is swapped in whole (app.core.utils.replace_dir), so a present one is a finished merge; the
     # integrity check still refuses one that was damaged since (or half-written by an older version).
-    current = ((merged / "config.json").is_file() and (merged / "config.json").stat().st_mtime >= weights
-               and not dir_problems(merged, f"MERGED_DIR={merged}"))
+    current = (
+        (merged / "config.json").is_file()
+        and (merged / "config.json").stat().st_mtime >= weights
+        and not dir_problems(merged, f"MERGED_DIR={merged}")
+    )
     if not current:
         log.info("no up-to-date merged model in %s: merging %s first", merged, adapter)
         merged = run_merge(cfg)

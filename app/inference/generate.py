@@ -1,5 +1,6 @@
 """Batched generation: many prompts at once, left-padded, KV-cached (file-mode prediction,
 evaluation and the F1 evaluation during training all use it)."""
+
 from __future__ import annotations
 
 import math
@@ -14,9 +15,16 @@ def max_new_tokens_for(tokenizer: Any, answers: list[str], cap: int = 1024) -> i
     return min(cap, math.ceil(longest * 1.25) + 8)
 
 
-def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], max_new_tokens: int,
-                   batch_size: int = 8, progress: bool = True, sampling: dict[str, Any] | None = None,
-                   stats: dict[str, int] | None = None) -> list[str]:
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, str]]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    sampling: dict[str, Any] | None = None,
+    stats: dict[str, int] | None = None,
+) -> list[str]:
     """Answers for many prompts, in their order, KV-cached and left-padded in batches (decoder-only
     models pad left). Prompts of similar length are batched together, so little is padding.
 
@@ -35,13 +43,19 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
     try:
         starts = range(0, len(order), batch_size)
         for i in tqdm(starts, desc="generate", unit="batch", disable=not progress, leave=False):
-            batch = order[i:i + batch_size]
-            enc = tokenizer([texts[j] for j in batch], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
+            batch = order[i : i + batch_size]
+            enc = tokenizer([texts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(
+                model.device
+            )
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True,
-                                     pad_token_id=tokenizer.pad_token_id, **(sampling or {"do_sample": False}))
-            new = out[:, enc["input_ids"].shape[1]:]
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **(sampling or {"do_sample": False}),
+                )
+            new = out[:, enc["input_ids"].shape[1] :]
             if stats is not None:
                 stats["new_tokens"] = stats.get("new_tokens", 0) + int((new != tokenizer.pad_token_id).sum())
             for j, answer in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):

@@ -13,6 +13,7 @@ converter's check first and, only where it has no answer, recognises a pre-token
 ours (recognised_pre) by its definition; any other tokenizer is refused as before.
 tests/test_gguf_tokens.py proves that llama.cpp then gives the HF tokenizer's ids.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,8 +26,10 @@ from pathlib import Path
 # Pre-tokenizers of the tokenizers trained here, as transformers loads them, -> llama.cpp's name for the same
 # split. The tiny models' (app.models.tiny.runtime_pre_tokenizer); and Qwen2's own, which transformers' Qwen2Tokenizer
 # puts in place of any other (tiny-qwen2's included): llama.cpp's "qwen2" is that regex (llama-vocab.cpp).
-QWEN2_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
-               "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 
 
 def recognised_pre(tokenizer: object) -> str | None:
@@ -44,9 +47,14 @@ def recognised_pre(tokenizer: object) -> str | None:
     if have == json.loads(recipe.to_str())["pre_tokenizer"]:
         return GGUF_PRE_TOKENIZER
     steps = (have or {}).get("pretokenizers") or []
-    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("pattern") == {"Regex": QWEN2_SPLIT}
-            and steps[0].get("behavior") == "Isolated" and steps[1].get("type") == "ByteLevel"
-            and not steps[1].get("use_regex")):
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and steps[0].get("pattern") == {"Regex": QWEN2_SPLIT}
+        and steps[0].get("behavior") == "Isolated"
+        and steps[1].get("type") == "ByteLevel"
+        and not steps[1].get("use_regex")
+    ):
         return "qwen2"
     return None
 
@@ -105,8 +113,9 @@ def main(argv: list[str]) -> int:
         from app.inference.llamacpp import converter_dir
 
         sys.argv = ["gguf_set_metadata.py", *args]
-        runpy.run_path(str(converter_dir() / "gguf-py" / "gguf" / "scripts" / "gguf_set_metadata.py"),
-                       run_name="__main__")
+        runpy.run_path(
+            str(converter_dir() / "gguf-py" / "gguf" / "scripts" / "gguf_set_metadata.py"), run_name="__main__"
+        )
     elif step == "convert-lora":
         _run_script("convert_lora_to_gguf.py", args, Path(args[args.index("--base") + 1]))
     else:

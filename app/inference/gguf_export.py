@@ -8,6 +8,7 @@ metadata; an Ollama Modelfile with the same template and stop tokens, and a READ
 beside it. GGUF_DIR is replaced whole (app.core.utils.replace_dir): a kill or a full disk leaves the
 previous export or none, never a half-written file that llama.cpp would load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,19 +33,34 @@ log = logging.getLogger(__name__)
 
 INFO_FILE = "gguf_info.json"  # what was exported, from what: the marker of a dir this tool may replace
 # The families of the README's table that llama.cpp's converter supports, by their transformers architecture.
-FAMILIES = {"GlmForCausalLM": "GLM / GLM-Edge", "Glm4ForCausalLM": "GLM-4", "Qwen2ForCausalLM": "Qwen2",
-            "Qwen3ForCausalLM": "Qwen3", "LlamaForCausalLM": "Llama", "Gemma3ForCausalLM": "Gemma-3"}
-BYTES_PER_WEIGHT = {"f16": 2, "bf16": 2, "q8_0": 1.07, "q6_k": 0.83, "q5_k_m": 0.71, "q4_k_m": 0.61, "q4_k_s": 0.57,
-                     "q3_k_m": 0.49, "q2_k": 0.41}  # ggml's block sizes, + the k-quant mixes
+FAMILIES = {
+    "GlmForCausalLM": "GLM / GLM-Edge",
+    "Glm4ForCausalLM": "GLM-4",
+    "Qwen2ForCausalLM": "Qwen2",
+    "Qwen3ForCausalLM": "Qwen3",
+    "LlamaForCausalLM": "Llama",
+    "Gemma3ForCausalLM": "Gemma-3",
+}
+BYTES_PER_WEIGHT = {
+    "f16": 2,
+    "bf16": 2,
+    "q8_0": 1.07,
+    "q6_k": 0.83,
+    "q5_k_m": 0.71,
+    "q4_k_m": 0.61,
+    "q4_k_s": 0.57,
+    "q3_k_m": 0.49,
+    "q2_k": 0.41,
+}  # ggml's block sizes, + the k-quant mixes
 
 
 @dataclass(frozen=True)
 class Source:
-    adapter: Path | None   # a LoRA adapter dir, a full model dir, or None (the base itself)
-    base_name: str         # MODEL_NAME as trained
-    base_dir: Path         # its local dir
-    trained_quant: str     # QUANT_LEVEL the adapter was trained on
-    out: Path              # GGUF_DIR
+    adapter: Path | None  # a LoRA adapter dir, a full model dir, or None (the base itself)
+    base_name: str  # MODEL_NAME as trained
+    base_dir: Path  # its local dir
+    trained_quant: str  # QUANT_LEVEL the adapter was trained on
+    out: Path  # GGUF_DIR
 
 
 def source_for(cfg: Config) -> Source:
@@ -55,21 +71,31 @@ def source_for(cfg: Config) -> Source:
     if adapter is not None and not is_full_model(adapter):
         kind = read_json(adapter / "adapter_config.json", f"ADAPTER_DIR={adapter}").get("peft_type", "LORA")
         if kind != "LORA":
-            raise UserError(f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds learnt prefixes to every "
-                            "layer's attention at run time, which llama.cpp has no place for; GGUF takes "
-                            "METHOD=lora, qlora or full runs (predict on this one with INFER_BACKEND=torch)")
+            raise UserError(
+                f"ADAPTER_DIR={adapter}: a {kind} adapter (METHOD=ptuning) adds learnt prefixes to every "
+                "layer's attention at run time, which llama.cpp has no place for; GGUF takes "
+                "METHOD=lora, qlora or full runs (predict on this one with INFER_BACKEND=torch)"
+            )
     name, quant = base_model_for(cfg, adapter)
     base = Path(resolve_model(name)) if adapter is None or not is_full_model(adapter) else adapter
     if not (base / "config.json").is_file():
-        raise UserError(f"MODEL_NAME={name}: GGUF export reads a local model dir and there is none; download it "
-                        f"first (`.venv/bin/hf download {name} --local-dir models/{Path(name).name}`), then "
-                        f"MODEL_NAME=models/{Path(name).name}")
+        raise UserError(
+            f"MODEL_NAME={name}: GGUF export reads a local model dir and there is none; download it "
+            f"first (`.venv/bin/hf download {name} --local-dir models/{Path(name).name}`), then "
+            f"MODEL_NAME=models/{Path(name).name}"
+        )
     arch = ((parse_json(base / "config.json")[0] or {}).get("architectures") or ["?"])[0]
     if arch not in FAMILIES:
-        why = ("runs its own remote code (TRUST_REMOTE_CODE), whose tokenizer the converter cannot read on current "
-               "transformers" if arch.startswith("ChatGLM") else "is not a family this tool exports")
-        raise UserError(f"MODEL_NAME={name}: {arch} {why}; GGUF export supports {', '.join(FAMILIES.values())} "
-                        "(predict on this run with INFER_BACKEND=torch)")
+        why = (
+            "runs its own remote code (TRUST_REMOTE_CODE), whose tokenizer the converter cannot read on current "
+            "transformers"
+            if arch.startswith("ChatGLM")
+            else "is not a family this tool exports"
+        )
+        raise UserError(
+            f"MODEL_NAME={name}: {arch} {why}; GGUF export supports {', '.join(FAMILIES.values())} "
+            "(predict on this run with INFER_BACKEND=torch)"
+        )
     default = (adapter / "gguf") if adapter is not None else Path("models/gguf") / base.name
     return Source(adapter, name, base, quant, Path(cfg.predict.gguf_dir or default))
 
@@ -93,10 +119,21 @@ def key_for(src: Source, quant: str) -> dict:
     files = lambda d: [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]  # noqa: E731
     adapter = None
     if src.adapter is not None and not is_full_model(src.adapter):
-        adapter = _digest([p for p in files(src.adapter) if p.name.startswith(("adapter_", "tokenizer", "special_"))
-                           or p.name in ("chat_template.jinja", "generation_config.json")], content=True)
-    return {"adapter": adapter, "base": _digest(files(src.base_dir), content=False), "gguf_quant": quant,
-            "llama_cpp": llamacpp.VERSION}
+        adapter = _digest(
+            [
+                p
+                for p in files(src.adapter)
+                if p.name.startswith(("adapter_", "tokenizer", "special_"))
+                or p.name in ("chat_template.jinja", "generation_config.json")
+            ],
+            content=True,
+        )
+    return {
+        "adapter": adapter,
+        "base": _digest(files(src.base_dir), content=False),
+        "gguf_quant": quant,
+        "llama_cpp": llamacpp.VERSION,
+    }
 
 
 def bytes_needed(base_dir: Path, quant: str) -> int:
@@ -115,8 +152,9 @@ def check(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> N
     if not adapter_only and src.adapter is not None and not is_full_model(src.adapter):
         _check_memory(cfg, src)
     need = bytes_needed(src.base_dir, quant)
-    short = need and diskspace.shortfall("GGUF_DIR", src.out, need,
-                                         f"the export (the merged model and its 16-bit GGUF on the way to {quant})")
+    short = need and diskspace.shortfall(
+        "GGUF_DIR", src.out, need, f"the export (the merged model and its 16-bit GGUF on the way to {quant})"
+    )
     if short:
         raise UserError(short + "; nothing was written")
 
@@ -158,21 +196,41 @@ def export(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> 
             if lora:
                 llamacpp.convert_lora(src.adapter, hf, tmp / ADAPTER_FILE, logs)
                 log.info("the LoRA alone: %s, for llama.cpp's --lora on %s", src.out / ADAPTER_FILE, src.out / name)
-            write_companions(tmp, name, hf, Path(str(src.adapter or src.base_dir)).name, quant,
-                             ADAPTER_FILE if lora else None)
+            write_companions(
+                tmp, name, hf, Path(str(src.adapter or src.base_dir)).name, quant, ADAPTER_FILE if lora else None
+            )
             shutil.rmtree(hf)
-            write_json(tmp / INFO_FILE, {"file": name, "key": key, "adapter": str(src.adapter or ""),
-                                         "base": src.base_name, "base_quantization": src.trained_quant,
-                                         "size": (tmp / name).stat().st_size})
+            write_json(
+                tmp / INFO_FILE,
+                {
+                    "file": name,
+                    "key": key,
+                    "adapter": str(src.adapter or ""),
+                    "base": src.base_name,
+                    "base_quantization": src.trained_quant,
+                    "size": (tmp / name).stat().st_size,
+                },
+            )
         logs.unlink()
     except OSError as e:
         if not diskspace.is_full(e, src.out.parent):
             raise
-        raise UserError(diskspace.full_line("GGUF_DIR", src.out, "writing the GGUF export",
-                                            bytes_needed(src.base_dir, quant), "a previous export there is untouched",
-                                            "run `make export-gguf` again")) from None
-    log.info("exported %s -> %s (%s); its Modelfile and README beside it", src.adapter or src.base_name,
-             src.out / name, quant)
+        raise UserError(
+            diskspace.full_line(
+                "GGUF_DIR",
+                src.out,
+                "writing the GGUF export",
+                bytes_needed(src.base_dir, quant),
+                "a previous export there is untouched",
+                "run `make export-gguf` again",
+            )
+        ) from None
+    log.info(
+        "exported %s -> %s (%s); its Modelfile and README beside it",
+        src.adapter or src.base_name,
+        src.out / name,
+        quant,
+    )
     return src.out
 
 
@@ -182,8 +240,10 @@ def to_gguf(hf: Path, out: Path, quant: str, threads: int, logs: Path) -> None:
     llamacpp.convert(hf, first, llamacpp.CONVERTER_TYPES.get(quant, "auto"), logs)
     config, _ = parse_json(hf / "config.json")
     for change in llamacpp.align_metadata(first, config or {}, logs):
-        log.info("GGUF metadata: %s (what config.json says; llama.cpp's converter reads another key for this "
-                 "architecture)", change)
+        log.info(
+            "GGUF metadata: %s (what config.json says; llama.cpp's converter reads another key for this architecture)",
+            change,
+        )
     if first != out:
         log.info("quantizing to %s with llama.cpp", quant)
         llamacpp.quantize(first, out, quant, threads, logs)
@@ -192,9 +252,15 @@ def to_gguf(hf: Path, out: Path, quant: str, threads: int, logs: Path) -> None:
 
 def _reuse_base(old: object, key: dict, previous: Path, new: Path) -> bool:
     """Link the previous adapter-only export's base GGUF into the new one when it is of the same base and quant."""
-    if not (isinstance(old, dict) and isinstance(old.get("key"), dict) and old["key"].get("adapter_only")
-            and old["key"].get("base") == key["base"] and old["key"].get("gguf_quant") == key["gguf_quant"]
-            and previous.is_file() and previous.stat().st_size == old.get("size")):
+    if not (
+        isinstance(old, dict)
+        and isinstance(old.get("key"), dict)
+        and old["key"].get("adapter_only")
+        and old["key"].get("base") == key["base"]
+        and old["key"].get("gguf_quant") == key["gguf_quant"]
+        and previous.is_file()
+        and previous.stat().st_size == old.get("size")
+    ):
         return False
     try:
         os.link(previous, new)
@@ -215,10 +281,12 @@ def _check_memory(cfg: Config, src: Source) -> None:
 
     available = detect_resources(cfg.resources.memory_limit_mb).ram_available_mb * 2**20
     if weights * 1.2 > available:
-        raise UserError(f"MODEL_NAME={src.base_name}: merging the adapter into it needs about "
-                        f"{diskspace.human(weights * 1.2)} of memory and {diskspace.human(available)} are available; "
-                        "GGUF_ADAPTER_ONLY=true converts the base without loading it (llama.cpp reads it lazily) "
-                        "and the LoRA alone, for llama.cpp's --lora and Ollama's ADAPTER")
+        raise UserError(
+            f"MODEL_NAME={src.base_name}: merging the adapter into it needs about "
+            f"{diskspace.human(weights * 1.2)} of memory and {diskspace.human(available)} are available; "
+            "GGUF_ADAPTER_ONLY=true converts the base without loading it (llama.cpp reads it lazily) "
+            "and the LoRA alone, for llama.cpp's --lora and Ollama's ADAPTER"
+        )
 
 
 def write_merged(cfg: Config, src: Source, out: Path, merge: bool = True) -> None:
@@ -249,9 +317,13 @@ def _merge_into(cfg: Config, src: Source, out: Path) -> None:
     dtype = str((config or {}).get("torch_dtype") or (config or {}).get("dtype") or "float32")
     half = dtype == "bfloat16"  # merged at the base's own precision: a bf16 base's weights never go to fp32
     if src.trained_quant != "none":
-        log.warning("the adapter was trained on a %s base; merging it into the original unquantized base %s instead "
-                    "(llama.cpp quantizes on its own), so answers differ slightly from the %s model's",
-                    src.trained_quant, src.base_name, src.trained_quant)
+        log.warning(
+            "the adapter was trained on a %s base; merging it into the original unquantized base %s instead "
+            "(llama.cpp quantizes on its own), so answers differ slightly from the %s model's",
+            src.trained_quant,
+            src.base_name,
+            src.trained_quant,
+        )
     model = load_adapter(load_model(str(src.base_dir), cfg.model.trust_remote_code, bf16=half), src.adapter)
     model.merge_and_unload().to(getattr(torch, dtype, torch.float32)).save_pretrained(out)
 
@@ -270,14 +342,27 @@ def ensure_gguf(cfg: Config) -> tuple[Path, Source]:
         if size == info.get("size"):
             log.info("INFER_BACKEND=llama.cpp: %s (%s), exported earlier from this adapter and base", path, quant)
             return path, src
-        log.warning("GGUF_DIR=%s: %s is damaged (%s bytes, the export wrote %s): exporting it again", src.out,
-                    path.name, size if size is not None else "missing, 0", info.get("size"))
+        log.warning(
+            "GGUF_DIR=%s: %s is damaged (%s bytes, the export wrote %s): exporting it again",
+            src.out,
+            path.name,
+            size if size is not None else "missing, 0",
+            info.get("size"),
+        )
     elif isinstance(info, dict):
-        log.info("INFER_BACKEND=llama.cpp: the GGUF in %s is of another adapter, base or GGUF_QUANT (%s): "
-                 "exporting this one in its place", src.out, (info.get("key") or {}).get("gguf_quant"))
+        log.info(
+            "INFER_BACKEND=llama.cpp: the GGUF in %s is of another adapter, base or GGUF_QUANT (%s): "
+            "exporting this one in its place",
+            src.out,
+            (info.get("key") or {}).get("gguf_quant"),
+        )
     else:
-        log.info("INFER_BACKEND=llama.cpp: exporting %s to GGUF (%s) in %s first; reused while it is unchanged",
-                 src.adapter or src.base_name, quant, src.out)
+        log.info(
+            "INFER_BACKEND=llama.cpp: exporting %s to GGUF (%s) in %s first; reused while it is unchanged",
+            src.adapter or src.base_name,
+            quant,
+            src.out,
+        )
     check(cfg, src, quant)
     export(cfg, src, quant)
     return src.out / f"model-{quant}.gguf", src

@@ -1,6 +1,7 @@
 """What goes beside an exported GGUF: the run's generation_config.json (the stop tokens INFER_BACKEND=llama.cpp
 generates with, as torch does), an Ollama Modelfile whose TEMPLATE and stop tokens are the training format
 (app.inference.modelfile) and a README with the llama.cpp and Ollama commands."""
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,9 @@ def runtime_bos(gguf_file: Path, tokenizer: Any) -> str | None:
     return tokenizer.convert_ids_to_tokens(int(bos.contents()))
 
 
-def write_companions(folder: Path, gguf_name: str, model_dir: Path, label: str, quant: str,
-                     adapter_gguf: str | None = None) -> None:
+def write_companions(
+    folder: Path, gguf_name: str, model_dir: Path, label: str, quant: str, adapter_gguf: str | None = None
+) -> None:
     """Into the export being written: generation_config.json, Modelfile and README.md for ``gguf_name`` (the
     model, or with ``adapter_gguf`` the base it applies to), from ``model_dir`` (the merged model or the base
     with the run's tokenizer)."""
@@ -42,5 +44,7 @@ def write_companions(folder: Path, gguf_name: str, model_dir: Path, label: str, 
     if adapter_gguf:  # Ollama applies a llama.cpp LoRA GGUF given as ADAPTER, on the FROM model
         text = text.replace(f"FROM ./{gguf_name}\n", f"FROM ./{gguf_name}\nADAPTER ./{adapter_gguf}\n", 1)
     atomic_write_text(folder / "Modelfile", text)
-    atomic_write_text(folder / "README.md", readme_text(gguf_name, label, quant, adapter_gguf=adapter_gguf,
-                                                        base_gguf=gguf_name if adapter_gguf else None))
+    atomic_write_text(
+        folder / "README.md",
+        readme_text(gguf_name, label, quant, adapter_gguf=adapter_gguf, base_gguf=gguf_name if adapter_gguf else None),
+    )

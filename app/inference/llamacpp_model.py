@@ -8,6 +8,7 @@ prompt format, the chat template and the stop rules are the torch backend's by c
 GGUF's own tokenizer metadata says. Rows of a batch are llama.cpp sequences of one context, decoded
 together one token per step (its unified KV cache), as transformers decodes a left-padded batch.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -53,8 +54,16 @@ class LlamaCppCausalLM:
 
     training = False
 
-    def __init__(self, path: str | Path, num_threads: int = 0, n_seq: int = 8, seq_ctx: int = 2048,
-                 setting: str = "GGUF_DIR", generation: dict | None = None, exact: bool = False):
+    def __init__(
+        self,
+        path: str | Path,
+        num_threads: int = 0,
+        n_seq: int = 8,
+        seq_ctx: int = 2048,
+        setting: str = "GGUF_DIR",
+        generation: dict | None = None,
+        exact: bool = False,
+    ):
         """``n_seq`` sequences (a batch's rows) of up to ``seq_ctx`` tokens each (at most the model's own
         context), in one unified KV cache. ``exact`` (a 16-bit GGUF, chosen for being exact): the KV cache in
         f32 and attention without flash attention, whose f16 cache and sums move logits by ~1e-3 (llama.cpp's
@@ -71,8 +80,10 @@ class LlamaCppCausalLM:
         _ERRORS.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self.model:
-            raise UserError(f"{setting}={self.path.parent}: {self.path.name} does not load in llama.cpp ({_why()}): "
-                            "damaged, or written by another version; `make export-gguf` writes it anew")
+            raise UserError(
+                f"{setting}={self.path.parent}: {self.path.name} does not load in llama.cpp ({_why()}): "
+                "damaged, or written by another version; `make export-gguf` writes it anew"
+            )
         threads = num_threads or usable_cpus()
         seq_ctx = min(seq_ctx, llama_cpp.llama_model_n_ctx_train(self.model) or seq_ctx)
         n_ctx = n_seq * seq_ctx
@@ -85,8 +96,10 @@ class LlamaCppCausalLM:
             cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            raise UserError(f"llama.cpp could not make a context of {n_ctx} tokens for {self.path} (memory?); "
-                            "lower MAX_NEW_TOKENS or PREDICT_BATCH_SIZE")
+            raise UserError(
+                f"llama.cpp could not make a context of {n_ctx} tokens for {self.path} (memory?); "
+                "lower MAX_NEW_TOKENS or PREDICT_BATCH_SIZE"
+            )
         self.n_ctx, self.n_seq, self.n_batch = n_ctx, n_seq, min(512, n_ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq)
@@ -129,8 +142,10 @@ class LlamaCppCausalLM:
         """A llama.cpp LoRA GGUF of this model's base; freed with the model, or by ``free_lora``."""
         adapter = self.lib.llama_adapter_lora_init(self.model, str(path).encode())
         if not adapter:
-            raise UserError(f"{setting}: {path} does not load in llama.cpp as a LoRA of {self.path.name} (damaged, "
-                            "or of another base); delete it and it is converted again")
+            raise UserError(
+                f"{setting}: {path} does not load in llama.cpp as a LoRA of {self.path.name} (damaged, "
+                "or of another base); delete it and it is converted again"
+            )
         return adapter
 
     def set_lora(self, adapter: Any | None) -> None:
@@ -168,7 +183,7 @@ class LlamaCppCausalLM:
         """Evaluate ``tokens`` at positions start.. in sequence ``seq``; the last one's logits."""
         last = None
         for i in range(0, len(tokens), self.n_batch):
-            chunk = tokens[i:i + self.n_batch]
+            chunk = tokens[i : i + self.n_batch]
             final = i + len(chunk) == len(tokens)
             out = self._decode([(t, start + i + k, seq, final and k == len(chunk) - 1) for k, t in enumerate(chunk)])
             last = out[0] if final else last
@@ -192,22 +207,36 @@ class LlamaCppCausalLM:
             where = [i for i, m in enumerate(keep) if m]
             self.reset()
             for start in range(0, len(where), self.n_batch):
-                part = where[start:start + self.n_batch]
+                part = where[start : start + self.n_batch]
                 out[r, part] = self._decode([(row[i], start + k, 0, True) for k, i in enumerate(part)])
         return SimpleNamespace(logits=torch.from_numpy(out))
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, pad_token_id: int | None = None,
-                 eos_token_id: int | list[int] | None = None, streamer: Any = None, use_cache: bool = True,
-                 **_: Any) -> Any:
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        streamer: Any = None,
+        use_cache: bool = True,
+        **_: Any,
+    ) -> Any:
         """Like transformers' generate: prompt + new tokens; finished rows are padded with pad_token_id."""
         import numpy as np
         import torch
 
         from app.inference.onnx_model import pick_token
 
-        eos = self.eos_token_id if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) \
+        eos = (
+            self.eos_token_id
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
             else list(eos_token_id)
+        )
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         rows = _unpadded(input_ids, attention_mask)
         if streamer is not None:
@@ -215,7 +244,7 @@ class LlamaCppCausalLM:
         new: list[Any] = []
         for start in range(0, len(rows), self.n_seq):  # a batch larger than the context's sequences: in turns
             pick = lambda logits: pick_token(logits, do_sample, temperature, self.top_k, self.top_p)  # noqa: E731
-            new_part = self._generate_rows(rows[start:start + self.n_seq], max_new_tokens, pad, eos, streamer, pick)
+            new_part = self._generate_rows(rows[start : start + self.n_seq], max_new_tokens, pad, eos, streamer, pick)
             new.append(new_part)
         width = max(part.shape[1] for part in new)
         new_ids = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=pad) for p in new])
@@ -223,15 +252,18 @@ class LlamaCppCausalLM:
             streamer.end()
         return torch.cat([input_ids.cpu(), torch.from_numpy(new_ids).long()], dim=1)
 
-    def _generate_rows(self, rows: list[list[int]], max_new: int, pad: int, eos: list[int], streamer: Any,
-                       pick: Any) -> Any:
+    def _generate_rows(
+        self, rows: list[list[int]], max_new: int, pad: int, eos: list[int], streamer: Any, pick: Any
+    ) -> Any:
         import numpy as np
         import torch
 
         self.reset()
         if sum(len(r) for r in rows) + len(rows) * max_new > self.n_ctx:
-            raise UserError(f"{len(rows)} prompts of up to {max(len(r) for r in rows)} tokens and MAX_NEW_TOKENS="
-                            f"{max_new} exceed llama.cpp's context of {self.n_ctx} tokens; lower PREDICT_BATCH_SIZE")
+            raise UserError(
+                f"{len(rows)} prompts of up to {max(len(r) for r in rows)} tokens and MAX_NEW_TOKENS="
+                f"{max_new} exceed llama.cpp's context of {self.n_ctx} tokens; lower PREDICT_BATCH_SIZE"
+            )
         logits = np.stack([self.prefill(row, seq) for seq, row in enumerate(rows)])
         running = np.ones(len(rows), bool)
         out: list[Any] = []
@@ -244,8 +276,9 @@ class LlamaCppCausalLM:
             if not running.any() or step == max_new - 1:
                 break
             live = np.flatnonzero(running)
-            rows_logits = self.step_logits([int(nxt[i]) for i in live], [len(rows[i]) + step for i in live],
-                                           [int(i) for i in live])
+            rows_logits = self.step_logits(
+                [int(nxt[i]) for i in live], [len(rows[i]) + step for i in live], [int(i) for i in live]
+            )
             logits[live] = rows_logits
         return np.stack(out, axis=1) if out else np.zeros((len(rows), 0), np.int64)
 

@@ -17,6 +17,7 @@ are tokenized without special tokens), so the caller passes ``runtime_bos``, the
 the runtime adds (None when the GGUF adds none), and it is cut from the TEMPLATE's front; kept, it
 would be doubled. The GGUF decides, not this module.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,18 +37,23 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 # Sentinel contents: no whitespace or markup, so no template trims, escapes or splits them.
 _S, _U1, _A1, _U2 = "SENTINELSYSTEMA7", "SENTINELUSERB3", "SENTINELASSISTANTC5", "SENTINELUSERD9"
-_PROBES = ("从句子中抽取三元组：周杰伦出生于台湾。", '{"subject": "周杰伦", "predicate": "出生地", "object": "台湾"}',
-           "Line one\nline two {{ .Content }} {% raw %} \"quoted\"", "[{'a': 1}, {\"b\": [2, 3]}]")
+_PROBES = (
+    "从句子中抽取三元组：周杰伦出生于台湾。",
+    '{"subject": "周杰伦", "predicate": "出生地", "object": "台湾"}',
+    'Line one\nline two {{ .Content }} {% raw %} "quoted"',
+    "[{'a': 1}, {\"b\": [2, 3]}]",
+)
 
 
 @dataclass(frozen=True)
 class ChatFormat:
     """A chat template as prefix/suffix strings, the shape an Ollama TEMPLATE can express."""
-    preamble: str              # before everything ("[gMASK]<sop>", "<|begin_of_text|>", "<bos>")
-    no_system: str             # written when the chat opens without a system message (a default one)
-    prefix: dict[str, str]     # role -> text before its content
-    suffix: dict[str, str]     # role -> text after it (left off a final assistant message: a prefill)
-    generation: str            # the generation prompt, after a chat that does not end with the assistant
+
+    preamble: str  # before everything ("[gMASK]<sop>", "<|begin_of_text|>", "<bos>")
+    no_system: str  # written when the chat opens without a system message (a default one)
+    prefix: dict[str, str]  # role -> text before its content
+    suffix: dict[str, str]  # role -> text after it (left off a final assistant message: a prefill)
+    generation: str  # the generation prompt, after a chat that does not end with the assistant
     system_folds: bool = False  # the system text opens the next user turn, whose prefix it replaces (Gemma 3)
 
 
@@ -96,16 +102,21 @@ def _derive(tokenizer: Any) -> ChatFormat:
     end_u = _cut(_render(tokenizer, _msgs(u1, a1, u2), gen=False), _U1, _A1, _U2)[3]
     end_a = _cut(_render(tokenizer, _msgs(u1, a1), gen=False), _U1, _A1)[2]
     for n in range(_common_suffix(end_u, end_a) + 1):
-        x_u, x_a = end_u[:len(end_u) - n], end_a[:len(end_a) - n]
-        p_u = x_a_p_u[len(x_a):]
-        if x_a_p_u.startswith(x_a) and x_u_p_a.startswith(x_u) and tail_u.startswith(x_u) and head.endswith(p_u) \
-                and all(_between_tokens(tokenizer, t, k) for t, k in ((end_u, len(x_u)), (end_a, len(x_a)))):
+        x_u, x_a = end_u[: len(end_u) - n], end_a[: len(end_a) - n]
+        p_u = x_a_p_u[len(x_a) :]
+        if (
+            x_a_p_u.startswith(x_a)
+            and x_u_p_a.startswith(x_u)
+            and tail_u.startswith(x_u)
+            and head.endswith(p_u)
+            and all(_between_tokens(tokenizer, t, k) for t, k in ((end_u, len(x_u)), (end_a, len(x_a))))
+        ):
             break
     else:
         raise ValueError("writes a turn differently depending on what follows it")
-    opening = head[:len(head) - len(p_u)]  # preamble + any default system block
-    prefix, suffix = {"user": p_u, "assistant": x_u_p_a[len(x_u):]}, {"user": x_u, "assistant": x_a}
-    generation = tail_u[len(x_u):]
+    opening = head[: len(head) - len(p_u)]  # preamble + any default system block
+    prefix, suffix = {"user": p_u, "assistant": x_u_p_a[len(x_u) :]}, {"user": x_u, "assistant": x_a}
+    generation = tail_u[len(x_u) :]
     try:
         sys_head, between = _cut(_render(tokenizer, _msgs(("system", _S), u1, a1, u2), gen=True), _S, _U1)[:2]
     except Exception as e:  # noqa: BLE001 (jinja's raise_exception, or a system text we cannot place)
@@ -113,10 +124,13 @@ def _derive(tokenizer: Any) -> ChatFormat:
         return ChatFormat(opening, "", prefix, suffix, generation)
     # Where the preamble ends and the system prefix begins only matters for a system message that is
     # not the first (Qwen2.5's default system text shares its opening): Ollama sends SYSTEM first.
-    preamble = sys_head[:len(os.path.commonprefix([sys_head, opening]))]
+    preamble = sys_head[: len(os.path.commonprefix([sys_head, opening]))]
     folds = not between.endswith(p_u)
-    prefix["system"], suffix["system"] = sys_head[len(preamble):], between if folds else between[:len(between) - len(p_u)]
-    return ChatFormat(preamble, opening[len(preamble):], prefix, suffix, generation, folds)
+    prefix["system"], suffix["system"] = (
+        sys_head[len(preamble) :],
+        between if folds else between[: len(between) - len(p_u)],
+    )
+    return ChatFormat(preamble, opening[len(preamble) :], prefix, suffix, generation, folds)
 
 
 def apply_format(fmt: ChatFormat, messages: list[dict[str, str]]) -> str:
@@ -138,8 +152,11 @@ def apply_format(fmt: ChatFormat, messages: list[dict[str, str]]) -> str:
 
 def _probe_chats(system: bool) -> list[list[dict[str, str]]]:
     p = _PROBES
-    chats = [_msgs(("user", p[0])), _msgs(("user", p[0]), ("assistant", p[1]), ("user", p[2])),
-             _msgs(("user", p[2]), ("assistant", p[3]), ("user", p[0]), ("assistant", p[1]), ("user", p[3]))]
+    chats = [
+        _msgs(("user", p[0])),
+        _msgs(("user", p[0]), ("assistant", p[1]), ("user", p[2])),
+        _msgs(("user", p[2]), ("assistant", p[3]), ("user", p[0]), ("assistant", p[1]), ("user", p[3])),
+    ]
     return chats + [_msgs(("system", p[2])) + c for c in chats] if system else chats
 
 
@@ -148,20 +165,28 @@ def chat_format(tokenizer: Any) -> ChatFormat:
     name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
     try:
         fmt = _derive(tokenizer)
-        wrong = next((c for c in _probe_chats("system" in fmt.prefix)
-                      if apply_format(fmt, c) != prompt_text(tokenizer, c)), None)
+        wrong = next(
+            (c for c in _probe_chats("system" in fmt.prefix) if apply_format(fmt, c) != prompt_text(tokenizer, c)), None
+        )
     except Exception as e:  # noqa: BLE001 (a template error, or a shape _derive rejects)
         why = e if isinstance(e, ValueError) else f"fails on a plain chat: {e}"
-        raise UserError(f"the chat template of {name} cannot be written as an Ollama TEMPLATE (it {why}); run the "
-                        "GGUF with llama.cpp (llama-server --jinja), which reads the template itself") from None
+        raise UserError(
+            f"the chat template of {name} cannot be written as an Ollama TEMPLATE (it {why}); run the "
+            "GGUF with llama.cpp (llama-server --jinja), which reads the template itself"
+        ) from None
     if wrong is not None:
-        raise UserError(f"the chat template of {name} cannot be written as an Ollama TEMPLATE (it rewrites a "
-                        f"{len(wrong)}-message chat beyond per-role prefixes and suffixes); run the GGUF with "
-                        "llama.cpp (llama-server --jinja), which reads the template itself")
+        raise UserError(
+            f"the chat template of {name} cannot be written as an Ollama TEMPLATE (it rewrites a "
+            f"{len(wrong)}-message chat beyond per-role prefixes and suffixes); run the GGUF with "
+            "llama.cpp (llama-server --jinja), which reads the template itself"
+        )
     edge = _msgs(("user", "  padded \n"))
     if apply_format(fmt, edge) != prompt_text(tokenizer, edge):
-        log.warning("the chat template of %s strips spaces around each message and Ollama does not: strip your "
-                    "messages to get exactly the training prompt", name)
+        log.warning(
+            "the chat template of %s strips spaces around each message and Ollama does not: strip your "
+            "messages to get exactly the training prompt",
+            name,
+        )
     return fmt
 
 
@@ -169,13 +194,21 @@ def _literal(text: str) -> str:
     """Template text that Go and the Modelfile parser both keep byte for byte."""
     if not text:
         return ""
-    if all(c.isprintable() or c in "\n\t" for c in text) and "{{" not in text and '"' not in text \
-            and not text.endswith("{"):
+    if (
+        all(c.isprintable() or c in "\n\t" for c in text)
+        and "{{" not in text
+        and '"' not in text
+        and not text.endswith("{")
+    ):
         return text
     # A Go string constant: Ollama's Modelfile parser drops unprintable runes, a '"""' would end the
     # TEMPLATE, "{{" would start an action.
-    body = "".join(c if c.isprintable() and c not in '"\\' else
-                   {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t"}.get(c, f"\\U{ord(c):08x}") for c in text)
+    body = "".join(
+        c
+        if c.isprintable() and c not in '"\\'
+        else {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t"}.get(c, f"\\U{ord(c):08x}")
+        for c in text
+    )
     return '{{ "' + body + '" }}'
 
 
@@ -188,25 +221,39 @@ def _go_template(fmt: ChatFormat, runtime_bos: str | None) -> str:
     preamble = fmt.preamble
     if runtime_bos:
         if not preamble.startswith(runtime_bos):
-            raise UserError(f"the GGUF adds {runtime_bos!r} before every prompt (tokenizer.ggml.add_bos_token) but "
-                            f"training prompts start with {preamble[:40]!r}: convert it with add_bos_token false")
-        preamble = preamble[len(runtime_bos):]
+            raise UserError(
+                f"the GGUF adds {runtime_bos!r} before every prompt (tokenizer.ggml.add_bos_token) but "
+                f"training prompts start with {preamble[:40]!r}: convert it with add_bos_token false"
+            )
+        preamble = preamble[len(runtime_bos) :]
     lit = {k: {r: _literal(v) for r, v in d.items()} for k, d in (("p", fmt.prefix), ("x", fmt.suffix))}
     out = [_literal(preamble)]
     if fmt.no_system:
         body = _literal(fmt.no_system)
-        out.append('{{ if .Messages }}{{ if ne (index .Messages 0).Role "system" }}' + body +
-                   "{{ end }}{{ else }}" + body + "{{ end }}")
+        out.append(
+            '{{ if .Messages }}{{ if ne (index .Messages 0).Role "system" }}'
+            + body
+            + "{{ end }}{{ else }}"
+            + body
+            + "{{ end }}"
+        )
     folds = fmt.system_folds
-    out.append(("{{ $folded := false }}" if folds else "") + '{{ $role := "" }}{{ range $i, $_ := .Messages }}'
-               "{{ $role = .Role }}")
+    out.append(
+        ("{{ $folded := false }}" if folds else "") + '{{ $role := "" }}{{ range $i, $_ := .Messages }}'
+        "{{ $role = .Role }}"
+    )
     for n, role in enumerate(r for r in ROLES if r in fmt.prefix):
         body = lit["p"][role] + "{{ .Content }}" + lit["x"][role]
         if role == "user" and folds:
             body = "{{ if not $folded }}" + lit["p"][role] + "{{ end }}{{ .Content }}" + lit["x"][role]
         if role == "assistant":  # the last one is a prefill, as in apply_format
-            body = ("{{ if eq (len (slice $.Messages $i)) 1 }}" + _literal(fmt.generation) +
-                    "{{ .Content }}{{ else }}" + body + "{{ end }}")
+            body = (
+                "{{ if eq (len (slice $.Messages $i)) 1 }}"
+                + _literal(fmt.generation)
+                + "{{ .Content }}{{ else }}"
+                + body
+                + "{{ end }}"
+            )
         if folds:
             body += "{{ $folded = true }}" if role == "system" else "{{ $folded = false }}"
         out.append(("{{ if" if n == 0 else "{{ else if") + f' eq .Role "{role}" }}}}' + body)
@@ -229,58 +276,103 @@ def stop_tokens(tokenizer: Any, model_dir: str | Path | None) -> list[str]:
 
 
 def _value(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v)
+    return (
+        str(v).lower() if isinstance(v, bool) else json.dumps(v, ensure_ascii=False) if isinstance(v, str) else str(v)
+    )
 
 
-def modelfile_text(gguf_file: str, tokenizer: Any, stop: list[str], system: str | None, params: dict[str, Any],
-                   runtime_bos: str | None = None) -> str:
+def modelfile_text(
+    gguf_file: str,
+    tokenizer: Any,
+    stop: list[str],
+    system: str | None,
+    params: dict[str, Any],
+    runtime_bos: str | None = None,
+) -> str:
     """The Modelfile beside ``gguf_file`` (a file name in the same folder): FROM, TEMPLATE, a stop per
     token, temperature 0 unless ``params`` says otherwise (extraction decodes greedily), SYSTEM if given."""
     if Path(gguf_file).name != gguf_file or re.search(r'[\s"]', gguf_file):
         raise ValueError(f"gguf_file must be a plain file name beside the Modelfile, not {gguf_file!r}")
     fmt = chat_format(tokenizer)
     template = _go_template(fmt, runtime_bos)
-    lines = ["# Ollama Modelfile written by `make export-gguf`: ollama create <name> -f Modelfile",
-             "# TEMPLATE writes the prompt exactly as training did (checked against the tokenizer's chat template).",
-             f"FROM ./{gguf_file}", f'TEMPLATE """{template}"""']
+    lines = [
+        "# Ollama Modelfile written by `make export-gguf`: ollama create <name> -f Modelfile",
+        "# TEMPLATE writes the prompt exactly as training did (checked against the tokenizer's chat template).",
+        f"FROM ./{gguf_file}",
+        f'TEMPLATE """{template}"""',
+    ]
     for tok in stop:
         if '"' in tok or not tok.isprintable():
-            raise UserError(f"stop token {tok!r} cannot be written in an Ollama Modelfile (a quote or an "
-                            "unprintable character); use llama.cpp, which reads the GGUF's EOS tokens")
+            raise UserError(
+                f"stop token {tok!r} cannot be written in an Ollama Modelfile (a quote or an "
+                "unprintable character); use llama.cpp, which reads the GGUF's EOS tokens"
+            )
         lines.append(f'PARAMETER stop "{tok}"')
     lines += [f"PARAMETER {k} {_value(v)}" for k, v in {"temperature": 0, **params}.items()]
     if system is not None:
         if '"""' in system or not all(c.isprintable() or c in "\n\t" for c in system):
-            raise UserError("the system prompt cannot be written in an Ollama Modelfile (it holds \"\"\" or an "
-                            "unprintable character); remove it, or pass it with each request")
+            raise UserError(
+                'the system prompt cannot be written in an Ollama Modelfile (it holds """ or an '
+                "unprintable character); remove it, or pass it with each request"
+            )
         if "system" not in fmt.prefix:
-            raise UserError(f"the chat template of {tokenizer.name_or_path} has no system role, so the Modelfile "
-                            "cannot carry a system prompt; pass none for this model")
+            raise UserError(
+                f"the chat template of {tokenizer.name_or_path} has no system role, so the Modelfile "
+                "cannot carry a system prompt; pass none for this model"
+            )
         lines.append(f'SYSTEM """{system}"""')
     return "\n".join(lines) + "\n"
 
 
-def readme_text(gguf_file: str, name: str, quant: str, system: str | None = None,
-                adapter_gguf: str | None = None, base_gguf: str | None = None) -> str:
+def readme_text(
+    gguf_file: str,
+    name: str,
+    quant: str,
+    system: str | None = None,
+    adapter_gguf: str | None = None,
+    base_gguf: str | None = None,
+) -> str:
     """The result dir's README: what each file is and the exact commands to run it."""
     tag = re.sub(r"[^a-z0-9_.-]+", "-", name.lower()).strip("-.") or "model"
     sys_arg = f" -sys {shlex.quote(system)}" if system else ""
-    lines = [f"# {name}: GGUF ({quant})", "",
-             "Written by `make export-gguf`: the trained adapter merged into its base, converted with llama.cpp's own "
-             "converter and quantized. The chat template and the stop tokens the run trained with are in the GGUF's "
-             "metadata.", "",
-             f"- `{gguf_file}`: the model.",
-             "- `Modelfile`: for Ollama; its TEMPLATE writes the training prompt format byte for byte.",
-             "- `gguf_info.json`: what was exported, from which adapter and base."]
+    lines = [
+        f"# {name}: GGUF ({quant})",
+        "",
+        "Written by `make export-gguf`: the trained adapter merged into its base, converted with llama.cpp's own "
+        "converter and quantized. The chat template and the stop tokens the run trained with are in the GGUF's "
+        "metadata.",
+        "",
+        f"- `{gguf_file}`: the model.",
+        "- `Modelfile`: for Ollama; its TEMPLATE writes the training prompt format byte for byte.",
+        "- `gguf_info.json`: what was exported, from which adapter and base.",
+    ]
     if adapter_gguf and base_gguf:
         lines.append(f"- `{adapter_gguf}` and `{base_gguf}`: the LoRA alone as a llama.cpp adapter, and its base.")
-    lines += ["", "## llama.cpp", "", "llama.cpp formats chats with the GGUF's own chat template (`--jinja`). "
-              "`--temp 0` decodes greedily, as `make predict` does by default (TEMPERATURE=0).", "", "```bash",
-              f"llama-cli -m {gguf_file} --jinja -cnv --temp 0{sys_arg}",
-              f"llama-server -m {gguf_file} --jinja --temp 0 --port 8080   "
-              "# OpenAI-compatible API: http://127.0.0.1:8080/v1/chat/completions"]
+    lines += [
+        "",
+        "## llama.cpp",
+        "",
+        "llama.cpp formats chats with the GGUF's own chat template (`--jinja`). "
+        "`--temp 0` decodes greedily, as `make predict` does by default (TEMPERATURE=0).",
+        "",
+        "```bash",
+        f"llama-cli -m {gguf_file} --jinja -cnv --temp 0{sys_arg}",
+        f"llama-server -m {gguf_file} --jinja --temp 0 --port 8080   "
+        "# OpenAI-compatible API: http://127.0.0.1:8080/v1/chat/completions",
+    ]
     if adapter_gguf and base_gguf:
         lines.append(f"llama-cli -m {base_gguf} --lora {adapter_gguf} --jinja -cnv --temp 0{sys_arg}")
-    lines += ["```", "", "## Ollama", "", "In this folder:", "", "```bash",
-              f"ollama create {tag} -f Modelfile", f"ollama run {tag}", "```", ""]
+    lines += [
+        "```",
+        "",
+        "## Ollama",
+        "",
+        "In this folder:",
+        "",
+        "```bash",
+        f"ollama create {tag} -f Modelfile",
+        f"ollama run {tag}",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

@@ -6,6 +6,7 @@ sampled, batched with left padding, stop tokens, a streamer); the graph's inputs
 described in app.inference.export. Loading is checked like any model dir: a damaged export is one
 line (app.models.integrity.load_failure), not an ONNX Runtime traceback.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,8 +37,9 @@ class OnnxCausalLM:
         opts.intra_op_num_threads = num_threads or usable_cpus()
         opts.log_severity_level = 3  # errors only
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path / ONNX_FILE), opts,
-                                                        providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(
+                str(self.path / ONNX_FILE), opts, providers=["CPUExecutionProvider"]
+            )
         except Exception as e:  # noqa: BLE001 - ORT's own error types; a damaged file is the usual cause
             raise load_failure(self.path, label, e, any_error=True) from None
         self.past_names = [n for n in self.meta["inputs"] if n.startswith("past_key_values.")]
@@ -56,8 +58,14 @@ class OnnxCausalLM:
     def train(self, mode: bool = True) -> "OnnxCausalLM":
         return self
 
-    def forward(self, input_ids: Any, attention_mask: Any = None, position_ids: Any = None,
-                past: list[Any] | None = None, keep_all: bool = False) -> tuple[Any, list[Any]]:
+    def forward(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past: list[Any] | None = None,
+        keep_all: bool = False,
+    ) -> tuple[Any, list[Any]]:
         """One graph run on numpy int64 arrays -> (logits, presents). ``past=None``: a fresh prompt."""
         import numpy as np
 
@@ -69,9 +77,13 @@ class OnnxCausalLM:
         mask = np.ones((b, total), np.int64) if attention_mask is None else np.asarray(attention_mask, np.int64)
         if position_ids is None:
             position_ids = np.where(mask == 0, 1, mask.cumsum(-1) - 1)[:, -s:]
-        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.asarray(position_ids, np.int64),
-                "logits_to_keep": np.arange(s, dtype=np.int64) if keep_all else np.array([s - 1], np.int64),
-                **dict(zip(self.past_names, past))}
+        feed = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": np.asarray(position_ids, np.int64),
+            "logits_to_keep": np.arange(s, dtype=np.int64) if keep_all else np.array([s - 1], np.int64),
+            **dict(zip(self.past_names, past)),
+        }
         logits, *presents = self.session.run(None, feed)
         return logits, presents
 
@@ -82,20 +94,38 @@ class OnnxCausalLM:
         logits, _ = self.forward(input_ids.cpu().numpy(), mask, keep_all=True)
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
-    def generate(self, input_ids: Any, attention_mask: Any = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, pad_token_id: int | None = None,
-                 eos_token_id: int | list[int] | None = None, streamer: Any = None, use_cache: bool = True,
-                 ) -> Any:
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        streamer: Any = None,
+        use_cache: bool = True,
+    ) -> Any:
         """Like transformers' generate: prompt + new tokens; finished rows are padded with pad_token_id."""
         import numpy as np
         import torch
 
         ids = input_ids.cpu().numpy().astype(np.int64)
         mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy().astype(np.int64)
-        eos = self.eos_token_id if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) \
+        eos = (
+            self.eos_token_id
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
             else list(eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else self.pad_token_id if self.pad_token_id is not None \
+        )
+        pad = (
+            pad_token_id
+            if pad_token_id is not None
+            else self.pad_token_id
+            if self.pad_token_id is not None
             else (eos[0] if eos else 0)
+        )
         if streamer is not None:
             streamer.put(input_ids.cpu())
         position_ids = np.where(mask == 0, 1, mask.cumsum(-1) - 1)
@@ -123,8 +153,9 @@ class OnnxCausalLM:
         return pick_token(logits, do_sample, temperature, self.top_k, self.top_p)
 
 
-def pick_token(logits: Any, do_sample: bool, temperature: float, top_k: int | None = None,
-               top_p: float | None = None) -> Any:
+def pick_token(
+    logits: Any, do_sample: bool, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> Any:
     """Next token ids from last-position logits (numpy): argmax, or transformers' temperature/top-k/top-p
     sampling (the model's generation_config values, as transformers' generate applies them)."""
     import torch

@@ -5,6 +5,7 @@ explicitly, so ``make predict`` after ``make train MODEL_NAME=tiny`` needs no re
 Prompts are rendered exactly as in training (app.data.encode.prompt_text), else the adapter
 would see a format it never learnt.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,9 +30,11 @@ from app.models.tiny import resolve_model
 log = logging.getLogger(__name__)
 
 # The classic job, in the exact context format the triplet data uses.
-BUILTIN_PROMPT = ("Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\n"
-                  "Input: 句子中包含了哪些信息，输出json：\n\n"
-                  "《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。\nAnswer: ")
+BUILTIN_PROMPT = (
+    "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\n"
+    "Input: 句子中包含了哪些信息，输出json：\n\n"
+    "《星河往事》是由林远执导，陈雨桐、周景行主演的电视剧，2019年在北京首播。\nAnswer: "
+)
 
 
 def load_base(name_or_path: str, quant: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
@@ -63,12 +66,20 @@ class Predictor:
         setting = "ADAPTER_DIR" if self.adapter is not None and is_full_model(self.adapter) else "MODEL_NAME"
         if is_onnx_dir(name):  # `make export-onnx` output: ONNX Runtime instead of PyTorch
             if self.adapter is not None and not is_full_model(self.adapter):
-                log.warning("ADAPTER_DIR=%s is not applied to the ONNX export %s (export a merged adapter instead)",
-                            self.adapter, name)
+                log.warning(
+                    "ADAPTER_DIR=%s is not applied to the ONNX export %s (export a merged adapter instead)",
+                    self.adapter,
+                    name,
+                )
             stale = onnx_is_stale(Path(name))
             if stale is not None:
-                log.warning("%s was exported before %s was last written (merged again?): it is the older model; "
-                            "`make export-onnx ADAPTER_DIR=%s` brings it up to date", name, stale, stale)
+                log.warning(
+                    "%s was exported before %s was last written (merged again?): it is the older model; "
+                    "`make export-onnx ADAPTER_DIR=%s` brings it up to date",
+                    name,
+                    stale,
+                    stale,
+                )
             self.tokenizer = load_tokenizer(name, cfg.model.trust_remote_code, setting=setting)
             self.model = OnnxCausalLM(name, cfg.model.num_threads, setting=setting)
             self.engine = ("onnx", "none", name, "")
@@ -78,14 +89,21 @@ class Predictor:
         self.engine = ("torch", quant, base, "")
         # The adapter dir carries the tokenizer it was trained with (pad token, template).
         own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
-        self.tokenizer = load_tokenizer(str(self.adapter) if own_tok else base, cfg.model.trust_remote_code,
-                                        setting="ADAPTER_DIR" if own_tok else setting)
+        self.tokenizer = load_tokenizer(
+            str(self.adapter) if own_tok else base,
+            cfg.model.trust_remote_code,
+            setting="ADAPTER_DIR" if own_tok else setting,
+        )
         model = load_base(base, quant, cfg.model.trust_remote_code, setting)
         if self.adapter is not None and not is_full_model(self.adapter):
             model = load_adapter(model, self.adapter)
         self.model = model.eval()
-        log.info("model %s%s%s", name, "" if quant == "none" else f" ({quant})",
-                 f" + adapter {self.adapter}" if self.adapter else " (no adapter)")
+        log.info(
+            "model %s%s%s",
+            name,
+            "" if quant == "none" else f" ({quant})",
+            f" + adapter {self.adapter}" if self.adapter else " (no adapter)",
+        )
 
     def _load_gguf(self, cfg: Config) -> None:
         """INFER_BACKEND=llama.cpp: the run as a GGUF (exported first when needed) in llama.cpp, and the
@@ -98,12 +116,19 @@ class Predictor:
         path, src = ensure_gguf(cfg)
         self.engine = ("llama.cpp", cfg.predict.gguf_quant, str(src.base_dir), str(path))
         own_tok = self.adapter is not None and (self.adapter / "tokenizer_config.json").is_file()
-        self.tokenizer = load_tokenizer(str(self.adapter if own_tok else src.base_dir), cfg.model.trust_remote_code,
-                                        setting="ADAPTER_DIR" if own_tok else "MODEL_NAME")
+        self.tokenizer = load_tokenizer(
+            str(self.adapter if own_tok else src.base_dir),
+            cfg.model.trust_remote_code,
+            setting="ADAPTER_DIR" if own_tok else "MODEL_NAME",
+        )
         generation, _ = parse_json(path.parent / GENERATION_FILE)
-        self.model = LlamaCppCausalLM(path, cfg.model.num_threads, n_seq=max(1, cfg.predict.predict_batch_size),
-                                      generation=generation if isinstance(generation, dict) else None,
-                                      exact=cfg.predict.gguf_quant in ("f16", "bf16"))
+        self.model = LlamaCppCausalLM(
+            path,
+            cfg.model.num_threads,
+            n_seq=max(1, cfg.predict.predict_batch_size),
+            generation=generation if isinstance(generation, dict) else None,
+            exact=cfg.predict.gguf_quant in ("f16", "bf16"),
+        )
         log.info("model %s (llama.cpp, %s)", path, cfg.predict.gguf_quant)
 
     def _sampling(self) -> dict[str, Any]:
@@ -121,14 +146,20 @@ class Predictor:
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model.generate(**enc, max_new_tokens=p.max_new_tokens, streamer=streamer, use_cache=True,
-                                          pad_token_id=self.tokenizer.pad_token_id, **self._sampling())
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=p.max_new_tokens,
+                    streamer=streamer,
+                    use_cache=True,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **self._sampling(),
+                )
         except (AttributeError, TypeError) as e:  # old remote code (ChatGLM-6B/2/3) on new transformers
             known = remote_code_error(self.cfg.model.model_name, e) if self.cfg.model.trust_remote_code else None
             if known is None:
                 raise
             raise known from None
-        new = out[0, enc["input_ids"].shape[1]:]
+        new = out[0, enc["input_ids"].shape[1] :]
         self._speed(int(new.numel()), time.perf_counter() - t0)
         return self.tokenizer.decode(new, skip_special_tokens=True)
 
@@ -139,8 +170,16 @@ class Predictor:
 
         stats: dict[str, int] = {}
         t0 = time.perf_counter()
-        outputs = generate_batch(self.model, self.tokenizer, conversations, self.cfg.predict.max_new_tokens,
-                                 self.cfg.predict.predict_batch_size, progress, self._sampling(), stats)
+        outputs = generate_batch(
+            self.model,
+            self.tokenizer,
+            conversations,
+            self.cfg.predict.max_new_tokens,
+            self.cfg.predict.predict_batch_size,
+            progress,
+            self._sampling(),
+            stats,
+        )
         self._speed(stats.get("new_tokens", 0), time.perf_counter() - t0)
         return outputs
 
@@ -165,8 +204,10 @@ def _file_prompts(path: Path, fmt: str) -> Iterator[tuple[int, list[dict[str, st
                 continue
             kind = detect_format(rec) if fmt == "auto" else fmt
             if kind is None:
-                raise UserError(f"INPUT_FILE={path}: line {n} has fields {sorted(rec)[:6]} that name no "
-                                "known format; use context/target, instruction/output, messages or plain lines")
+                raise UserError(
+                    f"INPUT_FILE={path}: line {n} has fields {sorted(rec)[:6]} that name no "
+                    "known format; use context/target, instruction/output, messages or plain lines"
+                )
             try:
                 ex = to_example(rec if kind == "text" else _with_dummy_answer(rec, kind), kind, n)
             except ValueError as e:
@@ -188,8 +229,9 @@ def _with_dummy_answer(rec: dict[str, Any], kind: str) -> dict[str, Any]:
     if turns_key and isinstance(rec.get(turns_key), list) and rec[turns_key]:
         last = rec[turns_key][-1]
         if isinstance(last, dict) and str(last.get("role", last.get("from", ""))).lower() in ("user", "human"):
-            role_key, text_key, role = (("role", "content", "assistant") if kind == "messages"
-                                        else ("from", "value", "gpt"))
+            role_key, text_key, role = (
+                ("role", "content", "assistant") if kind == "messages" else ("from", "value", "gpt")
+            )
             return {**rec, turns_key: rec[turns_key] + [{role_key: role, text_key: "\0"}]}
     return rec
 
@@ -201,8 +243,10 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
     dest = generated.predictions_path(str(src), cfg.predict.output_file)
     items = list(_file_prompts(src, cfg.data.data_format))  # parse all first: bad input fails before work
     if not items:  # most likely the wrong file: and an empty OUTPUT_FILE would replace an earlier one
-        raise UserError(f"INPUT_FILE={src} has no prompt (no line with text): 0 predictions, {dest} not written; "
-                        "put one prompt or record per line")
+        raise UserError(
+            f"INPUT_FILE={src} has no prompt (no line with text): 0 predictions, {dest} not written; "
+            "put one prompt or record per line"
+        )
     taken = generated.replace_problem(dest, "OUTPUT_FILE")  # the pre-flight said so too: a file of yours stays
     if taken:
         raise UserError(taken)
@@ -214,17 +258,30 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
     outputs = pred.generate_many([msgs for _, msgs, _ in items])
     rows = []
     for (line, msgs, ref), output in zip(items, outputs):
-        rows.append({"line": line, "prompt": msgs[-1]["content"], "output": output,
-                     **({"reference": ref} if ref is not None else {})})
+        rows.append(
+            {
+                "line": line,
+                "prompt": msgs[-1]["content"],
+                "output": output,
+                **({"reference": ref} if ref is not None else {}),
+            }
+        )
     try:  # whole or not at all, with the umask's permissions; recorded as the tool's, so a rerun may replace it
         atomic_write_text(dest, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         generated.record(dest, generated.PREDICTIONS)
     except OSError as e:
         if not diskspace.is_full(e, dest.parent):
             raise
-        raise UserError(diskspace.full_line("OUTPUT_FILE", dest, "writing the predictions", None, "an earlier "
-                                            "OUTPUT_FILE there is untouched (the file is written whole or not at "
-                                            "all)", "run the same command again")) from None
+        raise UserError(
+            diskspace.full_line(
+                "OUTPUT_FILE",
+                dest,
+                "writing the predictions",
+                None,
+                "an earlier OUTPUT_FILE there is untouched (the file is written whole or not at all)",
+                "run the same command again",
+            )
+        ) from None
     log.info("wrote %d predictions to %s", len(items), dest)
     return dest
 

@@ -3,6 +3,7 @@ and where it came from, so that a damaged one gets the right fix (``fix_for``). 
 
 Whether the files in such a directory are whole is app.models.integrity, which builds on this.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 # ---- which directory a command reads ---------------------------------------------------------------
 
+
 def find_adapter(cfg: Config) -> Path | None:
     """ADAPTER_DIR, else the last training's output, else OUTPUT_DIR; None for 'none'. A last-run pointer
     whose run is gone (deleted by hand) moves to the newest remaining run, with a warning."""
@@ -36,12 +38,16 @@ def find_adapter(cfg: Config) -> Path | None:
         choice = str(named) if named is not None else ""
     path = Path(choice or cfg.train.output_dir)
     if not choice and not (path / "adapter_config.json").is_file() and not is_full_model(path):
-        raise UserError(f"no trained run to use: ADAPTER_DIR is not set, no last run is recorded "
-                        f"(models/.last_run), and OUTPUT_DIR={path} holds no adapter; train first (`make train`), "
-                        "set ADAPTER_DIR=<a run dir>, or ADAPTER_DIR=none for the base model")
+        raise UserError(
+            f"no trained run to use: ADAPTER_DIR is not set, no last run is recorded "
+            f"(models/.last_run), and OUTPUT_DIR={path} holds no adapter; train first (`make train`), "
+            "set ADAPTER_DIR=<a run dir>, or ADAPTER_DIR=none for the base model"
+        )
     if not (path / "adapter_config.json").is_file() and not is_full_model(path):
-        raise UserError(f"ADAPTER_DIR={path}: no adapter_config.json there; train first (`make train`), "
-                        "point ADAPTER_DIR at an adapter dir, or use ADAPTER_DIR=none for the base model")
+        raise UserError(
+            f"ADAPTER_DIR={path}: no adapter_config.json there; train first (`make train`), "
+            "point ADAPTER_DIR at an adapter dir, or use ADAPTER_DIR=none for the base model"
+        )
     return path
 
 
@@ -99,8 +105,11 @@ def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
     if adapter is not None and (adapter / "train_config.json").is_file():
         saved = read_json(adapter / "train_config.json", f"ADAPTER_DIR={adapter}")
     elif adapter is not None:
-        saved = {"MODEL_NAME": read_json(adapter / "adapter_config.json", f"ADAPTER_DIR={adapter}")
-                 .get("base_model_name_or_path")}
+        saved = {
+            "MODEL_NAME": read_json(adapter / "adapter_config.json", f"ADAPTER_DIR={adapter}").get(
+                "base_model_name_or_path"
+            )
+        }
     name = cfg.model.model_name if "MODEL_NAME" in cfg.explicit else saved.get("MODEL_NAME") or cfg.model.model_name
     quant = cfg.resources.quant_level if "QUANT_LEVEL" in cfg.explicit else saved.get("QUANT_LEVEL", "none")
     return name, "none" if quant == "auto" else quant
@@ -109,16 +118,22 @@ def base_model_for(cfg: Config, adapter: Path | None) -> tuple[str, str]:
 def local_model_problem(name: str) -> str | None:
     """The one-line problem when MODEL_NAME can only be a local path and is not there (no hub asked)."""
     if _is_local_path(name) and not Path(name).expanduser().exists():
-        return (f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
-                "(config.json, weights, tokenizer), a hub name (owner/name), or tiny")
+        return (
+            f"MODEL_NAME={name}: no such directory; point MODEL_NAME at a local model dir "
+            "(config.json, weights, tokenizer), a hub name (owner/name), or tiny"
+        )
     return None
 
 
 def _is_local_path(name: str) -> bool:
     """'/x/y', './x', '~/x', 'a/b/c', or 'models/x' when ./models is a local dir: not a hub name."""
     parts = Path(name).parts
-    return (name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or len(parts) > 2
-            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+    return (
+        name.startswith(("/", "./", "../", "~", ".\\"))
+        or "\\" in name
+        or len(parts) > 2
+        or (len(parts) == 2 and Path(parts[0]).is_dir())
+    )
 
 
 def replace_target_problem(cfg: Config | None, folder: str | Path, marker: str, setting: str) -> str | None:
@@ -134,8 +149,9 @@ def fp32_bytes(model_dir: str | Path) -> int | None:
     """The size of a local model's weights in fp32 (how merge and export-onnx write them), or None when they are
     not at hand (a hub name)."""
     folder = Path(model_dir)
-    files = [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()] \
-        if folder.is_dir() else []
+    files = (
+        [p for p in folder.glob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()] if folder.is_dir() else []
+    )
     if not files:
         return None
     config, _ = parse_json(folder / "config.json")
@@ -144,6 +160,7 @@ def fp32_bytes(model_dir: str | Path) -> int | None:
 
 
 # ---- reading a file, and what to do when it is damaged -----------------------------------------------
+
 
 def parse_json(path: Path) -> tuple[Any, str | None]:
     """(parsed data, None) or (None, why it is damaged)."""
@@ -179,8 +196,11 @@ def fix_for(path: Path) -> str:
         if src is None:
             return f"export it again: `make export-onnx ADAPTER_DIR=<the merged model> ONNX_DIR={path}`"
         where = "" if path == src / "onnx" else f" ONNX_DIR={path}"
-        return (f"export it again: `make export-onnx ADAPTER_DIR={src}{where}`" if is_full_model(src) else
-                f"export it again: `make export-onnx ADAPTER_DIR=none MODEL_NAME={src}{where}`")
+        return (
+            f"export it again: `make export-onnx ADAPTER_DIR={src}{where}`"
+            if is_full_model(src)
+            else f"export it again: `make export-onnx ADAPTER_DIR=none MODEL_NAME={src}{where}`"
+        )
     if (path / "train_config.json").exists() or (path / "adapter_config.json").exists():
         return "restore it from a copy, or train again into that OUTPUT_DIR with OVERWRITE=1"
     if (path.parent / "adapter_config.json").exists():  # a merge (MERGED_DIR defaults to <adapter>/merged)
@@ -188,8 +208,10 @@ def fix_for(path: Path) -> str:
         return f"merge again: `make merge ADAPTER_DIR={path.parent}{where}`"
     if any(path.resolve() == tiny_dir(f).resolve() for f in FAMILIES):
         return f"delete {path} (`make clean` removes the tiny models); the next command rebuilds it"
-    return (f"copy the model again, or delete the damaged file and download it again: `.venv/bin/hf download "
-            f"<owner>/{path.name} --local-dir {path}` (fetches only what is missing)")
+    return (
+        f"copy the model again, or delete the damaged file and download it again: `.venv/bin/hf download "
+        f"<owner>/{path.name} --local-dir {path}` (fetches only what is missing)"
+    )
 
 
 def onnx_is_stale(path: Path) -> Path | None:

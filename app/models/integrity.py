@@ -12,6 +12,7 @@ export, a tiny model, a copy or download). ``load_failure`` is the backstop wher
 a file the checks pass (right size, bad bytes) may still fail there, and then the user gets a line
 too, not a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,19 +23,53 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import UserError
-from app.models.artifacts import (META_FILE, ONNX_DATA, ONNX_FILE, file_problem, fix_for, local_model_problem,
-                                  parse_json, problem_line)
+from app.models.artifacts import (
+    META_FILE,
+    ONNX_DATA,
+    ONNX_FILE,
+    file_problem,
+    fix_for,
+    local_model_problem,
+    parse_json,
+    problem_line,
+)
 
 TOKENIZER_JSON = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json")
 _HEADER_LIMIT = 100_000_000  # what the safetensors library itself accepts
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
-                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "C64": 8,
+}
 # Exceptions a damaged file raises inside the loaders (by name: their modules need torch or are optional).
-_DAMAGE_ERRORS = {"SafetensorError", "JSONDecodeError", "UnicodeDecodeError", "UnpicklingError", "EOFError",
-                  "InvalidProtobuf", "InvalidGraph", "DecodeError"}
+_DAMAGE_ERRORS = {
+    "SafetensorError",
+    "JSONDecodeError",
+    "UnicodeDecodeError",
+    "UnpicklingError",
+    "EOFError",
+    "InvalidProtobuf",
+    "InvalidGraph",
+    "DecodeError",
+}
 
 
 # ---- is it intact -------------------------------------------------------------------------------------
+
 
 def model_problems(name: str, label: str | None = None, weights: bool = True) -> list[str]:
     """MODEL_NAME ``name``: a local path that is not there, a local dir (tiny once built) with damaged or
@@ -57,6 +92,7 @@ class MissingWeights:
     """Weights a load of MODEL_NAME ``name`` could not get: ``found``, one entry per missing file; ``command``, the
     shell command that fetches them ('' where the fix is another, in ``after``), then ``after``; ``offline``,
     for a hub name whose config is in the local HF cache, why the hub is out of reach."""
+
     name: str
     found: list[str]
     command: str
@@ -65,16 +101,24 @@ class MissingWeights:
 
     def problem(self, label: str) -> str:
         """train's one line for a hub name (a local dir's is dir_problems')."""
-        return (f"{label}: the local HF cache holds its config but not its weights ({', '.join(self.found)}), and "
-                f"the hub is out of reach ({self.offline}); download it once where the hub is reachable: "
-                f"`{self.command}`, {self.after}")
+        return (
+            f"{label}: the local HF cache holds its config but not its weights ({', '.join(self.found)}), and "
+            f"the hub is out of reach ({self.offline}); download it once where the hub is reachable: "
+            f"`{self.command}`, {self.after}"
+        )
 
     def notice(self) -> str:
         """make info's lines after the plan, which came from the config alone."""
-        where = (f"; the local HF cache holds only {self.name}'s config and tokenizer, and the hub is out of reach "
-                 f"({self.offline})" if self.offline else f", in {self.name}")
-        head = (f"weights: not here yet: {'; '.join(self.found)}{where}. Everything above is planned from the config "
-                "alone; `make train` needs the weights")
+        where = (
+            f"; the local HF cache holds only {self.name}'s config and tokenizer, and the hub is out of reach "
+            f"({self.offline})"
+            if self.offline
+            else f", in {self.name}"
+        )
+        head = (
+            f"weights: not here yet: {'; '.join(self.found)}{where}. Everything above is planned from the config "
+            "alone; `make train` needs the weights"
+        )
         if not self.command:
             return f"{head}: {self.after}"
         reachable = " where the hub is reachable" if self.offline else ""
@@ -103,8 +147,12 @@ def weights_missing(name: str) -> MissingWeights | None:
     fix = fix_for(path)
     if "hf download" not in fix:  # a tiny model or a merge: built again, not fetched
         return MissingWeights(name, found, "", fix)
-    return MissingWeights(name, found, f".venv/bin/hf download <owner>/{path.name} --local-dir {path}",
-                          f"(<owner>/{path.name}: the model's name on the hub; only the missing files are fetched)")
+    return MissingWeights(
+        name,
+        found,
+        f".venv/bin/hf download <owner>/{path.name} --local-dir {path}",
+        f"(<owner>/{path.name}: the model's name on the hub; only the missing files are fetched)",
+    )
 
 
 def _local_dir(name: str) -> Path | None:
@@ -120,9 +168,11 @@ def dir_problems(path: Path, label: str, weights: bool = True) -> list[str]:
     unreadable = [p for p in sorted(path.iterdir()) if p.is_file() and not os.access(p, os.R_OK)]
     if unreadable:  # not damage: deleting or re-downloading would be the wrong advice
         st = unreadable[0].stat()
-        return [f"{label}: cannot read {', '.join(p.name for p in unreadable)} (permission denied: owned by uid "
-                f"{st.st_uid}, mode {stat.filemode(st.st_mode)}; written by another user, e.g. a container run as "
-                f"another uid); make them readable, e.g. sudo chown -R $(id -u):$(id -g) {path}"]
+        return [
+            f"{label}: cannot read {', '.join(p.name for p in unreadable)} (permission denied: owned by uid "
+            f"{st.st_uid}, mode {stat.filemode(st.st_mode)}; written by another user, e.g. a container run as "
+            f"another uid); make them readable, e.g. sudo chown -R $(id -u):$(id -g) {path}"
+        ]
     if (path / META_FILE).exists() or (path / ONNX_FILE).exists():
         found = _onnx_files(path)
     elif (path / "adapter_config.json").exists():
@@ -163,8 +213,10 @@ def _weight_files(path: Path) -> tuple[list[str], list[str]]:
         if not isinstance(weight_map, dict):
             return [], [f"{index.name} is damaged (no weight_map in it)"]
         shards = sorted({str(s) for s in weight_map.values()})
-        return ([f"{s} is missing (named in {index.name})" for s in shards if not (path / s).exists()],
-                _safetensors_files([path / s for s in shards if (path / s).exists()]))
+        return (
+            [f"{s} is missing (named in {index.name})" for s in shards if not (path / s).exists()],
+            _safetensors_files([path / s for s in shards if (path / s).exists()]),
+        )
     if (path / "model.safetensors").exists():
         return [], _safetensors_files([path / "model.safetensors"])
     if not any(path.glob("*.bin")) and not any(path.glob("*.pt")):
@@ -184,8 +236,9 @@ def _onnx_files(path: Path) -> list[str]:
             found.append(f"{name} is missing")
         elif name in sizes and (path / name).stat().st_size != sizes[name]:
             found.append(f"{name} is damaged ({_size_why((path / name).stat().st_size, sizes[name])})")
-    return found + _json_files(path, [("config.json", ""), *[(n, None) for n in ("generation_config.json",
-                                                                                   *TOKENIZER_JSON)]])
+    return found + _json_files(
+        path, [("config.json", ""), *[(n, None) for n in ("generation_config.json", *TOKENIZER_JSON)]]
+    )
 
 
 def _json_files(path: Path, names: list[tuple[str, str | None]]) -> list[str]:
@@ -254,6 +307,7 @@ def _size_why(size: int, expected: int) -> str:
 
 
 # ---- where the libraries load ------------------------------------------------------------------------
+
 
 def load_failure(path: Path, label: str, err: BaseException, any_error: bool = False) -> UserError | None:
     """The backstop for a load that failed on ``path``: the checks' line, or for an error that a damaged

@@ -1,4 +1,5 @@
 """Load base models and tokenizers (hub name, local dir or tiny) and attach LoRA adapters."""
+
 from __future__ import annotations
 
 import atexit
@@ -31,9 +32,11 @@ _REMOTE_CODE_FAILURES = {
     "is_torch_fx_proxy": "it imports helpers removed from transformers",
     "all_tied_weights_keys": "it predates transformers 5",
 }
-_REMOTE_FIX = ("the model's trust_remote_code implementation does not run on this transformers; use a "
-               "checkpoint transformers loads natively, e.g. MODEL_NAME=THUDM/glm-4-9b-chat-hf or "
-               "THUDM/glm-edge-1.5b-chat (GLM family, no remote code)")
+_REMOTE_FIX = (
+    "the model's trust_remote_code implementation does not run on this transformers; use a "
+    "checkpoint transformers loads natively, e.g. MODEL_NAME=THUDM/glm-4-9b-chat-hf or "
+    "THUDM/glm-edge-1.5b-chat (GLM family, no remote code)"
+)
 
 
 def remote_code_error(name: str, err: Exception) -> UserError | None:
@@ -56,13 +59,19 @@ def _load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserE
         if known is not None:
             return known
     if Path(name).exists():
-        return UserError(f"{setting}={name}: this dir does not hold a loadable model ({first}); "
-                         "it needs config.json, weights and tokenizer files")
+        return UserError(
+            f"{setting}={name}: this dir does not hold a loadable model ({first}); "
+            "it needs config.json, weights and tokenizer files"
+        )
     command, local = download_command(name)
-    return ModelUnavailable(f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
-                            f"({type(err).__name__}: {first}). Offline? Download it once where the hub is "
-                            f"reachable: `{command}`, then MODEL_NAME={local}; or use MODEL_NAME=tiny for an "
-                            "offline smoke run", name, command)
+    return ModelUnavailable(
+        f"MODEL_NAME={name}: not found locally and could not be fetched from the hub "
+        f"({type(err).__name__}: {first}). Offline? Download it once where the hub is "
+        f"reachable: `{command}`, then MODEL_NAME={local}; or use MODEL_NAME=tiny for an "
+        "offline smoke run",
+        name,
+        command,
+    )
 
 
 def resolve(cfg: Config) -> str:
@@ -115,8 +124,13 @@ def _patch_legacy_pad(tok: Any) -> None:
     log.info("%s: its remote-code _pad predates padding_side; patched (known ChatGLM issue)", type(tok).__name__)
 
 
-def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = "none", bf16: bool = False,
-               setting: str = "MODEL_NAME") -> Any:
+def load_model(
+    name_or_path: str,
+    trust_remote_code: bool = False,
+    quant: str = "none",
+    bf16: bool = False,
+    setting: str = "MODEL_NAME",
+) -> Any:
     """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
 
     ``bf16`` stores the weights in bf16 on CPU too: for frozen weights under bf16 autocast
@@ -140,11 +154,14 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, quant: str = 
     reader = read_without_mmap() if qcfg is not None and not cuda else contextlib.nullcontext()
     try:
         with reader:
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                         trust_remote_code=trust_remote_code, **extra)
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, **extra
+            )
     except ImportError as e:  # bitsandbytes missing or too old
-        raise UserError(f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
-                        "install the pinned requirements (make setup) or use QUANT_LEVEL=none") from None
+        raise UserError(
+            f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
+            "install the pinned requirements (make setup) or use QUANT_LEVEL=none"
+        ) from None
     except Exception as e:  # noqa: BLE001
         raise _load_error(name_or_path, e, setting) from None
     return model
@@ -188,14 +205,21 @@ def detect_lora_targets(model: Any) -> list[str]:
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             names.add(leaf)
     if not names:
-        raise UserError("LORA_TARGETS: found no linear layers to adapt in this model; "
-                        "set LORA_TARGETS to its projection names (comma-separated)")
+        raise UserError(
+            "LORA_TARGETS: found no linear layers to adapt in this model; "
+            "set LORA_TARGETS to its projection names (comma-separated)"
+        )
     return sorted(names)
 
 
 # LORA_INIT -> PEFT's init_lora_weights (loftq: PEFT's default first, then _loftq)
-INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "olora": "olora",
-                         "loftq": True}
+INITS: dict[str, Any] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa_niter_16",
+    "olora": "olora",
+    "loftq": True,
+}
 MUTATING = ("pissa", "olora")  # they move the adapter's starting point out of the base's weights
 INIT_DIR = "lora_init_dir"  # the PeftModel's attribute: where its initial adapter was saved
 
@@ -220,8 +244,10 @@ def _loftq(peft_model: Any, model_path: str) -> None:
 
     weights = Path(model_path) / "model.safetensors"
     if not weights.is_file():
-        raise UserError(f"LORA_INIT=loftq reads the unquantized weights from one model.safetensors file, and "
-                        f"{model_path} has none (a sharded or hub model); use another LORA_INIT")
+        raise UserError(
+            f"LORA_INIT=loftq reads the unquantized weights from one model.safetensors file, and "
+            f"{model_path} has none (a sharded or hub model); use another LORA_INIT"
+        )
     import bitsandbytes as bnb
 
     done = 0
@@ -255,12 +281,22 @@ def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
         present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
-            raise UserError(f"LORA_TARGETS={','.join(targets)}: no module named {', '.join(missing)} in this model; "
-                            f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))}), "
-                            f"or use LORA_TARGETS={ALL_LINEAR}")
-    lcfg = LoraConfig(r=lo.lora_r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout, target_modules=targets,
-                      task_type="CAUSAL_LM", bias="none", use_dora=lo.use_dora, use_rslora=lo.use_rslora,
-                      init_lora_weights=INITS[lo.lora_init])
+            raise UserError(
+                f"LORA_TARGETS={','.join(targets)}: no module named {', '.join(missing)} in this model; "
+                f"leave LORA_TARGETS empty to auto-detect ({', '.join(detect_lora_targets(model))}), "
+                f"or use LORA_TARGETS={ALL_LINEAR}"
+            )
+    lcfg = LoraConfig(
+        r=lo.lora_r,
+        lora_alpha=lo.lora_alpha,
+        lora_dropout=lo.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+        use_dora=lo.use_dora,
+        use_rslora=lo.use_rslora,
+        init_lora_weights=INITS[lo.lora_init],
+    )
     if lo.lora_init in MUTATING:
         torch.manual_seed(cfg.train.seed)  # PiSSA's fast SVD is randomized: a resume must rebuild the same base
     peft_model = get_peft_model(model, lcfg)
@@ -279,9 +315,15 @@ def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
         _loftq(peft_model, model_path)
     trainable, total = peft_model.get_nb_trainable_parameters()
     variant = "".join(f" +{name}" for name, on in (("DoRA", lo.use_dora), ("rsLoRA", lo.use_rslora)) if on)
-    log.info("LoRA%s r=%d on %s: %s trainable of %s parameters (%.2f%%)", variant, lo.lora_r,
-             targets if isinstance(targets, str) else ",".join(targets), f"{trainable:,}", f"{total:,}",
-             100 * trainable / max(1, total))
+    log.info(
+        "LoRA%s r=%d on %s: %s trainable of %s parameters (%.2f%%)",
+        variant,
+        lo.lora_r,
+        targets if isinstance(targets, str) else ",".join(targets),
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(1, total),
+    )
     return peft_model
 
 
@@ -290,11 +332,19 @@ def apply_ptuning(model: Any, cfg: Config) -> Any:
     from peft import PrefixTuningConfig, get_peft_model
 
     hidden = getattr(model.config, "hidden_size", None) or getattr(model.config.get_text_config(), "hidden_size")
-    pcfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.lora.pre_seq_len,
-                              prefix_projection=cfg.lora.prefix_projection, encoder_hidden_size=hidden)
+    pcfg = PrefixTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=cfg.lora.pre_seq_len,
+        prefix_projection=cfg.lora.prefix_projection,
+        encoder_hidden_size=hidden,
+    )
     peft_model = get_peft_model(model, pcfg)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    log.info("P-Tuning v2, %d prefix tokens%s: %s trainable of %s parameters", cfg.lora.pre_seq_len,
-             " with projection" if cfg.lora.prefix_projection else "", f"{trainable:,}", f"{total:,}")
+    log.info(
+        "P-Tuning v2, %d prefix tokens%s: %s trainable of %s parameters",
+        cfg.lora.pre_seq_len,
+        " with projection" if cfg.lora.prefix_projection else "",
+        f"{trainable:,}",
+        f"{total:,}",
+    )
     return peft_model
-

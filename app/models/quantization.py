@@ -11,6 +11,7 @@ add fails with "a view of a leaf Variable…", and bias-free layers silently pas
 to the layers below. `keep_4bit_trainable` turns that repacking off for training runs. And
 PEFT's DoRA loses an 8-bit weight's row scales after its first forward (`keep_8bit_scales`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,8 +70,13 @@ def bnb_config(level: str, cuda: bool) -> Any:
         return BitsAndBytesConfig(load_in_8bit=True)
     if level == "4bit":
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[compute_dtype(cuda)]
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
     raise ValueError(f"QUANT_LEVEL={level!r} is not one of {', '.join(LEVELS)}")
 
 
@@ -144,8 +150,11 @@ _HOOKED = "_keeps_8bit_scales"
 
 def _restore_8bit_scales(module: Any, _args: Any) -> None:
     weight, state = module.weight, module.state
-    if getattr(weight, "CB", None) is not None and getattr(weight, "SCB", None) is None \
-            and getattr(state, "SCB", None) is not None:
+    if (
+        getattr(weight, "CB", None) is not None
+        and getattr(weight, "SCB", None) is None
+        and getattr(state, "SCB", None) is not None
+    ):
         weight.SCB = state.SCB
 
 
@@ -164,8 +173,10 @@ def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool, h
 
     held = _hold_embeddings_half(model) if half_embeddings else []
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None)
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+    )
     _restore(held)
     keep_4bit_trainable(model)
     return model

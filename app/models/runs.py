@@ -4,6 +4,7 @@ merge and export read when ADAPTER_DIR is not set.
 The pointer never names a run that is gone: `remove-run` moves it to the newest remaining run and says
 so, and a command that finds it stale (the run deleted by hand) does the same. Standard library only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,11 +57,15 @@ def repoint(gone: Path, why: str) -> str:
     runs = [r for r in trained_runs() if not _same(r, gone)]
     if runs:
         point_last_run_at(runs[0])
-        return (f"the last run {gone} is {why}: predict, evaluate, merge and export now use the newest remaining "
-                f"run, {portable_path(runs[0])} (ADAPTER_DIR=<a run> picks another)")
+        return (
+            f"the last run {gone} is {why}: predict, evaluate, merge and export now use the newest remaining "
+            f"run, {portable_path(runs[0])} (ADAPTER_DIR=<a run> picks another)"
+        )
     LAST_RUN_FILE.unlink(missing_ok=True)
-    return (f"the last run {gone} is {why} and no trained run is left under models/: train first (`make train`), "
-            "or set ADAPTER_DIR=<a run dir> (ADAPTER_DIR=none: the base model)")
+    return (
+        f"the last run {gone} is {why} and no trained run is left under models/: train first (`make train`), "
+        "or set ADAPTER_DIR=<a run dir> (ADAPTER_DIR=none: the base model)"
+    )
 
 
 def follow_removal(removed: Path) -> str | None:

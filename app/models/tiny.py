@@ -7,6 +7,7 @@ English, and the family's chat template. Everything is seeded, so the same files
 therefore the same golden losses) come out on every machine. Weights are never committed:
 they are rebuilt under ``models/`` on first use.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,9 @@ _GEMMA_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyFamily:
-    config_cls: str          # transformers config class name
+    config_cls: str  # transformers config class name
     specials: tuple[str, ...]
-    eos: str                 # the token that ends an assistant turn (what training appends)
+    eos: str  # the token that ends an assistant turn (what training appends)
     pad: str
     template: str
     stop: tuple[str, ...] = ()  # extra tokens that end generation
@@ -51,24 +52,60 @@ class TinyFamily:
 
 
 FAMILIES: dict[str, TinyFamily] = {
-    "tiny": TinyFamily("GlmConfig", ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>",
-                                     "<|assistant|>", "<|observation|>"),
-                       "<|endoftext|>", "<|endoftext|>", _GLM_TEMPLATE, ("<|user|>", "<|observation|>")),
-    "tiny-qwen2": TinyFamily("Qwen2Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-                             "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE, ("<|endoftext|>",)),
-    "tiny-qwen3": TinyFamily("Qwen3Config", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-                             "<|im_end|>", "<|endoftext|>", _CHATML_TEMPLATE, ("<|endoftext|>",)),
-    "tiny-gemma3": TinyFamily("Gemma3TextConfig", ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
-                              "<end_of_turn>", "<pad>", _GEMMA_TEMPLATE, ("<eos>",), bos="<bos>"),
-    "tiny-llama": TinyFamily("LlamaConfig", ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                                             "<|end_header_id|>", "<|eot_id|>"),
-                             "<|eot_id|>", "<|end_of_text|>", _LLAMA3_TEMPLATE, ("<|end_of_text|>",),
-                             bos="<|begin_of_text|>"),
+    "tiny": TinyFamily(
+        "GlmConfig",
+        ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+        "<|endoftext|>",
+        "<|endoftext|>",
+        _GLM_TEMPLATE,
+        ("<|user|>", "<|observation|>"),
+    ),
+    "tiny-qwen2": TinyFamily(
+        "Qwen2Config",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        "<|im_end|>",
+        "<|endoftext|>",
+        _CHATML_TEMPLATE,
+        ("<|endoftext|>",),
+    ),
+    "tiny-qwen3": TinyFamily(
+        "Qwen3Config",
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        "<|im_end|>",
+        "<|endoftext|>",
+        _CHATML_TEMPLATE,
+        ("<|endoftext|>",),
+    ),
+    "tiny-gemma3": TinyFamily(
+        "Gemma3TextConfig",
+        ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+        "<end_of_turn>",
+        "<pad>",
+        _GEMMA_TEMPLATE,
+        ("<eos>",),
+        bos="<bos>",
+    ),
+    "tiny-llama": TinyFamily(
+        "LlamaConfig",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        _LLAMA3_TEMPLATE,
+        ("<|end_of_text|>",),
+        bos="<|begin_of_text|>",
+    ),
 }
 
 # Small enough that a CPU test step takes milliseconds, big enough for GQA and real LoRA targets.
-_DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+)
 
 _ENGLISH = [
     "Extract every subject, predicate and object triplet from the sentence and answer in JSON.",
@@ -121,9 +158,12 @@ def training_pre_tokenizer():
     # A name then tokenizes identically in the sentence and in the JSON answer, so extraction is token
     # copying (BPE over whole runs of Chinese text merges across word boundaries differently in each
     # context, which a small model cannot learn).
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex("[\u3400-\u9fff\uf900-\ufaff]"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("[\u3400-\u9fff\uf900-\ufaff]"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
 
 
 def runtime_pre_tokenizer():
@@ -142,13 +182,22 @@ def build_tokenizer(name: str, vocab_size: int = 3000, seed: int = 0):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = training_pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fam.specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(fam.specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
     tok.pre_tokenizer = runtime_pre_tokenizer()  # see GGUF_PRE_TOKENIZER
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=fam.eos, pad_token=fam.pad,
-                                   bos_token=fam.bos, chat_template=fam.template,
-                                   model_max_length=_DIMS["max_position_embeddings"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=fam.eos,
+        pad_token=fam.pad,
+        bos_token=fam.bos,
+        chat_template=fam.template,
+        model_max_length=_DIMS["max_position_embeddings"],
+    )
 
 
 def _as_checkpoints(name: str, dims: dict) -> dict:
@@ -161,8 +210,9 @@ def _as_checkpoints(name: str, dims: dict) -> dict:
     return {}
 
 
-def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict | None = None,
-                     vocab_size: int | None = None) -> Path:
+def build_tiny_model(
+    name: str, out_dir: str | Path, seed: int = 0, dims: dict | None = None, vocab_size: int | None = None
+) -> Path:
     """Write a random-weight 2-layer model + tokenizer of family ``name`` to ``out_dir``.
 
     ``dims`` / ``vocab_size`` override the tiny sizes (the memory benchmark builds a ~100M model
@@ -184,13 +234,19 @@ def build_tiny_model(name: str, out_dir: str | Path, seed: int = 0, dims: dict |
     eos_ids = ids((fam.eos, *fam.stop))
     dims = {**_DIMS, **(dims or {})}
     config = getattr(transformers, fam.config_cls)(
-        vocab_size=max(len(tokenizer), vocab_size or 0), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
-        **dims, **_as_checkpoints(name, dims))
+        vocab_size=max(len(tokenizer), vocab_size or 0),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+        **dims,
+        **_as_checkpoints(name, dims),
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config = GenerationConfig(eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=tokenizer.bos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
+    )
     with built_whole(out) as tmp:  # another process may win the race: its copy is kept
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -7,6 +7,7 @@ optimizer state. Output: predicted peak RSS on CPU, or peak VRAM on CUDA, with a
 The activation coefficients are calibrated against measured peaks on this project's own
 sweep (`make bench-memory`, report in bench/); the bench checks the error stays within ±20%.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -41,11 +42,11 @@ OPTIM_BYTES = {"adamw": 16, "sgd": 8, "adafactor": 10}
 @dataclass
 class ModelShape:
     total_params: int
-    linear_params: int     # quantizable projections inside the blocks
-    other_params: int      # embeddings, norms, the output head
-    max_linear: int        # largest projection: the transient dequantized copy in backward
-    lora_io: int           # sum over LoRA targets of (in + out) features; x rank = LoRA params
-    linear_in: int         # sum of the block projections' input features, per layer
+    linear_params: int  # quantizable projections inside the blocks
+    other_params: int  # embeddings, norms, the output head
+    max_linear: int  # largest projection: the transient dequantized copy in backward
+    lora_io: int  # sum over LoRA targets of (in + out) features; x rank = LoRA params
+    linear_in: int  # sum of the block projections' input features, per layer
     layers: int
     hidden: int
     intermediate: int
@@ -86,13 +87,21 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
     text = getattr(config, "text_config", None) or config
     layers = _cfg(text, "num_hidden_layers", "num_layers", "n_layer", default=1)
     return ModelShape(
-        total_params=total, linear_params=linear, other_params=total - linear, max_linear=max_linear,
-        lora_io=lora_io, linear_in=linear_in // layers, layers=layers,
+        total_params=total,
+        linear_params=linear,
+        other_params=total - linear,
+        max_linear=max_linear,
+        lora_io=lora_io,
+        linear_in=linear_in // layers,
+        layers=layers,
         hidden=_cfg(text, "hidden_size", "n_embd", "d_model"),
-        intermediate=_cfg(text, "intermediate_size", "ffn_hidden_size", "n_inner", default=4 * _cfg(text, "hidden_size")),
+        intermediate=_cfg(
+            text, "intermediate_size", "ffn_hidden_size", "n_inner", default=4 * _cfg(text, "hidden_size")
+        ),
         vocab=_cfg(text, "vocab_size", "padded_vocab_size"),
         heads=_cfg(text, "num_attention_heads", "n_head"),
-        max_positions=_cfg(text, "max_position_embeddings", "seq_length", "n_positions", default=4096))
+        max_positions=_cfg(text, "max_position_embeddings", "seq_length", "n_positions", default=4096),
+    )
 
 
 @dataclass
@@ -106,16 +115,33 @@ class Estimate:
 
     @property
     def total_mb(self) -> float:
-        return (self.runtime_mb + self.weights_mb + self.trainable_mb + self.activations_mb + self.logits_mb
-                + self.transient_mb)
+        return (
+            self.runtime_mb
+            + self.weights_mb
+            + self.trainable_mb
+            + self.activations_mb
+            + self.logits_mb
+            + self.transient_mb
+        )
 
     def breakdown(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in {**asdict(self), "total_mb": self.total_mb}.items()}
 
 
-def estimate(shape: ModelShape, quant: str, lora_r: int, batch: int, seq: int, grad_ckpt: bool,
-             cuda: bool = False, optim: str = "adamw", trainable_params: int | None = None,
-             half_weights: bool = False, sequences: int = 1, reference_copy: bool = False) -> Estimate:
+def estimate(
+    shape: ModelShape,
+    quant: str,
+    lora_r: int,
+    batch: int,
+    seq: int,
+    grad_ckpt: bool,
+    cuda: bool = False,
+    optim: str = "adamw",
+    trainable_params: int | None = None,
+    half_weights: bool = False,
+    sequences: int = 1,
+    reference_copy: bool = False,
+) -> Estimate:
     """Peak RSS (CPU) or VRAM (CUDA) in MB for one training configuration.
 
     ``trainable_params`` overrides the LoRA count (full fine-tuning, prefix tuning).
@@ -131,8 +157,10 @@ def estimate(shape: ModelShape, quant: str, lora_r: int, batch: int, seq: int, g
     opt = next((v for k, v in OPTIM_BYTES.items() if k in optim), 16)
     batch *= sequences  # a pair's two sequences are one micro-batch of twice the rows
     tokens = batch * seq
-    per_layer = tokens * (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate) \
+    per_layer = (
+        tokens * (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate)
         + ACT_ATTN * batch * shape.heads * seq * seq
+    )
     if grad_ckpt:  # only each block's input is kept; one block is recomputed at a time
         acts = shape.layers * tokens * shape.hidden + per_layer
     else:
@@ -144,6 +172,11 @@ def estimate(shape: ModelShape, quant: str, lora_r: int, batch: int, seq: int, g
     logits = ACT_LOGITS * tokens * shape.vocab * 4  # the loss is computed in fp32
     quantized = quant in QUANT_BYTES
     transient = 2 * shape.max_linear * 4 if quantized else 0
-    return Estimate(runtime_mb=CUDA_CONTEXT_MB if cuda else RUNTIME_MB, weights_mb=weights / MB,
-                    trainable_mb=trainable * opt / MB, activations_mb=acts * act_bytes / MB,
-                    logits_mb=logits / MB, transient_mb=transient / MB)
+    return Estimate(
+        runtime_mb=CUDA_CONTEXT_MB if cuda else RUNTIME_MB,
+        weights_mb=weights / MB,
+        trainable_mb=trainable * opt / MB,
+        activations_mb=acts * act_bytes / MB,
+        logits_mb=logits / MB,
+        transient_mb=transient / MB,
+    )

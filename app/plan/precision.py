@@ -17,6 +17,7 @@
 
 The Trainer hooks these choices need are in app.training.kernels.
 """
+
 from __future__ import annotations
 
 from app.config import Config
@@ -37,16 +38,22 @@ def packing_choice(cfg: Config, model_type: str | None) -> tuple[bool, str]:
     if cfg.lora.method == "ptuning":
         blocker = "P-Tuning's prefixes are past key values, which turn the packed-sequence mask off"
     elif cfg.train.stage != "sft":
-        blocker = f"STAGE={cfg.train.stage} runs TRL's preference trainer, which pads its batches (TRL 1.16 has its " \
-                  "padding-free mode switched off)"
+        blocker = (
+            f"STAGE={cfg.train.stage} runs TRL's preference trainer, which pads its batches (TRL 1.16 has its "
+            "padding-free mode switched off)"
+        )
     elif cfg.train.torch_compile:
-        blocker = "TORCH_COMPILE=true: torch's compiled backward of the per-sample attention fails once the " \
-                  "packed row length changes (an inductor stride assertion, torch 2.13 on CPU)"
+        blocker = (
+            "TORCH_COMPILE=true: torch's compiled backward of the per-sample attention fails once the "
+            "packed row length changes (an inductor stride assertion, torch 2.13 on CPU)"
+        )
     elif cfg.model.trust_remote_code:
         blocker = "remote model code (TRUST_REMOTE_CODE) builds its own attention masks"
     elif model_type not in PACKING_FAMILIES:
-        blocker = f"model type {model_type!r} is not one whose packed-sequence masking is tested " \
-                  f"({', '.join(PACKING_FAMILIES)})"
+        blocker = (
+            f"model type {model_type!r} is not one whose packed-sequence masking is tested "
+            f"({', '.join(PACKING_FAMILIES)})"
+        )
     if blocker and setting == "on":
         raise UserError(f"PACKING=on: {blocker}; use PACKING=auto (pads each micro-batch instead)")
     if blocker:
@@ -60,11 +67,15 @@ def resolve_precision(cfg: Config, cuda: bool) -> str:
 
     p, quant = cfg.train.precision, cfg.resources.quant_level
     if p == "bf16" and not bf16_supported(cuda):
-        raise UserError("PRECISION=bf16: this " + ("GPU" if cuda else "CPU (no AVX512-BF16/AMX)") +
-                        " has no fast bf16; use PRECISION=auto")
+        raise UserError(
+            "PRECISION=bf16: this "
+            + ("GPU" if cuda else "CPU (no AVX512-BF16/AMX)")
+            + " has no fast bf16; use PRECISION=auto"
+        )
     if p == "fp16" and not cuda:
-        raise UserError("PRECISION=fp16 is for CUDA GPUs (fp16 matmuls on a CPU are emulated and slow); "
-                        "use PRECISION=auto")
+        raise UserError(
+            "PRECISION=fp16 is for CUDA GPUs (fp16 matmuls on a CPU are emulated and slow); use PRECISION=auto"
+        )
     if p != "auto":
         return p
     if cuda:
@@ -115,8 +126,7 @@ QUANT_NEEDS = {
 def quant_needed(cfg: Config) -> tuple[str, str, str, str] | None:
     """(QUANT_LEVEL, the setting that needs it, why, the change that frees it) when a setting works with one
     weight format only, else None. METHOD first: it decides whether LoRA settings apply at all."""
-    for setting in (f"METHOD={cfg.lora.method}", f"PRECISION={cfg.train.precision}",
-                    f"LORA_INIT={cfg.lora.lora_init}"):
+    for setting in (f"METHOD={cfg.lora.method}", f"PRECISION={cfg.train.precision}", f"LORA_INIT={cfg.lora.lora_init}"):
         if setting in QUANT_NEEDS:
             level, why, instead = QUANT_NEEDS[setting]
             return level, setting, why, instead

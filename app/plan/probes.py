@@ -11,6 +11,7 @@ one's speed (on 2 cores with another process busy, a 64 x 128 projection took 12
 torch's second thread waited for the core); a probe whose every run did, or whose clock did not advance,
 measured nothing and raises NothingMeasured rather than return a rate that is not this machine's.
 """
+
 from __future__ import annotations
 
 import math
@@ -60,9 +61,11 @@ def _best(step: Callable[[], None], sync: Callable[[], None]) -> float:
         raise NothingMeasured(f"its {len(runs)} runs took no measurable time: the clock did not advance")
     share = min(w / s for s, w in runs if s > 0)
     what = "the whole" if share >= 1 else f"{share:.0%} or more"
-    raise NothingMeasured(f"this machine is busy: its threads spent {what} of each of its {len(runs)} runs waiting "
-                          f"for a CPU{_load()}, so it timed other processes' share, not this machine's speed; run "
-                          "`make info` again when it is idle")
+    raise NothingMeasured(
+        f"this machine is busy: its threads spent {what} of each of its {len(runs)} runs waiting "
+        f"for a CPU{_load()}, so it timed other processes' share, not this machine's speed; run "
+        "`make info` again when it is idle"
+    )
 
 
 def run_delay() -> float:
@@ -102,8 +105,16 @@ def _run_probe(key: tuple, cuda: bool, body: Callable[[Any, Callable[[], None]],
     return _CACHE[key]
 
 
-def probe_linear(quant: str, precision: str, n_in: int, n_out: int, tokens: int, trainable: bool = False,
-                 half_weights: bool = False, cuda: bool = False) -> float:
+def probe_linear(
+    quant: str,
+    precision: str,
+    n_in: int,
+    n_out: int,
+    tokens: int,
+    trainable: bool = False,
+    half_weights: bool = False,
+    cuda: bool = False,
+) -> float:
     """FLOP/s of one projection's forward + backward (input gradient, and the weight's if ``trainable``)
     in the run's setting: a bitsandbytes 4-bit / 8-bit layer (dequantization included), else a torch
     weight in fp32, or bf16/fp16 autocast (``half_weights``: the weights load in bf16, quantized or not). Dims
@@ -153,8 +164,11 @@ def _quantized(quant: str, w: Any, half_weights: bool, cuda: bool) -> Any:
         layer = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False, threshold=q.llm_int8_threshold)
         layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
     else:
-        opts = dict(quant_type=q.bnb_4bit_quant_type, compress_statistics=q.bnb_4bit_use_double_quant,
-                    quant_storage=q.bnb_4bit_quant_storage)
+        opts = dict(
+            quant_type=q.bnb_4bit_quant_type,
+            compress_statistics=q.bnb_4bit_use_double_quant,
+            quant_storage=q.bnb_4bit_quant_storage,
+        )
         layer = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=q.bnb_4bit_compute_dtype, **opts)
         layer.weight = bnb.nn.Params4bit(w, requires_grad=False, **opts)
     layer = layer.to(device)  # quantizes
@@ -169,8 +183,10 @@ def probe_attention(precision: str, head_dim: int, seq: int, cuda: bool = False)
 
     def body(torch: Any, sync: Callable[[], None]) -> float:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        q, k, v = (torch.randn(1, PROBE_HEADS, seq, head_dim, device="cuda" if cuda else "cpu", dtype=dtype)
-                   .requires_grad_() for _ in range(3))
+        q, k, v = (
+            torch.randn(1, PROBE_HEADS, seq, head_dim, device="cuda" if cuda else "cpu", dtype=dtype).requires_grad_()
+            for _ in range(3)
+        )
 
         def step() -> None:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -191,8 +207,10 @@ def probe_glue(hidden: int, intermediate: int, tokens: int, half: bool = False, 
 
     def body(torch: Any, sync: Callable[[], None]) -> float:
         f, dtype = torch.nn.functional, torch.bfloat16 if half else torch.float32
-        x, g = (torch.randn(tokens, n, device="cuda" if cuda else "cpu", dtype=dtype).requires_grad_()
-                for n in (hidden, 2 * intermediate))
+        x, g = (
+            torch.randn(tokens, n, device="cuda" if cuda else "cpu", dtype=dtype).requires_grad_()
+            for n in (hidden, 2 * intermediate)
+        )
 
         def step() -> None:
             h = x

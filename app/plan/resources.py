@@ -8,6 +8,7 @@ found via ``<root>/proc/self/{cgroup,mountinfo}``; ``root`` lets tests use a fak
 failure means "unknown" and falls back to host figures: a monitor must never crash a run.
 MB means 2**20 bytes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,12 +61,17 @@ def release_memory(mode: str, cuda: bool, peak_mb: float, budget_mb: float) -> b
     """RELEASE_MEMORY: tune_allocator() when ``on``, or when ``auto`` and the predicted peak is over
     TIGHT_MEMORY of the budget (or on CUDA, where it only touches host memory). True when applied."""
     if not (mode == "on" or (mode == "auto" and (cuda or peak_mb > TIGHT_MEMORY * budget_mb))):
-        log.info("allocator: glibc default (RELEASE_MEMORY=%s; predicted peak %.0f MB of %.0f MB)", mode, peak_mb,
-                 budget_mb)
+        log.info(
+            "allocator: glibc default (RELEASE_MEMORY=%s; predicted peak %.0f MB of %.0f MB)", mode, peak_mb, budget_mb
+        )
         return False
     applied = tune_allocator()
-    log.info("allocator: freed tensor memory goes back to the OS at once%s (predicted peak %.0f MB of %.0f MB)",
-             "" if applied else " (not applied: no glibc, or MALLOC_MMAP_THRESHOLD_ set)", peak_mb, budget_mb)
+    log.info(
+        "allocator: freed tensor memory goes back to the OS at once%s (predicted peak %.0f MB of %.0f MB)",
+        "" if applied else " (not applied: no glibc, or MALLOC_MMAP_THRESHOLD_ set)",
+        peak_mb,
+        budget_mb,
+    )
     return applied
 
 
@@ -128,8 +134,9 @@ def _cgroup_dirs(root: Path, controller: str) -> tuple[list[Path], int] | None:
             mounts[version].append(tuple(_OCTAL.sub(lambda m: chr(int(m[1], 8)), f) for f in fields[3:5]))
     for version in (v for v in (1, 2) if mounts[v]):
         path = proc_paths.get(version, "/")
-        mount_root, mount_point = next((m for m in mounts[version] if _relative(path, m[0]) is not None),
-                                       mounts[version][0])
+        mount_root, mount_point = next(
+            (m for m in mounts[version] if _relative(path, m[0]) is not None), mounts[version][0]
+        )
         base = root / mount_point.lstrip("/")
         own = base / (_relative(path, mount_root) or "")
         # A container without a cgroup namespace shows a host path that isn't mounted inside it:
@@ -148,8 +155,9 @@ def cgroup_memory(root: str | Path = "/") -> tuple[int | None, int | None, int |
     dirs, version = _cgroup_dirs(Path(root), "memory") or ([], 0)
     if not dirs:
         return None, None, None
-    limit_file, usage_file = ("memory.max", "memory.current") if version == 2 else (
-        "memory.limit_in_bytes", "memory.usage_in_bytes")
+    limit_file, usage_file = (
+        ("memory.max", "memory.current") if version == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    )
     limit, limit_dir = None, dirs[0]
     for d in dirs:
         # v2 "max" reads as None; v1's "no limit" is 2**63 page-rounded (9223372036854771712)
@@ -157,9 +165,13 @@ def cgroup_memory(root: str | Path = "/") -> tuple[int | None, int | None, int |
         if value is not None and 0 < value < 2**60 and (limit is None or value < limit):
             limit, limit_dir = value, d
     # Clean file pages (page cache, mmap'd checkpoints) are reclaimed before any OOM kill.
-    keys = (("inactive_file", "active_file") if version == 2
-            else ("total_inactive_file", "total_active_file") if "total_inactive_file" in (_read(
-                (limit_dir or dirs[0]) / "memory.stat") or "") else ("inactive_file", "active_file"))
+    keys = (
+        ("inactive_file", "active_file")
+        if version == 2
+        else ("total_inactive_file", "total_active_file")
+        if "total_inactive_file" in (_read((limit_dir or dirs[0]) / "memory.stat") or "")
+        else ("inactive_file", "active_file")
+    )
     for d in dict.fromkeys([limit_dir, dirs[0]]):  # the limiting cgroup's usage, else our own
         usage = _int(_read(d / usage_file))
         if usage is not None:
@@ -203,8 +215,11 @@ def process_tree_rss_mb(pid: int | None = None, anon: bool = False) -> float:
 def measure(root: str | Path) -> tuple[float, float, float | None]:
     """(tree RSS MB, tree anonymous MB, cgroup usage net of file pages MB or None without a limit)."""
     limit, usage, _ = cgroup_memory(root)
-    return (process_tree_rss_mb(), process_tree_rss_mb(anon=True),
-            usage / MB if limit is not None and usage is not None else None)
+    return (
+        process_tree_rss_mb(),
+        process_tree_rss_mb(anon=True),
+        usage / MB if limit is not None and usage is not None else None,
+    )
 
 
 def memory_usage_mb(root: str | Path = "/") -> float:

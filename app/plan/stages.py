@@ -7,6 +7,7 @@ weights (METHOD=full keeps a second frozen copy, which does cost weights). ORPO 
 KTO trains one sequence per example and adds a no-gradient policy pass over a mismatched completion (its KL
 term), which the reference runs as well. Standard library only.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class StageCost:
-    sequences: int = 1        # sequences per example trained with gradients (their activations are kept)
-    no_grad_passes: int = 0   # sequences per example run forward only (the reference, KTO's KL term)
+    sequences: int = 1  # sequences per example trained with gradients (their activations are kept)
+    no_grad_passes: int = 0  # sequences per example run forward only (the reference, KTO's KL term)
     reference_copy: bool = False  # a second frozen copy of the weights (METHOD=full with a reference)
 
     def describe(self) -> str:

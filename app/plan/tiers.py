@@ -9,6 +9,7 @@ Two steps, because the sequence length depends on the data:
    estimator's predicted peak fits MEMORY_SAFETY x available memory.
 Variables set explicitly (CLI, environment, .env) are never changed; TIER=none keeps the defaults.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 class Tier:
     name: str
     quant: str
-    seq: int        # the original table's length: only used when there is no data to measure
+    seq: int  # the original table's length: only used when there is no data to measure
     samples: int
     batch: int
     grad_accum: int
@@ -39,10 +40,17 @@ class Tier:
 
 
 # (upper bound in GB, tier). CPU tiers by RAM, GPU tiers by VRAM, as the original tool had them.
-CPU_TIERS = [(6, Tier("cpu-xs", "4bit", 32, 30, 1, 32)), (12, Tier("cpu-s", "4bit", 64, 200, 1, 16)),
-             (24, Tier("cpu-m", "8bit", 128, 800, 2, 8)), (math.inf, Tier("cpu-l", "none", 256, 2000, 4, 4))]
-GPU_TIERS = [(12, Tier("gpu-s", "4bit", 512, 2000, 2, 8, 8)), (24, Tier("gpu-m", "8bit", 1024, 5000, 4, 4, 16)),
-             (math.inf, Tier("gpu-l", "none", 2048, 10000, 8, 2, 32))]
+CPU_TIERS = [
+    (6, Tier("cpu-xs", "4bit", 32, 30, 1, 32)),
+    (12, Tier("cpu-s", "4bit", 64, 200, 1, 16)),
+    (24, Tier("cpu-m", "8bit", 128, 800, 2, 8)),
+    (math.inf, Tier("cpu-l", "none", 256, 2000, 4, 4)),
+]
+GPU_TIERS = [
+    (12, Tier("gpu-s", "4bit", 512, 2000, 2, 8, 8)),
+    (24, Tier("gpu-m", "8bit", 1024, 5000, 4, 4, 16)),
+    (math.inf, Tier("gpu-l", "none", 2048, 10000, 8, 2, 32)),
+]
 TIERS = {t.name: t for _, t in CPU_TIERS + GPU_TIERS}
 _ESCALATE = {"none": "8bit", "8bit": "4bit"}
 SEQ_QUANTILE = 0.95  # keep 95% of samples whole; the rest lose part of the prompt, never the answer
@@ -52,6 +60,7 @@ SEQ_QUANTILE = 0.95  # keep 95% of samples whole; the rest lose part of the prom
 class Plan:
     """What this run uses and why: the user's Config with each decision applied, never changed in
     place. Each step (tier, memory fit, guard, back-off) returns a new Plan (``dataclasses.replace``)."""
+
     tier: str = "none"
     device: str = "cpu"
     budget_mb: float = 0.0
@@ -109,12 +118,16 @@ def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = Non
         tier = next(t for bound, t in table if gb < bound)
         why = f"{'VRAM' if device == 'cuda' else 'RAM'} {gb:.1f} GB -> tier {tier.name}"
     plan = _quant_level(replace(plan, tier=tier.name), tier.quant, why, f"tier {tier.name}")
-    plan = plan.decide("MAX_SAMPLES", tier.samples, why).decide("BATCH_SIZE", tier.batch, why) \
-               .decide("GRAD_ACCUM", tier.grad_accum, why)
+    plan = (
+        plan.decide("MAX_SAMPLES", tier.samples, why)
+        .decide("BATCH_SIZE", tier.batch, why)
+        .decide("GRAD_ACCUM", tier.grad_accum, why)
+    )
     if plan.cfg.train.batch_size < min_batch(plan.cfg) and "BATCH_SIZE" not in cfg.explicit:
         kto = "STAGE=kto pairs each answer with another of its micro-batch (its KL term)"
-        plan = plan.decide("BATCH_SIZE", min_batch(plan.cfg), kto) \
-                   .decide("GRAD_ACCUM", max(1, plan.cfg.train.grad_accum // 2), "keeps the effective batch")
+        plan = plan.decide("BATCH_SIZE", min_batch(plan.cfg), kto).decide(
+            "GRAD_ACCUM", max(1, plan.cfg.train.grad_accum // 2), "keeps the effective batch"
+        )
     if tier.lora_r:
         plan = plan.decide("LORA_R", tier.lora_r, why).decide("LORA_ALPHA", 2 * tier.lora_r, "2 x LORA_R")
     if "MAX_SEQ_LEN" not in cfg.explicit:  # replaced by the data's lengths in fit_memory
@@ -133,8 +146,16 @@ def _quant_level(plan: Plan, default: str, why: str, source: str) -> Plan:
         return plan.set("QUANT_LEVEL", default, why)
     level, setting, because, instead = need
     if level != default:
-        log.info("QUANT_LEVEL=%s instead of %s's %s: %s %s; %s keeps %s",
-                 level, source, default, setting, because, instead, default)
+        log.info(
+            "QUANT_LEVEL=%s instead of %s's %s: %s %s; %s keeps %s",
+            level,
+            source,
+            default,
+            setting,
+            because,
+            instead,
+            default,
+        )
     return plan.set("QUANT_LEVEL", level, setting)
 
 
@@ -150,9 +171,11 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
     available = res.gpus[0].free_mb if cuda else res.ram_available_mb
     plan = replace(plan, budget_mb=available * plan.cfg.resources.memory_safety)
     if lengths and plan.tier != "none":
-        plan = plan.decide("MAX_SEQ_LEN", seq_from_lengths(lengths, shape.max_positions),
-                           f"{int(SEQ_QUANTILE * 100)}% of the {len(lengths)} samples fit whole "
-                           f"(longest {max(lengths)} tokens)")
+        plan = plan.decide(
+            "MAX_SEQ_LEN",
+            seq_from_lengths(lengths, shape.max_positions),
+            f"{int(SEQ_QUANTILE * 100)}% of the {len(lengths)} samples fit whole (longest {max(lengths)} tokens)",
+        )
     if plan.cfg.resources.gradient_checkpointing == "auto":  # on only if needed, below
         plan = replace(plan, cfg=plan.cfg.replace({"GRADIENT_CHECKPOINTING": "off"}))
     while plan.tier != "none" and predict_peak(plan.cfg, shape, cuda).total_mb > plan.budget_mb:
@@ -165,13 +188,21 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
     plan = replace(plan, estimate=predict_peak(plan.cfg, shape, cuda))
     _refuse_unloadable(plan, res, available)
     if plan.estimate.total_mb > plan.budget_mb:
-        levers = " or ".join(x for x in (_smaller_quant(plan.cfg), _can_checkpoint(plan.cfg) and
-                                         plan.cfg.resources.gradient_checkpointing != "on" and
-                                         "GRADIENT_CHECKPOINTING=on") if x)
+        levers = " or ".join(
+            x
+            for x in (
+                _smaller_quant(plan.cfg),
+                _can_checkpoint(plan.cfg)
+                and plan.cfg.resources.gradient_checkpointing != "on"
+                and "GRADIENT_CHECKPOINTING=on",
+            )
+            if x
+        )
         plan = plan.warn(
             f"predicted peak {plan.estimate.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
             f"({plan.cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
-            f"BATCH_SIZE{', use ' + levers if levers else ''}; the memory guard will back off")
+            f"BATCH_SIZE{', use ' + levers if levers else ''}; the memory guard will back off"
+        )
     return plan
 
 
@@ -189,10 +220,12 @@ def _refuse_unloadable(plan: Plan, res: Resources, available: float) -> None:
     quant = cfg.resources.quant_level
     where = "free on the GPU" if plan.device == "cuda" else f"available ({res.limit_source})"
     smaller = f" or {_smaller_quant(cfg)}" if _smaller_quant(cfg) else ""
-    raise UserError(f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, "
-                    f"the trainable part and the runtime alone are predicted at {fixed:,.0f} MB at any length, and "
-                    f"{available:,.0f} MB is {where}, so loading would be killed; use a smaller model{smaller}, "
-                    "more memory, or MEMORY_GUARD=off to load anyway")
+    raise UserError(
+        f"MODEL_NAME={cfg.model.model_name} does not fit: its weights at QUANT_LEVEL={quant}, "
+        f"the trainable part and the runtime alone are predicted at {fixed:,.0f} MB at any length, and "
+        f"{available:,.0f} MB is {where}, so loading would be killed; use a smaller model{smaller}, "
+        "more memory, or MEMORY_GUARD=off to load anyway"
+    )
 
 
 def _can_checkpoint(cfg: Config) -> bool:
@@ -218,8 +251,11 @@ def _shrink(plan: Plan) -> Plan | None:
     if r.quant_level in _ESCALATE and "QUANT_LEVEL" not in cfg.explicit and quant_needed(cfg) is None:
         return plan.decide("QUANT_LEVEL", _ESCALATE[r.quant_level], "needed to fit memory")
     if cfg.data.max_seq_len > 64 and "MAX_SEQ_LEN" not in cfg.explicit:
-        return plan.decide("MAX_SEQ_LEN", max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
-                           "shortened to fit memory (longer samples lose part of the prompt)")
+        return plan.decide(
+            "MAX_SEQ_LEN",
+            max(64, cfg.data.max_seq_len * 3 // 4 // 16 * 16),
+            "shortened to fit memory (longer samples lose part of the prompt)",
+        )
     return None
 
 
@@ -234,10 +270,20 @@ def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
     except UserError:  # an impossible PRECISION is reported by training itself
         half = False
     cost = stage_cost(cfg)
-    return estimate(shape, cfg.resources.quant_level, cfg.lora.lora_r, cfg.train.batch_size, cfg.data.max_seq_len,
-                    cfg.resources.gradient_checkpointing == "on", cuda, cfg.train.optim,
-                    trainable_params=trainable_params(cfg, shape), half_weights=half, sequences=cost.sequences,
-                    reference_copy=cost.reference_copy)
+    return estimate(
+        shape,
+        cfg.resources.quant_level,
+        cfg.lora.lora_r,
+        cfg.train.batch_size,
+        cfg.data.max_seq_len,
+        cfg.resources.gradient_checkpointing == "on",
+        cuda,
+        cfg.train.optim,
+        trainable_params=trainable_params(cfg, shape),
+        half_weights=half,
+        sequences=cost.sequences,
+        reference_copy=cost.reference_copy,
+    )
 
 
 def trainable_params(cfg: Config, shape: ModelShape) -> int | None:
@@ -246,23 +292,40 @@ def trainable_params(cfg: Config, shape: ModelShape) -> int | None:
         return shape.total_params
     if cfg.lora.method == "ptuning":  # a key and a value prefix per layer (+ the optional MLP)
         prefix = cfg.lora.pre_seq_len * shape.layers * 2 * shape.hidden
-        return prefix + (2 * shape.hidden * shape.hidden + shape.hidden * prefix // cfg.lora.pre_seq_len
-                         if cfg.lora.prefix_projection else 0)
+        return prefix + (
+            2 * shape.hidden * shape.hidden + shape.hidden * prefix // cfg.lora.pre_seq_len
+            if cfg.lora.prefix_projection
+            else 0
+        )
     return None  # LoRA: rank x targets
 
 
 def format_info(res: Resources, plan: Plan, shape: ModelShape | None, model_name: str) -> str:
     """The `make info` table."""
-    rows = [("RAM total", f"{res.ram_total_mb / 1024:.1f} GB ({res.limit_source}; host "
-                          f"{res.host_ram_total_mb / 1024:.1f} GB)"),
-            ("RAM available", f"{res.ram_available_mb / 1024:.1f} GB"),
-            ("CPUs", f"{res.cpus} ({res.cpu_source})")]
+    rows = [
+        (
+            "RAM total",
+            f"{res.ram_total_mb / 1024:.1f} GB ({res.limit_source}; host {res.host_ram_total_mb / 1024:.1f} GB)",
+        ),
+        ("RAM available", f"{res.ram_available_mb / 1024:.1f} GB"),
+        ("CPUs", f"{res.cpus} ({res.cpu_source})"),
+    ]
     for g in res.gpus:
-        rows.append((f"GPU {g.index}", f"{g.name}, {g.total_mb / 1024:.1f} GB, {g.free_mb / 1024:.1f} GB free, "
-                                       f"bf16 {'yes' if g.bf16 else 'no'}"))
+        rows.append(
+            (
+                f"GPU {g.index}",
+                f"{g.name}, {g.total_mb / 1024:.1f} GB, {g.free_mb / 1024:.1f} GB free, "
+                f"bf16 {'yes' if g.bf16 else 'no'}",
+            )
+        )
     if shape:
-        rows.append(("model", f"{model_name}: {shape.total_params / 1e6:,.1f}M params, {shape.layers} layers, "
-                              f"hidden {shape.hidden}, vocab {shape.vocab}"))
+        rows.append(
+            (
+                "model",
+                f"{model_name}: {shape.total_params / 1e6:,.1f}M params, {shape.layers} layers, "
+                f"hidden {shape.hidden}, vocab {shape.vocab}",
+            )
+        )
     rows.append(("tier", plan.tier))
     width = max(len(k) for k, _ in rows)
     out = ["detected:"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["", "settings:"]
@@ -271,8 +334,11 @@ def format_info(res: Resources, plan: Plan, shape: ModelShape | None, model_name
     if plan.estimate:
         b = plan.estimate.breakdown()
         kind = "VRAM" if plan.device == "cuda" else "RSS"
-        out += ["", f"predicted peak {kind}: {b['total_mb']:,.0f} MB of a {plan.budget_mb:,.0f} MB budget",
-                "  " + ", ".join(f"{k.removesuffix('_mb')} {v:,.0f}" for k, v in b.items() if k != "total_mb")]
+        out += [
+            "",
+            f"predicted peak {kind}: {b['total_mb']:,.0f} MB of a {plan.budget_mb:,.0f} MB budget",
+            "  " + ", ".join(f"{k.removesuffix('_mb')} {v:,.0f}" for k, v in b.items() if k != "total_mb"),
+        ]
     out += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(out)
 
@@ -280,8 +346,13 @@ def format_info(res: Resources, plan: Plan, shape: ModelShape | None, model_name
 def env_template() -> str:
     """The .env.template text: every variable, commented out at its default, with its help and,
     for those TIER=auto decides when you leave them unset, what each tier sets."""
-    lines, section = ["# Copy to .env and uncomment what you change. Precedence: make/CLI VAR=value > environment",
-                      "# > .env > these defaults. Generated by `python -m app env-template`; a test keeps it in sync."], None
+    lines, section = (
+        [
+            "# Copy to .env and uncomment what you change. Precedence: make/CLI VAR=value > environment",
+            "# > .env > these defaults. Generated by `python -m app env-template`; a test keeps it in sync.",
+        ],
+        None,
+    )
     tiered = _tier_settings()
     for sec, var, shown, help_, choices in documented():
         if sec != section:
@@ -301,7 +372,12 @@ def _tier_settings() -> dict[str, str]:
     def per_tier(attr: str) -> str:
         return ", ".join(f"{t.name} {getattr(t, attr)}" for t in tiers if getattr(t, attr) is not None)
 
-    return {"QUANT_LEVEL": per_tier("quant"), "MAX_SAMPLES": per_tier("samples"), "BATCH_SIZE": per_tier("batch"),
-            "GRAD_ACCUM": per_tier("grad_accum"), "LORA_R": per_tier("lora_r") + " (CPU tiers keep the default)",
-            "MAX_SEQ_LEN": "the length that keeps 95% of the training samples whole, then shortened only to fit memory",
-            "GRADIENT_CHECKPOINTING": "on only when the plan needs it to fit memory (auto)"}
+    return {
+        "QUANT_LEVEL": per_tier("quant"),
+        "MAX_SAMPLES": per_tier("samples"),
+        "BATCH_SIZE": per_tier("batch"),
+        "GRAD_ACCUM": per_tier("grad_accum"),
+        "LORA_R": per_tier("lora_r") + " (CPU tiers keep the default)",
+        "MAX_SEQ_LEN": "the length that keeps 95% of the training samples whole, then shortened only to fit memory",
+        "GRADIENT_CHECKPOINTING": "on only when the plan needs it to fit memory (auto)",
+    }

@@ -8,6 +8,7 @@ residual adds, dropout) and the optimizer's step, both measured too. An estimate
 only: loading, the token cache, evaluation and checkpoint saves come on top. A probe that measured nothing
 (a busy machine: app/plan/probes.py) gives no time at all, never a number built on it.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,12 @@ LENGTH_SAMPLE = 2000  # rows read for the lengths of a micro-batch
 @dataclass(frozen=True)
 class Flops:
     """One micro-batch's forward FLOPs by kind; backward and the checkpointing recompute follow from the method."""
-    linear: float       # the blocks' projections: 2 x linear_params x tokens
-    attention: float    # scores and weighted values: 4 x layers x batch x seq^2 x hidden
-    head: float         # the LM head: 2 x hidden x vocab x (tokens whose logits are computed)
-    adapter: float      # LoRA's A and B: 2 x r x lora_io x tokens (its time is probe_lora's, not its FLOPs')
-    full: bool          # METHOD=full: weight gradients for the projections and the head too
+
+    linear: float  # the blocks' projections: 2 x linear_params x tokens
+    attention: float  # scores and weighted values: 4 x layers x batch x seq^2 x hidden
+    head: float  # the LM head: 2 x hidden x vocab x (tokens whose logits are computed)
+    adapter: float  # LoRA's A and B: 2 x r x lora_io x tokens (its time is probe_lora's, not its FLOPs')
+    full: bool  # METHOD=full: weight gradients for the projections and the head too
     checkpointing: bool  # the blocks' forward runs again in backward
 
     @property
@@ -52,22 +54,38 @@ class Flops:
     def by_kind(self) -> dict[str, float]:
         """Forward + backward + recompute FLOPs of each kind (each runs at its own measured rate)."""
         w, c = (2 if self.full else 1), (1 if self.checkpointing else 0)
-        return {"linear": self.linear * (1 + w + c), "attention": self.attention * (3 + c),
-                "head": self.head * (1 + w), "adapter": self.adapter * (3 + c)}
+        return {
+            "linear": self.linear * (1 + w + c),
+            "attention": self.attention * (3 + c),
+            "head": self.head * (1 + w),
+            "adapter": self.adapter * (3 + c),
+        }
 
     @property
     def total(self) -> float:
         return self.forward + self.backward + self.recompute
 
 
-def micro_batch_flops(shape: ModelShape, batch: int, seq: float, method: str = "lora", grad_ckpt: bool = False,
-                      lora_r: int = 0, head_share: float = 1.0) -> Flops:
+def micro_batch_flops(
+    shape: ModelShape,
+    batch: int,
+    seq: float,
+    method: str = "lora",
+    grad_ckpt: bool = False,
+    lora_r: int = 0,
+    head_share: float = 1.0,
+) -> Flops:
     """``seq``: tokens per sample; ``head_share``: the share of tokens whose logits are computed."""
     tokens = batch * seq
     adapter = 2 * lora_r * shape.lora_io * tokens if method in ("lora", "qlora") else 0.0
-    return Flops(linear=2 * shape.linear_params * tokens, attention=4 * shape.layers * batch * seq**2 * shape.hidden,
-                 head=2 * shape.hidden * shape.vocab * tokens * head_share, adapter=adapter,
-                 full=method == "full", checkpointing=grad_ckpt)
+    return Flops(
+        linear=2 * shape.linear_params * tokens,
+        attention=4 * shape.layers * batch * seq**2 * shape.hidden,
+        head=2 * shape.hidden * shape.vocab * tokens * head_share,
+        adapter=adapter,
+        full=method == "full",
+        checkpointing=grad_ckpt,
+    )
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,7 @@ class StepTime:
     """The estimate: seconds per micro-batch, per optimizer step (x GRAD_ACCUM, plus the optimizer) and for the
     run's ``steps``; ``gflops``: the projection probe's rate, in ``setting`` (compute dtype and quant level).
     ``unknown``: why a probe measured nothing; then there is no estimate, and the numbers are not one."""
+
     micro_batch_s: float
     step_s: float
     total_s: float
@@ -88,17 +107,23 @@ class StepTime:
     def line(self) -> str:
         if self.unknown:
             return f"expected time: unknown for {self.steps} steps: the probe measured nothing ({self.unknown})"
-        return (f"expected ~{duration(self.step_s)} per optimizer step, ~{duration(self.total_s)} for {self.steps} "
-                f"steps (FLOPs model, probe {_rate(self.gflops)} GFLOP/s {self.setting})")
+        return (
+            f"expected ~{duration(self.step_s)} per optimizer step, ~{duration(self.total_s)} for {self.steps} "
+            f"steps (FLOPs model, probe {_rate(self.gflops)} GFLOP/s {self.setting})"
+        )
 
     def summary(self, steps_run: int, seconds: float) -> dict[str, Any]:
         """summary.json's fields: the prediction next to the measured seconds per optimizer step (None: none)."""
         known = self._known
-        return {"predicted_step_s": known(self.step_s, 3), "predicted_total_s": known(self.total_s, 3),
-                "predicted_steps": self.steps, "probe_gflops": known(self.gflops, 1),
-                "predicted_tokens_per_step": known(self.tokens_per_step, 1),
-                "predicted_head_share": known(self.head_share, 4),
-                "measured_step_s": round(seconds / steps_run, 3) if steps_run > 0 else None}
+        return {
+            "predicted_step_s": known(self.step_s, 3),
+            "predicted_total_s": known(self.total_s, 3),
+            "predicted_steps": self.steps,
+            "probe_gflops": known(self.gflops, 1),
+            "predicted_tokens_per_step": known(self.tokens_per_step, 1),
+            "predicted_head_share": known(self.head_share, 4),
+            "measured_step_s": round(seconds / steps_run, 3) if steps_run > 0 else None,
+        }
 
     def _known(self, value: float, digits: int) -> float | None:
         return None if self.unknown else round(value, digits)
@@ -139,8 +164,15 @@ def trainable_params(cfg: Config, shape: ModelShape) -> int:
     return m.lora_r * shape.lora_io
 
 
-def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: float | None = None,
-                      head_share: float = 1.0, cuda: bool = False, world_size: int = 1) -> StepTime:
+def predict_step_time(
+    cfg: Config,
+    shape: ModelShape,
+    train_samples: int,
+    seq: float | None = None,
+    head_share: float = 1.0,
+    cuda: bool = False,
+    world_size: int = 1,
+) -> StepTime:
     """The estimate for cfg's planned settings on ``train_samples`` training rows. ``seq``: tokens per sample
     in a micro-batch (the mean when packed, the longest of a micro-batch when padded; MAX_SEQ_LEN if None);
     ``head_share``: the share of tokens whose logits are computed (packed rows skip prompt positions)."""
@@ -158,29 +190,48 @@ def predict_step_time(cfg: Config, shape: ModelShape, train_samples: int, seq: f
     tokens = max(1, round(rows * seq))
     flops = micro_batch_flops(shape, rows, seq, method, r.gradient_checkpointing == "on", cfg.lora.lora_r, head_share)
     steps, micro_batches = optimizer_steps(cfg, train_samples, world_size)
-    step_time = partial(StepTime, steps=steps, setting=_setting(quant, precision, cuda),
-                        tokens_per_step=rows * seq * t.grad_accum, head_share=head_share)
+    step_time = partial(
+        StepTime,
+        steps=steps,
+        setting=_setting(quant, precision, cuda),
+        tokens_per_step=rows * seq * t.grad_accum,
+        head_share=head_share,
+    )
     full, half = method == "full", bf16_frozen_weights(cfg, precision, cuda)  # half: dense frozen weights in bf16
     try:
         rate = probe_linear(quant, precision, shape.hidden, shape.intermediate, tokens, full, half, cuda)
-        dense = rate if quant == "none" else probe_linear("none", precision, shape.hidden, shape.vocab, tokens, full,
-                                                          half, cuda)  # a quantized run's head
+        dense = (
+            rate
+            if quant == "none"
+            else probe_linear("none", precision, shape.hidden, shape.vocab, tokens, full, half, cuda)
+        )  # a quantized run's head
         attn = probe_attention(precision, max(8, shape.hidden // max(1, shape.heads)), seq, cuda)
         # per token: a block's elementwise work (a bf16 residual stream only where every dense weight is bf16), and
         # LoRA's adapter paths per unit of their targets' in + out features
         glue = probe_glue(shape.hidden, shape.intermediate, tokens, half and quant == "none", cuda) * tokens
-        lora = probe_lora(precision, shape.hidden, cfg.lora.lora_r, tokens, cuda) * tokens * shape.lora_io \
-            if method in ("lora", "qlora") else 0.0
+        lora = (
+            probe_lora(precision, shape.hidden, cfg.lora.lora_r, tokens, cuda) * tokens * shape.lora_io
+            if method in ("lora", "qlora")
+            else 0.0
+        )
         optim = trainable_params(cfg, shape) * probe_optimizer(trainable_params(cfg, shape), cuda)
     except NothingMeasured as e:  # no number at all: one built on it would read as a prediction
         return step_time(0.0, 0.0, 0.0, gflops=0.0, unknown=str(e))
     work, recompute = flops.by_kind(), 4 / 3 if flops.checkpointing else 1  # a recompute: the forward's third
-    micro = (work["linear"] / rate + work["head"] / dense + work["attention"] / attn
-             + (glue * shape.layers + lora) * recompute)
+    micro = (
+        work["linear"] / rate
+        + work["head"] / dense
+        + work["attention"] / attn
+        + (glue * shape.layers + lora) * recompute
+    )
     if cost.no_grad_passes:  # forward only, adapter off: the projections, head and attention, and a third of the glue
         ref = micro_batch_flops(shape, t.batch_size * cost.no_grad_passes, seq, "full", False, 0, head_share)
-        micro += (ref.linear / rate + ref.head / dense + ref.attention / attn
-                  + glue * shape.layers * cost.no_grad_passes / cost.sequences / 3)
+        micro += (
+            ref.linear / rate
+            + ref.head / dense
+            + ref.attention / attn
+            + glue * shape.layers * cost.no_grad_passes / cost.sequences / 3
+        )
     return step_time(micro, micro * t.grad_accum + optim, micro * micro_batches + optim * steps, gflops=rate / 1e9)
 
 
@@ -216,8 +267,15 @@ def row_length(row: dict) -> int:
     return len(row["prompt_ids"]) + max(answers, default=0)
 
 
-def expected_time(cfg: Config, shape: ModelShape, model_path: str, rows: Sequence[dict] | None, cuda: bool = False,
-                  world_size: int = 1, train_samples: int | None = None) -> StepTime:
+def expected_time(
+    cfg: Config,
+    shape: ModelShape,
+    model_path: str,
+    rows: Sequence[dict] | None,
+    cuda: bool = False,
+    world_size: int = 1,
+    train_samples: int | None = None,
+) -> StepTime:
     """predict_step_time for a planned run, its lengths from the training ``rows`` (None: no data yet, every
     sample MAX_SEQ_LEN long), packed or padded as training will batch them; ``train_samples`` (default: as many
     as the rows) counts the steps."""

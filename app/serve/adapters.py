@@ -4,6 +4,7 @@ ADAPTERS names them (comma-separated dirs, or name=dir); left empty it is every 
 the models dir. Every adapter must resolve inside that dir: a path with ``..`` or a symlink that leads
 out of it is refused, since load_lora_adapter takes paths from the network. No torch here.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ def read_adapter(name: str, path: Path) -> Adapter:
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"{path}: no adapter_config.json there (a trained LoRA run's dir is)")
     try:
-        saved = json.loads((path / "train_config.json").read_text(encoding="utf-8")) \
-            if (path / "train_config.json").is_file() else {}
+        saved = (
+            json.loads((path / "train_config.json").read_text(encoding="utf-8"))
+            if (path / "train_config.json").is_file()
+            else {}
+        )
         peft = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: its adapter_config.json or train_config.json cannot be read ({e})") from None
@@ -76,16 +80,19 @@ def discover(spec: str, root: Path) -> list[Adapter]:
         name, _, where = entry.rpartition("=") if "=" in entry else ("", "", entry)
         path = inside(root, where)
         if path is None:
-            raise UserError(f"ADAPTERS: {where} is not inside {root}/; serve only adapters under it "
-                            "(move or copy the run there)")
+            raise UserError(
+                f"ADAPTERS: {where} is not inside {root}/; serve only adapters under it (move or copy the run there)"
+            )
         try:
             out.append(read_adapter(name or _name_for(path), path))
         except UserError as e:
             raise UserError(f"ADAPTERS: {e}") from None
     names = [a.name for a in out]
     if len(set(names)) != len(names):
-        raise UserError(f"ADAPTERS: the names {', '.join(sorted({n for n in names if names.count(n) > 1}))} are "
-                        "given twice; name them apart with name=dir")
+        raise UserError(
+            f"ADAPTERS: the names {', '.join(sorted({n for n in names if names.count(n) > 1}))} are "
+            "given twice; name them apart with name=dir"
+        )
     return out
 
 

@@ -7,6 +7,7 @@ base's id: no adapter). Every error is OpenAI's shape, {"error": {message, type,
 Limits, each a setting: API_KEY (401 without the bearer token), SERVE_MAX_BODY_KB, SERVE_MAX_PROMPT_TOKENS,
 SERVE_MAX_TOKENS (400), SERVE_MAX_QUEUE (429). A client that goes away cancels its generation.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,12 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
     async def authorized(request: Request) -> None:  # every /v1 route (a dependency: streams stay unwrapped)
         given = request.headers.get("authorization", "")
         if sv.api_key and not hmac.compare_digest(given.encode(), f"Bearer {sv.api_key}".encode()):
-            raise ApiError(401, "a valid API key is required: 'Authorization: Bearer <API_KEY>'",
-                           code="invalid_api_key", kind="authentication_error")
+            raise ApiError(
+                401,
+                "a valid API key is required: 'Authorization: Bearer <API_KEY>'",
+                code="invalid_api_key",
+                kind="authentication_error",
+            )
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
@@ -83,8 +88,9 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
             raise ApiError(400, "lora_name and lora_path are required strings", "lora_name")
         where = inside(models.root, path)
         if where is None:
-            raise ApiError(400, f"lora_path must be a dir inside {models.root}/ (no '..', no symlink out of it)",
-                           "lora_path")
+            raise ApiError(
+                400, f"lora_path must be a dir inside {models.root}/ (no '..', no symlink out of it)", "lora_path"
+            )
         try:
             await run_in_threadpool(models.load, read_adapter(name, where))
         except UserError as e:
@@ -113,8 +119,12 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
     def _submit(gen: Generation) -> tuple[Job, asyncio.Queue]:
         adapter = None if gen.model == models.base_name else gen.model
         if adapter is not None and adapter not in models.adapters:
-            raise ApiError(404, f"The model `{gen.model}` does not exist; GET /v1/models lists the served ones",
-                           "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{gen.model}` does not exist; GET /v1/models lists the served ones",
+                "model",
+                "model_not_found",
+            )
         tokenizer = models.tokenizer_for(adapter)
         if gen.messages is not None:
             from app.data.encode import prompt_text
@@ -125,17 +135,33 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
         context = context_size(models.model, tokenizer) or 10**9  # the chat's own reading of the limit
         limit = min(sv.serve_max_prompt_tokens, context - gen.max_tokens)
         if len(ids) > limit:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; at most {limit} are accepted with max_tokens="
-                           f"{gen.max_tokens} (SERVE_MAX_PROMPT_TOKENS, the model's context)",
-                           "messages" if gen.messages is not None else "prompt", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt is {len(ids)} tokens; at most {limit} are accepted with max_tokens="
+                f"{gen.max_tokens} (SERVE_MAX_PROMPT_TOKENS, the model's context)",
+                "messages" if gen.messages is not None else "prompt",
+                "context_length_exceeded",
+            )
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(adapter, list(ids), gen.max_tokens, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                  gen.temperature, gen.top_p, gen.stop, gen.seed)
+        job = Job(
+            adapter,
+            list(ids),
+            gen.max_tokens,
+            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            gen.temperature,
+            gen.top_p,
+            gen.stop,
+            gen.seed,
+        )
         try:
             engine.submit(job)
         except QueueFull:
-            raise ApiError(429, f"the server is busy: {sv.serve_max_queue} requests are waiting (SERVE_MAX_QUEUE); "
-                           "retry shortly", code="rate_limit_exceeded", kind="rate_limit_error") from None
+            raise ApiError(
+                429,
+                f"the server is busy: {sv.serve_max_queue} requests are waiting (SERVE_MAX_QUEUE); retry shortly",
+                code="rate_limit_exceeded",
+                kind="rate_limit_error",
+            ) from None
         return job, events
 
     async def _collect(request: Request, events: asyncio.Queue) -> tuple[str, str, int]:
@@ -177,8 +203,11 @@ class _Reply:
         return {**out, "usage": usage} if usage is not None else out
 
     def whole(self, text: str, reason: str, used: int) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}} if self.chat else \
-            {"index": 0, "text": text, "logprobs": None}
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}}
+            if self.chat
+            else {"index": 0, "text": text, "logprobs": None}
+        )
         return self._object([{**choice, "finish_reason": reason}], self.kind, self._usage(used))
 
     def _chunk(self, delta: str | None, reason: str | None = None, first: bool = False) -> str:

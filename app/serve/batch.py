@@ -14,6 +14,7 @@ such (sliding-window layers, as Gemma 3's, are not); where not, the engine admit
 alone (no padding) into a free sequence; one llama_decode per step feeds every running row its last token at its
 own next position, and a finished row's sequence is cleared for the next row.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,7 @@ class TorchBatch:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
         # the last position's logits only, as generate() asks: a prompt's every row of vocabulary logits is
         # a quarter of its prefill
-        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters \
-            else {}
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: Any = None  # (rows, cache length): 1 where a row has a real token
@@ -56,8 +56,8 @@ class TorchBatch:
         ids = torch.full((len(rows), longest), self.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
         for i, row in enumerate(rows):  # left-padded: every row's next token is at the same column
-            ids[i, longest - len(row.job.prompt_ids):] = torch.tensor(row.job.prompt_ids)
-            mask[i, longest - len(row.job.prompt_ids):] = 1
+            ids[i, longest - len(row.job.prompt_ids) :] = torch.tensor(row.job.prompt_ids)
+            mask[i, longest - len(row.job.prompt_ids) :] = 1
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
         if self.rows:
@@ -85,9 +85,14 @@ class TorchBatch:
 
         device = self.model.device
         with torch.inference_mode():
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=position.to(device), past_key_values=cache, use_cache=True,
-                             **self.last_only)
+            out = self.model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position.to(device),
+                past_key_values=cache,
+                use_cache=True,
+                **self.last_only,
+            )
         return out.logits[:, -1, :].float().cpu()
 
     def _keep(self, live: list[int]) -> None:
@@ -190,7 +195,7 @@ class Row:
         while ready > self.sent and text[ready - 1] == "\ufffd":  # half a character: wait for the rest
             ready -= 1
         if ready > self.sent:
-            self.job.emit(("delta", text[self.sent:ready]))
+            self.job.emit(("delta", text[self.sent : ready]))
             self.sent = ready
         return token
 
@@ -211,7 +216,7 @@ class Row:
         if text is None and reason != "cancelled":
             text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text is not None and len(text) > self.sent:
-            self.job.emit(("delta", text[self.sent:]))
+            self.job.emit(("delta", text[self.sent :]))
             self.sent = len(text)
         self.done = True
         if reason == "cancelled":

@@ -18,6 +18,7 @@ waiting request starts the next. A model whose KV cache has other than full-atte
 windows, as Gemma 3's) takes no joiners: each of its batches runs to its end, as a line at start says.
 With INFER_BACKEND=llama.cpp each row is a sequence of llama.cpp's one context and rows join the same way.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +47,7 @@ class QueueFull(Exception):
 class Job:
     """One request: its adapter (None = the base), prompt token ids and sampling settings. ``emit`` gets
     ("delta", text), then one ("done", finish_reason, completion_tokens) or ("error", message)."""
+
     adapter: str | None
     prompt_ids: list[int]
     max_tokens: int
@@ -111,9 +113,11 @@ class Engine:
         self.sequences = hasattr(model, "step_logits")  # llama.cpp (app/inference/llamacpp_model.py)
         self.joinable = self.sequences or joinable(model)
         if not self.joinable:
-            log.info("serve: %s's KV cache has sliding-window (or other non-full-attention) layers, which cannot be "
-                     "padded to merge rows: each batch runs to its end, and requests arriving meanwhile wait for it",
-                     type(model).__name__)
+            log.info(
+                "serve: %s's KV cache has sliding-window (or other non-full-attention) layers, which cannot be "
+                "padded to merge rows: each batch runs to its end, and requests arriving meanwhile wait for it",
+                type(model).__name__,
+            )
         self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
         self._thread.start()
 
@@ -191,8 +195,11 @@ class Engine:
         adapter, model, pending = jobs[0].adapter, self.models.model, list(jobs)
         if len(jobs) > 1:
             log.info("serve: %d requests for %s generated together", len(jobs), adapter or "the base")
-        batch: Any = SequenceBatch(model, self.eos, self.batch_size) if self.sequences else \
-            TorchBatch(model, self.pad, self.eos, trim=self.joinable)
+        batch: Any = (
+            SequenceBatch(model, self.eos, self.batch_size)
+            if self.sequences
+            else TorchBatch(model, self.pad, self.eos, trim=self.joinable)
+        )
         tokenizer = self.models.tokenizer_for(adapter)
         admit = _next(pending, len(pending), 0)
         if not self.joinable:  # a cache that cannot take rows in later (sliding windows): all at once
@@ -216,7 +223,7 @@ class Engine:
 def _next(pending: list[Job], room: int, tokens: int) -> list[Job]:
     """Take from ``pending`` the first that fit (``_within``), and of those the ones not cancelled meanwhile."""
     taken = _within(pending, room, tokens)
-    del pending[:len(taken)]
+    del pending[: len(taken)]
     return [j for j in taken if not _finish_if_cancelled(j)]
 
 
@@ -224,7 +231,7 @@ def _within(jobs: list[Job], room: int, tokens: int) -> list[Job]:
     """The first of ``jobs`` that fit ``room`` rows and, with ``tokens`` taken already, one step's prefill
     (PREFILL_TOKENS; a longer prompt is taken alone)."""
     out: list[Job] = []
-    for job in jobs[:max(room, 0)]:
+    for job in jobs[: max(room, 0)]:
         tokens += len(job.prompt_ids)
         if tokens > PREFILL_TOKENS and tokens > len(job.prompt_ids):
             break

@@ -11,6 +11,7 @@ and the base are unchanged. The HF tokenizer renders and tokenizes every prompt,
 On a quantized base the adapter's delta is added to the quantized weights' output, where a merged export adds
 it before quantizing: answers agree with the merged GGUF's exactly only at GGUF_QUANT=f16/bf16.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,20 +46,35 @@ class GgufModels:
 
         self.cfg, quant, sv = cfg, cfg.predict.gguf_quant, cfg.serve
         if trained_quant != "none":
-            log.info("serve: llama.cpp runs the base at GGUF_QUANT=%s, not at the QUANT_LEVEL=%s the adapters "
-                     "trained on (INFER_BACKEND=torch serves that)", quant, trained_quant)
-        path, self.src = ensure_gguf(cfg.replace({"MODEL_NAME": base_name, "ADAPTER_DIR": "none"},
-                                                 explicit=["MODEL_NAME"]))
+            log.info(
+                "serve: llama.cpp runs the base at GGUF_QUANT=%s, not at the QUANT_LEVEL=%s the adapters "
+                "trained on (INFER_BACKEND=torch serves that)",
+                quant,
+                trained_quant,
+            )
+        path, self.src = ensure_gguf(
+            cfg.replace({"MODEL_NAME": base_name, "ADAPTER_DIR": "none"}, explicit=["MODEL_NAME"])
+        )
         self.tokenizer = load_tokenizer(str(self.src.base_dir), cfg.model.trust_remote_code)
         generation, _ = parse_json(path.parent / GENERATION_FILE)
         # Every request the API accepts must fit its sequence: the longest prompt and answer it lets in.
         seq_ctx = sv.serve_max_prompt_tokens + sv.serve_max_tokens
-        self.model = LlamaCppCausalLM(path, cfg.model.num_threads, n_seq=max(1, sv.serve_batch_size),
-                                      seq_ctx=seq_ctx, setting="GGUF_DIR",
-                                      generation=generation if isinstance(generation, dict) else None,
-                                      exact=quant in ("f16", "bf16"))
-        log.info("serve: llama.cpp on %s (%s): %d sequences (SERVE_BATCH_SIZE) of %d tokens each", path, quant,
-                 self.model.n_seq, self.model.n_ctx // self.model.n_seq)
+        self.model = LlamaCppCausalLM(
+            path,
+            cfg.model.num_threads,
+            n_seq=max(1, sv.serve_batch_size),
+            seq_ctx=seq_ctx,
+            setting="GGUF_DIR",
+            generation=generation if isinstance(generation, dict) else None,
+            exact=quant in ("f16", "bf16"),
+        )
+        log.info(
+            "serve: llama.cpp on %s (%s): %d sequences (SERVE_BATCH_SIZE) of %d tokens each",
+            path,
+            quant,
+            self.model.n_seq,
+            self.model.n_ctx // self.model.n_seq,
+        )
         self.loras: dict[str, Any] = {}
 
     def load(self, adapter: Adapter, lock: Any) -> None:
@@ -88,27 +104,51 @@ def lora_gguf(cfg: Config, adapter: Adapter, base: Source) -> Path:
     if isinstance(info, dict) and info.get("key") == key:
         size = (out / LORA_FILE).stat().st_size if (out / LORA_FILE).is_file() else None
         if size == info.get("size"):
-            log.info("serve: adapter %s as llama.cpp LoRA %s, converted earlier from these files", adapter.name,
-                     out / LORA_FILE)
+            log.info(
+                "serve: adapter %s as llama.cpp LoRA %s, converted earlier from these files",
+                adapter.name,
+                out / LORA_FILE,
+            )
             return out / LORA_FILE
     problem = replace_target_problem(cfg, out, LORA_INFO, "ADAPTERS")
     if problem:
         raise UserError(problem)
-    log.info("serve: converting adapter %s to a llama.cpp LoRA in %s (reused while the adapter is unchanged)",
-             adapter.name, out)
+    log.info(
+        "serve: converting adapter %s to a llama.cpp LoRA in %s (reused while the adapter is unchanged)",
+        adapter.name,
+        out,
+    )
     handle, name = tempfile.mkstemp(prefix="gguf-lora-", suffix=".log")  # outlives a failed conversion's folder
     os.close(handle)
     try:
         with replace_dir(out, LORA_INFO, "ADAPTERS") as tmp:
             ownership.register(adapter.path, [LORA_DIR])  # in a run: remove-run takes it with the run
             llamacpp.convert_lora(adapter.path, base.base_dir, tmp / LORA_FILE, Path(name))
-            write_json(tmp / LORA_INFO, {"file": LORA_FILE, "key": key, "adapter": str(adapter.path),
-                                         "base": base.base_name, "size": (tmp / LORA_FILE).stat().st_size})
+            write_json(
+                tmp / LORA_INFO,
+                {
+                    "file": LORA_FILE,
+                    "key": key,
+                    "adapter": str(adapter.path),
+                    "base": base.base_name,
+                    "size": (tmp / LORA_FILE).stat().st_size,
+                },
+            )
         Path(name).unlink()
     except OSError as e:
         if diskspace.is_full(e, adapter.path):
-            raise UserError(diskspace.full_line("ADAPTERS", out, "converting the adapter for llama.cpp", None,
-                                                "nothing was written", "start serve again")) from None
-        raise UserError(f"ADAPTERS: {out} cannot be written ({e.strerror or e}); serve needs it for the adapter's "
-                        "llama.cpp LoRA: make the adapter's dir writable, or serve with INFER_BACKEND=torch") from None
+            raise UserError(
+                diskspace.full_line(
+                    "ADAPTERS",
+                    out,
+                    "converting the adapter for llama.cpp",
+                    None,
+                    "nothing was written",
+                    "start serve again",
+                )
+            ) from None
+        raise UserError(
+            f"ADAPTERS: {out} cannot be written ({e.strerror or e}); serve needs it for the adapter's "
+            "llama.cpp LoRA: make the adapter's dir writable, or serve with INFER_BACKEND=torch"
+        ) from None
     return out / LORA_FILE

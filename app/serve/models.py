@@ -8,6 +8,7 @@ adapters, so they are refused with a line naming `predict-custom` instead.
 INFER_BACKEND=llama.cpp serves the same names from one base GGUF with each adapter applied per batch
 (app/serve/gguf.py); the requests, batching, stop rules and sampling are the same engine's.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +34,11 @@ class ServedModels:
         from app.models.tiny import resolve_model
 
         if cfg.model.trust_remote_code:  # its decoding loop drives transformers' own model classes
-            raise UserError("serve: TRUST_REMOTE_CODE models (ChatGLM-6B/2/3's own code) cannot be served yet; "
-                            "serve a model transformers supports natively (GLM-4, glm-edge, Qwen, Llama), or "
-                            "answer with `make predict-custom`")
+            raise UserError(
+                "serve: TRUST_REMOTE_CODE models (ChatGLM-6B/2/3's own code) cannot be served yet; "
+                "serve a model transformers supports natively (GLM-4, glm-edge, Qwen, Llama), or "
+                "answer with `make predict-custom`"
+            )
         self.root, self.created = root, int(time.time())
         found = discover(cfg.serve.adapters, root)
         self.base_name, quant = base_model_for(cfg, found[0].path if found else None)
@@ -70,11 +73,15 @@ class ServedModels:
         if adapter.name in self.adapters or adapter.name == self.base_name:
             raise UserError(f"an adapter named {adapter.name!r} is already served; unload it first")
         if adapter.method == "ptuning":
-            raise UserError(f"{adapter.path} is a P-Tuning prefix, which cannot share the base with LoRA adapters; "
-                            f"answer with it through `make predict-custom ADAPTER_DIR={adapter.path}`")
+            raise UserError(
+                f"{adapter.path} is a P-Tuning prefix, which cannot share the base with LoRA adapters; "
+                f"answer with it through `make predict-custom ADAPTER_DIR={adapter.path}`"
+            )
         if adapter.base and adapter.base != self.base_name:
-            raise UserError(f"{adapter.path} was trained on {adapter.base}, not on the served base {self.base_name}; "
-                            f"serve it from its own base (MODEL_NAME={adapter.base})")
+            raise UserError(
+                f"{adapter.path} was trained on {adapter.base}, not on the served base {self.base_name}; "
+                f"serve it from its own base (MODEL_NAME={adapter.base})"
+            )
         own = (adapter.path / "tokenizer_config.json").is_file()  # the template it was trained with, as predict uses
         tokenizer = load_tokenizer(str(adapter.path), self.trust_remote_code, setting="ADAPTERS") if own else None
         if self.gguf is not None:
@@ -121,5 +128,6 @@ class ServedModels:
     def listing(self) -> list[dict[str, Any]]:
         """GET /v1/models' data: the base, then each adapter with ``parent`` = the base (vLLM's convention)."""
         card = {"object": "model", "created": self.created, "owned_by": "chatglm-cpu-trainer"}
-        return [{"id": self.base_name, **card, "root": self.base_name, "parent": None}] + \
-               [{"id": a.name, **card, "root": str(a.path), "parent": self.base_name} for a in self.adapters.values()]
+        return [{"id": self.base_name, **card, "root": self.base_name, "parent": None}] + [
+            {"id": a.name, **card, "root": str(a.path), "parent": self.base_name} for a in self.adapters.values()
+        ]

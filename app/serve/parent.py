@@ -14,6 +14,7 @@ worker thread after 10 s, which would kill a healthy backend mid-conversation. g
 process, whichever of its threads forked; it is also not Linux-only. Training runs never get PARENT_PID:
 on a host they outlive the UI on purpose (app/webui/jobs.py).
 """
+
 from __future__ import annotations
 
 import logging

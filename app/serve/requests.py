@@ -4,6 +4,7 @@ becomes a 400 (404 for an unknown model) in OpenAI's error shape, naming the fie
 A field this server does not implement is refused rather than ignored when it asks for something
 (``n=2``, a penalty, logprobs): an answer that quietly ignored it would not be what was asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,19 +14,48 @@ from typing import Any
 from app.config import Config
 
 # Fields OpenAI clients send that change nothing here, or only at their neutral value.
-NEUTRAL = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False, "top_logprobs": None,
-           "logit_bias": None, "tools": None, "tool_choice": None, "response_format": None, "echo": False,
-           "best_of": 1, "suffix": None, "parallel_tool_calls": None, "store": False}
+NEUTRAL = {
+    "n": 1,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "top_logprobs": None,
+    "logit_bias": None,
+    "tools": None,
+    "tool_choice": None,
+    "response_format": None,
+    "echo": False,
+    "best_of": 1,
+    "suffix": None,
+    "parallel_tool_calls": None,
+    "store": False,
+}
 IGNORED = {"user", "metadata", "service_tier"}  # informational only
-CHAT = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-        "stream", "stream_options"}
+CHAT = {
+    "model",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+}
 COMPLETION = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options"}
 ROLES = ("system", "user", "assistant")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -36,6 +66,7 @@ class ApiError(Exception):
 @dataclass
 class Generation:
     """A checked request: which model, the prompt (chat messages or text), and how to sample."""
+
     model: str
     max_tokens: int
     temperature: float
@@ -66,22 +97,39 @@ def parse_generation(body: dict[str, Any], chat: bool, cfg: Config) -> Generatio
         if key in NEUTRAL:
             if value is None or value == NEUTRAL[key] or (value == [] and key == "tools"):
                 continue
-            raise ApiError(400, f"{key}={json.dumps(value)[:40]} is not supported by this server; leave it out",
-                           key, "unsupported_parameter")
-        raise ApiError(400, f"unknown field {key!r}; this endpoint takes {', '.join(sorted(allowed))}", key,
-                       "unknown_parameter")
+            raise ApiError(
+                400,
+                f"{key}={json.dumps(value)[:40]} is not supported by this server; leave it out",
+                key,
+                "unsupported_parameter",
+            )
+        raise ApiError(
+            400, f"unknown field {key!r}; this endpoint takes {', '.join(sorted(allowed))}", key, "unknown_parameter"
+        )
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required: one of the ids GET /v1/models lists", "model")
     sv = cfg.serve
     default = min(cfg.predict.max_new_tokens, sv.serve_max_tokens)
-    max_tokens = _number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
-                         int, default, 1, sv.serve_max_tokens, "SERVE_MAX_TOKENS")
-    gen = Generation(model=model, max_tokens=int(max_tokens),
-                     temperature=_number(body, "temperature", float, cfg.predict.temperature, 0, 2),
-                     top_p=_number(body, "top_p", float, 1.0, 0, 1), stream=_flag(body, "stream"),
-                     include_usage=_include_usage(body), stop=_stop(body.get("stop")),
-                     seed=_seed(body.get("seed")))
+    max_tokens = _number(
+        body,
+        "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
+        int,
+        default,
+        1,
+        sv.serve_max_tokens,
+        "SERVE_MAX_TOKENS",
+    )
+    gen = Generation(
+        model=model,
+        max_tokens=int(max_tokens),
+        temperature=_number(body, "temperature", float, cfg.predict.temperature, 0, 2),
+        top_p=_number(body, "top_p", float, 1.0, 0, 1),
+        stream=_flag(body, "stream"),
+        include_usage=_include_usage(body),
+        stop=_stop(body.get("stop")),
+        seed=_seed(body.get("seed")),
+    )
     if gen.top_p <= 0:
         raise ApiError(400, "top_p must be > 0 and <= 1", "top_p")
     if chat:
@@ -116,7 +164,7 @@ def _include_usage(body: dict) -> bool:
     if options is None:
         return False
     if not isinstance(options, dict) or set(options) - {"include_usage", "continuous_usage_stats"}:
-        raise ApiError(400, "stream_options takes {\"include_usage\": true|false}", "stream_options")
+        raise ApiError(400, 'stream_options takes {"include_usage": true|false}', "stream_options")
     return bool(options.get("include_usage"))
 
 
@@ -139,12 +187,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}",
-                           "messages")
+            raise ApiError(400, f"messages[{i}] must be an object whose role is one of {', '.join(ROLES)}", "messages")
         content = m.get("content")
         if isinstance(content, list):  # content parts: the text ones, joined
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):

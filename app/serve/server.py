@@ -1,4 +1,5 @@
 """`python -m app serve`: load the base and its adapters once, then answer HTTP until stopped."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -31,13 +32,27 @@ def run_serve(cfg: Config) -> None:
     models = ServedModels(cfg)
     engine = Engine(models, sv.serve_max_queue, sv.serve_batch_size, sv.serve_batch_wait_ms / 1000)
     if not loopback(sv.serve_host) and not sv.api_key:
-        log.warning("SERVE_HOST=%s answers every client that reaches port %d, and API_KEY is not set: set API_KEY, "
-                    "or SERVE_HOST=127.0.0.1 for this machine only", sv.serve_host, sv.serve_port)
-    log.info("serve: %s on http://%s:%d/v1 (%s)", ", ".join(models.names()), sv.serve_host, sv.serve_port,
-             "API key required" if sv.api_key else "no API key")
+        log.warning(
+            "SERVE_HOST=%s answers every client that reaches port %d, and API_KEY is not set: set API_KEY, "
+            "or SERVE_HOST=127.0.0.1 for this machine only",
+            sv.serve_host,
+            sv.serve_port,
+        )
+    log.info(
+        "serve: %s on http://%s:%d/v1 (%s)",
+        ", ".join(models.names()),
+        sv.serve_host,
+        sv.serve_port,
+        "API key required" if sv.api_key else "no API key",
+    )
     try:
-        uvicorn.run(create_app(models, engine, cfg), host=sv.serve_host, port=sv.serve_port, log_level="warning",
-                    timeout_graceful_shutdown=5)
+        uvicorn.run(
+            create_app(models, engine, cfg),
+            host=sv.serve_host,
+            port=sv.serve_port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
     finally:
         engine.stop()
 
@@ -53,8 +68,10 @@ def can_listen(host: str, port: int, setting: str = "SERVE") -> None:
             s.bind((host, port))
     except OSError as e:
         why = e.strerror or str(e)
-        raise UserError(f"{setting}_PORT={port}: cannot listen on {host}:{port} ({why}); another server may hold "
-                        f"it: stop it or choose another {setting}_PORT (and check {setting}_HOST)") from None
+        raise UserError(
+            f"{setting}_PORT={port}: cannot listen on {host}:{port} ({why}); another server may hold "
+            f"it: stop it or choose another {setting}_PORT (and check {setting}_HOST)"
+        ) from None
 
 
 def loopback(host: str) -> bool:

@@ -1,4 +1,5 @@
 """Trainer callbacks: progress bar, metrics JSONL, best adapter + early stopping, loss plot."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,7 @@ class ProgressBar(TrainerCallback):
         self.tp.begin(state)
         if not state.is_world_process_zero:
             return
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
 
     def _draw(self, state: Any) -> None:
         # The latest logged loss: LOGGING_STEPS apart, the steps between show the last one logged. The
@@ -124,13 +124,21 @@ class MetricsJsonl(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or not state.is_world_process_zero:
             return
-        ours = {"tokens_seen": state.num_input_tokens_seen, "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
-                "max_steps": state.max_steps}  # with time_s, a watcher's progress and ETA (the web UI)
+        ours = {
+            "tokens_seen": state.num_input_tokens_seen,
+            "tokens_per_s": round(self.tp.tokens_per_s(state), 1),
+            "max_steps": state.max_steps,
+        }  # with time_s, a watcher's progress and ETA (the web UI)
         if self.budget_mb:
             ours["budget_mb"] = round(self.budget_mb, 1)  # the plan's memory budget, beside the RSS below
         if self.sampler is not None:  # memory now and at its peak so far (RSS / cgroup / CUDA)
-            ours.update({k: v for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
-                         if v is not None and k != "samples"})
+            ours.update(
+                {
+                    k: v
+                    for k, v in {**self.sampler.current(), **self.sampler.peaks()}.items()
+                    if v is not None and k != "samples"
+                }
+            )
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, **ours}
         logs.update(ours)  # the trackers' callbacks come after this one: they get the tool's metrics too
         self.write(row)
@@ -160,8 +168,14 @@ class BestAdapter(TrainerCallback):
     weights on every rank (DeepSpeed ZeRO-3 shards them), else None.
     """
 
-    def __init__(self, out_dir: Path, patience: int = 0, metric: str = "eval_loss",
-                 resumed: list[dict[str, Any]] | None = None, state_dict: Any = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        patience: int = 0,
+        metric: str = "eval_loss",
+        resumed: list[dict[str, Any]] | None = None,
+        state_dict: Any = None,
+    ):
         self.out_dir, self.patience, self.metric, self.state_dict = out_dir, patience, metric, state_dict
         self.sign = 1 if metric == "eval_loss" else -1  # compare as "lower is better"
         self.best, self.best_step, self.bad_evals = math.inf, None, 0
@@ -184,12 +198,18 @@ class BestAdapter(TrainerCallback):
             weights = self.state_dict() if self.state_dict is not None else None  # collective under ZeRO-3
             if state.is_world_process_zero:
                 with staged_dir(self.out_dir) as tmp:
-                    model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}),
-                                          **save_kwargs(model))
+                    model.save_pretrained(
+                        tmp, **({"state_dict": weights} if weights is not None else {}), **save_kwargs(model)
+                    )
         else:
             if self.patience and self.bad_evals >= self.patience:
-                log.info("early stopping: %s has not improved on %.4f (step %s) for %d evaluations",
-                         self.metric, self.sign * self.best, self.best_step, self.bad_evals)
+                log.info(
+                    "early stopping: %s has not improved on %.4f (step %s) for %d evaluations",
+                    self.metric,
+                    self.sign * self.best,
+                    self.best_step,
+                    self.bad_evals,
+                )
                 control.should_training_stop = True
 
 

@@ -11,6 +11,7 @@ copy, another tool's, an older version's) is skipped with a warning.
 finished run there is only replaced with OVERWRITE=1 (or an explicit RESUME=<checkpoint>).
 Standard library only: the CLI runs these checks before importing torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ FINISHED_MARKS = ("summary.json", "adapter_model.safetensors", "model.safetensor
 
 def step_of(path: Path) -> int:
     try:
-        return int(path.name[len(PREFIX):])
+        return int(path.name[len(PREFIX) :])
     except ValueError:
         return -1
 
@@ -48,8 +49,9 @@ def is_complete(path: Path) -> bool:
     try:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
         files = marker["files"]
-        return bool(files) and all((path / name).is_file() and (path / name).stat().st_size == size
-                                   for name, size in files.items())
+        return bool(files) and all(
+            (path / name).is_file() and (path / name).stat().st_size == size for name, size in files.items()
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
@@ -107,6 +109,7 @@ def clear_staging(ckpt_dir: Path) -> None:
 
 # ---- output dir and RESUME ----------------------------------------------------------------------
 
+
 def finished_run(out: Path) -> str | None:
     """A short description when OUTPUT_DIR holds a finished run, else None."""
     marks = [m for m in FINISHED_MARKS if (out / m).is_file()]
@@ -142,25 +145,32 @@ def output_dir_problems(cfg: Config) -> list[str]:
         return [f"OUTPUT_DIR={out}: {probe} is a file, not a directory; choose another OUTPUT_DIR"]
     for d in (probe, out / CHECKPOINTS):
         if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
-            return [f"OUTPUT_DIR={out}: cannot write to {d} (permission denied or a read-only file "
-                    "system); choose a writable OUTPUT_DIR, or fix its permissions"]
+            return [
+                f"OUTPUT_DIR={out}: cannot write to {d} (permission denied or a read-only file "
+                "system); choose a writable OUTPUT_DIR, or fix its permissions"
+            ]
     done = finished_run(out) if out.is_dir() else None
     if done is None or latest_checkpoint(out / CHECKPOINTS) is not None:
         return []  # nothing finished there, or an unfinished run in progress (resumed)
     if cfg.train.overwrite or cfg.train.resume != "auto":
         return []
     if "RESUME" in cfg.explicit:
-        return [f"RESUME=auto: OUTPUT_DIR={out} holds a finished run ({done}) and no checkpoint to "
-                "continue from; set OVERWRITE=1 to train again, or RESUME=<a checkpoint-N dir>"]
-    return [f"OUTPUT_DIR={out} already holds a finished run ({done}); set OVERWRITE=1 to train again "
-            "and replace it when the new run finishes, or choose another OUTPUT_DIR"]
+        return [
+            f"RESUME=auto: OUTPUT_DIR={out} holds a finished run ({done}) and no checkpoint to "
+            "continue from; set OVERWRITE=1 to train again, or RESUME=<a checkpoint-N dir>"
+        ]
+    return [
+        f"OUTPUT_DIR={out} already holds a finished run ({done}); set OVERWRITE=1 to train again "
+        "and replace it when the new run finishes, or choose another OUTPUT_DIR"
+    ]
 
 
 def _another_dir(cfg: Config, out: Path) -> str:
     """A good OUTPUT_DIR to suggest instead of ``out``: the default one, or a new folder beside it."""
     d = cfg.data
-    default = default_output_dir(cfg.model.model_name, cfg.lora.method, d.data_path, DataArgs().data_path,
-                                 cfg.train.stage)
+    default = default_output_dir(
+        cfg.model.model_name, cfg.lora.method, d.data_path, DataArgs().data_path, cfg.train.stage
+    )
     return default if Path(default).resolve() != out.resolve() else f"{default}-2"
 
 
@@ -173,20 +183,28 @@ def resume_checkpoint(cfg: Config) -> Path | None:
         return latest_checkpoint(Path(cfg.train.output_dir) / CHECKPOINTS)
     path = Path(choice)
     if not path.is_dir():
-        raise UserError(f"RESUME={choice}: no such directory; use RESUME=auto, a checkpoint-N dir, or a run's "
-                        "OUTPUT_DIR")
+        raise UserError(
+            f"RESUME={choice}: no such directory; use RESUME=auto, a checkpoint-N dir, or a run's OUTPUT_DIR"
+        )
     if path.name.startswith(PREFIX):
         if is_complete(path):
             return path
         if (path / "trainer_state.json").is_file() and not (path / MARKER).exists():
-            log.warning("RESUME=%s has no %s (not written by this tool): resuming, but it cannot be checked "
-                        "for completeness", choice, MARKER)
+            log.warning(
+                "RESUME=%s has no %s (not written by this tool): resuming, but it cannot be checked for completeness",
+                choice,
+                MARKER,
+            )
             return path
-        raise UserError(f"RESUME={choice}: an incomplete checkpoint (no valid {MARKER}: its run died while "
-                        "writing it); use an earlier checkpoint, or RESUME=auto")
+        raise UserError(
+            f"RESUME={choice}: an incomplete checkpoint (no valid {MARKER}: its run died while "
+            "writing it); use an earlier checkpoint, or RESUME=auto"
+        )
     for where in (path / CHECKPOINTS, path):
         found = latest_checkpoint(where)
         if found is not None:
             return found
-    raise UserError(f"RESUME={choice}: no complete checkpoint there (looked for {CHECKPOINTS}/{PREFIX}N); "
-                    "use RESUME=auto, or point it at a checkpoint-N dir")
+    raise UserError(
+        f"RESUME={choice}: no complete checkpoint there (looked for {CHECKPOINTS}/{PREFIX}N); "
+        "use RESUME=auto, or point it at a checkpoint-N dir"
+    )

@@ -7,6 +7,7 @@ OUTPUT_DIR cannot hold them before minutes of loading. A write that still fails 
 meanwhile) ends in ``write_error``'s one line: the path, the space needed and free, what is kept (the
 last sealed checkpoint: a rerun resumes from it) and what to do. Standard library only.
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,8 +37,10 @@ class DiskNeeds:
     run: int  # the most the run holds at once
 
     def line(self) -> str:
-        return (f"disk: about {diskspace.human(self.run)} at most in OUTPUT_DIR (checkpoints of "
-                f"{diskspace.human(self.checkpoint)} each, the adapter {diskspace.human(self.adapter)})")
+        return (
+            f"disk: about {diskspace.human(self.run)} at most in OUTPUT_DIR (checkpoints of "
+            f"{diskspace.human(self.checkpoint)} each, the adapter {diskspace.human(self.adapter)})"
+        )
 
 
 def needs(cfg: Config, shape: ModelShape, model_path: str, trainable: int | None) -> DiskNeeds:
@@ -61,26 +64,37 @@ def planned(cfg: Config, shape: ModelShape, model_path: str, out: Path, main: bo
 
 def check(out: Path, need: DiskNeeds) -> None:
     """Refuse, in one line, a run whose OUTPUT_DIR's disk cannot hold what it will write."""
-    line = diskspace.shortfall("OUTPUT_DIR", out, need.run, "this run (checkpoints of "
-                               f"{diskspace.human(need.checkpoint)} each, then the adapter)")
+    line = diskspace.shortfall(
+        "OUTPUT_DIR",
+        out,
+        need.run,
+        f"this run (checkpoints of {diskspace.human(need.checkpoint)} each, then the adapter)",
+    )
     if line:
         raise UserError(line + "; nothing was written")
 
 
-def write_error(e: BaseException, out: Path, doing: str, previous: str | None, need: int | None = None
-                ) -> BaseException:
+def write_error(
+    e: BaseException, out: Path, doing: str, previous: str | None, need: int | None = None
+) -> BaseException:
     """A full disk or a read-only/forbidden OUTPUT_DIR while writing: one line, what is kept, what to do.
     Anything else is returned as it is, for the caller to raise."""
     ckpt = latest_checkpoint(out / CHECKPOINTS)
-    kept = " and ".join([f"the previous run's files there ({previous}) are untouched"] * bool(previous) +
-                        [f"the last sealed checkpoint, {ckpt}, is intact"] * bool(ckpt)) or \
-        "nothing half-written was left"
+    kept = (
+        " and ".join(
+            [f"the previous run's files there ({previous}) are untouched"] * bool(previous)
+            + [f"the last sealed checkpoint, {ckpt}, is intact"] * bool(ckpt)
+        )
+        or "nothing half-written was left"
+    )
     again = f"run the same command to resume from {ckpt}" if ckpt else "run the same command"
     if diskspace.is_full(e, out, need):
         return UserError(diskspace.full_line("OUTPUT_DIR", out, doing, need, kept, again))
     if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return UserError(f"OUTPUT_DIR={out}: cannot write ({os.strerror(e.errno).lower()}) while {doing}; {kept}. "
-                         f"Fix the permissions or choose another OUTPUT_DIR, then {again}")
+        return UserError(
+            f"OUTPUT_DIR={out}: cannot write ({os.strerror(e.errno).lower()}) while {doing}; {kept}. "
+            f"Fix the permissions or choose another OUTPUT_DIR, then {again}"
+        )
     return e
 
 
@@ -88,6 +102,12 @@ def _tokenizer_bytes(model_path: str) -> int:
     folder = Path(model_path)
     if not folder.is_dir():
         return 16 << 20  # a hub model not at hand: a large tokenizer's size
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and
-               (p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template"))
-                or p.suffix == ".tiktoken"))
+    return sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.is_file()
+        and (
+            p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template"))
+            or p.suffix == ".tiktoken"
+        )
+    )

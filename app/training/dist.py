@@ -20,6 +20,7 @@ The launcher checks the cheap things (settings, OUTPUT_DIR, RESUME, data files) 
 any worker, so bad input still ends in one line. Multi-node runs need OUTPUT_DIR on storage that
 all machines share (checkpoints are written by rank 0, RNG states by every rank).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,6 +40,7 @@ LAUNCHER_PID = "APP_LAUNCHER_PID"  # set for our own workers: they stop when the
 
 
 # ---- where am I ---------------------------------------------------------------------------------
+
 
 def in_worker() -> bool:
     """True in a process started by torchrun (ours, or the user's own torchrun/accelerate launch)."""
@@ -130,18 +132,25 @@ def check_ds_config(cfg: Config, cuda: bool | None) -> None:
 
         cuda = torch.cuda.is_available()
     if not cuda:
-        raise UserError(f"DS_CONFIG={path}: DeepSpeed ZeRO needs CUDA GPUs; on CPU leave DS_CONFIG empty "
-                        "(NPROC=N runs plain DDP over gloo)")
+        raise UserError(
+            f"DS_CONFIG={path}: DeepSpeed ZeRO needs CUDA GPUs; on CPU leave DS_CONFIG empty "
+            "(NPROC=N runs plain DDP over gloo)"
+        )
     if importlib.util.find_spec("deepspeed") is None:
-        raise UserError(f"DS_CONFIG={path}: deepspeed is not installed; `pip install deepspeed` (CUDA), or leave "
-                        "DS_CONFIG empty for plain DDP")
+        raise UserError(
+            f"DS_CONFIG={path}: deepspeed is not installed; `pip install deepspeed` (CUDA), or leave "
+            "DS_CONFIG empty for plain DDP"
+        )
 
 
 # ---- in a worker ----------------------------------------------------------------------------------
 
+
 def describe_rank() -> str:
-    return (f"rank {rank()}/{world_size()} (node {os.environ.get('GROUP_RANK', '0')}, local rank {local_rank()}, "
-            f"pid {os.getpid()})")
+    return (
+        f"rank {rank()}/{world_size()} (node {os.environ.get('GROUP_RANK', '0')}, local rank {local_rank()}, "
+        f"pid {os.getpid()})"
+    )
 
 
 def watch_launcher() -> None:
@@ -193,8 +202,10 @@ def check_ranks_agree(model: Any, steps: int, zero3: bool) -> None:
         if len(set(digests)) == 1:
             log.info("all %d ranks hold identical trainable parameters", world_size())
         else:
-            log.error("ranks disagree on the trained parameters: %s",
-                      ", ".join(f"rank {i} {d[:12]}" for i, d in enumerate(digests)))
+            log.error(
+                "ranks disagree on the trained parameters: %s",
+                ", ".join(f"rank {i} {d[:12]}" for i, d in enumerate(digests)),
+            )
 
 
 def rank_sync(guard: Any, stop: Any) -> Any:
@@ -210,10 +221,16 @@ def rank_sync(guard: Any, stop: Any) -> Any:
             import torch.distributed as dist
 
             backend = dist.get_backend() if _initialized() else "none"
-            log.info("%s: training with %s, %d threads; global batch %d = BATCH_SIZE %d x GRAD_ACCUM %d x %d ranks",
-                     describe_rank(), backend, torch.get_num_threads(),
-                     args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size(),
-                     args.per_device_train_batch_size, args.gradient_accumulation_steps, world_size())
+            log.info(
+                "%s: training with %s, %d threads; global batch %d = BATCH_SIZE %d x GRAD_ACCUM %d x %d ranks",
+                describe_rank(),
+                backend,
+                torch.get_num_threads(),
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size(),
+                args.per_device_train_batch_size,
+                args.gradient_accumulation_steps,
+                world_size(),
+            )
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if not (distributed() and _initialized()):
@@ -221,9 +238,17 @@ def rank_sync(guard: Any, stop: Any) -> Any:
             import torch
             import torch.distributed as dist
 
-            flags = torch.tensor([float(stop.signum or 0), float(guard.tripped.is_set()), float(guard.warned.is_set()),
-                                  float(control.should_save), float(control.should_training_stop),
-                                  float(control.should_evaluate)], dtype=torch.float64)
+            flags = torch.tensor(
+                [
+                    float(stop.signum or 0),
+                    float(guard.tripped.is_set()),
+                    float(guard.warned.is_set()),
+                    float(control.should_save),
+                    float(control.should_training_stop),
+                    float(control.should_evaluate),
+                ],
+                dtype=torch.float64,
+            )
             if torch.cuda.is_available() and dist.get_backend() == "nccl":
                 flags = flags.cuda()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)

@@ -6,6 +6,7 @@ HIGH, training checkpoints and stops; FineTuner then either backs off (half the 
 twice the accumulation: same effective batch) and resumes from that checkpoint, or stops
 with one line naming what to lower (MEMORY_GUARD=stop, or the micro-batch is already 1).
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,17 +47,26 @@ class MemoryGuard(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
         if logs is not None and "loss" in logs:  # to metrics.jsonl's trackers (REPORT_TO), after the loss
-            logs.update({"memory_guard_peak_mb": round(self.peak_mb, 1),
-                         "memory_guard_warned": int(self.warned.is_set()),
-                         "memory_guard_tripped": int(self.tripped.is_set())})
+            logs.update(
+                {
+                    "memory_guard_peak_mb": round(self.peak_mb, 1),
+                    "memory_guard_warned": int(self.warned.is_set()),
+                    "memory_guard_tripped": int(self.tripped.is_set()),
+                }
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if self.tripped.is_set():
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
-            log.warning("memory %.0f MB is over %.0f%% of the %.0f MB limit at step %d: checkpointing",
-                        self.trip_usage_mb, HIGH * 100, self.limit_mb, state.global_step)
+            log.warning(
+                "memory %.0f MB is over %.0f%% of the %.0f MB limit at step %d: checkpointing",
+                self.trip_usage_mb,
+                HIGH * 100,
+                self.limit_mb,
+                state.global_step,
+            )
         elif self.warned.is_set() and not self._saved_early:
             self._saved_early = True
             control.should_save = True
@@ -76,11 +86,21 @@ class MemoryGuard(TrainerCallback):
         while plan.cfg.train.batch_size > 1 and predict(plan.cfg) > HIGH * self.limit_mb:
             batch, accum = halve_batch(plan.cfg.train.batch_size, plan.cfg.train.grad_accum)
             plan = plan.set("BATCH_SIZE", batch, why).set("GRAD_ACCUM", accum, "keeps the effective batch")
-            log.warning("memory guard: predicted peak exceeds %.0f%% of the %.0f MB limit; BATCH_SIZE -> %d, "
-                        "GRAD_ACCUM -> %d (same effective batch)", HIGH * 100, self.limit_mb, batch, accum)
+            log.warning(
+                "memory guard: predicted peak exceeds %.0f%% of the %.0f MB limit; BATCH_SIZE -> %d, "
+                "GRAD_ACCUM -> %d (same effective batch)",
+                HIGH * 100,
+                self.limit_mb,
+                batch,
+                accum,
+            )
         if predict(plan.cfg) > HIGH * self.limit_mb:
-            log.warning("memory guard: predicted peak %.0f MB is near the %.0f MB limit even at BATCH_SIZE=1; "
-                        "lower MAX_SEQ_LEN or use QUANT_LEVEL=4bit", predict(plan.cfg), self.limit_mb)
+            log.warning(
+                "memory guard: predicted peak %.0f MB is near the %.0f MB limit even at BATCH_SIZE=1; "
+                "lower MAX_SEQ_LEN or use QUANT_LEVEL=4bit",
+                predict(plan.cfg),
+                self.limit_mb,
+            )
         return plan
 
     def reset(self) -> None:

@@ -1,6 +1,7 @@
 """Training kernels behind the speed choices (app.plan.precision decides them): per-sample
 attention in packed rows, a cheaper LoRA dropout, and bf16 LoRA inputs under autocast (the
 packing-aware Trainer methods are in app.training.trainer)."""
+
 from __future__ import annotations
 
 import functools
@@ -56,16 +57,26 @@ def use_packed_attention(model: Any) -> bool:
     return True
 
 
-def packed_sdpa_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                        scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+def packed_sdpa_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """transformers attention function (see ``use_packed_attention``): [b, s, heads, dim] out."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     lens, window = kwargs.get("packed_seq_lens"), kwargs.get("sliding_window")
     if lens is None or query.shape[2] != key.shape[2] or (window and max(max(r) for r in lens) > window):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -73,9 +84,10 @@ def packed_sdpa_forward(module: Any, query: Any, key: Any, value: Any, attention
     # would fill a zero tensor of the whole input (that cost more than the masked attention saved)
     rows = []
     for row, q, k, v in zip(lens, query.unbind(0), key.unbind(0), value.unbind(0)):
-        parts = [sdpa(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), dropout_p=dropout, scale=scaling,
-                      is_causal=True)
-                 for qs, ks, vs in zip(q.split(row, dim=1), k.split(row, dim=1), v.split(row, dim=1))]
+        parts = [
+            sdpa(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), dropout_p=dropout, scale=scaling, is_causal=True)
+            for qs, ks, vs in zip(q.split(row, dim=1), k.split(row, dim=1), v.split(row, dim=1))
+        ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
@@ -133,8 +145,8 @@ def fast_dropout_class() -> type:
                 return x
             # 64 random bits per int64 draw, read as four int16: a quarter of randint's generator
             # calls (torch's CPU generator is the slow part of dropout)
-            bits = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-2**63, None)
-            keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= self.threshold
+            bits = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-(2**63), None)
+            keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= self.threshold
             return MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
         def extra_repr(self) -> str:

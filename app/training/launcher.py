@@ -1,6 +1,7 @@
 """The launcher: ``python -m app train`` with NPROC/NNODES becomes torchrun in this process
 (torch.distributed.run, in-process so that a failure ends in one line and not in torchrun's error
 report), starting the workers ``python -m app train <your settings>`` (app.training.dist)."""
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,17 @@ def launch(cfg: Config) -> None:
 
     cuda = torch.cuda.is_available()
     if cuda and d.nproc > torch.cuda.device_count():
-        raise UserError(f"NPROC={d.nproc}: this machine has {torch.cuda.device_count()} GPU(s); on CUDA each "
-                        f"process needs its own, so use NPROC<={torch.cuda.device_count()}")
-    args = [f"--nproc-per-node={d.nproc}", f"--nnodes={d.nnodes}", f"--node-rank={d.node_rank}", "--max-restarts=0",
-            f"--master-addr={d.master_addr}"]
+        raise UserError(
+            f"NPROC={d.nproc}: this machine has {torch.cuda.device_count()} GPU(s); on CUDA each "
+            f"process needs its own, so use NPROC<={torch.cuda.device_count()}"
+        )
+    args = [
+        f"--nproc-per-node={d.nproc}",
+        f"--nnodes={d.nnodes}",
+        f"--node-rank={d.node_rank}",
+        "--max-restarts=0",
+        f"--master-addr={d.master_addr}",
+    ]
     port = d.master_port or (DEFAULT_MULTINODE_PORT if d.nnodes > 1 else 0)
     if port:  # static rendezvous on MASTER_ADDR:port; without one, torchrun picks a free local port
         args.append(f"--master-port={port}")
@@ -48,9 +56,14 @@ def launch(cfg: Config) -> None:
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure report is a traceback; ours is a line
     where = f"node {d.node_rank} of {d.nnodes}, " if d.nnodes > 1 else ""
-    log.info("torchrun: %d processes (%s%s, %s)%s", d.nproc, where, "nccl" if cuda else "gloo",
-             f"rendezvous {d.master_addr}:{port}" if port else "a free local port",
-             f", DeepSpeed {cfg.distributed.ds_config}" if cfg.distributed.ds_config else "")
+    log.info(
+        "torchrun: %d processes (%s%s, %s)%s",
+        d.nproc,
+        where,
+        "nccl" if cuda else "gloo",
+        f"rendezvous {d.master_addr}:{port}" if port else "a free local port",
+        f", DeepSpeed {cfg.distributed.ds_config}" if cfg.distributed.ds_config else "",
+    )
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
@@ -58,8 +71,11 @@ def launch(cfg: Config) -> None:
     except SignalException as e:  # torchrun forwarded the signal; the workers checkpointed and stopped
         from app.training.signals import Interrupted
 
-        raise Interrupted(e.sigval, f"stopped by {signal.Signals(e.sigval).name}: the workers saved a "
-                                    "checkpoint; run the same command to resume") from None
+        raise Interrupted(
+            e.sigval,
+            f"stopped by {signal.Signals(e.sigval).name}: the workers saved a "
+            "checkpoint; run the same command to resume",
+        ) from None
 
 
 def _worker_failure(cfg: Config, err: Any) -> BaseException:
@@ -68,8 +84,11 @@ def _worker_failure(cfg: Config, err: Any) -> BaseException:
     codes = {r: f.exitcode for r, f in sorted(err.failures.items())}
     stopped = [c - 128 for c in codes.values() if c in (128 + signal.SIGTERM, 128 + signal.SIGINT)]
     if stopped and len(stopped) == len(codes):
-        return Interrupted(stopped[0], f"stopped by {signal.Signals(stopped[0]).name}: checkpoint in "
-                                       f"{cfg.train.output_dir}/checkpoints; run the same command to resume")
+        return Interrupted(
+            stopped[0],
+            f"stopped by {signal.Signals(stopped[0]).name}: checkpoint in "
+            f"{cfg.train.output_dir}/checkpoints; run the same command to resume",
+        )
 
     def why(code: int) -> str:
         if code < 0:
@@ -78,6 +97,8 @@ def _worker_failure(cfg: Config, err: Any) -> BaseException:
         return f"exited with status {code}" + (" (its error is above)" if code == 2 else "")
 
     first = next(iter(codes))
-    return UserError(f"NPROC={cfg.distributed.nproc}: rank {first} {why(codes[first])}"
-                     + (f"; ranks {', '.join(map(str, codes))} failed" if len(codes) > 1 else "")
-                     + "; the last complete checkpoint, if any, resumes with the same command")
+    return UserError(
+        f"NPROC={cfg.distributed.nproc}: rank {first} {why(codes[first])}"
+        + (f"; ranks {', '.join(map(str, codes))} failed" if len(codes) > 1 else "")
+        + "; the last complete checkpoint, if any, resumes with the same command"
+    )

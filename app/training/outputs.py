@@ -4,6 +4,7 @@ The finished run's files appear together, each whole (staged, then renamed), sum
 it marks a finished run. metrics.jsonl is the live log; after a resume it is cut back to the
 checkpoint's step so it reads as one uninterrupted run. Rank 0 writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,17 @@ class TrainResult:
     peak_rss_mb: float
 
 
-def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any,
-            timing: dict[str, Any]) -> None:
+def publish(
+    ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any, timing: dict[str, Any]
+) -> None:
     """The finished run of FineTuner ``ft`` into ``out``: adapter (``weights``: ZeRO-3's gathered
     state dict, else None), tokenizer, data report, config as it ran, loss plot and best/, then
     summary.json (with ``timing``: the predicted and measured step time) and models/.last_run.
     Until then an earlier run's files stay."""
     with staged_dir(out) as tmp:
-        ft.model.save_pretrained(tmp, **({"state_dict": weights} if weights is not None else {}),
-                                 **save_kwargs(ft.model))
+        ft.model.save_pretrained(
+            tmp, **({"state_dict": weights} if weights is not None else {}), **save_kwargs(ft.model)
+        )
         ft.tokenizer.save_pretrained(tmp)
         write_json(tmp / "data_report.json", ft.data_report)
         ft.cfg.save(tmp / "train_config.json")  # as it ran, after any back-off
@@ -63,11 +66,19 @@ def publish(ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict
             os.replace(ckpt_dir / "best", tmp / "best")
         ownership.register(out, [p.name for p in tmp.iterdir()] + [SUMMARY])  # listed before they appear
     estimate = ft.plan.estimate
-    write_json(out / SUMMARY, {**{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
-                                      "memory": peaks, "plan": {v: ft.cfg.get(v) for v in PLANNED},
-                                      "records": ft.records, "warnings": list(ft.plan.warnings),
-                                      "world_size": dist.world_size(),
-                                      "predicted_peak_mb": estimate and round(estimate.total_mb, 1), **timing})
+    write_json(
+        out / SUMMARY,
+        {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
+            "memory": peaks,
+            "plan": {v: ft.cfg.get(v) for v in PLANNED},
+            "records": ft.records,
+            "warnings": list(ft.plan.warnings),
+            "world_size": dist.world_size(),
+            "predicted_peak_mb": estimate and round(estimate.total_mb, 1),
+            **timing,
+        },
+    )
     point_last_run_at(out)
 
 
@@ -111,6 +122,11 @@ def mean_logged_loss(path: Path) -> float:
 def encode_stats(s: EncodeStats) -> dict[str, Any]:
     """data_report.json's figures for one split."""
     lengths = sorted(s.lengths)
-    return {"samples": s.samples, "tokens": s.tokens, "prompt_truncated": s.prompt_truncated,
-            "answer_truncated": s.answer_truncated,
-            "median_len": lengths[len(lengths) // 2] if lengths else 0, "max_len": lengths[-1] if lengths else 0}
+    return {
+        "samples": s.samples,
+        "tokens": s.tokens,
+        "prompt_truncated": s.prompt_truncated,
+        "answer_truncated": s.answer_truncated,
+        "median_len": lengths[len(lengths) // 2] if lengths else 0,
+        "max_len": lengths[-1] if lengths else 0,
+    }

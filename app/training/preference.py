@@ -11,6 +11,7 @@ zero, so adapter-off *is* the starting policy), or keeps a frozen copy of the st
 or a LORA_INIT whose adapter starts non-zero) under the name "ref". Full tuning loads a second, frozen copy,
 which the memory plan counts (app.plan.stages).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,10 @@ def describe_stage(cfg: Any) -> str:
         ref = f"reference: a frozen copy of the adapter in ADAPTER_DIR={cfg.predict.adapter_dir}"
     else:
         ref = "reference: the base with the adapter turned off"
-    return (f"stage: STAGE={t.stage} with TRL's {trl_name(cfg)}, PREF_BETA={t.pref_beta}: "
-            f"{stage_cost(cfg).describe()} ({ref}); the memory and times above count them")
+    return (
+        f"stage: STAGE={t.stage} with TRL's {trl_name(cfg)}, PREF_BETA={t.pref_beta}: "
+        f"{stage_cost(cfg).describe()} ({ref}); the memory and times above count them"
+    )
 
 
 def pref_config(cfg: Any, common: dict[str, Any]) -> Any:
@@ -66,11 +69,14 @@ def pref_config(cfg: Any, common: dict[str, Any]) -> Any:
         from trl import KTOConfig
 
         if t.batch_size < 2:  # else TRL's ValueError, a traceback (a tier, fit or back-off may pick 1)
-            raise UserError(f"STAGE=kto needs BATCH_SIZE of 2 or more (its KL term pairs each answer with another of "
-                            f"the same micro-batch), but BATCH_SIZE={t.batch_size}; set BATCH_SIZE=2 (with GRAD_ACCUM="
-                            f"{max(1, t.grad_accum // 2)} for about the same samples per step)")
-        return KTOConfig(**kw, beta=t.pref_beta, desirable_weight=t.kto_chosen_weight,
-                         undesirable_weight=t.kto_rejected_weight)
+            raise UserError(
+                f"STAGE=kto needs BATCH_SIZE of 2 or more (its KL term pairs each answer with another of "
+                f"the same micro-batch), but BATCH_SIZE={t.batch_size}; set BATCH_SIZE=2 (with GRAD_ACCUM="
+                f"{max(1, t.grad_accum // 2)} for about the same samples per step)"
+            )
+        return KTOConfig(
+            **kw, beta=t.pref_beta, desirable_weight=t.kto_chosen_weight, undesirable_weight=t.kto_rejected_weight
+        )
     if t.pref_loss == "orpo":
         from trl.experimental.orpo import ORPOConfig
 
@@ -152,9 +158,12 @@ class _ToolDefaults:
             if name in dtypes and param.dtype != dtypes[name]:
                 param.data = param.data.to(dtypes[name])
         if run_cfg.lora.lora_dropout:
-            log.info("STAGE=%s trains with LORA_DROPOUT=%s turned off (as TRL and LLaMA-Factory do): dropout would make "
-                     "the policy differ from the reference before any step", run_cfg.train.stage,
-                     run_cfg.lora.lora_dropout)
+            log.info(
+                "STAGE=%s trains with LORA_DROPOUT=%s turned off (as TRL and LLaMA-Factory do): dropout would make "
+                "the policy differ from the reference before any step",
+                run_cfg.train.stage,
+                run_cfg.lora.lora_dropout,
+            )
         if drop_fresh_reference(self.model, run_cfg):
             log.info("reference model: the base with the adapter turned off (no second copy in memory)")
 
@@ -193,14 +202,27 @@ class _OldStyleRows:
         out: dict[str, Any] = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
         for side in ("chosen", "rejected"):
             ids = prompt + list(feature[f"{side}_ids"])
-            out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
-                        f"{side}_labels": [-100] * len(prompt) + list(feature[f"{side}_ids"])})
+            out.update(
+                {
+                    f"{side}_input_ids": ids,
+                    f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [-100] * len(prompt) + list(feature[f"{side}_ids"]),
+                }
+            )
         return out
 
 
 # What a run continuing an adapter takes from it: the adapter's shape and the base it was trained on
-ADAPTER_SHAPE = ("MODEL_NAME", "METHOD", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "USE_DORA",
-                 "USE_RSLORA")
+ADAPTER_SHAPE = (
+    "MODEL_NAME",
+    "METHOD",
+    "LORA_R",
+    "LORA_ALPHA",
+    "LORA_DROPOUT",
+    "LORA_TARGETS",
+    "USE_DORA",
+    "USE_RSLORA",
+)
 
 
 def start_adapter(cfg: Any) -> Any:
@@ -213,26 +235,42 @@ def start_adapter(cfg: Any) -> Any:
     given = cfg.predict.adapter_dir.strip()
     if cfg.train.stage == "sft" or not given:
         if given and given.lower() != "none":
-            log.info("ADAPTER_DIR=%s is not read by STAGE=sft training (it starts a new adapter); STAGE=dpo or "
-                     "kto continues an adapter", given)
+            log.info(
+                "ADAPTER_DIR=%s is not read by STAGE=sft training (it starts a new adapter); STAGE=dpo or "
+                "kto continues an adapter",
+                given,
+            )
         return cfg.replace({"ADAPTER_DIR": ""}) if given else cfg
     if given.lower() == "none":
         return cfg.replace({"ADAPTER_DIR": ""})
     path = Path(given)
     if not (path / "adapter_config.json").is_file() or not (path / "train_config.json").is_file():
-        raise UserError(f"ADAPTER_DIR={given}: no adapter trained by this tool there (adapter_config.json and "
-                        f"train_config.json); point it at an SFT run's output dir, or leave it empty to start "
-                        f"STAGE={cfg.train.stage} from the base model")
+        raise UserError(
+            f"ADAPTER_DIR={given}: no adapter trained by this tool there (adapter_config.json and "
+            f"train_config.json); point it at an SFT run's output dir, or leave it empty to start "
+            f"STAGE={cfg.train.stage} from the base model"
+        )
     saved = read_json(path / "train_config.json", f"ADAPTER_DIR={given}")
     if saved.get("METHOD") not in ("lora", "qlora"):
-        raise UserError(f"ADAPTER_DIR={given} was trained with METHOD={saved.get('METHOD')}; STAGE="
-                        f"{cfg.train.stage} continues LoRA adapters only (METHOD=lora or qlora)")
-    clash = [f"{v}={cfg.get(v)} (the adapter's: {saved[v]})" for v in ADAPTER_SHAPE
-             if v in cfg.explicit and v in saved and cfg.get(v) != saved[v]]
+        raise UserError(
+            f"ADAPTER_DIR={given} was trained with METHOD={saved.get('METHOD')}; STAGE="
+            f"{cfg.train.stage} continues LoRA adapters only (METHOD=lora or qlora)"
+        )
+    clash = [
+        f"{v}={cfg.get(v)} (the adapter's: {saved[v]})"
+        for v in ADAPTER_SHAPE
+        if v in cfg.explicit and v in saved and cfg.get(v) != saved[v]
+    ]
     if clash:
-        raise UserError(f"ADAPTER_DIR={given}: {'; '.join(clash)}: a continued adapter keeps its base and shape; "
-                        "unset those, or leave ADAPTER_DIR empty to start a new adapter")
-    log.info("STAGE=%s continues the adapter in %s: %s as it was trained", cfg.train.stage, given,
-             ", ".join(f"{v}={saved[v]}" for v in ADAPTER_SHAPE if v in saved))
+        raise UserError(
+            f"ADAPTER_DIR={given}: {'; '.join(clash)}: a continued adapter keeps its base and shape; "
+            "unset those, or leave ADAPTER_DIR empty to start a new adapter"
+        )
+    log.info(
+        "STAGE=%s continues the adapter in %s: %s as it was trained",
+        cfg.train.stage,
+        given,
+        ", ".join(f"{v}={saved[v]}" for v in ADAPTER_SHAPE if v in saved),
+    )
     taken = {v: saved[v] for v in ADAPTER_SHAPE if v in saved}
     return cfg.replace(taken, explicit=taken)  # the tier must not pick another LORA_R for it

@@ -4,6 +4,7 @@ The order matters: MAX_SEQ_LEN comes from the whole samples' token lengths (meas
 cut), and the memory fit needs that length before batch and checkpointing can be chosen; only
 then are the rows encoded at the planned length.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ class PreparedData:
     records: dict[str, Any] = field(default_factory=dict)  # how many of the file's records the run uses, and why
 
 
-def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
-                 build_cache: bool = True) -> PreparedData:
+def prepare_data(
+    plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape, build_cache: bool = True
+) -> PreparedData:
     """``build_cache``: False for `make info`, which writes nothing: without a token cache yet, the plan is made
     from a sample of the file and a warning says what building the cache will cost."""
     d, seed, stage = plan.cfg.data, plan.cfg.train.seed, plan.cfg.train.stage
@@ -44,8 +46,7 @@ def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
         data: Any = _Pairs(d, seed, stage)
     elif uses_cache(d.data_path, d.max_samples):
         final = cache_path(d.data_path, d.data_format, tokenizer, d.cache_dir)
-        data = _Cached(d, seed, tokenizer, final) if build_cache or find_cache(final) else \
-            _Preview(d, seed, tokenizer)
+        data = _Cached(d, seed, tokenizer, final) if build_cache or find_cache(final) else _Preview(d, seed, tokenizer)
     else:
         data = _Sampled(d, seed)
     check_stage(data.report, stage, "DATA_PATH")  # SFT on preference records, or the other way: one line
@@ -68,28 +69,43 @@ def prepare_data(plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape,
     train_rows, tstats = data.train(tokenizer, d.max_seq_len)
     val_rows, vstats = (encode_all if stage == "sft" else encode_pairs)(data.val_ex, tokenizer, d.max_seq_len)
     if not train_rows:
-        raise UserError(f"DATA_PATH={d.data_path}: no sample keeps any answer token within "
-                        f"MAX_SEQ_LEN={d.max_seq_len}; raise MAX_SEQ_LEN")
+        raise UserError(
+            f"DATA_PATH={d.data_path}: no sample keeps any answer token within "
+            f"MAX_SEQ_LEN={d.max_seq_len}; raise MAX_SEQ_LEN"
+        )
     for r in reports:
         log.info("%s", r.summary())
     log.info("train: %s", tstats.summary(d.max_seq_len))
     if data.val_ex:
         log.info("validation: %s", vstats.summary(d.max_seq_len))
     log.info("plan: %s", ", ".join(f"{k}={v}" for k, (v, _) in plan.decisions.items()))
-    return PreparedData(plan, train_rows, val_rows, [e for e in data.val_ex if e.messages],
-                        {"sources": [r.summary() for r in reports], "records": records,
-                         "train": encode_stats(tstats), "validation": encode_stats(vstats),
-                         "held_out": held_out_report(plan, data), "fingerprints": data_fingerprints(plan.cfg)},
-                        records)
+    return PreparedData(
+        plan,
+        train_rows,
+        val_rows,
+        [e for e in data.val_ex if e.messages],
+        {
+            "sources": [r.summary() for r in reports],
+            "records": records,
+            "train": encode_stats(tstats),
+            "validation": encode_stats(vstats),
+            "held_out": held_out_report(plan, data),
+            "fingerprints": data_fingerprints(plan.cfg),
+        },
+        records,
+    )
 
 
 def held_out_report(plan: Plan, data: Any) -> dict[str, Any]:
     """data_report.json's record of the validation records, so `make evaluate` can rebuild and check them
     (app/data/heldout.py): where they came from, how many, a digest, and the token cache they were read from."""
     d = plan.cfg.data
-    return {"from": "VAL_PATH" if d.val_path else "DATA_PATH" if data.val_ex else None,
-            "records": len(data.val_ex), "digest": digest(data.val_ex),
-            "cache": str(data.cache.path) if isinstance(data, _Cached) else None}
+    return {
+        "from": "VAL_PATH" if d.val_path else "DATA_PATH" if data.val_ex else None,
+        "records": len(data.val_ex),
+        "digest": digest(data.val_ex),
+        "cache": str(data.cache.path) if isinstance(data, _Cached) else None,
+    }
 
 
 class _Sampled:
@@ -123,8 +139,14 @@ def for_stage(examples: list[Any], report: Any, stage: str, setting: str, quiet:
     check_stage(report, stage, setting)
     if stage == "kto" and any(e.rejected is not None for e in examples):
         if not quiet:
-            log.info("%s=%s: STAGE=kto trains each chosen answer as good and each rejected one as bad (%d pairs -> "
-                     "%d answers)", setting, report.source, len(examples), 2 * len(examples))
+            log.info(
+                "%s=%s: STAGE=kto trains each chosen answer as good and each rejected one as bad (%d pairs -> "
+                "%d answers)",
+                setting,
+                report.source,
+                len(examples),
+                2 * len(examples),
+            )
         return unpair(examples)
     return examples
 
@@ -153,28 +175,35 @@ class _Preview(_Sampled):
     def __init__(self, d: Any, seed: int, tokenizer: Any):
         import time
 
-        pool, self.report = sample_examples(d.data_path, self.PREVIEW, seed, d.data_format, d.max_bad_ratio,
-                                            "DATA_PATH")
+        pool, self.report = sample_examples(
+            d.data_path, self.PREVIEW, seed, d.data_format, d.max_bad_ratio, "DATA_PATH"
+        )
         self.train_ex, self.val_ex = split(pool, d.val_size, bool(d.val_path))
-        self.n_val = min(200, max(1, round(self.report.valid * d.val_size))) \
-            if not d.val_path and d.val_size > 0 and self.report.valid >= 10 else 0
+        self.n_val = (
+            min(200, max(1, round(self.report.valid * d.val_size)))
+            if not d.val_path and d.val_size > 0 and self.report.valid >= 10
+            else 0
+        )
         self.n_train = self.report.valid - self.n_val
         t = time.perf_counter()
         encode_all(pool[:200], tokenizer, 1 << 62)
         per_record = (time.perf_counter() - t) / max(1, min(200, len(pool)))
         procs = d.num_proc or os.cpu_count() or 1
         minutes = per_record * self.report.valid / procs / 60
-        self.note = (f"DATA_PATH={d.data_path}: MAX_SAMPLES=all first tokenizes its {self.report.valid:,} records into "
-                     f"the token cache under CACHE_DIR={d.cache_dir} (not built yet: this plan uses {len(pool):,} "
-                     f"of them); at the rate measured here with NUM_PROC={procs} that takes about {minutes:,.0f} "
-                     "min, once. Set MAX_SAMPLES to train on a sample instead")
+        self.note = (
+            f"DATA_PATH={d.data_path}: MAX_SAMPLES=all first tokenizes its {self.report.valid:,} records into "
+            f"the token cache under CACHE_DIR={d.cache_dir} (not built yet: this plan uses {len(pool):,} "
+            f"of them); at the rate measured here with NUM_PROC={procs} that takes about {minutes:,.0f} "
+            "min, once. Set MAX_SAMPLES to train on a sample instead"
+        )
 
 
 def release_if_tight(plan: Plan, shape: ModelShape) -> None:
     """RELEASE_MEMORY, decided from the predicted peak (app/plan/resources.py release_memory)."""
     cuda = plan.device == "cuda"
-    release_memory(plan.cfg.resources.release_memory, cuda, predict_peak(plan.cfg, shape, cuda).total_mb,
-                   plan.budget_mb)
+    release_memory(
+        plan.cfg.resources.release_memory, cuda, predict_peak(plan.cfg, shape, cuda).total_mb, plan.budget_mb
+    )
 
 
 def records_used(plan: Plan, valid: int, n_train: int, n_val: int) -> tuple[Plan, dict[str, Any]]:
@@ -184,12 +213,21 @@ def records_used(plan: Plan, valid: int, n_train: int, n_val: int) -> tuple[Plan
     d, explicit = plan.cfg.data, "MAX_SAMPLES" in plan.cfg.explicit
     used = min(valid, d.max_samples) if d.max_samples is not None else valid
     why = "set by you" if explicit else plan.decisions.get("MAX_SAMPLES", (None, "default"))[1]
-    records = {"valid": valid, "used": used, "train": n_train, "validation": n_val, "left_out": valid - used,
-               "max_samples": d.max_samples, "why": why}
+    records = {
+        "valid": valid,
+        "used": used,
+        "train": n_train,
+        "validation": n_val,
+        "left_out": valid - used,
+        "max_samples": d.max_samples,
+        "why": why,
+    }
     if used < valid:
         held = "" if d.val_path else f", {n_val} of them held out for validation"
-        note = (f"DATA_PATH={d.data_path}: using {used:,} of its {valid:,} valid records (MAX_SAMPLES={used}: "
-                f"{why}){held}; {valid - used:,} records are left out")
+        note = (
+            f"DATA_PATH={d.data_path}: using {used:,} of its {valid:,} valid records (MAX_SAMPLES={used}: "
+            f"{why}){held}; {valid - used:,} records are left out"
+        )
         if explicit:
             log.info("%s", note)
         else:

@@ -18,6 +18,7 @@ A MAX_STEPS (or NUM_EPOCHS) whose step count is below the checkpoint's step is r
 is nothing left to train, and "done" would publish the old run. Standard library only (the CLI's
 pre-flight runs this before torch is imported).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,28 +35,67 @@ from app.data.sources import fingerprint
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "run_settings.json"
-FIXED = ("MODEL_NAME", "METHOD", "QUANT_LEVEL", "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "USE_DORA",
-         "USE_RSLORA", "LORA_INIT",
-         "PRE_SEQ_LEN", "PREFIX_PROJECTION", "DATA_PATH", "VAL_PATH", "DATA_FORMAT", "VAL_SIZE", "MAX_SAMPLES",
-         "SEED", "MAX_SEQ_LEN", "PACKING",
-         # the optimizer's and scheduler's saved state carry these: a new value would be silently ignored
-         "LEARNING_RATE", "LR_SCHEDULER", "WARMUP_RATIO", "WEIGHT_DECAY", "OPTIM",
-         # what the loss is, and the adapter a preference stage continues
-         "STAGE", "PREF_LOSS", "PREF_BETA", "PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT",
-         "ADAPTER_DIR")
+FIXED = (
+    "MODEL_NAME",
+    "METHOD",
+    "QUANT_LEVEL",
+    "LORA_R",
+    "LORA_ALPHA",
+    "LORA_DROPOUT",
+    "LORA_TARGETS",
+    "USE_DORA",
+    "USE_RSLORA",
+    "LORA_INIT",
+    "PRE_SEQ_LEN",
+    "PREFIX_PROJECTION",
+    "DATA_PATH",
+    "VAL_PATH",
+    "DATA_FORMAT",
+    "VAL_SIZE",
+    "MAX_SAMPLES",
+    "SEED",
+    "MAX_SEQ_LEN",
+    "PACKING",
+    # the optimizer's and scheduler's saved state carry these: a new value would be silently ignored
+    "LEARNING_RATE",
+    "LR_SCHEDULER",
+    "WARMUP_RATIO",
+    "WEIGHT_DECAY",
+    "OPTIM",
+    # what the loss is, and the adapter a preference stage continues
+    "STAGE",
+    "PREF_LOSS",
+    "PREF_BETA",
+    "PREF_FTX",
+    "SIMPO_GAMMA",
+    "KTO_CHOSEN_WEIGHT",
+    "KTO_REJECTED_WEIGHT",
+    "ADAPTER_DIR",
+)
 KEPT = TIERED + ("LORA_ALPHA",)  # the GPU tiers set LORA_ALPHA = 2 x LORA_R
 # Not about what is trained: where it goes, how it is launched, what inference does afterwards.
 _SECTIONS = ("model", "data", "lora", "resources", "train", "distributed")
-_IGNORED = {"OUTPUT_DIR", "RESUME", "OVERWRITE", "REPORT_TO",
-            "REPLACE_DATA", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR",
-            "MASTER_PORT", "TRUST_REMOTE_CODE", "CACHE_DIR", "NUM_PROC"}
+_IGNORED = {
+    "OUTPUT_DIR",
+    "RESUME",
+    "OVERWRITE",
+    "REPORT_TO",
+    "REPLACE_DATA",
+    "NPROC",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TRUST_REMOTE_CODE",
+    "CACHE_DIR",
+    "NUM_PROC",
+}
 
 
 def run_vars() -> list[str]:
     """The settings a checkpoint records: the training sections', and ADAPTER_DIR (the adapter STAGE=dpo/kto
     continues)."""
-    return [v for v, (sec, _) in Config.variables().items() if sec in _SECTIONS and v not in _IGNORED] + \
-        ["ADAPTER_DIR"]
+    return [v for v, (sec, _) in Config.variables().items() if sec in _SECTIONS and v not in _IGNORED] + ["ADAPTER_DIR"]
 
 
 def run_value(cfg: Config, var: str) -> Any:
@@ -82,30 +122,42 @@ class ResumeCheck:
     step: int
     known: bool = True  # False: an older version's checkpoint without run_settings.json
     differences: list[str] = field(default_factory=list)  # FIXED changes, and a step count below `step`
-    changes: list[str] = field(default_factory=list)      # allowed changes, logged
-    kept: dict[str, Any] = field(default_factory=dict)    # KEPT values taken from the checkpoint
+    changes: list[str] = field(default_factory=list)  # allowed changes, logged
+    kept: dict[str, Any] = field(default_factory=dict)  # KEPT values taken from the checkpoint
 
     def refusal(self, cfg: Config) -> str | None:
         """The one line refusing this resume, or None when it may go on."""
         if not self.differences:
             return None
         what = "; ".join(self.differences)
-        fix = "To continue it, run with its settings; to train anew, set OVERWRITE=1 (replaces it) or choose " \
-              "another OUTPUT_DIR"
+        fix = (
+            "To continue it, run with its settings; to train anew, set OVERWRITE=1 (replaces it) or choose "
+            "another OUTPUT_DIR"
+        )
         if cfg.train.resume.strip() != "auto":
-            return (f"RESUME={cfg.train.resume}: {self.checkpoint} (step {self.step}) cannot continue as asked: "
-                    f"{what}. Resume with its settings, or leave RESUME=auto and set OVERWRITE=1 or another "
-                    "OUTPUT_DIR to train anew")
-        return (f"OUTPUT_DIR={cfg.train.output_dir} holds an unfinished run ({self.checkpoint.name}, step "
-                f"{self.step}) that cannot continue as asked: {what}. {fix}")
+            return (
+                f"RESUME={cfg.train.resume}: {self.checkpoint} (step {self.step}) cannot continue as asked: "
+                f"{what}. Resume with its settings, or leave RESUME=auto and set OVERWRITE=1 or another "
+                "OUTPUT_DIR to train anew"
+            )
+        return (
+            f"OUTPUT_DIR={cfg.train.output_dir} holds an unfinished run ({self.checkpoint.name}, step "
+            f"{self.step}) that cannot continue as asked: {what}. {fix}"
+        )
 
     def log(self) -> None:
         if not self.known:
-            log.warning("%s has no %s (written by an older version): its settings cannot be compared with "
-                        "these; resuming it as they are", self.checkpoint, SETTINGS_FILE)
+            log.warning(
+                "%s has no %s (written by an older version): its settings cannot be compared with "
+                "these; resuming it as they are",
+                self.checkpoint,
+                SETTINGS_FILE,
+            )
         if self.kept:
-            log.info("resuming with the checkpoint's %s (chosen when the run started; a new run would plan "
-                     "them again)", ", ".join(f"{k}={show(v)}" for k, v in self.kept.items()))
+            log.info(
+                "resuming with the checkpoint's %s (chosen when the run started; a new run would plan them again)",
+                ", ".join(f"{k}={show(v)}" for k, v in self.kept.items()),
+            )
         if self.changes:
             log.info("resuming with changed settings: %s", ", ".join(self.changes))
 
@@ -133,9 +185,13 @@ def check(cfg: Config, checkpoint: Path) -> ResumeCheck:
         if was and show(old.get(var)) == show(path):
             now_fp = fingerprint(path)
             if now_fp != was:
-                how = "is gone" if now_fp is None else \
-                    f"changed since ({was['size']:,} -> {now_fp['size']:,} bytes)" if now_fp["size"] != was["size"] \
+                how = (
+                    "is gone"
+                    if now_fp is None
+                    else f"changed since ({was['size']:,} -> {now_fp['size']:,} bytes)"
+                    if now_fp["size"] != was["size"]
                     else "changed since (same size, other contents)"
+                )
                 rc.differences.append(f"{var}={path} {how}")
     _batch(rc, cfg, old, saved.get("world_size", 1))
     _steps(rc, cfg, checkpoint)
@@ -152,8 +208,10 @@ def _batch(rc: ResumeCheck, cfg: Config, old: dict[str, Any], old_world: int) ->
     world = cfg.distributed.nproc * cfg.distributed.nnodes
     was, now = old["BATCH_SIZE"] * old["GRAD_ACCUM"] * old_world, batch * accum * world
     if was != now:
-        rc.differences.append(f"samples per step (BATCH_SIZE x GRAD_ACCUM x processes) {old['BATCH_SIZE']}x"
-                              f"{old['GRAD_ACCUM']}x{old_world}={was} -> {batch}x{accum}x{world}={now}")
+        rc.differences.append(
+            f"samples per step (BATCH_SIZE x GRAD_ACCUM x processes) {old['BATCH_SIZE']}x"
+            f"{old['GRAD_ACCUM']}x{old_world}={was} -> {batch}x{accum}x{world}={now}"
+        )
 
 
 def _steps(rc: ResumeCheck, cfg: Config, checkpoint: Path) -> None:
@@ -161,8 +219,10 @@ def _steps(rc: ResumeCheck, cfg: Config, checkpoint: Path) -> None:
     t = cfg.train
     if t.max_steps:
         if t.max_steps < rc.step:
-            rc.differences.append(f"MAX_STEPS={t.max_steps} is below its step {rc.step}, so nothing is left to "
-                                  f"train (MAX_STEPS above {rc.step} continues it)")
+            rc.differences.append(
+                f"MAX_STEPS={t.max_steps} is below its step {rc.step}, so nothing is left to "
+                f"train (MAX_STEPS above {rc.step} continues it)"
+            )
         return
     state = _state(checkpoint)
     planned, epochs = state.get("max_steps"), state.get("num_train_epochs")
@@ -191,8 +251,10 @@ def _saved(checkpoint: Path) -> dict[str, Any] | None:
             raise ValueError("not an object")
         return data
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is damaged ({str(e)[:80]}); delete {checkpoint} to resume from an earlier "
-                        "checkpoint, or set OVERWRITE=1 to train anew") from None
+        raise UserError(
+            f"{path} is damaged ({str(e)[:80]}); delete {checkpoint} to resume from an earlier "
+            "checkpoint, or set OVERWRITE=1 to train anew"
+        ) from None
 
 
 def _state(checkpoint: Path) -> dict[str, Any]:

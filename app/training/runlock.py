@@ -17,6 +17,7 @@ without locks the command warns and runs unlocked.
 
 Standard library only: the CLI takes the lock before torch is imported.
 """
+
 from __future__ import annotations
 
 import errno
@@ -76,13 +77,21 @@ def busy_line(setting: str, run_dir: str | Path, who: dict[str, Any], doing: str
         since = f", started {time.strftime('%H:%M:%S', time.localtime(who['started']))}, {ago}"
     stop = f"stop it (kill -TERM {pid}: training checkpoints first)" if pid else "stop it"
     other = f", or choose another {setting}" if alternative else ""
-    return (f"{setting}={run_dir} is in use: `{cmd}` ({where}{since}) is writing there; {doing} would collide "
-            f"with it. Wait for it to finish or {stop}{other}")
+    return (
+        f"{setting}={run_dir} is in use: `{cmd}` ({where}{since}) is writing there; {doing} would collide "
+        f"with it. Wait for it to finish or {stop}{other}"
+    )
 
 
 @contextmanager
-def hold(run_dir: str | Path, command: str, setting: str = "OUTPUT_DIR", doing: str = "this run",
-         optional: bool = False, alternative: bool = False) -> Iterator[None]:
+def hold(
+    run_dir: str | Path,
+    command: str,
+    setting: str = "OUTPUT_DIR",
+    doing: str = "this run",
+    optional: bool = False,
+    alternative: bool = False,
+) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the block (creating the dir). Raises a one-line UserError when
     another process holds it. ``optional``: a dir this process may not write to is used unlocked
     (nobody can be writing a run there either)."""
@@ -109,8 +118,9 @@ def hold(run_dir: str | Path, command: str, setting: str = "OUTPUT_DIR", doing: 
         os.close(fd)  # releases the lock
 
 
-def _acquire(run_dir: str | Path, command: str, setting: str, doing: str, optional: bool,
-             alternative: bool) -> int | None:
+def _acquire(
+    run_dir: str | Path, command: str, setting: str, doing: str, optional: bool, alternative: bool
+) -> int | None:
     """The locked fd, or None when the dir is used unlocked (see hold)."""
     path = Path(run_dir) / LOCK_FILE
     while True:
@@ -127,8 +137,7 @@ def _acquire(run_dir: str | Path, command: str, setting: str, doing: str, option
     return fd
 
 
-def _locked(path: Path, run_dir: str | Path, setting: str, doing: str, optional: bool, alternative: bool
-            ) -> int | None:
+def _locked(path: Path, run_dir: str | Path, setting: str, doing: str, optional: bool, alternative: bool) -> int | None:
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -136,8 +145,10 @@ def _locked(path: Path, run_dir: str | Path, setting: str, doing: str, optional:
         if optional and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             log.debug("%s: not writable, used without a lock", run_dir)
             return None
-        raise UserError(f"{setting}={run_dir}: cannot create its lock file ({os.strerror(e.errno or 0).lower()}); "
-                        f"choose a writable {setting}") from None
+        raise UserError(
+            f"{setting}={run_dir}: cannot create its lock file ({os.strerror(e.errno or 0).lower()}); "
+            f"choose a writable {setting}"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -145,8 +156,12 @@ def _locked(path: Path, run_dir: str | Path, setting: str, doing: str, optional:
         os.close(fd)
         raise UserError(busy_line(setting, run_dir, who, doing, alternative)) from None
     except OSError as e:  # ENOLCK/EOPNOTSUPP: a file system without locks (some NFS mounts)
-        log.warning("%s=%s: cannot lock it (%s), so nothing stops a second run from writing there too; do not "
-                    "start two", setting, run_dir, os.strerror(e.errno or 0).lower())
+        log.warning(
+            "%s=%s: cannot lock it (%s), so nothing stops a second run from writing there too; do not start two",
+            setting,
+            run_dir,
+            os.strerror(e.errno or 0).lower(),
+        )
         os.close(fd)
         return None
     return fd

@@ -1,6 +1,7 @@
 """A background sampler of the memory a run really uses: process-tree RSS, cgroup usage, CUDA
 allocated/reserved, with peaks (summary.json's "memory") and a callback per reading (the memory
 guard). The readings themselves are app.plan.resources'."""
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,9 @@ class MemorySampler:
     reserved; keeps peaks. ``on_sample(usage_mb)`` gets each ``memory_usage_mb()`` figure (for a guard).
     Not ``ru_maxrss``: that misses children and page cache, and can't be reset between phases."""
 
-    def __init__(self, interval: float = 0.25, root: str | Path = "/",
-                 on_sample: Callable[[float], None] | None = None):
+    def __init__(
+        self, interval: float = 0.25, root: str | Path = "/", on_sample: Callable[[float], None] | None = None
+    ):
         self.interval, self.root, self.on_sample = interval, root, on_sample
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -53,12 +55,18 @@ class MemorySampler:
         """Measure now (and fold the reading into the peaks)."""
         rss, anon, cgroup = measure(self.root)
         cuda_alloc, cuda_res = self._cuda()
-        now = {"rss_mb": rss, "anon_mb": anon, "cgroup_mb": cgroup, "cuda_allocated_mb": cuda_alloc,
-               "cuda_reserved_mb": cuda_res, "usage_mb": max(anon, cgroup) if cgroup is not None else anon}
+        now = {
+            "rss_mb": rss,
+            "anon_mb": anon,
+            "cgroup_mb": cgroup,
+            "cuda_allocated_mb": cuda_alloc,
+            "cuda_reserved_mb": cuda_res,
+            "usage_mb": max(anon, cgroup) if cgroup is not None else anon,
+        }
         with self._lock:
             self._peaks["samples"] += 1
             for key in PEAK_KEYS:
-                if (value := now[key[len("peak_"):]]) is not None:
+                if (value := now[key[len("peak_") :]]) is not None:
                     self._peaks[key] = max(self._peaks[key] or 0.0, value)
         return now
 

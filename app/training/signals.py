@@ -14,6 +14,7 @@ a container, where the kernel ignores a signal that has no handler.
 Exit status: 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as shells report it.
 Standard library only at import time: the CLI installs the handler before importing torch.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,11 +68,17 @@ class StopRequest:
     def handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self.requested:
-            raise Interrupted(signum, f"second stop signal ({name}): stopped at once; the last checkpoint in "
-                                      "OUTPUT_DIR/checkpoints, if any, resumes next run")
+            raise Interrupted(
+                signum,
+                f"second stop signal ({name}): stopped at once; the last checkpoint in "
+                "OUTPUT_DIR/checkpoints, if any, resumes next run",
+            )
         self.signum = signum
-        log.warning("%s received: finishing this optimizer step, then saving a checkpoint and stopping "
-                    "(send it again to stop at once)", name)
+        log.warning(
+            "%s received: finishing this optimizer step, then saving a checkpoint and stopping "
+            "(send it again to stop at once)",
+            name,
+        )
 
 
 @contextmanager

@@ -10,6 +10,7 @@ W&B, MLflow, Trackio and SwanLab go through transformers' own callbacks for them
 Each default is logged in one line that names the variable to change it. Their packages are optional
 (requirements-trackers.txt): a missing one is one line before any work (the pre-flight). No torch here.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,11 @@ log = logging.getLogger(__name__)
 
 # REPORT_TO name -> (module it imports, pip package); the names are app.config.fields.TRACKER_NAMES'
 TRACKERS: dict[str, tuple[str, str]] = {
-    "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny"),
-    "trackio": ("trackio", "trackio"), "swanlab": ("swanlab", "swanlab"),
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "trackio": ("trackio", "trackio"),
+    "swanlab": ("swanlab", "swanlab"),
 }
 
 
@@ -42,9 +46,12 @@ def chosen(report_to: list[str]) -> list[str]:
 
 def missing(report_to: list[str]) -> list[str]:
     """One line per chosen tracker whose package is not installed (the pre-flight: before any work)."""
-    return [f"REPORT_TO={name}: its package is not installed; pip install {TRACKERS[name][1]} (every tracker: "
-            f"pip install -r requirements-trackers.txt), or leave {name} out of REPORT_TO"
-            for name in chosen(report_to) if name in TRACKERS and importlib.util.find_spec(TRACKERS[name][0]) is None]
+    return [
+        f"REPORT_TO={name}: its package is not installed; pip install {TRACKERS[name][1]} (every tracker: "
+        f"pip install -r requirements-trackers.txt), or leave {name} out of REPORT_TO"
+        for name in chosen(report_to)
+        if name in TRACKERS and importlib.util.find_spec(TRACKERS[name][0]) is None
+    ]
 
 
 def offline_defaults(report_to: list[str], out: Path, env: dict[str, str] | None = None) -> list[str]:
@@ -65,8 +72,11 @@ def offline_defaults(report_to: list[str], out: Path, env: dict[str, str] | None
     if "swanlab" in names and not env.get("SWANLAB_API_KEY"):
         default("SWANLAB_MODE", "offline", "SwanLab runs offline without SWANLAB_API_KEY")
     if "mlflow" in names:
-        default("MLFLOW_TRACKING_URI", f"sqlite:///{out.resolve() / 'mlflow.db'}",
-                "MLflow logs to a local SQLite store in the run's dir")
+        default(
+            "MLFLOW_TRACKING_URI",
+            f"sqlite:///{out.resolve() / 'mlflow.db'}",
+            "MLflow logs to a local SQLite store in the run's dir",
+        )
     return said
 
 

@@ -6,6 +6,7 @@ and RNG state, and torch.distributed / DeepSpeed launch, all of which later issu
 What it lacks for this tool lives in app/training/callbacks.py. Notebook use:
 ``FineTuner(Config.from_dict({"MODEL_NAME": "tiny", "MAX_SAMPLES": 50})).run()``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,7 @@ from app.plan.timing import StepTime, expected_time
 from app.training import disk, dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
 from app.training.disk import DiskNeeds, write_error
-from app.training.outputs import (METRICS, TrainResult, mean_logged_loss, open_output_dir, publish,
-                                  truncate_metrics)
+from app.training.outputs import METRICS, TrainResult, mean_logged_loss, open_output_dir, publish, truncate_metrics
 from app.training.prepare import PreparedData, prepare_data
 from app.training.resume import checkpoint_step, data_fingerprints, decide
 from app.training.trainable import trainable_model
@@ -99,10 +99,17 @@ class FineTuner:
         dist.check_ds_config(self.cfg, cuda=self.plan.device == "cuda")
         threads = set_threads(self.cfg.model.num_threads or max(1, res.cpus // procs))
         self.model_path = resolve(self.cfg)
-        log.info("RAM %.1f GB (%s), %.1f GB available, %d CPUs%s; tier %s; loading %s (%d threads)",
-                 res.ram_total_mb / 1024, res.limit_source, res.ram_available_mb / 1024, res.cpus,
-                 "".join(f", GPU {g.name} {g.total_mb / 1024:.0f} GB" for g in res.gpus), self.plan.tier,
-                 self.model_path, threads)
+        log.info(
+            "RAM %.1f GB (%s), %.1f GB available, %d CPUs%s; tier %s; loading %s (%d threads)",
+            res.ram_total_mb / 1024,
+            res.limit_source,
+            res.ram_available_mb / 1024,
+            res.cpus,
+            "".join(f", GPU {g.name} {g.total_mb / 1024:.0f} GB" for g in res.gpus),
+            self.plan.tier,
+            self.model_path,
+            threads,
+        )
         self.tokenizer = load_tokenizer(self.model_path, self.cfg.model.trust_remote_code)
         targets = [t for t in self.cfg.lora.lora_targets if t != ALL_LINEAR] or None  # all-linear: as detected
         self.shape = model_shape(self.model_path, targets, self.cfg.model.trust_remote_code)
@@ -117,9 +124,14 @@ class FineTuner:
         if rc is None:
             return cfg, {}
         if self._discard:
-            log.warning("OVERWRITE=1: the unfinished run in %s (%s, step %d) cannot continue as asked (%s); "
-                        "training anew, and its checkpoints are removed when training starts",
-                        cfg.train.output_dir, rc.checkpoint.name, rc.step, "; ".join(rc.differences))
+            log.warning(
+                "OVERWRITE=1: the unfinished run in %s (%s, step %d) cannot continue as asked (%s); "
+                "training anew, and its checkpoints are removed when training starts",
+                cfg.train.output_dir,
+                rc.checkpoint.name,
+                rc.step,
+                "; ".join(rc.differences),
+            )
             return cfg, {}
         rc.log()
         self.resume_from = rc.checkpoint
@@ -160,8 +172,9 @@ class FineTuner:
         """The run, step by step. Only rank 0 writes outputs (a plain single process is rank 0)."""
         check_output_dir(self.cfg)  # writable, and no finished run replaced unasked: before loading weights
         self._data_fp = data_fingerprints(self.cfg)
-        self.timing = expected_time(self.cfg, self.shape, self.model_path, self.train_rows, self.plan.device == "cuda",
-                                    dist.world_size())
+        self.timing = expected_time(
+            self.cfg, self.shape, self.model_path, self.train_rows, self.plan.device == "cuda", dist.world_size()
+        )
         log.info("%s", self.timing.line())
         self.disk = disk.planned(self.cfg, self.shape, self.model_path, out, dist.is_main())  # before the weights
         if self.model is None:
@@ -201,8 +214,9 @@ class FineTuner:
         ckpt_dir, t0 = out / CHECKPOINTS, time.perf_counter()
         try:
             with MemorySampler(on_sample=self.guard.on_sample) as sampler, stop_on_signal() as self.stop:
-                trainer, out_state = self._train_with_backoff(out, ckpt_dir, sampler,
-                                                              [*(callbacks or []), stop_callback(self.stop)])
+                trainer, out_state = self._train_with_backoff(
+                    out, ckpt_dir, sampler, [*(callbacks or []), stop_callback(self.stop)]
+                )
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             # judged while the half-written checkpoint still fills the disk; e itself when it is no full disk
             error = write_error(e, out, "writing a checkpoint or the training logs", previous, self.disk.checkpoint)
@@ -211,13 +225,17 @@ class FineTuner:
             raise error from None
         state = trainer.state
         if self.stop.requested and state.global_step < state.max_steps:
-            raise Interrupted(self.stop.signum, f"stopped by {self.stop.name} at step {state.global_step} of "
-                                                f"{state.max_steps}: checkpoint in {latest_checkpoint(ckpt_dir)}; "
-                                                "run the same command to resume")
+            raise Interrupted(
+                self.stop.signum,
+                f"stopped by {self.stop.name} at step {state.global_step} of "
+                f"{state.max_steps}: checkpoint in {latest_checkpoint(ckpt_dir)}; "
+                "run the same command to resume",
+            )
         return trainer, out_state, time.perf_counter() - t0, sampler.peaks()
 
-    def _result(self, out: Path, trainer: Any, out_state: Any, seconds: float,
-                peaks: dict[str, Any]) -> tuple[TrainResult, Any]:
+    def _result(
+        self, out: Path, trainer: Any, out_state: Any, seconds: float, peaks: dict[str, Any]
+    ) -> tuple[TrainResult, Any]:
         """The run's numbers, and the weights to save (ZeRO-3 gathers them: a collective on every rank)."""
         from app.training.callbacks import tokens_trained
         from app.training.trainer import final_eval_loss, full_state_dict
@@ -229,28 +247,44 @@ class FineTuner:
         dist.check_ranks_agree(self.model, trainer.state.global_step, zero3)
         weights = full_state_dict(trainer, zero3)  # None unless ZeRO-3
         train_loss = out_state.training_loss if self.resume_from is None else mean_logged_loss(out / METRICS)
-        return TrainResult(out, trainer.state.global_step, round(train_loss, 6),
-                           None if eval_loss is None else round(eval_loss, 6),
-                           round(tokens_trained(trainer.state, self.resume_from) / max(seconds, 1e-9), 1),
-                           round(seconds, 2),
-                           round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1)), weights
+        return TrainResult(
+            out,
+            trainer.state.global_step,
+            round(train_loss, 6),
+            None if eval_loss is None else round(eval_loss, 6),
+            round(tokens_trained(trainer.state, self.resume_from) / max(seconds, 1e-9), 1),
+            round(seconds, 2),
+            round(max(peak_rss_mb(), peaks["peak_rss_mb"] or 0), 1),
+        ), weights
 
-    def _publish(self, out: Path, result: TrainResult, peaks: dict[str, Any], weights: Any,
-                 previous: Path | None) -> None:
+    def _publish(
+        self, out: Path, result: TrainResult, peaks: dict[str, Any], weights: Any, previous: Path | None
+    ) -> None:
         try:
             ran = result.steps - (checkpoint_step(self.resume_from) if self.resume_from else 0)  # since the resume
             publish(self, out, out / CHECKPOINTS, result, peaks, weights, self.timing.summary(ran, result.seconds))
         except Exception as e:  # safetensors' and matplotlib's writers have their own errors
             raise write_error(e, out, "saving the final adapter", previous, self.disk.adapter) from None
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # finished: the adapter supersedes them
-        log.info("done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
-                 result.steps, result.seconds, result.train_loss,
-                 "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}", result.tokens_per_s,
-                 result.peak_rss_mb, out)
+        log.info(
+            "done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",
+            result.steps,
+            result.seconds,
+            result.train_loss,
+            "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}",
+            result.tokens_per_s,
+            result.peak_rss_mb,
+            out,
+        )
         r = self.records
         if r.get("left_out") and "MAX_SAMPLES" not in self.cfg.explicit:  # said at the start too
-            log.warning("trained on %d of the %d valid records (MAX_SAMPLES=%s: %s); MAX_SAMPLES=all uses "
-                        "every record", r["used"], r["valid"], r["max_samples"], r["why"])
+            log.warning(
+                "trained on %d of the %d valid records (MAX_SAMPLES=%s: %s); MAX_SAMPLES=all uses every record",
+                r["used"],
+                r["valid"],
+                r["max_samples"],
+                r["why"],
+            )
 
     def run(self) -> TrainResult:
         return self.setup().prepare_data().train()
@@ -266,16 +300,30 @@ class FineTuner:
         while True:
             resumed: list[dict[str, Any]] = []
             if resume:
-                log.info("resuming from %s (optimizer, scheduler, RNG and data position; delete %s to start "
-                         "over)", resume, ckpt_dir)
+                log.info(
+                    "resuming from %s (optimizer, scheduler, RNG and data position; delete %s to start over)",
+                    resume,
+                    ckpt_dir,
+                )
                 resumed = truncate_metrics(out / METRICS, checkpoint_step(resume))
-            trainer = build_trainer(self, out, ckpt_dir, self._ds_args or self._training_args(ckpt_dir), guard,
-                                    [*extra, dist.rank_sync(guard, self.stop)], sampler, resumed)
+            trainer = build_trainer(
+                self,
+                out,
+                ckpt_dir,
+                self._ds_args or self._training_args(ckpt_dir),
+                guard,
+                [*extra, dist.rank_sync(guard, self.stop)],
+                sampler,
+                resumed,
+            )
             self._ds_args = None  # used once: a back-off builds fresh arguments
             try:
                 out_state = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-                if (self.stop.requested or not guard.tripped.is_set()
-                        or trainer.state.global_step >= trainer.state.max_steps):
+                if (
+                    self.stop.requested
+                    or not guard.tripped.is_set()
+                    or trainer.state.global_step >= trainer.state.max_steps
+                ):
                     return trainer, out_state
             except torch.OutOfMemoryError:  # CUDA raises instead of being killed: same remedy
                 guard.trip_usage_mb = guard.limit_mb
@@ -283,16 +331,23 @@ class FineTuner:
             where = resume or "(none yet)"
             if guard.mode == "backoff" and self.cfg.train.batch_size > min_batch(self.cfg):
                 batch, accum = halve_batch(self.cfg.train.batch_size, self.cfg.train.grad_accum)
-                log.warning("memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); "
-                            "resuming from %s", batch, accum, where)
+                log.warning(
+                    "memory guard: BATCH_SIZE -> %d, GRAD_ACCUM -> %d (same effective batch); resuming from %s",
+                    batch,
+                    accum,
+                    where,
+                )
                 # the next Trainer and the checkpoints' settings use the new batch
-                self.plan = self.plan.set("BATCH_SIZE", batch, "memory guard backed off") \
-                    .set("GRAD_ACCUM", accum, "memory guard backed off")
+                self.plan = self.plan.set("BATCH_SIZE", batch, "memory guard backed off").set(
+                    "GRAD_ACCUM", accum, "memory guard backed off"
+                )
                 guard.reset()
                 continue
-            raise UserError(f"memory: usage reached {guard.trip_usage_mb:,.0f} MB of the {guard.limit_mb:,.0f} MB "
-                            f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
-                            "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume")
+            raise UserError(
+                f"memory: usage reached {guard.trip_usage_mb:,.0f} MB of the {guard.limit_mb:,.0f} MB "
+                f"limit; stopped with a checkpoint at {where}. Lower MAX_SEQ_LEN or BATCH_SIZE, or set "
+                "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume"
+            )
 
     def _training_args(self, ckpt_dir: Path) -> Any:
         import torch

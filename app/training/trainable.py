@@ -1,6 +1,7 @@
 """The model as training wants it: weights loaded (quantized as planned), the packed-attention and
 checkpointing hooks in place, then the method's trainable part (every weight, a P-Tuning prefix,
 or LoRA). One path; METHOD picks the branch at the end."""
+
 from __future__ import annotations
 
 import logging
@@ -56,6 +57,5 @@ def reference_model(cfg: Config, model_path: str, cuda: bool) -> Any:
     half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
     ref = load_model(model_path, cfg.model.trust_remote_code, "none", bf16=half)
     ref.requires_grad_(False)
-    log.info("reference model: a second, frozen copy of %s (METHOD=full trains every weight of the first)",
-             model_path)
+    log.info("reference model: a second, frozen copy of %s (METHOD=full trains every weight of the first)", model_path)
     return ref.eval()

@@ -14,6 +14,7 @@ silently no longer being called.
 - Packing (app.data.encode.PackingCollator): a packed batch's real token count, and no KV cache
   so the packed-sequence mask holds in evaluation too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,9 +36,20 @@ log = logging.getLogger(__name__)
 
 # method -> the parameters of transformers.Trainer's own method that the override was written for
 OVERRIDES = {
-    "_run_epoch": ("self", "model", "epoch", "train_dataloader", "steps_in_epoch", "num_update_steps_per_epoch",
-                   "trial", "ignore_keys_for_eval", "start_time", "resume_from_checkpoint", "epochs_trained",
-                   "steps_trained_in_current_epoch"),
+    "_run_epoch": (
+        "self",
+        "model",
+        "epoch",
+        "train_dataloader",
+        "steps_in_epoch",
+        "num_update_steps_per_epoch",
+        "trial",
+        "ignore_keys_for_eval",
+        "start_time",
+        "resume_from_checkpoint",
+        "epochs_trained",
+        "steps_trained_in_current_epoch",
+    ),
     "_get_output_dir": ("self", "trial"),
     "_save_checkpoint": ("self", "model", "trial"),
     "_track_num_input_tokens": ("self", "inputs"),
@@ -62,9 +74,11 @@ class RunMixin:
         # would keep them: the SAVE_STEPS, EVAL_STEPS, LOGGING_STEPS asked for now apply instead.
         self.state.compute_steps(self.args, self.state.max_steps)
         if 0 < self.state.max_steps < self.state.global_step:  # app.training.resume refuses this before loading
-            raise UserError(f"resumed at step {self.state.global_step}, but NUM_EPOCHS/MAX_STEPS now give "
-                            f"{self.state.max_steps} steps: nothing is left to train. Raise them to continue "
-                            "the run, or set OVERWRITE=1 (or another OUTPUT_DIR) to train anew")
+            raise UserError(
+                f"resumed at step {self.state.global_step}, but NUM_EPOCHS/MAX_STEPS now give "
+                f"{self.state.max_steps} steps: nothing is left to train. Raise them to continue "
+                "the run, or set OVERWRITE=1 (or another OUTPUT_DIR) to train anew"
+            )
         # Resumed from a checkpoint at the last step (the final save failed, or a stop came at
         # the very end): nothing is left to train. The Trainer would still run one more step.
         if 0 < self.state.max_steps <= self.state.global_step:
@@ -164,19 +178,39 @@ def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda:
     the same, in the config of the stage's TRL trainer (app/training/preference.py)."""
     t = cfg.train
     kw = dict(
-        output_dir=str(ckpt_dir), num_train_epochs=t.num_epochs, max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm or None, optim=t.optim, seed=t.seed, data_seed=t.seed,
-        logging_steps=t.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=2,
-        include_num_input_tokens_seen="non_padding", report_to="none", use_cpu=not cuda,
-        bf16=precision == "bf16", fp16=precision == "fp16", remove_unused_columns=False,
+        output_dir=str(ckpt_dir),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm or None,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        use_cpu=not cuda,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        remove_unused_columns=False,
         # batches are collated in the training process: a worker would take a core from the matmuls
-        dataloader_num_workers=0, dataloader_pin_memory=cuda, torch_compile=t.torch_compile,
-        disable_tqdm=False, log_level="error",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+        torch_compile=t.torch_compile,
+        disable_tqdm=False,
+        log_level="error",
         neftune_noise_alpha=t.neftune_alpha or None,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient (LoRA, prefixes, full)
         deepspeed=cfg.distributed.ds_config or None,
@@ -198,8 +232,16 @@ def final_eval_loss(trainer: Trainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
-def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, guard: Any, tail: list[Any],
-                  sampler: Any, resumed: list[dict[str, Any]] | None) -> RunTrainer:
+def build_trainer(
+    ft: Any,
+    out: Path,
+    ckpt_dir: Path,
+    args: TrainingArguments,
+    guard: Any,
+    tail: list[Any],
+    sampler: Any,
+    resumed: list[dict[str, Any]] | None,
+) -> RunTrainer:
     """The RunTrainer for FineTuner ``ft`` (model, rows, planned settings), with the tool's callbacks in
     this order: the progress bar, metrics.jsonl, F1 on generated answers (EVAL_METRIC=f1), the best
     adapter and early stopping, the memory ``guard``, TensorBoard on rank 0, then ``tail`` (the
@@ -230,26 +272,42 @@ def build_trainer(ft: Any, out: Path, ckpt_dir: Path, args: TrainingArguments, g
     zero3 = dist.zero_stage(cfg) == 3
     gather = (lambda: full_state_dict(holder[0], zero3)) if zero3 else None
     names = trackers.chosen(cfg.train.report_to)
-    board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() and "tensorboard" in names \
-        else []
+    board = [TensorBoardCallback(SummaryWriter(str(out / "runs")))] if dist.is_main() and "tensorboard" in names else []
     board += trackers.callbacks(names, out) if dist.is_main() else []  # W&B, MLflow, Trackio, SwanLab
     metrics.trackers = board  # F1 on generated answers reaches them too (it is computed after the Trainer logs)
     if cfg.train.stage == "sft":
         cls: Any = RunTrainer
-        data = dict(train_dataset=ft.train_rows, eval_dataset=ft.val_rows or None,
-                    data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")))
+        data = dict(
+            train_dataset=ft.train_rows,
+            eval_dataset=ft.val_rows or None,
+            data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")),
+        )
     else:  # TRL's trainer for the stage, its collator, and its rows as a datasets.Dataset
         from app.training.preference import as_dataset, pref_trainer_class, pref_trainer_kwargs
 
         cls = pref_trainer_class(cfg, RunMixin)
-        data = dict(train_dataset=as_dataset(ft.train_rows), eval_dataset=as_dataset(ft.val_rows), run_cfg=cfg,
-                    **pref_trainer_kwargs(ft))
+        data = dict(
+            train_dataset=as_dataset(ft.train_rows),
+            eval_dataset=as_dataset(ft.val_rows),
+            run_cfg=cfg,
+            **pref_trainer_kwargs(ft),
+        )
     trainer = cls(
-        model=ft.model, args=args, **data,
+        model=ft.model,
+        args=args,
+        **data,
         run_settings=lambda: snapshot(ft.cfg, dist.world_size(), ft._data_fp),
-        callbacks=[ProgressBar(tp), metrics, *f1,  # metrics before the trackers: it adds tokens/s and memory
-                   BestAdapter(ckpt_dir / "best", cfg.train.early_stopping_patience, "eval_f1" if f1 else "eval_loss",
-                               resumed, gather), guard, *board, *tail],
+        callbacks=[
+            ProgressBar(tp),
+            metrics,
+            *f1,  # metrics before the trackers: it adds tokens/s and memory
+            BestAdapter(
+                ckpt_dir / "best", cfg.train.early_stopping_patience, "eval_f1" if f1 else "eval_loss", resumed, gather
+            ),
+            guard,
+            *board,
+            *tail,
+        ],
     )
     holder.append(trainer)
     trainer.remove_callback(ProgressCallback)  # ours adds loss and tokens/s to the bar

@@ -3,6 +3,7 @@ for the base the picked adapter was trained on, and asked over its OpenAI-compat
 Another adapter of the same base is hot-loaded (load_lora_adapter); another base, or other serve settings,
 restart it. The UI process itself loads no model.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,14 +46,19 @@ class ChatBackend:
             name = Path(choice).name
             adapter = read_adapter(name, project() / choice)
             if adapter.method == "ptuning":
-                raise UserError(f"ADAPTER_DIR={choice}: a P-Tuning prefix cannot be served; chat with it with "
-                                f"`make chat ADAPTER_DIR={choice}`")
+                raise UserError(
+                    f"ADAPTER_DIR={choice}: a P-Tuning prefix cannot be served; chat with it with "
+                    f"`make chat ADAPTER_DIR={choice}`"
+                )
             base = adapter.base or model_name
         job = self.jobs.get(KEY)
         if job is None or not job.running() or base != self.base or settings != self.settings:
             # the first adapter names the base and its QUANT_LEVEL, as it was trained (serve's own rule)
-            self._start(base, settings, {"MODEL_NAME": base, "ADAPTERS": "none"} if name is None
-                        else {"ADAPTERS": f"{name}={choice}"})
+            self._start(
+                base,
+                settings,
+                {"MODEL_NAME": base, "ADAPTERS": "none"} if name is None else {"ADAPTERS": f"{name}={choice}"},
+            )
             if name is not None:
                 self.loaded.add(name)
         if name is None:
@@ -68,8 +74,12 @@ class ChatBackend:
             old.stop()
             self.jobs.wait(KEY, 30)
         self.port, self.base, self.settings, self.loaded = free_port(), base, dict(settings), set()
-        job = self.jobs.start(KEY, "serve", {**settings, **what, "API_KEY": "", "SERVE_HOST": "127.0.0.1",
-                                             "SERVE_PORT": str(self.port)}, tied=True)  # it ends with the UI
+        job = self.jobs.start(
+            KEY,
+            "serve",
+            {**settings, **what, "API_KEY": "", "SERVE_HOST": "127.0.0.1", "SERVE_PORT": str(self.port)},
+            tied=True,
+        )  # it ends with the UI
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if not job.running():
@@ -88,8 +98,9 @@ class ChatBackend:
             return [m["id"] for m in json.load(r)["data"]]
 
     def _post(self, path: str, body: dict) -> None:
-        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url(path), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             urllib.request.urlopen(req, timeout=600).close()
         except urllib.error.HTTPError as e:
@@ -105,8 +116,13 @@ class ChatBackend:
 
         client = OpenAI(base_url=self.url("/v1"), api_key="webui", timeout=600, max_retries=0)
         text = ""
-        for chunk in client.chat.completions.create(model=model, messages=messages, stream=True,  # type: ignore
-                                                    max_tokens=max_tokens, temperature=temperature):
+        for chunk in client.chat.completions.create(
+            model=model,
+            messages=messages,
+            stream=True,  # type: ignore
+            max_tokens=max_tokens,
+            temperature=temperature,
+        ):
             if chunk.choices and chunk.choices[0].delta.content:
                 text += chunk.choices[0].delta.content
                 yield text

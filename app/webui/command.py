@@ -1,5 +1,6 @@
 """`python -m app webui`, the command the layer above the CLI adds (app/__main__.py puts it in the table).
 Light on purpose: every `python -m app` imports this, and Gradio loads only when the UI starts."""
+
 from __future__ import annotations
 
 from app.cli.main import Command

@@ -1,5 +1,6 @@
 """What every tab shares: the settings the UI started with (defaults < .env < environment), the jobs it runs,
 the chat backend, and how a refusal is shown: the command line's own one-line messages, one per line."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,4 +41,3 @@ def checked(command: str, overrides: dict[str, str]) -> Config:
 def problems_of(e: BaseException) -> str:
     """A UserError's lines (each names the setting and the fix), as the CLI logs them."""
     return "\n".join(e.problems) if isinstance(e, UserError) else str(e)
-

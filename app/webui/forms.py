@@ -7,6 +7,7 @@ A form turns back into the command line the user could paste: ``KEY=value`` for 
 from what the command would use anyway. The settings TIER=auto decides, and OUTPUT_DIR (derived from
 MODEL_NAME and METHOD), start blank unless set, so leaving them blank leaves the decision to the tool.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -22,30 +23,53 @@ from app.config.settings import _hint, _parse
 
 # The commands behind each tab: the tab's form holds every setting they read.
 TAB_COMMANDS: dict[str, tuple[str, ...]] = {
-    "train": ("train",), "evaluate": ("evaluate",), "export": ("merge", "export-onnx", "export-gguf"),
+    "train": ("train",),
+    "evaluate": ("evaluate",),
+    "export": ("merge", "export-onnx", "export-gguf"),
     "chat": ("serve",),
 }
 # Shown open at the top of a tab; the rest of its settings are under "Advanced", by section.
 MAIN: dict[str, tuple[str, ...]] = {
-    "train": ("MODEL_NAME", "DATA_PATH", "METHOD", "STAGE", "PREF_LOSS", "PREF_BETA", "QUANT_LEVEL", "OUTPUT_DIR",
-              "NUM_EPOCHS", "MAX_STEPS", "LEARNING_RATE", "BATCH_SIZE", "GRAD_ACCUM", "MAX_SEQ_LEN", "MAX_SAMPLES",
-              "LORA_R"),
+    "train": (
+        "MODEL_NAME",
+        "DATA_PATH",
+        "METHOD",
+        "STAGE",
+        "PREF_LOSS",
+        "PREF_BETA",
+        "QUANT_LEVEL",
+        "OUTPUT_DIR",
+        "NUM_EPOCHS",
+        "MAX_STEPS",
+        "LEARNING_RATE",
+        "BATCH_SIZE",
+        "GRAD_ACCUM",
+        "MAX_SEQ_LEN",
+        "MAX_SAMPLES",
+        "LORA_R",
+    ),
     "evaluate": ("EVAL_PATH", "EVAL_SAMPLES"),
     "export": ("MERGED_DIR", "ONNX_DIR", "GGUF_QUANT", "GGUF_DIR"),
     "chat": ("MAX_NEW_TOKENS", "TEMPERATURE"),
 }
 # Settings no form shows, each with the reason (tests/test_webui.py: every other setting is in a form).
 NOT_IN_UI: dict[str, str] = {
-    "WEBUI_HOST": "the UI's own address: given when it starts", "WEBUI_PORT": "the UI's own port",
-    "WEBUI_AUTH": "the UI's own login", "WEBUI_MAX_UPLOAD_MB": "the UI's own upload limit",
-    "SERVE_HOST": "the chat backend listens on 127.0.0.1 only", "SERVE_PORT": "the chat backend takes a free port",
+    "WEBUI_HOST": "the UI's own address: given when it starts",
+    "WEBUI_PORT": "the UI's own port",
+    "WEBUI_AUTH": "the UI's own login",
+    "WEBUI_MAX_UPLOAD_MB": "the UI's own upload limit",
+    "SERVE_HOST": "the chat backend listens on 127.0.0.1 only",
+    "SERVE_PORT": "the chat backend takes a free port",
     "API_KEY": "the chat backend answers only this UI, on 127.0.0.1",
     "ADAPTERS": "the Chat tab's adapter picker loads them",
     "ADAPTER_DIR": "each tab's run picker sets it (Train: the adapter STAGE=dpo/kto continues)",
-    "PROMPT": "the Chat tab's message box", "INTERACTIVE": "the Chat tab is the interactive mode",
+    "PROMPT": "the Chat tab's message box",
+    "INTERACTIVE": "the Chat tab is the interactive mode",
     "INPUT_FILE": "predict-file: the Evaluate tab generates on a file",
-    "OUTPUT_FILE": "predict-file: the Evaluate tab writes its report", "PREDICTIONS": "evaluate --predictions: CLI",
-    "REPLACE_DATA": "make data's; the UI never replaces a data file", "DEMO_MINUTES": "make demo's",
+    "OUTPUT_FILE": "predict-file: the Evaluate tab writes its report",
+    "PREDICTIONS": "evaluate --predictions: CLI",
+    "REPLACE_DATA": "make data's; the UI never replaces a data file",
+    "DEMO_MINUTES": "make demo's",
 }
 # Left blank unless set: the tool decides them (TIER=auto, or OUTPUT_DIR from MODEL_NAME and METHOD).
 DECIDED = set(TIERED) - {"QUANT_LEVEL", "GRADIENT_CHECKPOINTING"} | {"OUTPUT_DIR"}
@@ -147,12 +171,16 @@ def named(fn: Callable[..., Any], leading: list[str], form: "Form | None" = None
     UI's API (gradio_client, /docs) takes ``model_name=..., max_steps=...`` instead of param_0, param_1, ..."""
     names = leading + [v.lower() for v in (form.fields if form else ())]
     if inspect.isgeneratorfunction(fn):
+
         def wrapper(*args: Any) -> Any:
             yield from fn(*args)
     else:
+
         def wrapper(*args: Any) -> Any:
             return fn(*args)
+
     wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names]
+    )
     wrapper.__name__ = fn.__name__
     return wrapper

@@ -2,6 +2,7 @@
 yet (and what to do: MODEL_NAME=tiny, or the download command `python -m app info` gives offline), and to press
 Plan before Start. Checked offline, from the disk only: the page must open at once, with or without a network.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,10 +12,14 @@ from app.models.artifacts import local_model_problem
 from app.models.tiny import FAMILIES
 from app.webui.paths import project
 
-PLAN_HINT = ("**Press Plan first**: it shows what this run would use on this machine (tier, batch, memory, "
-             "expected time) and starts nothing. Then Start.")
-TRY_TINY = ("To try the whole loop first, set MODEL_NAME=tiny: a tiny model built here in seconds, offline "
-            "(its answers are noise).")
+PLAN_HINT = (
+    "**Press Plan first**: it shows what this run would use on this machine (tier, batch, memory, "
+    "expected time) and starts nothing. Then Start."
+)
+TRY_TINY = (
+    "To try the whole loop first, set MODEL_NAME=tiny: a tiny model built here in seconds, offline "
+    "(its answers are noise)."
+)
 
 
 def model_note(name: str) -> str:
@@ -30,7 +35,8 @@ def model_note(name: str) -> str:
     command, local = download_command(name)
     if (project() / local / "config.json").is_file():
         return f"**MODEL_NAME={name} is not in the Hugging Face cache, but {local} is here**: set MODEL_NAME={local}."
-    return (f"**MODEL_NAME={name} is not downloaded here** (not under models/, not in the Hugging Face cache). "
-            "Start downloads it from the hub if the hub can be reached (GBs); or download it once yourself: "
-            f"`{command}`, then set MODEL_NAME={local}. {TRY_TINY}")
-
+    return (
+        f"**MODEL_NAME={name} is not downloaded here** (not under models/, not in the Hugging Face cache). "
+        "Start downloads it from the hub if the hub can be reached (GBs); or download it once yourself: "
+        f"`{command}`, then set MODEL_NAME={local}. {TRY_TINY}"
+    )

@@ -4,6 +4,7 @@ Stop is the SIGTERM a terminal's `kill` sends (training checkpoints, then exits)
 to a log under models/.webui/logs/ that the UI tails. A job that only serves the UI (the chat backend) is
 started tied to it: it ends when the UI ends, however the UI ends (app/serve/parent.py).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -102,8 +103,15 @@ class Jobs:
         path = logs / f"{time.strftime('%Y%m%d-%H%M%S')}-{command}-{os.getpid()}-{next(self.numbers)}.log"
         env = {**job_env(), **({PARENT_PID: str(os.getpid())} if tied else {})}
         with path.open("x", encoding="utf-8") as out:  # a new file: no earlier log is ever written over
-            proc = subprocess.Popen(argv(command, overrides), cwd=project(), env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv(command, overrides),
+                cwd=project(),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         job = Job(command, command_line(command, overrides), path, proc)
         self.by_key[key] = job
         log.info("started %s (pid %d), log %s", job.line, proc.pid, path)
@@ -127,8 +135,12 @@ class Jobs:
         ending = [job for job in self.by_key.values() if job.running() and (job.command == "serve" or in_container)]
         for job in ending:
             if job.command == "train":
-                log.warning("stopping %s (pid %d): the container ends with the UI; it saves a checkpoint first, "
-                            "and Resume continues it", job.line, job.proc.pid)
+                log.warning(
+                    "stopping %s (pid %d): the container ends with the UI; it saves a checkpoint first, "
+                    "and Resume continues it",
+                    job.line,
+                    job.proc.pid,
+                )
             job.stop()
         deadline = time.monotonic() + CHECKPOINT_GRACE_S
         for job in ending:

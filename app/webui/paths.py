@@ -6,6 +6,7 @@ in one line naming the setting), and an upload lands only in data/, under a new 
 checks the command line makes on a data file. An upload never replaces a file.
 Standard library only (app.data reads the records without torch).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,11 +27,21 @@ DATA_TYPES = (".jsonl", ".json", ".csv", ".txt")  # what DATA_PATH reads (app/da
 # Every setting that names a file or a dir, and the project dirs it must lie in. tests/test_webui.py keeps
 # this complete: a new *_PATH, *_DIR or *_FILE setting fails it until it is listed here.
 PATH_SETTINGS: dict[str, tuple[str, ...]] = {
-    "DATA_PATH": (DATA,), "VAL_PATH": (DATA,), "EVAL_PATH": (DATA,), "INPUT_FILE": (DATA,),
-    "PREDICTIONS": (DATA, MODELS), "OUTPUT_FILE": (DATA, MODELS), "OUTPUT_DIR": (MODELS,), "CACHE_DIR": (MODELS,),
-    "ADAPTER_DIR": (MODELS,), "MERGED_DIR": (MODELS,), "ONNX_DIR": (MODELS,),
-    "GGUF_DIR": (MODELS,), "EVAL_DIR": (MODELS,),
-    "MODEL_NAME": (MODELS,), "DS_CONFIG": (CONFIGS,),
+    "DATA_PATH": (DATA,),
+    "VAL_PATH": (DATA,),
+    "EVAL_PATH": (DATA,),
+    "INPUT_FILE": (DATA,),
+    "PREDICTIONS": (DATA, MODELS),
+    "OUTPUT_FILE": (DATA, MODELS),
+    "OUTPUT_DIR": (MODELS,),
+    "CACHE_DIR": (MODELS,),
+    "ADAPTER_DIR": (MODELS,),
+    "MERGED_DIR": (MODELS,),
+    "ONNX_DIR": (MODELS,),
+    "GGUF_DIR": (MODELS,),
+    "EVAL_DIR": (MODELS,),
+    "MODEL_NAME": (MODELS,),
+    "DS_CONFIG": (CONFIGS,),
 }
 # Values of those settings that are words, not paths.
 WORDS = {"ADAPTER_DIR": ("none",)}
@@ -54,8 +65,10 @@ def path_problem(setting: str, value: str) -> str | None:
     if any(inside(project() / root, project() / value) for root in roots):
         return None
     where = " or ".join(f"{r}/" for r in roots)
-    return (f"{setting}={value}: the web UI reads and writes only inside this project's {where}; "
-            f"use a path there (upload data on the Train tab), or the command line for other places")
+    return (
+        f"{setting}={value}: the web UI reads and writes only inside this project's {where}; "
+        f"use a path there (upload data on the Train tab), or the command line for other places"
+    )
 
 
 def _looks_like_path(value: str) -> bool:
@@ -98,15 +111,18 @@ class DataSummary:
     def line(self, stage: str = "") -> str:
         """The summary line, and under it, for ``stage`` (STAGE), the line training gives when the records do
         not fit it."""
-        of = f"the first {self.records:,} records (a big file: training reads it whole)" if self.partial \
+        of = (
+            f"the first {self.records:,} records (a big file: training reads it whole)"
+            if self.partial
             else f"{self.records:,} records"
+        )
         s = f"{self.path}: {self.valid:,} valid of {of}, {self.kind()}"
         s += f"; {self.bad:,} bad ({self.first_bad})" if self.bad else "; no bad lines"
         fit = self.stage_fit(stage) if stage else ""
         return s + ("\n" + fit if fit else "")
 
     def stage_fit(self, stage: str) -> str:
-        """"" when STAGE=``stage`` trains on these records as they are, else one line: training's own refusal
+        """ "" when STAGE=``stage`` trains on these records as they are, else one line: training's own refusal
         (app.data.records.check_stage), or how STAGE=kto reads pairs."""
         from app.data.records import LoadReport, check_stage, stage_of_format
 
@@ -114,8 +130,10 @@ class DataSummary:
         if have == stage:
             return ""
         if stage == "kto" and have == "dpo":  # check_stage logs this case; the page says it instead
-            return (f"STAGE=kto trains each pair as a good and a bad answer ({2 * self.valid:,} records); "
-                    "STAGE=dpo trains on them as pairs")
+            return (
+                f"STAGE=kto trains each pair as a good and a bad answer ({2 * self.valid:,} records); "
+                "STAGE=dpo trains on them as pairs"
+            )
         try:
             check_stage(LoadReport(self.path, self.format), stage)
         except UserError as e:
@@ -125,9 +143,11 @@ class DataSummary:
 
 # The shapes of preference records (docs/data.md#preference-data-stagedpo-and-stagekto), by the first record's
 # fields, in the order app/data/preference.py tries them.
-PAIR_SHAPES = (("conversations", "LLaMA-Factory sharegpt: conversations + chosen/rejected"),
-               ("messages", "LLaMA-Factory messages + chosen/rejected"),
-               ("instruction", "LLaMA-Factory alpaca: instruction/input + chosen/rejected"))
+PAIR_SHAPES = (
+    ("conversations", "LLaMA-Factory sharegpt: conversations + chosen/rejected"),
+    ("messages", "LLaMA-Factory messages + chosen/rejected"),
+    ("instruction", "LLaMA-Factory alpaca: instruction/input + chosen/rejected"),
+)
 
 
 def shape_of(rec: dict[str, Any], fmt: str) -> str:
@@ -165,14 +185,24 @@ def inspect_data(path: str, setting: str = "DATA_PATH", data_format: str = "auto
     report, good = LoadReport(str(path), data_format), 0
     try:
         raw = iter_source(path, setting)
-        for ex, _ in examples_of(peek(itertools.islice(raw, QUICK_LOOK_RECORDS) if partial else raw), data_format,
-                                 str(path), setting, report):
+        for ex, _ in examples_of(
+            peek(itertools.islice(raw, QUICK_LOOK_RECORDS) if partial else raw), data_format, str(path), setting, report
+        ):
             good += ex.label is True
         judge(report, setting, None, warn=False)  # every bad record is counted and shown: no ratio refuses
     except UserError as e:
         raise UserError([line.replace(str(path), shown_as) if shown_as else line for line in e.problems]) from None
-    return DataSummary(shown_as or path, report.format, report.total, report.valid, report.bad_count,
-                       report.first_bad(), partial, shape_of(first[0], report.format) if first else "", good)
+    return DataSummary(
+        shown_as or path,
+        report.format,
+        report.total,
+        report.valid,
+        report.bad_count,
+        report.first_bad(),
+        partial,
+        shape_of(first[0], report.format) if first else "",
+        good,
+    )
 
 
 def save_upload(tmp: str, cfg: Config) -> DataSummary:
@@ -187,14 +217,18 @@ def save_upload(tmp: str, cfg: Config) -> DataSummary:
         raise UserError(f"DATA_PATH={shown}: unsupported file type {src.suffix!r}; use .jsonl, .json, .csv or .txt")
     limit = cfg.webui.webui_max_upload_mb
     if src.stat().st_size > limit * 2**20:
-        raise UserError(f"DATA_PATH={shown}: {src.stat().st_size / 2**20:,.0f} MB is over WEBUI_MAX_UPLOAD_MB={limit}; "
-                        "copy the file into data/ and pick it, or raise WEBUI_MAX_UPLOAD_MB")
+        raise UserError(
+            f"DATA_PATH={shown}: {src.stat().st_size / 2**20:,.0f} MB is over WEBUI_MAX_UPLOAD_MB={limit}; "
+            "copy the file into data/ and pick it, or raise WEBUI_MAX_UPLOAD_MB"
+        )
     summary = inspect_data(str(src), shown_as=shown)
     if dest.exists():
         if dest.is_file() and _same_bytes(src, dest):
             return summary
-        raise UserError(f"DATA_PATH={shown}: a different file of that name is already in data/ and is never "
-                        "replaced; rename your file, or pick the one in data/")
+        raise UserError(
+            f"DATA_PATH={shown}: a different file of that name is already in data/ and is never "
+            "replaced; rename your file, or pick the one in data/"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{name}.", suffix=".upload")  # a new name: ours
     os.close(fd)

@@ -3,6 +3,7 @@ its curves, read from the files training writes (metrics.jsonl, summary.json, tr
 the run lock). A run started from a terminal is watched the same way as one the UI started.
 Standard library and pandas (which Gradio's plots take); no torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,18 @@ def run_dirs() -> list[str]:
     """Every run under models/ (a dir this tool's training wrote, or one training is starting in), newest first,
     as models/<name>."""
     root = project() / MODELS
-    found = [p for p in root.iterdir() if p.is_dir() and p.name not in TINY_MODELS and not p.name.startswith(".")
-             and (kind_of(p) == "train" or (p / runlock.LOCK_FILE).exists())] if root.is_dir() else []
+    found = (
+        [
+            p
+            for p in root.iterdir()
+            if p.is_dir()
+            and p.name not in TINY_MODELS
+            and not p.name.startswith(".")
+            and (kind_of(p) == "train" or (p / runlock.LOCK_FILE).exists())
+        ]
+        if root.is_dir()
+        else []
+    )
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [str(p.relative_to(project())) for p in found]
 
@@ -70,8 +81,12 @@ def state(run: str, rows: list[dict[str, Any]] | None = None) -> RunState:
     if summary and ckpt is None:
         return RunState(run, "finished", f"finished: {summary.get('steps')} steps")
     if ckpt is not None:
-        return RunState(run, "stopped", f"stopped at step {step}: checkpoint {ckpt.relative_to(project())} "
-                                        f"(step {step_of(ckpt)}); Resume continues from it")
+        return RunState(
+            run,
+            "stopped",
+            f"stopped at step {step}: checkpoint {ckpt.relative_to(project())} "
+            f"(step {step_of(ckpt)}); Resume continues from it",
+        )
     return RunState(run, "new", "no checkpoint yet" if rows else "not started")
 
 
@@ -117,8 +132,13 @@ def loss_plot(run: str) -> Any:
         return loss_figure(project() / run / "metrics.jsonl", title)
 
 
-CURVES = (("loss", "train loss"), ("eval_loss", "eval loss"), ("eval_f1", "eval F1"),
-          ("rewards/margins", "train reward margin"), ("eval_rewards/margins", "eval reward margin"))  # STAGE=dpo/kto
+CURVES = (
+    ("loss", "train loss"),
+    ("eval_loss", "eval loss"),
+    ("eval_f1", "eval F1"),
+    ("rewards/margins", "train reward margin"),
+    ("eval_rewards/margins", "eval reward margin"),
+)  # STAGE=dpo/kto
 
 
 def curves(runs: list[str]) -> Any:
@@ -135,12 +155,23 @@ def curves(runs: list[str]) -> Any:
                     points.append({"step": r["step"], "value": r[key], "series": prefix + label})
     # typed even when empty: the plot takes its axes' kinds from the first frame it gets, and an empty
     # untyped one would leave the loss axis a list of labels for good
-    return pd.DataFrame(points, columns=["step", "value", "series"]).astype({"step": "int64", "value": "float64",
-                                                                              "series": "str"})
+    return pd.DataFrame(points, columns=["step", "value", "series"]).astype(
+        {"step": "int64", "value": "float64", "series": "str"}
+    )
 
 
-SUMMARY_COLUMNS = ["run", "state", "method", "model", "data", "steps", "train loss", "eval loss", "seconds",
-                   "peak RSS MB"]
+SUMMARY_COLUMNS = [
+    "run",
+    "state",
+    "method",
+    "model",
+    "data",
+    "steps",
+    "train loss",
+    "eval loss",
+    "seconds",
+    "peak RSS MB",
+]
 
 
 def summary_rows() -> list[list[Any]]:
@@ -150,9 +181,20 @@ def summary_rows() -> list[list[Any]]:
         out = project() / run
         s, c = _json(out / "summary.json"), _json(out / "train_config.json")
         method = " ".join(filter(None, (c.get("METHOD", ""), c.get("STAGE") if c.get("STAGE") != "sft" else "")))
-        rows.append([run, state(run).state, method, c.get("MODEL_NAME", ""), c.get("DATA_PATH", ""),
-                     s.get("steps", ""), s.get("train_loss", ""), s.get("eval_loss", ""), s.get("seconds", ""),
-                     s.get("peak_rss_mb", "")])
+        rows.append(
+            [
+                run,
+                state(run).state,
+                method,
+                c.get("MODEL_NAME", ""),
+                c.get("DATA_PATH", ""),
+                s.get("steps", ""),
+                s.get("train_loss", ""),
+                s.get("eval_loss", ""),
+                s.get("seconds", ""),
+                s.get("peak_rss_mb", ""),
+            ]
+        )
     return rows
 
 

@@ -1,5 +1,6 @@
 """The Chat tab: the base model or any adapter, multi-turn, streamed from `python -m app serve` (app/webui/chat.py),
 with the generation settings and serve's own under Advanced; Reset clears the conversation."""
+
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -15,9 +16,14 @@ from app.webui.paths import path_problems
 
 
 def build(ctx: Context) -> Form:
-    pick = gr.Dropdown([BASE, *runs.adapters()], value=(runs.adapters() or [BASE])[0], label="Model",
-                       allow_custom_value=True, elem_id="chat-model",
-                       info="the base model alone, or a trained adapter on its base")
+    pick = gr.Dropdown(
+        [BASE, *runs.adapters()],
+        value=(runs.adapters() or [BASE])[0],
+        label="Model",
+        allow_custom_value=True,
+        elem_id="chat-model",
+        info="the base model alone, or a trained adapter on its base",
+    )
     chatbot = gr.Chatbot(label="Chat", elem_id="chat-box", height=360)
     with gr.Row():
         text = gr.Textbox(label="Message", scale=4, elem_id="chat-input")
@@ -29,8 +35,9 @@ def build(ctx: Context) -> Form:
     backend = ctx.backend
     assert backend is not None
 
-    def answer(choice: str, prompt: str, history: list[dict[str, Any]] | None,
-               *values: Any) -> Iterator[tuple[Any, str, str]]:
+    def answer(
+        choice: str, prompt: str, history: list[dict[str, Any]] | None, *values: Any
+    ) -> Iterator[tuple[Any, str, str]]:
         history = list(history or [])
         if not prompt.strip():
             yield history, "", "type a message first"

@@ -1,6 +1,7 @@
 """The Export tab: `python -m app merge` (the adapter folded into its base: a standalone model),
 `python -m app export-onnx` and `python -m app export-gguf` (llama.cpp / Ollama), with their log as they run
 and the paths they wrote."""
+
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -19,13 +20,17 @@ from app.webui.paths import project
 def outputs(cfg: Config, run: str, command: str) -> list[str]:
     """Where ``command`` writes for this run (the defaults: merged/ in it, onnx/ in that, gguf/ in the run)."""
     merged = cfg.predict.merged_dir or f"{run}/merged"
-    return {"merge": [merged], "export-onnx": [merged, cfg.predict.onnx_dir or f"{merged}/onnx"],
-            "export-gguf": [cfg.predict.gguf_dir or f"{run}/gguf"]}[command]
+    return {
+        "merge": [merged],
+        "export-onnx": [merged, cfg.predict.onnx_dir or f"{merged}/onnx"],
+        "export-gguf": [cfg.predict.gguf_dir or f"{run}/gguf"],
+    }[command]
 
 
 def build(ctx: Context) -> Form:
-    pick = gr.Dropdown(runs.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True,
-                       elem_id="export-run")
+    pick = gr.Dropdown(
+        runs.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True, elem_id="export-run"
+    )
     form = Form("export", ctx.cfg)
     with gr.Row():
         merge_btn = gr.Button("Merge", variant="primary", elem_id="export-merge")
@@ -64,9 +69,11 @@ def build(ctx: Context) -> Form:
         yield from run_command("export-gguf", run, *values)
 
     merge_btn.click(named(merge, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths], api_name="merge")
-    onnx_btn.click(named(export, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths],
-                   api_name="export_onnx")
-    gguf_btn.click(named(export_gguf, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths],
-                   api_name="export_gguf")
+    onnx_btn.click(
+        named(export, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths], api_name="export_onnx"
+    )
+    gguf_btn.click(
+        named(export_gguf, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths], api_name="export_gguf"
+    )
     pick.focus(lambda: gr.update(choices=runs.adapters()), None, pick, api_visibility="private")
     return form

@@ -1,5 +1,6 @@
 """The Runs tab: every run under models/ with its summary (steps, losses, time, peak memory, method, data),
 one run's curves and summary, and two runs' curves on one plot to compare."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -14,12 +15,14 @@ from app.webui.paths import path_problem
 
 def build(ctx: Context) -> None:  # no settings: it reads run dirs
     refresh = gr.Button("Refresh", elem_id="runs-refresh")
-    table = gr.Dataframe(value=runs.summary_rows(), headers=runs.SUMMARY_COLUMNS, interactive=False,
-                         elem_id="runs-table", wrap=True)
+    table = gr.Dataframe(
+        value=runs.summary_rows(), headers=runs.SUMMARY_COLUMNS, interactive=False, elem_id="runs-table", wrap=True
+    )
     with gr.Row():
         first = gr.Dropdown(runs.run_dirs(), label="Run", value=None, allow_custom_value=True, elem_id="runs-first")
-        second = gr.Dropdown(runs.run_dirs(), label="Compare with", value=None, allow_custom_value=True,
-                             elem_id="runs-second")
+        second = gr.Dropdown(
+            runs.run_dirs(), label="Compare with", value=None, allow_custom_value=True, elem_id="runs-second"
+        )
     curve = gr.LinePlot(x="step", y="value", color="series", label="Curves", elem_id="runs-curve", height=320)
     summary = gr.Code(label="summary.json", language="json", elem_id="runs-summary")
 

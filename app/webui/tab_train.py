@@ -8,6 +8,7 @@ Start checks what the command line checks, in this process and before anything i
 then the CLI's own pre-flight: settings, data, model, OUTPUT_DIR busy or finished, RESUME), and shows its
 one-line messages; then it runs the very command it shows, as its own process.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,16 +27,20 @@ from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, argv, command_line, named
 from app.webui.guide import PLAN_HINT, model_note
 from app.webui.jobs import error_lines, job_env
-from app.webui.paths import (DATA_TYPES, data_files, inspect_data, path_problem, path_problems, project,
-                             save_upload)
+from app.webui.paths import DATA_TYPES, data_files, inspect_data, path_problem, path_problems, project, save_upload
 
 PLAN_TIMEOUT_S = 600
 
 
 def build(ctx: Context) -> Form:
-    data_picker = lambda: gr.Dropdown(data_files(), value=ctx.cfg.data.data_path, label="DATA_PATH",  # noqa: E731
-                                      allow_custom_value=True, elem_id="train-DATA_PATH",
-                                      info=Config.variables()["DATA_PATH"][1].metadata["help"])
+    data_picker = lambda: gr.Dropdown(
+        data_files(),
+        value=ctx.cfg.data.data_path,
+        label="DATA_PATH",  # noqa: E731
+        allow_custom_value=True,
+        elem_id="train-DATA_PATH",
+        info=Config.variables()["DATA_PATH"][1].metadata["help"],
+    )
     note = gr.Markdown(model_note(ctx.cfg.model.model_name), elem_id="train-model-note")
     with gr.Row():
         with gr.Column(scale=3):
@@ -46,11 +51,15 @@ def build(ctx: Context) -> Form:
             upload = gr.File(label=f"Upload a data file into data/ ({', '.join(DATA_TYPES)})", elem_id="train-upload")
             data_info = gr.Textbox(label="Data file", interactive=False, lines=2, elem_id="train-data-info")
             # "" not None when unset: a value, so that API callers may leave adapter_dir out
-            start_from = gr.Dropdown(runs.adapters(), value=ctx.cfg.predict.adapter_dir,
-                                     allow_custom_value=True, label="Continue adapter (ADAPTER_DIR)",
-                                     elem_id="train-ADAPTER_DIR",
-                                     info="STAGE=dpo/kto: the finished SFT run to continue (its base and LoRA shape "
-                                          "are kept); blank: a new adapter. STAGE=sft does not read it")
+            start_from = gr.Dropdown(
+                runs.adapters(),
+                value=ctx.cfg.predict.adapter_dir,
+                allow_custom_value=True,
+                label="Continue adapter (ADAPTER_DIR)",
+                elem_id="train-ADAPTER_DIR",
+                info="STAGE=dpo/kto: the finished SFT run to continue (its base and LoRA shape "
+                "are kept); blank: a new adapter. STAGE=sft does not read it",
+            )
             with gr.Row():
                 plan_btn = gr.Button("Plan", elem_id="train-plan")
                 start_btn = gr.Button("Start", variant="primary", elem_id="train-start")
@@ -59,11 +68,21 @@ def build(ctx: Context) -> Form:
                 resume_btn = gr.Button("Resume", elem_id="train-resume")
             hint = gr.Markdown(PLAN_HINT, elem_id="train-hint")
             message = gr.Textbox(label="Message", interactive=False, elem_id="train-message")
-            command = gr.Textbox(label="Command line (paste into a terminal in the project dir)", interactive=False,
-                                 buttons=["copy"], elem_id="train-command")
+            command = gr.Textbox(
+                label="Command line (paste into a terminal in the project dir)",
+                interactive=False,
+                buttons=["copy"],
+                elem_id="train-command",
+            )
     plan_out = gr.Textbox(label="Plan (make info)", lines=12, max_lines=40, interactive=False, elem_id="train-plan-out")
-    watched = gr.Dropdown(runs.run_dirs(), label="Watch run", allow_custom_value=True, elem_id="train-watch",
-                          value=None, info="a run started here or from a terminal")
+    watched = gr.Dropdown(
+        runs.run_dirs(),
+        label="Watch run",
+        allow_custom_value=True,
+        elem_id="train-watch",
+        value=None,
+        info="a run started here or from a terminal",
+    )
     status = gr.Textbox(label="Run", interactive=False, elem_id="train-status")
     progress = gr.Textbox(label="Progress", interactive=False, elem_id="train-progress")
     curve = gr.Plot(label="Loss", elem_id="train-curve")
@@ -107,8 +126,14 @@ def build(ctx: Context) -> Form:
                 raise UserError(bad)
         except UserError as e:
             return problems_of(e), "", "", gr.update()
-        done = subprocess.run(argv("info", overrides), cwd=project(), capture_output=True, text=True,
-                              timeout=PLAN_TIMEOUT_S, env=job_env())
+        done = subprocess.run(
+            argv("info", overrides),
+            cwd=project(),
+            capture_output=True,
+            text=True,
+            timeout=PLAN_TIMEOUT_S,
+            env=job_env(),
+        )
         line = command_line("info", overrides)
         if done.returncode:
             return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout, gr.update()
@@ -139,8 +164,10 @@ def build(ctx: Context) -> Form:
     def resume(run: str | None, adapter: str | None, *values: Any) -> tuple[str, str]:
         now = runs.state(run) if run else None
         if now is None or not now.resumable:
-            return f"{run or 'no run'}: {now.line if now else 'pick it under Watch run'}; nothing to resume", \
-                gr.update()
+            return (
+                f"{run or 'no run'}: {now.line if now else 'pick it under Watch run'}; nothing to resume",
+                gr.update(),
+            )
         overrides = ctx.last_train.get(run) or {**settings(adapter, values), "OUTPUT_DIR": run}
         try:
             checked("train", overrides)
@@ -160,8 +187,13 @@ def build(ctx: Context) -> Form:
         if job is not None and not job.running() and job.proc.returncode:
             line += f" ({job.command} {job.status()})"
         training = now.state == "training" or (job is not None and job.running())
-        return line, runs.progress(rows), len(rows), job.tail() if job is not None else "", \
-            gr.update(interactive=training)
+        return (
+            line,
+            runs.progress(rows),
+            len(rows),
+            job.tail() if job is not None else "",
+            gr.update(interactive=training),
+        )
 
     def watch(run: str | None) -> tuple[str, str, Any, str, Any]:
         line, prog, _, tail, stoppable = look(run)
@@ -179,18 +211,31 @@ def build(ctx: Context) -> Form:
     stage.change(on_data, [data, stage], data_info, api_visibility="private")
     start_from.focus(lambda: gr.update(choices=runs.adapters()), None, start_from, api_visibility="private")
     # again at each page load too (a model downloaded meanwhile, then a reload), and as MODEL_NAME is typed
-    gr.on(None, named(model_note, ["model_name"]), form.fields["MODEL_NAME"], note, api_name="model_note",
-          show_progress="hidden")
-    plan_btn.click(named(plan, ["adapter_dir"], form), [start_from, *fields], [message, command, plan_out, hint],
-                   api_name="plan")
-    start_btn.click(named(start, ["adapter_dir"], form), [start_from, *fields], [message, command, watched],
-                    api_name="start")
+    gr.on(
+        None,
+        named(model_note, ["model_name"]),
+        form.fields["MODEL_NAME"],
+        note,
+        api_name="model_note",
+        show_progress="hidden",
+    )
+    plan_btn.click(
+        named(plan, ["adapter_dir"], form), [start_from, *fields], [message, command, plan_out, hint], api_name="plan"
+    )
+    start_btn.click(
+        named(start, ["adapter_dir"], form), [start_from, *fields], [message, command, watched], api_name="start"
+    )
     stop_btn.click(named(stop, ["run"]), watched, message, api_name="stop")
-    resume_btn.click(named(resume, ["run", "adapter_dir"], form), [watched, start_from, *fields], [message, command],
-                     api_name="resume")
+    resume_btn.click(
+        named(resume, ["run", "adapter_dir"], form),
+        [watched, start_from, *fields],
+        [message, command],
+        api_name="resume",
+    )
     watch_outputs = [status, progress, curve, log_tail, stop_btn]
     shown = gr.State("")  # this page's plot: "run:logged rows"
     watched.change(named(watch, ["run"]), watched, watch_outputs, api_name="watch")
-    gr.Timer(2.0).tick(tick, [watched, shown], [*watch_outputs, shown], show_progress="hidden",
-                       api_visibility="private")
+    gr.Timer(2.0).tick(
+        tick, [watched, shown], [*watch_outputs, shown], show_progress="hidden", api_visibility="private"
+    )
     return form
