@@ -19,8 +19,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
 from app.models.tiny import build_tiny_model

@@ -28,8 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.core.utils import atomic_write_text, setup_logging, write_json
 from bench.bench_memory import QWEN_100M, ensure_model

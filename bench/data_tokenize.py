@@ -19,8 +19,9 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 BUILD_BASELINE_COMMIT = "a86d07e"  # the last commit whose cache build encoded record by record
 METHODS = {

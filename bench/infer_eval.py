@@ -15,8 +15,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("bench")
 DEMO_RUN, DEMO_HELDOUT = Path("models/demo"), Path("data/demo/heldout.jsonl")

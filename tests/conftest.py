@@ -267,8 +267,8 @@ def cli(monkeypatch, tmp_path, caplog, capsys):
     for a fresh torch import per call."""
     import logging
 
-    import app.training.signals
     import app.core.utils
+    import app.training.signals
     from app.__main__ import main
     from app.config import Config
 
@@ -660,7 +660,7 @@ def greedy_reference():
 # ---- the web UI: a project, the UI serving it, a real browser ---------------------------------------------
 
 
-def _start_webui(start, settings: tuple[str, ...], cwd: Path | None) -> tuple[str, "AppProcess"]:
+def _start_webui(start, settings: tuple[str, ...], cwd: Path | None) -> tuple[str, AppProcess]:
     """`python -m app webui` on a free port through ``start`` (app_process / module_app_process), waited for until
     its page answers: (its URL without the trailing slash, the process)."""
     import socket

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.__main__ import ALL_COMMANDS as COMMANDS  # the CLI's commands and the web UI's
+from app.__main__ import main
 from app.cli import reference
-from app.__main__ import ALL_COMMANDS as COMMANDS, main  # the CLI's commands and the web UI's
 from app.config import Config
 from app.inference.predict import BUILTIN_PROMPT, Predictor
 

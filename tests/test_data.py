@@ -14,7 +14,6 @@ import pytest
 from app.core.errors import UserError
 from app.data.records import Example, LoadReport, detect_format, read_examples, to_example
 
-
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731

@@ -213,8 +213,8 @@ def test_bad_input_is_one_line_and_writes_nothing(project, cli, snapshot, tiny_g
     (ptuning / "adapter_config.json").write_text(
         json.dumps({"peft_type": "PREFIX_TUNING", "base_model_name_or_path": str(tiny_glm_dir)})
     )
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"prompt_embeddings": torch.zeros(4, 8)}, str(ptuning / "adapter_model.safetensors"))
     other = project / "models/phi"

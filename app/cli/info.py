@@ -13,13 +13,12 @@ import sys
 from app.cli.preflight import default_data_missing, preflight
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
+from app.evaluation.timing import EvalTime, unknown
 from app.models.integrity import weights_missing
 from app.plan.tiers import fit_memory, format_info
 from app.plan.timing import duration, expected_time
 from app.training.preference import describe_stage
 from app.training.train import FineTuner
-
-from app.evaluation.timing import EvalTime, unknown
 
 
 def run_info(cfg: Config) -> None:

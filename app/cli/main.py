@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, ContextManager, NamedTuple
+from typing import ContextManager, NamedTuple
 
 from app.config import Config, parse_cli_overrides
 from app.core.errors import UserError

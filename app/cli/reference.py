@@ -15,8 +15,9 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from app.config import OTHER_PREFIXES, OTHER_VARIABLES, TIERED, Config, documented, show
 

@@ -17,9 +17,10 @@ import functools
 import os
 import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from app.config.fields import (
     ALL,
@@ -37,7 +38,7 @@ from app.config.fields import (
     TrainArgs,
     WebuiArgs,
 )
-from app.config.sources import adapter_base, read_dotenv, unknown_problem, default_output_dir, make_overrides
+from app.config.sources import adapter_base, default_output_dir, make_overrides, read_dotenv, unknown_problem
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Config:
         sec, f = self.variables()[var.upper()]
         return getattr(getattr(self, sec), f.name)
 
-    def replace(self, values: dict[str, Any], explicit: Iterable[str] = ()) -> "Config":
+    def replace(self, values: dict[str, Any], explicit: Iterable[str] = ()) -> Config:
         """A new Config with these VARIABLE values (parsed as from the command line; a bad one is a
         ConfigError), and ``explicit`` added to the names treated as set by the user. A Config is
         never changed: the tier, the memory fit, the guard and a resume each make a new one."""
@@ -96,7 +97,7 @@ class Config:
         env: dict[str, str] | None = None,
         dotenv_path: str | Path | None = ".env",
         validate: bool = True,
-    ) -> "Config":
+    ) -> Config:
         """Defaults < .env < environment < overrides. Raises ConfigError listing every problem.
 
         ``validate=False``: unknown names and unparsable values still raise, but the range checks
@@ -151,12 +152,12 @@ class Config:
         return cfg
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Config":
+    def from_dict(cls, values: dict[str, Any]) -> Config:
         """Build from plain values (a notebook, or a saved train_config.json)."""
         return cls.load(overrides={k: v for k, v in values.items()}, env={}, dotenv_path=None)
 
     # ---- validation ------------------------------------------------------------------
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every value; raise one ConfigError naming *all* bad variables and their fixes."""
         p: list[str] = []
         for var in self.variables():

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 
 class Legacy(NamedTuple):

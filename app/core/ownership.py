@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from app.core.legacy import LEGACY, legacy_entries, legacy_kind, matches
 from app.core.utils import atomic_write_text

@@ -21,10 +21,11 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.core import diskspace, ownership
 from app.core.errors import UserError
@@ -105,7 +106,7 @@ class TokenCache:
         report.reasons.update(r["reasons"])
         return report
 
-    def split(self, seed: int, val_size: float, has_val_file: bool) -> tuple["TrainRows", Any]:
+    def split(self, seed: int, val_size: float, has_val_file: bool) -> tuple[TrainRows, Any]:
         """(training rows, validation row indices): held_out_rows over this cache's rows."""
         import numpy as np
 

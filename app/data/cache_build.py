@@ -9,8 +9,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.core.errors import UserError
 from app.data.encode_batch import EncodedRows, encode_rows

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.data.cache import find_cache, held_out_rows, uses_cache
 from app.data.records import Example, LoadReport, examples_of, sample_examples, split

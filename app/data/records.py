@@ -18,9 +18,10 @@ import itertools
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from app.core.errors import UserError
 from app.data.preference import PREFERENCE_FORMATS, SHAREGPT_ROLES, read_preference, turns

@@ -15,8 +15,9 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.core.errors import UserError
 
@@ -85,7 +86,7 @@ def iter_lines(path: str | Path, setting: str, progress: bool = True) -> Iterato
         yield from _lines(p, p.suffix.lower(), bar, setting)
 
 
-def _lines(p: Path, suffix: str, bar: "_Progress", setting: str) -> Iterator[tuple[int, Any, int]]:
+def _lines(p: Path, suffix: str, bar: _Progress, setting: str) -> Iterator[tuple[int, Any, int]]:
     jsonl, at = suffix == ".jsonl", 0
     with p.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
@@ -148,7 +149,7 @@ def _json_array(p: Path, size: int, setting: str) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data, 1)
 
 
-def _csv(p: Path, bar: "_Progress") -> Iterator[tuple[int, Any]]:
+def _csv(p: Path, bar: _Progress) -> Iterator[tuple[int, Any]]:
     with p.open("rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
         start = 2  # a quoted value may span lines: report the line the record starts on
@@ -232,7 +233,7 @@ class _Progress:
     def __init__(self, path: Path, size: int):
         self.path, self.size, self.bar = path, size, None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.size >= PROGRESS_MB * 2**20:
             from tqdm.auto import tqdm
 

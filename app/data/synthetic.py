@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from app.core.utils import atomic_write_text
 from app.data.synthetic_tables import (
@@ -22,10 +22,10 @@ from app.data.synthetic_tables import (
     CITIES,
     CLASSIC,
     CLIMATE,
-    COUNTRY,
     CO_X,
     CO_Y,
     CO_Z,
+    COUNTRY,
     DYNASTY,
     ETHNIC,
     FILM_B,

@@ -15,7 +15,7 @@ chosen one, and the same seed gives the same records.
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 from app.data.synthetic import (
     PREDICATES,

@@ -17,9 +17,10 @@ import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from app.core.errors import UserError
 from app.evaluation.textmetrics import TextReport, normalize, score_text

@@ -21,8 +21,9 @@ budget (an untrained or random model runs on: the upper bound).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from app.inference.gguf_export import BYTES_PER_WEIGHT
 from app.plan.estimator import QUANT_BYTES, ModelShape

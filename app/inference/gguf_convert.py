@@ -22,7 +22,6 @@ import runpy
 import sys
 from pathlib import Path
 
-
 # Pre-tokenizers of the tokenizers trained here, as transformers loads them, -> llama.cpp's name for the same
 # split. The tiny models' (app.models.tiny.runtime_pre_tokenizer); and Qwen2's own, which transformers' Qwen2Tokenizer
 # puts in place of any other (tiny-qwen2's included): llama.cpp's "qwen2" is that regex (llama-vocab.cpp).

@@ -24,9 +24,16 @@ from app.core import diskspace, ownership
 from app.core.errors import UserError
 from app.core.utils import replace_dir, write_json
 from app.inference import llamacpp
-from app.models.artifacts import base_model_for, find_adapter, fp32_bytes, is_full_model, is_onnx_dir, parse_json
-from app.models.artifacts import read_json
-from app.models.artifacts import replace_target_problem
+from app.models.artifacts import (
+    base_model_for,
+    find_adapter,
+    fp32_bytes,
+    is_full_model,
+    is_onnx_dir,
+    parse_json,
+    read_json,
+    replace_target_problem,
+)
 from app.models.tiny import resolve_model
 
 log = logging.getLogger(__name__)

@@ -123,10 +123,10 @@ class LlamaCppCausalLM:
     def __del__(self) -> None:
         self.close()
 
-    def eval(self) -> "LlamaCppCausalLM":
+    def eval(self) -> LlamaCppCausalLM:
         return self
 
-    def train(self, mode: bool = True) -> "LlamaCppCausalLM":
+    def train(self, mode: bool = True) -> LlamaCppCausalLM:
         return self
 
     # ---- llama.cpp steps ----------------------------------------------------------------------------

@@ -52,10 +52,10 @@ class OnnxCausalLM:
         self.device = torch.device("cpu")
         self.config = SimpleNamespace(model_type=self.meta["architecture"], onnx=True)
 
-    def eval(self) -> "OnnxCausalLM":
+    def eval(self) -> OnnxCausalLM:
         return self
 
-    def train(self, mode: bool = True) -> "OnnxCausalLM":
+    def train(self, mode: bool = True) -> OnnxCausalLM:
         return self
 
     def forward(

@@ -12,12 +12,13 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.config import Config
-from app.core.errors import UserError
 from app.core import diskspace, generated
+from app.core.errors import UserError
 from app.core.utils import atomic_write_text, set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example

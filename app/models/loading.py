@@ -331,7 +331,7 @@ def apply_ptuning(model: Any, cfg: Config) -> Any:
     """P-Tuning v2: trained key/value prefixes in every layer (peft's prefix tuning)."""
     from peft import PrefixTuningConfig, get_peft_model
 
-    hidden = getattr(model.config, "hidden_size", None) or getattr(model.config.get_text_config(), "hidden_size")
+    hidden = getattr(model.config, "hidden_size", None) or model.config.get_text_config().hidden_size
     pcfg = PrefixTuningConfig(
         task_type="CAUSAL_LM",
         num_virtual_tokens=cfg.lora.pre_seq_len,

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from app.config import Config
 from app.core.errors import UserError
 
-
 # model_type values whose transformers modeling code turns restarting position_ids into a
 # block-diagonal mask (masking_utils.find_packed_sequence_indices), each checked by a test.
 PACKING_FAMILIES = ("glm", "glm4", "qwen2", "qwen3", "llama", "gemma3_text")

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
-from typing import Any, Callable
+from typing import Any
 
 # A probe projection holds at most this many weights (the model's in/out ratio kept). A dense matmul's rate
 # hardly depends on the size, but a 4-bit / 8-bit layer writes out every weight dequantized in each pass,

@@ -20,10 +20,10 @@ from types import MappingProxyType
 from typing import Any
 
 from app.config import Config, documented
-from app.plan.stages import min_batch
 from app.plan.estimator import Estimate, ModelShape, estimate
 from app.plan.precision import quant_needed
 from app.plan.resources import Resources
+from app.plan.stages import min_batch
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +70,22 @@ class Plan:
     held: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # fixed before planning, and why
     cfg: Config = field(default_factory=Config)  # the settings as planned: the user's, with each decision
 
-    def decide(self, var: str, value: Any, why: str) -> "Plan":
+    def decide(self, var: str, value: Any, why: str) -> Plan:
         """``var`` = ``value`` unless the user set it; the value and the reason are recorded either way."""
         if var in self.cfg.explicit:
             return self.record(var, self.cfg.get(var), self.held.get(var, "set by you"))
         return self.set(var, value, why)
 
-    def set(self, var: str, value: Any, why: str) -> "Plan":
+    def set(self, var: str, value: Any, why: str) -> Plan:
         """``var`` is ``value``, whoever set it (QUANT_LEVEL=auto resolves even when given)."""
         cfg = self.cfg.replace({var: value})
         return replace(self, cfg=cfg).record(var, cfg.get(var), why)
 
-    def record(self, var: str, value: Any, why: str) -> "Plan":
+    def record(self, var: str, value: Any, why: str) -> Plan:
         """Note a setting's value and reason without changing it."""
         return replace(self, decisions=MappingProxyType({**self.decisions, var: (value, why)}))
 
-    def warn(self, text: str) -> "Plan":
+    def warn(self, text: str) -> Plan:
         return replace(self, warnings=(*self.warnings, text))
 
 

@@ -12,15 +12,16 @@ only: loading, the token cache, evaluation and checkpoint saves come on top. A p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 from app.config import Config
 from app.plan.estimator import ModelShape
-from app.plan.stages import stage_cost
 from app.plan.precision import bf16_frozen_weights, resolve_precision
 from app.plan.probes import NothingMeasured, probe_attention, probe_glue, probe_linear, probe_lora, probe_optimizer
+from app.plan.stages import stage_cost
 
 LENGTH_SAMPLE = 2000  # rows read for the lengths of a micro-batch
 

@@ -15,7 +15,8 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request  # FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse

@@ -27,8 +27,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from app.serve.batch import Row, SequenceBatch, TorchBatch, joinable
 
@@ -78,7 +79,7 @@ class EngineLock:
     def release(self) -> None:
         self._lock.release()
 
-    def __enter__(self) -> "EngineLock":
+    def __enter__(self) -> EngineLock:
         self.acquire()
         return self
 

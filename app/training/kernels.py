@@ -117,7 +117,7 @@ def fast_lora_dropout(model: Any) -> int:
     return swapped
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fast_dropout_class() -> type:
     """FastDropout (built on first use: this module imports no torch at import time)."""
     import torch

@@ -27,8 +27,8 @@ def launch(cfg: Config) -> None:
     check_ds_config(cfg, cuda=None)
 
     import torch
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     cuda = torch.cuda.is_available()

@@ -27,9 +27,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from app.core.errors import UserError
 from app.core.ownership import RUN_LOCK

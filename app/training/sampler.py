@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from app.plan.resources import MB, measure, torch_cuda
 
@@ -85,7 +86,7 @@ class MemorySampler:
             if self._stop.wait(self.interval):
                 return
 
-    def start(self) -> "MemorySampler":
+    def start(self) -> MemorySampler:
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="memory-sampler", daemon=True)
@@ -100,7 +101,7 @@ class MemorySampler:
             self._thread = None
         return self.peaks()
 
-    def __enter__(self) -> "MemorySampler":
+    def __enter__(self) -> MemorySampler:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -22,8 +22,8 @@ from app.core import ownership
 from app.core.errors import UserError
 from app.core.utils import peak_rss_mb, set_threads
 from app.models.loading import ALL_LINEAR, load_tokenizer, resolve
-from app.plan.precision import resolve_precision
 from app.plan.estimator import ModelShape
+from app.plan.precision import resolve_precision
 from app.plan.resources import Resources
 from app.plan.stages import min_batch
 from app.plan.tiers import Plan, apply_tier, halve_batch
@@ -79,10 +79,9 @@ class FineTuner:
     data_report = property(lambda self: self.data.report)
 
     # ---- steps -----------------------------------------------------------------------
-    def setup(self) -> "FineTuner":
+    def setup(self) -> FineTuner:
         from app.plan.estimator import model_shape
         from app.plan.resources import detect_resources
-
         from app.training.preference import start_adapter
 
         self.given = start_adapter(self.given)  # STAGE=dpo/kto continuing an adapter takes its base and shape
@@ -138,7 +137,7 @@ class FineTuner:
         held = {var: f"kept from {rc.checkpoint.name} (resumed)" for var in rc.kept}
         return cfg.replace(rc.kept, explicit=rc.kept), held  # planned once, when the run started: not again
 
-    def prepare_data(self, build_cache: bool = True) -> "FineTuner":
+    def prepare_data(self, build_cache: bool = True) -> FineTuner:
         """Read, sample, split and tokenise; fit MAX_SEQ_LEN/batch to memory. Writes nothing."""
         if self.plan is None or self.tokenizer is None:
             raise RuntimeError("call setup() before prepare_data()")
@@ -146,7 +145,7 @@ class FineTuner:
         self.plan = self.data.plan
         return self
 
-    def load_model(self) -> "FineTuner":
+    def load_model(self) -> FineTuner:
         """Weights (quantized as planned) + the method's trainable part (app/training/trainable.py)."""
         if self.cfg.distributed.ds_config:  # ZeRO-3 partitions the weights as they load: its config comes first
             self._ds_args = self._training_args(Path(self.cfg.train.output_dir) / CHECKPOINTS)

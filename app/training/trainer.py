@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
@@ -251,10 +252,10 @@ def build_trainer(
     from transformers.trainer_callback import ProgressCallback
 
     from app.plan.precision import resolve_precision
+    from app.training import trackers
     from app.training.callbacks import BestAdapter, MetricsJsonl, ProgressBar, Throughput
     from app.training.kernels import collator
     from app.training.outputs import METRICS
-    from app.training import trackers
     from app.training.resume import snapshot
 
     cfg = ft.cfg

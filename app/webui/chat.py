@@ -11,8 +11,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from app.core.errors import UserError
 from app.serve.adapters import read_adapter

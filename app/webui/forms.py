@@ -13,7 +13,8 @@ from __future__ import annotations
 import inspect
 import shlex
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
 
@@ -166,7 +167,7 @@ def argv(command: str, overrides: dict[str, str]) -> list[str]:
     return [sys.executable, "-m", "app", command, *(f"{k}={v}" for k, v in overrides.items())]
 
 
-def named(fn: Callable[..., Any], leading: list[str], form: "Form | None" = None) -> Callable[..., Any]:
+def named(fn: Callable[..., Any], leading: list[str], form: Form | None = None) -> Callable[..., Any]:
     """``fn`` (taking ``leading`` inputs, then the form's values) with a signature naming each input, so that the
     UI's API (gradio_client, /docs) takes ``model_name=..., max_steps=...`` instead of param_0, param_1, ..."""
     names = leading + [v.lower() for v in (form.fields if form else ())]

@@ -3,7 +3,8 @@ with the generation settings and serve's own under Advanced; Reset clears the co
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import gradio as gr
 
