@@ -1,5 +1,5 @@
 """Shared fixtures, the only place test files share code (no test file imports another:
-tests/test_suite_guards.py checks it).
+tests/project/test_suite_guards.py checks it).
 
 - the three tiny model families (and their tokenizers), built once per session in a temp dir with
   ``app.models.tiny.build_tiny_model`` (seeded, ~2 s each), so tests never touch or depend on the
@@ -12,7 +12,7 @@ tests/test_suite_guards.py checks it).
 - training runs: ``make_data`` and ``data_dir`` (synthetic data), ``recipe`` (the golden-loss recipe),
   ``read_metrics`` and ``train_losses`` (what a run logged), ``greedy_reference`` (an independent decode).
 
-Everything that imports ``app`` does so inside the fixture: tests/test_suite_guards.py runs a copy of
+Everything that imports ``app`` does so inside the fixture: tests/project/test_suite_guards.py runs a copy of
 this file in a throw-away project.
 """
 
@@ -35,56 +35,56 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 # One list rather than a decorator per test, so the edit loop's budget is visible in one place; an
 # entry that matches no test is an error (a renamed test must not silently turn fast).
 SLOW = (
-    "tests/test_demo.py::test_demo_recipe_f1_rises_well_above_its_start",
-    "tests/test_evaluate.py",
-    "tests/test_export.py",
-    "tests/test_gguf_export.py",
-    "tests/test_gguf_parity.py",
-    "tests/test_gguf_tokens.py",
-    "tests/test_faults.py::test_kill_9_of_merge_leaves_the_previous_merge_or_none",
-    "tests/test_faults.py::test_kill_9_of_export_leaves_the_previous_export_or_none",
-    "tests/test_families.py",
-    "tests/test_guard.py::test_naive_config_over_a_real_limit_finishes_instead_of_being_killed",
-    "tests/test_guard.py::test_backoff_resumes_with_half_batch_and_the_same_losses",
-    "tests/test_cli.py::test_offline_tiny_train_then_predict_end_to_end",
-    "tests/test_cli.py::test_info_sees_the_memory_limit_and_picks_the_tier",
-    "tests/test_distributed.py::test_two_nodes_on_loopback",
-    "tests/test_distributed.py::test_two_processes_train_as_one_job",
-    "tests/test_signals.py",
-    "tests/test_predict.py",
-    "tests/test_train.py::test_kill_9_then_resume_equals_an_uninterrupted_run",
-    "tests/test_workspace.py::test_train_on_a_user_file_never_changes_it_or_writes_beside_it",
-    "tests/test_records_used.py",
-    "tests/test_encode_batch.py::test_the_cache_holds_encodes_rows_for_every_record_format",
-    "tests/test_faults.py::test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes",
-    "tests/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
-    "tests/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
-    "tests/test_preflight.py::test_offline_training_error_gives_the_download_command",
-    "tests/test_ownership.py::test_a_train_then_remove_run_leaves_exactly_the_users_files",
-    "tests/test_ownership.py::test_predict_file_and_evaluate_write_only_where_they_may",
-    "tests/test_ownership.py::test_a_token_cache_dir_holding_your_files_is_refused",
-    "tests/test_disk_full.py",
-    "tests/test_readme_journey.py",
-    "tests/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
-    "tests/test_webui.py::test_train_watch_chat_evaluate_and_merge",
-    "tests/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
-    "tests/test_webui.py::test_the_page_says_to_plan_first_until_a_plan_is_shown",
-    "tests/test_webui.py::test_plan_runs_the_stage_settings_and_the_adapter_to_continue",
-    "tests/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
-    "tests/test_webui_browser.py",
-    "tests/test_serve_llamacpp.py",
-    "tests/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
+    "tests/cli/test_demo.py::test_demo_recipe_f1_rises_well_above_its_start",
+    "tests/evaluation/test_evaluate.py",
+    "tests/inference/test_export.py",
+    "tests/inference/test_gguf_export.py",
+    "tests/inference/test_gguf_parity.py",
+    "tests/inference/test_gguf_tokens.py",
+    "tests/cli/test_faults.py::test_kill_9_of_merge_leaves_the_previous_merge_or_none",
+    "tests/cli/test_faults.py::test_kill_9_of_export_leaves_the_previous_export_or_none",
+    "tests/models/test_families.py",
+    "tests/training/test_guard.py::test_naive_config_over_a_real_limit_finishes_instead_of_being_killed",
+    "tests/training/test_guard.py::test_backoff_resumes_with_half_batch_and_the_same_losses",
+    "tests/cli/test_cli.py::test_offline_tiny_train_then_predict_end_to_end",
+    "tests/cli/test_cli.py::test_info_sees_the_memory_limit_and_picks_the_tier",
+    "tests/training/test_distributed.py::test_two_nodes_on_loopback",
+    "tests/training/test_distributed.py::test_two_processes_train_as_one_job",
+    "tests/training/test_signals.py",
+    "tests/inference/test_predict.py",
+    "tests/training/test_train.py::test_kill_9_then_resume_equals_an_uninterrupted_run",
+    "tests/cli/test_workspace.py::test_train_on_a_user_file_never_changes_it_or_writes_beside_it",
+    "tests/data/test_records_used.py",
+    "tests/data/test_encode_batch.py::test_the_cache_holds_encodes_rows_for_every_record_format",
+    "tests/cli/test_faults.py::test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes",
+    "tests/cli/test_faults.py::test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing",
+    "tests/cli/test_preflight.py::test_info_offline_shows_everything_but_the_shape_and_the_download_command",
+    "tests/cli/test_preflight.py::test_offline_training_error_gives_the_download_command",
+    "tests/core/test_ownership.py::test_a_train_then_remove_run_leaves_exactly_the_users_files",
+    "tests/core/test_ownership.py::test_predict_file_and_evaluate_write_only_where_they_may",
+    "tests/core/test_ownership.py::test_a_token_cache_dir_holding_your_files_is_refused",
+    "tests/cli/test_disk_full.py",
+    "tests/cli/test_readme_journey.py",
+    "tests/cli/test_preflight.py::test_info_plans_from_the_config_alone_and_train_refuses_without_weights",
+    "tests/webui/test_webui.py::test_train_watch_chat_evaluate_and_merge",
+    "tests/webui/test_webui.py::test_gradio_refuses_an_upload_over_the_cap_before_its_temp_dir_holds_it",
+    "tests/webui/test_webui.py::test_the_page_says_to_plan_first_until_a_plan_is_shown",
+    "tests/webui/test_webui.py::test_plan_runs_the_stage_settings_and_the_adapter_to_continue",
+    "tests/webui/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
+    "tests/webui/test_webui_browser.py",
+    "tests/serve/test_serve_llamacpp.py",
+    "tests/plan/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
     # STAGE=dpo/kto: every test but the one-line refusals trains (or shares) a run
-    "tests/test_preference_training.py::test_golden_dpo_losses_start_at_ln_2",
-    "tests/test_preference_training.py::test_kto_under_a_tier_of_batch_1_plans_a_batch_of_2",
-    "tests/test_preference_training.py::test_a_continued_sft_adapter_starts_at_ln_2_too",
-    "tests/test_preference_training.py::test_the_reference_pass_is_the_model_it_stands_for",
-    "tests/test_preference_training.py::test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run",
-    "tests/test_preference_training.py::test_a_resume_with_another_loss_or_start_is_refused_in_one_line",
-    "tests/test_preference_training.py::test_the_saved_adapter_is_the_policy_alone",
-    "tests/test_preference_training.py::test_predict_serve_and_merge_take_the_dpo_adapter",
-    "tests/test_preference_training.py::test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line",
-    "tests/test_preference_training.py::test_a_continued_adapter_keeps_its_shape",
+    "tests/training/test_preference_training.py::test_golden_dpo_losses_start_at_ln_2",
+    "tests/training/test_preference_training.py::test_kto_under_a_tier_of_batch_1_plans_a_batch_of_2",
+    "tests/training/test_preference_training.py::test_a_continued_sft_adapter_starts_at_ln_2_too",
+    "tests/training/test_preference_training.py::test_the_reference_pass_is_the_model_it_stands_for",
+    "tests/training/test_preference_training.py::test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run",
+    "tests/training/test_preference_training.py::test_a_resume_with_another_loss_or_start_is_refused_in_one_line",
+    "tests/training/test_preference_training.py::test_the_saved_adapter_is_the_policy_alone",
+    "tests/training/test_preference_training.py::test_predict_serve_and_merge_take_the_dpo_adapter",
+    "tests/training/test_preference_training.py::test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line",
+    "tests/training/test_preference_training.py::test_a_continued_adapter_keeps_its_shape",
 )
 
 
@@ -599,7 +599,7 @@ def _recipe(model_dir, data_dir, out_dir, **extra):
 @pytest.fixture(scope="session")
 def recipe():
     """recipe(model_dir, data_dir, out_dir, **extra) -> Config: the golden-loss recipe (6 steps of
-    2 x 2 on 40 samples of data_dir, fp32, seed 0) whose per-step losses tests/test_train.py pins in
+    2 x 2 on 40 samples of data_dir, fp32, seed 0) whose per-step losses tests/training/test_train.py pins in
     GOLDEN_LOSSES; ``extra`` settings replace its own."""
     return _recipe
 

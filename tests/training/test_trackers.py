@@ -23,7 +23,7 @@ def mlflow_dir(tmp_path_factory):
     the package index where pip cannot reach one, a failure instead under REQUIRE_TRACKERS=1 (CI)."""
     from pathlib import Path
 
-    reqs = Path(__file__).resolve().parents[1] / "requirements-trackers.txt"
+    reqs = Path(__file__).resolve().parents[2] / "requirements-trackers.txt"
     pins = [line for line in reqs.read_text().splitlines() if line.split("==")[0] in PINS]
     assert len(pins) == len(PINS), pins
     target = tmp_path_factory.mktemp("mlflow-site")

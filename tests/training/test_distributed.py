@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from app import Config, FineTuner
 from app.data.synthetic import write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIGEST = re.compile(r"\[rank (\d)\] INFO app\.training\.dist: rank \1/2 .*trainable parameters sha256 ([0-9a-f]{64})")
 # The golden recipe's data and schedule at global batch 4, without dropout (its masks differ per
 # process), no evaluation and no periodic checkpoint: short and exactly comparable.

@@ -13,7 +13,7 @@ from app.cli.workspace import MANIFEST, clean, clean_plan, ensure_default_data, 
 from app.config import Config
 from app.core.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _digest(folder: Path) -> dict[str, str]:

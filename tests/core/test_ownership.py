@@ -257,40 +257,40 @@ def test_a_token_cache_dir_holding_your_files_is_refused(project, cli, snapshot)
 # (byte for byte). A new writer fails test_every_writer_is_accounted_for until it is listed: "anything added later".
 WRITERS = {
     "app.cli.demo": "make demo: its own DEMO_DIR and bench/ report; sample files refused unless the tool wrote them "
-    "(core.generated; tests/test_demo.py)",
-    "app.cli.reference": "`python -m app docs`: the generated docs pages (tests/test_docs.py)",
+    "(core.generated; tests/cli/test_demo.py)",
+    "app.cli.reference": "`python -m app docs`: the generated docs pages (tests/config/test_docs.py)",
     "app.cli.removal": "remove-run: only the entries its manifest lists (this file)",
-    "app.cli.workspace": "sample data and clean: only files recorded with their hash (tests/test_workspace.py)",
+    "app.cli.workspace": "sample data and clean: only files recorded with their hash (tests/cli/test_workspace.py)",
     "app.config.settings": "Config.save: train_config.json inside a run dir (this file)",
-    "app.core.cgroups": "a child memory cgroup under /sys/fs/cgroup (tests/test_memory_monitor.py)",
+    "app.core.cgroups": "a child memory cgroup under /sys/fs/cgroup (tests/plan/test_memory_monitor.py)",
     "app.core.generated": "the .generated.json record beside files the tool wrote",
     "app.core.ownership": "the marker of a folder it may write (this file)",
     "app.core.utils": "the primitives: atomic writes, built_whole, staged_dir, replace_dir (refuses a folder "
-    "without its marker: tests/test_faults.py)",
+    "without its marker: tests/cli/test_faults.py)",
     "app.data.cache": "CACHE_DIR/tokens: new, empty or the tool's (this file)",
     "app.data.cache_build": "a cache key's folder inside CACHE_DIR/tokens",
-    "app.data.synthetic": "make demo / generate-data's sample files (tests/test_workspace.py)",
+    "app.data.synthetic": "make demo / generate-data's sample files (tests/cli/test_workspace.py)",
     "app.evaluation.reports": "evaluate's report folder: new, empty or the tool's (this file)",
     "app.inference.export": "ONNX_DIR: replace_dir with onnx_export.json, refused folders (this file)",
     "app.inference.gguf_export": "GGUF_DIR: replace_dir with gguf_info.json, refused folders; the merged model and "
-    "logs only inside the new export (tests/test_gguf_export.py)",
+    "logs only inside the new export (tests/inference/test_gguf_export.py)",
     "app.inference.gguf_files": "the Modelfile, README and generation_config.json inside the new export",
     "app.inference.merge": "MERGED_DIR: replace_dir with merge_info.json, refused folders (this file)",
     "app.inference.predict": "predict-file's OUTPUT_FILE: new, or the tool's own unchanged output (this file)",
     "app.models.loading": "PiSSA/OLoRA's initial adapter in a temp dir of its own",
     "app.models.runs": "models/.last_run, the tool's pointer (this file)",
-    "app.models.tiny": "models/tiny-* built whole (tests/test_workspace.py)",
+    "app.models.tiny": "models/tiny-* built whole (tests/cli/test_workspace.py)",
     "app.serve.engine": None,  # list.remove: no file
     "app.serve.gguf": "<adapter>/gguf-lora: replace_dir with lora_info.json, refused folders, listed in the run's "
-    "manifest (tests/test_serve_llamacpp.py)",
+    "manifest (tests/serve/test_serve_llamacpp.py)",
     "app.training.callbacks": "best/ and the loss plot inside the run dir",
     "app.training.checkpoints": "checkpoints/ inside the run dir",
     "app.training.outputs": "the finished run's files inside the run dir (this file)",
     "app.training.runlock": "the run's lock file, deleted when done",
     "app.training.train": "OUTPUT_DIR: new, empty or the tool's (this file)",
     "app.training.trainer": "a checkpoint's settings inside checkpoints/",
-    "app.webui.jobs": "the web UI's job logs under models/.webui (tests/test_webui.py)",
-    "app.webui.paths": "uploads: only new names in data/ (tests/test_webui.py)",
+    "app.webui.jobs": "the web UI's job logs under models/.webui (tests/webui/test_webui.py)",
+    "app.webui.paths": "uploads: only new names in data/ (tests/webui/test_webui.py)",
 }
 _WRITE_CALLS = {
     "mkdir",
@@ -318,7 +318,7 @@ _OS_CALLS = {"replace", "rename", "remove", "unlink", "rmdir"}
 def _writers() -> dict[str, set[str]]:
     import ast
 
-    app = Path(__file__).resolve().parents[1] / "app"
+    app = Path(__file__).resolve().parents[2] / "app"
     found: dict[str, set[str]] = {}
     for path in sorted(app.rglob("*.py")):
         calls = set()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCH_PIN = next(x for x in (REPO / "requirements.txt").read_text().splitlines() if x.startswith("torch=="))
 
 # A stand-in python: `-m venv DIR` makes DIR/bin/python (itself); `-m pip ...` logs its arguments

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "setup-gguf.sh"
 PINS = [x for x in (REPO / "requirements-gguf.txt").read_text().splitlines() if x and not x.startswith("#")]
 VERSION = next(x.split("==")[1] for x in PINS if x.startswith("llama-cpp-python=="))

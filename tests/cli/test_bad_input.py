@@ -4,7 +4,7 @@ the file and line, and the fix; no traceback; an earlier run's outputs in OUTPUT
 Most cases run `python -m app ...`'s main() in this process (the same code path as the command
 line, without paying for a fresh torch import per case); the unwritable OUTPUT_DIR runs a real
 process (as an unprivileged user when the suite runs as root, who may write anywhere), and a full
-disk is simulated by making the save raise ENOSPC. tests/test_cli.py and tests/test_data.py cover
+disk is simulated by making the save raise ENOSPC. tests/cli/test_cli.py and tests/data/test_data.py cover
 more file-level cases (missing file, unsupported suffix, .json that is not an array, ...).
 """
 
@@ -20,7 +20,7 @@ import pytest
 from app import Config, FineTuner, UserError
 from app.data.synthetic import write_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def previous_run(out: Path) -> None:

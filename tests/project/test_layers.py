@@ -4,7 +4,7 @@ imports point only down the order below, and no module imports itself back throu
 import ast
 from pathlib import Path
 
-APP = Path(__file__).resolve().parents[1] / "app"
+APP = Path(__file__).resolve().parents[2] / "app"
 # bottom -> top; a package may import its own modules and any package before it
 LAYERS = ["core", "config", "data", "models", "plan", "inference", "evaluation", "training", "serve", "cli", "webui"]
 

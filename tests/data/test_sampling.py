@@ -151,7 +151,7 @@ def test_a_big_json_array_asks_for_jsonl(tmp_path, monkeypatch):
 
 # ---- what a SEED picks, pinned: a change to it changes what a run trains on, and what its resume continues ---
 
-SEED_PIN = Path(__file__).parent / "fixtures" / "seed_pin.jsonl"  # records r01..r40; lines 7 and 22 are bad
+SEED_PIN = Path(__file__).resolve().parents[1] / "fixtures" / "seed_pin.jsonl"  # records r01..r40; lines 7 and 22 are bad
 PINNED = {  # SEED -> MAX_SAMPLES -> (training records, validation records) at VAL_SIZE=0.1, in the run's order
     42: {
         20: ([13, 10, 8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16], [20, 2]),

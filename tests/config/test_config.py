@@ -109,7 +109,7 @@ def test_env_template_is_in_sync_with_the_config():
 
     from app.plan.tiers import env_template
 
-    committed = (Path(__file__).resolve().parents[1] / ".env.template").read_text(encoding="utf-8")
+    committed = (Path(__file__).resolve().parents[2] / ".env.template").read_text(encoding="utf-8")
     assert committed == env_template(), "regenerate: python -m app env-template > .env.template"
     for var in Config.variables():
         assert f"# {var}=" in committed

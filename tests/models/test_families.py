@@ -70,7 +70,7 @@ def test_chatglm_style_remote_tokenizer_without_padding_side_is_patched(tmp_path
 
     from app.models.loading import load_tokenizer
 
-    src = Path(__file__).parent / "fixtures" / "legacy_tokenizer"
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "legacy_tokenizer"
     shutil.copytree(src, tmp_path / "legacy")
     raw = AutoTokenizer.from_pretrained(tmp_path / "legacy", trust_remote_code=True)
     with pytest.raises(TypeError, match="padding_side"):

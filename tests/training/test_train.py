@@ -19,12 +19,12 @@ from app import FineTuner
 
 # Per-step training loss of the recipe (the `recipe` fixture in tests/conftest.py, on its `data_dir`)
 # (torch 2.13.0 CPU, transformers 5.23.0, peft 0.21.2; tiny tokenizer trained with one pre-token per CJK character).
-# If a deliberate change alters them, re-derive with `pytest tests/test_train.py -k golden -s`
+# If a deliberate change alters them, re-derive with `pytest tests/training/test_train.py -k golden -s`
 # and say why in the commit.
 # Packed batches (PACKING=auto) since issue 7: the same samples per step and the same loss, but LoRA
 # dropout draws its masks over the packed tensor's shape (one row per micro-batch) and from int64 random bits
 # (app/training/kernels.py FastDropout), so steps 2+ moved by < 6e-3; with LORA_DROPOUT=0 packed and padded
-# runs agree to 1e-6 (tests/test_speed.py).
+# runs agree to 1e-6 (tests/training/test_speed.py).
 # Issue 17: MAX_SAMPLES is drawn in one streaming pass (the k smallest of per-record random keys) instead
 # of random.sample over a list of every record, so the recipe's 40 of 80 records are another 40: re-derived.
 # Issue 29: the tiny tokenizers split with GPT-2's regex alone at run time (the CJK-per-character split only

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 if not (REPO / "README.md").is_file():  # inside the image: the docs stay out of its build context
     pytest.skip("the README and docs/ are not here", allow_module_level=True)

@@ -365,7 +365,7 @@ def test_tune_allocator_returns_freed_tensor_memory():
             text=True,
             check=True,
             env=env,
-            cwd=Path(__file__).resolve().parents[1],
+            cwd=Path(__file__).resolve().parents[2],
         )
         retained[tuned] = int(out.stdout.split()[-1])
     assert retained["0"] > 200, retained  # the problem is real: 320 MB freed but still resident

@@ -13,7 +13,7 @@ import pytest
 
 from app.config import TIERED, Config, ConfigError, default_output_dir, make_overrides
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _errors(proc):

@@ -123,7 +123,7 @@ def _cfg(**values):
 
 
 def test_steps_count_as_the_trainer_counts_them():
-    # as tests/test_cli.py's end-to-end run: 18 samples, micro-batch 2, GRAD_ACCUM=2, one epoch -> 5 steps
+    # as tests/cli/test_cli.py's end-to-end run: 18 samples, micro-batch 2, GRAD_ACCUM=2, one epoch -> 5 steps
     assert timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=2, NUM_EPOCHS=1), 18) == (5, 9)
     assert timing.optimizer_steps(_cfg(BATCH_SIZE=1, GRAD_ACCUM=16, NUM_EPOCHS=3), 18) == (6, 54)
     assert timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=7), 1000) == (7, 28)

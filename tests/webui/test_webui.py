@@ -1,7 +1,7 @@
 """The web UI (app/webui): its forms come from the config tree, its path guard and uploads keep to data/ and
 models/, and through its API (gradio_client, against a real `python -m app webui`) bad input gets the command
 line's own one-line message with nothing written, and a run trains, chats, evaluates and merges.
-The same journey in a real browser: tests/test_webui_browser.py."""
+The same journey in a real browser: tests/webui/test_webui_browser.py."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from app import Config, FineTuner
 
 # Per-step loss of the recipe (tests/conftest.py `recipe`) with STAGE=dpo on the `pairs` file below (torch 2.13.0
 # CPU, transformers 5.23.0, peft 0.21.2, trl 1.16.0). Step 1 is ln 2: a new adapter's B is zero, so the policy is its
-# reference and every reward margin is 0. Re-derive with `pytest tests/test_preference_training.py -k golden -s`
+# reference and every reward margin is 0. Re-derive with `pytest tests/training/test_preference_training.py -k golden -s`
 # and say why in the commit.
 GOLDEN_DPO_LOSSES = [0.69315, 0.69038, 0.68595, 0.70144, 0.6996, 0.60544]
 DPO = {"STAGE": "dpo"}  # the recipe's settings plus these, on the pairs file

@@ -21,7 +21,7 @@ from app.cli import reference
 from app.config import Config
 from app.inference.predict import BUILTIN_PROMPT, Predictor
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EMPTY_PROMPT = "PROMPT is empty: use make predict-custom PROMPT='你的问题' (make predict answers the built-in prompt)"
 BLANK_PROMPT = (
     "PROMPT is blank (only spaces); give the question, e.g. make predict-custom "

@@ -12,7 +12,7 @@ import yaml
 
 from app.config import Config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVICES = {"setup", "train", "predict", "predict-custom", "evaluate", "merge", "export-gguf", "info", "test"}
 
 if not (REPO / "docker-compose.yml").is_file():  # inside the image: these files stay out of it
