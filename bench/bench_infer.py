@@ -53,7 +53,7 @@ BACKENDS = ("torch-bf16", "torch-4bit", "f16", "q8_0", "q4_k_m")
 MORE_BACKENDS = ("torch-8bit", "torch-fp32")  # what predict loads at QUANT_LEVEL=8bit / none: on request
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 1.07, "q4_k_m": 0.61}
 PROMPT, NEW, BATCH, EVAL_N, EVAL_N_6B, CGROUP_MB = 256, 128, 8, 100, 16, 8000
-STEPS_PROMPT, STEPS_NEW = 64, 32  # the "steps" kind: 8 rows decoded together, for app/evaluation/timing.py
+STEPS_PROMPT, STEPS_NEW = 64, 32  # the "steps" kind: 8 rows decoded together, for app/evaluation/eval_timing.py
 NEW_6B_TORCH = 16  # torch at 6B decodes seconds per token here: 16 tokens say its rate
 RESULTS = Path("bench/infer.json")
 
@@ -125,8 +125,8 @@ def child(spec: dict) -> dict:
         BATCH if spec["kind"] in ("batch", "steps") else 1,
     )
     row: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 1)}
-    if spec["kind"] == "probe":  # the rates app/evaluation/timing.py scales its engine shares by
-        from app.evaluation.timing import probe_rates
+    if spec["kind"] == "probe":  # the rates app/evaluation/eval_timing.py scales its engine shares by
+        from app.evaluation.eval_timing import probe_rates
         from app.plan.estimator import model_shape
 
         bandwidth, dense = probe_rates(model_shape(spec["model"]))
@@ -270,7 +270,7 @@ def run_shape(size: str, results: dict, scratch: Path, logs: Path, a: argparse.N
             measure(results, key, {**base, "kind": "single", "backend": backend, "gguf": path, "new": new}, logs, cg)
         if size == "6b" and backend == "q4_k_m" and (scratch / "gguf" / shape / "model-f16.gguf").is_file():
             (scratch / "gguf" / shape / "model-f16.gguf").unlink()  # 12 GB, only the quantizer needs it
-    if size == "1.5b" and "calibrate" in parts:  # the engine shares of app/evaluation/timing.py
+    if size == "1.5b" and "calibrate" in parts:  # the engine shares of app/evaluation/eval_timing.py
         if f"{size}/probe" not in results:
             measure(results, f"{size}/probe", {**base, "kind": "probe", "backend": "torch-fp32"}, logs)
         for backend in infer_eval.CALIBRATED:
@@ -342,7 +342,7 @@ def main() -> int:
     ap.add_argument(
         "--parts",
         default="single,batch,calibrate,evaluate,demo",
-        help="comma-separated: single, batch, calibrate (app/evaluation/timing.py's engine shares), "
+        help="comma-separated: single, batch, calibrate (app/evaluation/eval_timing.py's engine shares), "
         "evaluate, demo (the F1 of `make demo`'s model per backend)",
     )
     ap.add_argument(

@@ -36,8 +36,8 @@ _WORK: dict[str, Any] = {}  # what the forked processes inherit: the tokenizer, 
 def rendered(data: str, tok: Any, mb: float) -> tuple[list[str], int]:
     """(full training text of each record, file bytes they came from) of the file's first ``mb`` MB."""
     from app.data.encode import segments
+    from app.data.record_sources import iter_lines
     from app.data.records import LoadReport, examples_of
-    from app.data.sources import iter_lines
 
     texts, used = [], Path(data).stat().st_size
     for ex, (start,) in examples_of(

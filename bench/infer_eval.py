@@ -31,7 +31,7 @@ TOLERANCE = 0.30  # the 6B prediction's target
 
 
 def seconds(text: str) -> float | None:
-    """'~12 min' -> 720 (app.plan.timing.duration's units)."""
+    """'~12 min' -> 720 (app.plan.train_timing.duration's units)."""
     m = re.match(r"~?([\d.,]+) (s|min|h|days)\b", text.strip())
     return float(m.group(1).replace(",", "")) * UNITS[m.group(2)] if m else None
 
@@ -264,7 +264,7 @@ def targets(results: dict, verdict: Callable[[bool | None], str]) -> list[str]:
     return out
 
 
-# ---- the engine shares app/evaluation/timing.py uses, fitted from this bench's own rows -----------------------
+# ---- the engine shares app/evaluation/eval_timing.py uses, fitted from this bench's own rows -----------------------
 CALIBRATED = {
     "torch-4bit": "torch 4bit",
     "torch-8bit": "torch 8bit",
@@ -279,7 +279,7 @@ def fit(results: dict, size: str = "1.5b") -> dict[str, dict[str, float]]:
     """Per engine: a decode step = a + rows x b (single stream and 8 rows), then the shares of the probed rates:
     bandwidth = weight bytes / (a x probed bytes/s), row = FLOPs per token / (b x dense), prefill = the single
     stream's prefill FLOP/s / dense; load s per 1e9 weights."""
-    from app.evaluation.timing import weight_bytes
+    from app.evaluation.eval_timing import weight_bytes
     from app.plan.estimator import model_shape
 
     probe = results.get(f"{size}/probe") or {}
@@ -309,7 +309,7 @@ def fit(results: dict, size: str = "1.5b") -> dict[str, dict[str, float]]:
 
 
 def calibration_table(results: dict) -> list[str]:
-    from app.evaluation.timing import ENGINES
+    from app.evaluation.eval_timing import ENGINES
 
     probe, fitted = results.get("1.5b/probe") or {}, fit(results)
     if not fitted:
@@ -320,7 +320,7 @@ def calibration_table(results: dict) -> list[str]:
         "new tokens) give a + rows x b:",
         "",
         "| engine | a s | b s per row | bandwidth share | row share | prefill share | load s / 1e9 weights | "
-        "in app/evaluation/timing.py |",
+        "in app/evaluation/eval_timing.py |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for engine, f in fitted.items():

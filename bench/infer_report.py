@@ -247,14 +247,14 @@ def write_report(results: dict, notes: str = "", path: Path = Path("bench/infer.
         "",
         *_batch_table(results),
         "",
-        "## The evaluate time model's engine shares (app/evaluation/timing.py)",
+        "## The evaluate time model's engine shares (app/evaluation/eval_timing.py)",
         "",
         *infer_eval.calibration_table(results),
         "",
         "## `make evaluate`: wall time, and `make info`'s prediction of it",
         "",
         "In a temp project dir, as a user types them: `python -m app info` with the evaluate's settings (its "
-        '"expected evaluate" line, made before anything is exported or loaded: app/evaluation/timing.py), then '
+        '"expected evaluate" line, made before anything is exported or loaded: app/evaluation/eval_timing.py), then '
         "for llama.cpp `export-gguf`, then `python -m app evaluate ADAPTER_DIR=none MODEL_NAME=<the random model> "
         "EVAL_PATH=<N synthetic triplet records> NUM_THREADS=2`, wall time of the whole process. torch at "
         "QUANT_LEVEL=4bit: what the tier picks below 12 GB of RAM (the user's 8 GB PC) and what predict runs a "

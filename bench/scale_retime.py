@@ -2,7 +2,7 @@
 
 A 3-step run sees 3 samples, not the data's mean length, and a step's time is not proportional to its
 tokens (a 4-bit layer dequantizes all its weights once per pass, whatever the tokens). So the bench
-evaluates the same model (app/plan/timing.py) at both lengths, in a fresh process in the allocator setting
+evaluates the same model (app/plan/train_timing.py) at both lengths, in a fresh process in the allocator setting
 the run had, and scales the run's own prediction by the ratio: the probe's own run-to-run noise cancels.
 Prints one JSON object: {"ratio": T(measured tokens) / T(predicted tokens), "seq_predicted", "seq_measured"}.
 """
@@ -19,7 +19,7 @@ def ratio(run: Path, model: Path, tokens_per_step: float, released: bool) -> dic
     from app.plan.estimator import model_shape
     from app.plan.resources import tune_allocator
     from app.plan.stages import stage_cost
-    from app.plan.timing import predict_step_time
+    from app.plan.train_timing import predict_step_time
 
     if released:
         tune_allocator()

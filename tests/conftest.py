@@ -836,7 +836,7 @@ class _Staged:
     def __init__(self, model_dir: Path, root: Path, **settings):
         from app import Config
         from app.serve.engine import Engine
-        from app.serve.models import ServedModels
+        from app.serve.model_pool import ServedModels
 
         cfg = Config.from_dict({"MODEL_NAME": str(model_dir), "ADAPTERS": "none", "NUM_THREADS": 2, **settings})
         self.models = ServedModels(cfg, root=root)

@@ -1,6 +1,6 @@
 """`make info`: what this machine has, the tier, every resolved setting and why, the predicted peak
-memory, the expected time per optimizer step and for the run (app/plan/timing.py), and how long the
-`make evaluate` after it takes (app/evaluation/timing.py).
+memory, the expected time per optimizer step and for the run (app/plan/train_timing.py), and how long the
+`make evaluate` after it takes (app/evaluation/eval_timing.py).
 
 It runs the training run's own planning steps (setup, then the data's lengths and the memory
 fit) and stops before loading weights, so what it prints is what `make train` would use.
@@ -13,11 +13,11 @@ import sys
 from app.cli.preflight import default_data_missing, preflight
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
-from app.evaluation.timing import EvalTime, unknown
+from app.evaluation.eval_timing import EvalTime, unknown
 from app.models.integrity import weights_missing
 from app.plan.tiers import fit_memory, format_info
-from app.plan.timing import duration, expected_time
-from app.training.preference import describe_stage
+from app.plan.train_timing import duration, expected_time
+from app.training.preference_trainer import describe_stage
 from app.training.train import FineTuner
 
 
@@ -145,8 +145,8 @@ def _llamacpp_problem(ft: FineTuner) -> str:
 
 
 def evaluate_time(ft: FineTuner, examples: list, backend: str) -> EvalTime:
-    """app/evaluation/timing.py's estimate on ``backend``, with the weights predict would load for this run."""
-    from app.evaluation.timing import expected_evaluate
+    """app/evaluation/eval_timing.py's estimate on ``backend``, with the weights predict would load for this run."""
+    from app.evaluation.eval_timing import expected_evaluate
 
     cfg = ft.plan.cfg
     pr = cfg.predict

@@ -219,7 +219,7 @@ def _serve(cfg: Config) -> None:
     with INFER_BACKEND=llama.cpp as a GGUF at GGUF_QUANT, each adapter as a llama.cpp LoRA) and every adapter
     of ADAPTERS, then answers OpenAI-style requests on SERVE_HOST:SERVE_PORT until stopped.
     The request's `model` picks the adapter; GET /v1/models lists them."""
-    from app.serve.server import run_serve
+    from app.serve.api_server import run_serve
 
     run_serve(cfg)
 

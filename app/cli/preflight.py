@@ -73,8 +73,8 @@ def default_data_missing(cfg: Config) -> bool:
 
 
 def _data_problems(cfg: Config, command: str) -> list[str]:
+    from app.data.record_sources import dataset_files
     from app.data.records import check_stage, read_examples
-    from app.data.sources import dataset_files
 
     d, problems = cfg.data, []
     for setting, path in (("DATA_PATH", d.data_path), ("VAL_PATH", d.val_path)):

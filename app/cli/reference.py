@@ -4,7 +4,7 @@ drift: docs/configuration.md (every setting), docs/commands.md (every make targe
 
 The settings come from the config dataclasses (``Config.variables()``: help, choices, default,
 ``TIERED``); the targets from the Makefile's ``target: ... ## help`` comments under its ``##@ group``
-lines, the same lines ``make help`` prints. tests/test_docs.py compares the committed pages with what
+lines, the same lines ``make help`` prints. tests/config/test_docs.py compares the committed pages with what
 this writes. Regenerate both with ``.venv/bin/python -m app docs``.
 
 Standard library and app.config only: it must run wherever ``make help`` does.

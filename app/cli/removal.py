@@ -4,7 +4,7 @@ The run's marker (app.core.ownership.MARKER) lists the entries the run wrote; th
 then the folder if that left it empty. Anything else there (a file the user put beside the run, or the
 user's own folder that an older version trained into) stays, and is named. A folder without the marker
 that is not a run of an older version is refused whole. When the removed run was the last run, the
-pointer moves to the newest remaining one (app.models.runs). Standard library only: it runs without the
+pointer moves to the newest remaining one (app.models.run_dirs). Standard library only: it runs without the
 virtualenv.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from app.config import Config
 from app.core import ownership
 from app.core.errors import UserError
-from app.models.runs import follow_removal
+from app.models.run_dirs import follow_removal
 from app.training.checkpoints import RUN_KIND
 
 log = logging.getLogger(__name__)

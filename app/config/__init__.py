@@ -2,8 +2,14 @@
 loaded and validated in one place (settings.py). Everything above this layer reads a Config."""
 
 from app.config.fields import ALL, DEFAULT_MODEL, TIERED, ConfigError
+from app.config.setting_sources import (
+    OTHER_PREFIXES,
+    OTHER_VARIABLES,
+    default_output_dir,
+    make_overrides,
+    parse_cli_overrides,
+)
 from app.config.settings import Config, choices, documented, show
-from app.config.sources import OTHER_PREFIXES, OTHER_VARIABLES, default_output_dir, make_overrides, parse_cli_overrides
 
 __all__ = [
     "ALL",

@@ -38,7 +38,7 @@ from app.config.fields import (
     TrainArgs,
     WebuiArgs,
 )
-from app.config.sources import adapter_base, default_output_dir, make_overrides, read_dotenv, unknown_problem
+from app.config.setting_sources import adapter_base, default_output_dir, make_overrides, read_dotenv, unknown_problem
 
 
 @dataclass(frozen=True)

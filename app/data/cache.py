@@ -31,8 +31,8 @@ from app.core import diskspace, ownership
 from app.core.errors import UserError
 from app.data.cache_build import DTYPES, FILES, VERSION, build
 from app.data.encode import IGNORE, EncodeStats, _truncate
+from app.data.record_sources import fingerprint
 from app.data.records import LoadReport, to_example
-from app.data.sources import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from app.core.errors import UserError
 from app.data.encode_batch import EncodedRows, encode_rows
+from app.data.record_sources import iter_lines
 from app.data.records import LoadReport, examples_of
-from app.data.sources import iter_lines
 
 log = logging.getLogger(__name__)
 

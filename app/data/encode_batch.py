@@ -5,7 +5,7 @@ tokenizer (a call per segment, Python lists per token) as in it. Here every reco
 encode() makes them (app/data/encode.segments), all segments of the chunk are tokenized in one batched call,
 each on its own as encode() does, and the rows come back as flat numpy arrays built from the segments'
 lengths: the same ids, label mask and answer start as encode() gives for each record, at about the
-tokenizer's own batched speed (the chat template's rendering is most of the rest). tests/test_encode_batch.py
+tokenizer's own batched speed (the chat template's rendering is most of the rest). tests/data/test_encode_batch.py
 compares them with encode() on every record format and several tokenizer families.
 """
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from app.data.cache import find_cache, held_out_rows, uses_cache
+from app.data.record_sources import iter_lines
 from app.data.records import Example, LoadReport, examples_of, sample_examples, split
-from app.data.sources import iter_lines
 
 
 def sampled_split(d: Any, seed: int) -> tuple[list[Example], list[Example], LoadReport]:

@@ -1,10 +1,10 @@
 """Read training data in any of the usual shapes and normalise it to chat messages.
 
 Files: .jsonl, .json (an array), .csv (header row), .txt (one sample per line), a dataset
-directory of shards, or a hub dataset name (app/data/sources.py reads them, one pass). Records: ``{context, target}`` (the triplet tutorials), alpaca
+directory of shards, or a hub dataset name (app/data/record_sources.py reads them, one pass). Records: ``{context, target}`` (the triplet tutorials), alpaca
 ``{instruction, input, output}``, ``{text}``, chat ``{messages}`` and sharegpt
 ``{conversations}``; for preference tuning, pairs with ``chosen``/``rejected`` answers and KTO's
-``{prompt, completion, label}`` (app/data/preference.py reads their shapes). The format is detected per
+``{prompt, completion, label}`` (app/data/preference_records.py reads their shapes). The format is detected per
 file from the first readable record.
 
 Bad records are skipped and counted by line number; a file with no valid record, or with
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.errors import UserError
-from app.data.preference import PREFERENCE_FORMATS, SHAREGPT_ROLES, read_preference, turns
-from app.data.preference import text_field as _str
-from app.data.sources import is_dataset, iter_source
+from app.data.preference_records import PREFERENCE_FORMATS, SHAREGPT_ROLES, read_preference, turns
+from app.data.preference_records import text_field as _str
+from app.data.record_sources import is_dataset, iter_source
 
 log = logging.getLogger(__name__)
 

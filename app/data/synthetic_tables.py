@@ -2,7 +2,7 @@
 
 Kept apart from the generator so the grammar reads on one screen. Order matters: the generator
 picks by index from a seeded random.Random, so reordering, adding or removing a word changes every
-sample of a seed (tests/test_datagen.py and the golden losses depend on them staying the same).
+sample of a seed (tests/data/test_datagen.py and the golden losses depend on them staying the same).
 Space-separated strings keep the tables compact.
 """
 

@@ -19,8 +19,8 @@ from typing import Any
 from app.config import Config
 from app.core.errors import UserError
 from app.data.heldout import digest, held_out
+from app.data.record_sources import fingerprint, is_dataset
 from app.data.records import Example, read_examples
-from app.data.sources import fingerprint, is_dataset
 from app.models.artifacts import parse_json, read_json
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from app.core.errors import UserError
 from app.data.encode import IGNORE, Collator, encode
 from app.data.records import Example
 from app.inference.generate import generate_batch, max_new_tokens_for
-from app.plan.timing import duration
+from app.plan.train_timing import duration
 
 if TYPE_CHECKING:
-    from app.evaluation.timing import EvalTime
+    from app.evaluation.eval_timing import EvalTime
     from app.inference.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
 
 
 def engine_time(pred: Predictor, examples: list[Example], batch_size: int) -> EvalTime:
-    """app/evaluation/timing.py's estimate for the loaded Predictor's engine, its load done."""
-    from app.evaluation.timing import expected_evaluate, unknown
+    """app/evaluation/eval_timing.py's estimate for the loaded Predictor's engine, its load done."""
+    from app.evaluation.eval_timing import expected_evaluate, unknown
     from app.plan.estimator import model_shape
 
     backend, quant, base, gguf = pred.engine

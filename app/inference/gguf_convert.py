@@ -11,7 +11,7 @@ trained here is in none of its tables ("BPE pre-tokenizer was not recognized"). 
 is registered again, through the converter's own ModelBase.register, as a subclass that asks the
 converter's check first and, only where it has no answer, recognises a pre-tokenizer exactly equal to one of
 ours (recognised_pre) by its definition; any other tokenizer is refused as before.
-tests/test_gguf_tokens.py proves that llama.cpp then gives the HF tokenizer's ids.
+tests/inference/test_gguf_tokens.py proves that llama.cpp then gives the HF tokenizer's ids.
 """
 
 from __future__ import annotations

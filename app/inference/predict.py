@@ -22,7 +22,7 @@ from app.core.errors import UserError
 from app.core.utils import atomic_write_text, set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example
-from app.inference.chat import chat, context_size, overflow
+from app.inference.terminal_chat import chat, context_size, overflow
 from app.models.artifacts import base_model_for, find_adapter, is_full_model, is_onnx_dir, onnx_is_stale
 from app.models.loading import load_adapter, load_model, load_tokenizer, remote_code_error
 from app.models.quantization import half_embeddings_on_cpu, serve_half_embeddings

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def find_adapter(cfg: Config) -> Path | None:
     """ADAPTER_DIR, else the last training's output, else OUTPUT_DIR; None for 'none'. A last-run pointer
     whose run is gone (deleted by hand) moves to the newest remaining run, with a warning."""
-    from app.models.runs import last_run, repoint
+    from app.models.run_dirs import last_run, repoint
 
     choice = cfg.predict.adapter_dir.strip()
     if choice.lower() == "none":

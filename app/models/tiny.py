@@ -146,7 +146,7 @@ def _corpus(seed: int) -> list[str]:
 # merges with every CJK character its own word (training_pre_tokenizer), so no merge joins two of them or one
 # and a neighbour; with GPT-2's split alone at run time each is still one token (or its bytes), and llama.cpp
 # has that split, which it has not for the training one. app/inference/gguf_convert.py names it to llama.cpp's
-# converter (these tokenizers' hashes are in no table of its); tests/test_gguf_tokens.py proves that llama.cpp
+# converter (these tokenizers' hashes are in no table of its); tests/inference/test_gguf_tokens.py proves that llama.cpp
 # then gives the same ids on Chinese, English and JSON.
 GGUF_PRE_TOKENIZER = "gpt-2"
 

@@ -4,7 +4,7 @@
   (app.data.encode.PackingCollator); transformers then builds a block-diagonal causal mask, so the
   samples do not see each other and the loss is the padded batch's loss without the padding.
   It relies on the modeling code deriving the mask from position_ids, which the native GLM,
-  Qwen2/3, Llama and Gemma-3 code does (tests/test_speed.py checks each family against
+  Qwen2/3, Llama and Gemma-3 code does (tests/training/test_speed.py checks each family against
   unpacked losses and against a contaminated mask) when no 2D attention mask and no past key
   values are given. P-Tuning's prefixes are past key values and remote code builds its own
   masks: those train padded.
@@ -111,7 +111,7 @@ def bf16_frozen_weights(cfg: Config, precision: str, cuda: bool) -> bool:
 
 # setting=value -> (the one weight format it works with, why, what keeps the tier's format instead). Every
 # other option (DoRA, rsLoRA, LORA_INIT=gaussian, NEFTune, P-Tuning) trains on none, 8bit and 4bit alike
-# (tests/test_option_matrix.py), so the plan may pick any of them.
+# (tests/plan/test_option_matrix.py), so the plan may pick any of them.
 QUANT_NEEDS = {
     "METHOD=qlora": ("4bit", "is LoRA on a 4-bit model", "METHOD=lora"),
     "METHOD=full": ("none", "trains every weight, which cannot be quantized", "METHOD=lora"),

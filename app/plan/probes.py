@@ -1,4 +1,4 @@
-"""Calibration probes for app/plan/timing.py: how fast this machine runs a run's kinds of work, measured.
+"""Calibration probes for app/plan/train_timing.py: how fast this machine runs a run's kinds of work, measured.
 
 Each times a real forward + backward (best of a few after a warm-up) in the run's compute setting: one
 projection sized like the model's (a bitsandbytes 4-bit / 8-bit layer with its dequantization, or a torch
@@ -36,7 +36,7 @@ _CACHE: dict[tuple, float] = {}
 
 
 class NothingMeasured(Exception):
-    """A probe that timed no work: why, in words (app/plan/timing.py then gives no time at all)."""
+    """A probe that timed no work: why, in words (app/plan/train_timing.py then gives no time at all)."""
 
 
 def _best(step: Callable[[], None], sync: Callable[[], None]) -> float:
@@ -254,7 +254,7 @@ def probe_lora(precision: str, hidden: int, rank: int, tokens: int, cuda: bool =
 
 def probe_bandwidth(cuda: bool = False) -> float:
     """Bytes/s read from memory: a sum over a buffer twice the last-level cache (at least 256 MiB, at most 1 GiB),
-    which no cache holds. A decode step reads every weight once: this bounds generation (app/evaluation/timing.py)."""
+    which no cache holds. A decode step reads every weight once: this bounds generation (app/evaluation/eval_timing.py)."""
     size = min(2**30, max(2**28, 2 * last_level_cache()))
     key = ("bandwidth", size, cuda)
 

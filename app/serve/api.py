@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from app.config import Config
-from app.inference.chat import context_size
+from app.inference.terminal_chat import context_size
 from app.serve.engine import Engine, Job, QueueFull
 from app.serve.requests import ApiError, Generation, parse_generation, parse_json
 

@@ -96,7 +96,7 @@ class EngineLock:
 
 
 class Engine:
-    """Runs ``models`` (app/serve/models.py: ``.model``, ``.use(name)``, ``.tokenizer_for(name)``, ``.lock``).
+    """Runs ``models`` (app/serve/model_pool.py: ``.model``, ``.use(name)``, ``.tokenizer_for(name)``, ``.lock``).
     A batch runs under ``models.lock``, as every change to the adapters does, so none sees another's weights."""
 
     def __init__(self, models: Any, max_queue: int, batch_size: int, batch_wait_s: float):

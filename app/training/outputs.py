@@ -20,7 +20,7 @@ from app.core import ownership
 from app.core.utils import atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
 from app.models.loading import save_kwargs
-from app.models.runs import point_last_run_at
+from app.models.run_dirs import point_last_run_at
 from app.training import dist, trackers
 from app.training.callbacks import plot_losses
 from app.training.checkpoints import CHECKPOINTS, RUN_KIND, clear_staging

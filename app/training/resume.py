@@ -30,7 +30,7 @@ from typing import Any
 
 from app.config import TIERED, Config, show
 from app.core.errors import UserError
-from app.data.sources import fingerprint
+from app.data.record_sources import fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from app.plan.precision import resolve_precision
 from app.plan.resources import Resources
 from app.plan.stages import min_batch
 from app.plan.tiers import Plan, apply_tier, halve_batch
-from app.plan.timing import StepTime, expected_time
+from app.plan.train_timing import StepTime, expected_time
 from app.training import disk, dist, runlock
 from app.training.checkpoints import CHECKPOINTS, check_output_dir, clear_staging, finished_run, latest_checkpoint
 from app.training.disk import DiskNeeds, write_error
@@ -82,7 +82,7 @@ class FineTuner:
     def setup(self) -> FineTuner:
         from app.plan.estimator import model_shape
         from app.plan.resources import detect_resources
-        from app.training.preference import start_adapter
+        from app.training.preference_trainer import start_adapter
 
         self.given = start_adapter(self.given)  # STAGE=dpo/kto continuing an adapter takes its base and shape
         res = self.resources = detect_resources(self.given.resources.memory_limit_mb)

@@ -2,7 +2,7 @@
 
 Why subclass and not callbacks: these change how the Trainer saves, resumes and counts, which no
 callback hook reaches. Each override is of a private method, so ``OVERRIDES`` records the
-signature each was written against (transformers 5.23) and tests/test_trainer_contract.py fails,
+signature each was written against (transformers 5.23) and tests/training/test_trainer_contract.py fails,
 naming the method, when a transformers upgrade renames or reshapes one, instead of the override
 silently no longer being called.
 
@@ -60,7 +60,7 @@ OVERRIDES = {
 
 
 class RunMixin:
-    """The overrides below, for the HF Trainer and for TRL's preference trainers alike (app/training/preference.py
+    """The overrides below, for the HF Trainer and for TRL's preference trainers alike (app/training/preference_trainer.py
     puts this mixin before theirs). ``run_settings()``: what a checkpoint records of the run
     (app.training.resume.snapshot)."""
 
@@ -176,7 +176,7 @@ class LazyShuffle(Sampler):
 
 def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda: bool) -> TrainingArguments:
     """The Trainer's arguments for this run's (planned) settings; checkpoints go to ``ckpt_dir``. STAGE=dpo/kto:
-    the same, in the config of the stage's TRL trainer (app/training/preference.py)."""
+    the same, in the config of the stage's TRL trainer (app/training/preference_trainer.py)."""
     t = cfg.train
     kw = dict(
         output_dir=str(ckpt_dir),
@@ -217,7 +217,7 @@ def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda:
         deepspeed=cfg.distributed.ds_config or None,
     )
     if t.stage != "sft":
-        from app.training.preference import pref_config
+        from app.training.preference_trainer import pref_config
 
         return pref_config(cfg, kw)
     return TrainingArguments(**kw)
@@ -284,7 +284,7 @@ def build_trainer(
             data_collator=collator(cfg, ft.model, ft.tokenizer, resolve_precision(cfg, ft.plan.device == "cuda")),
         )
     else:  # TRL's trainer for the stage, its collator, and its rows as a datasets.Dataset
-        from app.training.preference import as_dataset, pref_trainer_class, pref_trainer_kwargs
+        from app.training.preference_trainer import as_dataset, pref_trainer_class, pref_trainer_kwargs
 
         cls = pref_trainer_class(cfg, RunMixin)
         data = dict(

@@ -13,7 +13,7 @@ def _webui(cfg: Config) -> None:
     Export. Every action runs the same `python -m app` command the UI shows, as its own process: on a host,
     stopping the UI never stops a training run (in a container it stops them with a checkpoint first).
     Another address than 127.0.0.1 needs WEBUI_AUTH=user:password."""
-    from app.webui.server import run_webui
+    from app.webui.ui_server import run_webui
 
     run_webui(cfg)
 

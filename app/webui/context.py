@@ -8,7 +8,7 @@ from typing import Any
 
 from app.config import Config
 from app.core.errors import UserError
-from app.webui.chat import ChatBackend
+from app.webui.chat_backend import ChatBackend
 from app.webui.jobs import Jobs
 
 

@@ -53,7 +53,7 @@ MAIN: dict[str, tuple[str, ...]] = {
     "export": ("MERGED_DIR", "ONNX_DIR", "GGUF_QUANT", "GGUF_DIR"),
     "chat": ("MAX_NEW_TOKENS", "TEMPERATURE"),
 }
-# Settings no form shows, each with the reason (tests/test_webui.py: every other setting is in a form).
+# Settings no form shows, each with the reason (tests/webui/test_webui.py: every other setting is in a form).
 NOT_IN_UI: dict[str, str] = {
     "WEBUI_HOST": "the UI's own address: given when it starts",
     "WEBUI_PORT": "the UI's own port",

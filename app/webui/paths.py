@@ -24,8 +24,8 @@ from app.core.errors import UserError
 from app.serve.adapters import inside
 
 DATA, MODELS, CONFIGS = "data", "models", "configs"
-DATA_TYPES = (".jsonl", ".json", ".csv", ".txt")  # what DATA_PATH reads (app/data/sources.py)
-# Every setting that names a file or a dir, and the project dirs it must lie in. tests/test_webui.py keeps
+DATA_TYPES = (".jsonl", ".json", ".csv", ".txt")  # what DATA_PATH reads (app/data/record_sources.py)
+# Every setting that names a file or a dir, and the project dirs it must lie in. tests/webui/test_webui.py keeps
 # this complete: a new *_PATH, *_DIR or *_FILE setting fails it until it is listed here.
 PATH_SETTINGS: dict[str, tuple[str, ...]] = {
     "DATA_PATH": (DATA,),
@@ -143,7 +143,7 @@ class DataSummary:
 
 
 # The shapes of preference records (docs/data.md#preference-data-stagedpo-and-stagekto), by the first record's
-# fields, in the order app/data/preference.py tries them.
+# fields, in the order app/data/preference_records.py tries them.
 PAIR_SHAPES = (
     ("conversations", "LLaMA-Factory sharegpt: conversations + chosen/rejected"),
     ("messages", "LLaMA-Factory messages + chosen/rejected"),
@@ -171,8 +171,8 @@ def inspect_data(path: str, setting: str = "DATA_PATH", data_format: str = "auto
     makes on it, in one pass: a problem is the command line's own one-line UserError (with ``shown_as`` for the
     path in it, for an upload)."""
     from app.cli.preflight import QUICK_LOOK_MB, QUICK_LOOK_RECORDS
+    from app.data.record_sources import iter_source
     from app.data.records import LoadReport, examples_of, judge
-    from app.data.sources import iter_source
 
     partial = Path(path).is_file() and Path(path).stat().st_size > QUICK_LOOK_MB * 2**20
     first: list[dict[str, Any]] = []  # the record the format is told from

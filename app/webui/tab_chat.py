@@ -1,4 +1,4 @@
-"""The Chat tab: the base model or any adapter, multi-turn, streamed from `python -m app serve` (app/webui/chat.py),
+"""The Chat tab: the base model or any adapter, multi-turn, streamed from `python -m app serve` (app/webui/chat_backend.py),
 with the generation settings and serve's own under Advanced; Reset clears the conversation."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 import gradio as gr
 
 from app.core.errors import UserError
-from app.webui import runs
-from app.webui.chat import BASE
+from app.webui import run_view
+from app.webui.chat_backend import BASE
 from app.webui.context import Context, problems_of
 from app.webui.forms import Form, named
 from app.webui.paths import path_problems
@@ -18,8 +18,8 @@ from app.webui.paths import path_problems
 
 def build(ctx: Context) -> Form:
     pick = gr.Dropdown(
-        [BASE, *runs.adapters()],
-        value=(runs.adapters() or [BASE])[0],
+        [BASE, *run_view.adapters()],
+        value=(run_view.adapters() or [BASE])[0],
         label="Model",
         allow_custom_value=True,
         elem_id="chat-model",
@@ -62,7 +62,7 @@ def build(ctx: Context) -> Form:
             yield history, "", problems_of(e)
 
     def refresh_models() -> Any:
-        return gr.update(choices=[BASE, *runs.adapters()])
+        return gr.update(choices=[BASE, *run_view.adapters()])
 
     inputs = [pick, text, chatbot, *fields]
     send.click(named(answer, ["model", "message", "history"], form), inputs, [chatbot, text, message], api_name="chat")

@@ -13,7 +13,7 @@ import gradio as gr
 
 from app.config import Config
 from app.core.errors import UserError
-from app.webui import runs
+from app.webui import run_view
 from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, named
 from app.webui.jobs import follow
@@ -66,7 +66,7 @@ def _spo(items: Any) -> str:
 
 def build(ctx: Context) -> Form:
     pick = gr.Dropdown(
-        runs.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True, elem_id="eval-run"
+        run_view.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True, elem_id="eval-run"
     )
     eval_path = lambda: gr.Dropdown(
         data_files(),
@@ -117,5 +117,5 @@ def build(ctx: Context) -> Form:
         [message, log_tail, metrics, chart, samples],
         api_name="evaluate",
     )
-    pick.focus(lambda: gr.update(choices=runs.adapters()), None, pick, api_visibility="private")
+    pick.focus(lambda: gr.update(choices=run_view.adapters()), None, pick, api_visibility="private")
     return form

@@ -11,7 +11,7 @@ import gradio as gr
 
 from app.config import Config
 from app.core.errors import UserError
-from app.webui import runs
+from app.webui import run_view
 from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, named
 from app.webui.jobs import follow
@@ -30,7 +30,7 @@ def outputs(cfg: Config, run: str, command: str) -> list[str]:
 
 def build(ctx: Context) -> Form:
     pick = gr.Dropdown(
-        runs.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True, elem_id="export-run"
+        run_view.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True, elem_id="export-run"
     )
     form = Form("export", ctx.cfg)
     with gr.Row():
@@ -76,5 +76,5 @@ def build(ctx: Context) -> Form:
     gguf_btn.click(
         named(export_gguf, ["adapter_dir"], form), [pick, *fields], [message, log_tail, paths], api_name="export_gguf"
     )
-    pick.focus(lambda: gr.update(choices=runs.adapters()), None, pick, api_visibility="private")
+    pick.focus(lambda: gr.update(choices=run_view.adapters()), None, pick, api_visibility="private")
     return form

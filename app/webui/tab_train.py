@@ -22,7 +22,7 @@ import gradio as gr
 from app.config import Config
 from app.core.errors import UserError
 from app.training import runlock
-from app.webui import runs
+from app.webui import run_view
 from app.webui.context import Context, checked, problems_of
 from app.webui.forms import Form, argv, command_line, named
 from app.webui.guide import PLAN_HINT, model_note
@@ -52,7 +52,7 @@ def build(ctx: Context) -> Form:
             data_info = gr.Textbox(label="Data file", interactive=False, lines=2, elem_id="train-data-info")
             # "" not None when unset: a value, so that API callers may leave adapter_dir out
             start_from = gr.Dropdown(
-                runs.adapters(),
+                run_view.adapters(),
                 value=ctx.cfg.predict.adapter_dir,
                 allow_custom_value=True,
                 label="Continue adapter (ADAPTER_DIR)",
@@ -76,7 +76,7 @@ def build(ctx: Context) -> Form:
             )
     plan_out = gr.Textbox(label="Plan (make info)", lines=12, max_lines=40, interactive=False, elem_id="train-plan-out")
     watched = gr.Dropdown(
-        runs.run_dirs(),
+        run_view.run_dirs(),
         label="Watch run",
         allow_custom_value=True,
         elem_id="train-watch",
@@ -147,7 +147,7 @@ def build(ctx: Context) -> Form:
         except (UserError, RuntimeError) as e:
             return problems_of(e), gr.update(), gr.update()
         ctx.last_train[cfg.train.output_dir] = overrides
-        return "", job.line, gr.update(choices=runs.run_dirs() + [cfg.train.output_dir], value=cfg.train.output_dir)
+        return "", job.line, gr.update(choices=run_view.run_dirs() + [cfg.train.output_dir], value=cfg.train.output_dir)
 
     def stop(run: str | None) -> str:
         if not run:
@@ -159,10 +159,10 @@ def build(ctx: Context) -> Form:
         if who and who.get("command") == "train" and who.get("host") == socket.gethostname() and who.get("pid"):
             os.kill(int(who["pid"]), signal.SIGTERM)  # started from a terminal: the same signal `kill` sends
             return f"sent SIGTERM to pid {who['pid']}: it saves a checkpoint, then stops (Resume continues it)"
-        return f"{run}: {runs.state(run).line}; nothing to stop"
+        return f"{run}: {run_view.state(run).line}; nothing to stop"
 
     def resume(run: str | None, adapter: str | None, *values: Any) -> tuple[str, str]:
-        now = runs.state(run) if run else None
+        now = run_view.state(run) if run else None
         if now is None or not now.resumable:
             return (
                 f"{run or 'no run'}: {now.line if now else 'pick it under Watch run'}; nothing to resume",
@@ -181,15 +181,15 @@ def build(ctx: Context) -> Form:
         the job the UI started for it runs, before it takes the run's lock): metrics.jsonl read once."""
         if not run:
             return "", "", 0, "", gr.update(interactive=False)
-        rows, job = runs.rows_of(run), ctx.jobs.get(run)
-        now = runs.state(run, rows)
+        rows, job = run_view.rows_of(run), ctx.jobs.get(run)
+        now = run_view.state(run, rows)
         line = now.line
         if job is not None and not job.running() and job.proc.returncode:
             line += f" ({job.command} {job.status()})"
         training = now.state == "training" or (job is not None and job.running())
         return (
             line,
-            runs.progress(rows),
+            run_view.progress(rows),
             len(rows),
             job.tail() if job is not None else "",
             gr.update(interactive=training),
@@ -197,19 +197,26 @@ def build(ctx: Context) -> Form:
 
     def watch(run: str | None) -> tuple[str, str, Any, str, Any]:
         line, prog, _, tail, stoppable = look(run)
-        return line, prog, runs.loss_plot(run) if run else None, tail, stoppable
+        return line, prog, run_view.loss_plot(run) if run else None, tail, stoppable
 
     def tick(run: str | None, shown: str) -> tuple[Any, ...]:
         """look() every 2 s; the plot is drawn and sent again only when the run has logged more."""
         line, prog, n, tail, stoppable = look(run)
         now = f"{run}:{n}" if run else ""
-        return line, prog, gr.update() if now == shown else runs.loss_plot(run) if run else None, tail, stoppable, now
+        return (
+            line,
+            prog,
+            gr.update() if now == shown else run_view.loss_plot(run) if run else None,
+            tail,
+            stoppable,
+            now,
+        )
 
     data, stage = form.fields["DATA_PATH"], form.fields["STAGE"]
     upload.upload(named(on_upload, ["file", "stage"]), [upload, stage], [data, data_info], api_name="upload")
     data.change(named(on_data, ["data_path", "stage"]), [data, stage], data_info, api_name="inspect_data")
     stage.change(on_data, [data, stage], data_info, api_visibility="private")
-    start_from.focus(lambda: gr.update(choices=runs.adapters()), None, start_from, api_visibility="private")
+    start_from.focus(lambda: gr.update(choices=run_view.adapters()), None, start_from, api_visibility="private")
     # again at each page load too (a model downloaded meanwhile, then a reload), and as MODEL_NAME is typed
     gr.on(
         None,

@@ -189,7 +189,7 @@ def _fake_run(path: Path, age_s: float) -> Path:
 
 
 def test_the_last_run_pointer_moves_to_the_newest_remaining_run(tmp_path, cli, caplog):
-    from app.models.runs import last_run
+    from app.models.run_dirs import last_run
 
     os.chdir(tmp_path)
     old, newer, last = (_fake_run(Path("models") / n, age) for n, age in (("old", 300), ("newer", 100), ("last", 0)))
@@ -278,7 +278,7 @@ WRITERS = {
     "app.inference.merge": "MERGED_DIR: replace_dir with merge_info.json, refused folders (this file)",
     "app.inference.predict": "predict-file's OUTPUT_FILE: new, or the tool's own unchanged output (this file)",
     "app.models.loading": "PiSSA/OLoRA's initial adapter in a temp dir of its own",
-    "app.models.runs": "models/.last_run, the tool's pointer (this file)",
+    "app.models.run_dirs": "models/.last_run, the tool's pointer (this file)",
     "app.models.tiny": "models/tiny-* built whole (tests/cli/test_workspace.py)",
     "app.serve.engine": None,  # list.remove: no file
     "app.serve.gguf": "<adapter>/gguf-lora: replace_dir with lora_info.json, refused folders, listed in the run's "

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.core.errors import UserError
-from app.data import sources
+from app.data import record_sources
 from app.data.records import BAD_KEPT, read_examples, sample_examples, split
 
 
@@ -138,7 +138,7 @@ def test_sampling_a_large_file_holds_only_the_sample(tmp_path):
 
 
 def test_a_big_json_array_asks_for_jsonl(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "JSON_ARRAY_MAX_MB", 0)
+    monkeypatch.setattr(record_sources, "JSON_ARRAY_MAX_MB", 0)
     path = tmp_path / "big.json"
     path.write_text(json.dumps([{"context": "c", "target": "t"}] * 10))
     with pytest.raises(
@@ -151,7 +151,9 @@ def test_a_big_json_array_asks_for_jsonl(tmp_path, monkeypatch):
 
 # ---- what a SEED picks, pinned: a change to it changes what a run trains on, and what its resume continues ---
 
-SEED_PIN = Path(__file__).resolve().parents[1] / "fixtures" / "seed_pin.jsonl"  # records r01..r40; lines 7 and 22 are bad
+SEED_PIN = (
+    Path(__file__).resolve().parents[1] / "fixtures" / "seed_pin.jsonl"
+)  # records r01..r40; lines 7 and 22 are bad
 PINNED = {  # SEED -> MAX_SAMPLES -> (training records, validation records) at VAL_SIZE=0.1, in the run's order
     42: {
         20: ([13, 10, 8, 27, 28, 24, 14, 11, 17, 4, 3, 26, 23, 35, 9, 12, 33, 16], [20, 2]),

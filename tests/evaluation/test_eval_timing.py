@@ -1,4 +1,4 @@
-"""The expected time of `make evaluate` (app/evaluation/timing.py): the arithmetic of the model (weights read
+"""The expected time of `make evaluate` (app/evaluation/eval_timing.py): the arithmetic of the model (weights read
 once per decode step, rows computed, prefill and the loss pass), how torch's padded batches and llama.cpp's
 live rows differ, the two figures, and the line `make info` prints and evaluate logs. No test asserts a
 measured duration (bench/infer.md checks the prediction against evaluate's wall time)."""
@@ -9,7 +9,7 @@ import re
 import pytest
 
 from app.config import Config
-from app.evaluation import timing
+from app.evaluation import eval_timing
 from app.plan import probes
 from app.plan.estimator import ModelShape
 
@@ -41,9 +41,9 @@ def idle(monkeypatch):
 
 
 def _parts(backend, quant, gguf_bytes=None):
-    e = timing.ENGINES[timing.engine_key(backend, quant)]
+    e = eval_timing.ENGINES[eval_timing.engine_key(backend, quant)]
     flops = 2.0 * (SHAPE.linear_params + SHAPE.hidden * SHAPE.vocab)
-    step = timing.weight_bytes(SHAPE, backend, quant, gguf_bytes) / (RATES[0] * e.bandwidth) + e.step_s
+    step = eval_timing.weight_bytes(SHAPE, backend, quant, gguf_bytes) / (RATES[0] * e.bandwidth) + e.step_s
     return e, step, flops / (RATES[1] * e.row), flops / (RATES[1] * e.prefill)
 
 
@@ -52,11 +52,11 @@ def _parts(backend, quant, gguf_bytes=None):
 )
 def test_one_record_is_startup_load_prefill_decode_and_loss(backend, quant):
     e, step, row, token = _parts(backend, quant)
-    t = timing.estimate(SHAPE, backend, quant, prompts=[100], answers=[20], budget=40, batch_size=8, rates=RATES)
-    fixed = timing.STARTUP_S + e.load_s + 121 * token  # load of 1e9 weights; the loss pass over 100 + 20 + EOS
+    t = eval_timing.estimate(SHAPE, backend, quant, prompts=[100], answers=[20], budget=40, batch_size=8, rates=RATES)
+    fixed = eval_timing.STARTUP_S + e.load_s + 121 * token  # load of 1e9 weights; the loss pass over 100 + 20 + EOS
     assert t.seconds == pytest.approx(fixed + 100 * token + 21 * (step + row))
     assert t.budget_seconds == pytest.approx(fixed + 100 * token + 40 * (step + row))
-    no_load = timing.estimate(SHAPE, backend, quant, [100], [20], 40, 8, RATES, load=False)
+    no_load = eval_timing.estimate(SHAPE, backend, quant, [100], [20], 40, 8, RATES, load=False)
     assert t.seconds - no_load.seconds == pytest.approx(e.load_s)
 
 
@@ -66,42 +66,44 @@ def test_torch_decodes_finished_rows_llama_cpp_only_live_ones():
     kw = dict(prompts=[10, 80], answers=[0, 50], budget=100, batch_size=8, rates=RATES, load=False)
     loss = 11 + 131
     _, step, row, token = _parts("torch", "4bit")
-    assert timing.estimate(SHAPE, "torch", "4bit", **kw).seconds == pytest.approx(
-        timing.STARTUP_S + loss * token + 2 * (80 * token + 51 * row) + 51 * step
+    assert eval_timing.estimate(SHAPE, "torch", "4bit", **kw).seconds == pytest.approx(
+        eval_timing.STARTUP_S + loss * token + 2 * (80 * token + 51 * row) + 51 * step
     )
     _, step, row, token = _parts("llama.cpp", "q4_k_m")
-    assert timing.estimate(SHAPE, "llama.cpp", "q4_k_m", **kw).seconds == pytest.approx(
-        timing.STARTUP_S + loss * token + 90 * token + 51 * step + (1 + 51) * row
+    assert eval_timing.estimate(SHAPE, "llama.cpp", "q4_k_m", **kw).seconds == pytest.approx(
+        eval_timing.STARTUP_S + loss * token + 90 * token + 51 * step + (1 + 51) * row
     )
 
 
 def test_batches_follow_predict_batch_size_and_prompts_of_similar_length():
     kw = dict(answers=[5] * 4, budget=10, rates=RATES, load=False)
     # sorted by length, [10, 10] and [200, 200] batch together: less padding than one at a time would suggest
-    paired = timing.estimate(SHAPE, "torch", "4bit", prompts=[10, 200, 10, 200], batch_size=2, **kw).seconds
-    alone = timing.estimate(SHAPE, "torch", "4bit", prompts=[10, 200, 10, 200], batch_size=1, **kw).seconds
+    paired = eval_timing.estimate(SHAPE, "torch", "4bit", prompts=[10, 200, 10, 200], batch_size=2, **kw).seconds
+    alone = eval_timing.estimate(SHAPE, "torch", "4bit", prompts=[10, 200, 10, 200], batch_size=1, **kw).seconds
     _, step, row, token = _parts("torch", "4bit")
     assert alone - paired == pytest.approx(2 * 6 * step)  # 4 batches of 6 steps instead of 2; the rows are the same
 
 
 def test_weight_bytes_are_the_gguf_file_or_the_weights_as_predict_loads_them():
-    assert timing.weight_bytes(SHAPE, "llama.cpp", "q4_k_m", gguf_bytes=123456789) == 123456789
-    assert timing.weight_bytes(SHAPE, "llama.cpp", "q8_0") == pytest.approx(10**9 * 1.07)  # before the file exists
-    assert timing.weight_bytes(SHAPE, "torch", "none") == 4 * 10**9  # predict at QUANT_LEVEL=none loads fp32
-    assert timing.weight_bytes(SHAPE, "torch", "4bit") < timing.weight_bytes(SHAPE, "torch", "8bit") < 2 * 10**9
+    assert eval_timing.weight_bytes(SHAPE, "llama.cpp", "q4_k_m", gguf_bytes=123456789) == 123456789
+    assert eval_timing.weight_bytes(SHAPE, "llama.cpp", "q8_0") == pytest.approx(10**9 * 1.07)  # before the file exists
+    assert eval_timing.weight_bytes(SHAPE, "torch", "none") == 4 * 10**9  # predict at QUANT_LEVEL=none loads fp32
+    assert (
+        eval_timing.weight_bytes(SHAPE, "torch", "4bit") < eval_timing.weight_bytes(SHAPE, "torch", "8bit") < 2 * 10**9
+    )
     from typing import get_args
 
     from app.config.fields import GgufQuant
 
     quants = get_args(GgufQuant)
-    assert {timing.engine_key("llama.cpp", q) for q in quants} <= set(timing.ENGINES) and len(quants) > 5
+    assert {eval_timing.engine_key("llama.cpp", q) for q in quants} <= set(eval_timing.ENGINES) and len(quants) > 5
 
 
 def test_the_line_reads_as_one_line_and_unknown_says_why():
-    t = timing.estimate(SHAPE, "llama.cpp", "q4_k_m", [100] * 30, [50] * 30, 80, 8, RATES)
+    t = eval_timing.estimate(SHAPE, "llama.cpp", "q4_k_m", [100] * 30, [50] * 30, 80, 8, RATES)
     assert LINE.match(t.line()) and " for 30 records on llama.cpp q4_k_m " in t.line(), t.line()
     assert t.budget_seconds > t.seconds
-    u = timing.unknown(3, "the probe measured nothing: busy")
+    u = eval_timing.unknown(3, "the probe measured nothing: busy")
     assert u.line() == "expected evaluate: unknown (the probe measured nothing: busy)"
 
 

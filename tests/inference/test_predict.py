@@ -208,7 +208,7 @@ LONG = "长" * 2100  # one token a character: over the tiny GLM's 2,048-token co
 def test_prompt_longer_than_the_context_is_refused_in_one_line(adapter, cli):
     """predict-custom with a PROMPT the model cannot attend to: exit 2 and one line with the prompt's tokens,
     the context and the fix, before anything is generated (transformers only warned, and it answered)."""
-    from app.inference.chat import context_size, prompt_tokens
+    from app.inference.terminal_chat import context_size, prompt_tokens
 
     _, out, _ = adapter
     pred = Predictor(pcfg(out))

@@ -1,4 +1,4 @@
-"""The expected time of a run (app/plan/timing.py): the FLOPs model's closed form and how it scales, the
+"""The expected time of a run (app/plan/train_timing.py): the FLOPs model's closed form and how it scales, the
 calibration probes in each compute setting, the step count, and the line `make info` prints and `make train`
 logs (with the prediction in summary.json). No test asserts a measured duration: only that probes return a
 positive rate and that the arithmetic on top of them is what it says. The machine counts as idle (no wait for
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.config import Config
-from app.plan import probes, timing
+from app.plan import probes, train_timing
 from app.plan.estimator import ModelShape, model_shape
 
 LINE = re.compile(
@@ -33,23 +33,23 @@ def idle(monkeypatch):
 
 
 def test_flops_scale_linearly_with_tokens(shape):
-    one, two = (timing.micro_batch_flops(shape, b, 64, "lora", lora_r=8) for b in (2, 4))
+    one, two = (train_timing.micro_batch_flops(shape, b, 64, "lora", lora_r=8) for b in (2, 4))
     assert two.total == pytest.approx(2 * one.total)
     assert two.forward == pytest.approx(2 * one.forward) and two.backward == pytest.approx(2 * one.backward)
-    short, long = (timing.micro_batch_flops(shape, 1, s, "lora") for s in (50, 100))
+    short, long = (train_timing.micro_batch_flops(shape, 1, s, "lora") for s in (50, 100))
     assert long.linear == pytest.approx(2 * short.linear) and long.head == pytest.approx(2 * short.head)
     assert long.attention == pytest.approx(4 * short.attention)  # every token attends to the whole sample
 
 
 def test_checkpointing_adds_exactly_one_forward_of_the_blocks(shape):
-    off, on = (timing.micro_batch_flops(shape, 2, 128, "lora", ckpt, 8) for ckpt in (False, True))
+    off, on = (train_timing.micro_batch_flops(shape, 2, 128, "lora", ckpt, 8) for ckpt in (False, True))
     assert on.forward == off.forward and on.backward == off.backward
     assert on.total - off.total == pytest.approx(off.forward - off.head)  # the head is not recomputed
     assert sum(on.by_kind().values()) == pytest.approx(on.total)
 
 
 def test_full_tuning_adds_the_weight_gradients(shape):
-    lora, full = (timing.micro_batch_flops(shape, 2, 128, m) for m in ("lora", "full"))
+    lora, full = (train_timing.micro_batch_flops(shape, 2, 128, m) for m in ("lora", "full"))
     assert full.backward > lora.backward and full.forward == lora.forward
     assert full.backward - lora.backward == pytest.approx(lora.linear + lora.head)
     assert lora.backward == pytest.approx(lora.forward + lora.attention)  # frozen: input gradients only
@@ -70,14 +70,14 @@ def test_flops_of_a_known_shape_equal_the_closed_form():
         heads=2,
         max_positions=64,
     )
-    f = timing.micro_batch_flops(s, batch=2, seq=10, method="lora", lora_r=4)
+    f = train_timing.micro_batch_flops(s, batch=2, seq=10, method="lora", lora_r=4)
     tokens = 2 * 10
     linear, attention = 2 * 1000 * tokens, 4 * 2 * 2 * 10**2 * 8
     head, adapter = 2 * 8 * 50 * tokens, 2 * 4 * 100 * tokens
     assert (f.linear, f.attention, f.head, f.adapter) == (linear, attention, head, adapter)
     assert f.forward == 84_800 and f.backward == (linear + head) + 2 * attention + 2 * adapter == 113_600
     assert f.total == 198_400
-    assert timing.micro_batch_flops(s, 2, 10, "full", True).total == (linear + attention + head) + (
+    assert train_timing.micro_batch_flops(s, 2, 10, "full", True).total == (linear + attention + head) + (
         2 * (linear + head) + 2 * attention
     ) + (linear + attention)
 
@@ -124,16 +124,18 @@ def _cfg(**values):
 
 def test_steps_count_as_the_trainer_counts_them():
     # as tests/cli/test_cli.py's end-to-end run: 18 samples, micro-batch 2, GRAD_ACCUM=2, one epoch -> 5 steps
-    assert timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=2, NUM_EPOCHS=1), 18) == (5, 9)
-    assert timing.optimizer_steps(_cfg(BATCH_SIZE=1, GRAD_ACCUM=16, NUM_EPOCHS=3), 18) == (6, 54)
-    assert timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=7), 1000) == (7, 28)
-    assert timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=1, NUM_EPOCHS=1), 18, world_size=2) == (5, 5)
+    assert train_timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=2, NUM_EPOCHS=1), 18) == (5, 9)
+    assert train_timing.optimizer_steps(_cfg(BATCH_SIZE=1, GRAD_ACCUM=16, NUM_EPOCHS=3), 18) == (6, 54)
+    assert train_timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=7), 1000) == (7, 28)
+    assert train_timing.optimizer_steps(_cfg(BATCH_SIZE=2, GRAD_ACCUM=1, NUM_EPOCHS=1), 18, world_size=2) == (5, 5)
 
 
 def test_the_estimate_adds_up_and_reads_as_one_line(shape):
     cfg = _cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=3, MAX_SEQ_LEN=128)
-    t = timing.predict_step_time(cfg, shape, train_samples=100, seq=96)
-    optim = timing.trainable_params(cfg, shape) * probes.probe_optimizer(timing.trainable_params(cfg, shape))
+    t = train_timing.predict_step_time(cfg, shape, train_samples=100, seq=96)
+    optim = train_timing.trainable_params(cfg, shape) * probes.probe_optimizer(
+        train_timing.trainable_params(cfg, shape)
+    )
     assert t.steps == 3 and t.step_s == pytest.approx(4 * t.micro_batch_s + optim)
     assert t.total_s == pytest.approx(3 * t.step_s)
     assert LINE.match(t.line()), t.line()
@@ -142,13 +144,13 @@ def test_the_estimate_adds_up_and_reads_as_one_line(shape):
     assert fields["measured_step_s"] == 2.0 and fields["predicted_step_s"] == round(t.step_s, 3)
     assert fields["predicted_steps"] == 3
     assert t.tokens_per_step == 2 * 96 * 4 and fields["predicted_tokens_per_step"] == 768  # batch x seq x accum
-    longer = timing.predict_step_time(cfg.replace({"GRAD_ACCUM": 8}), shape, train_samples=100, seq=96)
+    longer = train_timing.predict_step_time(cfg.replace({"GRAD_ACCUM": 8}), shape, train_samples=100, seq=96)
     assert longer.micro_batch_s == pytest.approx(t.micro_batch_s)  # same probes (cached), twice the micro-batches
-    assert timing.predict_step_time(cfg.replace({"QUANT_LEVEL": "4bit"}), shape, 100).setting.endswith(" 4bit")
+    assert train_timing.predict_step_time(cfg.replace({"QUANT_LEVEL": "4bit"}), shape, 100).setting.endswith(" 4bit")
 
 
 def test_durations_read_in_the_largest_sensible_unit():
-    assert [timing.duration(s) for s in (0.42, 12.3, 126, 40 * 60, 3.5 * 3600, 2 * 86400)] == [
+    assert [train_timing.duration(s) for s in (0.42, 12.3, 126, 40 * 60, 3.5 * 3600, 2 * 86400)] == [
         "0.42 s",
         "12 s",
         "2.1 min",
@@ -160,11 +162,14 @@ def test_durations_read_in_the_largest_sensible_unit():
 
 def test_lengths_of_a_micro_batch_packed_and_padded():
     rows = [{"input_ids": [0] * n, "labels": [-100] * (n - 2) + [1, 1]} for n in (10, 20, 30, 40)]
-    seq, share = timing.batch_shape(rows, 2, packed=True)
+    seq, share = train_timing.batch_shape(rows, 2, packed=True)
     assert seq == 25 and share == pytest.approx(8 / 100)
-    seq, share = timing.batch_shape(rows, 2, packed=False)  # E[longest of two draws with replacement]
+    seq, share = train_timing.batch_shape(rows, 2, packed=False)  # E[longest of two draws with replacement]
     assert seq == pytest.approx((10 * 1 + 20 * 3 + 30 * 5 + 40 * 7) / 16) and share == 1.0
-    assert timing.batch_shape(rows, 1, packed=False)[0] == 25 and timing.batch_shape([], 4, True) == (None, 1.0)
+    assert train_timing.batch_shape(rows, 1, packed=False)[0] == 25 and train_timing.batch_shape([], 4, True) == (
+        None,
+        1.0,
+    )
 
 
 def test_info_prints_the_expected_time_beside_the_memory(tiny_glm_dir, data_dir, tmp_path, monkeypatch, capsys):
@@ -224,7 +229,7 @@ def test_a_probe_that_measured_nothing_gives_no_time(shape, monkeypatch, how, wh
     _nothing_measured(monkeypatch, how)
     with pytest.raises(probes.NothingMeasured, match=why.split(":")[0]):
         probes.probe_linear("none", "fp32", 64, 192, 32)
-    t = timing.predict_step_time(_cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=3), shape, train_samples=100)
+    t = train_timing.predict_step_time(_cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=3), shape, train_samples=100)
     assert t.line().startswith("expected time: unknown for 3 steps: the probe measured nothing (") and why in t.line()
     assert "~" not in t.line() and "GFLOP/s" not in t.line(), t.line()  # no number built on it
     fields = t.summary(steps_run=3, seconds=6.0)
@@ -252,6 +257,6 @@ def test_info_says_the_time_is_unknown_when_the_probe_measured_nothing(
 
 
 def test_a_slow_probe_reads_as_its_rate_not_zero():
-    t = timing.StepTime(2.0, 5.7, 57.0, 10, 0.43, "fp32 8bit")
+    t = train_timing.StepTime(2.0, 5.7, 57.0, 10, 0.43, "fp32 8bit")
     assert "probe 0.43 GFLOP/s fp32 8bit" in t.line() and LINE.match(t.line())
-    assert "probe 351 GFLOP/s" in timing.StepTime(2.0, 5.7, 57.0, 10, 351.2, "bf16").line()
+    assert "probe 351 GFLOP/s" in train_timing.StepTime(2.0, 5.7, 57.0, 10, 351.2, "bf16").line()

@@ -371,7 +371,7 @@ def test_exactly_serve_max_queue_requests_wait_and_the_next_one_gets_429(tiny_gl
 
     from app.serve.api import create_app
     from app.serve.engine import Engine, Job
-    from app.serve.models import ServedModels
+    from app.serve.model_pool import ServedModels
 
     cfg = Config.from_dict(
         {
@@ -448,7 +448,7 @@ def test_a_server_whose_parent_has_already_ended_loads_nothing(run_app, tiny_glm
         f"the process that started this one (APP_PARENT_PID={gone.pid}, e.g. the web UI) had already ended "
         "when this one started: stopping" in r.stderr
     )
-    assert "app.serve.server" not in r.stderr and "app.serve.models" not in r.stderr  # stopped before loading
+    assert "app.serve.api_server" not in r.stderr and "app.serve.model_pool" not in r.stderr  # stopped before loading
 
 
 # ---- the running batch: requests join it between decode steps (app/serve/engine.py, batch.py) ---------------

@@ -1,4 +1,4 @@
-"""STAGE=dpo and STAGE=kto (app/training/preference.py): TRL's preference trainers on the tool's path, on the
+"""STAGE=dpo and STAGE=kto (app/training/preference_trainer.py): TRL's preference trainers on the tool's path, on the
 tiny GLM.
 
 A seeded DPO run logs golden losses, the first ln 2 (the policy starts as its reference); the reference pass is
@@ -121,7 +121,7 @@ def _log_probs(model, batch) -> torch.Tensor:
 
 def _trainer(cfg: Config, tmp_path: Path):
     """The preference trainer as build_trainer makes it, for the run ``cfg`` (its model loaded, nothing trained)."""
-    from app.training.preference import as_dataset, pref_trainer_class, pref_trainer_kwargs
+    from app.training.preference_trainer import as_dataset, pref_trainer_class, pref_trainer_kwargs
     from app.training.trainer import RunMixin, training_args
 
     ft = FineTuner(cfg).setup().prepare_data().load_model()

@@ -42,7 +42,7 @@ def test_the_contract_lists_every_override():
 
 @pytest.mark.parametrize("stage, loss", STAGES, ids=lambda x: x)
 def test_each_preference_trainer_reaches_the_overrides_and_trl_keeps_their_signatures(stage, loss):
-    from app.training.preference import pref_trainer_class
+    from app.training.preference_trainer import pref_trainer_class
 
     cls = pref_trainer_class(Config.from_dict({"STAGE": stage, "PREF_LOSS": loss}), RunMixin)
     trl = next(k for k in cls.__mro__ if k.__module__.startswith("trl."))

@@ -326,7 +326,7 @@ def test_the_runs_tab_shows_the_stage_and_the_reward_margins(tmp_path, monkeypat
     import json
 
     from app.core.ownership import claim
-    from app.webui.runs import curves, summary_rows
+    from app.webui.run_view import curves, summary_rows
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "models" / "pref-run"
@@ -607,7 +607,7 @@ def test_the_page_says_to_plan_first_until_a_plan_is_shown(webui, client):
 def test_the_eta_of_a_resumed_run_times_only_the_steps_since_the_resume():
     """A resumed run's metrics rows start time_s again at the resume: 10 s a step after resuming at step 3 of 10
     leaves 50 s, not the 20 s that dividing by all 5 steps gave."""
-    from app.webui.runs import progress
+    from app.webui.run_view import progress
 
     rows = [{"step": s, "loss": 1.0, "time_s": 10.0 * s, "max_steps": 10} for s in (1, 2, 3)]
     rows += [{"step": s, "loss": 1.0, "time_s": 10.0 * (s - 3), "max_steps": 10} for s in (4, 5)]

@@ -7,7 +7,7 @@ import os
 
 from app.config import Config
 from app.core.errors import UserError
-from app.serve.server import can_listen, loopback
+from app.serve.api_server import can_listen, loopback
 
 log = logging.getLogger(__name__)
 

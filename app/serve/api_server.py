@@ -24,7 +24,7 @@ def run_serve(cfg: Config) -> None:
 
     from app.serve.api import create_app
     from app.serve.engine import Engine
-    from app.serve.models import ServedModels
+    from app.serve.model_pool import ServedModels
 
     sv = cfg.serve
     can_listen(sv.serve_host, sv.serve_port)  # before minutes of loading, not after

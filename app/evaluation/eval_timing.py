@@ -27,7 +27,7 @@ from typing import Any
 
 from app.inference.gguf_export import BYTES_PER_WEIGHT
 from app.plan.estimator import QUANT_BYTES, ModelShape
-from app.plan.timing import duration
+from app.plan.train_timing import duration
 
 STARTUP_S = 6.0  # importing torch and transformers, the tokenizer, the reports: an evaluate process's fixed cost
 
