@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from app.core.utils import atomic_write_text, setup_logging
+from app.core.atomic import atomic_write_text
+from app.core.utils import setup_logging
 from app.data.synthetic import generate_samples
 from app.models.tiny import tiny_dir
 from bench.data_tokenize import baseline_build, report_lines

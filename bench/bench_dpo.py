@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.core.atomic import atomic_write_text, write_json
+from app.core.utils import setup_logging, usable_cpus
 from bench.bench_speed import MODEL, TARGETS, app_env, model_and_data, run, wait_for_quiet
 
 OUT = Path("bench/results/dpo")

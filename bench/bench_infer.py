@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from app.core import cgroups
-from app.core.utils import setup_logging, usable_cpus, write_json
+from app.core.atomic import write_json
+from app.core.utils import setup_logging, usable_cpus
 from bench import infer_eval
 from bench.infer_report import log_facts, machine, write_report
 from bench.scale_models import SHAPES, build_random_glm

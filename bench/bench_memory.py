@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.core.utils import atomic_write_text, setup_logging
+from app.core.atomic import atomic_write_text
+from app.core.utils import setup_logging
 from app.data.synthetic import generate_samples
 from app.models.tiny import build_tiny_model, resolve_model
 from app.plan.estimator import estimate, model_shape

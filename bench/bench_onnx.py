@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.core.atomic import atomic_write_text, write_json
+from app.core.utils import setup_logging, usable_cpus
 from app.models.tiny import build_tiny_model
 from bench.bench_memory import QWEN_100M
 

@@ -29,7 +29,8 @@ from datetime import datetime
 from pathlib import Path
 
 from app.core import cgroups
-from app.core.utils import atomic_write_text, setup_logging
+from app.core.atomic import atomic_write_text
+from app.core.utils import setup_logging
 from bench.scale_models import build_random_glm
 from bench.scale_report import eta_after_first_step, report
 

@@ -32,7 +32,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app.core.utils import atomic_write_text, setup_logging, write_json
+from app.core.atomic import atomic_write_text, write_json
+from app.core.utils import setup_logging
 from bench.bench_memory import QWEN_100M, ensure_model
 
 log = logging.getLogger("bench")

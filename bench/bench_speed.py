@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.utils import atomic_write_text, setup_logging, usable_cpus, write_json
+from app.core.atomic import atomic_write_text, write_json
+from app.core.utils import setup_logging, usable_cpus
 from app.training.metrics_file import read_metrics
 
 log = logging.getLogger("bench")

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.utils import atomic_write_text, setup_logging, write_json
+from app.core.atomic import atomic_write_text, write_json
+from app.core.utils import setup_logging
 from bench.bench_speed import app_env, run
 
 OUT = Path("bench/results/demo-dpo")

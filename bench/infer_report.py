@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.core.utils import atomic_write_text, usable_cpus
+from app.core.atomic import atomic_write_text
+from app.core.utils import usable_cpus
 from bench import infer_eval
 
 NAMES = {

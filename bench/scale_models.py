@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from app.core.utils import built_whole
+from app.core.atomic import built_whole
 
 log = logging.getLogger("bench")
 

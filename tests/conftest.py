@@ -9,8 +9,9 @@ tests/project/test_suite_guards.py checks it).
   ``child_env`` / ``run_app`` / ``app_process`` (`python -m app` as a real process; nothing it started may
   outlive the test), ``as_a_user``,
   ``snapshot`` (file hashes, to compare before and after);
-- training runs: ``make_data`` and ``data_dir`` (synthetic data), ``recipe`` (the golden-loss recipe),
-  ``read_metrics`` and ``train_losses`` (what a run logged), ``greedy_reference`` (an independent decode).
+- training runs: ``write_dataset``, ``make_data`` and ``data_dir`` (synthetic data), ``recipe`` (the
+  golden-loss recipe), ``read_metrics`` and ``train_losses`` (what a run logged), ``greedy_reference`` (an
+  independent decode).
 
 Everything that imports ``app`` does so inside the fixture: tests/project/test_suite_guards.py runs a copy of
 this file in a throw-away project.
@@ -536,16 +537,38 @@ def serve_process():
 # ---- training runs: data, the golden recipe, what a run logged -------------------------------------------
 
 
+def _write_dataset(out_dir: str | Path, n_train: int = 400, n_dev: int = 50, seed: int = 42) -> dict[str, Path]:
+    import json
+
+    from app.core.atomic import atomic_write_text
+    from app.data.synthetic import generate_samples
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # One call keeps the contexts unique across both splits, so train and dev never share one.
+    samples = generate_samples(n_train + n_dev, seed=seed)
+    paths = {"train": out / "train.jsonl", "dev": out / "dev.jsonl"}
+    for name, rows in (("train", samples[:n_train]), ("dev", samples[n_train:])):
+        atomic_write_text(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def write_dataset():
+    """write_dataset(out_dir, n_train=400, n_dev=50, seed=42) -> {"train": path, "dev": path}: synthetic triplet
+    records (app.data.synthetic) in out_dir's train.jsonl and dev.jsonl, contexts disjoint, each file written
+    whole; the same seed gives the same bytes. Session-scoped, so fixtures of any scope can use it."""
+    return _write_dataset
+
+
 @pytest.fixture(scope="session")
 def make_data(tmp_path_factory):
     """make(n_train=80, n_dev=10, seed=1) -> a fresh temp dir holding synthetic train.jsonl and dev.jsonl
-    (app.data.synthetic.write_dataset). Session-scoped, so module-scoped fixtures can use it too."""
+    (write_dataset). Session-scoped, so module-scoped fixtures can use it too."""
 
     def make(n_train: int = 80, n_dev: int = 10, seed: int = 1) -> Path:
-        from app.data.synthetic import write_dataset
-
         d = tmp_path_factory.mktemp("data")
-        write_dataset(d, n_train=n_train, n_dev=n_dev, seed=seed)
+        _write_dataset(d, n_train=n_train, n_dev=n_dev, seed=seed)
         return d
 
     return make

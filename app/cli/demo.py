@@ -33,9 +33,9 @@ from typing import Any
 from transformers import TrainerCallback
 
 from app.config import Config
+from app.core.atomic import atomic_write_text
 from app.core.generated import record as record_generated
 from app.core.generated import refuse_unless_generated
-from app.core.utils import atomic_write_text
 from app.data.synthetic import build_context, generate_samples, parse_target
 
 log = logging.getLogger(__name__)

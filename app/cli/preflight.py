@@ -208,7 +208,7 @@ def _run_problems(cfg: Config, command: str) -> list[str]:
 
 def _missing_adapter_line(path: Path) -> str:
     # A merge or export killed between its two renames (no atomic exchange on this filesystem) leaves
-    # the previous copy beside the target; the next merge/export into it puts it back (app.core.utils).
+    # the previous copy beside the target; the next merge/export into it puts it back (app.core.atomic).
     aside = sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")) if path.name else []
     if aside:
         return (

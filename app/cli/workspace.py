@@ -20,10 +20,10 @@ from pathlib import Path
 
 from app.config import Config
 from app.core import generated, ownership
+from app.core.atomic import atomic_write_text
 from app.core.errors import UserError
 from app.core.generated import MANIFEST
 from app.core.generated import record as record_generated
-from app.core.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 

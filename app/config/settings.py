@@ -85,7 +85,7 @@ class Config:
         return {var: self.get(var) for var in self.variables()}
 
     def save(self, path: str | Path) -> None:
-        from app.core.utils import write_json
+        from app.core.atomic import write_json
 
         write_json(path, self.to_dict())
 
@@ -127,7 +127,7 @@ class Config:
                     continue  # reported above where it matters; the environment holds plenty else
                 sec, f = known[var]
                 try:
-                    values[var] = _parse(raw, _hint(sec, f.name), var)
+                    values[var] = parse_value(raw, field_type(sec, f.name), var)
                 except ConfigError as e:
                     problems.extend(e.problems)
         cfg = cls().replace(values, explicit=values)
@@ -160,10 +160,14 @@ class Config:
     def validate(self) -> Config:
         """Check every value; raise one ConfigError naming *all* bad variables and their fixes."""
         p: list[str] = []
-        for var in self.variables():
-            allowed = choices(var)
-            if allowed and self.get(var) not in allowed:
-                p.append(f"{var}={self.get(var)!r} is not one of {', '.join(allowed)}")
+        for var, (sec, f) in self.variables().items():  # each field's own words and range (app.config.fields)
+            allowed, value = choices(var), self.get(var)
+            if allowed and value not in allowed:
+                p.append(f"{var}={value!r} is not one of {', '.join(allowed)}")
+            rng = f.metadata.get("range")
+            problem = rng and rng.problem(var, value, _whole(field_type(sec, f.name)))
+            if problem:
+                p.append(problem)
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -339,7 +343,7 @@ class Config:
 def choices(var: str) -> tuple[str, ...] | None:
     """The allowed values of a setting whose type is a Literal (app.config.fields), else None."""
     sec, f = Config.variables()[var]
-    hint = _hint(sec, f.name)
+    hint = field_type(sec, f.name)
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
 
 
@@ -352,7 +356,7 @@ def documented() -> Iterator[tuple[str, str, Any, str, tuple[str, ...] | None]]:
 
 
 def show(value: Any) -> str:
-    """A value as it is written on the command line / in .env (the inverse of _parse)."""
+    """A value as it is written on the command line / in .env (the inverse of parse_value)."""
     if value is None:
         return ALL
     if isinstance(value, list):
@@ -374,12 +378,13 @@ def _variables() -> dict[str, tuple[str, dataclasses.Field]]:
 
 
 @functools.cache
-def _hint(section: str, name: str) -> Any:
+def field_type(section: str, name: str) -> Any:
+    """The resolved annotation of ``Config.<section>.<name>`` (what parse_value converts a raw value to)."""
     sec_cls = typing.get_type_hints(Config)[section]
     return typing.get_type_hints(sec_cls)[name]
 
 
-def _parse(raw: Any, hint: Any, var: str) -> Any:
+def parse_value(raw: Any, hint: Any, var: str) -> Any:
     """Convert a string (or an already-typed value) to the field's annotated type."""
     optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
     if isinstance(hint, types.UnionType):  # e.g. int | None, where None is written "all" (or left empty)

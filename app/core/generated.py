@@ -11,8 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from app.core.atomic import atomic_write_text
 from app.core.errors import UserError
-from app.core.utils import atomic_write_text
 
 MANIFEST = ".generated.json"  # {file name: sha256} (sample data), or {name: {"sha256", "kind"}}
 SAMPLE, PREDICTIONS = "sample", "predictions"

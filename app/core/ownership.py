@@ -23,8 +23,8 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from app.core.atomic import atomic_write_text
 from app.core.legacy import LEGACY, legacy_entries, legacy_kind, matches
-from app.core.utils import atomic_write_text
 
 MARKER = "run_manifest.json"
 TOOL = "ChatGLM-CPU-Trainer"

@@ -15,7 +15,6 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from app.core.utils import atomic_write_text
 from app.data.synthetic_tables import (
     ALBUM_B,
     CAPITAL,
@@ -363,16 +362,3 @@ def generate_samples(n: int, seed: int = 42) -> list[dict[str, str]]:
         seen.add(context)
         out.append({"context": context, "target": format_target(triplets)})
     return out
-
-
-def write_dataset(out_dir: str | Path, n_train: int = 400, n_dev: int = 50, seed: int = 42) -> dict[str, Path]:
-    """Write train.jsonl / dev.jsonl with disjoint contexts; return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # One call guarantees uniqueness across both splits, so train/dev never share a context.
-    samples = generate_samples(n_train + n_dev, seed=seed)
-    paths = {"train": out / "train.jsonl", "dev": out / "dev.jsonl"}
-    for name, rows in (("train", samples[:n_train]), ("dev", samples[n_train:])):
-        atomic_write_text(paths[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    logger.info("wrote synthetic SPO dataset to %s: %d train, %d dev (seed=%d)", out, n_train, n_dev, seed)
-    return paths

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from app.core import diskspace, ownership
+from app.core.atomic import atomic_write_text, write_json
 from app.core.errors import UserError
-from app.core.utils import atomic_write_text, write_json
 from app.evaluation.scoring import Report
 from app.evaluation.textmetrics import TextReport
 

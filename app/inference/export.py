@@ -81,22 +81,23 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from app.core.utils import peak_rss_mb, replace_dir, write_json
+    from app.core.atomic import replace_dir, write_json
+    from app.core.utils import peak_rss_mb
 
     _check_replaceable(None, out)  # before the minutes an export takes
     need = fp32_bytes(src)
     short = need and diskspace.shortfall("ONNX_DIR", out, need, "the ONNX export (fp32 weights)")
     if short:
         raise UserError(short + "; nothing was written")
-    from app.models.loading import _load_error, load_tokenizer
+    from app.models.loading import load_error, load_tokenizer
 
     tokenizer = load_tokenizer(str(src), trust_remote_code)
     try:  # fp32 on the CPU whatever the machine: the export is for CPU inference
         model = AutoModelForCausalLM.from_pretrained(
             src, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
         ).eval()
-    except Exception as e:  # noqa: BLE001 - any failure here means "cannot load this model"
-        raise _load_error(str(src), e) from None
+    except Exception as e:  # any failure here means "cannot load this model"
+        raise load_error(str(src), e) from e
     ids = torch.tensor([[3, 4, 5]])
     with torch.no_grad():  # a real short forward gives the cache layout (layers, kv heads, head dim) per family
         cache = model(input_ids=ids, use_cache=True).past_key_values
@@ -249,7 +250,7 @@ def source_for(cfg: Config) -> tuple[str, Path]:
         )
     merged = Path(cfg.predict.merged_dir or adapter / "merged")
     weights = max((p.stat().st_mtime for p in adapter.glob("adapter_model.*")), default=0.0)
-    # MERGED_DIR is swapped in whole (app.core.utils.replace_dir), so a present one is a finished merge; the
+    # MERGED_DIR is swapped in whole (app.core.atomic.replace_dir), so a present one is a finished merge; the
     # integrity check still refuses one that was damaged since (or half-written by an older version).
     current = (
         (merged / "config.json").is_file()

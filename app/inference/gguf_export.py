@@ -5,7 +5,7 @@ The adapter is merged into its base at the base's own precision (a QLoRA run's f
 from the 4-bit weights it trained on), llama.cpp's converter writes a 16-bit GGUF, and llama.cpp's quantizer
 makes GGUF_QUANT from it. The tokenizer the run trained with (its chat template and EOS) goes into the GGUF's
 metadata; an Ollama Modelfile with the same template and stop tokens, and a README with the commands, go
-beside it. GGUF_DIR is replaced whole (app.core.utils.replace_dir): a kill or a full disk leaves the
+beside it. GGUF_DIR is replaced whole (app.core.atomic.replace_dir): a kill or a full disk leaves the
 previous export or none, never a half-written file that llama.cpp would load.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from app.config import Config
 from app.core import diskspace, ownership
+from app.core.atomic import replace_dir, write_json
 from app.core.errors import UserError
 from app.core.utils import replace_dir, write_json
 from app.inference import llamacpp

@@ -32,7 +32,7 @@ def write_companions(
     """Into the export being written: generation_config.json, Modelfile and README.md for ``gguf_name`` (the
     model, or with ``adapter_gguf`` the base it applies to), from ``model_dir`` (the merged model or the base
     with the run's tokenizer)."""
-    from app.core.utils import atomic_write_text
+    from app.core.atomic import atomic_write_text
     from app.inference.modelfile import modelfile_text, readme_text, stop_tokens
     from app.models.loading import load_tokenizer
 

@@ -5,7 +5,7 @@ AutoModelForCausalLM, no peft. An adapter trained on a 4-bit/8-bit base is merge
 *unquantized* base: LoRA learnt corrections to the quantized weights, so the merged model
 differs slightly from what was trained; the log says so.
 
-MERGED_DIR is replaced whole (app.core.utils.replace_dir): a merge killed at any moment leaves the previous
+MERGED_DIR is replaced whole (app.core.atomic.replace_dir): a merge killed at any moment leaves the previous
 merge, or none, never a mix of the two that predict or export-onnx would load.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from app.config import Config
 from app.core import diskspace, ownership
+from app.core.atomic import replace_dir, write_json
 from app.core.errors import UserError
 from app.core.utils import replace_dir, write_json
 from app.models.artifacts import base_model_for, find_adapter, fp32_bytes, is_full_model, replace_target_problem

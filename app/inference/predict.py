@@ -18,8 +18,9 @@ from typing import Any
 
 from app.config import Config
 from app.core import diskspace, generated
+from app.core.atomic import atomic_write_text
 from app.core.errors import UserError
-from app.core.utils import atomic_write_text, set_threads
+from app.core.utils import set_threads
 from app.data.encode import prompt_text
 from app.data.records import detect_format, to_example
 from app.inference.terminal_chat import chat, context_size, overflow

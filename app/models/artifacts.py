@@ -139,7 +139,7 @@ def _is_local_path(name: str) -> bool:
 def replace_target_problem(cfg: Config | None, folder: str | Path, marker: str, setting: str) -> str | None:
     """Why a result written whole (a merge, an ONNX export: ``marker`` in it) may not replace ``folder``
     (``cfg``: the command's settings, whose inputs it may not hold; None: only the project's own folders)."""
-    from app.core.utils import replace_problem
+    from app.core.atomic import replace_problem
 
     refused = ownership.refused_why(folder, read_paths(cfg) if cfg is not None else {})
     return ownership.refused_line(folder, setting, refused) if refused else replace_problem(folder, marker, setting)

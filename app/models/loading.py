@@ -19,8 +19,8 @@ from app.models.tiny import resolve_model
 
 log = logging.getLogger(__name__)
 
-# Output heads stay frozen: adapting them costs vocab-sized matrices for little gain.
-_NEVER_TARGET = ("lm_head", "output_layer", "embed_out", "score", "classifier")
+# Output heads stay frozen: adapting them costs vocab-sized matrices for little gain (the estimator skips them too).
+NEVER_TARGET = ("lm_head", "output_layer", "embed_out", "score", "classifier")
 ALL_LINEAR = "all-linear"  # LORA_TARGETS=all-linear, as PEFT spells it
 
 
@@ -48,7 +48,7 @@ def remote_code_error(name: str, err: Exception) -> UserError | None:
     return None
 
 
-def _load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserError:
+def load_error(name: str, err: Exception, setting: str = "MODEL_NAME") -> UserError:
     """One line for a failed load of ``name`` (named by ``setting`` in the message)."""
     known = remote_code_error(name, err)
     if known is not None:
@@ -91,8 +91,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, setting: 
     go_offline_if_hub_unreachable(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - OSError, HTTP errors, ValueError: all mean "can't load"
-        raise _load_error(name_or_path, e, setting) from None
+    except Exception as e:  # OSError, HTTP errors, ValueError: all mean "can't load"
+        raise load_error(name_or_path, e, setting) from e
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     _patch_legacy_pad(tok)
@@ -162,8 +162,8 @@ def load_model(
             f"QUANT_LEVEL={quant}: {str(e).splitlines()[0][:200]}; "
             "install the pinned requirements (make setup) or use QUANT_LEVEL=none"
         ) from None
-    except Exception as e:  # noqa: BLE001
-        raise _load_error(name_or_path, e, setting) from None
+    except Exception as e:  # as load_tokenizer: whatever failed, the user hears one line naming the model
+        raise load_error(name_or_path, e, setting) from e
     return model
 
 
@@ -200,7 +200,7 @@ def detect_lora_targets(model: Any) -> list[str]:
     names = set()
     for full, module in model.named_modules():
         leaf = full.rsplit(".", 1)[-1]
-        if leaf in _NEVER_TARGET:
+        if leaf in NEVER_TARGET:
             continue
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
             names.add(leaf)

@@ -11,7 +11,8 @@ import logging
 import os
 from pathlib import Path
 
-from app.core.utils import LAST_RUN_FILE, atomic_write_text
+from app.core.atomic import atomic_write_text
+from app.core.utils import LAST_RUN_FILE
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.core.utils import built_whole
+from app.core.atomic import built_whole
 
 log = logging.getLogger(__name__)
 

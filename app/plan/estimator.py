@@ -68,7 +68,7 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from app.models.loading import _NEVER_TARGET, detect_lora_targets
+    from app.models.loading import NEVER_TARGET, detect_lora_targets
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -77,7 +77,7 @@ def model_shape(name_or_path: str, targets: list[str] | None = None, trust_remot
     linear = max_linear = lora_io = linear_in = 0
     for name, mod in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(mod, torch.nn.Linear) and leaf not in _NEVER_TARGET:
+        if isinstance(mod, torch.nn.Linear) and leaf not in NEVER_TARGET:
             linear += mod.weight.numel()
             linear_in += mod.in_features
             max_linear = max(max_linear, mod.weight.numel())

@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request  # FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -29,22 +29,45 @@ from app.inference.terminal_chat import context_size
 from app.serve.engine import Engine, Job, QueueFull
 from app.serve.requests import ApiError, Generation, parse_generation, parse_json
 
+if TYPE_CHECKING:
+    from app.serve.model_pool import ServedModels
 
-def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
-    sv = cfg.serve
+
+def create_app(models: ServedModels, engine: Engine, cfg: Config) -> FastAPI:
+    routes = _Routes(models, engine, cfg)
     app = FastAPI(title="ChatGLM-CPU-Trainer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.get("/health")(routes.health)
+    # every /v1 route needs the key: a dependency, so that streams stay unwrapped
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(routes.authorized)])
+    v1.get("/models")(routes.list_models)
+    v1.post("/chat/completions")(routes.chat_completions)
+    v1.post("/completions")(routes.completions)
+    v1.post("/load_lora_adapter")(routes.load_lora_adapter)
+    v1.post("/unload_lora_adapter")(routes.unload_lora_adapter)
+    app.include_router(v1)
+    return app
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
-        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
 
-    async def authorized(request: Request) -> None:  # every /v1 route (a dependency: streams stay unwrapped)
+
+async def _http_error(_: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
+    return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+
+class _Routes:
+    """The route handlers over one server's models, engine and settings."""
+
+    def __init__(self, models: ServedModels, engine: Engine, cfg: Config):
+        self.models, self.engine, self.cfg, self.sv = models, engine, cfg, cfg.serve
+
+    async def authorized(self, request: Request) -> None:
         given = request.headers.get("authorization", "")
-        if sv.api_key and not hmac.compare_digest(given.encode(), f"Bearer {sv.api_key}".encode()):
+        key = self.sv.api_key
+        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise ApiError(
                 401,
                 "a valid API key is required: 'Authorization: Bearer <API_KEY>'",
@@ -52,62 +75,53 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
                 kind="authentication_error",
             )
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
-
-    async def body_of(request: Request) -> dict[str, Any]:
-        raw, cap = bytearray(), sv.serve_max_body_kb * 1024
+    async def body_of(self, request: Request) -> dict[str, Any]:
+        raw, cap = bytearray(), self.sv.serve_max_body_kb * 1024
         async for chunk in request.stream():
             raw += chunk
             if len(raw) > cap:
-                raise ApiError(400, f"the request body is over {sv.serve_max_body_kb} KB (SERVE_MAX_BODY_KB)")
+                raise ApiError(400, f"the request body is over {self.sv.serve_max_body_kb} KB (SERVE_MAX_BODY_KB)")
         return parse_json(bytes(raw))
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "waiting": engine.waiting(), "models": len(models.names())}
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "waiting": self.engine.waiting(), "models": len(self.models.names())}
 
-    @v1.get("/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": models.listing()}
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": self.models.listing()}
 
-    @v1.post("/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        return await _complete(request, parse_generation(await body_of(request), True, cfg), True)
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._complete(request, parse_generation(await self.body_of(request), True, self.cfg), True)
 
-    @v1.post("/completions")
-    async def completions(request: Request) -> Any:
-        return await _complete(request, parse_generation(await body_of(request), False, cfg), False)
+    async def completions(self, request: Request) -> Any:
+        return await self._complete(request, parse_generation(await self.body_of(request), False, self.cfg), False)
 
-    @v1.post("/load_lora_adapter")
-    async def load_lora_adapter(request: Request) -> Any:
+    async def load_lora_adapter(self, request: Request) -> Any:
         from app.core.errors import UserError
         from app.serve.adapters import inside, read_adapter
 
-        body = await body_of(request)
+        body = await self.body_of(request)
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str) or not name or not path:
             raise ApiError(400, "lora_name and lora_path are required strings", "lora_name")
-        where = inside(models.root, path)
+        root = self.models.root
+        where = inside(root, path)
         if where is None:
-            raise ApiError(
-                400, f"lora_path must be a dir inside {models.root}/ (no '..', no symlink out of it)", "lora_path"
-            )
+            raise ApiError(400, f"lora_path must be a dir inside {root}/ (no '..', no symlink out of it)", "lora_path")
         try:
-            await run_in_threadpool(models.load, read_adapter(name, where))
+            await run_in_threadpool(self.models.load, read_adapter(name, where))
         except UserError as e:
             raise ApiError(400, str(e), "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-    @v1.post("/unload_lora_adapter")
-    async def unload_lora_adapter(request: Request) -> Any:
-        name = (await body_of(request)).get("lora_name")
-        if not isinstance(name, str) or name not in models.adapters:
+    async def unload_lora_adapter(self, request: Request) -> Any:
+        name = (await self.body_of(request)).get("lora_name")
+        if not isinstance(name, str) or name not in self.models.adapters:
             raise ApiError(404, f"no adapter named {name!r} is loaded", "lora_name", "model_not_found")
-        await run_in_threadpool(models.unload, name)
+        await run_in_threadpool(self.models.unload, name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
-    async def _complete(request: Request, gen: Generation, chat: bool) -> Any:
-        job, events = _submit(gen)
+    async def _complete(self, request: Request, gen: Generation, chat: bool) -> Any:
+        job, events = self._submit(gen)
         reply = _Reply(gen, chat, job)
         if gen.stream:
             return EventSourceResponse(reply.chunks(events), ping=15)
@@ -117,24 +131,17 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
             job.cancelled.set()  # a no-op once done; stops the generation if the client left (or on error)
         return reply.whole(text, reason, used)
 
-    def _submit(gen: Generation) -> tuple[Job, asyncio.Queue]:
-        adapter = None if gen.model == models.base_name else gen.model
-        if adapter is not None and adapter not in models.adapters:
-            raise ApiError(
-                404,
-                f"The model `{gen.model}` does not exist; GET /v1/models lists the served ones",
-                "model",
-                "model_not_found",
-            )
-        tokenizer = models.tokenizer_for(adapter)
+    def _prompt_ids(self, gen: Generation, adapter: str | None) -> list[int]:
+        """The prompt's token ids, refused (400) over SERVE_MAX_PROMPT_TOKENS or the model's context."""
+        tokenizer = self.models.tokenizer_for(adapter)
         if gen.messages is not None:
             from app.data.encode import prompt_text
 
             ids = tokenizer(prompt_text(tokenizer, gen.messages), add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer(gen.prompt)["input_ids"]
-        context = context_size(models.model, tokenizer) or 10**9  # the chat's own reading of the limit
-        limit = min(sv.serve_max_prompt_tokens, context - gen.max_tokens)
+        context = context_size(self.models.model, tokenizer) or 10**9  # the chat's own reading of the limit
+        limit = min(self.sv.serve_max_prompt_tokens, context - gen.max_tokens)
         if len(ids) > limit:
             raise ApiError(
                 400,
@@ -143,10 +150,22 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
                 "messages" if gen.messages is not None else "prompt",
                 "context_length_exceeded",
             )
+        return list(ids)
+
+    def _submit(self, gen: Generation) -> tuple[Job, asyncio.Queue]:
+        adapter = None if gen.model == self.models.base_name else gen.model
+        if adapter is not None and adapter not in self.models.adapters:
+            raise ApiError(
+                404,
+                f"The model `{gen.model}` does not exist; GET /v1/models lists the served ones",
+                "model",
+                "model_not_found",
+            )
+        ids = self._prompt_ids(gen, adapter)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(
             adapter,
-            list(ids),
+            ids,
             gen.max_tokens,
             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
             gen.temperature,
@@ -155,34 +174,33 @@ def create_app(models: Any, engine: Engine, cfg: Config) -> FastAPI:
             gen.seed,
         )
         try:
-            engine.submit(job)
+            self.engine.submit(job)
         except QueueFull:
             raise ApiError(
                 429,
-                f"the server is busy: {sv.serve_max_queue} requests are waiting (SERVE_MAX_QUEUE); retry shortly",
+                f"the server is busy: {self.sv.serve_max_queue} requests are waiting (SERVE_MAX_QUEUE); retry shortly",
                 code="rate_limit_exceeded",
                 kind="rate_limit_error",
             ) from None
         return job, events
 
-    async def _collect(request: Request, events: asyncio.Queue) -> tuple[str, str, int]:
-        text: list[str] = []
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ApiError(499, "the client closed the request") from None
-                continue
-            if event[0] == "delta":
-                text.append(event[1])
-            elif event[0] == "done":
-                return "".join(text), event[1], event[2]
-            else:
-                raise ApiError(500, event[1], kind="server_error")
 
-    app.include_router(v1)
-    return app
+async def _collect(request: Request, events: asyncio.Queue) -> tuple[str, str, int]:
+    """A whole (not streamed) answer's text, finish reason and token count; 499 when the client left."""
+    text: list[str] = []
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                raise ApiError(499, "the client closed the request") from None
+            continue
+        if event[0] == "delta":
+            text.append(event[1])
+        elif event[0] == "done":
+            return "".join(text), event[1], event[2]
+        else:
+            raise ApiError(500, event[1], kind="server_error")
 
 
 class _Reply:

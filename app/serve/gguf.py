@@ -23,6 +23,7 @@ from typing import Any
 from app.config import Config
 from app.core import diskspace, ownership
 from app.core.errors import UserError
+from app.core.atomic import replace_dir, write_json
 from app.core.utils import replace_dir, write_json
 from app.inference import llamacpp
 from app.inference.gguf_export import Source, ensure_gguf, key_for

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from app.core.utils import staged_dir
+from app.core.atomic import staged_dir
 from app.models.loading import save_kwargs
 from app.training.dist import is_main
 from app.training.metrics_file import loss_figure

@@ -17,7 +17,7 @@ from typing import Any
 
 from app.config import Config
 from app.core import ownership
-from app.core.utils import atomic_write_text, staged_dir, write_json
+from app.core.atomic import atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
 from app.models.loading import save_kwargs
 from app.models.run_dirs import point_last_run_at

@@ -26,6 +26,7 @@ from typing import Any
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
 
+from app.core.atomic import write_json
 from app.core.errors import UserError
 from app.core.utils import write_json
 from app.data.cache import CachedRows

@@ -88,7 +88,7 @@ def settings_of(tab: str) -> list[str]:
 
 def _kind(var: str) -> Any:
     sec, f = Config.variables()[var]
-    return _hint(sec, f.name)
+    return field_type(sec, f.name)
 
 
 class Form:
@@ -138,7 +138,7 @@ class Form:
     def _same(self, var: str, text: str) -> bool:
         """The form's text means the value in force (a browser sends 3 for NUM_EPOCHS=3.0)."""
         try:
-            return _parse(text, _kind(var), var) == self.cfg.get(var)
+            return parse_value(text, _kind(var), var) == self.cfg.get(var)
         except ConfigError:
             return False  # passed on: the command line names the problem
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from app import Config, FineTuner, UserError
-from app.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,7 +104,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_dir, case, snapshot):
+def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_dir, case, snapshot, write_dataset):
     make, extra, expected = CASES[case]
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     data = make(tmp_path) if make else "data/train.jsonl"
@@ -130,7 +129,7 @@ def test_bad_input_is_one_line_and_leaves_outputs_alone(cli, tmp_path, tiny_glm_
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_finished_run_is_not_replaced_unasked(cli, tmp_path, tiny_glm_dir, snapshot):
+def test_finished_run_is_not_replaced_unasked(cli, tmp_path, tiny_glm_dir, snapshot, write_dataset):
     """`make train ...` run twice: the second says so in one line instead of training over it."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     previous_run(tmp_path / "out")
@@ -151,7 +150,7 @@ def test_blank_prompt_is_one_line(cli, tmp_path, tiny_glm_dir):
     assert code == 2 and len(errors) == 1 and errors[0].startswith("PROMPT is blank") and "PROMPT=" in errors[0]
 
 
-def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot, as_a_user, run_app):
+def test_unwritable_output_dir_is_one_line_before_anything_loads(tmp_path, snapshot, as_a_user, run_app, write_dataset):
     """A real process. Root may write anywhere, so as root the child runs without that capability."""
     write_dataset(tmp_path / "data", n_train=20, n_dev=2, seed=1)
     locked = tmp_path / "locked"

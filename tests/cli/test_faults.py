@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 
 from app import Config, FineTuner, UserError
-from app.data.synthetic import write_dataset
 from app.training.checkpoints import CHECKPOINTS, MARKER
 from app.training.resume import SETTINGS_FILE
 from app.training.runlock import LOCK_FILE, hold, holder
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_glm_dir, tmp_path_factory):
+def lora_run(tiny_glm_dir, tmp_path_factory, write_dataset):
     """A finished 2-step LoRA run on the tiny GLM, and the data it was trained on: (run dir, data dir).
     Tests copy it before changing anything."""
     work = tmp_path_factory.mktemp("faults")
@@ -305,7 +304,7 @@ def test_a_sharded_model_is_checked_shard_by_shard(tmp_path):
 # between renaming the old dir aside and the new one in).
 KILL_9 = """
 import os, signal, sys
-import app.core.utils
+import app.core.atomic
 at = os.environ["KILL_AT"]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if at == "merge-write":
@@ -315,13 +314,13 @@ elif at == "export-write":
     import app.inference.export
     app.inference.export.verify = lambda model, d, tol=1e-3: die()
 elif at == "after-exchange":
-    exchange = app.core.utils._exchange
+    exchange = app.core.atomic._exchange
     def dying(a, b):
         assert exchange(a, b)
         die()
-    app.core.utils._exchange = dying
+    app.core.atomic._exchange = dying
 elif at == "between-renames":
-    app.core.utils._exchange = lambda a, b: False
+    app.core.atomic._exchange = lambda a, b: False
     rename = os.rename
     def dying(src, dst):
         if ".partial-" in os.path.basename(src):
@@ -365,7 +364,7 @@ def test_kill_9_of_merge_leaves_the_previous_merge_or_none(cli, tmp_path, lora_r
     assert code == 2 and len(errors) == 1 and errors[0].startswith(f"ADAPTER_DIR={merged}: no such directory")
     assert cli("merge", f"ADAPTER_DIR={run}")[0] == 0  # cleans up and merges
     assert not _debris(run) and (merged / "tokenizer.json").is_file()
-    (merged / "onnx").mkdir()  # an export made from it (kept across merges, see app.core.utils.replace_dir)
+    (merged / "onnx").mkdir()  # an export made from it (kept across merges, see app.core.atomic.replace_dir)
     (merged / "onnx" / "model.onnx").write_bytes(b"export")
     first = snapshot(merged)
 
@@ -439,8 +438,8 @@ def test_a_merged_or_onnx_dir_that_is_yours_is_never_replaced(cli, tmp_path, lor
 def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatch, caplog):
     """The swap itself, without a model: exchange and fallback give the same result; a kill's leftovers
     (a dead writer's) are removed, a live writer's are not, and an old copy with nothing in place returns."""
-    import app.core.utils
-    from app.core.utils import replace_dir
+    import app.core.atomic
+    from app.core.atomic import replace_dir
 
     target, umask = tmp_path / "out", os.umask(0)
     os.umask(umask)
@@ -449,7 +448,7 @@ def test_replace_dir_swaps_whole_and_cleans_up_after_a_kill(tmp_path, monkeypatc
     ).stdout.strip()
     for exchange in (True, False):
         if not exchange:
-            monkeypatch.setattr(app.core.utils, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(app.core.atomic, "_exchange", lambda a, b: False)
         shutil.rmtree(target, ignore_errors=True)
         for version in ("one", "two"):
             with replace_dir(target, "weights", "MERGED_DIR", kept_note="stale") as tmp:
@@ -516,7 +515,7 @@ def steps_logged(read_metrics):
 
 
 @pytest.fixture(scope="module")
-def killed(tiny_glm_dir, tmp_path_factory):
+def killed(tiny_glm_dir, tmp_path_factory, write_dataset):
     """(settings, run dir) of a run that died after step 3 (checkpoint-2 sealed): an exception from a
     callback ends it as abruptly as a kill would, in this process."""
     from transformers import TrainerCallback
@@ -691,7 +690,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path, child_env):
 
 
 def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(
-    tiny_glm_dir, tmp_path, cli, snapshot, app_process, steps_logged
+    tiny_glm_dir, tmp_path, cli, snapshot, app_process, steps_logged, write_dataset
 ):
     """Run A trains again into a finished run's dir (OVERWRITE=1), paused with SIGSTOP while we look
     so its files hold still. A second `train` into its OUTPUT_DIR, `merge` and `export-onnx` of the
@@ -734,7 +733,7 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_and_the_first_finishes(
 
 
 def test_sigterm_while_the_data_loads_ends_cleanly_and_touches_nothing(
-    tiny_glm_dir, tmp_path, monkeypatch, snapshot, app_process
+    tiny_glm_dir, tmp_path, monkeypatch, snapshot, app_process, write_dataset
 ):
     """SIGTERM (docker compose stop) while 20,000 records are being tokenized: exit 143 with one
     line, no traceback, and the finished run already in OUTPUT_DIR byte-for-byte as it was."""

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from app.config import Config, ConfigError, parse_cli_overrides
+from app.config import Config, ConfigError, bounds, parse_cli_overrides
+from app.config.settings import field_type
 
 
 def test_defaults_are_valid_and_every_field_is_a_variable():

@@ -262,11 +262,11 @@ WRITERS = {
     "app.cli.removal": "remove-run: only the entries its manifest lists (this file)",
     "app.cli.workspace": "sample data and clean: only files recorded with their hash (tests/cli/test_workspace.py)",
     "app.config.settings": "Config.save: train_config.json inside a run dir (this file)",
+    "app.core.atomic": "the primitives: atomic writes, built_whole, staged_dir, replace_dir (refuses a folder "
+    "without its marker: tests/cli/test_faults.py)",
     "app.core.cgroups": "a child memory cgroup under /sys/fs/cgroup (tests/plan/test_memory_monitor.py)",
     "app.core.generated": "the .generated.json record beside files the tool wrote",
     "app.core.ownership": "the marker of a folder it may write (this file)",
-    "app.core.utils": "the primitives: atomic writes, built_whole, staged_dir, replace_dir (refuses a folder "
-    "without its marker: tests/cli/test_faults.py)",
     "app.data.cache": "CACHE_DIR/tokens: new, empty or the tool's (this file)",
     "app.data.cache_build": "a cache key's folder inside CACHE_DIR/tokens",
     "app.data.synthetic": "make demo / generate-data's sample files (tests/cli/test_workspace.py)",

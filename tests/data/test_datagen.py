@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from app.data import synthetic as datagen
-from app.data.synthetic import PREDICATES, generate_samples, parse_target, write_dataset
+from app.data.synthetic import PREDICATES, generate_samples, parse_target
 
 PREFIX = "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\nInput: "
 KEYS = ["predicate", "object_type", "subject_type", "object", "subject"]
@@ -125,10 +125,9 @@ def test_parse_target_rejects_unfenced():
     assert parse_target("```json\n[]\n```") == []
 
 
-def test_write_dataset(tmp_path, caplog):
+def test_write_dataset(tmp_path, write_dataset):
     out = tmp_path / "nested" / "syn"
-    with caplog.at_level("INFO", logger="app.data.synthetic"):
-        paths = write_dataset(out, n_train=60, n_dev=15, seed=3)
+    paths = write_dataset(out, n_train=60, n_dev=15, seed=3)
     assert set(paths) == {"train", "dev"}
     assert paths["train"] == out / "train.jsonl" and paths["dev"] == out / "dev.jsonl"
     recs = {}
@@ -150,14 +149,14 @@ def test_write_dataset(tmp_path, caplog):
     assert paths["train"].read_bytes() == before
 
 
-def test_write_dataset_failure_leaves_old_file(tmp_path, monkeypatch):
+def test_write_dataset_failure_leaves_old_file(tmp_path, monkeypatch, write_dataset):
     paths = write_dataset(tmp_path, n_train=5, n_dev=2)
     before = paths["train"].read_bytes()
 
     def boom(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("app.core.utils.os.replace", boom)
+    monkeypatch.setattr("app.core.atomic.os.replace", boom)
     with pytest.raises(OSError):
         write_dataset(tmp_path, n_train=9, n_dev=2, seed=1)
     assert paths["train"].read_bytes() == before

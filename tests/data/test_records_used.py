@@ -6,7 +6,6 @@ import json
 import logging
 
 from app.config import Config
-from app.data.synthetic import write_dataset
 from app.training.train import FineTuner
 
 
@@ -28,7 +27,9 @@ def _cfg(tiny_glm_dir, data, **extra):
     return Config.from_dict(values)
 
 
-def test_tier_that_leaves_records_out_warns_at_start_end_and_in_summary(tmp_path, monkeypatch, caplog, tiny_glm_dir):
+def test_tier_that_leaves_records_out_warns_at_start_end_and_in_summary(
+    tmp_path, monkeypatch, caplog, tiny_glm_dir, write_dataset
+):
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "d", n_train=400, n_dev=2, seed=1)
     ft = FineTuner(_cfg(tiny_glm_dir, tmp_path / "d" / "train.jsonl"))
@@ -58,7 +59,7 @@ def test_tier_that_leaves_records_out_warns_at_start_end_and_in_summary(tmp_path
     assert any("using 200 of its 400 valid records" in w for w in summary["warnings"])
 
 
-def test_max_samples_all_or_set_by_the_user_is_no_warning(tmp_path, monkeypatch, caplog, tiny_glm_dir):
+def test_max_samples_all_or_set_by_the_user_is_no_warning(tmp_path, monkeypatch, caplog, tiny_glm_dir, write_dataset):
     monkeypatch.chdir(tmp_path)
     write_dataset(tmp_path / "d", n_train=60, n_dev=2, seed=1)
     data = tmp_path / "d" / "train.jsonl"

@@ -12,7 +12,6 @@ import torch
 
 from app import Config, FineTuner, UserError
 from app.data.encode import encode
-from app.data.synthetic import write_dataset
 from app.evaluation.dataset import eval_data
 from app.evaluation.evaluate import run_evaluate
 from app.evaluation.scoring import score
@@ -261,7 +260,9 @@ def warnings_of(caplog):
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("app.eval")]
 
 
-def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(tiny_glm_dir, tmp_path, monkeypatch, caplog):
+def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(
+    tiny_glm_dir, tmp_path, monkeypatch, caplog, write_dataset
+):
     """The issue's case: EVAL_PATH unset, a run trained on the user's alpaca file, the sample triplets in
     data/dev.jsonl (what was scored before, F1 0). Scored now: exactly the records training held out, in its
     order, with exact match / ROUGE-L / BLEU-4 per sample and the answers' loss, said in one line."""
@@ -351,7 +352,7 @@ def test_a_triplet_run_is_scored_on_its_val_path_with_prf(tiny_glm_dir, data_dir
 
 
 def test_a_run_that_held_out_nothing_and_the_base_model_say_what_they_score(
-    tiny_glm_dir, tmp_path, monkeypatch, caplog
+    tiny_glm_dir, tmp_path, monkeypatch, caplog, write_dataset
 ):
     monkeypatch.chdir(tmp_path)
     data = alpaca_file(tmp_path / "mine.jsonl")

@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from app import Config, FineTuner, UserError
-from app.data.synthetic import write_dataset
 from app.inference.predict import BUILTIN_PROMPT, Predictor, run_predict
 
 
 @pytest.fixture(scope="module")
-def adapter(tiny_glm_dir, tmp_path_factory):
+def adapter(tiny_glm_dir, tmp_path_factory, write_dataset):
     work = tmp_path_factory.mktemp("predict")
     write_dataset(work, n_train=30, n_dev=5, seed=3)
     cfg = Config.from_dict(

@@ -84,9 +84,9 @@ def test_chatglm_style_remote_tokenizer_without_padding_side_is_patched(tmp_path
 
 
 def test_known_remote_code_breakage_names_the_fix():
-    from app.models.loading import _load_error
+    from app.models.loading import load_error
 
     err = AttributeError("'ChatGLMForConditionalGeneration' object has no attribute '_extract_past_from_model_output'")
-    msg = str(_load_error("THUDM/chatglm2-6b", err))
+    msg = str(load_error("THUDM/chatglm2-6b", err))
     assert msg.startswith("MODEL_NAME=THUDM/chatglm2-6b:") and "glm-4-9b-chat-hf" in msg and "\n" not in msg
-    assert "not found locally" in str(_load_error("THUDM/chatglm2-6b", OSError("no such repo")))
+    assert "not found locally" in str(load_error("THUDM/chatglm2-6b", OSError("no such repo")))

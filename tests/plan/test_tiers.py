@@ -157,14 +157,13 @@ def test_estimator_orders_and_scales(tiny_qwen2_dir):
     assert gpu.weights_mb == pytest.approx(e["none"].weights_mb / 2)  # bf16 on GPU
 
 
-def test_planning_never_changes_the_users_config(tiny_glm_dir, tmp_path):
+def test_planning_never_changes_the_users_config(tiny_glm_dir, tmp_path, write_dataset):
     """A Config is frozen: the tier, the data's lengths and the memory fit make new ones (FineTuner.cfg,
     plan.cfg), so a notebook that reuses its Config for a second run starts from what it set, not from
     the first run's plan (GRADIENT_CHECKPOINTING=auto used to come back as 'off')."""
     import dataclasses
 
     from app import FineTuner
-    from app.data.synthetic import write_dataset
 
     write_dataset(tmp_path, n_train=20, n_dev=2, seed=1)
     user = cfg(MODEL_NAME=str(tiny_glm_dir), DATA_PATH=str(tmp_path / "train.jsonl"), OUTPUT_DIR=str(tmp_path / "o"))

@@ -96,7 +96,9 @@ def test_no_test_file_imports_another_test_file():
     others import from (as six once took chdir and data_dir out of test_train.py, with `# noqa`): no file
     depends on another's internals, and a fixture is found by name without an import a linter calls unused."""
     tests = REPO / "tests"
-    own = {p.stem for p in tests.glob("test_*.py")} | {"conftest"}
+    files = sorted(tests.rglob("test_*.py"))  # tests/<package>/test_<area>.py
+    assert files, f"no test files under {tests}"
+    own = {p.stem for p in files} | {"conftest"}
     offenders = []
     for path in sorted(tests.glob("test_*.py")):
         for name in sorted(_imported_modules(ast.parse(path.read_text(encoding="utf-8"), str(path)))):

@@ -13,7 +13,6 @@ import httpx2 as httpx
 import pytest
 
 from app import Config, FineTuner
-from app.data.synthetic import write_dataset
 from app.inference.predict import Predictor
 
 PROMPTS = ["抽取三元组：张三出生于北京。", "你好"]
@@ -26,7 +25,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def work(tiny_glm_dir, tmp_path_factory):
+def work(tiny_glm_dir, tmp_path_factory, write_dataset):
     """A working dir whose models/ holds two adapters trained apart (data seed, learning rate, steps)."""
     work = tmp_path_factory.mktemp("serve")
     for name, seed, lr, steps in (("a", 3, 1e-2, 3), ("b", 5, 5e-2, 6)):

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from app import Config, FineTuner
-from app.data.synthetic import write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DIGEST = re.compile(r"\[rank (\d)\] INFO app\.training\.dist: rank \1/2 .*trainable parameters sha256 ([0-9a-f]{64})")
@@ -197,7 +196,7 @@ def test_shipped_deepspeed_configs_fill_from_the_trainer(name, stage):
     assert ds.is_zero3() == (stage == 3)
 
 
-def test_ds_config_on_cpu_is_one_clear_line(tmp_path, run_app):
+def test_ds_config_on_cpu_is_one_clear_line(tmp_path, run_app, write_dataset):
     write_dataset(tmp_path, n_train=10, n_dev=1, seed=1)  # valid data: the DS_CONFIG line is the only problem
     proc = run_app(
         ["train", "NPROC=2", f"DS_CONFIG={REPO / 'configs/ds_zero2.json'}", "DATA_PATH=train.jsonl", "MODEL_NAME=tiny"],

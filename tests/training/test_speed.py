@@ -125,11 +125,9 @@ def test_packed_loss_is_the_token_weighted_mean_of_separate_losses(family, attn,
 # ---- training: packed == padded ----------------------------------------------------------------
 
 
-def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypatch, read_metrics):
+def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypatch, read_metrics, write_dataset):
     """LORA_DROPOUT=0 (dropout masks follow the tensor shape): the same losses, eval losses and
     real-token counts step by step, packed and padded."""
-    from app.data.synthetic import write_dataset
-
     write_dataset(tmp_path / "data", n_train=40, n_dev=4, seed=1)
     monkeypatch.chdir(tmp_path)
     runs = {}
