@@ -19,11 +19,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from app.config import OTHER_PREFIXES, OTHER_VARIABLES, TIERED, Config, documented, show
+from app.config import (
+    OTHER_PREFIXES,
+    OTHER_VARIABLES,
+    TIERED,
+    Config,
+    bounds,
+    documented,
+    setting_names_source,
+    show,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 MAKEFILE = REPO / "Makefile"
-PAGES = {"docs/configuration.md": "configuration_page", "docs/commands.md": "commands_page"}
+PAGES = {
+    "docs/configuration.md": "configuration_page",
+    "docs/commands.md": "commands_page",
+    "app/config/setting_names.py": "setting_names_page",
+}
 REGENERATE = ".venv/bin/python -m app docs"
 _GENERATED = f"<!-- Generated from the code by app/cli/reference.py; do not edit. Regenerate: {REGENERATE} -->"
 
@@ -105,12 +118,19 @@ def configuration_page() -> str:
             allowed = ", ".join(f"`{c}`" for c in choices)
         elif f.type in (bool, "bool"):  # annotations are strings under `from __future__ import annotations`
             allowed = "`true`, `false`"
+        elif bounds(var):  # a number's range (app.config.fields)
+            allowed = f"`{bounds(var)}`"
         else:
             allowed = ""
         lines.append(
             f"| `{var}` | {_default(show(shown))} | {allowed} | {'tier' if var in TIERED else ''} | {_cell(help_)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def setting_names_page() -> str:
+    """app/config/setting_names.py: every setting's name as the ``Setting`` type, which mypy checks names against."""
+    return setting_names_source()
 
 
 def make_targets(makefile: Path = MAKEFILE) -> list[tuple[str, str, str, str]]:

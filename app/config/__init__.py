@@ -2,6 +2,7 @@
 loaded and validated in one place (settings.py). Everything above this layer reads a Config."""
 
 from app.config.fields import ALL, DEFAULT_MODEL, TIERED, ConfigError
+from app.config.setting_names import Setting
 from app.config.setting_sources import (
     OTHER_PREFIXES,
     OTHER_VARIABLES,
@@ -9,7 +10,16 @@ from app.config.setting_sources import (
     make_overrides,
     parse_cli_overrides,
 )
-from app.config.settings import Config, choices, documented, show
+from app.config.settings import (
+    Config,
+    SettingNames,
+    bounds,
+    choices,
+    documented,
+    is_setting,
+    setting_names_source,
+    show,
+)
 
 __all__ = [
     "ALL",
@@ -19,10 +29,15 @@ __all__ = [
     "TIERED",
     "Config",
     "ConfigError",
+    "Setting",
+    "SettingNames",
+    "bounds",
     "choices",
     "default_output_dir",
     "documented",
+    "is_setting",
     "make_overrides",
     "parse_cli_overrides",
+    "setting_names_source",
     "show",
 ]

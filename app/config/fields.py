@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from app.config.setting_names import Setting
 from app.core.errors import UserError
 
 
@@ -15,9 +16,55 @@ class ConfigError(UserError):
     """Bad settings: one line per problem, each naming the variable and the fix."""
 
 
-def _f(default: Any, help: str) -> Any:
-    """A setting's default and help; its allowed values, if any, are those of its Literal type."""
-    meta = {"help": help}
+@dataclass(frozen=True)
+class Range:
+    """The bounds a number setting keeps (None: no such bound): validation, --help, docs/configuration.md and
+    the web UI's forms read them from the field. ``note`` follows the bound in the error (what 0 means, an
+    example)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""
+
+    def text(self, whole: bool) -> str:
+        """What the value must be: '>= 1', '> 0', 'in [0, 1)', or 'in 0..65535' (whole numbers, both ends in)."""
+        low = f"{self.ge}" if self.ge is not None else None if self.gt is None else f"{self.gt}"
+        high = f"{self.le}" if self.le is not None else None if self.lt is None else f"{self.lt}"
+        if low is None or high is None:
+            op = ">=" if self.ge is not None else ">" if self.gt is not None else "<=" if self.le is not None else "<"
+            return f"{op} {low or high}"
+        if whole and self.ge is not None and self.le is not None:
+            return f"in {low}..{high}"
+        return f"in {'[' if self.ge is not None else '('}{low}, {high}{']' if self.le is not None else ')'}"
+
+    def problem(self, var: str, value: float | None, whole: bool) -> str | None:
+        """The one-line error for ``value`` outside the range, else None (None, an optional count's 'all', is in)."""
+        ok = value is None or (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+        return None if ok else f"{var}={value} must be {self.text(whole)}{self.note}"
+
+
+def _f(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    note: str = "",
+) -> Any:
+    """A setting's default and help, and for a number the range it must be in (``ge``/``gt``/``le``/``lt``: >=, >,
+    <=, <; ``note`` follows the bound in the error). Its allowed words, if any, are those of its Literal type."""
+    meta: dict[str, Any] = {"help": help}
+    if (ge, gt, le, lt) != (None, None, None, None):
+        meta["range"] = Range(ge, gt, le, lt, note)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -28,8 +75,17 @@ def _f(default: Any, help: str) -> Any:
 DEFAULT_MODEL = "THUDM/glm-edge-1.5b-chat"
 ALL = "all"  # how an optional count (int | None) spells None: MAX_SAMPLES=all
 # The settings TIER=auto decides when you leave them unset (app/plan/tiers.py sets them; a test keeps this
-# list equal to its tables). Their defaults below are what TIER=none runs with.
-TIERED = ("QUANT_LEVEL", "MAX_SAMPLES", "BATCH_SIZE", "GRAD_ACCUM", "LORA_R", "MAX_SEQ_LEN", "GRADIENT_CHECKPOINTING")
+# list equal to its tables), which the memory fit and the guard may change too: summary.json's "plan" records
+# their final values, in this order. Their defaults below are what TIER=none runs with.
+TIERED: tuple[Setting, ...] = (
+    "QUANT_LEVEL",
+    "MAX_SAMPLES",
+    "MAX_SEQ_LEN",
+    "BATCH_SIZE",
+    "GRAD_ACCUM",
+    "GRADIENT_CHECKPOINTING",
+    "LORA_R",
+)
 
 
 # The settings that take one of a few words: their allowed values are these types' (validation,
@@ -62,7 +118,7 @@ class ModelArgs:
         "for offline runs",
     )
     trust_remote_code: bool = _f(False, "Allow the model repo's own Python code (ChatGLM-6B/2/3 need it)")
-    num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores")
+    num_threads: int = _f(0, "CPU threads for torch; 0 = all usable cores", ge=0, note=" (0 = all cores)")
 
 
 @dataclass(frozen=True)
@@ -74,16 +130,24 @@ class DataArgs:
         None,
         "Use at most this many training records, sampled with SEED; all = every "
         "record (also when empty); records a tier leaves out are named in a warning",
+        ge=1,
+        note=", or MAX_SAMPLES=all for every record",
     )
-    val_size: float = _f(0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)")
-    max_seq_len: int = _f(512, "Tokens per sample; longer prompts lose their middle, answers are kept")
-    max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed")
+    val_size: float = _f(
+        0.1, "Held-out fraction when VAL_PATH is empty (at most 200 records)", ge=0, lt=1, note=", e.g. 0.1"
+    )
+    max_seq_len: int = _f(
+        512, "Tokens per sample; longer prompts lose their middle, answers are kept", ge=16, note=", e.g. 512"
+    )
+    max_bad_ratio: float = _f(0.2, "Stop when more than this fraction of records is malformed", ge=0, le=1)
     cache_dir: str = _f(
         "models/.cache",
         "Token cache of MAX_SAMPLES=all .jsonl/.txt data, built once per file "
         "version and tokenizer (`make clean` removes models/.cache/tokens)",
     )
-    num_proc: int = _f(0, "Worker processes that build the token cache; 0 = one per CPU")
+    num_proc: int = _f(
+        0, "Worker processes that build the token cache; 0 = one per CPU", ge=0, note=" (0 = one worker per CPU)"
+    )
     replace_data: bool = _f(
         False,
         "make data: overwrite existing files at DATA_PATH and the dev.jsonl beside it "
@@ -94,9 +158,9 @@ class DataArgs:
 
 @dataclass(frozen=True)
 class LoraArgs:
-    lora_r: int = _f(8, "LoRA rank")
-    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch")
+    lora_r: int = _f(8, "LoRA rank", ge=1, note=", e.g. 8")
+    lora_alpha: int = _f(16, "LoRA scaling numerator (scale = LORA_ALPHA / LORA_R)", ge=1, note=", e.g. 2 x LORA_R")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA branch", ge=0, lt=1, note=", e.g. 0.05")
     lora_targets: list[str] = _f(
         [],
         "Comma-separated module names; empty = every linear projection "
@@ -126,7 +190,7 @@ class LoraArgs:
         "Tuning method: lora; qlora (LoRA on the 4-bit model); ptuning (P-Tuning v2 "
         "prefixes); full (every weight: small models only)",
     )
-    pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer")
+    pre_seq_len: int = _f(128, "METHOD=ptuning: number of trained prefix tokens per layer", ge=1, note=", e.g. 128")
     prefix_projection: bool = _f(False, "METHOD=ptuning: reparameterize prefixes through a 2-layer MLP")
 
 
@@ -141,8 +205,12 @@ class ResourceArgs:
     gradient_checkpointing: AutoOnOff = _f(
         "auto", "Recompute activations in backward to save memory; auto = only when needed to fit"
     )
-    memory_limit_mb: int = _f(0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)")
-    memory_safety: float = _f(0.85, "Plan for at most this fraction of the available memory")
+    memory_limit_mb: int = _f(
+        0, "Treat this as the RAM (or VRAM) limit; 0 = detect (cgroup-aware)", ge=0, note=" (0 = detect)"
+    )
+    memory_safety: float = _f(
+        0.85, "Plan for at most this fraction of the available memory", ge=0.1, le=1, note=", e.g. 0.85"
+    )
     memory_guard: MemoryGuard = _f(
         "backoff",
         "Near the limit: checkpoint, then halve BATCH_SIZE and double GRAD_ACCUM "
@@ -183,24 +251,31 @@ class TrainArgs:
         0.1,
         "STAGE=dpo/kto: the preference loss's beta: how far the policy may move from the "
         "reference (ORPO: the weight of its odds-ratio term)",
+        gt=0,
+        note=", e.g. 0.1",
     )
     pref_ftx: float = _f(
         0.0,
         "STAGE=dpo: weight of an SFT loss on the chosen answers added to the preference "
         "loss (sigmoid/ipo/simpo; ORPO always has it)",
+        ge=0,
     )
-    simpo_gamma: float = _f(0.5, "PREF_LOSS=simpo: the target reward margin")
-    kto_chosen_weight: float = _f(1.0, "STAGE=kto: weight of the good answers' loss (raise it when they are rarer)")
-    kto_rejected_weight: float = _f(1.0, "STAGE=kto: weight of the bad answers' loss")
+    simpo_gamma: float = _f(0.5, "PREF_LOSS=simpo: the target reward margin", ge=0)
+    kto_chosen_weight: float = _f(
+        1.0, "STAGE=kto: weight of the good answers' loss (raise it when they are rarer)", ge=0
+    )
+    kto_rejected_weight: float = _f(1.0, "STAGE=kto: weight of the bad answers' loss", ge=0)
     num_epochs: float = _f(3.0, "Passes over the training data")
-    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS")
-    batch_size: int = _f(1, "Micro-batch size per step")
-    grad_accum: int = _f(8, "Micro-batches per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM)")
-    learning_rate: float = _f(2e-4, "Peak learning rate")
+    max_steps: int = _f(
+        0, "Stop after this many optimizer steps; 0 = run NUM_EPOCHS", ge=0, note=" (0 = use NUM_EPOCHS)"
+    )
+    batch_size: int = _f(1, "Micro-batch size per step", ge=1)
+    grad_accum: int = _f(8, "Micro-batches per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM)", ge=1)
+    learning_rate: float = _f(2e-4, "Peak learning rate", gt=0, lt=1, note=", e.g. 2e-4")
     lr_scheduler: Scheduler = _f("cosine", "Learning-rate schedule after warmup")
-    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping")
+    warmup_ratio: float = _f(0.05, "Fraction of steps spent warming up the learning rate", ge=0, lt=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping", ge=0, note=" (0 = no clipping)")
     precision: Precision = _f(
         "auto",
         "Compute precision: auto = bf16 autocast where the hardware has fast bf16 "
@@ -222,6 +297,8 @@ class TrainArgs:
         0.0,
         "NEFTune: uniform noise of this scale on the input embeddings while training "
         "(the Trainer's neftune_noise_alpha; 5 is the paper's); 0 = off",
+        ge=0,
+        note=" (0 = off, e.g. 5)",
     )
     report_to: list[str] = _f(
         ["tensorboard"],
@@ -231,10 +308,10 @@ class TrainArgs:
         "requirements-trackers.txt)",
     )
     optim: str = _f("adamw_torch", "Optimizer name as transformers knows it (paged_adamw_32bit needs CUDA)")
-    save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)")
-    eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps")
-    logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps")
-    early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never")
+    save_steps: int = _f(50, "Checkpoint every N optimizer steps (a killed run loses at most these)", ge=1)
+    eval_steps: int = _f(50, "Evaluate on the validation split every N optimizer steps", ge=1)
+    logging_steps: int = _f(5, "Log loss / tokens per second every N optimizer steps", ge=1)
+    early_stopping_patience: int = _f(0, "Stop after N evaluations without a better eval loss; 0 = never", ge=0)
     seed: int = _f(42, "Seed for sampling, splitting, LoRA init and data order")
     resume: str = _f(
         "auto",
@@ -257,11 +334,24 @@ class DistArgs:
         1,
         "Training processes on this machine, launched by torchrun (gloo on CPU, nccl on CUDA with "
         "one GPU each); 1 = a plain single process",
+        ge=1,
+        note=" (processes on this machine)",
     )
-    nnodes: int = _f(1, "Machines in a multi-node run: start the same command on each, with its own NODE_RANK")
+    nnodes: int = _f(
+        1,
+        "Machines in a multi-node run: start the same command on each, with its own NODE_RANK",
+        ge=1,
+        note=" (machines)",
+    )
     node_rank: int = _f(0, "This machine's index in a multi-node run, 0..NNODES-1 (node 0 hosts MASTER_ADDR)")
     master_addr: str = _f("127.0.0.1", "Address of node 0 that every node can reach (NNODES > 1)")
-    master_port: int = _f(0, "Rendezvous port on node 0; 0 = a free port on one machine, 29500 across machines")
+    master_port: int = _f(
+        0,
+        "Rendezvous port on node 0; 0 = a free port on one machine, 29500 across machines",
+        ge=0,
+        le=65535,
+        note=" (0 = auto)",
+    )
     ds_config: str = _f(
         "",
         "DeepSpeed JSON config on CUDA (pip install deepspeed), e.g. configs/ds_zero2.json or "
@@ -276,10 +366,12 @@ class PredictArgs:
     input_file: str = _f("", "predict-file: one prompt or record per line (any DATA_FORMAT)")
     output_file: str = _f("", "File mode output (.jsonl); empty = <INPUT_FILE stem>.pred.jsonl")
     interactive: bool = _f(False, "predict INTERACTIVE=1 chats in the terminal until /exit or Ctrl-D (as `chat` does)")
-    max_new_tokens: int = _f(256, "Tokens to generate per answer")
-    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)")
+    max_new_tokens: int = _f(256, "Tokens to generate per answer", ge=1)
+    temperature: float = _f(0.0, "Sampling temperature; 0 = greedy (best for extraction)", ge=0, note=" (0 = greedy)")
     predict_batch_size: int = _f(
-        8, "Prompts generated together in file mode, evaluation and F1 during training (left-padded, with the KV cache)"
+        8,
+        "Prompts generated together in file mode, evaluation and F1 during training (left-padded, with the KV cache)",
+        ge=1,
     )
     merged_dir: str = _f("", "make merge: where the standalone merged model goes; empty = merged/ in the adapter dir")
     onnx_dir: str = _f(
@@ -318,9 +410,9 @@ class EvalArgs:
     )
     eval_dir: str = _f("", "Where evaluation reports go; empty = eval/ in the adapter dir (or beside --predictions)")
     eval_metric: EvalMetric = _f("loss", "Choose the best checkpoint by eval loss, or by generated-triplet F1 (slower)")
-    eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)")
+    eval_samples: int = _f(0, "Evaluate at most this many records; 0 = all (F1 during training: 32)", ge=0)
     predictions: str = _f("", "Score this JSONL of {target, output} lines instead of generating (--predictions FILE)")
-    demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes")
+    demo_minutes: float = _f(15.0, "make demo: wall-clock training budget in minutes", gt=0)
 
 
 @dataclass(frozen=True)
@@ -330,31 +422,35 @@ class ServeArgs:
         "make serve: the address the API listens on; 127.0.0.1 = this machine only, "
         "0.0.0.0 = every interface (the container sets it behind a loopback port)",
     )
-    serve_port: int = _f(8000, "make serve: the API's port")
+    serve_port: int = _f(8000, "make serve: the API's port", ge=1, le=65535, note=", e.g. 8000")
     adapters: str = _f(
         "",
         "make serve: the adapters to serve, comma-separated dirs or name=dir; empty = every "
         "trained run under models/; none = the base model only",
     )
     api_key: str = _f("", "make serve: when set, every /v1 request needs 'Authorization: Bearer <API_KEY>'")
-    serve_max_queue: int = _f(32, "make serve: requests waiting beyond this many are answered 429 (busy)")
+    serve_max_queue: int = _f(32, "make serve: requests waiting beyond this many are answered 429 (busy)", ge=1)
     serve_batch_size: int = _f(
         8,
         "make serve: the most requests for the same adapter generated together; a "
         "request joins the running batch between decode steps while it has room",
+        ge=1,
     )
     serve_batch_wait_ms: int = _f(
         20,
         "make serve: how long the first request of a new batch waits for others to "
         "start with (later ones join it as it runs)",
+        ge=0,
+        note=" (0 = no wait)",
     )
-    serve_max_prompt_tokens: int = _f(2048, "make serve: a longer prompt is answered 400")
+    serve_max_prompt_tokens: int = _f(2048, "make serve: a longer prompt is answered 400", ge=1)
     serve_max_tokens: int = _f(
         1024,
         "make serve: the most max_tokens a request may ask for (400 above it); a "
         "request without max_tokens gets MAX_NEW_TOKENS",
+        ge=1,
     )
-    serve_max_body_kb: int = _f(256, "make serve: a larger request body is answered 400")
+    serve_max_body_kb: int = _f(256, "make serve: a larger request body is answered 400", ge=1)
 
 
 @dataclass(frozen=True)
@@ -364,10 +460,10 @@ class WebuiArgs:
         "make webui: the address the web UI listens on; 127.0.0.1 = this machine only; "
         "any other address needs WEBUI_AUTH",
     )
-    webui_port: int = _f(7860, "make webui: the web UI's port")
+    webui_port: int = _f(7860, "make webui: the web UI's port", ge=1, le=65535, note=", e.g. 7860")
     webui_auth: str = _f(
         "", "make webui: user:password that the browser must give (required unless WEBUI_HOST is a loopback address)"
     )
     webui_max_upload_mb: int = _f(
-        512, "make webui: the largest data file an upload may be (a bigger one: copy it into data/ and pick it)"
+        512, "make webui: the largest data file an upload may be (a bigger one: copy it into data/ and pick it)", ge=1
     )

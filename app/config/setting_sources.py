@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,8 @@ def default_output_dir(
 ) -> str:
     """models/<last part of MODEL_NAME>-<METHOD>[-<STAGE> unless sft], and -<data> when DATA_PATH is not the
     default's: the quick start's tiny run, a real run, a DPO run and a run on your own data each get their
-    own dir, so none refuses another as a finished run. <data> is the file's stem, after its folder's name unless that is data/
-    (mine/train.jsonl -> mine-train, data/alpaca.json -> alpaca)."""
+    own dir, so none refuses another as a finished run. <data> is the file's stem, after its folder's name
+    unless that is data/ (mine/train.jsonl -> mine-train, data/alpaca.json -> alpaca)."""
     model = _slug(Path(model_name.strip().rstrip("/\\") or "model").name) or "model"
     name = f"{model}-{method}" + (f"-{stage}" if stage != "sft" else "")  # a DPO run never lands on its SFT run
     data = data_path.strip().rstrip("/\\")

@@ -17,7 +17,7 @@ import functools
 import os
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,16 @@ from app.config.fields import (
     TrainArgs,
     WebuiArgs,
 )
+from app.config.setting_names import Setting
 from app.config.setting_sources import adapter_base, default_output_dir, make_overrides, read_dotenv, unknown_problem
+
+
+class SettingNames(frozenset[Setting]):
+    """Config.explicit: the names the user set. ``in`` takes a setting's name only, so that mypy flags a misspelt
+    one (``"MAX_SEQ_LENN" in cfg.explicit``), which a plain frozenset would answer False to, silently."""
+
+    def __contains__(self, name: Setting) -> bool:  # type: ignore[override]  # narrower than object: on purpose
+        return frozenset.__contains__(self, name)
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,8 @@ class Config:
     evaluation: EvalArgs = field(default_factory=EvalArgs)
     serve: ServeArgs = field(default_factory=ServeArgs)
     webui: WebuiArgs = field(default_factory=WebuiArgs)
-    explicit: frozenset[str] = field(
-        default_factory=frozenset,
+    explicit: SettingNames = field(
+        default_factory=SettingNames,
         repr=False,
         compare=False,
         metadata={"help": "not a setting: names the user set explicitly"},
@@ -62,26 +71,28 @@ class Config:
 
     # ---- introspection -------------------------------------------------------------
     @classmethod
-    def variables(cls) -> dict[str, tuple[str, dataclasses.Field]]:
+    def variables(cls) -> dict[Setting, tuple[str, dataclasses.Field]]:
         """VARIABLE -> (section, field) for every setting (the same dict each call: do not change it)."""
         return _variables()
 
-    def get(self, var: str) -> Any:
-        sec, f = self.variables()[var.upper()]
+    def get(self, var: Setting) -> Any:
+        sec, f = self.variables()[cast(Setting, var.upper())]  # untyped callers may give "lora_r"
         return getattr(getattr(self, sec), f.name)
 
-    def replace(self, values: dict[str, Any], explicit: Iterable[str] = ()) -> Config:
+    def replace(self, values: Mapping[Setting, Any], explicit: Iterable[Setting] = ()) -> Config:
         """A new Config with these VARIABLE values (parsed as from the command line; a bad one is a
         ConfigError), and ``explicit`` added to the names treated as set by the user. A Config is
         never changed: the tier, the memory fit, the guard and a resume each make a new one."""
-        known, by_sec = self.variables(), {}  # type: ignore[var-annotated]
+        known = self.variables()
+        by_sec: dict[str, dict[str, Any]] = {}
         for var, raw in values.items():
-            sec, f = known[var.upper()]
-            by_sec.setdefault(sec, {})[f.name] = _parse(raw, _hint(sec, f.name), var.upper())
+            sec, f = known[cast(Setting, var.upper())]
+            by_sec.setdefault(sec, {})[f.name] = parse_value(raw, field_type(sec, f.name), var.upper())
         sections = {sec: dataclasses.replace(getattr(self, sec), **vals) for sec, vals in by_sec.items()}
-        return dataclasses.replace(self, **sections, explicit=self.explicit | frozenset(v.upper() for v in explicit))
+        names = SettingNames(self.explicit | {cast(Setting, v.upper()) for v in explicit})
+        return dataclasses.replace(self, **sections, explicit=names)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[Setting, Any]:
         return {var: self.get(var) for var in self.variables()}
 
     def save(self, path: str | Path) -> None:
@@ -119,11 +130,11 @@ class Config:
             p for p in (unknown_problem(k, "on the make command line", known) for k in make_overrides(env)) if p
         ]
         problems += [p for p in (unknown_problem(k, None, known) for k in layers[2]) if p]
-        values: dict[str, Any] = {}  # the variables the user set, in any layer (tiers and predict defer to them)
+        values: dict[Setting, Any] = {}  # the variables the user set, in any layer (tiers and predict defer to them)
         for layer in layers:
             for key, raw in layer.items():
                 var = key.upper()
-                if var not in known:
+                if not is_setting(var):
                     continue  # reported above where it matters; the environment holds plenty else
                 sec, f = known[var]
                 try:
@@ -173,38 +184,15 @@ class Config:
             if not ok:
                 p.append(msg)
 
-        d, t, lo, m, pr = self.data, self.train, self.lora, self.model, self.predict
+        d, t, lo, m = self.data, self.train, self.lora, self.model
         need(bool(m.model_name.strip()), "MODEL_NAME is empty; set a hub name, a local dir, or 'tiny'")
-        need(m.num_threads >= 0, f"NUM_THREADS={m.num_threads} must be >= 0 (0 = all cores)")
         need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
-        need(d.num_proc >= 0, f"NUM_PROC={d.num_proc} must be >= 0 (0 = one worker per CPU)")
-        need(
-            d.max_samples is None or d.max_samples >= 1,
-            f"MAX_SAMPLES={d.max_samples} must be >= 1, or MAX_SAMPLES=all for every record",
-        )
-        need(0 <= d.val_size < 1, f"VAL_SIZE={d.val_size} must be in [0, 1), e.g. 0.1")
-        need(d.max_seq_len >= 16, f"MAX_SEQ_LEN={d.max_seq_len} is too short; use at least 16 (e.g. 512)")
-        need(0 <= d.max_bad_ratio <= 1, f"MAX_BAD_RATIO={d.max_bad_ratio} must be in [0, 1]")
-        need(lo.lora_r >= 1, f"LORA_R={lo.lora_r} must be >= 1, e.g. 8")
-        need(lo.pre_seq_len >= 1, f"PRE_SEQ_LEN={lo.pre_seq_len} must be >= 1, e.g. 128")
-        need(lo.lora_alpha >= 1, f"LORA_ALPHA={lo.lora_alpha} must be >= 1, e.g. 2 x LORA_R")
-        need(0 <= lo.lora_dropout < 1, f"LORA_DROPOUT={lo.lora_dropout} must be in [0, 1), e.g. 0.05")
         need(t.num_epochs > 0 or t.max_steps > 0, f"NUM_EPOCHS={t.num_epochs} must be > 0 (or set MAX_STEPS)")
-        need(t.max_steps >= 0, f"MAX_STEPS={t.max_steps} must be >= 0 (0 = use NUM_EPOCHS)")
-        need(t.batch_size >= 1, f"BATCH_SIZE={t.batch_size} must be >= 1")
-        need(t.grad_accum >= 1, f"GRAD_ACCUM={t.grad_accum} must be >= 1")
-        need(0 < t.learning_rate < 1, f"LEARNING_RATE={t.learning_rate} must be in (0, 1), e.g. 2e-4")
-        need(0 <= t.warmup_ratio < 1, f"WARMUP_RATIO={t.warmup_ratio} must be in [0, 1)")
-        need(t.weight_decay >= 0, f"WEIGHT_DECAY={t.weight_decay} must be >= 0")
         need(
             not (t.precision == "bf16" and self.resources.quant_level in ("8bit", "4bit")),
             f"PRECISION=bf16 autocast is for unquantized weights; 4-bit already computes in bf16 where supported "
             f"(QUANT_LEVEL={self.resources.quant_level}); use PRECISION=auto",
         )
-        need(t.max_grad_norm >= 0, f"MAX_GRAD_NORM={t.max_grad_norm} must be >= 0 (0 = no clipping)")
-        for var in ("SAVE_STEPS", "EVAL_STEPS", "LOGGING_STEPS"):
-            need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
-        need(t.early_stopping_patience >= 0, f"EARLY_STOPPING_PATIENCE={t.early_stopping_patience} must be >= 0")
         need(
             not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
             "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0",
@@ -260,9 +248,6 @@ class Config:
             "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through "
             "checkpointed layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora",
         )
-        need(t.pref_beta > 0, f"PREF_BETA={t.pref_beta} must be > 0, e.g. 0.1")
-        for var in ("PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT"):
-            need(self.get(var) >= 0, f"{var}={self.get(var)} must be >= 0")
         need(
             not (
                 t.stage == "kto"
@@ -278,24 +263,13 @@ class Config:
             f"STAGE={t.stage} turns the adapter off for its reference model, which P-Tuning prefixes cannot do here; "
             "use METHOD=lora or qlora",
         )
-        need(t.neftune_alpha >= 0, f"NEFTUNE_ALPHA={t.neftune_alpha} must be >= 0 (0 = off, e.g. 5)")
-        need(self.evaluation.demo_minutes > 0, f"DEMO_MINUTES={self.evaluation.demo_minutes} must be > 0")
-        need(self.evaluation.eval_samples >= 0, f"EVAL_SAMPLES={self.evaluation.eval_samples} must be >= 0")
-        need(rs.memory_limit_mb >= 0, f"MEMORY_LIMIT_MB={rs.memory_limit_mb} must be >= 0 (0 = detect)")
-        need(0.1 <= rs.memory_safety <= 1, f"MEMORY_SAFETY={rs.memory_safety} must be in [0.1, 1], e.g. 0.85")
         ds = self.distributed
-        need(ds.nproc >= 1, f"NPROC={ds.nproc} must be >= 1 (processes on this machine)")
-        need(ds.nnodes >= 1, f"NNODES={ds.nnodes} must be >= 1 (machines)")
         need(
             0 <= ds.node_rank < max(ds.nnodes, 1),
             f"NODE_RANK={ds.node_rank} must be in 0..NNODES-1 (NNODES={ds.nnodes}); node 0 hosts MASTER_ADDR",
         )
-        need(0 <= ds.master_port <= 65535, f"MASTER_PORT={ds.master_port} must be a port in 0..65535 (0 = auto)")
         need(bool(ds.master_addr.strip()), "MASTER_ADDR is empty; set node 0's address, e.g. 10.0.0.1")
         need(bool(t.resume.strip()), "RESUME is empty; use RESUME=auto or the path of a checkpoint")
-        need(pr.max_new_tokens >= 1, f"MAX_NEW_TOKENS={pr.max_new_tokens} must be >= 1")
-        need(pr.temperature >= 0, f"TEMPERATURE={pr.temperature} must be >= 0 (0 = greedy)")
-        need(pr.predict_batch_size >= 1, f"PREDICT_BATCH_SIZE={pr.predict_batch_size} must be >= 1")
         need(
             not (t.packing == "on" and lo.method == "ptuning"),
             "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
@@ -315,12 +289,10 @@ class Config:
         need(sv.serve_batch_wait_ms >= 0, f"SERVE_BATCH_WAIT_MS={sv.serve_batch_wait_ms} must be >= 0 (0 = no wait)")
         ui = self.webui
         need(bool(ui.webui_host.strip()), "WEBUI_HOST is empty; use 127.0.0.1 (this machine only)")
-        need(1 <= ui.webui_port <= 65535, f"WEBUI_PORT={ui.webui_port} must be a port in 1..65535, e.g. 7860")
         need(
             not ui.webui_auth or ui.webui_auth.count(":") >= 1 and all(ui.webui_auth.split(":", 1)),
             "WEBUI_AUTH must be user:password (both non-empty)",
         )
-        need(ui.webui_max_upload_mb >= 1, f"WEBUI_MAX_UPLOAD_MB={ui.webui_max_upload_mb} must be >= 1")
         if p:
             raise ConfigError(p)
         return self
@@ -332,7 +304,7 @@ class Config:
             if sec != section:
                 lines.append(f"[{sec}]")
                 section = sec
-            extra = f" [{'|'.join(choices)}]" if choices else ""
+            extra = f" [{'|'.join(choices)}]" if choices else f" (must be {bounds(var)})" if bounds(var) else ""
             tiered = (
                 " (unset, TIER=auto decides it from RAM/VRAM: `make info` shows the value)" if var in TIERED else ""
             )
@@ -340,17 +312,50 @@ class Config:
         return "\n".join(lines)
 
 
-def choices(var: str) -> tuple[str, ...] | None:
+def is_setting(name: str) -> TypeGuard[Setting]:
+    """Whether ``name`` (upper case) is a setting's: a name read from the user, checked, is a ``Setting``."""
+    return name in _variables()
+
+
+def choices(var: Setting) -> tuple[str, ...] | None:
     """The allowed values of a setting whose type is a Literal (app.config.fields), else None."""
     sec, f = Config.variables()[var]
     hint = field_type(sec, f.name)
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
 
 
-def documented() -> Iterator[tuple[str, str, Any, str, tuple[str, ...] | None]]:
+def bounds(var: Setting) -> str | None:
+    """What a number setting must be, as --help, the docs and the web UI show it ('>= 1', 'in [0, 1)',
+    'in 1..65535'), else None; Config.validate checks it."""
+    sec, f = Config.variables()[var]
+    rng = f.metadata.get("range")
+    return rng.text(_whole(field_type(sec, f.name))) if rng else None
+
+
+def _whole(hint: Any) -> bool:
+    """Whether a field holds whole numbers (int, or int | None)."""
+    return hint is int or int in typing.get_args(hint)
+_NAMES_DOC = '''"""Every setting's name, as a type: mypy flags a misspelt one where a ``Setting`` is expected
+(``cfg.get("MAX_SEQ_LENN")``, ``"MAX_SEQ_LENN" in cfg.explicit``, ``cfg.replace({...})``, the Plan's decisions).
+
+Generated from app/config/fields.py by `.venv/bin/python -m app docs`; do not edit (tests/config/test_docs.py
+fails while it differs from what that writes).
+"""
+'''
+
+
+def setting_names_source() -> str:
+    """The text of app/config/setting_names.py: the ``Setting`` Literal of every setting's name, in order."""
+    names = "".join(f'    "{var}",\n' for var in Config.variables())
+    return f"{_NAMES_DOC}\nfrom typing import Literal\n\nSetting = Literal[\n{names}]\n"
+
+
+
+
+def documented() -> Iterator[tuple[str, Setting, Any, str, tuple[str, ...] | None]]:
     """(section, VARIABLE, default as shown, help, choices) for every setting, in order."""
     for var, (sec, f) in Config.variables().items():
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = ",".join(default) if isinstance(default, list) else ALL if default is None else default
         yield sec, var, shown, f.metadata["help"], choices(var)
 
@@ -369,11 +374,12 @@ def _sections(cls: type) -> list[dataclasses.Field]:
 
 
 @functools.cache
-def _variables() -> dict[str, tuple[str, dataclasses.Field]]:
-    out: dict[str, tuple[str, dataclasses.Field]] = {}
+def _variables() -> dict[Setting, tuple[str, dataclasses.Field]]:
+    out: dict[Setting, tuple[str, dataclasses.Field]] = {}
     for sec in _sections(Config):
-        for f in dataclasses.fields(sec.default_factory()):  # type: ignore[misc]
-            out[f.name.upper()] = (sec.name, f)
+        assert sec.default_factory is not dataclasses.MISSING  # each section is field(default_factory=<its class>)
+        for f in dataclasses.fields(sec.default_factory()):
+            out[cast(Setting, f.name.upper())] = (sec.name, f)  # setting_names_source() lists these
     return out
 
 

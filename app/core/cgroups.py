@@ -64,7 +64,7 @@ def create(limit_mb: int, prefix: str = "cpu-trainer") -> MemoryCgroup | None:
         v1_rel = next((ln.split(":", 2)[2] for ln in lines if ":memory:" in ln), None)
         v1 = v1_rel is not None
         base = Path("/sys/fs/cgroup/memory") if v1 else Path("/sys/fs/cgroup")
-        rel = v1_rel if v1 else next(ln.split(":", 2)[2] for ln in lines if ln.startswith("0::"))
+        rel = v1_rel if v1_rel is not None else next(ln.split(":", 2)[2] for ln in lines if ln.startswith("0::"))
         path = base / rel.lstrip("/") / f"{prefix}-{uuid.uuid4().hex[:8]}"
         path.mkdir()
     except (OSError, StopIteration):

@@ -125,8 +125,7 @@ def text_context(*texts: str) -> Iterator[str | None]:
     family = cjk_family() if has_cjk(*texts) else None
     # Fallback, not replacement: DejaVu Sans first keeps Latin text and the minus sign (which
     # some CJK fonts lack) as in every other plot; the CJK family draws what DejaVu cannot.
-    rc = {"font.family": ["sans-serif", family]} if family else {}
-    with matplotlib.rc_context(rc), warnings.catch_warnings():
+    with matplotlib.rc_context({"font.family": ["sans-serif", family]} if family else None), warnings.catch_warnings():
         if family is None and has_cjk(*texts):  # already said once, with the fix, by cjk_family
             warnings.filterwarnings("ignore", message=_MISSING_GLYPH, category=UserWarning)
         yield family

@@ -131,7 +131,8 @@ class TokenCache:
         rows = TrainRows(len(self), skip)
         pick = range(len(rows)) if len(rows) <= 20_000 else np.random.default_rng(0).integers(0, len(rows), 20_000)
         sample = [int(offsets[rows[i] + 1] - offsets[rows[i]]) for i in pick]
-        return EncodeStats(*map(int, total), sample)
+        samples, tokens, prompt_cut, answer_cut = map(int, total)
+        return EncodeStats(samples, tokens, prompt_cut, answer_cut, sample)
 
     def example(self, data_path: str, i: int) -> Any:
         """Row ``i``'s record, read again from the data file at its byte offset (validation needs the messages)."""
@@ -300,12 +301,12 @@ class Flat:
         return {"path": self.path, "dtype": str(self.dtype)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["dtype"])
+        Flat.__init__(self, state["path"], state["dtype"])
 
     def __del__(self) -> None:
-        if getattr(self, "fd", None) is not None:
+        if getattr(self, "fd", -1) >= 0:  # -1: closed, or never opened
             os.close(self.fd)
-            self.fd = None
+            self.fd = -1
 
 
 class TrainRows:

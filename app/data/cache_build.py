@@ -142,6 +142,7 @@ def _check_disk(data_path: str, fmt: str, tokenizer: Any, where: Path, size: int
     starts, examples = first
     n = min(len(starts) - 1, 200)
     per_byte = encode_rows(examples[:n], tokenizer).lengths.sum() / max(1, starts[n] - starts[0])
+    assert _WORKER_TOKENIZER is not None  # _init_worker, the pool's initializer, set it
     expected = size * per_byte * _STORED + size / max(1, starts[n] - starts[0]) * n * 24  # + per-row arrays
     free = shutil.disk_usage(where).free
     if expected * 1.1 > free:

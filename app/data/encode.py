@@ -160,7 +160,10 @@ def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: Encod
         raise ValueError(f"line {example.line}: not a preference pair or KTO record")
     *head, (answer, _) = _pieces(segments(example, tokenizer), tokenizer)
     prompt = [t for toks, _ in head for t in toks]
-    answers = [answer] + ([_pieces([(example.rejected, True)], tokenizer)[0][0]] if example.kind == "pair" else [])
+    answers = [answer]
+    if example.kind == "pair":
+        assert example.rejected is not None  # a pair is read with both answers (app.data.preference_records)
+        answers.append(_pieces([(example.rejected, True)], tokenizer)[0][0])
     longest = max(len(a) for a in answers)
     if len(prompt) + longest > max_seq_len:
         ids, labels, which = _truncate(prompt + [0] * longest, [IGNORE] * len(prompt) + [0] * longest, max_seq_len)

@@ -219,7 +219,7 @@ def _iter_dataset(
             f"{setting}={name}: could not load this {what} ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the name and network, "
             "or download it and point DATA_PATH at the file"
-        ) from None
+        ) from e
     if first is None:
         return
     yield 1, dict(first)

@@ -1,11 +1,12 @@
 """Read training data in any of the usual shapes and normalise it to chat messages.
 
 Files: .jsonl, .json (an array), .csv (header row), .txt (one sample per line), a dataset
-directory of shards, or a hub dataset name (app/data/record_sources.py reads them, one pass). Records: ``{context, target}`` (the triplet tutorials), alpaca
-``{instruction, input, output}``, ``{text}``, chat ``{messages}`` and sharegpt
-``{conversations}``; for preference tuning, pairs with ``chosen``/``rejected`` answers and KTO's
-``{prompt, completion, label}`` (app/data/preference_records.py reads their shapes). The format is detected per
-file from the first readable record.
+directory of shards, or a hub dataset name (app/data/record_sources.py reads them, one pass).
+Records: ``{context, target}`` (the triplet tutorials), alpaca ``{instruction, input, output}``,
+``{text}``, chat ``{messages}`` and sharegpt ``{conversations}``; for preference tuning, pairs
+with ``chosen``/``rejected`` answers and KTO's ``{prompt, completion, label}``
+(app/data/preference_records.py reads their shapes). The format is detected per file from the
+first readable record.
 
 Bad records are skipped and counted by line number; a file with no valid record, or with
 more than MAX_BAD_RATIO bad ones, stops the run with one line before anything is written.
@@ -196,7 +197,8 @@ def sample_examples(
     Each valid record gets a random key, drawn in file order; the ``k`` smallest keys are kept (a bounded
     heap) and returned by key. A dataset directory or hub dataset is read through a shuffle buffer up to
     ``k`` records instead (`datasets` streaming), so a 0.5M-row dataset is not read whole for 1000."""
-    rng, heap = random.Random(seed), []  # heap: (-key, n, example), the largest kept key on top
+    rng = random.Random(seed)
+    heap: list[tuple[float, int, Example]] = []  # (-key, n, example), the largest kept key on top
 
     def keep(ex: Example) -> None:
         item = (-rng.random(), len(heap), ex)

@@ -10,10 +10,8 @@ and object occur literally in the sentence, so the targets are always extractabl
 from __future__ import annotations
 
 import json
-import logging
 import random
 from collections.abc import Callable
-from pathlib import Path
 
 from app.data.synthetic_tables import (
     ALBUM_B,
@@ -47,8 +45,6 @@ from app.data.synthetic_tables import (
     SURNAMES,
     TITLE_A,
 )
-
-logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。"
 # Key order of every triplet dict in the real data; json.dumps keeps insertion order.

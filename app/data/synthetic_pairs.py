@@ -59,6 +59,7 @@ def mistake(r: random.Random, context: str, triplets: list[Triplet]) -> tuple[st
     if kind == "missing":
         del out[r.randrange(len(out))]
     elif kind == "entity":
+        assert entity is not None  # a kind only where there is one
         i, name = entity
         out[i]["object"] = name
     else:
@@ -81,12 +82,12 @@ def _other_predicate(r: random.Random, t: Triplet) -> str:
 def _invented(r: random.Random, context: str, triplets: list[Triplet]) -> tuple[int, str] | None:
     """(index, name): a triplet whose object can be named otherwise, and a name of its type not in the sentence."""
     names = [NAMES.get(t["predicate"], NAMES.get(t["object_type"])) for t in triplets]
-    nameable = [i for i, gen in enumerate(names) if gen]
+    nameable = [(i, gen) for i, gen in enumerate(names) if gen]
     if not nameable:
         return None
-    i = r.choice(nameable)
+    i, gen = r.choice(nameable)  # draws as a choice among the indices did: only the length counts
     for _ in range(50):
-        name = names[i](r, "")
+        name = gen(r, "")
         if name not in context:
             return i, name
     return None

@@ -159,8 +159,10 @@ def _quantized(quant: str, w: Any, half_weights: bool, cuda: bool) -> Any:
     from app.models.quantization import bnb_config, keep_4bit_trainable, load_dtype
 
     q, device = bnb_config(quant, cuda), "cuda" if cuda else "cpu"
+    assert q is not None  # quant is 4bit or 8bit here
     w = w.to(load_dtype(half_weights, cuda))
     n_out, n_in = w.shape
+    layer: Any
     if quant == "8bit":
         layer = bnb.nn.Linear8bitLt(n_in, n_out, bias=False, has_fp16_weights=False, threshold=q.llm_int8_threshold)
         layer.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
@@ -177,7 +179,7 @@ def _quantized(quant: str, w: Any, half_weights: bool, cuda: bool) -> Any:
     return layer
 
 
-def probe_attention(precision: str, head_dim: int, seq: int, cuda: bool = False) -> float:
+def probe_attention(precision: str, head_dim: int, seq: float, cuda: bool = False) -> float:
     """FLOP/s of causal SDPA forward + backward, counted as ``micro_batch_flops`` counts attention."""
     seq = max(16, min(int(seq), PROBE_TOKENS))
     key = ("attention", precision, head_dim, seq, cuda)
@@ -254,7 +256,8 @@ def probe_lora(precision: str, hidden: int, rank: int, tokens: int, cuda: bool =
 
 def probe_bandwidth(cuda: bool = False) -> float:
     """Bytes/s read from memory: a sum over a buffer twice the last-level cache (at least 256 MiB, at most 1 GiB),
-    which no cache holds. A decode step reads every weight once: this bounds generation (app/evaluation/eval_timing.py)."""
+    which no cache holds. A decode step reads every weight once: this bounds generation
+    (app/evaluation/eval_timing.py)."""
     size = min(2**30, max(2**28, 2 * last_level_cache()))
     key = ("bandwidth", size, cuda)
 

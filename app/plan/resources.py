@@ -239,13 +239,16 @@ def torch_cuda(import_it: bool) -> Any | None:
 
         return torch if torch.cuda.is_available() else None
     except Exception:  # a broken CUDA install must not break the CPU path
+        log.debug("torch.cuda is unusable: CUDA taken as absent", exc_info=True)
         return None
 
 
 def _gpus() -> list[GPUInfo]:
     torch = torch_cuda(import_it=True)
     gpus: list[GPUInfo] = []
-    for i in range(torch.cuda.device_count() if torch is not None else 0):
+    if torch is None:
+        return gpus
+    for i in range(torch.cuda.device_count()):
         try:
             props = torch.cuda.get_device_properties(i)
             free, total = torch.cuda.mem_get_info(i)

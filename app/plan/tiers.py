@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from app.config import Config, documented
+from app.config import Config, Setting, bounds, documented
 from app.plan.estimator import Estimate, ModelShape, estimate
 from app.plan.precision import quant_needed
 from app.plan.resources import Resources
@@ -64,24 +64,24 @@ class Plan:
     tier: str = "none"
     device: str = "cpu"
     budget_mb: float = 0.0
-    decisions: Mapping[str, tuple[Any, str]] = field(default_factory=lambda: MappingProxyType({}))
+    decisions: Mapping[Setting, tuple[Any, str]] = field(default_factory=lambda: MappingProxyType({}))
     estimate: Estimate | None = None
     warnings: tuple[str, ...] = ()
-    held: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))  # fixed before planning, and why
+    held: Mapping[Setting, str] = field(default_factory=lambda: MappingProxyType({}))  # fixed before planning, and why
     cfg: Config = field(default_factory=Config)  # the settings as planned: the user's, with each decision
 
-    def decide(self, var: str, value: Any, why: str) -> Plan:
+    def decide(self, var: Setting, value: Any, why: str) -> Plan:
         """``var`` = ``value`` unless the user set it; the value and the reason are recorded either way."""
         if var in self.cfg.explicit:
             return self.record(var, self.cfg.get(var), self.held.get(var, "set by you"))
         return self.set(var, value, why)
 
-    def set(self, var: str, value: Any, why: str) -> Plan:
+    def set(self, var: Setting, value: Any, why: str) -> Plan:
         """``var`` is ``value``, whoever set it (QUANT_LEVEL=auto resolves even when given)."""
         cfg = self.cfg.replace({var: value})
         return replace(self, cfg=cfg).record(var, cfg.get(var), why)
 
-    def record(self, var: str, value: Any, why: str) -> Plan:
+    def record(self, var: Setting, value: Any, why: str) -> Plan:
         """Note a setting's value and reason without changing it."""
         return replace(self, decisions=MappingProxyType({**self.decisions, var: (value, why)}))
 
@@ -102,7 +102,7 @@ def memory_gb(res: Resources) -> tuple[str, float]:
     return "cpu", res.ram_total_mb / 1024
 
 
-def apply_tier(cfg: Config, res: Resources, held: Mapping[str, str] | None = None) -> Plan:
+def apply_tier(cfg: Config, res: Resources, held: Mapping[Setting, str] | None = None) -> Plan:
     """Step 1: tier defaults for quant, samples, batch, accumulation (and GPU LoRA rank), planned
     on ``cfg`` (which stays as it is): the result is the Plan's cfg. ``held``: settings fixed
     before planning (a resumed run's), with the reason shown for them."""
@@ -185,9 +185,10 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
         plan = shrunk
     if "GRADIENT_CHECKPOINTING" not in plan.decisions:
         plan = plan.record("GRADIENT_CHECKPOINTING", plan.cfg.resources.gradient_checkpointing, "not needed to fit")
-    plan = replace(plan, estimate=predict_peak(plan.cfg, shape, cuda))
-    _refuse_unloadable(plan, res, available)
-    if plan.estimate.total_mb > plan.budget_mb:
+    peak = predict_peak(plan.cfg, shape, cuda)
+    plan = replace(plan, estimate=peak)
+    _refuse_unloadable(plan, peak, res, available)
+    if peak.total_mb > plan.budget_mb:
         levers = " or ".join(
             x
             for x in (
@@ -199,21 +200,21 @@ def fit_memory(plan: Plan, res: Resources, shape: ModelShape, lengths: list[int]
             if x
         )
         plan = plan.warn(
-            f"predicted peak {plan.estimate.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
+            f"predicted peak {peak.total_mb:,.0f} MB exceeds the budget {plan.budget_mb:,.0f} MB "
             f"({plan.cfg.resources.memory_safety:.0%} of {available:,.0f} MB available): lower MAX_SEQ_LEN or "
             f"BATCH_SIZE{', use ' + levers if levers else ''}; the memory guard will back off"
         )
     return plan
 
 
-def _refuse_unloadable(plan: Plan, res: Resources, available: float) -> None:
+def _refuse_unloadable(plan: Plan, e: Estimate, res: Resources, available: float) -> None:
     """One line and no load when the part of the peak nothing can shrink (the runtime, the weights, the
     trainable weights and their optimizer state, a quantized layer's dequantized copies) is over all the memory
     there is: loading would only be killed minutes later (a 9B 4-bit model in 8 GB: 8,101 of its 8,246 MB at
     MAX_SEQ_LEN 64, 7,693 MB available). MEMORY_GUARD=off loads anyway; ZeRO places the weights itself."""
     from app.core.errors import UserError
 
-    cfg, e = plan.cfg, plan.estimate
+    cfg = plan.cfg
     fixed = e.runtime_mb + e.weights_mb + e.trainable_mb + e.transient_mb
     if fixed <= available or cfg.resources.memory_guard == "off" or cfg.distributed.ds_config:
         return
@@ -358,14 +359,15 @@ def env_template() -> str:
         if sec != section:
             lines.append(f"\n# ---- {sec} ----")
             section = sec
-        lines.append(f"# {help_}" + (f" ({'|'.join(choices)})" if choices else ""))
+        allowed = "|".join(choices) if choices else bounds(var) and f"must be {bounds(var)}"
+        lines.append(f"# {help_}" + (f" ({allowed})" if allowed else ""))
         if var in tiered:
             lines.append(f"# unset, TIER=auto sets: {tiered[var]}")
         lines.append(f"# {var}={shown}")
     return "\n".join(lines) + "\n"
 
 
-def _tier_settings() -> dict[str, str]:
+def _tier_settings() -> dict[Setting, str]:
     """VARIABLE -> what the tiers set it to, from this module's own tables."""
     tiers = [t for _, t in CPU_TIERS + GPU_TIERS]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.config import Config
+from app.config import TIERED, Config
 from app.core import ownership
 from app.core.atomic import atomic_write_text, staged_dir, write_json
 from app.data.encode import EncodeStats
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"  # written last: it marks a finished run
-# Settings the tier, the memory fit or the guard may change: summary.json records their final values.
-PLANNED = ("QUANT_LEVEL", "MAX_SAMPLES", "MAX_SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "GRADIENT_CHECKPOINTING", "LORA_R")
 
 
 @dataclass
@@ -71,7 +69,7 @@ def publish(
         {
             **{k: str(v) if isinstance(v, Path) else v for k, v in result.__dict__.items()},
             "memory": peaks,
-            "plan": {v: ft.cfg.get(v) for v in PLANNED},
+            "plan": {v: ft.cfg.get(v) for v in TIERED},  # what the tier, the memory fit or the guard set
             "records": ft.records,
             "warnings": list(ft.plan.warnings),
             "world_size": dist.world_size(),

@@ -19,8 +19,8 @@ from typing import Any
 import gradio as gr
 
 from app.cli.main import COMMANDS
-from app.config import TIERED, Config, ConfigError, choices, show
-from app.config.settings import _hint, _parse
+from app.config import TIERED, Config, ConfigError, bounds, choices, show
+from app.config.settings import field_type, parse_value
 
 # The commands behind each tab: the tab's form holds every setting they read.
 TAB_COMMANDS: dict[str, tuple[str, ...]] = {
@@ -120,6 +120,7 @@ class Form:
     def _component(self, var: str) -> Any:
         sec, f = Config.variables()[var]
         label, info, kind = var, f.metadata["help"], _kind(var)
+        info += f" (must be {bounds(var)})" if bounds(var) else ""  # the range Config.validate checks
         value, elem = self.initial(var), f"{self.tab}-{var}"
         if var in DECIDED and var not in self.cfg.explicit:  # a text box, so that blank (the tool decides) is a value
             info += " (blank: " + ("TIER=auto decides" if var in TIERED else "models/<model>-<method>") + ")"

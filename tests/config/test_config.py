@@ -114,3 +114,48 @@ def test_env_template_is_in_sync_with_the_config():
     assert committed == env_template(), "regenerate: python -m app env-template > .env.template"
     for var in Config.variables():
         assert f"# {var}=" in committed
+
+
+# Every range declared on a field (app/config/fields.py: ge/gt/le/lt): the values just past each bound, and the
+# included bounds themselves.
+RANGED = [v for v, (_, f) in Config.variables().items() if "range" in f.metadata]
+
+
+def _edges(var):
+    sec, f = Config.variables()[var]
+    r, hint = f.metadata["range"], field_type(sec, f.name)
+    step = 1 if int in (hint, *typing.get_args(hint)) else 0.01
+    past = (r.ge - step if r.ge is not None else None, r.gt, r.le + step if r.le is not None else None, r.lt)
+    return [x for x in past if x is not None], [x for x in (r.ge, r.le) if x is not None]
+
+
+def _problems(var, value):
+    try:
+        Config.load(overrides={var: str(value)}, env={}, dotenv_path=None)
+    except ConfigError as e:
+        return [p for p in e.problems if p.startswith(f"{var}=")]
+    return []
+
+
+@pytest.mark.parametrize("var", RANGED)
+def test_each_declared_range_is_checked_in_one_line_and_shown_in_help(var):
+    outside, inside = _edges(var)
+    assert outside, var
+    for value in outside:
+        problems = _problems(var, value)
+        assert len(problems) == 1 and f"must be {bounds(var)}" in problems[0], (var, value, problems)
+    for value in inside:
+        assert _problems(var, value) == [], (var, value)
+    line = next(x for x in Config.help_text().splitlines() if x.split()[:1] == [var])
+    assert f"(must be {bounds(var)})" in line
+
+
+def test_ranges_read_as_before():
+    """The declared bounds render as the hand-written checks did (tests/cli/test_bad_input.py, the web UI's)."""
+    assert _problems("LORA_R", 0) == ["LORA_R=0 must be >= 1, e.g. 8"]
+    assert _problems("VAL_SIZE", 1) == ["VAL_SIZE=1.0 must be in [0, 1), e.g. 0.1"]
+    assert _problems("LEARNING_RATE", 0) == ["LEARNING_RATE=0.0 must be in (0, 1), e.g. 2e-4"]
+    assert _problems("MEMORY_SAFETY", 2) == ["MEMORY_SAFETY=2.0 must be in [0.1, 1], e.g. 0.85"]
+    assert _problems("SERVE_PORT", 0) == ["SERVE_PORT=0 must be in 1..65535, e.g. 8000"]
+    assert _problems("MAX_SAMPLES", 0) == ["MAX_SAMPLES=0 must be >= 1, or MAX_SAMPLES=all for every record"]
+    assert _problems("MAX_SAMPLES", "all") == []
