@@ -28,7 +28,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -37,6 +37,10 @@ from app.core.atomic import atomic_write_text
 from app.core.generated import record as record_generated
 from app.core.generated import refuse_unless_generated
 from app.data.synthetic import build_context, generate_samples, parse_target
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,13 @@ class TimeBudget(TrainerCallback):
         self.announced = False
 
     def on_step_end(
-        self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None, **kw: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: torch.optim.Optimizer | None = None,
+        lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        **kw: Any,
     ) -> None:
         left = self.seconds - (time.perf_counter() - self.t0)
         if left <= 0:

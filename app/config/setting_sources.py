@@ -7,7 +7,6 @@ import difflib
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
 
 from app.config.fields import ConfigError
 
@@ -65,7 +64,7 @@ OTHER_PREFIXES = (
 )
 
 
-def unknown_problem(key: str, where: str | None, known: dict[str, Any]) -> str | None:
+def unknown_problem(key: str, where: str | None, known: Collection[str]) -> str | None:
     """The problem line for a key that names no setting, else None. ``where`` None: a
     ``python -m app KEY=value`` argument, which must be a setting; else .env or make, which may
     also carry compose/Makefile/library names (unless the name is one typo away from a setting)."""

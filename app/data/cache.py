@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core import diskspace, ownership
 from app.core.errors import UserError
@@ -33,6 +33,9 @@ from app.data.cache_build import DTYPES, FILES, VERSION, build
 from app.data.encode import IGNORE, EncodeStats, _truncate
 from app.data.record_sources import fingerprint
 from app.data.records import LoadReport, to_example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def uses_cache(data_path: str, max_samples: int | None) -> bool:
     return max_samples is None and Path(data_path).suffix.lower() in CACHED_SUFFIXES and Path(data_path).is_file()
 
 
-def cache_key(data_path: str, fmt: str, tokenizer: Any) -> str:
+def cache_key(data_path: str, fmt: str, tokenizer: PreTrainedTokenizerBase) -> str:
     fp = fingerprint(data_path) or {}
     st = Path(data_path).stat()
     ident = {
@@ -58,7 +61,7 @@ def cache_key(data_path: str, fmt: str, tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenizer_identity(tokenizer: Any) -> str:
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of what decides the tokens: the vocabulary and merges, the special tokens, the chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -168,7 +171,7 @@ def held_out_rows(n: int, seed: int, val_size: float, has_val_file: bool) -> Any
     return rows[np.argsort(keys, kind="stable")]
 
 
-def cache_path(data_path: str, fmt: str, tokenizer: Any, cache_dir: str) -> Path:
+def cache_path(data_path: str, fmt: str, tokenizer: PreTrainedTokenizerBase, cache_dir: str) -> Path:
     """Where this file version's cache for this tokenizer lives (the key hashes the tokenizer: ask once)."""
     return Path(cache_dir) / "tokens" / cache_key(data_path, fmt, tokenizer)
 
@@ -183,7 +186,7 @@ def find_cache(final: Path) -> TokenCache | None:
 def open_or_build(
     data_path: str,
     fmt: str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     cache_dir: str,
     num_proc: int,
     setting: str = "DATA_PATH",
@@ -221,7 +224,9 @@ def open_or_build(
     return cache
 
 
-def _build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, setting: str) -> None:
+def _build(
+    data_path: str, fmt: str, tokenizer: PreTrainedTokenizerBase, final: Path, num_proc: int, setting: str
+) -> None:
     """build(), with a disk that fills meanwhile told in one line (the partial cache is gone by then)."""
     try:
         build(data_path, fmt, tokenizer, final, num_proc, setting)

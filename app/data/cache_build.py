@@ -11,12 +11,15 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core.errors import UserError
 from app.data.encode_batch import EncodedRows, encode_rows
 from app.data.record_sources import iter_lines
 from app.data.records import LoadReport, examples_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +31,9 @@ _PARALLEL_MB = 16  # smaller files are encoded in-process: starting workers woul
 _STORED = 4 + 1  # bytes per token on disk (ids + mask)
 
 
-def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, setting: str) -> None:
+def build(
+    data_path: str, fmt: str, tokenizer: PreTrainedTokenizerBase, final: Path, num_proc: int, setting: str
+) -> None:
     """Tokenize ``data_path`` into the cache folder ``final``: staged, then renamed whole. The caller holds the
     key's lock, so any temporary folder of this key is a killed build's."""
     import numpy as np
@@ -79,7 +84,13 @@ def build(data_path: str, fmt: str, tokenizer: Any, final: Path, num_proc: int, 
 
 
 def _encoded(
-    data_path: str, fmt: str, tokenizer: Any, num_proc: int, report: LoadReport, setting: str, size: int
+    data_path: str,
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    num_proc: int,
+    report: LoadReport,
+    setting: str,
+    size: int,
 ) -> Iterator[tuple[list[int], EncodedRows]]:
     """(byte offsets, encoded rows) in chunks, in file order; bad records counted in ``report``. With workers,
     at most a few chunks per worker are in flight: the file is never read ahead of the encoding."""
@@ -121,10 +132,10 @@ def _chunks(
         yield starts, examples
 
 
-_WORKER_TOKENIZER: Any = None
+_WORKER_TOKENIZER: PreTrainedTokenizerBase | None = None
 
 
-def _init_worker(tokenizer: Any) -> None:
+def _init_worker(tokenizer: PreTrainedTokenizerBase) -> None:
     global _WORKER_TOKENIZER
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the processes are the parallelism
     _WORKER_TOKENIZER = tokenizer
@@ -134,7 +145,7 @@ def _encode_in_worker(chunk: tuple[list[int], list[Any]]) -> tuple[list[int], En
     return chunk[0], encode_rows(chunk[1], _WORKER_TOKENIZER)  # numpy arrays back: a few bytes per token
 
 
-def _check_disk(data_path: str, fmt: str, tokenizer: Any, where: Path, size: int) -> None:
+def _check_disk(data_path: str, fmt: str, tokenizer: PreTrainedTokenizerBase, where: Path, size: int) -> None:
     """The cache's expected size, from the first records' tokens per byte, against free disk: one line if short."""
     first = next(_chunks(data_path, fmt, LoadReport(data_path, fmt), "DATA_PATH", progress=False), None)
     if first is None or len(first[0]) < 2:

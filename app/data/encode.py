@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.data.records import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,12 @@ class EncodeStats:
         return s
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], gen: bool) -> str:
+    # tokenize=False: the text (the stubs' return type covers every mode)
+    return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen))
 
 
-def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
     """What the model sees before it answers (used by training and by predict alike)."""
     if getattr(tokenizer, "chat_template", None):
         return _render(tokenizer, messages, gen=True)
@@ -56,7 +60,7 @@ def prompt_text(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return "".join(m["content"] + "\n" for m in messages)
 
 
-def segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+def segments(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
     """(text, is_answer) pieces whose concatenation is the full training text (minus EOS)."""
     if example.text is not None:
         for marker in ANSWER_MARKERS:
@@ -86,7 +90,7 @@ def segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
 
 
 def encode(
-    example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, stats: EncodeStats | None = None
 ) -> dict[str, list[int]]:
     """input_ids / labels for one example, truncated to max_seq_len as the module doc says."""
     ids: list[int] = []
@@ -105,7 +109,7 @@ def encode(
     return {"input_ids": ids, "labels": labels}
 
 
-def _pieces(parts: list[tuple[str, bool]], tokenizer: Any) -> list[tuple[list[int], bool]]:
+def _pieces(parts: list[tuple[str, bool]], tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], bool]]:
     """Each segment's token ids, tokenized on its own; an answer is followed by EOS."""
     eos_id = tokenizer.eos_token_id
     out = []
@@ -138,7 +142,9 @@ def _truncate(ids: list[int], labels: list[int], limit: int) -> tuple[list[int],
     return [ids[i] for i in keep], [labels[i] for i in keep], which
 
 
-def encode_all(examples: list[Example], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], EncodeStats]:
+def encode_all(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> tuple[list[dict], EncodeStats]:
     stats = EncodeStats()
     rows = []
     for ex in examples:
@@ -148,7 +154,9 @@ def encode_all(examples: list[Example], tokenizer: Any, max_seq_len: int) -> tup
     return rows, stats
 
 
-def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: EncodeStats | None = None) -> dict[str, Any]:
+def encode_pair(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_seq_len: int, stats: EncodeStats | None = None
+) -> dict[str, Any]:
     """A preference pair as {prompt_ids, chosen_ids, rejected_ids}; a KTO record as {prompt_ids, completion_ids,
     label}.
 
@@ -180,7 +188,9 @@ def encode_pair(example: Example, tokenizer: Any, max_seq_len: int, stats: Encod
     return {"prompt_ids": prompt, "completion_ids": answers[0], "label": example.label}
 
 
-def encode_pairs(examples: list[Example], tokenizer: Any, max_seq_len: int) -> tuple[list[dict], EncodeStats]:
+def encode_pairs(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_seq_len: int
+) -> tuple[list[dict], EncodeStats]:
     """encode_pair for each record, as encode_all does for SFT (a record whose answers left no token is dropped)."""
     stats = EncodeStats()
     rows = []

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.data.encode import segments
 from app.data.records import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -30,7 +33,7 @@ class EncodedRows:
     kept: Any  # bool per example given: whether its row is here
 
 
-def encode_rows(examples: list[Example], tokenizer: Any) -> EncodedRows:
+def encode_rows(examples: list[Example], tokenizer: PreTrainedTokenizerBase) -> EncodedRows:
     """encode(example, tokenizer, no limit) of each example, whole (the cache cuts to MAX_SEQ_LEN on read)."""
     import numpy as np
 
@@ -77,7 +80,7 @@ def _rows(flat: list[Any], lens: Any, answer: Any, owner: Any, n: int) -> Encode
     return EncodedRows(ids, mask, lengths, plen, kept)
 
 
-def token_lists(texts: list[str], tokenizer: Any) -> list[list[int]]:
+def token_lists(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """``tokenizer(text, add_special_tokens=False)["input_ids"]`` of each text: one batched call of the Rust
     tokenizer where that is all transformers' call would do, else that call itself, text by text (a slow
     tokenizer's batch is such a loop anyway; a tokenizer class of its own may treat a batch differently)."""
@@ -89,7 +92,7 @@ def token_lists(texts: list[str], tokenizer: Any) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
-def _plain_backend(tokenizer: Any) -> Any:
+def _plain_backend(tokenizer: PreTrainedTokenizerBase) -> Any:
     """The Rust tokenizer, where transformers' call would pass the texts to it unchanged and take its ids as they
     are: a fast tokenizer whose class changes neither step, with no truncation, padding or special-token
     setting left on the backend that the call would change first (the first call changes them, so later chunks

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.config import Config
 from app.core.errors import UserError
@@ -22,6 +22,9 @@ from app.data.heldout import digest, held_out
 from app.data.record_sources import fingerprint, is_dataset
 from app.data.records import Example, read_examples
 from app.models.artifacts import parse_json, read_json
+
+if TYPE_CHECKING:
+    from app.config.fields import DataArgs
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def _check(
         )
 
 
-def _training_records(cfg: Config, run: Path, d: Any, seq: int) -> EvalData:
+def _training_records(cfg: Config, run: Path, d: DataArgs, seq: int) -> EvalData:
     """A run that held out nothing: the first records of its training file, which it saw, said as a warning."""
     why = "VAL_SIZE=0 and no VAL_PATH" if d.val_size <= 0 else "too few records to split off a validation set"
     n = cfg.evaluation.eval_samples or FALLBACK_RECORDS

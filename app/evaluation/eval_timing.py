@@ -23,11 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.inference.gguf_export import BYTES_PER_WEIGHT
 from app.plan.estimator import QUANT_BYTES, ModelShape
 from app.plan.train_timing import duration
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from app.data.records import Example
 
 STARTUP_S = 6.0  # importing torch and transformers, the tokenizer, the reports: an evaluate process's fixed cost
 
@@ -133,7 +138,7 @@ def estimate(
     return EvalTime(len(prompts), name, both[0], both[1], budget)
 
 
-def token_counts(tokenizer: Any, examples: Sequence[Any]) -> tuple[list[int], list[int]]:
+def token_counts(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> tuple[list[int], list[int]]:
     """(prompt tokens as predict renders them, answer tokens) of each record."""
     from app.data.encode import prompt_text
 
@@ -158,8 +163,8 @@ def unknown(samples: int, why: str) -> EvalTime:
 
 def expected_evaluate(
     shape: ModelShape,
-    tokenizer: Any,
-    examples: Sequence[Any],
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
     backend: str,
     quant: str,
     batch_size: int,

@@ -26,7 +26,13 @@ from app.inference.generate import generate_batch, max_new_tokens_for
 from app.plan.train_timing import duration
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerControl, TrainerState, TrainingArguments
+
     from app.evaluation.eval_timing import EvalTime
+    from app.inference.generate import CausalLM
     from app.inference.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -123,7 +129,7 @@ def report_dir(cfg: Config) -> Path:
 
 
 def answer_loss(
-    model: Any, tokenizer: Any, examples: list[Example], max_seq_len: int
+    model: CausalLM, tokenizer: PreTrainedTokenizerBase, examples: list[Example], max_seq_len: int
 ) -> tuple[float | None, list[float | None]]:
     """(mean, per sample) cross-entropy of the reference answers given their prompts, teacher-forced: the
     tokens training puts loss on (app.data.encode: the answers and EOS, cut at ``max_seq_len`` as training
@@ -168,7 +174,13 @@ class F1Evaluator(TrainerCallback):
     Runs before BestAdapter in the callback list, so the best checkpoint can be chosen by F1.
     """
 
-    def __init__(self, tokenizer: Any, examples: list[Example], batch_size: int = 8, write: Any = None):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: list[Example],
+        batch_size: int = 8,
+        write: Callable[[dict[str, Any]], None] | None = None,
+    ):
         from app.evaluation.scoring import score
 
         self.tokenizer, self.examples, self.batch_size, self._score = tokenizer, examples, batch_size, score
@@ -177,7 +189,13 @@ class F1Evaluator(TrainerCallback):
         self.history: list[tuple[int, float]] = []
 
     def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict | None = None, model: Any = None, **kw: Any
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict | None = None,
+        model: PreTrainedModel | PeftModel | None = None,
+        **kw: Any,
     ) -> None:
         outputs = generate_batch(
             model,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.config import Config
 from app.core import diskspace, ownership
@@ -35,10 +35,14 @@ from app.inference.onnx_model import OnnxCausalLM
 from app.models.artifacts import META_FILE, ONNX_DATA, ONNX_FILE, fp32_bytes, is_onnx_dir, read_json
 from app.models.integrity import dir_problems
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 
-def _decoder_wrapper(model: Any, num_layers: int) -> Any:
+def _decoder_wrapper(model: PreTrainedModel, num_layers: int) -> torch.nn.Module:
     """nn.Module taking flat past tensors (ONNX has no cache objects) and returning flat presents."""
     import torch
     from transformers import DynamicCache
@@ -50,12 +54,12 @@ def _decoder_wrapper(model: Any, num_layers: int) -> Any:
 
         def forward(
             self,
-            input_ids: Any,
-            attention_mask: Any,
-            position_ids: Any,
-            logits_to_keep: Any,
-            past: list[tuple[Any, Any]],
-        ) -> tuple[Any, ...]:
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor,
+            logits_to_keep: torch.Tensor,
+            past: list[tuple[torch.Tensor, torch.Tensor]],
+        ) -> tuple[torch.Tensor, ...]:
             cache = DynamicCache(ddp_cache_data=[(k, v) for k, v in past], config=self.model.config)
             out = self.model(
                 input_ids=input_ids,
@@ -206,7 +210,7 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
     return out
 
 
-def verify(model: Any, onnx_dir: str | Path, tol: float = 1e-3) -> float:
+def verify(model: PreTrainedModel, onnx_dir: str | Path, tol: float = 1e-3) -> float:
     """Max |logits difference| of ORT vs PyTorch over a prompt and one cached decode step; raises
     when it exceeds ``tol`` times the largest logit (at least 1)."""
     import torch

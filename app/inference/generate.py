@@ -4,20 +4,31 @@ evaluation and the F1 evaluation during training all use it)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.data.encode import prompt_text
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-def max_new_tokens_for(tokenizer: Any, answers: list[str], cap: int = 1024) -> int:
+    from app.inference.llamacpp_model import LlamaCppCausalLM
+    from app.inference.onnx_model import OnnxCausalLM
+
+    # What answers prompts (Predictor.model): a transformers model, with or without its adapter, or an
+    # ONNX Runtime / llama.cpp model behind the same generate(), __call__, .device and .eval().
+    CausalLM = PreTrainedModel | PeftModel | OnnxCausalLM | LlamaCppCausalLM
+
+
+def max_new_tokens_for(tokenizer: PreTrainedTokenizerBase, answers: list[str], cap: int = 1024) -> int:
     """Long enough for the longest gold answer (+25% and EOS), so no answer is cut by the budget."""
     longest = max((len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers), default=16)
     return min(cap, math.ceil(longest * 1.25) + 8)
 
 
 def generate_batch(
-    model: Any,
-    tokenizer: Any,
+    model: CausalLM,
+    tokenizer: PreTrainedTokenizerBase,
     conversations: list[list[dict[str, str]]],
     max_new_tokens: int,
     batch_size: int = 8,

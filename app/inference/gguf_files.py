@@ -7,14 +7,17 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 GENERATION_FILE = "generation_config.json"
 
 
-def runtime_bos(gguf_file: Path, tokenizer: Any) -> str | None:
+def runtime_bos(gguf_file: Path, tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The text of the BOS token llama.cpp and Ollama put before every prompt of ``gguf_file``, or None when
     its metadata says they add none (the Modelfile's TEMPLATE then keeps the template's own)."""
     from gguf import GGUFReader

@@ -14,10 +14,17 @@ from __future__ import annotations
 import ctypes
 import logging
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from app.core.errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
+    import torch
+    from transformers.generation.streamers import BaseStreamer
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +32,13 @@ _QUIET = None  # the log callback kept alive for the process (llama.cpp holds a 
 _ERRORS: list[str] = []  # llama.cpp's latest error lines, for the one line a failure gives
 
 
-def _silence(llama_cpp: Any) -> None:
+def _silence(llama_cpp: ModuleType) -> None:
     """llama.cpp logs line by line to stderr; its errors are kept for the one line that says why a load or a
     decode failed (the rest goes to this logger's debug level)."""
     global _QUIET
 
     @llama_cpp.llama_log_callback
-    def quiet(level: int, text: bytes, user_data: Any) -> None:
+    def quiet(level: int, text: bytes, user_data: int | None) -> None:
         line = text.decode("utf-8", "replace").rstrip()
         if level == 4 and line:  # GGML_LOG_LEVEL_ERROR (0 none, 1 debug, 2 info, 3 warn, 5 continued)
             _ERRORS[:] = (_ERRORS + [line])[-8:]
@@ -160,7 +167,7 @@ class LlamaCppCausalLM:
         self.set_lora(None)  # the context must not hold on to a freed adapter
         self.lib.llama_adapter_lora_free(adapter)
 
-    def _decode(self, items: list[tuple[int, int, int, bool]]) -> Any:
+    def _decode(self, items: list[tuple[int, int, int, bool]]) -> np.ndarray:
         """One llama_decode of (token, position, sequence, wants logits) items -> their logits rows."""
         import numpy as np
 
@@ -179,7 +186,7 @@ class LlamaCppCausalLM:
             out[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
-    def prefill(self, tokens: list[int], seq: int = 0, start: int = 0) -> Any:
+    def prefill(self, tokens: list[int], seq: int = 0, start: int = 0) -> np.ndarray:
         """Evaluate ``tokens`` at positions start.. in sequence ``seq``; the last one's logits."""
         last = None
         for i in range(0, len(tokens), self.n_batch):
@@ -189,12 +196,14 @@ class LlamaCppCausalLM:
             last = out[0] if final else last
         return last
 
-    def step_logits(self, tokens: list[int], positions: list[int], seqs: list[int]) -> Any:
+    def step_logits(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
         """One token for each of several sequences, decoded together -> their next-token logits."""
         return self._decode([(t, p, s, True) for t, p, s in zip(tokens, positions, seqs)])
 
     # ---- transformers' API ---------------------------------------------------------------------------
-    def __call__(self, input_ids: Any, attention_mask: Any = None, **_: Any) -> SimpleNamespace:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any
+    ) -> SimpleNamespace:
         """Every position's logits (evaluate's teacher-forced answer loss reads them all): each row's real
         tokens (mask 1) decoded as one sequence, its padding's logits left 0."""
         import numpy as np
@@ -213,17 +222,17 @@ class LlamaCppCausalLM:
 
     def generate(
         self,
-        input_ids: Any,
-        attention_mask: Any = None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 20,
         do_sample: bool = False,
         temperature: float = 1.0,
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
-        streamer: Any = None,
+        streamer: BaseStreamer | None = None,
         use_cache: bool = True,
         **_: Any,
-    ) -> Any:
+    ) -> torch.Tensor:
         """Like transformers' generate: prompt + new tokens; finished rows are padded with pad_token_id."""
         import numpy as np
         import torch
@@ -241,7 +250,11 @@ class LlamaCppCausalLM:
         rows = _unpadded(input_ids, attention_mask)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        new: list[Any] = []
+        new: list[np.ndarray] = []
+
+        def pick(logits: np.ndarray) -> np.ndarray:
+            return pick_token(logits, do_sample, temperature, self.top_k, self.top_p)
+
         for start in range(0, len(rows), self.n_seq):  # a batch larger than the context's sequences: in turns
             pick = lambda logits: pick_token(logits, do_sample, temperature, self.top_k, self.top_p)  # noqa: E731
             new_part = self._generate_rows(rows[start : start + self.n_seq], max_new_tokens, pad, eos, streamer, pick)
@@ -253,8 +266,14 @@ class LlamaCppCausalLM:
         return torch.cat([input_ids.cpu(), torch.from_numpy(new_ids).long()], dim=1)
 
     def _generate_rows(
-        self, rows: list[list[int]], max_new: int, pad: int, eos: list[int], streamer: Any, pick: Any
-    ) -> Any:
+        self,
+        rows: list[list[int]],
+        max_new: int,
+        pad: int,
+        eos: list[int],
+        streamer: BaseStreamer | None,
+        pick: Callable[[np.ndarray], np.ndarray],
+    ) -> np.ndarray:
         import numpy as np
         import torch
 
@@ -266,7 +285,7 @@ class LlamaCppCausalLM:
             )
         logits = np.stack([self.prefill(row, seq) for seq, row in enumerate(rows)])
         running = np.ones(len(rows), bool)
-        out: list[Any] = []
+        out: list[np.ndarray] = []
         for step in range(max_new):
             nxt = np.where(running, pick(logits), pad)
             out.append(nxt)
@@ -283,7 +302,7 @@ class LlamaCppCausalLM:
         return np.stack(out, axis=1) if out else np.zeros((len(rows), 0), np.int64)
 
 
-def _unpadded(input_ids: Any, attention_mask: Any) -> list[list[int]]:
+def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
     """Each row's real tokens (left padding, where the mask is 0, dropped)."""
     ids = input_ids.cpu().tolist()
     if attention_mask is None:

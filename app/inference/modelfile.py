@@ -27,10 +27,13 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core.errors import UserError
 from app.data.encode import prompt_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class ChatFormat:
     system_folds: bool = False  # the system text opens the next user turn, whose prefix it replaces (Gemma 3)
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool) -> str:
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], gen: bool) -> str:
     if gen or not getattr(tokenizer, "chat_template", None):
         return prompt_text(tokenizer, messages)  # without a template, gen changes nothing
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
@@ -85,7 +88,7 @@ def _common_suffix(a: str, b: str) -> int:
     return n
 
 
-def _between_tokens(tokenizer: Any, text: str, cut: int) -> bool:
+def _between_tokens(tokenizer: PreTrainedTokenizerBase, text: str, cut: int) -> bool:
     """Whether text splits at cut without splitting a token ("<|" + "assistant|>" would)."""
     if cut in (0, len(text)):
         return True
@@ -93,7 +96,9 @@ def _between_tokens(tokenizer: Any, text: str, cut: int) -> bool:
     return ids[0] + ids[1] == ids[2]
 
 
-def _derive(tokenizer: Any) -> ChatFormat:
+def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
+    from jinja2.exceptions import TemplateError  # what a template's raise_exception raises
+
     u1, a1, u2 = ("user", _U1), ("assistant", _A1), ("user", _U2)
     head, x_u_p_a, x_a_p_u, tail_u = _cut(_render(tokenizer, _msgs(u1, a1, u2), gen=True), _U1, _A1, _U2)
     # Without the generation prompt a template may still write a trailer after the last turn (GLM-Edge
@@ -160,7 +165,7 @@ def _probe_chats(system: bool) -> list[list[dict[str, str]]]:
     return chats + [_msgs(("system", p[2])) + c for c in chats] if system else chats
 
 
-def chat_format(tokenizer: Any) -> ChatFormat:
+def chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     """The tokenizer's prompt format as a ChatFormat, checked on probe chats, or a one-line UserError."""
     name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
     try:
@@ -212,7 +217,7 @@ def _literal(text: str) -> str:
     return '{{ "' + body + '" }}'
 
 
-def ollama_template(tokenizer: Any, runtime_bos: str | None = None) -> str:
+def ollama_template(tokenizer: PreTrainedTokenizerBase, runtime_bos: str | None = None) -> str:
     """An Ollama TEMPLATE (Go text/template) writing the training prompt; ``runtime_bos``: see the module doc."""
     return _go_template(chat_format(tokenizer), runtime_bos)
 
@@ -263,7 +268,7 @@ def _go_template(fmt: ChatFormat, runtime_bos: str | None) -> str:
     return "".join(out)
 
 
-def stop_tokens(tokenizer: Any, model_dir: str | Path | None) -> list[str]:
+def stop_tokens(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path | None) -> list[str]:
     """The EOS and every stop token the run trained with, as text: the tokenizer's eos_token, then the
     eos_token_id list of generation_config.json in ``model_dir`` (the merged or base model)."""
     ids: list[int] = []
@@ -283,7 +288,7 @@ def _value(v: Any) -> str:
 
 def modelfile_text(
     gguf_file: str,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     stop: list[str],
     system: str | None,
     params: dict[str, Any],

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.models.artifacts import META_FILE, ONNX_FILE, read_json
 from app.models.integrity import load_failure
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from transformers.generation.streamers import BaseStreamer
 
 
 class OnnxCausalLM:
@@ -60,12 +65,12 @@ class OnnxCausalLM:
 
     def forward(
         self,
-        input_ids: Any,
-        attention_mask: Any = None,
-        position_ids: Any = None,
-        past: list[Any] | None = None,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+        past: list[np.ndarray] | None = None,
         keep_all: bool = False,
-    ) -> tuple[Any, list[Any]]:
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One graph run on numpy int64 arrays -> (logits, presents). ``past=None``: a fresh prompt."""
         import numpy as np
 
@@ -87,7 +92,9 @@ class OnnxCausalLM:
         logits, *presents = self.session.run(None, feed)
         return logits, presents
 
-    def __call__(self, input_ids: Any, attention_mask: Any = None, **_: Any) -> SimpleNamespace:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any
+    ) -> SimpleNamespace:
         import torch
 
         mask = None if attention_mask is None else attention_mask.cpu().numpy()
@@ -96,16 +103,16 @@ class OnnxCausalLM:
 
     def generate(
         self,
-        input_ids: Any,
-        attention_mask: Any = None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 20,
         do_sample: bool = False,
         temperature: float = 1.0,
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
-        streamer: Any = None,
+        streamer: BaseStreamer | None = None,
         use_cache: bool = True,
-    ) -> Any:
+    ) -> torch.Tensor:
         """Like transformers' generate: prompt + new tokens; finished rows are padded with pad_token_id."""
         import numpy as np
         import torch
@@ -130,7 +137,7 @@ class OnnxCausalLM:
             streamer.put(input_ids.cpu())
         position_ids = np.where(mask == 0, 1, mask.cumsum(-1) - 1)
         running = np.ones(len(ids), bool)
-        new: list[Any] = []
+        new: list[np.ndarray] = []
         step_ids, past = ids, None
         for _ in range(max_new_tokens):
             logits, past = self.forward(step_ids, mask, position_ids, past)
@@ -149,13 +156,13 @@ class OnnxCausalLM:
             streamer.end()
         return torch.from_numpy(np.concatenate([ids, np.stack(new, axis=1)], axis=1) if new else ids)
 
-    def _pick(self, logits: Any, do_sample: bool, temperature: float) -> Any:
+    def _pick(self, logits: np.ndarray, do_sample: bool, temperature: float) -> np.ndarray:
         return pick_token(logits, do_sample, temperature, self.top_k, self.top_p)
 
 
 def pick_token(
-    logits: Any, do_sample: bool, temperature: float, top_k: int | None = None, top_p: float | None = None
-) -> Any:
+    logits: np.ndarray, do_sample: bool, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
     """Next token ids from last-position logits (numpy): argmax, or transformers' temperature/top-k/top-p
     sampling (the model's generation_config values, as transformers' generate applies them)."""
     import torch

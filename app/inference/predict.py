@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.core import diskspace, generated
@@ -29,6 +29,11 @@ from app.models.loading import load_adapter, load_model, load_tokenizer, remote_
 from app.models.quantization import half_embeddings_on_cpu, serve_half_embeddings
 from app.models.tiny import resolve_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from app.inference.generate import CausalLM
+
 log = logging.getLogger(__name__)
 
 # The classic job, in the exact context format the triplet data uses.
@@ -39,7 +44,9 @@ BUILTIN_PROMPT = (
 )
 
 
-def load_base(name_or_path: str, quant: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
+def load_base(
+    name_or_path: str, quant: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME"
+) -> PreTrainedModel:
     """The base model for answering, in the dtypes training gave it: a CPU k-bit model keeps its embeddings
     and head in bf16 as training did (app/models/quantization.py), so an adapter sees the same logits."""
     import torch
@@ -51,6 +58,9 @@ def load_base(name_or_path: str, quant: str, trust_remote_code: bool = False, se
 
 class Predictor:
     """Base model + optional adapter, ready to answer prompts."""
+
+    model: CausalLM
+    tokenizer: PreTrainedTokenizerBase
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

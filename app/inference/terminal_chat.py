@@ -16,18 +16,24 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from app.data.encode import prompt_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from app.config import Config
+    from app.inference.generate import CausalLM
 
 
 class Answerer(Protocol):
     """What the chat needs of app.inference.predict.Predictor (a Protocol, so this module, which predict
     calls, does not import predict back)."""
 
-    cfg: Any
-    model: Any
-    tokenizer: Any
+    cfg: Config
+    model: CausalLM
+    tokenizer: PreTrainedTokenizerBase
 
     def generate(self, messages: list[dict[str, str]], stream: bool = False) -> str: ...
 
@@ -55,7 +61,7 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-def context_size(model: Any, tokenizer: Any) -> int | None:
+def context_size(model: CausalLM, tokenizer: PreTrainedTokenizerBase) -> int | None:
     """Tokens the model can attend to: the smaller of its config's position limit and the
     tokenizer's model_max_length (when that is a real number); None when neither is known."""
     config = getattr(model, "config", None)

@@ -85,7 +85,7 @@ def is_onnx_dir(path: str | Path) -> bool:
     return (Path(path) / ONNX_FILE).is_file() and (Path(path) / META_FILE).is_file()
 
 
-def read_json(path: Path, label: str) -> Any:
+def read_json(path: Path, label: str) -> dict[str, Any]:
     """The parsed JSON object, or the one-line UserError that says the file is damaged and what to do."""
     data, why = parse_json(path)
     why = why or (None if isinstance(data, dict) else "not a JSON object")

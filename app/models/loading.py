@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
@@ -16,6 +16,11 @@ from app.core.hub import download_command, go_offline_if_hub_unreachable
 from app.models.artifacts import local_model_problem
 from app.models.integrity import load_failure
 from app.models.tiny import resolve_model
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,9 @@ def resolve(cfg: Config) -> str:
     return resolve_model(name)
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME") -> Any:
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, setting: str = "MODEL_NAME"
+) -> PreTrainedTokenizerBase:
     """``setting``: what the user set to name this dir (ADAPTER_DIR for a run's own tokenizer), for errors."""
     from transformers import AutoTokenizer
 
@@ -99,7 +106,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, setting: 
     return tok
 
 
-def _patch_legacy_pad(tok: Any) -> None:
+def _patch_legacy_pad(tok: PreTrainedTokenizerBase) -> None:
     """ChatGLM-6B/2/3's remote tokenizers override ``_pad`` without the ``padding_side`` argument
     that transformers >= 4.45 passes, so any padded call fails with "_pad() got an unexpected
     keyword argument 'padding_side'". Their ``_pad`` honours ``self.padding_side``, so dropping
@@ -130,7 +137,7 @@ def load_model(
     quant: str = "none",
     bf16: bool = False,
     setting: str = "MODEL_NAME",
-) -> Any:
+) -> PreTrainedModel:
     """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
 
     ``bf16`` stores the weights in bf16 on CPU too: for frozen weights under bf16 autocast
@@ -167,7 +174,7 @@ def load_model(
     return model
 
 
-def load_adapter(model: Any, adapter: Path, name: str = "default") -> Any:
+def load_adapter(model: PreTrainedModel | PeftModel, adapter: Path, name: str = "default") -> PeftModel:
     """PeftModel.from_pretrained, or one more adapter ``name`` on a PeftModel (`serve`), with a damaged
     adapter file as one line (app.models.integrity.load_failure)."""
     from peft import PeftModel
@@ -189,7 +196,7 @@ def load_adapter(model: Any, adapter: Path, name: str = "default") -> Any:
         raise known from None
 
 
-def detect_lora_targets(model: Any) -> list[str]:
+def detect_lora_targets(model: torch.nn.Module) -> list[str]:
     """Leaf names of every linear projection inside the transformer blocks.
 
     Works across families: GLM/Llama/Qwen (q_proj, k_proj, ..., gate_up_proj) and ChatGLM
@@ -224,7 +231,7 @@ MUTATING = ("pissa", "olora")  # they move the adapter's starting point out of t
 INIT_DIR = "lora_init_dir"  # the PeftModel's attribute: where its initial adapter was saved
 
 
-def save_kwargs(model: Any) -> dict[str, Any]:
+def save_kwargs(model: torch.nn.Module) -> dict[str, Any]:
     """save_pretrained's extra arguments for a trained adapter: a PiSSA/OLoRA one is converted to a plain LoRA
     adapter (rank 2 x LORA_R) of the unchanged base, so predict, merge and serve load it like any other."""
     init = getattr(model, INIT_DIR, None)
@@ -234,7 +241,7 @@ def save_kwargs(model: Any) -> dict[str, Any]:
     return kw
 
 
-def _loftq(peft_model: Any, model_path: str) -> None:
+def _loftq(peft_model: PeftModel, model_path: str) -> None:
     """LoftQ (one step) on the 4-bit base: B @ A set to the best rank-LORA_R approximation of what quantization
     lost, W - dequant(Q(W)), divided by LoRA's scale, so the model starts nearer the unquantized one. PEFT's
     replace_lora_weights_loftq does this on CUDA only; this is the same on any device."""
@@ -269,7 +276,7 @@ def _loftq(peft_model: Any, model_path: str) -> None:
     log.info("LoftQ: %d LoRA layers start at their 4-bit weights' quantization error", done)
 
 
-def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
+def apply_lora(model: PreTrainedModel, cfg: Config, model_path: str = "") -> PeftModel:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -327,7 +334,7 @@ def apply_lora(model: Any, cfg: Config, model_path: str = "") -> Any:
     return peft_model
 
 
-def apply_ptuning(model: Any, cfg: Config) -> Any:
+def apply_ptuning(model: PreTrainedModel, cfg: Config) -> PeftModel:
     """P-Tuning v2: trained key/value prefixes in every layer (peft's prefix tuning)."""
     from peft import PrefixTuningConfig, get_peft_model
 

@@ -18,7 +18,11 @@ import contextlib
 import ctypes
 import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import BitsAndBytesConfig, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ def compute_dtype(cuda: bool) -> str:
     return "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
 
 
-def load_dtype(bf16: bool, cuda: bool) -> Any:
+def load_dtype(bf16: bool, cuda: bool) -> torch.dtype:
     """The dtype weights load in (and a 4/8-bit layer is quantized from, which sets the dtype it dequantizes
     to): bf16 when asked (app/plan/precision.py bf16_frozen_weights) or on a CUDA GPU that has it, else fp32."""
     import torch
@@ -60,7 +64,7 @@ def load_dtype(bf16: bool, cuda: bool) -> Any:
     return torch.bfloat16 if bf16 or (cuda and torch.cuda.is_bf16_supported()) else torch.float32
 
 
-def bnb_config(level: str, cuda: bool) -> Any:
+def bnb_config(level: str, cuda: bool) -> BitsAndBytesConfig | None:
     """A transformers BitsAndBytesConfig for ``level``, or None for ``none``."""
     if level == "none":
         return None
@@ -116,7 +120,7 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def keep_4bit_trainable(model: Any) -> int:
+def keep_4bit_trainable(model: torch.nn.Module) -> int:
     """Stop bitsandbytes' CPU inference repacking (see module doc); returns layers changed."""
     n = 0
     for module in model.modules():
@@ -126,7 +130,7 @@ def keep_4bit_trainable(model: Any) -> int:
     return n
 
 
-def keep_8bit_scales(model: Any) -> int:
+def keep_8bit_scales(model: torch.nn.Module) -> int:
     """Keep each 8-bit layer's row scales through PEFT's DoRA on CPU; returns layers changed.
 
     DoRA dequantizes the base weight in every forward, and on CPU PEFT then puts back
@@ -149,7 +153,7 @@ def keep_8bit_scales(model: Any) -> int:
 _HOOKED = "_keeps_8bit_scales"
 
 
-def _restore_8bit_scales(module: Any, _args: Any) -> None:
+def _restore_8bit_scales(module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
     weight, state = module.weight, module.state
     if (
         getattr(weight, "CB", None) is not None
@@ -159,7 +163,9 @@ def _restore_8bit_scales(module: Any, _args: Any) -> None:
         weight.SCB = state.SCB
 
 
-def prepare_for_training(model: Any, level: str, gradient_checkpointing: bool, half_embeddings: bool = False) -> Any:
+def prepare_for_training(
+    model: PreTrainedModel, level: str, gradient_checkpointing: bool, half_embeddings: bool = False
+) -> PreTrainedModel:
     """peft's k-bit preparation (norms/embeddings in fp32, input grads) plus the CPU fix.
 
     ``half_embeddings`` (app.plan.precision.bf16_frozen_weights): the model was loaded in bf16, and
@@ -190,7 +196,7 @@ def half_embeddings_on_cpu(level: str, cuda: bool) -> bool:
     return level in ("4bit", "8bit") and not cuda and bf16_supported(cuda=False)
 
 
-def serve_half_embeddings(model: Any) -> Any:
+def serve_half_embeddings(model: PreTrainedModel) -> PreTrainedModel:
     """For inference, the dtypes training gave a model loaded in bf16 with ``half_embeddings``:
     embeddings and head bf16, every other unquantized tensor (norms, biases) fp32 as peft makes them."""
     import torch
@@ -203,12 +209,12 @@ def serve_half_embeddings(model: Any) -> Any:
     return model
 
 
-def _restore(held: list[tuple[Any, Any]]) -> None:
+def _restore(held: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
     for param, half in held:  # back to the bf16 storage, without a second copy
         param.data = half
 
 
-def _hold_embeddings_half(model: Any) -> list[tuple[Any, Any]]:
+def _hold_embeddings_half(model: PreTrainedModel) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """Stash the bf16 embedding/head tensors behind 0-element stand-ins while peft upcasts the rest
     (an upcast then a downcast would briefly need their fp32 size, which is the peak being avoided),
     and add the dtype casts at their boundaries. Returns (parameter, its bf16 data) to put back."""
@@ -230,7 +236,7 @@ def _hold_embeddings_half(model: Any) -> list[tuple[Any, Any]]:
     return held
 
 
-def stored_bytes(model: Any) -> int:
+def stored_bytes(model: torch.nn.Module) -> int:
     """Bytes of every tensor the model really stores, quantization state included.
 
     ``get_memory_footprint()`` counts a packed 4-bit weight by its logical shape on some
@@ -239,7 +245,7 @@ def stored_bytes(model: Any) -> int:
     seen: set[int] = set()
     total = 0
 
-    def add(t: Any) -> None:
+    def add(t: torch.Tensor | None) -> None:
         nonlocal total
         if t is None or not hasattr(t, "untyped_storage"):
             return

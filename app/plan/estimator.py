@@ -11,9 +11,12 @@ sweep (`make bench-memory`, report in bench/); the bench checks the error stays 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.models.quantization import bf16_supported
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MB = 2**20
 
@@ -55,7 +58,7 @@ class ModelShape:
     max_positions: int
 
 
-def _cfg(config: Any, *names: str, default: int = 0) -> int:
+def _cfg(config: PretrainedConfig, *names: str, default: int = 0) -> int:
     for n in names:
         v = getattr(config, n, None)
         if isinstance(v, int) and v > 0:

@@ -18,12 +18,19 @@ own next position, and a finished row's sequence is cleared for the next row.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+    from app.inference.llamacpp_model import LlamaCppCausalLM
 
 log = logging.getLogger(__name__)
 
 
-def joinable(model: Any) -> bool:
+def joinable(model: PreTrainedModel | PeftModel) -> bool:
     """Whether ``model``'s KV cache is full-attention layers only, whose rows can be padded and merged."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -34,7 +41,7 @@ def joinable(model: Any) -> bool:
 class TorchBatch:
     """The running rows on a transformers model; ``rows``, ``admit`` and ``step`` are all the engine uses."""
 
-    def __init__(self, model: Any, pad: int, eos: set[int], trim: bool):
+    def __init__(self, model: PreTrainedModel | PeftModel, pad: int, eos: set[int], trim: bool):
         import inspect
 
         self.model, self.pad, self.eos, self.trim = model, pad, eos, trim
@@ -43,9 +50,9 @@ class TorchBatch:
         # a quarter of its prefill
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
         self.rows: list[Row] = []
-        self.cache: Any = None
-        self.mask: Any = None  # (rows, cache length): 1 where a row has a real token
-        self.logits: Any = None  # (rows, vocab): each row's next-token logits
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cache length): 1 where a row has a real token
+        self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
 
     def admit(self, rows: list[Row]) -> None:
         """Prefill ``rows``' prompts together, then merge them into the running batch."""
@@ -80,7 +87,9 @@ class TorchBatch:
         ids = torch.tensor([tokens[i] for i in live], dtype=torch.long)[:, None]
         self.logits = self._forward(ids, self.mask, position, self.cache)
 
-    def _forward(self, ids: Any, mask: Any, position: Any, cache: Any) -> Any:
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
         import torch
 
         device = self.model.device
@@ -113,14 +122,16 @@ class TorchBatch:
                 layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
 
 
-def _merge(cache: Any, mask: Any, other: Any, other_mask: Any) -> tuple[Any, Any]:
+def _merge(
+    cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
     """``cache`` with ``other``'s rows below its own, both left-padded (masked) to the longer one's length."""
     import torch
     import torch.nn.functional as F
 
     width = max(mask.shape[1], other_mask.shape[1])
 
-    def left(t: Any, dim_from_end: int) -> Any:  # pads the sequence axis (dim -2 of keys, -1 of a mask)
+    def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:  # pads the sequence axis (-2 of keys, -1 of a mask)
         return F.pad(t, (0, 0) * (dim_from_end - 1) + (width - t.shape[-dim_from_end], 0))
 
     for layer, extra in zip(cache.layers, other.layers):
@@ -132,12 +143,12 @@ def _merge(cache: Any, mask: Any, other: Any, other_mask: Any) -> tuple[Any, Any
 class SequenceBatch:
     """The running rows on llama.cpp (app/inference/llamacpp_model.py), each in a sequence of its own."""
 
-    def __init__(self, model: Any, eos: set[int], slots: int):
+    def __init__(self, model: LlamaCppCausalLM, eos: set[int], slots: int):
         self.model, self.eos, self.slots = model, eos, slots
         self.rows: list[Row] = []
         self.seqs: list[int] = []
         self.positions: list[int] = []
-        self.logits: list[Any] = []
+        self.logits: list[torch.Tensor] = []
         model.reset()
 
     def admit(self, rows: list[Row]) -> None:
@@ -170,14 +181,14 @@ class SequenceBatch:
 class Row:
     """One request's generation: sampling, stop strings, and text sent so far (whole characters only)."""
 
-    def __init__(self, job: Any, tokenizer: Any):
+    def __init__(self, job: Any, tokenizer: PreTrainedTokenizerBase):
         import torch
 
         self.job, self.tokenizer, self.tokens, self.sent, self.done = job, tokenizer, [], 0, False
         self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
         self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
 
-    def step(self, logits: Any, eos: set[int]) -> int:
+    def step(self, logits: torch.Tensor, eos: set[int]) -> int:
         """Pick the next token, send the text it completes; finish on EOS, a stop string, max_tokens or cancel."""
         if self.job.cancelled.is_set():
             return self._finish("cancelled")
@@ -199,7 +210,7 @@ class Row:
             self.sent = ready
         return token
 
-    def _pick(self, logits: Any) -> int:
+    def _pick(self, logits: torch.Tensor) -> int:
         import torch
 
         t, p = self.job.temperature, self.job.top_p

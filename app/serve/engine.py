@@ -29,9 +29,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.serve.batch import Row, SequenceBatch, TorchBatch, joinable
+
+if TYPE_CHECKING:
+    from app.serve.model_pool import ServedModels
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,7 @@ class Engine:
     """Runs ``models`` (app/serve/model_pool.py: ``.model``, ``.use(name)``, ``.tokenizer_for(name)``, ``.lock``).
     A batch runs under ``models.lock``, as every change to the adapters does, so none sees another's weights."""
 
-    def __init__(self, models: Any, max_queue: int, batch_size: int, batch_wait_s: float):
+    def __init__(self, models: ServedModels, max_queue: int, batch_size: int, batch_wait_s: float):
         self.models, self.lock = models, EngineLock()
         models.lock = self.lock
         self.max_queue, self.batch_size, self.batch_wait_s = max_queue, batch_size, batch_wait_s
@@ -196,7 +199,7 @@ class Engine:
         adapter, model, pending = jobs[0].adapter, self.models.model, list(jobs)
         if len(jobs) > 1:
             log.info("serve: %d requests for %s generated together", len(jobs), adapter or "the base")
-        batch: Any = (
+        batch: SequenceBatch | TorchBatch = (
             SequenceBatch(model, self.eos, self.batch_size)
             if self.sequences
             else TorchBatch(model, self.pad, self.eos, trim=self.joinable)

@@ -78,13 +78,13 @@ class GgufModels:
         )
         self.loras: dict[str, Any] = {}
 
-    def load(self, adapter: Adapter, lock: Any) -> None:
+    def load(self, adapter: Adapter, lock: AbstractContextManager[object]) -> None:
         """Convert ``adapter`` (or reuse its conversion) and load it beside the base."""
         path = lora_gguf(self.cfg, adapter, self.src)
         with lock:  # the model's list of adapters changes: not while a batch decodes
             self.loras[adapter.name] = self.model.load_lora(path)
 
-    def unload(self, name: str, lock: Any) -> None:
+    def unload(self, name: str, lock: AbstractContextManager[object]) -> None:
         with lock:
             self.model.free_lora(self.loras.pop(name))
 

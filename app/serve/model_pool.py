@@ -16,11 +16,18 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.core.errors import UserError
 from app.serve.adapters import Adapter, discover
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from app.inference.llamacpp_model import LlamaCppCausalLM
+    from app.serve.gguf import GgufModels
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,9 @@ MODELS_DIR = Path("models")  # where adapters may be loaded from (ADAPTERS and l
 
 
 class ServedModels:
+    model: PreTrainedModel | PeftModel | LlamaCppCausalLM
+    tokenizer: PreTrainedTokenizerBase
+
     def __init__(self, cfg: Config, root: Path = MODELS_DIR):
         from app.inference.predict import load_base
         from app.models.artifacts import base_model_for
@@ -43,7 +53,7 @@ class ServedModels:
         self.root, self.created = root, int(time.time())
         found = discover(cfg.serve.adapters, root)
         self.base_name, quant = base_model_for(cfg, found[0].path if found else None)
-        self.gguf: Any = None  # INFER_BACKEND=llama.cpp: app.serve.gguf.GgufModels
+        self.gguf: GgufModels | None = None  # INFER_BACKEND=llama.cpp
         if cfg.predict.infer_backend == "llama.cpp":
             from app.serve.gguf import GgufModels
 
@@ -54,8 +64,8 @@ class ServedModels:
             self.model = load_base(base, quant, cfg.model.trust_remote_code).eval()
             self.tokenizer = load_tokenizer(base, cfg.model.trust_remote_code)
         self.adapters: dict[str, Adapter] = {}
-        self.tokenizers: dict[str, Any] = {}
-        self.lock: Any = contextlib.nullcontext()  # the engine's, once it runs (app/serve/engine.py)
+        self.tokenizers: dict[str, PreTrainedTokenizerBase] = {}
+        self.lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()  # the engine's, once it runs
         self.trust_remote_code = cfg.model.trust_remote_code
         log.info("serve: base %s%s", self.base_name, "" if quant == "none" or self.gguf else f" ({quant})")
         for adapter in found:
@@ -105,7 +115,7 @@ class ServedModels:
         del self.adapters[name], self.tokenizers[name]
         log.info("serve: adapter %s unloaded", name)
 
-    def tokenizer_for(self, name: str | None) -> Any:
+    def tokenizer_for(self, name: str | None) -> PreTrainedTokenizerBase:
         return self.tokenizers[name] if name is not None else self.tokenizer
 
     @contextlib.contextmanager

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
@@ -17,6 +17,13 @@ from app.training.dist import is_main
 from app.training.metrics_file import loss_figure
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import TrainerState
+
+    from app.training.sampler import MemorySampler
+
 
 
 class Throughput:
@@ -30,16 +37,16 @@ class Throughput:
         self.eval_time = 0.0  # evaluation is not training throughput
         self.tokens0 = 0
 
-    def begin(self, state: Any) -> None:
+    def begin(self, state: TrainerState) -> None:
         """The token count training starts from; the same at every call before the first step."""
         self.tokens0 = state.num_input_tokens_seen
 
-    def tokens_per_s(self, state: Any) -> float:
+    def tokens_per_s(self, state: TrainerState) -> float:
         elapsed = time.perf_counter() - self.t0 - self.eval_time
         return (state.num_input_tokens_seen - self.tokens0) / elapsed if elapsed > 0 else 0.0
 
 
-def tokens_trained(state: Any, resumed_from: Path | None) -> int:
+def tokens_trained(state: TrainerState, resumed_from: Path | None) -> int:
     """The tokens this process trained: the Trainer's count less the one saved in the checkpoint it
     resumed from (its trainer_state.json), which counts the tokens of the run before the resume."""
     if resumed_from is None:
@@ -56,7 +63,7 @@ class ProgressBar(TrainerCallback):
 
     def __init__(self, throughput: Throughput):
         self.tp, self.bar, self.last_loss, self.eval_start = throughput, None, math.nan, 0.0
-        self.eval_bar: Any = None
+        self.eval_bar: tqdm | None = None
 
     def on_train_begin(self, args, state, control, **kw):
         from tqdm.auto import tqdm
@@ -66,7 +73,7 @@ class ProgressBar(TrainerCallback):
             return
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
 
-    def _draw(self, state: Any) -> None:
+    def _draw(self, state: TrainerState) -> None:
         # The latest logged loss: LOGGING_STEPS apart, the steps between show the last one logged. The
         # postfix first: update() draws the bar, and would show the previous step's.
         loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4f}"
@@ -113,7 +120,9 @@ class ProgressBar(TrainerCallback):
 class MetricsJsonl(TrainerCallback):
     """Append every log record (train and eval) as one JSON line, with tokens/s and time."""
 
-    def __init__(self, path: Path, throughput: Throughput, sampler: Any = None, budget_mb: float = 0.0):
+    def __init__(
+        self, path: Path, throughput: Throughput, sampler: MemorySampler | None = None, budget_mb: float = 0.0
+    ):
         self.path, self.tp, self.sampler, self.budget_mb = path, throughput, sampler, budget_mb
         self.trackers: list[Any] = []  # REPORT_TO's callbacks (TensorBoard's too): rows logged outside on_log
         self._now: tuple[Any, Any, Any] | None = None  # (args, state, control) of the last evaluation
@@ -174,7 +183,7 @@ class BestAdapter(TrainerCallback):
         patience: int = 0,
         metric: str = "eval_loss",
         resumed: list[dict[str, Any]] | None = None,
-        state_dict: Any = None,
+        state_dict: Callable[[], dict[str, torch.Tensor] | None] | None = None,
     ):
         self.out_dir, self.patience, self.metric, self.state_dict = out_dir, patience, metric, state_dict
         self.sign = 1 if metric == "eval_loss" else -1  # compare as "lower is better"
@@ -183,7 +192,7 @@ class BestAdapter(TrainerCallback):
             if row.get(metric) is not None:
                 self._score(self.sign * row[metric], row.get("step"))
 
-    def _score(self, loss: float, step: Any) -> bool:
+    def _score(self, loss: float, step: int | None) -> bool:
         if loss < self.best:
             self.best, self.best_step, self.bad_evals = loss, step, 0
             return True

@@ -29,10 +29,17 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+    from app.training.guard import MemoryGuard
+    from app.training.signals import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +182,7 @@ def watch_launcher() -> None:
     threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
-def parameter_digest(model: Any) -> str:
+def parameter_digest(model: torch.nn.Module) -> str:
     """sha256 over every trainable parameter's bytes, in name order: equal digests, equal weights."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -185,7 +192,7 @@ def parameter_digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def check_ranks_agree(model: Any, steps: int, zero3: bool) -> None:
+def check_ranks_agree(model: torch.nn.Module, steps: int, zero3: bool) -> None:
     """Each rank logs its digest; rank 0 compares them all (a silent divergence is a wrong model)."""
     if not distributed():
         return
@@ -208,13 +215,15 @@ def check_ranks_agree(model: Any, steps: int, zero3: bool) -> None:
             )
 
 
-def rank_sync(guard: Any, stop: Any) -> Any:
+def rank_sync(guard: MemoryGuard, stop: StopRequest) -> TrainerCallback:
     """A TrainerCallback, last in the list: at each step end all ranks agree on whether to save,
     evaluate and stop, and share a stop signal or a memory-guard trip seen by any one of them."""
     from transformers import TrainerCallback
 
     class RankSync(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_train_begin(
+            self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+        ) -> None:
             if not distributed():
                 return
             import torch
@@ -232,7 +241,7 @@ def rank_sync(guard: Any, stop: Any) -> Any:
                 world_size(),
             )
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
             if not (distributed() and _initialized()):
                 return
             import torch
@@ -264,7 +273,7 @@ def rank_sync(guard: Any, stop: Any) -> Any:
             control.should_training_stop = bool(halt or signum or tripped)
             control.should_evaluate = bool(evaluate) and not (signum or tripped)
 
-        def on_evaluate(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
             # Early stopping is decided from the (already all-reduced) eval metrics on every rank;
             # agree anyway, so one rank's extra callback cannot leave the others waiting.
             if not (distributed() and _initialized()):

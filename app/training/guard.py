@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from app.config import Config
 from app.plan.tiers import Plan, halve_batch
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,14 @@ class MemoryGuard(TrainerCallback):
         elif usage_mb >= WARN * self.limit_mb:
             self.warned.set()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict | None = None,
+        **kw: Any,
+    ) -> None:
         if logs is not None and "loss" in logs:  # to metrics.jsonl's trackers (REPORT_TO), after the loss
             logs.update(
                 {
@@ -56,7 +66,7 @@ class MemoryGuard(TrainerCallback):
                 }
             )
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.tripped.is_set():
             control.should_save = True
             control.should_training_stop = True

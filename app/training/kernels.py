@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from app.config import Config
+    from app.data.encode import Collator, PackingCollator
 
 log = logging.getLogger(__name__)
 
 
-def lora_inputs_stay_bf16(model: Any) -> int:
+def lora_inputs_stay_bf16(model: torch.nn.Module) -> int:
     """Under autocast, let LoRA layers pass their bf16 input to lora_A as it is; returns how many.
 
     peft casts a LoRA layer's input to the adapter's dtype (fp32) before dropout and lora_A, and
@@ -36,7 +44,7 @@ def lora_inputs_stay_bf16(model: Any) -> int:
 PACKED_ATTENTION = "packed_sdpa"
 
 
-def use_packed_attention(model: Any) -> bool:
+def use_packed_attention(model: PreTrainedModel) -> bool:
     """Switch an SDPA model to ``packed_sdpa``: causal attention inside each packed sample only.
 
     The block-diagonal mask transformers builds for packed rows makes SDPA compute every
@@ -58,16 +66,16 @@ def use_packed_attention(model: Any) -> bool:
 
 
 def packed_sdpa_forward(
-    module: Any,
-    query: Any,
-    key: Any,
-    value: Any,
-    attention_mask: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
     is_causal: bool | None = None,
     **kwargs: Any,
-) -> tuple[Any, None]:
+) -> tuple[torch.Tensor, None]:
     """transformers attention function (see ``use_packed_attention``): [b, s, heads, dim] out."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -93,7 +101,7 @@ def packed_sdpa_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def fast_lora_dropout(model: Any) -> int:
+def fast_lora_dropout(model: torch.nn.Module) -> int:
     """Swap PEFT's LoRA input dropout (torch.nn.Dropout) for FastDropout; returns how many.
 
     The same regularization -- each input element kept with probability 1 - p and scaled by
@@ -124,13 +132,13 @@ def fast_dropout_class() -> type:
 
     class MaskedScale(torch.autograd.Function):
         @staticmethod
-        def forward(ctx: Any, x: Any, keep: Any, scale: float) -> Any:
+        def forward(ctx: Any, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
             ctx.save_for_backward(keep)
             ctx.scale = scale
             return torch.where(keep, x, 0).mul_(scale)
 
         @staticmethod
-        def backward(ctx: Any, grad: Any) -> Any:
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
             (keep,) = ctx.saved_tensors
             return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
 
@@ -140,7 +148,7 @@ def fast_dropout_class() -> type:
             self.p = p
             self.threshold = round(p * 65536) - 32768  # keep where a uniform int16 is >= this
 
-        def forward(self, x: Any) -> Any:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not self.training or self.p == 0:
                 return x
             # 64 random bits per int64 draw, read as four int16: a quarter of randint's generator
@@ -155,7 +163,9 @@ def fast_dropout_class() -> type:
     return FastDropout
 
 
-def collator(cfg: Any, model: Any, tokenizer: Any, precision: str) -> Any:
+def collator(
+    cfg: Config, model: PreTrainedModel | PeftModel, tokenizer: PreTrainedTokenizerBase, precision: str
+) -> Collator | PackingCollator:
     """Packed rows where the model and method allow it (PACKING, app.plan.precision), else padded rows."""
     from app.data.encode import Collator, PackingCollator
     from app.plan.precision import packing_choice

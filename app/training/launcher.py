@@ -7,11 +7,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.config import Config, show
 from app.core.errors import UserError
 from app.training.dist import LAUNCHER_PID, check_ds_config
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def launch(cfg: Config) -> None:
         ) from None
 
 
-def _worker_failure(cfg: Config, err: Any) -> BaseException:
+def _worker_failure(cfg: Config, err: ChildFailedError) -> BaseException:
     from app.training.signals import Interrupted
 
     codes = {r: f.exitcode for r, f in sorted(err.failures.items())}

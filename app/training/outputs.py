@@ -13,7 +13,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import TIERED, Config
 from app.core import ownership
@@ -26,6 +26,9 @@ from app.training.callbacks import plot_losses
 from app.training.checkpoints import CHECKPOINTS, RUN_KIND, clear_staging
 from app.training.disk import write_error
 from app.training.metrics_file import read_metrics
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,13 @@ class TrainResult:
 
 
 def publish(
-    ft: Any, out: Path, ckpt_dir: Path, result: TrainResult, peaks: dict[str, Any], weights: Any, timing: dict[str, Any]
+    ft: Any,
+    out: Path,
+    ckpt_dir: Path,
+    result: TrainResult,
+    peaks: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None,
+    timing: dict[str, Any],
 ) -> None:
     """The finished run of FineTuner ``ft`` into ``out``: adapter (``weights``: ZeRO-3's gathered
     state dict, else None), tokenizer, data report, config as it ran, loss plot and best/, then

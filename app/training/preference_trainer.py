@@ -15,21 +15,29 @@ which the memory plan counts (app.plan.stages).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+
+    from app.config import Config
 
 log = logging.getLogger(__name__)
 
 REF_ADAPTER = "ref"  # TRL's name for the frozen copy of a starting adapter
 
 
-def uses_reference(cfg: Any) -> bool:
+def uses_reference(cfg: Config) -> bool:
     """Whether the stage's loss compares with a reference model (ORPO and SimPO do not)."""
     return cfg.train.stage == "kto" or (cfg.train.stage == "dpo" and cfg.train.pref_loss in ("sigmoid", "ipo"))
 
 
-def trl_name(cfg: Any) -> str:
+def trl_name(cfg: Config) -> str:
     """The TRL trainer (and loss) a run uses, for logs and summary.json."""
     t = cfg.train
     if t.stage == "kto":
@@ -37,7 +45,7 @@ def trl_name(cfg: Any) -> str:
     return {"orpo": "ORPOTrainer", "simpo": "CPOTrainer (simpo)"}.get(t.pref_loss, f"DPOTrainer ({t.pref_loss})")
 
 
-def describe_stage(cfg: Any) -> str:
+def describe_stage(cfg: Config) -> str:
     """`make info`'s line on a preference stage: the trainer, what an example costs, and where the reference is."""
     from app.plan.stages import stage_cost
 
@@ -58,7 +66,7 @@ def describe_stage(cfg: Any) -> str:
     )
 
 
-def pref_config(cfg: Any, common: dict[str, Any]) -> Any:
+def pref_config(cfg: Config, common: dict[str, Any]) -> TrainingArguments:
     """TRL's config for STAGE/PREF_LOSS: the Trainer's arguments (``common``, as SFT gets them) plus the loss's.
 
     Set here, not left to TRL's defaults: gradient checkpointing is the plan's (the model has it already),
@@ -93,7 +101,7 @@ def pref_config(cfg: Any, common: dict[str, Any]) -> Any:
     return DPOConfig(**kw, beta=t.pref_beta, loss_type=losses, loss_weights=weights)
 
 
-def as_dataset(rows: list[dict[str, Any]] | None) -> Any:
+def as_dataset(rows: list[dict[str, Any]] | None) -> Dataset | None:
     """The encoded rows as the `datasets.Dataset` TRL's trainers take (None stays None)."""
     if not rows:
         return None
@@ -103,7 +111,7 @@ def as_dataset(rows: list[dict[str, Any]] | None) -> Any:
     return Dataset.from_list(rows)
 
 
-def pref_trainer_class(cfg: Any, mixin: type) -> type:
+def pref_trainer_class(cfg: Config, mixin: type) -> type:
     """The TRL trainer for STAGE/PREF_LOSS with ``mixin`` (app.training.trainer.RunMixin) before it."""
     RunMixin = mixin  # noqa: N806 - named as the class it is
     if cfg.train.stage == "kto":
@@ -132,7 +140,7 @@ def pref_trainer_kwargs(ft: Any) -> dict[str, Any]:
     return kw
 
 
-def drop_fresh_reference(model: Any, cfg: Any) -> bool:
+def drop_fresh_reference(model: PreTrainedModel | PeftModel, cfg: Config) -> bool:
     """TRL copies the adapter it is given to "ref"; a new adapter whose B starts at zero is exactly the base, so
     the copy is dropped and the reference is the adapter turned off (one LoRA fewer in every reference pass)."""
     peft_config = getattr(model, "peft_config", None)
@@ -149,7 +157,7 @@ class _ToolDefaults:
     bf16, kept in fp32 here as SFT trains them (AdamW's small updates are lost in bf16 on CPU); TRL's copy of a
     fresh adapter is dropped (above); no model card in the checkpoints' folder."""
 
-    def __init__(self, *args: Any, run_cfg: Any, **kwargs: Any):
+    def __init__(self, *args: Any, run_cfg: Config, **kwargs: Any):
         self._run_cfg = run_cfg
         model = kwargs["model"]
         dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
@@ -175,7 +183,9 @@ class _DpoRows:
     """The rows are tokenized already (prompt_ids, chosen_ids, rejected_ids): TRL's tokenizing is skipped, so the
     prompt is rendered exactly as SFT and predict render it."""
 
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+    def _prepare_dataset(
+        self, dataset: Dataset, processing_class: PreTrainedTokenizerBase, args: TrainingArguments, dataset_name: str
+    ) -> Dataset:
         return dataset
 
 
@@ -183,7 +193,9 @@ class _KtoRows:
     """As _DpoRows, for (prompt_ids, completion_ids, label); adds what TRL's own preparation adds after
     tokenizing: the KL term's mismatched completions, rotated by one within each micro-batch."""
 
-    def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+    def _prepare_dataset(
+        self, dataset: Dataset, processing_class: PreTrainedTokenizerBase, args: TrainingArguments, dataset_name: str
+    ) -> Dataset:
         if not getattr(self, "calculate_KL", False):
             return dataset
 
@@ -197,7 +209,7 @@ class _KtoRows:
 class _OldStyleRows:
     """ORPO's and CPO's rows: their keys, made from the tool's token ids instead of their own tokenizing."""
 
-    def tokenize_row(self, feature: dict[str, Any], model: Any = None) -> dict[str, Any]:
+    def tokenize_row(self, feature: dict[str, Any], model: torch.nn.Module | None = None) -> dict[str, Any]:
         prompt = list(feature["prompt_ids"])
         out: dict[str, Any] = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
         for side in ("chosen", "rejected"):
@@ -225,7 +237,7 @@ ADAPTER_SHAPE = (
 )
 
 
-def start_adapter(cfg: Any) -> Any:
+def start_adapter(cfg: Config) -> Config:
     """STAGE=dpo/kto with ADAPTER_DIR: the Config with the starting adapter's base and LoRA shape (read from its
     train_config.json); a value set now that differs is refused in one line. STAGE=sft does not read ADAPTER_DIR."""
     from pathlib import Path

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from app.core.errors import UserError
 from app.data.cache import CachedRows, cache_path, find_cache, open_or_build, uses_cache
@@ -23,6 +24,12 @@ from app.plan.tiers import Plan, fit_memory, predict_peak
 from app.training.outputs import encode_stats
 from app.training.resume import data_fingerprints
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from app.config.fields import DataArgs
+    from app.data.records import Example, LoadReport
+
 log = logging.getLogger(__name__)
 
 
@@ -31,19 +38,19 @@ class PreparedData:
     plan: Plan  # the plan with MAX_SEQ_LEN and the memory fit decided
     train_rows: list[dict] = field(default_factory=list)
     val_rows: list[dict] = field(default_factory=list)
-    val_examples: list[Any] = field(default_factory=list)  # with messages: what F1 evaluation generates from
+    val_examples: list[Example] = field(default_factory=list)  # with messages: what F1 evaluation generates from
     report: dict[str, Any] = field(default_factory=dict)  # data_report.json
     records: dict[str, Any] = field(default_factory=dict)  # how many of the file's records the run uses, and why
 
 
 def prepare_data(
-    plan: Plan, res: Resources, tokenizer: Any, shape: ModelShape, build_cache: bool = True
+    plan: Plan, res: Resources, tokenizer: PreTrainedTokenizerBase, shape: ModelShape, build_cache: bool = True
 ) -> PreparedData:
     """``build_cache``: False for `make info`, which writes nothing: without a token cache yet, the plan is made
     from a sample of the file and a warning says what building the cache will cost."""
     d, seed, stage = plan.cfg.data, plan.cfg.train.seed, plan.cfg.train.stage
     if stage != "sft":  # preference records are read whole, like a MAX_SAMPLES sample
-        data: Any = _Pairs(d, seed, stage)
+        data: _Sampled | _Cached = _Pairs(d, seed, stage)
     elif uses_cache(d.data_path, d.max_samples):
         final = cache_path(d.data_path, d.data_format, tokenizer, d.cache_dir)
         data = _Cached(d, seed, tokenizer, final) if build_cache or find_cache(final) else _Preview(d, seed, tokenizer)
@@ -96,7 +103,7 @@ def prepare_data(
     )
 
 
-def held_out_report(plan: Plan, data: Any) -> dict[str, Any]:
+def held_out_report(plan: Plan, data: _Sampled | _Cached) -> dict[str, Any]:
     """data_report.json's record of the validation records, so `make evaluate` can rebuild and check them
     (app/data/heldout.py): where they came from, how many, a digest, and the token cache they were read from."""
     d = plan.cfg.data
@@ -111,11 +118,11 @@ def held_out_report(plan: Plan, data: Any) -> dict[str, Any]:
 class _Sampled:
     """MAX_SAMPLES records sampled in one pass (app/data/records.py), encoded in memory."""
 
-    def __init__(self, d: Any, seed: int):
+    def __init__(self, d: DataArgs, seed: int):
         self.train_ex, self.val_ex, self.report = sampled_split(d, seed)  # as evaluation rebuilds it
         self.n_train, self.n_val = len(self.train_ex), len(self.val_ex)
 
-    def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
+    def train(self, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[dict], EncodeStats]:
         return encode_all(self.train_ex, tokenizer, max_seq_len)
 
 
@@ -123,17 +130,19 @@ class _Pairs(_Sampled):
     """STAGE=dpo/kto: preference pairs (or KTO's labelled answers) sampled as SFT records are, encoded as
     (prompt, chosen, rejected) token ids (app/data/encode.py encode_pair)."""
 
-    def __init__(self, d: Any, seed: int, stage: str):
+    def __init__(self, d: DataArgs, seed: int, stage: str):
         super().__init__(d, seed)
         self.train_ex = for_stage(self.train_ex, self.report, stage, "DATA_PATH")
         self.val_ex = for_stage(self.val_ex, self.report, stage, "DATA_PATH", quiet=True)
         self.n_train, self.n_val = len(self.train_ex), len(self.val_ex)
 
-    def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
+    def train(self, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[list[dict], EncodeStats]:
         return encode_pairs(self.train_ex, tokenizer, max_seq_len)
 
 
-def for_stage(examples: list[Any], report: Any, stage: str, setting: str, quiet: bool = False) -> list[Any]:
+def for_stage(
+    examples: list[Example], report: LoadReport, stage: str, setting: str, quiet: bool = False
+) -> list[Example]:
     """The records as STAGE trains on them: a file of another kind is refused in one line (app/data/records.py
     check_stage); STAGE=kto on pairs makes each pair a good and a bad answer (said once)."""
     check_stage(report, stage, setting)
@@ -154,7 +163,7 @@ def for_stage(examples: list[Any], report: Any, stage: str, setting: str, quiet:
 class _Cached:
     """MAX_SAMPLES=all of a .jsonl/.txt file: rows from the token cache (app/data/cache.py), read on demand."""
 
-    def __init__(self, d: Any, seed: int, tokenizer: Any, final: Any):
+    def __init__(self, d: DataArgs, seed: int, tokenizer: PreTrainedTokenizerBase, final: Path):
         self.cache = open_or_build(d.data_path, d.data_format, tokenizer, d.cache_dir, d.num_proc, final=final)
         self.report = self.cache.report()
         judge(self.report, "DATA_PATH", d.max_bad_ratio, True)
@@ -162,7 +171,7 @@ class _Cached:
         self.val_ex = [self.cache.example(d.data_path, int(i)) for i in self.val_idx]
         self.n_train, self.n_val = len(self.train_idx), len(self.val_ex)
 
-    def train(self, tokenizer: Any, max_seq_len: int) -> tuple[Any, EncodeStats]:
+    def train(self, tokenizer: PreTrainedTokenizerBase, max_seq_len: int) -> tuple[CachedRows, EncodeStats]:
         return CachedRows(self.cache, self.train_idx, max_seq_len), self.cache.stats(max_seq_len, self.val_idx)
 
 
@@ -172,7 +181,7 @@ class _Preview(_Sampled):
 
     PREVIEW = 2000
 
-    def __init__(self, d: Any, seed: int, tokenizer: Any):
+    def __init__(self, d: DataArgs, seed: int, tokenizer: PreTrainedTokenizerBase):
         import time
 
         pool, self.report = sample_examples(

@@ -9,7 +9,8 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Literal
 
 from app.plan.resources import MB, measure, torch_cuda
 
@@ -29,7 +30,7 @@ class MemorySampler:
         self.interval, self.root, self.on_sample = interval, root, on_sample
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._thread: threading.Thread | None = None
-        self._torch: Any = None  # None: not looked for yet; False: no CUDA
+        self._torch: ModuleType | Literal[False] | None = None  # None: not looked for yet; False: no CUDA
         self.reset_peaks()
 
     def reset_peaks(self) -> None:

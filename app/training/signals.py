@@ -22,7 +22,11 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
-def _raise(signum: int, frame: Any) -> None:
+def _raise(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
@@ -66,7 +70,7 @@ class StopRequest:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def handle(self, signum: int, frame: Any) -> None:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.requested:
             raise Interrupted(
@@ -100,7 +104,7 @@ def stop_on_signal() -> Iterator[StopRequest]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
-def stop_callback(request: StopRequest) -> Any:
+def stop_callback(request: StopRequest) -> TrainerCallback:
     """A TrainerCallback: after a stop signal, checkpoint at the end of this step and stop.
 
     Built lazily so importing this module does not import transformers.
@@ -108,7 +112,7 @@ def stop_callback(request: StopRequest) -> Any:
     from transformers import TrainerCallback
 
     class StopOnSignal(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
             if request.requested:
                 control.should_save = True  # written before the loop exits: resumable
                 control.should_training_stop = True

@@ -15,7 +15,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Config
 from app.core import ownership
@@ -36,6 +36,16 @@ from app.training.prepare import PreparedData, prepare_data
 from app.training.resume import checkpoint_step, data_fingerprints, decide
 from app.training.trainable import trainable_model
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import TrainOutput
+
+    from app.training.guard import MemoryGuard
+    from app.training.sampler import MemorySampler
+    from app.training.signals import StopRequest
+
 log = logging.getLogger(__name__)
 
 
@@ -53,17 +63,17 @@ class FineTuner:
         self.given = cfg  # the user's settings, as given
         self.plan: Plan | None = None  # each planning step (tier, memory fit, guard, back-off) makes a new one
         self.model_path = ""
-        self.tokenizer: Any = None
-        self.model: Any = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.model: PreTrainedModel | PeftModel | None = None
         self.resources: Resources | None = None
         self.shape: ModelShape | None = None
         self.data = PreparedData(Plan())  # rows, validation examples, report, records: prepare_data()
-        self.guard: Any = None
-        self.stop: Any = None  # app.training.signals.StopRequest while train() runs
+        self.guard: MemoryGuard | None = None
+        self.stop: StopRequest | None = None  # while train() runs
         self.resume_from: Path | None = None  # RESUME's checkpoint, checked against these settings (setup)
         self._discard = False  # OVERWRITE=1 over an unfinished run of other settings: its checkpoints go
         self._data_fp: dict[str, Any] = {}  # the data's fingerprints at the start, recorded in each checkpoint
-        self._ds_args: Any = None  # TrainingArguments made before loading, for DeepSpeed ZeRO-3
+        self._ds_args: TrainingArguments | None = None  # made before loading, for DeepSpeed ZeRO-3
         self.timing: StepTime | None = None  # the expected time per step and run, logged when train() starts
         self.disk: DiskNeeds | None = None  # what the run writes to OUTPUT_DIR, checked when train() starts
 
@@ -152,7 +162,7 @@ class FineTuner:
         self.model = trainable_model(self.cfg, self.model_path, self.plan.device == "cuda")
         return self
 
-    def train(self, callbacks: list[Any] | None = None) -> TrainResult:
+    def train(self, callbacks: list[TrainerCallback] | None = None) -> TrainResult:
         """Run the Trainer; write adapter, tokenizer, config, metrics and plot to OUTPUT_DIR.
 
         ``callbacks``: extra transformers TrainerCallbacks (a notebook's own logging, say).
@@ -167,7 +177,7 @@ class FineTuner:
         with lock if dist.owns_run_lock(self.cfg) else nullcontext():
             return self._train(out, callbacks)
 
-    def _train(self, out: Path, callbacks: list[Any] | None) -> TrainResult:
+    def _train(self, out: Path, callbacks: list[TrainerCallback] | None) -> TrainResult:
         """The run, step by step. Only rank 0 writes outputs (a plain single process is rank 0)."""
         check_output_dir(self.cfg)  # writable, and no finished run replaced unasked: before loading weights
         self._data_fp = data_fingerprints(self.cfg)
@@ -194,7 +204,7 @@ class FineTuner:
         dist.barrier()  # the other ranks return once rank 0's outputs are complete
         return result
 
-    def _memory_guard(self) -> Any:
+    def _memory_guard(self) -> MemoryGuard:
         """The guard for this machine's limit; its pre-flight may already halve the batch (a new plan)."""
         from app.plan.tiers import predict_peak
         from app.training.guard import MemoryGuard
@@ -204,7 +214,9 @@ class FineTuner:
         self.plan = guard.preflight(self.plan, lambda cfg: predict_peak(cfg, self.shape, cuda).total_mb)
         return guard
 
-    def _fit(self, out: Path, previous: Path | None, callbacks: list[Any] | None) -> tuple[Any, Any, float, dict]:
+    def _fit(
+        self, out: Path, previous: Path | None, callbacks: list[TrainerCallback] | None
+    ) -> tuple[Trainer, TrainOutput, float, dict]:
         """The Trainer's loop, watched by the memory sampler; SIGTERM/SIGINT checkpoint at the end of the
         step, then stop (app/training/signals.py)."""
         from app.training.sampler import MemorySampler
@@ -233,8 +245,8 @@ class FineTuner:
         return trainer, out_state, time.perf_counter() - t0, sampler.peaks()
 
     def _result(
-        self, out: Path, trainer: Any, out_state: Any, seconds: float, peaks: dict[str, Any]
-    ) -> tuple[TrainResult, Any]:
+        self, out: Path, trainer: Trainer, out_state: TrainOutput, seconds: float, peaks: dict[str, Any]
+    ) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
         """The run's numbers, and the weights to save (ZeRO-3 gathers them: a collective on every rank)."""
         from app.training.callbacks import tokens_trained
         from app.training.trainer import final_eval_loss, full_state_dict
@@ -257,7 +269,12 @@ class FineTuner:
         ), weights
 
     def _publish(
-        self, out: Path, result: TrainResult, peaks: dict[str, Any], weights: Any, previous: Path | None
+        self,
+        out: Path,
+        result: TrainResult,
+        peaks: dict[str, Any],
+        weights: dict[str, torch.Tensor] | None,
+        previous: Path | None,
     ) -> None:
         try:
             ran = result.steps - (checkpoint_step(self.resume_from) if self.resume_from else 0)  # since the resume
@@ -289,7 +306,9 @@ class FineTuner:
         return self.setup().prepare_data().train()
 
     # ---- internals ------------------------------------------------------------------------
-    def _train_with_backoff(self, out: Path, ckpt_dir: Path, sampler: Any, extra: list[Any]) -> tuple[Any, Any]:
+    def _train_with_backoff(
+        self, out: Path, ckpt_dir: Path, sampler: MemorySampler, extra: list[TrainerCallback]
+    ) -> tuple[Trainer, TrainOutput]:
         """Train; when the guard trips, resume from its checkpoint with half the micro-batch."""
         import torch
 
@@ -348,7 +367,7 @@ class FineTuner:
                 "QUANT_LEVEL=4bit / GRADIENT_CHECKPOINTING=on, then run again to resume"
             )
 
-    def _training_args(self, ckpt_dir: Path) -> Any:
+    def _training_args(self, ckpt_dir: Path) -> TrainingArguments:
         import torch
 
         from app.training.trainer import training_args

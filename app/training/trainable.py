@@ -5,17 +5,21 @@ or LoRA). One path; METHOD picks the branch at the end."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from app.config import Config
 from app.models.loading import apply_lora, apply_ptuning, load_model
 from app.plan.precision import bf16_frozen_weights, packing_choice, resolve_precision
 from app.training.kernels import fast_lora_dropout, lora_inputs_stay_bf16, use_packed_attention
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 
-def trainable_model(cfg: Config, model_path: str, cuda: bool) -> Any:
+def trainable_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel | PeftModel:
     """Weights + the method's trainable part, seeded so LoRA's init is reproducible."""
     from transformers import set_seed
 
@@ -54,7 +58,7 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> Any:
     return model
 
 
-def reference_model(cfg: Config, model_path: str, cuda: bool) -> Any:
+def reference_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel:
     """STAGE=dpo/kto with METHOD=full: the frozen second copy the loss compares with (LoRA needs none)."""
     half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
     ref = load_model(model_path, cfg.model.trust_remote_code, "none", bf16=half)

@@ -21,7 +21,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainingArguments
@@ -33,6 +33,15 @@ from app.data.cache import CachedRows
 from app.training import dist
 from app.training.checkpoints import PREFIX, STAGING, rotate, seal
 from app.training.resume import SETTINGS_FILE
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+    from transformers import TrainerCallback
+
+    from app.config import Config
+    from app.training.guard import MemoryGuard
+    from app.training.sampler import MemorySampler
+
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +102,7 @@ class RunMixin:
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING) if self._staging else run_dir
 
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{PREFIX}{self.state.global_step}"
         self._staging = True
@@ -109,7 +118,7 @@ class RunMixin:
         dist.barrier()
 
     # ---- the token cache's rows, any number of them -----------------------------------------------
-    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> Sampler | None:
         dataset = self.train_dataset if train_dataset is None else train_dataset
         # Only the cache's rows: a MAX_SAMPLES sample is in memory anyway, and RandomSampler's order is what its
         # golden losses and resumes were recorded with.
@@ -131,7 +140,9 @@ class RunMixin:
         n = torch.as_tensor(n, device=self.args.device, dtype=torch.int64)
         self.state.num_input_tokens_seen += self.accelerator.gather(n).sum().item()
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         inputs.pop("num_tokens", None)
         if "position_ids" in inputs:  # packed: keep transformers on the packed-sequence mask
             inputs["use_cache"] = False
@@ -142,7 +153,7 @@ class RunTrainer(RunMixin, Trainer):
     """The HF Trainer with the tool's overrides: every STAGE=sft run."""
 
 
-class LazyShuffle(Sampler):
+class LazyShuffle(Sampler[int]):
     """A new random order of range(n) each epoch (SEED, epoch), made one index at a time: torch's RandomSampler
     lists the whole permutation as Python ints, ~36 bytes a row (about 1 GB at a 20 GB file's 30M rows).
 
@@ -159,7 +170,7 @@ class LazyShuffle(Sampler):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[int]:
         import random
 
         bits = max(2, (self.n - 1).bit_length())
@@ -175,7 +186,7 @@ class LazyShuffle(Sampler):
                 yield j
 
 
-def training_args(cfg: Any, ckpt_dir: Path, has_val: bool, precision: str, cuda: bool) -> TrainingArguments:
+def training_args(cfg: Config, ckpt_dir: Path, has_val: bool, precision: str, cuda: bool) -> TrainingArguments:
     """The Trainer's arguments for this run's (planned) settings; checkpoints go to ``ckpt_dir``. STAGE=dpo/kto:
     the same, in the config of the stage's TRL trainer (app/training/preference_trainer.py)."""
     t = cfg.train
@@ -239,9 +250,9 @@ def build_trainer(
     out: Path,
     ckpt_dir: Path,
     args: TrainingArguments,
-    guard: Any,
-    tail: list[Any],
-    sampler: Any,
+    guard: MemoryGuard,
+    tail: list[TrainerCallback],
+    sampler: MemorySampler,
     resumed: list[dict[str, Any]] | None,
 ) -> RunTrainer:
     """The RunTrainer for FineTuner ``ft`` (model, rows, planned settings), with the tool's callbacks in
@@ -262,7 +273,7 @@ def build_trainer(
     cfg = ft.cfg
     tp = Throughput()
     metrics = MetricsJsonl(out / METRICS, tp, sampler, ft.plan.budget_mb)
-    f1: list[Any] = []
+    f1: list[TrainerCallback] = []
     if cfg.evaluation.eval_metric == "f1" and not ft.val_examples:
         log.warning("EVAL_METRIC=f1 needs validation records with answers; choosing the best by eval loss")
     if cfg.evaluation.eval_metric == "f1" and ft.val_examples:
@@ -278,7 +289,7 @@ def build_trainer(
     board += trackers.callbacks(names, out) if dist.is_main() else []  # W&B, MLflow, Trackio, SwanLab
     metrics.trackers = board  # F1 on generated answers reaches them too (it is computed after the Trainer logs)
     if cfg.train.stage == "sft":
-        cls: Any = RunTrainer
+        cls: type[Trainer] = RunTrainer
         data = dict(
             train_dataset=ft.train_rows,
             eval_dataset=ft.val_rows or None,
@@ -316,6 +327,6 @@ def build_trainer(
     return trainer
 
 
-def full_state_dict(trainer: Trainer, zero3: bool) -> Any:
+def full_state_dict(trainer: Trainer, zero3: bool) -> dict[str, torch.Tensor] | None:
     """Under ZeRO-3 every rank holds a shard: the full weights, gathered (every rank calls this); else None."""
     return trainer.accelerator.get_state_dict(trainer.deepspeed) if zero3 else None

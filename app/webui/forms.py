@@ -117,7 +117,7 @@ class Form:
         kind = _kind(var)
         return value if kind in (bool, int, float) else show(value)
 
-    def _component(self, var: str) -> Any:
+    def _component(self, var: str) -> gr.components.Component:
         sec, f = Config.variables()[var]
         label, info, kind = var, f.metadata["help"], _kind(var)
         info += f" (must be {bounds(var)})" if bounds(var) else ""  # the range Config.validate checks
@@ -133,7 +133,7 @@ class Form:
             return gr.Number(value=value, label=label, info=info, precision=0 if kind is int else None, elem_id=elem)
         return gr.Textbox(value=value, label=label, info=info, elem_id=elem, max_lines=1)
 
-    def components(self) -> list[Any]:
+    def components(self) -> list[gr.components.Component]:
         return list(self.fields.values())
 
     def _same(self, var: str, text: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.cli.workspace import TINY_MODELS
 from app.core.ownership import kind_of
@@ -17,6 +17,10 @@ from app.training import runlock
 from app.training.checkpoints import CHECKPOINTS, latest_checkpoint, step_of
 from app.training.metrics_file import read_metrics
 from app.webui.paths import MODELS, project
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.figure import Figure
 
 
 def run_dirs() -> list[str]:
@@ -121,7 +125,7 @@ def _seconds_per_step(train: list[dict[str, Any]]) -> float | None:
     return (train[-1].get("time_s") or 0.0) / steps if steps > 0 else None
 
 
-def loss_plot(run: str) -> Any:
+def loss_plot(run: str) -> Figure | None:
     """The run's loss curve as training draws it into loss_curve.png (train, eval, eval F1), or None before
     the first logged step. A figure drawn on the server: the live plot stays right however often it changes."""
     from app.core.plots import text_context
@@ -141,7 +145,7 @@ CURVES = (
 )  # STAGE=dpo/kto
 
 
-def curves(runs: list[str]) -> Any:
+def curves(runs: list[str]) -> pd.DataFrame:
     """A long table (step, value, series) of train loss, eval loss, eval F1 and a preference stage's reward margins
     for the plots: one run, or two to compare (then each series is prefixed with the run's name)."""
     import pandas as pd

@@ -61,7 +61,7 @@ def build(ctx: Context) -> Form:
         except UserError as e:
             yield history, "", problems_of(e)
 
-    def refresh_models() -> Any:
+    def refresh_models() -> dict[str, Any]:
         return gr.update(choices=[BASE, *run_view.adapters()])
 
     inputs = [pick, text, chatbot, *fields]
