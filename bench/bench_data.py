@@ -155,7 +155,10 @@ def build_seconds(log_text: str) -> float | None:
     built = re.search(r"^(\d\d):(\d\d):(\d\d) INFO app\.data\.cache: token cache built", log_text, flags=re.M)
     if not stamps or not built:
         return None
-    sec = lambda h, m, s: int(h) * 3600 + int(m) * 60 + int(s)  # noqa: E731
+
+    def sec(h: str, m: str, s: str) -> int:
+        return int(h) * 3600 + int(m) * 60 + int(s)
+
     return sec(*built.groups()) - sec(*stamps[0])
 
 

@@ -138,14 +138,14 @@ def report(r: dict[str, Any]) -> str:
         [
             f"# DPO speed: this tool vs TRL 1.16's DPOTrainer ({r['machine_cpus']} cores, no GPU)",
             "",
-            f"`make bench` (python -m bench.bench_dpo). Both: models/bench-qwen2-100m, {a['samples']} DPO pairs from DuIE "
-            f"(../shared/data/duie-mixed), LoRA r=8/alpha=16 on every linear projection, batch {a['batch']} x "
-            f"accumulation {a['grad_accum']}, {a['steps']} optimizer steps, learning rate {a['lr']}. TRL at its "
-            f"documented defaults: {t['settings']}. This tool: `python -m app train STAGE=dpo` with TIER=none (its plan: "
-            f"{p['settings']}). Useful tokens: non-padding tokens of both sequences of each pair.",
+            f"`make bench` (python -m bench.bench_dpo). Both: models/bench-qwen2-100m, {a['samples']} DPO pairs "
+            f"from DuIE (../shared/data/duie-mixed), LoRA r=8/alpha=16 on every linear projection, batch {a['batch']} "
+            f"x accumulation {a['grad_accum']}, {a['steps']} optimizer steps, learning rate {a['lr']}. TRL at its "
+            f"documented defaults: {t['settings']}. This tool: `python -m app train STAGE=dpo` with TIER=none "
+            f"(its plan: {p['settings']}). Useful tokens: non-padding tokens of both sequences of each pair.",
             "",
-            f"Load average: {r['start_load']:.2f} at the start; {p['load']:.2f} before ours, {t['load']:.2f} before TRL's; "
-            f"{r['loadavg_end'][0]:.2f} at the end.",
+            f"Load average: {r['start_load']:.2f} at the start; {p['load']:.2f} before ours, "
+            f"{t['load']:.2f} before TRL's; {r['loadavg_end'][0]:.2f} at the end.",
             "",
             "| | TRL DPOTrainer | this tool | ratio |",
             "|---|---|---|---|",
@@ -156,7 +156,8 @@ def report(r: dict[str, Any]) -> str:
             "",
             "## Targets",
             "",
-            f"- useful tokens/s >= {SPEED_TARGET}x TRL's: {speed:.2f}x -> {'PASS' if speed >= SPEED_TARGET else 'FAIL'}",
+            f"- useful tokens/s >= {SPEED_TARGET}x TRL's: {speed:.2f}x -> "
+            f"{'PASS' if speed >= SPEED_TARGET else 'FAIL'}",
             f"- peak RSS no more than TRL's: {p['peak_rss_mb']:,.0f} vs {t['peak_rss_mb']:,.0f} MB -> "
             f"{'PASS' if mem <= 1.0 else 'FAIL'}",
             "",

@@ -1,8 +1,9 @@
 """Memory benchmark: predicted vs measured peak RSS, tokens/s and loss, per quant level.
 
 Sweep: the tiny GLM and a ~125M-parameter random Qwen2 at two batch sizes, and a ~0.9B one at
-batch 1 with gradient checkpointing off and on; QUANT_LEVEL none / 8bit / 4bit each. Every point is a fresh `python -m app train` process (a peak RSS is per
-process), on text samples long enough that every batch is exactly BATCH_SIZE x SEQ tokens.
+batch 1 with gradient checkpointing off and on; QUANT_LEVEL none / 8bit / 4bit each. Every point is
+a fresh `python -m app train` process (a peak RSS is per process), on text samples long enough that
+every batch is exactly BATCH_SIZE x SEQ tokens.
 Run `make bench-memory` (python -m bench.bench_memory). Writes bench/<tag>.md (table and
 verdicts) and bench/<tag>.json; scratch runs go to bench/results/ (ignored by git).
 

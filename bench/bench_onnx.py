@@ -121,7 +121,7 @@ def bench_model(
     engines = {"PyTorch": pytorch, "ONNX Runtime": lambda clock: ort.generate(**enc, streamer=clock, **kw)}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
     start_load = wait_for_quiet(*quiet)
-    for name, gen in engines.items():
+    for gen in engines.values():
         timed(gen, n_prompt, new)  # warm-up: first-call allocations, ORT's lazy kernel setup
     for r in range(repeats):
         for name, gen in engines.items():

@@ -4,9 +4,10 @@
 (models/bench-qwen2-100m; served as a copy whose picks are all tokens that show as text: make_model)
 with two random LoRA adapters on it (every projection, r=8, B not zero, so each changes the answers).
 The real server runs on a loopback port; C clients (1, 4, 16) each send REQUESTS streamed chat requests
-one after another (chat-templated DuIE-style prompts, MAX_TOKENS new tokens, greedy). Per request: latency, time to first token, completion tokens (from `usage`). Three
-servers, started in turn: SERVE_BATCH_SIZE=1 (one request at a time), SERVE_BATCH_SIZE=16 (batched:
-requests join the running batch), also with the two adapters interleaved, and, at 16 clients (both ways),
+one after another (chat-templated DuIE-style prompts, MAX_TOKENS new tokens, greedy). Per request:
+latency, time to first token, completion tokens (from `usage`). Three servers, started in turn:
+SERVE_BATCH_SIZE=1 (one request at a time), SERVE_BATCH_SIZE=16 (batched: requests join the running
+batch), also with the two adapters interleaved, and, at 16 clients (both ways),
 the engine before continuous batching (BEFORE, the last commit whose batches ran to their end, served
 from a `git worktree` of it in a temp dir). Writes bench/serve.md and bench/serve.json (--out: elsewhere).
 Targets at 16 clients: batched >= 3x one-at-a-time's tokens/s; p50 time to first token <= 1 s; tokens/s

@@ -284,7 +284,7 @@ def generation(a: argparse.Namespace, adapter: str) -> dict[str, Any]:
     if not m:
         raise RuntimeError(f"no speed line in predict's log:\n{proc.stderr[-2000:]}")
     outputs = [json.loads(x)["output"] for x in dest.read_text(encoding="utf-8").splitlines()]
-    same = sum(x == y for x, y in zip(outputs, plain["outputs"]))
+    same = sum(x == y for x, y in zip(outputs, plain["outputs"], strict=True))
     return {
         "plain": {"tokens": plain["new_tokens"], "seconds": plain["seconds"], "load": load_plain},
         "project": {"tokens": int(m.group(1)), "seconds": float(m.group(2)), "load": load_proj},
@@ -532,9 +532,9 @@ def report(r: dict[str, Any]) -> str:
         "",
         f"torch.matmul peak, measured in this run (best of tokens x 768 x 2048, 2048^3): fp32 "
         f"{r['matmul_before']['fp32']} / {r['matmul_after']['fp32']} GFLOP/s, bf16 {r['matmul_before']['bf16']} / "
-        f"{r['matmul_after']['bf16']} GFLOP/s (before / after the runs). Model FLOPs count the work one LoRA token needs "
-        "(forward; input gradients of the frozen weights; attention over its own causal context; LoRA), not padding, "
-        "not logits skipped on prompt tokens. Generation: the same adapter and the first "
+        f"{r['matmul_after']['bf16']} GFLOP/s (before / after the runs). Model FLOPs count the work one LoRA token "
+        "needs (forward; input gradients of the frozen weights; attention over its own causal context; LoRA), "
+        "not padding, not logits skipped on prompt tokens. Generation: the same adapter and the first "
         f"{gen['prompts']} dev prompts; identical greedy outputs for {gen['same_outputs']} of {gen['prompts']}.",
         "",
         "## Targets",

@@ -43,7 +43,7 @@ def write_pairs(n_train: int, n_heldout: int, seed: int) -> tuple[Path, Path]:
     if len(fresh) < n_train + n_heldout:
         raise SystemExit(f"only {len(fresh)} fresh prompts; lower --train/--heldout")
     paths = OUT / "pairs-train.jsonl", OUT / "pairs-heldout.jsonl"
-    for path, rows in zip(paths, (fresh[:n_train], fresh[n_train : n_train + n_heldout])):
+    for path, rows in zip(paths, (fresh[:n_train], fresh[n_train : n_train + n_heldout]), strict=True):
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return paths
 
@@ -99,7 +99,7 @@ def preference_accuracy(model_dir: Path, adapter: Path | None, pairs: Path) -> d
     for ex in examples:
         row = encode_pair(ex, tok, 1 << 20)
         margins.append(logp(row["prompt_ids"], row["chosen_ids"]) - logp(row["prompt_ids"], row["rejected_ids"]))
-    own = [m for m, k in zip(margins, kinds) if k == "sft-own"]
+    own = [m for m, k in zip(margins, kinds, strict=True) if k == "sft-own"]
     n = max(1, len(margins))
     return {
         "accuracy": sum(m > 0 for m in margins) / n,
@@ -206,13 +206,15 @@ def report(r: dict[str, Any]) -> str:
         [
             "# Preference demo: SFT, then DPO, judged on held-out pairs",
             "",
-            f"`python -m bench.demo_dpo`. The SFT model is `make demo`'s ({SFT}). DPO: `python -m app train STAGE=dpo "
-            f"MODEL_NAME={SFT}` on {args['train']} pairs for new prompts: chosen = the gold triplets; rejected = the SFT "
-            f"model's own answer where it was wrong ({r['sft_own']['train']} of them: the negatives DPO is for), else "
-            f"one synthetic mistake (a missing triplet, subject and object swapped, a wrong predicate or an invented "
-            f"entity, which this SFT model already ranks below the gold with a wide margin); a new "
-            f"LoRA adapter, reference = the SFT model (adapter off), {args['epochs']} epochs, learning rate {args['lr']}, "
-            f"PREF_BETA={args['beta']}, PREF_FTX={args['ftx']}: {d['steps']} steps in {d['seconds']:.0f} s, peak RSS {d['peak_rss_mb']:,.0f} MB. "
+            f"`python -m bench.demo_dpo`. The SFT model is `make demo`'s ({SFT}). DPO: `python -m app train "
+            f"STAGE=dpo MODEL_NAME={SFT}` on {args['train']} pairs for new prompts: chosen = the gold triplets; "
+            f"rejected = the SFT model's own answer where it was wrong ({r['sft_own']['train']} of them: the "
+            f"negatives DPO is for), else one synthetic mistake (a missing triplet, subject and object swapped, a "
+            f"wrong predicate or an invented entity, which this SFT model already ranks below the gold with a wide "
+            f"margin); a new "
+            f"LoRA adapter, reference = the SFT model (adapter off), {args['epochs']} epochs, learning rate "
+            f"{args['lr']}, PREF_BETA={args['beta']}, PREF_FTX={args['ftx']}: {d['steps']} steps in "
+            f"{d['seconds']:.0f} s, peak RSS {d['peak_rss_mb']:,.0f} MB. "
             f"Judged on {args['heldout']} held-out pairs whose prompts neither training saw, built the same way "
             f"({r['sft_own']['heldout']} with the SFT model's own wrong answer). Load average "
             f"{r['load_start']:.2f} at the start, {r['loadavg_end'][0]:.2f} at the end.",
@@ -227,7 +229,8 @@ def report(r: dict[str, Any]) -> str:
             "",
             "## Targets",
             "",
-            f"- preference accuracy after DPO >= {ACCURACY_TARGET}: {a['accuracy']:.3f} -> {'PASS' if acc_ok else 'FAIL'}",
+            f"- preference accuracy after DPO >= {ACCURACY_TARGET}: {a['accuracy']:.3f} -> "
+            f"{'PASS' if acc_ok else 'FAIL'}",
             f"- F1 no lower than SFT alone: {a['f1']:.4f} vs {b['f1']:.4f} -> {'PASS' if f1_ok else 'FAIL'}",
             "",
         ]

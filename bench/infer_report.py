@@ -112,7 +112,10 @@ def _verdict(ok: bool | None) -> str:
 
 def targets(results: dict) -> list[str]:
     out = []
-    s = lambda size, b, f: _get(results, f"{size}/single/{b}", f)  # noqa: E731
+
+    def s(size: str, backend: str, field: str) -> float | None:  # one stream's figure
+        return _get(results, f"{size}/single/{backend}", field)
+
     q4, t4, bf = (s("1.5b", b, "decode_tok_s") for b in ("q4_k_m", "torch-4bit", "torch-bf16"))
     rq4, rt4, rbf = (s("1.5b", b, "peak_rss_mb") for b in ("q4_k_m", "torch-4bit", "torch-bf16"))
     if None not in (q4, t4, bf, rq4, rt4, rbf):
@@ -184,7 +187,7 @@ def _busy(results: dict) -> str:
         if isinstance(r, dict) and max((x for x in (r.get("load_avg") or []) if x is not None), default=0) > BUSY
     )
     if not busy:
-        return "The load average stayed at or below %.1f: nothing else ran on the cores." % BUSY
+        return f"The load average stayed at or below {BUSY:.1f}: nothing else ran on the cores."
     return (
         f"**Load average above {BUSY}** (this benchmark's 2 threads make ~2): other work shared the 2 cores "
         f"during {', '.join(busy)}. Those numbers are understated, each by how busy the cores were at its time "

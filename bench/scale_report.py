@@ -81,9 +81,10 @@ def levers(rows: list[dict]) -> list[str]:
             "~6,540 MB), so the plan cut MAX_SEQ_LEN to 64 and 98 of 180 answers with it; after, it keeps 336. "
             f"Load {_fmt(ref.get('load_s'))} → {_fmt(case.get('load_s'))} s (no fp32 conversion), "
             f"{_fmt(b['step_s'], ',.1f')} → {_fmt(a['step_s'], ',.1f')} s/step.",
-            "- Not needed at these sizes: a chunked loss (a 336-token micro-batch's logits are 44 MB in bf16, 87 MB in the loss's fp32 copy), "
-            "shard-by-shard loading (transformers already loads and quantizes one tensor at a time, read with "
-            "pread: app/models/quantization.py read_without_mmap), CPU offload of activations (checkpointing "
+            "- Not needed at these sizes: a chunked loss (a 336-token micro-batch's logits are 44 MB in bf16, "
+            "87 MB in the loss's fp32 copy), shard-by-shard loading (transformers already loads and quantizes one "
+            "tensor at a time, read with pread: app/models/quantization.py read_without_mmap), CPU offload of "
+            "activations (checkpointing "
             "leaves ~170 MB of them).",
         ]
     return out
@@ -136,10 +137,12 @@ def report(rows: list[dict]) -> str:
         if r["train"]["rc"] != 0:
             plan = f"train exit {r['train']['rc']}"
         lines.append(
-            f"| {r['case']} | {p.get('QUANT_LEVEL', r['method'])} | {r['limit_mb']:,} MB | {plan} | {_fmt(d['pred'])} | "
-            f"{_fmt(d['peak'])} | {_fmt(d['mem_err'], '+.1f', '%')} | {_fmt(r['train'].get('cgroup_peak_mb'))} | "
+            f"| {r['case']} | {p.get('QUANT_LEVEL', r['method'])} | {r['limit_mb']:,} MB | {plan} | "
+            f"{_fmt(d['pred'])} | {_fmt(d['peak'])} | {_fmt(d['mem_err'], '+.1f', '%')} | "
+            f"{_fmt(r['train'].get('cgroup_peak_mb'))} | "
             f"{d['killed']} | {_fmt(r.get('load_s'))} | {_fmt(d['step_s'], ',.1f')} | {_fmt(d['tokens_s'], ',.1f')} | "
-            f"{_fmt(d['pred_step'], ',.1f')} / {_fmt(d['scaled_step'], ',.1f')} | {_fmt(d['scaled_err'], '+.0f', '%')} | "
+            f"{_fmt(d['pred_step'], ',.1f')} / {_fmt(d['scaled_step'], ',.1f')} | "
+            f"{_fmt(d['scaled_err'], '+.0f', '%')} | "
             f"{'not run' if r.get('reference') else 'exit 0, answered' if d['predicted_ok'] else 'FAILED'} |"
         )
     lines += levers(rows)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager, NamedTuple
+from typing import NamedTuple
 
 from app.config import Config, parse_cli_overrides
 from app.core.errors import UserError
@@ -135,7 +136,7 @@ def _export_gguf(cfg: Config) -> None:
         run_export_gguf(cfg)
 
 
-def _run_lock(cfg: Config, command: str) -> ContextManager[None]:
+def _run_lock(cfg: Config, command: str) -> AbstractContextManager[None]:
     """merge and export-onnx write into the run they read (merged/ and onnx/ inside it): never while
     it is still training, and never two at once (app/training/runlock.py)."""
     from contextlib import nullcontext

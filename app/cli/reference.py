@@ -109,7 +109,7 @@ def configuration_page() -> str:
                 "",
                 SECTION_TITLES.get(sec, ""),
                 "",
-                "| variable | default | choices | tier | meaning |",
+                "| variable | default | allowed | tier | meaning |",
                 "|---|---|---|---|---|",
             ]
             section = sec

@@ -65,7 +65,7 @@ def write_sample_data(
     """
     paths = sample_paths(train_path)
     if stage in PREF_SAMPLES and not named and Path(train_path) == Path(Config().data.data_path):
-        paths = {split: paths["train"].with_name(name) for split, name in zip(paths, PREF_SAMPLES[stage])}
+        paths = {split: paths["train"].with_name(name) for split, name in zip(paths, PREF_SAMPLES[stage], strict=True)}
     keep = {k: p for k, p in paths.items() if p.exists() and not replace and not generated.is_unchanged(p)}
     if keep and not only_missing:
         names = " and ".join(str(p) for p in keep.values())

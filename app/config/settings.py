@@ -277,16 +277,6 @@ class Config:
         )
         sv = self.serve
         need(bool(sv.serve_host.strip()), "SERVE_HOST is empty; use 127.0.0.1 (this machine) or 0.0.0.0")
-        need(1 <= sv.serve_port <= 65535, f"SERVE_PORT={sv.serve_port} must be a port in 1..65535, e.g. 8000")
-        for var in (
-            "SERVE_MAX_QUEUE",
-            "SERVE_BATCH_SIZE",
-            "SERVE_MAX_PROMPT_TOKENS",
-            "SERVE_MAX_TOKENS",
-            "SERVE_MAX_BODY_KB",
-        ):
-            need(self.get(var) >= 1, f"{var}={self.get(var)} must be >= 1")
-        need(sv.serve_batch_wait_ms >= 0, f"SERVE_BATCH_WAIT_MS={sv.serve_batch_wait_ms} must be >= 0 (0 = no wait)")
         ui = self.webui
         need(bool(ui.webui_host.strip()), "WEBUI_HOST is empty; use 127.0.0.1 (this machine only)")
         need(
@@ -335,6 +325,16 @@ def bounds(var: Setting) -> str | None:
 def _whole(hint: Any) -> bool:
     """Whether a field holds whole numbers (int, or int | None)."""
     return hint is int or int in typing.get_args(hint)
+
+
+def documented() -> Iterator[tuple[str, Setting, Any, str, tuple[str, ...] | None]]:
+    """(section, VARIABLE, default as shown, help, choices) for every setting, in order."""
+    for var, (sec, f) in Config.variables().items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = ",".join(default) if isinstance(default, list) else ALL if default is None else default
+        yield sec, var, shown, f.metadata["help"], choices(var)
+
+
 _NAMES_DOC = '''"""Every setting's name, as a type: mypy flags a misspelt one where a ``Setting`` is expected
 (``cfg.get("MAX_SEQ_LENN")``, ``"MAX_SEQ_LENN" in cfg.explicit``, ``cfg.replace({...})``, the Plan's decisions).
 
@@ -348,16 +348,6 @@ def setting_names_source() -> str:
     """The text of app/config/setting_names.py: the ``Setting`` Literal of every setting's name, in order."""
     names = "".join(f'    "{var}",\n' for var in Config.variables())
     return f"{_NAMES_DOC}\nfrom typing import Literal\n\nSetting = Literal[\n{names}]\n"
-
-
-
-
-def documented() -> Iterator[tuple[str, Setting, Any, str, tuple[str, ...] | None]]:
-    """(section, VARIABLE, default as shown, help, choices) for every setting, in order."""
-    for var, (sec, f) in Config.variables().items():
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = ",".join(default) if isinstance(default, list) else ALL if default is None else default
-        yield sec, var, shown, f.metadata["help"], choices(var)
 
 
 def show(value: Any) -> str:

@@ -45,7 +45,7 @@ def cached_model_dir(name: str) -> Path | None:
 
     try:
         found = try_to_load_from_cache(name, "config.json")
-    except Exception:  # noqa: BLE001 - HFValidationError and the like: not a repo id, so nothing cached
+    except (ValueError, OSError):  # HFValidationError (a ValueError): not a repo id; an unreadable cache
         return None
     return Path(found).parent if isinstance(found, str) else None
 

@@ -98,7 +98,7 @@ class TokenCache:
     def row(self, i: int, max_seq_len: int) -> dict[str, list[int]]:
         a, b = int(self.arrays["offsets"][i]), int(self.arrays["offsets"][i + 1])
         ids = self.arrays["ids"][a:b].tolist()
-        labels = [t if m else IGNORE for t, m in zip(ids, self.arrays["mask"][a:b].tolist())]
+        labels = [t if m else IGNORE for t, m in zip(ids, self.arrays["mask"][a:b].tolist(), strict=True)]
         if len(ids) > max_seq_len:
             ids, labels, _ = _truncate(ids, labels, max_seq_len)
         return {"input_ids": ids, "labels": labels}

@@ -142,6 +142,7 @@ def _init_worker(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def _encode_in_worker(chunk: tuple[list[int], list[Any]]) -> tuple[list[int], EncodedRows]:
+    assert _WORKER_TOKENIZER is not None  # _init_worker, the pool's initializer, set it
     return chunk[0], encode_rows(chunk[1], _WORKER_TOKENIZER)  # numpy arrays back: a few bytes per token
 
 
@@ -153,7 +154,6 @@ def _check_disk(data_path: str, fmt: str, tokenizer: PreTrainedTokenizerBase, wh
     starts, examples = first
     n = min(len(starts) - 1, 200)
     per_byte = encode_rows(examples[:n], tokenizer).lengths.sum() / max(1, starts[n] - starts[0])
-    assert _WORKER_TOKENIZER is not None  # _init_worker, the pool's initializer, set it
     expected = size * per_byte * _STORED + size / max(1, starts[n] - starts[0]) * n * 24  # + per-row arrays
     free = shutil.disk_usage(where).free
     if expected * 1.1 > free:

@@ -175,7 +175,7 @@ def encode_pair(
     longest = max(len(a) for a in answers)
     if len(prompt) + longest > max_seq_len:
         ids, labels, which = _truncate(prompt + [0] * longest, [IGNORE] * len(prompt) + [0] * longest, max_seq_len)
-        prompt = [t for t, lab in zip(ids, labels) if lab == IGNORE]
+        prompt = [t for t, lab in zip(ids, labels, strict=True) if lab == IGNORE]
         answers = [a[: len(ids) - len(prompt)] for a in answers]
         if stats is not None:
             setattr(stats, which, getattr(stats, which) + 1)

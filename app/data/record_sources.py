@@ -109,7 +109,8 @@ def _lines(p: Path, suffix: str, bar: _Progress, setting: str) -> Iterator[tuple
                 ) from None
 
 
-_scan_json = json.JSONDecoder().scan_once  # the C scanner json.loads ends in, without its checks per call
+# the C scanner json.loads ends in, without its checks per call (set by JSONDecoder(), unknown to typeshed)
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _json_line(text: str) -> Any:

@@ -135,12 +135,23 @@ def _num(lo: int, hi: int, unit: str) -> Gen:
     return lambda r, _s: f"{r.randint(lo, hi)}{unit}"
 
 
-_school = lambda r, _s: r.choice(CITIES) + r.choice(SCHOOL_SUFFIX)  # noqa: E731
+_school = _pick(CITIES, SCHOOL_SUFFIX)
 _company = _pick(CO_X, CO_Y, CO_Z)
-_press = lambda r, _s: r.choice(CITIES + ["华夏", "新星"]) + r.choice(PRESS)  # noqa: E731
-_area = lambda r, _s: f"{r.randint(1, 99)}.{r.randint(0, 9)}万平方公里"  # noqa: E731
-_height = lambda r, _s: r.choice((f"{r.randint(155, 192)}cm", f"1.{r.randint(55, 92)}米"))  # noqa: E731
-_order = lambda r, s: next(v for k, v in INSECT.items() if s.endswith(k))  # noqa: E731
+_press = _pick(CITIES + ["华夏", "新星"], PRESS)
+
+
+def _area(r: random.Random, _s: str) -> str:
+    return f"{r.randint(1, 99)}.{r.randint(0, 9)}万平方公里"
+
+
+def _height(r: random.Random, _s: str) -> str:
+    return r.choice((f"{r.randint(155, 192)}cm", f"1.{r.randint(55, 92)}米"))
+
+
+def _order(r: random.Random, s: str) -> str:
+    """The order (目) of the insect the subject ``s`` names, by the end of its name."""
+    return next(v for k, v in INSECT.items() if s.endswith(k))
+
 
 # Each domain: subject generator, intro templates ({s}), facts in natural reading order
 # (predicate, object generator, max objects, clause templates with {o}), optional combo
@@ -310,7 +321,7 @@ def _make_sentence(r: random.Random, k: int) -> tuple[str, list[dict[str, str]]]
     subject = dom["subj"](r, "")
     used, clauses, triplets = {subject}, [], []
     picked: dict[str, str] = {}
-    for fact, n in zip(dom["facts"], _allocate(r, dom["facts"], k)):
+    for fact, n in zip(dom["facts"], _allocate(r, dom["facts"], k), strict=True):
         pred, gen, _, templates = fact
         objs: list[str] = []
         for _ in range(n):
@@ -326,7 +337,7 @@ def _make_sentence(r: random.Random, k: int) -> tuple[str, list[dict[str, str]]]
         if not objs:
             continue
         s_type, o_type = PREDICATES[pred]
-        triplets += [dict(zip(KEY_ORDER, (pred, o_type, s_type, o, subject))) for o in objs]
+        triplets += [dict(zip(KEY_ORDER, (pred, o_type, s_type, o, subject), strict=True)) for o in objs]
         picked[pred] = "、".join(objs)
         clauses.append((pred, r.choice(templates).format(o=picked[pred])))
     for (a, b), templates in dom.get("combos", {}).items():

@@ -122,7 +122,7 @@ def estimate(
     step = weight_bytes(shape, backend, quant, gguf_bytes) / (bandwidth * e.bandwidth) + e.step_s
     row, token = flops / (dense * e.row), flops / (dense * e.prefill)
     fixed = STARTUP_S + (e.load_s * shape.total_params / 1e9 if load else 0.0)
-    loss = sum(p + a + 1 for p, a in zip(prompts, answers)) * token
+    loss = sum(p + a + 1 for p, a in zip(prompts, answers, strict=True)) * token
     both = []
     for lengths in ([min(a + 1, budget) for a in answers], [budget] * len(answers)):
         total = fixed + loss

@@ -78,9 +78,9 @@ def run_evaluate(cfg: Config) -> dict[str, Any]:
             stats["new_tokens"] / max(took, 1e-9),
             cfg.predict.predict_batch_size,
         )
-        report = score_answers(zip([e.answer for e in examples], outputs))
+        report = score_answers(zip([e.answer for e in examples], outputs, strict=True))
         report.loss, losses = answer_loss(pred.model, pred.tokenizer, examples, data.max_seq_len)
-        for row, e, loss in zip(report.rows, examples, losses):
+        for row, e, loss in zip(report.rows, examples, losses, strict=True):
             row.update(prompt=e.prompt_messages[-1]["content"], line=e.line or None, loss=loss)
         title = f"{data.path} with {pred.adapter or cfg.model.model_name}"
     files = write_reports(report, out, title)
@@ -153,7 +153,7 @@ def answer_loss(
             for j, i in enumerate(batch_ids):
                 sums[i], counts[i] = float(nll[j].sum()), int((labels[j] != IGNORE).sum())
     total = sum(counts)
-    return (sum(sums) / total if total else None), [s / c if c else None for s, c in zip(sums, counts)]
+    return (sum(sums) / total if total else None), [s / c if c else None for s, c in zip(sums, counts, strict=True)]
 
 
 def _token_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -205,7 +205,7 @@ class F1Evaluator(TrainerCallback):
             self.batch_size,
             progress=False,
         )
-        d = self._score(zip([e.answer for e in self.examples], outputs)).to_dict()
+        d = self._score(zip([e.answer for e in self.examples], outputs, strict=True)).to_dict()
         if metrics is not None:
             metrics.update(
                 {

@@ -47,8 +47,8 @@ def bleu4(reference: list[str], hypothesis: list[str]) -> float:
     """Sentence BLEU-4 of ``hypothesis`` against one ``reference`` (token lists), smoothed as nltk's method3."""
     precisions = []  # (clipped matches, hypothesis n-grams) per order, as nltk's modified_precision
     for n in range(1, 5):
-        hyp = Counter(zip(*(hypothesis[i:] for i in range(n))))
-        ref = Counter(zip(*(reference[i:] for i in range(n))))
+        hyp = Counter(zip(*(hypothesis[i:] for i in range(n)), strict=False))
+        ref = Counter(zip(*(reference[i:] for i in range(n)), strict=False))
         precisions.append((sum(min(c, ref[g]) for g, c in hyp.items()), max(1, sum(hyp.values()))))
     if precisions[0][0] == 0:  # no token in common (or no answer): nltk returns 0 before smoothing
         return 0.0

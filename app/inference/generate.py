@@ -69,7 +69,7 @@ def generate_batch(
             new = out[:, enc["input_ids"].shape[1] :]
             if stats is not None:
                 stats["new_tokens"] = stats.get("new_tokens", 0) + int((new != tokenizer.pad_token_id).sum())
-            for j, answer in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            for j, answer in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True), strict=True):
                 outputs[j] = answer
     finally:
         tokenizer.padding_side = side

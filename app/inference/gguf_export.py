@@ -23,7 +23,6 @@ from app.config import Config
 from app.core import diskspace, ownership
 from app.core.atomic import replace_dir, write_json
 from app.core.errors import UserError
-from app.core.utils import replace_dir, write_json
 from app.inference import llamacpp
 from app.models.artifacts import (
     base_model_for,
@@ -124,7 +123,10 @@ def _digest(paths: list[Path], content: bool) -> str:
 
 def key_for(src: Source, quant: str) -> dict:
     """What an export is of: reused only while every part is the same (the adapter by its bytes)."""
-    files = lambda d: [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]  # noqa: E731
+
+    def files(d: Path) -> list[Path]:
+        return [p for p in d.iterdir() if p.is_file() and not p.name.startswith(".")]
+
     adapter = None
     if src.adapter is not None and not is_full_model(src.adapter):
         adapter = _digest(

@@ -21,7 +21,7 @@ from app.core.errors import UserError
 log = logging.getLogger(__name__)
 
 VERSION = "0.3.36"  # llama-cpp-python; its vendor/llama.cpp is the converter's and the runtime's version
-SETUP = "run `make setup-gguf` (builds llama-cpp-python %s from source once: cmake and a C++ compiler)" % VERSION
+SETUP = f"run `make setup-gguf` (builds llama-cpp-python {VERSION} from source once: cmake and a C++ compiler)"
 
 # GGUF_QUANT -> llama.cpp's file type: the float ones are written by the converter, the rest by its quantizer.
 CONVERTER_TYPES = {"f16": "f16", "bf16": "bf16"}
@@ -148,7 +148,7 @@ def align_metadata(gguf_file: Path, config: dict, log_file: Path) -> list[str]:
         ):
             changes.append((f"{arch}.{suffix}", field.contents(), want))
     del reader  # its memory map, before the file is written
-    for key, have, want in changes:
+    for key, _have, want in changes:
         _child(
             ["set-metadata", str(gguf_file), key, repr(want), "--force"], log_file, "llama.cpp's gguf_set_metadata.py"
         )

@@ -198,7 +198,7 @@ class LlamaCppCausalLM:
 
     def step_logits(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:
         """One token for each of several sequences, decoded together -> their next-token logits."""
-        return self._decode([(t, p, s, True) for t, p, s in zip(tokens, positions, seqs)])
+        return self._decode([(t, p, s, True) for t, p, s in zip(tokens, positions, seqs, strict=True)])
 
     # ---- transformers' API ---------------------------------------------------------------------------
     def __call__(
@@ -212,7 +212,7 @@ class LlamaCppCausalLM:
         ids = input_ids.cpu().tolist()
         mask = attention_mask.cpu().tolist() if attention_mask is not None else [[1] * len(r) for r in ids]
         out = np.zeros((len(ids), len(ids[0]), self.n_vocab), np.float32)
-        for r, (row, keep) in enumerate(zip(ids, mask)):
+        for r, (row, keep) in enumerate(zip(ids, mask, strict=True)):
             where = [i for i, m in enumerate(keep) if m]
             self.reset()
             for start in range(0, len(where), self.n_batch):
@@ -256,7 +256,6 @@ class LlamaCppCausalLM:
             return pick_token(logits, do_sample, temperature, self.top_k, self.top_p)
 
         for start in range(0, len(rows), self.n_seq):  # a batch larger than the context's sequences: in turns
-            pick = lambda logits: pick_token(logits, do_sample, temperature, self.top_k, self.top_p)  # noqa: E731
             new_part = self._generate_rows(rows[start : start + self.n_seq], max_new_tokens, pad, eos, streamer, pick)
             new.append(new_part)
         width = max(part.shape[1] for part in new)
@@ -307,4 +306,5 @@ def _unpadded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> l
     ids = input_ids.cpu().tolist()
     if attention_mask is None:
         return ids
-    return [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids, attention_mask.cpu().tolist())]
+    masks = attention_mask.cpu().tolist()
+    return [[t for t, m in zip(row, mask, strict=True) if m] for row, mask in zip(ids, masks, strict=True)]

@@ -18,7 +18,6 @@ from app.config import Config
 from app.core import diskspace, ownership
 from app.core.atomic import replace_dir, write_json
 from app.core.errors import UserError
-from app.core.utils import replace_dir, write_json
 from app.models.artifacts import base_model_for, find_adapter, fp32_bytes, is_full_model, replace_target_problem
 from app.models.loading import load_adapter, load_model, load_tokenizer
 from app.models.tiny import resolve_model

@@ -124,7 +124,7 @@ def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     generation = tail_u[len(x_u) :]
     try:
         sys_head, between = _cut(_render(tokenizer, _msgs(("system", _S), u1, a1, u2), gen=True), _S, _U1)[:2]
-    except Exception as e:  # noqa: BLE001 (jinja's raise_exception, or a system text we cannot place)
+    except (TemplateError, ValueError) as e:  # jinja's raise_exception, or a system text we cannot place
         log.info("chat template has no system role (%s): the Modelfile leaves system messages out", e)
         return ChatFormat(opening, "", prefix, suffix, generation)
     # Where the preamble ends and the system prefix begins only matters for a system message that is
@@ -173,12 +173,12 @@ def chat_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
         wrong = next(
             (c for c in _probe_chats("system" in fmt.prefix) if apply_format(fmt, c) != prompt_text(tokenizer, c)), None
         )
-    except Exception as e:  # noqa: BLE001 (a template error, or a shape _derive rejects)
+    except Exception as e:  # a template error, or a shape _derive rejects
         why = e if isinstance(e, ValueError) else f"fails on a plain chat: {e}"
         raise UserError(
             f"the chat template of {name} cannot be written as an Ollama TEMPLATE (it {why}); run the "
             "GGUF with llama.cpp (llama-server --jinja), which reads the template itself"
-        ) from None
+        ) from e
     if wrong is not None:
         raise UserError(
             f"the chat template of {name} cannot be written as an Ollama TEMPLATE (it rewrites a "

@@ -45,8 +45,8 @@ class OnnxCausalLM:
             self.session = onnxruntime.InferenceSession(
                 str(self.path / ONNX_FILE), opts, providers=["CPUExecutionProvider"]
             )
-        except Exception as e:  # noqa: BLE001 - ORT's own error types; a damaged file is the usual cause
-            raise load_failure(self.path, label, e, any_error=True) from None
+        except Exception as e:  # ORT's own error types; a damaged file is the usual cause
+            raise load_failure(self.path, label, e, any_error=True) from e
         self.past_names = [n for n in self.meta["inputs"] if n.startswith("past_key_values.")]
         gen_file = self.path / "generation_config.json"
         gen = read_json(gen_file, label) if gen_file.is_file() else {}
@@ -87,7 +87,7 @@ class OnnxCausalLM:
             "attention_mask": mask,
             "position_ids": np.asarray(position_ids, np.int64),
             "logits_to_keep": np.arange(s, dtype=np.int64) if keep_all else np.array([s - 1], np.int64),
-            **dict(zip(self.past_names, past)),
+            **dict(zip(self.past_names, past, strict=True)),
         }
         logits, *presents = self.session.run(None, feed)
         return logits, presents

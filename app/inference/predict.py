@@ -269,7 +269,7 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
             raise UserError(f"INPUT_FILE={src}: line {line} {too_long}")
     outputs = pred.generate_many([msgs for _, msgs, _ in items])
     rows = []
-    for (line, msgs, ref), output in zip(items, outputs):
+    for (line, msgs, ref), output in zip(items, outputs, strict=True):
         rows.append(
             {
                 "line": line,

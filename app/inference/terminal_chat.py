@@ -139,7 +139,7 @@ def quiet_info() -> Iterator[None]:
     try:
         yield
     finally:
-        for lg, level in zip(loggers, saved):
+        for lg, level in zip(loggers, saved, strict=True):
             lg.setLevel(level)
 
 

@@ -189,11 +189,11 @@ def load_adapter(model: PreTrainedModel | PeftModel, adapter: Path, name: str = 
 
             keep_8bit_scales(model)  # DoRA on an 8-bit base on CPU would lose them (app/models/quantization.py)
         return model
-    except Exception as e:  # noqa: BLE001 - load_failure keeps what is not a damaged file
+    except Exception as e:  # load_failure keeps what is not a damaged file: re-raised as it is
         known = load_failure(adapter, f"ADAPTER_DIR={adapter}", e)
         if known is None:
             raise
-        raise known from None
+        raise known from e
 
 
 def detect_lora_targets(model: torch.nn.Module) -> list[str]:

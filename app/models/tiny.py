@@ -230,8 +230,7 @@ def build_tiny_model(
     fam, out = FAMILIES[name], Path(out_dir)
     log.info("building %s (random 2-layer %s) in %s", name, fam.config_cls.removesuffix("Config"), out)
     tokenizer = build_tokenizer(name, seed=seed)
-    ids = lambda toks: [tokenizer.convert_tokens_to_ids(t) for t in toks]  # noqa: E731
-    eos_ids = ids((fam.eos, *fam.stop))
+    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in (fam.eos, *fam.stop)]
     dims = {**_DIMS, **(dims or {})}
     config = getattr(transformers, fam.config_cls)(
         vocab_size=max(len(tokenizer), vocab_size or 0),

@@ -134,7 +134,7 @@ def _merge(
     def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:  # pads the sequence axis (-2 of keys, -1 of a mask)
         return F.pad(t, (0, 0) * (dim_from_end - 1) + (width - t.shape[-dim_from_end], 0))
 
-    for layer, extra in zip(cache.layers, other.layers):
+    for layer, extra in zip(cache.layers, other.layers, strict=True):
         layer.keys = torch.cat([left(layer.keys, 2), left(extra.keys, 2)])
         layer.values = torch.cat([left(layer.values, 2), left(extra.values, 2)])
     return cache, torch.cat([left(mask, 1), left(other_mask, 1)])

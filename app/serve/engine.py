@@ -186,7 +186,7 @@ class Engine:
                     left = self._generate(jobs, rows)
                 with self._cv:  # taken, never started: they go first again
                     self._waiting.extendleft(reversed(left))
-            except Exception as e:  # noqa: BLE001 - the server keeps serving; each request hears why
+            except Exception as e:  # the server keeps serving (logged with its traceback); each request hears why
                 log.exception("serve: generation failed")
                 started = {id(row.job) for row in rows}
                 for job in [j for j in jobs if id(j) not in started] + [r.job for r in rows if not r.done]:

@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from app.config import Config
 from app.core import diskspace, ownership
-from app.core.errors import UserError
 from app.core.atomic import replace_dir, write_json
-from app.core.utils import replace_dir, write_json
+from app.core.errors import UserError
 from app.inference import llamacpp
 from app.inference.gguf_export import Source, ensure_gguf, key_for
 from app.serve.adapters import Adapter

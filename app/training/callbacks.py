@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,6 @@ from app.models.loading import save_kwargs
 from app.training.dist import is_main
 from app.training.metrics_file import loss_figure
 
-log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import torch
     from tqdm.auto import tqdm
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from app.training.sampler import MemorySampler
 
+log = logging.getLogger(__name__)
 
 
 class Throughput:

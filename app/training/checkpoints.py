@@ -24,7 +24,6 @@ from app.config import Config, default_output_dir
 from app.config.fields import DataArgs
 from app.core.atomic import fsync_dir
 from app.core.errors import UserError
-from app.core.utils import fsync_dir
 from app.models.artifacts import output_problem
 
 log = logging.getLogger(__name__)

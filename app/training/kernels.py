@@ -91,10 +91,10 @@ def packed_sdpa_forward(
     # unbind/split, not slicing: their backward is one stack/cat, where every slice's backward
     # would fill a zero tensor of the whole input (that cost more than the masked attention saved)
     rows = []
-    for row, q, k, v in zip(lens, query.unbind(0), key.unbind(0), value.unbind(0)):
+    for row, q, k, v in zip(lens, query.unbind(0), key.unbind(0), value.unbind(0), strict=True):
         parts = [
             sdpa(qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0), dropout_p=dropout, scale=scaling, is_causal=True)
-            for qs, ks, vs in zip(q.split(row, dim=1), k.split(row, dim=1), v.split(row, dim=1))
+            for qs, ks, vs in zip(q.split(row, dim=1), k.split(row, dim=1), v.split(row, dim=1), strict=True)
         ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]

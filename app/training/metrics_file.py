@@ -53,9 +53,10 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
     if train:
         # A lone point is an invisible line without a marker, and markers show how few points a
         # short run has; a long run stays a plain line, where markers would only blur the curve.
-        ax.plot(*zip(*train), marker="o" if len(train) < MARKERS_BELOW else None, markersize=4, label="train loss")
+        marker = "o" if len(train) < MARKERS_BELOW else None
+        ax.plot(*zip(*train, strict=True), marker=marker, markersize=4, label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")  # evaluations are few: always marked
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")  # evaluations are few: always marked
     # Steps are whole: no 1.25, 1.5 ticks; min_n_ticks=1, else one step (range 0.95-1.05) gets fractions.
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_title(title)
@@ -64,19 +65,19 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
     ax.grid(alpha=0.3)
     if f1:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*f1), "s-", color="tab:green", label="eval F1")
+        ax2.plot(*zip(*f1, strict=True), "s-", color="tab:green", label="eval F1")
         ax2.set_ylabel("triplet F1")
         ax2.set_ylim(-F1_MARGIN, 1 + F1_MARGIN)  # an F1 of 0 or 1 is drawn whole, not cut by the frame
     if side is not None:  # a preference stage: how far chosen answers score above rejected ones, beside the loss
         side.plot(
-            *zip(*margins),
+            *zip(*margins, strict=True),
             marker="o" if len(margins) < MARKERS_BELOW else None,
             markersize=4,
             color="tab:purple",
             label="train reward margin",
         )
         if eval_margins:
-            side.plot(*zip(*eval_margins), "s-", color="tab:red", label="eval reward margin")
+            side.plot(*zip(*eval_margins, strict=True), "s-", color="tab:red", label="eval reward margin")
         side.axhline(0, color="grey", linewidth=0.8)
         side.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         side.set_xlabel("optimizer step")

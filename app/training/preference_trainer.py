@@ -113,7 +113,7 @@ def as_dataset(rows: list[dict[str, Any]] | None) -> Dataset | None:
 
 def pref_trainer_class(cfg: Config, mixin: type) -> type:
     """The TRL trainer for STAGE/PREF_LOSS with ``mixin`` (app.training.trainer.RunMixin) before it."""
-    RunMixin = mixin  # noqa: N806 - named as the class it is
+    RunMixin = mixin  # capitalised: it is the class that goes into the bases below
     if cfg.train.stage == "kto":
         from trl import KTOTrainer
 

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PreparedData:
     plan: Plan  # the plan with MAX_SEQ_LEN and the memory fit decided
-    train_rows: list[dict] = field(default_factory=list)
+    train_rows: list[dict] | CachedRows = field(default_factory=list)  # CachedRows: MAX_SAMPLES=all's token cache
     val_rows: list[dict] = field(default_factory=list)
     val_examples: list[Example] = field(default_factory=list)  # with messages: what F1 evaluation generates from
     report: dict[str, Any] = field(default_factory=dict)  # data_report.json

@@ -51,6 +51,7 @@ class MemorySampler:
             n = cuda.device_count()
             return sum(map(cuda.memory_allocated, range(n))) / MB, sum(map(cuda.memory_reserved, range(n))) / MB
         except Exception:  # e.g. CUDA torn down at exit: RAM figures still count
+            log.debug("CUDA memory unreadable: GPU figures left out", exc_info=True)
             return None, None
 
     def current(self) -> dict[str, Any]:

@@ -280,7 +280,10 @@ class FineTuner:
             ran = result.steps - (checkpoint_step(self.resume_from) if self.resume_from else 0)  # since the resume
             publish(self, out, out / CHECKPOINTS, result, peaks, weights, self.timing.summary(ran, result.seconds))
         except Exception as e:  # safetensors' and matplotlib's writers have their own errors
-            raise write_error(e, out, "saving the final adapter", previous, self.disk.adapter) from None
+            err = write_error(e, out, "saving the final adapter", previous, self.disk.adapter)
+            if err is e:  # not a full disk or an unwritable dir: the error as it is
+                raise
+            raise err from e
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # finished: the adapter supersedes them
         log.info(
             "done: %d steps in %.1fs, train loss %.4f%s, %.0f tokens/s, peak RSS %.0f MB -> %s",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,11 +28,11 @@ from transformers import Trainer, TrainingArguments
 
 from app.core.atomic import write_json
 from app.core.errors import UserError
-from app.core.utils import write_json
 from app.data.cache import CachedRows
 from app.training import dist
 from app.training.checkpoints import PREFIX, STAGING, rotate, seal
 from app.training.resume import SETTINGS_FILE
+
 if TYPE_CHECKING:
     import torch
     from torch.utils.data import Dataset
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from app.config import Config
     from app.training.guard import MemoryGuard
     from app.training.sampler import MemorySampler
-
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +69,9 @@ OVERRIDES = {
 
 
 class RunMixin:
-    """The overrides below, for the HF Trainer and for TRL's preference trainers alike (app/training/preference_trainer.py
-    puts this mixin before theirs). ``run_settings()``: what a checkpoint records of the run
-    (app.training.resume.snapshot)."""
+    """The overrides below, for the HF Trainer and for TRL's preference trainers alike
+    (app/training/preference_trainer.py puts this mixin before theirs). ``run_settings()``: what a checkpoint
+    records of the run (app.training.resume.snapshot)."""
 
     def __init__(self, *args: Any, run_settings: Callable[[], dict[str, Any]], **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -254,7 +253,7 @@ def build_trainer(
     tail: list[TrainerCallback],
     sampler: MemorySampler,
     resumed: list[dict[str, Any]] | None,
-) -> RunTrainer:
+) -> Trainer:
     """The RunTrainer for FineTuner ``ft`` (model, rows, planned settings), with the tool's callbacks in
     this order: the progress bar, metrics.jsonl, F1 on generated answers (EVAL_METRIC=f1), the best
     adapter and early stopping, the memory ``guard``, TensorBoard on rank 0, then ``tail`` (the
@@ -281,7 +280,7 @@ def build_trainer(
 
         n = cfg.evaluation.eval_samples or 32  # generation is slow: a capped, fixed subset
         f1 = [F1Evaluator(ft.tokenizer, ft.val_examples[:n], cfg.predict.predict_batch_size, metrics.write)]
-    holder: list[RunTrainer] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
+    holder: list[Trainer] = []  # the trainer, for ZeRO-3's weight gathering in BestAdapter
     zero3 = dist.zero_stage(cfg) == 3
     gather = (lambda: full_state_dict(holder[0], zero3)) if zero3 else None
     names = trackers.chosen(cfg.train.report_to)

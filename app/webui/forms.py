@@ -147,7 +147,7 @@ class Form:
         """The form's values (in components() order) as the KEY=value arguments that differ from what the command
         would use anyway; a blank decided setting is left to the tool."""
         out = {}
-        for var, value in zip(self.fields, values):
+        for var, value in zip(self.fields, values, strict=True):
             if value is None or (isinstance(value, str) and not value.strip() and var in DECIDED):
                 continue
             if _kind(var) is int and isinstance(value, float) and value.is_integer():

@@ -1,5 +1,6 @@
-"""The Chat tab: the base model or any adapter, multi-turn, streamed from `python -m app serve` (app/webui/chat_backend.py),
-with the generation settings and serve's own under Advanced; Reset clears the conversation."""
+"""The Chat tab: the base model or any adapter, multi-turn, streamed from `python -m app serve`
+(app/webui/chat_backend.py), with the generation settings and serve's own under Advanced; Reset clears the
+conversation."""
 
 from __future__ import annotations
 

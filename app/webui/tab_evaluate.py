@@ -68,14 +68,17 @@ def build(ctx: Context) -> Form:
     pick = gr.Dropdown(
         run_view.adapters(), label="Adapter (ADAPTER_DIR)", value=None, allow_custom_value=True, elem_id="eval-run"
     )
-    eval_path = lambda: gr.Dropdown(
-        data_files(),
-        label="EVAL_PATH",
-        allow_custom_value=True,  # noqa: E731
-        value=ctx.cfg.evaluation.eval_path or None,
-        elem_id="evaluate-EVAL_PATH",
-        info=Config.variables()["EVAL_PATH"][1].metadata["help"],
-    )
+
+    def eval_path() -> gr.Dropdown:
+        return gr.Dropdown(
+            data_files(),
+            label="EVAL_PATH",
+            allow_custom_value=True,
+            value=ctx.cfg.evaluation.eval_path or None,
+            elem_id="evaluate-EVAL_PATH",
+            info=Config.variables()["EVAL_PATH"][1].metadata["help"],
+        )
+
     form = Form("evaluate", ctx.cfg, {"EVAL_PATH": eval_path})
     run_btn = gr.Button("Evaluate", variant="primary", elem_id="eval-start")
     message = gr.Textbox(label="Message", interactive=False, elem_id="eval-message")

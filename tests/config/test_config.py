@@ -1,6 +1,7 @@
 """Config: precedence (CLI > env > .env > default), typing, and all-errors-at-once validation."""
 
 import json
+import typing
 
 import pytest
 
@@ -100,7 +101,7 @@ def test_save_round_trips(tmp_path):
 
 def test_help_lists_every_variable_with_default():
     text = Config.help_text()
-    for var, (_, f) in Config.variables().items():
+    for var in Config.variables():
         assert var in text
     assert "THUDM/glm-edge-1.5b-chat" in text
 

@@ -39,7 +39,8 @@ def test_generated_page_is_current(rel):
     committed = path.read_text(encoding="utf-8") if path.is_file() else None
     assert committed == _generated()[rel], (
         f"{rel} is {'missing' if committed is None else 'stale'}: it is generated from the config dataclasses "
-        f'and the Makefile. Regenerate it with `{reference.REGENERATE}` (or: .venv/bin/python -c "from app.cli.reference '
+        f"and the Makefile. Regenerate it with `{reference.REGENERATE}` "
+        f'(or: .venv/bin/python -c "from app.cli.reference '
         f"import {reference.PAGES[rel]}; print({reference.PAGES[rel]}(), end='')\" > {rel}) and commit it"
     )
 

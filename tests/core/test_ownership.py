@@ -269,7 +269,6 @@ WRITERS = {
     "app.core.ownership": "the marker of a folder it may write (this file)",
     "app.data.cache": "CACHE_DIR/tokens: new, empty or the tool's (this file)",
     "app.data.cache_build": "a cache key's folder inside CACHE_DIR/tokens",
-    "app.data.synthetic": "make demo / generate-data's sample files (tests/cli/test_workspace.py)",
     "app.evaluation.reports": "evaluate's report folder: new, empty or the tool's (this file)",
     "app.inference.export": "ONNX_DIR: replace_dir with onnx_export.json, refused folders (this file)",
     "app.inference.gguf_export": "GGUF_DIR: replace_dir with gguf_info.json, refused folders; the merged model and "

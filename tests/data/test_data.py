@@ -14,9 +14,9 @@ import pytest
 from app.core.errors import UserError
 from app.data.records import Example, LoadReport, detect_format, read_examples, to_example
 
-S = lambda c: {"role": "system", "content": c}  # noqa: E731
-U = lambda c: {"role": "user", "content": c}  # noqa: E731
-A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+S = lambda c: {"role": "system", "content": c}
+U = lambda c: {"role": "user", "content": c}
+A = lambda c: {"role": "assistant", "content": c}
 
 # ---- the format matrix -------------------------------------------------------------------------
 # Each format: raw records (as a user would write them) and the normalised result expected,

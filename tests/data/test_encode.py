@@ -14,9 +14,9 @@ import pytest
 from app.data.encode import IGNORE, Collator, EncodeStats, encode, encode_all, prompt_text, segments
 from app.data.records import Example
 
-S = lambda c: {"role": "system", "content": c}  # noqa: E731
-U = lambda c: {"role": "user", "content": c}  # noqa: E731
-A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+S = lambda c: {"role": "system", "content": c}
+U = lambda c: {"role": "user", "content": c}
+A = lambda c: {"role": "assistant", "content": c}
 
 # Each family's chat format, written out by hand (not read from app.models.tiny): a turn, the text
 # that opens the conversation, the generation prompt, and the token that ends an answer.
@@ -63,13 +63,13 @@ def eos_id(tok, spec):
 
 
 def labelled(row):
-    return [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE]
+    return [t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE]
 
 
 def labelled_spans(row):
     """Contiguous runs of labelled tokens, in order."""
     spans, cur = [], []
-    for t, lab in zip(row["input_ids"], row["labels"]):
+    for t, lab in zip(row["input_ids"], row["labels"], strict=True):
         if lab != IGNORE:
             cur.append(t)
         elif cur:
@@ -84,10 +84,14 @@ def n_prompt(row):
 
 
 CTX = (
-    "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\nInput: 句子中包含了哪些信息，输出json：\n\n"
+    "Instruction: 你现在是一个很厉害的阅读理解器，严格按照人类指令进行回答。\n"
+    "Input: 句子中包含了哪些信息，输出json：\n\n"
     "《喜剧之王》是周星驰主演的电影。\nAnswer: "
 )
-TGT = '```json\n[{"predicate": "主演", "object_type": "人物", "subject_type": "影视作品", "object": "周星驰", "subject": "喜剧之王"}]\n```'
+TGT = (
+    '```json\n[{"predicate": "主演", "object_type": "人物", "subject_type": "影视作品", '
+    '"object": "周星驰", "subject": "喜剧之王"}]\n```'
+)
 
 SINGLE_TURN = {
     "context_target": Example(messages=[U(CTX), A(TGT)]),
@@ -134,7 +138,9 @@ def test_multi_turn_labels_every_assistant_answer(fam):
     spans = [tok.decode(s) for s in labelled_spans(row)]
     assert spans == [msgs[2]["content"] + e, msgs[4]["content"] + e]
 
-    t = lambda m: spec["turn"].format(**m)  # noqa: E731
+    def t(m):
+        return spec["turn"].format(**m)
+
     if name == "glm":  # GLM's template writes no EOS after an answer: training inserts it
         full = (
             spec["bos"]
@@ -153,7 +159,7 @@ def test_multi_turn_labels_every_assistant_answer(fam):
         full = full.removesuffix("\n")  # ChatML's newline after the final <|im_end|> isn't trained
     assert tok.decode(row["input_ids"]) == full
 
-    unlabelled = tok.decode([tid for tid, lab in zip(row["input_ids"], row["labels"]) if lab == IGNORE])
+    unlabelled = tok.decode([tid for tid, lab in zip(row["input_ids"], row["labels"], strict=True) if lab == IGNORE])
     for m in msgs[:2] + msgs[3:4]:
         assert m["content"] in unlabelled
     for m in (msgs[2], msgs[4]):

@@ -24,11 +24,11 @@ from app.data.records import (
 from app.data.synthetic import parse_target
 from app.data.synthetic_pairs import MISTAKES, generate_kto, generate_pairs
 
-S = lambda c: {"role": "system", "content": c}  # noqa: E731
-U = lambda c: {"role": "user", "content": c}  # noqa: E731
-A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
-H = lambda c: {"from": "human", "value": c}  # noqa: E731
-G = lambda c: {"from": "gpt", "value": c}  # noqa: E731
+S = lambda c: {"role": "system", "content": c}
+U = lambda c: {"role": "user", "content": c}
+A = lambda c: {"role": "assistant", "content": c}
+H = lambda c: {"from": "human", "value": c}
+G = lambda c: {"from": "gpt", "value": c}
 
 # ---- shapes: (record, format, messages, rejected or None, label or None) ---------------------------------------
 SHAPES = [
@@ -331,7 +331,7 @@ def _diff(chosen: list[dict], rejected: list[dict], kind: str) -> bool:
         return len(chosen) >= 2 and len(rejected) == len(chosen) - 1 and all(t in chosen for t in rejected)
     if len(rejected) != len(chosen):
         return False
-    changed = [(a, b) for a, b in zip(chosen, rejected) if a != b]
+    changed = [(a, b) for a, b in zip(chosen, rejected, strict=True) if a != b]
     if len(changed) != 1:
         return False
     ((a, b),) = changed

@@ -70,8 +70,9 @@ def test_evaluate_writes_every_report(tiny_glm_dir, data_dir, tmp_path, monkeypa
         for r in records
     ]
     assert all(e.strip() for e in expected) and len(set(expected)) == 6  # not empty, not constant
-    assert [(r["gold"], r["output"]) for r in rows] == [(r["target"], e) for r, e in zip(records, expected)]
-    independent = score(zip([r["target"] for r in records], expected)).to_dict()
+    want = [(r["target"], e) for r, e in zip(records, expected, strict=True)]
+    assert [(r["gold"], r["output"]) for r in rows] == want
+    independent = score(zip([r["target"] for r in records], expected, strict=True)).to_dict()
     assert {k: report[k] for k in REPORT_KEYS} == {k: independent[k] for k in REPORT_KEYS}
     # a random tiny model finds nothing: every gold triplet is missing
     assert report["triplet_recall"] == 0.0 and sum(len(r["missing"]) for r in rows) > 0
@@ -134,7 +135,10 @@ def test_evaluate_scores_each_answer_against_its_own_record(tiny_glm_dir, tmp_pa
 
 
 def test_score_only_mode_from_the_command_line(tmp_path, run_app):
-    gold = '```json\n[{"predicate": "导演", "object_type": "人物", "subject_type": "影视作品", "object": "林远", "subject": "星河"}]\n```'
+    gold = (
+        '```json\n[{"predicate": "导演", "object_type": "人物", "subject_type": "影视作品", '
+        '"object": "林远", "subject": "星河"}]\n```'
+    )
     lines = [
         {"target": gold, "output": gold},
         {"reference": gold, "output": "我不知道"},
@@ -304,7 +308,7 @@ def test_an_alpaca_run_is_scored_on_its_held_out_records_with_text_metrics(
                 * n
             )
             counts.append(n)
-    assert [r["loss"] for r in rows] == pytest.approx([s / c for s, c in zip(sums, counts)], rel=1e-4)
+    assert [r["loss"] for r in rows] == pytest.approx([s / c for s, c in zip(sums, counts, strict=True)], rel=1e-4)
     assert d["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-4) and d["loss"] > 0
     # the data file changed since: the same records are rebuilt, with one warning that says so
     with data.open("a", encoding="utf-8") as f:

@@ -20,7 +20,7 @@ KEYS = ("predicate", "object_type", "subject_type", "object", "subject")
 
 
 def trip(s: str, p: str, o: str, st: str = "人物", ot: str = "人物") -> dict[str, str]:
-    return dict(zip(KEYS, (p, ot, st, o, s)))
+    return dict(zip(KEYS, (p, ot, st, o, s), strict=True))
 
 
 def fenced(triplets: list[dict]) -> str:
@@ -245,7 +245,10 @@ def test_malformed_gold_is_counted_not_scored():
 
 # ---- parser --------------------------------------------------------------------------
 
-ONE = '{"predicate": "导演", "object_type": "人物", "subject_type": "影视作品", "object": "朱文顺", "subject": "古刹钟声"}'
+ONE = (
+    '{"predicate": "导演", "object_type": "人物", "subject_type": "影视作品", '
+    '"object": "朱文顺", "subject": "古刹钟声"}'
+)
 EXPECTED = Triplet("古刹钟声", "导演", "朱文顺", "影视作品", "人物")
 
 

@@ -104,7 +104,7 @@ def compare(gguf: Path, paths: list, exact: bool) -> dict:
         for k in range(NEW_TOKENS - 1):
             got.append(lm.step_logits([path[n_prompt + k]], [n_prompt + k], [0])[0])
         got = torch.from_numpy(np.stack(got))
-        for want, have in zip(ref, got):
+        for want, have in zip(ref, got, strict=True):
             top2 = torch.topk(want, 2).values
             if int(have.argmax()) == int(want.argmax()):
                 agree += 1
@@ -127,8 +127,8 @@ def report(artifacts):
     rows: list[str] = []
     yield rows
     (artifacts / "gguf_parity.md").write_text(
-        "| family | GGUF | greedy tokens equal | ties (top-2 < 1e-3) | mismatches | mean KL |\n|---|---|---|---|---|---|\n"
-        + "".join(rows),
+        "| family | GGUF | greedy tokens equal | ties (top-2 < 1e-3) | mismatches | mean KL |\n"
+        "|---|---|---|---|---|---|\n" + "".join(rows),
         encoding="utf-8",
     )
 

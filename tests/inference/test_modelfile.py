@@ -192,7 +192,7 @@ def test_the_modelfile_template_writes_the_training_prompt_byte_for_byte(family,
     tok = tokenizer(family)
     template = _template_in(modelfile_text("model-q4_k_m.gguf", tok, [], None, {}))
     chats = _chats()
-    for chat, got in zip(chats, go_render(template, chats)):
+    for chat, got in zip(chats, go_render(template, chats), strict=True):
         assert got == prompt_text(tok, chat), f"{family}, {len(chat)} messages:\n{template}"
 
 
@@ -204,7 +204,7 @@ def test_templates_shaped_like_the_real_families_are_derived_not_looked_up(shape
     family, chat_template = SHAPES[shape]
     tok = tokenizer(family, chat_template=chat_template)
     chats = _chats()
-    for chat, got in zip(chats, go_render(ollama_template(tok), chats)):
+    for chat, got in zip(chats, go_render(ollama_template(tok), chats), strict=True):
         assert got == prompt_text(tok, chat), f"{shape}, {len(chat)} messages"
 
 
@@ -266,8 +266,8 @@ BAD_TEMPLATES = {
     "keeps only the last message": "<|user|>\n{{ messages[-1]['content'] }}<|assistant|>\n",
     "writes the chat backwards": "{% for m in messages|reverse %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}",
     # these two pass the sentinel chats; only the probe chats (JSON, five messages) show them
-    "rewrites the quotes in JSON": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | replace('\"', \"'\") }}"
-    "{% endfor %}<|assistant|>\n",
+    "rewrites the quotes in JSON": "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{{ m['content'] | replace('\"', \"'\") }}{% endfor %}<|assistant|>\n",
     "marks turns after the fourth": "{% for m in messages %}{% if loop.index > 4 %}<late>{% endif %}<|{{ m['role'] }}|>"
     "\n{{ m['content'] }}{% endfor %}<|assistant|>\n",
 }

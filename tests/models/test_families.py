@@ -43,7 +43,7 @@ def test_family_trains_saves_reloads_and_predicts(family, data_dir, tmp_path, mo
     assert result.steps == 3 and losses[-1] < losses[0]
     # labels are the answer + the family's end-of-turn token, prompts go through its template
     row = ft.train_rows[0]
-    answer = ft.tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100])
+    answer = ft.tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
     assert answer.endswith(FAMILIES[family].eos)
     prompt = ft.tokenizer.decode(row["input_ids"][: row["labels"].index(next(x for x in row["labels"] if x != -100))])
     assert prompt.endswith(

@@ -77,7 +77,7 @@ def test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in
             out = tmp_path / f"{option}-{level}"
             try:
                 code, errors, stderr = _train(cli, tiny_glm_dir, data, out, *args, f"QUANT_LEVEL={level}")
-            except Exception as e:  # noqa: BLE001 - what `python -m app` would print as a traceback
+            except Exception as e:  # noqa: BLE001 - a traceback in the CLI: a wrong cell, all reported together
                 wrong[option, level] = f"Traceback: {type(e).__name__}: {e}"
                 continue
             if NEEDS.get(option, level) != level:  # refused: one line naming both settings, nothing written

@@ -192,7 +192,8 @@ def test_planning_never_changes_the_users_config(tiny_glm_dir, tmp_path, write_d
 @pytest.mark.parametrize("init, ram, quant", [("pissa", 8, "none"), ("olora", 16, "none"), ("loftq", 32, "4bit")])
 def test_a_lora_init_that_needs_a_weight_format_gets_it_when_quant_is_left_to_the_tier(init, ram, quant):
     """The tier would pick 4bit / 8bit / none at 8 / 16 / 32 GB: PiSSA and OLoRA rewrite the base's weights (so
-    none), LoftQ needs a 4-bit base; an explicit QUANT_LEVEL is validated instead (tests/models/test_lora_variants.py)."""
+    none), LoftQ needs a 4-bit base; an explicit QUANT_LEVEL is validated instead
+    (tests/models/test_lora_variants.py)."""
     for tier in ("auto", "none"):
         plan = apply_tier(cfg(LORA_INIT=init, TIER=tier), res(ram))
         assert plan.cfg.resources.quant_level == quant, (tier, plan.cfg.resources.quant_level)

@@ -111,7 +111,9 @@ def test_completions_answer_raw_prompts(server):
 
 
 def test_adapters_load_and_unload_without_a_restart(server, work):
-    ids = lambda: {m.id for m in server.client().models.list().data}  # noqa: E731
+    def ids():
+        return {m.id for m in server.client().models.list().data}
+
     r = server.post("/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": "models/a"})
     assert r.status_code == 200, r.text
     assert "a2" in ids()

@@ -280,7 +280,7 @@ def test_requests_join_the_running_sequences_and_answer_as_alone(server, work, m
         **{k: v for k, v in SERVED.items() if k != "ADAPTERS"},
     )
     try:
-        jobs = [("a", staged.prompt(p), n) for p, n in zip(PROMPTS, (24, 4, 6, 4))]
+        jobs = [("a", staged.prompt(p), n) for p, n in zip(PROMPTS, (24, 4, 6, 4), strict=False)]
         alone = {k: serve_staging.answers(staged.run([job], [0]))[0] for k, job in enumerate(jobs)}
         events = staged.run(jobs, [0, 1, 2, 3])
     finally:

@@ -25,8 +25,8 @@ from app import Config, FineTuner
 
 # Per-step loss of the recipe (tests/conftest.py `recipe`) with STAGE=dpo on the `pairs` file below (torch 2.13.0
 # CPU, transformers 5.23.0, peft 0.21.2, trl 1.16.0). Step 1 is ln 2: a new adapter's B is zero, so the policy is its
-# reference and every reward margin is 0. Re-derive with `pytest tests/training/test_preference_training.py -k golden -s`
-# and say why in the commit.
+# reference and every reward margin is 0. Re-derive with
+# `pytest tests/training/test_preference_training.py -k golden -s` and say why in the commit.
 GOLDEN_DPO_LOSSES = [0.69315, 0.69038, 0.68595, 0.70144, 0.6996, 0.60544]
 DPO = {"STAGE": "dpo"}  # the recipe's settings plus these, on the pairs file
 LOSSES = ("sigmoid", "ipo", "orpo", "simpo")
@@ -215,7 +215,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_uninterrupted_run(
     got, want = curve(out), curve(dpo_run[1])
     assert [g[:2] for g in got] == [w[:2] for w in want]  # the same rows, none repeated from the killed run
     assert [g[0] for g in got if g[1] == "loss"] == [1, 2, 3, 4, 5, 6]
-    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g[2:], w[2:])) <= 1e-5
+    assert max(abs(a - b) for g, w in zip(got, want, strict=True) for a, b in zip(g[2:], w[2:], strict=True)) <= 1e-5
     a, b = load_file(out / "adapter_model.safetensors"), load_file(dpo_run[1] / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert not ckpts.exists()
@@ -372,7 +372,7 @@ def test_every_loss_and_kto_trains_and_logs_rewards_or_is_refused_in_one_line(
                 "NUM_THREADS=2",
                 *args,
             )
-        except Exception as e:  # noqa: BLE001 - what `python -m app` would print as a traceback
+        except Exception as e:  # noqa: BLE001 - a traceback in the CLI: a wrong cell, all reported together
             wrong[stage, loss] = f"Traceback: {type(e).__name__}: {e}"
             continue
         refused = REFUSED.get((option, stage, loss))

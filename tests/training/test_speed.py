@@ -167,19 +167,22 @@ def test_packed_training_equals_padded_training(tiny_glm_dir, tmp_path, monkeypa
 # ---- choices -------------------------------------------------------------------------------------
 
 
+def config_with(**kw):
+    return Config.from_dict({"MODEL_NAME": "x", **kw})
+
+
 def test_packing_choice():
-    cfg = lambda **kw: Config.from_dict({"MODEL_NAME": "x", **kw})  # noqa: E731
-    assert packing_choice(cfg(), "qwen2") == (True, "native model code, no prefixes")
-    assert packing_choice(cfg(PACKING="off"), "qwen2")[0] is False
-    assert packing_choice(cfg(METHOD="ptuning"), "glm")[0] is False
-    assert packing_choice(cfg(TRUST_REMOTE_CODE="true"), "chatglm")[0] is False
-    assert packing_choice(cfg(), "gpt2")[0] is False
-    pack, why = packing_choice(cfg(TORCH_COMPILE="true"), "qwen2")
+    assert packing_choice(config_with(), "qwen2") == (True, "native model code, no prefixes")
+    assert packing_choice(config_with(PACKING="off"), "qwen2")[0] is False
+    assert packing_choice(config_with(METHOD="ptuning"), "glm")[0] is False
+    assert packing_choice(config_with(TRUST_REMOTE_CODE="true"), "chatglm")[0] is False
+    assert packing_choice(config_with(), "gpt2")[0] is False
+    pack, why = packing_choice(config_with(TORCH_COMPILE="true"), "qwen2")
     assert pack is False and why.startswith("TORCH_COMPILE=true")
     with pytest.raises(UserError, match="PACKING=on: TORCH_COMPILE=true"):
-        packing_choice(cfg(PACKING="on", TORCH_COMPILE="true"), "qwen2")
+        packing_choice(config_with(PACKING="on", TORCH_COMPILE="true"), "qwen2")
     with pytest.raises(UserError, match="PACKING=on: .*'gpt2'"):
-        packing_choice(cfg(PACKING="on"), "gpt2")
+        packing_choice(config_with(PACKING="on"), "gpt2")
     with pytest.raises(UserError, match="PACKING=on"):
         Config.from_dict({"MODEL_NAME": "x", "PACKING": "on", "METHOD": "ptuning"}).validate()
 
@@ -187,17 +190,16 @@ def test_packing_choice():
 def test_precision_choice(monkeypatch):
     import app.models.quantization as q
 
-    cfg = lambda **kw: Config.from_dict({"MODEL_NAME": "x", **kw})  # noqa: E731
     for fast in (True, False):
         monkeypatch.setattr(q, "bf16_supported", lambda cuda, fast=fast: fast)
-        assert resolve_precision(cfg(), cuda=False) == ("bf16" if fast else "fp32")
-        assert resolve_precision(cfg(QUANT_LEVEL="4bit"), cuda=False) == "fp32"  # its layers pick their dtype
-        assert resolve_precision(cfg(), cuda=True) == ("bf16" if fast else "fp16")
-        assert resolve_precision(cfg(PRECISION="fp32"), cuda=False) == "fp32"
+        assert resolve_precision(config_with(), cuda=False) == ("bf16" if fast else "fp32")
+        assert resolve_precision(config_with(QUANT_LEVEL="4bit"), cuda=False) == "fp32"  # its layers pick their dtype
+        assert resolve_precision(config_with(), cuda=True) == ("bf16" if fast else "fp16")
+        assert resolve_precision(config_with(PRECISION="fp32"), cuda=False) == "fp32"
     with pytest.raises(UserError, match="PRECISION=bf16"):
-        resolve_precision(cfg(PRECISION="bf16"), cuda=False)
+        resolve_precision(config_with(PRECISION="bf16"), cuda=False)
     with pytest.raises(UserError, match="PRECISION=fp16"):
-        resolve_precision(cfg(PRECISION="fp16"), cuda=False)
+        resolve_precision(config_with(PRECISION="fp16"), cuda=False)
 
 
 def test_fast_lora_dropout_is_dropout():

@@ -186,7 +186,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(
 
     got, want = curve(out), curve(trained[2] / "out")
     assert [g[:2] for g in got] == [w[:2] for w in want]  # same rows, none repeated from the killed run
-    assert max(abs(g[2] - w[2]) for g, w in zip(got, want)) <= 1e-5
+    assert max(abs(g[2] - w[2]) for g, w in zip(got, want, strict=True)) <= 1e-5
     a, b = load_file(out / "adapter_model.safetensors"), load_file(trained[2] / "out" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     assert not ckpts.exists()

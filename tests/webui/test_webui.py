@@ -83,9 +83,10 @@ def test_the_form_gives_back_only_what_differs_and_leaves_tier_settings_to_the_t
     values = [form.initial(var) for var in form.fields]
     assert form.overrides(values) == {}
     assert form.initial("BATCH_SIZE") == "" and form.initial("OUTPUT_DIR") == ""  # the tool decides them
-    as_a_browser_sends = dict(zip(form.fields, values)) | {"NUM_EPOCHS": 3, "WEIGHT_DECAY": 0, "MAX_GRAD_NORM": 1}
+    shown = dict(zip(form.fields, values, strict=True))
+    as_a_browser_sends = shown | {"NUM_EPOCHS": 3, "WEIGHT_DECAY": 0, "MAX_GRAD_NORM": 1}
     assert form.overrides(list(as_a_browser_sends.values())) == {}  # 3 means NUM_EPOCHS=3.0, the default
-    changed = dict(zip(form.fields, values)) | {"MAX_STEPS": 4.0, "BATCH_SIZE": "2", "METHOD": "qlora"}
+    changed = shown | {"MAX_STEPS": 4.0, "BATCH_SIZE": "2", "METHOD": "qlora"}
     assert form.overrides(list(changed.values())) == {"METHOD": "qlora", "MAX_STEPS": "4", "BATCH_SIZE": "2"}
 
 
@@ -231,7 +232,7 @@ def test_the_train_tab_shows_stage_pref_loss_and_beta_open_and_its_command_carri
         assert "train-advanced" not in {getattr(b, "elem_id", None) for b in _ancestors(form.fields[var])}, var
     for var in ("PREF_FTX", "SIMPO_GAMMA", "KTO_CHOSEN_WEIGHT", "KTO_REJECTED_WEIGHT"):
         assert "train-advanced" in {getattr(b, "elem_id", None) for b in _ancestors(form.fields[var])}, var
-    values = dict(zip(form.fields, [form.initial(var) for var in form.fields]))
+    values = dict(zip(form.fields, [form.initial(var) for var in form.fields], strict=True))
     changed = values | {"STAGE": "dpo", "PREF_LOSS": "simpo", "PREF_BETA": 2, "SIMPO_GAMMA": 1.0, "PREF_FTX": 0.5}
     overrides = form.overrides(list(changed.values()))
     assert overrides == {
@@ -283,7 +284,9 @@ def test_the_data_check_names_the_preference_shape_and_a_stage_that_does_not_fit
     _jsonl(data / "pairs.jsonl", PAIRS)
     _jsonl(data / "lf_pairs.jsonl", SHAREGPT_PAIRS)
     _jsonl(data / "kto_mix.jsonl", KTO)
-    check = lambda path, stage: client.predict(path, stage, api_name="/inspect_data")  # noqa: E731
+
+    def check(path, stage):
+        return client.predict(path, stage, api_name="/inspect_data")
 
     summary = "data/pairs.jsonl: 3 valid of 3 records, preference pairs (plain: prompt/chosen/rejected); no bad lines"
     assert check("data/pairs.jsonl", "dpo") == summary
@@ -438,9 +441,10 @@ def test_a_non_loopback_address_needs_a_login(run_app, tmp_path):
 
 def test_with_a_login_the_api_needs_it(start_webui):
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
     url, _ = start_webui("WEBUI_AUTH=ann:s3cret")
-    with pytest.raises(Exception):
+    with pytest.raises(AuthenticationError):
         Client(url + "/", verbose=False).predict(api_name="/runs")
     rows = Client(url + "/", auth=("ann", "s3cret"), verbose=False).predict(api_name="/runs")
     assert rows[0]["headers"][:2] == ["run", "state"]
