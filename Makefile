@@ -16,6 +16,8 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the lint gate's pinned tools (requirements-dev.txt), added to .venv by the first `make lint`
+DEV_STAMP := $(VENV)/.dev-installed
 # help, clean and remove-run run here (not in a container), on the stdlib-only part of app/.
 HOSTPY = $$( [ -x $(PY) ] && echo $(PY) || echo $(PYTHON) )
 
@@ -74,7 +76,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast test-docker bench-memory bench-data bench-scale bench-serve bench-onnx bench-infer clean remove-run distclean
+.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast lint test-docker bench-memory bench-data bench-scale bench-serve bench-onnx bench-infer clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -89,6 +91,11 @@ docker-engine:
 
 $(STAMP): requirements.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV) $(PYTHON)
+	@touch $@
+
+# order-only: a rebuilt .venv keeps the dev tools; a changed requirements-dev.txt reinstalls them
+$(DEV_STAMP): requirements-dev.txt | $(STAMP)
+	$(PY) -m pip install -q -r requirements-dev.txt
 	@touch $@
 
 setup-gguf: $(SETUP) ## optional, once: llama.cpp for export-gguf and INFER_BACKEND=llama.cpp
@@ -173,6 +180,11 @@ test: $(STAMP) ## the whole suite here in .venv, whatever RUNTIME is (CPU, tiny 
 
 test-fast: $(STAMP) ## the edit loop: the suite without the tests marked slow (under a minute)
 	$(PY) -m pytest -q -m "not slow"
+
+lint: $(DEV_STAMP) ## the gate CI runs first: ruff's rules and format, then mypy (requirements-dev.txt's pins)
+	$(PY) -m ruff check app tests bench scripts
+	$(PY) -m ruff format --check app tests bench scripts
+	$(PY) -m mypy
 
 test-docker: image ## run the test suite inside the image
 	$(COMPOSE) run --rm test

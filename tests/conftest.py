@@ -27,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The real DuIE data beside the project (CI has it; a user's clone usually does not).
 REAL_DATA_DIR = REPO.parent / "shared" / "data" / "duie-mixed"
-_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "wheels", "artifacts"}
+_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "wheels", "artifacts"}
 # What a test leaves for people to look at (the web UI journey's screenshots): tests/artifacts/, ignored by git.
 ARTIFACTS = REPO / "tests" / "artifacts"
 
