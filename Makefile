@@ -181,7 +181,7 @@ test: $(STAMP) ## the whole suite here in .venv, whatever RUNTIME is (CPU, tiny 
 test-fast: $(STAMP) ## the edit loop: the suite without the tests marked slow (under a minute)
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(DEV_STAMP) ## the gate CI runs first: ruff's rules and format, then mypy (requirements-dev.txt's pins)
+lint: $(DEV_STAMP) ## the gate CI runs first: ruff check, ruff format --check, mypy (pinned)
 	$(PY) -m ruff check app tests bench scripts
 	$(PY) -m ruff format --check app tests bench scripts
 	$(PY) -m mypy
