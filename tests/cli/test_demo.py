@@ -92,6 +92,14 @@ def test_demo_target_needs_f1_0_9_within_15_minutes():
     assert not reached_target(rising[:1], {"triplet_f1": 0.2}, 15)
 
 
+def test_a_failed_demo_says_when_copying_formed_and_how_long_f1_had_after_it():
+    from app.cli.demo import what_bounds
+
+    line = what_bounds([(62, 400, 0.0), (380, 2400, 0.04), (437, 2800, 0.05), (704, 4688, 0.18)])
+    assert "first left 0 at step 2400 (380 s)" in line and "the 324 s after it" in line, line
+    assert "never left 0" in what_bounds([(62, 400, 0.0), (130, 800, 0.0)])
+
+
 def test_time_budget_anneals_the_learning_rate_over_the_runs_last_share(monkeypatch):
     from types import SimpleNamespace
 
