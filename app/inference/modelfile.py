@@ -97,8 +97,6 @@ def _between_tokens(tokenizer: PreTrainedTokenizerBase, text: str, cut: int) -> 
 
 
 def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
-    from jinja2.exceptions import TemplateError  # what a template's raise_exception raises
-
     u1, a1, u2 = ("user", _U1), ("assistant", _A1), ("user", _U2)
     head, x_u_p_a, x_a_p_u, tail_u = _cut(_render(tokenizer, _msgs(u1, a1, u2), gen=True), _U1, _A1, _U2)
     # Without the generation prompt a template may still write a trailer after the last turn (GLM-Edge
@@ -124,7 +122,9 @@ def _derive(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
     generation = tail_u[len(x_u) :]
     try:
         sys_head, between = _cut(_render(tokenizer, _msgs(("system", _S), u1, a1, u2), gen=True), _S, _U1)[:2]
-    except (TemplateError, ValueError) as e:  # jinja's raise_exception, or a system text we cannot place
+    # Any failure of the system probe (raise_exception, a system text we cannot place, a template that
+    # indexes messages its own way) means the same: no system role, which the Modelfile can do without
+    except Exception as e:  # noqa: BLE001
         log.info("chat template has no system role (%s): the Modelfile leaves system messages out", e)
         return ChatFormat(opening, "", prefix, suffix, generation)
     # Where the preamble ends and the system prefix begins only matters for a system message that is

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -282,6 +283,24 @@ def test_a_template_that_rewrites_the_chat_is_refused_in_one_line(why, tokenizer
     with pytest.raises(UserError) as e:
         modelfile_text("model-q4_k_m.gguf", tok, [], None, {})
     assert "\n" not in str(e.value) and "chat template" in str(e.value) and "llama.cpp" in str(e.value)
+
+
+def test_a_template_that_fails_on_a_system_message_is_written_without_system(tokenizer, go_render, caplog):
+    """A template that breaks on a system message in its own way (here a TypeError, not raise_exception) has
+    no system role: the export still writes the chats without one and says so, instead of refusing."""
+    from app.data.encode import prompt_text
+    from app.inference.modelfile import ollama_template
+
+    tok = tokenizer(
+        "tiny",
+        chat_template="{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] + 1 }}{% endif %}"
+        "<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    )
+    with caplog.at_level(logging.INFO, logger="app"):
+        template = ollama_template(tok)
+    assert "chat template has no system role" in caplog.text
+    chats = [c for c in _chats() if c[0]["role"] != "system"]
+    assert go_render(template, chats) == [prompt_text(tok, c) for c in chats]
 
 
 def test_a_template_that_strips_messages_is_written_and_says_so(tokenizer, go_render, caplog):
