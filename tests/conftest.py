@@ -37,6 +37,7 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 # entry that matches no test is an error (a renamed test must not silently turn fast).
 SLOW = (
     "tests/cli/test_demo.py::test_demo_recipe_f1_rises_well_above_its_start",
+    "tests/cli/test_demo.py::test_the_report_gives_the_batch_the_run_trained_with_under_the_tier",
     "tests/evaluation/test_evaluate.py",
     "tests/inference/test_export.py",
     "tests/inference/test_gguf_export.py",

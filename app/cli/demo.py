@@ -236,11 +236,12 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         for r in read_metrics(result.output_dir / "metrics.jsonl")
         if "eval_f1" in r
     ]
+    ran = ft.cfg.train  # as planned: a tier (TIER=auto) or the memory guard may have changed the batch
     lines = [
         f"# Demo: tiny GLM from scratch on synthetic triplets ({os.cpu_count()} CPUs)",
         "",
-        f"Model {DEMO_DIMS}, METHOD=full, {cfg.train.batch_size} samples per step (packed, PRECISION="
-        f"{cfg.train.precision}), LR {cfg.train.learning_rate:g} (falling to 0 over the budget's last "
+        f"Model {DEMO_DIMS}, METHOD=full, {ran.batch_size * ran.grad_accum} samples per step (packed, PRECISION="
+        f"{ran.precision}), LR {ran.learning_rate:g} (falling to 0 over the budget's last "
         f"{COOLDOWN:.0%}), budget {minutes:g} min of training including "
         f"the evaluations (data preparation before it). Training data: one pass over up to {n_train:,} fresh "
         f"generated samples "

@@ -138,3 +138,15 @@ def test_time_budget_anneals_the_learning_rate_over_the_runs_last_share(monkeypa
     assert control.should_training_stop and control.should_evaluate
     # the data's one pass ends first: by steps
     run(1000, [(10, 100, 1e-3), (40, 850, 0.75e-3), (45, 950, 0.25e-3)])
+
+
+def test_the_report_gives_the_batch_the_run_trained_with_under_the_tier(cli, tmp_path):
+    """`make demo TIER=auto QUANT_LEVEL=auto`: the tier re-plans the batch (and the quantization, which METHOD=full
+    turns off), and the report's header gives the samples per step the run used, as its train_config.json saved."""
+    code, errors, _ = cli("demo", "DEMO_MINUTES=0.05", "TIER=auto", "QUANT_LEVEL=auto", "EVAL_STEPS=5")
+    assert code == 0, errors
+    saved = json.loads((tmp_path / "models" / "demo" / "train_config.json").read_text())
+    report = (tmp_path / "bench" / "demo-0.05min.md").read_text()
+    per_step = int(saved["BATCH_SIZE"]) * int(saved["GRAD_ACCUM"])
+    assert f"METHOD=full, {per_step} samples per step" in report, (per_step, report[:400])
+    assert report.rstrip().splitlines()[-1].startswith("What bounds it") or "-> PASS" in report
