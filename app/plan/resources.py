@@ -93,6 +93,7 @@ class Resources:
     cpus: int  # min(affinity, ceil(cgroup quota))
     cpu_source: str  # "affinity" or "cgroup quota"
     gpus: list[GPUInfo] = field(default_factory=list)
+    no_gpu: str = ""  # why gpus is empty, for make info's one GPU line
 
 
 def _read(path: Path) -> str | None:  # None on any failure, like every reader here
@@ -258,6 +259,30 @@ def _gpus() -> list[GPUInfo]:
     return gpus
 
 
+def no_gpu_reason() -> str:
+    """Why torch sees no GPU, in one line: no torch, a CPU-only build, or torch's own first sentence
+    when its CUDA build finds no driver or device (as a CUDA image run without the GPU does)."""
+    if "torch" not in sys.modules and not importlib.util.find_spec("torch"):
+        return "torch is not installed"
+    import torch
+
+    build = (f"CUDA {torch.version.cuda}" if torch.version.cuda else "") or (
+        f"ROCm {torch.version.hip}" if getattr(torch.version, "hip", None) else ""
+    )
+    if not build:
+        return f"torch {torch.__version__} is a CPU-only build"
+    try:
+        torch.cuda.init()  # raises torch's reason; a no-op when CUDA is up
+        answer = "it lists no device"
+    except (RuntimeError, AssertionError, OSError) as e:  # e.g. "Found no NVIDIA driver on your system. Please ..."
+        answer = str(e).strip().split(". ")[0].rstrip(".")
+    # A container sees the GPU only when it is given one, which is the usual miss with the CUDA image.
+    docker = (
+        " (a container gets the GPU from --gpus or docker-compose.cuda.yml)" if Path("/.dockerenv").exists() else ""
+    )
+    return f"torch {torch.__version__} is built for {build}, but: {answer}{docker}"
+
+
 def detect_resources(memory_limit_mb: float = 0, root: str | Path = "/") -> Resources:
     """RAM, CPUs and GPUs this process may use; ``memory_limit_mb`` > 0 caps RAM further."""
     host_total = total = (vm := psutil.virtual_memory()).total / MB
@@ -274,6 +299,8 @@ def detect_resources(memory_limit_mb: float = 0, root: str | Path = "/") -> Reso
     cpus, cpu_source, quota = usable_cpus(), "affinity", cgroup_cpu_limit(root)
     if quota is not None and math.ceil(quota - 1e-9) < cpus:  # 1.5 CPUs of quota keep 2 threads busy
         cpus, cpu_source = max(1, math.ceil(quota - 1e-9)), "cgroup quota"
-    res = Resources(total, min(available, total), host_total, source, cpus, cpu_source, _gpus())
+    gpus = _gpus()
+    no_gpu = "" if gpus else no_gpu_reason()
+    res = Resources(total, min(available, total), host_total, source, cpus, cpu_source, gpus, no_gpu)
     log.debug("%s", res)
     return res

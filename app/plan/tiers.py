@@ -319,6 +319,8 @@ def format_info(res: Resources, plan: Plan, shape: ModelShape | None, model_name
                 f"bf16 {'yes' if g.bf16 else 'no'}",
             )
         )
+    if not res.gpus and res.no_gpu:
+        rows.append(("GPU", f"none: {res.no_gpu}"))
     if shape:
         rows.append(
             (
