@@ -137,12 +137,14 @@ def load_model(
     quant: str = "none",
     bf16: bool = False,
     setting: str = "MODEL_NAME",
+    precision: str = "auto",
 ) -> PreTrainedModel:
     """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
 
     ``bf16`` stores the weights in bf16 on CPU too: for frozen weights under bf16 autocast
     (app/plan/precision.py ``bf16_frozen_weights``), where fp32 copies would only be cast again.
     ``setting`` names the dir in errors (ADAPTER_DIR when it is a trained full model).
+    ``precision``: a training run's resolved PRECISION (fp32 keeps a GPU's weights fp32).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -151,7 +153,7 @@ def load_model(
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
-    dtype = load_dtype(bf16, cuda)
+    dtype = load_dtype(bf16, cuda, precision)
     qcfg = bnb_config(quant, cuda)
     extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
     from transformers.integrations import is_deepspeed_zero3_enabled

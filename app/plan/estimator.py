@@ -144,16 +144,18 @@ def estimate(
     half_weights: bool = False,
     sequences: int = 1,
     reference_copy: bool = False,
+    fp32_weights: bool = False,
 ) -> Estimate:
     """Peak RSS (CPU) or VRAM (CUDA) in MB for one training configuration.
 
     ``trainable_params`` overrides the LoRA count (full fine-tuning, prefix tuning).
     ``half_weights``: a CPU run whose frozen weights are stored in bf16 (app.plan.precision.bf16_frozen_weights).
     ``sequences``: sequences per sample in the micro-batch (2 for a DPO pair: app.plan.stages); ``reference_copy``:
-    a second frozen copy of the weights (a preference stage's reference under full tuning).
+    a second frozen copy of the weights (a preference stage's reference under full tuning); ``fp32_weights``: a
+    GPU run that keeps its weights fp32 (PRECISION=fp32, or a GPU without bf16: app.models.quantization.load_dtype).
     """
     act_bytes = 2 if cuda else 4  # bf16 autocast on GPU; on CPU the fitted constants are fp32's
-    dense_bytes = 2 if cuda or half_weights else 4
+    dense_bytes = 2 if (cuda and not fp32_weights) or half_weights else 4
     qb = QUANT_BYTES.get(quant, dense_bytes)
     weights = (shape.linear_params * qb + shape.other_params * dense_bytes) * (2 if reference_copy else 1)
     trainable = trainable_params if trainable_params is not None else lora_r * shape.lora_io

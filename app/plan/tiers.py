@@ -263,13 +263,15 @@ def _shrink(plan: Plan) -> Plan | None:
 def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
     """The estimator for cfg's current settings (full tuning trains and stores every weight)."""
     from app.core.errors import UserError
+    from app.models.quantization import gpu_weights_bf16
     from app.plan.precision import bf16_frozen_weights, resolve_precision
     from app.plan.stages import stage_cost
 
     try:
-        half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
+        precision = resolve_precision(cfg, cuda)
+        half = bf16_frozen_weights(cfg, precision, cuda)
     except UserError:  # an impossible PRECISION is reported by training itself
-        half = False
+        precision, half = "auto", False
     cost = stage_cost(cfg)
     return estimate(
         shape,
@@ -284,6 +286,7 @@ def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
         half_weights=half,
         sequences=cost.sequences,
         reference_copy=cost.reference_copy,
+        fp32_weights=cuda and not half and not gpu_weights_bf16(precision),
     )
 
 

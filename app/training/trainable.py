@@ -27,8 +27,9 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel
 
     quant, ckpt = cfg.resources.quant_level, cfg.resources.gradient_checkpointing == "on"
     set_seed(cfg.train.seed)
-    half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
-    model = load_model(model_path, cfg.model.trust_remote_code, quant, bf16=half)
+    precision = resolve_precision(cfg, cuda)
+    half = bf16_frozen_weights(cfg, precision, cuda)
+    model = load_model(model_path, cfg.model.trust_remote_code, quant, bf16=half, precision=precision)
     log.info("weights: %s, %.0f MB stored", describe(quant, cuda), stored_bytes(model) / 2**20)
     model.config.use_cache = False  # the KV cache only costs memory during training
     if packing_choice(cfg, getattr(model.config, "model_type", None))[0]:
@@ -60,8 +61,9 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel
 
 def reference_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel:
     """STAGE=dpo/kto with METHOD=full: the frozen second copy the loss compares with (LoRA needs none)."""
-    half = bf16_frozen_weights(cfg, resolve_precision(cfg, cuda), cuda)
-    ref = load_model(model_path, cfg.model.trust_remote_code, "none", bf16=half)
+    precision = resolve_precision(cfg, cuda)
+    half = bf16_frozen_weights(cfg, precision, cuda)
+    ref = load_model(model_path, cfg.model.trust_remote_code, "none", bf16=half, precision=precision)
     ref.requires_grad_(False)
     log.info("reference model: a second, frozen copy of %s (METHOD=full trains every weight of the first)", model_path)
     return ref.eval()

@@ -157,3 +157,38 @@ def test_half_embeddings_stay_bf16_and_train_like_the_fp32_reference(family, lev
     with torch.no_grad():
         a, b = half(input_ids=ids, labels=ids).loss.item(), ref(input_ids=ids, labels=ids).loss.item()
     assert abs(a - b) / b < 0.01, (a, b)
+
+
+@pytest.mark.parametrize(
+    ("precision", "bf16_gpu", "want"),
+    [("bf16", True, "bfloat16"), ("auto", True, "bfloat16"), ("fp32", True, "float32"), ("fp16", False, "float32")],
+)
+def test_a_gpu_run_stores_weights_in_bf16_unless_precision_is_fp32(monkeypatch, precision, bf16_gpu, want):
+    """PRECISION=fp32 promises fp32 compute: on a GPU the weights used to load in bf16 whatever it said (the base's
+    matmuls then ran in bf16). The estimator counts the same bytes the loader stores."""
+    from app.models import quantization
+    from app.plan.estimator import ModelShape, estimate
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert quantization.load_dtype(False, True, precision) == getattr(torch, want)
+    assert quantization.load_dtype(False, False, precision) == torch.float32  # a CPU's default stays fp32
+    assert quantization.load_dtype(False, True) == (torch.bfloat16 if bf16_gpu else torch.float32)  # inference
+    shape = ModelShape(
+        total_params=60_000,
+        linear_params=40_000,
+        other_params=20_000,
+        max_linear=8192,
+        lora_io=768,
+        linear_in=512,
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        vocab=100,
+        heads=4,
+        max_positions=64,
+    )
+    fp32 = not quantization.gpu_weights_bf16(precision)
+    gpu = estimate(shape, "none", 8, 1, 64, False, cuda=True, fp32_weights=fp32)
+    cpu = estimate(shape, "none", 8, 1, 64, False)
+    assert gpu.weights_mb == pytest.approx(cpu.weights_mb / (1 if want == "float32" else 2))
