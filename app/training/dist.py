@@ -89,8 +89,10 @@ def owns_run_lock(cfg: Config) -> bool:
 
 
 def wants_launch(cfg: Config) -> bool:
+    """NPROC/NNODES, or DS_CONFIG on one GPU: DeepSpeed initializes from torchrun's RANK/MASTER_ADDR variables,
+    so even one process starts under the launcher (a plain process would fail in deepspeed.init_distributed)."""
     d = cfg.distributed
-    return (d.nproc > 1 or d.nnodes > 1) and not in_worker()
+    return (d.nproc > 1 or d.nnodes > 1 or bool(d.ds_config)) and not in_worker()
 
 
 def _initialized() -> bool:

@@ -152,7 +152,7 @@ def test_two_nodes_on_loopback(tiny_glm_dir, data, tmp_path, child_env):
     assert "done:" not in text[1]  # node 1 wrote nothing: only rank 0 writes outputs
 
 
-@pytest.mark.parametrize("name, stage", [("ds_zero2.json", 2), ("ds_zero3.json", 3)])
+@pytest.mark.parametrize("name, stage", [("ds_zero2.json", 2), ("ds_zero3.json", 3), ("ds_zero3_offload.json", 3)])
 def test_shipped_deepspeed_configs_fill_from_the_trainer(name, stage):
     """Parse, required keys, and every "auto" is one transformers fills from TrainingArguments and
     the model: its own filling code runs here (on accelerate's config class; deepspeed, which needs
@@ -207,3 +207,13 @@ def test_ds_config_on_cpu_is_one_clear_line(tmp_path, run_app, write_dataset):
         pytest.skip("CUDA machine: DS_CONFIG is allowed here")
     assert proc.returncode == 2 and len(errors) == 1 and "DS_CONFIG=" in errors[0] and "CUDA" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_ds_config_on_one_gpu_starts_under_torchrun(tmp_path):
+    """DeepSpeed initializes from torchrun's RANK/MASTER_ADDR variables: DS_CONFIG with NPROC=1 (ZeRO-3 offload
+    on one GPU) used to train in a plain process, whose deepspeed.init_distributed fails without them."""
+    from app.training import dist
+
+    cfg = Config.from_dict({"DS_CONFIG": str(REPO / "configs/ds_zero2.json")})
+    assert cfg.distributed.nproc == 1 and dist.wants_launch(cfg)
+    assert not dist.wants_launch(Config.from_dict({}))
