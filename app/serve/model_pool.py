@@ -67,7 +67,12 @@ class ServedModels:
         self.tokenizers: dict[str, PreTrainedTokenizerBase] = {}
         self.lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()  # the engine's, once it runs
         self.trust_remote_code = cfg.model.trust_remote_code
-        log.info("serve: base %s%s", self.base_name, "" if quant == "none" or self.gguf else f" ({quant})")
+        log.info(
+            "serve: base %s%s%s",
+            self.base_name,
+            "" if quant == "none" or self.gguf else f" ({quant})",
+            "" if self.gguf else f" on {placement(self.model)}",
+        )
         for adapter in found:
             try:
                 self.load(adapter)
@@ -142,3 +147,9 @@ class ServedModels:
         return [{"id": self.base_name, **card, "root": self.base_name, "parent": None}] + [
             {"id": a.name, **card, "root": str(a.path), "parent": self.base_name} for a in self.adapters.values()
         ]
+
+
+def placement(model: Any) -> str:
+    """Where a torch model's weights live and in what dtype, as the serve log states it: 'cuda:0, bfloat16'."""
+    first = next(model.parameters())
+    return f"{first.device}, {str(first.dtype).removeprefix('torch.')}"

@@ -619,3 +619,8 @@ def test_a_sliding_window_batch_prefills_its_requests_all_at_once(serve_staging,
     finally:
         staged.close()
     assert serve_staging.answers(events) == alone
+
+
+def test_the_log_says_where_the_base_runs_and_in_what_dtype(server, tiny_glm_dir):
+    """The GPU tier reads this line to know serve answered from CUDA; here it names the CPU."""
+    assert f"serve: base {tiny_glm_dir} on cpu, float32" in server.proc.text()
