@@ -76,7 +76,7 @@ endif
 APP = $(PYRUN) -m app
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast lint test-docker bench-memory bench-data bench-scale bench-serve bench-onnx bench-infer clean remove-run distclean
+.PHONY: help setup setup-gguf image docker-engine data tiny-model info train predict predict-custom predict-file chat evaluate serve webui merge export-onnx export-gguf demo config test test-fast test-gpu lint test-docker bench-memory bench-data bench-scale bench-serve bench-onnx bench-infer clean remove-run distclean
 
 ##@ use: set up, train, and use what was trained
 setup: $(SETUP) ## local: .venv, pinned (CPU torch unless an NVIDIA GPU answers); docker: the image
@@ -180,6 +180,9 @@ test: $(STAMP) ## the whole suite here in .venv, whatever RUNTIME is (CPU, tiny 
 
 test-fast: $(STAMP) ## the edit loop: the suite without the tests marked slow (under a minute)
 	$(PY) -m pytest -q -m "not slow"
+
+test-gpu: $(STAMP) ## the GPU tier (tests/gpu), speed vs TRL -> bench/gpu.md; skips without CUDA
+	$(PY) -m bench.bench_gpu
 
 lint: $(DEV_STAMP) ## the gate CI runs first: ruff check, ruff format --check, mypy (pinned)
 	$(PY) -m ruff check app tests bench scripts

@@ -75,6 +75,8 @@ SLOW = (
     "tests/webui/test_webui.py::test_the_chat_backend_ends_with_the_ui_however_the_ui_ends",
     "tests/webui/test_webui_browser.py",
     "tests/serve/test_serve_llamacpp.py",
+    "tests/project/test_gpu_tier.py::test_without_a_gpu_every_test_skips_naming_why_and_the_report_stays",
+    "tests/project/test_gpu_tier.py::test_require_gpu_turns_each_skip_into_a_failure",
     "tests/plan/test_option_matrix.py::test_each_option_under_each_given_quant_level_trains_a_step_or_is_refused_in_one_line",
     # STAGE=dpo/kto: every test but the one-line refusals trains (or shares) a run
     "tests/training/test_preference_training.py::test_golden_dpo_losses_start_at_ln_2",
@@ -351,6 +353,13 @@ def app_env(**extra: str) -> dict[str, str]:
 def child_env() -> dict[str, str]:
     """app_env() for a test's own subprocess calls (a fresh dict: a test may change it)."""
     return app_env()
+
+
+@pytest.fixture(scope="session")
+def make_app_env():
+    """app_env itself (make_app_env(**extra) -> dict), for session- and module-scoped fixtures that start
+    `python -m app` (the GPU tier's runs)."""
+    return app_env
 
 
 @pytest.fixture
