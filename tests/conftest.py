@@ -27,7 +27,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The real DuIE data beside the project (CI has it; a user's clone usually does not).
 REAL_DATA_DIR = REPO.parent / "shared" / "data" / "duie-mixed"
-_SKIPPED_DIRS = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "wheels", "artifacts"}
+_SKIPPED_DIRS = {
+    ".git",
+    ".venv",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "wheels",
+    "artifacts",
+    ".gpu-wheels",
+    ".whl",
+    ".gl",  # the device tool's carry folders (git-ignored, filled by scripts)
+}
 # What a test leaves for people to look at (the web UI journey's screenshots): tests/artifacts/, ignored by git.
 ARTIFACTS = REPO / "tests" / "artifacts"
 
@@ -349,17 +361,17 @@ def app_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def child_env() -> dict[str, str]:
-    """app_env() for a test's own subprocess calls (a fresh dict: a test may change it)."""
-    return app_env()
-
-
 @pytest.fixture(scope="session")
 def make_app_env():
     """app_env itself (make_app_env(**extra) -> dict), for session- and module-scoped fixtures that start
     `python -m app` (the GPU tier's runs)."""
     return app_env
+
+
+@pytest.fixture
+def child_env() -> dict[str, str]:
+    """app_env() for a test's own subprocess calls (a fresh dict: a test may change it)."""
+    return app_env()
 
 
 @pytest.fixture
