@@ -40,6 +40,7 @@ def _train(cfg: Config) -> None:
         from app.training.train import FineTuner
 
         FineTuner(cfg).run()
+        dist.close()
 
 
 def _info(cfg: Config) -> None:

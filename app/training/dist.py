@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,16 @@ def _initialized() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
+
+def close() -> None:
+    """End this worker's process group once its run is done: left to the interpreter's exit, the backend's
+    threads are torn down still joinable, and the worker can abort there ("terminate called without an
+    active exception") after a run that succeeded. Local to this rank: no collective runs."""
+    if "torch.distributed" in sys.modules and _initialized():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

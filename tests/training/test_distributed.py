@@ -217,3 +217,17 @@ def test_ds_config_on_one_gpu_starts_under_torchrun(tmp_path):
     cfg = Config.from_dict({"DS_CONFIG": str(REPO / "configs/ds_zero2.json")})
     assert cfg.distributed.nproc == 1 and dist.wants_launch(cfg)
     assert not dist.wants_launch(Config.from_dict({}))
+
+
+def test_a_worker_ends_its_process_group_itself(tmp_path):
+    """Left to the interpreter's exit, gloo's threads were torn down joinable and a worker whose run had
+    succeeded could abort ("terminate called without an active exception", once in two full suite runs)."""
+    import torch.distributed as tdist
+
+    from app.training import dist
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert tdist.is_initialized()
+    dist.close()
+    assert not tdist.is_initialized()
+    dist.close()  # nothing to end: a no-op
