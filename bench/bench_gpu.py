@@ -55,7 +55,8 @@ def build_model(name: str, root: Path) -> Path:
 
     out = root / name
     if not (out / "config.json").is_file():
-        build_tiny_model("tiny-qwen2", out, dims=QWEN_SHAPES[name], vocab_size=QWEN_VOCAB)
+        # bf16, as the GPU loads it anyway: half the seconds and disk of fp32 (6 GB at 1.5B)
+        build_tiny_model("tiny-qwen2", out, dims=QWEN_SHAPES[name], vocab_size=QWEN_VOCAB, dtype="bfloat16")
     return out
 
 

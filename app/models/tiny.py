@@ -211,12 +211,18 @@ def _as_checkpoints(name: str, dims: dict) -> dict:
 
 
 def build_tiny_model(
-    name: str, out_dir: str | Path, seed: int = 0, dims: dict | None = None, vocab_size: int | None = None
+    name: str,
+    out_dir: str | Path,
+    seed: int = 0,
+    dims: dict | None = None,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
 ) -> Path:
     """Write a random-weight 2-layer model + tokenizer of family ``name`` to ``out_dir``.
 
     ``dims`` / ``vocab_size`` override the tiny sizes (the memory benchmark builds a ~100M model
-    this way; ids past the tokenizer's own vocabulary are simply never produced).
+    this way; ids past the tokenizer's own vocabulary are simply never produced). ``dtype``: the
+    weights' as built and saved ("bfloat16" halves a large random model's time and disk).
 
     Built in a temp dir next to the target and renamed into place, so an interrupted build
     never leaves a half-written model that a later run would try to load.
@@ -242,7 +248,7 @@ def build_tiny_model(
         **_as_checkpoints(name, dims),
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = GenerationConfig(
         eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id
     )
