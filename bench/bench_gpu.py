@@ -80,10 +80,12 @@ def machine() -> dict[str, Any]:
 
 
 def app_env(**extra: str) -> dict[str, str]:
-    """The environment without any setting of app/config/settings.py (only the command line decides)."""
+    """The environment without any setting of app/config/settings.py, nor make's command line (MAKEFLAGS, which
+    the app reads as settings): only each run's own command line decides."""
     from app.config import Config
 
-    return {**{k: v for k, v in os.environ.items() if k not in Config.variables()}, **extra}
+    drop = {*Config.variables(), "MAKEFLAGS"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
 def tier(work: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:

@@ -39,7 +39,6 @@ OTHER_VARIABLES = frozenset(
         "GPU_COUNT",
         "STOP_GRACE_PERIOD",
         "SHARED_DIR",
-        "REQUIRE_REAL_DATA",
         "PYTEST_ARGS",
     }
 )
@@ -61,6 +60,7 @@ OTHER_PREFIXES = (
     "COMPOSE_",
     "DOCKER_",
     "PIP_",
+    "REQUIRE_",  # the test suite's: `make test-gpu REQUIRE_GPU=1` (scripts/gpu-check.sh), REQUIRE_REAL_DATA...
 )
 
 

@@ -30,7 +30,9 @@ def test_make_command_line_names_are_checked():
     with pytest.raises(ConfigError) as err:
         Config.load(
             env={
-                "MAKEFLAGS": " -- MAX_SAMPLE=10 RUNTIME=local HF_TOKEN=x OMP_NUM_THREADS=2 TORCH_COMPIL=1",
+                # REQUIRE_GPU: `make test-gpu REQUIRE_GPU=1` (scripts/gpu-check.sh) reaches the app's own runs
+                "MAKEFLAGS": " -- MAX_SAMPLE=10 RUNTIME=local HF_TOKEN=x OMP_NUM_THREADS=2 TORCH_COMPIL=1"
+                " REQUIRE_GPU=1",
                 "MAX_SAMPLE": "10",
             },
             dotenv_path=None,

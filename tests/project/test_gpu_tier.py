@@ -92,3 +92,14 @@ def test_the_report_judges_each_figure_and_the_speed():
     assert "| golden | [7.5, 7.4] | recorded now | recorded |" in text  # a first run's golden: recorded, not judged
     assert "assert 1.2 <= 1.15 \\| x" in text  # a message's | cannot break the table
     assert text.count("-> FAIL") == 4 and text.count("-> PASS") == 1
+
+
+def test_the_speed_runs_ignore_makes_command_line(monkeypatch):
+    """`make test-gpu REQUIRE_GPU=1` puts REQUIRE_GPU=1 in MAKEFLAGS, which the app reads as settings: the speed
+    comparison's `python -m app train` must not inherit it (nor a setting the shell holds)."""
+    from bench.bench_gpu import app_env
+
+    monkeypatch.setenv("MAKEFLAGS", " -- REQUIRE_GPU=1 MAX_SAMPLES=3")
+    monkeypatch.setenv("MAX_SAMPLES", "3")
+    env = app_env(GPU_FIGURES="x")
+    assert "MAKEFLAGS" not in env and "MAX_SAMPLES" not in env and env["GPU_FIGURES"] == "x"
