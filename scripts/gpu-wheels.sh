@@ -22,8 +22,9 @@ PACKAGES=(
     starlette==1.10.0 opentelemetry-api==1.45.3 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5
     jiter==0.19.0 sniffio==1.3.1
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-    # DS_CONFIG (ZeRO): PyPI has only deepspeed's sdist, so it is built below as a pure wheel
-    deepspeed==0.19.8 hjson==3.1.0
+    # DS_CONFIG (ZeRO): PyPI has only deepspeed's sdist, so it is built below as a pure wheel (its pin:
+    # requirements-deepspeed.txt)
+    deepspeed hjson==3.1.0
 )
 # What those wheels need that the image already has (its package list as the device tool's notes give
 # it, 2026-11), with the version where one was read there. Only names are checked below: gpu-check.sh
@@ -53,11 +54,11 @@ index=(--index-url https://pypi.org/simple)
 
 specs=()
 for p in "${PACKAGES[@]}"; do
-    [[ $p == deepspeed==* ]] && continue
     if [[ $p != *==* ]]; then
-        pin=$(grep -iE "^${p}==" requirements.txt) || { echo "gpu-wheels: $p has no pin in requirements.txt: pin it there or here" >&2; exit 2; }
+        pin=$(cat requirements.txt requirements-deepspeed.txt | grep -iE "^${p}==") || { echo "gpu-wheels: $p has no pin in requirements.txt: pin it there or here" >&2; exit 2; }
         p=$pin
     fi
+    [[ $p == deepspeed==* ]] && ds=$p && continue  # built below, not downloaded
     specs+=("$p")
 done
 
@@ -71,7 +72,6 @@ trap 'rm -rf "$tmp"' EXIT
 
 # deepspeed: built from its sdist with no ops compiled ahead (DS_BUILD_OPS=0), so the wheel is pure
 # Python and deepspeed builds the ops it needs there, with the image's nvcc and ninja, on first use.
-ds=$(printf '%s\n' "${PACKAGES[@]}" | grep '^deepspeed==')
 DS_BUILD_OPS=0 "${pip[@]}" wheel -q --no-deps --no-build-isolation --no-binary deepspeed "${index[@]}" -w "$tmp" "$ds"
 ls "$tmp"/deepspeed-*-py3-none-any.whl >/dev/null 2>&1 || { echo "gpu-wheels: the $ds build is not a pure py3-none-any wheel: $(ls "$tmp")" >&2; exit 1; }
 mv "$tmp"/deepspeed-*.whl "$wheels"/

@@ -65,6 +65,7 @@ SLOW = (
     "tests/training/test_distributed.py::test_two_nodes_on_loopback",
     "tests/training/test_distributed.py::test_two_processes_train_as_one_job",
     "tests/training/test_signals.py",
+    "tests/training/test_deepspeed_cpu.py",
     "tests/inference/test_predict.py",
     "tests/training/test_train.py::test_kill_9_then_resume_equals_an_uninterrupted_run",
     "tests/cli/test_workspace.py::test_train_on_a_user_file_never_changes_it_or_writes_beside_it",

@@ -54,6 +54,7 @@ def test_require_gpu_turns_each_skip_into_a_failure(no_gpu, child_env):
 def test_ci_requires_the_gpu_tier_where_a_gpu_answers():
     ci = (REPO / ".ci" / "run").read_text()
     assert "REQUIRE_GPU=$gpu make test" in ci and "nvidia-smi -L" in ci
+    assert "REQUIRE_DEEPSPEED=1" in ci and "-r requirements-deepspeed.txt" in ci
 
 
 def test_the_report_judges_each_figure_and_the_speed():
