@@ -56,6 +56,8 @@ def launch(cfg: Config) -> None:
     # torchrun warns and sets OMP_NUM_THREADS=1 itself; each worker sets its own thread count (NUM_THREADS).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ[LAUNCHER_PID] = str(os.getpid())
+    if cfg.distributed.ds_config:
+        interpreter_tools_on_path()
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # its failure report is a traceback; ours is a line
     where = f"node {d.node_rank} of {d.nnodes}, " if d.nnodes > 1 else ""
@@ -79,6 +81,20 @@ def launch(cfg: Config) -> None:
             f"stopped by {signal.Signals(e.sigval).name}: the workers saved a "
             "checkpoint; run the same command to resume",
         ) from None
+
+
+def interpreter_tools_on_path() -> None:
+    """Put this interpreter's bin dir (.venv/bin) first on PATH, for the workers, as an activated venv would:
+    DeepSpeed compiles its ops on first use with the `ninja` its pip package installs there, and `make` runs
+    .venv/bin/python without activating the venv ("Unable to JIT load the ... op due to ninja not being
+    installed" otherwise, where no system ninja is)."""
+    import sys
+
+    bin_dir = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + (os.pathsep + path if path else "")
+        log.info("PATH: %s first, for DeepSpeed's ninja (as an activated venv has it)", bin_dir)
 
 
 def _worker_failure(cfg: Config, err: ChildFailedError) -> BaseException:

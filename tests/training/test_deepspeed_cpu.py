@@ -64,3 +64,16 @@ def test_deepspeed_on_the_cpu_trains_to_the_plain_runs_losses(
     assert max(abs(got[s] - want[s]) for s in want) <= TOL, (got, want)
     a, b = load_file(out / "adapter_model.safetensors"), load_file(plain / "adapter_model.safetensors")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+
+
+def test_the_launcher_puts_the_interpreters_tools_first_on_path(monkeypatch):
+    """`make` runs .venv/bin/python without activating the venv, so DeepSpeed's JIT build found no `ninja` where
+    the system has none ("Unable to JIT load the deepspeed_shm_comm op due to ninja not being installed")."""
+    from app.training.launcher import interpreter_tools_on_path
+
+    bin_dir = os.path.dirname(sys.executable)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    interpreter_tools_on_path()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    interpreter_tools_on_path()  # already there: unchanged
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
