@@ -263,6 +263,7 @@ def stored_bytes(model: torch.nn.Module) -> int:
         total += storage.nbytes()
 
     for p in model.parameters():
+        add(getattr(p, "ds_tensor", None))  # ZeRO-3: this rank's partition; p itself is an empty placeholder
         add(p)
         state = getattr(p, "quant_state", None)
         if state is not None:

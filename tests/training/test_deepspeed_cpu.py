@@ -48,17 +48,23 @@ def plain(tiny_glm_dir, data_dir, recipe, tmp_path_factory, make_app_env):
     out = tmp_path_factory.mktemp("plain") / "out"
     proc = _train(recipe, tiny_glm_dir, data_dir, out, make_app_env())
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out
+    return out, _weights_line(proc.stderr)
+
+
+def _weights_line(log: str) -> str:
+    return next(line.split(": ", 1)[1] for line in log.splitlines() if "app.training.trainable: weights:" in line)
 
 
 @pytest.mark.parametrize("config", ["ds_zero2.json", "ds_zero3_offload.json"])
 def test_deepspeed_on_the_cpu_trains_to_the_plain_runs_losses(
     config, deepspeed, plain, tiny_glm_dir, data_dir, recipe, tmp_path, make_app_env, train_losses
 ):
-    out, ds = tmp_path / "out", REPO / "configs" / config
+    (plain, plain_weights), out, ds = plain, tmp_path / "out", REPO / "configs" / config
     proc = _train(recipe, tiny_glm_dir, data_dir, out, make_app_env(DS_ACCELERATOR="cpu"), DS_CONFIG=ds)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert f"torchrun: 1 processes (gloo, a free local port), DeepSpeed {ds}" in proc.stderr
+    # what the model stores, as the plain run counted it (ZeRO-3's partitioned weights read 0 MB)
+    assert _weights_line(proc.stderr) == plain_weights
     got, want = train_losses(out), train_losses(plain)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5, 6]  # through the step-3 checkpoint and the evals
     assert max(abs(got[s] - want[s]) for s in want) <= TOL, (got, want)
