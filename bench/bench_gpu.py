@@ -31,6 +31,7 @@ from typing import Any
 from app.core.atomic import atomic_write_text, write_json
 from app.core.utils import setup_logging
 from app.training.metrics_file import read_metrics
+from bench.bench_speed import app_env, run
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,15 +80,6 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def app_env(**extra: str) -> dict[str, str]:
-    """The environment without any setting of app/config/settings.py, nor make's command line (MAKEFLAGS, which
-    the app reads as settings): only each run's own command line decides."""
-    from app.config import Config
-
-    drop = {*Config.variables(), "MAKEFLAGS"}
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
-
-
 def tier(work: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
     """pytest -m gpu tests/gpu, its output passed through: (exit status, each test's outcome, the figures)."""
     figures, junit = work / "figures.jsonl", work / "junit.xml"
@@ -108,13 +100,6 @@ def tier(work: Path) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
             )
     rows = [json.loads(x) for x in figures.read_text().splitlines()] if figures.is_file() else []
     return code, tests, rows
-
-
-def run(cmd: list[str], what: str, env: dict[str, str]) -> None:
-    log.info("%s: %s ...", what, " ".join(cmd[:5]))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
 def speed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -171,13 +156,15 @@ def speed(work: Path, a: argparse.Namespace) -> dict[str, Any]:
 
 
 def why_no_cuda() -> str | None:
+    """None where torch sees a CUDA GPU, else why not in one line: a CPU build, or for a CUDA build what `make info`
+    says (app.plan.resources.no_gpu_reason: torch's own reason, e.g. no NVIDIA driver)."""
     import torch
 
-    if not torch.version.cuda:
-        return f"torch {torch.__version__} is a CPU build"
-    if not torch.cuda.is_available():
-        return f"no CUDA device answers (torch {torch.__version__}, a CUDA {torch.version.cuda} build)"
-    return None
+    from app.plan.resources import no_gpu_reason
+
+    if torch.cuda.is_available():
+        return None
+    return no_gpu_reason() if torch.version.cuda else f"torch {torch.__version__} is a CPU build"
 
 
 def main() -> int:

@@ -130,11 +130,14 @@ def model_and_data() -> Path:
     return src
 
 
-def app_env() -> dict[str, str]:
-    """The environment without any setting of app/config/settings.py: only the command line decides."""
+def app_env(**extra: str) -> dict[str, str]:
+    """The environment without any setting of app/config/settings.py, nor make's command line (MAKEFLAGS, whose
+    names the app checks as settings: `make test-gpu REQUIRE_GPU=1`), then ``extra``: only each run's own
+    command line decides."""
     from app.config import Config
 
-    return {k: v for k, v in os.environ.items() if k not in Config.variables()}
+    drop = {*Config.variables(), "MAKEFLAGS"}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, **extra}
 
 
 def reference_train(a: argparse.Namespace, data: Path) -> dict[str, Any]:

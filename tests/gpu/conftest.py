@@ -37,7 +37,6 @@ if torch.cuda.is_available() and torch.cuda.is_initialized():
     mb = 2**20
     figures = {
         "max_reserved_mb": torch.cuda.max_memory_reserved() / mb,
-        "max_allocated_mb": torch.cuda.max_memory_allocated() / mb,
         "outside_allocator_mb": (total - free - torch.cuda.memory_reserved()) / mb,
         "device_total_mb": total / mb,
     }
@@ -48,16 +47,13 @@ sys.exit(code)
 
 
 def _why_no_cuda() -> str | None:
-    import torch
+    from bench.bench_gpu import why_no_cuda
 
-    if not torch.version.cuda:
-        return (
-            f"no CUDA: torch {torch.__version__} is a CPU build (on a machine where nvidia-smi answers, make setup "
-            "installs the CUDA build; on a lent GPU, scripts/gpu-check.sh)"
-        )
-    if not torch.cuda.is_available():
-        return f"no CUDA device answers (torch {torch.__version__}, a CUDA {torch.version.cuda} build)"
-    return None
+    why = why_no_cuda()
+    hint = (
+        "on a machine where nvidia-smi answers, make setup installs the CUDA build; on a lent GPU, scripts/gpu-check.sh"
+    )
+    return None if why is None else f"no CUDA: {why} ({hint})"
 
 
 def pytest_runtest_setup(item):
