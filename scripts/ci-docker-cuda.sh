@@ -29,7 +29,6 @@ step() { echo; echo "ci-docker-cuda: [$(( $(date +%s) - T0 ))s] $*"; }
 die() { echo "ci-docker-cuda: FAILED: $*" >&2; exit 1; }
 IMAGE=chatglm-cpu-trainer:cuda
 REPORT=bench/docker-cuda.md
-RUN_DIR=models/ci-cuda-tiny
 export UID GID
 GID=$(id -g)
 
@@ -130,10 +129,13 @@ print('llama_cpp', llama_cpp.__version__, 'loads,', 'CUDA' if cuda else 'CPU', '
     # The only change to the CUDA services: no device reservation, which needs the NVIDIA runtime.
     printf 'services:\n  train:\n    deploy: !reset {}\n' >"$WORK/no-gpu.yml"
     compose=(docker compose -f docker-compose.yml -f docker-compose.cuda.yml -f "$WORK/no-gpu.yml")
-    # the run is removed after the check: models/.last_run (what predict uses) is put back as it was
+    # A folder made here for the run, so the removal after the check can only reach what this script made
+    # (a fixed name could be a folder of yours); models/.last_run (what predict uses) is put back as it was.
+    mkdir -p models
+    RUN_DIR=$(mktemp -d models/ci-cuda-tiny.XXXXXX)
     last_run=$(cat models/.last_run 2>/dev/null || true)
     t=$(date +%s)
-    if "${compose[@]}" run --rm -e MODEL_NAME=tiny -e MAX_SAMPLES=20 -e NUM_EPOCHS=1 -e OVERWRITE=1 \
+    if "${compose[@]}" run --rm -e MODEL_NAME=tiny -e MAX_SAMPLES=20 -e NUM_EPOCHS=1 \
         -e OUTPUT_DIR="$RUN_DIR" train >"$WORK/train.log" 2>&1; then
         train_s=$(( $(date +%s) - t ))
         tail -5 "$WORK/train.log"

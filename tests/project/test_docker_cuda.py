@@ -97,3 +97,13 @@ def test_info_says_in_one_line_that_there_is_no_gpu_and_why():
         assert said.startswith(f"none: torch {torch.__version__} is built for CUDA {torch.version.cuda}, but: "), said
     else:
         assert said == f"none: torch {torch.__version__} is a CPU-only build"
+
+
+def test_the_smoke_runs_removal_can_reach_only_the_folder_it_made():
+    """The smoke run's folder used to be a fixed models/ci-cuda-tiny, removed with rm -rf after the check whether the
+    run had made it or it was a folder of yours. It is now made by mktemp for the run; nothing else is removed."""
+    text = SCRIPT.read_text(encoding="utf-8")
+    assert "RUN_DIR=$(mktemp -d models/ci-cuda-tiny.XXXXXX)" in text
+    assert text.count("RUN_DIR=") == 1  # no fixed name set anywhere
+    removals = [line.strip() for line in text.splitlines() if re.search(r"\brm -[a-z]*r", line)]
+    assert removals == ['rm -rf --one-file-system "$RUN_DIR"'], removals
