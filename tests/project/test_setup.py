@@ -38,14 +38,14 @@ def setup_run(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
 
-    def run(gpu: bool = False, **env_extra):
+    def run(gpu: bool = False, venv: Path | None = None, **env_extra):
         if gpu:
             _exe(bindir / "nvidia-smi", "#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-x)'\n")
         log = tmp_path / "pip.log"
         log.unlink(missing_ok=True)
         env = {"PATH": f"{bindir}{os.pathsep}/usr/bin:/bin", "LOG": str(log), "HOME": str(tmp_path), **env_extra}
         proc = subprocess.run(
-            [str(REPO / "scripts" / "setup-venv.sh"), str(tmp_path / "venv"), str(python)],
+            [str(REPO / "scripts" / "setup-venv.sh"), str(venv or tmp_path / "venv"), str(python)],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -89,3 +89,17 @@ def test_make_setup_uses_the_script():
         ["make", "-n", "-B", "-C", str(REPO), ".venv/.installed", "RUNTIME=local"], capture_output=True, text=True
     )
     assert "scripts/setup-venv.sh .venv python3" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_disk_too_small_for_the_venv_is_refused_in_one_line_before_pip(setup_run, small_disk, gpu):
+    disk = small_disk("2m")
+    (disk / "notes.txt").write_bytes(b"the user's\n")
+    proc, pip = setup_run(gpu=gpu, venv=disk / "env" / ".venv")
+    assert proc.returncode == 1 and pip == [], (proc.stdout, pip)
+    said = proc.stderr.strip().splitlines()
+    assert len(said) == 1 and f"MB free on the disk of {disk}" in said[0] and "VENV" in said[0], said
+    need = int(said[0].split("needs about ")[1].split()[0])
+    assert need == (7000 if gpu else 2600)
+    assert sorted(p.name for p in disk.iterdir()) == ["notes.txt"]
+    assert (disk / "notes.txt").read_bytes() == b"the user's\n"
