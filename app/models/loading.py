@@ -138,6 +138,7 @@ def load_model(
     bf16: bool = False,
     setting: str = "MODEL_NAME",
     precision: str = "auto",
+    trains_all: bool = False,
 ) -> PreTrainedModel:
     """Base causal LM: fp32 on CPU, bf16 on a CUDA GPU that supports it; 4/8-bit via bitsandbytes.
 
@@ -145,6 +146,7 @@ def load_model(
     (app/plan/precision.py ``bf16_frozen_weights``), where fp32 copies would only be cast again.
     ``setting`` names the dir in errors (ADAPTER_DIR when it is a trained full model).
     ``precision``: a training run's resolved PRECISION (fp32 keeps a GPU's weights fp32).
+    ``trains_all``: METHOD=full trains these weights, so a GPU keeps them fp32 too (quantization.gpu_weights_bf16).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -153,7 +155,7 @@ def load_model(
 
     go_offline_if_hub_unreachable(name_or_path)
     cuda = torch.cuda.is_available()
-    dtype = load_dtype(bf16, cuda, precision)
+    dtype = load_dtype(bf16, cuda, precision, trains_all)
     qcfg = bnb_config(quant, cuda)
     extra: dict[str, Any] = {"quantization_config": qcfg} if qcfg is not None else {}
     from transformers.integrations import is_deepspeed_zero3_enabled

@@ -56,18 +56,22 @@ def compute_dtype(cuda: bool) -> str:
     return "bf16" if bf16_supported(cuda) else ("fp16" if cuda else "fp32")
 
 
-def load_dtype(bf16: bool, cuda: bool, precision: str = "auto") -> torch.dtype:
+def load_dtype(bf16: bool, cuda: bool, precision: str = "auto", trains_all: bool = False) -> torch.dtype:
     """The dtype weights load in (and a 4/8-bit layer is quantized from, which sets the dtype it dequantizes
     to): bf16 when asked (app/plan/precision.py bf16_frozen_weights) or on a CUDA GPU that has it, else fp32.
-    ``precision``: a training run's resolved PRECISION; fp32 keeps a GPU's weights fp32 too, as it promises."""
+    ``precision``: a training run's resolved PRECISION; fp32 keeps a GPU's weights fp32 too, as it promises.
+    ``trains_all``: the weights are what METHOD=full trains (see gpu_weights_bf16)."""
     import torch
 
-    return torch.bfloat16 if bf16 or (cuda and gpu_weights_bf16(precision)) else torch.float32
+    return torch.bfloat16 if bf16 or (cuda and gpu_weights_bf16(precision, trains_all)) else torch.float32
 
 
-def gpu_weights_bf16(precision: str) -> bool:
-    """Whether a CUDA run stores its weights in bf16: on a GPU that has it, unless PRECISION resolved to fp32."""
-    return precision != "fp32" and bf16_supported(cuda=True)
+def gpu_weights_bf16(precision: str, trains_all: bool = False) -> bool:
+    """Whether a CUDA run stores its weights in bf16: on a GPU that has it, unless PRECISION resolved to fp32 or
+    the run trains every weight. Full tuning keeps fp32 master weights under bf16 autocast (as HF's mixed
+    precision and LLaMA-Factory do): AdamW's step on a bf16 weight rounds away whenever it is below 2**-9 of
+    the weight, as a 1e-5 learning rate's often is, and the optimizer's moments would be bf16 too."""
+    return precision != "fp32" and not trains_all and bf16_supported(cuda=True)
 
 
 def bnb_config(level: str, cuda: bool) -> BitsAndBytesConfig | None:

@@ -152,7 +152,8 @@ def estimate(
     ``half_weights``: a CPU run whose frozen weights are stored in bf16 (app.plan.precision.bf16_frozen_weights).
     ``sequences``: sequences per sample in the micro-batch (2 for a DPO pair: app.plan.stages); ``reference_copy``:
     a second frozen copy of the weights (a preference stage's reference under full tuning); ``fp32_weights``: a
-    GPU run that keeps its weights fp32 (PRECISION=fp32, or a GPU without bf16: app.models.quantization.load_dtype).
+    GPU run that keeps its weights fp32 (PRECISION=fp32, METHOD=full, or a GPU without bf16:
+    app.models.quantization.load_dtype).
     """
     act_bytes = 2 if cuda else 4  # bf16 autocast on GPU; on CPU the fitted constants are fp32's
     dense_bytes = 2 if (cuda and not fp32_weights) or half_weights else 4

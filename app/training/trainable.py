@@ -29,7 +29,8 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel
     set_seed(cfg.train.seed)
     precision = resolve_precision(cfg, cuda)
     half = bf16_frozen_weights(cfg, precision, cuda)
-    model = load_model(model_path, cfg.model.trust_remote_code, quant, bf16=half, precision=precision)
+    full = cfg.lora.method == "full"
+    model = load_model(model_path, cfg.model.trust_remote_code, quant, bf16=half, precision=precision, trains_all=full)
     log.info("weights: %s, %.0f MB stored", describe(quant, cuda), stored_bytes(model) / 2**20)
     model.config.use_cache = False  # the KV cache only costs memory during training
     if packing_choice(cfg, getattr(model.config, "model_type", None))[0]:
@@ -38,9 +39,11 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel
     if ckpt and quant == "none":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if cfg.lora.method == "full":
+    if full:
         model.requires_grad_(True)
-        log.info("full fine-tuning: %s trainable parameters", f"{sum(p.numel() for p in model.parameters()):,}")
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        n = sum(p.numel() for p in model.parameters())
+        log.info("full fine-tuning: %s trainable parameters, %s (the optimizer's master weights)", f"{n:,}", dtype)
         return model
     if cfg.lora.method == "ptuning":
         return apply_ptuning(model, cfg)

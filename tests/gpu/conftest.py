@@ -131,6 +131,8 @@ VARIANTS = {
     "qlora-4bit": {"LORA_DROPOUT": 0, "QUANT_LEVEL": "4bit"},
     "lora-bf16": {"LORA_DROPOUT": 0, "PRECISION": "bf16"},
     "lora-dropout": {},
+    "full-fp32": {"METHOD": "full", "LEARNING_RATE": 1e-3},
+    "full-bf16": {"METHOD": "full", "LEARNING_RATE": 1e-3, "PRECISION": "bf16"},
 }
 
 

@@ -1,9 +1,11 @@
 """Training on CUDA: the golden recipe's LoRA and QLoRA 4-bit losses against the same run on this machine's CPU
-and against goldens fixed after the first GPU run; bf16 autocast; kill -9 and resume."""
+and against goldens fixed after the first GPU run; bf16 autocast; full tuning's fp32 master weights; kill -9 and
+resume."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -100,6 +102,22 @@ def test_bf16_autocast_computes_in_bf16_and_trains_like_fp32(recipe_run, train_l
     diff = _rel(bf16, fp32)
     figure("bf16 autocast vs fp32 on CUDA (max rel. loss diff)", diff, f"<= {BF16_TOL}", diff <= BF16_TOL)
     assert dtypes == ["torch.bfloat16"], dtypes
+    assert diff <= BF16_TOL, (bf16, fp32)
+    assert bf16[-1] < bf16[0] - 0.3, bf16
+
+
+def test_full_tuning_under_bf16_autocast_keeps_fp32_master_weights(recipe_run, train_losses, figure):
+    """METHOD=full, PRECISION=bf16: the weights the optimizer steps stay fp32 (a bf16 weight loses any step below
+    ~2**-9 of itself); only the matmuls run in bf16, so the losses follow the all-fp32 run's."""
+    bf16_proc, _, bf16_out = recipe_run("full-bf16", "cuda")
+    fp32_proc, _, fp32_out = recipe_run("full-fp32", "cuda")
+    bf16, fp32 = _losses(bf16_proc, bf16_out, train_losses), _losses(fp32_proc, fp32_out, train_losses)
+    said = re.search(r"full fine-tuning: [\d,]+ trainable parameters, (\w+)", bf16_proc.stderr)
+    stored = said.group(1) if said else None
+    figure("METHOD=full under bf16 autocast: the master weights' dtype", stored, "float32", stored == "float32")
+    diff = _rel(bf16, fp32)
+    figure("METHOD=full, bf16 autocast vs fp32 (max rel. loss diff)", diff, f"<= {BF16_TOL}", diff <= BF16_TOL)
+    assert stored == "float32", bf16_proc.stderr[-3000:]
     assert diff <= BF16_TOL, (bf16, fp32)
     assert bf16[-1] < bf16[0] - 0.3, bf16
 

@@ -192,3 +192,39 @@ def test_a_gpu_run_stores_weights_in_bf16_unless_precision_is_fp32(monkeypatch, 
     gpu = estimate(shape, "none", 8, 1, 64, False, cuda=True, fp32_weights=fp32)
     cpu = estimate(shape, "none", 8, 1, 64, False)
     assert gpu.weights_mb == pytest.approx(cpu.weights_mb / (1 if want == "float32" else 2))
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_full_tuning_on_a_bf16_gpu_keeps_fp32_master_weights(monkeypatch, method):
+    """METHOD=full trains the weights themselves: on a bf16 GPU they used to load in bf16, so AdamW stepped bf16
+    weights (and kept bf16 moments), losing every step below ~2**-9 of a weight. Full tuning now keeps them fp32
+    under bf16 autocast, frozen weights stay bf16, and the plan's estimate counts the bytes the loader stores."""
+    from app.config import Config
+    from app.models import quantization
+    from app.plan.estimator import ModelShape
+    from app.plan.tiers import predict_peak
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    full = method == "full"
+    want = torch.float32 if full else torch.bfloat16
+    for precision in ("auto", "bf16"):
+        assert quantization.load_dtype(False, True, precision, trains_all=full) == want
+    assert quantization.load_dtype(False, True, "bf16") == torch.bfloat16  # inference, and a full run's reference
+    shape = ModelShape(
+        total_params=60_000,
+        linear_params=40_000,
+        other_params=20_000,
+        max_linear=8192,
+        lora_io=768,
+        linear_in=512,
+        layers=2,
+        hidden=64,
+        intermediate=128,
+        vocab=100,
+        heads=4,
+        max_positions=64,
+    )
+    cfg = Config.from_dict({"MODEL_NAME": "tiny", "METHOD": method, "QUANT_LEVEL": "none", "PRECISION": "bf16"})
+    weights_mb = predict_peak(cfg, shape, cuda=True).weights_mb
+    assert weights_mb == pytest.approx(shape.total_params * (4 if full else 2) / 2**20)
