@@ -145,6 +145,7 @@ def estimate(
     sequences: int = 1,
     reference_copy: bool = False,
     fp32_weights: bool = False,
+    trains_weights: bool = False,
 ) -> Estimate:
     """Peak RSS (CPU) or VRAM (CUDA) in MB for one training configuration.
 
@@ -152,15 +153,20 @@ def estimate(
     ``half_weights``: a CPU run whose frozen weights are stored in bf16 (app.plan.precision.bf16_frozen_weights).
     ``sequences``: sequences per sample in the micro-batch (2 for a DPO pair: app.plan.stages); ``reference_copy``:
     a second frozen copy of the weights (a preference stage's reference under full tuning); ``fp32_weights``: a
-    GPU run that keeps its weights fp32 (PRECISION=fp32, METHOD=full, or a GPU without bf16:
-    app.models.quantization.load_dtype).
+    GPU run that keeps its frozen weights fp32 (PRECISION=fp32, or a GPU without bf16:
+    app.models.quantization.load_dtype). ``trains_weights``: METHOD=full, whose trained weights are fp32 master
+    weights on any device and are themselves the trainable parameters the optimizer bytes count.
     """
     act_bytes = 2 if cuda else 4  # bf16 autocast on GPU; on CPU the fitted constants are fp32's
     dense_bytes = 2 if (cuda and not fp32_weights) or half_weights else 4
     qb = QUANT_BYTES.get(quant, dense_bytes)
-    weights = (shape.linear_params * qb + shape.other_params * dense_bytes) * (2 if reference_copy else 1)
+    frozen = shape.linear_params * qb + shape.other_params * dense_bytes
+    weights = frozen * (2 if reference_copy else 1)
     trainable = trainable_params if trainable_params is not None else lora_r * shape.lora_io
     opt = next((v for k, v in OPTIM_BYTES.items() if k in optim), 16)
+    if trains_weights:  # the weights are the fp32 parameters OPTIM_BYTES counts: not twice
+        weights = (frozen if reference_copy else 0) + (shape.linear_params + shape.other_params) * 4
+        opt -= 4
     batch *= sequences  # a pair's two sequences are one micro-batch of twice the rows
     tokens = batch * seq
     per_layer = (

@@ -286,7 +286,8 @@ def predict_peak(cfg: Config, shape: ModelShape, cuda: bool) -> Estimate:
         half_weights=half,
         sequences=cost.sequences,
         reference_copy=cost.reference_copy,
-        fp32_weights=cuda and not half and not gpu_weights_bf16(precision, cfg.lora.method == "full"),
+        fp32_weights=cuda and not half and not gpu_weights_bf16(precision),
+        trains_weights=cfg.lora.method == "full",
     )
 
 
