@@ -36,28 +36,42 @@ class MemorySampler:
     def reset_peaks(self) -> None:
         with self._lock:
             self._peaks: dict[str, Any] = dict.fromkeys(PEAK_KEYS[1:]) | {"peak_rss_mb": 0.0, "samples": 0}
+        cuda = self._cuda_module()
+        try:
+            if cuda is not None and cuda.is_initialized():
+                for i in range(cuda.device_count()):
+                    cuda.reset_peak_memory_stats(i)
+        except Exception:
+            log.debug("CUDA peak counters not reset", exc_info=True)
 
-    def _cuda(self) -> tuple[float | None, float | None]:
+    def _cuda_module(self) -> Any:
         # Never import torch here: that would add ~1 s and ~200 MB to the very figures being measured.
         # A process using CUDA has imported torch already, so picking it up from sys.modules suffices.
         if self._torch is None and "torch" in sys.modules:
             self._torch = torch_cuda(import_it=False) or False
-        cuda = self._torch.cuda if self._torch else None
+        return self._torch.cuda if self._torch else None
+
+    def _cuda(self) -> tuple[float | None, float | None, float | None, float | None]:
+        """(allocated, reserved, their peaks since reset_peaks) in MB. The peaks are torch's own counters: a
+        GPU's transient peaks last milliseconds, which sampling every ``interval`` misses."""
+        cuda = self._cuda_module()
         if cuda is None:
-            return None, None
+            return None, None, None, None
         try:
             if not cuda.is_initialized():  # holds nothing on the GPU yet; querying would create a context
-                return 0.0, 0.0
-            n = cuda.device_count()
-            return sum(map(cuda.memory_allocated, range(n))) / MB, sum(map(cuda.memory_reserved, range(n))) / MB
+                return 0.0, 0.0, 0.0, 0.0
+            gpus = range(cuda.device_count())
+            reads = (cuda.memory_allocated, cuda.memory_reserved, cuda.max_memory_allocated, cuda.max_memory_reserved)
+            alloc, reserved, max_alloc, max_reserved = (sum(map(read, gpus)) / MB for read in reads)
+            return alloc, reserved, max_alloc, max_reserved
         except Exception:  # e.g. CUDA torn down at exit: RAM figures still count
             log.debug("CUDA memory unreadable: GPU figures left out", exc_info=True)
-            return None, None
+            return None, None, None, None
 
     def current(self) -> dict[str, Any]:
         """Measure now (and fold the reading into the peaks)."""
         rss, anon, cgroup = measure(self.root)
-        cuda_alloc, cuda_res = self._cuda()
+        cuda_alloc, cuda_res, max_alloc, max_res = self._cuda()
         now = {
             "rss_mb": rss,
             "anon_mb": anon,
@@ -70,6 +84,9 @@ class MemorySampler:
             self._peaks["samples"] += 1
             for key in PEAK_KEYS:
                 if (value := now[key[len("peak_") :]]) is not None:
+                    self._peaks[key] = max(self._peaks[key] or 0.0, value)
+            for key, value in (("peak_cuda_allocated_mb", max_alloc), ("peak_cuda_reserved_mb", max_res)):
+                if value is not None:
                     self._peaks[key] = max(self._peaks[key] or 0.0, value)
         return now
 

@@ -398,3 +398,36 @@ def test_release_memory_tunes_the_allocator_where_memory_is_tight(monkeypatch, m
         Plan(device=device, budget_mb=1000.0, cfg=Config.from_dict({"RELEASE_MEMORY": mode})), None
     )
     assert bool(calls) == applied
+
+
+def test_cuda_peaks_come_from_torchs_counters_not_the_samples():
+    """A GPU's transient peaks (a backward's activations, the logits) last milliseconds: a reading every
+    0.25 s missed them, so summary.json's peak_cuda_* could be far below what the run needed. The peaks
+    fold in torch's max counters, which reset_peaks resets with the rest."""
+    from types import SimpleNamespace
+
+    state = {"allocated": 100, "max_allocated": 900, "reserved": 200, "max_reserved": 1000, "resets": 0}
+
+    def reset(i):
+        state["resets"] += 1
+        state["max_allocated"], state["max_reserved"] = state["allocated"], state["reserved"]
+
+    cuda = SimpleNamespace(
+        is_initialized=lambda: True,
+        device_count=lambda: 2,
+        memory_allocated=lambda i: state["allocated"] * MiB,
+        memory_reserved=lambda i: state["reserved"] * MiB,
+        max_memory_allocated=lambda i: state["max_allocated"] * MiB,
+        max_memory_reserved=lambda i: state["max_reserved"] * MiB,
+        reset_peak_memory_stats=reset,
+    )
+    sampler = sampling.MemorySampler()
+    sampler._torch = SimpleNamespace(cuda=cuda)
+    now = sampler.current()
+    assert (now["cuda_allocated_mb"], now["cuda_reserved_mb"]) == (200, 400)  # two GPUs, what they hold now
+    peaks = sampler.peaks()
+    assert (peaks["peak_cuda_allocated_mb"], peaks["peak_cuda_reserved_mb"]) == (1800, 2000)
+    sampler.reset_peaks()
+    assert state["resets"] == 2 and sampler.peaks()["peak_cuda_allocated_mb"] is None
+    sampler.current()
+    assert (sampler.peaks()["peak_cuda_allocated_mb"], sampler.peaks()["peak_cuda_reserved_mb"]) == (200, 400)
