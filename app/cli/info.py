@@ -15,7 +15,8 @@ from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
 from app.evaluation.eval_timing import EvalTime, unknown
 from app.models.integrity import weights_missing
-from app.plan.tiers import fit_memory, format_info
+from app.plan.explain import format_info
+from app.plan.tiers import fit_memory
 from app.plan.train_timing import duration, expected_time
 from app.training.preference_trainer import describe_stage
 from app.training.train import FineTuner

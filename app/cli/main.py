@@ -204,7 +204,7 @@ def _docs(cfg: Config) -> None:
 
 
 def _env_template(cfg: Config) -> None:
-    from app.plan.tiers import env_template
+    from app.plan.explain import env_template
 
     sys.stdout.write(env_template())  # cli-output
 

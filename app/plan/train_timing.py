@@ -19,6 +19,7 @@ from typing import Any
 
 from app.config import Config
 from app.plan.estimator import ModelShape
+from app.plan.peak import trainable_params
 from app.plan.precision import bf16_frozen_weights, resolve_precision
 from app.plan.probes import NothingMeasured, probe_attention, probe_glue, probe_linear, probe_lora, probe_optimizer
 from app.plan.stages import stage_cost
@@ -154,15 +155,6 @@ def optimizer_steps(cfg: Config, train_samples: int, world_size: int = 1) -> tup
         return t.max_steps, t.max_steps * t.grad_accum
     steps = math.ceil(t.num_epochs * steps_per_epoch)
     return steps, min(steps * t.grad_accum, math.ceil(t.num_epochs * per_epoch))
-
-
-def trainable_params(cfg: Config, shape: ModelShape) -> int:
-    m = cfg.lora
-    if m.method == "full":
-        return shape.total_params
-    if m.method == "ptuning":  # a key and a value prefix per layer (the optional projection left out)
-        return m.pre_seq_len * shape.layers * 2 * shape.hidden
-    return m.lora_r * shape.lora_io
 
 
 def predict_step_time(

@@ -43,9 +43,9 @@ class DiskNeeds:
         )
 
 
-def needs(cfg: Config, shape: ModelShape, model_path: str, trainable: int | None) -> DiskNeeds:
-    """What this run writes, from the model's shape; ``trainable``: the plan's count (None: LoRA's)."""
-    weights = (trainable if trainable is not None else cfg.lora.lora_r * shape.lora_io) * WEIGHT_BYTES
+def needs(cfg: Config, shape: ModelShape, model_path: str, trainable: int) -> DiskNeeds:
+    """What this run writes, from the model's shape; ``trainable``: the plan's count (app.plan.peak)."""
+    weights = trainable * WEIGHT_BYTES
     adapter = weights + _tokenizer_bytes(model_path) + SMALL_FILES
     checkpoint = weights + weights // WEIGHT_BYTES * ADAM_BYTES + SMALL_FILES  # the Trainer saves no tokenizer there
     return DiskNeeds(checkpoint, adapter, SEALED_KEPT * checkpoint + 2 * adapter)
@@ -53,7 +53,7 @@ def needs(cfg: Config, shape: ModelShape, model_path: str, trainable: int | None
 
 def planned(cfg: Config, shape: ModelShape, model_path: str, out: Path, main: bool) -> DiskNeeds:
     """What this run will write, logged; on the rank that writes (``main``), refused if it cannot fit."""
-    from app.plan.tiers import trainable_params
+    from app.plan.peak import trainable_params
 
     need = needs(cfg, shape, model_path, trainable_params(cfg, shape))
     log.info("%s", need.line())

@@ -19,8 +19,9 @@ from app.data.encode import EncodeStats, encode_all, encode_pairs
 from app.data.heldout import digest, sampled_split
 from app.data.records import check_stage, judge, read_examples, sample_examples, split, unpair
 from app.plan.estimator import ModelShape
+from app.plan.peak import predict_peak
 from app.plan.resources import Resources, release_memory
-from app.plan.tiers import Plan, fit_memory, predict_peak
+from app.plan.tiers import Plan, fit_memory
 from app.training.outputs import encode_stats
 from app.training.resume import data_fingerprints
 

@@ -206,7 +206,7 @@ class FineTuner:
 
     def _memory_guard(self) -> MemoryGuard:
         """The guard for this machine's limit; its pre-flight may already halve the batch (a new plan)."""
-        from app.plan.tiers import predict_peak
+        from app.plan.peak import predict_peak
         from app.training.guard import MemoryGuard
 
         res, cuda = self.resources, self.plan.device == "cuda"

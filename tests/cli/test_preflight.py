@@ -208,9 +208,9 @@ def test_quick_start_run_does_not_block_the_real_run(tmp_path, no_torch, child_e
 
 
 def test_help_says_the_tier_decides_the_tiered_defaults():
-    from app.plan.tiers import _tier_settings
+    from app.plan.explain import tier_settings
 
-    assert set(TIERED) == set(_tier_settings())
+    assert set(TIERED) == set(tier_settings())
     text = Config.help_text()
     for var in TIERED:
         line = next(x for x in text.splitlines() if x.strip().startswith(var + " "))

@@ -109,7 +109,7 @@ def test_help_lists_every_variable_with_default():
 def test_env_template_is_in_sync_with_the_config():
     from pathlib import Path
 
-    from app.plan.tiers import env_template
+    from app.plan.explain import env_template
 
     committed = (Path(__file__).resolve().parents[2] / ".env.template").read_text(encoding="utf-8")
     assert committed == env_template(), "regenerate: python -m app env-template > .env.template"

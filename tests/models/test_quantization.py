@@ -15,6 +15,20 @@ from app.models.loading import load_model
 from app.models.quantization import prepare_for_training, stored_bytes
 
 FAMILIES = ["tiny_glm_dir", "tiny_qwen2_dir", "tiny_llama_dir"]
+SMALL_SHAPE = dict(
+    total_params=60_000,
+    linear_params=40_000,
+    other_params=20_000,
+    max_linear=8192,
+    lora_io=768,
+    linear_in=512,
+    layers=2,
+    hidden=64,
+    intermediate=128,
+    vocab=100,
+    heads=4,
+    max_positions=64,
+)  # an app.plan.estimator.ModelShape
 
 
 def dequantized_weight(module):
@@ -174,20 +188,7 @@ def test_a_gpu_run_stores_weights_in_bf16_unless_precision_is_fp32(monkeypatch, 
     assert quantization.load_dtype(False, True, precision) == getattr(torch, want)
     assert quantization.load_dtype(False, False, precision) == torch.float32  # a CPU's default stays fp32
     assert quantization.load_dtype(False, True) == (torch.bfloat16 if bf16_gpu else torch.float32)  # inference
-    shape = ModelShape(
-        total_params=60_000,
-        linear_params=40_000,
-        other_params=20_000,
-        max_linear=8192,
-        lora_io=768,
-        linear_in=512,
-        layers=2,
-        hidden=64,
-        intermediate=128,
-        vocab=100,
-        heads=4,
-        max_positions=64,
-    )
+    shape = ModelShape(**SMALL_SHAPE)
     fp32 = not quantization.gpu_weights_bf16(precision)
     gpu = estimate(shape, "none", 8, 1, 64, False, cuda=True, fp32_weights=fp32)
     cpu = estimate(shape, "none", 8, 1, 64, False)
@@ -202,7 +203,7 @@ def test_full_tuning_on_a_bf16_gpu_keeps_fp32_master_weights(monkeypatch, method
     from app.config import Config
     from app.models import quantization
     from app.plan.estimator import ModelShape
-    from app.plan.tiers import predict_peak
+    from app.plan.peak import predict_peak
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -211,20 +212,7 @@ def test_full_tuning_on_a_bf16_gpu_keeps_fp32_master_weights(monkeypatch, method
     for precision in ("auto", "bf16"):
         assert quantization.load_dtype(False, True, precision, trains_all=full) == want
     assert quantization.load_dtype(False, True, "bf16") == torch.bfloat16  # inference, and a full run's reference
-    shape = ModelShape(
-        total_params=60_000,
-        linear_params=40_000,
-        other_params=20_000,
-        max_linear=8192,
-        lora_io=768,
-        linear_in=512,
-        layers=2,
-        hidden=64,
-        intermediate=128,
-        vocab=100,
-        heads=4,
-        max_positions=64,
-    )
+    shape = ModelShape(**SMALL_SHAPE)
     cfg = Config.from_dict({"MODEL_NAME": "tiny", "METHOD": method, "QUANT_LEVEL": "none", "PRECISION": "bf16"})
     weights_mb = predict_peak(cfg, shape, cuda=True).weights_mb
     assert weights_mb == pytest.approx(shape.total_params * (4 if full else 2) / 2**20)

@@ -262,7 +262,7 @@ def test_full_tuning_counts_each_trained_weight_once(cuda, monkeypatch):
     import torch
 
     from app.plan.estimator import ModelShape
-    from app.plan.tiers import predict_peak
+    from app.plan.peak import predict_peak
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

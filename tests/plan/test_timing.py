@@ -131,11 +131,11 @@ def test_steps_count_as_the_trainer_counts_them():
 
 
 def test_the_estimate_adds_up_and_reads_as_one_line(shape):
+    from app.plan.peak import trainable_params
+
     cfg = _cfg(BATCH_SIZE=2, GRAD_ACCUM=4, MAX_STEPS=3, MAX_SEQ_LEN=128)
     t = train_timing.predict_step_time(cfg, shape, train_samples=100, seq=96)
-    optim = train_timing.trainable_params(cfg, shape) * probes.probe_optimizer(
-        train_timing.trainable_params(cfg, shape)
-    )
+    optim = trainable_params(cfg, shape) * probes.probe_optimizer(trainable_params(cfg, shape))
     assert t.steps == 3 and t.step_s == pytest.approx(4 * t.micro_batch_s + optim)
     assert t.total_s == pytest.approx(3 * t.step_s)
     assert LINE.match(t.line()), t.line()

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from app.config import Config
+from app.plan.explain import format_info
 from app.plan.resources import detect_resources
-from app.plan.tiers import apply_tier, format_info
+from app.plan.tiers import apply_tier
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "ci-docker-cuda.sh"
