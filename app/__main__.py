@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from app.cli.main import COMMANDS, Command
+from app.cli.commands import COMMANDS, Command
 from app.cli.main import main as cli_main
 from app.webui.command import WEBUI
 

@@ -300,7 +300,7 @@ def predict_file(pred: Predictor, cfg: Config) -> Path:
 
 def run_predict(cfg: Config) -> None:
     """INPUT_FILE, else INTERACTIVE, else PROMPT or the built-in one: python -m app's commands each set
-    these for their mode (app/cli/main.py), and the pre-flight checked the one each needs."""
+    these for their mode (app/cli/commands.py), and the pre-flight checked the one each needs."""
     pred = Predictor(cfg)
     if cfg.predict.input_file:
         predict_file(pred, cfg)

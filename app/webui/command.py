@@ -3,7 +3,7 @@ Light on purpose: every `python -m app` imports this, and Gradio loads only when
 
 from __future__ import annotations
 
-from app.cli.main import Command
+from app.cli.commands import Command
 from app.config import Config
 
 

@@ -1,6 +1,6 @@
 """The UI's forms, generated from the config tree: one component per setting, with the setting's name as its
 label, its help as the hint, its Literal choices as a dropdown, and the value the command line would use now
-(defaults < .env < environment). A tab shows the settings its commands read (app.cli.main.COMMANDS); a
+(defaults < .env < environment). A tab shows the settings its commands read (app.cli.commands.COMMANDS); a
 setting added to app/config/fields.py appears in every tab whose command reads its section, with no UI code.
 
 A form turns back into the command line the user could paste: ``KEY=value`` for each setting that differs
@@ -18,7 +18,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.cli.main import COMMANDS
+from app.cli.commands import COMMANDS
 from app.config import TIERED, Config, ConfigError, bounds, choices, show
 from app.config.settings import field_type, parse_value
 
