@@ -18,8 +18,8 @@ from app.config.settings import (
     documented,
     is_setting,
     setting_names_source,
-    show,
 )
+from app.config.values import show
 
 __all__ = [
     "ALL",

@@ -15,17 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard, cast
 
+from app.config.checks import cross_field_problems
 from app.config.fields import (
     ALL,
     TIERED,
-    TRACKER_NAMES,
     ConfigError,
     DataArgs,
     DistArgs,
@@ -40,6 +39,7 @@ from app.config.fields import (
 )
 from app.config.setting_names import Setting
 from app.config.setting_sources import adapter_base, default_output_dir, make_overrides, read_dotenv, unknown_problem
+from app.config.values import parse_value
 
 
 class SettingNames(frozenset[Setting]):
@@ -180,109 +180,7 @@ class Config:
             if problem:
                 p.append(problem)
 
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                p.append(msg)
-
-        d, t, lo, m = self.data, self.train, self.lora, self.model
-        need(bool(m.model_name.strip()), "MODEL_NAME is empty; set a hub name, a local dir, or 'tiny'")
-        need(bool(d.data_path.strip()), "DATA_PATH is empty; run `make data` or point it at a file")
-        need(t.num_epochs > 0 or t.max_steps > 0, f"NUM_EPOCHS={t.num_epochs} must be > 0 (or set MAX_STEPS)")
-        need(
-            not (t.precision == "bf16" and self.resources.quant_level in ("8bit", "4bit")),
-            f"PRECISION=bf16 autocast is for unquantized weights; 4-bit already computes in bf16 where supported "
-            f"(QUANT_LEVEL={self.resources.quant_level}); use PRECISION=auto",
-        )
-        need(
-            not (t.early_stopping_patience and d.val_size == 0 and not d.val_path),
-            "EARLY_STOPPING_PATIENCE needs validation data; set VAL_PATH or VAL_SIZE > 0",
-        )
-        rs = self.resources
-        need(
-            not (lo.method == "qlora" and rs.quant_level in ("none", "8bit")),
-            f"METHOD=qlora means LoRA on a 4-bit model, but QUANT_LEVEL={rs.quant_level}; "
-            "set QUANT_LEVEL=4bit (or auto), or METHOD=lora",
-        )
-        need(
-            not (lo.method == "full" and rs.quant_level in ("8bit", "4bit")),
-            f"METHOD=full trains every weight, which cannot be quantized (QUANT_LEVEL={rs.quant_level}); "
-            "set QUANT_LEVEL=none, or METHOD=qlora",
-        )
-        for var in ("USE_DORA", "USE_RSLORA"):
-            need(
-                not (self.get(var) and lo.method in ("ptuning", "full")),
-                f"{var}=true is a LoRA variant, but METHOD={lo.method} trains no LoRA; set METHOD=lora or qlora, "
-                f"or {var}=false",
-            )
-        for name in t.report_to:
-            need(
-                name in TRACKER_NAMES,
-                f"REPORT_TO={','.join(t.report_to)}: {name!r} is not one of {', '.join(TRACKER_NAMES)}",
-            )
-        need(
-            not ("none" in t.report_to and len(t.report_to) > 1),
-            f"REPORT_TO={','.join(t.report_to)}: none means no tracker; give it alone",
-        )
-        need(
-            not (lo.lora_init != "default" and lo.method in ("ptuning", "full")),
-            f"LORA_INIT={lo.lora_init} starts LoRA weights, but METHOD={lo.method} trains no LoRA; set METHOD=lora "
-            "or qlora, or leave LORA_INIT unset",
-        )
-        need(
-            not (lo.lora_init == "loftq" and (rs.quant_level in ("none", "8bit"))),
-            f"LORA_INIT=loftq fits LoRA to a 4-bit base's quantization error, but QUANT_LEVEL={rs.quant_level}; "
-            "set QUANT_LEVEL=4bit (or METHOD=qlora), or another LORA_INIT",
-        )
-        need(
-            not (lo.lora_init in ("pissa", "olora") and rs.quant_level in ("8bit", "4bit")),
-            f"LORA_INIT={lo.lora_init} rewrites the base's weights while training, which a QUANT_LEVEL="
-            f"{rs.quant_level} base cannot hold exactly; set QUANT_LEVEL=none, or LORA_INIT=default",
-        )
-        need(
-            not (lo.lora_init == "loftq" and t.precision == "bf16"),
-            "LORA_INIT=loftq needs a 4-bit base, but PRECISION=bf16 autocast is for unquantized weights; "
-            "use PRECISION=auto, or another LORA_INIT",
-        )
-        need(
-            not (lo.method == "ptuning" and rs.gradient_checkpointing == "on"),
-            "GRADIENT_CHECKPOINTING=on cannot run METHOD=ptuning (PEFT passes no P-Tuning prefix through "
-            "checkpointed layers); use GRADIENT_CHECKPOINTING=auto or off, or METHOD=lora",
-        )
-        need(
-            not (
-                t.stage == "kto"
-                and t.batch_size < 2
-                and ("BATCH_SIZE" in self.explicit or self.resources.tier == "none")
-            ),
-            f"STAGE=kto needs BATCH_SIZE of 2 or more (its KL term pairs each answer with another of the same "
-            f"micro-batch), but BATCH_SIZE={t.batch_size}; set BATCH_SIZE=2 (GRAD_ACCUM=4 keeps about the same "
-            "samples per step)",
-        )
-        need(
-            not (t.stage != "sft" and lo.method == "ptuning"),
-            f"STAGE={t.stage} turns the adapter off for its reference model, which P-Tuning prefixes cannot do here; "
-            "use METHOD=lora or qlora",
-        )
-        ds = self.distributed
-        need(
-            0 <= ds.node_rank < max(ds.nnodes, 1),
-            f"NODE_RANK={ds.node_rank} must be in 0..NNODES-1 (NNODES={ds.nnodes}); node 0 hosts MASTER_ADDR",
-        )
-        need(bool(ds.master_addr.strip()), "MASTER_ADDR is empty; set node 0's address, e.g. 10.0.0.1")
-        need(bool(t.resume.strip()), "RESUME is empty; use RESUME=auto or the path of a checkpoint")
-        need(
-            not (t.packing == "on" and lo.method == "ptuning"),
-            "PACKING=on cannot pack P-Tuning batches (its prefixes turn the packed-sequence mask off); "
-            "use PACKING=auto or off",
-        )
-        sv = self.serve
-        need(bool(sv.serve_host.strip()), "SERVE_HOST is empty; use 127.0.0.1 (this machine) or 0.0.0.0")
-        ui = self.webui
-        need(bool(ui.webui_host.strip()), "WEBUI_HOST is empty; use 127.0.0.1 (this machine only)")
-        need(
-            not ui.webui_auth or ui.webui_auth.count(":") >= 1 and all(ui.webui_auth.split(":", 1)),
-            "WEBUI_AUTH must be user:password (both non-empty)",
-        )
+        p += cross_field_problems(self)
         if p:
             raise ConfigError(p)
         return self
@@ -350,15 +248,6 @@ def setting_names_source() -> str:
     return f"{_NAMES_DOC}\nfrom typing import Literal\n\nSetting = Literal[\n{names}]\n"
 
 
-def show(value: Any) -> str:
-    """A value as it is written on the command line / in .env (the inverse of parse_value)."""
-    if value is None:
-        return ALL
-    if isinstance(value, list):
-        return ",".join(value)
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
 def _sections(cls: type) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.name != "explicit"]
 
@@ -378,37 +267,3 @@ def field_type(section: str, name: str) -> Any:
     """The resolved annotation of ``Config.<section>.<name>`` (what parse_value converts a raw value to)."""
     sec_cls = typing.get_type_hints(Config)[section]
     return typing.get_type_hints(sec_cls)[name]
-
-
-def parse_value(raw: Any, hint: Any, var: str) -> Any:
-    """Convert a string (or an already-typed value) to the field's annotated type."""
-    optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
-    if isinstance(hint, types.UnionType):  # e.g. int | None, where None is written "all" (or left empty)
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    if optional and (raw is None or str(raw).strip().lower() in ("", ALL)):
-        return None
-    origin = typing.get_origin(hint)
-    try:
-        if origin is list:
-            items = raw if isinstance(raw, list) else str(raw).split(",")
-            return [str(x).strip() for x in items if str(x).strip()]
-        if hint is bool:
-            if isinstance(raw, bool):
-                return raw
-            s = str(raw).strip().lower()
-            if s in ("1", "true", "yes", "on", "y"):
-                return True
-            if s in ("0", "false", "no", "off", "n", ""):
-                return False
-            raise ValueError
-        if hint is int:
-            if isinstance(raw, float) and raw.is_integer():
-                return int(raw)
-            return int(str(raw).strip())
-        if hint is float:
-            return float(str(raw).strip())
-        return str(raw)
-    except (ValueError, TypeError):
-        kind = {bool: "true/false", int: "a whole number", float: "a number"}.get(hint, str(hint))
-        kind += f" or {ALL!r}" if optional else ""
-        raise ConfigError([f"{var}={raw!r} is not {kind}; fix the value in the command, env or .env"]) from None

@@ -20,7 +20,8 @@ import gradio as gr
 
 from app.cli.commands import COMMANDS
 from app.config import TIERED, Config, ConfigError, bounds, choices, show
-from app.config.settings import field_type, parse_value
+from app.config.settings import field_type
+from app.config.values import parse_value
 
 # The commands behind each tab: the tab's form holds every setting they read.
 TAB_COMMANDS: dict[str, tuple[str, ...]] = {
