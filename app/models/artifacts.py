@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from app.config import Config
+from app.config import Config, Setting
 from app.core import ownership
 from app.core.errors import UserError
 
@@ -53,7 +53,15 @@ def find_adapter(cfg: Config) -> Path | None:
 
 # The settings naming what a command reads: no folder the tool writes into may be, or hold, one of them
 # (app.core.ownership.refused_why). RESUME is not one: it names a checkpoint inside the run itself.
-READ_SETTINGS = ("DATA_PATH", "VAL_PATH", "EVAL_PATH", "INPUT_FILE", "PREDICTIONS", "MODEL_NAME", "DS_CONFIG")
+READ_SETTINGS: tuple[Setting, ...] = (
+    "DATA_PATH",
+    "VAL_PATH",
+    "EVAL_PATH",
+    "INPUT_FILE",
+    "PREDICTIONS",
+    "MODEL_NAME",
+    "DS_CONFIG",
+)
 
 
 def read_paths(cfg: Config) -> dict[str, str]:
@@ -217,9 +225,11 @@ def fix_for(path: Path) -> str:
 def onnx_is_stale(path: Path) -> Path | None:
     """The model an ONNX export came from, when that model was written after the export (a re-merge)."""
     meta, _ = parse_json(Path(path) / META_FILE)
-    src = Path(meta["source"]) / "config.json" if isinstance(meta, dict) and meta.get("source") else None
+    if not (isinstance(meta, dict) and meta.get("source")):
+        return None
+    src = Path(meta["source"]) / "config.json"
     try:
-        newer = src is not None and src.stat().st_mtime > (Path(path) / META_FILE).stat().st_mtime
+        newer = src.stat().st_mtime > (Path(path) / META_FILE).stat().st_mtime
     except OSError:
         return None
     return src.parent if newer else None

@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.config import Config
 from app.core.errors import ModelUnavailable, UserError
@@ -127,7 +127,7 @@ def _patch_legacy_pad(tok: PreTrainedTokenizerBase) -> None:
         finally:
             tok.padding_side = saved
 
-    tok._pad = _pad
+    cast(Any, tok)._pad = _pad  # an instance attribute over the class's method: this tokenizer only
     log.info("%s: its remote-code _pad predates padding_side; patched (known ChatGLM issue)", type(tok).__name__)
 
 
@@ -267,11 +267,12 @@ def _loftq(peft_model: PeftModel, model_path: str) -> None:
             if not isinstance(module, Linear4bit):
                 continue
             original = f.get_tensor(name.removeprefix("base_model.model.") + ".weight").float()
-            lost = original - bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            layer = cast(Any, module)  # peft's Linear4bit: its attributes are not typed
+            lost = original - bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
             u, s, vh = torch.linalg.svd(lost, full_matrices=False)
-            r, scale = module.r["default"], module.scaling["default"]
+            r, scale = layer.r["default"], layer.scaling["default"]
             root = s[:r].sqrt()
-            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             a.copy_((root[:, None] * vh[:r]).to(a.dtype))
             b.copy_((u[:, :r] * root / scale).to(b.dtype))
             done += 1

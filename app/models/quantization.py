@@ -18,7 +18,7 @@ import contextlib
 import ctypes
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -116,11 +116,12 @@ def read_without_mmap() -> Iterator[None]:
         kwargs["backend"] = "pread"
         return original(*args, **kwargs)
 
-    mu.safe_open = pread_open
+    hooks = cast(Any, mu)  # a module attribute patched for the load, then put back
+    hooks.safe_open = pread_open
     try:
         yield
     finally:
-        mu.safe_open = original
+        hooks.safe_open = original
         release_freed_memory()
 
 
@@ -135,7 +136,7 @@ def keep_4bit_trainable(model: torch.nn.Module) -> int:
     n = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            cast(Any, module).support_avx512bf16_for_cpu = False
             n += 1
     return n
 
@@ -164,7 +165,8 @@ _HOOKED = "_keeps_8bit_scales"
 
 
 def _restore_8bit_scales(module: torch.nn.Module, _args: tuple[Any, ...]) -> None:
-    weight, state = module.weight, module.state
+    layer = cast(Any, module)  # a bitsandbytes Linear8bitLt: weight and state are its own, untyped
+    weight, state = layer.weight, layer.state
     if (
         getattr(weight, "CB", None) is not None
         and getattr(weight, "SCB", None) is None

@@ -13,8 +13,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.core.atomic import built_whole
+
+if TYPE_CHECKING:
+    from tokenizers.pre_tokenizers import PreTokenizer
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +156,7 @@ def _corpus(seed: int) -> list[str]:
 GGUF_PRE_TOKENIZER = "gpt-2"
 
 
-def training_pre_tokenizer():
+def training_pre_tokenizer() -> PreTokenizer:
     """Every CJK character its own pre-token, then GPT-2's byte-level split."""
     from tokenizers import Regex, pre_tokenizers
 
@@ -166,14 +171,14 @@ def training_pre_tokenizer():
     )
 
 
-def runtime_pre_tokenizer():
+def runtime_pre_tokenizer() -> PreTokenizer:
     """GPT-2's byte-level split (llama.cpp's "gpt-2")."""
     from tokenizers import pre_tokenizers
 
     return pre_tokenizers.ByteLevel(add_prefix_space=False)
 
 
-def build_tokenizer(name: str, vocab_size: int = 3000, seed: int = 0):
+def build_tokenizer(name: str, vocab_size: int = 3000, seed: int = 0) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (Chinese + English) and wrap it for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
