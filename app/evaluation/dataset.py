@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.config import Config
+from app.config import Config, Setting
 from app.core.errors import UserError
 from app.data.heldout import digest, held_out
 from app.data.record_sources import fingerprint, is_dataset
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "data/dev.jsonl"  # what `make data` writes beside the sample training data
 FALLBACK_RECORDS = 200  # a run that held out nothing: this many of its training records (a split's largest size)
-RUN_SETTINGS = (
+RUN_SETTINGS: tuple[Setting, ...] = (
     "DATA_PATH",
     "VAL_PATH",
     "DATA_FORMAT",

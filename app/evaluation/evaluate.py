@@ -197,6 +197,8 @@ class F1Evaluator(TrainerCallback):
         model: PreTrainedModel | PeftModel | None = None,
         **kw: Any,
     ) -> None:
+        if model is None:
+            raise RuntimeError("on_evaluate without a model: the Trainer passes its model to every callback")
         outputs = generate_batch(
             model,
             self.tokenizer,

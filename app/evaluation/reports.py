@@ -147,12 +147,14 @@ def write_reports(report: Report | TextReport, out_dir: str | Path, title: str =
 
 def _write(report: Report | TextReport, out: Path, paths: dict[str, Path], title: str) -> dict[str, Path]:
     write_json(paths["report.json"], report.to_dict())
-    text = isinstance(report, TextReport)
-    atomic_write_text(paths["report.md"], _text_markdown(report, title) if text else _markdown(report, title))
+    md = _text_markdown(report, title) if isinstance(report, TextReport) else _markdown(report, title)
+    atomic_write_text(paths["report.md"], md)
     atomic_write_text(
         paths["predictions.jsonl"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rows)
     )
-    if text:  # no predicates to chart; an older evaluation's chart in this folder would belong to other data
+    if isinstance(
+        report, TextReport
+    ):  # no predicates to chart; an older evaluation's chart in this folder would belong to other data
         paths.pop("per_predicate_f1.png").unlink(missing_ok=True)
         log.info("wrote %s to %s", ", ".join(paths), out)
         return paths

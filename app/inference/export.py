@@ -162,6 +162,8 @@ def export_model(src: str | Path, out: str | Path, trust_remote_code: bool = Fal
             verbose=False,
         )
     log.debug("torch.onnx: %s", chatter.getvalue())
+    if program is None:  # torch.onnx.export returns the program with dynamo=True
+        raise RuntimeError(f"torch.onnx.export returned no program: {chatter.getvalue()[-500:]}")
     out = Path(out)
     try:
         with replace_dir(out, META_FILE, "ONNX_DIR") as tmp:  # whole: a kill leaves the previous export or none

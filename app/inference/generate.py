@@ -4,7 +4,7 @@ evaluation and the F1 evaluation during training all use it)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.data.encode import prompt_text
 
@@ -59,7 +59,7 @@ def generate_batch(
                 model.device
             )
             with torch.no_grad():
-                out = model.generate(
+                out = cast(Any, model).generate(  # a PeftModel's generate is its base's, through __getattr__
                     **enc,
                     max_new_tokens=max_new_tokens,
                     use_cache=True,

@@ -61,7 +61,7 @@ def recognised_pre(tokenizer: object) -> str | None:
 def _recognise(model_dir: Path) -> None:
     """The model's converter class again, answering for the tokenizers above where the converter's table of
     hashes has no answer (it raises NotImplementedError then): any other tokenizer is refused as before."""
-    from conversion import ModelBase, get_model_class
+    from conversion import ModelBase, get_model_class  # type: ignore[import-not-found]  # llama.cpp's, on sys.path
 
     arch = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["architectures"][0]
     known = get_model_class(arch)

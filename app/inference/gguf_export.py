@@ -186,7 +186,8 @@ def export(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> 
     LoRA as a llama.cpp adapter, with a base of an earlier such export reused when the base is unchanged."""
     from app.inference.gguf_files import write_companions
 
-    lora = adapter_only and src.adapter is not None and not is_full_model(src.adapter)
+    adapter = src.adapter if adapter_only and src.adapter is not None and not is_full_model(src.adapter) else None
+    lora = adapter is not None
     key = {**key_for(src, quant), "adapter_only": lora}
     name = f"{'base' if lora else 'model'}-{quant}.gguf"
     old, _ = parse_json(src.out / INFO_FILE)
@@ -203,8 +204,8 @@ def export(cfg: Config, src: Source, quant: str, adapter_only: bool = False) -> 
                 log.info("the base %s at %s: reused from the previous export in %s", src.base_name, quant, src.out)
             else:
                 to_gguf(hf, tmp / name, quant, cfg.model.num_threads, logs)
-            if lora:
-                llamacpp.convert_lora(src.adapter, hf, tmp / ADAPTER_FILE, logs)
+            if adapter is not None:
+                llamacpp.convert_lora(adapter, hf, tmp / ADAPTER_FILE, logs)
                 log.info("the LoRA alone: %s, for llama.cpp's --lora on %s", src.out / ADAPTER_FILE, src.out / name)
             write_companions(
                 tmp, name, hf, Path(str(src.adapter or src.base_dir)).name, quant, ADAPTER_FILE if lora else None
@@ -305,9 +306,8 @@ def write_merged(cfg: Config, src: Source, out: Path, merge: bool = True) -> Non
     llama.cpp's converter reads them lazily, so converting needs no memory for the model."""
     from app.models.loading import load_tokenizer
 
-    lora = merge and src.adapter is not None and not is_full_model(src.adapter)
-    if lora:
-        _merge_into(cfg, src, out)
+    if merge and src.adapter is not None and not is_full_model(src.adapter):
+        _merge_into(cfg, src, src.adapter, out)
     else:
         out.mkdir()
         for f in src.base_dir.iterdir():
@@ -318,7 +318,7 @@ def write_merged(cfg: Config, src: Source, out: Path, merge: bool = True) -> Non
     load_tokenizer(str(tok_dir), cfg.model.trust_remote_code).save_pretrained(out)
 
 
-def _merge_into(cfg: Config, src: Source, out: Path) -> None:
+def _merge_into(cfg: Config, src: Source, adapter: Path, out: Path) -> None:
     import torch
 
     from app.models.loading import load_adapter, load_model
@@ -334,7 +334,7 @@ def _merge_into(cfg: Config, src: Source, out: Path) -> None:
             src.base_name,
             src.trained_quant,
         )
-    model = load_adapter(load_model(str(src.base_dir), cfg.model.trust_remote_code, bf16=half), src.adapter)
+    model = load_adapter(load_model(str(src.base_dir), cfg.model.trust_remote_code, bf16=half), adapter)
     model.merge_and_unload().to(getattr(torch, dtype, torch.float32)).save_pretrained(out)
 
 

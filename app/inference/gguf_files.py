@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -26,7 +26,7 @@ def runtime_bos(gguf_file: Path, tokenizer: PreTrainedTokenizerBase) -> str | No
     add, bos = reader.get_field("tokenizer.ggml.add_bos_token"), reader.get_field("tokenizer.ggml.bos_token_id")
     if add is None or not add.contents() or bos is None:
         return None
-    return tokenizer.convert_ids_to_tokens(int(bos.contents()))
+    return cast(str, tokenizer.convert_ids_to_tokens(int(bos.contents())))  # one id: one token
 
 
 def write_companions(

@@ -136,7 +136,10 @@ def align_metadata(gguf_file: Path, config: dict, log_file: Path) -> list[str]:
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_file)
-    arch = reader.get_field("general.architecture").contents()
+    arch_field = reader.get_field("general.architecture")
+    if arch_field is None:
+        raise UserError(f"{gguf_file}: the conversion wrote no general.architecture (not a model GGUF); see {log_file}")
+    arch = arch_field.contents()
     changes = []
     for suffix, names in CONFIG_KEYS.items():
         field = reader.get_field(f"{arch}.{suffix}")

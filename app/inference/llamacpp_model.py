@@ -194,6 +194,8 @@ class LlamaCppCausalLM:
             final = i + len(chunk) == len(tokens)
             out = self._decode([(t, start + i + k, seq, final and k == len(chunk) - 1) for k, t in enumerate(chunk)])
             last = out[0] if final else last
+        if last is None:
+            raise ValueError("prefill needs at least one token")
         return last
 
     def step_logits(self, tokens: list[int], positions: list[int], seqs: list[int]) -> np.ndarray:

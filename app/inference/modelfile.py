@@ -27,7 +27,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.core.errors import UserError
 from app.data.encode import prompt_text
@@ -63,7 +63,7 @@ class ChatFormat:
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], gen: bool) -> str:
     if gen or not getattr(tokenizer, "chat_template", None):
         return prompt_text(tokenizer, messages)  # without a template, gen changes nothing
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
 
 
 def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:

@@ -46,7 +46,7 @@ class OnnxCausalLM:
                 str(self.path / ONNX_FILE), opts, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # ORT's own error types; a damaged file is the usual cause
-            raise load_failure(self.path, label, e, any_error=True) from e
+            raise (load_failure(self.path, label, e, any_error=True) or e) from e
         self.past_names = [n for n in self.meta["inputs"] if n.startswith("past_key_values.")]
         gen_file = self.path / "generation_config.json"
         gen = read_json(gen_file, label) if gen_file.is_file() else {}
@@ -98,7 +98,7 @@ class OnnxCausalLM:
         import torch
 
         mask = None if attention_mask is None else attention_mask.cpu().numpy()
-        logits, _ = self.forward(input_ids.cpu().numpy(), mask, keep_all=True)
+        logits, _presents = self.forward(input_ids.cpu().numpy(), mask, keep_all=True)
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
     def generate(

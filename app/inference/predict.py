@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from app.config import Config
 from app.core import diskspace, generated
@@ -30,6 +30,7 @@ from app.models.quantization import half_embeddings_on_cpu, serve_half_embedding
 from app.models.tiny import resolve_model
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from app.inference.generate import CausalLM
@@ -106,7 +107,7 @@ class Predictor:
             cfg.model.trust_remote_code,
             setting="ADAPTER_DIR" if own_tok else setting,
         )
-        model = load_base(base, quant, cfg.model.trust_remote_code, setting)
+        model: PreTrainedModel | PeftModel = load_base(base, quant, cfg.model.trust_remote_code, setting)
         if self.adapter is not None and not is_full_model(self.adapter):
             model = load_adapter(model, self.adapter)
         self.model = model.eval()
@@ -158,7 +159,7 @@ class Predictor:
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.model.generate(
+                out = cast(Any, self.model).generate(  # a PeftModel's generate is its base's, via __getattr__
                     **enc,
                     max_new_tokens=p.max_new_tokens,
                     streamer=streamer,
@@ -173,7 +174,7 @@ class Predictor:
             raise known from None
         new = out[0, enc["input_ids"].shape[1] :]
         self._speed(int(new.numel()), time.perf_counter() - t0)
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+        return cast(str, self.tokenizer.decode(new, skip_special_tokens=True))  # one sequence: one text
 
     def generate_many(self, conversations: list[list[dict[str, str]]], progress: bool = True) -> list[str]:
         """Answers for many conversations, in their order: PREDICT_BATCH_SIZE prompts of similar length
