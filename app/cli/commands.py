@@ -10,7 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import NamedTuple
 
-from app.config import Config
+from app.config import Config, Setting
 from app.core.errors import UserError
 
 log = logging.getLogger("app")
@@ -64,11 +64,11 @@ PREFLIGHTED = frozenset(
         "export-gguf",
     }
 )
-_MODES: dict[str, dict[str, object]] = {
-    "predict": {"prompt": "", "input_file": "", "interactive": False},
-    "predict-custom": {"input_file": "", "interactive": False},
-    "predict-file": {"interactive": False},
-    "chat": {"input_file": "", "interactive": True},
+_MODES: dict[str, dict[Setting, object]] = {
+    "predict": {"PROMPT": "", "INPUT_FILE": "", "INTERACTIVE": False},
+    "predict-custom": {"INPUT_FILE": "", "INTERACTIVE": False},
+    "predict-file": {"INTERACTIVE": False},
+    "chat": {"INPUT_FILE": "", "INTERACTIVE": True},
 }
 
 
@@ -77,7 +77,7 @@ def _answer(command: str) -> Callable[[Config], None]:
         from app.cli.preflight import preflight
         from app.inference.predict import run_predict
 
-        cfg = cfg.replace({name.upper(): value for name, value in _MODES[command].items()})
+        cfg = cfg.replace(_MODES[command])
         preflight(cfg, command)  # with the one setting this mode needs (PROMPT, INPUT_FILE), before torch
         run_predict(cfg)
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
-from app.config import Config
+from app.config import Config, Setting
 from app.core.atomic import atomic_write_text
 from app.core.generated import record as record_generated
 from app.core.generated import refuse_unless_generated
@@ -57,7 +57,7 @@ DEMO_DIMS = dict(
 )
 # PRECISION=fp32: at this size the bf16 casts cost more than the bf16 matmuls save; packing
 # (PACKING=auto) is worth 1.7x over padding.
-DEFAULTS = {
+DEFAULTS: dict[Setting, Any] = {
     "METHOD": "full",
     "QUANT_LEVEL": "none",
     "TIER": "none",
@@ -140,7 +140,7 @@ def write_demo_data(
     ``copy_fraction``: that many "repeat this sentence" samples per extraction sample are mixed
     into training (the sentence of a training sample as prompt and as answer)."""
     pool = generate_samples(n_train + 12 * n_heldout, seed=seed)  # ~1 in 6 has an unseen subject
-    train, seen = pool[:n_train], set()
+    train, seen = pool[:n_train], set[str]()
     for s in train:
         for t in parse_target(s["target"]):
             seen.update((t["subject"], t["object"]))
@@ -216,7 +216,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     n_train = int(TRAIN_PER_MINUTE * minutes)
     train_path, heldout = write_demo_data(DATA_DIR, n_train, N_HELDOUT, cfg.train.seed, COPY_FRACTION)
     demo_model(cfg.train.seed)
-    recipe = {**DEFAULTS, "DATA_PATH": str(train_path), "VAL_PATH": str(heldout)}
+    recipe: dict[Setting, Any] = {**DEFAULTS, "DATA_PATH": str(train_path), "VAL_PATH": str(heldout)}
     cfg = cfg.replace({var: value for var, value in recipe.items() if var not in cfg.explicit})
     ft = FineTuner(cfg)
     t0 = time.perf_counter()

@@ -163,7 +163,7 @@ class Config:
         return cfg
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Config:
+    def from_dict(cls, values: Mapping[str, Any] | Mapping[Setting, Any]) -> Config:
         """Build from plain values (a notebook, or a saved train_config.json)."""
         return cls.load(overrides={k: v for k, v in values.items()}, env={}, dotenv_path=None)
 
