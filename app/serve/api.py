@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request  # FastAPI resolves the handlers' annotations here
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -50,11 +50,14 @@ def create_app(models: ServedModels, engine: Engine, cfg: Config) -> FastAPI:
     return app
 
 
-async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+# Starlette types every handler as taking an Exception; each is registered for its own class only.
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    e = cast(ApiError, exc)
     return JSONResponse(e.body(), status_code=e.status)
 
 
-async def _http_error(_: Request, e: HTTPException) -> JSONResponse:  # unknown route, wrong method
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:  # unknown route, wrong method
+    e = cast(HTTPException, exc)
     return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
 
@@ -162,12 +165,16 @@ class _Routes:
                 "model_not_found",
             )
         ids = self._prompt_ids(gen, adapter)
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple[Any, ...]]()
+
+        def emit(event: tuple[Any, ...]) -> None:  # from the engine's thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
         job = Job(
             adapter,
             ids,
             gen.max_tokens,
-            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            emit,
             gen.temperature,
             gen.top_p,
             gen.stop,

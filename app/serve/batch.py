@@ -18,7 +18,8 @@ own next position, and a finished row's sequence is cleared for the next row.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,27 @@ def joinable(model: PreTrainedModel | PeftModel) -> bool:
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
+class FilledLayer(Protocol):
+    """A full-attention cache layer (transformers' DynamicLayer) that a prefill has filled."""
+
+    keys: torch.Tensor  # (rows, heads, cache length, head dim)
+    values: torch.Tensor
+
+
+@dataclass
+class Running:
+    """A TorchBatch's state while it has rows."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, cache length): 1 where a row has a real token
+    logits: torch.Tensor  # (rows, vocab): each row's next-token logits
+
+    def layers(self) -> list[FilledLayer]:
+        """The cache's layers: filled by the prefill, and full-attention ones (``joinable``) wherever rows are
+        merged or trimmed."""
+        return cast("list[FilledLayer]", self.cache.layers)
+
+
 class TorchBatch:
     """The running rows on a transformers model; ``rows``, ``admit`` and ``step`` are all the engine uses."""
 
@@ -45,14 +67,13 @@ class TorchBatch:
         import inspect
 
         self.model, self.pad, self.eos, self.trim = model, pad, eos, trim
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes it on
+        # a PeftModel passes it on (through Module.__getattr__: untyped)
+        base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
         # the last position's logits only, as generate() asks: a prompt's every row of vocabulary logits is
         # a quarter of its prefill
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
         self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # (rows, cache length): 1 where a row has a real token
-        self.logits: torch.Tensor | None = None  # (rows, vocab): each row's next-token logits
+        self.running: Running | None = None  # None: no rows
 
     def admit(self, rows: list[Row]) -> None:
         """Prefill ``rows``' prompts together, then merge them into the running batch."""
@@ -67,25 +88,29 @@ class TorchBatch:
             mask[i, longest - len(row.job.prompt_ids) :] = 1
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
-        if self.rows:
-            cache, mask = _merge(self.cache, self.mask, cache, mask)
-            logits = torch.cat([self.logits, logits])
-        self.rows, self.cache, self.mask, self.logits = self.rows + rows, cache, mask, logits
+        new = Running(cache, mask, logits)
+        if self.running is not None:
+            new = _merge(self.running, new)
+        self.rows, self.running = self.rows + rows, new
 
     def step(self) -> None:
         """Each row picks its next token; finished rows leave; the others decode it (one forward for them all)."""
         import torch
 
-        tokens = [row.step(self.logits[i], self.eos) for i, row in enumerate(self.rows)]
+        if self.running is None:
+            return
+        logits = self.running.logits
+        tokens = [row.step(logits[i], self.eos) for i, row in enumerate(self.rows)]
         live = [i for i, row in enumerate(self.rows) if not row.done]
         if len(live) < len(self.rows):
             self._keep(live)
-        if not self.rows:
+        run = self.running
+        if run is None:
             return
-        position = self.mask.sum(-1, keepdim=True)  # each row's own count of tokens: its next one's position
-        self.mask = torch.cat([self.mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
+        position = run.mask.sum(-1, keepdim=True)  # each row's own count of tokens: its next one's position
+        run.mask = torch.cat([run.mask, torch.ones((len(live), 1), dtype=torch.long)], dim=1)
         ids = torch.tensor([tokens[i] for i in live], dtype=torch.long)[:, None]
-        self.logits = self._forward(ids, self.mask, position, self.cache)
+        run.logits = self._forward(ids, run.mask, position, run.cache)
 
     def _forward(
         self, ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: DynamicCache
@@ -109,35 +134,36 @@ class TorchBatch:
         import torch
 
         self.rows = [self.rows[i] for i in live]
-        if not self.rows:
-            self.cache = self.mask = self.logits = None
+        run = self.running
+        if not self.rows or run is None:
+            self.running = None
             return
         index = torch.tensor(live)
-        self.cache.batch_select_indices(index.to(self.model.device))
-        self.mask = self.mask[index]
-        start = int(self.mask.any(0).int().argmax())  # rows are left-padded: the unused columns are a prefix
+        run.cache.batch_select_indices(index.to(self.model.device))
+        run.mask, run.logits = run.mask[index], run.logits[index]
+        start = int(run.mask.any(0).int().argmax())  # rows are left-padded: the unused columns are a prefix
         if self.trim and start > 0:
-            self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
+            run.mask = run.mask[:, start:]
+            for layer in run.layers():
                 layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
 
 
-def _merge(
-    cache: DynamicCache, mask: torch.Tensor, other: DynamicCache, other_mask: torch.Tensor
-) -> tuple[DynamicCache, torch.Tensor]:
-    """``cache`` with ``other``'s rows below its own, both left-padded (masked) to the longer one's length."""
+def _merge(run: Running, other: Running) -> Running:
+    """``run`` with ``other``'s rows below its own, both left-padded (masked) to the longer one's length."""
     import torch
     import torch.nn.functional as F
 
-    width = max(mask.shape[1], other_mask.shape[1])
+    width = max(run.mask.shape[1], other.mask.shape[1])
 
     def left(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:  # pads the sequence axis (-2 of keys, -1 of a mask)
         return F.pad(t, (0, 0) * (dim_from_end - 1) + (width - t.shape[-dim_from_end], 0))
 
-    for layer, extra in zip(cache.layers, other.layers, strict=True):
+    for layer, extra in zip(run.layers(), other.layers(), strict=True):
         layer.keys = torch.cat([left(layer.keys, 2), left(extra.keys, 2)])
         layer.values = torch.cat([left(layer.values, 2), left(extra.values, 2)])
-    return cache, torch.cat([left(mask, 1), left(other_mask, 1)])
+    return Running(
+        run.cache, torch.cat([left(run.mask, 1), left(other.mask, 1)]), torch.cat([run.logits, other.logits])
+    )
 
 
 class SequenceBatch:
@@ -184,7 +210,8 @@ class Row:
     def __init__(self, job: Any, tokenizer: PreTrainedTokenizerBase):
         import torch
 
-        self.job, self.tokenizer, self.tokens, self.sent, self.done = job, tokenizer, [], 0, False
+        self.job, self.tokenizer, self.sent, self.done = job, tokenizer, 0, False
+        self.tokens: list[int] = []
         self.generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
         self.hold = max((len(s) for s in job.stop), default=1) - 1  # a stop string may still be forming
 
@@ -196,7 +223,7 @@ class Row:
         self.tokens.append(token)
         if token in eos:
             return self._finish("stop", token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = cast(str, self.tokenizer.decode(self.tokens, skip_special_tokens=True))  # one sequence: one text
         cut = min((text.find(s) for s in self.job.stop if s and s in text), default=-1)
         if cut >= 0:
             return self._finish("stop", token, text[:cut])
@@ -225,7 +252,7 @@ class Row:
 
     def _finish(self, reason: str, token: int | None = None, text: str | None = None) -> int:
         if text is None and reason != "cancelled":
-            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            text = cast(str, self.tokenizer.decode(self.tokens, skip_special_tokens=True))
         if text is not None and len(text) > self.sent:
             self.job.emit(("delta", text[self.sent :]))
             self.sent = len(text)

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from app.inference.llamacpp_model import LlamaCppCausalLM
 from app.serve.batch import Row, SequenceBatch, TorchBatch, joinable
 
 if TYPE_CHECKING:
@@ -114,8 +115,8 @@ class Engine:
         eos = (eos if isinstance(eos, list) else [eos]) if eos not in (None, []) else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}  # where generate() stops, as predict does
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
-        self.sequences = hasattr(model, "step_logits")  # llama.cpp (app/inference/llamacpp_model.py)
-        self.joinable = self.sequences or joinable(model)
+        self.sequences = isinstance(model, LlamaCppCausalLM)  # one llama.cpp sequence a row
+        self.joinable = isinstance(model, LlamaCppCausalLM) or joinable(model)
         if not self.joinable:
             log.info(
                 "serve: %s's KV cache has sliding-window (or other non-full-attention) layers, which cannot be "
@@ -201,7 +202,7 @@ class Engine:
             log.info("serve: %d requests for %s generated together", len(jobs), adapter or "the base")
         batch: SequenceBatch | TorchBatch = (
             SequenceBatch(model, self.eos, self.batch_size)
-            if self.sequences
+            if isinstance(model, LlamaCppCausalLM)
             else TorchBatch(model, self.pad, self.eos, trim=self.joinable)
         )
         tokenizer = self.models.tokenizer_for(adapter)

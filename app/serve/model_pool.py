@@ -104,7 +104,7 @@ class ServedModels:
             self.gguf.load(adapter, self.lock)
         else:
             with self.lock:
-                self.model = load_adapter(self.model, adapter.path, adapter.name).eval()
+                self.model = load_adapter(self.torch_model(), adapter.path, adapter.name).eval()
         self.adapters[adapter.name] = adapter
         self.tokenizers[adapter.name] = tokenizer or self.tokenizer
         log.info("serve: adapter %s from %s", adapter.name, adapter.path)
@@ -116,9 +116,17 @@ class ServedModels:
             self.gguf.unload(name, self.lock)
         else:
             with self.lock:
-                self.model.delete_adapter(name)
+                self.torch_model().delete_adapter(name)
         del self.adapters[name], self.tokenizers[name]
         log.info("serve: adapter %s unloaded", name)
+
+    def torch_model(self) -> PreTrainedModel | PeftModel:
+        """The transformers model, under INFER_BACKEND=torch (llama.cpp's adapters go through ``self.gguf``)."""
+        from app.inference.llamacpp_model import LlamaCppCausalLM
+
+        if isinstance(self.model, LlamaCppCausalLM):
+            raise TypeError("INFER_BACKEND=llama.cpp serves no transformers model")
+        return self.model
 
     def tokenizer_for(self, name: str | None) -> PreTrainedTokenizerBase:
         return self.tokenizers[name] if name is not None else self.tokenizer
