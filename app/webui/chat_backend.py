@@ -13,9 +13,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from app.core.errors import UserError
 from app.serve.adapters import read_adapter
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
 from app.webui.jobs import Jobs
 from app.webui.paths import project
 
@@ -118,8 +122,8 @@ class ChatBackend:
         text = ""
         for chunk in client.chat.completions.create(
             model=model,
-            messages=messages,
-            stream=True,  # type: ignore
+            messages=cast("list[ChatCompletionMessageParam]", messages),  # role/content dicts, as the API takes
+            stream=True,
             max_tokens=max_tokens,
             temperature=temperature,
         ):

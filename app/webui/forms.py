@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from app.cli.commands import COMMANDS
-from app.config import TIERED, Config, ConfigError, bounds, choices, show
+from app.config import TIERED, Config, ConfigError, Setting, bounds, choices, is_setting, show
 from app.config.settings import field_type
 from app.config.values import parse_value
 
@@ -31,7 +31,7 @@ TAB_COMMANDS: dict[str, tuple[str, ...]] = {
     "chat": ("serve",),
 }
 # Shown open at the top of a tab; the rest of its settings are under "Advanced", by section.
-MAIN: dict[str, tuple[str, ...]] = {
+MAIN: dict[str, tuple[Setting, ...]] = {
     "train": (
         "MODEL_NAME",
         "DATA_PATH",
@@ -55,7 +55,7 @@ MAIN: dict[str, tuple[str, ...]] = {
     "chat": ("MAX_NEW_TOKENS", "TEMPERATURE"),
 }
 # Settings no form shows, each with the reason (tests/webui/test_webui.py: every other setting is in a form).
-NOT_IN_UI: dict[str, str] = {
+NOT_IN_UI: dict[Setting, str] = {
     "WEBUI_HOST": "the UI's own address: given when it starts",
     "WEBUI_PORT": "the UI's own port",
     "WEBUI_AUTH": "the UI's own login",
@@ -74,20 +74,20 @@ NOT_IN_UI: dict[str, str] = {
     "DEMO_MINUTES": "make demo's",
 }
 # Left blank unless set: the tool decides them (TIER=auto, or OUTPUT_DIR from MODEL_NAME and METHOD).
-DECIDED = set(TIERED) - {"QUANT_LEVEL", "GRADIENT_CHECKPOINTING"} | {"OUTPUT_DIR"}
+DECIDED: set[Setting] = set(TIERED) - {"QUANT_LEVEL", "GRADIENT_CHECKPOINTING"} | {"OUTPUT_DIR"}
 
 
-def settings_of(tab: str) -> list[str]:
+def settings_of(tab: str) -> list[Setting]:
     """The settings a tab's form holds, in the config tree's order."""
     variables = Config.variables()
-    wanted: set[str] = set()
+    wanted: set[Setting] = set()
     for command in TAB_COMMANDS[tab]:
-        for item in COMMANDS[command].reads:
-            wanted |= {v for v, (sec, _) in variables.items() if sec == item} if item.islower() else {item}
+        for item in COMMANDS[command].reads:  # a setting's name, or a [section] of them
+            wanted |= {item} if is_setting(item) else {v for v, (sec, _) in variables.items() if sec == item}
     return [v for v in variables if v in wanted and v not in NOT_IN_UI]
 
 
-def _kind(var: str) -> Any:
+def _kind(var: Setting) -> Any:
     sec, f = Config.variables()[var]
     return field_type(sec, f.name)
 
@@ -95,8 +95,10 @@ def _kind(var: str) -> Any:
 class Form:
     """One tab's settings as components (``self.fields``: VARIABLE -> component), built in the current Blocks."""
 
-    def __init__(self, tab: str, cfg: Config, custom: dict[str, Any] | None = None):
-        self.tab, self.cfg, self.fields = tab, cfg, {}
+    def __init__(self, tab: str, cfg: Config, custom: dict[Setting, Any] | None = None):
+        self.tab, self.cfg = tab, cfg
+        # gradio components: Any, as each kind declares its own events (.change, .upload) and gradio's base has none
+        self.fields: dict[Setting, Any] = {}
         custom = custom or {}
         names = settings_of(tab)
         main = [v for v in MAIN[tab] if v in names]
@@ -110,7 +112,7 @@ class Form:
                         for var in (v for v in rest if Config.variables()[v][0] == section):
                             self.fields[var] = custom[var]() if var in custom else self._component(var)
 
-    def initial(self, var: str) -> Any:
+    def initial(self, var: Setting) -> Any:
         """What the form shows at first: the value in force, or blank for a decided setting not set."""
         if var in DECIDED and var not in self.cfg.explicit:
             return ""
@@ -118,7 +120,7 @@ class Form:
         kind = _kind(var)
         return value if kind in (bool, int, float) else show(value)
 
-    def _component(self, var: str) -> gr.components.Component:
+    def _component(self, var: Setting) -> gr.components.Component:
         sec, f = Config.variables()[var]
         label, info, kind = var, f.metadata["help"], _kind(var)
         info += f" (must be {bounds(var)})" if bounds(var) else ""  # the range Config.validate checks
@@ -137,7 +139,7 @@ class Form:
     def components(self) -> list[gr.components.Component]:
         return list(self.fields.values())
 
-    def _same(self, var: str, text: str) -> bool:
+    def _same(self, var: Setting, text: str) -> bool:
         """The form's text means the value in force (a browser sends 3 for NUM_EPOCHS=3.0)."""
         try:
             return parse_value(text, _kind(var), var) == self.cfg.get(var)
@@ -147,7 +149,7 @@ class Form:
     def overrides(self, values: list[Any]) -> dict[str, str]:
         """The form's values (in components() order) as the KEY=value arguments that differ from what the command
         would use anyway; a blank decided setting is left to the tool."""
-        out = {}
+        out: dict[str, str] = {}  # KEY=value arguments, as the commands take them
         for var, value in zip(self.fields, values, strict=True):
             if value is None or (isinstance(value, str) and not value.strip() and var in DECIDED):
                 continue

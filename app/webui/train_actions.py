@@ -84,7 +84,7 @@ class TrainActions:
             return "\n".join(error_lines(done.stderr)) or done.stderr[-2000:], line, done.stdout, gr.update()
         return "", line, done.stdout, ""
 
-    def start(self, adapter: str | None, *values: Any) -> tuple[str, str, Any]:
+    def start(self, adapter: str | None, *values: Any) -> tuple[str, Any, Any]:
         try:
             overrides = self.settings(adapter, values)
             cfg = checked("train", overrides)
@@ -107,13 +107,12 @@ class TrainActions:
             return f"sent SIGTERM to pid {who['pid']}: it saves a checkpoint, then stops (Resume continues it)"
         return f"{run}: {run_view.state(run).line}; nothing to stop"
 
-    def resume(self, run: str | None, adapter: str | None, *values: Any) -> tuple[str, str]:
-        now = run_view.state(run) if run else None
-        if now is None or not now.resumable:
-            return (
-                f"{run or 'no run'}: {now.line if now else 'pick it under Watch run'}; nothing to resume",
-                gr.update(),
-            )
+    def resume(self, run: str | None, adapter: str | None, *values: Any) -> tuple[str, Any]:
+        if not run:
+            return "no run: pick it under Watch run; nothing to resume", gr.update()
+        now = run_view.state(run)
+        if not now.resumable:
+            return f"{run}: {now.line}; nothing to resume", gr.update()
         overrides = self.ctx.last_train.get(run) or {**self.settings(adapter, values), "OUTPUT_DIR": run}
         try:
             checked("train", overrides)
