@@ -125,7 +125,7 @@ def _llamacpp_problem(ft: FineTuner) -> str:
     from transformers import AutoConfig
 
     from app.inference import llamacpp
-    from app.inference.gguf_export import FAMILIES
+    from app.inference.gguf_source import FAMILIES
 
     cfg = ft.plan.cfg
     if cfg.lora.method == "ptuning":

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from app.inference.gguf_export import BYTES_PER_WEIGHT
+from app.inference.gguf_source import BYTES_PER_WEIGHT
 from app.plan.estimator import QUANT_BYTES, ModelShape
 from app.plan.train_timing import duration
 

@@ -26,7 +26,8 @@ from app.core import diskspace, ownership
 from app.core.atomic import replace_dir, write_json
 from app.core.errors import UserError
 from app.inference import llamacpp
-from app.inference.gguf_export import Source, ensure_gguf, key_for
+from app.inference.gguf_export import ensure_gguf
+from app.inference.gguf_source import Source, key_for
 from app.serve.adapters import Adapter
 
 log = logging.getLogger(__name__)
