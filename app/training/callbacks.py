@@ -20,7 +20,7 @@ from app.training.metrics_file import loss_figure
 if TYPE_CHECKING:
     import torch
     from tqdm.auto import tqdm
-    from transformers import TrainerState
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from app.training.sampler import MemorySampler
 
@@ -63,10 +63,11 @@ class ProgressBar(TrainerCallback):
     """One tqdm bar over optimizer steps with loss, tokens/s and ETA (rank 0 only)."""
 
     def __init__(self, throughput: Throughput):
-        self.tp, self.bar, self.last_loss, self.eval_start = throughput, None, math.nan, 0.0
+        self.tp, self.last_loss, self.eval_start = throughput, math.nan, 0.0
+        self.bar: tqdm | None = None
         self.eval_bar: tqdm | None = None
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         from tqdm.auto import tqdm
 
         self.tp.begin(state)
@@ -77,23 +78,39 @@ class ProgressBar(TrainerCallback):
     def _draw(self, state: TrainerState) -> None:
         # The latest logged loss: LOGGING_STEPS apart, the steps between show the last one logged. The
         # postfix first: update() draws the bar, and would show the previous step's.
+        if self.bar is None:
+            return
         loss = "-" if math.isnan(self.last_loss) else f"{self.last_loss:.4f}"
         self.bar.set_postfix(loss=loss, tok_s=f"{self.tp.tokens_per_s(state):.0f}", refresh=False)
         self.bar.update(state.global_step - self.bar.n)
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         # A step the Trainer logs (should_log, set by its flow callback before this one) is drawn by on_log,
         # with its own loss, which is logged only after on_step_end.
         if self.bar is not None and not control.should_log:
             self._draw(state)
 
-    def on_log(self, args, state, control, logs=None, **kw):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
         if logs and "loss" in logs:
             self.last_loss = logs["loss"]
             if self.bar is not None and not self.bar.disable:
                 self._draw(state)
 
-    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+    def on_prediction_step(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        eval_dataloader: Any = None,
+        **kw: Any,
+    ) -> None:
         from tqdm.auto import tqdm
 
         if not state.is_world_process_zero:
@@ -102,17 +119,26 @@ class ProgressBar(TrainerCallback):
             self.eval_start = time.perf_counter()
             total = len(eval_dataloader) if eval_dataloader is not None else None
             self.eval_bar = tqdm(total=total, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
-        self.eval_bar.update(1)
+        if self.eval_bar is not None:
+            self.eval_bar.update(1)
 
-    def on_evaluate(self, args, state, control, metrics=None, **kw):
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
         if self.eval_start:
             self.tp.eval_time += time.perf_counter() - self.eval_start
             self.eval_start = 0.0
-            self.eval_bar.close()
+            if self.eval_bar is not None:
+                self.eval_bar.close()
         if metrics and "eval_loss" in metrics and self.bar is not None and not self.bar.disable:
             self.bar.write(f"step {state.global_step}: eval_loss {metrics['eval_loss']:.4f}")
 
-    def on_train_end(self, args, state, control, **kw):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar.disable = True
@@ -128,10 +154,17 @@ class MetricsJsonl(TrainerCallback):
         self.trackers: list[Any] = []  # REPORT_TO's callbacks (TensorBoard's too): rows logged outside on_log
         self._now: tuple[Any, Any, Any] | None = None  # (args, state, control) of the last evaluation
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.tp.begin(state)  # as ProgressBar does: whichever of the two is in use
 
-    def on_log(self, args, state, control, logs=None, **kw):
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
         if not logs or not state.is_world_process_zero:
             return
         ours = {
@@ -153,7 +186,7 @@ class MetricsJsonl(TrainerCallback):
         logs.update(ours)  # the trackers' callbacks come after this one: they get the tool's metrics too
         self.write(row)
 
-    def on_evaluate(self, args, state, control, **kw):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self._now = (args, state, control)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -188,7 +221,8 @@ class BestAdapter(TrainerCallback):
     ):
         self.out_dir, self.patience, self.metric, self.state_dict = out_dir, patience, metric, state_dict
         self.sign = 1 if metric == "eval_loss" else -1  # compare as "lower is better"
-        self.best, self.best_step, self.bad_evals = math.inf, None, 0
+        self.best, self.bad_evals = math.inf, 0
+        self.best_step: int | None = None
         for row in resumed or []:
             if row.get(metric) is not None:
                 self._score(self.sign * row[metric], row.get("step"))
@@ -200,7 +234,15 @@ class BestAdapter(TrainerCallback):
         self.bad_evals += 1
         return False
 
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kw):
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        model: Any = None,
+        **kw: Any,
+    ) -> None:
         value = (metrics or {}).get(self.metric)
         if value is None:
             return

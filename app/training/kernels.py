@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ def lora_inputs_stay_bf16(model: torch.nn.Module) -> int:
     flag, n = CastOutsideAutocast(), 0
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = flag
+            cast(Any, module).cast_input_dtype_enabled = flag  # peft's flag, read as a bool each forward
             n += 1
     return n
 

@@ -83,6 +83,6 @@ def loss_figure(metrics_path: Path, title: str = "") -> Figure | None:
         side.set_xlabel("optimizer step")
         side.set_ylabel("reward margin (chosen - rejected)")
         side.grid(alpha=0.3)
-    handles = [line for a in fig.axes for line in a.lines if not line.get_label().startswith("_")]
+    handles = [line for a in fig.axes for line in a.lines if not str(line.get_label()).startswith("_")]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     return fig

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.config import TIERED, Config, show
+from app.config import TIERED, Config, Setting, show
 from app.core.errors import UserError
 from app.data.record_sources import fingerprint
 
@@ -92,13 +92,14 @@ _IGNORED = {
 }
 
 
-def run_vars() -> list[str]:
+def run_vars() -> list[Setting]:
     """The settings a checkpoint records: the training sections', and ADAPTER_DIR (the adapter STAGE=dpo/kto
     continues)."""
-    return [v for v, (sec, _) in Config.variables().items() if sec in _SECTIONS and v not in _IGNORED] + ["ADAPTER_DIR"]
+    names: list[Setting] = [v for v, (sec, _) in Config.variables().items() if sec in _SECTIONS and v not in _IGNORED]
+    return [*names, "ADAPTER_DIR"]
 
 
-def run_value(cfg: Config, var: str) -> Any:
+def run_value(cfg: Config, var: Setting) -> Any:
     """A setting as training reads it: ADAPTER_DIR is predict's too, and STAGE=sft training does not read it."""
     if var == "ADAPTER_DIR":
         given = cfg.predict.adapter_dir.strip()
@@ -180,7 +181,8 @@ def check(cfg: Config, checkpoint: Path) -> ResumeCheck:
             continue
         if show(old[var]) != show(now):
             (rc.differences if var in FIXED else rc.changes).append(f"{var} {_q(old[var])} -> {_q(now)}")
-    for var in ("DATA_PATH", "VAL_PATH"):
+    data_vars: tuple[Setting, ...] = ("DATA_PATH", "VAL_PATH")
+    for var in data_vars:
         was, path = saved.get("data", {}).get(var), cfg.get(var)
         if was and show(old.get(var)) == show(path):
             now_fp = fingerprint(path)
@@ -232,7 +234,7 @@ def _steps(rc: ResumeCheck, cfg: Config, checkpoint: Path) -> None:
             rc.differences.append(f"NUM_EPOCHS={show(t.num_epochs)} gives {total} steps, below its step {rc.step}")
 
 
-def _unset(cfg: Config, var: str) -> bool:
+def _unset(cfg: Config, var: Setting) -> bool:
     return var not in cfg.explicit or show(cfg.get(var)) == "auto"
 
 

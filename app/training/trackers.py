@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,10 @@ def missing(report_to: list[str]) -> list[str]:
     ]
 
 
-def offline_defaults(report_to: list[str], out: Path, env: dict[str, str] | None = None) -> list[str]:
-    """Set each chosen tracker's offline default in ``env`` (os.environ) where the user set nothing; return
+def offline_defaults(report_to: list[str], out: Path, environ: MutableMapping[str, str] | None = None) -> list[str]:
+    """Set each chosen tracker's offline default in ``environ`` (os.environ) where the user set nothing; return
     one line per default set, for the log."""
-    env = os.environ if env is None else env
+    env: MutableMapping[str, str] = os.environ if environ is None else environ
     said = []
 
     def default(var: str, value: str, why: str) -> None:

@@ -52,14 +52,14 @@ def trainable_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel
     ):  # continue that adapter (app/training/preference_trainer.py)
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.predict.adapter_dir, is_trainable=True)
+        tuned = PeftModel.from_pretrained(model, cfg.predict.adapter_dir, is_trainable=True)
     else:
-        model = apply_lora(model, cfg, model_path)
+        tuned = apply_lora(model, cfg, model_path)
     if cfg.train.stage == "sft":  # a preference stage trains without dropout (app/training/preference_trainer.py)
-        fast_lora_dropout(model)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
+        fast_lora_dropout(tuned)  # the same dropout, a quarter of a CPU step cheaper (app/training/kernels.py)
     if half:
-        lora_inputs_stay_bf16(model)
-    return model
+        lora_inputs_stay_bf16(tuned)
+    return tuned
 
 
 def reference_model(cfg: Config, model_path: str, cuda: bool) -> PreTrainedModel:
