@@ -36,13 +36,6 @@ class MemorySampler:
     def reset_peaks(self) -> None:
         with self._lock:
             self._peaks: dict[str, Any] = dict.fromkeys(PEAK_KEYS[1:]) | {"peak_rss_mb": 0.0, "samples": 0}
-        cuda = self._cuda_module()
-        try:
-            if cuda is not None and cuda.is_initialized():
-                for i in range(cuda.device_count()):
-                    cuda.reset_peak_memory_stats(i)
-        except Exception:
-            log.debug("CUDA peak counters not reset", exc_info=True)
 
     def _cuda_module(self) -> Any:
         # Never import torch here: that would add ~1 s and ~200 MB to the very figures being measured.
@@ -52,8 +45,9 @@ class MemorySampler:
         return self._torch.cuda if self._torch else None
 
     def _cuda(self) -> tuple[float | None, float | None, float | None, float | None]:
-        """(allocated, reserved, their peaks since reset_peaks) in MB. The peaks are torch's own counters: a
-        GPU's transient peaks last milliseconds, which sampling every ``interval`` misses."""
+        """(allocated, reserved, their peaks) in MB. The peaks are torch's own counters, as the process has them
+        (loading included): a GPU's transient peaks last milliseconds, which sampling every ``interval`` misses.
+        Never reset here: they are the process's, and other readers (tests/gpu) read them at its end."""
         cuda = self._cuda_module()
         if cuda is None:
             return None, None, None, None
