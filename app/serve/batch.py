@@ -140,7 +140,7 @@ class TorchBatch:
             return
         index = torch.tensor(live)
         run.cache.batch_select_indices(index.to(self.model.device))
-        run.mask, run.logits = run.mask[index], run.logits[index]
+        run.mask = run.mask[index]  # (the logits: step's next forward replaces them for the rows left)
         start = int(run.mask.any(0).int().argmax())  # rows are left-padded: the unused columns are a prefix
         if self.trim and start > 0:
             run.mask = run.mask[:, start:]

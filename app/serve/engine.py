@@ -115,8 +115,7 @@ class Engine:
         eos = (eos if isinstance(eos, list) else [eos]) if eos not in (None, []) else [tokenizer.eos_token_id]
         self.eos = {int(e) for e in eos if e is not None}  # where generate() stops, as predict does
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
-        self.sequences = isinstance(model, LlamaCppCausalLM)  # one llama.cpp sequence a row
-        self.joinable = isinstance(model, LlamaCppCausalLM) or joinable(model)
+        self.joinable = isinstance(model, LlamaCppCausalLM) or joinable(model)  # llama.cpp: a sequence a row
         if not self.joinable:
             log.info(
                 "serve: %s's KV cache has sliding-window (or other non-full-attention) layers, which cannot be "
